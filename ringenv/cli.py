@@ -1,0 +1,66 @@
+"""The ``ringenv`` command. Simulator subcommands live here; the agents' subcommands (run,
+train, evaluate, compare) are added by ``agents.cli`` when that package is installed, so
+nothing under ringenv/ imports agents/ at import time."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from .config import HOST_PROFILES, ConfigError
+
+
+def _cmd_replay(args) -> int:
+    from .replay import load_trace, replay_trace
+
+    out = replay_trace(load_trace(args.trace), profile=args.profile, ring_entries=args.ring_entries)
+    json.dump(out, sys.stdout)
+    sys.stdout.write("\n")
+    return 0
+
+
+def _positive_int(s: str) -> int:
+    try:
+        v = int(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{s!r} is not an integer") from None
+    if v <= 0:
+        raise argparse.ArgumentTypeError(f"{v} is not positive")
+    return v
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="ringenv", description=__doc__.splitlines()[0])
+    sub = ap.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+    p = sub.add_parser("replay", help="replay a write trace on the simulated host, print the harvests as JSON",
+                       description="Replay TRACE.json on the simulated host; print profile, resets and "
+                                   "per-vCPU harvest batches as JSON (see ringenv/replay.py for the format).")
+    p.add_argument("trace", metavar="TRACE.json")
+    p.add_argument("--profile", default=None, help=f"host profile name or YAML file (default arm64-4k; "
+                                                   f"names: {', '.join(HOST_PROFILES)})")
+    p.add_argument("--ring-entries", type=_positive_int, default=None, help="override the trace's ring size")
+    p.set_defaults(func=_cmd_replay)
+    for mod in ("ringenv.demo", "ringenv.realkvm.cli", "ringenv.vmm.cli", "agents.cli"):
+        try:
+            m = __import__(mod, fromlist=["add_parsers"])
+        except ModuleNotFoundError as e:
+            if e.name and (mod == e.name or mod.startswith(e.name + ".")):
+                continue
+            raise
+        m.add_parsers(sub)
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = build_parser()
+    args = ap.parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except ConfigError as e:
+        print(f"ringenv {args.command}: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:
+        print(f"ringenv {args.command}: {e}", file=sys.stderr)
+        return 1

@@ -1,0 +1,187 @@
+"""Typed, validated configuration: host profiles (and, as the project grows, VMs, workloads,
+scenarios and rewards).
+
+Everything that comes from a user (YAML file, keyword argument, command-line flag) is validated
+here, at the boundary; the simulator itself works on plain numbers and numpy arrays.
+
+Every invalid field produces a :class:`ConfigError` whose message names the field, the bad
+value and what is accepted. Unknown keys are errors too.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+
+HOST_PROFILES = ("arm64-4k", "arm64-16k", "arm64-64k", "x86-pml", "x86-nopml")
+DEFAULT_HOST = "arm64-4k"
+
+
+class ConfigError(ValueError):
+    """An invalid configuration value: the message names the field, the value and what is accepted."""
+
+
+def _format_validation_error(where: str, err: ValidationError) -> str:
+    lines = [f"invalid {where}:"]
+    for e in err.errors():
+        loc = ".".join(str(p) for p in e["loc"]) or "(top level)"
+        if e["type"] == "extra_forbidden":
+            lines.append(f"  {loc}: unknown key (value {e.get('input')!r}); remove it or check its spelling")
+        else:
+            lines.append(f"  {loc}: {e['msg']} (got {e.get('input')!r})")
+    return "\n".join(lines)
+
+
+class Strict(BaseModel):
+    """Base for every config model: unknown keys are errors, values are validated on assignment."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, frozen=False)
+
+    @classmethod
+    def parse(cls, data: Any, where: str | None = None):
+        """Validate ``data`` (a mapping) into this model, raising :class:`ConfigError` on failure."""
+        try:
+            return cls.model_validate(data)
+        except ValidationError as e:
+            raise ConfigError(_format_validation_error(where or cls.__name__, e)) from None
+
+
+def _pos(desc: str, **kw):
+    return Field(gt=0, description=desc, **kw)
+
+
+def _nonneg(desc: str, **kw):
+    return Field(ge=0, description=desc, **kw)
+
+
+class HostCosts(Strict):
+    """Simulated cost of each host event, in integer nanoseconds (floats are accepted for
+    sub-nanosecond per-page costs). Where each default comes from is said in the YAML files."""
+
+    wp_fault_ns: int = _pos("write-protect (permission) fault on one page, incl. the ring push")
+    dirty_write_ns: int = _nonneg("a guest write to a page that is already writable")
+    exit_ns: int = _pos("exit from the guest to userspace and back into the guest")
+    harvest_entry_ns: int = _nonneg("userspace: read one ring entry, record it, mark it RESET")
+    harvest_ring_ns: int = _nonneg("userspace: fixed cost to visit one ring while harvesting")
+    reset_call_ns: int = _nonneg("KVM_RESET_DIRTY_RINGS: fixed cost of the ioctl")
+    reset_entry_ns: int = _nonneg("KVM_RESET_DIRTY_RINGS: per entry reset")
+    reprotect_call_ns: int = _nonneg("one kvm_arch_mmu_enable_log_dirty_pt_masked call")
+    reprotect_page_ns: float = _nonneg("per page write-protected by a re-protect call")
+    tlbi_base_ns: int = _nonneg("VM-wide (broadcast) TLB invalidation: fixed part")
+    tlbi_per_vcpu_ns: float = _nonneg("VM-wide TLB invalidation: part growing with the vCPU count")
+    tlbi_per_vcpu_sq_ns: float = _nonneg("VM-wide TLB invalidation: contention part, times vCPUs squared")
+    split_ns: int = _nonneg("break-before-make split of one block into a table of pages")
+    protect_page_ns: float = _nonneg("write-protecting one page when dirty logging is enabled on a slot")
+    get_dirty_log_page_ns: float = _nonneg("KVM_GET_DIRTY_LOG: per page of the slot (bitmap copy)")
+    get_dirty_log_dirty_ns: float = _nonneg("KVM_GET_DIRTY_LOG without manual protect: per dirty page re-protected")
+    clear_dirty_log_page_ns: float = _nonneg("KVM_CLEAR_DIRTY_LOG: per page cleared and re-protected")
+    bitmap_scan_page_ns: float = _nonneg("userspace: per page of RAM scanned when syncing a dirty bitmap")
+    pml_flush_entry_ns: float = _nonneg("x86 PML: per logged GPA flushed from the buffer into the ring")
+    pml_full_exit_ns: int = _nonneg("x86 PML: the in-kernel exit taken when the 512-entry buffer is full")
+
+
+class HostProfile(Strict):
+    """A simulated host: architecture, granule, the dirty-ring rules it follows and its costs.
+
+    Loaded from ``configs/hosts/NAME.yaml`` by :func:`load_host_profile`.
+    """
+
+    name: str
+    description: str = ""
+    measured: str | None = Field(None, description="date the costs were measured, for calibrated profiles")
+    arch: Literal["arm64", "x86"]
+    page_size: Literal[4096, 16384, 65536]
+    block_sizes: list[int] = Field(description="stage-2 block (huge mapping) sizes in bytes, smallest first")
+    pml: bool = Field(False, description="x86 Page Modification Logging: a 512-entry hardware buffer")
+    pml_buffer_entries: int = Field(512, ge=1)
+    arch_dirty_log_size: int = Field(0, ge=0, description="extra reserved ring entries (kvm_cpu_dirty_log_size)")
+    acq_rel_only: bool = Field(description="only KVM_CAP_DIRTY_LOG_RING_ACQ_REL is offered (weakly ordered arch)")
+    with_bitmap_supported: bool = Field(description="KVM_CAP_DIRTY_LOG_RING_WITH_BITMAP is offered")
+    reprotect_span: bool = Field(
+        description="a re-protect call write-protects the whole lowest..highest-bit span of its mask (arm64)"
+    )
+    ring_only_slot_logs: bool = Field(
+        True,
+        description="a ring-only memslot (no bitmap) counts as logging; false on arm64, where block "
+        "mappings then stay and faults that map a page writable push entries",
+    )
+    eager_split_chunk_sizes: list[int] = Field(
+        default_factory=list, description="accepted KVM_CAP_ARM_EAGER_SPLIT_CHUNK_SIZE values besides 0"
+    )
+    split_blocks: bool = Field(
+        True,
+        description="split block mappings into pages while logging (the kernel's behaviour); false is "
+        "a what-if switch under which one write to a block dirties all its pages at once",
+    )
+    costs: HostCosts
+
+    @model_validator(mode="after")
+    def _check(self):
+        for b in self.block_sizes:
+            if b <= self.page_size or b % self.page_size:
+                raise ValueError(
+                    f"block_sizes: {b} is not a multiple of page_size {self.page_size} larger than it"
+                )
+        if self.pml and self.arch != "x86":
+            raise ValueError("pml: only an x86 host has Page Modification Logging")
+        for c in self.eager_split_chunk_sizes:
+            if c not in self.block_sizes and c != self.page_size:
+                raise ValueError(f"eager_split_chunk_sizes: {c} is not a supported block size {self.block_sizes}")
+        return self
+
+    @property
+    def reserved_entries(self) -> int:
+        """KVM_DIRTY_RING_RSVD_ENTRIES + arch_dirty_log_size (64, or 576 on x86 with PML)."""
+        return 64 + self.arch_dirty_log_size
+
+    @property
+    def min_ring_entries(self) -> int:
+        """Smallest ring KVM accepts: bytes >= reserved*16 and >= PAGE_SIZE, a power of two."""
+        nbytes = max(self.reserved_entries * 16, self.page_size)
+        return 1 << (nbytes - 1).bit_length() >> 4
+
+    @property
+    def ring_sizes(self) -> list[int]:
+        """Every ring size (entries, powers of two) this host accepts, smallest first."""
+        out, n = [], self.min_ring_entries
+        while n <= 65536:
+            out.append(n)
+            n *= 2
+        return out
+
+    def tlbi_broadcast_ns(self, nr_vcpus: int) -> int:
+        """Cost of one VM-wide TLB invalidation with ``nr_vcpus`` vCPUs."""
+        c = self.costs
+        return int(c.tlbi_base_ns + c.tlbi_per_vcpu_ns * nr_vcpus + c.tlbi_per_vcpu_sq_ns * nr_vcpus * nr_vcpus)
+
+
+def _read_yaml(path: Path) -> Any:
+    try:
+        with open(path) as f:
+            return yaml.safe_load(f)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path.name}: not valid YAML: {e}") from None
+
+
+def load_host_profile(name_or_path: str | Path | HostProfile | None = None) -> HostProfile:
+    """Load a host profile by name (one of :data:`HOST_PROFILES`, a file in configs/hosts/) or by
+    path to a YAML file. ``None`` gives the default, ``arm64-4k``."""
+    if isinstance(name_or_path, HostProfile):
+        return name_or_path
+    name_or_path = DEFAULT_HOST if name_or_path is None else name_or_path
+    p = Path(name_or_path)
+    if p.suffix in (".yaml", ".yml"):
+        if not p.is_file():
+            raise ConfigError(f"profile: no such file {str(p)!r}")
+        path = p
+    else:
+        path = CONFIG_DIR / "hosts" / f"{name_or_path}.yaml"
+        if not path.is_file():
+            known = sorted(q.stem for q in (CONFIG_DIR / "hosts").glob("*.yaml"))
+            raise ConfigError(f"profile: unknown host profile {str(name_or_path)!r}; accepted: {', '.join(known)}")
+    return HostProfile.parse(_read_yaml(path), where=f"host profile {path.name}")

@@ -1,0 +1,98 @@
+"""What a guest program gives the simulated host: batches of writes in simulated time.
+
+The host (:class:`ringenv.kvm.Vm`) asks the guest for the writes of its running vCPUs in a time
+window, applies them in order until something makes a vCPU leave the guest (its ring is
+soft-full, a sync point, the end of the program), and tells the guest how far it got. Anything
+the guest proposed beyond that point is withdrawn and proposed again later (a trace) or
+re-sampled (a workload model: first writes to clean pages are memoryless, so dropping the
+sampled future and drawing it again from the new state is exact in distribution).
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+
+import numpy as np
+
+#: ``WriteBatch.exit_after`` codes: what the vCPU does right after this write retires.
+EXIT_NONE = 0
+EXIT_SYNC = 1  # an MMIO write to an unbacked address: the guest asks userspace to sync
+EXIT_DONE = 2  # the program is over: the vCPU exits (MMIO) and is not run again
+
+NO_WRITE = -1  # gfn of an event that is only an exit (no memory write)
+
+
+@dataclass
+class WriteBatch:
+    """Writes of the running vCPUs, ordered by (time, vCPU, program order).
+
+    ``complete_until`` is the end of the window the batch covers: it holds every write of every
+    running vCPU with ``t < complete_until`` and nothing later.
+    """
+
+    t: np.ndarray  # int64 ns
+    vcpu: np.ndarray  # int32 vCPU index
+    gfn: np.ndarray  # int64 guest frame number (base pages of the host), or NO_WRITE
+    exit_after: np.ndarray | None  # int8 EXIT_* codes, or None for no exits at all
+    complete_until: int
+    unique: bool = False  # no gfn repeats within the batch (the host may skip de-duplication)
+
+    def __len__(self) -> int:
+        return len(self.t)
+
+    @staticmethod
+    def empty(until: int) -> WriteBatch:
+        z = np.zeros(0, dtype=np.int64)
+        return WriteBatch(z, z.astype(np.int32), z, None, until, True)
+
+
+class MemoryView:
+    """What a guest program may look at: the layout and the per-page state bytes of the slots.
+
+    (A real guest does not see stage-2 state; the workload model uses it only to sample the
+    first write to a clean page directly instead of simulating every write.)"""
+
+    def __init__(self, slots):
+        self._slots = slots
+
+    @property
+    def slots(self):
+        return list(self._slots)
+
+
+class GuestProgram(ABC):
+    """A guest: trace replay or a seeded workload model."""
+
+    nr_vcpus: int
+
+    def attach(self, vm) -> None:
+        """Called when the VM starts running; ``vm`` gives page size, slots and the seed."""
+
+    @abstractmethod
+    def next_writes(self, now: int, until: int, running: np.ndarray) -> WriteBatch:
+        """The writes of the vCPUs with ``running[v]`` in ``[now, until)``."""
+
+    @abstractmethod
+    def consumed(self, n: int, t_cut: int, faults_per_vcpu: np.ndarray, retried: np.ndarray) -> None:
+        """The first ``n`` events of the last batch happened; simulated time is now ``t_cut``.
+        ``retried[v]`` is True if vCPU v's last consumed write faulted and filled its ring: that
+        store has not retired and the host re-executes it at re-entry."""
+
+    def resumed(self, vcpu: int, now: int) -> None:
+        """vCPU ``vcpu`` re-entered the guest at ``now`` after being out."""
+
+    def pages_cleaned(self, gfns: np.ndarray) -> None:
+        """These pages were write-protected again (they were not clean)."""
+
+    def all_cleaned(self) -> None:
+        """Logging was enabled or cleared on whole slots: recount from the state bytes."""
+
+    def horizon(self, now: int, until: int, running: np.ndarray, room: np.ndarray) -> int:
+        """A window end in (now, until] worth sampling: ``room[v]`` pushes are left before vCPU
+        v's ring is soft-full. The default asks for the whole window."""
+        return until
+
+    def finished(self, vcpu: int) -> bool:
+        """The program of this vCPU is over."""
+        return False

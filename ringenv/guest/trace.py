@@ -1,0 +1,86 @@
+"""Trace replay: explicit per-vCPU write lists with sync points.
+
+Each vCPU executes its writes in program order, one every ``write_ns`` of guest time plus the
+service time of the faults it took; different vCPUs' writes interleave by that simulated time
+(ties: lower vCPU index first). After a write listed in ``syncs`` the guest exits to userspace
+(an MMIO write); after its last write it exits once more, as "done".
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .base import EXIT_DONE, EXIT_NONE, EXIT_SYNC, NO_WRITE, GuestProgram, WriteBatch
+
+
+class TraceProgram(GuestProgram):
+    """Replays ``writes[v]`` (page offsets from ``base_gfn``) with sync points ``syncs[v]``."""
+
+    def __init__(self, writes: list, syncs: list, *, base_gfn: int = 0, write_ns: int = 5,
+                 fault_ns: int = 0, max_batch: int = 512):
+        if len(writes) != len(syncs):
+            raise ValueError("writes and syncs must have one entry per vCPU")
+        self.nr_vcpus = len(writes)
+        self.gfn, self.code = [], []
+        for w, s in zip(writes, syncs):
+            g = np.concatenate([base_gfn + np.asarray(w, dtype=np.int64), [NO_WRITE]])
+            code = np.full(len(g), EXIT_NONE, dtype=np.int8)
+            code[np.asarray(s, dtype=np.int64)] = EXIT_SYNC
+            code[-1] = EXIT_DONE
+            self.gfn.append(g)
+            self.code.append(code)
+        self.write_ns = max(1, int(write_ns))
+        self.fault_ns = int(fault_ns)
+        self.max_batch = max_batch
+        self.pos = np.zeros(self.nr_vcpus, dtype=np.int64)
+        self.clock = np.zeros(self.nr_vcpus, dtype=np.int64)
+        self._last = None
+
+    def attach(self, vm) -> None:
+        if self.nr_vcpus > len(vm.vcpus):
+            raise ValueError(f"trace has {self.nr_vcpus} vCPUs, the VM {len(vm.vcpus)}")
+
+    def next_writes(self, now, until, running):
+        ts, vs, gs, cs = [], [], [], []
+        complete = until
+        for v in range(self.nr_vcpus):
+            if not running[v] or self.pos[v] >= len(self.gfn[v]):
+                continue
+            start = max(self.clock[v], now)
+            left = len(self.gfn[v]) - self.pos[v]
+            k = int(min(left, self.max_batch, max(0, -(-(until - start) // self.write_ns))))
+            if k < left:
+                complete = min(complete, start + k * self.write_ns)
+            if k == 0:
+                continue
+            p = self.pos[v]
+            ts.append(start + np.arange(k, dtype=np.int64) * self.write_ns)
+            vs.append(np.full(k, v, dtype=np.int32))
+            gs.append(self.gfn[v][p: p + k])
+            cs.append(self.code[v][p: p + k])
+        if not ts:
+            z = np.zeros(0, dtype=np.int64)
+            self._last = (z, z.astype(np.int32))
+            return WriteBatch.empty(complete)
+        t, vc, g, c = (np.concatenate(x) for x in (ts, vs, gs, cs))
+        keep = t < complete
+        order = np.lexsort((vc[keep], t[keep]))  # by time, then vCPU; program order kept (stable)
+        t, vc, g, c = t[keep][order], vc[keep][order], g[keep][order], c[keep][order]
+        self._last = (t, vc)
+        return WriteBatch(t, vc, g, c, complete, unique=False)
+
+    def consumed(self, n, t_cut, faults_per_vcpu, retried):
+        t, vc = self._last
+        t, vc = t[:n], vc[:n]
+        counts = np.bincount(vc, minlength=self.nr_vcpus)
+        for v in np.flatnonzero(counts):
+            self.pos[v] += counts[v]
+            last_t = t[vc == v][-1]
+            self.clock[v] = last_t + self.write_ns + int(faults_per_vcpu[v]) * self.fault_ns
+
+    def resumed(self, vcpu, now):
+        if vcpu < self.nr_vcpus:
+            self.clock[vcpu] = max(self.clock[vcpu], now)
+
+    def finished(self, vcpu):
+        return vcpu >= self.nr_vcpus or self.pos[vcpu] >= len(self.gfn[vcpu])

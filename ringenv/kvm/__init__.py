@@ -1,0 +1,9 @@
+"""The kernel side of the simulated host, as KVM does it (see shared/reference/kvm-dirty-ring.md).
+
+Nothing here knows about migration or Gymnasium."""
+
+from .ring import DirtyRing, coalesce_reprotect, mask_pages
+from .uapi import KvmError, kvm_dirty_gfn
+from .vm import Exit, Vcpu, Vm
+
+__all__ = ["DirtyRing", "Exit", "KvmError", "Vcpu", "Vm", "coalesce_reprotect", "kvm_dirty_gfn", "mask_pages"]

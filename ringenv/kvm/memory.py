@@ -1,0 +1,118 @@
+"""Guest memory as KVM sees it: memslots and the stage-2 state of every base page.
+
+Per base page, one state byte and one version word (5 bytes):
+
+- ``WP``: stage-2 write-protected (dirty-logging armed): the next write faults. For a page still
+  mapped by a block, every page of the block carries the block's permission.
+- ``CLEAN``: not written since the page was last write-protected. Workload models sample the
+  first write to a clean page (memoryless); trace replay ignores it. Verification does not
+  rely on it.
+- ``BLOCK``: mapped by a block (2 MiB with 4K pages, 32 MiB with 16K, 512 MiB with 64K), not yet
+  split into pages.
+
+``version`` counts the writes to the page that retired; the VMM copies it with the page, so a
+migration verifies itself by comparing versions (shared/reference/kvm-dirty-ring.md s10).
+
+The arm64 stage-2 rules are those of reference section 7: enabling logging write-protects the
+slot; while logging, blocks are split into pages (lazily on the first write fault, or eagerly when
+logging is enabled with KVM_CAP_ARM_EAGER_SPLIT_CHUNK_SIZE); a permission fault relaxes one page.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+WP = np.uint8(1)
+CLEAN = np.uint8(2)
+BLOCK = np.uint8(4)
+WP_CLEAN = np.uint8(WP | CLEAN)
+
+
+class Memslot:
+    """One KVM memslot (``struct kvm_userspace_memory_region``) and its pages' state."""
+
+    def __init__(self, slot_id: int, as_id: int, base_gfn: int, npages: int, flags: int,
+                 block_pages: int, block_fraction: float, seed: int = 0):
+        self.id = slot_id
+        self.as_id = as_id
+        self.kvm_slot = (as_id << 16) | slot_id  # what kvm_dirty_gfn.slot carries
+        self.base_gfn = base_gfn
+        self.npages = npages
+        self.flags = flags
+        self.block_pages = block_pages
+        self.state = np.zeros(npages, dtype=np.uint8)
+        self.version = np.zeros(npages, dtype=np.uint32)
+        self.dirty_bitmap: np.ndarray | None = None  # the slot bitmap (bitmap mode, or the backup bitmap)
+        self.nblocks = npages // block_pages if block_pages > 1 else 0
+        self.block_backed = np.zeros(max(self.nblocks, 0), dtype=bool)
+        if self.nblocks and block_fraction > 0:
+            self.block_backed = _choose_blocks(self.nblocks, block_fraction, seed ^ (slot_id * 0x9E3779B1))
+            self._set_block_bits()
+
+    # -- block mappings ----------------------------------------------------------------------
+    def _set_block_bits(self) -> None:
+        """Pages of block-backed regions are mapped by blocks."""
+        if not self.nblocks:
+            return
+        st = self.state[: self.nblocks * self.block_pages].reshape(self.nblocks, self.block_pages)
+        st[self.block_backed] |= BLOCK
+
+    @property
+    def nr_block_mapped(self) -> int:
+        if not self.nblocks:
+            return 0
+        st = self.state[: self.nblocks * self.block_pages].reshape(self.nblocks, self.block_pages)
+        return int(np.count_nonzero(st[:, 0] & BLOCK))
+
+    def split_all_blocks(self) -> int:
+        """Eager split: every block mapping becomes a table of pages. Returns blocks split."""
+        n = self.nr_block_mapped
+        self.state &= ~BLOCK
+        return n
+
+    def block_span(self, offsets: np.ndarray) -> np.ndarray:
+        """All page offsets of the blocks containing ``offsets`` (one row per offset)."""
+        first = (offsets // self.block_pages) * self.block_pages
+        return first[:, None] + np.arange(self.block_pages, dtype=np.int64)[None, :]
+
+    # -- dirty bitmap ------------------------------------------------------------------------
+    def alloc_bitmap(self, initially_set: bool = False) -> None:
+        words = (self.npages + 63) // 64
+        self.dirty_bitmap = np.full(words, ~np.uint64(0) if initially_set else 0, dtype=np.uint64)
+        if initially_set and self.npages % 64:
+            self.dirty_bitmap[-1] = (np.uint64(1) << np.uint64(self.npages % 64)) - np.uint64(1)
+
+    def set_dirty_bits(self, offsets: np.ndarray) -> None:
+        """set_bit_le for each offset (mark_page_dirty into the slot bitmap)."""
+        if len(offsets) == 0:
+            return
+        words = offsets >> 6
+        bits = np.left_shift(np.uint64(1), (offsets & 63).astype(np.uint64))
+        np.bitwise_or.at(self.dirty_bitmap, words, bits)
+
+    @property
+    def logging(self) -> bool:
+        return bool(self.flags & 1)
+
+
+def bitmap_offsets(bitmap: np.ndarray, npages: int) -> np.ndarray:
+    """Offsets of the set bits of a little-endian u64 bitmap, ascending."""
+    bits = np.unpackbits(bitmap.view(np.uint8), bitorder="little")[:npages]
+    return np.flatnonzero(bits).astype(np.int64)
+
+
+def offsets_bitmap(offsets: np.ndarray, npages: int) -> np.ndarray:
+    bits = np.zeros(((npages + 63) // 64) * 64, dtype=np.uint8)
+    bits[offsets] = 1
+    return np.packbits(bits, bitorder="little").view(np.uint64)
+
+
+def _choose_blocks(nblocks: int, fraction: float, seed: int) -> np.ndarray:
+    """Which blocks are backed by huge pages: a seeded, reproducible choice of round(f*n) blocks."""
+    k = int(round(fraction * nblocks))
+    if k >= nblocks:
+        return np.ones(nblocks, dtype=bool)
+    rng = np.random.default_rng(seed & 0xFFFFFFFF)
+    out = np.zeros(nblocks, dtype=bool)
+    out[rng.choice(nblocks, size=k, replace=False)] = True
+    return out

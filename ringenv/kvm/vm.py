@@ -1,0 +1,800 @@
+"""The simulated KVM: a VM and its vCPUs, with methods shaped and named after the ioctls.
+
+Userspace (ringenv.vmm, ringenv.replay) drives it as QEMU drives KVM:
+
+    vm = Vm("arm64-4k")
+    vm.enable_cap(KVM_CAP_DIRTY_LOG_RING_ACQ_REL, 4096 * 16)   # ring size in bytes
+    vm.enable_cap(KVM_CAP_DIRTY_LOG_RING_WITH_BITMAP)
+    vm.set_user_memory_region(0, KVM_MEM_LOG_DIRTY_PAGES, 0, 16 << 30)
+    vcpus = [vm.create_vcpu(i) for i in range(8)]
+    vm.attach_guest(workload)
+    for v in vcpus: v.run()                       # enter the guest (or an immediate exit)
+    exits = vm.run_until(t)                       # simulated time passes; vCPUs fault, push, exit
+    ...  harvest rings through vcpu.ring_gfns, then vm.reset_dirty_rings()
+
+``Vcpu.run`` is KVM_RUN split in two: it enters the guest (or returns the exit KVM_RUN would
+return at once), and ``Vm.run_until`` lets simulated time pass until some vCPU leaves the
+guest. Errors are :class:`~ringenv.kvm.uapi.KvmError` carrying the errno KVM returns.
+Kernel work done by an ioctl costs simulated time: ``Vm.last_ioctl_ns``.
+"""
+
+from __future__ import annotations
+
+import errno
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from ..config import HostProfile, load_host_profile
+from ..guest.base import EXIT_DONE, EXIT_NONE, EXIT_SYNC, NO_WRITE, GuestProgram, WriteBatch
+from .memory import BLOCK, CLEAN, WP, WP_CLEAN, Memslot, bitmap_offsets
+from .ring import DirtyRing, coalesce_reprotect, mask_pages
+from .uapi import (
+    KVM_CAP_ARM_EAGER_SPLIT_CHUNK_SIZE,
+    KVM_CAP_ARM_SUPPORTED_BLOCK_SIZES,
+    KVM_CAP_DIRTY_LOG_RING,
+    KVM_CAP_DIRTY_LOG_RING_ACQ_REL,
+    KVM_CAP_DIRTY_LOG_RING_WITH_BITMAP,
+    KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2,
+    KVM_DIRTY_LOG_INITIALLY_SET,
+    KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE,
+    KVM_DIRTY_RING_MAX_ENTRIES,
+    KVM_EXIT_DIRTY_RING_FULL,
+    KVM_EXIT_INTR,
+    KVM_EXIT_MMIO,
+    KVM_MEM_LOG_DIRTY_PAGES,
+    KVM_MEM_READONLY,
+    KvmError,
+    einval,
+)
+
+KVM_USER_MEM_SLOTS = 32764
+KVM_MAX_VCPUS = {"arm64": 512, "x86": 4096}
+ADDRESS_SPACES = {"arm64": 1, "x86": 2}
+
+
+@dataclass(frozen=True)
+class Exit:
+    """A vCPU left the guest: KVM_RUN returned with ``reason`` (a KVM_EXIT_* value).
+
+    ``kind`` says why in this simulator's terms: "full" (KVM_EXIT_DIRTY_RING_FULL), "sync" (the
+    guest's MMIO sync write), "done" (its program ended), "kick" (userspace forced it out)."""
+
+    vcpu: int
+    reason: int
+    time_ns: int
+    kind: str
+
+
+@dataclass
+class VmStats:
+    """Kernel-side event counters of a VM (vCPU-side ones live on each :class:`Vcpu`)."""
+
+    resets: int = 0  # KVM_RESET_DIRTY_RINGS calls
+    entries_reset: int = 0
+    reprotect_calls: int = 0  # kvm_arch_mmu_enable_log_dirty_pt_masked calls
+    pages_reprotected: int = 0
+    tlb_flushes: int = 0  # VM-wide flushes (reset, dirty-log)
+    splits: int = 0  # blocks split into pages
+    get_dirty_log_calls: int = 0
+    clear_dirty_log_calls: int = 0
+    backup_bitmap_pages: int = 0  # writes with no running vCPU logged in the slot bitmap
+    dropped_no_vcpu: int = 0  # writes with no running vCPU and nowhere to log them
+    kernel_ns: int = 0  # simulated time spent in VM ioctls
+
+
+@dataclass
+class VcpuStats:
+    faults: int = 0  # write faults that logged a page (permission faults; PML logs on x86-pml)
+    pushes: int = 0
+    splits: int = 0
+    full_exits: int = 0
+    exits: int = 0  # every return to userspace
+    fault_ns: int = 0  # guest time lost in the kernel (faults, splits, PML flushes)
+    exit_ns: int = 0  # guest time lost to exits (kernel part of the round trip)
+    pml_flushes: int = 0
+    extra: dict = field(default_factory=dict)
+
+
+class Vcpu:
+    """A vCPU (the object behind a vCPU fd)."""
+
+    def __init__(self, vm: Vm, vcpu_id: int, index: int):
+        self.vm = vm
+        self.id = vcpu_id
+        self.index = index
+        p = vm.profile
+        self.ring: DirtyRing | None = DirtyRing(vm.ring_entries, p.reserved_entries) if vm.ring_entries else None
+        self.in_guest = False
+        self.request_soft_full = False  # KVM_REQ_DIRTY_RING_SOFT_FULL
+        self.pending_store = NO_WRITE  # gfn of a faulted store that has not retired
+        self.finished = False
+        self.pml = np.zeros(p.pml_buffer_entries, dtype=np.int64) if p.pml else None  # logged gpis
+        self.pml_count = 0
+        self.stats = VcpuStats()
+
+    @property
+    def ring_gfns(self) -> np.ndarray:
+        """The ring as userspace maps it (mmap of the vCPU fd at KVM_DIRTY_LOG_PAGE_OFFSET):
+        a structured array of ``struct kvm_dirty_gfn`` shared with the kernel."""
+        if self.ring is None:
+            raise KvmError(errno.EINVAL, "mmap: the VM has no dirty ring")
+        return self.ring.gfns
+
+    def run(self) -> Exit | None:
+        """KVM_RUN: check requests, then enter the guest.
+
+        Returns the exit at once if KVM_RUN would return without entering (SOFT_FULL pending and
+        the ring still soft-full: KVM_EXIT_DIRTY_RING_FULL again; or the program is over).
+        Otherwise the vCPU is in the guest from ``vm.now`` and None is returned; its next exit
+        comes from :meth:`Vm.run_until`. A store that faulted and filled the ring re-executes
+        first thing."""
+        vm = self.vm
+        if self.in_guest:
+            raise KvmError(errno.EBUSY, "KVM_RUN: the vCPU is already running")
+        if self.finished:
+            return vm._exit(self, KVM_EXIT_MMIO, "done", count=False)
+        if self.request_soft_full and self.ring is not None:
+            if self.ring.soft_full():  # kvm_dirty_ring_check_request: re-arm and exit
+                self.stats.full_exits += 1
+                return vm._exit(self, KVM_EXIT_DIRTY_RING_FULL, "full")
+            self.request_soft_full = False
+        self.in_guest = True
+        if vm.guest is not None:
+            vm.guest.resumed(self.index, vm.now)
+        if self.pending_store != NO_WRITE:
+            gfn, self.pending_store = self.pending_store, NO_WRITE
+            one = np.array([gfn], dtype=np.int64)
+            return vm._apply(np.array([vm.now], dtype=np.int64), np.array([self.index], dtype=np.int32),
+                             one, None, True, notify=False)[1]
+        return None
+
+    def kick(self) -> Exit | None:
+        """Force the vCPU out of the guest (QEMU's SIG_IPI: KVM_RUN returns with KVM_EXIT_INTR)."""
+        if not self.in_guest:
+            return None
+        return self.vm._exit(self, KVM_EXIT_INTR, "kick")
+
+
+class Vm:
+    """A VM (the object behind a VM fd) on a simulated host."""
+
+    def __init__(self, profile: str | HostProfile | None = None, *, seed: int = 0):
+        self.profile = load_host_profile(profile)
+        p = self.profile
+        self.seed = seed
+        self.page_size = p.page_size
+        self.block_pages = p.block_sizes[0] // p.page_size if p.block_sizes else 1
+        self.now = 0
+        self.ring_entries = 0
+        self.with_bitmap = False
+        self.manual_protect = 0
+        self.eager_split_chunk = 0
+        self.vcpus: list[Vcpu] = []
+        self.slots: list[Memslot] = []
+        self.guest: GuestProgram | None = None
+        self.stats = VmStats()
+        self.last_ioctl_ns = 0
+        self.state = np.zeros(0, dtype=np.uint8)
+        self.version = np.zeros(0, dtype=np.uint32)
+        self._layout()
+
+    # ------------------------------------------------------------------ capabilities
+    def check_extension(self, cap: int) -> int:
+        """KVM_CHECK_EXTENSION on the VM fd."""
+        p = self.profile
+        max_bytes = KVM_DIRTY_RING_MAX_ENTRIES * 16
+        if cap == KVM_CAP_DIRTY_LOG_RING:
+            return 0 if p.acq_rel_only else max_bytes
+        if cap == KVM_CAP_DIRTY_LOG_RING_ACQ_REL:
+            return max_bytes
+        if cap == KVM_CAP_DIRTY_LOG_RING_WITH_BITMAP:
+            return int(p.with_bitmap_supported)
+        if cap == KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2:
+            return KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE | KVM_DIRTY_LOG_INITIALLY_SET
+        if p.arch == "arm64" and cap == KVM_CAP_ARM_EAGER_SPLIT_CHUNK_SIZE:
+            return self.eager_split_chunk
+        if p.arch == "arm64" and cap == KVM_CAP_ARM_SUPPORTED_BLOCK_SIZES:
+            return p.page_size | sum(p.block_sizes)
+        return 0
+
+    def enable_cap(self, cap: int, *args: int, flags: int = 0) -> None:
+        """KVM_ENABLE_CAP on the VM fd (``args`` is ``struct kvm_enable_cap.args``)."""
+        p = self.profile
+        arg0 = int(args[0]) if args else 0
+        if cap in (KVM_CAP_DIRTY_LOG_RING, KVM_CAP_DIRTY_LOG_RING_ACQ_REL):
+            if not self.check_extension(cap):
+                raise einval(f"capability {cap} is not offered on {p.arch} (use KVM_CAP_DIRTY_LOG_RING_ACQ_REL)")
+            self._enable_dirty_log_ring(arg0 & 0xFFFFFFFF)  # args[0] is read as a u32
+        elif cap == KVM_CAP_DIRTY_LOG_RING_WITH_BITMAP:
+            if not p.with_bitmap_supported:
+                raise einval("KVM_CAP_DIRTY_LOG_RING_WITH_BITMAP is not supported on this host")
+            if not self.ring_entries:
+                raise einval("WITH_BITMAP needs the dirty ring enabled first")
+            if flags:
+                raise einval("WITH_BITMAP takes no flags")
+            if self.slots:
+                raise einval("WITH_BITMAP must be enabled before any memslot exists")
+            self.with_bitmap = True
+        elif cap == KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2:
+            allowed = KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE | KVM_DIRTY_LOG_INITIALLY_SET
+            if flags or arg0 & ~allowed:
+                raise einval(f"MANUAL_DIRTY_LOG_PROTECT2: args[0] must be a subset of {allowed:#x}, flags 0")
+            self.manual_protect = arg0
+        elif cap == KVM_CAP_ARM_EAGER_SPLIT_CHUNK_SIZE and p.arch == "arm64":
+            if flags:
+                raise einval("EAGER_SPLIT_CHUNK_SIZE takes no flags")
+            if self.slots:
+                raise einval("EAGER_SPLIT_CHUNK_SIZE must be set before any memslot exists")
+            if arg0 and arg0 not in p.eager_split_chunk_sizes:
+                raise einval(f"EAGER_SPLIT_CHUNK_SIZE {arg0}: accepted 0 or {p.eager_split_chunk_sizes}")
+            self.eager_split_chunk = arg0
+        else:
+            raise einval(f"KVM_ENABLE_CAP: capability {cap} cannot be enabled on this VM")
+
+    def _enable_dirty_log_ring(self, size: int) -> None:
+        """kvm_vm_ioctl_enable_dirty_log_ring (reference s2), rules in the kernel's order."""
+        p = self.profile
+        if size == 0 or size & (size - 1):
+            raise einval(f"dirty ring size {size} bytes is not a power of two")
+        if size < p.reserved_entries * 16 or size < p.page_size:
+            raise einval(
+                f"dirty ring size {size} bytes is below max(reserved {p.reserved_entries} x 16, "
+                f"PAGE_SIZE {p.page_size}) = {max(p.reserved_entries * 16, p.page_size)}"
+            )
+        if size > KVM_DIRTY_RING_MAX_ENTRIES * 16:
+            raise KvmError(errno.E2BIG, f"dirty ring size {size} bytes is above {KVM_DIRTY_RING_MAX_ENTRIES} x 16")
+        if self.ring_entries:
+            raise einval("the dirty ring is already enabled (it can be set once)")
+        if self.vcpus:
+            raise einval("the dirty ring must be enabled before any vCPU is created")
+        self.ring_entries = size // 16
+
+    # ------------------------------------------------------------------ memslots
+    def set_user_memory_region(self, slot: int, flags: int, guest_phys_addr: int, memory_size: int, *,
+                               as_id: int = 0, block_fraction: float = 0.0) -> None:
+        """KVM_SET_USER_MEMORY_REGION (``slot`` is the slot id, ``as_id`` its address space).
+
+        ``block_fraction`` is not part of the ioctl: it is the share of the userspace memory
+        behind the slot that is backed by huge pages (THP), i.e. mapped by stage-2 blocks.
+        Changing only ``flags`` of an existing slot turns dirty logging on or off; size 0 deletes.
+        """
+        p = self.profile
+        if flags & ~(KVM_MEM_LOG_DIRTY_PAGES | KVM_MEM_READONLY):
+            raise einval(f"memslot flags {flags:#x}: accepted KVM_MEM_LOG_DIRTY_PAGES | KVM_MEM_READONLY")
+        if not 0 <= as_id < ADDRESS_SPACES[p.arch]:
+            raise einval(f"address space {as_id}: {p.arch} has {ADDRESS_SPACES[p.arch]}")
+        if not 0 <= slot < KVM_USER_MEM_SLOTS:
+            raise einval(f"slot id {slot}: accepted 0..{KVM_USER_MEM_SLOTS - 1}")
+        if guest_phys_addr % p.page_size or memory_size % p.page_size or memory_size < 0:
+            raise einval(f"guest_phys_addr and memory_size must be multiples of PAGE_SIZE {p.page_size}")
+        if not 0.0 <= block_fraction <= 1.0:
+            raise ValueError(f"block_fraction {block_fraction}: accepted 0.0..1.0")
+        old = self._slot(slot, as_id)
+        base, npages = guest_phys_addr // p.page_size, memory_size // p.page_size
+        if old is not None:
+            if npages == 0:
+                self.slots.remove(old)
+                self._layout()
+                return
+            if (base, npages) != (old.base_gfn, old.npages):
+                raise einval("moving or resizing a memslot is not modelled (delete it and create it again)")
+            if (flags ^ old.flags) & KVM_MEM_READONLY:
+                raise einval("KVM_MEM_READONLY cannot be changed on an existing memslot")
+            changed = (flags ^ old.flags) & KVM_MEM_LOG_DIRTY_PAGES
+            old.flags = flags
+            self.last_ioctl_ns = self._logging_changed(old) if changed else 0
+            return
+        if npages == 0:
+            return
+        for s in self.slots:
+            if s.as_id == as_id and base < s.base_gfn + s.npages and s.base_gfn < base + npages:
+                raise KvmError(errno.EEXIST, f"memslot {slot} overlaps memslot {s.id}")
+        ms = Memslot(slot, as_id, base, npages, 0, self.block_pages, block_fraction, self.seed)
+        self.slots.append(ms)
+        self._layout()
+        ms.flags = flags
+        self.last_ioctl_ns = self._logging_changed(ms) if flags & KVM_MEM_LOG_DIRTY_PAGES else 0
+
+    def _slot(self, slot: int, as_id: int = 0) -> Memslot | None:
+        for s in self.slots:
+            if s.id == slot and s.as_id == as_id:
+                return s
+        return None
+
+    def _layout(self) -> None:
+        """Lay the slots out in one global page index (block-aligned) and rebuild lookup tables."""
+        bp = self.block_pages
+        self.slots.sort(key=lambda s: (s.as_id, s.base_gfn))
+        starts, pos = [], 0
+        for s in self.slots:
+            starts.append(pos)
+            pos += -(-s.npages // bp) * bp
+        state = np.zeros(pos, dtype=np.uint8)
+        version = np.zeros(pos, dtype=np.uint32)
+        for s, st in zip(self.slots, starts):
+            state[st: st + s.npages] = s.state
+            version[st: st + s.npages] = s.version
+            s.state = state[st: st + s.npages]
+            s.version = version[st: st + s.npages]
+            s.start = st
+        self.state, self.version = state, version
+        as0 = [s for s in self.slots if s.as_id == 0]
+        self._base = np.array([s.base_gfn for s in as0], dtype=np.int64)
+        self._end = np.array([s.base_gfn + s.npages for s in as0], dtype=np.int64)
+        self._start = np.array([s.start for s in as0], dtype=np.int64)
+        self._as0 = as0
+        self._by_kvm_slot = {s.kvm_slot: s for s in self.slots}
+        self._kslot = np.array([s.kvm_slot for s in as0], dtype=np.uint32)
+        self._refresh_slot_modes()
+
+    def _logs(self, s: Memslot) -> bool:
+        """memslot_is_logging as the fault path sees it: on arm64 a ring-only slot without a
+        bitmap is not logging (reference s11); on x86 the flag is enough."""
+        return s.logging and (s.dirty_bitmap is not None or self.profile.ring_only_slot_logs)
+
+    def _refresh_slot_modes(self) -> None:
+        p = self.profile
+        blockgran, pushall, split = [], [], []
+        for s in self._as0:
+            logs = self._logs(s)
+            blockgran.append(s.logging and (not logs or not p.split_blocks))
+            pushall.append(logs and not p.split_blocks)
+            split.append(logs and p.split_blocks)
+        self._blockgran = np.array(blockgran, dtype=bool)
+        self._pushall = np.array(pushall, dtype=bool)
+        self._split = np.array(split, dtype=bool)
+
+    def _logging_changed(self, s: Memslot) -> int:
+        """kvm_arch_commit_memory_region for a LOG_DIRTY_PAGES change. Returns the kernel time."""
+        p, c = self.profile, self.profile.costs
+        ns = 0
+        if s.logging:
+            if not self.ring_entries or self.with_bitmap:
+                s.alloc_bitmap(initially_set=bool(self.manual_protect & KVM_DIRTY_LOG_INITIALLY_SET))
+            self._refresh_slot_modes()
+            if not (self.manual_protect & KVM_DIRTY_LOG_INITIALLY_SET and s.dirty_bitmap is not None):
+                s.state |= WP_CLEAN  # kvm_mmu_wp_memory_region
+                ns += int(c.protect_page_ns * s.npages) + p.tlbi_broadcast_ns(len(self.vcpus))
+                self.stats.tlb_flushes += 1
+                if self.eager_split_chunk and self._logs(s) and p.split_blocks:
+                    n = s.split_all_blocks()  # kvm_mmu_split_memory_region
+                    self.stats.splits += n
+                    ns += n * c.split_ns
+        else:
+            s.dirty_bitmap = None
+            s.state &= ~(WP | CLEAN)
+            self._refresh_slot_modes()
+        if self.guest is not None:
+            self.guest.all_cleaned()
+        self.stats.kernel_ns += ns
+        return ns
+
+    # ------------------------------------------------------------------ vCPUs
+    def create_vcpu(self, vcpu_id: int) -> Vcpu:
+        """KVM_CREATE_VCPU. With the ring enabled the vCPU gets its ring now."""
+        p = self.profile
+        if not 0 <= vcpu_id < KVM_MAX_VCPUS[p.arch]:
+            raise einval(f"vCPU id {vcpu_id}: accepted 0..{KVM_MAX_VCPUS[p.arch] - 1}")
+        if any(v.id == vcpu_id for v in self.vcpus):
+            raise KvmError(errno.EEXIST, f"vCPU {vcpu_id} already exists")
+        v = Vcpu(self, vcpu_id, len(self.vcpus))
+        self.vcpus.append(v)
+        return v
+
+    # ------------------------------------------------------------------ ring reset
+    def reset_dirty_rings(self) -> int:
+        """KVM_RESET_DIRTY_RINGS: for every vCPU ring reset the harvested entries from
+        reset_index on, coalescing the re-protect work; one VM-wide TLB flush if anything was
+        reset. Returns the number of entries reset."""
+        if not self.ring_entries:
+            raise einval("KVM_RESET_DIRTY_RINGS: the VM has no dirty ring")
+        c = self.profile.costs
+        total = calls = pages = 0
+        for v in self.vcpus:
+            slots, offsets = v.ring.collect_harvested()
+            if len(slots):
+                cs, co, cm = coalesce_reprotect(slots, offsets)
+                calls += len(cs)
+                pages += self._reprotect(cs, co, cm)
+                total += len(slots)
+        ns = c.reset_call_ns + total * c.reset_entry_ns + calls * c.reprotect_call_ns + int(pages * c.reprotect_page_ns)
+        if total:
+            ns += self._flush_tlbs()
+        st = self.stats
+        st.resets += 1
+        st.entries_reset += total
+        st.reprotect_calls += calls
+        st.pages_reprotected += pages
+        st.kernel_ns += ns
+        self.last_ioctl_ns = ns
+        return total
+
+    def _flush_tlbs(self) -> int:
+        self.stats.tlb_flushes += 1
+        return self.profile.tlbi_broadcast_ns(len(self.vcpus))
+
+    def _reprotect(self, kslots: np.ndarray, offsets: np.ndarray, masks: np.ndarray) -> int:
+        """kvm_arch_mmu_enable_log_dirty_pt_masked for each (slot, offset, mask): write-protect
+        the pages (arm64: the whole span of the mask). Calls naming a missing slot or running past
+        its end are skipped, as the kernel does. Returns the pages write-protected."""
+        if len(masks) == 0:
+            return 0
+        span = self.profile.reprotect_span
+        fls = 63 - _clz64(masks)
+        gpis = []
+        for ks in np.unique(kslots):
+            s = self._by_kvm_slot.get(int(ks))
+            sel = kslots == ks
+            if s is None:
+                continue
+            ok = sel & (offsets >= 0) & (offsets + fls < s.npages)
+            if not ok.any():
+                continue
+            _, pages = mask_pages(offsets[ok], masks[ok], span)
+            gpis.append(s.start + pages)
+        if not gpis:
+            return 0
+        gpi = np.concatenate(gpis)
+        self._protect_pages(gpi)
+        return len(gpi)
+
+    def _protect_pages(self, gpi: np.ndarray) -> None:
+        """Set WP|CLEAN on pages; a page still mapped by a block in a block-granular slot
+        protects its whole block (the block is one stage-2 entry)."""
+        st = self.state[gpi]
+        blk = (st & BLOCK) != 0
+        if blk.any():
+            sidx = self._slot_index_of_gpi(gpi[blk])
+            bg = self._blockgran[sidx] if len(self._blockgran) else np.zeros(0, bool)
+            if bg.any():
+                b = np.unique(gpi[blk][bg] // self.block_pages)
+                extra = (b[:, None] * self.block_pages + np.arange(self.block_pages)[None, :]).ravel()
+                gpi = np.concatenate([gpi, extra])
+        if self.guest is not None:
+            was = self.state[gpi]
+            newly = gpi[(was & CLEAN) == 0]
+            if len(newly):
+                self.guest.pages_cleaned(self._gfn_of_gpi(np.unique(newly)))
+        self.state[gpi] |= WP_CLEAN
+
+    # ------------------------------------------------------------------ dirty bitmap
+    def get_dirty_log(self, slot: int, as_id: int = 0) -> np.ndarray:
+        """KVM_GET_DIRTY_LOG: the slot's dirty bitmap (u64 words, little-endian bit order).
+        Without manual protect the bitmap is also cleared and the dirty pages re-protected.
+        With the ring it needs WITH_BITMAP (the backup bitmap), else ENXIO."""
+        if self.ring_entries and not self.with_bitmap:
+            raise KvmError(errno.ENXIO, "KVM_GET_DIRTY_LOG: the VM uses the dirty ring without a bitmap")
+        s = self._slot(slot, as_id)
+        if s is None or s.dirty_bitmap is None:
+            raise KvmError(errno.ENOENT, f"KVM_GET_DIRTY_LOG: memslot {slot} does not exist or is not logging")
+        c = self.profile.costs
+        bm = s.dirty_bitmap.copy()
+        ns = int(c.get_dirty_log_page_ns * s.npages)
+        if not self.manual_protect & KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE:
+            s.dirty_bitmap[:] = 0
+            words = np.flatnonzero(bm)
+            if len(words):
+                n = self._reprotect(np.full(len(words), s.kvm_slot, np.uint32), words.astype(np.int64) * 64, bm[words])
+                ns += int(n * c.get_dirty_log_dirty_ns) + self._flush_tlbs()
+        self.stats.get_dirty_log_calls += 1
+        self.stats.kernel_ns += ns
+        self.last_ioctl_ns = ns
+        return bm
+
+    def clear_dirty_log(self, slot: int, first_page: int, num_pages: int, bitmap: np.ndarray, as_id: int = 0) -> None:
+        """KVM_CLEAR_DIRTY_LOG (manual protect): clear the given bits and re-protect those pages,
+        on 64-page aligned ranges."""
+        if self.ring_entries and not self.with_bitmap:
+            raise KvmError(errno.ENXIO, "KVM_CLEAR_DIRTY_LOG: the VM uses the dirty ring without a bitmap")
+        if first_page & 63:
+            raise einval(f"KVM_CLEAR_DIRTY_LOG: first_page {first_page} is not a multiple of 64")
+        s = self._slot(slot, as_id)
+        if s is None or s.dirty_bitmap is None:
+            raise KvmError(errno.ENOENT, f"KVM_CLEAR_DIRTY_LOG: memslot {slot} does not exist or is not logging")
+        if (first_page > s.npages or num_pages > s.npages - first_page
+                or (num_pages < s.npages - first_page and num_pages & 63)):
+            raise einval(f"KVM_CLEAR_DIRTY_LOG: pages {first_page}+{num_pages} do not fit memslot of {s.npages} "
+                         "pages in 64-page units")
+        nwords = (num_pages + 63) // 64
+        given = np.asarray(bitmap, dtype=np.uint64)[:nwords]
+        if len(given) < nwords:
+            raise einval(f"KVM_CLEAR_DIRTY_LOG: bitmap has {len(given)} words, {nwords} needed")
+        if num_pages % 64:
+            given = given.copy()
+            given[-1] &= (np.uint64(1) << np.uint64(num_pages % 64)) - np.uint64(1)
+        w0 = first_page // 64
+        cur = s.dirty_bitmap[w0: w0 + nwords]
+        mask = cur & given
+        cur &= ~mask
+        words = np.flatnonzero(mask)
+        c = self.profile.costs
+        ns = int(c.clear_dirty_log_page_ns * num_pages)
+        if len(words):
+            self._reprotect(np.full(len(words), s.kvm_slot, np.uint32), (w0 + words).astype(np.int64) * 64, mask[words])
+            ns += self._flush_tlbs()
+        self.stats.clear_dirty_log_calls += 1
+        self.stats.kernel_ns += ns
+        self.last_ioctl_ns = ns
+
+    def write_without_vcpu(self, gfns: np.ndarray) -> None:
+        """The kernel writes guest memory with no running vCPU (arm64: vGIC ITS table save,
+        vGICv3 pending-table save). mark_page_dirty then logs into the slot bitmap (the backup
+        bitmap, with WITH_BITMAP); with a ring and no bitmap the write is not logged anywhere."""
+        gfns = np.asarray(gfns, dtype=np.int64)
+        sidx, gpi = self._locate(gfns)
+        np.add.at(self.version, gpi, 1)
+        for k in np.unique(sidx):
+            s = self._as0[k]
+            off = gpi[sidx == k] - s.start
+            if s.logging and s.dirty_bitmap is not None:
+                s.set_dirty_bits(off)
+                self.stats.backup_bitmap_pages += len(off)
+            elif s.logging:
+                self.stats.dropped_no_vcpu += len(off)
+
+    # ------------------------------------------------------------------ address lookup
+    def _locate(self, gfn: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """gfn -> (index into the address-space-0 slots, global page index)."""
+        k = np.searchsorted(self._base, gfn, side="right") - 1
+        if len(gfn) and (k.min() < 0 or np.any(gfn >= self._end[k])):
+            bad = gfn[(k < 0) | (gfn >= self._end[np.maximum(k, 0)])][0]
+            raise KvmError(errno.EFAULT, f"guest write to gfn {int(bad)}: no memslot maps it")
+        return k, self._start[k] + (gfn - self._base[k])
+
+    def _slot_index_of_gpi(self, gpi: np.ndarray) -> np.ndarray:
+        return np.searchsorted(self._start, gpi, side="right") - 1
+
+    def _gfn_of_gpi(self, gpi: np.ndarray) -> np.ndarray:
+        k = self._slot_index_of_gpi(gpi)
+        return self._base[k] + (gpi - self._start[k])
+
+    def slot_of_gfn(self, gfn: int) -> Memslot:
+        return self._as0[int(self._locate(np.array([gfn], dtype=np.int64))[0][0])]
+
+    # ------------------------------------------------------------------ running the guest
+    def attach_guest(self, guest: GuestProgram) -> None:
+        """Load the guest program the vCPUs execute."""
+        self.guest = guest
+        guest.attach(self)
+
+    def run_until(self, until: int) -> list[Exit]:
+        """Let simulated time pass up to ``until`` ns, or until a vCPU leaves the guest.
+
+        Returns the exits that happened (empty if time reached ``until``); ``now`` is then the
+        time of the exit. vCPUs that are out stay out until userspace calls ``Vcpu.run``."""
+        until = int(until)
+        guest = self.guest
+        while self.now < until:
+            running = np.array([v.in_guest for v in self.vcpus], dtype=bool)
+            if guest is None or not running.any():
+                self.now = until
+                break
+            room = np.array([(v.ring.soft_limit - v.ring.used) if v.ring is not None else 1 << 30
+                             for v in self.vcpus], dtype=np.int64)
+            if self.profile.pml:
+                room -= np.array([v.pml_count for v in self.vcpus], dtype=np.int64)
+            horizon = min(until, max(self.now + 1, guest.horizon(self.now, until, running, room)))
+            batch = guest.next_writes(self.now, horizon, running)
+            end = max(self.now, min(batch.complete_until, horizon))
+            if len(batch) == 0:
+                self.now = end
+                continue
+            _, exit_ = self._apply(batch.t, batch.vcpu, batch.gfn, batch.exit_after, batch.unique, end)
+            if exit_ is not None:
+                return [exit_]
+        return []
+
+    def _exit(self, v: Vcpu, reason: int, kind: str, count: bool = True) -> Exit:
+        """v leaves the guest now. Any exit flushes the PML buffer into the ring first."""
+        if v.pml is not None and v.pml_count:
+            self._pml_flush(v)
+        v.in_guest = False
+        if count:
+            v.stats.exits += 1
+            v.stats.exit_ns += self.profile.costs.exit_ns
+        return Exit(v.index, reason, self.now, kind)
+
+    def _pml_flush(self, v: Vcpu) -> None:
+        """Copy the vCPU's PML buffer into its ring (vmx_flush_pml_buffer)."""
+        n = v.pml_count
+        gpi = v.pml[:n]
+        self._push(v, gpi)
+        v.pml_count = 0
+        v.stats.pml_flushes += 1
+        v.stats.fault_ns += int(n * self.profile.costs.pml_flush_entry_ns)
+
+    def _push(self, v: Vcpu, gpi: np.ndarray) -> None:
+        """mark_page_dirty with a running vCPU: push to its ring, or set the slot bitmap bit."""
+        if len(gpi) == 0:
+            return
+        sidx = self._slot_index_of_gpi(gpi)
+        if v.ring is not None:
+            kslot = self._kslot[sidx]
+            off = (gpi - self._start[sidx]).astype(np.uint64)
+            if v.ring.push(kslot, off):
+                v.request_soft_full = True
+            v.stats.pushes += len(gpi)
+        else:
+            for k in np.unique(sidx):
+                s = self._as0[k]
+                s.set_dirty_bits(gpi[sidx == k] - s.start)
+
+    def _apply(self, t, vc, gfn, exit_after, unique, end=None, notify=True):
+        """Apply a time-ordered batch of guest writes up to the first event that takes a vCPU
+        out of the guest. Returns (events consumed, Exit or None)."""
+        p, c = self.profile, self.profile.costs
+        n = len(t)
+        bp = self.block_pages
+        is_write = gfn != NO_WRITE
+        sidx = np.zeros(n, dtype=np.int64)
+        gpi = np.full(n, -1, dtype=np.int64)
+        if is_write.any():
+            sidx[is_write], gpi[is_write] = self._locate(gfn[is_write])
+        st = np.where(is_write, self.state[np.maximum(gpi, 0)], 0)
+        has_slots = len(self._blockgran) > 0
+        blockgran = is_write & ((st & BLOCK) != 0) & (self._blockgran[sidx] if has_slots else False)
+        unit = np.where(blockgran, -(gpi // bp) - 2, gpi)
+        wp = is_write & ((st & WP) != 0)
+        if unique:
+            fault = wp
+        else:
+            first = np.zeros(n, dtype=bool)
+            _, idx = np.unique(unit, return_index=True)
+            first[idx] = True
+            fault = wp & first
+        pushall = fault & blockgran & (self._pushall[sidx] if has_slots else False)
+        npush = np.where(fault, np.where(pushall, bp, 1), 0).astype(np.int64)
+
+        # -- where does the first vCPU leave the guest?
+        cut, cut_kind = n - 1, None
+        rings = self.ring_entries > 0
+        if rings and fault.any():
+            cum = _cumsum_by_group(npush, vc, len(self.vcpus))
+            used0 = np.array([v.ring.used for v in self.vcpus], dtype=np.int64)
+            limit = np.array([v.ring.soft_limit for v in self.vcpus], dtype=np.int64)
+            if p.pml:
+                pml0 = np.array([v.pml_count for v in self.vcpus], dtype=np.int64)
+                logged = pml0[vc] + cum
+                flush_pt = fault & (logged % p.pml_buffer_entries == 0)
+                hit = flush_pt & (used0[vc] + logged >= limit[vc])
+            else:
+                hit = fault & (used0[vc] + cum >= limit[vc])
+            h = np.flatnonzero(hit)
+            if len(h):
+                cut, cut_kind = int(h[0]), "full"
+        if exit_after is not None:
+            e = np.flatnonzero(exit_after[: cut + 1] != EXIT_NONE)
+            if len(e) and (cut_kind is None or e[0] < cut):
+                cut, cut_kind = int(e[0]), ("sync" if exit_after[e[0]] == EXIT_SYNC else "done")
+        m = cut + 1
+
+        # -- apply events [0, cut]
+        retired = is_write[:m].copy()
+        unretired_v = -1
+        if cut_kind == "full" and not p.pml:
+            retired[cut] = False  # the store that filled the ring re-executes after re-entry
+            unretired_v = int(vc[cut])
+        fm = fault[:m]
+        fidx = np.flatnonzero(fm)
+        fg = gpi[:m][fm]
+        # splits: the first write fault on a block of a logging slot splits it
+        if has_slots and len(fidx):
+            blk = ((st[:m][fm] & BLOCK) != 0) & self._split[sidx[:m][fm]]
+            if blk.any():
+                blocks, first_i = np.unique(fg[blk] // bp, return_index=True)
+                span = (blocks[:, None] * bp + np.arange(bp)[None, :]).ravel()
+                self.state[span] &= ~BLOCK
+                who = vc[:m][fm][blk][first_i]
+                split_cost = c.split_ns + p.tlbi_broadcast_ns(len(self.vcpus))
+                for v_i, cnt in zip(*np.unique(who, return_counts=True)):
+                    vs = self.vcpus[v_i].stats
+                    vs.splits += int(cnt)
+                    vs.fault_ns += int(cnt) * split_cost
+                self.stats.splits += len(blocks)
+        # permissions: a fault relaxes one page, or (block-granular) the whole block
+        if len(fidx):
+            pa = pushall[:m][fm]
+            bgm = blockgran[:m][fm]
+            self.state[fg[~bgm]] &= ~WP
+            if bgm.any():
+                bl = np.unique(fg[bgm] // bp)
+                self.state[(bl[:, None] * bp + np.arange(bp)[None, :]).ravel()] &= ~WP
+            # pushes, per vCPU in order
+            fv = vc[:m][fm]
+            for v_i in np.unique(fv):
+                v = self.vcpus[v_i]
+                sel = fv == v_i
+                g = fg[sel]
+                if pa[sel].any():
+                    g = np.concatenate([((x // bp) * bp + np.arange(bp)) if a else np.array([x])
+                                        for x, a in zip(g, pa[sel])])
+                nf = int(sel.sum())
+                v.stats.faults += nf
+                if p.pml and rings:
+                    self._pml_log(v, g)
+                    v.stats.fault_ns += nf * c.dirty_write_ns
+                else:
+                    self._push(v, g)
+                    v.stats.fault_ns += nf * c.wp_fault_ns
+        # the stores retire: contents change
+        wg = gpi[:m][retired]
+        if len(wg):
+            if unique:
+                self.version[wg] += 1
+            else:
+                np.add.at(self.version, wg, 1)
+            self.state[wg] &= ~CLEAN
+
+        # -- time, and the exit
+        faults_per_vcpu = np.bincount(vc[:m][fm], minlength=len(self.vcpus)) if len(self.vcpus) else np.zeros(0)
+        retried = np.zeros(len(self.vcpus), dtype=bool)
+        exit_ = None
+        if cut_kind is not None:
+            self.now = max(self.now, int(t[cut]))
+            v = self.vcpus[int(vc[cut])]
+            if cut_kind == "full":
+                if unretired_v >= 0:
+                    v.pending_store = int(gfn[cut])
+                    retried[unretired_v] = True
+                v.request_soft_full = True
+                v.stats.full_exits += 1
+                exit_ = self._exit(v, KVM_EXIT_DIRTY_RING_FULL, "full")
+            else:
+                if cut_kind == "done":
+                    v.finished = True
+                exit_ = self._exit(v, KVM_EXIT_MMIO, cut_kind)
+        elif end is not None:
+            self.now = max(self.now, int(end))
+        if notify and self.guest is not None:
+            self.guest.consumed(m, self.now, faults_per_vcpu, retried)
+        return m, exit_
+
+    def _pml_log(self, v: Vcpu, gpi: np.ndarray) -> None:
+        """x86 PML: log GPAs into the 512-entry buffer; a full buffer exits (in the kernel) and
+        is flushed into the ring."""
+        cap = v.pml.shape[0]
+        i = 0
+        while i < len(gpi):
+            k = min(cap - v.pml_count, len(gpi) - i)
+            v.pml[v.pml_count: v.pml_count + k] = gpi[i: i + k]
+            v.pml_count += k
+            i += k
+            if v.pml_count == cap:
+                self._pml_flush(v)
+                v.stats.fault_ns += self.profile.costs.pml_full_exit_ns
+
+    # ------------------------------------------------------------------ inspection
+    @property
+    def ring_bytes(self) -> int:
+        """Kernel memory of all rings."""
+        return self.ring_entries * 16 * len(self.vcpus)
+
+    def pages_dirty_since_clean(self) -> int:
+        return int(np.count_nonzero((self.state & CLEAN) == 0))
+
+
+def _cumsum_by_group(x: np.ndarray, g: np.ndarray, ngroups: int) -> np.ndarray:
+    """Inclusive running sum of x within each group g, in the original order."""
+    if ngroups <= 1:
+        return np.cumsum(x)
+    order = np.argsort(g, kind="stable")
+    xs = x[order]
+    cs = np.cumsum(xs)
+    gs = g[order]
+    starts = np.flatnonzero(np.r_[True, gs[1:] != gs[:-1]])
+    base = np.repeat(cs[starts] - xs[starts], np.diff(np.r_[starts, len(xs)]))
+    out = np.empty_like(cs)
+    out[order] = cs - base
+    return out
+
+
+def _clz64(x: np.ndarray) -> np.ndarray:
+    """Leading zero count of u64 values (x > 0)."""
+    x = x.astype(np.uint64)
+    n = np.zeros(x.shape, dtype=np.int64)
+    for s in (32, 16, 8, 4, 2, 1):
+        hi = (x >> np.uint64(64 - s)) == 0
+        n += np.where(hi, s, 0)
+        x = np.where(hi, x << np.uint64(s), x)
+    return n

@@ -1,0 +1,81 @@
+"""A real VM that runs write programs: the building block of replay, calibrate and errno checks."""
+
+from __future__ import annotations
+
+import errno
+from typing import Sequence
+
+from ringenv.realkvm.arch import Arch, WriteProgram, host_arch
+from ringenv.realkvm.ioctl import (
+    KVM_CAP_DIRTY_LOG_RING_WITH_BITMAP, KVM_EXIT_DIRTY_RING_FULL, KVM_EXIT_MMIO,
+    KVM_MEM_LOG_DIRTY_PAGES, PAGE_SIZE, KvmSystem, RealVm, _Closing)
+
+CODE_SLOT, DATA_SLOT = 0, 1
+
+
+class GuestError(RuntimeError):
+    """The guest stopped in an unexpected way (exit reason other than ring-full or our MMIO)."""
+
+
+class Guest(_Closing):
+    """VM with a code slot (not logged) and a data slot (logged), one vCPU per program.
+
+    ``ring_entries`` 0 means no dirty ring (the data slot then uses the dirty bitmap).
+    ``caps`` are extra KVM_ENABLE_CAP calls ``(cap, arg0, ...)`` made before the memslots.
+    ``run(i)`` runs vCPU ``i`` until the next event and returns ``(kind, value)``:
+    ("full", None) for KVM_EXIT_DIRTY_RING_FULL, ("sync", writes_done), ("done", writes_done).
+    """
+
+    def __init__(self, programs: Sequence[WriteProgram], data_pages: int,
+                 ring_entries: int = 0, with_bitmap: bool = False, log_dirty: bool = True,
+                 caps: Sequence[tuple[int, ...]] = (),
+                 system: KvmSystem | None = None, arch: Arch | None = None):
+        self.arch = arch or host_arch()
+        self.image = self.arch.build_image(data_pages, programs)
+        self._own_system = system is None
+        self.system = system or KvmSystem()
+        self.vm: RealVm | None = None
+        try:
+            self.vm = self.system.create_vm()
+            if ring_entries:
+                self.vm.enable_dirty_ring(ring_entries)
+            if with_bitmap:
+                if not self.vm.check_extension(KVM_CAP_DIRTY_LOG_RING_WITH_BITMAP):
+                    raise OSError(errno.EINVAL, "KVM_CAP_DIRTY_LOG_RING_WITH_BITMAP is not supported "
+                                      "by this host (KVM_CHECK_EXTENSION(225) == 0)")
+                self.vm.enable_cap(KVM_CAP_DIRTY_LOG_RING_WITH_BITMAP)
+            for cap in caps:
+                self.vm.enable_cap(*cap)
+            code = self.vm.set_user_memory_region(
+                CODE_SLOT, self.image.code_gpa, len(self.image.code) // PAGE_SIZE)
+            code[:] = self.image.code
+            self.vm.set_user_memory_region(
+                DATA_SLOT, self.image.data_gpa, data_pages,
+                KVM_MEM_LOG_DIRTY_PAGES if log_dirty else 0)
+            for i in range(len(programs)):
+                vcpu = self.vm.create_vcpu(i)
+                self.arch.setup_vcpu(self.system, vcpu, self.image, i)
+        except BaseException:
+            self.close()
+            raise
+        self.vcpus = self.vm.vcpus
+
+    def close(self) -> None:
+        if self.vm is not None:
+            self.vm.close()
+            self.vm = None
+        if self._own_system:
+            self.system.close()
+
+    def run(self, index: int) -> tuple[str, int | None]:
+        """KVM_RUN vCPU ``index`` once and classify the exit."""
+        vcpu = self.vcpus[index]
+        reason = vcpu.run()
+        if reason == KVM_EXIT_DIRTY_RING_FULL:
+            return "full", None
+        if reason == KVM_EXIT_MMIO:
+            addr, data, is_write = vcpu.mmio()
+            if is_write and addr in (self.image.sync_gpa, self.image.done_gpa):
+                kind = "sync" if addr == self.image.sync_gpa else "done"
+                return kind, int.from_bytes(data, "little")
+        raise GuestError(f"vCPU {index}: unexpected {vcpu.exit_detail()}")

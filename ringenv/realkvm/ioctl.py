@@ -1,0 +1,356 @@
+"""Thin, architecture-neutral wrappers around the Linux KVM ioctl interface.
+
+Numbers and struct layouts follow the uapi header ``linux/kvm.h``; the code is our own.
+Every object is a context manager and releases its file descriptors and mappings on
+``close()``, also when its construction fails half-way. Failed ioctls raise ``OSError``
+carrying the kernel's errno (EINVAL, E2BIG, ENXIO, ...).
+
+Mappings are Python ``mmap`` objects. A numpy view on a mapping pins it: ``close()``
+drops this module's own views first; a caller must not keep views past ``close()``.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno as _errno
+import fcntl
+import mmap
+import os
+import struct
+
+import numpy as np
+
+PAGE_SIZE = mmap.PAGESIZE
+
+# --- ioctl number encoding (asm-generic/ioctl.h; x86 and arm64 use the generic one) ---
+_IOC_NONE, _IOC_WRITE, _IOC_READ = 0, 1, 2
+
+
+def _IOC(direction: int, typ: int, nr: int, size: int) -> int:
+    return (direction << 30) | (size << 16) | (typ << 8) | nr
+
+
+def _IO(typ: int, nr: int) -> int:
+    return _IOC(_IOC_NONE, typ, nr, 0)
+
+
+def _IOR(typ: int, nr: int, size: int) -> int:
+    return _IOC(_IOC_READ, typ, nr, size)
+
+
+def _IOW(typ: int, nr: int, size: int) -> int:
+    return _IOC(_IOC_WRITE, typ, nr, size)
+
+
+def _IOWR(typ: int, nr: int, size: int) -> int:
+    return _IOC(_IOC_READ | _IOC_WRITE, typ, nr, size)
+
+
+# --- structs ---
+class kvm_userspace_memory_region(ctypes.Structure):
+    _fields_ = [("slot", ctypes.c_uint32), ("flags", ctypes.c_uint32),
+                ("guest_phys_addr", ctypes.c_uint64), ("memory_size", ctypes.c_uint64),
+                ("userspace_addr", ctypes.c_uint64)]
+
+
+class kvm_enable_cap(ctypes.Structure):
+    _fields_ = [("cap", ctypes.c_uint32), ("flags", ctypes.c_uint32),
+                ("args", ctypes.c_uint64 * 4), ("pad", ctypes.c_uint8 * 64)]
+
+
+class kvm_dirty_log(ctypes.Structure):
+    _fields_ = [("slot", ctypes.c_uint32), ("padding1", ctypes.c_uint32),
+                ("dirty_bitmap", ctypes.c_uint64)]
+
+
+class kvm_clear_dirty_log(ctypes.Structure):
+    _fields_ = [("slot", ctypes.c_uint32), ("num_pages", ctypes.c_uint32),
+                ("first_page", ctypes.c_uint64), ("dirty_bitmap", ctypes.c_uint64)]
+
+
+KVMIO = 0xAE
+KVM_API_VERSION = 12
+KVM_GET_API_VERSION = _IO(KVMIO, 0x00)
+KVM_CREATE_VM = _IO(KVMIO, 0x01)
+KVM_CHECK_EXTENSION = _IO(KVMIO, 0x03)
+KVM_GET_VCPU_MMAP_SIZE = _IO(KVMIO, 0x04)
+KVM_CREATE_VCPU = _IO(KVMIO, 0x41)
+KVM_GET_DIRTY_LOG = _IOW(KVMIO, 0x42, ctypes.sizeof(kvm_dirty_log))
+KVM_SET_USER_MEMORY_REGION = _IOW(KVMIO, 0x46, ctypes.sizeof(kvm_userspace_memory_region))
+KVM_RUN = _IO(KVMIO, 0x80)
+KVM_ENABLE_CAP = _IOW(KVMIO, 0xA3, ctypes.sizeof(kvm_enable_cap))
+KVM_CLEAR_DIRTY_LOG = _IOWR(KVMIO, 0xC0, ctypes.sizeof(kvm_clear_dirty_log))
+KVM_RESET_DIRTY_RINGS = _IO(KVMIO, 0xC7)
+
+KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2 = 168
+KVM_CAP_DIRTY_LOG_RING = 192
+KVM_CAP_DIRTY_LOG_RING_ACQ_REL = 223
+KVM_CAP_DIRTY_LOG_RING_WITH_BITMAP = 225
+
+KVM_MEM_LOG_DIRTY_PAGES = 1
+KVM_DIRTY_LOG_PAGE_OFFSET = 64
+KVM_DIRTY_GFN_F_DIRTY = 1
+KVM_DIRTY_GFN_F_RESET = 2
+KVM_DIRTY_RING_RSVD_ENTRIES = 64
+
+KVM_EXIT_HLT = 5
+KVM_EXIT_MMIO = 6
+KVM_EXIT_SHUTDOWN = 8
+KVM_EXIT_FAIL_ENTRY = 9
+KVM_EXIT_INTERNAL_ERROR = 17
+KVM_EXIT_DIRTY_RING_FULL = 31
+
+DIRTY_GFN_DTYPE = np.dtype([("flags", "<u4"), ("slot", "<u4"), ("offset", "<u8")])
+
+_NAMES = {v: k for k, v in globals().items() if k.startswith("KVM_") and isinstance(v, int)
+          and (v >> 8) & 0xFF == KVMIO}
+
+
+def ioctl(fd: int, request: int, arg=0) -> int:
+    """fcntl.ioctl with the ioctl's name in the error message; keeps the kernel's errno."""
+    try:
+        return fcntl.ioctl(fd, request, arg)
+    except OSError as exc:
+        name = _NAMES.get(request, hex(request))
+        raise OSError(exc.errno, f"{name}: {os.strerror(exc.errno)}") from None
+
+
+def address_of(buf) -> int:
+    """Address of a writable buffer (mmap, bytearray, numpy array) without keeping it pinned."""
+    obj = ctypes.c_char.from_buffer(buf)
+    try:
+        return ctypes.addressof(obj)
+    finally:
+        del obj
+
+
+def errno_name(code: int) -> str:
+    return _errno.errorcode.get(code, str(code))
+
+
+class _Closing:
+    """Context-manager mixin: ``close()`` must be idempotent."""
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __del__(self):
+        try:
+            self.close()
+        except Exception:
+            pass
+
+
+class KvmSystem(_Closing):
+    """The /dev/kvm system fd."""
+
+    def __init__(self, path: str = "/dev/kvm"):
+        self.fd = -1
+        self.fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+        try:
+            version = ioctl(self.fd, KVM_GET_API_VERSION)
+            if version != KVM_API_VERSION:
+                raise OSError(_errno.EINVAL, f"KVM API version {version}, expected 12")
+        except BaseException:
+            self.close()
+            raise
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+    def check_extension(self, cap: int) -> int:
+        """KVM_CHECK_EXTENSION on the system fd."""
+        return ioctl(self.fd, KVM_CHECK_EXTENSION, cap)
+
+    def get_vcpu_mmap_size(self) -> int:
+        """KVM_GET_VCPU_MMAP_SIZE: bytes of the per-vCPU kvm_run mapping."""
+        return ioctl(self.fd, KVM_GET_VCPU_MMAP_SIZE)
+
+    def create_vm(self, machine_type: int = 0) -> "RealVm":
+        """KVM_CREATE_VM."""
+        return RealVm(self, ioctl(self.fd, KVM_CREATE_VM, machine_type))
+
+
+class RealVm(_Closing):
+    """A VM fd, its memslots (anonymous mappings) and its vCPUs."""
+
+    def __init__(self, system: KvmSystem, fd: int):
+        self.system, self.fd = system, fd
+        self.ring_bytes = 0
+        self.vcpus: list[RealVcpu] = []
+        self.memory: dict[int, mmap.mmap] = {}
+        self._regions: dict[int, kvm_userspace_memory_region] = {}
+
+    def close(self) -> None:
+        """Close vCPUs, then the VM fd, then unmap guest memory (the VM holds its address)."""
+        for vcpu in self.vcpus:
+            vcpu.close()
+        self.vcpus = []
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+        for mem in self.memory.values():
+            mem.close()
+        self.memory = {}
+
+    def check_extension(self, cap: int) -> int:
+        """KVM_CHECK_EXTENSION on the VM fd."""
+        return ioctl(self.fd, KVM_CHECK_EXTENSION, cap)
+
+    def enable_cap(self, cap: int, *args: int, flags: int = 0) -> int:
+        """KVM_ENABLE_CAP (VM ioctl)."""
+        arg = kvm_enable_cap(cap=cap, flags=flags)
+        for i, value in enumerate(args):
+            arg.args[i] = value
+        return ioctl(self.fd, KVM_ENABLE_CAP, arg)
+
+    def enable_dirty_ring(self, entries: int, acq_rel: bool = True) -> int:
+        """KVM_ENABLE_CAP(DIRTY_LOG_RING[_ACQ_REL], entries * 16 bytes); returns the cap used."""
+        cap = KVM_CAP_DIRTY_LOG_RING_ACQ_REL if acq_rel else KVM_CAP_DIRTY_LOG_RING
+        if acq_rel and not self.check_extension(cap):
+            cap = KVM_CAP_DIRTY_LOG_RING
+        self.enable_cap(cap, entries * DIRTY_GFN_DTYPE.itemsize)
+        self.ring_bytes = entries * DIRTY_GFN_DTYPE.itemsize
+        return cap
+
+    def set_user_memory_region(self, slot: int, guest_phys_addr: int, pages: int,
+                               flags: int = 0) -> mmap.mmap:
+        """KVM_SET_USER_MEMORY_REGION backed by a new anonymous mapping; returns the mapping."""
+        mem = mmap.mmap(-1, pages * PAGE_SIZE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+        try:
+            region = kvm_userspace_memory_region(
+                slot=slot, flags=flags, guest_phys_addr=guest_phys_addr,
+                memory_size=pages * PAGE_SIZE, userspace_addr=address_of(mem))
+            ioctl(self.fd, KVM_SET_USER_MEMORY_REGION, region)
+        except BaseException:
+            mem.close()
+            raise
+        self.memory[slot] = mem
+        self._regions[slot] = region
+        return mem
+
+    def set_memory_flags(self, slot: int, flags: int) -> None:
+        """KVM_SET_USER_MEMORY_REGION on an existing slot, changing only its flags
+        (e.g. turning KVM_MEM_LOG_DIRTY_PAGES on write-protects the whole slot)."""
+        region = kvm_userspace_memory_region.from_buffer_copy(self._regions[slot])
+        region.flags = flags
+        ioctl(self.fd, KVM_SET_USER_MEMORY_REGION, region)
+        self._regions[slot] = region
+
+    def create_vcpu(self, vcpu_id: int) -> "RealVcpu":
+        """KVM_CREATE_VCPU, then map kvm_run and (if enabled) the dirty ring."""
+        fd = ioctl(self.fd, KVM_CREATE_VCPU, vcpu_id)
+        vcpu = RealVcpu(fd, vcpu_id, self.system.get_vcpu_mmap_size(), self.ring_bytes)
+        self.vcpus.append(vcpu)
+        return vcpu
+
+    def reset_dirty_rings(self) -> int:
+        """KVM_RESET_DIRTY_RINGS: returns the number of entries reset (all rings)."""
+        return ioctl(self.fd, KVM_RESET_DIRTY_RINGS)
+
+    def get_dirty_log(self, slot: int) -> np.ndarray:
+        """KVM_GET_DIRTY_LOG: the slot's bitmap as uint64 words (bit i = page i)."""
+        pages = self._regions[slot].memory_size // PAGE_SIZE
+        words = np.zeros((pages + 63) // 64, dtype=np.uint64)
+        ioctl(self.fd, KVM_GET_DIRTY_LOG, kvm_dirty_log(slot=slot,
+                                                        dirty_bitmap=words.ctypes.data))
+        return words
+
+    def clear_dirty_log(self, slot: int, first_page: int, num_pages: int,
+                        bitmap: np.ndarray) -> None:
+        """KVM_CLEAR_DIRTY_LOG (needs MANUAL_DIRTY_LOG_PROTECT2): re-protect the set bits."""
+        words = np.ascontiguousarray(bitmap, dtype=np.uint64)
+        ioctl(self.fd, KVM_CLEAR_DIRTY_LOG, kvm_clear_dirty_log(
+            slot=slot, num_pages=num_pages, first_page=first_page,
+            dirty_bitmap=words.ctypes.data))
+
+
+def dirty_pages(words: np.ndarray) -> np.ndarray:
+    """Page indices set in a dirty bitmap of uint64 words."""
+    bits = np.unpackbits(words.view(np.uint8), bitorder="little")
+    return np.flatnonzero(bits)
+
+
+class RealVcpu(_Closing):
+    """A vCPU fd with its kvm_run mapping and, if the VM has one, its dirty ring."""
+
+    def __init__(self, fd: int, vcpu_id: int, run_size: int, ring_bytes: int = 0):
+        self.fd, self.id = fd, vcpu_id
+        self._run_mm = self._ring_mm = None
+        self.ring: np.ndarray | None = None
+        self._words: tuple[memoryview, ...] = ()
+        self.fetch = 0  # userspace's free-running harvest index
+        try:
+            self._run_mm = mmap.mmap(fd, run_size, flags=mmap.MAP_SHARED)
+            if ring_bytes:
+                self._ring_mm = mmap.mmap(fd, ring_bytes, flags=mmap.MAP_SHARED,
+                                          offset=KVM_DIRTY_LOG_PAGE_OFFSET * PAGE_SIZE)
+                self.ring = np.frombuffer(self._ring_mm, dtype=DIRTY_GFN_DTYPE)
+                view = memoryview(self._ring_mm)
+                self._words = (view.cast("I"), view.cast("Q"))  # u32 flags/slot, u64 offset
+                view.release()
+        except BaseException:
+            self.close()
+            raise
+
+    def close(self) -> None:
+        for view in self._words:
+            view.release()
+        self.ring, self._words = None, ()
+        for mm in (self._ring_mm, self._run_mm):
+            if mm is not None:
+                mm.close()
+        self._ring_mm = self._run_mm = None
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+    def run(self) -> int:
+        """KVM_RUN (retried on EINTR); returns kvm_run.exit_reason."""
+        while True:
+            try:
+                ioctl(self.fd, KVM_RUN)
+                return self.exit_reason
+            except InterruptedError:
+                continue
+
+    # kvm_run fields, read from the shared page without pinning it.
+    @property
+    def exit_reason(self) -> int:
+        return struct.unpack_from("<I", self._run_mm, 8)[0]
+
+    def mmio(self) -> tuple[int, bytes, bool]:
+        """kvm_run.mmio: (phys_addr, data[:len], is_write)."""
+        addr, data, length, is_write = struct.unpack_from("<Q8sIB", self._run_mm, 32)
+        return addr, data[:length], bool(is_write)
+
+    def exit_detail(self) -> str:
+        """A readable description of the last exit, for error messages."""
+        reason = self.exit_reason
+        if reason == KVM_EXIT_MMIO:
+            addr, data, is_write = self.mmio()
+            return f"MMIO {'write' if is_write else 'read'} at {addr:#x} data {data.hex()}"
+        words = struct.unpack_from("<4Q", self._run_mm, 32)
+        return f"exit_reason {reason} detail {[hex(w) for w in words]}"
+
+    def harvest(self) -> list[tuple[int, int]]:
+        """Collect this ring's entries as QEMU's kvm_dirty_ring_reap_one does.
+
+        While the entry at ``fetch`` has flags == DIRTY: record (slot, offset), set RESET,
+        advance ``fetch``. The caller then issues KVM_RESET_DIRTY_RINGS on the VM.
+        (Plain memoryviews of the ring, not numpy scalars: 3-4x faster per entry.)
+        """
+        u32, u64 = self._words
+        mask = len(u64) // 2 - 1
+        out = []
+        while u32[4 * (self.fetch & mask)] == KVM_DIRTY_GFN_F_DIRTY:
+            i = self.fetch & mask
+            out.append((u32[4 * i + 1], u64[2 * i + 1]))
+            u32[4 * i] = KVM_DIRTY_GFN_F_DIRTY | KVM_DIRTY_GFN_F_RESET
+            self.fetch += 1
+        return out

@@ -1,0 +1,144 @@
+"""Replay a write trace on the real KVM and report rings, exits and resets as the simulator does.
+
+Input trace (JSON-shaped dict)::
+
+    {"slot_pages": int, "ring_entries": int, "reap_scope": "all" | "self",
+     "with_bitmap": bool (optional),
+     "vcpus": [{"writes": [page offsets in program order], "syncs": [write indices]}]}
+
+Userspace behaves as QEMU: at every KVM_EXIT_DIRTY_RING_FULL and after every sync write the
+vCPU's thread harvests (all rings, or only its own with "self") and issues one
+KVM_RESET_DIRTY_RINGS; after all vCPUs finished, one final harvest of all rings and reset.
+Harvest and reset happen under one lock, so each reset must return what its harvest marked.
+
+What the kernel does is reported, not "fixed": the store whose fault filled the ring has not
+retired at the full exit, so after the reset it runs again and, its page being re-protected,
+pushes that page a second time.
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import Any
+
+from ringenv.realkvm.arch import WriteProgram, host_arch
+from ringenv.realkvm.guest import DATA_SLOT, Guest, GuestError
+from ringenv.realkvm.ioctl import KVM_DIRTY_RING_RSVD_ENTRIES
+
+#: consecutive ring-full exits of one vCPU with nothing harvested before we call it wedged
+WEDGED_AFTER = 1000
+
+
+def _check_trace(trace: dict) -> None:
+    def need(cond: bool, msg: str) -> None:
+        if not cond:
+            raise ValueError(f"trace: {msg}")
+
+    need(isinstance(trace.get("slot_pages"), int) and trace["slot_pages"] > 0,
+         "slot_pages must be a positive int")
+    need(isinstance(trace.get("ring_entries"), int), "ring_entries must be an int")
+    need(trace.get("reap_scope", "all") in ("all", "self"), "reap_scope must be 'all' or 'self'")
+    need(isinstance(trace.get("vcpus"), list) and trace["vcpus"], "vcpus must be a non-empty list")
+    for i, v in enumerate(trace["vcpus"]):
+        writes, syncs = v.get("writes"), v.get("syncs", [])
+        need(isinstance(writes, list) and all(isinstance(w, int) for w in writes),
+             f"vcpus[{i}].writes must be a list of ints")
+        need(all(0 <= w < trace["slot_pages"] for w in writes),
+             f"vcpus[{i}].writes: offsets must lie in [0, slot_pages)")
+        need(isinstance(syncs, list) and all(isinstance(s, int) and 0 <= s < len(writes)
+                                             for s in syncs),
+             f"vcpus[{i}].syncs must be write indices")
+
+
+class _Collector:
+    """The VMM side: harvest + reset under one lock, and the report being built."""
+
+    def __init__(self, guest: Guest, scope: str):
+        self.guest, self.scope = guest, scope
+        self.lock = threading.Lock()
+        self.resets: list[int] = []
+        self.vcpus = [{"full_exits": 0, "lost": 0, "resets": [], "batches": []}
+                      for _ in guest.vcpus]
+
+    def reap(self, trigger: str, issuer: int | None) -> int:
+        """Harvest the rings this caller may reap, then one KVM_RESET_DIRTY_RINGS."""
+        rings = [issuer] if self.scope == "self" and issuer is not None \
+            else range(len(self.guest.vcpus))
+        with self.lock:
+            harvested = 0
+            for i in rings:
+                entries = self.guest.vcpus[i].harvest()
+                if not entries:
+                    continue
+                if any(slot != DATA_SLOT for slot, _ in entries):
+                    raise GuestError(f"ring {i}: entry outside the data slot: {entries}")
+                self.vcpus[i]["batches"].append(
+                    {"trigger": trigger, "offsets": [off for _, off in entries]})
+                harvested += len(entries)
+            count = self.guest.vm.reset_dirty_rings()
+            if count != harvested:
+                raise GuestError(f"KVM_RESET_DIRTY_RINGS returned {count}, harvested {harvested}")
+            self.resets.append(count)
+            if issuer is not None:
+                self.vcpus[issuer]["resets"].append(count)
+            return harvested
+
+    def vcpu_thread(self, index: int, program: WriteProgram) -> None:
+        """Run one vCPU to its done exit, reaping at each full and sync exit."""
+        syncs = iter(sorted(program.syncs))
+        empty_full = 0
+        while True:
+            kind, done = self.guest.run(index)
+            if kind == "full":
+                self.vcpus[index]["full_exits"] += 1
+                empty_full = 0 if self.reap("full", index) else empty_full + 1
+                if empty_full >= WEDGED_AFTER:
+                    raise GuestError(f"vCPU {index}: ring wedged (full exits, nothing to harvest)")
+                continue
+            expect_done = next(syncs, -2) + 1 if kind == "sync" else len(program.writes)
+            if done != expect_done:
+                raise GuestError(f"vCPU {index}: {kind} exit after {done} writes, "
+                                 f"expected {expect_done}")
+            if kind == "done":
+                return
+            self.reap("sync", index)
+
+
+def kvm_replay_trace(trace: dict, ring_entries: int | None = None,
+                     timeout: float = 120.0) -> dict[str, Any]:
+    """Run ``trace`` on /dev/kvm, one thread per vCPU; return the simulator's JSON shape."""
+    _check_trace(trace)
+    entries = ring_entries or trace["ring_entries"]
+    arch = host_arch()
+    programs = [WriteProgram(list(v["writes"]), frozenset(v.get("syncs", [])))
+                for v in trace["vcpus"]]
+    with Guest(programs, trace["slot_pages"], ring_entries=entries,
+               with_bitmap=bool(trace.get("with_bitmap", False)), arch=arch) as guest:
+        coll = _Collector(guest, trace.get("reap_scope", "all"))
+        errors: list[BaseException] = []
+
+        def body(i: int) -> None:
+            try:
+                coll.vcpu_thread(i, programs[i])
+            except BaseException as exc:  # re-raised in the caller's thread
+                errors.append(exc)
+
+        threads = [threading.Thread(target=body, args=(i,), daemon=True,
+                                    name=f"vcpu{i}") for i in range(len(programs))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout)
+            if t.is_alive():
+                raise TimeoutError(f"{t.name} did not finish within {timeout} s")
+        if errors:
+            raise errors[0]
+        coll.reap("final", None)
+    return {
+        "profile": arch.profile_name(),
+        "ring_entries": entries,
+        "soft_limit": entries - KVM_DIRTY_RING_RSVD_ENTRIES - arch.extra_reserved_entries,
+        "resets": coll.resets,
+        "vcpus": coll.vcpus,
+    }
+

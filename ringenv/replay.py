@@ -1,0 +1,137 @@
+"""``ringenv replay``: run a write trace on the simulated host and report every harvest.
+
+The contract (shared with ``ringenv kvm-replay``, which runs the same trace on the real KVM):
+
+input ``{"slot_pages": int, "ring_entries": int, "reap_scope": "all"|"self",
+"with_bitmap": bool (optional), "vcpus": [{"writes": [page offsets], "syncs": [write indices]}]}``
+
+Userspace harvests and resets at every KVM_EXIT_DIRTY_RING_FULL and after each sync index (the
+guest exits to userspace after that write), both times all rings, or only that vCPU's ring with
+"self"; and once, all rings, at the end. Output::
+
+    {"profile": str, "ring_entries": int, "soft_limit": int,
+     "resets": [every KVM_RESET_DIRTY_RINGS return value, in call order],
+     "vcpus": [{"full_exits": int, "lost": int, "resets": [returns of the resets this vCPU issued],
+                "batches": [{"trigger": "full"|"sync"|"final", "offsets": [harvest order]}]}]}
+
+A batch is recorded each time a ring is harvested and holds at least one entry. Userspace work
+takes no simulated time here: the order of events is what is checked, not their duration.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from .config import ConfigError, load_host_profile
+from .guest.trace import TraceProgram
+from .kvm import uapi
+from .kvm.vm import Vm
+from .vmm.reap import RingReader
+
+TRACE_KEYS = {"slot_pages", "ring_entries", "reap_scope", "with_bitmap", "vcpus"}
+
+
+def validate_trace(trace: Any) -> dict:
+    """Check a trace against the contract; raise ConfigError naming the bad field."""
+    if not isinstance(trace, dict):
+        raise ConfigError(f"trace: expected a JSON object, got {type(trace).__name__}")
+    unknown = set(trace) - TRACE_KEYS
+    if unknown:
+        raise ConfigError(f"trace: unknown key(s) {sorted(unknown)}; accepted: {sorted(TRACE_KEYS)}")
+    for key in ("slot_pages", "ring_entries", "reap_scope", "vcpus"):
+        if key not in trace:
+            raise ConfigError(f"trace.{key}: missing (required)")
+    sp = trace["slot_pages"]
+    if not isinstance(sp, int) or isinstance(sp, bool) or sp <= 0:
+        raise ConfigError(f"trace.slot_pages: {sp!r} is not a positive integer")
+    re_ = trace["ring_entries"]
+    if not isinstance(re_, int) or isinstance(re_, bool) or re_ <= 0:
+        raise ConfigError(f"trace.ring_entries: {re_!r} is not a positive integer")
+    if trace["reap_scope"] not in ("all", "self"):
+        raise ConfigError(f"trace.reap_scope: {trace['reap_scope']!r}; accepted: 'all', 'self'")
+    if "with_bitmap" in trace and not isinstance(trace["with_bitmap"], bool):
+        raise ConfigError(f"trace.with_bitmap: {trace['with_bitmap']!r}; accepted: true, false")
+    vcpus = trace["vcpus"]
+    if not isinstance(vcpus, list) or not vcpus:
+        raise ConfigError("trace.vcpus: expected a non-empty list of {writes, syncs}")
+    for i, v in enumerate(vcpus):
+        if not isinstance(v, dict) or set(v) - {"writes", "syncs"} or "writes" not in v:
+            raise ConfigError(f"trace.vcpus[{i}]: expected {{'writes': [...], 'syncs': [...]}}, got {v!r:.80}")
+        w = v["writes"]
+        if not isinstance(w, list) or not all(isinstance(x, int) and not isinstance(x, bool) for x in w):
+            raise ConfigError(f"trace.vcpus[{i}].writes: expected a list of integer page offsets")
+        bad = [x for x in w if not 0 <= x < sp]
+        if bad:
+            raise ConfigError(f"trace.vcpus[{i}].writes: offset {bad[0]} outside the slot (0..{sp - 1})")
+        s = v.get("syncs", [])
+        if not isinstance(s, list) or not all(isinstance(x, int) and 0 <= x < len(w) for x in s):
+            raise ConfigError(f"trace.vcpus[{i}].syncs: expected write indices in 0..{len(w) - 1}")
+    return trace
+
+
+def replay_trace(trace: dict, profile: str | None = None, ring_entries: int | None = None) -> dict:
+    """Run ``trace`` on a simulated host (default profile arm64-4k) and return the report."""
+    validate_trace(trace)
+    prof = load_host_profile(profile)
+    entries = int(ring_entries or trace["ring_entries"])
+    scope_all = trace["reap_scope"] == "all"
+    nv = len(trace["vcpus"])
+
+    vm = Vm(prof)
+    vm.enable_cap(uapi.KVM_CAP_DIRTY_LOG_RING_ACQ_REL, entries * 16)
+    if trace.get("with_bitmap", prof.with_bitmap_supported):
+        vm.enable_cap(uapi.KVM_CAP_DIRTY_LOG_RING_WITH_BITMAP)
+    vm.set_user_memory_region(0, uapi.KVM_MEM_LOG_DIRTY_PAGES, 0, trace["slot_pages"] * prof.page_size)
+    vcpus = [vm.create_vcpu(i) for i in range(nv)]
+    readers = [RingReader(v.ring_gfns) for v in vcpus]
+    vm.attach_guest(TraceProgram([v["writes"] for v in trace["vcpus"]], [v.get("syncs", []) for v in trace["vcpus"]],
+                                 write_ns=prof.costs.dirty_write_ns, fault_ns=prof.costs.wp_fault_ns))
+
+    resets: list[int] = []
+    out = [{"full_exits": 0, "lost": 0, "resets": [], "batches": []} for _ in range(nv)]
+
+    def harvest_and_reset(which, trigger, issuer):
+        for i in which:
+            _, offsets = readers[i].reap()
+            if len(offsets):
+                out[i]["batches"].append({"trigger": trigger, "offsets": offsets.astype(int).tolist()})
+        r = vm.reset_dirty_rings()
+        resets.append(r)
+        if issuer is not None:
+            out[issuer]["resets"].append(r)
+
+    pending = [v.run() for v in vcpus]
+    done = [False] * nv
+    while not all(done):
+        exits = [e for e in pending if e is not None]
+        pending = []
+        if not exits:
+            exits = vm.run_until(vm.now + (1 << 62))
+            if not exits:
+                break  # every vCPU is out and none can run: cannot happen with a well-formed trace
+        for e in exits:
+            if e.kind == "done":
+                done[e.vcpu] = True
+                continue
+            which = range(nv) if scope_all else [e.vcpu]
+            if e.kind == "full":
+                out[e.vcpu]["full_exits"] += 1
+            harvest_and_reset(which, e.kind if e.kind in ("full", "sync") else "sync", e.vcpu)
+            pending.append(vcpus[e.vcpu].run())
+    harvest_and_reset(range(nv), "final", None)
+    for i, v in enumerate(vcpus):
+        out[i]["lost"] = v.ring.lost
+    return {"profile": prof.name, "ring_entries": entries, "soft_limit": vcpus[0].ring.soft_limit,
+            "resets": resets, "vcpus": out}
+
+
+def load_trace(path: str | Path) -> dict:
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"TRACE: no such file {str(p)!r}")
+    try:
+        return json.loads(p.read_text())
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"TRACE {p.name}: not valid JSON: {e}") from None

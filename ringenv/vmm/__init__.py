@@ -1,0 +1,1 @@
+"""Userspace, as QEMU does it: ring harvesting, collectors, throttles, migration, checkpointing."""
