@@ -185,3 +185,102 @@ def load_host_profile(name_or_path: str | Path | HostProfile | None = None) -> H
             known = sorted(q.stem for q in (CONFIG_DIR / "hosts").glob("*.yaml"))
             raise ConfigError(f"profile: unknown host profile {str(name_or_path)!r}; accepted: {', '.join(known)}")
     return HostProfile.parse(_read_yaml(path), where=f"host profile {path.name}")
+
+
+# ---------------------------------------------------------------------------------- workloads
+_SIZE_UNITS = {"": 1, "B": 1, "K": 1 << 10, "KIB": 1 << 10, "M": 1 << 20, "MIB": 1 << 20,
+               "G": 1 << 30, "GIB": 1 << 30, "T": 1 << 40, "TIB": 1 << 40}
+
+
+def parse_size(value: Any, field: str = "size") -> int:
+    """Bytes from an int or a string such as '16GiB', '512 MiB', '4k'."""
+    if isinstance(value, bool):
+        raise ConfigError(f"{field}: {value!r} is not a size (an integer of bytes or e.g. '16GiB')")
+    if isinstance(value, int):
+        n = value
+    elif isinstance(value, str):
+        import re
+
+        m = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]+)?)\s*([A-Za-z]*)\s*", value)
+        if not m or m.group(2).upper() not in _SIZE_UNITS:
+            raise ConfigError(f"{field}: {value!r} is not a size; accepted e.g. 4096, '2MiB', '16GiB', '1TiB'")
+        n = int(float(m.group(1)) * _SIZE_UNITS[m.group(2).upper()])
+    else:
+        raise ConfigError(f"{field}: {value!r} is not a size (an integer of bytes or e.g. '16GiB')")
+    if n <= 0:
+        raise ConfigError(f"{field}: {value!r} must be positive")
+    return n
+
+
+class RegionConfig(Strict):
+    """A part of guest RAM with one write pattern.
+
+    ``fraction`` of guest RAM; ``rate_mbps`` raw writes into it in MB/s (10^6 bytes/s of 4 KiB
+    stores); ``pattern`` uniform (every page equally likely), zipf (page popularity ~ 1/rank^s),
+    or scan (a sequential sweep that wraps around); ``layout`` contiguous or scattered (pages of
+    the region spread over its address range by a fixed permutation, as a hash table's are);
+    ``share`` shared (any vCPU writes any page) or private (each vCPU its own slice);
+    ``vcpu_weights`` the relative write rate of each vCPU (default equal, repeated cyclically)."""
+
+    name: str = ""
+    fraction: float = Field(gt=0, le=1)
+    rate_mbps: float = Field(ge=0)
+    pattern: Literal["uniform", "zipf", "scan"] = "uniform"
+    zipf_s: float = Field(1.0, gt=0, le=3)
+    layout: Literal["contiguous", "scattered"] = "contiguous"
+    share: Literal["shared", "private"] = "shared"
+    vcpu_weights: list[float] | None = None
+
+    @model_validator(mode="after")
+    def _check(self):
+        if self.vcpu_weights is not None and (not self.vcpu_weights or min(self.vcpu_weights) < 0
+                                              or sum(self.vcpu_weights) <= 0):
+            raise ValueError("vcpu_weights: expected non-negative numbers with a positive sum")
+        return self
+
+
+class PhaseConfig(Strict):
+    """Calm/burst modulation of every region's rate: a two-state Markov process with
+    exponentially distributed durations (means in seconds) and rate multipliers."""
+
+    calm_multiplier: float = Field(1.0, ge=0)
+    burst_multiplier: float = Field(4.0, ge=0)
+    mean_calm_s: float = Field(5.0, gt=0)
+    mean_burst_s: float = Field(1.0, gt=0)
+
+
+class WorkloadConfig(Strict):
+    """A seeded guest workload (configs/workloads/NAME.yaml)."""
+
+    name: str
+    description: str = ""
+    regions: list[RegionConfig] = Field(min_length=1)
+    phases: PhaseConfig | None = None
+
+    @model_validator(mode="after")
+    def _check(self):
+        total = sum(r.fraction for r in self.regions)
+        if total > 1.0 + 1e-9:
+            raise ValueError(f"regions: fractions add up to {total:.3f}, more than all of guest RAM (1.0)")
+        return self
+
+    @property
+    def rate_mbps(self) -> float:
+        return sum(r.rate_mbps for r in self.regions)
+
+
+def load_workload(name_or_path: str | Path | WorkloadConfig | dict) -> WorkloadConfig:
+    """A workload by name (configs/workloads/NAME.yaml), path, mapping or object."""
+    if isinstance(name_or_path, WorkloadConfig):
+        return name_or_path
+    if isinstance(name_or_path, dict):
+        return WorkloadConfig.parse(name_or_path, where="workload")
+    p = Path(name_or_path)
+    if p.suffix not in (".yaml", ".yml"):
+        p = CONFIG_DIR / "workloads" / f"{name_or_path}.yaml"
+        if not p.is_file():
+            known = sorted(q.stem for q in (CONFIG_DIR / "workloads").glob("*.yaml"))
+            raise ConfigError(f"workload: unknown workload {str(name_or_path)!r}; accepted: {', '.join(known)}")
+    elif not p.is_file():
+        raise ConfigError(f"workload: no such file {str(p)!r}")
+    return WorkloadConfig.parse(_read_yaml(p), where=f"workload {p.name}")

@@ -82,8 +82,12 @@ class GuestProgram(ABC):
     def resumed(self, vcpu: int, now: int) -> None:
         """vCPU ``vcpu`` re-entered the guest at ``now`` after being out."""
 
-    def pages_cleaned(self, gfns: np.ndarray) -> None:
-        """These pages were write-protected again (they were not clean)."""
+    def pages_cleaned(self, gpi: np.ndarray) -> None:
+        """These pages (global page indexes, ``Vm.state`` positions) were write-protected again
+        after being written: each is clean now."""
+
+    def pages_dirtied(self, gpi: np.ndarray) -> None:
+        """These clean pages were written (a store retired): each is no longer clean."""
 
     def all_cleaned(self) -> None:
         """Logging was enabled or cleared on whole slots: recount from the state bytes."""

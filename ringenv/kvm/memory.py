@@ -7,8 +7,9 @@ Per base page, one state byte and one version word (5 bytes):
 - ``CLEAN``: not written since the page was last write-protected. Workload models sample the
   first write to a clean page (memoryless); trace replay ignores it. Verification does not
   rely on it.
-- ``BLOCK``: mapped by a block (2 MiB with 4K pages, 32 MiB with 16K, 512 MiB with 64K), not yet
-  split into pages.
+
+Per block (2 MiB with 4K pages, 32 MiB with 16K, 512 MiB with 64K), one byte: mapped by a block
+(1) or by a table of pages (0); splitting a block is one update, as it is one stage-2 entry.
 
 ``version`` counts the writes to the page that retired; the VMM copies it with the page, so a
 migration verifies itself by comparing versions (shared/reference/kvm-dirty-ring.md s10).
@@ -24,7 +25,6 @@ import numpy as np
 
 WP = np.uint8(1)
 CLEAN = np.uint8(2)
-BLOCK = np.uint8(4)
 WP_CLEAN = np.uint8(WP | CLEAN)
 
 
@@ -44,30 +44,18 @@ class Memslot:
         self.version = np.zeros(npages, dtype=np.uint32)
         self.dirty_bitmap: np.ndarray | None = None  # the slot bitmap (bitmap mode, or the backup bitmap)
         self.nblocks = npages // block_pages if block_pages > 1 else 0
-        self.block_backed = np.zeros(max(self.nblocks, 0), dtype=bool)
+        self.blocks = np.zeros(self.nblocks, dtype=np.uint8)  # 1: mapped by a block
         if self.nblocks and block_fraction > 0:
-            self.block_backed = _choose_blocks(self.nblocks, block_fraction, seed ^ (slot_id * 0x9E3779B1))
-            self._set_block_bits()
-
-    # -- block mappings ----------------------------------------------------------------------
-    def _set_block_bits(self) -> None:
-        """Pages of block-backed regions are mapped by blocks."""
-        if not self.nblocks:
-            return
-        st = self.state[: self.nblocks * self.block_pages].reshape(self.nblocks, self.block_pages)
-        st[self.block_backed] |= BLOCK
+            self.blocks[_choose_blocks(self.nblocks, block_fraction, seed ^ (slot_id * 0x9E3779B1))] = 1
 
     @property
     def nr_block_mapped(self) -> int:
-        if not self.nblocks:
-            return 0
-        st = self.state[: self.nblocks * self.block_pages].reshape(self.nblocks, self.block_pages)
-        return int(np.count_nonzero(st[:, 0] & BLOCK))
+        return int(np.count_nonzero(self.blocks))
 
     def split_all_blocks(self) -> int:
         """Eager split: every block mapping becomes a table of pages. Returns blocks split."""
         n = self.nr_block_mapped
-        self.state &= ~BLOCK
+        self.blocks[:] = 0
         return n
 
     def block_span(self, offsets: np.ndarray) -> np.ndarray:

@@ -162,6 +162,14 @@ def mask_pages(offset: np.ndarray, mask: np.ndarray, span: bool) -> tuple[np.nda
     """
     if len(mask) == 0:
         return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64)
+    single = mask == 1  # scattered writes: most calls carry one page, at offset itself
+    if single.all():
+        return np.arange(len(mask), dtype=np.int64), offset.astype(np.int64, copy=True)
+    if single.any():
+        multi = np.flatnonzero(~single)
+        c1, p1 = np.flatnonzero(single), offset[single]
+        c2, p2 = mask_pages(offset[multi], mask[multi], span)
+        return np.concatenate([c1, multi[c2]]), np.concatenate([p1, p2])
     bits = ((mask[:, None] >> np.arange(64, dtype=np.uint64)[None, :]) & np.uint64(1)).astype(bool)
     if span:
         lo = bits.argmax(axis=1)

@@ -25,9 +25,11 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from ..arrays import first_occurrence, groups, unique, unique_counts
 from ..config import HostProfile, load_host_profile
 from ..guest.base import EXIT_DONE, EXIT_NONE, EXIT_SYNC, NO_WRITE, GuestProgram, WriteBatch
-from .memory import BLOCK, CLEAN, WP, WP_CLEAN, Memslot, bitmap_offsets
+from .fault import CUT_DONE, CUT_FULL, CUT_NONE, CUT_SYNC, walk_writes
+from .memory import CLEAN, WP, WP_CLEAN, Memslot, bitmap_offsets
 from .ring import DirtyRing, coalesce_reprotect, mask_pages
 from .uapi import (
     KVM_CAP_ARM_EAGER_SPLIT_CHUNK_SIZE,
@@ -108,6 +110,7 @@ class Vcpu:
         self.in_guest = False
         self.request_soft_full = False  # KVM_REQ_DIRTY_RING_SOFT_FULL
         self.pending_store = NO_WRITE  # gfn of a faulted store that has not retired
+        self.pending_code = EXIT_NONE  # and what the guest does right after it retires
         self.finished = False
         self.pml = np.zeros(p.pml_buffer_entries, dtype=np.int64) if p.pml else None  # logged gpis
         self.pml_count = 0
@@ -143,10 +146,11 @@ class Vcpu:
         if vm.guest is not None:
             vm.guest.resumed(self.index, vm.now)
         if self.pending_store != NO_WRITE:
-            gfn, self.pending_store = self.pending_store, NO_WRITE
-            one = np.array([gfn], dtype=np.int64)
+            gfn, code = self.pending_store, self.pending_code
+            self.pending_store, self.pending_code = NO_WRITE, EXIT_NONE
             return vm._apply(np.array([vm.now], dtype=np.int64), np.array([self.index], dtype=np.int32),
-                             one, None, True, notify=False)[1]
+                             np.array([gfn], dtype=np.int64), np.array([code], dtype=np.int8), True,
+                             notify=False)[1]
         return None
 
     def kick(self) -> Exit | None:
@@ -312,13 +316,16 @@ class Vm:
             pos += -(-s.npages // bp) * bp
         state = np.zeros(pos, dtype=np.uint8)
         version = np.zeros(pos, dtype=np.uint32)
+        block_map = np.zeros(pos // bp, dtype=np.uint8)
         for s, st in zip(self.slots, starts):
             state[st: st + s.npages] = s.state
             version[st: st + s.npages] = s.version
+            block_map[st // bp: st // bp + s.nblocks] = s.blocks
             s.state = state[st: st + s.npages]
             s.version = version[st: st + s.npages]
+            s.blocks = block_map[st // bp: st // bp + s.nblocks]
             s.start = st
-        self.state, self.version = state, version
+        self.state, self.version, self.block_map = state, version, block_map
         as0 = [s for s in self.slots if s.as_id == 0]
         self._base = np.array([s.base_gfn for s in as0], dtype=np.int64)
         self._end = np.array([s.base_gfn + s.npages for s in as0], dtype=np.int64)
@@ -421,13 +428,17 @@ class Vm:
         if len(masks) == 0:
             return 0
         span = self.profile.reprotect_span
-        fls = 63 - _clz64(masks)
+        fls = np.zeros(len(masks), dtype=np.int64)
+        multi = masks != 1
+        if multi.any():
+            fls[multi] = 63 - _clz64(masks[multi])
         gpis = []
-        for ks in np.unique(kslots):
+        kinds = unique(kslots)
+        for ks in kinds:
             s = self._by_kvm_slot.get(int(ks))
-            sel = kslots == ks
             if s is None:
                 continue
+            sel = (kslots == ks) if len(kinds) > 1 else True
             ok = sel & (offsets >= 0) & (offsets + fls < s.npages)
             if not ok.any():
                 continue
@@ -442,20 +453,19 @@ class Vm:
     def _protect_pages(self, gpi: np.ndarray) -> None:
         """Set WP|CLEAN on pages; a page still mapped by a block in a block-granular slot
         protects its whole block (the block is one stage-2 entry)."""
-        st = self.state[gpi]
-        blk = (st & BLOCK) != 0
+        blk = self.block_map[gpi // self.block_pages] != 0
         if blk.any():
             sidx = self._slot_index_of_gpi(gpi[blk])
             bg = self._blockgran[sidx] if len(self._blockgran) else np.zeros(0, bool)
             if bg.any():
-                b = np.unique(gpi[blk][bg] // self.block_pages)
+                b = unique(gpi[blk][bg] // self.block_pages)
                 extra = (b[:, None] * self.block_pages + np.arange(self.block_pages)[None, :]).ravel()
                 gpi = np.concatenate([gpi, extra])
         if self.guest is not None:
             was = self.state[gpi]
             newly = gpi[(was & CLEAN) == 0]
             if len(newly):
-                self.guest.pages_cleaned(self._gfn_of_gpi(np.unique(newly)))
+                self.guest.pages_cleaned(unique(newly))
         self.state[gpi] |= WP_CLEAN
 
     # ------------------------------------------------------------------ dirty bitmap
@@ -524,7 +534,7 @@ class Vm:
         gfns = np.asarray(gfns, dtype=np.int64)
         sidx, gpi = self._locate(gfns)
         np.add.at(self.version, gpi, 1)
-        for k in np.unique(sidx):
+        for k in unique(sidx):
             s = self._as0[k]
             off = gpi[sidx == k] - s.start
             if s.logging and s.dirty_bitmap is not None:
@@ -616,134 +626,87 @@ class Vm:
                 v.request_soft_full = True
             v.stats.pushes += len(gpi)
         else:
-            for k in np.unique(sidx):
+            for k in unique(sidx):
                 s = self._as0[k]
                 s.set_dirty_bits(gpi[sidx == k] - s.start)
 
-    def _apply(self, t, vc, gfn, exit_after, unique, end=None, notify=True):
+    def _apply(self, t, vc, gfn, exit_after, distinct, end=None, notify=True):
         """Apply a time-ordered batch of guest writes up to the first event that takes a vCPU
-        out of the guest. Returns (events consumed, Exit or None)."""
+        out of the guest (:func:`ringenv.kvm.fault.walk_writes`). Returns (events consumed,
+        Exit or None)."""
         p, c = self.profile, self.profile.costs
         n = len(t)
-        bp = self.block_pages
+        nv = len(self.vcpus)
         is_write = gfn != NO_WRITE
         sidx = np.zeros(n, dtype=np.int64)
         gpi = np.full(n, -1, dtype=np.int64)
-        if is_write.any():
+        if is_write.all():
+            sidx, gpi = self._locate(gfn)
+        elif is_write.any():
             sidx[is_write], gpi[is_write] = self._locate(gfn[is_write])
-        st = np.where(is_write, self.state[np.maximum(gpi, 0)], 0)
-        has_slots = len(self._blockgran) > 0
-        blockgran = is_write & ((st & BLOCK) != 0) & (self._blockgran[sidx] if has_slots else False)
-        unit = np.where(blockgran, -(gpi // bp) - 2, gpi)
-        wp = is_write & ((st & WP) != 0)
-        if unique:
-            fault = wp
-        else:
-            first = np.zeros(n, dtype=bool)
-            _, idx = np.unique(unit, return_index=True)
-            first[idx] = True
-            fault = wp & first
-        pushall = fault & blockgran & (self._pushall[sidx] if has_slots else False)
-        npush = np.where(fault, np.where(pushall, bp, 1), 0).astype(np.int64)
-
-        # -- where does the first vCPU leave the guest?
-        cut, cut_kind = n - 1, None
+        code = exit_after if exit_after is not None else np.zeros(n, dtype=np.int8)
         rings = self.ring_entries > 0
-        if rings and fault.any():
-            cum = _cumsum_by_group(npush, vc, len(self.vcpus))
-            used0 = np.array([v.ring.used for v in self.vcpus], dtype=np.int64)
-            limit = np.array([v.ring.soft_limit for v in self.vcpus], dtype=np.int64)
-            if p.pml:
-                pml0 = np.array([v.pml_count for v in self.vcpus], dtype=np.int64)
-                logged = pml0[vc] + cum
-                flush_pt = fault & (logged % p.pml_buffer_entries == 0)
-                hit = flush_pt & (used0[vc] + logged >= limit[vc])
-            else:
-                hit = fault & (used0[vc] + cum >= limit[vc])
-            h = np.flatnonzero(hit)
-            if len(h):
-                cut, cut_kind = int(h[0]), "full"
-        if exit_after is not None:
-            e = np.flatnonzero(exit_after[: cut + 1] != EXIT_NONE)
-            if len(e) and (cut_kind is None or e[0] < cut):
-                cut, cut_kind = int(e[0]), ("sync" if exit_after[e[0]] == EXIT_SYNC else "done")
-        m = cut + 1
+        used = np.array([v.ring.used if rings else 0 for v in self.vcpus], dtype=np.int64)
+        limit = np.array([v.ring.soft_limit if rings else 1 << 62 for v in self.vcpus], dtype=np.int64)
+        pml_count = np.array([v.pml_count for v in self.vcpus], dtype=np.int64)
+        bp = self.block_pages
+        maxpush = n * (bp if self._pushall.any() else 1)
+        push_v = np.empty(maxpush, dtype=np.int32)
+        push_g = np.empty(maxpush, dtype=np.int64)
+        split_v = np.empty(n, dtype=np.int32)
+        split_b = np.empty(n, dtype=np.int64)
+        dirtied = np.empty(n, dtype=np.int64)
+        faults = np.zeros(nv, dtype=np.int64)
+        m, cut, npush, nsplit, ndirty, retired = walk_writes(
+            gpi, vc.astype(np.int32, copy=False), code.astype(np.int8, copy=False), sidx, self.state, self.version,
+            self.block_map,
+            self._blockgran, self._pushall, self._split, bp, used, limit, pml_count,
+            p.pml_buffer_entries if p.pml else 0, rings, push_v, push_g, split_v, split_b, dirtied, faults)
 
-        # -- apply events [0, cut]
-        retired = is_write[:m].copy()
-        unretired_v = -1
-        if cut_kind == "full" and not p.pml:
-            retired[cut] = False  # the store that filled the ring re-executes after re-entry
-            unretired_v = int(vc[cut])
-        fm = fault[:m]
-        fidx = np.flatnonzero(fm)
-        fg = gpi[:m][fm]
-        # splits: the first write fault on a block of a logging slot splits it
-        if has_slots and len(fidx):
-            blk = ((st[:m][fm] & BLOCK) != 0) & self._split[sidx[:m][fm]]
-            if blk.any():
-                blocks, first_i = np.unique(fg[blk] // bp, return_index=True)
-                span = (blocks[:, None] * bp + np.arange(bp)[None, :]).ravel()
-                self.state[span] &= ~BLOCK
-                who = vc[:m][fm][blk][first_i]
-                split_cost = c.split_ns + p.tlbi_broadcast_ns(len(self.vcpus))
-                for v_i, cnt in zip(*np.unique(who, return_counts=True)):
-                    vs = self.vcpus[v_i].stats
-                    vs.splits += int(cnt)
-                    vs.fault_ns += int(cnt) * split_cost
-                self.stats.splits += len(blocks)
-        # permissions: a fault relaxes one page, or (block-granular) the whole block
-        if len(fidx):
-            pa = pushall[:m][fm]
-            bgm = blockgran[:m][fm]
-            self.state[fg[~bgm]] &= ~WP
-            if bgm.any():
-                bl = np.unique(fg[bgm] // bp)
-                self.state[(bl[:, None] * bp + np.arange(bp)[None, :]).ravel()] &= ~WP
-            # pushes, per vCPU in order
-            fv = vc[:m][fm]
-            for v_i in np.unique(fv):
+        # splits: break-before-make and a broadcast TLB invalidation, charged to the faulting vCPU
+        if nsplit:
+            split_cost = c.split_ns + p.tlbi_broadcast_ns(nv)
+            for v_i, cnt in zip(*unique_counts(split_v[:nsplit])):
+                vs = self.vcpus[v_i].stats
+                vs.splits += int(cnt)
+                vs.fault_ns += int(cnt) * split_cost
+            self.stats.splits += nsplit
+        # faults and pushes, per vCPU in order
+        fault_cost = c.dirty_write_ns if (p.pml and rings) else c.wp_fault_ns
+        for v_i in np.flatnonzero(faults):
+            vs = self.vcpus[v_i].stats
+            vs.faults += int(faults[v_i])
+            vs.fault_ns += int(faults[v_i]) * fault_cost
+        if npush:
+            pv, pg = push_v[:npush], push_g[:npush]
+            for v_i, sel in groups(pv):
                 v = self.vcpus[v_i]
-                sel = fv == v_i
-                g = fg[sel]
-                if pa[sel].any():
-                    g = np.concatenate([((x // bp) * bp + np.arange(bp)) if a else np.array([x])
-                                        for x, a in zip(g, pa[sel])])
-                nf = int(sel.sum())
-                v.stats.faults += nf
                 if p.pml and rings:
-                    self._pml_log(v, g)
-                    v.stats.fault_ns += nf * c.dirty_write_ns
+                    self._pml_log(v, pg[sel])
                 else:
-                    self._push(v, g)
-                    v.stats.fault_ns += nf * c.wp_fault_ns
-        # the stores retire: contents change
-        wg = gpi[:m][retired]
-        if len(wg):
-            if unique:
-                self.version[wg] += 1
-            else:
-                np.add.at(self.version, wg, 1)
-            self.state[wg] &= ~CLEAN
+                    self._push(v, pg[sel])
+        if ndirty and self.guest is not None:
+            self.guest.pages_dirtied(dirtied[:ndirty])
 
-        # -- time, and the exit
-        faults_per_vcpu = np.bincount(vc[:m][fm], minlength=len(self.vcpus)) if len(self.vcpus) else np.zeros(0)
-        retried = np.zeros(len(self.vcpus), dtype=bool)
+        faults_per_vcpu = faults
+        retried = np.zeros(nv, dtype=bool)
         exit_ = None
-        if cut_kind is not None:
-            self.now = max(self.now, int(t[cut]))
-            v = self.vcpus[int(vc[cut])]
-            if cut_kind == "full":
-                if unretired_v >= 0:
-                    v.pending_store = int(gfn[cut])
-                    retried[unretired_v] = True
+        if cut != CUT_NONE:
+            i = m - 1
+            self.now = max(self.now, int(t[i]))
+            v = self.vcpus[int(vc[i])]
+            if cut == CUT_FULL:
+                if not retired:  # the store re-executes at re-entry, then its sync/done exit
+                    v.pending_store = int(gfn[i])
+                    v.pending_code = int(code[i])
+                    retried[v.index] = True
                 v.request_soft_full = True
                 v.stats.full_exits += 1
                 exit_ = self._exit(v, KVM_EXIT_DIRTY_RING_FULL, "full")
             else:
-                if cut_kind == "done":
+                if cut == CUT_DONE:
                     v.finished = True
-                exit_ = self._exit(v, KVM_EXIT_MMIO, cut_kind)
+                exit_ = self._exit(v, KVM_EXIT_MMIO, "sync" if cut == CUT_SYNC else "done")
         elif end is not None:
             self.now = max(self.now, int(end))
         if notify and self.guest is not None:
@@ -772,21 +735,6 @@ class Vm:
 
     def pages_dirty_since_clean(self) -> int:
         return int(np.count_nonzero((self.state & CLEAN) == 0))
-
-
-def _cumsum_by_group(x: np.ndarray, g: np.ndarray, ngroups: int) -> np.ndarray:
-    """Inclusive running sum of x within each group g, in the original order."""
-    if ngroups <= 1:
-        return np.cumsum(x)
-    order = np.argsort(g, kind="stable")
-    xs = x[order]
-    cs = np.cumsum(xs)
-    gs = g[order]
-    starts = np.flatnonzero(np.r_[True, gs[1:] != gs[:-1]])
-    base = np.repeat(cs[starts] - xs[starts], np.diff(np.r_[starts, len(xs)]))
-    out = np.empty_like(cs)
-    out[order] = cs - base
-    return out
 
 
 def _clz64(x: np.ndarray) -> np.ndarray:

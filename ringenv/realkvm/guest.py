@@ -13,6 +13,16 @@ from ringenv.realkvm.ioctl import (
 CODE_SLOT, DATA_SLOT = 0, 1
 
 
+def unavailable_reason() -> str | None:
+    """Why real-KVM guests cannot run here (no usable /dev/kvm, unsupported arch), or None."""
+    try:
+        host_arch()
+        KvmSystem().close()
+    except (OSError, NotImplementedError) as exc:
+        return f"real KVM unavailable: {exc}"
+    return None
+
+
 class GuestError(RuntimeError):
     """The guest stopped in an unexpected way (exit reason other than ring-full or our MMIO)."""
 
@@ -41,17 +51,17 @@ class Guest(_Closing):
                 self.vm.enable_dirty_ring(ring_entries)
             if with_bitmap:
                 if not self.vm.check_extension(KVM_CAP_DIRTY_LOG_RING_WITH_BITMAP):
-                    raise OSError(errno.EINVAL, "KVM_CAP_DIRTY_LOG_RING_WITH_BITMAP is not supported "
-                                      "by this host (KVM_CHECK_EXTENSION(225) == 0)")
+                    raise OSError(errno.EINVAL, "KVM_CAP_DIRTY_LOG_RING_WITH_BITMAP is not "
+                                  "supported by this host (KVM_CHECK_EXTENSION(225) == 0)")
                 self.vm.enable_cap(KVM_CAP_DIRTY_LOG_RING_WITH_BITMAP)
             for cap in caps:
                 self.vm.enable_cap(*cap)
             code = self.vm.set_user_memory_region(
-                CODE_SLOT, self.image.code_gpa, len(self.image.code) // PAGE_SIZE)
+                CODE_SLOT, 0, self.image.code_gpa, len(self.image.code))
             code[:] = self.image.code
             self.vm.set_user_memory_region(
-                DATA_SLOT, self.image.data_gpa, data_pages,
-                KVM_MEM_LOG_DIRTY_PAGES if log_dirty else 0)
+                DATA_SLOT, KVM_MEM_LOG_DIRTY_PAGES if log_dirty else 0,
+                self.image.data_gpa, data_pages * PAGE_SIZE)
             for i in range(len(programs)):
                 vcpu = self.vm.create_vcpu(i)
                 self.arch.setup_vcpu(self.system, vcpu, self.image, i)

@@ -6,7 +6,8 @@ Every object is a context manager and releases its file descriptors and mappings
 carrying the kernel's errno (EINVAL, E2BIG, ENXIO, ...).
 
 Mappings are Python ``mmap`` objects. A numpy view on a mapping pins it: ``close()``
-drops this module's own views first; a caller must not keep views past ``close()``.
+drops this module's own views first; a view a caller keeps past ``close()`` (e.g. of
+``RealVcpu.ring``) keeps that one mapping alive until the view is dropped.
 """
 
 from __future__ import annotations
@@ -102,8 +103,9 @@ KVM_EXIT_DIRTY_RING_FULL = 31
 
 DIRTY_GFN_DTYPE = np.dtype([("flags", "<u4"), ("slot", "<u4"), ("offset", "<u8")])
 
-_NAMES = {v: k for k, v in globals().items() if k.startswith("KVM_") and isinstance(v, int)
-          and (v >> 8) & 0xFF == KVMIO}
+#: request number -> name, for error messages; architecture modules add theirs
+IOCTL_NAMES = {v: k for k, v in globals().items() if k.startswith("KVM_") and isinstance(v, int)
+               and (v >> 8) & 0xFF == KVMIO}
 
 
 def ioctl(fd: int, request: int, arg=0) -> int:
@@ -111,7 +113,7 @@ def ioctl(fd: int, request: int, arg=0) -> int:
     try:
         return fcntl.ioctl(fd, request, arg)
     except OSError as exc:
-        name = _NAMES.get(request, hex(request))
+        name = IOCTL_NAMES.get(request, hex(request))
         raise OSError(exc.errno, f"{name}: {os.strerror(exc.errno)}") from None
 
 
@@ -126,6 +128,14 @@ def address_of(buf) -> int:
 
 def errno_name(code: int) -> str:
     return _errno.errorcode.get(code, str(code))
+
+
+def _unmap(mm: mmap.mmap) -> None:
+    """Close a mapping; if a caller still holds a view, it is unmapped when that is dropped."""
+    try:
+        mm.close()
+    except BufferError:
+        pass
 
 
 class _Closing:
@@ -195,7 +205,7 @@ class RealVm(_Closing):
             os.close(self.fd)
             self.fd = -1
         for mem in self.memory.values():
-            mem.close()
+            _unmap(mem)
         self.memory = {}
 
     def check_extension(self, cap: int) -> int:
@@ -218,14 +228,15 @@ class RealVm(_Closing):
         self.ring_bytes = entries * DIRTY_GFN_DTYPE.itemsize
         return cap
 
-    def set_user_memory_region(self, slot: int, guest_phys_addr: int, pages: int,
-                               flags: int = 0) -> mmap.mmap:
-        """KVM_SET_USER_MEMORY_REGION backed by a new anonymous mapping; returns the mapping."""
-        mem = mmap.mmap(-1, pages * PAGE_SIZE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    def set_user_memory_region(self, slot: int, flags: int, guest_phys_addr: int,
+                               memory_size: int) -> mmap.mmap:
+        """KVM_SET_USER_MEMORY_REGION for a new slot, backed by a new anonymous mapping
+        (arguments in the order of the uapi struct, as ``ringenv.kvm.Vm`` takes them)."""
+        mem = mmap.mmap(-1, memory_size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
         try:
             region = kvm_userspace_memory_region(
                 slot=slot, flags=flags, guest_phys_addr=guest_phys_addr,
-                memory_size=pages * PAGE_SIZE, userspace_addr=address_of(mem))
+                memory_size=memory_size, userspace_addr=address_of(mem))
             ioctl(self.fd, KVM_SET_USER_MEMORY_REGION, region)
         except BaseException:
             mem.close()
@@ -244,8 +255,9 @@ class RealVm(_Closing):
 
     def create_vcpu(self, vcpu_id: int) -> "RealVcpu":
         """KVM_CREATE_VCPU, then map kvm_run and (if enabled) the dirty ring."""
+        run_size = self.system.get_vcpu_mmap_size()
         fd = ioctl(self.fd, KVM_CREATE_VCPU, vcpu_id)
-        vcpu = RealVcpu(fd, vcpu_id, self.system.get_vcpu_mmap_size(), self.ring_bytes)
+        vcpu = RealVcpu(fd, vcpu_id, run_size, self.ring_bytes)
         self.vcpus.append(vcpu)
         return vcpu
 
@@ -304,7 +316,7 @@ class RealVcpu(_Closing):
         self.ring, self._words = None, ()
         for mm in (self._ring_mm, self._run_mm):
             if mm is not None:
-                mm.close()
+                _unmap(mm)
         self._ring_mm = self._run_mm = None
         if self.fd >= 0:
             os.close(self.fd)
@@ -343,7 +355,7 @@ class RealVcpu(_Closing):
 
         While the entry at ``fetch`` has flags == DIRTY: record (slot, offset), set RESET,
         advance ``fetch``. The caller then issues KVM_RESET_DIRTY_RINGS on the VM.
-        (Plain memoryviews of the ring, not numpy scalars: 3-4x faster per entry.)
+        (Plain memoryviews of the ring: faster per entry than numpy scalars.)
         """
         u32, u64 = self._words
         mask = len(u64) // 2 - 1

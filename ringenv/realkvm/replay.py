@@ -29,25 +29,30 @@ from ringenv.realkvm.ioctl import KVM_DIRTY_RING_RSVD_ENTRIES
 WEDGED_AFTER = 1000
 
 
-def _check_trace(trace: dict) -> None:
-    def need(cond: bool, msg: str) -> None:
-        if not cond:
-            raise ValueError(f"trace: {msg}")
+def _need(cond: bool, msg: str) -> None:
+    if not cond:
+        raise ValueError(f"trace: {msg}")
 
-    need(isinstance(trace.get("slot_pages"), int) and trace["slot_pages"] > 0,
-         "slot_pages must be a positive int")
-    need(isinstance(trace.get("ring_entries"), int), "ring_entries must be an int")
-    need(trace.get("reap_scope", "all") in ("all", "self"), "reap_scope must be 'all' or 'self'")
-    need(isinstance(trace.get("vcpus"), list) and trace["vcpus"], "vcpus must be a non-empty list")
+
+def _check_trace(trace: dict) -> None:
+    """Raise ValueError naming the first field that breaks the trace contract."""
+    _need(isinstance(trace, dict), "expected a JSON object")
+    _need(isinstance(trace.get("slot_pages"), int) and trace["slot_pages"] > 0,
+          "slot_pages must be a positive int")
+    _need(isinstance(trace.get("ring_entries"), int), "ring_entries must be an int")
+    _need(trace.get("reap_scope", "all") in ("all", "self"), "reap_scope must be 'all' or 'self'")
+    _need(isinstance(trace.get("with_bitmap", False), bool), "with_bitmap must be true or false")
+    _need(isinstance(trace.get("vcpus"), list) and trace["vcpus"], "vcpus must be a non-empty list")
     for i, v in enumerate(trace["vcpus"]):
+        _need(isinstance(v, dict), f"vcpus[{i}] must be an object {{writes, syncs}}")
         writes, syncs = v.get("writes"), v.get("syncs", [])
-        need(isinstance(writes, list) and all(isinstance(w, int) for w in writes),
-             f"vcpus[{i}].writes must be a list of ints")
-        need(all(0 <= w < trace["slot_pages"] for w in writes),
-             f"vcpus[{i}].writes: offsets must lie in [0, slot_pages)")
-        need(isinstance(syncs, list) and all(isinstance(s, int) and 0 <= s < len(writes)
-                                             for s in syncs),
-             f"vcpus[{i}].syncs must be write indices")
+        _need(isinstance(writes, list) and all(isinstance(w, int) for w in writes),
+              f"vcpus[{i}].writes must be a list of ints")
+        _need(all(0 <= w < trace["slot_pages"] for w in writes),
+              f"vcpus[{i}].writes: offsets must lie in [0, slot_pages)")
+        _need(isinstance(syncs, list) and all(isinstance(s, int) and 0 <= s < len(writes)
+                                              for s in syncs),
+              f"vcpus[{i}].syncs must be write indices")
 
 
 class _Collector:

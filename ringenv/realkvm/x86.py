@@ -24,7 +24,7 @@ from typing import Sequence
 import numpy as np
 
 from ringenv.realkvm.arch import GuestImage, WriteProgram
-from ringenv.realkvm.ioctl import KVMIO, PAGE_SIZE, _IOR, _IOW, _IOWR, ioctl
+from ringenv.realkvm.ioctl import IOCTL_NAMES, KVMIO, PAGE_SIZE, _IOR, _IOW, _IOWR, ioctl
 
 # --- x86 structs and ioctls (asm/kvm.h) ---
 class kvm_regs(ctypes.Structure):
@@ -58,6 +58,7 @@ KVM_SET_REGS = _IOW(KVMIO, 0x82, ctypes.sizeof(kvm_regs))
 KVM_GET_SREGS = _IOR(KVMIO, 0x83, ctypes.sizeof(kvm_sregs))
 KVM_SET_SREGS = _IOW(KVMIO, 0x84, ctypes.sizeof(kvm_sregs))
 KVM_SET_CPUID2 = _IOW(KVMIO, 0x90, 8)
+IOCTL_NAMES.update({v: k for k, v in list(globals().items()) if k.startswith("KVM_")})
 
 # --- the guest program ---
 # Registers at entry: rsi = this vCPU's table of u32 entries (bits 0-30 page offset,

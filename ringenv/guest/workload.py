@@ -1,0 +1,317 @@
+"""Seeded workload models: the guest as a set of page classes written at known rates.
+
+Only the first write to a clean (write-protected since its last write) page matters to KVM;
+later writes to a writable page cost a few ns and change nothing. Writes to a page of rate ``r``
+form a Poisson process, so a clean page's first write comes ``Exp(r)`` after any moment:
+memoryless. The model therefore samples first writes directly:
+
+- a class is a set of pages with one per-page rate and one split of that rate over the vCPUs
+  (a uniform region; a rank bucket of a Zipf region; one vCPU's slice of a private region);
+- in a window of ``dt`` ns, ``Binomial(clean_c, 1 - exp(-r dt))`` of the class's clean pages
+  are first-written, chosen uniformly among them, each at a truncated-exponential time;
+- the writing vCPU is drawn by the rate split over the vCPUs that are in the guest;
+- a sequential scan is deterministic: a pointer sweeping its region at its rate.
+
+When the host cuts a window short (a ring filled), the sampled future is dropped and drawn again
+from the new state, which is exact in distribution because of memorylessness. The work per
+simulated second follows the number of dirty events, not the size of guest memory.
+
+Rates are per second of guest time while the writing vCPU is in the guest. A fault's service
+time is charged to the vCPU as lost time by the host; it does not thin the write process.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from ..arrays import first_occurrence
+from ..config import WorkloadConfig, load_workload
+from ..kvm.memory import CLEAN
+from .base import GuestProgram, WriteBatch
+
+NS = 1e9
+GUEST_WRITE = 4096  # bytes of one guest store burst: workload rates are in 4 KiB page writes
+MAX_EVENTS = 1 << 15  # events per window, to bound memory and wasted sampling
+
+
+class _Region:
+    __slots__ = ("start", "n", "perm_a", "perm_b")
+
+    def __init__(self, start, n, scattered, rng):
+        self.start, self.n = start, n
+        self.perm_a, self.perm_b = 1, 0
+        if scattered and n > 2:
+            a = int(n * 0.6180339887) | 1
+            while math.gcd(a, n) != 1:
+                a += 2
+            self.perm_a, self.perm_b = a, int(rng.integers(0, n))
+
+    def gpi(self, ranks: np.ndarray) -> np.ndarray:
+        if self.perm_a == 1:
+            return self.start + ranks
+        return self.start + (ranks * self.perm_a + self.perm_b) % self.n
+
+
+class WorkloadProgram(GuestProgram):
+    """A :class:`~ringenv.config.WorkloadConfig` running on ``nr_vcpus`` vCPUs, seeded."""
+
+    def __init__(self, workload, nr_vcpus: int, *, seed: int = 0, rate_scale: float = 1.0):
+        self.cfg: WorkloadConfig = load_workload(workload)
+        self.nr_vcpus = int(nr_vcpus)
+        self.seed = seed
+        self.rate_scale = float(rate_scale)
+        self.rng = np.random.default_rng(np.random.SeedSequence([seed, 0x5EED]))
+        self._phase_rng = np.random.default_rng(np.random.SeedSequence([seed, 0xFA5E]))
+        self.vm = None
+
+    # ------------------------------------------------------------------ layout
+    def attach(self, vm) -> None:
+        self.vm = vm
+        slot = vm._as0[0]  # guest RAM: the first memslot of address space 0
+        self.ram_start, self.ram_base_gfn, npages = slot.start, slot.base_gfn, slot.npages
+        self.page_size = vm.page_size
+        nv = self.nr_vcpus
+        gw_per_page = self.page_size / GUEST_WRITE
+        lo, hi, rate, reg, weights, vfix = [], [], [], [], [], []
+        self.regions, self.scans = [], []
+        pos = 0
+        class_id = np.full(len(vm.state), -1, dtype=np.int32)  # narrowed to int16 below when possible
+        for rc in self.cfg.regions:
+            n = max(1, int(rc.fraction * npages))
+            n = min(n, npages - pos)
+            if n <= 0:
+                break
+            region = _Region(self.ram_start + pos, n, rc.layout == "scattered", self.rng)
+            self.regions.append(region)
+            ridx = len(self.regions) - 1
+            writes_ns = rc.rate_mbps * 1e6 / GUEST_WRITE / NS * self.rate_scale
+            w = np.resize(np.asarray(rc.vcpu_weights or [1.0], dtype=float), nv)
+            w = w / w.sum() if w.sum() > 0 else np.full(nv, 1.0 / nv)
+            slices = [(v, v * n // nv, (v + 1) * n // nv) for v in range(nv)] if rc.share == "private" else [(-1, 0, n)]
+            for v, a, b in slices:
+                if b <= a:
+                    continue
+                share = 1.0 if v < 0 else w[v]
+                if rc.pattern == "scan":
+                    owner = v if v >= 0 else int(np.argmax(w))
+                    # a sweep writing GUEST_WRITE bytes at a time reaches a new host page every
+                    # page_size/GUEST_WRITE writes
+                    self.scans.append({"region": ridx, "a": a, "b": b, "vcpu": owner,
+                                       "rate": writes_ns * share / gw_per_page, "pos": 0.0})
+                    continue
+                for blo, bhi, frac in _buckets(b - a, rc.pattern, rc.zipf_s):
+                    lo.append(a + blo)
+                    hi.append(a + bhi)
+                    # per host page: its share of the region's writes (each host page gathers
+                    # page_size/4096 guest pages' worth for uniform writes)
+                    rate.append(writes_ns * share * frac / (bhi - blo))
+                    reg.append(ridx)
+                    weights.append(np.eye(nv)[v] if v >= 0 else w)
+                    vfix.append(v)
+            pos += n
+        self.c_lo = np.array(lo, dtype=np.int64)
+        self.c_hi = np.array(hi, dtype=np.int64)
+        self.c_rate = np.array(rate, dtype=float)
+        self.c_region = np.array(reg, dtype=np.int64)
+        self.c_w = np.array(weights, dtype=float).reshape(len(lo), nv)
+        self.c_vfix = np.array(vfix, dtype=np.int64)
+        for c in range(len(lo)):
+            r = self.regions[self.c_region[c]]
+            if r.perm_a == 1:
+                class_id[r.start + self.c_lo[c]: r.start + self.c_hi[c]] = c
+            else:
+                class_id[r.gpi(np.arange(self.c_lo[c], self.c_hi[c], dtype=np.int64))] = c
+        self.class_id = class_id.astype(np.int16) if len(lo) < 32767 else class_id
+        self.clean = np.zeros(len(lo), dtype=np.int64)
+        self._phase_t = [0]
+        self._phase_m = []
+        if self.cfg.phases is not None:
+            ph = self.cfg.phases
+            self._phase_m.append(ph.calm_multiplier if self._phase_rng.random() < ph.mean_calm_s /
+                                 (ph.mean_calm_s + ph.mean_burst_s) else ph.burst_multiplier)
+        else:
+            self._phase_m.append(1.0)
+        self.all_cleaned()
+
+    # ------------------------------------------------------------------ state callbacks
+    def all_cleaned(self) -> None:
+        clean = (self.vm.state & CLEAN) != 0
+        counts = np.bincount(self.class_id[clean].astype(np.int64) + 1, minlength=len(self.c_lo) + 1)
+        self.clean = counts[1:].astype(np.int64)
+
+    def pages_cleaned(self, gpi):
+        self._count(gpi, +1)
+
+    def pages_dirtied(self, gpi):
+        self._count(gpi, -1)
+
+    def _count(self, gpi, sign):
+        if len(self.c_lo) == 0:
+            return
+        c = self.class_id[gpi]
+        c = c[c >= 0]
+        if len(c):
+            self.clean += sign * np.bincount(c, minlength=len(self.c_lo))
+
+    # ------------------------------------------------------------------ phases
+    def multiplier(self, t: int) -> tuple[float, int]:
+        """Rate multiplier at t and the time the current phase ends."""
+        if self.cfg.phases is None:
+            return 1.0, 1 << 62
+        ph = self.cfg.phases
+        while self._phase_t[-1] <= t:
+            calm = self._phase_m[-1] == ph.calm_multiplier
+            mean = ph.mean_calm_s if calm else ph.mean_burst_s
+            self._phase_t.append(self._phase_t[-1] + max(1, int(self._phase_rng.exponential(mean) * NS)))
+            self._phase_m.append(ph.burst_multiplier if calm else ph.calm_multiplier)
+        i = int(np.searchsorted(self._phase_t, t, side="right")) - 1
+        return self._phase_m[i], self._phase_t[i + 1]
+
+    # ------------------------------------------------------------------ sampling
+    def expected_rates(self, now: int, running: np.ndarray) -> np.ndarray:
+        """Expected first writes per ns, per vCPU, from the current clean counts."""
+        mult, _ = self.multiplier(now)
+        lam = (self.clean * self.c_rate * mult) @ (self.c_w * running[None, :]) if len(self.c_lo) else np.zeros(self.nr_vcpus)
+        for s in self.scans:
+            if running[s["vcpu"]]:
+                lam[s["vcpu"]] += s["rate"] * mult  # an upper bound: the sweep may meet dirty pages
+        return lam
+
+    def horizon(self, now, until, running, room):
+        lam = self.expected_rates(now, running)
+        _, phase_end = self.multiplier(now)
+        total = lam.sum()
+        if total <= 0:
+            return min(until, phase_end)
+        act = running & (lam > 0)
+        t_fill = float(np.min(np.maximum(room[act], 1) / lam[act])) if act.any() else float("inf")
+        dt = min(t_fill * 1.05 + 1000.0, MAX_EVENTS / total)
+        return int(min(until, phase_end, now + max(1000.0, dt)))
+
+    def next_writes(self, now, until, running):
+        rng = self.rng
+        dt = until - now
+        self._window = (now, running.copy())
+        if dt <= 0:
+            return WriteBatch.empty(until)
+        mult, _ = self.multiplier(now)
+        ts, vs, gs = [], [], []
+        if len(self.c_lo):
+            wrun = self.c_w @ running.astype(float)
+            lam = self.c_rate * mult * wrun
+            p = -np.expm1(-lam * dt)
+            act = (self.clean > 0) & (lam > 0)
+            k = np.zeros(len(lam), dtype=np.int64)
+            k[act] = rng.binomial(self.clean[act], p[act])
+            for c in np.flatnonzero(k):
+                g = self._sample_clean(int(c), int(k[c]))
+                if len(g) == 0:
+                    continue
+                u = rng.random(len(g))
+                tau = -np.log1p(-u * p[c]) / lam[c]
+                ts.append(now + np.minimum(tau.astype(np.int64), dt - 1))
+                gs.append(g)
+                if self.c_vfix[c] >= 0:
+                    vs.append(np.full(len(g), self.c_vfix[c], dtype=np.int32))
+                else:
+                    vs.append(self._pick_vcpus(self.c_w[c], running, len(g)))
+        unique = True
+        for s in self.scans:
+            if not running[s["vcpu"]] or s["rate"] <= 0:
+                continue
+            n = s["b"] - s["a"]
+            rate = s["rate"] * mult
+            first = math.ceil(s["pos"])
+            last = s["pos"] + rate * dt
+            steps = np.arange(first, math.ceil(last), dtype=np.int64)
+            if len(steps) == 0:
+                continue
+            if len(steps) > n:
+                unique = False
+            g = self.regions[s["region"]].gpi(s["a"] + steps % n)
+            t = now + ((steps - s["pos"]) / rate).astype(np.int64)
+            ok = (self.vm.state[g] & CLEAN) != 0
+            ts.append(np.minimum(t[ok], until - 1))
+            gs.append(g[ok])
+            vs.append(np.full(int(ok.sum()), s["vcpu"], dtype=np.int32))
+        if not ts:
+            return WriteBatch.empty(until)
+        t = np.concatenate(ts)
+        vc = np.concatenate(vs)
+        g = np.concatenate(gs)
+        order = np.argsort(t * 1024 + vc)  # by time, then vCPU (a unique key: a plain sort will do)
+        gfn = g[order] - self.ram_start + self.ram_base_gfn
+        return WriteBatch(t[order], vc[order], gfn, None, until, unique=unique)
+
+    def _pick_vcpus(self, w: np.ndarray, running: np.ndarray, n: int) -> np.ndarray:
+        """The writing vCPU of n first writes: drawn by rate share among the running vCPUs."""
+        w = w * running
+        act = np.flatnonzero(w)
+        if np.all(w[act] == w[act[0]]):
+            return act[self.rng.integers(0, len(act), size=n)].astype(np.int32)
+        cdf = np.cumsum(w[act]) / w[act].sum()
+        return act[np.searchsorted(cdf, self.rng.random(n), side="right").clip(0, len(act) - 1)].astype(np.int32)
+
+    def _sample_clean(self, c: int, k: int) -> np.ndarray:
+        """k distinct clean pages of class c, uniformly (global page indexes)."""
+        rng, st = self.rng, self.vm.state
+        region = self.regions[self.c_region[c]]
+        lo, hi = int(self.c_lo[c]), int(self.c_hi[c])
+        n, clean = hi - lo, int(self.clean[c])
+        k = min(k, clean)
+        if clean * 4 < n or n <= 64:
+            g = region.gpi(np.arange(lo, hi, dtype=np.int64))
+            g = g[(st[g] & CLEAN) != 0]
+            if len(g) <= k:
+                return rng.permutation(g)
+            return rng.choice(g, size=k, replace=False)
+        out = np.zeros(0, dtype=np.int64)
+        for _ in range(16):
+            need = k - len(out)
+            if need <= 0:
+                break
+            m = int(need * n / clean * 1.25) + 16
+            g = region.gpi(rng.integers(lo, hi, size=m))
+            g = np.concatenate([out, g[(st[g] & CLEAN) != 0]])
+            srt = np.sort(g)
+            if not np.all(srt[1:] != srt[:-1]):
+                g = g[first_occurrence(g)]  # keeps draw order: a uniform random subset
+            out = g[:k]
+        return out
+
+    def consumed(self, n, t_cut, faults_per_vcpu, retried):
+        now, running = self._window
+        dt = t_cut - now
+        if dt <= 0:
+            return
+        mult, _ = self.multiplier(now)
+        for s in self.scans:
+            if running[s["vcpu"]]:
+                s["pos"] = (s["pos"] + s["rate"] * mult * dt) % (s["b"] - s["a"])
+
+
+def _buckets(n: int, pattern: str, s: float) -> list[tuple[int, int, float]]:
+    """Split ranks [0, n) into classes: (lo, hi, share of the region's writes)."""
+    if pattern != "zipf" or n <= 1:
+        return [(0, n, 1.0)]
+    bounds = [0]
+    b = 1
+    while b < n:
+        bounds.append(b)
+        b = max(b + 1, int(b * 1.5))
+    bounds.append(n)
+    mass = np.array([_zipf_mass(a, z, s) for a, z in zip(bounds[:-1], bounds[1:])])
+    mass /= mass.sum()
+    return [(a, z, float(m)) for a, z, m in zip(bounds[:-1], bounds[1:], mass)]
+
+
+def _zipf_mass(a: int, b: int, s: float) -> float:
+    """sum_{r=a+1}^{b} r^-s (ranks are 1-based), exact for short ranges, else an integral."""
+    if b - a <= 64:
+        r = np.arange(a + 1, b + 1, dtype=float)
+        return float(np.sum(r ** -s))
+    if abs(s - 1.0) < 1e-12:
+        return math.log((b + 0.5) / (a + 0.5))
+    return ((b + 0.5) ** (1 - s) - (a + 0.5) ** (1 - s)) / (1 - s)

@@ -1,0 +1,108 @@
+"""The guest-write path of the simulated kernel, one event at a time (compiled).
+
+For each write in time order: look up the page's stage-2 state; a write to a write-protected
+page is a fault that relaxes the permission (one page, or a whole block where block mappings
+stay) and logs the page (one push; all pages of the block when splitting is off); with x86 PML
+the page goes to the hardware buffer instead, and a full buffer flushes into the ring. After each
+push the ring may be soft-full: the vCPU then leaves the guest at once, before its store retires.
+The store retires: the page's version counts it and it is no longer clean. Syncs and the end of
+a program stop the walk too.
+
+This walk is inherently sequential (whether an event faults depends on every earlier one, and
+the walk stops at the first exit), hence one compiled loop rather than array passes.
+"""
+
+from __future__ import annotations
+
+import numba
+import numpy as np
+
+WP, CLEAN = 1, 2
+
+CUT_NONE, CUT_FULL, CUT_SYNC, CUT_DONE = 0, 1, 2, 3
+
+
+@numba.njit(cache=True, nogil=True)
+def walk_writes(gpi, vc, code, slot_of, state, version, block_map,
+                blockgran, pushall, split, block_pages,
+                used, limit, pml_count, pml_buf, rings,
+                push_v, push_g, split_v, split_b, dirtied, faults):  # pragma: no cover - compiled
+    """Apply events until the first exit. ``used``/``pml_count`` are updated in place.
+
+    Returns (events consumed, cut kind, pushes, splits, dirtied pages, store retired at cut)."""
+    n = gpi.shape[0]
+    npush = 0
+    nsplit = 0
+    ndirty = 0
+    cut = CUT_NONE
+    m = n
+    for i in range(n):
+        v = vc[i]
+        g = gpi[i]
+        c = code[i]
+        if g < 0:
+            if c != 0:
+                cut = CUT_SYNC if c == 1 else CUT_DONE
+                m = i + 1
+                break
+            continue
+        s = state[g]
+        k = slot_of[i]
+        full = False
+        if s & WP:
+            faults[v] += 1
+            blk = g // block_pages
+            inblock = block_map[blk] != 0
+            if inblock and blockgran[k]:
+                b0 = blk * block_pages
+                for p in range(b0, b0 + block_pages):
+                    state[p] &= ~WP
+                if pushall[k]:
+                    for p in range(b0, b0 + block_pages):
+                        push_v[npush] = v
+                        push_g[npush] = p
+                        npush += 1
+                    added = block_pages
+                else:
+                    push_v[npush] = v
+                    push_g[npush] = g
+                    npush += 1
+                    added = 1
+            else:
+                if inblock and split[k]:
+                    block_map[blk] = 0
+                    split_v[nsplit] = v
+                    split_b[nsplit] = blk
+                    nsplit += 1
+                state[g] &= ~WP
+                push_v[npush] = v
+                push_g[npush] = g
+                npush += 1
+                added = 1
+            if rings:
+                if pml_buf > 0:
+                    pml_count[v] += added
+                    while pml_count[v] >= pml_buf:
+                        pml_count[v] -= pml_buf
+                        used[v] += pml_buf
+                        if used[v] >= limit[v]:
+                            full = True
+                else:
+                    used[v] += added
+                    if used[v] >= limit[v]:
+                        full = True
+            if full and pml_buf == 0:
+                # the vCPU exits before the store retires; it re-executes after re-entry
+                return i + 1, CUT_FULL, npush, nsplit, ndirty, False
+        version[g] += 1
+        if state[g] & CLEAN:
+            state[g] &= ~CLEAN
+            dirtied[ndirty] = g
+            ndirty += 1
+        if full:
+            return i + 1, CUT_FULL, npush, nsplit, ndirty, True
+        if c != 0:
+            cut = CUT_SYNC if c == 1 else CUT_DONE
+            m = i + 1
+            break
+    return m, cut, npush, nsplit, ndirty, True

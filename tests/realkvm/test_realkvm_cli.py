@@ -1,0 +1,90 @@
+"""The kvm-replay / validate / calibrate subcommands and the calibrated host profile."""
+
+import argparse
+import json
+
+import pytest
+import yaml
+
+from ringenv.realkvm import calibrate, cli, validate
+from ringenv.realkvm.guest import unavailable_reason
+from ringenv.realkvm.replay import kvm_replay_trace
+from ringenv.realkvm.traces import builtin_traces
+
+NO_KVM = unavailable_reason()
+pytestmark = [pytest.mark.kvm, pytest.mark.skipif(NO_KVM is not None, reason=str(NO_KVM))]
+
+
+def run(*argv) -> int:
+    ap = argparse.ArgumentParser()
+    cli.add_parsers(ap.add_subparsers(dest="command", required=True))
+    args = ap.parse_args(argv)
+    return args.func(args)
+
+
+def test_kvm_replay_prints_the_replay_json(tmp_path, capsys):
+    trace = builtin_traces()["seq-256"]
+    path = tmp_path / "t.json"
+    path.write_text(json.dumps(trace))
+    assert run("kvm-replay", str(path), "--ring-entries", "512") == 0
+    assert json.loads(capsys.readouterr().out) == kvm_replay_trace(trace, ring_entries=512)
+
+
+def test_kvm_replay_refuses_a_bad_trace(tmp_path, capsys):
+    path = tmp_path / "t.json"
+    path.write_text('{"slot_pages": 1, "ring_entries": 256, "vcpus": [{"writes": [3]}]}')
+    assert run("kvm-replay", str(path)) == 2
+    assert "slot_pages" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        run("kvm-replay", str(path), "--ring-entries", "300")
+
+
+def test_builtin_traces_are_many_deterministic_and_varied():
+    traces = builtin_traces()
+    assert traces == builtin_traces() and len(traces) >= 20
+    sizes = {t["ring_entries"] for t in traces.values()}
+    assert min(sizes) == 256 and max(sizes) == 65536
+    assert {len(t["vcpus"]) for t in traces.values()} >= {1, 2, 3, 4}
+    assert all(t["reap_scope"] == "self" for t in traces.values())
+    for t in traces.values():  # multi-vCPU traces write disjoint pages
+        pages = [set(v["writes"]) for v in t["vcpus"]]
+        assert sum(map(len, pages)) == len(set().union(*pages))
+
+
+def test_validate_reports_identical_or_first_difference(monkeypatch, capsys):
+    try:
+        validate.simulator()
+    except ImportError as exc:
+        pytest.skip(f"simulator not importable: {exc}")
+    small = {k: v for k, v in builtin_traces().items() if k in ("seq-256", "2vcpu-seq-256")}
+    monkeypatch.setattr(validate, "builtin_traces", lambda: small)
+    assert run("validate", "--json") == 0
+    assert json.loads(capsys.readouterr().out) == {k: "identical" for k in small}
+
+
+def test_compare_names_the_first_difference():
+    a = {"ring_entries": 256, "soft_limit": 192, "resets": [3, 1],
+         "vcpus": [{"full_exits": 0, "resets": [3], "batches": [
+             {"trigger": "sync", "offsets": [1, 2, 3]}]}]}
+    b = json.loads(json.dumps(a))
+    assert validate.compare(a, b) is None
+    b["vcpus"][0]["batches"][0]["offsets"][1] = 7
+    assert validate.compare(a, b) == "vcpus[0].batches[0].offsets[1]: real 2, sim 7"
+
+
+def test_calibrate_emits_a_valid_profile(tmp_path, capsys):
+    out = tmp_path / "host.yaml"
+    assert run("calibrate", "--out", str(out)) == 0
+    text = capsys.readouterr().out
+    assert out.read_text() == text and "nested" in text.lower()
+    data = yaml.safe_load(text)
+    costs = data["costs"]
+    for key in calibrate.FALLBACK_KEYS:
+        assert costs[key] >= 0
+    assert costs["wp_fault_ns"] > costs["dirty_write_ns"] and costs["exit_ns"] > 0
+    try:
+        from ringenv.config import load_host_profile
+    except ImportError:
+        return
+    profile = load_host_profile(str(out))
+    assert profile.name == "x86-calibrated" and profile.measured

@@ -1,0 +1,143 @@
+"""kvm_replay_trace on the real KVM: the built-in traces against the reference semantics
+(shared/reference/kvm-dirty-ring.md, real-kvm-host.md) and, when importable, the simulator."""
+
+from collections import Counter
+
+import pytest
+
+from ringenv.realkvm.guest import unavailable_reason
+from ringenv.realkvm.replay import kvm_replay_trace
+from ringenv.realkvm.traces import builtin_traces
+from ringenv.realkvm.validate import compare
+
+NO_KVM = unavailable_reason()
+pytestmark = [pytest.mark.kvm, pytest.mark.skipif(NO_KVM is not None, reason=str(NO_KVM))]
+
+TRACES = builtin_traces()
+_real: dict[str, dict] = {}
+
+
+def real(name: str) -> dict:
+    if name not in _real:
+        _real[name] = kvm_replay_trace(TRACES[name])
+    return _real[name]
+
+
+def model(trace: dict, soft_limit: int) -> list[dict]:
+    """Per-vCPU expectation for a native guest reaping only its own ring: a page pushes on its
+    first write after a reset; the push reaching the soft limit exits before the store retires,
+    so after harvest + reset that store pushes its page again."""
+    out = []
+    for prog in trace["vcpus"]:
+        ring, protected, syncs = [], set(prog["writes"]), set(prog["syncs"])
+        v = {"full_exits": 0, "resets": [], "batches": [], "final": 0}
+
+        def reap(trigger):
+            if ring:
+                v["batches"].append({"trigger": trigger, "offsets": list(ring)})
+            if trigger == "final":
+                v["final"] = len(ring)
+            else:
+                v["resets"].append(len(ring))
+            protected.update(ring)
+            ring.clear()
+
+        for i, page in enumerate(prog["writes"]):
+            while page in protected:
+                protected.discard(page)
+                ring.append(page)
+                if len(ring) >= soft_limit:
+                    v["full_exits"] += 1
+                    reap("full")  # re-protects the page: the retried store pushes it again
+            if i in syncs:
+                reap("sync")
+        reap("final")
+        out.append(v)
+    return out
+
+
+@pytest.mark.parametrize("name", TRACES)
+def test_builtin_trace_follows_the_reference(name):
+    trace, out = TRACES[name], real(name)
+    soft = out["soft_limit"]
+    assert out["ring_entries"] == trace["ring_entries"] and soft == trace["ring_entries"] - 64
+    assert out["profile"] in ("x86-nopml", "x86-pml")
+    total = 0
+    for v in out["vcpus"]:
+        assert v["lost"] == 0
+        full = [b for b in v["batches"] if b["trigger"] == "full"]
+        assert len(full) == v["full_exits"]
+        assert all(len(b["offsets"]) == soft for b in full)  # exits at exactly the soft limit
+        for b in v["batches"]:
+            assert b["offsets"] and len(set(b["offsets"])) == len(b["offsets"])  # no page twice
+        for b, nxt in zip(v["batches"], v["batches"][1:]):
+            if b["trigger"] == "full":  # the retried store pushes its re-protected page first
+                assert nxt["offsets"][0] == b["offsets"][-1]
+        issued = sum(len(b["offsets"]) for b in v["batches"] if b["trigger"] != "final")
+        assert sum(v["resets"]) == issued  # "self": each reset returned what was harvested
+        total += sum(len(b["offsets"]) for b in v["batches"])
+    assert sum(out["resets"]) == total
+    # the per-vCPU lists interleave into the top-level one; the final reset comes last
+    assert Counter(out["resets"][:-1]) == Counter(r for v in out["vcpus"] for r in v["resets"])
+
+    expect = model(trace, soft)
+    for v, e in zip(out["vcpus"], expect):
+        assert (v["full_exits"], v["resets"], v["batches"]) == \
+            (e["full_exits"], e["resets"], e["batches"])
+    assert out["resets"][-1] == sum(e["final"] for e in expect)
+
+
+def test_ring_entries_override_and_json_shape():
+    trace = TRACES["seq-256"]
+    out = kvm_replay_trace(trace, ring_entries=512)
+    assert (out["ring_entries"], out["soft_limit"]) == (512, 448)
+    assert [b["trigger"] for b in out["vcpus"][0]["batches"]] == ["full", "full", "final"]
+    assert set(out) == {"profile", "ring_entries", "soft_limit", "resets", "vcpus"}
+    assert set(out["vcpus"][0]) == {"full_exits", "lost", "resets", "batches"}
+
+
+def test_reap_all_conserves_entries():
+    """With "all" the split between rings depends on thread timing; the totals do not."""
+    trace = dict(TRACES["4vcpu-seq-256"], reap_scope="all")
+    out = kvm_replay_trace(trace)
+    offsets = [o for v in out["vcpus"] for b in v["batches"] for o in b["offsets"]]
+    assert sum(out["resets"]) == len(offsets)
+    assert set(offsets) == {w for v in trace["vcpus"] for w in v["writes"]}
+    assert len(out["resets"]) == sum(len(v["resets"]) for v in out["vcpus"]) + 1
+
+
+def test_with_bitmap_is_refused_where_unsupported():
+    from ringenv.realkvm.ioctl import KVM_CAP_DIRTY_LOG_RING_WITH_BITMAP, KvmSystem
+
+    with KvmSystem() as kvm:
+        if kvm.check_extension(KVM_CAP_DIRTY_LOG_RING_WITH_BITMAP):
+            pytest.skip("this host supports WITH_BITMAP")
+    with pytest.raises(OSError, match="WITH_BITMAP"):
+        kvm_replay_trace(dict(TRACES["sync-at-0"], with_bitmap=True))
+
+
+@pytest.mark.parametrize("bad", [
+    {"slot_pages": 0}, {"reap_scope": "some"}, {"vcpus": []},
+    {"vcpus": [{"writes": [16]}]}, {"vcpus": [{"writes": [1], "syncs": [1]}]},
+])
+def test_bad_traces_are_refused(bad):
+    with pytest.raises(ValueError, match="trace"):
+        kvm_replay_trace(dict(TRACES["sync-at-0"], **bad))
+
+
+def _simulator():
+    try:
+        from ringenv.replay import replay_trace
+    except ImportError:
+        return None
+    return replay_trace
+
+
+@pytest.mark.skipif(_simulator() is None, reason="ringenv.replay.replay_trace not importable")
+@pytest.mark.parametrize("name", TRACES)
+def test_simulator_is_identical(name):
+    from ringenv.realkvm.arch import host_arch
+
+    out = real(name)
+    sim = _simulator()(TRACES[name], profile=host_arch().profile_name())
+    assert compare(out, sim) is None
