@@ -26,7 +26,6 @@ import math
 
 import numpy as np
 
-from ..arrays import first_occurrence
 from ..config import WorkloadConfig, load_workload
 from ..kvm.memory import CLEAN
 from .base import GuestProgram, WriteBatch
@@ -206,11 +205,14 @@ class WorkloadProgram(GuestProgram):
             k = np.zeros(len(lam), dtype=np.int64)
             k[act] = rng.binomial(self.clean[act], p[act])
             for c in np.flatnonzero(k):
-                g = self._sample_clean(int(c), int(k[c]))
+                g = self._sample_clean(int(c), int(k[c]))  # a uniform random subset, in random order
                 if len(g) == 0:
                     continue
-                u = rng.random(len(g))
-                tau = -np.log1p(-u * p[c]) / lam[c]
+                # first-write times: i.i.d. exponential truncated to the window, generated in
+                # ascending order (uniform order statistics from exponential spacings, then the
+                # monotone inverse CDF); the pages are already in random order
+                e = np.cumsum(rng.exponential(size=len(g) + 1))
+                tau = -np.log1p(-(e[:-1] / e[-1]) * p[c]) / lam[c]
                 ts.append(now + np.minimum(tau.astype(np.int64), dt - 1))
                 gs.append(g)
                 if self.c_vfix[c] >= 0:
@@ -238,12 +240,17 @@ class WorkloadProgram(GuestProgram):
             vs.append(np.full(int(ok.sum()), s["vcpu"], dtype=np.int32))
         if not ts:
             return WriteBatch.empty(until)
-        t = np.concatenate(ts)
-        vc = np.concatenate(vs)
-        g = np.concatenate(gs)
-        order = np.argsort(t * 1024 + vc)  # by time, then vCPU (a unique key: a plain sort will do)
-        gfn = g[order] - self.ram_start + self.ram_base_gfn
-        return WriteBatch(t[order], vc[order], gfn, None, until, unique=unique)
+        if len(ts) == 1:  # one sorted stream: ties broken by vCPU below only if present
+            t, vc, g = ts[0], vs[0], gs[0]
+            if np.any(t[1:] == t[:-1]):
+                order = np.argsort(t * 1024 + vc)
+                t, vc, g = t[order], vc[order], g[order]
+        else:
+            t, vc, g = np.concatenate(ts), np.concatenate(vs), np.concatenate(gs)
+            order = np.argsort(t * 1024 + vc)  # by time, then vCPU (a unique key: a plain sort will do)
+            t, vc, g = t[order], vc[order], g[order]
+        gfn = g - self.ram_start + self.ram_base_gfn
+        return WriteBatch(t, vc, gfn, None, until, unique=unique)
 
     def _pick_vcpus(self, w: np.ndarray, running: np.ndarray, n: int) -> np.ndarray:
         """The writing vCPU of n first writes: drawn by rate share among the running vCPUs."""
@@ -267,18 +274,21 @@ class WorkloadProgram(GuestProgram):
             if len(g) <= k:
                 return rng.permutation(g)
             return rng.choice(g, size=k, replace=False)
+        # rejection: distinct uniform ranks (a sort, in page order: cache friendly), keep the
+        # clean ones, then a random permutation gives a uniform subset in random order
         out = np.zeros(0, dtype=np.int64)
         for _ in range(16):
             need = k - len(out)
             if need <= 0:
                 break
-            m = int(need * n / clean * 1.25) + 16
-            g = region.gpi(rng.integers(lo, hi, size=m))
-            g = np.concatenate([out, g[(st[g] & CLEAN) != 0]])
-            srt = np.sort(g)
-            if not np.all(srt[1:] != srt[:-1]):
-                g = g[first_occurrence(g)]  # keeps draw order: a uniform random subset
-            out = g[:k]
+            m = int(need * n / clean * 1.1) + 16
+            r = np.sort(rng.integers(lo, hi, size=m))
+            r = r[np.r_[True, r[1:] != r[:-1]]]
+            g = region.gpi(r)
+            g = g[(st[g] & CLEAN) != 0]
+            if len(out):
+                g = g[~_sorted_member(np.sort(out), g)]
+            out = np.concatenate([out, g[rng.permutation(len(g))[:need]]])
         return out
 
     def consumed(self, n, t_cut, faults_per_vcpu, retried):
@@ -315,3 +325,9 @@ def _zipf_mass(a: int, b: int, s: float) -> float:
     if abs(s - 1.0) < 1e-12:
         return math.log((b + 0.5) / (a + 0.5))
     return ((b + 0.5) ** (1 - s) - (a + 0.5) ** (1 - s)) / (1 - s)
+
+
+def _sorted_member(sorted_ref: np.ndarray, x: np.ndarray) -> np.ndarray:
+    """x in sorted_ref, elementwise (binary search)."""
+    i = np.searchsorted(sorted_ref, x).clip(0, max(len(sorted_ref) - 1, 0))
+    return sorted_ref[i] == x if len(sorted_ref) else np.zeros(len(x), dtype=bool)

@@ -2,8 +2,8 @@
 
 Nothing here knows about migration or Gymnasium."""
 
-from .ring import DirtyRing, coalesce_reprotect, mask_pages
+from .ring import DirtyRing, coalesce_reprotect
 from .uapi import KvmError, kvm_dirty_gfn
 from .vm import Exit, Vcpu, Vm
 
-__all__ = ["DirtyRing", "Exit", "KvmError", "Vcpu", "Vm", "coalesce_reprotect", "kvm_dirty_gfn", "mask_pages"]
+__all__ = ["DirtyRing", "Exit", "KvmError", "Vcpu", "Vm", "coalesce_reprotect", "kvm_dirty_gfn"]

@@ -18,19 +18,21 @@ import numba
 import numpy as np
 
 WP, CLEAN = 1, 2
+NOT_WP, NOT_CLEAN = 0xFF ^ WP, 0xFF ^ CLEAN  # u8 masks (valid in compiled and plain Python)
 
 CUT_NONE, CUT_FULL, CUT_SYNC, CUT_DONE = 0, 1, 2, 3
 
 
 @numba.njit(cache=True, nogil=True)
 def walk_writes(gpi, vc, code, slot_of, state, version, block_map,
-                blockgran, pushall, split, block_pages,
+                blockgran, pushall, split, block_shift,
                 used, limit, pml_count, pml_buf, rings,
                 push_v, push_g, split_v, split_b, dirtied, faults):  # pragma: no cover - compiled
     """Apply events until the first exit. ``used``/``pml_count`` are updated in place.
 
     Returns (events consumed, cut kind, pushes, splits, dirtied pages, store retired at cut)."""
     n = gpi.shape[0]
+    block_pages = 1 << block_shift
     npush = 0
     nsplit = 0
     ndirty = 0
@@ -51,12 +53,12 @@ def walk_writes(gpi, vc, code, slot_of, state, version, block_map,
         full = False
         if s & WP:
             faults[v] += 1
-            blk = g // block_pages
+            blk = g >> block_shift
             inblock = block_map[blk] != 0
             if inblock and blockgran[k]:
                 b0 = blk * block_pages
                 for p in range(b0, b0 + block_pages):
-                    state[p] &= ~WP
+                    state[p] &= NOT_WP
                 if pushall[k]:
                     for p in range(b0, b0 + block_pages):
                         push_v[npush] = v
@@ -74,7 +76,7 @@ def walk_writes(gpi, vc, code, slot_of, state, version, block_map,
                     split_v[nsplit] = v
                     split_b[nsplit] = blk
                     nsplit += 1
-                state[g] &= ~WP
+                state[g] &= NOT_WP
                 push_v[npush] = v
                 push_g[npush] = g
                 npush += 1
@@ -96,7 +98,7 @@ def walk_writes(gpi, vc, code, slot_of, state, version, block_map,
                 return i + 1, CUT_FULL, npush, nsplit, ndirty, False
         version[g] += 1
         if state[g] & CLEAN:
-            state[g] &= ~CLEAN
+            state[g] &= NOT_CLEAN
             dirtied[ndirty] = g
             ndirty += 1
         if full:

@@ -21,11 +21,12 @@ logging is enabled with KVM_CAP_ARM_EAGER_SPLIT_CHUNK_SIZE); a permission fault 
 
 from __future__ import annotations
 
+import numba
 import numpy as np
 
 WP = np.uint8(1)
 CLEAN = np.uint8(2)
-WP_CLEAN = np.uint8(WP | CLEAN)
+WP_CLEAN = np.uint8(WP | CLEAN)  # protect_masked and fault.walk_writes use these values (1, 2, 3)
 
 
 class Memslot:
@@ -104,3 +105,55 @@ def _choose_blocks(nblocks: int, fraction: float, seed: int) -> np.ndarray:
     out = np.zeros(nblocks, dtype=bool)
     out[rng.choice(nblocks, size=k, replace=False)] = True
     return out
+
+
+@numba.njit(cache=True, nogil=True)
+def protect_masked(kslots, offsets, masks, tab_kslot, tab_start, tab_npages, tab_blockgran,
+                   state, block_map, block_shift, span, newly):  # pragma: no cover - compiled
+    """kvm_arch_mmu_enable_log_dirty_pt_masked for each call (slot, offset, mask), in order.
+
+    Write-protects the pages of the mask: exactly its set bits (x86), or with ``span`` every page
+    from its lowest to its highest set bit, zero bits included (arm64). A call naming no memslot,
+    or running past its end, is skipped as the kernel skips it. A page still mapped by a block in
+    a slot where blocks stay protects the whole block (one stage-2 entry). Every protected page is
+    clean afterwards; pages that were not are written to ``newly``.
+
+    Returns (pages protected, count written to ``newly``)."""
+    npro = 0
+    nnew = 0
+    block_pages = 1 << block_shift
+    for i in range(kslots.shape[0]):
+        k = -1
+        for j in range(tab_kslot.shape[0]):
+            if tab_kslot[j] == kslots[i]:
+                k = j
+                break
+        mask = masks[i]
+        if k < 0 or mask == 0:
+            continue
+        lo = 0
+        while not (mask >> np.uint64(lo)) & np.uint64(1):
+            lo += 1
+        hi = 63
+        while not (mask >> np.uint64(hi)) & np.uint64(1):
+            hi -= 1
+        off = offsets[i]
+        if off < 0 or off + hi >= tab_npages[k]:
+            continue
+        base = tab_start[k] + off
+        for b in range(lo, hi + 1):
+            if not span and not (mask >> np.uint64(b)) & np.uint64(1):
+                continue
+            g = base + b
+            if tab_blockgran[k] and block_map[g >> block_shift]:
+                b0 = (g >> block_shift) << block_shift
+                first, last = b0, b0 + block_pages
+            else:
+                first, last = g, g + 1
+            for p in range(first, last):
+                if not state[p] & 2:
+                    newly[nnew] = p
+                    nnew += 1
+                state[p] |= 3
+                npro += 1
+    return npro, nnew

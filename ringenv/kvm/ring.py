@@ -151,30 +151,3 @@ def coalesce_reprotect(slots: np.ndarray, offsets: np.ndarray) -> tuple[np.ndarr
     k = _coalesce(np.ascontiguousarray(slots, dtype=np.uint32), np.ascontiguousarray(offsets, dtype=np.uint64),
                   out_slot, out_offset, out_mask)
     return out_slot[:k], out_offset[:k], out_mask[:k]
-
-
-def mask_pages(offset: np.ndarray, mask: np.ndarray, span: bool) -> tuple[np.ndarray, np.ndarray]:
-    """Pages a batch of re-protect calls write-protects.
-
-    ``span=False`` (x86): exactly the offsets whose bit is set. ``span=True`` (arm64
-    kvm_arch_mmu_enable_log_dirty_pt_masked): every page from the lowest to the highest set bit,
-    zero bits included. Returns (call index, page offset) per protected page.
-    """
-    if len(mask) == 0:
-        return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64)
-    single = mask == 1  # scattered writes: most calls carry one page, at offset itself
-    if single.all():
-        return np.arange(len(mask), dtype=np.int64), offset.astype(np.int64, copy=True)
-    if single.any():
-        multi = np.flatnonzero(~single)
-        c1, p1 = np.flatnonzero(single), offset[single]
-        c2, p2 = mask_pages(offset[multi], mask[multi], span)
-        return np.concatenate([c1, multi[c2]]), np.concatenate([p1, p2])
-    bits = ((mask[:, None] >> np.arange(64, dtype=np.uint64)[None, :]) & np.uint64(1)).astype(bool)
-    if span:
-        lo = bits.argmax(axis=1)
-        hi = 63 - bits[:, ::-1].argmax(axis=1)
-        cols = np.arange(64)[None, :]
-        bits = (cols >= lo[:, None]) & (cols <= hi[:, None])
-    call, bit = np.nonzero(bits)
-    return call.astype(np.int64), offset[call] + bit

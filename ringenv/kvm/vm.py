@@ -29,8 +29,8 @@ from ..arrays import first_occurrence, groups, unique, unique_counts
 from ..config import HostProfile, load_host_profile
 from ..guest.base import EXIT_DONE, EXIT_NONE, EXIT_SYNC, NO_WRITE, GuestProgram, WriteBatch
 from .fault import CUT_DONE, CUT_FULL, CUT_NONE, CUT_SYNC, walk_writes
-from .memory import CLEAN, WP, WP_CLEAN, Memslot, bitmap_offsets
-from .ring import DirtyRing, coalesce_reprotect, mask_pages
+from .memory import CLEAN, WP, WP_CLEAN, Memslot, bitmap_offsets, protect_masked
+from .ring import DirtyRing, coalesce_reprotect
 from .uapi import (
     KVM_CAP_ARM_EAGER_SPLIT_CHUNK_SIZE,
     KVM_CAP_ARM_SUPPORTED_BLOCK_SIZES,
@@ -169,6 +169,7 @@ class Vm:
         self.seed = seed
         self.page_size = p.page_size
         self.block_pages = p.block_sizes[0] // p.page_size if p.block_sizes else 1
+        self.block_shift = self.block_pages.bit_length() - 1  # block sizes are powers of two
         self.now = 0
         self.ring_entries = 0
         self.with_bitmap = False
@@ -181,6 +182,7 @@ class Vm:
         self.last_ioctl_ns = 0
         self.state = np.zeros(0, dtype=np.uint8)
         self.version = np.zeros(0, dtype=np.uint32)
+        self._scratch_bufs: dict[str, np.ndarray] = {}
         self._layout()
 
     # ------------------------------------------------------------------ capabilities
@@ -351,6 +353,12 @@ class Vm:
         self._blockgran = np.array(blockgran, dtype=bool)
         self._pushall = np.array(pushall, dtype=bool)
         self._split = np.array(split, dtype=bool)
+        # every slot (all address spaces), for the re-protect kernel
+        self._tab_kslot = np.array([s.kvm_slot for s in self.slots], dtype=np.uint32)
+        self._tab_start = np.array([s.start for s in self.slots], dtype=np.int64)
+        self._tab_npages = np.array([s.npages for s in self.slots], dtype=np.int64)
+        self._tab_blockgran = np.array([s.logging and (not self._logs(s) or not p.split_blocks)
+                                        for s in self.slots], dtype=bool)
 
     def _logging_changed(self, s: Memslot) -> int:
         """kvm_arch_commit_memory_region for a LOG_DIRTY_PAGES change. Returns the kernel time."""
@@ -421,52 +429,31 @@ class Vm:
         self.stats.tlb_flushes += 1
         return self.profile.tlbi_broadcast_ns(len(self.vcpus))
 
+    def _scratch(self, name: str, n: int, dtype) -> np.ndarray:
+        """A reusable output buffer of at least n items for the compiled kernels (fresh large
+        arrays cost page faults on every call)."""
+        buf = self._scratch_bufs.get(name)
+        if buf is None or len(buf) < n:
+            buf = np.empty(max(n, 1024, 0 if buf is None else 2 * len(buf)), dtype=dtype)
+            self._scratch_bufs[name] = buf
+        return buf
+
     def _reprotect(self, kslots: np.ndarray, offsets: np.ndarray, masks: np.ndarray) -> int:
-        """kvm_arch_mmu_enable_log_dirty_pt_masked for each (slot, offset, mask): write-protect
-        the pages (arm64: the whole span of the mask). Calls naming a missing slot or running past
-        its end are skipped, as the kernel does. Returns the pages write-protected."""
+        """Apply re-protect calls (slot, offset, mask) with :func:`memory.protect_masked`:
+        arm64 write-protects the whole span of each mask; calls naming a missing slot or running
+        past its end are skipped, as the kernel does. Returns the pages write-protected."""
         if len(masks) == 0:
             return 0
-        span = self.profile.reprotect_span
-        fls = np.zeros(len(masks), dtype=np.int64)
-        multi = masks != 1
-        if multi.any():
-            fls[multi] = 63 - _clz64(masks[multi])
-        gpis = []
-        kinds = unique(kslots)
-        for ks in kinds:
-            s = self._by_kvm_slot.get(int(ks))
-            if s is None:
-                continue
-            sel = (kslots == ks) if len(kinds) > 1 else True
-            ok = sel & (offsets >= 0) & (offsets + fls < s.npages)
-            if not ok.any():
-                continue
-            _, pages = mask_pages(offsets[ok], masks[ok], span)
-            gpis.append(s.start + pages)
-        if not gpis:
-            return 0
-        gpi = np.concatenate(gpis)
-        self._protect_pages(gpi)
-        return len(gpi)
-
-    def _protect_pages(self, gpi: np.ndarray) -> None:
-        """Set WP|CLEAN on pages; a page still mapped by a block in a block-granular slot
-        protects its whole block (the block is one stage-2 entry)."""
-        blk = self.block_map[gpi // self.block_pages] != 0
-        if blk.any():
-            sidx = self._slot_index_of_gpi(gpi[blk])
-            bg = self._blockgran[sidx] if len(self._blockgran) else np.zeros(0, bool)
-            if bg.any():
-                b = unique(gpi[blk][bg] // self.block_pages)
-                extra = (b[:, None] * self.block_pages + np.arange(self.block_pages)[None, :]).ravel()
-                gpi = np.concatenate([gpi, extra])
-        if self.guest is not None:
-            was = self.state[gpi]
-            newly = gpi[(was & CLEAN) == 0]
-            if len(newly):
-                self.guest.pages_cleaned(unique(newly))
-        self.state[gpi] |= WP_CLEAN
+        bp = self.block_pages
+        # a protected page in a block-granular slot takes its whole block with it
+        newly = self._scratch("newly", len(masks) * 64 * (bp if self._blockgran.any() else 1), np.int64)
+        npro, nnew = protect_masked(
+            np.ascontiguousarray(kslots, dtype=np.uint32), np.ascontiguousarray(offsets, dtype=np.int64),
+            np.ascontiguousarray(masks, dtype=np.uint64), self._tab_kslot, self._tab_start, self._tab_npages,
+            self._tab_blockgran, self.state, self.block_map, self.block_shift, self.profile.reprotect_span, newly)
+        if nnew and self.guest is not None:
+            self.guest.pages_cleaned(newly[:nnew])
+        return int(npro)
 
     # ------------------------------------------------------------------ dirty bitmap
     def get_dirty_log(self, slot: int, as_id: int = 0) -> np.ndarray:
@@ -546,6 +533,11 @@ class Vm:
     # ------------------------------------------------------------------ address lookup
     def _locate(self, gfn: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """gfn -> (index into the address-space-0 slots, global page index)."""
+        if len(self._base) == 1 and len(gfn):  # one RAM slot: no search
+            if gfn.min() < self._base[0] or gfn.max() >= self._end[0]:
+                bad = gfn[(gfn < self._base[0]) | (gfn >= self._end[0])][0]
+                raise KvmError(errno.EFAULT, f"guest write to gfn {int(bad)}: no memslot maps it")
+            return np.zeros(len(gfn), dtype=np.int64), gfn + (self._start[0] - self._base[0])
         k = np.searchsorted(self._base, gfn, side="right") - 1
         if len(gfn) and (k.min() < 0 or np.any(gfn >= self._end[k])):
             bad = gfn[(k < 0) | (gfn >= self._end[np.maximum(k, 0)])][0]
@@ -553,6 +545,8 @@ class Vm:
         return k, self._start[k] + (gfn - self._base[k])
 
     def _slot_index_of_gpi(self, gpi: np.ndarray) -> np.ndarray:
+        if len(self._start) == 1:
+            return np.zeros(len(gpi), dtype=np.int64)
         return np.searchsorted(self._start, gpi, side="right") - 1
 
     def _gfn_of_gpi(self, gpi: np.ndarray) -> np.ndarray:
@@ -651,16 +645,16 @@ class Vm:
         pml_count = np.array([v.pml_count for v in self.vcpus], dtype=np.int64)
         bp = self.block_pages
         maxpush = n * (bp if self._pushall.any() else 1)
-        push_v = np.empty(maxpush, dtype=np.int32)
-        push_g = np.empty(maxpush, dtype=np.int64)
-        split_v = np.empty(n, dtype=np.int32)
-        split_b = np.empty(n, dtype=np.int64)
-        dirtied = np.empty(n, dtype=np.int64)
+        push_v = self._scratch("push_v", maxpush, np.int32)
+        push_g = self._scratch("push_g", maxpush, np.int64)
+        split_v = self._scratch("split_v", n, np.int32)
+        split_b = self._scratch("split_b", n, np.int64)
+        dirtied = self._scratch("dirtied", n, np.int64)
         faults = np.zeros(nv, dtype=np.int64)
         m, cut, npush, nsplit, ndirty, retired = walk_writes(
             gpi, vc.astype(np.int32, copy=False), code.astype(np.int8, copy=False), sidx, self.state, self.version,
             self.block_map,
-            self._blockgran, self._pushall, self._split, bp, used, limit, pml_count,
+            self._blockgran, self._pushall, self._split, self.block_shift, used, limit, pml_count,
             p.pml_buffer_entries if p.pml else 0, rings, push_v, push_g, split_v, split_b, dirtied, faults)
 
         # splits: break-before-make and a broadcast TLB invalidation, charged to the faulting vCPU
@@ -735,14 +729,3 @@ class Vm:
 
     def pages_dirty_since_clean(self) -> int:
         return int(np.count_nonzero((self.state & CLEAN) == 0))
-
-
-def _clz64(x: np.ndarray) -> np.ndarray:
-    """Leading zero count of u64 values (x > 0)."""
-    x = x.astype(np.uint64)
-    n = np.zeros(x.shape, dtype=np.int64)
-    for s in (32, 16, 8, 4, 2, 1):
-        hi = (x >> np.uint64(64 - s)) == 0
-        n += np.where(hi, s, 0)
-        x = np.where(hi, x << np.uint64(s), x)
-    return n
