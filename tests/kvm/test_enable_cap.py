@@ -1,0 +1,340 @@
+"""KVM_ENABLE_CAP / KVM_CHECK_EXTENSION rules and their errnos (reference s2 and s11;
+x86 facts from real-kvm-host.md "Errors observed")."""
+
+from __future__ import annotations
+
+import errno
+
+import pytest
+
+from ringenv.config import load_host_profile
+from ringenv.kvm import KvmError, Vm
+from ringenv.kvm import uapi as U
+
+ACQ = U.KVM_CAP_DIRTY_LOG_RING_ACQ_REL
+PLAIN = U.KVM_CAP_DIRTY_LOG_RING
+BITMAP = U.KVM_CAP_DIRTY_LOG_RING_WITH_BITMAP
+EAGER = U.KVM_CAP_ARM_EAGER_SPLIT_CHUNK_SIZE
+LOG = U.KVM_MEM_LOG_DIRTY_PAGES
+MiB = 1 << 20
+GiB = 1 << 30
+
+ALL = ["arm64-4k", "arm64-16k", "arm64-64k", "x86-pml", "x86-nopml"]
+ARM = ["arm64-4k", "arm64-16k", "arm64-64k"]
+X86 = ["x86-pml", "x86-nopml"]
+# The ring cap each host offers (s1: arm64 offers only ACQ_REL).
+RING_CAP = {"arm64-4k": ACQ, "arm64-16k": ACQ, "arm64-64k": ACQ, "x86-pml": PLAIN, "x86-nopml": PLAIN}
+
+# Smallest accepted ring, worked from s2: bytes >= max(reserved * 16, PAGE_SIZE), power of two.
+#   arm64-4k : reserved 64  -> 1024 B; PAGE 4 KiB  -> 4096 B  = 256 entries
+#   arm64-16k: reserved 64  -> 1024 B; PAGE 16 KiB -> 16384 B = 1024 entries
+#   arm64-64k: reserved 64  -> 1024 B; PAGE 64 KiB -> 65536 B = 4096 entries
+#   x86-pml  : reserved 576 -> 9216 B -> next power of two 16384 B = 1024 entries
+#   x86-nopml: reserved 64  -> 1024 B; PAGE 4 KiB  -> 4096 B  = 256 entries
+SMALLEST_BYTES = {"arm64-4k": 4096, "arm64-16k": 16384, "arm64-64k": 65536, "x86-pml": 16384, "x86-nopml": 4096}
+RESERVED = {"arm64-4k": 64, "arm64-16k": 64, "arm64-64k": 64, "x86-pml": 576, "x86-nopml": 64}
+
+
+def errno_of(fn, *a, **kw):
+    with pytest.raises(KvmError) as ei:
+        fn(*a, **kw)
+    assert isinstance(ei.value, OSError)
+    return ei.value.errno
+
+
+# ---------------------------------------------------------------------------- ring size rules
+@pytest.mark.parametrize("profile", ALL)
+@pytest.mark.parametrize("size", [0, 3000, 6144, 4096 + 16, 3 * 4096])
+def test_ring_size_zero_or_not_power_of_two_is_einval(profile, size):
+    """s2: size 0 or not a power of two -> EINVAL (s11: 0, 3000, 6144 measured)."""
+    vm = Vm(profile)
+    assert errno_of(vm.enable_cap, RING_CAP[profile], size) == errno.EINVAL
+    assert vm.ring_entries == 0
+
+
+@pytest.mark.parametrize("profile,size", [
+    ("arm64-4k", 16), ("arm64-4k", 512), ("arm64-4k", 1024), ("arm64-4k", 2048),
+    ("arm64-16k", 4096), ("arm64-16k", 8192),
+    ("arm64-64k", 1024), ("arm64-64k", 4096), ("arm64-64k", 16384), ("arm64-64k", 32768),
+    ("x86-pml", 1024), ("x86-pml", 4096), ("x86-pml", 8192),      # 8192 < 576 * 16 = 9216
+    ("x86-nopml", 1024), ("x86-nopml", 2048),
+])
+def test_ring_below_reserved_or_page_size_is_einval(profile, size):
+    """s2: size < reserved * 16 or size < PAGE_SIZE -> EINVAL (s11: 1024, 2048 on arm64-4k)."""
+    vm = Vm(profile)
+    assert errno_of(vm.enable_cap, RING_CAP[profile], size) == errno.EINVAL
+    assert vm.ring_entries == 0
+
+
+@pytest.mark.parametrize("profile", ALL)
+def test_smallest_ring_is_accepted_and_half_of_it_is_not(profile):
+    """s2: smallest ring arm64-4k 256, arm64-16k 1024, arm64-64k 4096, x86-pml 1024,
+    x86-nopml 256 entries; entries = bytes / 16, soft_limit = entries - reserved."""
+    smallest = SMALLEST_BYTES[profile]
+    vm = Vm(profile)
+    assert errno_of(vm.enable_cap, RING_CAP[profile], smallest // 2) == errno.EINVAL
+    vm.enable_cap(RING_CAP[profile], smallest)
+    assert vm.ring_entries == smallest // 16
+    vm.set_user_memory_region(0, LOG, 0, 64 * vm.page_size)
+    v = vm.create_vcpu(0)
+    assert v.ring.size == smallest // 16
+    assert v.ring.soft_limit == smallest // 16 - RESERVED[profile]
+    assert len(v.ring_gfns) == smallest // 16
+
+
+def test_smallest_ring_per_profile_in_entries():
+    """s2/s11 worked values; the profiles' accepted sizes start there and end at 65536."""
+    expected = {"arm64-4k": 256, "arm64-16k": 1024, "arm64-64k": 4096, "x86-pml": 1024, "x86-nopml": 256}
+    for name, entries in expected.items():
+        p = load_host_profile(name)
+        assert p.reserved_entries == RESERVED[name]
+        assert p.min_ring_entries == entries
+        assert p.ring_sizes[0] == entries and p.ring_sizes[-1] == 65536
+        assert all(b == 2 * a for a, b in zip(p.ring_sizes, p.ring_sizes[1:]))
+
+
+def test_arm64_4k_4096_bytes_is_256_entries_soft_limit_192():
+    """s11: 4096 accepted on arm64-4k; 256 entries, soft limit 256 - 64 = 192."""
+    vm = Vm("arm64-4k")
+    vm.enable_cap(ACQ, 4096)
+    v = vm.create_vcpu(0)
+    assert (v.ring.size, v.ring.soft_limit) == (256, 192)
+
+
+@pytest.mark.parametrize("profile", ALL)
+def test_one_mib_ok_two_mib_e2big(profile):
+    """s2: E2BIG above 65536 * 16 = 1 MiB; 1 MiB itself is accepted (s11)."""
+    vm = Vm(profile)
+    assert errno_of(vm.enable_cap, RING_CAP[profile], 2 * MiB) == errno.E2BIG
+    assert vm.ring_entries == 0  # the failed call left no ring behind
+    vm.enable_cap(RING_CAP[profile], MiB)
+    assert vm.ring_entries == 65536
+
+
+@pytest.mark.parametrize("profile", ALL)
+def test_args0_is_read_as_u32(profile):
+    """s11: args[0] = 4 GiB is read as a u32 (0) -> EINVAL. By the same truncation
+    4 GiB + smallest reads as the smallest size and is accepted (derived, not measured)."""
+    vm = Vm(profile)
+    assert errno_of(vm.enable_cap, RING_CAP[profile], 4 * GiB) == errno.EINVAL
+    vm.enable_cap(RING_CAP[profile], 4 * GiB + SMALLEST_BYTES[profile])
+    assert vm.ring_entries == SMALLEST_BYTES[profile] // 16
+
+
+@pytest.mark.parametrize("profile", ALL)
+def test_ring_enabled_twice_is_einval_and_keeps_the_first(profile):
+    """s2: ring already set -> EINVAL (s11 "twice -> EINVAL")."""
+    vm = Vm(profile)
+    vm.enable_cap(RING_CAP[profile], SMALLEST_BYTES[profile])
+    assert errno_of(vm.enable_cap, RING_CAP[profile], 2 * SMALLEST_BYTES[profile]) == errno.EINVAL
+    assert errno_of(vm.enable_cap, RING_CAP[profile], SMALLEST_BYTES[profile]) == errno.EINVAL
+    assert vm.ring_entries == SMALLEST_BYTES[profile] // 16
+
+
+@pytest.mark.parametrize("profile", ALL)
+def test_ring_after_a_vcpu_is_einval(profile):
+    """s2: any vCPU already created -> EINVAL."""
+    vm = Vm(profile)
+    vm.create_vcpu(0)
+    assert errno_of(vm.enable_cap, RING_CAP[profile], SMALLEST_BYTES[profile]) == errno.EINVAL
+    assert vm.ring_entries == 0
+
+
+@pytest.mark.parametrize("profile", ALL)
+def test_ring_after_a_memslot_but_before_vcpus_is_allowed(profile):
+    """s11: after a memslot but before vCPUs -> allowed."""
+    vm = Vm(profile)
+    vm.set_user_memory_region(0, LOG, 0, 64 * vm.page_size)
+    vm.enable_cap(RING_CAP[profile], SMALLEST_BYTES[profile])
+    v = vm.create_vcpu(0)
+    assert v.ring.size == SMALLEST_BYTES[profile] // 16
+
+
+@pytest.mark.parametrize("profile", ARM)
+def test_plain_ring_cap_192_is_einval_on_arm64(profile):
+    """s1/s11: arm64 offers only ACQ_REL; 192 -> EINVAL even with a valid size."""
+    vm = Vm(profile)
+    assert errno_of(vm.enable_cap, PLAIN, SMALLEST_BYTES[profile]) == errno.EINVAL
+    assert vm.ring_entries == 0
+    vm.enable_cap(ACQ, SMALLEST_BYTES[profile])
+
+
+@pytest.mark.parametrize("profile", X86)
+@pytest.mark.parametrize("cap", [PLAIN, ACQ])
+def test_both_ring_caps_accepted_on_x86(profile, cap):
+    """real-kvm-host.md: plain 192 accepted on x86 (TSO); ACQ_REL (223) reports 1 MiB too."""
+    vm = Vm(profile)
+    vm.enable_cap(cap, SMALLEST_BYTES[profile])
+    assert vm.ring_entries == SMALLEST_BYTES[profile] // 16
+
+
+# ---------------------------------------------------------------------------- WITH_BITMAP
+@pytest.mark.parametrize("profile", ARM)
+def test_with_bitmap_before_the_ring_is_einval(profile):
+    """s2/s11: WITH_BITMAP only after the ring is on."""
+    vm = Vm(profile)
+    assert errno_of(vm.enable_cap, BITMAP) == errno.EINVAL
+    assert vm.with_bitmap is False
+
+
+@pytest.mark.parametrize("profile", ARM)
+def test_with_bitmap_with_flags_is_einval(profile):
+    """s11: WITH_BITMAP with flags != 0 -> EINVAL."""
+    vm = Vm(profile)
+    vm.enable_cap(ACQ, SMALLEST_BYTES[profile])
+    assert errno_of(vm.enable_cap, BITMAP, flags=1) == errno.EINVAL
+    assert vm.with_bitmap is False
+
+
+@pytest.mark.parametrize("profile", ARM)
+def test_with_bitmap_after_a_memslot_is_einval(profile):
+    """s2/s11: WITH_BITMAP only before any memslot exists."""
+    vm = Vm(profile)
+    vm.enable_cap(ACQ, SMALLEST_BYTES[profile])
+    vm.set_user_memory_region(0, LOG, 0, 64 * vm.page_size)
+    assert errno_of(vm.enable_cap, BITMAP) == errno.EINVAL
+    assert vm.with_bitmap is False
+
+
+@pytest.mark.parametrize("profile", ARM)
+def test_with_bitmap_after_ring_before_memslots_ok_twice(profile):
+    """s11: after the ring and before memslots -> 0; a second enable also 0."""
+    vm = Vm(profile)
+    vm.enable_cap(ACQ, SMALLEST_BYTES[profile])
+    assert vm.enable_cap(BITMAP) in (None, 0)
+    assert vm.enable_cap(BITMAP) in (None, 0)
+    assert vm.with_bitmap is True
+
+
+@pytest.mark.parametrize("profile", X86)
+def test_with_bitmap_on_x86_is_einval(profile):
+    """real-kvm-host.md: WITH_BITMAP reports 0 on x86 and enabling it is EINVAL (ring on)."""
+    vm = Vm(profile)
+    vm.enable_cap(PLAIN, SMALLEST_BYTES[profile])
+    assert vm.check_extension(BITMAP) == 0
+    assert errno_of(vm.enable_cap, BITMAP) == errno.EINVAL
+
+
+# ---------------------------------------------------------------------------- GET_DIRTY_LOG / RESET
+@pytest.mark.parametrize("profile", ALL)
+def test_get_dirty_log_with_ring_and_no_bitmap_is_enxio(profile):
+    """s11 / real-kvm-host.md: KVM_GET_DIRTY_LOG with the ring but no bitmap -> ENXIO."""
+    vm = Vm(profile)
+    vm.enable_cap(RING_CAP[profile], SMALLEST_BYTES[profile])
+    vm.set_user_memory_region(0, LOG, 0, 128 * vm.page_size)
+    vm.create_vcpu(0)
+    assert errno_of(vm.get_dirty_log, 0) == errno.ENXIO
+
+
+@pytest.mark.parametrize("profile", ARM)
+def test_get_dirty_log_with_ring_and_bitmap_works(profile):
+    """s3: with WITH_BITMAP the backup bitmap is readable with KVM_GET_DIRTY_LOG (all clear)."""
+    vm = Vm(profile)
+    vm.enable_cap(ACQ, SMALLEST_BYTES[profile])
+    vm.enable_cap(BITMAP)
+    vm.set_user_memory_region(0, LOG, 0, 128 * vm.page_size)
+    vm.create_vcpu(0)
+    bm = vm.get_dirty_log(0)
+    assert len(bm) == 2 and not bm.any()
+
+
+@pytest.mark.parametrize("profile", ALL)
+def test_reset_without_a_ring_is_einval(profile):
+    """s6: KVM_RESET_DIRTY_RINGS on a VM without a ring -> EINVAL."""
+    vm = Vm(profile)
+    vm.set_user_memory_region(0, LOG, 0, 64 * vm.page_size)
+    vm.create_vcpu(0)
+    assert errno_of(vm.reset_dirty_rings) == errno.EINVAL
+
+
+@pytest.mark.parametrize("profile", ALL)
+def test_reset_with_a_ring_and_nothing_harvested_returns_0(profile):
+    """real-kvm-host.md: with a ring and nothing harvested the reset returns 0 (also with no
+    vCPU at all, and no TLB flush: s6 flushes only if anything was reset)."""
+    vm = Vm(profile)
+    vm.enable_cap(RING_CAP[profile], SMALLEST_BYTES[profile])
+    assert vm.reset_dirty_rings() == 0
+    vm.set_user_memory_region(0, LOG, 0, 64 * vm.page_size)
+    vm.create_vcpu(0)
+    vm.create_vcpu(1)
+    flushes = vm.stats.tlb_flushes
+    assert vm.reset_dirty_rings() == 0
+    assert vm.stats.tlb_flushes == flushes
+
+
+# ---------------------------------------------------------------------------- CHECK_EXTENSION
+def test_check_extension_arm64_4k_values_measured():
+    """s11: 192 = 0, 223 = 1048576, 225 = 1, 228 = 0, 229 = 4K | 2M | 1G."""
+    vm = Vm("arm64-4k")
+    assert vm.check_extension(PLAIN) == 0
+    assert vm.check_extension(ACQ) == 1048576
+    assert vm.check_extension(BITMAP) == 1
+    assert vm.check_extension(EAGER) == 0
+    assert vm.check_extension(U.KVM_CAP_ARM_SUPPORTED_BLOCK_SIZES) == 4096 | (2 * MiB) | GiB
+
+
+@pytest.mark.parametrize("profile,sizes", [
+    ("arm64-16k", 16384 | (32 * MiB)),      # s7: 16K granule, 32 MiB blocks
+    ("arm64-64k", 65536 | (512 * MiB)),     # s7: 64K granule, 512 MiB blocks
+])
+def test_check_extension_other_arm64_granules(profile, sizes):
+    """s7 granules/blocks, with the arm64 values of s11 for the ring caps."""
+    vm = Vm(profile)
+    assert vm.check_extension(PLAIN) == 0
+    assert vm.check_extension(ACQ) == 1048576
+    assert vm.check_extension(BITMAP) == 1
+    assert vm.check_extension(EAGER) == 0
+    assert vm.check_extension(U.KVM_CAP_ARM_SUPPORTED_BLOCK_SIZES) == sizes
+
+
+@pytest.mark.parametrize("profile", X86)
+def test_check_extension_x86_values_measured(profile):
+    """real-kvm-host.md: 192 and 223 report 1048576, 225 reports 0."""
+    vm = Vm(profile)
+    assert vm.check_extension(PLAIN) == 1048576
+    assert vm.check_extension(ACQ) == 1048576
+    assert vm.check_extension(BITMAP) == 0
+
+
+# ---------------------------------------------------------------------------- EAGER_SPLIT_CHUNK_SIZE
+@pytest.mark.parametrize("chunk", [0, 4096, 2 * MiB, GiB])
+def test_eager_split_chunk_zero_or_supported_block_size_ok(chunk):
+    """s2: 0 or a supported block size (229 = 4K | 2M | 1G on arm64-4k), before memslots."""
+    vm = Vm("arm64-4k")
+    vm.enable_cap(EAGER, chunk)
+    assert vm.eager_split_chunk == chunk
+
+
+@pytest.mark.parametrize("chunk", [1, 8192, 3 * MiB, 4 * MiB, 32 * MiB, 512 * MiB])
+def test_eager_split_chunk_unsupported_size_is_einval(chunk):
+    """s2: anything but 0 or a supported block size -> EINVAL."""
+    vm = Vm("arm64-4k")
+    assert errno_of(vm.enable_cap, EAGER, chunk) == errno.EINVAL
+    assert vm.eager_split_chunk == 0
+
+
+def test_eager_split_chunk_per_granule():
+    """s7: 16K granule blocks are 32 MiB; a 4K-granule 2 MiB chunk is not a block there."""
+    vm = Vm("arm64-16k")
+    assert errno_of(vm.enable_cap, EAGER, 2 * MiB) == errno.EINVAL
+    vm.enable_cap(EAGER, 32 * MiB)
+    vm = Vm("arm64-64k")
+    assert errno_of(vm.enable_cap, EAGER, 32 * MiB) == errno.EINVAL
+    vm.enable_cap(EAGER, 512 * MiB)
+
+
+def test_eager_split_chunk_after_a_memslot_is_einval():
+    """s2: only before any memslot exists (also for 0)."""
+    vm = Vm("arm64-4k")
+    vm.set_user_memory_region(0, 0, 0, 1024 * 4096)
+    assert errno_of(vm.enable_cap, EAGER, 2 * MiB) == errno.EINVAL
+    assert errno_of(vm.enable_cap, EAGER, 0) == errno.EINVAL
+    assert vm.eager_split_chunk == 0
+
+
+@pytest.mark.parametrize("profile", X86)
+def test_eager_split_chunk_is_arm64_only(profile):
+    """s1: KVM_CAP_ARM_EAGER_SPLIT_CHUNK_SIZE is an arm64 capability: not on x86."""
+    vm = Vm(profile)
+    assert vm.check_extension(EAGER) == 0
+    assert errno_of(vm.enable_cap, EAGER, 2 * MiB) == errno.EINVAL

@@ -1,0 +1,135 @@
+"""x86 with PML (reference s2 and s7): reserved = 64 + 512 = 576, smallest ring 1024 entries;
+the CPU logs up to 512 GPAs in a hardware buffer that KVM flushes into the ring when it is full
+and at every exit, so pushes arrive 512 at a time (or whatever is buffered at an exit), and the
+soft-full request can only fire after a flush.
+
+The guest is a TraceProgram writing one store every 5 ns (write k at t = 5k, fault cost 0), so
+run_until(5 * k) lets exactly writes 0..k-1 happen.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from ringenv.config import load_host_profile
+from ringenv.kvm import uapi as U
+
+from ._helpers import Host
+
+FULL = U.KVM_EXIT_DIRTY_RING_FULL
+
+
+def test_pml_reserved_576_smallest_ring_1024_soft_limit_448():
+    """s2: reserved = 64 + 512; smallest ring: 576 * 16 = 9216 B -> 16384 B = 1024 entries;
+    soft_limit = 1024 - 576 = 448."""
+    p = load_host_profile("x86-pml")
+    assert p.reserved_entries == 576
+    assert p.min_ring_entries == 1024
+    h = Host([[]], profile="x86-pml", entries=1024)
+    assert (h.vcpus[0].ring.size, h.vcpus[0].ring.soft_limit) == (1024, 448)
+
+
+def test_pushes_arrive_512_at_a_time_while_running():
+    """s7: 511 distinct writes leave the ring empty (all in the PML buffer); the 512th fills
+    the buffer: flush -> 512 entries at once. Ring 4096 entries (soft 3520): no exit."""
+    h = Host([list(range(600))], profile="x86-pml", entries=4096, slot_pages=2048)
+    v = h.vcpus[0]
+    assert h.enter() is None
+    assert h.vm.run_until(5 * 511) == []
+    assert v.ring.dirty_index == 0
+    assert h.version(510) == 1  # the writes did happen
+    assert h.vm.run_until(5 * 512) == []
+    assert v.ring.dirty_index == 512
+    assert h.ring_offsets() == list(range(512))
+    assert h.vm.run_until(5 * 550) == []
+    assert v.ring.dirty_index == 512  # 38 more logged, not yet in the ring
+
+
+def test_any_exit_flushes_the_pml_buffer():
+    """s7: "KVM flushes the buffer into the ring at the next exit": after 550 writes a kick
+    (KVM_EXIT_INTR) brings the ring from 512 to 550 entries."""
+    h = Host([list(range(600))], profile="x86-pml", entries=4096, slot_pages=2048)
+    v = h.vcpus[0]
+    assert h.enter() is None
+    h.vm.run_until(5 * 550)
+    e = v.kick()
+    assert e is not None and e.reason == U.KVM_EXIT_INTR
+    assert v.ring.dirty_index == 550
+    assert h.harvest() == list(range(550))
+
+
+def test_sync_exit_flushes_the_pml_buffer():
+    """s7: 100 writes then a sync (MMIO) exit: the 100 buffered pages are in the ring."""
+    h = Host([list(range(100))], [[99]], profile="x86-pml", entries=1024)
+    e = h.enter_and_run()
+    assert e.kind == "sync"
+    assert h.harvest() == list(range(100))
+
+
+def test_no_full_exit_between_flush_points():
+    """s4 + s7: ring 1024, soft 448. After 480 writes (more than the soft limit) the ring is
+    still empty -- everything is in the buffer -- and the vCPU is still in the guest."""
+    h = Host([list(range(2000))], profile="x86-pml", entries=1024, slot_pages=4096)
+    assert h.enter() is None
+    assert h.vm.run_until(5 * 480) == []
+    assert h.vcpus[0].in_guest and h.vcpus[0].ring.used == 0
+
+
+def test_full_exit_at_the_first_flush_with_512_entries():
+    """s7: ring 1024 (soft 448): the first flush (512th write) gives used 512 >= 448 -> full
+    exit with 512 entries, within [soft_limit, soft_limit + 511] = [448, 959]. Then batches of
+    512 after each harvest + reset (no retried-store duplicate: with PML nothing faults), and the
+    rest, 2000 - 3 * 512 = 464, at the end."""
+    h = Host([list(range(2000))], profile="x86-pml", entries=1024, slot_pages=4096)
+    r = h.vcpus[0].ring
+    batches = []
+    e = h.enter_and_run()
+    while e.kind == "full":
+        assert e.reason == FULL
+        assert r.soft_limit <= r.used <= r.soft_limit + 511
+        batches.append(h.harvest())
+        assert h.reset() == len(batches[-1])
+        e = h.enter_and_run()
+    assert e.kind == "done"
+    batches.append(h.harvest())
+    assert [len(b) for b in batches] == [512, 512, 512, 464]
+    assert sum(batches, []) == list(range(2000))
+    assert r.lost == 0
+
+
+def test_full_exit_with_a_2048_ring_holds_1536():
+    """ring 2048, soft 2048 - 576 = 1472: flushes at 512 and 1024 stay below it; the third
+    (1536) crosses it -> full exit with 1536 entries, within [1472, 1983]."""
+    h = Host([list(range(2000))], profile="x86-pml", entries=2048, slot_pages=4096)
+    e = h.enter_and_run()
+    r = h.vcpus[0].ring
+    assert e.reason == FULL
+    assert r.used == 1536
+    assert r.soft_limit <= r.used <= r.soft_limit + 511
+
+
+def test_flush_at_a_sync_exit_can_make_the_ring_soft_full():
+    """s4 + s7: ring 1024 (soft 448): 480 writes then a sync exit flush 480 >= 448 entries;
+    SOFT_FULL is raised by the push, so KVM_RUN without a reset exits 31 at once; after
+    harvest + reset the vCPU enters again."""
+    h = Host([list(range(500))], [[479]], profile="x86-pml", entries=1024, slot_pages=1024)
+    e = h.enter_and_run()
+    assert e.kind == "sync"
+    assert h.vcpus[0].ring.used == 480
+    again = h.enter()
+    assert again is not None and again.reason == FULL
+    assert len(h.harvest()) == 480 and h.reset() == 480
+    assert h.enter() is None
+    assert h.run().kind == "done"
+    assert h.harvest() == list(range(480, 500))
+
+
+def test_pml_logs_a_page_once_until_reset():
+    """s3: the ring does not de-duplicate, the logging does: 5, 5, 6 -> [5, 6]; after harvest
+    + reset, 5 is logged again."""
+    h = Host([[5, 5, 6, 5]], [[2]], profile="x86-pml", entries=1024)
+    assert h.enter_and_run().kind == "sync"
+    assert h.harvest() == [5, 6]
+    assert h.reset() == 2
+    assert h.enter_and_run().kind == "done"
+    assert h.harvest() == [5]

@@ -1,0 +1,130 @@
+"""``python -m ringenv replay FILE`` as a subprocess: the JSON contract of ringenv/replay.py on
+a hand-worked trace, and clean errors (ConfigError -> exit 2, KVM errno -> exit 1, no
+traceback, the message naming the bad field)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def ringenv(*args, cwd=ROOT):
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(ROOT) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    return subprocess.run([sys.executable, "-m", "ringenv", *map(str, args)], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=120)
+
+
+def write(tmp_path, obj, name="trace.json"):
+    p = tmp_path / name
+    p.write_text(obj if isinstance(obj, str) else json.dumps(obj))
+    return p
+
+
+GOOD = {"slot_pages": 1024, "ring_entries": 256, "reap_scope": "all",
+        "vcpus": [{"writes": list(range(300)) + [5], "syncs": [300]}]}
+
+
+def test_replay_prints_the_contract_json(tmp_path):
+    """arm64-4k, ring 256 (soft 192), 300 distinct pages then page 5 again with a sync after it:
+    full exit at the 192nd push: batch [0..191], reset 192; the retried store 191 pushes first,
+    then 192..299 and 5 (re-protected by the reset) = 110 entries, then the sync after write
+    index 300 (page 5): batch [191..299, 5], reset 110; nothing left at the end (final reset 0,
+    no batch recorded because it is empty)."""
+    r = ringenv("replay", write(tmp_path, GOOD))
+    assert r.returncode == 0, r.stderr
+    assert "Traceback" not in r.stderr
+    out = json.loads(r.stdout)
+    assert set(out) == {"profile", "ring_entries", "soft_limit", "resets", "vcpus"}
+    assert (out["profile"], out["ring_entries"], out["soft_limit"]) == ("arm64-4k", 256, 192)
+    assert out["resets"] == [192, 110, 0]
+    assert len(out["vcpus"]) == 1
+    v = out["vcpus"][0]
+    assert set(v) == {"full_exits", "lost", "resets", "batches"}
+    assert (v["full_exits"], v["lost"], v["resets"]) == (1, 0, [192, 110])
+    assert v["batches"] == [{"trigger": "full", "offsets": list(range(192))},
+                            {"trigger": "sync", "offsets": list(range(191, 300)) + [5]}]
+
+
+def test_replay_profile_and_ring_override(tmp_path):
+    """--profile x86-nopml --ring-entries 512 (soft 512 - 64 = 448): 300 distinct pages push
+    300 entries (< 448, no full exit); the second write to page 5 finds it still writable (no
+    reset in between): the sync harvests exactly [0..299]; the final reset finds nothing."""
+    r = ringenv("replay", write(tmp_path, GOOD), "--profile", "x86-nopml", "--ring-entries", "512")
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    assert (out["profile"], out["ring_entries"], out["soft_limit"]) == ("x86-nopml", 512, 448)
+    assert out["vcpus"][0]["batches"] == [{"trigger": "sync", "offsets": list(range(300))}]
+    assert out["resets"] == [300, 0]
+
+
+CONFIG_ERRORS = [
+    # (trace mutation, text that must appear in the message)
+    ({"colour": "red"}, ["unknown key", "colour"]),
+    ({"vcpus": [{"writes": [1, 1024]}]}, ["trace.vcpus[0].writes", "1024"]),
+    ({"vcpus": [{"writes": [-1]}]}, ["trace.vcpus[0].writes", "-1"]),
+    ({"reap_scope": "mine"}, ["trace.reap_scope", "mine"]),
+    ({"slot_pages": 0}, ["trace.slot_pages"]),
+    ({"vcpus": [{"writes": [1], "syncs": [3]}]}, ["trace.vcpus[0].syncs"]),
+    ({"vcpus": [{"writes": [1], "reads": [3]}]}, ["trace.vcpus[0]"]),
+]
+
+
+@pytest.mark.parametrize("mutation,needles", CONFIG_ERRORS)
+def test_bad_trace_is_a_config_error_exit_2(tmp_path, mutation, needles):
+    trace = {**GOOD, **mutation}
+    r = ringenv("replay", write(tmp_path, trace))
+    assert r.returncode == 2, (r.returncode, r.stderr)
+    assert "Traceback" not in r.stderr
+    assert r.stdout == ""
+    for n in needles:
+        assert n in r.stderr, (n, r.stderr)
+
+
+def test_missing_key_names_it(tmp_path):
+    trace = {k: v for k, v in GOOD.items() if k != "ring_entries"}
+    r = ringenv("replay", write(tmp_path, trace))
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert "ring_entries" in r.stderr
+
+
+def test_not_json_and_missing_file_exit_2(tmp_path):
+    r = ringenv("replay", write(tmp_path, "{not json"))
+    assert r.returncode == 2 and "Traceback" not in r.stderr and "JSON" in r.stderr
+    r = ringenv("replay", tmp_path / "nope.json")
+    assert r.returncode == 2 and "Traceback" not in r.stderr and "nope.json" in r.stderr
+
+
+@pytest.mark.parametrize("entries,errno_name", [
+    (100, "EINVAL"),      # 1600 bytes: not a power of two (s2)
+    (128, "EINVAL"),      # 2048 bytes < PAGE_SIZE 4096 on arm64-4k (s2)
+    (131072, "E2BIG"),    # 2 MiB > 65536 * 16 (s2)
+])
+def test_ring_size_not_accepted_is_a_kvm_error_exit_1(tmp_path, entries, errno_name):
+    """The ring size reaches KVM_ENABLE_CAP, which fails with the kernel's errno (s2):
+    exit 1, the errno named, the message about the ring size, no traceback."""
+    r = ringenv("replay", write(tmp_path, {**GOOD, "ring_entries": entries}))
+    assert r.returncode == 1, (r.returncode, r.stderr)
+    assert "Traceback" not in r.stderr
+    assert errno_name in r.stderr
+    assert "ring" in r.stderr and "size" in r.stderr
+    assert r.stdout == ""
+
+
+def test_ring_size_fine_on_one_profile_rejected_on_another(tmp_path):
+    """256 entries = 4096 B is accepted on arm64-4k but below 576 * 16 = 9216 B on x86-pml."""
+    r = ringenv("replay", write(tmp_path, GOOD), "--profile", "x86-pml")
+    assert r.returncode == 1 and "EINVAL" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_unknown_profile_exit_2(tmp_path):
+    r = ringenv("replay", write(tmp_path, GOOD), "--profile", "sparc-8k")
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert "sparc-8k" in r.stderr

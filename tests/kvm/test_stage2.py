@@ -1,0 +1,377 @@
+"""arm64 stage-2 behaviour behind the ring (reference s6 re-protect span, s7 splitting, s3 and
+s11 WITH_BITMAP / backup bitmap)."""
+
+from __future__ import annotations
+
+import errno
+
+import numpy as np
+import pytest
+
+from ringenv.guest.trace import TraceProgram
+from ringenv.kvm import KvmError, Vm
+from ringenv.kvm import uapi as U
+from ringenv.kvm.memory import WP
+
+from ._helpers import Host, any_block_mapped, block_mapped, profile_without_split
+
+FULL = U.KVM_EXIT_DIRTY_RING_FULL
+MiB = 1 << 20
+
+
+# ---------------------------------------------------------------------------- logging on / faults
+def test_enabling_logging_write_protects_the_whole_slot_with_one_tlb_flush():
+    """s7: enabling dirty logging write-protects the whole slot (plus a TLB flush)."""
+    vm = Vm("arm64-4k")
+    vm.enable_cap(U.KVM_CAP_DIRTY_LOG_RING_ACQ_REL, 4096)
+    vm.enable_cap(U.KVM_CAP_DIRTY_LOG_RING_WITH_BITMAP)
+    vm.set_user_memory_region(0, 0, 0, 256 * 4096)
+    assert not (vm.state[:256] & WP).any()
+    flushes = vm.stats.tlb_flushes
+    vm.set_user_memory_region(0, U.KVM_MEM_LOG_DIRTY_PAGES, 0, 256 * 4096)
+    assert (vm.state[:256] & WP).all()
+    assert vm.stats.tlb_flushes == flushes + 1
+
+
+def test_slot_without_logging_pushes_nothing():
+    """s3/s7: only a logging (write-protected) slot faults on write, so only it pushes."""
+    vm = Vm("arm64-4k")
+    vm.enable_cap(U.KVM_CAP_DIRTY_LOG_RING_ACQ_REL, 4096)
+    vm.enable_cap(U.KVM_CAP_DIRTY_LOG_RING_WITH_BITMAP)
+    vm.set_user_memory_region(0, 0, 0, 256 * 4096)
+    v = vm.create_vcpu(0)
+    vm.attach_guest(TraceProgram([[1, 2, 3]], [[]]))
+    assert v.run() is None
+    assert vm.run_until(1 << 40)[0].kind == "done"
+    assert v.ring.dirty_index == 0 and v.stats.pushes == 0
+    assert vm.version[1:4].tolist() == [1, 1, 1]
+
+
+def test_write_fault_relaxes_exactly_one_page():
+    """s7: a permission fault relaxes that one page; its neighbours stay protected."""
+    h = Host([[10]])
+    assert h.enter_and_run().kind == "done"
+    assert not h.wp(10)
+    assert h.wp(9) and h.wp(11)
+    assert h.harvest() == [10]
+
+
+# ---------------------------------------------------------------------------- s6 span re-protect
+@pytest.mark.parametrize("profile,protected,unprotected", [
+    ("arm64-4k", [0, 1, 2, 3, 4, 5], []),          # span lowest..highest set bit
+    ("x86-nopml", [0, 5], [1, 2, 3, 4]),           # exactly the set bits
+])
+def test_reprotect_span_includes_zero_bits_on_arm64_only(profile, protected, unprotected):
+    """s6: writes 0, 5, 1, 2, 3, 4 (all dirty, ring [0, 5, 1, 2, 3, 4]); harvest only the first
+    two entries [0, 5] and reset: one call (0, 0b100001). arm64 write-protects pages 0..5 --
+    including 1..4, dirty and NOT harvested; x86 protects only 0 and 5."""
+    h = Host([[0, 5, 1, 2, 3, 4]], [[5]], profile=profile)
+    assert h.enter_and_run().kind == "sync"
+    assert all(not h.wp(p) for p in range(6))
+    assert h.harvest(limit=2) == [0, 5]
+    assert h.reset() == 2
+    assert h.vm.stats.reprotect_calls == 1
+    assert h.vm.stats.pages_reprotected == len(protected)
+    assert [p for p in range(6) if h.wp(p)] == protected
+    assert [p for p in range(6) if not h.wp(p)] == unprotected
+
+
+@pytest.mark.parametrize("profile,rest", [
+    ("arm64-4k", [1, 2, 3, 4, 3]),    # page 3 protected by the span: its next write pushes again
+    ("x86-nopml", [1, 2, 3, 4]),      # page 3 still writable: no second entry
+])
+def test_span_reprotect_duplicates_an_unharvested_dirty_page(profile, rest):
+    """s6: continuing the sequence above, the guest writes page 3 again. On arm64 page 3 was
+    re-protected although its entry is still unharvested, so the write faults and pushes a
+    second entry: the unharvested part of the ring is [1, 2, 3, 4, 3]."""
+    h = Host([[0, 5, 1, 2, 3, 4, 3]], [[5]], profile=profile)
+    assert h.enter_and_run().kind == "sync"
+    h.harvest(limit=2)
+    h.reset()
+    assert h.enter_and_run().kind == "done"
+    assert h.harvest() == rest
+    assert h.version(3) == 2
+
+
+@pytest.mark.parametrize("profile,ring1", [("arm64-4k", [1, 1]), ("x86-nopml", [1])])
+def test_other_vcpus_reset_span_duplicates_interleaved_pages(profile, ring1):
+    """s11 (two vCPUs on interleaved pages, each harvesting only its own ring), made
+    deterministic: vCPU 1 writes page 1 and syncs (not harvested). vCPU 0 writes 0, 2, syncs,
+    harvests ITS ring [0, 2] and resets: one call (0, 0b101) -> arm64 protects 0..2, page 1
+    included. vCPU 1 writes page 1 again: fault, second push: back-to-back [1, 1] on arm64."""
+    h = Host([[0, 2], [1, 1]], [[1], [0]], profile=profile)
+    assert h.enter(1) is None
+    e = h.run()
+    assert (e.vcpu, e.kind) == (1, "sync")
+    assert h.enter(0) is None
+    e = h.run()
+    assert (e.vcpu, e.kind) == (0, "sync")
+    assert h.harvest(0) == [0, 2]
+    assert h.reset() == 2
+    assert h.enter(1) is None
+    e = h.run()
+    assert (e.vcpu, e.kind) == (1, "done")
+    assert h.harvest(1) == ring1
+
+
+def test_disjoint_halves_no_cross_vcpu_duplicates():
+    """s11: with the vCPUs on disjoint halves (0..3 and 512..515; 512 pages apart, never in one
+    mask) the other vCPU's reset protects nothing of ours: [512] only once."""
+    h = Host([[0, 2], [512, 512]], [[1], [0]])
+    assert h.enter(1) is None and h.run().kind == "sync"
+    assert h.enter(0) is None and h.run().kind == "sync"
+    h.harvest(0)
+    h.reset()
+    assert h.enter(1) is None and h.run().kind == "done"
+    assert h.harvest(1) == [512]
+
+
+# ---------------------------------------------------------------------------- s7 splitting
+def test_lazy_split_on_first_write_fault_only():
+    """s7: 1024 pages = 2 blocks of 512, all THP-backed, WITH_BITMAP, no eager split.
+    Enabling logging leaves the blocks. Write 10: the first fault splits block 0 (1 split, one
+    push); write 20 (same block): a plain page fault, no split; write 600: splits block 1."""
+    h = Host([[10, 20, 600]], [[0, 1]], block_fraction=1.0)
+    v = h.vcpus[0]
+    assert h.vm.stats.splits == 0 and h.block_mapped(0) and h.block_mapped(600)
+    assert h.enter_and_run().kind == "sync"
+    assert (h.vm.stats.splits, v.stats.splits, v.stats.pushes, v.stats.faults) == (1, 1, 1, 1)
+    assert not h.block_mapped(0) and not h.block_mapped(511) and h.block_mapped(512)
+    # after the split the block is pages: only page 10 was made writable
+    assert not h.wp(10) and h.wp(11) and h.wp(20)
+    assert h.enter_and_run().kind == "sync"
+    assert (h.vm.stats.splits, v.stats.splits, v.stats.pushes) == (1, 1, 2)
+    assert h.enter_and_run().kind == "done"
+    assert (h.vm.stats.splits, v.stats.splits, v.stats.pushes) == (2, 2, 3)
+    assert h.harvest() == [10, 20, 600]  # one fault = one push
+
+
+def test_split_cost_is_charged_to_the_faulting_vcpu():
+    """s7: the split (break-before-make + broadcast TLB invalidation) happens in the faulting
+    vCPU's fault: vCPU 0's first fault costs wp_fault + split + broadcast TLBI (2 vCPUs);
+    vCPU 1, faulting later in the already split block, pays only wp_fault."""
+    h = Host([[10], [20]], block_fraction=1.0)
+    p = h.profile
+    assert h.enter(0) is None and h.run().vcpu == 0
+    assert h.enter(1) is None and h.run().vcpu == 1
+    s0, s1 = h.vcpus[0].stats, h.vcpus[1].stats
+    assert (s0.splits, s1.splits, h.vm.stats.splits) == (1, 0, 1)
+    assert s0.fault_ns == p.costs.wp_fault_ns + p.costs.split_ns + p.tlbi_broadcast_ns(2)
+    assert s1.fault_ns == p.costs.wp_fault_ns
+
+
+def test_without_splitting_one_write_pushes_the_whole_block_and_overflows():
+    """s7: with splitting off (a HostProfile copy with split_blocks False), a write to a 2 MiB
+    block dirties 512 pages at once: 512 pushes into a 256-entry ring between two entry
+    checks. s3: pushes while used >= entries overwrite: 512 - 256 = 256 lost."""
+    h = Host([[10]], profile=profile_without_split(), block_fraction=1.0)
+    e = h.enter_and_run()
+    v = h.vcpus[0]
+    assert e.reason == FULL
+    assert v.stats.faults == 1
+    assert v.stats.pushes == 512
+    assert v.ring.lost == 256
+
+
+def test_without_splitting_a_big_ring_takes_the_block_without_loss():
+    """Same write with a 1024-entry ring (soft limit 960): 512 entries, the block's pages, no
+    loss, no full exit."""
+    h = Host([[10]], profile=profile_without_split(), block_fraction=1.0, entries=1024)
+    assert h.enter_and_run().kind == "done"
+    assert h.vcpus[0].ring.lost == 0
+    assert sorted(h.harvest()) == list(range(512))
+
+
+@pytest.mark.parametrize("chunk", [2 * MiB, 1 << 30, 4096])
+def test_eager_split_splits_every_block_when_logging_is_enabled(chunk):
+    """s7: EAGER_SPLIT_CHUNK_SIZE > 0 set before memslots: enabling logging splits all blocks
+    (2 here); later write faults split nothing and push one entry each."""
+    h = Host([[10, 600]], block_fraction=1.0, eager_chunk=chunk)
+    assert h.vm.stats.splits == 2
+    assert not any_block_mapped(h.vm, h.slot.npages)
+    assert h.enter_and_run().kind == "done"
+    assert h.vcpus[0].stats.splits == 0 and h.vm.stats.splits == 2
+    assert h.harvest() == [10, 600]
+
+
+def test_eager_split_happens_when_logging_is_turned_on_not_at_slot_creation():
+    """s7: the eager split runs "when logging was enabled": a slot created without logging
+    keeps its blocks; setting LOG_DIRTY_PAGES later splits both."""
+    vm = Vm("arm64-4k")
+    vm.enable_cap(U.KVM_CAP_DIRTY_LOG_RING_ACQ_REL, 4096)
+    vm.enable_cap(U.KVM_CAP_DIRTY_LOG_RING_WITH_BITMAP)
+    vm.enable_cap(U.KVM_CAP_ARM_EAGER_SPLIT_CHUNK_SIZE, 2 * MiB)
+    vm.set_user_memory_region(0, 0, 0, 4 * MiB, block_fraction=1.0)
+    assert vm.stats.splits == 0 and block_mapped(vm, 0) and block_mapped(vm, 512)
+    vm.set_user_memory_region(0, U.KVM_MEM_LOG_DIRTY_PAGES, 0, 4 * MiB, block_fraction=1.0)
+    assert vm.stats.splits == 2 and not any_block_mapped(vm, 1024)
+
+
+def test_no_eager_split_by_default():
+    """s1/s7: EAGER_SPLIT_CHUNK_SIZE 0 (default) = split lazily: enabling logging keeps blocks."""
+    h = Host([[10]], block_fraction=1.0)
+    assert h.vm.stats.splits == 0
+    assert h.block_mapped(0) and h.block_mapped(1023)
+
+
+# ---------------------------------------------------------------------------- s11 WITHOUT WITH_BITMAP
+def test_arm64_without_bitmap_reports_a_block_once_and_misses_other_writes():
+    """s11: without WITH_BITMAP a ring-only slot is not logging on arm64: blocks stay (no
+    split); writes to pages 10, 20, 30 of one 2 MiB block give ONE entry for the whole block.
+    The other pages' writes are never named by the ring: a harvest-based copy misses them
+    (their versions are 1, the copy never re-read them) -- the "lost" writes."""
+    h = Host([[10, 20, 30]], with_bitmap=False, block_fraction=1.0)
+    assert h.enter_and_run().kind == "done"
+    assert h.vm.stats.splits == 0 and h.block_mapped(10)
+    got = h.harvest()
+    assert len(got) == 1
+    assert 0 <= got[0] < 512  # the one entry names a page of block 0 (which one: see report)
+    missed = [p for p in (10, 20, 30) if p not in got and h.version(p) == 1]
+    assert len(missed) >= 2
+
+
+def test_arm64_without_bitmap_reset_reprotects_the_whole_block():
+    """s11 + s6: the block is one stage-2 entry: after harvest + reset it is protected again,
+    the next write anywhere in it pushes one entry, and later writes in it none."""
+    h = Host([[10, 20, 30, 20, 30]], [[2]], with_bitmap=False, block_fraction=1.0)
+    assert h.enter_and_run().kind == "sync"
+    assert len(h.harvest()) == 1
+    assert h.reset() == 1
+    assert h.wp(10) and h.wp(20) and h.wp(511)
+    assert h.enter_and_run().kind == "done"
+    assert len(h.harvest()) == 1
+
+
+def test_arm64_without_bitmap_page_mapped_memory_still_pushes_per_page():
+    """s11 blames the BLOCK mappings that stay: where memory is mapped by 4K pages (no THP),
+    each page is its own stage-2 entry, so a ring-only slot still reports each written page."""
+    h = Host([[10, 20, 30]], with_bitmap=False, block_fraction=0.0)
+    assert h.enter_and_run().kind == "done"
+    assert h.harvest() == [10, 20, 30]
+
+
+def test_arm64_with_bitmap_tracks_every_4k_page_of_a_block():
+    """s11: with WITH_BITMAP only writes push and memory is tracked per 4K page: the same writes
+    give 3 entries (after one lazy split)."""
+    h = Host([[10, 20, 30]], with_bitmap=True, block_fraction=1.0)
+    assert h.enter_and_run().kind == "done"
+    assert h.harvest() == [10, 20, 30]
+    assert h.vm.stats.splits == 1
+
+
+def test_x86_ring_only_slot_tracks_every_page():
+    """x86 has no WITH_BITMAP and needs none (real-kvm-host.md: every first write to a clean
+    page is one fault and one push): 3 entries with huge pages backing the slot."""
+    h = Host([[10, 20, 30]], profile="x86-nopml", block_fraction=1.0)
+    assert h.enter_and_run().kind == "done"
+    assert h.harvest() == [10, 20, 30]
+
+
+# ---------------------------------------------------------------------------- s3 no running vCPU
+def test_write_without_vcpu_goes_to_the_backup_bitmap():
+    """s3: with no running vCPU (vGIC table save) the page goes to the backup bitmap
+    (WITH_BITMAP), read with KVM_GET_DIRTY_LOG; vCPU writes go to the ring only."""
+    h = Host([[3]])
+    assert h.enter_and_run().kind == "done"
+    h.vm.write_without_vcpu(np.array([7, 70]))
+    bm = h.vm.get_dirty_log(0)
+    assert int(bm[0]) == 1 << 7 and int(bm[1]) == 1 << (70 - 64)
+    assert not bm[2:].any()
+    assert h.vm.stats.backup_bitmap_pages == 2
+    assert h.vm.stats.dropped_no_vcpu == 0
+    assert h.harvest() == [3]  # the ring has only the vCPU's write
+    assert h.version(7) == 1 and h.version(70) == 1
+
+
+def test_get_dirty_log_without_manual_protect_clears_the_backup_bitmap():
+    """s8: GET without manual protect copies, clears and re-protects: a second GET is empty."""
+    h = Host([[]])
+    h.vm.write_without_vcpu(np.array([7]))
+    assert int(h.vm.get_dirty_log(0)[0]) == 1 << 7
+    assert not h.vm.get_dirty_log(0).any()
+
+
+def test_write_without_vcpu_and_without_bitmap_is_dropped():
+    """s3/s11: arm64 ring without WITH_BITMAP: the write is logged nowhere (counted as
+    dropped); the ring is untouched and GET_DIRTY_LOG is ENXIO."""
+    h = Host([[]], with_bitmap=False)
+    h.vm.write_without_vcpu(np.array([7, 8]))
+    assert h.vm.stats.dropped_no_vcpu == 2
+    assert h.vm.stats.backup_bitmap_pages == 0
+    assert h.vcpus[0].ring.dirty_index == 0
+    with pytest.raises(KvmError) as ei:
+        h.vm.get_dirty_log(0)
+    assert ei.value.errno == errno.ENXIO
+
+
+# ---------------------------------------------------------------------------- s4 x s6: the retried store
+@pytest.mark.parametrize("profile,pushed_again", [("arm64-4k", True), ("x86-nopml", False)])
+def test_span_reprotect_of_the_pending_store_page_makes_it_push_again(profile, pushed_again):
+    """s4 + s6: ring 256 (soft 192). Writes 0, 2, 3..191 (189 pages), 1: the store to page 1 is
+    the 192nd push -> full exit, store pending. Harvest only [0, 2] and reset: call (0, 0b101).
+    arm64 protects 0..2, so page 1 (unharvested AND pending) is protected again: the retried
+    store faults and pushes 1 a second time (used 190 + 1 = 191 < 192: the vCPU goes on).
+    x86 protects 0 and 2 only: the store retires without a fault."""
+    h = Host([[0, 2] + list(range(3, 192)) + [1]], profile=profile)
+    e = h.enter_and_run()
+    assert e.reason == FULL
+    assert h.ring_offsets()[-1] == 1 and h.version(1) == 0
+    assert h.harvest(limit=2) == [0, 2]
+    assert h.reset() == 2
+    assert h.wp(1) == pushed_again
+    assert h.enter_and_run().kind == "done"
+    rest = h.harvest()
+    assert rest == list(range(3, 192)) + ([1, 1] if pushed_again else [1])
+    assert h.version(1) == 1  # the store retired exactly once
+
+
+def test_retried_store_can_refill_the_ring_at_once():
+    """s4 + s6 with two vCPUs: vCPU 1 has entries [0, 2] (synced, not harvested); vCPU 0 fills
+    its ring with 3..193 and then page 1 (192nd push, store pending). Userspace harvests ONE
+    entry of ring 0 ([3]) and all of ring 1 ([0, 2]), reset -> 3. vCPU 1's call (0, 0b101)
+    protects page 1 on arm64. KVM_RUN on vCPU 0: 191 < 192, the request is dropped, the vCPU
+    enters, the retried store faults and pushes 1 -> 192 again -> exit 31 before the store
+    retires: KVM_RUN itself returns the full exit, the ring ends with 1, 1."""
+    h = Host([list(range(3, 194)) + [1], [0, 2]], [[], [1]])
+    assert h.enter(1) is None
+    e = h.run()
+    assert (e.vcpu, e.kind) == (1, "sync")
+    assert h.enter(0) is None
+    e = h.run()
+    assert (e.vcpu, e.reason) == (0, FULL)
+    assert h.harvest(0, limit=1) == [3]
+    assert h.harvest(1) == [0, 2]
+    assert h.reset() == 3
+    assert h.wp(1)
+    e = h.enter(0)
+    assert e is not None and e.reason == FULL
+    r = h.vcpus[0].ring
+    assert r.used == 192
+    assert h.ring_offsets(0)[-2:] == [1, 1]
+    assert h.version(1) == 0  # still not retired
+    h.harvest(0)
+    assert h.reset() == 192
+    assert h.enter_and_run(0).kind == "done"
+    assert h.harvest(0) == [1]
+    assert h.version(1) == 1
+
+
+# ---------------------------------------------------------------------------- s3 who pushes
+def test_each_vcpu_pushes_its_own_faults_to_its_own_ring():
+    """s3: mark_page_dirty with a running vCPU pushes to THAT vCPU's ring."""
+    h = Host([[1, 2], [3, 4]])
+    assert h.enter(0) is None and h.enter(1) is None
+    assert sorted([h.run().kind, h.run().kind]) == ["done", "done"]
+    assert h.harvest(0) == [1, 2]
+    assert h.harvest(1) == [3, 4]
+
+
+def test_a_page_dirtied_by_one_vcpu_is_not_pushed_by_another():
+    """s3: write protection de-duplicates across vCPUs too: vCPU 0 writes 7 (fault, push to
+    ring 0); vCPU 1 then writes 7: already writable, no fault, ring 1 stays empty."""
+    h = Host([[7], [7]])
+    assert h.enter(0) is None and h.run().vcpu == 0
+    assert h.enter(1) is None and h.run().vcpu == 1
+    assert h.harvest(0) == [7]
+    assert h.harvest(1) == []
+    assert h.version(7) == 2
