@@ -3,7 +3,10 @@
 The contract (shared with ``ringenv kvm-replay``, which runs the same trace on the real KVM):
 
 input ``{"slot_pages": int, "ring_entries": int, "reap_scope": "all"|"self",
-"with_bitmap": bool (optional), "vcpus": [{"writes": [page offsets], "syncs": [write indices]}]}``
+"with_bitmap": bool (optional), "vcpus": [{"writes": [page offsets], "syncs": [write indices],
+"reads": [indices of accesses in "writes" that are reads] (optional)}]}``
+
+The guest is fresh: its data pages are not mapped at stage 2 until first touched.
 
 Userspace harvests and resets at every KVM_EXIT_DIRTY_RING_FULL and after each sync index (the
 guest exits to userspace after that write), both times all rings, or only that vCPU's ring with
@@ -27,6 +30,7 @@ from typing import Any
 from .config import ConfigError, load_host_profile
 from .guest.trace import TraceProgram
 from .kvm import uapi
+from .kvm.uapi import KvmError
 from .kvm.vm import Vm
 from .vmm.reap import RingReader
 
@@ -57,17 +61,20 @@ def validate_trace(trace: Any) -> dict:
     if not isinstance(vcpus, list) or not vcpus:
         raise ConfigError("trace.vcpus: expected a non-empty list of {writes, syncs}")
     for i, v in enumerate(vcpus):
-        if not isinstance(v, dict) or set(v) - {"writes", "syncs"} or "writes" not in v:
-            raise ConfigError(f"trace.vcpus[{i}]: expected {{'writes': [...], 'syncs': [...]}}, got {v!r:.80}")
+        if not isinstance(v, dict) or set(v) - {"writes", "syncs", "reads"} or "writes" not in v:
+            raise ConfigError(f"trace.vcpus[{i}]: expected {{'writes': [...], 'syncs': [...], 'reads': [...]}} "
+                              f"(reads optional), got {v!r:.80}")
         w = v["writes"]
         if not isinstance(w, list) or not all(isinstance(x, int) and not isinstance(x, bool) for x in w):
             raise ConfigError(f"trace.vcpus[{i}].writes: expected a list of integer page offsets")
         bad = [x for x in w if not 0 <= x < sp]
         if bad:
             raise ConfigError(f"trace.vcpus[{i}].writes: offset {bad[0]} outside the slot (0..{sp - 1})")
-        s = v.get("syncs", [])
-        if not isinstance(s, list) or not all(isinstance(x, int) and 0 <= x < len(w) for x in s):
-            raise ConfigError(f"trace.vcpus[{i}].syncs: expected write indices in 0..{len(w) - 1}")
+        for key in ("syncs", "reads"):
+            s = v.get(key, [])
+            if not isinstance(s, list) or not all(isinstance(x, int) and not isinstance(x, bool)
+                                                  and 0 <= x < len(w) for x in s):
+                raise ConfigError(f"trace.vcpus[{i}].{key}: expected indices into writes, 0..{len(w) - 1}")
     return trace
 
 
@@ -80,13 +87,20 @@ def replay_trace(trace: dict, profile: str | None = None, ring_entries: int | No
     nv = len(trace["vcpus"])
 
     vm = Vm(prof)
-    vm.enable_cap(uapi.KVM_CAP_DIRTY_LOG_RING_ACQ_REL, entries * 16)
+    try:
+        vm.enable_cap(uapi.KVM_CAP_DIRTY_LOG_RING_ACQ_REL, entries * 16)
+    except KvmError as e:  # name the input that caused it, keep KVM's errno and rule
+        raise ConfigError(f"trace.ring_entries: {entries} entries ({entries * 16} bytes) is refused by "
+                          f"KVM_ENABLE_CAP on {prof.name} with {e.errno_name} ({e.rule}); accepted: "
+                          f"{', '.join(map(str, prof.ring_sizes))}") from None
     if trace.get("with_bitmap", prof.with_bitmap_supported):
         vm.enable_cap(uapi.KVM_CAP_DIRTY_LOG_RING_WITH_BITMAP)
-    vm.set_user_memory_region(0, uapi.KVM_MEM_LOG_DIRTY_PAGES, 0, trace["slot_pages"] * prof.page_size)
+    vm.set_user_memory_region(0, uapi.KVM_MEM_LOG_DIRTY_PAGES, 0, trace["slot_pages"] * prof.page_size,
+                              mapped_fraction=0.0)
     vcpus = [vm.create_vcpu(i) for i in range(nv)]
     readers = [RingReader(v.ring_gfns) for v in vcpus]
     vm.attach_guest(TraceProgram([v["writes"] for v in trace["vcpus"]], [v.get("syncs", []) for v in trace["vcpus"]],
+                                 reads=[v.get("reads", []) for v in trace["vcpus"]],
                                  write_ns=prof.costs.dirty_write_ns, fault_ns=prof.costs.wp_fault_ns))
 
     resets: list[int] = []

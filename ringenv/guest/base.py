@@ -37,6 +37,7 @@ class WriteBatch:
     exit_after: np.ndarray | None  # int8 EXIT_* codes, or None for no exits at all
     complete_until: int
     unique: bool = False  # no gfn repeats within the batch (the host may skip de-duplication)
+    read: np.ndarray | None = None  # int8, 1 where the access is a read (None: all writes)
 
     def __len__(self) -> int:
         return len(self.t)

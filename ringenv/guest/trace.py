@@ -1,4 +1,4 @@
-"""Trace replay: explicit per-vCPU write lists with sync points.
+"""Trace replay: explicit per-vCPU access lists (writes, and optionally reads) with sync points.
 
 Each vCPU executes its writes in program order, one every ``write_ns`` of guest time plus the
 service time of the faults it took; different vCPUs' writes interleave by that simulated time
@@ -16,19 +16,23 @@ from .base import EXIT_DONE, EXIT_NONE, EXIT_SYNC, NO_WRITE, GuestProgram, Write
 class TraceProgram(GuestProgram):
     """Replays ``writes[v]`` (page offsets from ``base_gfn``) with sync points ``syncs[v]``."""
 
-    def __init__(self, writes: list, syncs: list, *, base_gfn: int = 0, write_ns: int = 5,
-                 fault_ns: int = 0, max_batch: int = 512):
-        if len(writes) != len(syncs):
-            raise ValueError("writes and syncs must have one entry per vCPU")
+    def __init__(self, writes: list, syncs: list, *, reads: list | None = None, base_gfn: int = 0,
+                 write_ns: int = 5, fault_ns: int = 0, max_batch: int = 512):
+        if len(writes) != len(syncs) or (reads is not None and len(reads) != len(writes)):
+            raise ValueError("writes, syncs (and reads) must have one entry per vCPU")
         self.nr_vcpus = len(writes)
-        self.gfn, self.code = [], []
-        for w, s in zip(writes, syncs):
+        self.gfn, self.code, self.read = [], [], []
+        for i, (w, s) in enumerate(zip(writes, syncs)):
             g = np.concatenate([base_gfn + np.asarray(w, dtype=np.int64), [NO_WRITE]])
             code = np.full(len(g), EXIT_NONE, dtype=np.int8)
             code[np.asarray(s, dtype=np.int64)] = EXIT_SYNC
             code[-1] = EXIT_DONE
+            rd = np.zeros(len(g), dtype=np.int8)
+            if reads is not None:
+                rd[np.asarray(reads[i], dtype=np.int64)] = 1
             self.gfn.append(g)
             self.code.append(code)
+            self.read.append(rd)
         self.write_ns = max(1, int(write_ns))
         self.fault_ns = int(fault_ns)
         self.max_batch = max_batch
@@ -41,7 +45,7 @@ class TraceProgram(GuestProgram):
             raise ValueError(f"trace has {self.nr_vcpus} vCPUs, the VM {len(vm.vcpus)}")
 
     def next_writes(self, now, until, running):
-        ts, vs, gs, cs = [], [], [], []
+        ts, vs, gs, cs, rs = [], [], [], [], []
         complete = until
         for v in range(self.nr_vcpus):
             if not running[v] or self.pos[v] >= len(self.gfn[v]):
@@ -58,16 +62,17 @@ class TraceProgram(GuestProgram):
             vs.append(np.full(k, v, dtype=np.int32))
             gs.append(self.gfn[v][p: p + k])
             cs.append(self.code[v][p: p + k])
+            rs.append(self.read[v][p: p + k])
         if not ts:
             z = np.zeros(0, dtype=np.int64)
             self._last = (z, z.astype(np.int32))
             return WriteBatch.empty(complete)
-        t, vc, g, c = (np.concatenate(x) for x in (ts, vs, gs, cs))
+        t, vc, g, c, r = (np.concatenate(x) for x in (ts, vs, gs, cs, rs))
         keep = t < complete
         order = np.lexsort((vc[keep], t[keep]))  # by time, then vCPU; program order kept (stable)
-        t, vc, g, c = t[keep][order], vc[keep][order], g[keep][order], c[keep][order]
+        t, vc, g, c, r = (x[keep][order] for x in (t, vc, g, c, r))
         self._last = (t, vc)
-        return WriteBatch(t, vc, g, c, complete, unique=False)
+        return WriteBatch(t, vc, g, c, complete, unique=False, read=r if r.any() else None)
 
     def consumed(self, n, t_cut, faults_per_vcpu, retried):
         t, vc = self._last

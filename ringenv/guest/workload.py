@@ -36,21 +36,32 @@ MAX_EVENTS = 1 << 15  # events per window, to bound memory and wasted sampling
 
 
 class _Region:
-    __slots__ = ("start", "n", "perm_a", "perm_b")
+    """A range of guest RAM; ``gpi(ranks)`` places rank r at a page of the range. A scattered
+    region uses a fixed bijection: an affine map modulo the next power of two, cycle-walked back
+    into the range (a mask, not a division, so placing millions of pages stays cheap)."""
+
+    __slots__ = ("start", "n", "perm_a", "perm_b", "mask")
 
     def __init__(self, start, n, scattered, rng):
         self.start, self.n = start, n
-        self.perm_a, self.perm_b = 1, 0
+        self.perm_a, self.perm_b, self.mask = 1, 0, 0
         if scattered and n > 2:
-            a = int(n * 0.6180339887) | 1
-            while math.gcd(a, n) != 1:
-                a += 2
-            self.perm_a, self.perm_b = a, int(rng.integers(0, n))
+            size = 1 << (n - 1).bit_length()
+            self.mask = size - 1
+            self.perm_a = (int(size * 0.6180339887) | 1) & self.mask or 1
+            self.perm_b = int(rng.integers(0, size))
 
     def gpi(self, ranks: np.ndarray) -> np.ndarray:
-        if self.perm_a == 1:
+        if self.perm_a == 1 and self.perm_b == 0:
             return self.start + ranks
-        return self.start + (ranks * self.perm_a + self.perm_b) % self.n
+        x = (ranks * self.perm_a + self.perm_b) & self.mask
+        out = x >= self.n
+        while out.any():
+            i = np.flatnonzero(out)
+            y = (x[i] * self.perm_a + self.perm_b) & self.mask
+            x[i] = y
+            out[i] = y >= self.n
+        return self.start + x
 
 
 class WorkloadProgram(GuestProgram):
@@ -118,7 +129,7 @@ class WorkloadProgram(GuestProgram):
         self.c_vfix = np.array(vfix, dtype=np.int64)
         for c in range(len(lo)):
             r = self.regions[self.c_region[c]]
-            if r.perm_a == 1:
+            if r.mask == 0:
                 class_id[r.start + self.c_lo[c]: r.start + self.c_hi[c]] = c
             else:
                 class_id[r.gpi(np.arange(self.c_lo[c], self.c_hi[c], dtype=np.int64))] = c

@@ -1,12 +1,15 @@
-"""The guest-write path of the simulated kernel, one event at a time (compiled).
+"""The guest-access path of the simulated kernel, one event at a time (compiled).
 
-For each write in time order: look up the page's stage-2 state; a write to a write-protected
-page is a fault that relaxes the permission (one page, or a whole block where block mappings
-stay) and logs the page (one push; all pages of the block when splitting is off); with x86 PML
-the page goes to the hardware buffer instead, and a full buffer flushes into the ring. After each
-push the ring may be soft-full: the vCPU then leaves the guest at once, before its store retires.
-The store retires: the page's version counts it and it is no longer clean. Syncs and the end of
-a program stop the walk too.
+For each access in time order: look up the page's stage-2 state. A write to a write-protected
+(or not yet mapped) page is a fault that relaxes the permission (one page, or a whole block where
+block mappings stay) and logs the page (one push; all pages of the block when splitting is off);
+with x86 PML the page goes to the hardware buffer instead, and a full buffer flushes into the
+ring. A read only matters to a page not yet mapped: in a logging slot it is mapped read-only
+(nothing logged); in a slot that is dirty-tracked but not logging (arm64, ring without a bitmap)
+it is mapped writable and, because the mapping is writable, pushed like a write (reference s11).
+After each push the ring may be soft-full: the vCPU then leaves the guest at once, before its
+access retires. A retiring write bumps the page's version and makes it not clean. Syncs and the
+end of a program stop the walk too.
 
 This walk is inherently sequential (whether an event faults depends on every earlier one, and
 the walk stops at the first exit), hence one compiled loop rather than array passes.
@@ -17,15 +20,15 @@ from __future__ import annotations
 import numba
 import numpy as np
 
-WP, CLEAN = 1, 2
-NOT_WP, NOT_CLEAN = 0xFF ^ WP, 0xFF ^ CLEAN  # u8 masks (valid in compiled and plain Python)
+WP, CLEAN, UNMAPPED = 1, 2, 4
+NOT_WP, NOT_CLEAN, NOT_UNMAPPED = 0xFF ^ WP, 0xFF ^ CLEAN, 0xFF ^ UNMAPPED  # u8 masks
 
 CUT_NONE, CUT_FULL, CUT_SYNC, CUT_DONE = 0, 1, 2, 3
 
 
 @numba.njit(cache=True, nogil=True)
-def walk_writes(gpi, vc, code, slot_of, state, version, block_map,
-                blockgran, pushall, split, block_shift,
+def walk_writes(gpi, vc, code, reads, slot_of, state, version, block_map,
+                blockgran, pushall, split, nolog, block_shift,
                 used, limit, pml_count, pml_buf, rings,
                 push_v, push_g, split_v, split_b, dirtied, faults):  # pragma: no cover - compiled
     """Apply events until the first exit. ``used``/``pml_count`` are updated in place.
@@ -51,10 +54,22 @@ def walk_writes(gpi, vc, code, slot_of, state, version, block_map,
         s = state[g]
         k = slot_of[i]
         full = False
+        read = reads[i] != 0
+        blk = g >> block_shift
+        inblock = block_map[blk] != 0
+        if s & UNMAPPED:  # a translation fault maps the page (or the whole block)
+            if inblock and (blockgran[k] or not split[k]):
+                b0 = blk * block_pages
+                for p in range(b0, b0 + block_pages):
+                    state[p] &= NOT_UNMAPPED
+            else:
+                state[g] &= NOT_UNMAPPED
+            if read and not nolog[k]:
+                s = 0  # mapped read-only (logging) or writable (untracked): nothing logged
+        elif read:
+            s = 0  # a read of a mapped page: nothing happens
         if s & WP:
             faults[v] += 1
-            blk = g >> block_shift
-            inblock = block_map[blk] != 0
             if inblock and blockgran[k]:
                 b0 = blk * block_pages
                 for p in range(b0, b0 + block_pages):
@@ -94,13 +109,14 @@ def walk_writes(gpi, vc, code, slot_of, state, version, block_map,
                     if used[v] >= limit[v]:
                         full = True
             if full and pml_buf == 0:
-                # the vCPU exits before the store retires; it re-executes after re-entry
+                # the vCPU exits before the access retires; it re-executes after re-entry
                 return i + 1, CUT_FULL, npush, nsplit, ndirty, False
-        version[g] += 1
-        if state[g] & CLEAN:
-            state[g] &= NOT_CLEAN
-            dirtied[ndirty] = g
-            ndirty += 1
+        if not read:
+            version[g] += 1
+            if state[g] & CLEAN:
+                state[g] &= NOT_CLEAN
+                dirtied[ndirty] = g
+                ndirty += 1
         if full:
             return i + 1, CUT_FULL, npush, nsplit, ndirty, True
         if c != 0:

@@ -7,6 +7,8 @@ Per base page, one state byte and one version word (5 bytes):
 - ``CLEAN``: not written since the page was last write-protected. Workload models sample the
   first write to a clean page (memoryless); trace replay ignores it. Verification does not
   rely on it.
+- ``UNMAPPED``: no stage-2 mapping yet (a fresh VM, or memory the guest never touched): the
+  first access is a translation fault that maps it (``mapped_fraction`` of a slot starts mapped).
 
 Per block (2 MiB with 4K pages, 32 MiB with 16K, 512 MiB with 64K), one byte: mapped by a block
 (1) or by a table of pages (0); splitting a block is one update, as it is one stage-2 entry.
@@ -26,6 +28,7 @@ import numpy as np
 
 WP = np.uint8(1)
 CLEAN = np.uint8(2)
+UNMAPPED = np.uint8(4)
 WP_CLEAN = np.uint8(WP | CLEAN)  # protect_masked and fault.walk_writes use these values (1, 2, 3)
 
 
@@ -33,7 +36,7 @@ class Memslot:
     """One KVM memslot (``struct kvm_userspace_memory_region``) and its pages' state."""
 
     def __init__(self, slot_id: int, as_id: int, base_gfn: int, npages: int, flags: int,
-                 block_pages: int, block_fraction: float, seed: int = 0):
+                 block_pages: int, block_fraction: float, seed: int = 0, mapped_fraction: float = 1.0):
         self.id = slot_id
         self.as_id = as_id
         self.kvm_slot = (as_id << 16) | slot_id  # what kvm_dirty_gfn.slot carries
@@ -48,6 +51,11 @@ class Memslot:
         self.blocks = np.zeros(self.nblocks, dtype=np.uint8)  # 1: mapped by a block
         if self.nblocks and block_fraction > 0:
             self.blocks[_choose_blocks(self.nblocks, block_fraction, seed ^ (slot_id * 0x9E3779B1))] = 1
+        if mapped_fraction < 1.0:  # untouched memory, chosen in block-sized chunks
+            chunk = max(block_pages, 1)
+            nchunks = -(-npages // chunk)
+            gone = ~_choose_blocks(nchunks, mapped_fraction, seed ^ (slot_id * 0x85EBCA6B) ^ 0xA5)
+            self.state[np.repeat(gone, chunk)[:npages]] |= UNMAPPED
 
     @property
     def nr_block_mapped(self) -> int:

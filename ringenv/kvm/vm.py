@@ -111,6 +111,7 @@ class Vcpu:
         self.request_soft_full = False  # KVM_REQ_DIRTY_RING_SOFT_FULL
         self.pending_store = NO_WRITE  # gfn of a faulted store that has not retired
         self.pending_code = EXIT_NONE  # and what the guest does right after it retires
+        self.pending_read = False  # (the faulting access was a read)
         self.finished = False
         self.pml = np.zeros(p.pml_buffer_entries, dtype=np.int64) if p.pml else None  # logged gpis
         self.pml_count = 0
@@ -146,11 +147,11 @@ class Vcpu:
         if vm.guest is not None:
             vm.guest.resumed(self.index, vm.now)
         if self.pending_store != NO_WRITE:
-            gfn, code = self.pending_store, self.pending_code
-            self.pending_store, self.pending_code = NO_WRITE, EXIT_NONE
+            gfn, code, read = self.pending_store, self.pending_code, self.pending_read
+            self.pending_store, self.pending_code, self.pending_read = NO_WRITE, EXIT_NONE, False
             return vm._apply(np.array([vm.now], dtype=np.int64), np.array([self.index], dtype=np.int32),
                              np.array([gfn], dtype=np.int64), np.array([code], dtype=np.int8), True,
-                             notify=False)[1]
+                             notify=False, reads=np.array([read], dtype=np.int8))[1]
         return None
 
     def kick(self) -> Exit | None:
@@ -183,6 +184,7 @@ class Vm:
         self.state = np.zeros(0, dtype=np.uint8)
         self.version = np.zeros(0, dtype=np.uint32)
         self._scratch_bufs: dict[str, np.ndarray] = {}
+        self._zeros = np.zeros(0, dtype=np.int8)
         self._layout()
 
     # ------------------------------------------------------------------ capabilities
@@ -258,11 +260,13 @@ class Vm:
 
     # ------------------------------------------------------------------ memslots
     def set_user_memory_region(self, slot: int, flags: int, guest_phys_addr: int, memory_size: int, *,
-                               as_id: int = 0, block_fraction: float = 0.0) -> None:
+                               as_id: int = 0, block_fraction: float = 0.0, mapped_fraction: float = 1.0) -> None:
         """KVM_SET_USER_MEMORY_REGION (``slot`` is the slot id, ``as_id`` its address space).
 
-        ``block_fraction`` is not part of the ioctl: it is the share of the userspace memory
-        behind the slot that is backed by huge pages (THP), i.e. mapped by stage-2 blocks.
+        ``block_fraction`` and ``mapped_fraction`` are not part of the ioctl: the share of the
+        userspace memory behind the slot that is backed by huge pages (THP), i.e. mapped by stage-2
+        blocks, and the share the guest has already touched (mapped at stage 2; the rest faults
+        on first access, as in a fresh VM).
         Changing only ``flags`` of an existing slot turns dirty logging on or off; size 0 deletes.
         """
         p = self.profile
@@ -274,8 +278,9 @@ class Vm:
             raise einval(f"slot id {slot}: accepted 0..{KVM_USER_MEM_SLOTS - 1}")
         if guest_phys_addr % p.page_size or memory_size % p.page_size or memory_size < 0:
             raise einval(f"guest_phys_addr and memory_size must be multiples of PAGE_SIZE {p.page_size}")
-        if not 0.0 <= block_fraction <= 1.0:
-            raise ValueError(f"block_fraction {block_fraction}: accepted 0.0..1.0")
+        for name, f in (("block_fraction", block_fraction), ("mapped_fraction", mapped_fraction)):
+            if not 0.0 <= f <= 1.0:
+                raise ValueError(f"{name} {f}: accepted 0.0..1.0")
         old = self._slot(slot, as_id)
         base, npages = guest_phys_addr // p.page_size, memory_size // p.page_size
         if old is not None:
@@ -296,7 +301,7 @@ class Vm:
         for s in self.slots:
             if s.as_id == as_id and base < s.base_gfn + s.npages and s.base_gfn < base + npages:
                 raise KvmError(errno.EEXIST, f"memslot {slot} overlaps memslot {s.id}")
-        ms = Memslot(slot, as_id, base, npages, 0, self.block_pages, block_fraction, self.seed)
+        ms = Memslot(slot, as_id, base, npages, 0, self.block_pages, block_fraction, self.seed, mapped_fraction)
         self.slots.append(ms)
         self._layout()
         ms.flags = flags
@@ -353,6 +358,7 @@ class Vm:
         self._blockgran = np.array(blockgran, dtype=bool)
         self._pushall = np.array(pushall, dtype=bool)
         self._split = np.array(split, dtype=bool)
+        self._nolog = np.array([s.logging and not self._logs(s) for s in self._as0], dtype=bool)
         # every slot (all address spaces), for the re-protect kernel
         self._tab_kslot = np.array([s.kvm_slot for s in self.slots], dtype=np.uint32)
         self._tab_start = np.array([s.start for s in self.slots], dtype=np.int64)
@@ -428,6 +434,12 @@ class Vm:
     def _flush_tlbs(self) -> int:
         self.stats.tlb_flushes += 1
         return self.profile.tlbi_broadcast_ns(len(self.vcpus))
+
+    def _zeros_i8(self, n: int) -> np.ndarray:
+        """n zero bytes (read-only use: "no exit", "not a read"), without allocating each batch."""
+        if len(self._zeros) < n:
+            self._zeros = np.zeros(max(n, 2 * len(self._zeros), 1024), dtype=np.int8)
+        return self._zeros[:n]
 
     def _scratch(self, name: str, n: int, dtype) -> np.ndarray:
         """A reusable output buffer of at least n items for the compiled kernels (fresh large
@@ -584,7 +596,8 @@ class Vm:
             if len(batch) == 0:
                 self.now = end
                 continue
-            _, exit_ = self._apply(batch.t, batch.vcpu, batch.gfn, batch.exit_after, batch.unique, end)
+            _, exit_ = self._apply(batch.t, batch.vcpu, batch.gfn, batch.exit_after, batch.unique, end,
+                                   reads=batch.read)
             if exit_ is not None:
                 return [exit_]
         return []
@@ -624,7 +637,7 @@ class Vm:
                 s = self._as0[k]
                 s.set_dirty_bits(gpi[sidx == k] - s.start)
 
-    def _apply(self, t, vc, gfn, exit_after, distinct, end=None, notify=True):
+    def _apply(self, t, vc, gfn, exit_after, distinct, end=None, notify=True, reads=None):
         """Apply a time-ordered batch of guest writes up to the first event that takes a vCPU
         out of the guest (:func:`ringenv.kvm.fault.walk_writes`). Returns (events consumed,
         Exit or None)."""
@@ -638,7 +651,8 @@ class Vm:
             sidx, gpi = self._locate(gfn)
         elif is_write.any():
             sidx[is_write], gpi[is_write] = self._locate(gfn[is_write])
-        code = exit_after if exit_after is not None else np.zeros(n, dtype=np.int8)
+        code = exit_after if exit_after is not None else self._zeros_i8(n)
+        reads = reads if reads is not None else self._zeros_i8(n)
         rings = self.ring_entries > 0
         used = np.array([v.ring.used if rings else 0 for v in self.vcpus], dtype=np.int64)
         limit = np.array([v.ring.soft_limit if rings else 1 << 62 for v in self.vcpus], dtype=np.int64)
@@ -652,9 +666,9 @@ class Vm:
         dirtied = self._scratch("dirtied", n, np.int64)
         faults = np.zeros(nv, dtype=np.int64)
         m, cut, npush, nsplit, ndirty, retired = walk_writes(
-            gpi, vc.astype(np.int32, copy=False), code.astype(np.int8, copy=False), sidx, self.state, self.version,
-            self.block_map,
-            self._blockgran, self._pushall, self._split, self.block_shift, used, limit, pml_count,
+            gpi, vc.astype(np.int32, copy=False), code.astype(np.int8, copy=False), reads.astype(np.int8, copy=False),
+            sidx, self.state, self.version, self.block_map,
+            self._blockgran, self._pushall, self._split, self._nolog, self.block_shift, used, limit, pml_count,
             p.pml_buffer_entries if p.pml else 0, rings, push_v, push_g, split_v, split_b, dirtied, faults)
 
         # splits: break-before-make and a broadcast TLB invalidation, charged to the faulting vCPU
@@ -690,9 +704,10 @@ class Vm:
             self.now = max(self.now, int(t[i]))
             v = self.vcpus[int(vc[i])]
             if cut == CUT_FULL:
-                if not retired:  # the store re-executes at re-entry, then its sync/done exit
+                if not retired:  # the access re-executes at re-entry, then its sync/done exit
                     v.pending_store = int(gfn[i])
                     v.pending_code = int(code[i])
+                    v.pending_read = bool(reads[i])
                     retried[v.index] = True
                 v.request_soft_full = True
                 v.stats.full_exits += 1

@@ -107,21 +107,23 @@ def test_not_json_and_missing_file_exit_2(tmp_path):
     (128, "EINVAL"),      # 2048 bytes < PAGE_SIZE 4096 on arm64-4k (s2)
     (131072, "E2BIG"),    # 2 MiB > 65536 * 16 (s2)
 ])
-def test_ring_size_not_accepted_is_a_kvm_error_exit_1(tmp_path, entries, errno_name):
-    """The ring size reaches KVM_ENABLE_CAP, which fails with the kernel's errno (s2):
-    exit 1, the errno named, the message about the ring size, no traceback."""
+def test_ring_size_not_accepted_names_the_field_and_the_errno(tmp_path, entries, errno_name):
+    """The ring size reaches KVM_ENABLE_CAP, which fails with the kernel's errno (s2). The trace
+    is bad input: exit 2, the field named (trace.ring_entries), KVM's errno and the accepted
+    sizes in the message, no traceback."""
     r = ringenv("replay", write(tmp_path, {**GOOD, "ring_entries": entries}))
-    assert r.returncode == 1, (r.returncode, r.stderr)
+    assert r.returncode == 2, (r.returncode, r.stderr)
     assert "Traceback" not in r.stderr
     assert errno_name in r.stderr
-    assert "ring" in r.stderr and "size" in r.stderr
+    assert "trace.ring_entries" in r.stderr and "accepted: 256, 512" in r.stderr
     assert r.stdout == ""
 
 
 def test_ring_size_fine_on_one_profile_rejected_on_another(tmp_path):
     """256 entries = 4096 B is accepted on arm64-4k but below 576 * 16 = 9216 B on x86-pml."""
     r = ringenv("replay", write(tmp_path, GOOD), "--profile", "x86-pml")
-    assert r.returncode == 1 and "EINVAL" in r.stderr and "Traceback" not in r.stderr
+    assert r.returncode == 2 and "EINVAL" in r.stderr and "Traceback" not in r.stderr
+    assert "accepted: 1024, 2048" in r.stderr
 
 
 def test_unknown_profile_exit_2(tmp_path):
