@@ -284,3 +284,253 @@ def load_workload(name_or_path: str | Path | WorkloadConfig | dict) -> WorkloadC
     elif not p.is_file():
         raise ConfigError(f"workload: no such file {str(p)!r}")
     return WorkloadConfig.parse(_read_yaml(p), where=f"workload {p.name}")
+
+
+# ---------------------------------------------------------------------------------------------
+# ---- scenarios (VMM) -------------------------------------------------------------------------
+# A scenario is one run of the userspace VMM (ringenv/vmm): the host, the VM, the guest
+# workload, the link or storage, the dirty-page collector and its tuning, the throttle.
+# Loaded from configs/scenarios/NAME.yaml by load_scenario().
+
+from pydantic import field_validator  # noqa: E402  (used by the scenario section only)
+
+
+def _size_field(field: str):
+    """A ``mode='before'`` validator turning '16GiB'-style sizes into bytes (0 stays 0)."""
+
+    def conv(cls, v):
+        if isinstance(v, (int, float)) and not isinstance(v, bool) and v == 0:
+            return 0
+        return parse_size(v, field)
+
+    return field_validator(field, mode="before")(conv)
+
+
+def _format_scenario_error(where: str, err: ValidationError) -> str:
+    """Like the Strict formatter, but a whole-model check names its own field and does not
+    echo the whole input back."""
+    lines = [f"invalid {where}:"]
+    for e in err.errors():
+        loc = ".".join(str(p) for p in e["loc"])
+        msg = e["msg"]
+        if msg.startswith("Value error, "):
+            msg = msg[len("Value error, "):]
+        if e["type"] == "extra_forbidden":
+            lines.append(f"  {loc}: unknown key (value {e.get('input')!r}); remove it or check its spelling")
+        elif not loc:
+            lines.append(f"  {msg}")
+        elif e["type"] == "value_error":
+            msg = msg.removeprefix(loc + ": ").removeprefix(loc.split(".")[-1] + ": ")
+            lines.append(f"  {loc}: {msg}")
+        else:
+            lines.append(f"  {loc}: {msg} (got {e.get('input')!r})")
+    return "\n".join(lines)
+
+
+class _ScenarioPart(Strict):
+    @classmethod
+    def parse(cls, data: Any, where: str | None = None):
+        try:
+            return cls.model_validate(data)
+        except ValidationError as e:
+            raise ConfigError(_format_scenario_error(where or cls.__name__, e)) from None
+
+
+class VmConfig(_ScenarioPart):
+    """The simulated VM: one RAM memslot of ``memory`` bytes and ``vcpus`` vCPUs.
+
+    ``block_fraction`` is the share of RAM backed by huge pages (THP), mapped by stage-2 blocks
+    until dirty logging splits them; ``with_bitmap`` enables KVM_CAP_DIRTY_LOG_RING_WITH_BITMAP
+    (default: whenever the host offers it, as QEMU does on arm64; false on arm64 shows the losses
+    of kvm-dirty-ring.md s11); ``eager_split_chunk`` is KVM_CAP_ARM_EAGER_SPLIT_CHUNK_SIZE in
+    bytes (0: split lazily on the first write fault, the kernel default)."""
+
+    memory: int = Field(description="guest RAM in bytes, or a size such as '16GiB'")
+    vcpus: int = Field(ge=1, le=512, description="number of vCPUs")
+    block_fraction: float = Field(0.5, ge=0.0, le=1.0, description="share of RAM backed by huge pages")
+    with_bitmap: bool | None = Field(None, description="enable WITH_BITMAP (null: if the host offers it)")
+    eager_split_chunk: int = Field(0, ge=0, description="EAGER_SPLIT_CHUNK_SIZE in bytes, 0 = lazy")
+
+    _v_memory = _size_field("memory")
+    _v_chunk = _size_field("eager_split_chunk")
+
+
+class LinkConfig(_ScenarioPart):
+    """The migration channel and QEMU's migration parameters.
+
+    ``gbps`` is the link rate in Gb/s (10^9 bit/s); ``max_bandwidth_mibps`` QEMU's max-bandwidth
+    in MiB/s (QEMU's default 128; "link" means the link rate); ``downtime_limit_ms`` QEMU's
+    downtime-limit; ``device_state_bytes`` the device state sent during the downtime;
+    ``give_up_s`` the simulated time after which the VMM forces the switchover (stop-and-copy of
+    whatever remains, as an operator raising downtime-limit would) and reports not converged."""
+
+    gbps: float = Field(10.0, gt=0, description="link rate, Gb/s")
+    max_bandwidth_mibps: Any = Field(128.0, description="QEMU max-bandwidth, MiB/s or 'link'")
+    downtime_limit_ms: float = Field(300.0, gt=0, description="QEMU downtime-limit, ms")
+    device_state_bytes: int = Field(1 << 20, ge=0, description="device state sent at switchover, bytes")
+    give_up_s: float = Field(600.0, gt=0, description="force the switchover after this many seconds")
+
+    _v_dev = _size_field("device_state_bytes")
+
+    @field_validator("max_bandwidth_mibps", mode="before")
+    @classmethod
+    def _v_bw(cls, v):
+        if v == "link":
+            return v
+        if isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0:
+            return float(v)
+        raise ValueError(f"{v!r} is not accepted; accepted: a number of MiB/s > 0, or 'link' (the link rate)")
+
+    @property
+    def link_Bps(self) -> float:
+        return self.gbps * 1e9 / 8
+
+    @property
+    def rate_Bps(self) -> float:
+        """What the migration thread can push: min(link, max-bandwidth), bytes/s."""
+        if self.max_bandwidth_mibps == "link":
+            return self.link_Bps
+        return min(self.link_Bps, float(self.max_bandwidth_mibps) * (1 << 20))
+
+
+class CheckpointConfig(_ScenarioPart):
+    """Periodic incremental checkpointing: every ``period_s`` the dirty pages since the last
+    checkpoint are written to storage at ``storage_mbps`` (MB/s, 10^6 bytes/s), for
+    ``horizon_s`` of simulated time. ``stop_the_world``: the guest is paused while the dirty set
+    is written (the pause is the downtime); otherwise it is written live and only the pages
+    dirtied meanwhile are written during a short pause."""
+
+    period_s: float = Field(10.0, gt=0)
+    storage_mbps: float = Field(2000.0, gt=0)
+    horizon_s: float = Field(60.0, gt=0)
+    stop_the_world: bool = True
+
+
+class AutoConvergeConfig(_ScenarioPart):
+    """QEMU auto-converge (migration parameters cpu-throttle-*, throttle-trigger-threshold)."""
+
+    initial_pct: int = Field(20, ge=1, le=99)
+    increment_pct: int = Field(10, ge=1, le=99)
+    max_pct: int = Field(99, ge=1, le=99)
+    trigger_threshold_pct: int = Field(50, ge=1, le=100)
+    tailslow: bool = False
+
+
+class DirtyLimitConfig(_ScenarioPart):
+    """QEMU dirty-limit (migration parameters vcpu-dirty-limit, x-vcpu-dirty-limit-period)."""
+
+    vcpu_limit_mbps: float = Field(1.0, gt=0, description="per-vCPU quota, MB/s (QEMU: MiB/s)")
+    period_ms: float = Field(1000.0, gt=0, description="how often the sleep is adjusted")
+
+
+class ScenarioConfig(_ScenarioPart):
+    """One VMM run (configs/scenarios/NAME.yaml).
+
+    ``kind``: migration (pre-copy live migration over ``link``) or checkpoint (``checkpoint``).
+    ``collector``: ring (KVM dirty ring, ``ring_entries`` per vCPU, reaper every ``interval_ms``)
+    or bitmap (KVM_GET/CLEAR_DIRTY_LOG with manual protect). ``throttle``: none, auto-converge or
+    dirty-limit (ring only). ``switchover``: qemu (sync when the pending estimate is below
+    bandwidth x downtime-limit, QEMU's loop) or pass-end (one sync at the end of every pass over
+    the dirty set, the textbook model of migration.md s1). ``rate_scale`` multiplies every
+    workload rate (scaled-down variants keep M/R and D/R with memory and link scaled alike).
+    ``env`` is reserved for the environment's settings."""
+
+    name: str
+    description: str = ""
+    kind: Literal["migration", "checkpoint"] = "migration"
+    host: str = DEFAULT_HOST
+    vm: VmConfig
+    workload: str | WorkloadConfig
+    rate_scale: float = Field(1.0, gt=0)
+    link: LinkConfig = Field(default_factory=LinkConfig)
+    checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
+    collector: Literal["ring", "bitmap"] = "ring"
+    ring_entries: int = Field(4096, gt=0)
+    interval_ms: float = Field(1000.0, gt=0)
+    throttle: Literal["none", "auto-converge", "dirty-limit"] = "none"
+    auto_converge: AutoConvergeConfig = Field(default_factory=AutoConvergeConfig)
+    dirty_limit: DirtyLimitConfig = Field(default_factory=DirtyLimitConfig)
+    switchover: Literal["qemu", "pass-end"] = "qemu"
+    seed: int = Field(0, ge=0)
+    env: dict | None = None
+
+    @model_validator(mode="after")
+    def _check(self):
+        try:
+            prof = load_host_profile(self.host)
+        except ConfigError as e:
+            raise ValueError(f"host: {e}") from None
+        if isinstance(self.workload, str):
+            try:
+                load_workload(self.workload)
+            except ConfigError as e:
+                raise ValueError(str(e)) from None
+        v = self.vm
+        if v.memory % prof.page_size:
+            raise ValueError(f"vm.memory: {v.memory} bytes is not a multiple of the page size {prof.page_size}")
+        if v.memory < 64 * prof.page_size:
+            raise ValueError(f"vm.memory: {v.memory} bytes is below 64 pages of {prof.page_size}")
+        if v.with_bitmap and not prof.with_bitmap_supported:
+            raise ValueError(f"vm.with_bitmap: host {prof.name} does not offer KVM_CAP_DIRTY_LOG_RING_WITH_BITMAP")
+        if v.eager_split_chunk and v.eager_split_chunk not in prof.eager_split_chunk_sizes:
+            raise ValueError(f"vm.eager_split_chunk: {v.eager_split_chunk} not accepted by host {prof.name}; "
+                             f"accepted: 0, {prof.eager_split_chunk_sizes}")
+        if self.collector == "ring" and self.ring_entries not in prof.ring_sizes:
+            raise ValueError(f"ring_entries: {self.ring_entries} is not accepted by host {prof.name}; "
+                             f"accepted: {', '.join(map(str, prof.ring_sizes))}")
+        if self.throttle == "dirty-limit" and self.collector != "ring":
+            raise ValueError("throttle: dirty-limit needs collector ring (QEMU measures the rate with the ring)")
+        return self
+
+    @property
+    def profile(self) -> HostProfile:
+        return load_host_profile(self.host)
+
+    @property
+    def workload_config(self) -> WorkloadConfig:
+        return load_workload(self.workload)
+
+
+def _deep_merge(base: dict, over: dict) -> dict:
+    out = dict(base)
+    for k, v in over.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = _deep_merge(out[k], v)
+        else:
+            out[k] = v
+    return out
+
+
+def scenario_names() -> list[str]:
+    return sorted(q.stem for q in (CONFIG_DIR / "scenarios").glob("*.yaml"))
+
+
+def load_scenario(name_or_path: str | Path | ScenarioConfig | dict | None = None, **overrides) -> ScenarioConfig:
+    """A scenario by name (configs/scenarios/NAME.yaml; None gives ``default``), path, mapping
+    or object, with keyword ``overrides`` of its fields (a mapping value is merged into the
+    nested section, e.g. ``vm={"memory": "1GiB"}``). Everything is validated: a bad value
+    raises :class:`ConfigError` naming the field and what is accepted."""
+    where = "scenario"
+    if name_or_path is None:
+        name_or_path = "default"
+    if isinstance(name_or_path, ScenarioConfig):
+        data = name_or_path.model_dump(exclude_unset=False)
+        where = f"scenario {name_or_path.name}"
+    elif isinstance(name_or_path, dict):
+        data = dict(name_or_path)
+    else:
+        p = Path(name_or_path)
+        if p.suffix not in (".yaml", ".yml"):
+            p = CONFIG_DIR / "scenarios" / f"{name_or_path}.yaml"
+            if not p.is_file():
+                raise ConfigError(f"scenario: unknown scenario {str(name_or_path)!r}; accepted: "
+                                  f"{', '.join(scenario_names())} or a YAML file")
+        elif not p.is_file():
+            raise ConfigError(f"scenario: no such file {str(p)!r}")
+        data = _read_yaml(p)
+        if not isinstance(data, dict):
+            raise ConfigError(f"scenario {p.name}: expected a mapping of fields")
+        where = f"scenario {p.name}"
+    if overrides:
+        data = _deep_merge(data, overrides)
+    return ScenarioConfig.parse(data, where=where)

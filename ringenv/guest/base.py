@@ -36,8 +36,10 @@ class WriteBatch:
     gfn: np.ndarray  # int64 guest frame number (base pages of the host), or NO_WRITE
     exit_after: np.ndarray | None  # int8 EXIT_* codes, or None for no exits at all
     complete_until: int
-    unique: bool = False  # no gfn repeats within the batch (the host may skip de-duplication)
     read: np.ndarray | None = None  # int8, 1 where the access is a read (None: all writes)
+    # candidate first writes (a workload model): a write to a page that is not clean is
+    # invisible to KVM and the host skips it
+    first_touch: bool = False
 
     def __len__(self) -> int:
         return len(self.t)
@@ -45,21 +47,7 @@ class WriteBatch:
     @staticmethod
     def empty(until: int) -> WriteBatch:
         z = np.zeros(0, dtype=np.int64)
-        return WriteBatch(z, z.astype(np.int32), z, None, until, True)
-
-
-class MemoryView:
-    """What a guest program may look at: the layout and the per-page state bytes of the slots.
-
-    (A real guest does not see stage-2 state; the workload model uses it only to sample the
-    first write to a clean page directly instead of simulating every write.)"""
-
-    def __init__(self, slots):
-        self._slots = slots
-
-    @property
-    def slots(self):
-        return list(self._slots)
+        return WriteBatch(z, z.astype(np.int32), z, None, until)
 
 
 class GuestProgram(ABC):
@@ -75,23 +63,15 @@ class GuestProgram(ABC):
         """The writes of the vCPUs with ``running[v]`` in ``[now, until)``."""
 
     @abstractmethod
-    def consumed(self, n: int, t_cut: int, faults_per_vcpu: np.ndarray, retried: np.ndarray) -> None:
+    def consumed(self, n: int, t_cut: int, faults_per_vcpu: np.ndarray, retried: np.ndarray,
+                 written: int) -> None:
         """The first ``n`` events of the last batch happened; simulated time is now ``t_cut``.
         ``retried[v]`` is True if vCPU v's last consumed write faulted and filled its ring: that
-        store has not retired and the host re-executes it at re-entry."""
+        store has not retired and the host re-executes it at re-entry. ``written`` counts the
+        consumed writes that found their page clean (for a workload model: the real first writes)."""
 
     def resumed(self, vcpu: int, now: int) -> None:
         """vCPU ``vcpu`` re-entered the guest at ``now`` after being out."""
-
-    def pages_cleaned(self, gpi: np.ndarray) -> None:
-        """These pages (global page indexes, ``Vm.state`` positions) were write-protected again
-        after being written: each is clean now."""
-
-    def pages_dirtied(self, gpi: np.ndarray) -> None:
-        """These clean pages were written (a store retired): each is no longer clean."""
-
-    def all_cleaned(self) -> None:
-        """Logging was enabled or cleared on whole slots: recount from the state bytes."""
 
     def horizon(self, now: int, until: int, running: np.ndarray, room: np.ndarray) -> int:
         """A window end in (now, until] worth sampling: ``room[v]`` pushes are left before vCPU

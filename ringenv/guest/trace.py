@@ -72,9 +72,9 @@ class TraceProgram(GuestProgram):
         order = np.lexsort((vc[keep], t[keep]))  # by time, then vCPU; program order kept (stable)
         t, vc, g, c, r = (x[keep][order] for x in (t, vc, g, c, r))
         self._last = (t, vc)
-        return WriteBatch(t, vc, g, c, complete, unique=False, read=r if r.any() else None)
+        return WriteBatch(t, vc, g, c, complete, read=r if r.any() else None)
 
-    def consumed(self, n, t_cut, faults_per_vcpu, retried):
+    def consumed(self, n, t_cut, faults_per_vcpu, retried, written):
         t, vc = self._last
         t, vc = t[:n], vc[:n]
         counts = np.bincount(vc, minlength=self.nr_vcpus)

@@ -2,19 +2,23 @@
 
 Only the first write to a clean (write-protected since its last write) page matters to KVM;
 later writes to a writable page cost a few ns and change nothing. Writes to a page of rate ``r``
-form a Poisson process, so a clean page's first write comes ``Exp(r)`` after any moment:
-memoryless. The model therefore samples first writes directly:
+form a Poisson process, so its first write in a window of ``dt`` falls there with probability
+``1 - exp(-r dt)``, at a truncated-exponential time. The model samples those first writes
+directly:
 
 - a class is a set of pages with one per-page rate and one split of that rate over the vCPUs
   (a uniform region; a rank bucket of a Zipf region; one vCPU's slice of a private region);
-- in a window of ``dt`` ns, ``Binomial(clean_c, 1 - exp(-r dt))`` of the class's clean pages
-  are first-written, chosen uniformly among them, each at a truncated-exponential time;
+- in a window, ``Binomial(pages_c, 1 - exp(-r dt))`` pages of the class are written, chosen
+  uniformly among all its pages, each at its first-write time;
 - the writing vCPU is drawn by the rate split over the vCPUs that are in the guest;
 - a sequential scan is deterministic: a pointer sweeping its region at its rate.
 
-When the host cuts a window short (a ring filled), the sampled future is dropped and drawn again
-from the new state, which is exact in distribution because of memorylessness. The work per
-simulated second follows the number of dirty events, not the size of guest memory.
+The batch is marked ``first_touch``: the host skips a sampled page that is not clean (it is
+already writable, so the write is invisible), which is exact because the host's windows always
+end where pages are re-protected (an exit, a harvest). When the host cuts a window short, the
+sampled future is dropped and drawn again from the new state, exact in distribution by
+memorylessness. No per-page state is kept here, and the work per simulated second follows the
+number of pages written, not the size of guest memory.
 
 Rates are per second of guest time while the writing vCPU is in the guest. A fault's service
 time is charged to the vCPU as lost time by the host; it does not thin the write process.
@@ -26,8 +30,8 @@ import math
 
 import numpy as np
 
+from ..arrays import first_occurrence
 from ..config import WorkloadConfig, load_workload
-from ..kvm.memory import CLEAN
 from .base import GuestProgram, WriteBatch
 
 NS = 1e9
@@ -87,7 +91,6 @@ class WorkloadProgram(GuestProgram):
         lo, hi, rate, reg, weights, vfix = [], [], [], [], [], []
         self.regions, self.scans = [], []
         pos = 0
-        class_id = np.full(len(vm.state), -1, dtype=np.int32)  # narrowed to int16 below when possible
         for rc in self.cfg.regions:
             n = max(1, int(rc.fraction * npages))
             n = min(n, npages - pos)
@@ -127,14 +130,8 @@ class WorkloadProgram(GuestProgram):
         self.c_region = np.array(reg, dtype=np.int64)
         self.c_w = np.array(weights, dtype=float).reshape(len(lo), nv)
         self.c_vfix = np.array(vfix, dtype=np.int64)
-        for c in range(len(lo)):
-            r = self.regions[self.c_region[c]]
-            if r.mask == 0:
-                class_id[r.start + self.c_lo[c]: r.start + self.c_hi[c]] = c
-            else:
-                class_id[r.gpi(np.arange(self.c_lo[c], self.c_hi[c], dtype=np.int64))] = c
-        self.class_id = class_id.astype(np.int16) if len(lo) < 32767 else class_id
-        self.clean = np.zeros(len(lo), dtype=np.int64)
+        self.c_n = self.c_hi - self.c_lo
+        self.efficiency = 1.0  # share of sampled writes that find their page clean (for horizons)
         self._phase_t = [0]
         self._phase_m = []
         if self.cfg.phases is not None:
@@ -143,27 +140,6 @@ class WorkloadProgram(GuestProgram):
                                  (ph.mean_calm_s + ph.mean_burst_s) else ph.burst_multiplier)
         else:
             self._phase_m.append(1.0)
-        self.all_cleaned()
-
-    # ------------------------------------------------------------------ state callbacks
-    def all_cleaned(self) -> None:
-        clean = (self.vm.state & CLEAN) != 0
-        counts = np.bincount(self.class_id[clean].astype(np.int64) + 1, minlength=len(self.c_lo) + 1)
-        self.clean = counts[1:].astype(np.int64)
-
-    def pages_cleaned(self, gpi):
-        self._count(gpi, +1)
-
-    def pages_dirtied(self, gpi):
-        self._count(gpi, -1)
-
-    def _count(self, gpi, sign):
-        if len(self.c_lo) == 0:
-            return
-        c = self.class_id[gpi]
-        c = c[c >= 0]
-        if len(c):
-            self.clean += sign * np.bincount(c, minlength=len(self.c_lo))
 
     # ------------------------------------------------------------------ phases
     def multiplier(self, t: int) -> tuple[float, int]:
@@ -181,13 +157,14 @@ class WorkloadProgram(GuestProgram):
 
     # ------------------------------------------------------------------ sampling
     def expected_rates(self, now: int, running: np.ndarray) -> np.ndarray:
-        """Expected first writes per ns, per vCPU, from the current clean counts."""
+        """Expected first writes to clean pages per ns, per vCPU: the write rate of every page,
+        scaled by the share of recent samples that found their page clean."""
         mult, _ = self.multiplier(now)
-        lam = (self.clean * self.c_rate * mult) @ (self.c_w * running[None, :]) if len(self.c_lo) else np.zeros(self.nr_vcpus)
+        lam = (self.c_n * self.c_rate * mult) @ (self.c_w * running[None, :]) if len(self.c_lo) else np.zeros(self.nr_vcpus)
         for s in self.scans:
             if running[s["vcpu"]]:
-                lam[s["vcpu"]] += s["rate"] * mult  # an upper bound: the sweep may meet dirty pages
-        return lam
+                lam[s["vcpu"]] += s["rate"] * mult
+        return lam * self.efficiency
 
     def horizon(self, now, until, running, room):
         lam = self.expected_rates(now, running)
@@ -212,11 +189,11 @@ class WorkloadProgram(GuestProgram):
             wrun = self.c_w @ running.astype(float)
             lam = self.c_rate * mult * wrun
             p = -np.expm1(-lam * dt)
-            act = (self.clean > 0) & (lam > 0)
+            act = lam > 0
             k = np.zeros(len(lam), dtype=np.int64)
-            k[act] = rng.binomial(self.clean[act], p[act])
+            k[act] = rng.binomial(self.c_n[act], p[act])
             for c in np.flatnonzero(k):
-                g = self._sample_clean(int(c), int(k[c]))  # a uniform random subset, in random order
+                g = self._sample_pages(int(c), int(k[c]))  # a uniform random subset, in random order
                 if len(g) == 0:
                     continue
                 # first-write times: i.i.d. exponential truncated to the window, generated in
@@ -230,7 +207,6 @@ class WorkloadProgram(GuestProgram):
                     vs.append(np.full(len(g), self.c_vfix[c], dtype=np.int32))
                 else:
                     vs.append(self._pick_vcpus(self.c_w[c], running, len(g)))
-        unique = True
         for s in self.scans:
             if not running[s["vcpu"]] or s["rate"] <= 0:
                 continue
@@ -241,14 +217,11 @@ class WorkloadProgram(GuestProgram):
             steps = np.arange(first, math.ceil(last), dtype=np.int64)
             if len(steps) == 0:
                 continue
-            if len(steps) > n:
-                unique = False
             g = self.regions[s["region"]].gpi(s["a"] + steps % n)
             t = now + ((steps - s["pos"]) / rate).astype(np.int64)
-            ok = (self.vm.state[g] & CLEAN) != 0
-            ts.append(np.minimum(t[ok], until - 1))
-            gs.append(g[ok])
-            vs.append(np.full(int(ok.sum()), s["vcpu"], dtype=np.int32))
+            ts.append(np.minimum(t, until - 1))
+            gs.append(g)
+            vs.append(np.full(len(g), s["vcpu"], dtype=np.int32))
         if not ts:
             return WriteBatch.empty(until)
         if len(ts) == 1:  # one sorted stream: ties broken by vCPU below only if present
@@ -261,7 +234,8 @@ class WorkloadProgram(GuestProgram):
             order = np.argsort(t * 1024 + vc)  # by time, then vCPU (a unique key: a plain sort will do)
             t, vc, g = t[order], vc[order], g[order]
         gfn = g - self.ram_start + self.ram_base_gfn
-        return WriteBatch(t, vc, gfn, None, until, unique=unique)
+        self._sampled = len(t)
+        return WriteBatch(t, vc, gfn, None, until, first_touch=True)
 
     def _pick_vcpus(self, w: np.ndarray, running: np.ndarray, n: int) -> np.ndarray:
         """The writing vCPU of n first writes: drawn by rate share among the running vCPUs."""
@@ -272,38 +246,27 @@ class WorkloadProgram(GuestProgram):
         cdf = np.cumsum(w[act]) / w[act].sum()
         return act[np.searchsorted(cdf, self.rng.random(n), side="right").clip(0, len(act) - 1)].astype(np.int32)
 
-    def _sample_clean(self, c: int, k: int) -> np.ndarray:
-        """k distinct clean pages of class c, uniformly (global page indexes)."""
-        rng, st = self.rng, self.vm.state
+    def _sample_pages(self, c: int, k: int) -> np.ndarray:
+        """k distinct pages of class c, a uniform random subset in random order (global page
+        indexes): iid uniform ranks, duplicates dropped, topped up if short."""
+        rng = self.rng
         region = self.regions[self.c_region[c]]
         lo, hi = int(self.c_lo[c]), int(self.c_hi[c])
-        n, clean = hi - lo, int(self.clean[c])
-        k = min(k, clean)
-        if clean * 4 < n or n <= 64:
-            g = region.gpi(np.arange(lo, hi, dtype=np.int64))
-            g = g[(st[g] & CLEAN) != 0]
-            if len(g) <= k:
-                return rng.permutation(g)
-            return rng.choice(g, size=k, replace=False)
-        # rejection: distinct uniform ranks (a sort, in page order: cache friendly), keep the
-        # clean ones, then a random permutation gives a uniform subset in random order
-        out = np.zeros(0, dtype=np.int64)
-        for _ in range(16):
-            need = k - len(out)
-            if need <= 0:
-                break
-            m = int(need * n / clean * 1.1) + 16
-            r = np.sort(rng.integers(lo, hi, size=m))
-            r = r[np.r_[True, r[1:] != r[:-1]]]
-            g = region.gpi(r)
-            g = g[(st[g] & CLEAN) != 0]
-            if len(out):
-                g = g[~_sorted_member(np.sort(out), g)]
-            out = np.concatenate([out, g[rng.permutation(len(g))[:need]]])
-        return out
+        n = hi - lo
+        k = min(k, n)
+        if 2 * k >= n:
+            return region.gpi(lo + rng.permutation(n)[:k])
+        r = np.zeros(0, dtype=np.int64)
+        while len(r) < k:
+            need = k - len(r)
+            r = np.concatenate([r, rng.integers(lo, hi, size=need + need * need // n + 8)])
+            r = r[first_occurrence(r)]
+        return region.gpi(r[:k])
 
-    def consumed(self, n, t_cut, faults_per_vcpu, retried):
+    def consumed(self, n, t_cut, faults_per_vcpu, retried, written):
         now, running = self._window
+        if n >= 256:  # learn how many sampled writes find their page clean
+            self.efficiency = float(np.clip(0.7 * self.efficiency + 0.3 * written / n, 0.02, 1.0))
         dt = t_cut - now
         if dt <= 0:
             return
@@ -336,9 +299,3 @@ def _zipf_mass(a: int, b: int, s: float) -> float:
     if abs(s - 1.0) < 1e-12:
         return math.log((b + 0.5) / (a + 0.5))
     return ((b + 0.5) ** (1 - s) - (a + 0.5) ** (1 - s)) / (1 - s)
-
-
-def _sorted_member(sorted_ref: np.ndarray, x: np.ndarray) -> np.ndarray:
-    """x in sorted_ref, elementwise (binary search)."""
-    i = np.searchsorted(sorted_ref, x).clip(0, max(len(sorted_ref) - 1, 0))
-    return sorted_ref[i] == x if len(sorted_ref) else np.zeros(len(x), dtype=bool)

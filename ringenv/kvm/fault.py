@@ -27,13 +27,16 @@ CUT_NONE, CUT_FULL, CUT_SYNC, CUT_DONE = 0, 1, 2, 3
 
 
 @numba.njit(cache=True, nogil=True)
-def walk_writes(gpi, vc, code, reads, slot_of, state, version, block_map,
+def walk_writes(gpi, vc, code, reads, first_touch, slot_of, state, version, block_map,
                 blockgran, pushall, split, nolog, block_shift,
                 used, limit, pml_count, pml_buf, rings,
-                push_v, push_g, split_v, split_b, dirtied, faults):  # pragma: no cover - compiled
+                push_v, push_g, split_v, split_b, faults):  # pragma: no cover - compiled
     """Apply events until the first exit. ``used``/``pml_count`` are updated in place.
 
-    Returns (events consumed, cut kind, pushes, splits, dirtied pages, store retired at cut)."""
+    With ``first_touch`` the writes are a workload model's candidate first writes: one to a page
+    that is not clean (written since it was last protected, hence writable) is invisible and
+    skipped. Returns (events consumed, cut kind, pushes, splits, clean pages written, access
+    retired at the cut)."""
     n = gpi.shape[0]
     block_pages = 1 << block_shift
     npush = 0
@@ -55,6 +58,12 @@ def walk_writes(gpi, vc, code, reads, slot_of, state, version, block_map,
         k = slot_of[i]
         full = False
         read = reads[i] != 0
+        if first_touch and not s & CLEAN:
+            if c != 0:
+                cut = CUT_SYNC if c == 1 else CUT_DONE
+                m = i + 1
+                break
+            continue
         blk = g >> block_shift
         inblock = block_map[blk] != 0
         if s & UNMAPPED:  # a translation fault maps the page (or the whole block)
@@ -115,7 +124,6 @@ def walk_writes(gpi, vc, code, reads, slot_of, state, version, block_map,
             version[g] += 1
             if state[g] & CLEAN:
                 state[g] &= NOT_CLEAN
-                dirtied[ndirty] = g
                 ndirty += 1
         if full:
             return i + 1, CUT_FULL, npush, nsplit, ndirty, True

@@ -117,18 +117,15 @@ def _choose_blocks(nblocks: int, fraction: float, seed: int) -> np.ndarray:
 
 @numba.njit(cache=True, nogil=True)
 def protect_masked(kslots, offsets, masks, tab_kslot, tab_start, tab_npages, tab_blockgran,
-                   state, block_map, block_shift, span, newly):  # pragma: no cover - compiled
+                   state, block_map, block_shift, span):  # pragma: no cover - compiled
     """kvm_arch_mmu_enable_log_dirty_pt_masked for each call (slot, offset, mask), in order.
 
     Write-protects the pages of the mask: exactly its set bits (x86), or with ``span`` every page
     from its lowest to its highest set bit, zero bits included (arm64). A call naming no memslot,
     or running past its end, is skipped as the kernel skips it. A page still mapped by a block in
     a slot where blocks stay protects the whole block (one stage-2 entry). Every protected page is
-    clean afterwards; pages that were not are written to ``newly``.
-
-    Returns (pages protected, count written to ``newly``)."""
+    clean afterwards. Returns the number of pages protected."""
     npro = 0
-    nnew = 0
     block_pages = 1 << block_shift
     for i in range(kslots.shape[0]):
         k = -1
@@ -142,9 +139,11 @@ def protect_masked(kslots, offsets, masks, tab_kslot, tab_start, tab_npages, tab
         lo = 0
         while not (mask >> np.uint64(lo)) & np.uint64(1):
             lo += 1
-        hi = 63
-        while not (mask >> np.uint64(hi)) & np.uint64(1):
-            hi -= 1
+        hi = lo
+        rest = mask >> np.uint64(lo + 1) if lo < 63 else np.uint64(0)  # a shift by 64 is undefined
+        while rest:
+            rest >>= np.uint64(1)
+            hi += 1
         off = offsets[i]
         if off < 0 or off + hi >= tab_npages[k]:
             continue
@@ -159,9 +158,6 @@ def protect_masked(kslots, offsets, masks, tab_kslot, tab_start, tab_npages, tab
             else:
                 first, last = g, g + 1
             for p in range(first, last):
-                if not state[p] & 2:
-                    newly[nnew] = p
-                    nnew += 1
                 state[p] |= 3
                 npro += 1
-    return npro, nnew
+    return npro

@@ -150,7 +150,7 @@ class Vcpu:
             gfn, code, read = self.pending_store, self.pending_code, self.pending_read
             self.pending_store, self.pending_code, self.pending_read = NO_WRITE, EXIT_NONE, False
             return vm._apply(np.array([vm.now], dtype=np.int64), np.array([self.index], dtype=np.int32),
-                             np.array([gfn], dtype=np.int64), np.array([code], dtype=np.int8), True,
+                             np.array([gfn], dtype=np.int64), np.array([code], dtype=np.int8),
                              notify=False, reads=np.array([read], dtype=np.int8))[1]
         return None
 
@@ -386,8 +386,6 @@ class Vm:
             s.dirty_bitmap = None
             s.state &= ~(WP | CLEAN)
             self._refresh_slot_modes()
-        if self.guest is not None:
-            self.guest.all_cleaned()
         self.stats.kernel_ns += ns
         return ns
 
@@ -456,16 +454,10 @@ class Vm:
         past its end are skipped, as the kernel does. Returns the pages write-protected."""
         if len(masks) == 0:
             return 0
-        bp = self.block_pages
-        # a protected page in a block-granular slot takes its whole block with it
-        newly = self._scratch("newly", len(masks) * 64 * (bp if self._blockgran.any() else 1), np.int64)
-        npro, nnew = protect_masked(
+        return int(protect_masked(
             np.ascontiguousarray(kslots, dtype=np.uint32), np.ascontiguousarray(offsets, dtype=np.int64),
             np.ascontiguousarray(masks, dtype=np.uint64), self._tab_kslot, self._tab_start, self._tab_npages,
-            self._tab_blockgran, self.state, self.block_map, self.block_shift, self.profile.reprotect_span, newly)
-        if nnew and self.guest is not None:
-            self.guest.pages_cleaned(newly[:nnew])
-        return int(npro)
+            self._tab_blockgran, self.state, self.block_map, self.block_shift, self.profile.reprotect_span))
 
     # ------------------------------------------------------------------ dirty bitmap
     def get_dirty_log(self, slot: int, as_id: int = 0) -> np.ndarray:
@@ -596,8 +588,8 @@ class Vm:
             if len(batch) == 0:
                 self.now = end
                 continue
-            _, exit_ = self._apply(batch.t, batch.vcpu, batch.gfn, batch.exit_after, batch.unique, end,
-                                   reads=batch.read)
+            _, exit_ = self._apply(batch.t, batch.vcpu, batch.gfn, batch.exit_after, end,
+                                   reads=batch.read, first_touch=batch.first_touch)
             if exit_ is not None:
                 return [exit_]
         return []
@@ -637,7 +629,7 @@ class Vm:
                 s = self._as0[k]
                 s.set_dirty_bits(gpi[sidx == k] - s.start)
 
-    def _apply(self, t, vc, gfn, exit_after, distinct, end=None, notify=True, reads=None):
+    def _apply(self, t, vc, gfn, exit_after, end=None, notify=True, reads=None, first_touch=False):
         """Apply a time-ordered batch of guest writes up to the first event that takes a vCPU
         out of the guest (:func:`ringenv.kvm.fault.walk_writes`). Returns (events consumed,
         Exit or None)."""
@@ -663,13 +655,13 @@ class Vm:
         push_g = self._scratch("push_g", maxpush, np.int64)
         split_v = self._scratch("split_v", n, np.int32)
         split_b = self._scratch("split_b", n, np.int64)
-        dirtied = self._scratch("dirtied", n, np.int64)
         faults = np.zeros(nv, dtype=np.int64)
         m, cut, npush, nsplit, ndirty, retired = walk_writes(
             gpi, vc.astype(np.int32, copy=False), code.astype(np.int8, copy=False), reads.astype(np.int8, copy=False),
+            first_touch,
             sidx, self.state, self.version, self.block_map,
             self._blockgran, self._pushall, self._split, self._nolog, self.block_shift, used, limit, pml_count,
-            p.pml_buffer_entries if p.pml else 0, rings, push_v, push_g, split_v, split_b, dirtied, faults)
+            p.pml_buffer_entries if p.pml else 0, rings, push_v, push_g, split_v, split_b, faults)
 
         # splits: break-before-make and a broadcast TLB invalidation, charged to the faulting vCPU
         if nsplit:
@@ -693,8 +685,6 @@ class Vm:
                     self._pml_log(v, pg[sel])
                 else:
                     self._push(v, pg[sel])
-        if ndirty and self.guest is not None:
-            self.guest.pages_dirtied(dirtied[:ndirty])
 
         faults_per_vcpu = faults
         retried = np.zeros(nv, dtype=bool)
@@ -719,7 +709,7 @@ class Vm:
         elif end is not None:
             self.now = max(self.now, int(end))
         if notify and self.guest is not None:
-            self.guest.consumed(m, self.now, faults_per_vcpu, retried)
+            self.guest.consumed(m, self.now, faults_per_vcpu, retried, ndirty)
         return m, exit_
 
     def _pml_log(self, v: Vcpu, gpi: np.ndarray) -> None:

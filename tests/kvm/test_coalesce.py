@@ -19,9 +19,8 @@ def mask_pages(off, masks, span):
     """Pages one slot's re-protect calls write-protect: run the compiled re-protect kernel on a
     fresh 256-page slot and read back which pages it protected."""
     state = np.zeros(256, dtype=np.uint8)
-    newly = np.empty(64 * len(masks), dtype=np.int64)
     protect_masked(np.zeros(len(masks), np.uint32), off, masks, np.zeros(1, np.uint32), np.zeros(1, np.int64),
-                   np.full(1, 256, np.int64), np.zeros(1, bool), state, np.zeros(1, np.uint8), 9, span, newly)
+                   np.full(1, 256, np.int64), np.zeros(1, bool), state, np.zeros(1, np.uint8), 9, span)
     return None, np.flatnonzero(state & 1)
 
 from ._helpers import Host

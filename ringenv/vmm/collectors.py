@@ -1,0 +1,193 @@
+"""Dirty-page collectors: how the VMM learns which pages the guest wrote (QEMU accel/kvm).
+
+:class:`RingCollector` -- the KVM dirty ring (QEMU ``-accel kvm,dirty-ring-size=N``):
+
+- ``reap(only)`` harvests every ring (or one vCPU's, under dirty-limit) through the rings'
+  userspace view (:class:`~ringenv.vmm.reap.RingReader`, QEMU ``kvm_dirty_ring_reap_one``) into
+  the slot bitmap; ``reset(n)`` then issues one KVM_RESET_DIRTY_RINGS if anything was harvested
+  and checks that KVM reset exactly what was harvested (QEMU asserts the same). The caller holds
+  the big lock across both, as QEMU does (``kvm_dirty_ring_reap`` under the BQL).
+- ``flush()`` is ``kvm_dirty_ring_flush``: kick every vCPU out of the guest (each pays an exit),
+  then reap and reset. ``sync(last_stage)`` is the migration sync: flush, on the last stage also
+  read the backup bitmap with KVM_GET_DIRTY_LOG (arm64 WITH_BITMAP, after the vGIC tables were
+  saved), then move the slot bitmap into the migration bitmap.
+
+:class:`BitmapCollector` -- the classic dirty log with KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2 and
+INITIALLY_SET (QEMU's default without a ring): ``sync`` is one KVM_GET_DIRTY_LOG of the whole
+slot plus QEMU's scan of the bitmap, so its cost grows with memory size; before the migration
+thread sends the first page of a 1 GiB chunk after a sync, ``before_send`` issues
+KVM_CLEAR_DIRTY_LOG for that chunk with the bits the last GET returned (QEMU's clear_bmap).
+
+Costs come from the host profile (userspace work) and ``Vm.last_ioctl_ns`` (kernel work); the
+generator methods yield the simulated time they take, the plain ones return it.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ..kvm.memory import bitmap_offsets
+
+CLEAR_CHUNK_BYTES = 1 << 30  # QEMU clear_bitmap_shift default: 1 GiB chunks
+
+
+class RingCollector:
+    kind = "ring"
+
+    def __init__(self, session):
+        from .reap import RingReader
+
+        self.s = session
+        self.readers = [RingReader(v.ring_gfns) for v in session.vcpus]
+        nv = len(self.readers)
+        self.entries = np.zeros(nv, dtype=np.int64)  # per-vCPU entries harvested (QEMU cpu->dirty_pages)
+        self.soft_limit = session.vcpus[0].ring.soft_limit if nv else 1  # read once, as KVM documents it
+        self.last_new = 0
+        costs = session.costs
+        self._entry_ns = costs.harvest_entry_ns
+        self._ring_ns = costs.harvest_ring_ns
+
+    # ---------------------------------------------------------------- harvest + reset
+    def reap(self, only: int | None = None) -> tuple[int, int]:
+        """Harvest all rings (or ring ``only``) now. Returns (entries, userspace ns)."""
+        s = self.s
+        readers = self.readers if only is None else [self.readers[only]]
+        first = 0 if only is None else only
+        total = 0
+        slot = s.dirty.slot
+        for k, r in enumerate(readers):
+            slots, offsets = r.reap()
+            n = len(offsets)
+            if n:
+                if slots[0] != 0 or slots[-1] != 0:
+                    offsets = offsets[slots == 0]  # only RAM (slot 0) is logged
+                slot[offsets.astype(np.int64)] = True
+                self.entries[first + k] += n
+                total += n
+        s.harvests += 1
+        s.entries_harvested += total
+        return total, len(readers) * self._ring_ns + total * self._entry_ns
+
+    def reset(self, n: int) -> int:
+        """KVM_RESET_DIRTY_RINGS if anything was harvested. Returns the kernel ns."""
+        if not n:
+            return 0
+        vm = self.s.vm
+        got = vm.reset_dirty_rings()
+        if got != n:  # QEMU: assert(ret == total)
+            raise AssertionError(f"KVM_RESET_DIRTY_RINGS reset {got} entries, {n} were harvested")
+        return vm.last_ioctl_ns
+
+    def flush(self):
+        """kvm_dirty_ring_flush (caller holds the BQL): kick all vCPUs, reap, reset."""
+        s = self.s
+        yield s.kick_all("flush")
+        n, work = self.reap()
+        yield work
+        ns = self.reset(n)
+        yield ns
+        s.vmm_cpu_ns += work + ns
+
+    def sync(self, last_stage: bool = False):
+        """migration_bitmap_sync in ring mode (caller holds the BQL)."""
+        s = self.s
+        yield from self.flush()
+        if last_stage and s.with_bitmap:
+            # arm64: the backup bitmap, after the vGIC/ITS tables were saved at vm stop
+            bm = s.vm.get_dirty_log(0)
+            ns = s.vm.last_ioctl_ns + int(s.npages * s.costs.bitmap_scan_page_ns)
+            off = bitmap_offsets(bm, s.npages)
+            if len(off):
+                s.dirty.slot[off] = True
+            s.backup_bitmap_pages += len(off)
+            s.vmm_cpu_ns += ns
+            yield ns
+        self.last_new = s.dirty.merge_slot()
+        # QEMU walks the slot bitmap word by word: cheap, but it grows with memory
+        ns = int((s.npages // 64) * s.costs.bitmap_scan_page_ns)
+        s.vmm_cpu_ns += ns
+        yield ns
+
+    def before_send(self, pages: np.ndarray) -> int:
+        return 0
+
+    # ---------------------------------------------------------------- observation
+    def ready(self) -> np.ndarray:
+        """Entries waiting in each ring (the userspace view: DIRTY entries from fetch on)."""
+        return np.array([r.count_ready() for r in self.readers], dtype=np.int64)
+
+    def seen_total(self) -> int:
+        return int(self.entries.sum()) + int(self.ready().sum())
+
+
+class BitmapCollector:
+    kind = "bitmap"
+
+    def __init__(self, session):
+        self.s = session
+        ps = session.page_size
+        self.chunk_pages = max(64, CLEAR_CHUNK_BYTES // ps)
+        self.nchunks = (session.npages + self.chunk_pages - 1) // self.chunk_pages
+        self.slot_bmp: np.ndarray | None = None  # the last GET's bits (QEMU KVMSlot.dirty_bmap)
+        self.clear_pending = np.zeros(self.nchunks, dtype=bool)  # QEMU RAMBlock.clear_bmap
+        self.last_new = 0
+        self.entries = np.zeros(len(session.vcpus), dtype=np.int64)
+
+    def reap(self, only=None):
+        return 0, 0
+
+    def reset(self, n):
+        return 0
+
+    def flush(self):
+        return
+        yield
+
+    def sync(self, last_stage: bool = False):
+        """migration_bitmap_sync with the dirty log: KVM_GET_DIRTY_LOG, QEMU's bitmap scan."""
+        s = self.s
+        vm = s.vm
+        bm = vm.get_dirty_log(0)
+        ns = vm.last_ioctl_ns + int(s.npages * s.costs.bitmap_scan_page_ns)
+        bits = np.unpackbits(bm.view(np.uint8), bitorder="little", count=s.npages).view(bool)
+        self.last_new = s.dirty.merge_bits(bits)
+        del bits
+        self.slot_bmp = bm
+        self.clear_pending[:] = True
+        s.harvests += 1
+        s.vmm_cpu_ns += ns
+        yield ns
+
+    def before_send(self, pages: np.ndarray) -> int:
+        """KVM_CLEAR_DIRTY_LOG for each 1 GiB chunk about to be sent from for the first time
+        since the last sync. Returns the kernel ns (the migration thread waits for it)."""
+        if len(pages) == 0 or self.slot_bmp is None:
+            return 0
+        cp = self.chunk_pages
+        lo, hi = int(pages.min()) // cp, int(pages.max()) // cp
+        if lo == hi:
+            chunks = [lo] if self.clear_pending[lo] else []
+        else:
+            c = np.unique(pages // cp)
+            chunks = c[self.clear_pending[c]].tolist()
+        if not chunks:
+            return 0
+        s, vm = self.s, self.s.vm
+        ns = 0
+        for c in chunks:
+            first = c * cp
+            num = min(cp, s.npages - first)
+            w0, w1 = first // 64, (first + num + 63) // 64
+            vm.clear_dirty_log(0, first, num, self.slot_bmp[w0:w1])
+            self.slot_bmp[w0:w1] = 0
+            self.clear_pending[c] = False
+            ns += vm.last_ioctl_ns
+            s.clears += 1
+        s.vmm_cpu_ns += ns
+        return ns
+
+    def ready(self) -> np.ndarray:
+        return np.zeros(len(self.s.vcpus), dtype=np.int64)
+
+    def seen_total(self) -> int:
+        return 0

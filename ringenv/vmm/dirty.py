@@ -1,0 +1,135 @@
+"""The VMM's own dirty-page bookkeeping, as numpy arrays (QEMU: the KVMSlot dirty_bmap and the
+RAMBlock migration bitmap), and the destination's copy of every page.
+
+Per guest base page (7 bytes in all; the kernel keeps its own 7):
+
+- ``slot`` (bool): harvested from the rings since the last sync (QEMU ``KVMSlot.dirty_bmap``
+  filled by ``kvm_dirty_ring_mark_page``); ring collector only;
+- ``mig`` (bool): still to send in this pass (QEMU ``RAMBlock.bmap``);
+- ``sent`` (bool): sent at least once (to count re-sent pages);
+- ``dest`` (u32): the page version the destination (or the checkpoint image) holds. Sending a
+  page copies the source's version at send time: that is the page content. At the end the
+  migration verifies ``dest == source`` for every page (kvm-dirty-ring.md s10).
+
+Pages are sent in chunks found with vectorized scans of ``mig``, never one by one in Python.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+class DirtyPages:
+    def __init__(self, npages: int, with_slot: bool):
+        self.npages = npages
+        self.mig = np.zeros(npages, dtype=bool)
+        self.slot = np.zeros(npages, dtype=bool) if with_slot else None
+        self.sent = np.zeros(npages, dtype=bool)
+        self.dest = np.zeros(npages, dtype=np.uint32)
+        self.mig_count = 0
+        self.cursor = 0  # where the migration thread's search continues (QEMU last_seen_block/last_page)
+        self.pages_sent = 0
+        self.pages_resent = 0
+
+    @property
+    def nbytes(self) -> int:
+        return sum(a.nbytes for a in (self.mig, self.slot, self.sent, self.dest) if a is not None)
+
+    # ------------------------------------------------------------------ filling the bitmaps
+    def mark_harvested(self, offsets: np.ndarray) -> None:
+        """Ring entries harvested: set their bits in the slot bitmap."""
+        if len(offsets):
+            self.slot[offsets] = True
+
+    def set_all(self) -> None:
+        """Migration setup: every page is dirty (QEMU's bulk stage)."""
+        self.mig[:] = True
+        self.mig_count = self.npages
+
+    def merge_slot(self) -> int:
+        """Sync (ring): the slot bitmap into the migration bitmap, then clear it. Returns the
+        pages that became dirty (QEMU num_dirty_pages_period)."""
+        new = int(np.count_nonzero(self.slot > self.mig))
+        np.logical_or(self.mig, self.slot, out=self.mig)
+        self.slot[:] = False
+        self.mig_count += new
+        return new
+
+    def merge_bits(self, bits: np.ndarray) -> int:
+        """Sync (bitmap): a bool array of dirty pages into the migration bitmap."""
+        new = int(np.count_nonzero(bits > self.mig))
+        np.logical_or(self.mig, bits, out=self.mig)
+        self.mig_count += new
+        return new
+
+    def merge_offsets(self, offsets: np.ndarray) -> int:
+        """A few dirty pages (backup bitmap, vGIC tables) straight into the migration bitmap."""
+        if len(offsets) == 0:
+            return 0
+        offsets = np.unique(offsets)
+        new = int(np.count_nonzero(~self.mig[offsets]))
+        self.mig[offsets] = True
+        self.mig_count += new
+        return new
+
+    # ------------------------------------------------------------------ sending
+    def take(self, maxn: int) -> np.ndarray:
+        """Up to ``maxn`` dirty pages from the cursor on, wrapping around once, in the order
+        the migration thread finds them; their bits are cleared."""
+        if self.mig_count == 0 or maxn <= 0:
+            return np.zeros(0, dtype=np.int64)
+        n, mig = self.npages, self.mig
+        want = min(maxn, self.mig_count)
+        out = []
+        got = 0
+        pos = self.cursor
+        scanned = 0
+        window = max(4 * want, 1 << 16)
+        while got < want and scanned < n:
+            end = min(pos + window, n)
+            idx = np.flatnonzero(mig[pos:end])
+            if len(idx):
+                idx = idx[: want - got] + pos
+                out.append(idx)
+                got += len(idx)
+                if got == want:
+                    self.cursor = int(idx[-1]) + 1
+                    if self.cursor >= n:
+                        self.cursor = 0
+                    break
+            scanned += end - pos
+            pos = 0 if end >= n else end
+            window *= 2
+        pages = out[0] if len(out) == 1 else np.concatenate(out)
+        if _contiguous(pages):
+            mig[pages[0]: pages[-1] + 1] = False
+        else:
+            mig[pages] = False
+        self.mig_count -= len(pages)
+        return pages
+
+    def copy(self, pages: np.ndarray, source_version: np.ndarray) -> None:
+        """Send ``pages``: the destination gets their content (version) as of now."""
+        if len(pages) == 0:
+            return
+        if _contiguous(pages):
+            s = slice(int(pages[0]), int(pages[-1]) + 1)
+            self.pages_resent += int(np.count_nonzero(self.sent[s]))
+            self.sent[s] = True
+            self.dest[s] = source_version[s]
+        else:
+            self.pages_resent += int(np.count_nonzero(self.sent[pages]))
+            self.sent[pages] = True
+            self.dest[pages] = source_version[pages]
+        self.pages_sent += len(pages)
+
+    def lost_writes(self, source_version: np.ndarray) -> int:
+        """Pages whose destination copy differs from the source (chunked: no big temporary)."""
+        lost, step = 0, 1 << 24
+        for a in range(0, self.npages, step):
+            lost += int(np.count_nonzero(self.dest[a: a + step] != source_version[a: a + step]))
+        return lost
+
+
+def _contiguous(pages: np.ndarray) -> bool:
+    return len(pages) > 0 and int(pages[-1]) - int(pages[0]) + 1 == len(pages)

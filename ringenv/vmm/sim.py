@@ -1,0 +1,155 @@
+"""A tiny discrete-event core in the style of SimPy: an event heap ordered by (time, priority,
+sequence), generator processes, a mutex and signals. Simulated time is integer nanoseconds.
+
+A process is a generator. What it yields says what it waits for:
+
+- an ``int``: sleep that many ns (0 or less: continue at once);
+- a :class:`Lock`: acquire it (FIFO hand-over; resumes when it is this process's turn);
+- a :class:`Signal`: wait until the signal fires.
+
+Simultaneous events run by priority, then in the order they were scheduled, so a run is a
+deterministic function of its inputs.
+"""
+
+from __future__ import annotations
+
+import heapq
+from collections import deque
+from collections.abc import Callable, Generator
+
+FOREVER = 1 << 62
+
+
+class EventLoop:
+    """The event heap. ``now`` is the time of the event being processed."""
+
+    __slots__ = ("heap", "seq", "now")
+
+    def __init__(self):
+        self.heap: list = []
+        self.seq = 0
+        self.now = 0
+
+    def schedule(self, t: int, prio: int, fn: Callable, arg=None) -> None:
+        if t < self.now:
+            raise AssertionError(f"event scheduled in the past: {t} < {self.now}")
+        heapq.heappush(self.heap, (t, prio, self.seq, fn, arg))
+        self.seq += 1
+
+    def peek_time(self) -> int:
+        return self.heap[0][0] if self.heap else FOREVER
+
+    def fire_next(self) -> None:
+        t, _, _, fn, arg = heapq.heappop(self.heap)
+        self.now = t
+        fn(arg)
+
+
+class Process:
+    """A generator driven by the loop. ``wake_at`` re-times a sleeping process (an older
+    wake-up is then ignored); ``interrupt`` wakes it now."""
+
+    __slots__ = ("loop", "gen", "prio", "name", "token", "alive", "sleeping", "wake_time")
+
+    def __init__(self, loop: EventLoop, gen: Generator, prio: int, name: str = ""):
+        self.loop = loop
+        self.gen = gen
+        self.prio = prio
+        self.name = name
+        self.token = 0
+        self.alive = True
+        self.sleeping = False
+        self.wake_time = 0
+
+    def start(self, t: int | None = None) -> Process:
+        self._schedule(self.loop.now if t is None else t)
+        return self
+
+    def _schedule(self, t: int) -> None:
+        self.token += 1
+        self.wake_time = t
+        self.loop.schedule(t, self.prio, self._resume, self.token)
+
+    def _resume(self, token: int) -> None:
+        if token != self.token or not self.alive:
+            return  # a superseded wake-up
+        self.sleeping = False
+        self._run()
+
+    def wake_at(self, t: int) -> None:
+        """Re-time the current sleep to end at ``t`` (not before now)."""
+        if self.alive and self.sleeping:
+            self._schedule(max(t, self.loop.now))
+
+    def interrupt(self) -> None:
+        self.wake_at(self.loop.now)
+
+    def _run(self) -> None:
+        gen = self.gen
+        while True:
+            try:
+                cmd = next(gen)
+            except StopIteration:
+                self.alive = False
+                return
+            if type(cmd) is int:
+                if cmd <= 0:
+                    continue
+                self.sleeping = True
+                self._schedule(self.loop.now + cmd)
+                return
+            if isinstance(cmd, Lock):
+                if cmd.owner is None:
+                    cmd.owner = self
+                    continue
+                cmd.queue.append(self)
+                return
+            if isinstance(cmd, Signal):
+                if cmd.fired:
+                    continue
+                cmd.waiters.append(self)
+                return
+            raise TypeError(f"process {self.name} yielded {cmd!r}")
+
+
+class Lock:
+    """A mutex with FIFO hand-over (QEMU's big lock, BQL)."""
+
+    __slots__ = ("owner", "queue", "name")
+
+    def __init__(self, name: str = ""):
+        self.owner: Process | None = None
+        self.queue: deque[Process] = deque()
+        self.name = name
+
+    def release(self) -> None:
+        if self.queue:
+            nxt = self.queue.popleft()
+            self.owner = nxt
+            nxt._schedule(nxt.loop.now)
+        else:
+            self.owner = None
+
+    @property
+    def held(self) -> bool:
+        return self.owner is not None
+
+
+class Signal:
+    """A one-shot condition: ``fire`` wakes every waiter now; waiting on a fired signal
+    continues at once. ``reset`` arms it again."""
+
+    __slots__ = ("waiters", "fired")
+
+    def __init__(self):
+        self.waiters: list[Process] = []
+        self.fired = False
+
+    def fire(self) -> None:
+        self.fired = True
+        waiters, self.waiters = self.waiters, []
+        for p in waiters:
+            p._schedule(p.loop.now)
+
+    def reset(self) -> None:
+        self.fired = False

@@ -1,0 +1,213 @@
+"""Guest throttles QEMU uses to make a migration converge (migration/ram.c, system/cpu-throttle.c,
+system/dirtylimit.c), re-implemented from their documented behaviour.
+
+Both are armed by the same rule, checked at a dirty-bitmap sync at most once per second
+(``migration_trigger_throttle``): over the period since the last check, if the bytes dirtied
+exceed ``throttle-trigger-threshold`` (50%) of the bytes transferred, a counter goes up; the
+second time in a row... (two such periods) the throttle engages or steps up.
+
+:class:`AutoConverge` -- CPU throttling: first ``cpu-throttle-initial`` (20%), then +
+``cpu-throttle-increment`` (10%) per trigger up to ``max-cpu-throttle`` (99%) (with
+``tailslow`` the last steps are computed from the dirty/threshold ratio). A timer every
+10 ms / (1 - pct) queues work on every vCPU (a kick when it is in the guest) that sleeps
+pct / (1 - pct) x 10 ms.
+
+:class:`DirtyLimit` -- per-vCPU dirty-rate quota (``vcpu-dirty-limit``, 1 MB/s by default,
+ring only): every ``x-vcpu-dirty-limit-period`` (1 s) a thread flushes the rings, measures each
+vCPU's dirty rate from the entries harvested from its ring, and adjusts the vCPU's sleep after
+each ring-full exit (``throttle_us_per_full``): proportionally when the rate is far from the
+quota (more than 50% off), by a tenth of the ring-full time otherwise, within 25 MB/s of the
+quota it is left alone; never above 99 ring-full times. While it is in service a ring-full exit
+reaps only that vCPU's ring.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+MS = 1_000_000
+TIMESLICE_NS = 10 * MS  # CPU_THROTTLE_TIMESLICE_NS
+DIRTYLIMIT_TOLERANCE_RANGE = 25  # MB/s
+DIRTYLIMIT_LINEAR_ADJUSTMENT_PCT = 50
+DIRTYLIMIT_THROTTLE_PCT_MAX = 99
+
+
+class Trigger:
+    """migration_trigger_throttle: the shared arming rule."""
+
+    def __init__(self, threshold_pct: int):
+        self.threshold_pct = threshold_pct
+        self.period_start = 0
+        self.dirty_pages_period = 0
+        self.xfer_prev = 0
+        self.high_cnt = 0
+        self.last = (0, 0)  # (bytes dirtied, threshold) of the last firing period
+
+    def on_sync(self, now: int, new_pages: int, page_size: int, bytes_xfer: int) -> bool:
+        self.dirty_pages_period += new_pages
+        if now <= self.period_start + 1000 * MS:
+            return False
+        dirty = self.dirty_pages_period * page_size
+        threshold = (bytes_xfer - self.xfer_prev) * self.threshold_pct // 100
+        fire = False
+        if dirty > threshold:
+            self.high_cnt += 1
+            if self.high_cnt >= 2:
+                self.high_cnt = 0
+                fire = True
+                self.last = (dirty, threshold)
+        self.period_start = now
+        self.dirty_pages_period = 0
+        self.xfer_prev = bytes_xfer
+        return fire
+
+
+class NoThrottle:
+    name = "none"
+    pct = 0.0
+    in_service = False
+
+    def on_sync(self, session, new_pages: int) -> None:
+        pass
+
+    def after_full_exit(self, i: int) -> int:
+        return 0
+
+    def stop(self) -> None:
+        pass
+
+
+class AutoConverge(NoThrottle):
+    name = "auto-converge"
+
+    def __init__(self, session, cfg):
+        self.s = session
+        self.cfg = cfg
+        self.trigger = Trigger(cfg.trigger_threshold_pct)
+        self.pct = 0.0  # current throttle percentage, 0..99
+        self.steps = 0
+        self.timer = None
+
+    def on_sync(self, session, new_pages: int) -> None:
+        s = self.s
+        if not self.trigger.on_sync(s.loop.now, new_pages, s.page_size, s.bytes_sent):
+            return
+        c = self.cfg
+        if self.pct == 0:
+            new = c.initial_pct
+        elif not c.tailslow:
+            new = min(self.pct + c.increment_pct, c.max_pct)
+        else:
+            dirty, threshold = self.trigger.last
+            cpu_now = 100 - self.pct
+            cpu_ideal = cpu_now * (threshold / dirty) if dirty else cpu_now
+            new = min(self.pct + min(cpu_now - cpu_ideal, c.increment_pct), c.max_pct)
+        self.pct = float(new)
+        self.steps += 1
+        if self.timer is None or not self.timer.alive:
+            self.timer = s.spawn(self._tick(), s.PRIO_THROTTLE, "cpu-throttle")
+
+    def _tick(self):
+        """cpu_throttle_timer_tick."""
+        s = self.s
+        while self.pct > 0 and not s.finished:
+            p = self.pct / 100.0
+            s.queue_throttle_work(int(p / (1.0 - p) * TIMESLICE_NS))
+            yield int(TIMESLICE_NS / (1.0 - p))
+
+    def stop(self) -> None:
+        self.pct = 0.0
+
+
+class DirtyLimit(NoThrottle):
+    name = "dirty-limit"
+
+    def __init__(self, session, cfg):
+        self.s = session
+        self.cfg = cfg
+        self.trigger = Trigger(session.cfg.auto_converge.trigger_threshold_pct)
+        nv = len(session.vcpus)
+        self.in_service = False
+        self.quota = float(cfg.vcpu_limit_mbps)
+        self.throttle_us = np.zeros(nv, dtype=np.float64)  # cpu->throttle_us_per_full
+        self.rate = np.zeros(nv, dtype=np.float64)  # last measured MB/s per vCPU
+        self.max_dirtyrate = 0.0
+        self.proc = None
+        self.pct = 0.0
+
+    def on_sync(self, session, new_pages: int) -> None:
+        s = self.s
+        if not self.trigger.on_sync(s.loop.now, new_pages, s.page_size, s.bytes_sent):
+            return
+        if self.in_service:
+            return  # migration_dirty_limit_guest: already limited to the same quota
+        self.in_service = True
+        self.proc = s.spawn(self._stat_thread(), s.PRIO_THROTTLE, "dirtylimit")
+
+    def _stat_thread(self):
+        """vcpu_dirty_rate_stat_thread + dirtylimit_process, once per period."""
+        s = self.s
+        period = int(self.cfg.period_ms * MS)
+        col = s.collector
+        while not s.finished:
+            start = col.entries.copy()
+            t0 = s.loop.now
+            yield period
+            if s.finished:
+                return
+            yield s.bql
+            yield from col.flush()  # global_dirty_log_sync: kick, reap, reset
+            s.bql.release()
+            dt_ms = max(1, (s.loop.now - t0) // MS)
+            self.rate = (col.entries - start) * s.page_size / float(1 << 20) * 1000.0 / dt_ms
+            for i in range(len(self.rate)):
+                self._adjust(i, self.quota, float(self.rate[i]))
+            self.pct = float(np.mean(self._sleep_share()))
+
+    def _ring_full_time_us(self, rate: float) -> float:
+        """dirtylimit_dirty_ring_full_time: time to fill the ring at the highest rate seen."""
+        ring_mb = (self.s.cfg.ring_entries * self.s.page_size) >> 20
+        self.max_dirtyrate = max(self.max_dirtyrate, rate)
+        return ring_mb * 1_000_000 / self.max_dirtyrate
+
+    def _adjust(self, i: int, quota: float, current: float) -> None:
+        """dirtylimit_adjust_throttle / dirtylimit_set_throttle."""
+        if abs(quota - current) <= DIRTYLIMIT_TOLERANCE_RANGE:
+            return
+        if current == 0:
+            self.throttle_us[i] = 0
+            return
+        full_us = self._ring_full_time_us(current)
+        hi, lo = max(quota, current), min(quota, current)
+        if (hi - lo) * 100 / hi > DIRTYLIMIT_LINEAR_ADJUSTMENT_PCT:
+            if quota < current:
+                pct = int((current - quota) * 100 / current)
+                self.throttle_us[i] += int(full_us * pct / (100 - pct))
+            else:
+                pct = int((quota - current) * 100 / quota)
+                self.throttle_us[i] -= int(full_us * pct / (100 - pct))
+        else:
+            self.throttle_us[i] += full_us / 10 if quota < current else -full_us / 10
+        self.throttle_us[i] = min(self.throttle_us[i], full_us * DIRTYLIMIT_THROTTLE_PCT_MAX)
+        self.throttle_us[i] = max(self.throttle_us[i], 0)
+
+    def _sleep_share(self) -> np.ndarray:
+        full_us = self._ring_full_time_us(0.0) if self.max_dirtyrate > 0 else 0.0
+        if full_us <= 0:
+            return np.zeros_like(self.throttle_us)
+        return 100.0 * self.throttle_us / (self.throttle_us + full_us)
+
+    def after_full_exit(self, i: int) -> int:
+        """dirtylimit_vcpu_execute: the sleep after a ring-full exit, ns."""
+        if not self.in_service:
+            return 0
+        return int(self.throttle_us[i] * 1000)
+
+
+def make_throttle(session):
+    cfg = session.cfg
+    if cfg.throttle == "auto-converge":
+        return AutoConverge(session, cfg.auto_converge)
+    if cfg.throttle == "dirty-limit":
+        return DirtyLimit(session, cfg.dirty_limit)
+    return NoThrottle()
