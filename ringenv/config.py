@@ -534,3 +534,67 @@ def load_scenario(name_or_path: str | Path | ScenarioConfig | dict | None = None
     if overrides:
         data = _deep_merge(data, overrides)
     return ScenarioConfig.parse(data, where=where)
+
+
+# ---------------------------------------------------------------------------------------------
+# ---- environment (ringenv/env.py) ------------------------------------------------------------
+# The `env:` section of a scenario, and keyword overrides of gymnasium.make.
+
+DEFAULT_INTERVALS_MS = [10, 20, 50, 100, 200, 500, 1000, 2000, 5000]
+
+
+class RewardConfig(Strict):
+    """Weights of the costs the reward subtracts (see the MigrationEnv docstring), per unit:
+    vcpu per vCPU-second lost divided by the vCPU count, vmm per VMM CPU second, memory per MiB
+    of rings per second, time per second of migration, downtime per second. The sum is divided
+    by ``scale``."""
+
+    vcpu: float = Field(10.0, ge=0)
+    vmm: float = Field(1.0, ge=0)
+    memory: float = Field(0.002, ge=0)
+    time: float = Field(0.05, ge=0)
+    downtime: float = Field(10.0, ge=0)
+    scale: float = Field(1.0, gt=0)
+
+
+class EnvConfig(Strict):
+    """Environment settings: the control interval (simulated ms between actions), the episode
+    time cap, the pre-migration dirty-rate sample, the action grids, the workload set and the
+    reward weights."""
+
+    control_interval_ms: float = Field(200.0, gt=0, description="simulated ms between two actions")
+    max_episode_s: float = Field(120.0, gt=0, description="simulated seconds before truncation")
+    sample_s: float = Field(1.0, gt=0, description="pre-migration dirty-rate sample, simulated s")
+    ring_sizes: list[int] | None = Field(None, description="ring entries offered (default: all the host accepts)")
+    intervals_ms: list[float] = Field(default_factory=lambda: list(DEFAULT_INTERVALS_MS), min_length=1)
+    workload_set: str = "default"
+    reward: RewardConfig = Field(default_factory=RewardConfig)
+
+    @model_validator(mode="after")
+    def _check(self):
+        if any(m <= 0 for m in self.intervals_ms):
+            raise ValueError(f"intervals_ms: {self.intervals_ms}: every interval must be > 0 ms")
+        if self.ring_sizes is not None and (not self.ring_sizes or any(n <= 0 or n & (n - 1) for n in self.ring_sizes)):
+            raise ValueError(f"ring_sizes: {self.ring_sizes}: expected powers of two")
+        sets = load_workload_sets()
+        if self.workload_set not in sets:
+            raise ValueError(f"workload_set: {self.workload_set!r}; accepted: {', '.join(sorted(sets))}")
+        return self
+
+
+def load_workload_sets() -> dict[str, dict[str, list[str]]]:
+    """Named workload sets with their train/test split (configs/workload-sets.yaml)."""
+    path = CONFIG_DIR / "workload-sets.yaml"
+    data = _read_yaml(path)
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path.name}: expected a mapping of set names")
+    for name, split in data.items():
+        if not isinstance(split, dict) or set(split) != {"train", "test"}:
+            raise ConfigError(f"{path.name}: set {name!r} must have exactly the keys train and test")
+        for part in ("train", "test"):
+            for w in split[part]:
+                load_workload(w)
+        overlap = set(split["train"]) & set(split["test"])
+        if overlap:
+            raise ConfigError(f"{path.name}: set {name!r} has workloads in both train and test: {sorted(overlap)}")
+    return data

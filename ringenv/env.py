@@ -1,0 +1,383 @@
+"""The Gymnasium environments: tune the dirty ring while a VM live-migrates or checkpoints."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import gymnasium as gym
+import numpy as np
+from gymnasium import spaces
+
+from .config import ConfigError, EnvConfig, load_scenario, load_workload_sets
+
+SECOND = 1_000_000_000
+MS = 1_000_000
+
+#: Observation fields, in order: (name, unit / transform, upper bound). The docstring table of
+#: RingEnv is this list.
+OBS_FIELDS = [
+    ("fill_max", "max over vCPUs of ring entries used / soft limit", 1.0),
+    ("fill_mean", "mean over vCPUs of ring entries used / soft limit", 1.0),
+    ("dirty_rate", "current dirty-rate estimate / link rate (bytes/s over bytes/s)", 10.0),
+    ("sampled_rate", "pre-migration dirty-rate sample / link rate", 10.0),
+    ("full_exits", "log10(1 + ring-full exits per vCPU per second, last interval)", 6.0),
+    ("lost_vcpu", "share of vCPU time lost to exits and stalls, last interval", 1.0),
+    ("vmm_cpu", "VMM CPU seconds per second, last interval", 8.0),
+    ("progress", "share of guest RAM sent at least once", 1.0),
+    ("remaining", "log10(1 + remaining dirty bytes / (bandwidth x downtime limit))", 6.0),
+    ("bandwidth", "measured bandwidth / link rate", 2.0),
+    ("iteration", "pre-copy iterations / 32", 4.0),
+    ("elapsed", "elapsed simulated time / episode time cap", 1.0),
+    ("ring_size", "log2(ring entries) / 16 (0 before the ring is chosen)", 1.0),
+    ("interval", "log10(harvest interval in ms) / 4", 1.0),
+    ("ring_fixed", "1 once the ring size is fixed (after the first step)", 1.0),
+]
+
+
+class RingEnv(gym.Env):
+    """Base of :class:`MigrationEnv` and :class:`CheckpointEnv` (the docstrings of those are the
+    specification)."""
+
+    metadata = {"render_modes": ["ansi", "rgb_array"], "render_fps": 5}
+    kind = "migration"
+
+    def __init__(self, scenario: Any = "default", *, split: str = "train", workloads: list[str] | None = None,
+                 flatten_actions: bool = False, render_mode: str | None = None, **overrides):
+        if render_mode is not None and render_mode not in self.metadata["render_modes"]:
+            raise ConfigError(f"render_mode: {render_mode!r}; accepted: None, 'ansi', 'rgb_array'")
+        env_overrides = {k: overrides.pop(k) for k in list(overrides) if k in EnvConfig.model_fields}
+        self.scenario = load_scenario(scenario, **overrides)
+        base = dict(self.scenario.env or {})
+        self.cfg = EnvConfig.parse({**base, **env_overrides}, where="env")
+        if split not in ("train", "test", "all"):
+            raise ConfigError(f"split: {split!r}; accepted: 'train', 'test', 'all'")
+        self.split = split
+        if workloads is not None:
+            self.workloads = list(workloads)
+        else:
+            sets = load_workload_sets()[self.cfg.workload_set]
+            self.workloads = {"train": sets["train"], "test": sets["test"], "all": sets["train"] + sets["test"]}[split]
+        if not self.workloads:
+            raise ConfigError("workloads: the chosen set is empty")
+        from .vmm import session as _session_module  # noqa: F401  (fail early if the VMM is missing)
+
+        prof = _profile_of(self.scenario)
+        self.ring_sizes = [n for n in (self.cfg.ring_sizes or prof.ring_sizes) if n in prof.ring_sizes]
+        if not self.ring_sizes:
+            raise ConfigError(f"ring_sizes: none of {self.cfg.ring_sizes} is accepted by {prof.name} "
+                              f"({prof.ring_sizes})")
+        self.intervals_ms = list(self.cfg.intervals_ms)
+        self.flatten_actions = flatten_actions
+        n_sizes, n_int = len(self.ring_sizes), len(self.intervals_ms)
+        self.action_space = spaces.Discrete(n_sizes * n_int) if flatten_actions else spaces.MultiDiscrete([n_sizes, n_int])
+        high = np.array([f[2] for f in OBS_FIELDS], dtype=np.float32)
+        self.observation_space = spaces.Box(np.zeros_like(high), high, dtype=np.float32)
+        self.render_mode = render_mode
+        self._session = None
+        self._last = None
+
+    # ------------------------------------------------------------------ actions
+    def decode_action(self, action) -> tuple[int, int]:
+        """(ring entries, harvest interval in ms) for an action; a clear error if it is invalid."""
+        if self.flatten_actions:
+            a = np.asarray(action)
+            if a.shape not in ((), (1,)) or not np.issubdtype(a.dtype, np.integer) or not self.action_space.contains(int(a.reshape(()))):
+                raise ValueError(f"action {action!r}: expected an integer in 0..{self.action_space.n - 1}")
+            i, j = divmod(int(a.reshape(())), len(self.intervals_ms))
+        else:
+            a = np.asarray(action)
+            if a.shape != (2,) or not np.issubdtype(a.dtype, np.integer) or not self.action_space.contains(a.astype(np.int64)):
+                raise ValueError(f"action {action!r}: expected [ring size index 0..{len(self.ring_sizes) - 1}, "
+                                 f"interval index 0..{len(self.intervals_ms) - 1}]")
+            i, j = int(a[0]), int(a[1])
+        return self.ring_sizes[i], self.intervals_ms[j]
+
+    def encode_action(self, ring_entries: int, interval_ms: float):
+        """The action choosing the nearest available ring size and interval (for scripted policies)."""
+        i = int(np.argmin([abs(math.log2(n) - math.log2(ring_entries)) for n in self.ring_sizes]))
+        j = int(np.argmin([abs(math.log10(m) - math.log10(interval_ms)) for m in self.intervals_ms]))
+        return i * len(self.intervals_ms) + j if self.flatten_actions else np.array([i, j], dtype=np.int64)
+
+    # ------------------------------------------------------------------ episode
+    def reset(self, *, seed: int | None = None, options: dict | None = None):
+        super().reset(seed=seed)
+        options = options or {}
+        workload = options.get("workload")
+        if workload is None:
+            workload = self.workloads[int(self.np_random.integers(len(self.workloads)))]
+        self.workload = workload
+        self.episode_seed = int(self.np_random.integers(0, 2**31 - 1))
+        self.sampled_rate = _session_sample_rate(self.scenario, workload, self.episode_seed, self.cfg.sample_s)
+        self._session = None
+        self.ring_entries = 0
+        self.interval_ms = 0.0
+        self.t = 0
+        self._prev = None
+        self._last_obs_src = None
+        obs = self._observe(None, 0, first=True)
+        info = {"workload": workload, "sampled_dirty_rate_Bps": self.sampled_rate, "ring_sizes": self.ring_sizes,
+                "intervals_ms": self.intervals_ms}
+        return obs, info
+
+    def step(self, action):
+        if not hasattr(self, "workload"):
+            raise RuntimeError("step() before reset()")
+        if self._session is not None and self._session.done:
+            raise RuntimeError("step() after the episode ended; call reset()")
+        entries, interval_ms = self.decode_action(action)
+        info: dict[str, Any] = {}
+        if self._session is None:
+            self.ring_entries = entries
+            self._session = _open_session(self.kind, self.scenario, self.workload, self.episode_seed,
+                                          entries, int(interval_ms * MS))
+            self._prev = self._session.metrics()
+            info["ring_size_ignored"] = False
+        else:
+            info["ring_size_ignored"] = entries != self.ring_entries
+        if interval_ms != self.interval_ms:
+            self._session.set_harvest_interval(int(interval_ms * MS))
+        self.interval_ms = interval_ms
+        dt = int(self.cfg.control_interval_ms * MS)
+        self.t += dt
+        self._session.advance(self.t)
+        m = self._session.metrics()
+        reward, parts = self._reward(self._prev, m, dt)
+        terminated = bool(self._session.done)
+        truncated = (not terminated) and self.t >= self.cfg.max_episode_s * SECOND
+        if truncated:
+            pen = self.cfg.reward.downtime * m.expected_downtime_s
+            reward -= pen / self.cfg.reward.scale
+            parts["truncation"] = pen
+        obs = self._observe(m, dt)
+        self._prev = m
+        info.update(m.as_dict())
+        info.update({"reward_parts": parts, "workload": self.workload, "ring_entries": self.ring_entries,
+                     "interval_ms": self.interval_ms})
+        self._last = (obs, reward, info)
+        return obs, float(reward), terminated, truncated, info
+
+    # ------------------------------------------------------------------ reward and observation
+    def _reward(self, prev, m, dt: int) -> tuple[float, dict]:
+        """Minus the weighted costs of this interval (see the class docstring)."""
+        w = self.cfg.reward
+        nv = self.scenario.vm.vcpus
+        dt_s = dt / SECOND
+        lost = ((m.vcpu_exit_s + m.vcpu_stall_s) - (prev.vcpu_exit_s + prev.vcpu_stall_s)) / nv
+        parts = {
+            "vcpu": w.vcpu * lost,
+            "vmm": w.vmm * (m.vmm_cpu_s - prev.vmm_cpu_s),
+            "memory": w.memory * (m.ring_bytes / (1 << 20)) * dt_s,
+            "time": w.time * dt_s,
+            "downtime": w.downtime * (m.downtime_s - prev.downtime_s),
+        }
+        return -sum(parts.values()) / w.scale, parts
+
+    def _observe(self, m, dt: int, first: bool = False) -> np.ndarray:
+        link = self.scenario.link.rate_Bps
+        cap = self.cfg.max_episode_s * SECOND
+        o = np.zeros(len(OBS_FIELDS), dtype=np.float64)
+        o[3] = self.sampled_rate / link
+        o[13] = math.log10(max(self.interval_ms, 1.0)) / 4 if self.interval_ms else 0.0
+        if m is not None:
+            nv = self.scenario.vm.vcpus
+            prev = self._last_obs_src or self._prev
+            fill = np.asarray(m.ring_fill, dtype=float)
+            o[0] = fill.max() if len(fill) else 0.0
+            o[1] = fill.mean() if len(fill) else 0.0
+            o[2] = m.dirty_rate_Bps / link
+            dts = max(dt / SECOND, 1e-9)
+            o[4] = math.log10(1 + (m.full_exits - prev.full_exits) / nv / dts)
+            o[5] = ((m.vcpu_exit_s + m.vcpu_stall_s) - (prev.vcpu_exit_s + prev.vcpu_stall_s)) / nv / dts
+            o[6] = (m.vmm_cpu_s - prev.vmm_cpu_s) / dts
+            o[7] = m.progress
+            limit_bytes = max(m.bandwidth_Bps, 1.0) * self.scenario.link.downtime_limit_ms / 1000
+            o[8] = math.log10(1 + m.remaining_bytes / limit_bytes)
+            o[9] = m.bandwidth_Bps / link
+            o[10] = m.iterations / 32
+            o[11] = self.t / cap
+            o[12] = math.log2(self.ring_entries) / 16
+            o[14] = 1.0
+            self._last_obs_src = m
+        high = self.observation_space.high
+        return np.clip(o, 0.0, high).astype(np.float32)
+
+    # ------------------------------------------------------------------ rendering
+    def render(self):
+        if self.render_mode is None:
+            gym.logger.warn("render() called without a render_mode")
+            return None
+        if self._last is None:
+            return "(reset, no step yet)" if self.render_mode == "ansi" else np.zeros((240, 480, 3), np.uint8)
+        obs, reward, info = self._last
+        if self.render_mode == "ansi":
+            return (f"t={self.t / SECOND:7.2f}s {self.workload:12s} ring={self.ring_entries:6d} "
+                    f"int={self.interval_ms:6.0f}ms fill={obs[0]:.2f} rate={obs[2]:.2f} exits={info['full_exits']:6d} "
+                    f"iter={info['iterations']:3d} prog={obs[7]:.2f} r={reward:+.4f}")
+        return _render_rgb(self, obs, info)
+
+    def close(self):
+        self._session = None
+
+
+class MigrationEnv(RingEnv):
+    """Tune the dirty ring while a VM live-migrates (one episode = one pre-copy migration).
+
+    ## Description
+    A simulated arm64 KVM host runs a VM whose vCPUs dirty guest memory; KVM logs the dirty pages
+    in per-vCPU dirty rings (Linux 6.2 arm64 port: a vCPU exits with KVM_EXIT_DIRTY_RING_FULL
+    when its ring is soft-full). A QEMU-like VMM migrates the VM with pre-copy: it harvests the
+    rings (a reaper thread at the interval you choose, plus the vCPU thread at every full exit,
+    plus every migration sync), resets them with KVM_RESET_DIRTY_RINGS and re-sends dirtied
+    pages until the rest fits in the downtime limit. You choose the ring size (once, as KVM fixes
+    it when vCPUs are created) and the harvest interval (every control interval).
+
+    ## Action Space
+    `MultiDiscrete([len(ring_sizes), len(intervals_ms)])` (or `Discrete(product)` with
+    `flatten_actions=True`, index = size_index * len(intervals_ms) + interval_index):
+
+    | component | meaning | default values |
+    |---|---|---|
+    | 0 | ring entries per vCPU | the powers of two the host accepts (arm64-4k: 256 .. 65536) |
+    | 1 | reaper harvest interval (ms) | 10, 20, 50, 100, 200, 500, 1000, 2000, 5000 |
+
+    The ring size is taken from the FIRST action of an episode; later ring-size components are
+    ignored and `info["ring_size_ignored"]` says so.
+
+    ## Observation Space
+    `Box(0, high, (15,), float32)`:
+
+    | index | name | meaning | high |
+    |---|---|---|---|
+    | 0 | fill_max | max over vCPUs of ring entries used / soft limit | 1 |
+    | 1 | fill_mean | mean over vCPUs of ring entries used / soft limit | 1 |
+    | 2 | dirty_rate | current dirty-rate estimate / link rate | 10 |
+    | 3 | sampled_rate | pre-migration dirty-rate sample / link rate (set at reset) | 10 |
+    | 4 | full_exits | log10(1 + ring-full exits per vCPU per second), last interval | 6 |
+    | 5 | lost_vcpu | share of vCPU time lost to exits and lock stalls, last interval | 1 |
+    | 6 | vmm_cpu | VMM CPU seconds per second, last interval | 8 |
+    | 7 | progress | share of guest RAM sent at least once | 1 |
+    | 8 | remaining | log10(1 + remaining dirty bytes / (bandwidth x downtime limit)) | 6 |
+    | 9 | bandwidth | measured bandwidth / link rate | 2 |
+    | 10 | iteration | pre-copy iterations / 32 | 4 |
+    | 11 | elapsed | elapsed simulated time / `max_episode_s` | 1 |
+    | 12 | ring_size | log2(ring entries) / 16 (0 before the ring is chosen) | 1 |
+    | 13 | interval | log10(interval in ms) / 4 (0 before the first step) | 1 |
+    | 14 | ring_fixed | 1 once the ring size is fixed | 1 |
+
+    The reset observation already holds `sampled_rate`, measured over `sample_s` simulated
+    seconds before migration (QEMU's calc-dirty-rate with the dirty bitmap), so the ring size can
+    be chosen knowing the workload.
+
+    ## Rewards
+    Each step: minus the weighted costs of the control interval, divided by `reward.scale`:
+
+    | cost | measure | default weight |
+    |---|---|---|
+    | vcpu | vCPU-seconds lost to ring-full exits and lock stalls, divided by the vCPU count | 10 |
+    | vmm | VMM CPU seconds (harvesting, resets, bitmap syncs) | 1 |
+    | memory | ring memory in MiB (all vCPUs) x seconds | 0.002 |
+    | time | seconds of migration | 0.05 |
+    | downtime | downtime seconds (when the VM stops at switchover; at the end) | 10 |
+
+    Downtime and lost vCPU time are weighted alike: both are seconds the whole VM does not run.
+    At truncation the downtime a switchover would cause at that moment (remaining dirty bytes /
+    bandwidth) is charged as downtime.
+
+    ## Starting State
+    A VM (scenario: host profile, memory, vCPUs, link) running a workload drawn from the env's
+    split of the workload set; migration starts at the first step.
+
+    ## Episode End
+    - terminated: the migration completed (the VM was switched over and verified)
+    - truncated: `max_episode_s` of simulated time passed without convergence
+
+    ## Arguments
+    `gymnasium.make("ringenv/Migration-v0", scenario="default", split="train", workloads=None,
+    flatten_actions=False, render_mode=None, **overrides)`: `scenario` a name in
+    configs/scenarios/, a YAML path, a mapping or a ScenarioConfig; `split` "train", "test" or
+    "all" of the workload set; `workloads` an explicit list instead; env settings
+    (`control_interval_ms`, `max_episode_s`, `sample_s`, `ring_sizes`, `intervals_ms`,
+    `reward`, `workload_set`) and scenario fields (e.g. `vm`, `link`, `seed`) as keywords.
+
+    ## Version History
+    - v0: initial version
+    """
+
+    kind = "migration"
+
+
+class CheckpointEnv(RingEnv):
+    """Tune the dirty ring while a VM is checkpointed periodically (a fixed horizon of checkpoints).
+
+    ## Description
+    As :class:`MigrationEnv`, but the VMM writes an incremental checkpoint every period: it
+    harvests the dirty set and writes those pages to storage at the storage bandwidth; with a
+    stop-the-world checkpoint the guest pauses while the final dirty set is saved (that pause is
+    the checkpoint's downtime). Fewer dirty pages per period make the ring win.
+
+    ## Action Space, Observation Space
+    As :class:`MigrationEnv`; `progress` is the share of the horizon elapsed, `remaining` the
+    dirty bytes not yet checkpointed, `iteration` the checkpoints taken / 32.
+
+    ## Rewards
+    As :class:`MigrationEnv`, downtime being the sum of the checkpoint pauses.
+
+    ## Episode End
+    - terminated: the checkpoint horizon (`checkpoint.horizon_s` of the scenario) is over
+    - truncated: never before that (the horizon is the time cap)
+
+    ## Arguments
+    `gymnasium.make("ringenv/Checkpoint-v0", scenario="default", ...)`, as MigrationEnv.
+
+    ## Version History
+    - v0: initial version
+    """
+
+    kind = "checkpoint"
+
+
+# ---------------------------------------------------------------------------------- helpers
+def _profile_of(scenario):
+    from .config import load_host_profile
+
+    return load_host_profile(scenario.vm.host)
+
+
+def _open_session(kind, scenario, workload, seed, ring_entries, interval_ns):
+    """The VMM run behind an episode (ringenv.vmm.session)."""
+    from .vmm.session import open_session
+
+    return open_session(kind, scenario, workload=workload, seed=seed, ring_entries=ring_entries,
+                        interval_ns=interval_ns)
+
+
+def _session_sample_rate(scenario, workload, seed, seconds) -> float:
+    """Pre-migration dirty rate in bytes/s (QEMU calc-dirty-rate, dirty-bitmap mode)."""
+    from .vmm.session import sample_dirty_rate
+
+    return sample_dirty_rate(scenario, workload=workload, seed=seed, seconds=seconds)
+
+
+def _render_rgb(env: RingEnv, obs: np.ndarray, info: dict) -> np.ndarray:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(6.4, 3.2), dpi=75, gridspec_kw={"width_ratios": [3, 1]})
+    fill = np.asarray(info.get("ring_fill", []), dtype=float)
+    a1.bar(np.arange(len(fill)), fill, color=["tab:red" if f >= 0.9 else "tab:blue" for f in fill])
+    a1.set_ylim(0, 1.05)
+    a1.set_xlabel("vCPU")
+    a1.set_ylabel("ring fill / soft limit")
+    a1.set_title(f"{env.workload}: ring {env.ring_entries}, every {env.interval_ms:.0f} ms", fontsize=8)
+    a2.bar([0], [obs[7]], color="tab:green")
+    a2.set_ylim(0, 1)
+    a2.set_xticks([0], ["sent"])
+    a2.set_title(f"iter {info.get('iterations', 0)}", fontsize=8)
+    fig.tight_layout()
+    fig.canvas.draw()
+    img = np.asarray(fig.canvas.buffer_rgba())[..., :3].copy()
+    plt.close(fig)
+    return img

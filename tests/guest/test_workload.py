@@ -1,0 +1,162 @@
+"""Workload models against closed forms (shared/reference/migration.md s1, s5).
+
+A page of rate r protected at t0 is first written within T with probability 1 - exp(-r T);
+a class of N pages sharing a total rate R dirties U(T) = N (1 - exp(-R T / N)) distinct pages.
+The VMs here use the dirty bitmap (no ring, no exits), so time runs straight through T.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from ringenv.config import ConfigError, load_workload
+from ringenv.guest.workload import GUEST_WRITE, WorkloadProgram
+from ringenv.kvm import Vm, uapi
+from ringenv.kvm.memory import bitmap_offsets
+
+SECOND = 1_000_000_000
+
+
+def run_bitmap(workload, seconds, *, mem=1 << 30, nv=4, seed=1, profile="arm64-4k"):
+    vm = Vm(profile, seed=seed)
+    vm.set_user_memory_region(0, uapi.KVM_MEM_LOG_DIRTY_PAGES, 0, mem)
+    vcpus = [vm.create_vcpu(i) for i in range(nv)]
+    wl = WorkloadProgram(workload, nv, seed=seed)
+    vm.attach_guest(wl)
+    for v in vcpus:
+        assert v.run() is None
+    assert vm.run_until(int(seconds * SECOND)) == []
+    dirty = bitmap_offsets(vm.get_dirty_log(0), vm.slots[0].npages)
+    return vm, vcpus, wl, dirty
+
+
+def U(n_pages, pages_per_s, t):
+    return n_pages * (1 - math.exp(-pages_per_s * t / n_pages))
+
+
+@pytest.mark.parametrize("rate_mbps,seconds", [(50, 1.0), (400, 2.0), (2000, 1.0)])
+def test_uniform_region_dirties_the_unique_page_count(rate_mbps, seconds):
+    wl = {"name": "u", "regions": [{"fraction": 0.5, "rate_mbps": rate_mbps}]}
+    vm, _, _, dirty = run_bitmap(wl, seconds)
+    n = vm.slots[0].npages // 2
+    expect = U(n, rate_mbps * 1e6 / GUEST_WRITE, seconds)
+    assert abs(len(dirty) - expect) < 4 * math.sqrt(expect) + 0.01 * expect
+    assert dirty.max() < n  # only the region's pages
+
+
+def test_scattered_layout_spreads_the_region_over_its_range():
+    wl = {"name": "s", "regions": [{"fraction": 0.25, "rate_mbps": 200, "layout": "scattered"}]}
+    vm, _, _, dirty = run_bitmap(wl, 1.0)
+    n = vm.slots[0].npages // 4
+    assert dirty.max() < n
+    # contiguous first-write order is gone: the pages are spread evenly over the quarter
+    hist = np.bincount(dirty * 8 // n, minlength=8)
+    assert hist.min() > 0.8 * hist.mean()
+
+
+def test_zipf_head_pages_are_dirtied_first_and_the_total_matches_the_buckets():
+    wl = load_workload("memcached")
+    vm, _, prog, dirty = run_bitmap(wl, 0.5, mem=2 << 30)
+    # expected distinct pages: sum over the classes of N_c (1 - exp(-r_c T))
+    expect = float(np.sum(prog.c_n * -np.expm1(-prog.c_rate * 0.5 * SECOND)))
+    for s in prog.scans:
+        expect += 0  # memcached has no scans
+    assert abs(len(dirty) - expect) < 5 * math.sqrt(expect) + 0.02 * expect
+    head = prog.regions[0].gpi(np.arange(16))
+    assert np.isin(head, dirty).all()  # rank 1..16 of a Zipf(1) at 500 MB/s: all written
+
+
+def test_scan_is_deterministic_and_sweeps_at_its_rate():
+    wl = {"name": "scan", "regions": [{"fraction": 0.5, "rate_mbps": 100, "pattern": "scan"}]}
+    vm, _, _, dirty = run_bitmap(wl, 1.0, nv=1)
+    pages = 100e6 / GUEST_WRITE  # 4 KiB host pages: one page per guest write burst
+    assert abs(len(dirty) - pages) <= 1
+    assert np.array_equal(dirty, np.arange(len(dirty)))
+
+
+def test_phases_modulate_the_mean_rate():
+    base = {"name": "p", "regions": [{"fraction": 1.0, "rate_mbps": 20}]}
+    phased = dict(base, phases={"calm_multiplier": 1.0, "burst_multiplier": 5.0, "mean_calm_s": 1.0,
+                                "mean_burst_s": 1.0})
+    _, _, _, d0 = run_bitmap(base, 8.0, mem=4 << 30)
+    _, _, _, d1 = run_bitmap(phased, 8.0, mem=4 << 30, seed=5)
+    # half the time at 5x on average: about 3x the pages (wide bounds: a few phase switches)
+    assert 1.6 < len(d1) / len(d0) < 4.4
+
+
+def test_vcpu_weights_split_the_writes():
+    wl = {"name": "w", "regions": [{"fraction": 1.0, "rate_mbps": 300, "vcpu_weights": [3, 1]}]}
+    vm = Vm("arm64-4k")
+    vm.enable_cap(uapi.KVM_CAP_DIRTY_LOG_RING_ACQ_REL, 65536 * 16)
+    vm.enable_cap(uapi.KVM_CAP_DIRTY_LOG_RING_WITH_BITMAP)
+    vm.set_user_memory_region(0, uapi.KVM_MEM_LOG_DIRTY_PAGES, 0, 1 << 30)
+    vcpus = [vm.create_vcpu(i) for i in range(2)]
+    vm.attach_guest(WorkloadProgram(wl, 2, seed=2))
+    for v in vcpus:
+        v.run()
+    assert vm.run_until(SECOND // 10) == []
+    a, b = vcpus[0].stats.pushes, vcpus[1].stats.pushes
+    assert abs(a / (a + b) - 0.75) < 0.02
+
+
+def test_private_regions_are_written_only_by_their_vcpu():
+    wl = {"name": "p", "regions": [{"fraction": 1.0, "rate_mbps": 200, "share": "private"}]}
+    vm = Vm("arm64-4k")
+    vm.enable_cap(uapi.KVM_CAP_DIRTY_LOG_RING_ACQ_REL, 65536 * 16)
+    vm.set_user_memory_region(0, uapi.KVM_MEM_LOG_DIRTY_PAGES, 0, 1 << 30)
+    vcpus = [vm.create_vcpu(i) for i in range(4)]
+    vm.attach_guest(WorkloadProgram(wl, 4, seed=3))
+    for v in vcpus:
+        v.run()
+    vm.run_until(SECOND // 10)
+    n = vm.slots[0].npages
+    for i, v in enumerate(vcpus):
+        offs = v.ring_gfns["offset"][: v.ring.used].astype(np.int64)
+        assert len(offs) > 0 and offs.min() >= i * n // 4 and offs.max() < (i + 1) * n // 4
+
+
+def test_same_seed_same_ring_contents_other_seed_different():
+    def ring(seed):
+        vm = Vm("arm64-4k")
+        vm.enable_cap(uapi.KVM_CAP_DIRTY_LOG_RING_ACQ_REL, 4096 * 16)
+        vm.set_user_memory_region(0, uapi.KVM_MEM_LOG_DIRTY_PAGES, 0, 1 << 30)
+        vcpus = [vm.create_vcpu(i) for i in range(2)]
+        vm.attach_guest(WorkloadProgram("oltp", 2, seed=seed))
+        for v in vcpus:
+            v.run()
+        vm.run_until(SECOND // 20)
+        return [v.ring_gfns.copy() for v in vcpus], vm.now
+    a, b, c = ring(7), ring(7), ring(8)
+    assert all(np.array_equal(x, y) for x, y in zip(a[0], b[0])) and a[1] == b[1]
+    assert not all(np.array_equal(x, y) for x, y in zip(a[0], c[0]))
+
+
+def test_work_follows_dirty_events_not_memory_size():
+    """The workload keeps no per-page state: 16x the memory at the same dirty rate samples the
+    same number of events (within noise)."""
+    wl = {"name": "u", "regions": [{"fraction": 1.0, "rate_mbps": 100}]}
+    _, _, _, small = run_bitmap(wl, 0.5, mem=1 << 30)
+    _, _, _, big = run_bitmap(wl, 0.5, mem=16 << 30)
+    assert abs(len(big) - len(small)) < 0.05 * len(small)
+
+
+def test_bad_workload_fields_name_the_field():
+    with pytest.raises(ConfigError, match=r"regions\.0\.pattern"):
+        load_workload({"name": "x", "regions": [{"fraction": 0.5, "rate_mbps": 1, "pattern": "zigzag"}]})
+    with pytest.raises(ConfigError, match="fractions add up"):
+        load_workload({"name": "x", "regions": [{"fraction": 0.7, "rate_mbps": 1}, {"fraction": 0.7, "rate_mbps": 1}]})
+    with pytest.raises(ConfigError, match="unknown key"):
+        load_workload({"name": "x", "regionz": []})
+    with pytest.raises(ConfigError, match="unknown workload 'nope'"):
+        load_workload("nope")
+
+
+def test_every_shipped_workload_runs():
+    from ringenv.config import CONFIG_DIR
+
+    for p in sorted((CONFIG_DIR / "workloads").glob("*.yaml")):
+        _, _, _, dirty = run_bitmap(p.stem, 0.2, mem=256 << 20, nv=2)
+        assert len(dirty) > 0, p.stem
