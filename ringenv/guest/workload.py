@@ -9,7 +9,9 @@ directly:
 - a class is a set of pages with one per-page rate and one split of that rate over the vCPUs
   (a uniform region; a rank bucket of a Zipf region; one vCPU's slice of a private region);
 - in a window, ``Binomial(pages_c, 1 - exp(-r dt))`` pages of the class are written, chosen
-  uniformly among all its pages, each at its first-write time;
+  uniformly among all its pages, each at its first-write time (for a cold class, where a page is
+  rarely written twice in the window, the raw Poisson writes are drawn instead, which is cheaper
+  and equally exact since the host ignores repeated writes);
 - the writing vCPU is drawn by the rate split over the vCPUs that are in the guest;
 - a sequential scan is deterministic: a pointer sweeping its region at its rate.
 
@@ -37,6 +39,7 @@ from .base import GuestProgram, WriteBatch
 NS = 1e9
 GUEST_WRITE = 4096  # bytes of one guest store burst: workload rates are in 4 KiB page writes
 MAX_EVENTS = 1 << 15  # events per window, to bound memory and wasted sampling
+RAW_WRITES_BELOW = 0.05  # per-page expected writes in a window below which raw writes are sampled
 
 
 class _Region:
@@ -190,17 +193,26 @@ class WorkloadProgram(GuestProgram):
             lam = self.c_rate * mult * wrun
             p = -np.expm1(-lam * dt)
             act = lam > 0
+            # cold classes (a page rarely written twice in the window): the raw write process,
+            # Poisson(N r dt) writes to uniformly drawn pages at uniform times; the host skips a
+            # repeated write to a page already dirty, so the first writes are exact. Hot
+            # classes: Binomial(N, 1 - exp(-r dt)) distinct pages, each at its first-write time.
+            raw = act & (lam * dt < RAW_WRITES_BELOW)
             k = np.zeros(len(lam), dtype=np.int64)
-            k[act] = rng.binomial(self.c_n[act], p[act])
+            k[raw] = rng.poisson(self.c_n[raw] * lam[raw] * dt)
+            hot = act & ~raw
+            k[hot] = rng.binomial(self.c_n[hot], p[hot])
             for c in np.flatnonzero(k):
-                g = self._sample_pages(int(c), int(k[c]))  # a uniform random subset, in random order
-                if len(g) == 0:
-                    continue
-                # first-write times: i.i.d. exponential truncated to the window, generated in
-                # ascending order (uniform order statistics from exponential spacings, then the
-                # monotone inverse CDF); the pages are already in random order
-                e = np.cumsum(rng.exponential(size=len(g) + 1))
-                tau = -np.log1p(-(e[:-1] / e[-1]) * p[c]) / lam[c]
+                kc = int(k[c])
+                # ascending uniform order statistics from exponential spacings
+                e = np.cumsum(rng.exponential(size=kc + 1))
+                u = e[:-1] / e[-1]
+                if raw[c]:
+                    g = self.regions[self.c_region[c]].gpi(rng.integers(self.c_lo[c], self.c_hi[c], size=kc))
+                    tau = u * dt
+                else:
+                    g = self._sample_pages(int(c), kc)  # a uniform random subset, in random order
+                    tau = -np.log1p(-u * p[c]) / lam[c]  # truncated exponential, monotone in u
                 ts.append(now + np.minimum(tau.astype(np.int64), dt - 1))
                 gs.append(g)
                 if self.c_vfix[c] >= 0:
