@@ -60,9 +60,7 @@ class RingEnv(gym.Env):
             self.workloads = {"train": sets["train"], "test": sets["test"], "all": sets["train"] + sets["test"]}[split]
         if not self.workloads:
             raise ConfigError("workloads: the chosen set is empty")
-        from .vmm import session as _session_module  # noqa: F401  (fail early if the VMM is missing)
-
-        prof = _profile_of(self.scenario)
+        prof = self.scenario.profile
         self.ring_sizes = [n for n in (self.cfg.ring_sizes or prof.ring_sizes) if n in prof.ring_sizes]
         if not self.ring_sizes:
             raise ConfigError(f"ring_sizes: none of {self.cfg.ring_sizes} is accepted by {prof.name} "
@@ -146,12 +144,12 @@ class RingEnv(gym.Env):
         terminated = bool(self._session.done)
         truncated = (not terminated) and self.t >= self.cfg.max_episode_s * SECOND
         if truncated:
-            pen = self.cfg.reward.downtime * m.expected_downtime_s
+            pen = self.cfg.reward.downtime * m.remaining_bytes / max(m.bandwidth_Bps, 1.0)
             reward -= pen / self.cfg.reward.scale
             parts["truncation"] = pen
         obs = self._observe(m, dt)
         self._prev = m
-        info.update(m.as_dict())
+        info.update(m.to_dict())
         info.update({"reward_parts": parts, "workload": self.workload, "ring_entries": self.ring_entries,
                      "interval_ms": self.interval_ms})
         self._last = (obs, reward, info)
@@ -163,7 +161,7 @@ class RingEnv(gym.Env):
         w = self.cfg.reward
         nv = self.scenario.vm.vcpus
         dt_s = dt / SECOND
-        lost = ((m.vcpu_exit_s + m.vcpu_stall_s) - (prev.vcpu_exit_s + prev.vcpu_stall_s)) / nv
+        lost = (_lost_vcpu_s(m) - _lost_vcpu_s(prev)) / nv
         parts = {
             "vcpu": w.vcpu * lost,
             "vmm": w.vmm * (m.vmm_cpu_s - prev.vmm_cpu_s),
@@ -188,7 +186,7 @@ class RingEnv(gym.Env):
             o[2] = m.dirty_rate_Bps / link
             dts = max(dt / SECOND, 1e-9)
             o[4] = math.log10(1 + (m.full_exits - prev.full_exits) / nv / dts)
-            o[5] = ((m.vcpu_exit_s + m.vcpu_stall_s) - (prev.vcpu_exit_s + prev.vcpu_stall_s)) / nv / dts
+            o[5] = (_lost_vcpu_s(m) - _lost_vcpu_s(prev)) / nv / dts
             o[6] = (m.vmm_cpu_s - prev.vmm_cpu_s) / dts
             o[7] = m.progress
             limit_bytes = max(m.bandwidth_Bps, 1.0) * self.scenario.link.downtime_limit_ms / 1000
@@ -338,25 +336,29 @@ class CheckpointEnv(RingEnv):
 
 
 # ---------------------------------------------------------------------------------- helpers
-def _profile_of(scenario):
-    from .config import load_host_profile
-
-    return load_host_profile(scenario.vm.host)
+def _lost_vcpu_s(m) -> float:
+    """vCPU-seconds the guest did not run because of dirty tracking: write-protect faults and
+    splits, ring-full exits (with the reaping done on the vCPU thread), waits for the big lock,
+    and throttle sleeps."""
+    return m.vcpu_fault_s + m.vcpu_exit_s + m.vcpu_stall_s + m.vcpu_throttle_s
 
 
 def _open_session(kind, scenario, workload, seed, ring_entries, interval_ns):
-    """The VMM run behind an episode (ringenv.vmm.session)."""
-    from .vmm.session import open_session
-
-    return open_session(kind, scenario, workload=workload, seed=seed, ring_entries=ring_entries,
-                        interval_ns=interval_ns)
+    """The VMM run behind an episode: a MigrationRun or CheckpointRun of the scenario with the
+    episode's workload, seed and ring size (ringenv.vmm)."""
+    if kind == "migration":
+        from .vmm.migration import MigrationRun as Run
+    else:
+        from .vmm.checkpoint import CheckpointRun as Run
+    return Run(scenario, seed=seed, workload=workload, collector="ring", ring_entries=ring_entries,
+               interval_ms=interval_ns / MS)
 
 
 def _session_sample_rate(scenario, workload, seed, seconds) -> float:
     """Pre-migration dirty rate in bytes/s (QEMU calc-dirty-rate, dirty-bitmap mode)."""
-    from .vmm.session import sample_dirty_rate
+    from .vmm.dirtyrate import calc_dirty_rate
 
-    return sample_dirty_rate(scenario, workload=workload, seed=seed, seconds=seconds)
+    return calc_dirty_rate(scenario, workload=workload, seed=seed, seconds=seconds)
 
 
 def _render_rgb(env: RingEnv, obs: np.ndarray, info: dict) -> np.ndarray:

@@ -44,18 +44,26 @@ class Memslot:
         self.npages = npages
         self.flags = flags
         self.block_pages = block_pages
-        self.state = np.zeros(npages, dtype=np.uint8)
-        self.version = np.zeros(npages, dtype=np.uint32)
         self.dirty_bitmap: np.ndarray | None = None  # the slot bitmap (bitmap mode, or the backup bitmap)
         self.nblocks = npages // block_pages if block_pages > 1 else 0
-        self.blocks = np.zeros(self.nblocks, dtype=np.uint8)  # 1: mapped by a block
+        self._init = (block_fraction, mapped_fraction, seed)
+        # views into the VM's page arrays, set when the VM lays its slots out (Vm._layout)
+        self.start = 0
+        self.state: np.ndarray | None = None
+        self.version: np.ndarray | None = None
+        self.blocks: np.ndarray | None = None  # per block: 1 = mapped by a block
+
+    def initialize(self) -> None:
+        """Fill a new slot's freshly laid-out (zeroed) arrays: which blocks are backed by huge
+        pages, which memory is not mapped yet."""
+        block_fraction, mapped_fraction, seed = self._init
         if self.nblocks and block_fraction > 0:
-            self.blocks[_choose_blocks(self.nblocks, block_fraction, seed ^ (slot_id * 0x9E3779B1))] = 1
+            self.blocks[_choose_blocks(self.nblocks, block_fraction, seed ^ (self.id * 0x9E3779B1))] = 1
         if mapped_fraction < 1.0:  # untouched memory, chosen in block-sized chunks
-            chunk = max(block_pages, 1)
-            nchunks = -(-npages // chunk)
-            gone = ~_choose_blocks(nchunks, mapped_fraction, seed ^ (slot_id * 0x85EBCA6B) ^ 0xA5)
-            self.state[np.repeat(gone, chunk)[:npages]] |= UNMAPPED
+            chunk = max(self.block_pages, 1)
+            nchunks = -(-self.npages // chunk)
+            gone = ~_choose_blocks(nchunks, mapped_fraction, seed ^ (self.id * 0x85EBCA6B) ^ 0xA5)
+            self.state[np.repeat(gone, chunk)[: self.npages]] |= UNMAPPED
 
     @property
     def nr_block_mapped(self) -> int:

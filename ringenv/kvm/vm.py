@@ -325,13 +325,17 @@ class Vm:
         version = np.zeros(pos, dtype=np.uint32)
         block_map = np.zeros(pos // bp, dtype=np.uint8)
         for s, st in zip(self.slots, starts):
-            state[st: st + s.npages] = s.state
-            version[st: st + s.npages] = s.version
-            block_map[st // bp: st // bp + s.nblocks] = s.blocks
+            fresh = s.state is None
+            if not fresh:  # a slot laid out before: carry its pages over
+                state[st: st + s.npages] = s.state
+                version[st: st + s.npages] = s.version
+                block_map[st // bp: st // bp + s.nblocks] = s.blocks
             s.state = state[st: st + s.npages]
             s.version = version[st: st + s.npages]
             s.blocks = block_map[st // bp: st // bp + s.nblocks]
             s.start = st
+            if fresh:
+                s.initialize()
         self.state, self.version, self.block_map = state, version, block_map
         as0 = [s for s in self.slots if s.as_id == 0]
         self._base = np.array([s.base_gfn for s in as0], dtype=np.int64)

@@ -1,0 +1,200 @@
+"""The environment contract (shared/DESIGN.md "The environment"; the MigrationEnv docstring)."""
+
+from __future__ import annotations
+
+import gymnasium as gym
+import numpy as np
+import pytest
+from gymnasium.utils.env_checker import check_env as gym_check_env
+
+import ringenv  # noqa: F401  (registers the ids)
+from ringenv.config import ConfigError, load_workload_sets
+from ringenv.env import OBS_FIELDS
+
+IDS = ["ringenv/Migration-v0", "ringenv/MigrationDiscrete-v0", "ringenv/Checkpoint-v0",
+       "ringenv/CheckpointDiscrete-v0"]
+# a small VM on a fast link: episodes of a few steps
+SMALL = {"vm": {"memory": "512MiB", "vcpus": 2}, "checkpoint": {"horizon_s": 2.0, "period_s": 0.5}}
+
+
+def make(env_id="ringenv/Migration-v0", **kw):
+    return gym.make(env_id, **{**SMALL, **kw})
+
+
+def rollout(env, seed, actions=None, max_steps=400):
+    obs, info = env.reset(seed=seed)
+    out = [(obs, None, info)]
+    rng = np.random.default_rng(seed)
+    for t in range(max_steps):
+        a = actions[t % len(actions)] if actions is not None else env.action_space.sample()
+        if actions is None:
+            env.action_space.seed(int(rng.integers(1 << 30)))
+        obs, r, te, tr, info = env.step(a)
+        out.append((obs, r, info))
+        if te or tr:
+            return out, te, tr
+    raise AssertionError("episode did not end")
+
+
+@pytest.mark.parametrize("env_id", IDS)
+def test_gymnasium_check_env(env_id):
+    env = make(env_id)
+    gym_check_env(env.unwrapped, skip_render_check=True)
+
+
+@pytest.mark.parametrize("env_id", IDS)
+def test_sb3_check_env(env_id):
+    from stable_baselines3.common.env_checker import check_env
+
+    check_env(make(env_id).unwrapped, warn=True)
+
+
+def test_spaces_match_the_docstring():
+    env = make()
+    u = env.unwrapped
+    assert env.observation_space.shape == (len(OBS_FIELDS),) == (15,)
+    assert list(env.action_space.nvec) == [len(u.ring_sizes), len(u.intervals_ms)]
+    assert u.ring_sizes == [256, 512, 1024, 2048, 4096, 8192, 16384, 32768, 65536]  # arm64-4k
+    assert u.intervals_ms == [10, 20, 50, 100, 200, 500, 1000, 2000, 5000]
+    for name in ["Action Space", "Observation Space", "Rewards", "Starting State", "Episode End",
+                 "Arguments", "Version History"]:
+        assert f"## {name}" in type(u).__doc__
+    for name, *_ in OBS_FIELDS:
+        assert f"| {name} |" in type(u).__doc__
+    d = make("ringenv/MigrationDiscrete-v0")
+    assert d.action_space.n == 81
+    assert d.unwrapped.decode_action(2 * 9 + 6) == (1024, 1000)
+
+
+def test_reset_observation_carries_the_dirty_rate_sample():
+    env = make(workloads=["memcached"])
+    obs, info = env.reset(seed=1)
+    assert obs[3] > 0 and info["sampled_dirty_rate_Bps"] > 0
+    assert obs[14] == 0.0  # ring not chosen yet
+    idle = make(workloads=["idle"])
+    assert idle.reset(seed=1)[0][3] < obs[3]
+
+
+def test_ring_size_is_fixed_by_the_first_action():
+    env = make(workloads=["oltp"])
+    env.reset(seed=0)
+    _, _, _, _, info = env.step(np.array([4, 6]))
+    assert info["ring_entries"] == 4096 and info["ring_size_ignored"] is False
+    _, _, te, tr, info = env.step(np.array([8, 2]))
+    assert info["ring_entries"] == 4096 and info["ring_size_ignored"] is True
+    assert info["interval_ms"] == 50
+
+
+def test_same_seed_same_actions_bit_identical():
+    acts = [np.array([3, 5]), np.array([3, 1]), np.array([0, 8])]
+    a, *_ = rollout(make(workloads=["oltp", "bursty"]), 11, acts)
+    b, *_ = rollout(make(workloads=["oltp", "bursty"]), 11, acts)
+    assert len(a) == len(b)
+    for (oa, ra, ia), (ob, rb, ib) in zip(a, b):
+        assert np.array_equal(oa, ob) and oa.tobytes() == ob.tobytes()
+        assert ra == rb
+        assert repr(sorted(ia.items())) == repr(sorted(ib.items()))
+    c, *_ = rollout(make(workloads=["oltp", "bursty"]), 12, acts)
+    assert any(not np.array_equal(x[0], y[0]) for x, y in zip(a, c))
+
+
+@pytest.mark.slow
+def test_random_policy_100_episodes_all_workloads_no_lost_write():
+    sets = load_workload_sets()["default"]
+    env = make(split="all")
+    seen = set()
+    for ep in range(100):
+        steps, te, tr = rollout(env, 1000 + ep)
+        info = steps[-1][2]
+        seen.add(info["workload"])
+        assert np.all(np.isfinite([s[1] for s in steps[1:]]))
+        for obs, _, _ in steps:
+            assert env.observation_space.contains(obs)
+        if te:
+            assert info["verified"] is True and info["lost_writes"] == 0, info["workload"]
+    assert seen == set(sets["train"]) | set(sets["test"])
+
+
+def test_splits_use_disjoint_workloads():
+    sets = load_workload_sets()["default"]
+    assert make(split="train").unwrapped.workloads == sets["train"]
+    assert make(split="test").unwrapped.workloads == sets["test"]
+    assert len(set(sets["train"]) | set(sets["test"])) >= 12
+
+
+def test_vector_envs_sync_and_async():
+    for mode in ("sync", "async"):
+        envs = gym.make_vec("ringenv/Migration-v0", num_envs=2, vectorization_mode=mode, **SMALL)
+        obs, _ = envs.reset(seed=3)
+        assert obs.shape == (2, 15)
+        for _ in range(5):
+            obs, r, te, tr, info = envs.step(envs.action_space.sample())
+            assert r.shape == (2,)
+        envs.close()
+
+
+def test_invalid_actions_are_clear_errors():
+    env = make()
+    env.reset(seed=0)
+    with pytest.raises(ValueError, match="expected \\[ring size index 0..8, interval index 0..8\\]"):
+        env.step(np.array([9, 0]))
+    with pytest.raises(ValueError, match="ring size index"):
+        env.step(np.array([1.5, 0.0]))
+    d = make("ringenv/MigrationDiscrete-v0")
+    d.reset(seed=0)
+    with pytest.raises(ValueError, match="integer in 0..80"):
+        d.step(81)
+
+
+def test_step_before_reset_and_after_end():
+    env = make().unwrapped
+    with pytest.raises(RuntimeError, match="before reset"):
+        env.step(np.array([0, 0]))
+    steps, te, tr = rollout(env, 4, [np.array([4, 6])])
+    with pytest.raises(RuntimeError, match="after the episode ended"):
+        env.step(np.array([4, 6]))
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    ({"split": "validation"}, "split: 'validation'"),
+    ({"control_interval_ms": -5}, "control_interval_ms"),
+    ({"reward": {"downtyme": 1}}, "reward.downtyme: unknown key"),
+    ({"intervals_ms": [0, 10]}, "intervals_ms"),
+    ({"ring_sizes": [3000]}, "ring_sizes"),
+    ({"vm": {"vcpus": 0}}, "vm.vcpus"),
+    ({"scenario": "nope"}, "unknown scenario 'nope'"),
+])
+def test_invalid_arguments_name_the_field(kwargs, match):
+    with pytest.raises(ConfigError, match=match):
+        make(**kwargs)
+
+
+def test_invalid_render_mode_names_the_field():
+    from ringenv.env import MigrationEnv
+
+    with pytest.raises(ConfigError, match="render_mode: 'vga'"):
+        MigrationEnv(render_mode="vga", **SMALL)
+
+
+def test_reward_is_minus_the_weighted_costs():
+    env = make(workloads=["memcached"], reward={"vcpu": 0, "vmm": 0, "memory": 0, "time": 1.0, "downtime": 0})
+    env.reset(seed=2)
+    _, r, *_ = env.step(np.array([4, 6]))
+    assert r == pytest.approx(-0.2)  # 200 ms of migration at 1 per second
+    env = make(workloads=["memcached"], reward={"scale": 10.0})
+    env.reset(seed=2)
+    _, r, _, _, info = env.step(np.array([4, 6]))
+    assert r == pytest.approx(-sum(info["reward_parts"].values()) / 10.0)
+
+
+def test_render_modes():
+    env = make(render_mode="ansi")
+    env.reset(seed=0)
+    env.step(np.array([4, 6]))
+    line = env.render()
+    assert "ring=  4096" in line and "int=  1000ms" in line
+    env = make(render_mode="rgb_array")
+    env.reset(seed=0)
+    env.step(np.array([4, 6]))
+    img = env.render()
+    assert img.dtype == np.uint8 and img.ndim == 3 and img.shape[2] == 3 and img.std() > 0
