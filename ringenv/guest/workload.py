@@ -134,6 +134,18 @@ class WorkloadProgram(GuestProgram):
         self.c_w = np.array(weights, dtype=float).reshape(len(lo), nv)
         self.c_vfix = np.array(vfix, dtype=np.int64)
         self.c_n = self.c_hi - self.c_lo
+        # shared classes grouped by their rate split over the vCPUs (usually one group)
+        self.wrows, self.c_wgroup = [], np.full(len(lo), -1, dtype=np.int64)
+        for c in range(len(lo)):
+            if self.c_vfix[c] < 0:
+                for gid, row in enumerate(self.wrows):
+                    if np.array_equal(row, self.c_w[c]):
+                        break
+                else:
+                    gid = len(self.wrows)
+                    self.wrows.append(self.c_w[c].copy())
+                self.c_wgroup[c] = gid
+        self._one_region = len(self.regions) == 1
         self.efficiency = 1.0  # share of sampled writes that find their page clean (for horizons)
         self._phase_t = [0]
         self._phase_m = []
@@ -189,36 +201,34 @@ class WorkloadProgram(GuestProgram):
         mult, _ = self.multiplier(now)
         ts, vs, gs = [], [], []
         if len(self.c_lo):
-            wrun = self.c_w @ running.astype(float)
-            lam = self.c_rate * mult * wrun
-            p = -np.expm1(-lam * dt)
+            lam = self.c_rate * mult * (self.c_w @ running.astype(float))
             act = lam > 0
             # cold classes (a page rarely written twice in the window): the raw write process,
             # Poisson(N r dt) writes to uniformly drawn pages at uniform times; the host skips a
             # repeated write to a page already dirty, so the first writes are exact. Hot
             # classes: Binomial(N, 1 - exp(-r dt)) distinct pages, each at its first-write time.
             raw = act & (lam * dt < RAW_WRITES_BELOW)
+            hot = act & ~raw
             k = np.zeros(len(lam), dtype=np.int64)
             k[raw] = rng.poisson(self.c_n[raw] * lam[raw] * dt)
-            hot = act & ~raw
-            k[hot] = rng.binomial(self.c_n[hot], p[hot])
-            for c in np.flatnonzero(k):
-                kc = int(k[c])
-                # ascending uniform order statistics from exponential spacings
-                e = np.cumsum(rng.exponential(size=kc + 1))
-                u = e[:-1] / e[-1]
-                if raw[c]:
-                    g = self.regions[self.c_region[c]].gpi(rng.integers(self.c_lo[c], self.c_hi[c], size=kc))
-                    tau = u * dt
-                else:
-                    g = self._sample_pages(int(c), kc)  # a uniform random subset, in random order
-                    tau = -np.log1p(-u * p[c]) / lam[c]  # truncated exponential, monotone in u
+            p = -np.expm1(-lam[hot] * dt)
+            k[hot] = rng.binomial(self.c_n[hot], p)
+            kr = np.where(raw, k, 0)
+            if kr.any():  # every cold class at once
+                cls = np.repeat(np.arange(len(kr)), kr)
+                ranks = self.c_lo[cls] + (rng.random(len(cls)) * self.c_n[cls]).astype(np.int64)
+                gs.append(self._place(cls, ranks))
+                ts.append(now + (rng.random(len(cls)) * dt).astype(np.int64))
+                vs.append(self._writers(cls, running))
+            for c, pc in zip(np.flatnonzero(hot), p):
+                if k[c] == 0:
+                    continue
+                g = self._sample_pages(int(c), int(k[c]))
+                u = rng.random(len(g))
+                tau = -np.log1p(-u * pc) / lam[c]  # truncated exponential first-write time
                 ts.append(now + np.minimum(tau.astype(np.int64), dt - 1))
                 gs.append(g)
-                if self.c_vfix[c] >= 0:
-                    vs.append(np.full(len(g), self.c_vfix[c], dtype=np.int32))
-                else:
-                    vs.append(self._pick_vcpus(self.c_w[c], running, len(g)))
+                vs.append(self._writers(np.full(len(g), c), running))
         for s in self.scans:
             if not running[s["vcpu"]] or s["rate"] <= 0:
                 continue
@@ -236,21 +246,38 @@ class WorkloadProgram(GuestProgram):
             vs.append(np.full(len(g), s["vcpu"], dtype=np.int32))
         if not ts:
             return WriteBatch.empty(until)
-        if len(ts) == 1:  # one sorted stream: ties broken by vCPU below only if present
-            t, vc, g = ts[0], vs[0], gs[0]
-            if np.any(t[1:] == t[:-1]):
-                order = np.argsort(t * 1024 + vc)
-                t, vc, g = t[order], vc[order], g[order]
-        else:
-            t, vc, g = np.concatenate(ts), np.concatenate(vs), np.concatenate(gs)
-            order = np.argsort(t * 1024 + vc)  # by time, then vCPU (a unique key: a plain sort will do)
-            t, vc, g = t[order], vc[order], g[order]
-        gfn = g - self.ram_start + self.ram_base_gfn
-        self._sampled = len(t)
-        return WriteBatch(t, vc, gfn, None, until, first_touch=True)
+        t, vc, g = (np.concatenate(x) if len(x) > 1 else x[0] for x in (ts, vs, gs))
+        order = np.argsort(t * 1024 + vc)  # by time, then vCPU
+        gfn = g[order] - self.ram_start + self.ram_base_gfn
+        return WriteBatch(t[order], vc[order], gfn, None, until, first_touch=True)
+
+    def _place(self, cls: np.ndarray, ranks: np.ndarray) -> np.ndarray:
+        """Global page indexes of ranks of the given classes (each region places its own)."""
+        regions = self.c_region[cls]
+        if self._one_region:
+            return self.regions[0].gpi(ranks)
+        out = np.empty(len(ranks), dtype=np.int64)
+        for r in np.unique(regions):  # a handful of regions
+            sel = regions == r
+            out[sel] = self.regions[r].gpi(ranks[sel])
+        return out
+
+    def _writers(self, cls: np.ndarray, running: np.ndarray) -> np.ndarray:
+        """The writing vCPU of each write: fixed for a private class, else drawn by the class's
+        rate split over the running vCPUs."""
+        out = np.empty(len(cls), dtype=np.int32)
+        grp = self.c_wgroup[cls]  # -1: private (fixed vCPU)
+        for gid in np.unique(grp):
+            sel = grp == gid if len(self.wrows) > 1 or gid < 0 else slice(None)
+            n = len(cls) if isinstance(sel, slice) else int(sel.sum())
+            if gid < 0:
+                out[sel] = self.c_vfix[cls[sel]]
+            else:
+                out[sel] = self._pick_vcpus(self.wrows[gid], running, n)
+        return out
 
     def _pick_vcpus(self, w: np.ndarray, running: np.ndarray, n: int) -> np.ndarray:
-        """The writing vCPU of n first writes: drawn by rate share among the running vCPUs."""
+        """n writers drawn by rate share among the running vCPUs."""
         w = w * running
         act = np.flatnonzero(w)
         if np.all(w[act] == w[act[0]]):

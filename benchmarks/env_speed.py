@@ -1,0 +1,75 @@
+"""Environment overhead (issue: the Gymnasium environments).
+
+PPO (stable-baselines3, MlpPolicy, one env) on ``ringenv/Migration-v0`` with the default
+scenario against PPO on a null environment with the same spaces and episode length, measured in
+the same run: the share of PPO's steps/s that remains. Also env steps per second under a random
+policy, and wall time per episode.
+"""
+
+from __future__ import annotations
+
+import time
+
+import gymnasium as gym
+import numpy as np
+
+import ringenv  # noqa: F401
+
+TIMESTEPS = 4096
+
+
+class NullEnv(gym.Env):
+    """Same spaces as the ring environment, no work, fixed-length episodes."""
+
+    def __init__(self, like: gym.Env, episode_steps: int = 80):
+        self.observation_space = like.observation_space
+        self.action_space = like.action_space
+        self.n, self.t = episode_steps, 0
+
+    def reset(self, *, seed=None, options=None):
+        super().reset(seed=seed)
+        self.t = 0
+        return self.observation_space.low.copy(), {}
+
+    def step(self, action):
+        self.t += 1
+        return self.observation_space.low.copy(), 0.0, self.t >= self.n, False, {}
+
+
+def ppo_steps_per_s(env, timesteps: int = TIMESTEPS) -> float:
+    from stable_baselines3 import PPO
+
+    model = PPO("MlpPolicy", env, n_steps=512, batch_size=64, seed=0, verbose=0, device="cpu")
+    t0 = time.perf_counter()
+    model.learn(total_timesteps=timesteps)
+    return timesteps / (time.perf_counter() - t0)
+
+
+def random_policy(env, episodes: int = 6) -> tuple[float, float]:
+    steps, t0 = 0, time.perf_counter()
+    for ep in range(episodes):
+        env.reset(seed=ep)
+        env.action_space.seed(ep)
+        while True:
+            *_, te, tr, _ = env.step(env.action_space.sample())
+            steps += 1
+            if te or tr:
+                break
+    wall = time.perf_counter() - t0
+    return steps / wall, wall / episodes
+
+
+def main() -> list[tuple[str, str, str]]:
+    import torch
+
+    torch.set_num_threads(1)
+    env = gym.make("ringenv/Migration-v0")
+    rand_sps, per_episode = random_policy(env)
+    ring = ppo_steps_per_s(gym.make("ringenv/Migration-v0"))
+    null = ppo_steps_per_s(NullEnv(env))
+    return [
+        ("env: random-policy steps per wall s (default scenario, 200 ms steps)", f"{rand_sps:.0f}", "(for reference)"),
+        ("env: wall s per episode, random policy", f"{per_episode:.2f}", "(for reference)"),
+        ("env: PPO steps/s on ringenv / on a null env, same spaces", f"{ring:.0f} / {null:.0f} = {ring / null:.0%}",
+         ">= 80%"),
+    ]
