@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import math
 from typing import Any
 
@@ -106,8 +107,8 @@ class RingEnv(gym.Env):
             workload = self.workloads[int(self.np_random.integers(len(self.workloads)))]
         self.workload = workload
         self.episode_seed = int(self.np_random.integers(0, 2**31 - 1))
+        self._drop_session()
         self.sampled_rate = _session_sample_rate(self.scenario, workload, self.episode_seed, self.cfg.sample_s)
-        self._session = None
         self.ring_entries = 0
         self.interval_ms = 0.0
         self.t = 0
@@ -215,7 +216,16 @@ class RingEnv(gym.Env):
         return _render_rgb(self, obs, info)
 
     def close(self):
-        self._session = None
+        self._drop_session()
+
+    def _drop_session(self) -> None:
+        """Free the last episode's VM now: the VMM's processes and the VM reference each other,
+        and numpy-heavy runs allocate too few Python objects for the cyclic collector to come
+        by often, so without this the arrays of old episodes pile up."""
+        if self._session is not None:
+            self._session = None
+            self._prev = self._last_obs_src = None
+            gc.collect()
 
 
 class MigrationEnv(RingEnv):

@@ -198,3 +198,18 @@ def test_render_modes():
     env.step(np.array([4, 6]))
     img = env.render()
     assert img.dtype == np.uint8 and img.ndim == 3 and img.shape[2] == 3 and img.std() > 0
+
+
+@pytest.mark.slow
+def test_no_memory_growth_over_many_episodes():
+    """DESIGN reliability bar: resident memory stays flat over a long run (full-size default VM)."""
+    def rss_mib():
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * 4096 / 2**20
+
+    env = gym.make("ringenv/Migration-v0", workloads=["web"])
+    sizes = []
+    for ep in range(14):
+        rollout(env, ep, [np.array([4, 6])])
+        sizes.append(rss_mib())
+    assert max(sizes[6:]) - min(sizes[3:6]) < 64, sizes
