@@ -292,7 +292,7 @@ def load_workload(name_or_path: str | Path | WorkloadConfig | dict) -> WorkloadC
 # workload, the link or storage, the dirty-page collector and its tuning, the throttle.
 # Loaded from configs/scenarios/NAME.yaml by load_scenario().
 
-from pydantic import field_validator  # noqa: E402  (used by the scenario section only)
+from pydantic import PrivateAttr, field_validator  # noqa: E402  (used by the scenario section only)
 
 
 def _size_field(field: str):
@@ -417,7 +417,9 @@ class AutoConvergeConfig(_ScenarioPart):
 
 
 class DirtyLimitConfig(_ScenarioPart):
-    """QEMU dirty-limit (migration parameters vcpu-dirty-limit, x-vcpu-dirty-limit-period)."""
+    """QEMU dirty-limit (migration parameters vcpu-dirty-limit, x-vcpu-dirty-limit-period). It
+    engages by the same rule as auto-converge (``auto_converge.trigger_threshold_pct``, QEMU's
+    throttle-trigger-threshold) and needs the ring collector."""
 
     vcpu_limit_mbps: float = Field(1.0, gt=0, description="per-vCPU quota, MB/s (QEMU: MiB/s)")
     period_ms: float = Field(1000.0, gt=0, description="how often the sleep is adjusted")
@@ -438,7 +440,7 @@ class ScenarioConfig(_ScenarioPart):
     name: str
     description: str = ""
     kind: Literal["migration", "checkpoint"] = "migration"
-    host: str = DEFAULT_HOST
+    host: str | HostProfile = DEFAULT_HOST
     vm: VmConfig
     workload: str | WorkloadConfig
     rate_scale: float = Field(1.0, gt=0)
@@ -454,17 +456,20 @@ class ScenarioConfig(_ScenarioPart):
     seed: int = Field(0, ge=0)
     env: dict | None = None
 
+    _profile: Any = PrivateAttr(None)
+    _workload: Any = PrivateAttr(None)
+
     @model_validator(mode="after")
     def _check(self):
         try:
-            prof = load_host_profile(self.host)
+            prof = _cached_load(load_host_profile, "hosts", self.host)
         except ConfigError as e:
             raise ValueError(f"host: {e}") from None
-        if isinstance(self.workload, str):
-            try:
-                load_workload(self.workload)
-            except ConfigError as e:
-                raise ValueError(str(e)) from None
+        try:
+            wl = _cached_load(load_workload, "workloads", self.workload)
+        except ConfigError as e:
+            raise ValueError(str(e)) from None
+        self._profile, self._workload = prof, wl
         v = self.vm
         if v.memory % prof.page_size:
             raise ValueError(f"vm.memory: {v.memory} bytes is not a multiple of the page size {prof.page_size}")
@@ -484,11 +489,33 @@ class ScenarioConfig(_ScenarioPart):
 
     @property
     def profile(self) -> HostProfile:
-        return load_host_profile(self.host)
+        """The host profile named by ``host`` (loaded once, at validation)."""
+        return self._profile
 
     @property
     def workload_config(self) -> WorkloadConfig:
-        return load_workload(self.workload)
+        """The workload named by ``workload`` (loaded once, at validation)."""
+        return self._workload
+
+
+_LOAD_CACHE: dict = {}
+
+
+def _cached_load(loader, subdir: str, name):
+    """``loader(name)`` for a name or path, memoised on the file's path and mtime (a session is
+    built per episode; re-reading and re-validating the same YAML each time is wasted work).
+    Objects are returned as they are: treat them as read-only (use ``model_copy``)."""
+    if not isinstance(name, (str, Path)):
+        return loader(name)
+    p = Path(name)
+    path = p if p.suffix in (".yaml", ".yml") else CONFIG_DIR / subdir / f"{name}.yaml"
+    try:
+        key = (loader.__name__, str(path), path.stat().st_mtime_ns)
+    except OSError:
+        return loader(name)  # let the loader report the missing file or unknown name
+    if key not in _LOAD_CACHE:
+        _LOAD_CACHE[key] = loader(name)
+    return _LOAD_CACHE[key]
 
 
 def _deep_merge(base: dict, over: dict) -> dict:
@@ -513,6 +540,8 @@ def load_scenario(name_or_path: str | Path | ScenarioConfig | dict | None = None
     where = "scenario"
     if name_or_path is None:
         name_or_path = "default"
+    if isinstance(name_or_path, ScenarioConfig) and not overrides:
+        return name_or_path
     if isinstance(name_or_path, ScenarioConfig):
         data = name_or_path.model_dump(exclude_unset=False)
         where = f"scenario {name_or_path.name}"

@@ -1,15 +1,15 @@
 """The VMM's own dirty-page bookkeeping, as numpy arrays (QEMU: the KVMSlot dirty_bmap and the
 RAMBlock migration bitmap), and the destination's copy of every page.
 
-Per guest base page (7 bytes in all; the kernel keeps its own 7):
+Per guest base page (6 bytes in all; the kernel keeps its own ~5):
 
 - ``slot`` (bool): harvested from the rings since the last sync (QEMU ``KVMSlot.dirty_bmap``
   filled by ``kvm_dirty_ring_mark_page``); ring collector only;
 - ``mig`` (bool): still to send in this pass (QEMU ``RAMBlock.bmap``);
-- ``sent`` (bool): sent at least once (to count re-sent pages);
-- ``dest`` (u32): the page version the destination (or the checkpoint image) holds. Sending a
-  page copies the source's version at send time: that is the page content. At the end the
-  migration verifies ``dest == source`` for every page (kvm-dirty-ring.md s10).
+- ``dest`` (u32): the page version the destination (or the checkpoint image) holds, plus one
+  (0: never sent, which also counts re-sent pages). Sending a page copies the source's version
+  at send time: that is the page content. At the end the migration verifies
+  ``dest == source + 1`` for every page (kvm-dirty-ring.md s10).
 
 Pages are sent in chunks found with vectorized scans of ``mig``, never one by one in Python.
 """
@@ -24,22 +24,23 @@ class DirtyPages:
         self.npages = npages
         self.mig = np.zeros(npages, dtype=bool)
         self.slot = np.zeros(npages, dtype=bool) if with_slot else None
-        self.sent = np.zeros(npages, dtype=bool)
-        self.dest = np.zeros(npages, dtype=np.uint32)
+        self.dest = np.zeros(npages, dtype=np.uint32)  # source version + 1 at send time; 0: never sent
         self.mig_count = 0
+        self.slot_marked = 0  # harvested entries marked in ``slot`` since the last merge
         self.cursor = 0  # where the migration thread's search continues (QEMU last_seen_block/last_page)
         self.pages_sent = 0
         self.pages_resent = 0
 
     @property
     def nbytes(self) -> int:
-        return sum(a.nbytes for a in (self.mig, self.slot, self.sent, self.dest) if a is not None)
+        return sum(a.nbytes for a in (self.mig, self.slot, self.dest) if a is not None)
 
     # ------------------------------------------------------------------ filling the bitmaps
     def mark_harvested(self, offsets: np.ndarray) -> None:
         """Ring entries harvested: set their bits in the slot bitmap."""
         if len(offsets):
             self.slot[offsets] = True
+            self.slot_marked += len(offsets)
 
     def set_all(self) -> None:
         """Migration setup: every page is dirty (QEMU's bulk stage)."""
@@ -49,17 +50,22 @@ class DirtyPages:
     def merge_slot(self) -> int:
         """Sync (ring): the slot bitmap into the migration bitmap, then clear it. Returns the
         pages that became dirty (QEMU num_dirty_pages_period)."""
-        new = int(np.count_nonzero(self.slot > self.mig))
+        if not self.slot_marked:
+            return 0
         np.logical_or(self.mig, self.slot, out=self.mig)
+        count = int(np.count_nonzero(self.mig))  # mig_count is the number of set bits
+        new = count - self.mig_count
+        self.mig_count = count
         self.slot[:] = False
-        self.mig_count += new
+        self.slot_marked = 0
         return new
 
     def merge_bits(self, bits: np.ndarray) -> int:
         """Sync (bitmap): a bool array of dirty pages into the migration bitmap."""
-        new = int(np.count_nonzero(bits > self.mig))
         np.logical_or(self.mig, bits, out=self.mig)
-        self.mig_count += new
+        count = int(np.count_nonzero(self.mig))
+        new = count - self.mig_count
+        self.mig_count = count
         return new
 
     def merge_offsets(self, offsets: np.ndarray) -> int:
@@ -80,11 +86,18 @@ class DirtyPages:
             return np.zeros(0, dtype=np.int64)
         n, mig = self.npages, self.mig
         want = min(maxn, self.mig_count)
+        c = self.cursor
+        if c + want <= n and mig[c: c + want].all():  # a fully dirty run (the bulk stage)
+            mig[c: c + want] = False
+            self.mig_count -= want
+            self.cursor = c + want if c + want < n else 0
+            return np.arange(c, c + want, dtype=np.int64)
         out = []
         got = 0
         pos = self.cursor
         scanned = 0
-        window = max(4 * want, 1 << 16)
+        density = self.mig_count / n  # dirty pages are spread over RAM: size the scan for them
+        window = max(int(want / density * 1.25) + 64, 1 << 16)
         while got < want and scanned < n:
             end = min(pos + window, n)
             idx = np.flatnonzero(mig[pos:end])
@@ -108,26 +121,34 @@ class DirtyPages:
         self.mig_count -= len(pages)
         return pages
 
+    def untake(self, pages: np.ndarray) -> None:
+        """Give back the tail of what :meth:`take` returned (its bits are set again and the
+        search resumes at its first page)."""
+        if len(pages) == 0:
+            return
+        self.mig[pages] = True
+        self.mig_count += len(pages)
+        self.cursor = int(pages[0])
+
     def copy(self, pages: np.ndarray, source_version: np.ndarray) -> None:
         """Send ``pages``: the destination gets their content (version) as of now."""
         if len(pages) == 0:
             return
         if _contiguous(pages):
             s = slice(int(pages[0]), int(pages[-1]) + 1)
-            self.pages_resent += int(np.count_nonzero(self.sent[s]))
-            self.sent[s] = True
-            self.dest[s] = source_version[s]
+            self.pages_resent += int(np.count_nonzero(self.dest[s]))
+            np.add(source_version[s], 1, out=self.dest[s])
         else:
-            self.pages_resent += int(np.count_nonzero(self.sent[pages]))
-            self.sent[pages] = True
-            self.dest[pages] = source_version[pages]
+            self.pages_resent += int(np.count_nonzero(self.dest[pages]))
+            self.dest[pages] = source_version[pages] + 1
         self.pages_sent += len(pages)
 
     def lost_writes(self, source_version: np.ndarray) -> int:
-        """Pages whose destination copy differs from the source (chunked: no big temporary)."""
-        lost, step = 0, 1 << 24
+        """Pages whose destination copy differs from the source, or that were never sent
+        (chunked: no big temporary)."""
+        lost, step = 0, 1 << 22
         for a in range(0, self.npages, step):
-            lost += int(np.count_nonzero(self.dest[a: a + step] != source_version[a: a + step]))
+            lost += int(np.count_nonzero(self.dest[a: a + step] != source_version[a: a + step] + 1))
         return lost
 
 

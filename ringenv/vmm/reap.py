@@ -28,6 +28,23 @@ class RingReader:
         size, mask = self.size, self.size - 1
         want = size if limit is None else min(limit, size)
         flags = self.gfns["flags"]
+        if flags[self.fetch & mask] != KVM_DIRTY_GFN_F_DIRTY or want == 0:  # nothing to harvest
+            return self.gfns["slot"][:0].copy(), self.gfns["offset"][:0].copy()
+        # Fast path: the ready entries form a run from the fetch index (_ready_prefix), read as
+        # at most two contiguous slices of the ring; checked, else the entry-by-entry scan below.
+        n = self._ready_prefix(want)
+        runs = self._runs(n)
+        if self._all_dirty(n):
+            if len(runs) == 1:
+                r = runs[0]
+                slots, offsets = self.gfns["slot"][r].copy(), self.gfns["offset"][r].copy()
+            else:
+                slots = np.concatenate([self.gfns["slot"][r] for r in runs])
+                offsets = np.concatenate([self.gfns["offset"][r] for r in runs])
+            for r in runs:
+                flags[r] |= KVM_DIRTY_GFN_F_RESET
+            self.fetch += n
+            return slots, offsets
         n, chunk = 0, 64
         while n < want:  # scan in growing chunks: cost follows the entries found, not the ring size
             k = min(chunk, want - n)
@@ -55,12 +72,22 @@ class RingReader:
         return int(stop[0]) if len(stop) else self.size
 
     def count_ready(self) -> int:
-        """Entries ready to harvest, like :meth:`pending`, in O(log size): from the fetch index
-        the ring holds a run of DIRTY entries, then entries that are free (0) or harvested and
-        not yet reset (DIRTY|RESET), so "the k-th entry is DIRTY" is monotone in k."""
+        """Entries ready to harvest, exactly as :meth:`pending` counts them (QEMU's reading
+        order), found by :meth:`_ready_prefix` and checked; a ring whose entries break the
+        protocol (a kernel overflow overwrote some) is scanned entry by entry instead."""
+        n = self._ready_prefix(self.size)
+        if self._all_dirty(n):
+            return n
+        return self.pending()
+
+    def _ready_prefix(self, want: int) -> int:
+        """Binary search for the length of the run of DIRTY entries from the fetch index, at most
+        ``want``: in a ring that follows the protocol that run is followed by entries that are
+        free (0) or harvested and not yet reset (DIRTY|RESET), so "the k-th entry is DIRTY" is
+        monotone in k. O(log size); the caller checks the run."""
         flags = self.gfns["flags"]
         mask, f = self.size - 1, self.fetch
-        lo, hi = 0, self.size + 1  # lo entries are known ready, hi are known not to be
+        lo, hi = 0, want + 1  # lo entries are taken as ready, hi are known not to be
         while hi - lo > 1:
             mid = (lo + hi) >> 1
             if flags[(f + mid - 1) & mask] == KVM_DIRTY_GFN_F_DIRTY:
@@ -68,3 +95,11 @@ class RingReader:
             else:
                 hi = mid
         return lo
+
+    def _runs(self, n: int) -> list[slice]:
+        f = self.fetch & (self.size - 1)
+        return [slice(f, f + n)] if f + n <= self.size else [slice(f, self.size), slice(0, f + n - self.size)]
+
+    def _all_dirty(self, n: int) -> bool:
+        flags = self.gfns["flags"]
+        return all(bool((flags[r] == KVM_DIRTY_GFN_F_DIRTY).all()) for r in self._runs(n))

@@ -99,9 +99,12 @@ class Process:
                 self._schedule(self.loop.now + cmd)
                 return
             if isinstance(cmd, Lock):
-                if cmd.owner is None:
+                if cmd.owner is None and not cmd.queue:
                     cmd.owner = self
-                    continue
+                    if self.loop.now >= cmd.busy_until:
+                        continue
+                    self._schedule(cmd.busy_until)  # reserved by the last holder until then
+                    return
                 cmd.queue.append(self)
                 return
             if isinstance(cmd, Signal):
@@ -113,26 +116,34 @@ class Process:
 
 
 class Lock:
-    """A mutex with FIFO hand-over (QEMU's big lock, BQL)."""
+    """A mutex with FIFO hand-over (QEMU's big lock, BQL).
 
-    __slots__ = ("owner", "queue", "name")
+    ``release_at(t)`` releases it as of a later time ``t`` without an event: a holder that
+    knows how long its critical section takes does its work at once and reserves the lock for
+    that long (the next owner gets it at ``t``). This keeps one event per critical section."""
+
+    __slots__ = ("owner", "queue", "name", "busy_until")
 
     def __init__(self, name: str = ""):
         self.owner: Process | None = None
         self.queue: deque[Process] = deque()
         self.name = name
+        self.busy_until = 0
 
     def release(self) -> None:
+        self.release_at(self.owner.loop.now if self.owner is not None else 0)
+
+    def release_at(self, t: int) -> None:
+        self.busy_until = t
         if self.queue:
             nxt = self.queue.popleft()
             self.owner = nxt
-            nxt._schedule(nxt.loop.now)
+            nxt._schedule(max(t, nxt.loop.now))
         else:
             self.owner = None
 
-    @property
-    def held(self) -> bool:
-        return self.owner is not None
+    def held_at(self, t: int) -> bool:
+        return self.owner is not None or t < self.busy_until
 
 
 class Signal:

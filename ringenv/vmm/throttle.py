@@ -4,7 +4,7 @@ system/dirtylimit.c), re-implemented from their documented behaviour.
 Both are armed by the same rule, checked at a dirty-bitmap sync at most once per second
 (``migration_trigger_throttle``): over the period since the last check, if the bytes dirtied
 exceed ``throttle-trigger-threshold`` (50%) of the bytes transferred, a counter goes up; the
-second time in a row... (two such periods) the throttle engages or steps up.
+second such period (the counter is only reset when it fires) the throttle engages or steps up.
 
 :class:`AutoConverge` -- CPU throttling: first ``cpu-throttle-initial`` (20%), then +
 ``cpu-throttle-increment`` (10%) per trigger up to ``max-cpu-throttle`` (99%) (with
@@ -87,6 +87,7 @@ class AutoConverge(NoThrottle):
         self.pct = 0.0  # current throttle percentage, 0..99
         self.steps = 0
         self.timer = None
+        self.stopped = False
 
     def on_sync(self, session, new_pages: int) -> None:
         s = self.s
@@ -110,13 +111,14 @@ class AutoConverge(NoThrottle):
     def _tick(self):
         """cpu_throttle_timer_tick."""
         s = self.s
-        while self.pct > 0 and not s.finished:
+        while self.pct > 0 and not self.stopped and not s.finished:
             p = self.pct / 100.0
             s.queue_throttle_work(int(p / (1.0 - p) * TIMESLICE_NS))
             yield int(TIMESLICE_NS / (1.0 - p))
 
     def stop(self) -> None:
-        self.pct = 0.0
+        """cpu_throttle_stop (at switchover); ``pct`` keeps the last value for the record."""
+        self.stopped = True
 
 
 class DirtyLimit(NoThrottle):
@@ -156,8 +158,9 @@ class DirtyLimit(NoThrottle):
             if s.finished:
                 return
             yield s.bql
-            yield from col.flush()  # global_dirty_log_sync: kick, reap, reset
-            s.bql.release()
+            ns = col.flush()  # global_dirty_log_sync: kick, reap, reset
+            s.bql.release_at(s.loop.now + ns)
+            yield ns
             dt_ms = max(1, (s.loop.now - t0) // MS)
             self.rate = (col.entries - start) * s.page_size / float(1 << 20) * 1000.0 / dt_ms
             for i in range(len(self.rate)):

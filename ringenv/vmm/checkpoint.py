@@ -1,0 +1,104 @@
+"""Periodic incremental checkpointing, steppable (the seed patch's other use of the ring).
+
+Dirty logging is on for the whole run. The base image (all of RAM) is written live to storage at
+``checkpoint.storage_mbps``; then every ``checkpoint.period_s`` a checkpoint is taken:
+
+- stop-the-world (default): stop the VM (vCPUs kicked out and parked; arm64 saves the vGIC
+  tables), final sync (with the backup bitmap on arm64), write every page dirtied since the last
+  checkpoint and the device state, verify the image (its page versions equal the source's),
+  resume. The pause is the checkpoint's downtime.
+- live (``stop_the_world: false``): sync and write the dirty set while the guest runs, then the
+  same pause for what was dirtied meanwhile.
+
+A checkpoint that ends after the next one was due counts as an overrun (the next one starts at
+once). The run ends at ``checkpoint.horizon_s``.
+"""
+
+from __future__ import annotations
+
+from .metrics import Metrics
+from .session import NS, Session
+
+
+class CheckpointRun(Session):
+    """Checkpoints of a scenario for its horizon: ``advance(until_ns)`` / ``run()``, ``metrics()``."""
+
+    kind = "checkpoint"
+
+    def __init__(self, scenario=None, *, seed=None, **overrides):
+        self.pauses: list[int] = []
+        self.checkpoint_lost: list[int] = []
+        self.overruns = 0
+        super().__init__(scenario, seed=seed, **overrides)
+        self.rate_Bps = self.cfg.checkpoint.storage_mbps * 1e6
+
+    def _main(self):
+        ck = self.cfg.checkpoint
+        loop, dirty = self.loop, self.dirty
+        horizon = int(ck.horizon_s * NS)
+        period = int(ck.period_s * NS)
+
+        yield self.bql
+        ns = self.enable_logging()
+        dirty.set_all()
+        sync = self.collector.sync()
+        self.bql.release_at(loop.now + ns + sync)
+        yield ns + sync
+        self.note_sync(True, sync)
+        self.start_bandwidth_window()
+
+        self.phase = "base"  # the base image, written live
+        while dirty.mig_count:
+            yield from self.send_slice(self.rate_Bps)
+        next_due = loop.now
+        while True:
+            if loop.now < next_due:
+                self.phase = "wait"
+                yield min(next_due, horizon) - loop.now
+            if loop.now >= horizon:
+                break
+            t0 = loop.now
+            yield from self._checkpoint(ck.stop_the_world)
+            next_due = t0 + period
+            if loop.now > next_due:
+                self.overruns += 1
+                next_due = loop.now
+        self.lost_writes = max(self.checkpoint_lost, default=0)
+        self.verified = all(x == 0 for x in self.checkpoint_lost)
+        self.finish()
+
+    def _checkpoint(self, stop_the_world: bool):
+        loop, dirty = self.loop, self.dirty
+        if not stop_the_world:
+            self.phase = "live"
+            yield from self.sync()
+            while dirty.mig_count:
+                yield from self.send_slice(self.rate_Bps)
+        self.phase = "paused"
+        t_pause = loop.now
+        yield from self.pause_vm()
+        yield self.bql
+        self.save_vgic_tables()
+        sync = self.collector.sync(last_stage=True)
+        yield sync
+        self.note_sync(True, sync)
+        while dirty.mig_count:
+            yield from self.send_slice(self.rate_Bps, max_pages=1 << 20)
+        yield from self.send_bytes(self.cfg.link.device_state_bytes, self.rate_Bps)
+        self.checkpoint_lost.append(self.verify())
+        self.bql.release()
+        self.resume_vm()
+        self.pauses.append(loop.now - t_pause)
+        self.end_pass()
+
+    def metrics(self) -> Metrics:
+        d = self._base_metrics()
+        return Metrics(
+            downtime_s=max(self.pauses, default=0) / NS,
+            total_s=(self.end_ns if self.finished else self.loop.now) / NS,
+            converged=self.overruns == 0,
+            checkpoints=len(self.pauses),
+            pause_total_s=sum(self.pauses) / NS,
+            checkpoint_overruns=self.overruns,
+            **d,
+        )

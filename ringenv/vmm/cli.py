@@ -1,0 +1,139 @@
+"""``ringenv migrate`` and ``ringenv checkpoint``: run one scenario and print its metrics.
+
+``add_parsers(subparsers)`` adds both (ringenv/cli.py loads it). Exit codes: 0 done and
+verified; 1 the run lost writes (printed loudly: a bug, or a configuration that really loses
+data); 2 a bad flag or configuration value (the message names the flag and what is accepted).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from ..config import ConfigError
+
+#: scenario field -> command-line flag, to name the flag in validation errors
+FLAGS = {
+    "collector": "--collector", "ring_entries": "--ring-entries", "interval_ms": "--interval-ms",
+    "throttle": "--throttle", "seed": "--seed", "checkpoint.period_s": "--period-s",
+    "checkpoint.storage_mbps": "--storage-mbps", "checkpoint.horizon_s": "--horizon-s",
+    "scenario": "--scenario",
+}
+
+SUMMARY = {
+    "migration": ["downtime_s", "total_s", "converged", "iterations", "passes", "bytes_sent", "pages_sent",
+                  "pages_resent", "full_exits", "vcpu_exit_s", "vcpu_stall_s", "vcpu_throttle_s", "vcpu_fault_s",
+                  "vmm_cpu_s", "harvests", "resets", "entries_harvested", "tlb_flushes", "get_dirty_log_calls",
+                  "clear_dirty_log_calls", "ring_bytes", "ring_overflows", "lost_writes", "verified"],
+    "checkpoint": ["checkpoints", "downtime_s", "pause_total_s", "checkpoint_overruns", "total_s", "converged",
+                   "iterations", "bytes_sent", "pages_sent", "pages_resent", "full_exits", "vcpu_exit_s",
+                   "vcpu_stall_s", "vcpu_throttle_s", "vcpu_fault_s", "vmm_cpu_s", "harvests", "resets",
+                   "entries_harvested", "tlb_flushes", "get_dirty_log_calls", "clear_dirty_log_calls", "ring_bytes",
+                   "ring_overflows", "lost_writes", "verified"],
+}
+
+
+def _name_flags(msg: str) -> str:
+    for field, flag in FLAGS.items():
+        msg = msg.replace(f"  {field}:", f"  {field} ({flag}):")
+    return msg
+
+
+def _overrides(args, kind: str) -> dict:
+    ov = {}
+    for field in ("collector", "ring_entries", "interval_ms", "throttle", "seed"):
+        v = getattr(args, field)
+        if v is not None:
+            ov[field] = v
+    if kind == "checkpoint":
+        ck = {k: getattr(args, k) for k in ("period_s", "storage_mbps", "horizon_s") if getattr(args, k) is not None}
+        if args.live:
+            ck["stop_the_world"] = False
+        if ck:
+            ov["checkpoint"] = ck
+    return ov
+
+
+def _format(value) -> str:
+    if isinstance(value, float):
+        return f"{value:.6g}"
+    if isinstance(value, int) and not isinstance(value, bool) and abs(value) >= 10000:
+        return f"{value:,}"
+    return str(value)
+
+
+def _run(args, kind: str) -> int:
+    from ..config import load_scenario
+    from .metrics import Metrics
+
+    try:
+        cfg = load_scenario(args.scenario, **_overrides(args, kind))
+    except ConfigError as e:
+        raise ConfigError(_name_flags(str(e))) from None
+    if kind == "migration":
+        from .migration import MigrationRun as Run
+    else:
+        from .checkpoint import CheckpointRun as Run
+    m = Run(cfg).run()
+    if args.json:
+        json.dump(m.to_dict(), sys.stdout, indent=1)
+        sys.stdout.write("\n")
+    else:
+        ring = (f"ring {cfg.ring_entries} entries, reaper {cfg.interval_ms:g} ms" if cfg.collector == "ring"
+                else "dirty bitmap")
+        print(f"{kind} of scenario {cfg.name}: {cfg.profile.name}, {cfg.vm.memory >> 20} MiB, {cfg.vm.vcpus} vCPUs, "
+              f"workload {cfg.workload_config.name}; {ring}; throttle {cfg.throttle}; seed {cfg.seed}")
+        docs = Metrics.field_docs()
+        d = m.to_dict()
+        width = max(map(len, SUMMARY[kind]))
+        for k in SUMMARY[kind]:
+            print(f"  {k:<{width}}  {_format(d[k]):>16}  {docs.get(k, '')}")
+    if m.lost_writes:
+        print(f"ringenv {args.command}: LOST WRITES: {m.lost_writes} pages of the "
+              f"{'destination' if kind == 'migration' else 'checkpoint image'} differ from the source",
+              file=sys.stderr)
+        return 1
+    return 0
+
+
+def _cmd_migrate(args) -> int:
+    return _run(args, "migration")
+
+
+def _cmd_checkpoint(args) -> int:
+    return _run(args, "checkpoint")
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    from ..config import scenario_names
+
+    p.add_argument("--scenario", default="default", metavar="NAME|FILE",
+                   help=f"a scenario in configs/scenarios ({', '.join(scenario_names())}) or a YAML file "
+                        "(default: default)")
+    p.add_argument("--collector", choices=["ring", "bitmap"], default=None,
+                   help="dirty-page collector: the KVM dirty ring or the dirty bitmap (GET/CLEAR_DIRTY_LOG)")
+    p.add_argument("--ring-entries", type=int, default=None, metavar="N",
+                   help="ring entries per vCPU (a power of two the host accepts)")
+    p.add_argument("--interval-ms", type=float, default=None, metavar="T", help="reaper interval in ms (QEMU: 1000)")
+    p.add_argument("--throttle", choices=["none", "auto-converge", "dirty-limit"], default=None,
+                   help="guest throttle (dirty-limit needs the ring)")
+    p.add_argument("--seed", type=int, default=None, metavar="S", help="seed of the VM and workload")
+    p.add_argument("--json", action="store_true", help="print every metric as JSON")
+
+
+def add_parsers(sub) -> None:
+    p = sub.add_parser("migrate", help="run one live migration of a scenario and print its metrics",
+                       description="Run one pre-copy live migration of a scenario on the simulated host, "
+                                   "QEMU-style (ringenv/vmm), and print the metrics; exit 1 if writes were lost.")
+    _common(p)
+    p.set_defaults(func=_cmd_migrate)
+    p = sub.add_parser("checkpoint", help="run periodic checkpointing of a scenario and print its metrics",
+                       description="Checkpoint a scenario periodically on the simulated host (ringenv/vmm) and "
+                                   "print the metrics; exit 1 if a checkpoint image lost writes.")
+    _common(p)
+    p.add_argument("--period-s", type=float, default=None, help="seconds between checkpoints")
+    p.add_argument("--storage-mbps", type=float, default=None, help="storage bandwidth, MB/s")
+    p.add_argument("--horizon-s", type=float, default=None, help="simulated seconds to run")
+    p.add_argument("--live", action="store_true", help="write the dirty set live, pause only for the rest")
+    p.set_defaults(func=_cmd_checkpoint)

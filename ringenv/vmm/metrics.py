@@ -1,0 +1,88 @@
+"""The one documented record a VMM run reports (:meth:`Session.metrics`).
+
+It is valid at any step of a run (the outcome fields are final once ``done`` is true). Times are
+simulated seconds, sizes bytes. Counts are totals since the run started: an observation over a
+control interval is the difference of two records.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
+
+
+@dataclass(frozen=True)
+class Metrics:
+    # --- what ran
+    scenario: str  #: scenario name
+    kind: str  #: "migration" or "checkpoint"
+    collector: str  #: "ring" or "bitmap"
+    phase: str  #: setup, bulk, iterate, stop-copy (migration); base, live, paused, wait (checkpoint); done
+    done: bool  #: the run is over
+    time_s: float  #: session time reached, s
+    # --- outcome (final once done)
+    downtime_s: float  #: migration: stop to destination ready; checkpoint: the longest pause, s
+    total_s: float  #: migration: start to end incl. downtime; checkpoint: the horizon, s
+    converged: bool  #: migration: switchover by the downtime rule (not forced at give_up_s); checkpoint: no overrun
+    iterations: int  #: dirty syncs (QEMU dirty-sync-count: setup, each pass, final)
+    passes: int  #: completed live passes over the dirty set (syncs between setup and stop)
+    bytes_sent: int  #: bytes put on the link/storage (pages + 8-byte headers + device state)
+    pages_sent: int  #: pages sent, re-sends included
+    pages_resent: int  #: pages sent that had been sent before
+    # --- vCPU cost
+    full_exits: int  #: KVM_EXIT_DIRTY_RING_FULL exits (all vCPUs)
+    vcpu_exit_s: float  #: vCPU time out of the guest for exits: round trips, reap/reset on the vCPU thread, wedged spinning, s
+    vcpu_stall_s: float  #: vCPU time waiting for the big QEMU lock after a ring-full exit, s
+    vcpu_throttle_s: float  #: vCPU time asleep in auto-converge / dirty-limit, s
+    vcpu_fault_s: float  #: vCPU time in write-protect faults and block splits (kernel), s
+    # --- VMM cost
+    vmm_cpu_s: float  #: VMM threads' collection work (reaper, syncs, GET/CLEAR, dirty-limit), s
+    harvests: int  #: ring harvest passes (reaper runs, full-exit reaps, flushes) or GET_DIRTY_LOG syncs
+    resets: int  #: KVM_RESET_DIRTY_RINGS calls
+    entries_harvested: int  #: ring entries harvested
+    tlb_flushes: int  #: VM-wide TLB flushes (kernel)
+    get_dirty_log_calls: int  #: KVM_GET_DIRTY_LOG calls
+    clear_dirty_log_calls: int  #: KVM_CLEAR_DIRTY_LOG calls
+    ring_bytes: int  #: kernel memory of all rings, bytes
+    ring_entries: int  #: entries per ring (0 with the bitmap)
+    interval_ms: float  #: current reaper interval, ms (0 with the bitmap)
+    # --- correctness
+    lost_writes: int  #: pages whose destination copy differs from the source (checkpoint: worst checkpoint)
+    verified: bool | None  #: lost_writes == 0, once checked (None before)
+    ring_overflows: int  #: entries the kernel overwrote in a full ring (its WARN)
+    wedged_vcpus: int  #: vCPUs whose overflowed ring wedged (KVM_RUN keeps returning ring-full with nothing to harvest)
+    # --- observation
+    dirty_rate_Bps: float  #: estimated guest dirty rate, bytes/s
+    ring_fill: tuple  #: per vCPU: entries waiting / soft limit
+    remaining_bytes: int  #: dirty bytes still to send in this pass (QEMU's pending estimate)
+    bandwidth_Bps: float  #: measured send bandwidth, bytes/s
+    threshold_bytes: int  #: bandwidth x downtime-limit: the switchover threshold, bytes
+    progress: float  #: share of guest RAM sent at least once
+    throttle_pct: float  #: current auto-converge percentage (dirty-limit: mean sleep share)
+    vcpu_stall_s_per_vcpu: tuple  #: vcpu_stall_s by vCPU
+    pass_bytes: tuple  #: bytes sent in each completed pass
+    sync_s: float  #: time spent in dirty syncs (flush or GET_DIRTY_LOG, merge), all syncs, s
+    vmm_bytes_per_page: float  #: VMM bookkeeping memory per guest page, bytes
+    # --- checkpointing
+    checkpoints: int = 0  #: checkpoints completed
+    pause_total_s: float = 0.0  #: sum of checkpoint pauses, s
+    checkpoint_overruns: int = 0  #: checkpoints that ended after the next was due
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        for k, v in d.items():
+            if isinstance(v, tuple):
+                d[k] = list(v)
+        return d
+
+    @classmethod
+    def field_docs(cls) -> dict[str, str]:
+        """Field name -> its comment (units), read from this source file."""
+        import inspect
+        import re
+
+        src = inspect.getsource(cls)
+        out = {}
+        for f in fields(cls):
+            m = re.search(rf"^\s+{f.name}:[^\n]*#:\s*(.*)$", src, re.M)
+            out[f.name] = m.group(1).strip() if m else ""
+        return out

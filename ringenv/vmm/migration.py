@@ -1,0 +1,110 @@
+"""Pre-copy live migration as QEMU runs it (migration/migration.c, migration/ram.c), steppable.
+
+Setup: dirty logging on (KVM_MEM_LOG_DIRTY_PAGES), every page dirty in the migration bitmap
+(the bulk stage), one initial sync. Then QEMU's ``migration_iteration_run``, over and over:
+
+1. pending = dirty pages left in the migration bitmap (the estimate);
+2. if pending < threshold (= measured bandwidth x downtime-limit), sync exactly (kick, reap,
+   reset; or GET_DIRTY_LOG) and take the new pending;
+3. if pending is 0 or below the threshold: switch over; else send for one ~50 ms slice at
+   min(link, max-bandwidth), from where the last slice stopped, wrapping around RAM.
+
+With ``switchover: pass-end`` step 2 happens only when a pass is complete (the bitmap is
+empty): the textbook model of shared/reference/migration.md s1.
+
+Bandwidth is measured over >= 100 ms windows (sync time included). After ``link.give_up_s``
+the switchover is forced (reported ``converged = False``).
+
+Stop-and-copy: stop the VM (every vCPU kicked out and parked; on arm64 KVM saves the vGIC
+tables into guest RAM, logged in the backup bitmap), final sync (with the backup bitmap read on
+arm64), send what is left and the device state. Downtime is from the stop to the end. Then the
+destination's page versions are compared with the source's: ``lost_writes``.
+"""
+
+from __future__ import annotations
+
+from .metrics import Metrics
+from .session import NS, Session
+
+
+class MigrationRun(Session):
+    """One live migration of a scenario: ``advance(until_ns)`` / ``run()``, ``metrics()``."""
+
+    kind = "migration"
+
+    def __init__(self, scenario=None, *, seed=None, **overrides):
+        self.downtime_ns = 0
+        self.total_ns = 0
+        self.converged = False
+        self.forced = False
+        super().__init__(scenario, seed=seed, **overrides)
+        self.rate_Bps = self.cfg.link.rate_Bps
+
+    def _main(self):
+        link = self.cfg.link
+        rule_qemu = self.cfg.switchover == "qemu"
+        loop, dirty = self.loop, self.dirty
+        t_start = loop.now
+        give_up = t_start + int(link.give_up_s * NS)
+
+        # ram_save_setup
+        yield self.bql
+        ns = self.enable_logging()
+        dirty.set_all()
+        sync = self.collector.sync()
+        self.bql.release_at(loop.now + ns + sync)
+        yield ns + sync
+        self.note_sync(True, sync)  # setup sync: not a throttle period
+        self.start_bandwidth_window()
+        self.phase = "bulk"
+
+        ps = self.page_size
+        while True:
+            if loop.now >= give_up:
+                self.forced = True
+                break
+            pending = dirty.mig_count * ps
+            if (pending < self.threshold_bytes) if rule_qemu else (dirty.mig_count == 0):
+                yield from self.sync()
+                self.end_pass()
+                self.phase = "iterate"
+                pending = dirty.mig_count * ps
+                if pending == 0 or pending < self.threshold_bytes:
+                    break
+            elif pending == 0:
+                break
+            yield from self.send_slice(self.rate_Bps, stop_below=self.threshold_bytes if rule_qemu else 0,
+                                       deadline=give_up)
+
+        # migration_completion: stop and copy
+        self.phase = "stop-copy"
+        t_stop = loop.now
+        yield from self.pause_vm()
+        yield self.bql
+        self.throttle.stop()
+        self.save_vgic_tables()
+        sync = self.collector.sync(last_stage=True)
+        yield sync
+        self.note_sync(True, sync)
+        while dirty.mig_count:
+            yield from self.send_slice(self.rate_Bps, max_pages=1 << 20)
+        yield from self.send_bytes(link.device_state_bytes, self.rate_Bps)
+        self.bql.release()
+        self.pass_bytes.append(self._pass_sent)
+        self._pass_sent = 0
+        self.downtime_ns = loop.now - t_stop
+        self.total_ns = loop.now - t_start
+        self.converged = not self.forced
+        self.lost_writes = self.verify()
+        self.verified = self.lost_writes == 0
+        self.finish()
+
+    def metrics(self) -> Metrics:
+        d = self._base_metrics()
+        now = self.end_ns if self.finished else self.loop.now
+        return Metrics(
+            downtime_s=self.downtime_ns / NS,
+            total_s=(self.total_ns if self.finished else now) / NS,
+            converged=bool(self.converged),
+            **d,
+        )

@@ -1,0 +1,608 @@
+"""A steppable VMM run: the simulated host plus QEMU's threads, as discrete events.
+
+:class:`Session` builds the VM the way QEMU does (dirty ring with WITH_BITMAP on arm64, or the
+dirty bitmap with manual protect), creates the vCPUs and the guest, and runs these threads on one
+event loop (:mod:`ringenv.vmm.sim`), in integer nanoseconds of simulated time:
+
+- one thread per vCPU: in the guest, or out after an exit. A KVM_EXIT_DIRTY_RING_FULL is handled
+  as QEMU's ``kvm_cpu_exec`` does: take the big QEMU lock (waiting for it is a *stall*), reap
+  all rings (only its own under dirty-limit), reset, release the lock, sleep if dirty-limit says
+  so, re-enter. Every exit costs the profile's ``exit_ns`` round trip. A kick
+  (``Vcpu.kick``, QEMU's SIG_IPI) takes the vCPU out for one round trip; queued throttle work
+  then sleeps; while the VM is stopped the thread parks.
+- the ring reaper (``kvm_dirty_ring_reaper_thread``): sleep ``interval``, take the lock, reap all
+  rings, reset, release. The interval can be changed between steps
+  (:meth:`Session.set_harvest_interval`); QEMU's is a fixed 1 s.
+- the main thread of the run (migration or checkpointing, in the subclasses), and the throttles'.
+- a sampler that estimates the dirty rate from the rings every 250 ms (QEMU calc-dirty-rate,
+  dirty-ring mode: entries per vCPU over a 1 s window).
+
+Stepping: :meth:`Session.advance` processes every event up to ``until_ns`` and lets the host run
+only up to the last of them; the host is never asked to stop at an arbitrary step boundary, so
+advancing in small steps gives bit-identical results to one big step. The host (its counters,
+the rings' fill) can therefore lag a step's end by up to the gap between two VMM events (up to
+~1 s). ``host_sync_ms`` adds a fixed grid of no-op events: steps that end on the grid (an
+environment's control interval) then see the host exactly at their end, at the cost of one more
+host window per grid period; results then depend on the grid, never on the step sizes.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import deque
+
+import numpy as np
+
+from ..config import ConfigError, ScenarioConfig, load_scenario
+from ..guest.workload import WorkloadProgram
+from ..kvm import uapi as U
+from ..kvm.vm import Vm
+from .collectors import BitmapCollector, RingCollector
+from .dirty import DirtyPages
+from .metrics import Metrics
+from .sim import FOREVER, EventLoop, Lock, Process, Signal
+from .throttle import make_throttle
+
+MS = 1_000_000
+NS = 1_000_000_000
+PAGE_HEADER_BYTES = 8  # per page on the migration stream (QEMU: be64 offset | flags)
+SLICE_NS = 50 * MS  # QEMU ram_save_iterate returns every ~50 ms
+MAX_SLICE_NS = 1000 * MS  # consecutive slices simulated as one send (see Session.send_slice)
+BW_WINDOW_NS = 100 * MS  # QEMU BUFFER_DELAY: bandwidth measured over >= 100 ms
+RATE_WINDOW_NS = 1000 * MS
+
+# vCPU thread states
+GUEST, OUT, SLEEP, DLSLEEP, PARKED, DONE, WEDGED = range(7)
+
+
+class Session:
+    """Base of :class:`~ringenv.vmm.migration.MigrationRun` and
+    :class:`~ringenv.vmm.checkpoint.CheckpointRun`: one scenario, one seed, one VM."""
+
+    PRIO_VCPU = 1
+    PRIO_MAIN = 2
+    PRIO_REAPER = 3
+    PRIO_THROTTLE = 4
+    PRIO_TICK = 9
+
+    kind = "session"
+
+    def __init__(self, scenario: ScenarioConfig | str | dict | None = None, *, seed: int | None = None,
+                 host_sync_ms: float | None = None, **overrides):
+        if host_sync_ms is not None and not (isinstance(host_sync_ms, (int, float)) and host_sync_ms > 0):
+            raise ConfigError(f"host_sync_ms: {host_sync_ms!r} is not accepted; accepted: a positive number of ms, or None")
+        self.host_sync_ns = int(round(host_sync_ms * MS)) if host_sync_ms else 0
+        if seed is not None:
+            overrides["seed"] = seed
+        cfg = load_scenario(scenario, **overrides) if (overrides or not isinstance(scenario, ScenarioConfig)) \
+            else scenario
+        self.cfg = cfg
+        self.profile = cfg.profile
+        self.costs = self.profile.costs
+        self.page_size = self.profile.page_size
+        self.memory = cfg.vm.memory
+        self.npages = self.memory // self.page_size
+        self.loop = EventLoop()
+        self.bql = Lock("BQL")
+        self.now_ns = 0  # the session clock: how far advance() has been asked to go
+        self.finished = False
+        self.end_ns = 0
+        self.phase = "setup"
+
+        # accounting
+        nv = cfg.vm.vcpus
+        self.exit_ns = np.zeros(nv, dtype=np.int64)  # exit round trips
+        self.work_ns = np.zeros(nv, dtype=np.int64)  # reap/reset done on the vCPU thread
+        self.stall_ns = np.zeros(nv, dtype=np.int64)  # waiting for the big lock
+        self.throttle_ns = np.zeros(nv, dtype=np.int64)  # throttle sleeps
+        self.vmm_cpu_ns = 0
+        self.harvests = 0
+        self.entries_harvested = 0
+        self.clears = 0
+        self.backup_bitmap_pages = 0
+        self.reaper_runs = 0
+        self.bytes_sent = 0
+        self.iterations = 0
+        self.sync_ns: list[int] = []  # duration of every dirty sync (set-up, passes, final)
+        self.passes = 0
+        self.pass_bytes: list[int] = []
+        self._pass_sent = 0
+        self.lost_writes = 0
+        self.verified: bool | None = None
+        self.bandwidth_Bps = 0.0
+        self.threshold_bytes = 0
+        self._bw_t0 = 0
+        self._bw_b0 = 0
+        self._slice = None
+        self._last_sync_ns = 0
+        self.sync_rate_Bps = 0.0
+
+        self._build_vm()
+        self.dirty = DirtyPages(self.npages, with_slot=cfg.collector == "ring")
+        self.collector = RingCollector(self) if cfg.collector == "ring" else BitmapCollector(self)
+        self.throttle = make_throttle(self)
+
+        # vCPU threads
+        self.vstate = [OUT] * nv
+        self.vproc: list[Process | None] = [None] * nv
+        self.throttle_work = np.zeros(nv, dtype=np.int64)
+        self.wedged_at = np.full(nv, -1, dtype=np.int64)  # when a vCPU's ring wedged (-1: never)
+        self.paused = False
+        self._parked = 0
+        self._all_parked = Signal()
+        self._resume = Signal()
+
+        # dirty-rate estimate: (time, entries harvested so far) at every reap of all rings
+        self._samples: deque = deque([(0, 0)], maxlen=64)
+
+        self.interval_ns = int(round(cfg.interval_ms * MS))
+        for i in range(nv):
+            self._enter(i)
+        self.reaper = None
+        if cfg.collector == "ring":
+            self._reaper_last = 0
+            self.reaper = self.spawn(self._reaper(), self.PRIO_REAPER, "reaper")
+        self.main = self.spawn(self._main(), self.PRIO_MAIN, self.kind)
+        if self.host_sync_ns:
+            self.spawn(self._host_sync(), self.PRIO_TICK, "host-sync")
+
+    # ================================================================== the VM, as QEMU sets it up
+    def _build_vm(self) -> None:
+        cfg, p = self.cfg, self.profile
+        vm = Vm(p, seed=cfg.seed)
+        self.with_bitmap = False
+        if cfg.collector == "ring":
+            cap = U.KVM_CAP_DIRTY_LOG_RING if vm.check_extension(U.KVM_CAP_DIRTY_LOG_RING) \
+                else U.KVM_CAP_DIRTY_LOG_RING_ACQ_REL
+            vm.enable_cap(cap, cfg.ring_entries * 16)
+            wb = cfg.vm.with_bitmap
+            if wb is None:
+                wb = bool(vm.check_extension(U.KVM_CAP_DIRTY_LOG_RING_WITH_BITMAP))
+            if wb:
+                vm.enable_cap(U.KVM_CAP_DIRTY_LOG_RING_WITH_BITMAP)
+            self.with_bitmap = wb
+        else:
+            caps = vm.check_extension(U.KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2)
+            want = U.KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE | U.KVM_DIRTY_LOG_INITIALLY_SET
+            vm.enable_cap(U.KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2, caps & want)
+        if cfg.vm.eager_split_chunk:
+            vm.enable_cap(U.KVM_CAP_ARM_EAGER_SPLIT_CHUNK_SIZE, cfg.vm.eager_split_chunk)
+        vm.set_user_memory_region(0, 0, 0, self.memory, block_fraction=cfg.vm.block_fraction)
+        self.vcpus = [vm.create_vcpu(i) for i in range(cfg.vm.vcpus)]
+        self.guest = WorkloadProgram(cfg.workload_config, cfg.vm.vcpus, seed=cfg.seed, rate_scale=cfg.rate_scale)
+        vm.attach_guest(self.guest)
+        self.vm = vm
+        # arm64: the vGIC ITS tables and the LPI pending tables (64 KiB per redistributor) live in
+        # guest RAM; KVM writes them with no running vCPU when the VM stops (QEMU's vm state
+        # change handlers), so they are logged in the backup bitmap only.
+        if p.arch == "arm64":
+            n = min(self.npages // 4, (16 + 16 * cfg.vm.vcpus) * max(1, 4096 // self.page_size))
+            self.vgic_gfns = np.arange(self.npages - n, self.npages, dtype=np.int64)
+        else:
+            self.vgic_gfns = np.zeros(0, dtype=np.int64)
+
+    def enable_logging(self) -> int:
+        """memory_global_dirty_log_start: KVM_MEM_LOG_DIRTY_PAGES on the RAM slot. Returns ns."""
+        self.vm.set_user_memory_region(0, U.KVM_MEM_LOG_DIRTY_PAGES, 0, self.memory,
+                                       block_fraction=self.cfg.vm.block_fraction)
+        ns = self.vm.last_ioctl_ns
+        self.vmm_cpu_ns += ns
+        return ns
+
+    def save_vgic_tables(self) -> None:
+        """At vm stop on arm64 KVM saves the vGIC/ITS tables into guest RAM (no vCPU runs)."""
+        if len(self.vgic_gfns):
+            self.vm.write_without_vcpu(self.vgic_gfns)
+
+    # ================================================================== processes
+    def spawn(self, gen, prio: int, name: str = "", t: int | None = None) -> Process:
+        return Process(self.loop, gen, prio, name).start(t)
+
+    # ------------------------------------------------------------------ vCPU threads
+    def _on_exit(self, e) -> None:
+        i = e.vcpu
+        self.vstate[i] = OUT
+        self.vproc[i] = self.spawn(self._vcpu_out(i, e), self.PRIO_VCPU, f"vcpu{i}")
+
+    def _enter(self, i: int) -> None:
+        """KVM_RUN from the vCPU thread; an immediate exit is handled like any other."""
+        e = self.vcpus[i].run()
+        if e is None:
+            self.vstate[i] = GUEST
+            self.vproc[i] = None
+        else:
+            self._on_exit(e)
+
+    def _vcpu_out(self, i: int, e):
+        """The vCPU thread between two guest entries (QEMU kvm_cpu_exec + qemu_wait_io_event).
+        Work under the lock happens when the lock is taken; the thread is then out for the
+        work, any throttle sleep and the exit round trip, in one step."""
+        loop, costs = self.loop, self.costs
+        while True:
+            delay, dl = 0, False
+            if e is not None:
+                if e.kind == "done":
+                    self.vstate[i] = DONE
+                    self._note_parked()
+                    return
+                if e.kind == "full":
+                    t0 = loop.now
+                    yield self.bql
+                    self.stall_ns[i] += loop.now - t0
+                    n, work = self.collector.reap(i if self.throttle.in_service else None)
+                    ns = self.collector.reset(n)
+                    self.bql.release_at(loop.now + work + ns)
+                    self.work_ns[i] += work + ns
+                    delay = work + ns
+                    sl = self.throttle.after_full_exit(i)
+                    if sl > 0:
+                        delay += sl
+                        self.throttle_ns[i] += sl
+                        dl = True
+                delay += costs.exit_ns
+                self.exit_ns[i] += costs.exit_ns
+                e = None
+            w = 0
+            if not self.paused and self.throttle_work[i] > 0:
+                w = int(self.throttle_work[i])
+                self.throttle_work[i] = 0
+            if delay or w:
+                self.vstate[i] = SLEEP if w else (DLSLEEP if dl else OUT)
+                t0 = loop.now
+                yield delay + w
+                if w:
+                    self.throttle_ns[i] += max(0, loop.now - t0 - delay)
+                self.vstate[i] = OUT
+            while True:
+                if self.paused:
+                    self.vstate[i] = PARKED
+                    self._note_parked()
+                    yield self._resume
+                    self.vstate[i] = OUT
+                elif self.throttle_work[i] > 0:
+                    w = int(self.throttle_work[i])
+                    self.throttle_work[i] = 0
+                    self.vstate[i] = SLEEP
+                    t0 = loop.now
+                    yield w
+                    self.throttle_ns[i] += loop.now - t0
+                    self.vstate[i] = OUT
+                else:
+                    break
+            e = self.vcpus[i].run()
+            if e is None:
+                self.vstate[i] = GUEST
+                self.vproc[i] = None
+                return
+            if e.kind == "full" and self._wedged(i):
+                return
+
+    def _wedged(self, i: int) -> bool:
+        """KVM_RUN returned DIRTY_RING_FULL at once although everything harvested was reset and
+        the vCPU's ring holds nothing to harvest: the ring overflowed (the kernel overwrote
+        entries, so ``used`` never drops below the soft limit again) and is wedged. QEMU's vCPU
+        thread would spin in KVM_RUN forever; the thread is parked as spinning instead of
+        simulating every spin (its time counts as exit time to the end of the run)."""
+        if self.cfg.collector != "ring" or self.collector.readers[i].count_ready():
+            return False
+        self.vstate[i] = WEDGED
+        self.wedged_at[i] = self.loop.now
+        self._note_parked()
+        return True
+
+    def kick_all(self, why: str = "") -> int:
+        """Kick every vCPU that is in the guest (QEMU cpu_exit / SIG_IPI). Returns how long the
+        caller waits for them to acknowledge (one exit round trip, if any was kicked)."""
+        kicked = 0
+        for i, v in enumerate(self.vcpus):
+            if self.vstate[i] == GUEST:
+                e = v.kick()
+                if e is not None:
+                    self._on_exit(e)
+                    kicked += 1
+        return self.costs.exit_ns if kicked else 0
+
+    def queue_throttle_work(self, sleep_ns: int) -> None:
+        """cpu_throttle_timer_tick: queue the sleep on every vCPU not already holding one."""
+        for i in range(len(self.vcpus)):
+            if self.throttle_work[i] == 0 and self.vstate[i] != SLEEP:
+                self.throttle_work[i] = sleep_ns
+                if self.vstate[i] == GUEST:
+                    e = self.vcpus[i].kick()
+                    if e is not None:
+                        self._on_exit(e)
+
+    # ------------------------------------------------------------------ stopping the VM
+    def _note_parked(self) -> None:
+        self._parked += 1
+        if self.paused and self._parked >= len(self.vcpus):
+            self._all_parked.fire()
+
+    def pause_vm(self):
+        """vm_stop / pause_all_vcpus: every vCPU leaves the guest and parks. The caller must not
+        hold the big lock (QEMU waits on a condition that releases it)."""
+        self.paused = True
+        self._resume.reset()
+        self._all_parked.reset()
+        self._parked = sum(1 for s in self.vstate if s in (DONE, WEDGED))
+        for i, v in enumerate(self.vcpus):
+            st = self.vstate[i]
+            if st == GUEST:
+                e = v.kick()
+                if e is not None:
+                    self._on_exit(e)
+            elif st == SLEEP and self.vproc[i] is not None:
+                self.vproc[i].interrupt()  # the throttle sleep notices cpu->stop
+        if self._parked < len(self.vcpus):
+            yield self._all_parked
+
+    def resume_vm(self) -> None:
+        """vm_start: the parked vCPU threads enter the guest again."""
+        self.paused = False
+        self._parked = 0
+        self._resume.fire()
+
+    # ------------------------------------------------------------------ the reaper
+    def _reaper(self):
+        """kvm_dirty_ring_reaper_thread: sleep, then reap all rings under the big lock."""
+        loop = self.loop
+        yield self.interval_ns
+        while not self.finished:
+            yield self.bql
+            n, work = self.collector.reap()
+            ns = self.collector.reset(n)
+            end = loop.now + work + ns
+            self.bql.release_at(end)
+            self.vmm_cpu_ns += work + ns
+            self.reaper_runs += 1
+            self._reaper_last = end
+            yield end - loop.now + self.interval_ns
+
+    def set_harvest_interval(self, ns: int) -> None:
+        """Change the reaper's sleep (takes effect on the current sleep: it then ends
+        ``ns`` after the reaper's last harvest, or now if that is already past)."""
+        ns = int(ns)
+        if ns <= 0:
+            raise ConfigError(f"harvest interval: {ns} ns is not accepted; accepted: a positive number of ns")
+        self.interval_ns = ns
+        if self.reaper is not None and self.reaper.sleeping:
+            self.reaper.wake_at(self._reaper_last + ns)
+
+    @property
+    def harvest_interval_ns(self) -> int:
+        return self.interval_ns
+
+    def _host_sync(self):
+        """A no-op event every ``host_sync_ns``: the host is then run exactly to every multiple of
+        it, so a step that ends on the grid observes the host at that very time."""
+        while not self.finished:
+            yield self.host_sync_ns
+
+    # ------------------------------------------------------------------ dirty-rate estimate
+    def note_full_reap(self) -> None:
+        """Every ring was just harvested: a sample for the dirty-rate estimate."""
+        t = self.loop.now
+        if t > self._samples[-1][0]:
+            self._samples.append((t, self.entries_harvested))
+
+    @property
+    def dirty_rate_Bps(self) -> float:
+        return self._dirty_rate()
+
+    def _dirty_rate(self, ready: np.ndarray | None = None) -> float:
+        """Estimated guest dirty rate, bytes/s, as QEMU's calc-dirty-rate in dirty-ring mode
+        counts it: ring entries per second, here from the newest full harvest at least 1 s
+        old up to now (entries harvested since, plus those waiting in the rings now). With the
+        bitmap: new dirty pages per second between the last two syncs."""
+        if self.cfg.collector != "ring":
+            return self.sync_rate_Bps
+        now = self.vm.now
+        ref = self._samples[0]
+        for smp in reversed(self._samples):
+            if now - smp[0] >= RATE_WINDOW_NS:
+                ref = smp
+                break
+        if now <= ref[0]:
+            return 0.0
+        seen = self.entries_harvested + int((self.collector.ready() if ready is None else ready).sum())
+        return (seen - ref[1]) * self.page_size * NS / (now - ref[0])
+
+    # ================================================================== shared migration pieces
+    def send_rate_Bps(self) -> float:
+        raise NotImplementedError
+
+    def sync(self, last_stage: bool = False):
+        """migration_bitmap_sync under the big lock: collect, merge, account, throttle rule."""
+        yield self.bql
+        ns = self.collector.sync(last_stage)
+        self.bql.release_at(self.loop.now + ns)
+        yield ns
+        self.note_sync(last_stage, ns)
+
+    def note_sync(self, last_stage: bool, ns: int) -> None:
+        """Bookkeeping after a sync that took ``ns``: counts, the dirty rate it saw, the
+        throttles' trigger rule (not for set-up and last-stage syncs)."""
+        new = self.collector.last_new
+        now = self.loop.now
+        self.iterations += 1
+        self.sync_ns.append(ns)
+        if now > self._last_sync_ns:
+            self.sync_rate_Bps = new * self.page_size * NS / (now - self._last_sync_ns)
+        self._last_sync_ns = now
+        if not last_stage:
+            self.throttle.on_sync(self, new)
+
+    def end_pass(self) -> None:
+        self.passes += 1
+        self.pass_bytes.append(self._pass_sent)
+        self._pass_sent = 0
+
+    def send_slice(self, rate_Bps: float, *, max_pages: int | None = None, stop_below: int | None = None,
+                   deadline: int | None = None):
+        """ram_save_iterate, k times in a row: send dirty pages for k ~50 ms slices at ``rate_Bps``.
+
+        QEMU checks the pending estimate between two 50 ms slices; k is the number of slices
+        before the first check that would act: the estimate falling below ``stop_below`` bytes
+        (the switchover threshold), or ``deadline`` (give-up) passing; at most
+        ``MAX_SLICE_NS`` worth. Sending k slices at once is exact for the pages sent (see
+        :meth:`DirtyPages.take`) and keeps the host's sampling windows long. With the bitmap
+        collector a slice never runs into a second 1 GiB chunk that still needs its CLEAR, so
+        every CLEAR happens just before its chunk is sent, as in QEMU."""
+        bpp = self.page_size + PAGE_HEADER_BYTES
+        n50 = max(1, int(rate_Bps * SLICE_NS / NS / bpp))
+        if max_pages is None:
+            k = MAX_SLICE_NS // SLICE_NS
+            mig = self.dirty.mig_count
+            if stop_below:
+                k = min(k, max(1, (mig - stop_below // self.page_size) // n50 + 1))
+            if deadline is not None:
+                k = min(k, max(1, -(-(deadline - self.loop.now) // SLICE_NS)))
+            max_pages = k * n50
+        pages = self.dirty.take(max_pages)
+        if len(pages) == 0:
+            return
+        pages = self.collector.limit_slice(pages)
+        ns = self.collector.before_send(pages)
+        if ns:
+            yield ns
+        self.dirty.copy(pages, self.source_version())
+        nbytes = len(pages) * bpp
+        self.bytes_sent += nbytes
+        self._pass_sent += nbytes
+        dt = int(math.ceil(nbytes * NS / rate_Bps))
+        self._slice = (self.loop.now, dt, len(pages), nbytes)
+        yield dt
+        self._slice = None
+        self.update_bandwidth()
+
+    def _in_flight(self, now: int) -> tuple[int, int]:
+        """(pages, bytes) of the slice being sent that are not on the wire by ``now``."""
+        if self._slice is None:
+            return 0, 0
+        t0, dt, n, nbytes = self._slice
+        left = 1.0 - min(1.0, max(0.0, (now - t0) / dt)) if dt else 0.0
+        return int(n * left), int(nbytes * left)
+
+    def send_bytes(self, nbytes: int, rate_Bps: float):
+        if nbytes > 0:
+            self.bytes_sent += nbytes
+            self._pass_sent += nbytes
+            yield int(math.ceil(nbytes * NS / rate_Bps))
+
+    def update_bandwidth(self) -> None:
+        """migration_update_counters: bandwidth over >= 100 ms windows; the switchover threshold
+        is bandwidth x downtime-limit."""
+        now = self.loop.now
+        if now - self._bw_t0 >= BW_WINDOW_NS:
+            self.bandwidth_Bps = (self.bytes_sent - self._bw_b0) * NS / (now - self._bw_t0)
+            self.threshold_bytes = int(self.bandwidth_Bps * self.cfg.link.downtime_limit_ms / 1000.0)
+            self._bw_t0, self._bw_b0 = now, self.bytes_sent
+
+    def start_bandwidth_window(self) -> None:
+        self._bw_t0, self._bw_b0 = self.loop.now, self.bytes_sent
+
+    def verify(self) -> int:
+        """Compare the destination's page versions with the source's (reading the source's
+        versions here models the copy of page contents)."""
+        return self.dirty.lost_writes(self.source_version())
+
+    def source_version(self) -> np.ndarray:
+        """The source's page versions of guest RAM (the kernel may pad its arrays to whole
+        stage-2 blocks). Reading them models reading page contents: only sending and
+        verification do."""
+        return self.vm.version[: self.npages]
+
+    def _main(self):
+        raise NotImplementedError
+        yield
+
+    def finish(self) -> None:
+        self.finished = True
+        self.end_ns = self.loop.now
+        self.phase = "done"
+        self.throttle.stop()
+
+    # ================================================================== stepping
+    def advance(self, until_ns: int) -> None:
+        """Run host and VMM up to simulated time ``until_ns`` (or until the run is over)."""
+        until = int(until_ns)
+        loop, vm = self.loop, self.vm
+        heap = loop.heap
+        while not self.finished:
+            t = heap[0][0] if heap else FOREVER
+            if t > until:
+                break
+            if t > vm.now:
+                exits = vm.run_until(t)
+                if exits:
+                    loop.now = vm.now
+                    for e in exits:
+                        self._on_exit(e)
+                    continue
+            loop.fire_next()
+        if self.finished:
+            self.now_ns = self.end_ns
+        else:
+            self.now_ns = max(self.now_ns, until)
+
+    def run(self, max_ns: int = FOREVER) -> Metrics:
+        """Advance until the run is over; returns its metrics."""
+        self.advance(max_ns)
+        return self.metrics()
+
+    @property
+    def done(self) -> bool:
+        return self.finished
+
+    @property
+    def now_s(self) -> float:
+        return self.now_ns / NS
+
+    # ================================================================== metrics
+    def _base_metrics(self) -> dict:
+        vm, cfg = self.vm, self.cfg
+        vst = [v.stats for v in self.vcpus]
+        ring = cfg.collector == "ring"
+        ready = self.collector.ready()
+        fill = ready / float(self.collector.soft_limit) if ring else np.zeros(len(self.vcpus))
+        fl_pages, fl_bytes = self._in_flight(self.now_ns)
+        remaining = (self.dirty.mig_count + fl_pages) * self.page_size
+        return dict(
+            scenario=cfg.name, kind=self.kind, collector=cfg.collector, phase=self.phase, done=self.finished,
+            time_s=self.now_ns / NS,
+            iterations=self.iterations, passes=self.passes,
+            bytes_sent=self.bytes_sent - fl_bytes, pages_sent=self.dirty.pages_sent - fl_pages,
+            pages_resent=self.dirty.pages_resent,
+            full_exits=sum(s.full_exits for s in vst),
+            vcpu_exit_s=float(self.exit_ns.sum() + self.work_ns.sum() + self._spin_ns()) / NS,
+            vcpu_stall_s=float(self.stall_ns.sum()) / NS,
+            vcpu_throttle_s=float(self.throttle_ns.sum()) / NS,
+            vcpu_fault_s=sum(s.fault_ns for s in vst) / NS,
+            vmm_cpu_s=self.vmm_cpu_ns / NS,
+            harvests=self.harvests, resets=vm.stats.resets, entries_harvested=self.entries_harvested,
+            tlb_flushes=vm.stats.tlb_flushes, get_dirty_log_calls=vm.stats.get_dirty_log_calls,
+            clear_dirty_log_calls=vm.stats.clear_dirty_log_calls,
+            ring_bytes=vm.ring_bytes, ring_entries=cfg.ring_entries if ring else 0,
+            interval_ms=self.interval_ns / MS if ring else 0.0,
+            lost_writes=self.lost_writes, verified=self.verified,
+            ring_overflows=sum(v.ring.lost for v in self.vcpus) if ring else 0,
+            wedged_vcpus=int(np.count_nonzero(self.wedged_at >= 0)),
+            dirty_rate_Bps=self._dirty_rate(ready),
+            ring_fill=tuple(float(x) for x in fill),
+            remaining_bytes=remaining,
+            bandwidth_Bps=self.bandwidth_Bps, threshold_bytes=self.threshold_bytes,
+            progress=(self.dirty.pages_sent - fl_pages - self.dirty.pages_resent) / self.npages,
+            throttle_pct=float(self.throttle.pct),
+            vcpu_stall_s_per_vcpu=tuple(float(x) / NS for x in self.stall_ns),
+            pass_bytes=tuple(self.pass_bytes),
+            sync_s=sum(self.sync_ns) / NS,
+            vmm_bytes_per_page=self.dirty.nbytes / self.npages,
+        )
+
+    def _spin_ns(self) -> int:
+        w = self.wedged_at[self.wedged_at >= 0]
+        end = self.end_ns if self.finished else self.loop.now
+        return int((end - w).sum()) if len(w) else 0
+
+    def metrics(self) -> Metrics:
+        raise NotImplementedError

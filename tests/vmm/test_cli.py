@@ -1,0 +1,73 @@
+"""``ringenv migrate`` / ``ringenv checkpoint``: tables, JSON, exit codes, errors naming flags."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from ringenv.cli import main
+
+SMALL = """name: tiny
+host: arm64-4k
+vm: {memory: 512MiB, vcpus: 2}
+workload: web
+link: {gbps: 1, max_bandwidth_mibps: link}
+checkpoint: {period_s: 2, storage_mbps: 500, horizon_s: 6}
+"""
+
+
+@pytest.fixture
+def tiny(tmp_path):
+    p = tmp_path / "tiny.yaml"
+    p.write_text(SMALL)
+    return str(p)
+
+
+def test_migrate_prints_the_metrics_table(tiny, capsys):
+    assert main(["migrate", "--scenario", tiny, "--ring-entries", "1024", "--interval-ms", "200"]) == 0
+    out = capsys.readouterr().out
+    assert "migration of scenario tiny" in out and "ring 1024 entries, reaper 200 ms" in out
+    for field in ("downtime_s", "total_s", "converged", "full_exits", "vcpu_stall_s", "lost_writes", "verified"):
+        assert field in out
+
+
+def test_migrate_json_and_flags(tiny, capsys):
+    assert main(["migrate", "--scenario", tiny, "--collector", "bitmap", "--seed", "3", "--json"]) == 0
+    d = json.loads(capsys.readouterr().out)
+    assert d["collector"] == "bitmap" and d["verified"] is True and d["ring_bytes"] == 0
+    assert main(["migrate", "--scenario", tiny, "--throttle", "auto-converge", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["done"] is True
+
+
+def test_checkpoint_command(tiny, capsys):
+    assert main(["checkpoint", "--scenario", tiny, "--period-s", "1.5", "--live", "--json"]) == 0
+    d = json.loads(capsys.readouterr().out)
+    assert d["kind"] == "checkpoint" and d["checkpoints"] >= 2 and d["verified"] is True
+
+
+@pytest.mark.parametrize("argv, needle", [
+    (["--ring-entries", "1000"], "ring_entries (--ring-entries): 1000 is not accepted by host arm64-4k; accepted: 256"),
+    (["--interval-ms", "0"], "interval_ms (--interval-ms): Input should be greater than 0"),
+    (["--seed", "-2"], "seed (--seed)"),
+    (["--collector", "bitmap", "--throttle", "dirty-limit"], "throttle (--throttle): dirty-limit needs collector ring"),
+])
+def test_bad_values_exit_2_naming_the_flag(tiny, capsys, argv, needle):
+    assert main(["migrate", "--scenario", tiny, *argv]) == 2
+    assert needle in capsys.readouterr().err
+
+
+def test_unknown_scenario_and_choices(capsys):
+    assert main(["migrate", "--scenario", "nope"]) == 2
+    assert "accepted: analytics" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:
+        main(["migrate", "--collector", "pml"])
+    assert e.value.code == 2
+    assert "invalid choice: 'pml'" in capsys.readouterr().err
+
+
+def test_lost_writes_exit_1_loudly(tmp_path, capsys):
+    p = tmp_path / "lossy.yaml"
+    p.write_text(SMALL.replace("vcpus: 2}", "vcpus: 2, with_bitmap: false}"))
+    assert main(["migrate", "--scenario", str(p)]) == 1
+    assert "LOST WRITES" in capsys.readouterr().err

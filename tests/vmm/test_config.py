@@ -1,0 +1,98 @@
+"""Scenario configuration: every shipped scenario loads; bad values name the field."""
+
+from __future__ import annotations
+
+import pytest
+
+from ringenv.config import ConfigError, ScenarioConfig, load_host_profile, load_scenario, scenario_names
+
+REQUIRED = {"idle", "web", "oltp", "memcached", "kernel-build", "analytics", "default", "ring-vs-bitmap", "stress"}
+
+
+def test_required_scenarios_exist_and_load():
+    names = set(scenario_names())
+    assert REQUIRED <= names
+    for n in names:
+        cfg = load_scenario(n)
+        assert cfg.name == n
+        assert cfg.profile.name == cfg.host
+        assert cfg.vm.memory % cfg.profile.page_size == 0
+
+
+def test_shapes_of_the_named_scenarios():
+    d = load_scenario()  # default
+    assert d.name == "default" and d.vm.vcpus == 8 and d.vm.memory == 16 << 30 and d.link.gbps == 10
+    rvb = load_scenario("ring-vs-bitmap")
+    assert (rvb.vm.memory, rvb.vm.vcpus, rvb.link.gbps, rvb.workload) == (24 << 30, 8, 10, "uniform-800")
+    st = load_scenario("stress")
+    assert (st.vm.vcpus, st.vm.memory) == (64, 256 << 30)
+    assert load_scenario("analytics").workload_config.rate_mbps > 1000
+
+
+def test_defaults_follow_qemu():
+    cfg = ScenarioConfig.parse({"name": "x", "vm": {"memory": "1GiB", "vcpus": 2}, "workload": "idle"})
+    assert cfg.link.max_bandwidth_mibps == 128.0 and cfg.link.downtime_limit_ms == 300
+    assert cfg.link.rate_Bps == 128 << 20
+    assert (cfg.ring_entries, cfg.interval_ms, cfg.collector, cfg.throttle) == (4096, 1000.0, "ring", "none")
+    assert cfg.vm.block_fraction == 0.5 and cfg.vm.with_bitmap is None
+    assert cfg.auto_converge.initial_pct == 20 and cfg.auto_converge.increment_pct == 10
+    assert cfg.dirty_limit.vcpu_limit_mbps == 1.0 and cfg.dirty_limit.period_ms == 1000
+    assert load_scenario(cfg, link={"max_bandwidth_mibps": "link"}).link.rate_Bps == 10e9 / 8
+
+
+def test_sizes_are_parsed():
+    cfg = load_scenario("default", vm={"memory": "512MiB", "eager_split_chunk": "2MiB"}, link={"device_state_bytes": "4MiB"})
+    assert cfg.vm.memory == 512 << 20 and cfg.vm.eager_split_chunk == 2 << 20
+    assert cfg.link.device_state_bytes == 4 << 20
+
+
+@pytest.mark.parametrize("overrides, field, accepted", [
+    ({"ring_entries": 1000}, "ring_entries", "256, 512, 1024"),
+    ({"ring_entries": 128}, "ring_entries", "256"),
+    ({"collector": "pml"}, "collector", "'ring' or 'bitmap'"),
+    ({"throttle": "fast"}, "throttle", "'auto-converge'"),
+    ({"vm": {"memory": "16 GB!"}}, "vm.memory", "16GiB"),
+    ({"vm": {"vcpus": 0}}, "vm.vcpus", "greater than or equal to 1"),
+    ({"vm": {"block_fraction": 2}}, "vm.block_fraction", "less than or equal to 1"),
+    ({"vm": {"eager_split_chunk": "3MiB"}}, "vm.eager_split_chunk", "accepted: 0"),
+    ({"interval_ms": 0}, "interval_ms", "greater than 0"),
+    ({"link": {"max_bandwidth_mibps": "fast"}}, "link.max_bandwidth_mibps", "'link'"),
+    ({"link": {"gbps": -1}}, "link.gbps", "greater than 0"),
+    ({"workload": "nope"}, "workload", "accepted: analytics"),
+    ({"host": "riscv"}, "host", "arm64-4k"),
+    ({"seed": -1}, "seed", "greater than or equal to 0"),
+    ({"bogus": 1}, "bogus", "unknown key"),
+    ({"link": {"gbit": 1}}, "link.gbit", "unknown key"),
+    ({"throttle": "dirty-limit", "collector": "bitmap"}, "throttle", "needs collector ring"),
+])
+def test_bad_values_name_the_field_and_what_is_accepted(overrides, field, accepted):
+    with pytest.raises(ConfigError) as e:
+        load_scenario("default", **overrides)
+    msg = str(e.value)
+    assert field in msg and accepted in msg, msg
+
+
+def test_with_bitmap_on_x86_is_refused():
+    with pytest.raises(ConfigError, match="vm.with_bitmap: host x86-pml does not offer"):
+        load_scenario("default", host="x86-pml", vm={"with_bitmap": True})
+
+
+def test_unknown_scenario_lists_the_known_ones():
+    with pytest.raises(ConfigError, match="accepted: .*default"):
+        load_scenario("no-such-scenario")
+
+
+def test_a_host_profile_object_is_accepted():
+    prof = load_host_profile("arm64-4k").model_copy(update={"split_blocks": False})
+    cfg = load_scenario("default", host=prof)
+    assert cfg.profile.split_blocks is False
+
+
+def test_a_mapping_and_a_file_load(tmp_path):
+    d = {"name": "mine", "vm": {"memory": "1GiB", "vcpus": 2}, "workload": "web"}
+    assert load_scenario(d).name == "mine"
+    p = tmp_path / "mine.yaml"
+    p.write_text("name: mine\nvm: {memory: 1GiB, vcpus: 2}\nworkload: web\ncollector: bitmap\n")
+    assert load_scenario(str(p)).collector == "bitmap"
+    with pytest.raises(ConfigError, match="no such file"):
+        load_scenario(str(tmp_path / "missing.yaml"))
