@@ -79,7 +79,8 @@ class HostCosts(Strict):
     protect_page_ns: float = _nonneg("write-protecting one page when dirty logging is enabled on a slot")
     get_dirty_log_page_ns: float = _nonneg("KVM_GET_DIRTY_LOG: per page of the slot (bitmap copy)")
     get_dirty_log_dirty_ns: float = _nonneg("KVM_GET_DIRTY_LOG without manual protect: per dirty page re-protected")
-    clear_dirty_log_page_ns: float = _nonneg("KVM_CLEAR_DIRTY_LOG: per page cleared and re-protected")
+    clear_dirty_log_page_ns: float = _nonneg("KVM_CLEAR_DIRTY_LOG: per page cleared and re-protected "
+                                             "(the range's bitmap walk costs get_dirty_log_page_ns per page)")
     bitmap_scan_page_ns: float = _nonneg("userspace: per page of RAM scanned when syncing a dirty bitmap")
     pml_flush_entry_ns: float = _nonneg("x86 PML: per logged GPA flushed from the buffer into the ring")
     pml_full_exit_ns: int = _nonneg("x86 PML: the in-kernel exit taken when the 512-entry buffer is full")

@@ -129,7 +129,7 @@ class RingEnv(gym.Env):
         if self._session is None:
             self.ring_entries = entries
             self._session = _open_session(self.kind, self.scenario, self.workload, self.episode_seed,
-                                          entries, int(interval_ms * MS))
+                                          entries, int(interval_ms * MS), self.cfg.control_interval_ms)
             self._prev = self._session.metrics()
             info["ring_size_ignored"] = False
         else:
@@ -353,15 +353,16 @@ def _lost_vcpu_s(m) -> float:
     return m.vcpu_fault_s + m.vcpu_exit_s + m.vcpu_stall_s + m.vcpu_throttle_s
 
 
-def _open_session(kind, scenario, workload, seed, ring_entries, interval_ns):
+def _open_session(kind, scenario, workload, seed, ring_entries, interval_ns, control_interval_ms):
     """The VMM run behind an episode: a MigrationRun or CheckpointRun of the scenario with the
-    episode's workload, seed and ring size (ringenv.vmm)."""
+    episode's workload, seed and ring size (ringenv.vmm). The host is synchronised with the VMM
+    at every control interval, so each observation describes the step's end exactly."""
     if kind == "migration":
         from .vmm.migration import MigrationRun as Run
     else:
         from .vmm.checkpoint import CheckpointRun as Run
     return Run(scenario, seed=seed, workload=workload, collector="ring", ring_entries=ring_entries,
-               interval_ms=interval_ns / MS)
+               interval_ms=interval_ns / MS, host_sync_ms=control_interval_ms)
 
 
 def _session_sample_rate(scenario, workload, seed, seconds) -> float:

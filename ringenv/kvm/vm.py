@@ -514,10 +514,13 @@ class Vm:
         cur &= ~mask
         words = np.flatnonzero(mask)
         c = self.profile.costs
-        ns = int(c.clear_dirty_log_page_ns * num_pages)
+        # walking the range's bitmap costs what GET_DIRTY_LOG's copy costs per page; each page
+        # actually cleared costs its re-protect
+        ns = int(c.get_dirty_log_page_ns * num_pages)
         if len(words):
-            self._reprotect(np.full(len(words), s.kvm_slot, np.uint32), (w0 + words).astype(np.int64) * 64, mask[words])
-            ns += self._flush_tlbs()
+            n = self._reprotect(np.full(len(words), s.kvm_slot, np.uint32), (w0 + words).astype(np.int64) * 64,
+                                mask[words])
+            ns += int(c.clear_dirty_log_page_ns * n) + self._flush_tlbs()
         self.stats.clear_dirty_log_calls += 1
         self.stats.kernel_ns += ns
         self.last_ioctl_ns = ns
@@ -676,11 +679,16 @@ class Vm:
                 vs.fault_ns += int(cnt) * split_cost
             self.stats.splits += nsplit
         # faults and pushes, per vCPU in order
-        fault_cost = c.dirty_write_ns if (p.pml and rings) else c.wp_fault_ns
+        if not p.pml:
+            fault_cost = c.wp_fault_ns  # a write-protect fault
+        elif rings:
+            fault_cost = c.dirty_write_ns  # PML logs it; the flushes into the ring are charged there
+        else:  # PML into the dirty bitmap: a flush per 512 logged pages, amortized
+            fault_cost = c.dirty_write_ns + c.pml_flush_entry_ns + c.pml_full_exit_ns / p.pml_buffer_entries
         for v_i in np.flatnonzero(faults):
             vs = self.vcpus[v_i].stats
             vs.faults += int(faults[v_i])
-            vs.fault_ns += int(faults[v_i]) * fault_cost
+            vs.fault_ns += int(faults[v_i] * fault_cost)
         if npush:
             pv, pg = push_v[:npush], push_g[:npush]
             for v_i, sel in groups(pv):

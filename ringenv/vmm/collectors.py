@@ -200,27 +200,12 @@ class BitmapCollector:
             w0, w1 = first // 64, (first + num + 63) // 64
             words = self.slot_bmp[w0:w1]
             vm.clear_dirty_log(0, first, num, words)
-            ns += self._clear_ns(vm.last_ioctl_ns, num, words)
+            ns += vm.last_ioctl_ns
             self.slot_bmp[w0:w1] = 0
             self.clear_pending[c] = False
             s.clears += 1
         s.vmm_cpu_ns += ns
         return ns
-
-    def _clear_ns(self, kernel_ns: int, num_pages: int, words: np.ndarray) -> int:
-        """Kernel time of one KVM_CLEAR_DIRTY_LOG.
-
-        WORKAROUND (reported): the simulated kernel charges ``clear_dirty_log_page_ns`` for every
-        page of the range, 13 ms per 1 GiB chunk even when one bit is set, although the profile
-        documents that cost as "per page cleared and re-protected". When the kernel's figure
-        contains the per-range charge, it is replaced by that cost per page re-protected plus a
-        walk of the range's bitmap at the GET_DIRTY_LOG per-page rate."""
-        c = self.s.costs
-        range_ns = int(c.clear_dirty_log_page_ns * num_pages)
-        if kernel_ns < range_ns:
-            return kernel_ns  # the kernel charges per page cleared: nothing to correct
-        bits = int(np.bitwise_count(words).sum())
-        return kernel_ns - range_ns + int(c.clear_dirty_log_page_ns * bits) + int(c.get_dirty_log_page_ns * num_pages)
 
     def ready(self) -> np.ndarray:
         return np.zeros(len(self.s.vcpus), dtype=np.int64)
