@@ -146,6 +146,7 @@ class WorkloadProgram(GuestProgram):
                     self.wrows.append(self.c_w[c].copy())
                 self.c_wgroup[c] = gid
         self._one_region = len(self.regions) == 1
+        self._one_wgroup = len(self.wrows) == 1 and bool(np.all(self.c_wgroup == 0))
         self.efficiency = 1.0  # share of sampled writes that find their page clean (for horizons)
         self._phase_t = [0]
         self._phase_m = []
@@ -220,15 +221,15 @@ class WorkloadProgram(GuestProgram):
                 gs.append(self._place(cls, ranks))
                 ts.append(now + (rng.random(len(cls)) * dt).astype(np.int64))
                 vs.append(self._writers(cls, running))
-            for c, pc in zip(np.flatnonzero(hot), p):
-                if k[c] == 0:
-                    continue
-                g = self._sample_pages(int(c), int(k[c]))
-                u = rng.random(len(g))
-                tau = -np.log1p(-u * pc) / lam[c]  # truncated exponential first-write time
+            kh = np.where(hot, k, 0)
+            if kh.any():  # every hot class at once: distinct pages, truncated-exponential times
+                cls, g = self._sample_distinct(kh)
+                ph = np.zeros(len(lam))
+                ph[hot] = p
+                tau = -np.log1p(-rng.random(len(cls)) * ph[cls]) / lam[cls]
                 ts.append(now + np.minimum(tau.astype(np.int64), dt - 1))
                 gs.append(g)
-                vs.append(self._writers(np.full(len(g), c), running))
+                vs.append(self._writers(cls, running))
         for s in self.scans:
             if not running[s["vcpu"]] or s["rate"] <= 0:
                 continue
@@ -265,15 +266,18 @@ class WorkloadProgram(GuestProgram):
     def _writers(self, cls: np.ndarray, running: np.ndarray) -> np.ndarray:
         """The writing vCPU of each write: fixed for a private class, else drawn by the class's
         rate split over the running vCPUs."""
-        out = np.empty(len(cls), dtype=np.int32)
         grp = self.c_wgroup[cls]  # -1: private (fixed vCPU)
-        for gid in np.unique(grp):
-            sel = grp == gid if len(self.wrows) > 1 or gid < 0 else slice(None)
-            n = len(cls) if isinstance(sel, slice) else int(sel.sum())
+        if self._one_wgroup:
+            return self._pick_vcpus(self.wrows[0], running, len(cls))
+        out = np.empty(len(cls), dtype=np.int32)
+        for gid in range(-1, len(self.wrows)):
+            sel = grp == gid
+            if not sel.any():
+                continue
             if gid < 0:
                 out[sel] = self.c_vfix[cls[sel]]
             else:
-                out[sel] = self._pick_vcpus(self.wrows[gid], running, n)
+                out[sel] = self._pick_vcpus(self.wrows[gid], running, int(sel.sum()))
         return out
 
     def _pick_vcpus(self, w: np.ndarray, running: np.ndarray, n: int) -> np.ndarray:
@@ -285,22 +289,35 @@ class WorkloadProgram(GuestProgram):
         cdf = np.cumsum(w[act]) / w[act].sum()
         return act[np.searchsorted(cdf, self.rng.random(n), side="right").clip(0, len(act) - 1)].astype(np.int32)
 
-    def _sample_pages(self, c: int, k: int) -> np.ndarray:
-        """k distinct pages of class c, a uniform random subset in random order (global page
-        indexes): iid uniform ranks, duplicates dropped, topped up if short."""
+    def _sample_distinct(self, k: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """For each class c, k[c] distinct pages drawn uniformly from it (classes are disjoint,
+        so one de-duplication serves them all). Returns (class, global page index) per page."""
         rng = self.rng
-        region = self.regions[self.c_region[c]]
-        lo, hi = int(self.c_lo[c]), int(self.c_hi[c])
-        n = hi - lo
-        k = min(k, n)
-        if 2 * k >= n:
-            return region.gpi(lo + rng.permutation(n)[:k])
-        r = np.zeros(0, dtype=np.int64)
-        while len(r) < k:
-            need = k - len(r)
-            r = np.concatenate([r, rng.integers(lo, hi, size=need + need * need // n + 8)])
-            r = r[first_occurrence(r)]
-        return region.gpi(r[:k])
+        full = (k > 0) & (2 * k >= self.c_n)  # most of a tiny class: take a random subset directly
+        parts_c, parts_g = [], []
+        for c in np.flatnonzero(full):
+            r = self.c_lo[c] + rng.permutation(int(self.c_n[c]))[: int(k[c])]
+            parts_c.append(np.full(len(r), c))
+            parts_g.append(self._place(parts_c[-1], r))
+        need = np.where(full, 0, k)
+        cls = np.zeros(0, dtype=np.int64)
+        g = np.zeros(0, dtype=np.int64)
+        while need.any():  # draws with replacement, duplicates dropped, shortfalls drawn again
+            extra = need + need * need // np.maximum(self.c_n, 1) + (need > 0) * 4
+            c_new = np.repeat(np.arange(len(need)), extra)
+            r = self.c_lo[c_new] + (rng.random(len(c_new)) * self.c_n[c_new]).astype(np.int64)
+            cls = np.concatenate([cls, c_new])
+            g = np.concatenate([g, self._place(c_new, r)])
+            keep = first_occurrence(g)
+            cls, g = cls[keep], g[keep]
+            # keep at most k[c] per class, in draw order (a uniform subset in random order)
+            rank = _rank_within(cls)
+            keep = rank < k[cls]
+            cls, g = cls[keep], g[keep]
+            need = np.where(full, 0, k - np.bincount(cls, minlength=len(k)))
+        parts_c.append(cls)
+        parts_g.append(g)
+        return np.concatenate(parts_c), np.concatenate(parts_g)
 
     def consumed(self, n, t_cut, faults_per_vcpu, retried, written):
         now, running = self._window
@@ -338,3 +355,18 @@ def _zipf_mass(a: int, b: int, s: float) -> float:
     if abs(s - 1.0) < 1e-12:
         return math.log((b + 0.5) / (a + 0.5))
     return ((b + 0.5) ** (1 - s) - (a + 0.5) ** (1 - s)) / (1 - s)
+
+
+def _rank_within(groups: np.ndarray) -> np.ndarray:
+    """For each element, how many earlier elements share its group (0 for the first)."""
+    n = len(groups)
+    if n == 0:
+        return np.zeros(0, dtype=np.int64)
+    small = groups.astype(np.int16) if groups.max() < 32768 else groups  # radix sort when it can
+    order = np.argsort(small, kind="stable")
+    gs = groups[order]
+    starts = np.flatnonzero(np.r_[True, gs[1:] != gs[:-1]])
+    pos = np.arange(n) - np.repeat(starts, np.diff(np.r_[starts, n]))
+    out = np.empty(n, dtype=np.int64)
+    out[order] = pos
+    return out
