@@ -127,14 +127,14 @@ class RingEnv(gym.Env):
         entries, interval_ms = self.decode_action(action)
         info: dict[str, Any] = {}
         if self._session is None:
-            self.ring_entries = entries
+            self.ring_entries = entries if self.scenario.collector == "ring" else 0
             self._session = _open_session(self.kind, self.scenario, self.workload, self.episode_seed,
                                           entries, int(interval_ms * MS), self.cfg.control_interval_ms)
             self._prev = self._session.metrics()
-            info["ring_size_ignored"] = False
+            info["ring_size_ignored"] = not self.ring_entries
         else:
             info["ring_size_ignored"] = entries != self.ring_entries
-        if interval_ms != self.interval_ms:
+        if interval_ms != self.interval_ms and self.ring_entries:
             self._session.set_harvest_interval(int(interval_ms * MS))
         self.interval_ms = interval_ms
         dt = int(self.cfg.control_interval_ms * MS)
@@ -195,7 +195,7 @@ class RingEnv(gym.Env):
             o[9] = m.bandwidth_Bps / link
             o[10] = m.iterations / 32
             o[11] = self.t / cap
-            o[12] = math.log2(self.ring_entries) / 16
+            o[12] = math.log2(self.ring_entries) / 16 if self.ring_entries else 0.0
             o[14] = 1.0
             self._last_obs_src = m
         high = self.observation_space.high
@@ -307,6 +307,8 @@ class MigrationEnv(RingEnv):
     "all" of the workload set; `workloads` an explicit list instead; env settings
     (`control_interval_ms`, `max_episode_s`, `sample_s`, `ring_sizes`, `intervals_ms`,
     `reward`, `workload_set`) and scenario fields (e.g. `vm`, `link`, `seed`) as keywords.
+    `collector="bitmap"` runs the classic dirty-bitmap collector instead (the baseline the ring
+    competes with): the actions then change nothing and `ring_entries` is 0.
 
     ## Version History
     - v0: initial version
@@ -361,7 +363,7 @@ def _open_session(kind, scenario, workload, seed, ring_entries, interval_ns, con
         from .vmm.migration import MigrationRun as Run
     else:
         from .vmm.checkpoint import CheckpointRun as Run
-    return Run(scenario, seed=seed, workload=workload, collector="ring", ring_entries=ring_entries,
+    return Run(scenario, seed=seed, workload=workload, ring_entries=ring_entries,
                interval_ms=interval_ns / MS, host_sync_ms=control_interval_ms)
 
 

@@ -213,3 +213,12 @@ def test_no_memory_growth_over_many_episodes():
         rollout(env, ep, [np.array([4, 6])])
         sizes.append(rss_mib())
     assert max(sizes[6:]) - min(sizes[3:6]) < 64, sizes
+
+
+def test_bitmap_baseline_episode():
+    """collector="bitmap": the classic dirty log, the actions change nothing, no ring memory."""
+    env = make(collector="bitmap", workloads=["oltp"])
+    steps, te, tr = rollout(env, 5, [np.array([8, 0]), np.array([0, 8])])
+    info = steps[-1][2]
+    assert te and info["collector"] == "bitmap" and info["ring_entries"] == 0 and info["ring_bytes"] == 0
+    assert info["verified"] is True and info["get_dirty_log_calls"] > 0
