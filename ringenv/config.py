@@ -27,13 +27,23 @@ class ConfigError(ValueError):
 
 
 def _format_validation_error(where: str, err: ValidationError) -> str:
+    """One line per error: the field's dotted path, what is wrong, the value given. A whole-model
+    check names its own field and does not echo the whole input back."""
     lines = [f"invalid {where}:"]
     for e in err.errors():
-        loc = ".".join(str(p) for p in e["loc"]) or "(top level)"
+        loc = ".".join(str(p) for p in e["loc"])
+        msg = e["msg"]
+        if msg.startswith("Value error, "):
+            msg = msg[len("Value error, "):]
         if e["type"] == "extra_forbidden":
             lines.append(f"  {loc}: unknown key (value {e.get('input')!r}); remove it or check its spelling")
+        elif not loc:
+            lines.append(f"  {msg}")
+        elif e["type"] == "value_error":
+            msg = msg.removeprefix(loc + ": ").removeprefix(loc.split(".")[-1] + ": ")
+            lines.append(f"  {loc}: {msg}")
         else:
-            lines.append(f"  {loc}: {e['msg']} (got {e.get('input')!r})")
+            lines.append(f"  {loc}: {msg} (got {e.get('input')!r})")
     return "\n".join(lines)
 
 
@@ -307,37 +317,7 @@ def _size_field(field: str):
     return field_validator(field, mode="before")(conv)
 
 
-def _format_scenario_error(where: str, err: ValidationError) -> str:
-    """Like the Strict formatter, but a whole-model check names its own field and does not
-    echo the whole input back."""
-    lines = [f"invalid {where}:"]
-    for e in err.errors():
-        loc = ".".join(str(p) for p in e["loc"])
-        msg = e["msg"]
-        if msg.startswith("Value error, "):
-            msg = msg[len("Value error, "):]
-        if e["type"] == "extra_forbidden":
-            lines.append(f"  {loc}: unknown key (value {e.get('input')!r}); remove it or check its spelling")
-        elif not loc:
-            lines.append(f"  {msg}")
-        elif e["type"] == "value_error":
-            msg = msg.removeprefix(loc + ": ").removeprefix(loc.split(".")[-1] + ": ")
-            lines.append(f"  {loc}: {msg}")
-        else:
-            lines.append(f"  {loc}: {msg} (got {e.get('input')!r})")
-    return "\n".join(lines)
-
-
-class _ScenarioPart(Strict):
-    @classmethod
-    def parse(cls, data: Any, where: str | None = None):
-        try:
-            return cls.model_validate(data)
-        except ValidationError as e:
-            raise ConfigError(_format_scenario_error(where or cls.__name__, e)) from None
-
-
-class VmConfig(_ScenarioPart):
+class VmConfig(Strict):
     """The simulated VM: one RAM memslot of ``memory`` bytes and ``vcpus`` vCPUs.
 
     ``block_fraction`` is the share of RAM backed by huge pages (THP), mapped by stage-2 blocks
@@ -356,7 +336,7 @@ class VmConfig(_ScenarioPart):
     _v_chunk = _size_field("eager_split_chunk")
 
 
-class LinkConfig(_ScenarioPart):
+class LinkConfig(Strict):
     """The migration channel and QEMU's migration parameters.
 
     ``gbps`` is the link rate in Gb/s (10^9 bit/s); ``max_bandwidth_mibps`` QEMU's max-bandwidth
@@ -394,7 +374,7 @@ class LinkConfig(_ScenarioPart):
         return min(self.link_Bps, float(self.max_bandwidth_mibps) * (1 << 20))
 
 
-class CheckpointConfig(_ScenarioPart):
+class CheckpointConfig(Strict):
     """Periodic incremental checkpointing: every ``period_s`` the dirty pages since the last
     checkpoint are written to storage at ``storage_mbps`` (MB/s, 10^6 bytes/s), for
     ``horizon_s`` of simulated time. ``stop_the_world``: the guest is paused while the dirty set
@@ -407,7 +387,7 @@ class CheckpointConfig(_ScenarioPart):
     stop_the_world: bool = True
 
 
-class AutoConvergeConfig(_ScenarioPart):
+class AutoConvergeConfig(Strict):
     """QEMU auto-converge (migration parameters cpu-throttle-*, throttle-trigger-threshold)."""
 
     initial_pct: int = Field(20, ge=1, le=99)
@@ -417,7 +397,7 @@ class AutoConvergeConfig(_ScenarioPart):
     tailslow: bool = False
 
 
-class DirtyLimitConfig(_ScenarioPart):
+class DirtyLimitConfig(Strict):
     """QEMU dirty-limit (migration parameters vcpu-dirty-limit, x-vcpu-dirty-limit-period). It
     engages by the same rule as auto-converge (``auto_converge.trigger_threshold_pct``, QEMU's
     throttle-trigger-threshold) and needs the ring collector."""
@@ -426,7 +406,7 @@ class DirtyLimitConfig(_ScenarioPart):
     period_ms: float = Field(1000.0, gt=0, description="how often the sleep is adjusted")
 
 
-class ScenarioConfig(_ScenarioPart):
+class ScenarioConfig(Strict):
     """One VMM run (configs/scenarios/NAME.yaml).
 
     ``kind``: migration (pre-copy live migration over ``link``) or checkpoint (``checkpoint``).
