@@ -1,0 +1,61 @@
+"""The agents' subcommands of ``ringenv``: run, train, evaluate, compare.
+
+``ringenv/cli.py`` imports this module if it is installed and calls :func:`add_parsers`. Every
+flag comes from the dataclass of arguments of its program (the docstring under each field is the
+flag's help), so ``ringenv train --help`` and ``python -m agents.train --help`` say the same.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from . import compare, evaluate, train
+from .common import add_dataclass_arguments, dataclass_from_namespace
+
+
+def _cmd_run(args) -> int:
+    compare.main(dataclass_from_namespace(compare.Args, args))
+    return 0
+
+
+def _cmd_compare(args) -> int:
+    compare.main(dataclass_from_namespace(compare.Args, args))
+    return 0
+
+
+def _cmd_evaluate(args) -> int:
+    return evaluate.main(dataclass_from_namespace(evaluate.Args, args))
+
+
+def _cmd_train(args) -> int:
+    train.main(dataclass_from_namespace(train.Args, args))
+    return 0
+
+
+def add_parsers(sub) -> None:
+    fmt = argparse.ArgumentDefaultsHelpFormatter.__base__  # plain help text (defaults are in each help)
+    p = sub.add_parser(
+        "run", help="the main job: compare the heuristic collectors on the default scenario's test workloads",
+        description="Compare the heuristic dirty-ring collectors (QEMU's default, fixed grid members, fill "
+                    "watermark, rate-proportional, bitmap, random) on the default scenario's test workloads "
+                    "with several seeds; print the table, write CSV and the plots (Pareto view, episode "
+                    "timeline) under --out. Same as `ringenv compare` with its defaults.", formatter_class=fmt)
+    add_dataclass_arguments(p, compare.Args, skip=("models",))
+    p.set_defaults(func=_cmd_run)
+
+    p = sub.add_parser("train", help="train a policy with stable-baselines3 (PPO, A2C, DQN)",
+                       description=train.__doc__.split("\n\n")[0] + " Hyperparameters: configs/train/ALGO.yaml; "
+                       "models, VecNormalize statistics, TensorBoard logs under --out/NAME.", formatter_class=fmt)
+    add_dataclass_arguments(p, train.Args)
+    p.set_defaults(func=_cmd_train)
+
+    p = sub.add_parser("evaluate", help="evaluate policies or trained models on the test workloads, several seeds",
+                       description=evaluate.__doc__.split("\n\n")[0] + " Writes episodes.csv and summary.csv "
+                       "under --out and prints the Markdown table.", formatter_class=fmt)
+    add_dataclass_arguments(p, evaluate.Args)
+    p.set_defaults(func=_cmd_evaluate)
+
+    p = sub.add_parser("compare", help="compare policies: Markdown table, CSV, Pareto and timeline plots",
+                       description=compare.__doc__.split("\n\n")[0], formatter_class=fmt)
+    add_dataclass_arguments(p, compare.Args)
+    p.set_defaults(func=_cmd_compare)

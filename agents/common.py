@@ -1,0 +1,250 @@
+"""What the agents' programs share: making the environments from a few strings, the facts a
+scripted policy needs about an environment, RL Zoo-style hyperparameter files, and dataclass
+arguments turned into command-line flags (the docstring under each field is its --help)."""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import dataclasses
+import inspect
+import math
+import textwrap
+from pathlib import Path
+from typing import Any
+
+import gymnasium as gym
+import yaml
+
+import ringenv  # noqa: F401  (registers the ringenv/ environments)
+
+MIGRATION = "ringenv/Migration-v0"
+MIGRATION_DISCRETE = "ringenv/MigrationDiscrete-v0"
+ENV_IDS = [MIGRATION, MIGRATION_DISCRETE, "ringenv/Checkpoint-v0", "ringenv/CheckpointDiscrete-v0"]
+#: which env id an algorithm trains on by default (DQN needs the flattened Discrete action)
+DEFAULT_ENV = {"ppo": MIGRATION, "a2c": MIGRATION, "dqn": MIGRATION_DISCRETE}
+REPO = Path(__file__).resolve().parent.parent
+TRAIN_CONFIG_DIR = REPO / "configs" / "train"
+
+
+# ---------------------------------------------------------------------------------- environments
+def parse_overrides(items: list[str] | None) -> dict:
+    """``["vm.memory=1GiB", "vm.vcpus=2", "max_episode_s=60"]`` -> ``{"vm": {"memory": "1GiB",
+    "vcpus": 2}, "max_episode_s": 60}``: values are read as YAML scalars, dots nest."""
+    out: dict = {}
+    for item in items or []:
+        if "=" not in item:
+            raise ValueError(f"--set {item!r}: expected KEY=VALUE (e.g. vm.vcpus=2)")
+        key, raw = item.split("=", 1)
+        value = yaml.safe_load(raw) if raw else ""
+        node = out
+        parts = key.strip().split(".")
+        for p in parts[:-1]:
+            node = node.setdefault(p, {})
+            if not isinstance(node, dict):
+                raise ValueError(f"--set {item!r}: {p} is both a value and a section")
+        node[parts[-1]] = value
+    return out
+
+
+def make_env(env_id: str = MIGRATION, scenario: str = "default", split: str = "test",
+             workloads: list[str] | None = None, overrides: dict | None = None, **kwargs) -> gym.Env:
+    """``gymnasium.make`` of a ringenv id with a scenario, a split (or explicit workloads) and
+    keyword overrides (env settings and scenario fields, see the MigrationEnv docstring)."""
+    return gym.make(env_id, scenario=scenario, split=split, workloads=workloads or None,
+                    **(overrides or {}), **kwargs)
+
+
+@dataclasses.dataclass(frozen=True)
+class EnvFacts:
+    """What a scripted policy needs to turn rates and fills into actions. Read once from an
+    environment (:meth:`from_env`) or given by hand in tests."""
+
+    ring_sizes: tuple  #: ring entries the action offers, smallest first
+    intervals_ms: tuple  #: harvest intervals the action offers, ms
+    link_Bps: float  #: the rate observations are normalised by (dirty_rate, sampled_rate), bytes/s
+    page_size: int  #: bytes per ring entry's page
+    vcpus: int  #: vCPUs (one ring each)
+    reserved_entries: int = 64  #: ring entries KVM keeps back: soft limit = entries - this
+    control_interval_ms: float = 200.0  #: simulated ms between two actions
+    flatten: bool = False  #: the env takes a flattened Discrete action
+
+    @classmethod
+    def from_env(cls, env: gym.Env) -> EnvFacts:
+        u = env.unwrapped
+        sc = u.scenario  # the env's validated ScenarioConfig (ringenv.config)
+        return cls(ring_sizes=tuple(u.ring_sizes), intervals_ms=tuple(u.intervals_ms), link_Bps=sc.link.rate_Bps,
+                   page_size=sc.profile.page_size, vcpus=sc.vm.vcpus, reserved_entries=sc.profile.reserved_entries,
+                   control_interval_ms=u.cfg.control_interval_ms, flatten=bool(u.flatten_actions))
+
+    def soft_limit(self, entries: int) -> int:
+        return max(entries - self.reserved_entries, 1)
+
+    def encode(self, ring_entries: float, interval_ms: float):
+        """The action for the nearest offered ring size and interval (on a log scale), as
+        ``env.unwrapped.encode_action`` does."""
+        i = min(range(len(self.ring_sizes)), key=lambda k: abs(math.log2(self.ring_sizes[k]) - math.log2(ring_entries)))
+        j = self.interval_index(interval_ms)
+        if self.flatten:
+            return i * len(self.intervals_ms) + j
+        import numpy as np
+
+        return np.array([i, j], dtype=np.int64)
+
+    def interval_index(self, interval_ms: float) -> int:
+        return min(range(len(self.intervals_ms)),
+                   key=lambda k: abs(math.log10(self.intervals_ms[k]) - math.log10(max(interval_ms, 1e-3))))
+
+    def decode(self, action) -> tuple[int, float]:
+        import numpy as np
+
+        a = np.asarray(action).reshape(-1)
+        if self.flatten:
+            i, j = divmod(int(a[0]), len(self.intervals_ms))
+        else:
+            i, j = int(a[0]), int(a[1])
+        return self.ring_sizes[i], self.intervals_ms[j]
+
+
+# ---------------------------------------------------------------------------------- hyperparameters
+def load_hyperparams(algo: str, env_id: str, path: str | Path | None = None) -> dict:
+    """The hyperparameters of ``algo`` for ``env_id`` from ``configs/train/ALGO.yaml`` (RL Zoo
+    layout: a mapping env id -> {n_timesteps, n_envs, policy, normalize, ...SB3 keywords})."""
+    p = Path(path) if path else TRAIN_CONFIG_DIR / f"{algo}.yaml"
+    if not p.is_file():
+        raise FileNotFoundError(f"no hyperparameter file {p}")
+    data = yaml.safe_load(p.read_text()) or {}
+    if env_id not in data:
+        raise KeyError(f"{p.name} has no entry for {env_id!r}; entries: {', '.join(data)}")
+    return dict(data[env_id])
+
+
+# ---------------------------------------------------------------------------------- dataclass CLI
+def field_docs(cls) -> dict[str, str]:
+    """Field name -> the docstring written under it (CleanRL style)."""
+    tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
+    body = tree.body[0].body
+    docs = {}
+    for a, b in zip(body, body[1:]):
+        if isinstance(a, ast.AnnAssign) and isinstance(a.target, ast.Name) and isinstance(b, ast.Expr) \
+                and isinstance(b.value, ast.Constant) and isinstance(b.value.value, str):
+            docs[a.target.id] = " ".join(b.value.value.split())
+    return docs
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def add_dataclass_arguments(parser: argparse.ArgumentParser, cls, *, skip: tuple = (), short: dict | None = None):
+    """One flag per field of the dataclass ``cls``, typed from its default / annotation, the
+    field's docstring as help."""
+    docs = field_docs(cls)
+    hints = {f.name: f.type for f in dataclasses.fields(cls)}
+    for f in dataclasses.fields(cls):
+        if f.name in skip:
+            continue
+        default = f.default if f.default is not dataclasses.MISSING else (
+            f.default_factory() if f.default_factory is not dataclasses.MISSING else None)
+        names = [_flag(f.name)] + ([short[f.name]] if short and f.name in short else [])
+        help_ = docs.get(f.name, "") + (f" (default: {default})" if default not in (None, [], "") else "")
+        hint = str(hints[f.name])
+        if isinstance(default, bool):
+            parser.add_argument(*names, dest=f.name, action=argparse.BooleanOptionalAction, default=default,
+                                help=docs.get(f.name, ""))
+        elif isinstance(default, list) or hint.startswith("list"):
+            parser.add_argument(*names, dest=f.name, nargs="*", default=default,
+                                metavar=f.metadata.get("metavar", f.name.rstrip("s").upper()), help=help_)
+        else:
+            typ = int if "int" in hint and "float" not in hint else float if "float" in hint else str
+            choices = f.metadata.get("choices")
+            parser.add_argument(*names, dest=f.name, type=typ, default=default, choices=choices,
+                                metavar=None if choices else f.name.upper().split("_")[-1] if typ is str
+                                else typ.__name__.upper(), help=help_)
+    return parser
+
+
+def dataclass_from_namespace(cls, ns: argparse.Namespace):
+    names = {f.name for f in dataclasses.fields(cls)}
+    return cls(**{k: v for k, v in vars(ns).items() if k in names})
+
+
+def parse_dataclass_args(cls, argv: list[str] | None = None, description: str | None = None):
+    ap = argparse.ArgumentParser(description=description or (cls.__doc__ or "").strip().splitlines()[0])
+    add_dataclass_arguments(ap, cls)
+    return dataclass_from_namespace(cls, ap.parse_args(argv))
+
+
+def jsonable(x: Any) -> Any:
+    if dataclasses.is_dataclass(x):
+        return {k: jsonable(v) for k, v in dataclasses.asdict(x).items()}
+    if isinstance(x, dict):
+        return {str(k): jsonable(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [jsonable(v) for v in x]
+    if hasattr(x, "item"):
+        return x.item()
+    return x
+
+
+class FixedEpisodes(gym.Wrapper):
+    """Cycle through a fixed list of (workload, seed) episodes, whatever seed ``reset`` is given:
+    every evaluation of a training run then sees the same episodes, so successive models are
+    compared on common random numbers."""
+
+    def __init__(self, env: gym.Env, episodes: list[tuple[str, int]]):
+        super().__init__(env)
+        if not episodes:
+            raise ValueError("FixedEpisodes: no episodes")
+        self.episodes, self.k = list(episodes), 0
+
+    def rewind(self) -> None:
+        """The next reset starts the list again."""
+        self.k = 0
+
+    def reset(self, *, seed=None, options=None):
+        workload, s = self.episodes[self.k % len(self.episodes)]
+        self.k += 1
+        return self.env.reset(seed=s, options={**(options or {}), "workload": workload})
+
+
+class ActionRepeat(gym.Wrapper):
+    """Hold each action for ``k`` control intervals (rewards summed, the last observation and
+    info returned): the agent decides every k x control_interval_ms of simulated time. A trained
+    model remembers its k (args.json) and holds its actions the same way when evaluated."""
+
+    def __init__(self, env: gym.Env, k: int):
+        super().__init__(env)
+        if k < 1:
+            raise ValueError(f"action_repeat {k}: expected >= 1")
+        self.k = int(k)
+
+    def step(self, action):
+        total = 0.0
+        for _ in range(self.k):
+            obs, r, term, trunc, info = self.env.step(action)
+            total += r
+            if term or trunc:
+                break
+        return obs, total, term, trunc, info
+
+
+def import_object(path: str):
+    """``package.module.Name`` -> the object."""
+    import importlib
+
+    mod, _, name = path.rpartition(".")
+    if not mod:
+        raise ValueError(f"{path!r}: expected package.module.Name")
+    return getattr(importlib.import_module(mod), name)
+
+
+def wrap_env(env: gym.Env, wrapper=None, action_repeat: int = 1) -> gym.Env:
+    """The wrappers a training run used, in its order: ``env_wrapper`` (RL Zoo style: a dotted
+    class name, or a mapping {name: kwargs}, or a list of those), then ActionRepeat."""
+    for spec in (wrapper if isinstance(wrapper, list) else [wrapper] if wrapper else []):
+        name, kwargs = (next(iter(spec.items())) if isinstance(spec, dict) else (spec, None))
+        env = import_object(name)(env, **(kwargs or {}))
+    if action_repeat > 1:
+        env = ActionRepeat(env, action_repeat)
+    return env

@@ -1,0 +1,98 @@
+"""Compare policies on the test workloads: the table (Markdown on screen, CSV on disk) and the
+plots (PNG): downtime versus exit overhead per policy (Pareto view), and ring fill and harvests
+over time for one episode of the baseline and of the best policy.
+
+``ringenv run`` is this program with its defaults: the heuristics on the default scenario's
+test workloads. Add trained models by their run directory or .zip:
+
+    python -m ringenv compare --policies qemu watermark runs/train/ppo-s0
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .common import MIGRATION, EnvFacts, parse_dataclass_args, parse_overrides
+from .evaluate import (evaluate, load_policy, markdown_per_workload, markdown_table, per_workload, policy_env,
+                       run_episode, summarize, write_csv, write_results)
+from .heuristics import DEFAULT_SET
+
+
+@dataclass
+class Args:
+    """Compare policies on the test workloads: table, CSV and plots."""
+
+    policies: list[str] = field(default_factory=lambda: list(DEFAULT_SET), metadata={"metavar": "SPEC"})
+    """heuristic specs and/or trained models (run directory or .zip); see `ringenv evaluate --help`"""
+    models: list[str] = field(default_factory=list, metadata={"metavar": "RUN"})
+    """trained models to add to --policies (run directories or .zip files)"""
+    env_id: str = MIGRATION
+    """environment id"""
+    scenario: str = "default"
+    """scenario name (configs/scenarios) or YAML file"""
+    split: str = field(default="test", metadata={"choices": ["train", "test", "all"]})
+    """workload split: test (held out from training), train or all"""
+    workloads: list[str] = field(default_factory=list)
+    """explicit workloads instead of the split"""
+    seeds: int = 3
+    """episodes per workload and policy"""
+    seed0: int = 1000
+    """first evaluation seed"""
+    set: list[str] = field(default_factory=list, metadata={"metavar": "KEY=VALUE"})
+    """overrides KEY=VALUE of env settings or scenario fields, e.g. vm.vcpus=2"""
+    workers: int = 2
+    """worker processes"""
+    out: str = "runs/compare"
+    """directory for the CSV files, table.md and the PNG plots"""
+    baseline: str = "qemu"
+    """policy the paired reward difference is taken against"""
+    timeline_workload: str = ""
+    """workload of the timeline plot (default: oltp-heavy if evaluated, else the first)"""
+    plots: bool = True
+    """write the PNG plots"""
+    progress: bool = True
+    """show progress bars"""
+
+
+def main(args: Args) -> dict:
+    t0 = time.perf_counter()
+    overrides = parse_overrides(args.set)
+    policies = list(dict.fromkeys(list(args.policies) + list(args.models)))
+    records = evaluate(policies, args.env_id, args.scenario, args.split, args.workloads, args.seeds, args.seed0,
+                       overrides, args.workers, args.progress, desc="compare")
+    rows = summarize(records, args.baseline)
+    out = write_results(args.out, records, rows, {"args": dataclasses.asdict(args)})
+    write_csv(out / "per_workload.csv", per_workload(records))
+    wls = list(dict.fromkeys(r["workload"] for r in records))
+    header = (f"Scenario {args.scenario}, {args.split} workloads ({', '.join(wls)}), {args.seeds} seeds each "
+              f"(seeds {args.seed0}..{args.seed0 + args.seeds - 1}): mean ± 95% interval per episode; reward higher "
+              f"is better; Δ is paired (same workload and seed).")
+    table = markdown_table(rows, args.baseline)
+    per_wl = markdown_per_workload(records)
+    (out / "table.md").write_text(f"{header}\n\n{table}\n\nMean reward per workload:\n\n{per_wl}\n")
+    print(f"\n{header}\n\n{table}\n\nMean reward per workload:\n\n{per_wl}\n")
+    written = [out / "episodes.csv", out / "summary.csv", out / "per_workload.csv", out / "table.md"]
+    if args.plots and rows:
+        from . import plots
+
+        written.append(plots.pareto(rows, out / "pareto.png",
+                                    f"{args.scenario}, {args.split} workloads, {args.seeds} seeds: downtime vs exit overhead"))
+        wl = args.timeline_workload or ("oltp-heavy" if "oltp-heavy" in wls else wls[0])
+        best = max(rows, key=lambda r: r["reward"])["spec"]
+        chosen = list(dict.fromkeys([s for s in (args.baseline, best) if s in policies]))
+        eps = []
+        for spec in chosen:
+            env = policy_env(spec, args.env_id, args.scenario, args.split, args.workloads, overrides)
+            eps.append(run_episode(env, load_policy(spec, EnvFacts.from_env(env)), args.seed0, wl, trace=True))
+            env.close()
+        written.append(plots.timeline(eps, out / "timeline.png", f"one episode ({wl}, seed {args.seed0})"))
+    print("wrote " + ", ".join(str(p) for p in written) + f" ({time.perf_counter() - t0:.0f} s)")
+    return {"records": records, "rows": rows, "out": out}
+
+
+if __name__ == "__main__":
+    main(parse_dataclass_args(Args))

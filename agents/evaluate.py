@@ -1,0 +1,462 @@
+"""Evaluate policies (heuristics or trained models) on the TEST workloads with several seeds.
+
+Every policy runs the same episodes: for each workload of the split and each seed
+``seed0 .. seed0 + seeds - 1``, ``env.reset(seed=s, options={"workload": w})``. Same seed, same
+workload: same guest writes, so policies are compared on common random numbers and the paired
+difference to QEMU's default is much tighter than either mean. Episodes run in ``workers``
+processes. Writes ``episodes.csv`` (one row per episode) and ``summary.csv`` (per policy: mean and
+95% interval of each metric) under ``--out``; prints the Markdown table.
+
+    python -m agents.evaluate --policies qemu watermark runs/ppo/best/best_model.zip
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import json
+import math
+import re
+import sys
+import time
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from .common import MIGRATION, EnvFacts, jsonable, make_env, parse_dataclass_args, parse_overrides, wrap_env
+from .heuristics import Policy, heuristic_env_kwargs, is_heuristic, make_heuristic
+
+
+@dataclass
+class Args:
+    """Evaluate policies on the test workloads of a scenario with several seeds."""
+
+    policies: list[str] = field(default_factory=lambda: ["qemu"], metadata={"metavar": "SPEC"})
+    """heuristic specs (qemu, fixed:ENTRIES:MS, watermark[:T[:ENTRIES|auto]], rate[:MIB], bitmap, random) or
+    trained models (path to a .zip saved by `ringenv train`, or its run directory)"""
+    env_id: str = MIGRATION
+    """environment id (a model's own env id is used for it: Discrete for DQN)"""
+    scenario: str = "default"
+    """scenario name (configs/scenarios) or YAML file"""
+    split: str = field(default="test", metadata={"choices": ["train", "test", "all"]})
+    """workload split of the scenario's workload set: train, test or all"""
+    workloads: list[str] = field(default_factory=list)
+    """explicit workloads instead of the split"""
+    seeds: int = 5
+    """episodes per workload (seeds seed0, seed0+1, ...)"""
+    seed0: int = 1000
+    """first evaluation seed (training uses low seeds; keep these apart)"""
+    set: list[str] = field(default_factory=list, metadata={"metavar": "KEY=VALUE"})
+    """overrides KEY=VALUE of env settings or scenario fields, e.g. vm.vcpus=2 max_episode_s=60"""
+    workers: int = 2
+    """worker processes (episodes run in parallel)"""
+    out: str = "runs/evaluate"
+    """directory for episodes.csv and summary.csv"""
+    baseline: str = "qemu"
+    """policy the paired reward difference is taken against (if evaluated)"""
+    progress: bool = True
+    """show a progress bar"""
+
+
+# ---------------------------------------------------------------------------------- trained models
+def find_model(path: str | Path) -> Path:
+    """A trained model's .zip: the path itself, or in a run directory best_model.zip, then
+    final_model.zip."""
+    p = Path(path)
+    if p.is_dir():
+        for name in ("best_model.zip", "final_model.zip"):
+            if (p / name).is_file():
+                return p / name
+        raise FileNotFoundError(f"{p}: no best_model.zip or final_model.zip")
+    if not p.is_file() and p.with_suffix(".zip").is_file():
+        p = p.with_suffix(".zip")
+    if not p.is_file():
+        raise FileNotFoundError(f"no such model {p}")
+    return p
+
+
+def model_meta(model_path: Path) -> dict:
+    """The training run's args.json (algo, env id, overrides) next to the model, if any."""
+    for d in (model_path.parent, model_path.parent.parent):
+        if (d / "args.json").is_file():
+            return json.loads((d / "args.json").read_text())
+    return {}
+
+
+class ModelPolicy(Policy):
+    """A saved stable-baselines3 model with its VecNormalize statistics (observations normalised
+    as in training, deterministic actions)."""
+
+    def __init__(self, path: str | Path, facts: EnvFacts | None = None):
+        import pickle
+
+        import stable_baselines3 as sb3
+
+        self.path = find_model(path)
+        meta = model_meta(self.path)
+        self.algo = meta.get("algo", "ppo")
+        self.env_id = meta.get("env_id")
+        self.model = getattr(sb3, self.algo.upper()).load(self.path, device="cpu")
+        stem = self.path.with_suffix("")
+        self.vecnorm = None
+        snapshot = re.fullmatch(r"(.*)_(\d+_steps)", self.path.stem)  # CheckpointCallback's naming
+        cands = [Path(f"{stem}_vecnormalize.pkl"), self.path.parent / "vecnormalize.pkl"]
+        if snapshot:
+            cands.insert(0, self.path.parent / f"{snapshot[1]}_vecnormalize_{snapshot[2]}.pkl")
+        for cand in cands:
+            if cand.is_file():
+                with open(cand, "rb") as f:
+                    self.vecnorm = pickle.load(f)
+                self.vecnorm.training = False
+                break
+        run = self.path.parent.name if self.path.stem in ("best_model", "final_model") else self.path.stem
+        self.name = f"{self.algo} {run}" + ("" if self.path.stem == "best_model" else f" ({self.path.stem})")
+        self.facts = facts
+        self.action_repeat = int(meta.get("action_repeat", 1))
+        self._held, self._age = None, 0
+        if facts is not None:
+            n = (len(facts.ring_sizes) * len(facts.intervals_ms),) if facts.flatten else (len(facts.ring_sizes),
+                                                                                           len(facts.intervals_ms))
+            space = self.model.action_space
+            got = (int(space.n),) if hasattr(space, "n") else tuple(int(x) for x in space.nvec)
+            if got != n:
+                raise ValueError(f"model {self.path}: its action space {space} does not match the environment's "
+                                 f"grids ({len(facts.ring_sizes)} ring sizes x {len(facts.intervals_ms)} intervals)")
+
+    def reset(self, seed=None):
+        self._held, self._age = None, 0
+
+    def predict(self, observation, state=None, episode_start=None, deterministic: bool = True):
+        """As the model's predict, on normalised observations; with ``action_repeat`` k (a model
+        trained holding its actions) a new action every k calls of a single environment."""
+        obs = np.asarray(observation, dtype=np.float32)
+        if episode_start is not None and np.any(episode_start):
+            self._held, self._age = None, 0
+        if self.action_repeat > 1 and obs.ndim == 1 and self._held is not None and self._age < self.action_repeat:
+            self._age += 1
+            return self._held, state
+        if self.vecnorm is not None:
+            obs = self.vecnorm.normalize_obs(obs)
+        action, state = self.model.predict(obs, state=state, episode_start=episode_start, deterministic=deterministic)
+        if self.action_repeat > 1 and obs.ndim == 1:
+            self._held, self._age = action, 1
+        return action, state
+
+    def act(self, obs):
+        return self.predict(obs)[0]
+
+
+def load_policy(spec: str, facts: EnvFacts) -> Policy:
+    if is_heuristic(spec):
+        return make_heuristic(spec, facts)
+    return ModelPolicy(spec, facts)
+
+
+def policy_env_id(spec: str, default: str) -> str:
+    """The env id a policy must run on: a model's training env (DQN: the Discrete id)."""
+    if is_heuristic(spec):
+        return default
+    meta = model_meta(find_model(spec))
+    return meta.get("env_id", default)
+
+
+# ---------------------------------------------------------------------------------- episodes
+METRICS = ["reward", "downtime_s", "total_s", "exit_stall_s", "vcpu_fault_s", "vmm_cpu_s", "full_exits"]
+EPISODE_FIELDS = ["policy", "spec", "workload", "seed", "reward", "steps", "downtime_s", "total_s", "converged",
+                  "exit_stall_s", "vcpu_exit_s", "vcpu_stall_s", "vcpu_fault_s", "vcpu_throttle_s", "vmm_cpu_s",
+                  "full_exits", "harvests", "resets", "entries_harvested", "iterations", "ring_entries",
+                  "mean_interval_ms", "ring_size_changes_ignored", "r_vcpu", "r_vmm", "r_memory", "r_time",
+                  "r_downtime", "r_truncation", "collector", "verified", "lost_writes", "wall_s"]
+
+
+def run_episode(env, policy: Policy, seed: int, workload: str | None = None, trace: bool = False) -> dict:
+    """One episode of ``policy``; the record of EPISODE_FIELDS (and with ``trace`` the per-step
+    ring fill, harvests, exits, interval and reward under ``"trace"``)."""
+    t0 = time.perf_counter()
+    obs, info = env.reset(seed=seed, options={"workload": workload} if workload else None)
+    policy.reset(seed)
+    total, steps, parts, intervals, ignored = 0.0, 0, {}, [], 0
+    steps_trace = []
+    prev_h, prev_x = 0, 0
+    state, start = None, np.ones((1,), dtype=bool)
+    while True:
+        action, state = policy.predict(obs, state=state, episode_start=start, deterministic=True)
+        start = np.zeros((1,), dtype=bool)
+        obs, r, term, trunc, info = env.step(action)
+        total += r
+        steps += 1
+        for k, v in info["reward_parts"].items():
+            parts[k] = parts.get(k, 0.0) + v
+        intervals.append(info["interval_ms"])
+        ignored += bool(info.get("ring_size_ignored"))
+        if trace:
+            steps_trace.append({"t": info["time_s"], "fill": list(info["ring_fill"]), "harvests": info["harvests"] - prev_h,
+                                "full_exits": info["full_exits"] - prev_x, "interval_ms": info["interval_ms"],
+                                "reward": r, "phase": info["phase"], "dirty_rate_Bps": info["dirty_rate_Bps"]})
+            prev_h, prev_x = info["harvests"], info["full_exits"]
+        if term or trunc:
+            break
+    rec = {
+        "policy": policy.name, "workload": info["workload"], "seed": seed, "reward": total, "steps": steps,
+        "downtime_s": info["downtime_s"], "total_s": info["total_s"], "converged": info["converged"],
+        "exit_stall_s": info["vcpu_exit_s"] + info["vcpu_stall_s"],
+        **{k: info[k] for k in ("vcpu_exit_s", "vcpu_stall_s", "vcpu_fault_s", "vcpu_throttle_s", "vmm_cpu_s",
+                                "full_exits", "harvests", "resets", "entries_harvested", "iterations",
+                                "collector", "verified", "lost_writes")},
+        "ring_entries": info["ring_entries"], "mean_interval_ms": float(np.mean(intervals)),
+        "ring_size_changes_ignored": ignored,
+        **{f"r_{k}": -parts.get(k, 0.0) for k in ("vcpu", "vmm", "memory", "time", "downtime", "truncation")},
+        "wall_s": time.perf_counter() - t0,
+    }
+    if trace:
+        rec["trace"] = steps_trace
+    return rec
+
+
+# per-process caches: for each (policy spec, evaluation settings) its environment and loaded policy
+_ENVS: dict = {}
+_POLICIES: dict = {}
+
+
+def _worker_init():
+    try:
+        import torch
+
+        torch.set_num_threads(1)
+    except ImportError:
+        pass
+
+
+def policy_env(spec: str, env_id: str = MIGRATION, scenario: str = "default", split: str = "test",
+               workloads=None, overrides: dict | None = None):
+    """The environment policy ``spec`` runs in: the evaluation's settings, plus what the policy
+    needs (the bitmap baseline's collector; a model's env id and its training wrappers)."""
+    kw, wrapper = {}, None
+    if is_heuristic(spec):
+        kw = heuristic_env_kwargs(spec)
+    else:
+        wrapper = model_meta(find_model(spec)).get("env_wrapper")
+    env = make_env(policy_env_id(spec, env_id), scenario, split, list(workloads or []) or None,
+                   {**(overrides or {}), **kw})
+    return wrap_env(env, wrapper) if wrapper else env
+
+
+def _get(spec: str, env_id: str, scenario: str, split: str, workloads: tuple, overrides_json: str):
+    key = (spec, env_id, scenario, split, workloads, overrides_json)
+    if key not in _POLICIES:
+        env = policy_env(spec, env_id, scenario, split, workloads, json.loads(overrides_json))
+        _ENVS[key] = env
+        _POLICIES[key] = load_policy(spec, EnvFacts.from_env(env))
+    return _ENVS[key], _POLICIES[key]
+
+
+def _job(spec, env_id, scenario, split, workloads, overrides_json, workload, seed, trace=False):
+    env, policy = _get(spec, env_id, scenario, split, workloads, overrides_json)
+    rec = run_episode(env, policy, seed, workload, trace=trace)
+    rec["spec"] = spec
+    return rec
+
+
+def unavailable(spec: str, env_id: str, scenario: str, split: str, workloads, overrides: dict) -> str | None:
+    """Why the environment cannot run policy ``spec`` (None if it can): a heuristic needing an
+    environment option (the bitmap collector) is tried for one step, and must get what it asked."""
+    kw = heuristic_env_kwargs(spec) if is_heuristic(spec) else {}
+    if not kw:
+        return None
+    env = policy_env(spec, env_id, scenario, split, workloads, overrides)
+    try:
+        env.reset(seed=0)
+        _, _, _, _, info = env.step(env.unwrapped.encode_action(4096, 1000))
+    finally:
+        env.close()
+    if "collector" in kw and info.get("collector") != kw["collector"]:
+        return (f"gymnasium.make(..., collector={kw['collector']!r}) ran the {info.get('collector')} collector "
+                f"(the environment does not offer it)")
+    return None
+
+
+def episode_workloads(env_id: str, scenario: str, split: str, workloads: list[str], overrides: dict) -> list[str]:
+    if workloads:
+        return list(workloads)
+    env = make_env(env_id, scenario, split, None, overrides)
+    out = list(env.unwrapped.workloads)
+    env.close()
+    return out
+
+
+def evaluate(policies: list[str], env_id: str = MIGRATION, scenario: str = "default", split: str = "test",
+             workloads: list[str] | None = None, seeds: int = 5, seed0: int = 1000, overrides: dict | None = None,
+             workers: int = 2, progress: bool = True, desc: str = "episodes") -> list[dict]:
+    """Run every policy on every (workload, seed); the episode records, in a stable order.
+    Policies whose environment cannot provide them (the bitmap baseline on an env that forces
+    the ring) are dropped with a note on stderr."""
+    overrides = overrides or {}
+    wls = episode_workloads(env_id, scenario, split, workloads or [], overrides)
+    available = []
+    for spec in policies:
+        why = unavailable(spec, env_id, scenario, split, workloads, overrides)
+        if why:
+            print(f"note: policy {spec!r} left out: {why}", file=sys.stderr)
+        else:
+            available.append(spec)
+    policies = available
+    ov = json.dumps(overrides, sort_keys=True)
+    jobs = [(spec, env_id, scenario, split, tuple(workloads or ()), ov, w, seed0 + k)
+            for spec in policies for w in wls for k in range(seeds)]
+    records = []
+    bar = _bar(len(jobs), desc, progress)
+    if workers <= 1:
+        _worker_init()
+        for j in jobs:
+            records.append(_job(*j))
+            bar.update(1)
+    else:
+        with ProcessPoolExecutor(max_workers=workers, initializer=_worker_init, mp_context=_mp_context()) as ex:
+            futs = [ex.submit(_job, *j) for j in jobs]
+            for f in as_completed(futs):
+                records.append(f.result())
+                bar.update(1)
+    bar.close()
+    order = {(j[0], j[6], j[7]): i for i, j in enumerate(jobs)}
+    records.sort(key=lambda r: order[(r["spec"], r["workload"], r["seed"])])
+    return records
+
+
+def _mp_context():
+    import multiprocessing as mp
+
+    return mp.get_context("forkserver" if sys.platform.startswith("linux") else "spawn")
+
+
+def _bar(total: int, desc: str, enabled: bool):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, unit="ep", disable=not enabled, dynamic_ncols=True, file=sys.stderr)
+
+
+# ---------------------------------------------------------------------------------- statistics
+_T975 = [12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145, 2.131,
+         2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048, 2.045, 2.042]
+
+
+def mean_ci(x) -> tuple[float, float]:
+    """Mean and half-width of the 95% t-interval (nan for fewer than two values)."""
+    x = np.asarray(x, dtype=float)
+    if len(x) == 0:
+        return math.nan, math.nan
+    m = float(x.mean())
+    if len(x) < 2:
+        return m, math.nan
+    t = _T975[len(x) - 2] if len(x) - 1 <= len(_T975) else 1.96
+    return m, float(t * x.std(ddof=1) / math.sqrt(len(x)))
+
+
+def summarize(records: list[dict], baseline: str | None = "qemu") -> list[dict]:
+    """Per policy (in first-seen order): n, mean and 95% half-width of METRICS, share converged,
+    and the paired reward difference to ``baseline`` over the episodes both ran."""
+    specs = list(dict.fromkeys(r["spec"] for r in records))
+    base = {(r["workload"], r["seed"]): r["reward"] for r in records if r["spec"] == baseline}
+    rows = []
+    for spec in specs:
+        rs = [r for r in records if r["spec"] == spec]
+        row = {"policy": rs[0]["policy"], "spec": spec, "n": len(rs)}
+        for k in METRICS:
+            row[k], row[k + "_ci"] = mean_ci([r[k] for r in rs])
+        row["converged"] = float(np.mean([bool(r["converged"]) for r in rs]))
+        diffs = [r["reward"] - base[(r["workload"], r["seed"])] for r in rs if (r["workload"], r["seed"]) in base]
+        row["d_reward"], row["d_reward_ci"] = mean_ci(diffs) if diffs and base else (math.nan, math.nan)
+        row["ring_entries"] = _mode([r["ring_entries"] for r in rs])
+        row["mean_interval_ms"] = float(np.mean([r["mean_interval_ms"] for r in rs]))
+        rows.append(row)
+    return rows
+
+
+def per_workload(records: list[dict]) -> list[dict]:
+    """Mean reward per (policy, workload)."""
+    out = {}
+    for r in records:
+        out.setdefault((r["spec"], r["policy"]), {}).setdefault(r["workload"], []).append(r["reward"])
+    return [{"policy": p, "spec": s, **{w: float(np.mean(v)) for w, v in d.items()}} for (s, p), d in out.items()]
+
+
+def _mode(xs):
+    vals, counts = np.unique(np.asarray(xs), return_counts=True)
+    return int(vals[np.argmax(counts)])
+
+
+def _pm(m, h, fmt):
+    if math.isnan(m):
+        return "-"
+    return f"{m:{fmt}} ± {h:{fmt.lstrip('+')}}" if not math.isnan(h) else f"{m:{fmt}}"
+
+
+def markdown_table(rows: list[dict], baseline: str | None = "qemu") -> str:
+    """The comparison table: mean ± 95% half-width per policy, best reward first."""
+    has_base = any(r["spec"] == baseline for r in rows)
+    head = ["policy", "reward", f"Δ reward vs {baseline}" if has_base else None, "downtime s", "total s",
+            "exit+stall s", "fault s", "VMM CPU s", "full exits", "ring", "interval ms", "n"]
+    head = [h for h in head if h]
+    lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---" if i == 0 else "---:" for i in range(len(head))) + "|"]
+    for r in sorted(rows, key=lambda r: -r["reward"]):
+        cells = [r["policy"], _pm(r["reward"], r["reward_ci"], ".3f")]
+        if has_base:
+            cells.append(_pm(r["d_reward"], r["d_reward_ci"], "+.3f"))
+        cells += [_pm(r["downtime_s"], r["downtime_s_ci"], ".3f"), _pm(r["total_s"], r["total_s_ci"], ".1f"),
+                  _pm(r["exit_stall_s"], r["exit_stall_s_ci"], ".3f"), _pm(r["vcpu_fault_s"], r["vcpu_fault_s_ci"], ".2f"),
+                  _pm(r["vmm_cpu_s"], r["vmm_cpu_s_ci"], ".3f"), _pm(r["full_exits"], r["full_exits_ci"], ".0f"),
+                  str(r["ring_entries"]), f"{r['mean_interval_ms']:.0f}", str(r["n"])]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def markdown_per_workload(records: list[dict]) -> str:
+    rows = per_workload(records)
+    wls = list(dict.fromkeys(r["workload"] for r in records))
+    lines = ["| policy | " + " | ".join(wls) + " |", "|---|" + "---:|" * len(wls)]
+    for r in rows:
+        lines.append(f"| {r['policy']} | " + " | ".join(f"{r[w]:.3f}" if w in r else "-" for w in wls) + " |")
+    return "\n".join(lines)
+
+
+def write_csv(path: Path, rows: list[dict], fields: list[str] | None = None) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fields = fields or list(dict.fromkeys(k for r in rows for k in r if k != "trace"))
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
+        w.writeheader()
+        for r in rows:
+            w.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in r.items() if k in fields})
+
+
+def write_results(out: str | Path, records: list[dict], rows: list[dict], meta: dict) -> Path:
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    write_csv(out / "episodes.csv", records, EPISODE_FIELDS)
+    write_csv(out / "summary.csv", rows)
+    (out / "meta.json").write_text(json.dumps(jsonable(meta), indent=1))
+    return out
+
+
+def main(args: Args) -> int:
+    t0 = time.perf_counter()
+    overrides = parse_overrides(args.set)
+    if not args.policies:
+        raise ValueError("no policies given")
+    records = evaluate(args.policies, args.env_id, args.scenario, args.split, args.workloads, args.seeds,
+                       args.seed0, overrides, args.workers, args.progress)
+    rows = summarize(records, args.baseline)
+    out = write_results(args.out, records, rows, {"args": dataclasses.asdict(args), "wall_s": time.perf_counter() - t0})
+    wls = sorted({r["workload"] for r in records})
+    print(f"\n{args.scenario}, split {args.split} ({', '.join(wls)}), {args.seeds} seed(s) each; mean ± 95% "
+          f"interval; reward per episode (higher is better)\n")
+    print(markdown_table(rows, args.baseline))
+    print("\nmean reward per workload:\n")
+    print(markdown_per_workload(records))
+    print(f"\nwrote {out / 'episodes.csv'}, {out / 'summary.csv'} ({time.perf_counter() - t0:.0f} s)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(parse_dataclass_args(Args)))

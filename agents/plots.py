@@ -1,0 +1,120 @@
+"""The comparison's figures (PNG, matplotlib with the Agg backend, imported lazily).
+
+- :func:`pareto`: per policy, migration downtime against the vCPU time dirty tracking costs
+  (left: ring-full exits and lock stalls; right: everything, write-protect faults included),
+  mean and 95% interval, the Pareto-optimal policies joined.
+- :func:`timeline`: one episode per policy: ring fill per vCPU over time with the harvests
+  marked, and harvests, full exits and the chosen interval per control interval.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _front(points):
+    """Indices of the points not dominated in (x, y), both lower-is-better."""
+    out = []
+    for i, (x, y) in enumerate(points):
+        if not any((x2 <= x and y2 <= y) and (x2 < x or y2 < y) for j, (x2, y2) in enumerate(points) if j != i):
+            out.append(i)
+    return sorted(out, key=lambda i: points[i][0])
+
+
+def pareto(rows: list[dict], path: str | Path, title: str = "") -> Path:
+    """Downtime versus exit overhead per policy (rows from :func:`agents.evaluate.summarize`)."""
+    import math
+
+    plt = _plt()
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.6), dpi=110)
+    xs = [("exit_stall_s", "vCPU time in ring-full exits + lock stalls, s / episode"),
+          ("lost_s", "vCPU time lost to tracking (exits, stalls, faults), s / episode")]
+    cmap = plt.get_cmap("tab10")
+    for ax, (key, label) in zip(axes, xs):
+        pts = []
+        for k, r in enumerate(rows):
+            if key == "lost_s":
+                x, xe = r["exit_stall_s"] + r["vcpu_fault_s"], math.hypot(r["exit_stall_s_ci"] or 0, r["vcpu_fault_s_ci"] or 0)
+            else:
+                x, xe = r[key], r[key + "_ci"]
+            y, ye = r["downtime_s"] * 1000, r["downtime_s_ci"] * 1000
+            pts.append((x, y))
+            ax.errorbar([x], [y], xerr=[0 if math.isnan(xe) else xe], yerr=[0 if math.isnan(ye) else ye], fmt="o",
+                        color=cmap(k % 10), capsize=3, label=f"{r['policy']} ({r['reward']:.2f})")
+            ax.annotate(r["policy"], (x, y), textcoords="offset points", xytext=(5, 4), fontsize=7)
+        front = _front(pts)
+        if len(front) > 1:
+            ax.plot([pts[i][0] for i in front], [pts[i][1] for i in front], "--", color="grey", lw=1, zorder=0,
+                    label="Pareto front")
+        ax.set_xlabel(label)
+        ax.set_ylabel("downtime, ms")
+        ax.grid(alpha=0.3)
+    axes[1].legend(fontsize=7, title="policy (mean reward)", title_fontsize=7, loc="best")
+    fig.suptitle(title or "downtime versus exit overhead (mean, 95% interval)", fontsize=10)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def timeline(episodes: list[dict], path: str | Path, title: str = "") -> Path:
+    """One column per episode record with a ``trace`` (from ``run_episode(..., trace=True)``)."""
+    import numpy as np
+
+    plt = _plt()
+    n = len(episodes)
+    fig, axes = plt.subplots(2, n, figsize=(5.2 * n, 5.4), dpi=110, sharex="col", squeeze=False,
+                             gridspec_kw={"height_ratios": [3, 2]})
+    for c, ep in enumerate(episodes):
+        tr = ep["trace"]
+        t = np.array([s["t"] for s in tr])
+        fill = np.array([s["fill"] for s in tr])
+        harv = np.array([s["harvests"] for s in tr])
+        exits = np.array([s["full_exits"] for s in tr])
+        ivl = np.array([s["interval_ms"] for s in tr])
+        a1, a2 = axes[0, c], axes[1, c]
+        if fill.size:
+            for v in range(fill.shape[1]):
+                a1.plot(t, fill[:, v], lw=0.6, alpha=0.5)
+            a1.plot(t, fill.max(axis=1), color="black", lw=1.4, label="fullest ring")
+        hs = harv > 0
+        a1.scatter(t[hs], np.full(hs.sum(), 1.02), marker="|", s=40, color="tab:green", label="harvest(s) in interval")
+        xs = exits > 0
+        if xs.any():
+            a1.scatter(t[xs], np.full(xs.sum(), 1.06), marker="v", s=14, color="tab:red", label="ring-full exit(s)")
+        a1.set_ylim(0, 1.1)
+        a1.set_ylabel("ring fill / soft limit")
+        a1.set_title(f"{ep['policy']}: {ep['workload']}, ring {ep['ring_entries']}\nreward {ep['reward']:.3f}, "
+                     f"downtime {ep['downtime_s'] * 1000:.0f} ms, {ep['full_exits']} full exits", fontsize=8)
+        a1.legend(fontsize=6, loc="upper left")
+        a1.grid(alpha=0.3)
+        dt = np.diff(t).mean() if len(t) > 1 else 0.2
+        a2.bar(t, harv, width=dt * 0.9, color="tab:green", alpha=0.6, label="harvests")
+        a2.bar(t, exits, width=dt * 0.5, color="tab:red", alpha=0.8, label="full exits")
+        a2.set_ylabel("per control interval")
+        a2.set_xlabel("simulated time, s")
+        b = a2.twinx()
+        b.step(t, ivl, where="post", color="tab:blue", lw=1, label="reaper interval")
+        b.set_yscale("log")
+        b.set_ylabel("reaper interval, ms", color="tab:blue", fontsize=8)
+        a2.legend(fontsize=6, loc="upper left")
+        a2.grid(alpha=0.3)
+    if title:
+        fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)
+    return path

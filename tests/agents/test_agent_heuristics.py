@@ -1,0 +1,170 @@
+"""The heuristic collectors behave as specified on hand-made observations (agents/heuristics.py),
+and their action encoding agrees with the environment's own."""
+
+from __future__ import annotations
+
+import gymnasium as gym
+import numpy as np
+import pytest
+
+import ringenv  # noqa: F401
+from agents.common import EnvFacts, parse_overrides
+from agents.heuristics import (DEFAULT_SET, FillWatermark, Fixed, RateProportional, heuristic_env_kwargs,
+                               is_heuristic, make_heuristic)
+
+SIZES = (256, 512, 1024, 2048, 4096, 8192, 16384, 32768, 65536)
+INTERVALS = (10.0, 20.0, 50.0, 100.0, 200.0, 500.0, 1000.0, 2000.0, 5000.0)
+LINK = 1.25e9  # 10 GbE, bytes/s
+FACTS = EnvFacts(ring_sizes=SIZES, intervals_ms=INTERVALS, link_Bps=LINK, page_size=4096, vcpus=8,
+                 reserved_entries=64, control_interval_ms=200.0)
+
+
+def obs(fill_max=0.0, fill_mean=0.0, rate_Bps=0.0, sampled_Bps=0.0, ring=4096, interval_ms=1000.0, fixed=True):
+    """An observation as MigrationEnv builds it (only the fields the heuristics read matter)."""
+    o = np.zeros(15, dtype=np.float32)
+    o[0], o[1], o[2], o[3] = fill_max, fill_mean, rate_Bps / LINK, sampled_Bps / LINK
+    if fixed:
+        o[12], o[13], o[14] = np.log2(ring) / 16, np.log10(interval_ms) / 4, 1.0
+    return o
+
+
+def decoded(policy, o):
+    action, _ = policy.predict(o)
+    return FACTS.decode(action)
+
+
+def pages_per_vcpu_s_to_Bps(pages: float) -> float:
+    return pages * 4096 * 8
+
+
+def test_qemu_default_is_4096_entries_and_one_second():
+    p = make_heuristic("qemu", FACTS)
+    for o in (obs(fixed=False), obs(0.9, 0.5, 5e8), obs()):
+        assert decoded(p, o) == (4096, 1000.0)
+
+
+def test_fixed_holds_its_grid_member():
+    p = make_heuristic("fixed:65536:5000", FACTS)
+    assert decoded(p, obs(fixed=False)) == (65536, 5000.0)
+    assert decoded(p, obs(0.99, 0.9, 1e9)) == (65536, 5000.0)
+    assert p.name == "fixed 65536/5000ms"
+
+
+def test_watermark_interval_keeps_the_fullest_ring_under_the_threshold():
+    """4096 entries: soft limit 4032. 2000 entries/s per vCPU, skew 1 (fill_max == fill_mean):
+    a 0.5 watermark is 2016 entries, reached in 1.008 s: the longest interval <= that is 1000 ms."""
+    p = FillWatermark(FACTS, threshold=0.5)
+    rate = pages_per_vcpu_s_to_Bps(2000)
+    assert decoded(p, obs(0.1, 0.1, rate)) == (4096, 1000.0)
+    # a hot vCPU filling twice as fast as the mean: half the time -> 500 ms
+    assert decoded(p, obs(0.2, 0.1, rate)) == (4096, 500.0)
+    # ten times the rate: 100 ms
+    assert decoded(p, obs(0.1, 0.1, 10 * rate)) == (4096, 100.0)
+    # the longest interval the prediction allows, for any rate: growth x interval <= threshold
+    for pages in (50, 300, 1000, 5000, 20000, 80000):
+        ring, ms = decoded(p, obs(0.1, 0.1, pages_per_vcpu_s_to_Bps(pages)))
+        growth = pages / 4032
+        assert growth * ms / 1000 <= 0.5 or ms == INTERVALS[0]
+        longer = [m for m in INTERVALS if m > ms]
+        assert not longer or growth * longer[0] / 1000 > 0.5
+
+
+def test_watermark_idle_guest_gets_the_longest_interval():
+    assert decoded(FillWatermark(FACTS), obs(0.0, 0.0, 0.0)) == (4096, 5000.0)
+
+
+def test_watermark_over_the_threshold_harvests_within_a_control_interval():
+    p = FillWatermark(FACTS, threshold=0.5)
+    assert decoded(p, obs(0.7, 0.3, pages_per_vcpu_s_to_Bps(10))) == (4096, 200.0)
+
+
+def test_watermark_bigger_ring_allows_longer_intervals():
+    rate = pages_per_vcpu_s_to_Bps(4000)
+    small = decoded(FillWatermark(FACTS, ring_entries=4096), obs(0.1, 0.1, rate, ring=4096))
+    big = decoded(FillWatermark(FACTS, ring_entries=65536), obs(0.1, 0.1, rate, ring=65536))
+    assert big[1] > small[1]
+
+
+def test_watermark_first_action_uses_the_sampled_rate():
+    p = FillWatermark(FACTS, threshold=0.5)
+    # the first observation: nothing but the pre-migration sample
+    assert decoded(p, obs(sampled_Bps=pages_per_vcpu_s_to_Bps(200), fixed=False)) == (4096, 5000.0)
+    assert decoded(p, obs(sampled_Bps=pages_per_vcpu_s_to_Bps(20000), fixed=False))[1] <= 100.0
+
+
+def test_watermark_auto_ring_grows_with_the_sampled_rate():
+    """auto: the smallest ring whose half holds 1 s of the sampled rate x the default skew 1.5."""
+    p = FillWatermark(FACTS, threshold=0.5, ring_entries="auto")
+    rings = [decoded(p, obs(sampled_Bps=pages_per_vcpu_s_to_Bps(r), fixed=False))[0] for r in (0, 500, 2000, 8000, 1e6)]
+    assert rings == sorted(rings)
+    assert rings[0] == 256 and rings[-1] == 65536
+    # 2000 pages/s x 1.5 = 3000 entries -> 0.5 x soft >= 3000 -> soft >= 6000: 8192 (soft 8128)
+    assert rings[2] == 8192
+    # later steps keep the ring the environment fixed
+    assert decoded(p, obs(0.1, 0.1, 0.0, ring=8192))[0] == 8192
+
+
+def test_rate_proportional_harvests_every_mib_dirtied():
+    p = RateProportional(FACTS, mib=64)
+    # 64 MiB at 640 MiB/s: every 100 ms; at 64 MiB/s: every 1000 ms; at 32 MiB/s: 2000 ms
+    for mibps, ms in ((640, 100.0), (64, 1000.0), (32, 2000.0)):
+        assert decoded(p, obs(rate_Bps=mibps * (1 << 20))) == (4096, ms)
+    assert decoded(p, obs(rate_Bps=0.0)) == (4096, 5000.0)
+    assert decoded(p, obs(rate_Bps=1e12 / 8)) == (4096, 10.0)  # clipped to the grid
+    # the first action uses the pre-migration sample
+    assert decoded(p, obs(sampled_Bps=640 * (1 << 20), fixed=False)) == (4096, 100.0)
+
+
+def test_random_is_seeded_and_valid():
+    p = make_heuristic("random", FACTS)
+    p.reset(5)
+    a = [tuple(p.predict(obs())[0]) for _ in range(50)]
+    p.reset(5)
+    b = [tuple(p.predict(obs())[0]) for _ in range(50)]
+    assert a == b
+    assert len(set(a)) > 10
+    assert all(0 <= i < len(SIZES) and 0 <= j < len(INTERVALS) for i, j in a)
+
+
+def test_predict_batches_like_a_model():
+    p = FillWatermark(FACTS)
+    batch = np.stack([obs(0.1, 0.1, pages_per_vcpu_s_to_Bps(r)) for r in (100, 2000, 20000)])
+    actions, state = p.predict(batch, state=None, episode_start=np.ones(3, bool), deterministic=True)
+    assert actions.shape == (3, 2) and state is None
+    assert [FACTS.decode(a)[1] for a in actions] == [5000.0, 1000.0, 100.0]
+
+
+def test_flattened_actions_for_the_discrete_env():
+    facts = EnvFacts(**{**FACTS.__dict__, "flatten": True})
+    p = Fixed(facts, 65536, 5000)
+    a, _ = p.predict(obs())
+    assert int(a) == 8 * 9 + 8 and facts.decode(a) == (65536, 5000.0)
+
+
+def test_specs_and_errors():
+    for spec in DEFAULT_SET:
+        assert is_heuristic(spec)
+        make_heuristic(spec, FACTS)
+    assert heuristic_env_kwargs("bitmap") == {"collector": "bitmap"} and heuristic_env_kwargs("qemu") == {}
+    for bad in ("nope", "fixed:4096", "watermark:2", "rate:-1", "fixed:x:1"):
+        with pytest.raises(ValueError, match="policy"):
+            make_heuristic(bad, FACTS)
+    assert not is_heuristic("runs/train/ppo-s0")
+
+
+def test_facts_from_env_agree_with_the_env_encoding():
+    for env_id in ("ringenv/Migration-v0", "ringenv/MigrationDiscrete-v0"):
+        env = gym.make(env_id, split="test", vm={"memory": "1GiB", "vcpus": 2})
+        facts = EnvFacts.from_env(env)
+        assert facts.vcpus == 2 and facts.page_size == 4096 and facts.flatten == (env_id.endswith("Discrete-v0"))
+        for n, ms in ((256, 10), (4096, 1000), (65536, 5000), (3000, 70)):
+            assert np.array_equal(np.asarray(facts.encode(n, ms)), np.asarray(env.unwrapped.encode_action(n, ms)))
+            assert facts.decode(facts.encode(n, ms)) == env.unwrapped.decode_action(env.unwrapped.encode_action(n, ms))
+        env.close()
+
+
+def test_parse_overrides_nests_and_reads_yaml_scalars():
+    assert parse_overrides(["vm.memory=1GiB", "vm.vcpus=2", "max_episode_s=60", "reward.scale=0.5"]) == {
+        "vm": {"memory": "1GiB", "vcpus": 2}, "max_episode_s": 60, "reward": {"scale": 0.5}}
+    with pytest.raises(ValueError, match="KEY=VALUE"):
+        parse_overrides(["vm.vcpus"])

@@ -1,0 +1,175 @@
+"""Smoke runs of ``ringenv train | evaluate | compare | run`` as subprocesses with tiny budgets on a
+small VM (1 GiB, 2 vCPUs), the saved model's round trip, and the evaluation's statistics."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+SMALL = ["--set", "vm.memory=1GiB", "vm.vcpus=2"]
+TINY_PPO = ["--hp", "n_steps=32", "batch_size=32", "n_epochs=1"]
+
+
+def ringenv(*args, timeout=300):
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(ROOT) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    p = subprocess.run([sys.executable, "-m", "ringenv", *map(str, args)], cwd=ROOT, env=env, capture_output=True,
+                       text=True, timeout=timeout)
+    assert p.returncode == 0, f"ringenv {' '.join(map(str, args))} exited {p.returncode}\n{p.stdout}\n{p.stderr}"
+    return p
+
+
+@pytest.fixture(scope="module")
+def ppo_run(tmp_path_factory):
+    """A PPO model trained for 256 steps (evaluation and a snapshot included)."""
+    out = tmp_path_factory.mktemp("train")
+    ringenv("train", "--timesteps", 256, "--n-envs", 2, "--vec-env", "dummy", "--evals", 2,
+            "--checkpoints", 2, "--out", out, "--name", "ppo", "--no-progress", *SMALL, *TINY_PPO)
+    return out / "ppo"
+
+
+def test_every_agent_subcommand_has_help():
+    for cmd in ("run", "train", "evaluate", "compare"):
+        p = ringenv(cmd, "--help")
+        assert "usage: ringenv " + cmd in p.stdout and "--out" in p.stdout
+
+
+def test_train_ppo_writes_models_stats_logs(ppo_run):
+    for name in ("best_model.zip", "best_model_vecnormalize.pkl", "final_model.zip", "final_model_vecnormalize.pkl",
+                 "args.json", "eval/evaluations.npz"):
+        assert (ppo_run / name).is_file(), name
+    assert list((ppo_run / "checkpoints").glob("rl_model_*_steps.zip"))
+    meta = json.loads((ppo_run / "args.json").read_text())
+    assert meta["algo"] == "ppo" and meta["env_id"] == "ringenv/Migration-v0"
+    assert meta["env_kwargs"] == {"vm": {"memory": "1GiB", "vcpus": 2}} and meta["timesteps"] == 256
+    assert meta["wall_s"] > 0 and "best_eval" in meta
+
+
+@pytest.mark.parametrize("algo", ["a2c", "dqn"])
+def test_train_a2c_and_dqn(tmp_path, algo):
+    hp = ["--hp", "n_steps=8"] if algo == "a2c" else ["--hp", "learning_starts=32", "buffer_size=1000"]
+    ringenv("train", "--algo", algo, "--timesteps", 128, "--n-envs", 1, "--evals", 0, "--checkpoints", 0,
+            "--out", tmp_path, "--name", algo, "--no-progress", "--no-tensorboard", *SMALL, *hp)
+    meta = json.loads((tmp_path / algo / "args.json").read_text())
+    assert meta["env_id"] == ("ringenv/MigrationDiscrete-v0" if algo == "dqn" else "ringenv/Migration-v0")
+    # evaluate loads it back on its own env id (Discrete for DQN)
+    out = tmp_path / "eval"
+    ringenv("evaluate", "--policies", tmp_path / algo, "--workloads", "oltp", "--seeds", 1, "--workers", 1,
+            "--out", out, "--no-progress", *SMALL)
+    rows = list(csv.DictReader(open(out / "episodes.csv")))
+    assert len(rows) == 1 and rows[0]["policy"].startswith(algo)
+
+
+def test_saved_model_round_trip(ppo_run):
+    """The loaded policy normalises observations with the saved statistics and acts as the model
+    does; two evaluations of it give identical episodes."""
+    import pickle
+
+    import gymnasium as gym
+    from stable_baselines3 import PPO
+
+    from agents.common import EnvFacts
+    from agents.evaluate import ModelPolicy, run_episode
+
+    env = gym.make("ringenv/Migration-v0", split="test", vm={"memory": "1GiB", "vcpus": 2})
+    pol = ModelPolicy(ppo_run, EnvFacts.from_env(env))
+    assert pol.path.name == "best_model.zip" and pol.vecnorm is not None and pol.algo == "ppo"
+    model = PPO.load(ppo_run / "best_model.zip", device="cpu")
+    with open(ppo_run / "best_model_vecnormalize.pkl", "rb") as f:
+        stats = pickle.load(f)
+    obs, _ = env.reset(seed=3)
+    for _ in range(5):
+        a, _ = pol.predict(obs)
+        b, _ = model.predict(stats.normalize_obs(obs), deterministic=True)
+        assert np.array_equal(a, b)
+        obs, *_ = env.step(a)
+    r1 = run_episode(env, pol, 7, "oltp")
+    r2 = run_episode(env, ModelPolicy(ppo_run / "final_model.zip"), 7, "oltp")
+    r3 = run_episode(env, pol, 7, "oltp")
+    assert r1["reward"] == r3["reward"] and r1["steps"] == r3["steps"]
+    assert r2["policy"].endswith("(final_model)")
+    snap = sorted((ppo_run / "checkpoints").glob("rl_model_*_steps.zip"))[0]
+    assert ModelPolicy(snap).vecnorm is not None
+    env.close()
+
+
+def test_evaluate_table_and_csv(ppo_run, tmp_path):
+    p = ringenv("evaluate", "--policies", "qemu", "watermark", ppo_run, "--workloads", "oltp", "web",
+                "--seeds", 2, "--workers", 2, "--out", tmp_path, *SMALL)
+    assert "| policy | reward | Δ reward vs qemu |" in p.stdout
+    assert "qemu default" in p.stdout and "watermark 0.5" in p.stdout and "ppo ppo" in p.stdout
+    rows = list(csv.DictReader(open(tmp_path / "episodes.csv")))
+    assert len(rows) == 3 * 2 * 2
+    assert {r["workload"] for r in rows} == {"oltp", "web"} and {r["seed"] for r in rows} == {"1000", "1001"}
+    summary = list(csv.DictReader(open(tmp_path / "summary.csv")))
+    q = next(r for r in summary if r["spec"] == "qemu")
+    assert float(q["d_reward"]) == 0.0
+    assert "progress" not in p.stdout and "episodes" in p.stderr  # the progress bar goes to stderr
+
+
+def test_compare_writes_table_csv_and_plots(ppo_run, tmp_path):
+    p = ringenv("compare", "--policies", "qemu", "fixed:16384:5000", "rate", "bitmap", "--models", ppo_run,
+                "--workloads", "oltp-heavy", "--seeds", 2, "--out", tmp_path, "--no-progress", *SMALL)
+    for name in ("episodes.csv", "summary.csv", "per_workload.csv", "table.md", "pareto.png", "timeline.png"):
+        assert (tmp_path / name).is_file() and (tmp_path / name).stat().st_size > 0, name
+    assert (tmp_path / "pareto.png").read_bytes()[:4] == b"\x89PNG"
+    table = (tmp_path / "table.md").read_text()
+    assert "fixed 16384/5000ms" in table and "ppo ppo" in table
+    # the environment runs only the ring collector: the bitmap baseline is left out, with a note
+    if "bitmap |" not in table:
+        assert "policy 'bitmap' left out" in p.stderr
+
+
+def test_statistics():
+    from agents.evaluate import mean_ci, summarize
+
+    m, h = mean_ci([1.0, 2.0, 3.0])
+    assert m == 2.0 and abs(h - 4.303 * 1.0 / np.sqrt(3)) < 1e-9
+    recs = [{"spec": s, "policy": s, "workload": "w", "seed": k, "reward": r, "downtime_s": 0.1, "total_s": 10.0,
+             "exit_stall_s": 0.0, "vcpu_fault_s": 0.0, "vmm_cpu_s": 0.0, "full_exits": 0, "converged": True,
+             "ring_entries": 4096, "mean_interval_ms": 1000.0}
+            for s, rs in (("qemu", [-5.0, -6.0, -7.0]), ("x", [-4.5, -5.5, -6.5])) for k, r in enumerate(rs)]
+    rows = summarize(recs, "qemu")
+    x = next(r for r in rows if r["spec"] == "x")
+    assert x["d_reward"] == pytest.approx(0.5) and x["d_reward_ci"] == pytest.approx(0.0)
+
+
+def test_fixed_ring_policy_and_action_repeat(tmp_path):
+    """FixedRingPolicy: once the ring is fixed the ring head has all its mass on the ring in use
+    (no gradient, entropy from the interval head only); a model trained with action_repeat k
+    holds each action k steps when evaluated."""
+    import gymnasium as gym
+    import torch
+
+    from agents.common import EnvFacts
+    from agents.evaluate import ModelPolicy, run_episode
+
+    ringenv("train", "--timesteps", 64, "--n-envs", 1, "--evals", 0, "--checkpoints", 0, "--out", tmp_path,
+            "--name", "frp", "--no-progress", "--no-tensorboard", *SMALL, "--hp", "n_steps=32", "batch_size=32",
+            "n_epochs=1", "action_repeat=3", "policy=agents.policies.FixedRingPolicy",
+            "normalize={norm_obs: false, norm_reward: true}")
+    env = gym.make("ringenv/Migration-v0", split="test", vm={"memory": "1GiB", "vcpus": 2})
+    pol = ModelPolicy(tmp_path / "frp", EnvFacts.from_env(env))
+    assert pol.action_repeat == 3 and type(pol.model.policy).__name__ == "FixedRingPolicy"
+    net = pol.model.policy
+    obs, _ = env.reset(seed=1)
+    d0 = net.get_distribution(torch.as_tensor(obs[None]))
+    assert d0.distribution[0].probs.min() > 0.01  # the first step chooses among all ring sizes
+    obs, *_ = env.step(env.unwrapped.encode_action(16384, 1000))
+    d1 = net.get_distribution(torch.as_tensor(obs[None]))
+    ring = d1.distribution[0].probs[0].detach().numpy()
+    assert ring[env.unwrapped.ring_sizes.index(16384)] == pytest.approx(1.0)
+    assert d1.distribution[0].entropy().item() == pytest.approx(0.0, abs=1e-6)
+    rec = run_episode(env, pol, 2, "oltp", trace=True)
+    assert rec["ring_size_changes_ignored"] == 0
+    ivs = [s["interval_ms"] for s in rec["trace"]]
+    assert all(ivs[k] == ivs[k - k % 3] for k in range(len(ivs)))  # changes only every third step
+    env.close()
