@@ -77,7 +77,3 @@ class GuestProgram(ABC):
         """A window end in (now, until] worth sampling: ``room[v]`` pushes are left before vCPU
         v's ring is soft-full. The default asks for the whole window."""
         return until
-
-    def finished(self, vcpu: int) -> bool:
-        """The program of this vCPU is over."""
-        return False

@@ -86,6 +86,3 @@ class TraceProgram(GuestProgram):
     def resumed(self, vcpu, now):
         if vcpu < self.nr_vcpus:
             self.clock[vcpu] = max(self.clock[vcpu], now)
-
-    def finished(self, vcpu):
-        return vcpu >= self.nr_vcpus or self.pos[vcpu] >= len(self.gfn[vcpu])

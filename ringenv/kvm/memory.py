@@ -75,11 +75,6 @@ class Memslot:
         self.blocks[:] = 0
         return n
 
-    def block_span(self, offsets: np.ndarray) -> np.ndarray:
-        """All page offsets of the blocks containing ``offsets`` (one row per offset)."""
-        first = (offsets // self.block_pages) * self.block_pages
-        return first[:, None] + np.arange(self.block_pages, dtype=np.int64)[None, :]
-
     # -- dirty bitmap ------------------------------------------------------------------------
     def alloc_bitmap(self, initially_set: bool = False) -> None:
         words = (self.npages + 63) // 64

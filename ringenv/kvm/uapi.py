@@ -6,7 +6,6 @@ Values are those of Linux ``include/uapi/linux/kvm.h`` (shared/reference/kvm-dir
 from __future__ import annotations
 
 import errno as _errno
-import os
 
 import numpy as np
 
@@ -38,12 +37,6 @@ KVM_EXIT_MMIO = 6
 KVM_EXIT_INTR = 10
 KVM_EXIT_DIRTY_RING_FULL = 31
 
-EXIT_REASON_NAMES = {
-    KVM_EXIT_MMIO: "KVM_EXIT_MMIO",
-    KVM_EXIT_INTR: "KVM_EXIT_INTR",
-    KVM_EXIT_DIRTY_RING_FULL: "KVM_EXIT_DIRTY_RING_FULL",
-}
-
 _IOC_NONE = 0
 _KVMIO = 0xAE
 
@@ -71,7 +64,3 @@ class KvmError(OSError):
 
 def einval(message: str) -> KvmError:
     return KvmError(_errno.EINVAL, message)
-
-
-def strerror(err: int) -> str:
-    return os.strerror(err)

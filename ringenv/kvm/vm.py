@@ -560,13 +560,6 @@ class Vm:
             return np.zeros(len(gpi), dtype=np.int64)
         return np.searchsorted(self._start, gpi, side="right") - 1
 
-    def _gfn_of_gpi(self, gpi: np.ndarray) -> np.ndarray:
-        k = self._slot_index_of_gpi(gpi)
-        return self._base[k] + (gpi - self._start[k])
-
-    def slot_of_gfn(self, gfn: int) -> Memslot:
-        return self._as0[int(self._locate(np.array([gfn], dtype=np.int64))[0][0])]
-
     # ------------------------------------------------------------------ running the guest
     def attach_guest(self, guest: GuestProgram) -> None:
         """Load the guest program the vCPUs execute."""
@@ -744,5 +737,3 @@ class Vm:
         """Kernel memory of all rings."""
         return self.ring_entries * 16 * len(self.vcpus)
 
-    def pages_dirty_since_clean(self) -> int:
-        return int(np.count_nonzero((self.state & CLEAN) == 0))
