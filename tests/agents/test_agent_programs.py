@@ -56,10 +56,12 @@ def test_train_ppo_writes_models_stats_logs(ppo_run):
 @pytest.mark.parametrize("algo", ["a2c", "dqn"])
 def test_train_a2c_and_dqn(tmp_path, algo):
     hp = ["--hp", "n_steps=8"] if algo == "a2c" else ["--hp", "learning_starts=32", "buffer_size=1000"]
+    hp += ["action_repeat=1", "env_wrapper={gymnasium.wrappers.TimeLimit: {max_episode_steps: 50}}"]
     ringenv("train", "--algo", algo, "--timesteps", 128, "--n-envs", 1, "--evals", 0, "--checkpoints", 0,
             "--out", tmp_path, "--name", algo, "--no-progress", "--no-tensorboard", *SMALL, *hp)
     meta = json.loads((tmp_path / algo / "args.json").read_text())
     assert meta["env_id"] == ("ringenv/MigrationDiscrete-v0" if algo == "dqn" else "ringenv/Migration-v0")
+    assert meta["env_wrapper"] == {"gymnasium.wrappers.TimeLimit": {"max_episode_steps": 50}}
     # evaluate loads it back on its own env id (Discrete for DQN)
     out = tmp_path / "eval"
     ringenv("evaluate", "--policies", tmp_path / algo, "--workloads", "oltp", "--seeds", 1, "--workers", 1,
