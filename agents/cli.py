@@ -8,25 +8,40 @@ flag's help), so ``ringenv train --help`` and ``python -m agents.train --help`` 
 from __future__ import annotations
 
 import argparse
+import sys
 
 from . import compare, evaluate, train
 from .common import add_dataclass_arguments, dataclass_from_namespace
 
 
-def _cmd_run(args) -> int:
-    compare.main(dataclass_from_namespace(compare.Args, args))
-    return 0
+def _clean_errors(fn):
+    """A bad flag value (unknown policy, missing model, malformed KEY=VALUE) ends the command with
+    its message and exit code 2, not a traceback; ringenv's ConfigError handling stays as is."""
+
+    def run(args) -> int:
+        try:
+            return fn(args)
+        except (ValueError, KeyError, FileNotFoundError) as e:
+            if type(e).__name__ == "ConfigError":
+                raise
+            print(f"ringenv {args.command}: {e.args[0] if isinstance(e, KeyError) else e}", file=sys.stderr)
+            return 2
+
+    return run
 
 
+@_clean_errors
 def _cmd_compare(args) -> int:
     compare.main(dataclass_from_namespace(compare.Args, args))
     return 0
 
 
+@_clean_errors
 def _cmd_evaluate(args) -> int:
     return evaluate.main(dataclass_from_namespace(evaluate.Args, args))
 
 
+@_clean_errors
 def _cmd_train(args) -> int:
     train.main(dataclass_from_namespace(train.Args, args))
     return 0
@@ -41,7 +56,7 @@ def add_parsers(sub) -> None:
                     "with several seeds; print the table, write CSV and the plots (Pareto view, episode "
                     "timeline) under --out. Same as `ringenv compare` with its defaults.", formatter_class=fmt)
     add_dataclass_arguments(p, compare.Args, skip=("models",))
-    p.set_defaults(func=_cmd_run)
+    p.set_defaults(func=_cmd_compare)
 
     p = sub.add_parser("train", help="train a policy with stable-baselines3 (PPO, A2C, DQN)",
                        description=train.__doc__.split("\n\n")[0] + " Hyperparameters: configs/train/ALGO.yaml; "

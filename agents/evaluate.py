@@ -229,6 +229,11 @@ def _worker_init():
         pass
 
 
+#: env settings a trained model brings to its evaluation: its action grids (everything else, the
+#: scenario and the reward, is the evaluation's)
+MODEL_ENV_KEYS = ("ring_sizes", "intervals_ms")
+
+
 def policy_env(spec: str, env_id: str = MIGRATION, scenario: str = "default", split: str = "test",
                workloads=None, overrides: dict | None = None):
     """The environment policy ``spec`` runs in: the evaluation's settings, plus what the policy
@@ -237,7 +242,10 @@ def policy_env(spec: str, env_id: str = MIGRATION, scenario: str = "default", sp
     if is_heuristic(spec):
         kw = heuristic_env_kwargs(spec)
     else:
-        wrapper = model_meta(find_model(spec)).get("env_wrapper")
+        meta = model_meta(find_model(spec))
+        wrapper = meta.get("env_wrapper")
+        # the action grids the model was trained on (its action space); the rest is the evaluation's
+        kw = {k: v for k, v in (meta.get("env_kwargs") or {}).items() if k in MODEL_ENV_KEYS}
     env = make_env(policy_env_id(spec, env_id), scenario, split, list(workloads or []) or None,
                    {**(overrides or {}), **kw})
     return wrap_env(env, wrapper) if wrapper else env
@@ -257,6 +265,19 @@ def _job(spec, env_id, scenario, split, workloads, overrides_json, workload, see
     rec = run_episode(env, policy, seed, workload, trace=trace)
     rec["spec"] = spec
     return rec
+
+
+def check_spec(spec: str) -> None:
+    """A clear error for a policy spec that is neither a heuristic nor a saved model."""
+    if is_heuristic(spec):
+        make_heuristic(spec, EnvFacts(ring_sizes=(4096,), intervals_ms=(1000.0,), link_Bps=1.0, page_size=4096,
+                                      vcpus=1))
+        return
+    try:
+        find_model(spec)
+    except FileNotFoundError as e:
+        raise ValueError(f"policy {spec!r}: not a heuristic (qemu, fixed:ENTRIES:MS, watermark[:T[:ENTRIES|auto]], "
+                         f"rate[:MIB[:ENTRIES]], bitmap, random[:SEED]) and not a trained model ({e})") from None
 
 
 def unavailable(spec: str, env_id: str, scenario: str, split: str, workloads, overrides: dict) -> str | None:
@@ -296,6 +317,7 @@ def evaluate(policies: list[str], env_id: str = MIGRATION, scenario: str = "defa
     wls = episode_workloads(env_id, scenario, split, workloads or [], overrides)
     available = []
     for spec in policies:
+        check_spec(spec)
         why = unavailable(spec, env_id, scenario, split, workloads, overrides)
         if why:
             print(f"note: policy {spec!r} left out: {why}", file=sys.stderr)

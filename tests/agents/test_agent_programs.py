@@ -175,3 +175,15 @@ def test_fixed_ring_policy_and_action_repeat(tmp_path):
     ivs = [s["interval_ms"] for s in rec["trace"]]
     assert all(ivs[k] == ivs[k - k % 3] for k in range(len(ivs)))  # changes only every third step
     env.close()
+
+
+def test_bad_arguments_end_with_a_message_not_a_traceback():
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(ROOT) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    for args, words in ((["evaluate", "--policies", "nope"], "not a heuristic"),
+                        (["compare", "--policies", "fixed:4096"], "policy 'fixed:4096'"),
+                        (["train", "--set", "vm.vcpus"], "KEY=VALUE"),
+                        (["evaluate", "--set", "vm.vcpus=0"], "vm.vcpus")):
+        p = subprocess.run([sys.executable, "-m", "ringenv", *args], cwd=ROOT, env=env, capture_output=True, text=True,
+                           timeout=120)
+        assert p.returncode == 2 and words in p.stderr and "Traceback" not in p.stderr, (args, p.stderr)
