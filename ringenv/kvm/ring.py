@@ -23,11 +23,13 @@ class DirtyRing:
     ``used = dirty_index - reset_index``.
     """
 
-    __slots__ = ("gfns", "size", "soft_limit", "dirty_index", "reset_index", "lost", "pushes")
+    __slots__ = ("gfns", "size", "soft_limit", "dirty_index", "reset_index", "lost", "pushes",
+                 "_flags", "_slot", "_offset")
 
     def __init__(self, entries: int, reserved: int):
         assert entries & (entries - 1) == 0 and entries > reserved
         self.gfns = np.zeros(entries, dtype=kvm_dirty_gfn)
+        self._flags, self._slot, self._offset = self.gfns["flags"], self.gfns["slot"], self.gfns["offset"]
         self.size = entries
         self.soft_limit = entries - reserved
         self.dirty_index = 0
@@ -55,57 +57,69 @@ class DirtyRing:
         n = len(offsets)
         if n == 0:
             return False
-        used0 = self.used
-        room = max(0, self.size - used0)
-        if n > room:
-            self.lost += n - room
-        pos = (self.dirty_index + np.arange(n, dtype=np.int64)) & (self.size - 1)
+        self.lost += max(0, n - max(0, self.size - self.used))
         slots = np.broadcast_to(np.asarray(slot, dtype=np.uint32), (n,))
-        if n > self.size:  # later pushes overwrite earlier ones: keep only the last `size`
-            pos, slots, offsets = pos[-self.size :], slots[-self.size :], offsets[-self.size :]
-        g = self.gfns
-        g["slot"][pos] = slots
-        g["offset"][pos] = offsets
-        g["flags"][pos] = KVM_DIRTY_GFN_F_DIRTY
+        _push(self._flags, self._slot, self._offset, self.dirty_index, slots,
+              np.ascontiguousarray(offsets, dtype=np.uint64))
         self.dirty_index = (self.dirty_index + n) & U32
         self.pushes += n
         return self.soft_full()
 
-    def collect_harvested(self) -> tuple[np.ndarray, np.ndarray]:
-        """The scan of kvm_dirty_ring_reset: from ``reset_index`` while the entry has RESET set,
-        set its flags to 0 and advance ``reset_index``. Returns the (slot, offset) of the reset
-        entries in ring order, for :func:`coalesce_reprotect`."""
-        size, mask = self.size, self.size - 1
-        used = self.used
-        if used == 0:
-            return _EMPTY_U32, _EMPTY_U64
-        n = min(used, size)
-        pos = (self.reset_index + np.arange(n, dtype=np.int64)) & mask
-        harvested = (self.gfns["flags"][pos] & KVM_DIRTY_GFN_F_RESET) != 0
-        stop = np.flatnonzero(~harvested)
-        count = int(stop[0]) if len(stop) else n
-        pos = pos[:count]
-        slots = self.gfns["slot"][pos].copy()
-        offsets = self.gfns["offset"][pos].copy()
-        self.gfns["flags"][pos] = 0  # kvm_dirty_gfn_set_invalid
+    def reset_harvested(self) -> tuple[int, np.ndarray, np.ndarray, np.ndarray]:
+        """kvm_dirty_ring_reset: from ``reset_index``, while the entry has RESET set, set its
+        flags to 0 (kvm_dirty_gfn_set_invalid), advance ``reset_index`` and feed the entry to the
+        re-protect coalescing (:func:`coalesce_reprotect`). Returns (entries reset, and the
+        re-protect calls as arrays slot, offset, mask)."""
+        count = _harvested(self._flags, self.reset_index, min(self.used, self.size))
+        if count == 0:
+            return 0, _EMPTY_U32, _EMPTY_I64, _EMPTY_U64
+        calls = _coalesced(self._slot, self._offset, self.reset_index & (self.size - 1), count)
         self.reset_index = (self.reset_index + count) & U32
-        return slots, offsets
+        return (count, *calls)
 
 
 _EMPTY_U32 = np.zeros(0, dtype=np.uint32)
+_EMPTY_I64 = np.zeros(0, dtype=np.int64)
 _EMPTY_U64 = np.zeros(0, dtype=np.uint64)
 
 
 @numba.njit(cache=True, nogil=True)
-def _coalesce(slots, offsets, out_slot, out_offset, out_mask):  # pragma: no cover - compiled
-    n = slots.shape[0]
+def _push(flags, slot, offset, dirty_index, slots, offsets):  # pragma: no cover - compiled
+    mask = flags.shape[0] - 1
+    for i in range(offsets.shape[0]):
+        p = (dirty_index + i) & mask
+        slot[p] = slots[i]
+        offset[p] = offsets[i]
+        flags[p] = KVM_DIRTY_GFN_F_DIRTY
+
+
+@numba.njit(cache=True, nogil=True)
+def _harvested(flags, reset_index, used):  # pragma: no cover - compiled
+    """The scan of kvm_dirty_ring_reset: count the entries from reset_index that carry RESET,
+    clearing their flags; stop at the first that does not."""
+    mask = flags.shape[0] - 1
+    for i in range(used):
+        p = (reset_index + i) & mask
+        if not flags[p] & KVM_DIRTY_GFN_F_RESET:
+            return i
+        flags[p] = 0
+    return used
+
+
+@numba.njit(cache=True, nogil=True)
+def _coalesce(slots, offsets, start, n, out_slot, out_offset, out_mask):  # pragma: no cover - compiled
+    """Coalesce entries start, start+1, ... (n of them, wrapping around the array's end)."""
+    size = slots.shape[0]
     k = 0
     cur_slot = np.uint32(0)
     cur_offset = np.int64(0)
     mask = np.uint64(0)
     for i in range(n):
-        s = slots[i]
-        o = np.int64(offsets[i])
+        j = start + i
+        if j >= size:
+            j -= size
+        s = slots[j]
+        o = np.int64(offsets[j])
         if i > 0 and s == cur_slot:
             delta = o - cur_offset
             if delta >= 0 and delta < 64:
@@ -133,6 +147,14 @@ def _coalesce(slots, offsets, out_slot, out_offset, out_mask):  # pragma: no cov
     return k
 
 
+def _coalesced(slots, offsets, start: int, n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    out_slot = np.empty(n, dtype=np.uint32)
+    out_offset = np.empty(n, dtype=np.int64)
+    out_mask = np.empty(n, dtype=np.uint64)
+    k = _coalesce(slots, offsets, start, n, out_slot, out_offset, out_mask)
+    return out_slot[:k], out_offset[:k], out_mask[:k]
+
+
 def coalesce_reprotect(slots: np.ndarray, offsets: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """The re-protect coalescing of kvm_dirty_ring_reset (reference s6), over entries in ring order.
 
@@ -144,10 +166,5 @@ def coalesce_reprotect(slots: np.ndarray, offsets: np.ndarray) -> tuple[np.ndarr
 
     Inherently sequential (each decision depends on the mask so far), hence a compiled loop.
     """
-    n = len(slots)
-    out_slot = np.empty(n, dtype=np.uint32)
-    out_offset = np.empty(n, dtype=np.int64)
-    out_mask = np.empty(n, dtype=np.uint64)
-    k = _coalesce(np.ascontiguousarray(slots, dtype=np.uint32), np.ascontiguousarray(offsets, dtype=np.uint64),
-                  out_slot, out_offset, out_mask)
-    return out_slot[:k], out_offset[:k], out_mask[:k]
+    return _coalesced(np.ascontiguousarray(slots, dtype=np.uint32), np.ascontiguousarray(offsets, dtype=np.uint64),
+                      0, len(slots))

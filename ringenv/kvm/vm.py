@@ -30,7 +30,7 @@ from ..config import HostProfile, load_host_profile
 from ..guest.base import EXIT_DONE, EXIT_NONE, EXIT_SYNC, NO_WRITE, GuestProgram, WriteBatch
 from .fault import CUT_DONE, CUT_FULL, CUT_NONE, CUT_SYNC, walk_writes
 from .memory import CLEAN, WP, WP_CLEAN, Memslot, bitmap_offsets, protect_masked
-from .ring import DirtyRing, coalesce_reprotect
+from .ring import DirtyRing
 from .uapi import (
     KVM_CAP_ARM_EAGER_SPLIT_CHUNK_SIZE,
     KVM_CAP_ARM_SUPPORTED_BLOCK_SIZES,
@@ -415,12 +415,11 @@ class Vm:
         c = self.profile.costs
         total = calls = pages = 0
         for v in self.vcpus:
-            slots, offsets = v.ring.collect_harvested()
-            if len(slots):
-                cs, co, cm = coalesce_reprotect(slots, offsets)
+            count, cs, co, cm = v.ring.reset_harvested()
+            if count:
                 calls += len(cs)
                 pages += self._reprotect(cs, co, cm)
-                total += len(slots)
+                total += count
         ns = c.reset_call_ns + total * c.reset_entry_ns + calls * c.reprotect_call_ns + int(pages * c.reprotect_page_ns)
         if total:
             ns += self._flush_tlbs()
