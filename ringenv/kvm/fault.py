@@ -20,6 +20,10 @@ from __future__ import annotations
 import numba
 import numpy as np
 
+from ..arrays import prefetch
+
+AHEAD = 16  # events to look ahead when prefetching a page's state and version
+
 WP, CLEAN, UNMAPPED = 1, 2, 4
 NOT_WP, NOT_CLEAN, NOT_UNMAPPED = 0xFF ^ WP, 0xFF ^ CLEAN, 0xFF ^ UNMAPPED  # u8 masks
 
@@ -45,6 +49,9 @@ def walk_writes(gpi, vc, code, reads, first_touch, slot_of, state, version, bloc
     cut = CUT_NONE
     m = n
     for i in range(n):
+        if i + AHEAD < n and gpi[i + AHEAD] >= 0:  # random pages of a big guest: overlap the misses
+            prefetch(state, gpi[i + AHEAD])
+            prefetch(version, gpi[i + AHEAD])
         v = vc[i]
         g = gpi[i]
         c = code[i]
