@@ -8,7 +8,7 @@ from __future__ import annotations
 import numpy as np
 from llvmlite import ir
 from numba import types
-from numba.extending import intrinsic
+from numba.extending import intrinsic, overload
 
 
 def unique(a: np.ndarray) -> np.ndarray:
@@ -57,12 +57,15 @@ def groups(g: np.ndarray):
         yield int(gs[a]), order[a:b]
 
 
+def prefetch(arr, index) -> None:
+    """``prefetch(arr, i)``: a hint to load ``arr[i]``'s cache line for writing. In compiled code
+    it is LLVM's llvm.prefetch (never faults, changes nothing); in plain Python it does nothing.
+    The sequential kernels know their next pages' indexes in advance, and a random page of a
+    16 GiB guest is a cache miss: prefetching a few events ahead overlaps those misses."""
+
+
 @intrinsic
-def prefetch(typingctx, arr, index):
-    """``prefetch(arr, i)`` inside compiled code: a hint to load ``arr[i]``'s cache line for
-    writing (LLVM's llvm.prefetch; never faults, changes nothing). The sequential kernels know
-    their next pages' indexes in advance, and a random page of a 16 GiB guest is a cache miss:
-    prefetching a few events ahead overlaps those misses."""
+def _prefetch(typingctx, arr, index):
     if not isinstance(arr, types.Array) or not isinstance(index, types.Integer):
         return None
 
@@ -79,3 +82,8 @@ def prefetch(typingctx, arr, index):
         return context.get_dummy_value()
 
     return types.void(arr, index), codegen
+
+
+@overload(prefetch)
+def _prefetch_compiled(arr, index):
+    return lambda arr, index: _prefetch(arr, index)
