@@ -5,6 +5,7 @@ plain sort, and ``return_index`` forces a stable sort; these helpers use the fas
 
 from __future__ import annotations
 
+import numba
 import numpy as np
 from llvmlite import ir
 from numba import types
@@ -87,3 +88,19 @@ def _prefetch(typingctx, arr, index):
 @overload(prefetch)
 def _prefetch_compiled(arr, index):
     return lambda arr, index: _prefetch(arr, index)
+
+
+@intrinsic
+def _voidptr(typingctx, addr):
+    def codegen(context, builder, signature, args):
+        return builder.inttoptr(args[0], ir.IntType(8).as_pointer())
+
+    return types.voidptr(types.int64), codegen
+
+
+@numba.njit(inline="always")
+def words_at(addr, n):  # pragma: no cover - compiled only
+    """Inside compiled code: the ``n`` u64 words at address ``addr`` as an array (a view of
+    memory some live numpy array owns; see ``ndarray.ctypes.data``). Lets one kernel write into
+    several separately allocated arrays, e.g. every vCPU's ring, without a list of arrays."""
+    return numba.carray(_voidptr(addr), (n,), np.uint64)

@@ -11,9 +11,13 @@ from __future__ import annotations
 import numba
 import numpy as np
 
+from ..arrays import words_at
 from .uapi import KVM_DIRTY_GFN_F_DIRTY, KVM_DIRTY_GFN_F_RESET, kvm_dirty_gfn
 
 U32 = 0xFFFFFFFF
+# the compiled push writes an entry as two u64 words (flags | slot << 32, offset): the layout of
+# struct kvm_dirty_gfn on a little-endian host, as the dtype is
+assert kvm_dirty_gfn.itemsize == 16 and np.little_endian
 
 
 class DirtyRing:
@@ -49,21 +53,25 @@ class DirtyRing:
         return self.used >= self.size
 
     def push(self, slot: int | np.ndarray, offsets: np.ndarray) -> bool:
-        """kvm_dirty_ring_push, for a run of pushes in order: write each entry at
-        ``dirty_index & (size-1)`` with flags = DIRTY, advance ``dirty_index``. A push into a full
-        ring overwrites the entry there (the kernel only WARNs): counted in ``lost``.
+        """kvm_dirty_ring_push for a run of pushes in order (:func:`ring_push` each).
 
         Returns True if the ring is soft-full afterwards (the SOFT_FULL request is raised)."""
         n = len(offsets)
         if n == 0:
             return False
-        self.lost += max(0, n - max(0, self.size - self.used))
-        slots = np.broadcast_to(np.asarray(slot, dtype=np.uint32), (n,))
-        _push(self._flags, self._slot, self._offset, self.dirty_index, slots,
-              np.ascontiguousarray(offsets, dtype=np.uint64))
-        self.dirty_index = (self.dirty_index + n) & U32
-        self.pushes += n
+        ctr = self.counters()
+        _push_run(self.gfns.view(np.uint64), ctr, np.broadcast_to(np.asarray(slot, dtype=np.uint32), (n,)),
+                  np.ascontiguousarray(offsets, dtype=np.uint64))
+        self.set_counters(ctr)
         return self.soft_full()
+
+    def counters(self) -> np.ndarray:
+        """(dirty_index, reset_index, lost, pushes) as the compiled push takes them."""
+        return np.array([self.dirty_index, self.reset_index, self.lost, self.pushes], dtype=np.int64)
+
+    def set_counters(self, ctr: np.ndarray) -> None:
+        self.dirty_index = int(ctr[0]) & U32
+        self.lost, self.pushes = int(ctr[2]), int(ctr[3])
 
     def reset_harvested(self) -> tuple[int, np.ndarray, np.ndarray, np.ndarray]:
         """kvm_dirty_ring_reset: from ``reset_index``, while the entry has RESET set, set its
@@ -83,14 +91,59 @@ _EMPTY_I64 = np.zeros(0, dtype=np.int64)
 _EMPTY_U64 = np.zeros(0, dtype=np.uint64)
 
 
+@numba.njit(inline="always")
+def ring_push(words, ctr, kslot, offset):  # pragma: no cover - compiled
+    """kvm_dirty_ring_push. ``words``: the ring as u64 words (entry e is words 2e = flags |
+    slot << 32 and 2e+1 = offset: struct kvm_dirty_gfn, little-endian); ``ctr``: the ring's
+    (dirty_index, reset_index, lost, pushes). Writes the entry at dirty_index & (size - 1) with
+    flags DIRTY and advances dirty_index. A push into a full ring overwrites the entry there (the
+    kernel only WARNs): counted in lost."""
+    size = words.shape[0] >> 1
+    if ((ctr[0] - ctr[1]) & U32) >= size:
+        ctr[2] += 1
+    e = 2 * (ctr[0] & (size - 1))
+    words[e] = np.uint64(KVM_DIRTY_GFN_F_DIRTY) | (np.uint64(kslot) << np.uint64(32))
+    words[e + 1] = np.uint64(offset)
+    ctr[0] += 1
+    ctr[3] += 1
+
+
 @numba.njit(cache=True, nogil=True)
-def _push(flags, slot, offset, dirty_index, slots, offsets):  # pragma: no cover - compiled
-    mask = flags.shape[0] - 1
+def _push_run(words, ctr, slots, offsets):  # pragma: no cover - compiled
     for i in range(offsets.shape[0]):
-        p = (dirty_index + i) & mask
-        slot[p] = slots[i]
-        offset[p] = offsets[i]
-        flags[p] = KVM_DIRTY_GFN_F_DIRTY
+        ring_push(words, ctr, slots[i], offsets[i])
+
+
+@numba.njit(cache=True, nogil=True)
+def push_all(push_v, push_g, npush, ring_addr, ring_ctr, slot_start, slot_kvm):  # pragma: no cover - compiled
+    """The pushes of a batch (vCPU, global page index), in order, each into its vCPU's ring:
+    ring_addr[v] = (address of the ring's entries, entries), ring_ctr[v] its counters
+    (:func:`ring_push`); slot_start/slot_kvm: where each memslot starts in the global page index
+    (ascending) and its kvm_dirty_gfn slot id. Rings are visited one at a time (a counting sort
+    of the pushes by vCPU keeps each ring's entries in order)."""
+    nv = ring_addr.shape[0]
+    start = np.zeros(nv + 1, dtype=np.int64)
+    for i in range(npush):
+        start[push_v[i] + 1] += 1
+    for v in range(nv):
+        start[v + 1] += start[v]
+    order = np.empty(npush, dtype=np.int64)
+    fill = start[:nv].copy()
+    for i in range(npush):
+        order[fill[push_v[i]]] = i
+        fill[push_v[i]] += 1
+    nslots = slot_start.shape[0]
+    for v in range(nv):
+        if start[v + 1] == start[v]:
+            continue
+        words = words_at(ring_addr[v, 0], 2 * ring_addr[v, 1])
+        ctr = ring_ctr[v]
+        for j in range(start[v], start[v + 1]):
+            g = push_g[order[j]]
+            k = nslots - 1
+            while k > 0 and slot_start[k] > g:
+                k -= 1
+            ring_push(words, ctr, slot_kvm[k], g - slot_start[k])
 
 
 @numba.njit(cache=True, nogil=True)

@@ -30,7 +30,7 @@ from ..config import HostProfile, load_host_profile
 from ..guest.base import EXIT_DONE, EXIT_NONE, EXIT_SYNC, NO_WRITE, GuestProgram, WriteBatch
 from .fault import CUT_DONE, CUT_FULL, CUT_NONE, CUT_SYNC, walk_writes
 from .memory import CLEAN, WP, WP_CLEAN, Memslot, bitmap_offsets, protect_masked
-from .ring import DirtyRing
+from .ring import DirtyRing, push_all
 from .uapi import (
     KVM_CAP_ARM_EAGER_SPLIT_CHUNK_SIZE,
     KVM_CAP_ARM_SUPPORTED_BLOCK_SIZES,
@@ -173,6 +173,7 @@ class Vm:
         self.block_shift = self.block_pages.bit_length() - 1  # block sizes are powers of two
         self.now = 0
         self.ring_entries = 0
+        self._ring_addr = np.zeros((0, 2), dtype=np.int64)  # see create_vcpu
         self.with_bitmap = False
         self.manual_protect = 0
         self.eager_split_chunk = 0
@@ -403,6 +404,8 @@ class Vm:
             raise KvmError(errno.EEXIST, f"vCPU {vcpu_id} already exists")
         v = Vcpu(self, vcpu_id, len(self.vcpus))
         self.vcpus.append(v)
+        if v.ring is not None:  # where the compiled walk finds each ring (the arrays live in the rings)
+            self._ring_addr = np.array([(u.ring.gfns.ctypes.data, u.ring.size) for u in self.vcpus], dtype=np.int64)
         return v
 
     # ------------------------------------------------------------------ ring reset
@@ -681,7 +684,17 @@ class Vm:
             vs = self.vcpus[v_i].stats
             vs.faults += int(faults[v_i])
             vs.fault_ns += int(faults[v_i] * fault_cost)
-        if npush:
+        if npush and rings and not p.pml:  # into the rings, in one compiled pass
+            ring_ctr = np.array([v.ring.counters() for v in self.vcpus], dtype=np.int64)
+            before = ring_ctr[:, 0].copy()
+            push_all(push_v, push_g, npush, self._ring_addr, ring_ctr, self._start, self._kslot)
+            for v_i in np.flatnonzero(ring_ctr[:, 0] != before):
+                v = self.vcpus[v_i]
+                v.ring.set_counters(ring_ctr[v_i])
+                v.stats.pushes += int(ring_ctr[v_i, 0] - before[v_i])
+                if v.ring.soft_full():
+                    v.request_soft_full = True
+        elif npush:
             pv, pg = push_v[:npush], push_g[:npush]
             for v_i, sel in groups(pv):
                 v = self.vcpus[v_i]
