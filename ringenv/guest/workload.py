@@ -30,9 +30,9 @@ from __future__ import annotations
 
 import math
 
+import numba
 import numpy as np
 
-from ..arrays import first_occurrence
 from ..config import WorkloadConfig, load_workload
 from .base import GuestProgram, WriteBatch
 
@@ -145,8 +145,10 @@ class WorkloadProgram(GuestProgram):
                     gid = len(self.wrows)
                     self.wrows.append(self.c_w[c].copy())
                 self.c_wgroup[c] = gid
-        self._one_region = len(self.regions) == 1
-        self._one_wgroup = len(self.wrows) == 1 and bool(np.all(self.c_wgroup == 0))
+        self._r_start, self._r_n, self._r_a, self._r_b, self._r_mask = (
+            np.array([getattr(r, f) for r in self.regions], dtype=np.int64)
+            for f in ("start", "n", "perm_a", "perm_b", "mask"))
+        self._marks = np.zeros(int(self.c_n.max()) if len(lo) else 0, dtype=np.uint8)  # scratch: pages taken
         self.efficiency = 1.0  # share of sampled writes that find their page clean (for horizons)
         self._phase_t = [0]
         self._phase_m = []
@@ -214,22 +216,17 @@ class WorkloadProgram(GuestProgram):
             k[raw] = rng.poisson(self.c_n[raw] * lam[raw] * dt)
             p = -np.expm1(-lam[hot] * dt)
             k[hot] = rng.binomial(self.c_n[hot], p)
-            kr = np.where(raw, k, 0)
-            if kr.any():  # every cold class at once
-                cls = np.repeat(np.arange(len(kr)), kr)
-                ranks = self.c_lo[cls] + (rng.random(len(cls)) * self.c_n[cls]).astype(np.int64)
-                gs.append(self._place(cls, ranks))
-                ts.append(now + (rng.random(len(cls)) * dt).astype(np.int64))
-                vs.append(self._writers(cls, running))
-            kh = np.where(hot, k, 0)
-            if kh.any():  # every hot class at once: distinct pages, truncated-exponential times
-                cls, g = self._sample_distinct(kh)
-                ph = np.zeros(len(lam))
-                ph[hot] = p
-                tau = -np.log1p(-rng.random(len(cls)) * ph[cls]) / lam[cls]
-                ts.append(now + np.minimum(tau.astype(np.int64), dt - 1))
+            total = int(k.sum())
+            if total:  # every class at once, in one compiled pass
+                t, vc, g = np.empty(total, np.int64), np.empty(total, np.int32), np.empty(total, np.int64)
+                hot_p = np.zeros(len(lam))
+                hot_p[hot] = p
+                _sample_classes(rng, k, raw, lam, hot_p, now, dt, self.c_lo, self.c_n, self.c_region, self.c_vfix,
+                                self.c_wgroup, self._writer_cdf(running), self._r_start, self._r_n, self._r_a,
+                                self._r_b, self._r_mask, self._marks, t, vc, g)
+                ts.append(t)
+                vs.append(vc)
                 gs.append(g)
-                vs.append(self._writers(cls, running))
         for s in self.scans:
             if not running[s["vcpu"]] or s["rate"] <= 0:
                 continue
@@ -252,72 +249,16 @@ class WorkloadProgram(GuestProgram):
         gfn = g[order] - self.ram_start + self.ram_base_gfn
         return WriteBatch(t[order], vc[order], gfn, None, until, first_touch=True)
 
-    def _place(self, cls: np.ndarray, ranks: np.ndarray) -> np.ndarray:
-        """Global page indexes of ranks of the given classes (each region places its own)."""
-        regions = self.c_region[cls]
-        if self._one_region:
-            return self.regions[0].gpi(ranks)
-        out = np.empty(len(ranks), dtype=np.int64)
-        for r in np.unique(regions):  # a handful of regions
-            sel = regions == r
-            out[sel] = self.regions[r].gpi(ranks[sel])
-        return out
-
-    def _writers(self, cls: np.ndarray, running: np.ndarray) -> np.ndarray:
-        """The writing vCPU of each write: fixed for a private class, else drawn by the class's
-        rate split over the running vCPUs."""
-        grp = self.c_wgroup[cls]  # -1: private (fixed vCPU)
-        if self._one_wgroup:
-            return self._pick_vcpus(self.wrows[0], running, len(cls))
-        out = np.empty(len(cls), dtype=np.int32)
-        for gid in range(-1, len(self.wrows)):
-            sel = grp == gid
-            if not sel.any():
-                continue
-            if gid < 0:
-                out[sel] = self.c_vfix[cls[sel]]
-            else:
-                out[sel] = self._pick_vcpus(self.wrows[gid], running, int(sel.sum()))
-        return out
-
-    def _pick_vcpus(self, w: np.ndarray, running: np.ndarray, n: int) -> np.ndarray:
-        """n writers drawn by rate share among the running vCPUs."""
-        w = w * running
-        act = np.flatnonzero(w)
-        if np.all(w[act] == w[act[0]]):
-            return act[self.rng.integers(0, len(act), size=n)].astype(np.int32)
-        cdf = np.cumsum(w[act]) / w[act].sum()
-        return act[np.searchsorted(cdf, self.rng.random(n), side="right").clip(0, len(act) - 1)].astype(np.int32)
-
-    def _sample_distinct(self, k: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """For each class c, k[c] distinct pages drawn uniformly from it (classes are disjoint,
-        so one de-duplication serves them all). Returns (class, global page index) per page."""
-        rng = self.rng
-        full = (k > 0) & (2 * k >= self.c_n)  # most of a tiny class: take a random subset directly
-        parts_c, parts_g = [], []
-        for c in np.flatnonzero(full):
-            r = self.c_lo[c] + rng.permutation(int(self.c_n[c]))[: int(k[c])]
-            parts_c.append(np.full(len(r), c))
-            parts_g.append(self._place(parts_c[-1], r))
-        need = np.where(full, 0, k)
-        cls = np.zeros(0, dtype=np.int64)
-        g = np.zeros(0, dtype=np.int64)
-        while need.any():  # draws with replacement, duplicates dropped, shortfalls drawn again
-            extra = need + need * need // np.maximum(self.c_n, 1) + (need > 0) * 4
-            c_new = np.repeat(np.arange(len(need)), extra)
-            r = self.c_lo[c_new] + (rng.random(len(c_new)) * self.c_n[c_new]).astype(np.int64)
-            cls = np.concatenate([cls, c_new])
-            g = np.concatenate([g, self._place(c_new, r)])
-            keep = first_occurrence(g)
-            cls, g = cls[keep], g[keep]
-            # keep at most k[c] per class, in draw order (a uniform subset in random order)
-            rank = _rank_within(cls)
-            keep = rank < k[cls]
-            cls, g = cls[keep], g[keep]
-            need = np.where(full, 0, k - np.bincount(cls, minlength=len(k)))
-        parts_c.append(cls)
-        parts_g.append(g)
-        return np.concatenate(parts_c), np.concatenate(parts_g)
+    def _writer_cdf(self, running: np.ndarray) -> np.ndarray:
+        """Per writer group (a shared class's rate split), the cumulative share of the running
+        vCPUs, normalised to 1 (a vCPU out of the guest has a flat step: never drawn)."""
+        if not self.wrows:
+            return np.ones((1, self.nr_vcpus))
+        w = np.array(self.wrows) * running[None, :]
+        cdf = np.cumsum(w, axis=1)
+        cdf /= np.where(cdf[:, -1:] > 0, cdf[:, -1:], 1.0)
+        cdf[cdf >= cdf[:, -1:]] = 1.0  # exactly 1 from the last running vCPU on (u < 1 always)
+        return cdf
 
     def consumed(self, n, t_cut, faults_per_vcpu, retried, written):
         now, running = self._window
@@ -330,6 +271,71 @@ class WorkloadProgram(GuestProgram):
         for s in self.scans:
             if running[s["vcpu"]]:
                 s["pos"] = (s["pos"] + s["rate"] * mult * dt) % (s["b"] - s["a"])
+
+
+@numba.njit(cache=True, nogil=True)
+def _sample_classes(rng, k, raw, lam, hot_p, now, dt, c_lo, c_n, c_region, c_vfix, c_wgroup, cdf,
+                    r_start, r_n, r_a, r_b, r_mask, marks, out_t, out_v, out_g):  # pragma: no cover - compiled
+    """The writes of every class c in one window [now, now + dt): k[c] of them.
+
+    A raw class: k[c] raw writes, each to a uniform page of the class at a uniform time. Otherwise
+    k[c] distinct pages of the class (uniform; ``marks`` remembers the ones taken and is left
+    clear), each at its first-write time, an exponential of rate lam[c] truncated to the window
+    (hot_p[c] = 1 - exp(-lam[c] dt)). Each page is placed in guest RAM as :meth:`_Region.gpi`
+    places it, and each write's vCPU drawn by the class's rate split (``cdf`` row of its group),
+    unless the class belongs to one vCPU."""
+    j = 0
+    for c in range(k.shape[0]):
+        kc, n = k[c], c_n[c]
+        if kc == 0:
+            continue
+        j0 = j
+        if raw[c]:
+            for _ in range(kc):
+                out_g[j] = np.int64(rng.random() * n)
+                out_t[j] = now + np.int64(rng.random() * dt)
+                j += 1
+        else:
+            take = kc <= n - kc  # mark the pages taken, or (most of the class) the ones left out
+            want = kc if take else n - kc
+            for _ in range(want):
+                r = np.int64(rng.random() * n)
+                while marks[r]:
+                    r = np.int64(rng.random() * n)
+                marks[r] = 1
+                if take:
+                    out_g[j] = r
+                    j += 1
+            if not take:
+                for r in range(n):
+                    if marks[r]:
+                        marks[r] = 0
+                    else:
+                        out_g[j] = r
+                        j += 1
+            for i in range(j0, j):
+                if take:
+                    marks[out_g[i]] = 0
+                tau = -np.log1p(-rng.random() * hot_p[c]) / lam[c]
+                out_t[i] = now + min(np.int64(tau), dt - 1)
+        reg = c_region[c]
+        a, b, m, size, start = r_a[reg], r_b[reg], r_mask[reg], r_n[reg], r_start[reg]
+        row = cdf[max(c_wgroup[c], 0)]
+        for i in range(j0, j):
+            x = c_lo[c] + out_g[i]
+            if a != 1 or b != 0:  # the region's bijection, cycle-walked back into it
+                x = (x * a + b) & m
+                while x >= size:
+                    x = (x * a + b) & m
+            out_g[i] = start + x
+            if c_vfix[c] >= 0:
+                out_v[i] = c_vfix[c]
+            else:
+                u = rng.random()
+                v = 0
+                while row[v] <= u:  # the first vCPU whose cumulative share passes u
+                    v += 1
+                out_v[i] = v
 
 
 def _buckets(n: int, pattern: str, s: float) -> list[tuple[int, int, float]]:
@@ -355,18 +361,3 @@ def _zipf_mass(a: int, b: int, s: float) -> float:
     if abs(s - 1.0) < 1e-12:
         return math.log((b + 0.5) / (a + 0.5))
     return ((b + 0.5) ** (1 - s) - (a + 0.5) ** (1 - s)) / (1 - s)
-
-
-def _rank_within(groups: np.ndarray) -> np.ndarray:
-    """For each element, how many earlier elements share its group (0 for the first)."""
-    n = len(groups)
-    if n == 0:
-        return np.zeros(0, dtype=np.int64)
-    small = groups.astype(np.int16) if groups.max() < 32768 else groups  # radix sort when it can
-    order = np.argsort(small, kind="stable")
-    gs = groups[order]
-    starts = np.flatnonzero(np.r_[True, gs[1:] != gs[:-1]])
-    pos = np.arange(n) - np.repeat(starts, np.diff(np.r_[starts, n]))
-    out = np.empty(n, dtype=np.int64)
-    out[order] = pos
-    return out
