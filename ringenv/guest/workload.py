@@ -148,7 +148,7 @@ class WorkloadProgram(GuestProgram):
         self._r_start, self._r_n, self._r_a, self._r_b, self._r_mask = (
             np.array([getattr(r, f) for r in self.regions], dtype=np.int64)
             for f in ("start", "n", "perm_a", "perm_b", "mask"))
-        self._marks = np.zeros(int(self.c_n.max()) if len(lo) else 0, dtype=np.uint8)  # scratch: pages taken
+        self._marks = np.zeros(0, dtype=np.uint8)  # scratch of _sample_classes, sized at first use
         self.efficiency = 1.0  # share of sampled writes that find their page clean (for horizons)
         self._phase_t = [0]
         self._phase_m = []
@@ -221,6 +221,8 @@ class WorkloadProgram(GuestProgram):
                 t, vc, g = np.empty(total, np.int64), np.empty(total, np.int32), np.empty(total, np.int64)
                 hot_p = np.zeros(len(lam))
                 hot_p[hot] = p
+                if hot.any() and len(self._marks) < self.c_n[hot].max():
+                    self._marks = np.zeros(int(self.c_n.max()), dtype=np.uint8)
                 _sample_classes(rng, k, raw, lam, hot_p, now, dt, self.c_lo, self.c_n, self.c_region, self.c_vfix,
                                 self.c_wgroup, self._writer_cdf(running), self._r_start, self._r_n, self._r_a,
                                 self._r_b, self._r_mask, self._marks, t, vc, g)
