@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import gc
 import math
 from typing import Any
 
@@ -221,11 +220,11 @@ class RingEnv(gym.Env):
     def _drop_session(self) -> None:
         """Free the last episode's VM now: the VMM's processes and the VM reference each other,
         and numpy-heavy runs allocate too few Python objects for the cyclic collector to come
-        by often, so without this the arrays of old episodes pile up."""
+        by often, so without closing the session the arrays of old episodes pile up."""
         if self._session is not None:
+            self._session.close()
             self._session = None
             self._prev = self._last_obs_src = None
-            gc.collect()
 
 
 class MigrationEnv(RingEnv):

@@ -161,6 +161,13 @@ class Vcpu:
         return self.vm._exit(self, KVM_EXIT_INTR, "kick")
 
 
+class _Closed:
+    """What a Vm or Vcpu becomes when its fd is closed: every use fails with EBADF."""
+
+    def __getattr__(self, name):
+        raise KvmError(errno.EBADF, f"{name}: the fd is closed")
+
+
 class Vm:
     """A VM (the object behind a VM fd) on a simulated host."""
 
@@ -393,6 +400,16 @@ class Vm:
             self._refresh_slot_modes()
         self.stats.kernel_ns += ns
         return ns
+
+    def close(self) -> None:
+        """Close the VM fd and its vCPU fds: KVM frees the VM (memslots, stage 2, rings) now.
+        Any later use of the VM or its vCPUs raises EBADF. The arrays go at once, without
+        waiting for the cyclic garbage collector (vCPUs and the VM refer to each other)."""
+        for v in self.vcpus:
+            v.__dict__.clear()
+            v.__class__ = _Closed
+        self.__dict__.clear()
+        self.__class__ = _Closed
 
     # ------------------------------------------------------------------ vCPUs
     def create_vcpu(self, vcpu_id: int) -> Vcpu:

@@ -523,6 +523,12 @@ class Session:
         self.throttle.stop()
 
     # ================================================================== stepping
+    def close(self) -> None:
+        """Release the run's VM and page bookkeeping now (the VM fd is closed; metrics taken
+        before stay valid). The session cannot advance afterwards."""
+        self.vm.close()
+        self.dirty = None
+
     def advance(self, until_ns: int) -> None:
         """Run host and VMM up to simulated time ``until_ns`` (or until the run is over)."""
         until = int(until_ns)

@@ -338,3 +338,24 @@ def test_eager_split_chunk_is_arm64_only(profile):
     vm = Vm(profile)
     assert vm.check_extension(EAGER) == 0
     assert errno_of(vm.enable_cap, EAGER, 2 * MiB) == errno.EINVAL
+
+
+def test_closed_vm_and_vcpus_raise_ebadf_and_free_their_memory_at_once():
+    import gc
+    import weakref
+
+    vm = Vm("arm64-4k")
+    vm.enable_cap(ACQ, 4096 * 16)
+    vm.set_user_memory_region(0, LOG, 0, 64 * MiB)
+    v = vm.create_vcpu(0)
+    state, ring = weakref.ref(vm.state), weakref.ref(v.ring_gfns)
+    gc.disable()  # the VM and its vCPUs refer to each other: closing must not wait for the collector
+    try:
+        vm.close()
+        assert state() is None and ring() is None
+    finally:
+        gc.enable()
+    for call in (lambda: vm.reset_dirty_rings(), lambda: vm.create_vcpu(1), lambda: v.run(), lambda: v.ring_gfns):
+        with pytest.raises(KvmError) as e:
+            call()
+        assert e.value.errno == errno.EBADF
