@@ -149,6 +149,7 @@ class WorkloadProgram(GuestProgram):
             np.array([getattr(r, f) for r in self.regions], dtype=np.int64)
             for f in ("start", "n", "perm_a", "perm_b", "mask"))
         self._marks = np.zeros(0, dtype=np.uint8)  # scratch of _sample_classes, sized at first use
+        self._cdf_key, self._cdf = None, None
         self.efficiency = 1.0  # share of sampled writes that find their page clean (for horizons)
         self._phase_t = [0]
         self._phase_m = []
@@ -253,14 +254,18 @@ class WorkloadProgram(GuestProgram):
 
     def _writer_cdf(self, running: np.ndarray) -> np.ndarray:
         """Per writer group (a shared class's rate split), the cumulative share of the running
-        vCPUs, normalised to 1 (a vCPU out of the guest has a flat step: never drawn)."""
-        if not self.wrows:
-            return np.ones((1, self.nr_vcpus))
-        w = np.array(self.wrows) * running[None, :]
-        cdf = np.cumsum(w, axis=1)
-        cdf /= np.where(cdf[:, -1:] > 0, cdf[:, -1:], 1.0)
-        cdf[cdf >= cdf[:, -1:]] = 1.0  # exactly 1 from the last running vCPU on (u < 1 always)
-        return cdf
+        vCPUs, normalised to 1 (a vCPU out of the guest has a flat step: never drawn). Cached
+        for the last set of running vCPUs (it changes only when a vCPU exits or re-enters)."""
+        key = running.tobytes()
+        if self._cdf_key != key:
+            if not self.wrows:
+                cdf = np.ones((1, self.nr_vcpus))
+            else:
+                cdf = np.cumsum(np.array(self.wrows) * running[None, :], axis=1)
+                cdf /= np.where(cdf[:, -1:] > 0, cdf[:, -1:], 1.0)
+                cdf[cdf >= cdf[:, -1:]] = 1.0  # exactly 1 from the last running vCPU on (u < 1 always)
+            self._cdf_key, self._cdf = key, cdf
+        return self._cdf
 
     def consumed(self, n, t_cut, faults_per_vcpu, retried, written):
         now, running = self._window

@@ -7,7 +7,7 @@ control interval is the difference of two records.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass, fields
 
 
 @dataclass(frozen=True)
@@ -68,11 +68,8 @@ class Metrics:
     checkpoint_overruns: int = 0  #: checkpoints that ended after the next was due
 
     def to_dict(self) -> dict:
-        d = asdict(self)
-        for k, v in d.items():
-            if isinstance(v, tuple):
-                d[k] = list(v)
-        return d
+        """The record as plain data (tuples as lists); the fields are flat, so no deep copy."""
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in vars(self).items()}
 
     @classmethod
     def field_docs(cls) -> dict[str, str]:
