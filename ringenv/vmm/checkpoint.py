@@ -38,14 +38,7 @@ class CheckpointRun(Session):
         horizon = int(ck.horizon_s * NS)
         period = int(ck.period_s * NS)
 
-        yield self.bql
-        ns = self.enable_logging()
-        dirty.set_all()
-        sync = self.collector.sync()
-        self.bql.release_at(loop.now + ns + sync)
-        yield ns + sync
-        self.note_sync(True, sync)
-        self.start_bandwidth_window()
+        yield from self.setup_logging()
 
         self.phase = "base"  # the base image, written live
         while dirty.mig_count:

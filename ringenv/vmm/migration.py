@@ -47,15 +47,7 @@ class MigrationRun(Session):
         t_start = loop.now
         give_up = t_start + int(link.give_up_s * NS)
 
-        # ram_save_setup
-        yield self.bql
-        ns = self.enable_logging()
-        dirty.set_all()
-        sync = self.collector.sync()
-        self.bql.release_at(loop.now + ns + sync)
-        yield ns + sync
-        self.note_sync(True, sync)  # setup sync: not a throttle period
-        self.start_bandwidth_window()
+        yield from self.setup_logging()  # ram_save_setup
         self.phase = "bulk"
 
         ps = self.page_size

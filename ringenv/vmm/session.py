@@ -523,6 +523,19 @@ class Session:
         self.throttle.stop()
 
     # ================================================================== stepping
+    def setup_logging(self):
+        """ram_save_setup's dirty-logging part, a process step under the big lock: enable
+        logging, mark every page dirty, the first sync (not a throttle period), then open the
+        bandwidth window."""
+        yield self.bql
+        ns = self.enable_logging()
+        self.dirty.set_all()
+        sync = self.collector.sync()
+        self.bql.release_at(self.loop.now + ns + sync)
+        yield ns + sync
+        self.note_sync(True, sync)
+        self.start_bandwidth_window()
+
     def close(self) -> None:
         """Release the run's VM and page bookkeeping now (the VM fd is closed; metrics taken
         before stay valid). The session cannot advance afterwards."""
