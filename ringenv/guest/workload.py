@@ -38,6 +38,7 @@ from .base import GuestProgram, WriteBatch
 
 NS = 1e9
 GUEST_WRITE = 4096  # bytes of one guest store burst: workload rates are in 4 KiB page writes
+_NONE = np.zeros(0)
 MAX_EVENTS = 1 << 15  # events per window, to bound memory and wasted sampling
 RAW_WRITES_BELOW = 0.05  # per-page expected writes in a window below which raw writes are sampled
 
@@ -204,6 +205,7 @@ class WorkloadProgram(GuestProgram):
             return WriteBatch.empty(until)
         mult, _ = self.multiplier(now)
         ts, vs, gs = [], [], []
+        nraw = 0  # the leading writes already in (time, vCPU) order
         if len(self.c_lo):
             lam = self.c_rate * mult * (self.c_w @ running.astype(float))
             act = lam > 0
@@ -224,9 +226,14 @@ class WorkloadProgram(GuestProgram):
                 hot_p[hot] = p
                 if hot.any() and len(self._marks) < self.c_n[hot].max():
                     self._marks = np.zeros(int(self.c_n.max()), dtype=np.uint8)
-                _sample_classes(rng, k, raw, lam, hot_p, now, dt, self.c_lo, self.c_n, self.c_region, self.c_vfix,
-                                self.c_wgroup, self._writer_cdf(running), self._r_start, self._r_n, self._r_a,
-                                self._r_b, self._r_mask, self._marks, t, vc, g)
+                # the raw writes come time-ordered when nothing else joins them (no argsort then)
+                nr = int(k[raw].sum())
+                alone = nr == total and not any(running[s["vcpu"]] and s["rate"] > 0 for s in self.scans)
+                spacings = rng.standard_exponential(nr + 1) if alone else _NONE
+                nraw = _sample_classes(rng, spacings, rng.random(3 * total), k, raw, lam,
+                                       hot_p, now, dt, self.c_lo, self.c_n, self.c_region, self.c_vfix,
+                                       self.c_wgroup, self._writer_cdf(running), self._r_start, self._r_n,
+                                       self._r_a, self._r_b, self._r_mask, self._marks, t, vc, g)
                 ts.append(t)
                 vs.append(vc)
                 gs.append(g)
@@ -248,9 +255,10 @@ class WorkloadProgram(GuestProgram):
         if not ts:
             return WriteBatch.empty(until)
         t, vc, g = (np.concatenate(x) if len(x) > 1 else x[0] for x in (ts, vs, gs))
-        order = np.argsort(t * 1024 + vc)  # by time, then vCPU
-        gfn = g[order] - self.ram_start + self.ram_base_gfn
-        return WriteBatch(t[order], vc[order], gfn, None, until, first_touch=True)
+        if len(t) > nraw:  # more than the raw writes' ordered run: order by time, then vCPU
+            order = np.argsort(t * 1024 + vc)
+            t, vc, g = t[order], vc[order], g[order]
+        return WriteBatch(t, vc, g - self.ram_start + self.ram_base_gfn, None, until, first_touch=True)
 
     def _writer_cdf(self, running: np.ndarray) -> np.ndarray:
         """Per writer group (a shared class's rate split), the cumulative share of the running
@@ -281,68 +289,115 @@ class WorkloadProgram(GuestProgram):
 
 
 @numba.njit(cache=True, nogil=True)
-def _sample_classes(rng, k, raw, lam, hot_p, now, dt, c_lo, c_n, c_region, c_vfix, c_wgroup, cdf,
-                    r_start, r_n, r_a, r_b, r_mask, marks, out_t, out_v, out_g):  # pragma: no cover - compiled
+def _sample_classes(rng, spacings, uniforms, k, raw, lam, hot_p, now, dt, c_lo, c_n, c_region, c_vfix, c_wgroup,
+                    cdf, r_start, r_n, r_a, r_b, r_mask, marks, out_t, out_v, out_g):  # pragma: no cover - compiled
     """The writes of every class c in one window [now, now + dt): k[c] of them.
 
-    A raw class: k[c] raw writes, each to a uniform page of the class at a uniform time. Otherwise
-    k[c] distinct pages of the class (uniform; ``marks`` remembers the ones taken and is left
-    clear), each at its first-write time, an exponential of rate lam[c] truncated to the window
-    (hot_p[c] = 1 - exp(-lam[c] dt)). Each page is placed in guest RAM as :meth:`_Region.gpi`
-    places it, and each write's vCPU drawn by the class's rate split (``cdf`` row of its group),
-    unless the class belongs to one vCPU."""
+    Raw classes: k[c] raw writes, each to a uniform page of the class at a uniform time. They
+    come first. With ``spacings`` (n + 1 standard exponentials) they come as one run in (time,
+    vCPU) order: their times drawn already sorted, each write given a class by a random
+    permutation of the classes' counts (the same law as sorting independent uniform times per
+    class); without, in no particular order (the caller sorts the whole batch anyway).
+    Other classes: k[c] distinct pages of the class (uniform; ``marks`` remembers the ones taken
+    and is left clear), each at its first-write time, an exponential of rate lam[c] truncated to
+    the window (hot_p[c] = 1 - exp(-lam[c] dt)); in no particular order.
+    Each page is placed in guest RAM as :meth:`_Region.gpi` places it, and each write's vCPU drawn
+    by the class's rate split (``cdf`` row of its group), unless the class belongs to one vCPU.
+    Random numbers come drawn in bulk from the same Generator where their count is known
+    (``uniforms``: three per write: page, vCPU, time), several times cheaper than one call each;
+    the distinct-page draws, whose count is not, call it. Returns the length of the ordered run
+    of raw writes (0 without ``spacings``)."""
+    nraw = 0
+    for c in range(k.shape[0]):
+        if raw[c]:
+            nraw += k[c]
+    cls = np.empty(out_t.shape[0], dtype=np.int64)
+    # raw writes: sorted uniform times in [0, dt) from n + 1 exponential spacings
     j = 0
+    nclasses = 0
+    for c in range(k.shape[0]):
+        if raw[c] and k[c]:
+            nclasses += 1
+            for _ in range(k[c]):
+                cls[j] = c
+                j += 1
+    ordered = spacings.shape[0] > 0
+    if ordered and nclasses > 1:
+        for i in range(nraw - 1, 0, -1):  # Fisher-Yates: which class each time belongs to
+            x = np.int64(rng.random() * (i + 1))
+            cls[i], cls[x] = cls[x], cls[i]
+    total = 0.0
+    if ordered:
+        for i in range(nraw + 1):
+            total += spacings[i]
+    acc = 0.0
+    for i in range(nraw):
+        if ordered:
+            acc += spacings[i]
+            out_t[i] = now + min(np.int64(acc / total * dt), dt - 1)
+        else:
+            out_t[i] = now + np.int64(uniforms[3 * i + 2] * dt)
+        out_g[i] = np.int64(uniforms[3 * i] * c_n[cls[i]])
+    # other classes: distinct pages
     for c in range(k.shape[0]):
         kc, n = k[c], c_n[c]
-        if kc == 0:
+        if raw[c] or kc == 0:
             continue
         j0 = j
-        if raw[c]:
-            for _ in range(kc):
-                out_g[j] = np.int64(rng.random() * n)
-                out_t[j] = now + np.int64(rng.random() * dt)
-                j += 1
-        else:
-            take = kc <= n - kc  # mark the pages taken, or (most of the class) the ones left out
-            want = kc if take else n - kc
-            for _ in range(want):
+        take = kc <= n - kc  # mark the pages taken, or (most of the class) the ones left out
+        want = kc if take else n - kc
+        for _ in range(want):
+            r = np.int64(rng.random() * n)
+            while marks[r]:
                 r = np.int64(rng.random() * n)
-                while marks[r]:
-                    r = np.int64(rng.random() * n)
-                marks[r] = 1
-                if take:
+            marks[r] = 1
+            if take:
+                out_g[j] = r
+                cls[j] = c
+                j += 1
+        if not take:
+            for r in range(n):
+                if marks[r]:
+                    marks[r] = 0
+                else:
                     out_g[j] = r
+                    cls[j] = c
                     j += 1
-            if not take:
-                for r in range(n):
-                    if marks[r]:
-                        marks[r] = 0
-                    else:
-                        out_g[j] = r
-                        j += 1
-            for i in range(j0, j):
-                if take:
-                    marks[out_g[i]] = 0
-                tau = -np.log1p(-rng.random() * hot_p[c]) / lam[c]
-                out_t[i] = now + min(np.int64(tau), dt - 1)
-        reg = c_region[c]
-        a, b, m, size, start = r_a[reg], r_b[reg], r_mask[reg], r_n[reg], r_start[reg]
-        row = cdf[max(c_wgroup[c], 0)]
         for i in range(j0, j):
-            x = c_lo[c] + out_g[i]
-            if a != 1 or b != 0:  # the region's bijection, cycle-walked back into it
+            if take:
+                marks[out_g[i]] = 0
+            tau = -np.log1p(-uniforms[3 * i + 2] * hot_p[c]) / lam[c]
+            out_t[i] = now + min(np.int64(tau), dt - 1)
+    # placement and writers
+    for i in range(j):
+        c = cls[i]
+        reg = c_region[c]
+        a, b, m = r_a[reg], r_b[reg], r_mask[reg]
+        x = c_lo[c] + out_g[i]
+        if a != 1 or b != 0:  # the region's bijection, cycle-walked back into it
+            x = (x * a + b) & m
+            while x >= r_n[reg]:
                 x = (x * a + b) & m
-                while x >= size:
-                    x = (x * a + b) & m
-            out_g[i] = start + x
-            if c_vfix[c] >= 0:
-                out_v[i] = c_vfix[c]
-            else:
-                u = rng.random()
-                v = 0
-                while row[v] <= u:  # the first vCPU whose cumulative share passes u
-                    v += 1
-                out_v[i] = v
+        out_g[i] = r_start[reg] + x
+        if c_vfix[c] >= 0:
+            out_v[i] = c_vfix[c]
+        else:
+            row = cdf[max(c_wgroup[c], 0)]
+            u = uniforms[3 * i + 1]
+            v = 0
+            while row[v] <= u:  # the first vCPU whose cumulative share passes u
+                v += 1
+            out_v[i] = v
+    if not ordered:
+        return 0
+    # equal times in the raw run: order by vCPU (rare; an insertion step each)
+    for i in range(1, nraw):
+        p = i
+        while p > 0 and out_t[p] == out_t[p - 1] and out_v[p] < out_v[p - 1]:
+            out_v[p], out_v[p - 1] = out_v[p - 1], out_v[p]
+            out_g[p], out_g[p - 1] = out_g[p - 1], out_g[p]
+            p -= 1
+    return nraw
 
 
 def _buckets(n: int, pattern: str, s: float) -> list[tuple[int, int, float]]:
