@@ -230,7 +230,11 @@ class WorkloadProgram(GuestProgram):
                 nr = int(k[raw].sum())
                 alone = nr == total and not any(running[s["vcpu"]] and s["rate"] > 0 for s in self.scans)
                 spacings = rng.standard_exponential(nr + 1) if alone else _NONE
-                nraw = _sample_classes(rng, spacings, rng.random(3 * total), k, raw, lam,
+                # extra draws: the permutation of the raw run, and each distinct page with
+                # room for repeats (a class is at most half taken: < 1.4 draws per page on average)
+                few = np.minimum(k, self.c_n - k)
+                n_extra = (nr if alone else 0) + 2 * int(few[hot].sum()) + 64
+                nraw = _sample_classes(rng.random(n_extra), spacings, rng.random(3 * total), k, raw, lam,
                                        hot_p, now, dt, self.c_lo, self.c_n, self.c_region, self.c_vfix,
                                        self.c_wgroup, self._writer_cdf(running), self._r_start, self._r_n,
                                        self._r_a, self._r_b, self._r_mask, self._marks, t, vc, g)
@@ -288,8 +292,26 @@ class WorkloadProgram(GuestProgram):
                 s["pos"] = (s["pos"] + s["rate"] * mult * dt) % (s["b"] - s["a"])
 
 
+@numba.njit(inline="always")
+def _uniform(buf, st):  # pragma: no cover - compiled
+    """The next uniform number: those of ``buf`` in order (``st[0]``: how many were used), then a
+    splitmix64 stream (``st[1]``: its state, seeded from buf's last number)."""
+    i = st[0]
+    st[0] = i + np.uint64(1)
+    if i < np.uint64(buf.shape[0]):
+        return buf[i]
+    if i == np.uint64(buf.shape[0]):
+        st[1] = np.uint64(buf[-1] * 9007199254740992.0) if buf.shape[0] else np.uint64(0)
+    st[1] += np.uint64(0x9E3779B97F4A7C15)
+    z = st[1]
+    z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    z ^= z >> np.uint64(31)
+    return np.float64(z >> np.uint64(11)) / 9007199254740992.0
+
+
 @numba.njit(cache=True, nogil=True)
-def _sample_classes(rng, spacings, uniforms, k, raw, lam, hot_p, now, dt, c_lo, c_n, c_region, c_vfix, c_wgroup,
+def _sample_classes(extra, spacings, uniforms, k, raw, lam, hot_p, now, dt, c_lo, c_n, c_region, c_vfix, c_wgroup,
                     cdf, r_start, r_n, r_a, r_b, r_mask, marks, out_t, out_v, out_g):  # pragma: no cover - compiled
     """The writes of every class c in one window [now, now + dt): k[c] of them.
 
@@ -303,10 +325,13 @@ def _sample_classes(rng, spacings, uniforms, k, raw, lam, hot_p, now, dt, c_lo, 
     the window (hot_p[c] = 1 - exp(-lam[c] dt)); in no particular order.
     Each page is placed in guest RAM as :meth:`_Region.gpi` places it, and each write's vCPU drawn
     by the class's rate split (``cdf`` row of its group), unless the class belongs to one vCPU.
-    Random numbers come drawn in bulk from the same Generator where their count is known
-    (``uniforms``: three per write: page, vCPU, time), several times cheaper than one call each;
-    the distinct-page draws, whose count is not, call it. Returns the length of the ordered run
-    of raw writes (0 without ``spacings``)."""
+    Random numbers come drawn in bulk by the caller's Generator, several times cheaper than one
+    call each (and no Generator to type-check at every call): ``uniforms``, three per write
+    (page, vCPU, time); ``extra`` for the draws whose count is not fixed (the permutation,
+    distinct pages drawn again after a repeat), continued past its end by a splitmix64 stream
+    seeded from its last number. Returns the length of the ordered run of raw writes (0
+    without ``spacings``)."""
+    st = np.zeros(2, dtype=np.uint64)  # where in ``extra`` (see _uniform)
     nraw = 0
     for c in range(k.shape[0]):
         if raw[c]:
@@ -324,7 +349,7 @@ def _sample_classes(rng, spacings, uniforms, k, raw, lam, hot_p, now, dt, c_lo, 
     ordered = spacings.shape[0] > 0
     if ordered and nclasses > 1:
         for i in range(nraw - 1, 0, -1):  # Fisher-Yates: which class each time belongs to
-            x = np.int64(rng.random() * (i + 1))
+            x = np.int64(_uniform(extra, st) * (i + 1))
             cls[i], cls[x] = cls[x], cls[i]
     total = 0.0
     if ordered:
@@ -347,9 +372,9 @@ def _sample_classes(rng, spacings, uniforms, k, raw, lam, hot_p, now, dt, c_lo, 
         take = kc <= n - kc  # mark the pages taken, or (most of the class) the ones left out
         want = kc if take else n - kc
         for _ in range(want):
-            r = np.int64(rng.random() * n)
+            r = np.int64(_uniform(extra, st) * n)
             while marks[r]:
-                r = np.int64(rng.random() * n)
+                r = np.int64(_uniform(extra, st) * n)
             marks[r] = 1
             if take:
                 out_g[j] = r
