@@ -216,9 +216,9 @@ class WorkloadProgram(GuestProgram):
             raw = act & (lam * dt < RAW_WRITES_BELOW)
             hot = act & ~raw
             k = np.zeros(len(lam), dtype=np.int64)
-            k[raw] = rng.poisson(self.c_n[raw] * lam[raw] * dt)
+            k[raw] = _each(rng.poisson, self.c_n[raw] * lam[raw] * dt)
             p = -np.expm1(-lam[hot] * dt)
-            k[hot] = rng.binomial(self.c_n[hot], p)
+            k[hot] = _each(rng.binomial, self.c_n[hot], p)
             total = int(k.sum())
             if total:  # every class at once, in one compiled pass
                 t, vc, g = np.empty(total, np.int64), np.empty(total, np.int32), np.empty(total, np.int64)
@@ -290,6 +290,14 @@ class WorkloadProgram(GuestProgram):
         for s in self.scans:
             if running[s["vcpu"]]:
                 s["pos"] = (s["pos"] + s["rate"] * mult * dt) % (s["b"] - s["a"])
+
+
+def _each(draw, *params):
+    """``draw(*params)`` over arrays of a few elements: one scalar call per element, four
+    times cheaper than numpy's broadcasting call for a handful (same numbers, same order)."""
+    if len(params[0]) > 4:
+        return draw(*params)
+    return [draw(*x) for x in zip(*(a.tolist() for a in params))]
 
 
 @numba.njit(inline="always")

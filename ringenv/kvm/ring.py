@@ -24,11 +24,12 @@ class DirtyRing:
     """One vCPU's ring: ``size`` entries, ``soft_limit = size - reserved``.
 
     ``dirty_index`` and ``reset_index`` are free-running u32 counters, as in the kernel;
-    ``used = dirty_index - reset_index``.
+    ``used = dirty_index - reset_index``. The counters live in a row of int64 (dirty_index,
+    reset_index, lost, pushes; the indexes kept modulo 2^32 when read) that the compiled push
+    updates in place: the VM keeps all its rings' rows in one array (:meth:`attach_counters`).
     """
 
-    __slots__ = ("gfns", "size", "soft_limit", "dirty_index", "reset_index", "lost", "pushes",
-                 "_flags", "_slot", "_offset")
+    __slots__ = ("gfns", "size", "soft_limit", "_ctr", "_flags", "_slot", "_offset")
 
     def __init__(self, entries: int, reserved: int):
         assert entries & (entries - 1) == 0 and entries > reserved
@@ -36,14 +37,22 @@ class DirtyRing:
         self._flags, self._slot, self._offset = self.gfns["flags"], self.gfns["slot"], self.gfns["offset"]
         self.size = entries
         self.soft_limit = entries - reserved
-        self.dirty_index = 0
-        self.reset_index = 0
-        self.lost = 0  # pushes made while the ring was full: the kernel's WARN, an overwritten entry
-        self.pushes = 0
+        self._ctr = np.zeros(4, dtype=np.int64)
+
+    def attach_counters(self, row: np.ndarray) -> None:
+        """Keep the counters in ``row`` (a row of the VM's array), carrying their values over."""
+        row[:] = self._ctr
+        self._ctr = row
+
+    dirty_index = property(lambda self: int(self._ctr[0]) & U32)
+    reset_index = property(lambda self: int(self._ctr[1]) & U32)
+    lost = property(lambda self: int(self._ctr[2]), doc="pushes made while the ring was full: the kernel's WARN, "
+                                                       "an overwritten entry")
+    pushes = property(lambda self: int(self._ctr[3]))
 
     @property
     def used(self) -> int:
-        return (self.dirty_index - self.reset_index) & U32
+        return int(self._ctr[0] - self._ctr[1]) & U32
 
     def soft_full(self) -> bool:
         """kvm_dirty_ring_soft_full: used >= soft_limit."""
@@ -59,19 +68,9 @@ class DirtyRing:
         n = len(offsets)
         if n == 0:
             return False
-        ctr = self.counters()
-        _push_run(self.gfns.view(np.uint64), ctr, np.broadcast_to(np.asarray(slot, dtype=np.uint32), (n,)),
+        _push_run(self.gfns.view(np.uint64), self._ctr, np.broadcast_to(np.asarray(slot, dtype=np.uint32), (n,)),
                   np.ascontiguousarray(offsets, dtype=np.uint64))
-        self.set_counters(ctr)
         return self.soft_full()
-
-    def counters(self) -> np.ndarray:
-        """(dirty_index, reset_index, lost, pushes) as the compiled push takes them."""
-        return np.array([self.dirty_index, self.reset_index, self.lost, self.pushes], dtype=np.int64)
-
-    def set_counters(self, ctr: np.ndarray) -> None:
-        self.dirty_index = int(ctr[0]) & U32
-        self.lost, self.pushes = int(ctr[2]), int(ctr[3])
 
     def reset_harvested(self) -> tuple[int, np.ndarray, np.ndarray, np.ndarray]:
         """kvm_dirty_ring_reset: from ``reset_index``, while the entry has RESET set, set its
@@ -82,7 +81,7 @@ class DirtyRing:
         if count == 0:
             return 0, _EMPTY_U32, _EMPTY_I64, _EMPTY_U64
         calls = _coalesced(self._slot, self._offset, self.reset_index & (self.size - 1), count)
-        self.reset_index = (self.reset_index + count) & U32
+        self._ctr[1] += count
         return (count, *calls)
 
 

@@ -421,8 +421,12 @@ class Vm:
             raise KvmError(errno.EEXIST, f"vCPU {vcpu_id} already exists")
         v = Vcpu(self, vcpu_id, len(self.vcpus))
         self.vcpus.append(v)
-        if v.ring is not None:  # where the compiled walk finds each ring (the arrays live in the rings)
+        if v.ring is not None:  # where the compiled push finds each ring and its counters
             self._ring_addr = np.array([(u.ring.gfns.ctypes.data, u.ring.size) for u in self.vcpus], dtype=np.int64)
+            self._ring_ctr = np.zeros((len(self.vcpus), 4), dtype=np.int64)
+            for u, row in zip(self.vcpus, self._ring_ctr):
+                u.ring.attach_counters(row)
+            self._soft_limit = np.array([u.ring.soft_limit for u in self.vcpus], dtype=np.int64)
         return v
 
     # ------------------------------------------------------------------ ring reset
@@ -597,8 +601,7 @@ class Vm:
             if guest is None or not running.any():
                 self.now = until
                 break
-            room = np.array([(v.ring.soft_limit - v.ring.used) if v.ring is not None else 1 << 30
-                             for v in self.vcpus], dtype=np.int64)
+            room = self._soft_limit - self._ring_used() if self.ring_entries else np.full(len(self.vcpus), 1 << 30)
             if self.profile.pml:
                 room -= np.array([v.pml_count for v in self.vcpus], dtype=np.int64)
             horizon = min(until, max(self.now + 1, guest.horizon(self.now, until, running, room)))
@@ -612,6 +615,10 @@ class Vm:
             if exit_ is not None:
                 return [exit_]
         return []
+
+    def _ring_used(self) -> np.ndarray:
+        """Entries in each vCPU's ring (dirty_index - reset_index, modulo 2^32)."""
+        return (self._ring_ctr[:, 0] - self._ring_ctr[:, 1]) & 0xFFFFFFFF
 
     def _exit(self, v: Vcpu, reason: int, kind: str, count: bool = True) -> Exit:
         """v leaves the guest now. Any exit flushes the PML buffer into the ring first."""
@@ -665,8 +672,8 @@ class Vm:
         code = exit_after if exit_after is not None else self._zeros_i8(n)
         reads = reads if reads is not None else self._zeros_i8(n)
         rings = self.ring_entries > 0
-        used = np.array([v.ring.used if rings else 0 for v in self.vcpus], dtype=np.int64)
-        limit = np.array([v.ring.soft_limit if rings else 1 << 62 for v in self.vcpus], dtype=np.int64)
+        used = self._ring_used() if rings else np.zeros(nv, dtype=np.int64)
+        limit = self._soft_limit if rings else np.full(nv, 1 << 62, dtype=np.int64)
         pml_count = np.array([v.pml_count for v in self.vcpus], dtype=np.int64)
         bp = self.block_pages
         maxpush = n * (bp if self._pushall.any() else 1)
@@ -697,19 +704,21 @@ class Vm:
             fault_cost = c.dirty_write_ns  # PML logs it; the flushes into the ring are charged there
         else:  # PML into the dirty bitmap: a flush per 512 logged pages, amortized
             fault_cost = c.dirty_write_ns + c.pml_flush_entry_ns + c.pml_full_exit_ns / p.pml_buffer_entries
-        for v_i in np.flatnonzero(faults):
+        nz = np.flatnonzero(faults)
+        for v_i, f in zip(nz.tolist(), faults[nz].tolist()):
             vs = self.vcpus[v_i].stats
-            vs.faults += int(faults[v_i])
-            vs.fault_ns += int(faults[v_i] * fault_cost)
+            vs.faults += f
+            vs.fault_ns += int(f * fault_cost)
         if npush and rings and not p.pml:  # into the rings, in one compiled pass
-            ring_ctr = np.array([v.ring.counters() for v in self.vcpus], dtype=np.int64)
-            before = ring_ctr[:, 0].copy()
-            push_all(push_v, push_g, npush, self._ring_addr, ring_ctr, self._start, self._kslot)
-            for v_i in np.flatnonzero(ring_ctr[:, 0] != before):
+            ctr = self._ring_ctr
+            before = ctr[:, 0].copy()
+            push_all(push_v, push_g, npush, self._ring_addr, ctr, self._start, self._kslot)
+            pushed = ctr[:, 0] - before
+            soft_full = self._ring_used() >= self._soft_limit
+            for v_i in np.flatnonzero(pushed).tolist():
                 v = self.vcpus[v_i]
-                v.ring.set_counters(ring_ctr[v_i])
-                v.stats.pushes += int(ring_ctr[v_i, 0] - before[v_i])
-                if v.ring.soft_full():
+                v.stats.pushes += int(pushed[v_i])
+                if soft_full[v_i]:
                     v.request_soft_full = True
         elif npush:
             pv, pg = push_v[:npush], push_g[:npush]
