@@ -96,9 +96,14 @@ class Memslot:
 
 
 def bitmap_offsets(bitmap: np.ndarray, npages: int) -> np.ndarray:
-    """Offsets of the set bits of a little-endian u64 bitmap, ascending."""
-    bits = np.unpackbits(bitmap.view(np.uint8), bitorder="little")[:npages]
-    return np.flatnonzero(bits).astype(np.int64)
+    """Offsets of the set bits of a little-endian u64 bitmap, ascending. Only the non-zero
+    words are expanded: a sparse bitmap (the backup bitmap at a sync) costs a scan of its words."""
+    words = np.flatnonzero(bitmap)
+    if len(words) * 8 > len(bitmap):  # dense: expand everything
+        return np.flatnonzero(np.unpackbits(bitmap.view(np.uint8), bitorder="little")[:npages])
+    bits = np.flatnonzero(np.unpackbits(bitmap[words].view(np.uint8), bitorder="little"))
+    off = words[bits >> 6] * 64 + (bits & 63)
+    return off[off < npages]
 
 
 def offsets_bitmap(offsets: np.ndarray, npages: int) -> np.ndarray:

@@ -418,3 +418,13 @@ def test_x86_pml_logs_bitmap_mode_writes_without_faults():
     c = Vm("x86-pml").profile.costs
     assert fault_ns("x86-pml") == pytest.approx(c.dirty_write_ns + c.pml_flush_entry_ns + c.pml_full_exit_ns / 512, abs=1)
     assert fault_ns("x86-nopml") == Vm("x86-nopml").profile.costs.wp_fault_ns
+
+
+@pytest.mark.parametrize("npages,count", [(1000, 0), (1000, 7), (130, 129), (1 << 20, 40), (1 << 20, 400_000)])
+def test_bitmap_offsets_round_trip_sparse_and_dense(npages, count):
+    from ringenv.kvm.memory import bitmap_offsets, offsets_bitmap
+
+    rng = np.random.default_rng(npages + count)
+    off = np.unique(rng.integers(0, npages, count)).astype(np.int64)
+    got = bitmap_offsets(offsets_bitmap(off, npages), npages)
+    assert got.dtype == np.int64 and np.array_equal(got, off)
