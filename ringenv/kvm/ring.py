@@ -12,6 +12,7 @@ import numba
 import numpy as np
 
 from ..arrays import words_at
+from .memory import protect_call
 from .uapi import KVM_DIRTY_GFN_F_DIRTY, KVM_DIRTY_GFN_F_RESET, kvm_dirty_gfn
 
 U32 = 0xFFFFFFFF
@@ -72,23 +73,6 @@ class DirtyRing:
                   np.ascontiguousarray(offsets, dtype=np.uint64))
         return self.soft_full()
 
-    def reset_harvested(self) -> tuple[int, np.ndarray, np.ndarray, np.ndarray]:
-        """kvm_dirty_ring_reset: from ``reset_index``, while the entry has RESET set, set its
-        flags to 0 (kvm_dirty_gfn_set_invalid), advance ``reset_index`` and feed the entry to the
-        re-protect coalescing (:func:`coalesce_reprotect`). Returns (entries reset, and the
-        re-protect calls as arrays slot, offset, mask)."""
-        count = _harvested(self._flags, self.reset_index, min(self.used, self.size))
-        if count == 0:
-            return 0, _EMPTY_U32, _EMPTY_I64, _EMPTY_U64
-        calls = _coalesced(self._slot, self._offset, self.reset_index & (self.size - 1), count)
-        self._ctr[1] += count
-        return (count, *calls)
-
-
-_EMPTY_U32 = np.zeros(0, dtype=np.uint32)
-_EMPTY_I64 = np.zeros(0, dtype=np.int64)
-_EMPTY_U64 = np.zeros(0, dtype=np.uint64)
-
 
 @numba.njit(inline="always")
 def ring_push(words, ctr, kslot, offset):  # pragma: no cover - compiled
@@ -145,66 +129,80 @@ def push_all(push_v, push_g, npush, ring_addr, ring_ctr, slot_start, slot_kvm): 
             ring_push(words, ctr, slot_kvm[k], g - slot_start[k])
 
 
-@numba.njit(cache=True, nogil=True)
-def _harvested(flags, reset_index, used):  # pragma: no cover - compiled
-    """The scan of kvm_dirty_ring_reset: count the entries from reset_index that carry RESET,
-    clearing their flags; stop at the first that does not."""
-    mask = flags.shape[0] - 1
-    for i in range(used):
-        p = (reset_index + i) & mask
-        if not flags[p] & KVM_DIRTY_GFN_F_RESET:
-            return i
-        flags[p] = 0
-    return used
+@numba.njit(inline="always")
+def _coalesce_add(cur, slot, offset):  # pragma: no cover - compiled
+    """One step of the re-protect coalescing (reference s6) on the pending call ``cur`` =
+    (slot, offset, mask; mask 0: none pending): merge entry (slot, offset) into it and return
+    True, or return False (the caller flushes ``cur`` and starts a new call at the entry)."""
+    if cur[2] == 0 or slot != cur[0]:
+        return False
+    delta = np.int64(offset) - np.int64(cur[1])
+    if delta >= 0 and delta < 64:
+        cur[2] |= np.uint64(1) << np.uint64(delta)
+        return True
+    if delta > -64 and delta < 0:
+        sh = np.uint64(-delta)
+        if ((cur[2] << sh) >> sh) == cur[2]:
+            cur[1] = offset
+            cur[2] = (cur[2] << sh) | np.uint64(1)
+            return True
+    return False
 
 
 @numba.njit(cache=True, nogil=True)
-def _coalesce(slots, offsets, start, n, out_slot, out_offset, out_mask):  # pragma: no cover - compiled
-    """Coalesce entries start, start+1, ... (n of them, wrapping around the array's end)."""
-    size = slots.shape[0]
+def _coalesce(slots, offsets, out_slot, out_offset, out_mask):  # pragma: no cover - compiled
+    cur = np.zeros(3, dtype=np.uint64)
     k = 0
-    cur_slot = np.uint32(0)
-    cur_offset = np.int64(0)
-    mask = np.uint64(0)
-    for i in range(n):
-        j = start + i
-        if j >= size:
-            j -= size
-        s = slots[j]
-        o = np.int64(offsets[j])
-        if i > 0 and s == cur_slot:
-            delta = o - cur_offset
-            if delta >= 0 and delta < 64:
-                mask |= np.uint64(1) << np.uint64(delta)
-                continue
-            if delta > -64 and delta < 0:
-                sh = np.uint64(-delta)
-                if ((mask << sh) >> sh) == mask:
-                    cur_offset = o
-                    mask = (mask << sh) | np.uint64(1)
-                    continue
-        if i > 0:
-            out_slot[k] = cur_slot
-            out_offset[k] = cur_offset
-            out_mask[k] = mask
-            k += 1
-        cur_slot = s
-        cur_offset = o
-        mask = np.uint64(1)
-    if n > 0:
-        out_slot[k] = cur_slot
-        out_offset[k] = cur_offset
-        out_mask[k] = mask
+    for i in range(slots.shape[0]):
+        if not _coalesce_add(cur, slots[i], offsets[i]):
+            if cur[2]:
+                out_slot[k], out_offset[k], out_mask[k] = cur[0], cur[1], cur[2]
+                k += 1
+            cur[0], cur[1], cur[2] = slots[i], offsets[i], 1
+    if cur[2]:
+        out_slot[k], out_offset[k], out_mask[k] = cur[0], cur[1], cur[2]
         k += 1
     return k
 
 
-def _coalesced(slots, offsets, start: int, n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    out_slot = np.empty(n, dtype=np.uint32)
-    out_offset = np.empty(n, dtype=np.int64)
-    out_mask = np.empty(n, dtype=np.uint64)
-    k = _coalesce(slots, offsets, start, n, out_slot, out_offset, out_mask)
-    return out_slot[:k], out_offset[:k], out_mask[:k]
+@numba.njit(cache=True, nogil=True)
+def reset_rings(ring_addr, ring_ctr, tab_kslot, tab_start, tab_npages, tab_blockgran, state, block_map,
+                block_shift, span):  # pragma: no cover - compiled
+    """kvm_dirty_ring_reset for every vCPU's ring (ring_addr/ring_ctr as :func:`push_all`):
+    from reset_index, while the entry has RESET set, set its flags to 0
+    (kvm_dirty_gfn_set_invalid), advance reset_index and coalesce it into re-protect calls
+    (:func:`_coalesce_add`), each applied as it is flushed (:func:`memory.protect_call`).
+    Returns (entries reset, re-protect calls, pages protected)."""
+    entries = calls = pages = 0
+    cur = np.zeros(3, dtype=np.uint64)
+    for v in range(ring_addr.shape[0]):
+        size = ring_addr[v, 1]
+        words = words_at(ring_addr[v, 0], 2 * size)
+        ri = ring_ctr[v, 1]
+        used = min((ring_ctr[v, 0] - ri) & U32, size)
+        n = 0
+        cur[2] = 0
+        while n < used:
+            e = 2 * ((ri + n) & (size - 1))
+            w = words[e]
+            if not w & np.uint64(KVM_DIRTY_GFN_F_RESET):
+                break
+            words[e] = w & np.uint64(0xFFFFFFFF00000000)  # flags = 0, the slot stays
+            slot, offset = w >> np.uint64(32), words[e + 1]
+            if not _coalesce_add(cur, slot, offset):
+                if cur[2]:
+                    pages += protect_call(cur[0], np.int64(cur[1]), cur[2], tab_kslot, tab_start, tab_npages,
+                                          tab_blockgran, state, block_map, block_shift, span)
+                    calls += 1
+                cur[0], cur[1], cur[2] = slot, offset, 1
+            n += 1
+        if cur[2]:
+            pages += protect_call(cur[0], np.int64(cur[1]), cur[2], tab_kslot, tab_start, tab_npages,
+                                  tab_blockgran, state, block_map, block_shift, span)
+            calls += 1
+        ring_ctr[v, 1] = ri + n
+        entries += n
+    return entries, calls, pages
 
 
 def coalesce_reprotect(slots: np.ndarray, offsets: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -218,5 +216,8 @@ def coalesce_reprotect(slots: np.ndarray, offsets: np.ndarray) -> tuple[np.ndarr
 
     Inherently sequential (each decision depends on the mask so far), hence a compiled loop.
     """
-    return _coalesced(np.ascontiguousarray(slots, dtype=np.uint32), np.ascontiguousarray(offsets, dtype=np.uint64),
-                      0, len(slots))
+    n = len(slots)
+    out_slot, out_offset, out_mask = np.empty(n, dtype=np.uint32), np.empty(n, dtype=np.int64), np.empty(n, dtype=np.uint64)
+    k = _coalesce(np.ascontiguousarray(slots, dtype=np.uint32), np.ascontiguousarray(offsets, dtype=np.uint64),
+                  out_slot, out_offset, out_mask)
+    return out_slot[:k], out_offset[:k], out_mask[:k]

@@ -30,7 +30,7 @@ from ..config import HostProfile, load_host_profile
 from ..guest.base import EXIT_DONE, EXIT_NONE, EXIT_SYNC, NO_WRITE, GuestProgram, WriteBatch
 from .fault import CUT_DONE, CUT_FULL, CUT_NONE, CUT_SYNC, walk_writes
 from .memory import CLEAN, WP, WP_CLEAN, Memslot, bitmap_offsets, protect_masked
-from .ring import DirtyRing, push_all
+from .ring import DirtyRing, push_all, reset_rings
 from .uapi import (
     KVM_CAP_ARM_EAGER_SPLIT_CHUNK_SIZE,
     KVM_CAP_ARM_SUPPORTED_BLOCK_SIZES,
@@ -180,7 +180,10 @@ class Vm:
         self.block_shift = self.block_pages.bit_length() - 1  # block sizes are powers of two
         self.now = 0
         self.ring_entries = 0
-        self._ring_addr = np.zeros((0, 2), dtype=np.int64)  # see create_vcpu
+        # where the compiled kernels find each vCPU's ring, its counters and soft limit (create_vcpu)
+        self._ring_addr = np.zeros((0, 2), dtype=np.int64)
+        self._ring_ctr = np.zeros((0, 4), dtype=np.int64)
+        self._soft_limit = np.zeros(0, dtype=np.int64)
         self.with_bitmap = False
         self.manual_protect = 0
         self.eager_split_chunk = 0
@@ -421,7 +424,7 @@ class Vm:
             raise KvmError(errno.EEXIST, f"vCPU {vcpu_id} already exists")
         v = Vcpu(self, vcpu_id, len(self.vcpus))
         self.vcpus.append(v)
-        if v.ring is not None:  # where the compiled push finds each ring and its counters
+        if v.ring is not None:
             self._ring_addr = np.array([(u.ring.gfns.ctypes.data, u.ring.size) for u in self.vcpus], dtype=np.int64)
             self._ring_ctr = np.zeros((len(self.vcpus), 4), dtype=np.int64)
             for u, row in zip(self.vcpus, self._ring_ctr):
@@ -437,13 +440,9 @@ class Vm:
         if not self.ring_entries:
             raise einval("KVM_RESET_DIRTY_RINGS: the VM has no dirty ring")
         c = self.profile.costs
-        total = calls = pages = 0
-        for v in self.vcpus:
-            count, cs, co, cm = v.ring.reset_harvested()
-            if count:
-                calls += len(cs)
-                pages += self._reprotect(cs, co, cm)
-                total += count
+        total, calls, pages = reset_rings(self._ring_addr, self._ring_ctr, self._tab_kslot, self._tab_start,
+                                          self._tab_npages, self._tab_blockgran, self.state, self.block_map,
+                                          self.block_shift, self.profile.reprotect_span)
         ns = c.reset_call_ns + total * c.reset_entry_ns + calls * c.reprotect_call_ns + int(pages * c.reprotect_page_ns)
         if total:
             ns += self._flush_tlbs()
