@@ -123,57 +123,49 @@ def _choose_blocks(nblocks: int, fraction: float, seed: int) -> np.ndarray:
     return out
 
 
-@numba.njit(inline="always")
-def protect_call(kslot, offset, mask, tab_kslot, tab_start, tab_npages, tab_blockgran, state, block_map, block_shift,
-                 span):  # pragma: no cover - compiled
-    """One kvm_arch_mmu_enable_log_dirty_pt_masked(slot, offset, mask): write-protect the pages
-    of the mask: exactly its set bits (x86), or with ``span`` every page from its lowest to its
-    highest set bit, zero bits included (arm64). A call naming no memslot, or running past its
-    end, is skipped as the kernel skips it. A page still mapped by a block in a slot where
-    blocks stay protects the whole block (one stage-2 entry). Every protected page is clean
-    afterwards. Returns the number of pages protected."""
-    k = -1
-    for j in range(tab_kslot.shape[0]):
-        if tab_kslot[j] == kslot:
-            k = j
-            break
-    if k < 0 or mask == 0:
-        return 0
-    lo = 0
-    while not (mask >> np.uint64(lo)) & np.uint64(1):
-        lo += 1
-    hi = lo
-    rest = mask >> np.uint64(lo + 1) if lo < 63 else np.uint64(0)  # a shift by 64 is undefined
-    while rest:
-        rest >>= np.uint64(1)
-        hi += 1
-    if offset < 0 or offset + hi >= tab_npages[k]:
-        return 0
-    npro = 0
-    block_pages = 1 << block_shift
-    base = tab_start[k] + offset
-    for b in range(lo, hi + 1):
-        if not span and not (mask >> np.uint64(b)) & np.uint64(1):
-            continue
-        g = base + b
-        if tab_blockgran[k] and block_map[g >> block_shift]:
-            b0 = (g >> block_shift) << block_shift
-            first, last = b0, b0 + block_pages
-        else:
-            first, last = g, g + 1
-        for p in range(first, last):
-            state[p] |= 3
-            npro += 1
-    return npro
-
-
 @numba.njit(cache=True, nogil=True)
 def protect_masked(kslots, offsets, masks, tab_kslot, tab_start, tab_npages, tab_blockgran,
                    state, block_map, block_shift, span):  # pragma: no cover - compiled
-    """:func:`protect_call` for each call (slot, offset, mask), in order. Returns the pages
-    protected."""
+    """kvm_arch_mmu_enable_log_dirty_pt_masked for each call (slot, offset, mask), in order.
+
+    Write-protects the pages of the mask: exactly its set bits (x86), or with ``span`` every page
+    from its lowest to its highest set bit, zero bits included (arm64). A call naming no memslot,
+    or running past its end, is skipped as the kernel skips it. A page still mapped by a block in
+    a slot where blocks stay protects the whole block (one stage-2 entry). Every protected page is
+    clean afterwards. Returns the number of pages protected."""
     npro = 0
+    block_pages = 1 << block_shift
     for i in range(kslots.shape[0]):
-        npro += protect_call(kslots[i], offsets[i], masks[i], tab_kslot, tab_start, tab_npages, tab_blockgran,
-                             state, block_map, block_shift, span)
+        k = -1
+        for j in range(tab_kslot.shape[0]):
+            if tab_kslot[j] == kslots[i]:
+                k = j
+                break
+        mask = masks[i]
+        if k < 0 or mask == 0:
+            continue
+        lo = 0
+        while not (mask >> np.uint64(lo)) & np.uint64(1):
+            lo += 1
+        hi = lo
+        rest = mask >> np.uint64(lo + 1) if lo < 63 else np.uint64(0)  # a shift by 64 is undefined
+        while rest:
+            rest >>= np.uint64(1)
+            hi += 1
+        off = offsets[i]
+        if off < 0 or off + hi >= tab_npages[k]:
+            continue
+        base = tab_start[k] + off
+        for b in range(lo, hi + 1):
+            if not span and not (mask >> np.uint64(b)) & np.uint64(1):
+                continue
+            g = base + b
+            if tab_blockgran[k] and block_map[g >> block_shift]:
+                b0 = (g >> block_shift) << block_shift
+                first, last = b0, b0 + block_pages
+            else:
+                first, last = g, g + 1
+            for p in range(first, last):
+                state[p] |= 3
+                npro += 1
     return npro

@@ -12,7 +12,7 @@ import numba
 import numpy as np
 
 from ..arrays import words_at
-from .memory import protect_call
+from .memory import protect_masked
 from .uapi import KVM_DIRTY_GFN_F_DIRTY, KVM_DIRTY_GFN_F_RESET, kvm_dirty_gfn
 
 U32 = 0xFFFFFFFF
@@ -171,16 +171,18 @@ def reset_rings(ring_addr, ring_ctr, tab_kslot, tab_start, tab_npages, tab_block
     """kvm_dirty_ring_reset for every vCPU's ring (ring_addr/ring_ctr as :func:`push_all`):
     from reset_index, while the entry has RESET set, set its flags to 0
     (kvm_dirty_gfn_set_invalid), advance reset_index and coalesce it into re-protect calls
-    (:func:`_coalesce_add`), each applied as it is flushed (:func:`memory.protect_call`).
+    (:func:`_coalesce_add`); then the ring's calls, in order (:func:`memory.protect_masked`).
     Returns (entries reset, re-protect calls, pages protected)."""
     entries = calls = pages = 0
     cur = np.zeros(3, dtype=np.uint64)
+    m = ring_addr[:, 1].max() if ring_addr.shape[0] else 0
+    out_slot, out_offset, out_mask = np.empty(m, dtype=np.uint32), np.empty(m, dtype=np.int64), np.empty(m, dtype=np.uint64)
     for v in range(ring_addr.shape[0]):
         size = ring_addr[v, 1]
         words = words_at(ring_addr[v, 0], 2 * size)
         ri = ring_ctr[v, 1]
         used = min((ring_ctr[v, 0] - ri) & U32, size)
-        n = 0
+        n = k = 0
         cur[2] = 0
         while n < used:
             e = 2 * ((ri + n) & (size - 1))
@@ -191,17 +193,18 @@ def reset_rings(ring_addr, ring_ctr, tab_kslot, tab_start, tab_npages, tab_block
             slot, offset = w >> np.uint64(32), words[e + 1]
             if not _coalesce_add(cur, slot, offset):
                 if cur[2]:
-                    pages += protect_call(cur[0], np.int64(cur[1]), cur[2], tab_kslot, tab_start, tab_npages,
-                                          tab_blockgran, state, block_map, block_shift, span)
-                    calls += 1
+                    out_slot[k], out_offset[k], out_mask[k] = cur[0], cur[1], cur[2]
+                    k += 1
                 cur[0], cur[1], cur[2] = slot, offset, 1
             n += 1
         if cur[2]:
-            pages += protect_call(cur[0], np.int64(cur[1]), cur[2], tab_kslot, tab_start, tab_npages,
-                                  tab_blockgran, state, block_map, block_shift, span)
-            calls += 1
+            out_slot[k], out_offset[k], out_mask[k] = cur[0], cur[1], cur[2]
+            k += 1
+        pages += protect_masked(out_slot[:k], out_offset[:k], out_mask[:k], tab_kslot, tab_start, tab_npages,
+                                tab_blockgran, state, block_map, block_shift, span)
         ring_ctr[v, 1] = ri + n
         entries += n
+        calls += k
     return entries, calls, pages
 
 
