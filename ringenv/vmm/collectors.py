@@ -27,7 +27,9 @@ from __future__ import annotations
 import numpy as np
 
 from ..kvm.memory import bitmap_offsets
+from .reap import RingReader, reap_rings, ring_addresses
 
+_NO_BITMAP = np.zeros(0, dtype=bool)
 CLEAR_CHUNK_BYTES = 1 << 30  # QEMU clear_bitmap_shift default: 1 GiB chunks
 
 
@@ -35,10 +37,9 @@ class RingCollector:
     kind = "ring"
 
     def __init__(self, session):
-        from .reap import RingReader
-
         self.s = session
         self.readers = [RingReader(v.ring_gfns) for v in session.vcpus]
+        self._addr = ring_addresses(self.readers)
         nv = len(self.readers)
         self.entries = np.zeros(nv, dtype=np.int64)  # per-vCPU entries harvested (QEMU cpu->dirty_pages)
         self.soft_limit = session.vcpus[0].ring.soft_limit if nv else 1  # read once, as KVM documents it
@@ -51,18 +52,16 @@ class RingCollector:
     def reap(self, only: int | None = None) -> tuple[int, int]:
         """Harvest all rings (or ring ``only``) now. Returns (entries, userspace ns)."""
         s = self.s
-        readers = self.readers if only is None else [self.readers[only]]
-        first = 0 if only is None else only
-        total = 0
-        for k, r in enumerate(readers):
-            slots, offsets = r.reap()
-            n = len(offsets)
-            if n:
-                if slots[0] != 0 or slots[-1] != 0:
-                    offsets = offsets[slots == 0]  # only RAM (slot 0) is logged
-                s.dirty.mark_harvested(offsets.astype(np.int64))
-                self.entries[first + k] += n
-                total += n
+        sel = slice(None) if only is None else slice(only, only + 1)
+        readers = self.readers[sel]
+        fetch = np.array([r.fetch for r in readers], dtype=np.int64)
+        counts = np.zeros(len(readers), dtype=np.int64)
+        # only RAM (slot 0) is logged
+        s.dirty.slot_marked += reap_rings(self._addr[sel], fetch, counts, True, 0, s.dirty.slot)
+        for r, f in zip(readers, fetch.tolist()):
+            r.fetch = f
+        self.entries[sel] += counts
+        total = int(counts.sum())
         s.harvests += 1
         s.entries_harvested += total
         if only is None:
@@ -117,7 +116,9 @@ class RingCollector:
     # ---------------------------------------------------------------- observation
     def ready(self) -> np.ndarray:
         """Entries waiting in each ring (the userspace view: DIRTY entries from fetch on)."""
-        return np.array([r.count_ready() for r in self.readers], dtype=np.int64)
+        counts = np.zeros(len(self.readers), dtype=np.int64)
+        reap_rings(self._addr, np.array([r.fetch for r in self.readers], dtype=np.int64), counts, False, 0, _NO_BITMAP)
+        return counts
 
     def seen_total(self) -> int:
         return int(self.entries.sum()) + int(self.ready().sum())

@@ -10,6 +10,7 @@ from __future__ import annotations
 import numba
 import numpy as np
 
+from ..arrays import words_at
 from ..kvm.uapi import KVM_DIRTY_GFN_F_DIRTY, KVM_DIRTY_GFN_F_RESET
 
 
@@ -55,3 +56,37 @@ def _ready(flags, fetch, want, mark):  # pragma: no cover - compiled
         if mark:
             flags[p] |= KVM_DIRTY_GFN_F_RESET
     return want
+
+
+def ring_addresses(readers: list[RingReader]) -> np.ndarray:
+    """Where each ring is mapped (address, entries): what :func:`reap_rings` walks."""
+    return np.array([(r.gfns.ctypes.data, r.size) for r in readers], dtype=np.int64).reshape(-1, 2)
+
+
+@numba.njit(cache=True, nogil=True)
+def reap_rings(ring_addr, fetch, counts, reap, slot_id, bitmap):  # pragma: no cover - compiled
+    """Every ring at once, as QEMU's reaper visits them (kvm_dirty_ring_reap_locked): per ring,
+    from its fetch index, the run of entries whose flags are exactly DIRTY (counts[v]); with
+    ``reap``, each is marked RESET, its offset set in ``bitmap`` if its slot is ``slot_id``
+    (kvm_dirty_ring_mark_page), and fetch advanced. Returns how many were set in ``bitmap``."""
+    marked = 0
+    for v in range(ring_addr.shape[0]):
+        size = ring_addr[v, 1]
+        words = words_at(ring_addr[v, 0], 2 * size)
+        f = fetch[v]
+        n = 0
+        while n < size:
+            e = 2 * ((f + n) & (size - 1))
+            w = words[e]
+            if (w & np.uint64(0xFFFFFFFF)) != KVM_DIRTY_GFN_F_DIRTY:
+                break
+            if reap:
+                words[e] = w | np.uint64(KVM_DIRTY_GFN_F_RESET)
+                if (w >> np.uint64(32)) == slot_id:
+                    bitmap[words[e + 1]] = True
+                    marked += 1
+            n += 1
+        counts[v] = n
+        if reap:
+            fetch[v] = f + n
+    return marked
