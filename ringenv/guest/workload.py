@@ -151,6 +151,8 @@ class WorkloadProgram(GuestProgram):
             for f in ("start", "n", "perm_a", "perm_b", "mask"))
         self._marks = np.zeros(0, dtype=np.uint8)  # scratch of _sample_classes, sized at first use
         self._cdf_key, self._cdf = None, None
+        self._k, self._raw, self._hot_p = (np.zeros(len(lo), dtype=t) for t in (np.int64, bool, float))  # per window
+        self._max_n = int(self.c_n.max()) if len(lo) else 0
         self.efficiency = 1.0  # share of sampled writes that find their page clean (for horizons)
         self._phase_t = [0]
         self._phase_m = []
@@ -208,32 +210,23 @@ class WorkloadProgram(GuestProgram):
         nraw = 0  # the leading writes already in (time, vCPU) order
         if len(self.c_lo):
             lam = self.c_rate * mult * (self.c_w @ running.astype(float))
-            act = lam > 0
             # cold classes (a page rarely written twice in the window): the raw write process,
             # Poisson(N r dt) writes to uniformly drawn pages at uniform times; the host skips a
             # repeated write to a page already dirty, so the first writes are exact. Hot
             # classes: Binomial(N, 1 - exp(-r dt)) distinct pages, each at its first-write time.
-            raw = act & (lam * dt < RAW_WRITES_BELOW)
-            hot = act & ~raw
-            k = np.zeros(len(lam), dtype=np.int64)
-            k[raw] = _each(rng.poisson, self.c_n[raw] * lam[raw] * dt)
-            p = -np.expm1(-lam[hot] * dt)
-            k[hot] = _each(rng.binomial, self.c_n[hot], p)
-            total = int(k.sum())
+            k, raw, hot_p = self._k, self._raw, self._hot_p
+            total, nr, few = _class_counts(int(rng.integers(1 << 32)), self.c_n, lam, dt, k, raw, hot_p)
             if total:  # every class at once, in one compiled pass
                 t, vc, g = np.empty(total, np.int64), np.empty(total, np.int32), np.empty(total, np.int64)
-                hot_p = np.zeros(len(lam))
-                hot_p[hot] = p
-                if hot.any() and len(self._marks) < self.c_n[hot].max():
-                    self._marks = np.zeros(int(self.c_n.max()), dtype=np.uint8)
+                if nr < total and len(self._marks) < self._max_n:
+                    self._marks = np.zeros(self._max_n, dtype=np.uint8)
                 # the raw writes come time-ordered when nothing else joins them (no argsort then)
                 nr = int(k[raw].sum())
                 alone = nr == total and not any(running[s["vcpu"]] and s["rate"] > 0 for s in self.scans)
                 spacings = rng.standard_exponential(nr + 1) if alone else _NONE
                 # extra draws: the permutation of the raw run, and each distinct page with
                 # room for repeats (a class is at most half taken: < 1.4 draws per page on average)
-                few = np.minimum(k, self.c_n - k)
-                n_extra = (nr if alone else 0) + 2 * int(few[hot].sum()) + 64
+                n_extra = (nr if alone else 0) + 2 * few + 64
                 nraw = _sample_classes(rng.random(n_extra), spacings, rng.random(3 * total), k, raw, lam,
                                        hot_p, now, dt, self.c_lo, self.c_n, self.c_region, self.c_vfix,
                                        self.c_wgroup, self._writer_cdf(running), self._r_start, self._r_n,
@@ -292,12 +285,31 @@ class WorkloadProgram(GuestProgram):
                 s["pos"] = (s["pos"] + s["rate"] * mult * dt) % (s["b"] - s["a"])
 
 
-def _each(draw, *params):
-    """``draw(*params)`` over arrays of a few elements: one scalar call per element, four
-    times cheaper than numpy's broadcasting call for a handful (same numbers, same order)."""
-    if len(params[0]) > 4:
-        return draw(*params)
-    return [draw(*x) for x in zip(*(a.tolist() for a in params))]
+@numba.njit(cache=True, nogil=True)
+def _class_counts(seed, c_n, lam, dt, k, raw, hot_p):  # pragma: no cover - compiled
+    """Per class, how many writes the window has (into k): raw classes (per-page expected writes
+    below RAW_WRITES_BELOW) Poisson(N lam dt) raw writes; others Binomial(N, hot_p) distinct
+    pages, hot_p = 1 - exp(-lam dt). Drawn from numba's generator seeded with ``seed`` (taken
+    from the workload's Generator), so a window's draws depend on that seed only. Returns (all
+    writes, raw writes, sum over the other classes of min(k, N - k))."""
+    np.random.seed(seed)
+    total = nr = few = 0
+    for c in range(k.shape[0]):
+        k[c] = 0
+        raw[c] = False
+        hot_p[c] = 0.0
+        if lam[c] <= 0:
+            continue
+        if lam[c] * dt < RAW_WRITES_BELOW:
+            raw[c] = True
+            k[c] = np.random.poisson(c_n[c] * lam[c] * dt)
+            nr += k[c]
+        else:
+            hot_p[c] = -np.expm1(-lam[c] * dt)
+            k[c] = np.random.binomial(c_n[c], hot_p[c])
+            few += min(k[c], c_n[c] - k[c])
+        total += k[c]
+    return total, nr, few
 
 
 @numba.njit(inline="always")
