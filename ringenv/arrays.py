@@ -20,15 +20,6 @@ def unique(a: np.ndarray) -> np.ndarray:
     return s[np.r_[True, s[1:] != s[:-1]]]
 
 
-def unique_counts(a: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Sorted distinct values and how often each occurs."""
-    if len(a) == 0:
-        return np.array(a, copy=True), np.zeros(0, dtype=np.int64)
-    s = np.sort(a)
-    lead = np.flatnonzero(np.r_[True, s[1:] != s[:-1]])
-    return s[lead], np.diff(np.r_[lead, len(s)])
-
-
 def first_occurrence(keys: np.ndarray) -> np.ndarray:
     """Boolean mask of the first occurrence of each key, in array order (a plain sort of the
     unique composite key (key, position))."""

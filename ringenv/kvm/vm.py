@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from ..arrays import first_occurrence, groups, unique, unique_counts
+from ..arrays import first_occurrence, groups, unique
 from ..config import HostProfile, load_host_profile
 from ..guest.base import EXIT_DONE, EXIT_NONE, EXIT_SYNC, NO_WRITE, GuestProgram, WriteBatch
 from .fault import CUT_DONE, CUT_FULL, CUT_NONE, CUT_SYNC, walk_writes
@@ -691,10 +691,11 @@ class Vm:
         # splits: break-before-make and a broadcast TLB invalidation, charged to the faulting vCPU
         if nsplit:
             split_cost = c.split_ns + p.tlbi_broadcast_ns(nv)
-            for v_i, cnt in zip(*unique_counts(split_v[:nsplit])):
+            per_vcpu = np.bincount(split_v[:nsplit], minlength=nv)
+            for v_i in np.flatnonzero(per_vcpu).tolist():
                 vs = self.vcpus[v_i].stats
-                vs.splits += int(cnt)
-                vs.fault_ns += int(cnt) * split_cost
+                vs.splits += int(per_vcpu[v_i])
+                vs.fault_ns += int(per_vcpu[v_i]) * split_cost
             self.stats.splits += nsplit
         # faults and pushes, per vCPU in order
         if not p.pml:
