@@ -404,6 +404,11 @@ class Vm:
         self.stats.kernel_ns += ns
         return ns
 
+    def __reduce_ex__(self, protocol):
+        """A VM is a kernel object (its compiled paths hold the addresses of its rings): it can
+        be neither copied nor pickled, as a VM fd cannot be cloned into a second VM."""
+        raise TypeError("a Vm cannot be copied or pickled: create a new one (it stands for a kernel VM)")
+
     def close(self) -> None:
         """Close the VM fd and its vCPU fds: KVM frees the VM (memslots, stage 2, rings) now.
         Any later use of the VM or its vCPUs raises EBADF. The arrays go at once, without

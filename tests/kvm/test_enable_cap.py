@@ -359,3 +359,15 @@ def test_closed_vm_and_vcpus_raise_ebadf_and_free_their_memory_at_once():
         with pytest.raises(KvmError) as e:
             call()
         assert e.value.errno == errno.EBADF
+
+
+def test_a_vm_cannot_be_copied_or_pickled():
+    import copy
+    import pickle
+
+    vm = Vm("arm64-4k")
+    vm.enable_cap(ACQ, 4096 * 16)
+    vm.create_vcpu(0)
+    for clone in (copy.deepcopy, copy.copy, pickle.dumps):
+        with pytest.raises(TypeError, match="cannot be copied or pickled"):
+            clone(vm)
