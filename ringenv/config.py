@@ -575,6 +575,7 @@ class EnvConfig(Strict):
     control_interval_ms: float = Field(200.0, gt=0, description="simulated ms between two actions")
     max_episode_s: float = Field(120.0, gt=0, description="simulated seconds before truncation")
     sample_s: float = Field(1.0, gt=0, description="pre-migration dirty-rate sample, simulated s")
+    sample_windows: int = Field(5, ge=1, le=100, description="dirty-log reads over the sample (re-dirty rate)")
     ring_sizes: list[int] | None = Field(None, description="ring entries offered (default: all the host accepts)")
     intervals_ms: list[float] = Field(default_factory=lambda: list(DEFAULT_INTERVALS_MS), min_length=1)
     workload_set: str = "default"

@@ -10,6 +10,7 @@ import numpy as np
 from gymnasium import spaces
 
 from .config import ConfigError, EnvConfig, load_scenario, load_workload_sets
+from .vmm.dirtyrate import sample_dirty_rate
 
 SECOND = 1_000_000_000
 MS = 1_000_000
@@ -32,6 +33,8 @@ OBS_FIELDS = [
     ("ring_size", "log2(ring entries) / 16 (0 before the ring is chosen)", 1.0),
     ("interval", "log10(harvest interval in ms) / 4", 1.0),
     ("ring_fixed", "1 once the ring size is fixed (after the first step)", 1.0),
+    ("redirty_rate", "pre-migration re-dirty rate / link rate (pages dirtied again within the sample)", 10.0),
+    ("redirty_share", "re-dirtied share of the pre-migration sample's dirty events", 1.0),
 ]
 
 
@@ -107,14 +110,17 @@ class RingEnv(gym.Env):
         self.workload = workload
         self.episode_seed = int(self.np_random.integers(0, 2**31 - 1))
         self._drop_session()
-        self.sampled_rate = _session_sample_rate(self.scenario, workload, self.episode_seed, self.cfg.sample_s)
+        self.sampled_rate, self.redirty_rate = sample_dirty_rate(self.scenario, workload=workload,
+                                                                 seed=self.episode_seed, seconds=self.cfg.sample_s,
+                                                                 windows=self.cfg.sample_windows)
         self.ring_entries = 0
         self.interval_ms = 0.0
         self.t = 0
         self._prev = None
         self._last_obs_src = None
         obs = self._observe(None, 0, first=True)
-        info = {"workload": workload, "sampled_dirty_rate_Bps": self.sampled_rate, "ring_sizes": self.ring_sizes,
+        info = {"workload": workload, "sampled_dirty_rate_Bps": self.sampled_rate,
+                "sampled_redirty_rate_Bps": self.redirty_rate, "ring_sizes": self.ring_sizes,
                 "intervals_ms": self.intervals_ms}
         return obs, info
 
@@ -176,6 +182,8 @@ class RingEnv(gym.Env):
         cap = self.cfg.max_episode_s * SECOND
         o = np.zeros(len(OBS_FIELDS), dtype=np.float64)
         o[3] = self.sampled_rate / link
+        o[15] = self.redirty_rate / link
+        o[16] = self.redirty_rate / (self.sampled_rate + self.redirty_rate) if self.redirty_rate > 0 else 0.0
         o[13] = math.log10(max(self.interval_ms, 1.0)) / 4 if self.interval_ms else 0.0
         if m is not None:
             nv = self.scenario.vm.vcpus
@@ -252,7 +260,7 @@ class MigrationEnv(RingEnv):
     ignored and `info["ring_size_ignored"]` says so.
 
     ## Observation Space
-    `Box(0, high, (15,), float32)`:
+    `Box(0, high, (17,), float32)`:
 
     | index | name | meaning | high |
     |---|---|---|---|
@@ -271,10 +279,17 @@ class MigrationEnv(RingEnv):
     | 12 | ring_size | log2(ring entries) / 16 (0 before the ring is chosen) | 1 |
     | 13 | interval | log10(interval in ms) / 4 (0 before the first step) | 1 |
     | 14 | ring_fixed | 1 once the ring size is fixed | 1 |
+    | 15 | redirty_rate | pre-migration re-dirty rate / link rate (set at reset) | 10 |
+    | 16 | redirty_share | redirty_rate / (sampled_rate + redirty_rate) (set at reset) | 1 |
 
     The reset observation already holds `sampled_rate`, measured over `sample_s` simulated
     seconds before migration (QEMU's calc-dirty-rate with the dirty bitmap), so the ring size can
-    be chosen knowing the workload.
+    be chosen knowing the workload. The sample reads the bitmap `sample_windows` times (each read
+    re-protects the pages, as KVM_GET_DIRTY_LOG does); `redirty_rate` counts the dirty events of
+    a window on a page already dirtied in an earlier window. Those are the write-protect faults
+    that recur after every harvest: a hot set (a database buffer pool, a key-value cache) has
+    many and is cheaper with a big ring harvested rarely; a sequential sweep has none and gains
+    nothing from it but pays the ring memory.
 
     ## Rewards
     Each step: minus the weighted costs of the control interval, divided by `reward.scale`:
@@ -304,13 +319,15 @@ class MigrationEnv(RingEnv):
     flatten_actions=False, render_mode=None, **overrides)`: `scenario` a name in
     configs/scenarios/, a YAML path, a mapping or a ScenarioConfig; `split` "train", "test" or
     "all" of the workload set; `workloads` an explicit list instead; env settings
-    (`control_interval_ms`, `max_episode_s`, `sample_s`, `ring_sizes`, `intervals_ms`,
-    `reward`, `workload_set`) and scenario fields (e.g. `vm`, `link`, `seed`) as keywords.
+    (`control_interval_ms`, `max_episode_s`, `sample_s`, `sample_windows`, `ring_sizes`,
+    `intervals_ms`, `reward`, `workload_set`) and scenario fields (e.g. `vm`, `link`, `seed`) as
+    keywords.
     `collector="bitmap"` runs the classic dirty-bitmap collector instead (the baseline the ring
     competes with): the actions then change nothing and `ring_entries` is 0.
 
     ## Version History
-    - v0: initial version
+    - v0: initial version; the observation gained `redirty_rate` and `redirty_share` (indices 15,
+      16) and `sample_windows` before any release
     """
 
     kind = "migration"
@@ -364,13 +381,6 @@ def _open_session(kind, scenario, workload, seed, ring_entries, interval_ns, con
         from .vmm.checkpoint import CheckpointRun as Run
     return Run(scenario, seed=seed, workload=workload, ring_entries=ring_entries,
                interval_ms=interval_ns / MS, host_sync_ms=control_interval_ms)
-
-
-def _session_sample_rate(scenario, workload, seed, seconds) -> float:
-    """Pre-migration dirty rate in bytes/s (QEMU calc-dirty-rate, dirty-bitmap mode)."""
-    from .vmm.dirtyrate import calc_dirty_rate
-
-    return calc_dirty_rate(scenario, workload=workload, seed=seed, seconds=seconds)
 
 
 def _render_rgb(env: RingEnv, obs: np.ndarray, info: dict) -> np.ndarray:

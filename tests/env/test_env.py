@@ -52,7 +52,7 @@ def test_sb3_check_env(env_id):
 def test_spaces_match_the_docstring():
     env = make()
     u = env.unwrapped
-    assert env.observation_space.shape == (len(OBS_FIELDS),) == (15,)
+    assert env.observation_space.shape == (len(OBS_FIELDS),) == (17,)
     assert list(env.action_space.nvec) == [len(u.ring_sizes), len(u.intervals_ms)]
     assert u.ring_sizes == [256, 512, 1024, 2048, 4096, 8192, 16384, 32768, 65536]  # arm64-4k
     assert u.intervals_ms == [10, 20, 50, 100, 200, 500, 1000, 2000, 5000]
@@ -73,6 +73,28 @@ def test_reset_observation_carries_the_dirty_rate_sample():
     assert obs[14] == 0.0  # ring not chosen yet
     idle = make(workloads=["idle"])
     assert idle.reset(seed=1)[0][3] < obs[3]
+
+
+def test_reset_observation_tells_a_hot_set_from_a_sweep():
+    """redirty_rate/share: a Zipf key-value cache re-dirties pages within the sample, a
+    sequential sweep of a large region (stream-scan, hpc-stencil) practically never does. The
+    default 16 GiB VM (reset only: the sample is a second of simulated time)."""
+    env = gym.make("ringenv/Migration-v0", workloads=["memcached"])
+    hot, info = env.reset(seed=2)
+    assert hot[15] > 0.01 and 0.1 < hot[16] < 0.5
+    link = env.unwrapped.scenario.link.rate_Bps
+    assert info["sampled_redirty_rate_Bps"] == pytest.approx(hot[15] * link, rel=1e-5)
+    for sweeper in ("stream-scan", "hpc-stencil"):
+        sweep, _ = gym.make("ringenv/Migration-v0", split="all", workloads=[sweeper]).reset(seed=2)
+        assert sweep[15] < 1e-3 and sweep[16] < 0.01 and sweep[3] > 0.1
+    # one dirty-log read is plain calc-dirty-rate: nothing can be re-dirtied
+    one, _ = gym.make("ringenv/Migration-v0", workloads=["memcached"], sample_windows=1).reset(seed=2)
+    assert one[15] == 0.0 and one[16] == 0.0 and one[3] == pytest.approx(hot[3], rel=0.02)
+
+
+def test_bad_sample_windows_is_named():
+    with pytest.raises(Exception, match="sample_windows"):
+        make(sample_windows=0)
 
 
 def test_ring_size_is_fixed_by_the_first_action():
@@ -126,7 +148,7 @@ def test_vector_envs_sync_and_async():
     for mode in ("sync", "async"):
         envs = gym.make_vec("ringenv/Migration-v0", num_envs=2, vectorization_mode=mode, **SMALL)
         obs, _ = envs.reset(seed=3)
-        assert obs.shape == (2, 15)
+        assert obs.shape == (2, len(OBS_FIELDS))
         for _ in range(5):
             obs, r, te, tr, info = envs.step(envs.action_space.sample())
             assert r.shape == (2,)
