@@ -12,7 +12,9 @@ It reads the raw observation (``ring_size``, ``ring_fixed``), so train it withou
 normalisation (``normalize: {norm_obs: false, ...}``). The observation is scaled already (see the
 MigrationEnv docstring) except that the dirty rates span decades (an idle guest 0.001 of the
 link, a busy one 0.5): :class:`RateFeatures` adds their logarithms, which is what lets the ring
-head tell a web server from a database at the first step. Use it with
+head tell a web server from a database at the first step, and a hot set (re-dirty rate 0.01-0.05
+of the link: a big ring harvested rarely saves re-protect faults) from a sweep as fast (re-dirty
+rate ~0: the big ring only costs memory). Use it with
 ``policy: agents.policies.FixedRingPolicy`` in configs/train/ALGO.yaml; ``ring_sizes`` is filled
 in by the training program.
 """
@@ -26,13 +28,13 @@ from gymnasium import spaces
 from stable_baselines3.common.policies import ActorCriticPolicy
 from stable_baselines3.common.torch_layers import BaseFeaturesExtractor
 
-RATES = [2, 3]  # observation indices of dirty_rate and sampled_rate (rate / link rate)
+RATES = [2, 3, 15]  # observation indices of dirty_rate, sampled_rate, redirty_rate (rate / link rate)
 RING_SIZE, RING_FIXED = 12, 14  # observation indices (MigrationEnv docstring)
 
 
 class RateFeatures(BaseFeaturesExtractor):
-    """The observation plus (log10(rate + 0.001) + 3) / 3 of each dirty rate: 0 for an idle guest,
-    about 1 at the link rate."""
+    """The observation plus (log10(rate + 0.001) + 3) / 3 of each dirty rate and of the re-dirty
+    rate: 0 for an idle guest (or none re-dirtied), about 1 at the link rate."""
 
     def __init__(self, observation_space: spaces.Box):
         super().__init__(observation_space, int(observation_space.shape[0]) + len(RATES))

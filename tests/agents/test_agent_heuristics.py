@@ -12,6 +12,8 @@ from agents.common import EnvFacts, parse_overrides
 from agents.heuristics import (DEFAULT_SET, FillWatermark, Fixed, RateProportional, heuristic_env_kwargs,
                                is_heuristic, make_heuristic)
 
+from ringenv.env import OBS_FIELDS
+
 SIZES = (256, 512, 1024, 2048, 4096, 8192, 16384, 32768, 65536)
 INTERVALS = (10.0, 20.0, 50.0, 100.0, 200.0, 500.0, 1000.0, 2000.0, 5000.0)
 LINK = 1.25e9  # 10 GbE, bytes/s
@@ -21,7 +23,7 @@ FACTS = EnvFacts(ring_sizes=SIZES, intervals_ms=INTERVALS, link_Bps=LINK, page_s
 
 def obs(fill_max=0.0, fill_mean=0.0, rate_Bps=0.0, sampled_Bps=0.0, ring=4096, interval_ms=1000.0, fixed=True):
     """An observation as MigrationEnv builds it (only the fields the heuristics read matter)."""
-    o = np.zeros(15, dtype=np.float32)
+    o = np.zeros(len(OBS_FIELDS), dtype=np.float32)
     o[0], o[1], o[2], o[3] = fill_max, fill_mean, rate_Bps / LINK, sampled_Bps / LINK
     if fixed:
         o[12], o[13], o[14] = np.log2(ring) / 16, np.log10(interval_ms) / 4, 1.0

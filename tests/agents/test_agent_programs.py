@@ -88,11 +88,18 @@ def test_saved_model_round_trip(ppo_run):
     with open(ppo_run / "best_model_vecnormalize.pkl", "rb") as f:
         stats = pickle.load(f)
     obs, _ = env.reset(seed=3)
-    for _ in range(5):
+    repeat, held = pol.action_repeat, None
+    for k in range(2 * repeat + 1):
         a, _ = pol.predict(obs)
-        b, _ = model.predict(stats.normalize_obs(obs), deterministic=True)
-        assert np.array_equal(a, b)
-        obs, *_ = env.step(a)
+        if k % repeat == 0:  # a decision: the model's own action on the normalised observation
+            b, _ = model.predict(stats.normalize_obs(obs), deterministic=True)
+            assert np.array_equal(a, b)
+            held = a
+        else:  # held for action_repeat steps, as in training
+            assert np.array_equal(a, held)
+        obs, _, te, tr, _ = env.step(a)
+        if te or tr:
+            break
     r1 = run_episode(env, pol, 7, "oltp")
     r2 = run_episode(env, ModelPolicy(ppo_run / "final_model.zip"), 7, "oltp")
     r3 = run_episode(env, pol, 7, "oltp")
