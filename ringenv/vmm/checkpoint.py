@@ -71,13 +71,7 @@ class CheckpointRun(Session):
         t_pause = loop.now
         yield from self.pause_vm()
         yield self.bql
-        self.save_vgic_tables()
-        sync = self.collector.sync(last_stage=True)
-        yield sync
-        self.note_sync(True, sync)
-        while dirty.mig_count:
-            yield from self.send_slice(self.rate_Bps, max_pages=1 << 20)
-        yield from self.send_bytes(self.cfg.link.device_state_bytes, self.rate_Bps)
+        yield from self.final_copy()
         self.checkpoint_lost.append(self.verify())
         self.bql.release()
         self.resume_vm()

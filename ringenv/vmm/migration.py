@@ -74,13 +74,7 @@ class MigrationRun(Session):
         yield from self.pause_vm()
         yield self.bql
         self.throttle.stop()
-        self.save_vgic_tables()
-        sync = self.collector.sync(last_stage=True)
-        yield sync
-        self.note_sync(True, sync)
-        while dirty.mig_count:
-            yield from self.send_slice(self.rate_Bps, max_pages=1 << 20)
-        yield from self.send_bytes(link.device_state_bytes, self.rate_Bps)
+        yield from self.final_copy()
         self.bql.release()
         self.pass_bytes.append(self._pass_sent)
         self._pass_sent = 0

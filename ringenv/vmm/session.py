@@ -536,6 +536,18 @@ class Session:
         self.note_sync(True, sync)
         self.start_bandwidth_window()
 
+    def final_copy(self):
+        """The stop-and-copy stage, a process step under the big lock with the vCPUs paused:
+        the vGIC/ITS table saves, the last-stage sync, every page still dirty and the device state,
+        sent at the run's ``rate_Bps`` (the link, or the checkpoint storage)."""
+        self.save_vgic_tables()
+        sync = self.collector.sync(last_stage=True)
+        yield sync
+        self.note_sync(True, sync)
+        while self.dirty.mig_count:
+            yield from self.send_slice(self.rate_Bps, max_pages=1 << 20)
+        yield from self.send_bytes(self.cfg.link.device_state_bytes, self.rate_Bps)
+
     def close(self) -> None:
         """Release the run's VM and page bookkeeping now (the VM fd is closed; metrics taken
         before stay valid). The session cannot advance afterwards."""
