@@ -60,12 +60,7 @@ def pareto(rows: list[dict], path: str | Path, title: str = "") -> Path:
         ax.grid(alpha=0.3)
     axes[1].legend(fontsize=7, title="policy (mean reward)", title_fontsize=7, loc="best")
     fig.suptitle(title or "downtime versus exit overhead (mean, 95% interval)", fontsize=10)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def timeline(episodes: list[dict], path: str | Path, title: str = "") -> Path:
@@ -112,6 +107,12 @@ def timeline(episodes: list[dict], path: str | Path, title: str = "") -> Path:
         a2.grid(alpha=0.3)
     if title:
         fig.suptitle(title, fontsize=10)
+    return _save(fig, path)
+
+
+def _save(fig, path: str | Path) -> Path:
+    """Lay the figure out, write it as PNG (creating the directory), close it."""
+    plt = _plt()
     fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
