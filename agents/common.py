@@ -121,14 +121,16 @@ def load_hyperparams(algo: str, env_id: str, path: str | Path | None = None) -> 
 
 # ---------------------------------------------------------------------------------- dataclass CLI
 def field_docs(cls) -> dict[str, str]:
-    """Field name -> the docstring written under it (CleanRL style)."""
-    tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
-    body = tree.body[0].body
+    """Field name -> the docstring written under it (CleanRL style), base dataclasses included."""
     docs = {}
-    for a, b in zip(body, body[1:]):
-        if isinstance(a, ast.AnnAssign) and isinstance(a.target, ast.Name) and isinstance(b, ast.Expr) \
-                and isinstance(b.value, ast.Constant) and isinstance(b.value.value, str):
-            docs[a.target.id] = " ".join(b.value.value.split())
+    for klass in reversed(cls.__mro__):
+        if not dataclasses.is_dataclass(klass):
+            continue
+        body = ast.parse(textwrap.dedent(inspect.getsource(klass))).body[0].body
+        for a, b in zip(body, body[1:]):
+            if isinstance(a, ast.AnnAssign) and isinstance(a.target, ast.Name) and isinstance(b, ast.Expr) \
+                    and isinstance(b.value, ast.Constant) and isinstance(b.value.value, str):
+                docs[a.target.id] = " ".join(b.value.value.split())
     return docs
 
 

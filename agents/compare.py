@@ -16,46 +16,28 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .common import MIGRATION, EnvFacts, parse_dataclass_args, parse_overrides
-from .evaluate import (evaluate, load_policy, markdown_per_workload, markdown_table, per_workload, policy_env,
-                       run_episode, summarize, write_csv, write_results)
+from .common import EnvFacts, parse_dataclass_args, parse_overrides
+from .evaluate import (EvalSettings, evaluate, load_policy, markdown_per_workload, markdown_table, per_workload,
+                       policy_env, run_episode, summarize, write_csv, write_results)
 from .heuristics import DEFAULT_SET
 
 
 @dataclass
-class Args:
+class Args(EvalSettings):
     """Compare policies on the test workloads: table, CSV and plots."""
 
     policies: list[str] = field(default_factory=lambda: list(DEFAULT_SET), metadata={"metavar": "SPEC"})
     """heuristic specs and/or trained models (run directory or .zip); see `ringenv evaluate --help`"""
     models: list[str] = field(default_factory=list, metadata={"metavar": "RUN"})
     """trained models to add to --policies (run directories or .zip files)"""
-    env_id: str = MIGRATION
-    """environment id"""
-    scenario: str = "default"
-    """scenario name (configs/scenarios) or YAML file"""
-    split: str = field(default="test", metadata={"choices": ["train", "test", "all"]})
-    """workload split: test (held out from training), train or all"""
-    workloads: list[str] = field(default_factory=list)
-    """explicit workloads instead of the split"""
     seeds: int = 3
     """episodes per workload and policy"""
-    seed0: int = 1000
-    """first evaluation seed"""
-    set: list[str] = field(default_factory=list, metadata={"metavar": "KEY=VALUE"})
-    """overrides KEY=VALUE of env settings or scenario fields, e.g. vm.vcpus=2"""
-    workers: int = 2
-    """worker processes"""
     out: str = "runs/compare"
     """directory for the CSV files, table.md and the PNG plots"""
-    baseline: str = "qemu"
-    """policy the paired reward difference is taken against"""
     timeline_workload: str = ""
     """workload of the timeline plot (default: oltp-heavy if evaluated, else the first)"""
     plots: bool = True
     """write the PNG plots"""
-    progress: bool = True
-    """show progress bars"""
 
 
 def main(args: Args) -> dict:

@@ -30,34 +30,41 @@ from .heuristics import Policy, heuristic_env_kwargs, is_heuristic, make_heurist
 
 
 @dataclass
-class Args:
-    """Evaluate policies on the test workloads of a scenario with several seeds."""
+class EvalSettings:
+    """Where and how policies are evaluated (the settings `ringenv evaluate` and `ringenv compare`
+    share)."""
 
-    policies: list[str] = field(default_factory=lambda: ["qemu"], metadata={"metavar": "SPEC"})
-    """heuristic specs (qemu, fixed:ENTRIES:MS, watermark[:T[:ENTRIES|auto]], rate[:MIB], bitmap, random) or
-    trained models (path to a .zip saved by `ringenv train`, or its run directory)"""
     env_id: str = MIGRATION
     """environment id (a model's own env id is used for it: Discrete for DQN)"""
     scenario: str = "default"
     """scenario name (configs/scenarios) or YAML file"""
     split: str = field(default="test", metadata={"choices": ["train", "test", "all"]})
-    """workload split of the scenario's workload set: train, test or all"""
+    """workload split of the scenario's workload set: test (held out from training), train or all"""
     workloads: list[str] = field(default_factory=list)
     """explicit workloads instead of the split"""
-    seeds: int = 5
-    """episodes per workload (seeds seed0, seed0+1, ...)"""
     seed0: int = 1000
     """first evaluation seed (training uses low seeds; keep these apart)"""
     set: list[str] = field(default_factory=list, metadata={"metavar": "KEY=VALUE"})
     """overrides KEY=VALUE of env settings or scenario fields, e.g. vm.vcpus=2 max_episode_s=60"""
     workers: int = 2
     """worker processes (episodes run in parallel)"""
-    out: str = "runs/evaluate"
-    """directory for episodes.csv and summary.csv"""
     baseline: str = "qemu"
     """policy the paired reward difference is taken against (if evaluated)"""
     progress: bool = True
-    """show a progress bar"""
+    """show progress bars"""
+
+
+@dataclass
+class Args(EvalSettings):
+    """Evaluate policies on the test workloads of a scenario with several seeds."""
+
+    policies: list[str] = field(default_factory=lambda: ["qemu"], metadata={"metavar": "SPEC"})
+    """heuristic specs (qemu, fixed:ENTRIES:MS, watermark[:T[:ENTRIES|auto]], rate[:MIB], bitmap, random) or
+    trained models (path to a .zip saved by `ringenv train`, or its run directory)"""
+    seeds: int = 5
+    """episodes per workload (seeds seed0, seed0+1, ...)"""
+    out: str = "runs/evaluate"
+    """directory for episodes.csv and summary.csv"""
 
 
 # ---------------------------------------------------------------------------------- trained models
