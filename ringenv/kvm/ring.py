@@ -30,12 +30,11 @@ class DirtyRing:
     updates in place: the VM keeps all its rings' rows in one array (:meth:`attach_counters`).
     """
 
-    __slots__ = ("gfns", "size", "soft_limit", "_ctr", "_flags", "_slot", "_offset")
+    __slots__ = ("gfns", "size", "soft_limit", "_ctr")
 
     def __init__(self, entries: int, reserved: int):
         assert entries & (entries - 1) == 0 and entries > reserved
         self.gfns = np.zeros(entries, dtype=kvm_dirty_gfn)
-        self._flags, self._slot, self._offset = self.gfns["flags"], self.gfns["slot"], self.gfns["offset"]
         self.size = entries
         self.soft_limit = entries - reserved
         self._ctr = np.zeros(4, dtype=np.int64)
