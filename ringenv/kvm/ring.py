@@ -128,38 +128,31 @@ def push_all(push_v, push_g, npush, ring_addr, ring_ctr, slot_start, slot_kvm): 
             ring_push(words, ctr, slot_kvm[k], g - slot_start[k])
 
 
-@numba.njit(inline="always")
-def _coalesce_add(cur, slot, offset):  # pragma: no cover - compiled
-    """One step of the re-protect coalescing (reference s6) on the pending call ``cur`` =
-    (slot, offset, mask; mask 0: none pending): merge entry (slot, offset) into it and return
-    True, or return False (the caller flushes ``cur`` and starts a new call at the entry)."""
-    if cur[2] == 0 or slot != cur[0]:
-        return False
-    delta = np.int64(offset) - np.int64(cur[1])
-    if delta >= 0 and delta < 64:
-        cur[2] |= np.uint64(1) << np.uint64(delta)
-        return True
-    if delta > -64 and delta < 0:
-        sh = np.uint64(-delta)
-        if ((cur[2] << sh) >> sh) == cur[2]:
-            cur[1] = offset
-            cur[2] = (cur[2] << sh) | np.uint64(1)
-            return True
-    return False
-
-
 @numba.njit(cache=True, nogil=True)
 def _coalesce(slots, offsets, out_slot, out_offset, out_mask):  # pragma: no cover - compiled
-    cur = np.zeros(3, dtype=np.uint64)
+    """The re-protect coalescing over entries in ring order (see :func:`coalesce_reprotect`);
+    the calls go to the out arrays. Returns how many."""
     k = 0
+    cur_slot, cur_offset, mask = np.uint32(0), np.int64(0), np.uint64(0)  # mask 0: no call pending
     for i in range(slots.shape[0]):
-        if not _coalesce_add(cur, slots[i], offsets[i]):
-            if cur[2]:
-                out_slot[k], out_offset[k], out_mask[k] = cur[0], cur[1], cur[2]
-                k += 1
-            cur[0], cur[1], cur[2] = slots[i], offsets[i], 1
-    if cur[2]:
-        out_slot[k], out_offset[k], out_mask[k] = cur[0], cur[1], cur[2]
+        s, o = slots[i], np.int64(offsets[i])
+        if mask and s == cur_slot:
+            delta = o - cur_offset
+            if delta >= 0 and delta < 64:
+                mask |= np.uint64(1) << np.uint64(delta)
+                continue
+            if delta > -64 and delta < 0:
+                sh = np.uint64(-delta)
+                if ((mask << sh) >> sh) == mask:
+                    cur_offset = o
+                    mask = (mask << sh) | np.uint64(1)
+                    continue
+        if mask:
+            out_slot[k], out_offset[k], out_mask[k] = cur_slot, cur_offset, mask
+            k += 1
+        cur_slot, cur_offset, mask = s, o, np.uint64(1)
+    if mask:
+        out_slot[k], out_offset[k], out_mask[k] = cur_slot, cur_offset, mask
         k += 1
     return k
 
@@ -169,36 +162,28 @@ def reset_rings(ring_addr, ring_ctr, tab_kslot, tab_start, tab_npages, tab_block
                 block_shift, span):  # pragma: no cover - compiled
     """kvm_dirty_ring_reset for every vCPU's ring (ring_addr/ring_ctr as :func:`push_all`):
     from reset_index, while the entry has RESET set, set its flags to 0
-    (kvm_dirty_gfn_set_invalid), advance reset_index and coalesce it into re-protect calls
-    (:func:`_coalesce_add`); then the ring's calls, in order (:func:`memory.protect_masked`).
+    (kvm_dirty_gfn_set_invalid) and advance reset_index; the entries reset are coalesced into
+    re-protect calls (:func:`_coalesce`), applied in order (:func:`memory.protect_masked`).
     Returns (entries reset, re-protect calls, pages protected)."""
     entries = calls = pages = 0
-    cur = np.zeros(3, dtype=np.uint64)
     m = ring_addr[:, 1].max() if ring_addr.shape[0] else 0
+    slots, offsets = np.empty(m, dtype=np.uint32), np.empty(m, dtype=np.uint64)
     out_slot, out_offset, out_mask = np.empty(m, dtype=np.uint32), np.empty(m, dtype=np.int64), np.empty(m, dtype=np.uint64)
     for v in range(ring_addr.shape[0]):
         size = ring_addr[v, 1]
         words = words_at(ring_addr[v, 0], 2 * size)
         ri = ring_ctr[v, 1]
         used = min((ring_ctr[v, 0] - ri) & U32, size)
-        n = k = 0
-        cur[2] = 0
+        n = 0
         while n < used:
             e = 2 * ((ri + n) & (size - 1))
             w = words[e]
             if not w & np.uint64(KVM_DIRTY_GFN_F_RESET):
                 break
             words[e] = w & np.uint64(0xFFFFFFFF00000000)  # flags = 0, the slot stays
-            slot, offset = w >> np.uint64(32), words[e + 1]
-            if not _coalesce_add(cur, slot, offset):
-                if cur[2]:
-                    out_slot[k], out_offset[k], out_mask[k] = cur[0], cur[1], cur[2]
-                    k += 1
-                cur[0], cur[1], cur[2] = slot, offset, 1
+            slots[n], offsets[n] = w >> np.uint64(32), words[e + 1]
             n += 1
-        if cur[2]:
-            out_slot[k], out_offset[k], out_mask[k] = cur[0], cur[1], cur[2]
-            k += 1
+        k = _coalesce(slots[:n], offsets[:n], out_slot, out_offset, out_mask)
         pages += protect_masked(out_slot[:k], out_offset[:k], out_mask[:k], tab_kslot, tab_start, tab_npages,
                                 tab_blockgran, state, block_map, block_shift, span)
         ring_ctr[v, 1] = ri + n
