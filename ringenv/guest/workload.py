@@ -60,16 +60,27 @@ class _Region:
             self.perm_b = int(rng.integers(0, size))
 
     def gpi(self, ranks: np.ndarray) -> np.ndarray:
-        if self.perm_a == 1 and self.perm_b == 0:
-            return self.start + ranks
-        x = (ranks * self.perm_a + self.perm_b) & self.mask
-        out = x >= self.n
-        while out.any():
-            i = np.flatnonzero(out)
-            y = (x[i] * self.perm_a + self.perm_b) & self.mask
-            x[i] = y
-            out[i] = y >= self.n
-        return self.start + x
+        out = np.empty(len(ranks), dtype=np.int64)
+        _place_all(np.ascontiguousarray(ranks, dtype=np.int64), self.perm_a, self.perm_b, self.mask, self.n,
+                   self.start, out)
+        return out
+
+
+@numba.njit(inline="always")
+def _place(x, a, b, m, n):  # pragma: no cover - compiled
+    """Where rank x of a region of n pages lands: the affine bijection x -> (a x + b) mod m+1,
+    cycle-walked back into [0, n) (identity when a == 1 and b == 0)."""
+    if a != 1 or b != 0:
+        x = (x * a + b) & m
+        while x >= n:
+            x = (x * a + b) & m
+    return x
+
+
+@numba.njit(cache=True, nogil=True)
+def _place_all(ranks, a, b, m, n, start, out):  # pragma: no cover - compiled
+    for i in range(ranks.shape[0]):
+        out[i] = start + _place(ranks[i], a, b, m, n)
 
 
 class WorkloadProgram(GuestProgram):
@@ -221,7 +232,6 @@ class WorkloadProgram(GuestProgram):
                 if nr < total and len(self._marks) < self._max_n:
                     self._marks = np.zeros(self._max_n, dtype=np.uint8)
                 # the raw writes come time-ordered when nothing else joins them (no argsort then)
-                nr = int(k[raw].sum())
                 alone = nr == total and not any(running[s["vcpu"]] and s["rate"] > 0 for s in self.scans)
                 spacings = rng.standard_exponential(nr + 1) if alone else _NONE
                 # extra draws: the permutation of the raw run, and each distinct page with
@@ -343,7 +353,7 @@ def _sample_classes(extra, spacings, uniforms, k, raw, lam, hot_p, now, dt, c_lo
     Other classes: k[c] distinct pages of the class (uniform; ``marks`` remembers the ones taken
     and is left clear), each at its first-write time, an exponential of rate lam[c] truncated to
     the window (hot_p[c] = 1 - exp(-lam[c] dt)); in no particular order.
-    Each page is placed in guest RAM as :meth:`_Region.gpi` places it, and each write's vCPU drawn
+    Each page is placed in guest RAM as :func:`_place` places it, and each write's vCPU drawn
     by the class's rate split (``cdf`` row of its group), unless the class belongs to one vCPU.
     Random numbers come drawn in bulk by the caller's Generator, several times cheaper than one
     call each (and no Generator to type-check at every call): ``uniforms``, three per write
@@ -417,13 +427,7 @@ def _sample_classes(extra, spacings, uniforms, k, raw, lam, hot_p, now, dt, c_lo
     for i in range(j):
         c = cls[i]
         reg = c_region[c]
-        a, b, m = r_a[reg], r_b[reg], r_mask[reg]
-        x = c_lo[c] + out_g[i]
-        if a != 1 or b != 0:  # the region's bijection, cycle-walked back into it
-            x = (x * a + b) & m
-            while x >= r_n[reg]:
-                x = (x * a + b) & m
-        out_g[i] = r_start[reg] + x
+        out_g[i] = r_start[reg] + _place(c_lo[c] + out_g[i], r_a[reg], r_b[reg], r_mask[reg], r_n[reg])
         if c_vfix[c] >= 0:
             out_v[i] = c_vfix[c]
         else:
