@@ -173,10 +173,14 @@ class WorkloadProgram(GuestProgram):
                                  (ph.mean_calm_s + ph.mean_burst_s) else ph.burst_multiplier)
         else:
             self._phase_m.append(1.0)
+        self._ph_lo, self._ph_hi, self._ph_m = (0, 1 << 62, 1.0) if self.cfg.phases is None else (0, 0, 1.0)
+        self._rates: dict = {}  # (running vCPUs, multiplier) -> rates (see _rates_for)
 
     # ------------------------------------------------------------------ phases
     def multiplier(self, t: int) -> tuple[float, int]:
         """Rate multiplier at t and the time the current phase ends."""
+        if self._ph_lo <= t < self._ph_hi:  # the phase of the last call (nearly always)
+            return self._ph_m, self._ph_hi
         if self.cfg.phases is None:
             return 1.0, 1 << 62
         ph = self.cfg.phases
@@ -186,18 +190,35 @@ class WorkloadProgram(GuestProgram):
             self._phase_t.append(self._phase_t[-1] + max(1, int(self._phase_rng.exponential(mean) * NS)))
             self._phase_m.append(ph.burst_multiplier if calm else ph.calm_multiplier)
         i = int(np.searchsorted(self._phase_t, t, side="right")) - 1
-        return self._phase_m[i], self._phase_t[i + 1]
+        self._ph_lo, self._ph_hi, self._ph_m = self._phase_t[i], self._phase_t[i + 1], self._phase_m[i]
+        return self._ph_m, self._ph_hi
 
     # ------------------------------------------------------------------ sampling
+    def _rates_for(self, running: np.ndarray, mult: float) -> tuple[np.ndarray, np.ndarray]:
+        """(per class, the write rate of one of its pages by the running vCPUs; per vCPU, the
+        expected writes of all its pages and scans), per ns. They change only when a vCPU
+        exits or re-enters or a phase changes, so they are kept per (running set, multiplier)."""
+        key = (running.tobytes(), mult)
+        got = self._rates.get(key)
+        if got is None:
+            if len(self.c_lo):
+                per_class = self.c_rate * mult * (self.c_w @ running.astype(float))
+                per_vcpu = (self.c_n * self.c_rate * mult) @ (self.c_w * running[None, :])
+            else:
+                per_class, per_vcpu = np.zeros(0), np.zeros(self.nr_vcpus)
+            for s in self.scans:
+                if running[s["vcpu"]]:
+                    per_vcpu[s["vcpu"]] += s["rate"] * mult
+            if len(self._rates) >= 64:
+                self._rates.clear()
+            got = self._rates[key] = (per_class, per_vcpu)
+        return got
+
     def expected_rates(self, now: int, running: np.ndarray) -> np.ndarray:
         """Expected first writes to clean pages per ns, per vCPU: the write rate of every page,
         scaled by the share of recent samples that found their page clean."""
         mult, _ = self.multiplier(now)
-        lam = (self.c_n * self.c_rate * mult) @ (self.c_w * running[None, :]) if len(self.c_lo) else np.zeros(self.nr_vcpus)
-        for s in self.scans:
-            if running[s["vcpu"]]:
-                lam[s["vcpu"]] += s["rate"] * mult
-        return lam * self.efficiency
+        return self._rates_for(running, mult)[1] * self.efficiency
 
     def horizon(self, now, until, running, room):
         lam = self.expected_rates(now, running)
@@ -205,8 +226,7 @@ class WorkloadProgram(GuestProgram):
         total = lam.sum()
         if total <= 0:
             return min(until, phase_end)
-        act = running & (lam > 0)
-        t_fill = float(np.min(np.maximum(room[act], 1) / lam[act])) if act.any() else float("inf")
+        t_fill = _fill_time(room, lam, running)
         dt = min(t_fill * 1.05 + 1000.0, MAX_EVENTS / total)
         return int(min(until, phase_end, now + max(1000.0, dt)))
 
@@ -217,52 +237,51 @@ class WorkloadProgram(GuestProgram):
         if dt <= 0:
             return WriteBatch.empty(until)
         mult, _ = self.multiplier(now)
-        ts, vs, gs = [], [], []
-        nraw = 0  # the leading writes already in (time, vCPU) order
+        # the sweeps' writes: one per page their pointers pass in the window
+        sweeps, sweeping = [], False
+        for s in self.scans:
+            if running[s["vcpu"]] and s["rate"] > 0:
+                sweeping = True
+                rate = s["rate"] * mult
+                first = math.ceil(s["pos"])
+                count = math.ceil(s["pos"] + rate * dt) - first
+                if count > 0:
+                    sweeps.append((s, rate, first, count))
+        total = nr = few = 0
         if len(self.c_lo):
-            lam = self.c_rate * mult * (self.c_w @ running.astype(float))
             # cold classes (a page rarely written twice in the window): the raw write process,
             # Poisson(N r dt) writes to uniformly drawn pages at uniform times; the host skips a
             # repeated write to a page already dirty, so the first writes are exact. Hot
             # classes: Binomial(N, 1 - exp(-r dt)) distinct pages, each at its first-write time.
+            lam = self._rates_for(running, mult)[0]
             k, raw, hot_p = self._k, self._raw, self._hot_p
             total, nr, few = _class_counts(int(rng.integers(1 << 32)), self.c_n, lam, dt, k, raw, hot_p)
-            if total:  # every class at once, in one compiled pass
-                t, vc, g = np.empty(total, np.int64), np.empty(total, np.int32), np.empty(total, np.int64)
-                if nr < total and len(self._marks) < self._max_n:
-                    self._marks = np.zeros(self._max_n, dtype=np.uint8)
-                # the raw writes come time-ordered when nothing else joins them (no argsort then)
-                alone = nr == total and not any(running[s["vcpu"]] and s["rate"] > 0 for s in self.scans)
-                spacings = rng.standard_exponential(nr + 1) if alone else _NONE
-                # extra draws: the permutation of the raw run, and each distinct page with
-                # room for repeats (a class is at most half taken: < 1.4 draws per page on average)
-                n_extra = (nr if alone else 0) + 2 * few + 64
-                nraw = _sample_classes(rng.random(n_extra), spacings, rng.random(3 * total), k, raw, lam,
-                                       hot_p, now, dt, self.c_lo, self.c_n, self.c_region, self.c_vfix,
-                                       self.c_wgroup, self._writer_cdf(running), self._r_start, self._r_n,
-                                       self._r_a, self._r_b, self._r_mask, self._marks, t, vc, g)
-                ts.append(t)
-                vs.append(vc)
-                gs.append(g)
-        for s in self.scans:
-            if not running[s["vcpu"]] or s["rate"] <= 0:
-                continue
-            n = s["b"] - s["a"]
-            rate = s["rate"] * mult
-            first = math.ceil(s["pos"])
-            last = s["pos"] + rate * dt
-            steps = np.arange(first, math.ceil(last), dtype=np.int64)
-            if len(steps) == 0:
-                continue
-            g = self.regions[s["region"]].gpi(s["a"] + steps % n)
-            t = now + ((steps - s["pos"]) / rate).astype(np.int64)
-            ts.append(np.minimum(t, until - 1))
-            gs.append(g)
-            vs.append(np.full(len(g), s["vcpu"], dtype=np.int32))
-        if not ts:
+        size = total + sum(sw[3] for sw in sweeps)
+        if size == 0:
             return WriteBatch.empty(until)
-        t, vc, g = (np.concatenate(x) if len(x) > 1 else x[0] for x in (ts, vs, gs))
-        if len(t) > nraw:  # more than the raw writes' ordered run: order by time, then vCPU
+        t, vc, g = np.empty(size, np.int64), np.empty(size, np.int32), np.empty(size, np.int64)
+        nraw = 0  # the leading writes already in (time, vCPU) order
+        if total:  # every class at once, in one compiled pass
+            if nr < total and len(self._marks) < self._max_n:
+                self._marks = np.zeros(self._max_n, dtype=np.uint8)
+            # the raw writes come time-ordered when nothing else joins them (no argsort then)
+            alone = nr == total and not sweeping
+            spacings = rng.standard_exponential(nr + 1) if alone else _NONE
+            # extra draws: the permutation of the raw run, and each distinct page with
+            # room for repeats (a class is at most half taken: < 1.4 draws per page on average)
+            n_extra = (nr if alone else 0) + 2 * few + 64
+            nraw = _sample_classes(rng.random(n_extra), spacings, rng.random(3 * total), k, raw, lam,
+                                   hot_p, now, dt, self.c_lo, self.c_n, self.c_region, self.c_vfix,
+                                   self.c_wgroup, self._writer_cdf(running), self._r_start, self._r_n,
+                                   self._r_a, self._r_b, self._r_mask, self._marks,
+                                   t[:total], vc[:total], g[:total])
+        j = total
+        for s, rate, first, count in sweeps:
+            r = self.regions[s["region"]]
+            _sweep(first, count, s["pos"], rate, s["a"], s["b"] - s["a"], s["vcpu"], now, until, r.start,
+                   r.perm_a, r.perm_b, r.mask, r.n, t[j:j + count], vc[j:j + count], g[j:j + count])
+            j += count
+        if size > nraw:  # more than the raw writes' ordered run: order by time, then vCPU
             order = np.argsort(t * 1024 + vc)
             t, vc, g = t[order], vc[order], g[order]
         return WriteBatch(t, vc, g - self.ram_start + self.ram_base_gfn, None, until, first_touch=True)
@@ -285,7 +304,7 @@ class WorkloadProgram(GuestProgram):
     def consumed(self, n, t_cut, faults_per_vcpu, retried, written):
         now, running = self._window
         if n >= 256:  # learn how many sampled writes find their page clean
-            self.efficiency = float(np.clip(0.7 * self.efficiency + 0.3 * written / n, 0.02, 1.0))
+            self.efficiency = float(min(max(0.7 * self.efficiency + 0.3 * written / n, 0.02), 1.0))
         dt = t_cut - now
         if dt <= 0:
             return
@@ -293,6 +312,29 @@ class WorkloadProgram(GuestProgram):
         for s in self.scans:
             if running[s["vcpu"]]:
                 s["pos"] = (s["pos"] + s["rate"] * mult * dt) % (s["b"] - s["a"])
+
+
+@numba.njit(cache=True, nogil=True)
+def _sweep(first, count, pos, rate, a, n, vcpu, now, until, start, pa, pb, mask, rn, out_t, out_v, out_g):  # pragma: no cover - compiled
+    """A sequential sweep's writes in a window: the pointer at ``pos`` (pages into its range
+    [a, a + n) of a region) moving at ``rate`` pages per ns writes page ``first + j`` (modulo n)
+    when it gets there, for j < count; placed in guest RAM as :func:`_place` places it."""
+    for j in range(count):
+        step = first + j
+        out_g[j] = start + _place(a + step % n, pa, pb, mask, rn)
+        out_t[j] = min(now + np.int64((step - pos) / rate), until - 1)
+        out_v[j] = vcpu
+
+
+@numba.njit(cache=True, nogil=True)
+def _fill_time(room, lam, running):  # pragma: no cover - compiled
+    """The soonest a running vCPU with writes to make fills the room left in its ring, in ns at
+    its expected rate (inf if none has writes to make)."""
+    t = np.inf
+    for v in range(lam.shape[0]):
+        if running[v] and lam[v] > 0:
+            t = min(t, max(room[v], 1) / lam[v])
+    return t
 
 
 @numba.njit(cache=True, nogil=True)

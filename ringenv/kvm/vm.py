@@ -21,7 +21,7 @@ Kernel work done by an ioctl costs simulated time: ``Vm.last_ioctl_ns``.
 from __future__ import annotations
 
 import errno
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -85,17 +85,45 @@ class VmStats:
     kernel_ns: int = 0  # simulated time spent in VM ioctls
 
 
-@dataclass
+#: VcpuStats fields kept in the VM's counter array (columns, in this order)
+VCPU_COUNTERS = ("faults", "pushes", "splits", "fault_ns")
+_FAULTS, _PUSHES, _SPLITS, _FAULT_NS = range(len(VCPU_COUNTERS))
+
+
+def _counter(col: int, doc: str) -> property:
+    def get(self) -> int:
+        return int(self._row[col])
+
+    def set_(self, value: int) -> None:
+        self._row[col] = value
+
+    return property(get, set_, doc=doc)
+
+
 class VcpuStats:
-    faults: int = 0  # write faults that logged a page (permission faults; PML logs on x86-pml)
-    pushes: int = 0
-    splits: int = 0
-    full_exits: int = 0
-    exits: int = 0  # every return to userspace
-    fault_ns: int = 0  # guest time lost in the kernel (faults, splits, PML flushes)
-    exit_ns: int = 0  # guest time lost to exits (kernel part of the round trip)
-    pml_flushes: int = 0
-    extra: dict = field(default_factory=dict)
+    """Event counters of one vCPU. The ones the guest's writes move (faults, pushes, splits,
+    fault_ns) live in a row of the VM's per-vCPU counter array, which the write path updates
+    for all vCPUs at once."""
+
+    __slots__ = ("_row", "full_exits", "exits", "exit_ns", "pml_flushes", "extra")
+
+    def __init__(self):
+        self._row = np.zeros(len(VCPU_COUNTERS), dtype=np.int64)
+        self.full_exits = 0
+        self.exits = 0  # every return to userspace
+        self.exit_ns = 0  # guest time lost to exits (kernel part of the round trip)
+        self.pml_flushes = 0
+        self.extra: dict = {}
+
+    faults = _counter(_FAULTS, "write faults that logged a page (permission faults; PML logs on x86-pml)")
+    pushes = _counter(_PUSHES, "entries pushed to the vCPU's ring")
+    splits = _counter(_SPLITS, "blocks this vCPU's faults split into pages")
+    fault_ns = _counter(_FAULT_NS, "guest time lost in the kernel (faults, splits, PML flushes)")
+
+    def __repr__(self) -> str:
+        fields = {**{k: getattr(self, k) for k in VCPU_COUNTERS},
+                  **{k: getattr(self, k) for k in self.__slots__[1:]}}
+        return "VcpuStats(" + ", ".join(f"{k}={v!r}" for k, v in fields.items()) + ")"
 
 
 class Vcpu:
@@ -107,7 +135,6 @@ class Vcpu:
         self.index = index
         p = vm.profile
         self.ring: DirtyRing | None = DirtyRing(vm.ring_entries, p.reserved_entries) if vm.ring_entries else None
-        self.in_guest = False
         self.request_soft_full = False  # KVM_REQ_DIRTY_RING_SOFT_FULL
         self.pending_store = NO_WRITE  # gfn of a faulted store that has not retired
         self.pending_code = EXIT_NONE  # and what the guest does right after it retires
@@ -116,6 +143,15 @@ class Vcpu:
         self.pml = np.zeros(p.pml_buffer_entries, dtype=np.int64) if p.pml else None  # logged gpis
         self.pml_count = 0
         self.stats = VcpuStats()
+
+    @property
+    def in_guest(self) -> bool:
+        """In the guest (KVM_RUN entered it and it has not exited since)."""
+        return bool(self.vm._running[self.index])
+
+    @in_guest.setter
+    def in_guest(self, value: bool) -> None:
+        self.vm._running[self.index] = value
 
     @property
     def ring_gfns(self) -> np.ndarray:
@@ -184,6 +220,9 @@ class Vm:
         self._ring_addr = np.zeros((0, 2), dtype=np.int64)
         self._ring_ctr = np.zeros((0, 4), dtype=np.int64)
         self._soft_limit = np.zeros(0, dtype=np.int64)
+        self._running = np.zeros(0, dtype=bool)  # per vCPU: in the guest (Vcpu.in_guest)
+        self._vstat = np.zeros((0, len(VCPU_COUNTERS)), dtype=np.int64)  # per vCPU: VcpuStats counters
+        self._no_pml = np.zeros(0, dtype=np.int64)  # per vCPU: PML buffer fill (always 0 without PML)
         self.with_bitmap = False
         self.manual_protect = 0
         self.eager_split_chunk = 0
@@ -372,6 +411,7 @@ class Vm:
             split.append(logs and p.split_blocks)
         self._blockgran = np.array(blockgran, dtype=bool)
         self._pushall = np.array(pushall, dtype=bool)
+        self._any_pushall = bool(self._pushall.any())
         self._split = np.array(split, dtype=bool)
         self._nolog = np.array([s.logging and not self._logs(s) for s in self._as0], dtype=bool)
         # every slot (all address spaces), for the re-protect kernel
@@ -427,8 +467,13 @@ class Vm:
             raise einval(f"vCPU id {vcpu_id}: accepted 0..{KVM_MAX_VCPUS[p.arch] - 1}")
         if any(v.id == vcpu_id for v in self.vcpus):
             raise KvmError(errno.EEXIST, f"vCPU {vcpu_id} already exists")
+        self._running = np.append(self._running, False)
+        self._no_pml = np.zeros(len(self._running), dtype=np.int64)
         v = Vcpu(self, vcpu_id, len(self.vcpus))
         self.vcpus.append(v)
+        self._vstat = np.array([u.stats._row for u in self.vcpus], dtype=np.int64)
+        for u, row in zip(self.vcpus, self._vstat):
+            u.stats._row = row
         if v.ring is not None:
             self._ring_addr = np.array([(u.ring.gfns.ctypes.data, u.ring.size) for u in self.vcpus], dtype=np.int64)
             self._ring_ctr = np.zeros((len(self.vcpus), 4), dtype=np.int64)
@@ -601,7 +646,7 @@ class Vm:
         until = int(until)
         guest = self.guest
         while self.now < until:
-            running = np.array([v.in_guest for v in self.vcpus], dtype=bool)
+            running = self._running.copy()
             if guest is None or not running.any():
                 self.now = until
                 break
@@ -666,21 +711,23 @@ class Vm:
         p, c = self.profile, self.profile.costs
         n = len(t)
         nv = len(self.vcpus)
-        is_write = gfn != NO_WRITE
-        sidx = np.zeros(n, dtype=np.int64)
-        gpi = np.full(n, -1, dtype=np.int64)
-        if is_write.all():
+        if first_touch:  # a workload's candidate first writes: every access is a write
             sidx, gpi = self._locate(gfn)
-        elif is_write.any():
-            sidx[is_write], gpi[is_write] = self._locate(gfn[is_write])
+        else:
+            is_write = gfn != NO_WRITE
+            sidx = np.zeros(n, dtype=np.int64)
+            gpi = np.full(n, -1, dtype=np.int64)
+            if is_write.all():
+                sidx, gpi = self._locate(gfn)
+            elif is_write.any():
+                sidx[is_write], gpi[is_write] = self._locate(gfn[is_write])
         code = exit_after if exit_after is not None else self._zeros_i8(n)
         reads = reads if reads is not None else self._zeros_i8(n)
         rings = self.ring_entries > 0
         used = self._ring_used() if rings else np.zeros(nv, dtype=np.int64)
         limit = self._soft_limit if rings else np.full(nv, 1 << 62, dtype=np.int64)
-        pml_count = np.array([v.pml_count for v in self.vcpus], dtype=np.int64)
-        bp = self.block_pages
-        maxpush = n * (bp if self._pushall.any() else 1)
+        pml_count = np.array([v.pml_count for v in self.vcpus], dtype=np.int64) if p.pml else self._no_pml
+        maxpush = n * (self.block_pages if self._any_pushall else 1)
         push_v = self._scratch("push_v", maxpush, np.int32)
         push_g = self._scratch("push_g", maxpush, np.int64)
         split_v = self._scratch("split_v", n, np.int32)
@@ -694,13 +741,11 @@ class Vm:
             p.pml_buffer_entries if p.pml else 0, rings, push_v, push_g, split_v, split_b, faults)
 
         # splits: break-before-make and a broadcast TLB invalidation, charged to the faulting vCPU
+        vstat = self._vstat
         if nsplit:
-            split_cost = c.split_ns + p.tlbi_broadcast_ns(nv)
             per_vcpu = np.bincount(split_v[:nsplit], minlength=nv)
-            for v_i in np.flatnonzero(per_vcpu).tolist():
-                vs = self.vcpus[v_i].stats
-                vs.splits += int(per_vcpu[v_i])
-                vs.fault_ns += int(per_vcpu[v_i]) * split_cost
+            vstat[:, _SPLITS] += per_vcpu
+            vstat[:, _FAULT_NS] += per_vcpu * (c.split_ns + p.tlbi_broadcast_ns(nv))
             self.stats.splits += nsplit
         # faults and pushes, per vCPU in order
         if not p.pml:
@@ -709,22 +754,18 @@ class Vm:
             fault_cost = c.dirty_write_ns  # PML logs it; the flushes into the ring are charged there
         else:  # PML into the dirty bitmap: a flush per 512 logged pages, amortized
             fault_cost = c.dirty_write_ns + c.pml_flush_entry_ns + c.pml_full_exit_ns / p.pml_buffer_entries
-        nz = np.flatnonzero(faults)
-        for v_i, f in zip(nz.tolist(), faults[nz].tolist()):
-            vs = self.vcpus[v_i].stats
-            vs.faults += f
-            vs.fault_ns += int(f * fault_cost)
+        vstat[:, _FAULTS] += faults
+        vstat[:, _FAULT_NS] += (faults * fault_cost).astype(np.int64)  # int(), as the kernel's u64 ns
         if npush and rings and not p.pml:  # into the rings, in one compiled pass
             ctr = self._ring_ctr
             before = ctr[:, 0].copy()
             push_all(push_v, push_g, npush, self._ring_addr, ctr, self._start, self._kslot)
             pushed = ctr[:, 0] - before
+            vstat[:, _PUSHES] += pushed
             soft_full = self._ring_used() >= self._soft_limit
-            for v_i in np.flatnonzero(pushed).tolist():
-                v = self.vcpus[v_i]
-                v.stats.pushes += int(pushed[v_i])
-                if soft_full[v_i]:
-                    v.request_soft_full = True
+            if soft_full.any():
+                for v_i in np.flatnonzero(soft_full & (pushed != 0)).tolist():
+                    self.vcpus[v_i].request_soft_full = True
         elif npush:
             pv, pg = push_v[:npush], push_g[:npush]
             for v_i, sel in groups(pv):
