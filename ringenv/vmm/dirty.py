@@ -16,6 +16,7 @@ Pages are sent in chunks found with vectorized scans of ``mig``, never one by on
 
 from __future__ import annotations
 
+import numba
 import numpy as np
 
 
@@ -144,12 +145,19 @@ class DirtyPages:
         self.pages_sent += len(pages)
 
     def lost_writes(self, source_version: np.ndarray) -> int:
-        """Pages whose destination copy differs from the source, or that were never sent
-        (chunked: no big temporary)."""
-        lost, step = 0, 1 << 22
-        for a in range(0, self.npages, step):
-            lost += int(np.count_nonzero(self.dest[a: a + step] != source_version[a: a + step] + 1))
-        return lost
+        """Pages whose destination copy differs from the source, or that were never sent (one
+        compiled pass over both arrays, no temporaries)."""
+        return int(_count_stale(self.dest, source_version[: self.npages]))
+
+
+@numba.njit(cache=True, nogil=True)
+def _count_stale(dest, version):  # pragma: no cover - compiled
+    """How many pages have dest != version + 1 (u32 arithmetic, as the arrays store it)."""
+    stale = 0
+    for i in range(dest.shape[0]):
+        if dest[i] != np.uint32(version[i] + np.uint32(1)):
+            stale += 1
+    return stale
 
 
 def _contiguous(pages: np.ndarray) -> bool:
