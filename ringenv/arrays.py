@@ -49,6 +49,18 @@ def groups(g: np.ndarray):
         yield int(gs[a]), order[a:b]
 
 
+@numba.njit(cache=True, nogil=True)
+def shift_checked(a, lo, hi, delta, out):  # pragma: no cover - compiled
+    """``out = a + delta`` in one pass, checking ``lo <= a < hi``: returns the index of the
+    first value outside, or -1 (``out`` is then complete)."""
+    for i in range(a.shape[0]):
+        x = a[i]
+        if x < lo or x >= hi:
+            return i
+        out[i] = x + delta
+    return -1
+
+
 def prefetch(arr, index) -> None:
     """``prefetch(arr, i)``: a hint to load ``arr[i]``'s cache line for writing. In compiled code
     it is LLVM's llvm.prefetch (never faults, changes nothing); in plain Python it does nothing.

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..arrays import first_occurrence, groups, unique
+from ..arrays import first_occurrence, groups, shift_checked, unique
 from ..config import HostProfile, load_host_profile
 from ..guest.base import EXIT_DONE, EXIT_NONE, EXIT_SYNC, NO_WRITE, GuestProgram, WriteBatch
 from .fault import CUT_DONE, CUT_FULL, CUT_NONE, CUT_SYNC, walk_writes
@@ -617,10 +617,12 @@ class Vm:
     def _locate(self, gfn: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """gfn -> (index into the address-space-0 slots, global page index)."""
         if len(self._base) == 1 and len(gfn):  # one RAM slot: no search
-            if gfn.min() < self._base[0] or gfn.max() >= self._end[0]:
-                bad = gfn[(gfn < self._base[0]) | (gfn >= self._end[0])][0]
-                raise KvmError(errno.EFAULT, f"guest write to gfn {int(bad)}: no memslot maps it")
-            return np.zeros(len(gfn), dtype=np.int64), gfn + (self._start[0] - self._base[0])
+            gpi = np.empty(len(gfn), dtype=np.int64)
+            base = int(self._base[0])
+            bad = shift_checked(gfn, base, int(self._end[0]), int(self._start[0]) - base, gpi)
+            if bad >= 0:
+                raise KvmError(errno.EFAULT, f"guest write to gfn {int(gfn[bad])}: no memslot maps it")
+            return np.zeros(len(gfn), dtype=np.int64), gpi
         k = np.searchsorted(self._base, gfn, side="right") - 1
         if len(gfn) and (k.min() < 0 or np.any(gfn >= self._end[k])):
             bad = gfn[(k < 0) | (gfn >= self._end[np.maximum(k, 0)])][0]

@@ -428,3 +428,18 @@ def test_bitmap_offsets_round_trip_sparse_and_dense(npages, count):
     off = np.unique(rng.integers(0, npages, count)).astype(np.int64)
     got = bitmap_offsets(offsets_bitmap(off, npages), npages)
     assert got.dtype == np.int64 and np.array_equal(got, off)
+
+
+# ---------------------------------------------------------------------------- no memslot
+@pytest.mark.parametrize("offset", [1024, 5000, -1])
+def test_write_to_a_gfn_no_memslot_maps_is_efault_and_applies_nothing(offset):
+    """A guest store to a gfn outside every memslot (slot: gfns 4096..5119) fails with EFAULT
+    naming that gfn; the batch it came in is not applied (no push, no version change)."""
+    h = Host([[3, 5, offset]], base_gfn=4096, slot_pages=1024)
+    assert h.enter(0) is None
+    with pytest.raises(KvmError) as ei:
+        h.vm.run_until(h.vm.now + 10**9)
+    assert ei.value.errno == errno.EFAULT
+    assert f"gfn {4096 + offset}" in str(ei.value)
+    assert h.vcpus[0].ring.dirty_index == 0 and h.vcpus[0].stats.pushes == 0
+    assert h.version(3) == 0 and h.version(5) == 0
