@@ -182,7 +182,7 @@ class Vcpu:
         self.in_guest = True
         if vm.guest is not None:
             vm.guest.resumed(self.index, vm.now)
-        if self.pending_store != NO_WRITE:
+        if self.pending_store != NO_WRITE or self.pending_code != EXIT_NONE:
             gfn, code, read = self.pending_store, self.pending_code, self.pending_read
             self.pending_store, self.pending_code, self.pending_read = NO_WRITE, EXIT_NONE, False
             return vm._apply(np.array([vm.now], dtype=np.int64), np.array([self.index], dtype=np.int32),
@@ -790,6 +790,8 @@ class Vm:
                     v.pending_code = int(code[i])
                     v.pending_read = bool(reads[i])
                     retried[v.index] = True
+                elif code[i] != EXIT_NONE:  # it retired (PML): its sync/done exit comes at re-entry
+                    v.pending_code = int(code[i])
                 v.request_soft_full = True
                 v.stats.full_exits += 1
                 exit_ = self._exit(v, KVM_EXIT_DIRTY_RING_FULL, "full")

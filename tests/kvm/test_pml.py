@@ -133,3 +133,20 @@ def test_pml_logs_a_page_once_until_reset():
     assert h.reset() == 2
     assert h.enter_and_run().kind == "done"
     assert h.harvest() == [5]
+
+
+def test_the_sync_after_the_write_that_fills_the_pml_buffer_is_not_lost():
+    """s4 + s7: ring 1024 (soft 448), a sync point after write 511. That 512th write fills the
+    PML buffer: flush -> used 512 -> full exit. The write has retired (PML logs after the
+    store), so it is not re-executed, but the guest's next step, its sync (MMIO) write, still
+    happens first thing after re-entry, with nothing new logged; then the rest runs to done."""
+    h = Host([list(range(600))], [[511]], profile="x86-pml", entries=1024, slot_pages=1024)
+    v = h.vcpus[0]
+    e = h.enter_and_run()
+    assert e.reason == FULL and v.ring.used == 512
+    assert h.harvest() == list(range(512)) and h.reset() == 512
+    e = h.enter()
+    assert e is not None and e.kind == "sync" and e.reason == U.KVM_EXIT_MMIO
+    assert v.ring.dirty_index == 512 and h.version(511) == 1  # the store retired once
+    assert h.enter_and_run().kind == "done"
+    assert h.harvest() == list(range(512, 600))
