@@ -36,6 +36,10 @@ OBS_FIELDS = [
     ("redirty_rate", "pre-migration re-dirty rate / link rate (pages dirtied again within the sample)", 10.0),
     ("redirty_share", "re-dirtied share of the pre-migration sample's dirty events", 1.0),
 ]
+#: The observation's upper bounds (the Box's ``high``), as float32 and as the Python floats
+#: :func:`_clip_observation` compares with.
+OBS_HIGH = np.array([f[2] for f in OBS_FIELDS], dtype=np.float32)
+_OBS_HIGH_LIST = OBS_HIGH.tolist()
 
 
 class RingEnv(gym.Env):
@@ -72,15 +76,20 @@ class RingEnv(gym.Env):
         self.flatten_actions = flatten_actions
         n_sizes, n_int = len(self.ring_sizes), len(self.intervals_ms)
         self.action_space = spaces.Discrete(n_sizes * n_int) if flatten_actions else spaces.MultiDiscrete([n_sizes, n_int])
-        high = np.array([f[2] for f in OBS_FIELDS], dtype=np.float32)
-        self.observation_space = spaces.Box(np.zeros_like(high), high, dtype=np.float32)
+        self.observation_space = spaces.Box(np.zeros_like(OBS_HIGH), OBS_HIGH.copy(), dtype=np.float32)
         self.render_mode = render_mode
         self._session = None
         self._last = None
 
     # ------------------------------------------------------------------ actions
     def decode_action(self, action) -> tuple[int, int]:
-        """(ring entries, harvest interval in ms) for an action; a clear error if it is invalid."""
+        """(ring entries, harvest interval in ms) for an action; a clear error if it is invalid.
+
+        Integer indices in range are decoded at once (:func:`_integer_indices`); anything else
+        is checked against the action space, which gives the error."""
+        ij = _integer_indices(action, len(self.ring_sizes), len(self.intervals_ms), self.flatten_actions)
+        if ij is not None:
+            return self.ring_sizes[ij[0]], self.intervals_ms[ij[1]]
         if self.flatten_actions:
             a = np.asarray(action)
             if a.shape not in ((), (1,)) or not np.issubdtype(a.dtype, np.integer) or not self.action_space.contains(int(a.reshape(()))):
@@ -117,8 +126,8 @@ class RingEnv(gym.Env):
         self.interval_ms = 0.0
         self.t = 0
         self._prev = None
-        self._last_obs_src = None
-        obs = self._observe(None, 0, first=True)
+        self._obs_const = self._observation_constants()
+        obs = self._observe(None, 0)
         info = {"workload": workload, "sampled_dirty_rate_Bps": self.sampled_rate,
                 "sampled_redirty_rate_Bps": self.redirty_rate, "ring_sizes": self.ring_sizes,
                 "intervals_ms": self.intervals_ms}
@@ -146,67 +155,89 @@ class RingEnv(gym.Env):
         self.t += dt
         self._session.advance(self.t)
         m = self._session.metrics()
-        reward, parts = self._reward(self._prev, m, dt)
+        costs = self._interval_costs(self._prev, m)
+        reward, parts = self._reward(m, dt, costs)
         terminated = bool(self._session.done)
         truncated = (not terminated) and self.t >= self.cfg.max_episode_s * SECOND
         if truncated:
             pen = self.cfg.reward.downtime * m.remaining_bytes / max(m.bandwidth_Bps, 1.0)
             reward -= pen / self.cfg.reward.scale
             parts["truncation"] = pen
-        obs = self._observe(m, dt)
+        obs = self._observe(m, dt, costs)
         self._prev = m
         info.update(m.to_dict())
-        info.update({"reward_parts": parts, "workload": self.workload, "ring_entries": self.ring_entries,
-                     "interval_ms": self.interval_ms})
+        info["reward_parts"] = parts
+        info["workload"] = self.workload
+        info["ring_entries"] = self.ring_entries
+        info["interval_ms"] = self.interval_ms
         self._last = (obs, reward, info)
         return obs, float(reward), terminated, truncated, info
 
     # ------------------------------------------------------------------ reward and observation
-    def _reward(self, prev, m, dt: int) -> tuple[float, dict]:
-        """Minus the weighted costs of this interval (see the class docstring)."""
+    def _interval_costs(self, prev, m) -> tuple[float, float, float, int]:
+        """What the step between two metrics records cost, as the reward charges and the
+        observation reports it: (vCPU-seconds lost per vCPU, VMM CPU seconds, downtime seconds,
+        ring-full exits)."""
+        lost = (_lost_vcpu_s(m) - _lost_vcpu_s(prev)) / self.scenario.vm.vcpus
+        return lost, m.vmm_cpu_s - prev.vmm_cpu_s, m.downtime_s - prev.downtime_s, m.full_exits - prev.full_exits
+
+    def _reward(self, m, dt: int, costs: tuple[float, float, float, int]) -> tuple[float, dict]:
+        """Minus the weighted costs of this interval (see the class docstring); ``costs`` from
+        :meth:`_interval_costs`."""
         w = self.cfg.reward
-        nv = self.scenario.vm.vcpus
+        lost, vmm_s, downtime_s, _ = costs
         dt_s = dt / SECOND
-        lost = (_lost_vcpu_s(m) - _lost_vcpu_s(prev)) / nv
         parts = {
             "vcpu": w.vcpu * lost,
-            "vmm": w.vmm * (m.vmm_cpu_s - prev.vmm_cpu_s),
+            "vmm": w.vmm * vmm_s,
             "memory": w.memory * (m.ring_bytes / (1 << 20)) * dt_s,
             "time": w.time * dt_s,
-            "downtime": w.downtime * (m.downtime_s - prev.downtime_s),
+            "downtime": w.downtime * downtime_s,
         }
         return -sum(parts.values()) / w.scale, parts
 
-    def _observe(self, m, dt: int, first: bool = False) -> np.ndarray:
+    def _observation_constants(self) -> tuple[float, float, float, int, float, float, float]:
+        """What the observation reads that cannot change during an episode (taken at reset):
+        link rate, downtime limit (ms), episode time cap (ns), vCPUs, and the three
+        observations of the pre-migration sample (sampled_rate, redirty_rate, redirty_share)."""
         link = self.scenario.link.rate_Bps
-        cap = self.cfg.max_episode_s * SECOND
-        o = np.zeros(len(OBS_FIELDS), dtype=np.float64)
-        o[3] = self.sampled_rate / link
-        o[15] = self.redirty_rate / link
-        o[16] = self.redirty_rate / (self.sampled_rate + self.redirty_rate) if self.redirty_rate > 0 else 0.0
-        o[13] = math.log10(max(self.interval_ms, 1.0)) / 4 if self.interval_ms else 0.0
-        if m is not None:
-            nv = self.scenario.vm.vcpus
-            prev = self._last_obs_src or self._prev
-            fill = np.asarray(m.ring_fill, dtype=float)
-            o[0] = fill.max() if len(fill) else 0.0
-            o[1] = fill.mean() if len(fill) else 0.0
-            o[2] = m.dirty_rate_Bps / link
-            dts = max(dt / SECOND, 1e-9)
-            o[4] = math.log10(1 + (m.full_exits - prev.full_exits) / nv / dts)
-            o[5] = (_lost_vcpu_s(m) - _lost_vcpu_s(prev)) / nv / dts
-            o[6] = (m.vmm_cpu_s - prev.vmm_cpu_s) / dts
-            o[7] = m.progress
-            limit_bytes = max(m.bandwidth_Bps, 1.0) * self.scenario.link.downtime_limit_ms / 1000
-            o[8] = math.log10(1 + m.remaining_bytes / limit_bytes)
-            o[9] = m.bandwidth_Bps / link
-            o[10] = m.iterations / 32
-            o[11] = self.t / cap
-            o[12] = math.log2(self.ring_entries) / 16 if self.ring_entries else 0.0
-            o[14] = 1.0
-            self._last_obs_src = m
-        high = self.observation_space.high
-        return np.clip(o, 0.0, high).astype(np.float32)
+        share = self.redirty_rate / (self.sampled_rate + self.redirty_rate) if self.redirty_rate > 0 else 0.0
+        return (link, self.scenario.link.downtime_limit_ms, self.cfg.max_episode_s * SECOND, self.scenario.vm.vcpus,
+                self.sampled_rate / link, self.redirty_rate / link, share)
+
+    def _observe(self, m, dt: int, costs: tuple[float, float, float, int] | None = None) -> np.ndarray:
+        """The observation (see the class docstring) after a step ending with metrics ``m``
+        (``costs`` from :meth:`_interval_costs`), or at reset (``m`` None: only the sample and
+        the interval are known)."""
+        link, downtime_limit_ms, cap, nv, sampled, redirty, share = self._obs_const
+        interval = math.log10(max(self.interval_ms, 1.0)) / 4 if self.interval_ms else 0.0
+        if m is None:
+            o = [0.0] * len(OBS_FIELDS)
+            o[3], o[13], o[15], o[16] = sampled, interval, redirty, share
+            return _clip_observation(o)
+        lost, vmm_s, _, exits = costs
+        fill = m.ring_fill
+        dts = max(dt / SECOND, 1e-9)
+        limit_bytes = max(m.bandwidth_Bps, 1.0) * downtime_limit_ms / 1000
+        return _clip_observation([
+            max(fill) if fill else 0.0,  # fill_max
+            _mean(fill),  # fill_mean
+            m.dirty_rate_Bps / link,
+            sampled,
+            math.log10(1 + exits / nv / dts),  # full_exits
+            lost / dts,  # lost_vcpu
+            vmm_s / dts,  # vmm_cpu
+            m.progress,
+            math.log10(1 + m.remaining_bytes / limit_bytes),  # remaining
+            m.bandwidth_Bps / link,
+            m.iterations / 32,
+            self.t / cap,  # elapsed
+            math.log2(self.ring_entries) / 16 if self.ring_entries else 0.0,  # ring_size
+            interval,
+            1.0,  # ring_fixed
+            redirty,
+            share,
+        ])
 
     # ------------------------------------------------------------------ rendering
     def render(self):
@@ -232,7 +263,7 @@ class RingEnv(gym.Env):
         if self._session is not None:
             self._session.close()
             self._session = None
-            self._prev = self._last_obs_src = None
+            self._prev = None
 
 
 class MigrationEnv(RingEnv):
@@ -369,6 +400,36 @@ def _lost_vcpu_s(m) -> float:
     splits, ring-full exits (with the reaping done on the vCPU thread), waits for the big lock,
     and throttle sleeps."""
     return m.vcpu_fault_s + m.vcpu_exit_s + m.vcpu_stall_s + m.vcpu_throttle_s
+
+
+def _integer_indices(action, n_sizes: int, n_intervals: int, flat: bool) -> tuple[int, int] | None:
+    """(ring size index, interval index) of an action given as integers in range (a numpy
+    integer array or scalar, or Python ints): every such action is in the action space. None
+    for anything else (:meth:`RingEnv.decode_action` then checks it against the space)."""
+    a = np.asarray(action)
+    if a.dtype.kind not in "iu":
+        return None
+    if flat:
+        if a.shape not in ((), (1,)):
+            return None
+        k = a.item()
+        return divmod(k, n_intervals) if 0 <= k < n_sizes * n_intervals else None
+    if a.shape != (2,):
+        return None
+    i, j = a.tolist()
+    return (i, j) if 0 <= i < n_sizes and 0 <= j < n_intervals else None
+
+
+def _mean(values: tuple[float, ...]) -> float:
+    """The mean as numpy's ``mean`` computes it (its pairwise sum), 0 for no values."""
+    return float(np.add.reduce(np.array(values))) / len(values) if values else 0.0
+
+
+def _clip_observation(values: list[float]) -> np.ndarray:
+    """The observation as float32, each value clipped to [0, its bound] exactly as ``np.clip``
+    clips a float64 array (NaN kept; -0.0 becomes 0.0), without building that array."""
+    return np.array([(x if x < high else high) if x > 0.0 else (0.0 if x == x else x)
+                     for x, high in zip(values, _OBS_HIGH_LIST)], dtype=np.float32)
 
 
 def _open_session(kind, scenario, workload, seed, ring_entries, interval_ns, control_interval_ms):

@@ -79,13 +79,9 @@ class CheckpointRun(Session):
         self.end_pass()
 
     def metrics(self) -> Metrics:
-        d = self._base_metrics()
-        return Metrics(
-            downtime_s=max(self.pauses, default=0) / NS,
-            total_s=(self.end_ns if self.finished else self.loop.now) / NS,
-            converged=self.overruns == 0,
-            checkpoints=len(self.pauses),
-            pause_total_s=sum(self.pauses) / NS,
-            checkpoint_overruns=self.overruns,
-            **d,
-        )
+        d = self._base_metrics(max(self.pauses, default=0) / NS,
+                               (self.end_ns if self.finished else self.loop.now) / NS, self.overruns == 0)
+        d["checkpoints"] = len(self.pauses)
+        d["pause_total_s"] = sum(self.pauses) / NS
+        d["checkpoint_overruns"] = self.overruns
+        return Metrics.from_fields(d)

@@ -7,7 +7,7 @@ control interval is the difference of two records.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import MISSING, dataclass, fields
 
 
 @dataclass(frozen=True)
@@ -67,9 +67,31 @@ class Metrics:
     pause_total_s: float = 0.0  #: sum of checkpoint pauses, s
     checkpoint_overruns: int = 0  #: checkpoints that ended after the next was due
 
+    @classmethod
+    def from_fields(cls, values: dict) -> Metrics:
+        """``Metrics(**values)``, built without the dataclass's per-field frozen assignments (a
+        run builds one record per step). ``values`` should hold the fields in declaration order;
+        the ones with defaults may be left out at the end. In any other order (or with a field
+        missing or unknown) the regular constructor is used, so the result is always the same."""
+        rec = object.__new__(cls)
+        state = rec.__dict__
+        state.update(values)
+        if len(state) < len(_FIELD_NAMES):
+            for name, default in _DEFAULTS.items():
+                state.setdefault(name, default)
+        if tuple(state) != _FIELD_NAMES:
+            return cls(**values)
+        return rec
+
     def to_dict(self) -> dict:
-        """The record as plain data (tuples as lists); the fields are flat, so no deep copy."""
-        return {k: list(v) if isinstance(v, tuple) else v for k, v in vars(self).items()}
+        """The record as plain data (the tuple fields as lists), keys in field order; the fields
+        are flat, so no deep copy."""
+        d = dict(vars(self))
+        for name in _TUPLE_FIELDS:
+            v = d[name]
+            if isinstance(v, tuple):
+                d[name] = list(v)
+        return d
 
     @classmethod
     def field_docs(cls) -> dict[str, str]:
@@ -83,3 +105,8 @@ class Metrics:
             m = re.search(rf"^\s+{f.name}:[^\n]*#:\s*(.*)$", src, re.M)
             out[f.name] = m.group(1).strip() if m else ""
         return out
+
+
+_FIELD_NAMES = tuple(f.name for f in fields(Metrics))
+_DEFAULTS = {f.name: f.default for f in fields(Metrics) if f.default is not MISSING}  # the checkpointing fields
+_TUPLE_FIELDS = tuple(f.name for f in fields(Metrics) if f.type == "tuple")  # per-vCPU / per-pass values

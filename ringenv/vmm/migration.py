@@ -86,11 +86,5 @@ class MigrationRun(Session):
         self.finish()
 
     def metrics(self) -> Metrics:
-        d = self._base_metrics()
-        now = self.end_ns if self.finished else self.loop.now
-        return Metrics(
-            downtime_s=self.downtime_ns / NS,
-            total_s=(self.total_ns if self.finished else now) / NS,
-            converged=bool(self.converged),
-            **d,
-        )
+        total_ns = self.total_ns if self.finished else self.loop.now
+        return Metrics.from_fields(self._base_metrics(self.downtime_ns / NS, total_ns / NS, bool(self.converged)))

@@ -29,7 +29,10 @@ host window per grid period; results then depend on the grid, never on the step 
 from __future__ import annotations
 
 import math
+from bisect import bisect_right
 from collections import deque
+from functools import cached_property
+from operator import itemgetter
 
 import numpy as np
 
@@ -50,6 +53,8 @@ SLICE_NS = 50 * MS  # QEMU ram_save_iterate returns every ~50 ms
 MAX_SLICE_NS = 1000 * MS  # consecutive slices simulated as one send (see Session.send_slice)
 BW_WINDOW_NS = 100 * MS  # QEMU BUFFER_DELAY: bandwidth measured over >= 100 ms
 RATE_WINDOW_NS = 1000 * MS
+
+_sample_time = itemgetter(0)  # of a dirty-rate sample (time, entries harvested so far)
 
 # vCPU thread states
 GUEST, OUT, SLEEP, DLSLEEP, PARKED, DONE, WEDGED = range(7)
@@ -393,18 +398,17 @@ class Session:
         """Estimated guest dirty rate, bytes/s, as QEMU's calc-dirty-rate in dirty-ring mode
         counts it: ring entries per second, here from the newest full harvest at least 1 s
         old up to now (entries harvested since, plus those waiting in the rings now). With the
-        bitmap: new dirty pages per second between the last two syncs."""
+        bitmap: new dirty pages per second between the last two syncs. ``ready``: the rings'
+        waiting entries if the caller has them (:meth:`RingCollector.ready`)."""
         if self.cfg.collector != "ring":
             return self.sync_rate_Bps
         now = self.vm.now
-        ref = self._samples[0]
-        for smp in reversed(self._samples):
-            if now - smp[0] >= RATE_WINDOW_NS:
-                ref = smp
-                break
+        samples = self._samples  # in time order: the newest sample at least 1 s old by bisection
+        i = bisect_right(samples, now - RATE_WINDOW_NS, key=_sample_time)
+        ref = samples[i - 1] if i else samples[0]
         if now <= ref[0]:
             return 0.0
-        seen = self.entries_harvested + int((self.collector.ready() if ready is None else ready).sum())
+        seen = self.entries_harvested + sum((self.collector.ready() if ready is None else ready).tolist())
         return (seen - ref[1]) * self.page_size * NS / (now - ref[0])
 
     # ================================================================== shared migration pieces
@@ -480,7 +484,11 @@ class Session:
         if self._slice is None:
             return 0, 0
         t0, dt, n, nbytes = self._slice
-        left = 1.0 - min(1.0, max(0.0, (now - t0) / dt)) if dt else 0.0
+        if not dt:
+            return 0, 0
+        done = (now - t0) / dt  # share on the wire, clamped to [0, 1]
+        done = (done if done < 1.0 else 1.0) if done > 0.0 else 0.0
+        left = 1.0 - done
         return int(n * left), int(nbytes * left)
 
     def send_bytes(self, nbytes: int, rate_Bps: float):
@@ -590,50 +598,77 @@ class Session:
         return self.now_ns / NS
 
     # ================================================================== metrics
-    def _base_metrics(self) -> dict:
-        vm, cfg = self.vm, self.cfg
-        vst = [v.stats for v in self.vcpus]
+    @cached_property
+    def _run_constants(self) -> tuple[str, str, bool, int, int, float, float]:
+        """What the metrics report that cannot change during the run, read once: scenario name,
+        collector, ring or not, entries per ring (0 with the bitmap), kernel memory of all rings
+        (fixed when the vCPUs are created), VMM bookkeeping bytes per page (its arrays are
+        allocated with the session), ring soft limit (as a float)."""
+        cfg = self.cfg
         ring = cfg.collector == "ring"
-        ready = self.collector.ready()
-        fill = ready / float(self.collector.soft_limit) if ring else np.zeros(len(self.vcpus))
-        fl_pages, fl_bytes = self._in_flight(self.now_ns)
-        remaining = (self.dirty.mig_count + fl_pages) * self.page_size
-        return dict(
-            scenario=cfg.name, kind=self.kind, collector=cfg.collector, phase=self.phase, done=self.finished,
-            time_s=self.now_ns / NS,
-            iterations=self.iterations, passes=self.passes,
-            bytes_sent=self.bytes_sent - fl_bytes, pages_sent=self.dirty.pages_sent - fl_pages,
-            pages_resent=self.dirty.pages_resent,
-            full_exits=sum(s.full_exits for s in vst),
-            vcpu_exit_s=float(self.exit_ns.sum() + self.work_ns.sum() + self._spin_ns()) / NS,
-            vcpu_stall_s=float(self.stall_ns.sum()) / NS,
-            vcpu_throttle_s=float(self.throttle_ns.sum()) / NS,
-            vcpu_fault_s=sum(s.fault_ns for s in vst) / NS,
-            vmm_cpu_s=self.vmm_cpu_ns / NS,
-            harvests=self.harvests, resets=vm.stats.resets, entries_harvested=self.entries_harvested,
-            tlb_flushes=vm.stats.tlb_flushes, get_dirty_log_calls=vm.stats.get_dirty_log_calls,
-            clear_dirty_log_calls=vm.stats.clear_dirty_log_calls,
-            ring_bytes=vm.ring_bytes, ring_entries=cfg.ring_entries if ring else 0,
-            interval_ms=self.interval_ns / MS if ring else 0.0,
-            lost_writes=self.lost_writes, verified=self.verified,
-            ring_overflows=sum(v.ring.lost for v in self.vcpus) if ring else 0,
-            wedged_vcpus=int(np.count_nonzero(self.wedged_at >= 0)),
-            dirty_rate_Bps=self._dirty_rate(ready),
-            ring_fill=tuple(float(x) for x in fill),
-            remaining_bytes=remaining,
-            bandwidth_Bps=self.bandwidth_Bps, threshold_bytes=self.threshold_bytes,
-            progress=(self.dirty.pages_sent - fl_pages - self.dirty.pages_resent) / self.npages,
-            throttle_pct=float(self.throttle.pct),
-            vcpu_stall_s_per_vcpu=tuple(float(x) / NS for x in self.stall_ns),
-            pass_bytes=tuple(self.pass_bytes),
-            sync_s=sum(self.sync_ns) / NS,
-            vmm_bytes_per_page=self.dirty.nbytes / self.npages,
-        )
+        soft_limit = float(self.collector.soft_limit) if ring else 1.0
+        return (cfg.name, cfg.collector, ring, cfg.ring_entries if ring else 0, self.vm.ring_bytes,
+                self.dirty.nbytes / self.npages, soft_limit)
 
-    def _spin_ns(self) -> int:
-        w = self.wedged_at[self.wedged_at >= 0]
+    def _base_metrics(self, downtime_s: float, total_s: float, converged: bool) -> dict:
+        """Every :class:`Metrics` field but the checkpointing ones, in declaration order (what
+        :meth:`Metrics.from_fields` takes); the run's outcome fields come from the subclass.
+        Per-vCPU totals are summed as Python ints (exact, as the numpy sums were)."""
+        vm, dirty, vcpus = self.vm, self.dirty, self.vcpus
+        name, collector, ring, ring_entries, ring_bytes, bytes_per_page, soft_limit = self._run_constants
+        full_exits = fault_ns = overflows = 0  # the vCPUs' kernel counters, in one pass
+        for v in vcpus:
+            st = v.stats
+            full_exits += st.full_exits
+            fault_ns += st.fault_ns
+            if ring:
+                overflows += v.ring.lost
+        vm_st = vm.stats
+        ready = self.collector.ready()
+        fill = (ready / soft_limit).tolist() if ring else [0.0] * len(vcpus)
+        fl_pages, fl_bytes = self._in_flight(self.now_ns)
+        wedged = [t for t in self.wedged_at.tolist() if t >= 0]
+        spin = self._spin_ns(wedged) if wedged else 0
+        return {
+            "scenario": name, "kind": self.kind, "collector": collector, "phase": self.phase,
+            "done": self.finished, "time_s": self.now_ns / NS,
+            "downtime_s": downtime_s, "total_s": total_s, "converged": converged,
+            "iterations": self.iterations, "passes": self.passes,
+            "bytes_sent": self.bytes_sent - fl_bytes, "pages_sent": dirty.pages_sent - fl_pages,
+            "pages_resent": dirty.pages_resent,
+            "full_exits": full_exits,
+            "vcpu_exit_s": float(sum(self.exit_ns.tolist()) + sum(self.work_ns.tolist()) + spin) / NS,
+            "vcpu_stall_s": float(sum(self.stall_ns.tolist())) / NS,
+            "vcpu_throttle_s": float(sum(self.throttle_ns.tolist())) / NS,
+            "vcpu_fault_s": fault_ns / NS,
+            "vmm_cpu_s": self.vmm_cpu_ns / NS,
+            "harvests": self.harvests, "resets": vm_st.resets, "entries_harvested": self.entries_harvested,
+            "tlb_flushes": vm_st.tlb_flushes, "get_dirty_log_calls": vm_st.get_dirty_log_calls,
+            "clear_dirty_log_calls": vm_st.clear_dirty_log_calls,
+            "ring_bytes": ring_bytes, "ring_entries": ring_entries,
+            "interval_ms": self.interval_ns / MS if ring else 0.0,
+            "lost_writes": self.lost_writes, "verified": self.verified,
+            "ring_overflows": overflows,
+            "wedged_vcpus": len(wedged),
+            "dirty_rate_Bps": self._dirty_rate(ready),
+            "ring_fill": tuple(fill),
+            "remaining_bytes": (dirty.mig_count + fl_pages) * self.page_size,
+            "bandwidth_Bps": self.bandwidth_Bps, "threshold_bytes": self.threshold_bytes,
+            "progress": (dirty.pages_sent - fl_pages - dirty.pages_resent) / self.npages,
+            "throttle_pct": float(self.throttle.pct),
+            "vcpu_stall_s_per_vcpu": tuple((self.stall_ns / NS).tolist()),
+            "pass_bytes": tuple(self.pass_bytes),
+            "sync_s": sum(self.sync_ns) / NS,
+            "vmm_bytes_per_page": bytes_per_page,
+        }
+
+    def _spin_ns(self, wedged: list[int] | None = None) -> int:
+        """vCPU time spinning on wedged rings, ns: from each wedge to the end of the run (or
+        now). ``wedged``: the wedge times (``wedged_at`` >= 0) if the caller has them."""
+        if wedged is None:
+            wedged = [t for t in self.wedged_at.tolist() if t >= 0]
         end = self.end_ns if self.finished else self.loop.now
-        return int((end - w).sum()) if len(w) else 0
+        return sum([end - t for t in wedged])
 
     def metrics(self) -> Metrics:
         raise NotImplementedError
