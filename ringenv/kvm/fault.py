@@ -21,6 +21,7 @@ import numba
 import numpy as np
 
 from ..arrays import prefetch
+from .ring import push_all
 
 AHEAD = 16  # events to look ahead when prefetching a page's state and version
 
@@ -139,3 +140,52 @@ def walk_writes(gpi, vc, code, reads, first_touch, slot_of, state, version, bloc
             m = i + 1
             break
     return m, cut, npush, nsplit, ndirty, True
+
+
+# columns of the VM's per-vCPU counter array (Vm._vstat; VcpuStats reads its row)
+FAULTS, PUSHES, SPLITS, FAULT_NS = range(4)
+
+
+@numba.njit(cache=True, nogil=True)
+def apply_batch(gpi, vc, code, reads, first_touch, slot_of, state, version, block_map,
+                blockgran, pushall, split, nolog, block_shift,
+                ring_ctr, soft_limit, pml_count, pml_buf, rings,
+                push_v, push_g, split_v, split_b,
+                vstat, split_cost, fault_cost, ring_addr, slot_start, slot_kvm, soft_full, faults):  # pragma: no cover - compiled
+    """:func:`walk_writes` over a batch, then its bookkeeping in the same call: per vCPU (rows
+    of ``vstat``, columns FAULTS, PUSHES, SPLITS, FAULT_NS) the faults and splits it took and
+    their service time (``fault_cost`` per fault, ``split_cost`` per split: break-before-make
+    and a broadcast TLB invalidation; ``faults``, zeros on entry, gets the batch's faults per
+    vCPU); with rings and no PML the pushes go into the rings
+    (:func:`ringenv.kvm.ring.push_all`), and ``soft_full[v]`` is set for a vCPU whose ring
+    the batch's pushes left soft-full (its KVM_REQ_DIRTY_RING_SOFT_FULL). Without rings, or
+    with PML, the pushes are left in push_v/push_g for the caller.
+    Returns (events consumed, cut kind, pushes, splits, clean pages written, access retired at
+    the cut, vCPUs made soft-full)."""
+    nv = vstat.shape[0]
+    if rings:
+        used = (ring_ctr[:, 0] - ring_ctr[:, 1]) & 0xFFFFFFFF
+        limit = soft_limit
+    else:
+        used = np.zeros(nv, dtype=np.int64)
+        limit = np.full(nv, np.int64(1) << 62, dtype=np.int64)
+    m, cut, npush, nsplit, ndirty, retired = walk_writes(
+        gpi, vc, code, reads, first_touch, slot_of, state, version, block_map, blockgran, pushall, split, nolog,
+        block_shift, used, limit, pml_count, pml_buf, rings, push_v, push_g, split_v, split_b, faults)
+    for j in range(nsplit):
+        vstat[split_v[j], SPLITS] += 1
+        vstat[split_v[j], FAULT_NS] += split_cost
+    for v in range(nv):
+        vstat[v, FAULTS] += faults[v]
+        vstat[v, FAULT_NS] += np.int64(faults[v] * fault_cost)
+    nsoft = 0
+    if npush and rings and pml_buf == 0:
+        before = ring_ctr[:, 0].copy()
+        push_all(push_v, push_g, npush, ring_addr, ring_ctr, slot_start, slot_kvm)
+        for v in range(nv):
+            pushed = ring_ctr[v, 0] - before[v]
+            vstat[v, PUSHES] += pushed
+            if pushed and ((ring_ctr[v, 0] - ring_ctr[v, 1]) & 0xFFFFFFFF) >= soft_limit[v]:
+                soft_full[v] = True
+                nsoft += 1
+    return m, cut, npush, nsplit, ndirty, retired, nsoft

@@ -28,9 +28,9 @@ import numpy as np
 from ..arrays import first_occurrence, groups, shift_checked, unique
 from ..config import HostProfile, load_host_profile
 from ..guest.base import EXIT_DONE, EXIT_NONE, EXIT_SYNC, NO_WRITE, GuestProgram, WriteBatch
-from .fault import CUT_DONE, CUT_FULL, CUT_NONE, CUT_SYNC, walk_writes
+from .fault import CUT_DONE, CUT_FULL, CUT_NONE, CUT_SYNC, FAULT_NS, FAULTS, PUSHES, SPLITS, apply_batch
 from .memory import CLEAN, WP, WP_CLEAN, Memslot, bitmap_offsets, protect_masked
-from .ring import DirtyRing, push_all, reset_rings
+from .ring import DirtyRing, reset_rings
 from .uapi import (
     KVM_CAP_ARM_EAGER_SPLIT_CHUNK_SIZE,
     KVM_CAP_ARM_SUPPORTED_BLOCK_SIZES,
@@ -85,9 +85,9 @@ class VmStats:
     kernel_ns: int = 0  # simulated time spent in VM ioctls
 
 
-#: VcpuStats fields kept in the VM's counter array (columns, in this order)
-VCPU_COUNTERS = ("faults", "pushes", "splits", "fault_ns")
-_FAULTS, _PUSHES, _SPLITS, _FAULT_NS = range(len(VCPU_COUNTERS))
+#: VcpuStats fields kept in the VM's counter array, by column (the write path's apply_batch
+#: updates them)
+VCPU_COUNTERS = {"faults": FAULTS, "pushes": PUSHES, "splits": SPLITS, "fault_ns": FAULT_NS}
 
 
 def _counter(col: int, doc: str) -> property:
@@ -115,10 +115,10 @@ class VcpuStats:
         self.pml_flushes = 0
         self.extra: dict = {}
 
-    faults = _counter(_FAULTS, "write faults that logged a page (permission faults; PML logs on x86-pml)")
-    pushes = _counter(_PUSHES, "entries pushed to the vCPU's ring")
-    splits = _counter(_SPLITS, "blocks this vCPU's faults split into pages")
-    fault_ns = _counter(_FAULT_NS, "guest time lost in the kernel (faults, splits, PML flushes)")
+    faults = _counter(FAULTS, "write faults that logged a page (permission faults; PML logs on x86-pml)")
+    pushes = _counter(PUSHES, "entries pushed to the vCPU's ring")
+    splits = _counter(SPLITS, "blocks this vCPU's faults split into pages")
+    fault_ns = _counter(FAULT_NS, "guest time lost in the kernel (faults, splits, PML flushes)")
 
     def __repr__(self) -> str:
         fields = {**{k: getattr(self, k) for k in VCPU_COUNTERS},
@@ -223,6 +223,7 @@ class Vm:
         self._running = np.zeros(0, dtype=bool)  # per vCPU: in the guest (Vcpu.in_guest)
         self._vstat = np.zeros((0, len(VCPU_COUNTERS)), dtype=np.int64)  # per vCPU: VcpuStats counters
         self._no_pml = np.zeros(0, dtype=np.int64)  # per vCPU: PML buffer fill (always 0 without PML)
+        self._soft_full = np.zeros(0, dtype=bool)
         self.with_bitmap = False
         self.manual_protect = 0
         self.eager_split_chunk = 0
@@ -469,6 +470,7 @@ class Vm:
             raise KvmError(errno.EEXIST, f"vCPU {vcpu_id} already exists")
         self._running = np.append(self._running, False)
         self._no_pml = np.zeros(len(self._running), dtype=np.int64)
+        self._soft_full = np.zeros(len(self._running), dtype=bool)  # apply_batch's output
         v = Vcpu(self, vcpu_id, len(self.vcpus))
         self.vcpus.append(v)
         self._vstat = np.array([u.stats._row for u in self.vcpus], dtype=np.int64)
@@ -708,8 +710,8 @@ class Vm:
 
     def _apply(self, t, vc, gfn, exit_after, end=None, notify=True, reads=None, first_touch=False):
         """Apply a time-ordered batch of guest writes up to the first event that takes a vCPU
-        out of the guest (:func:`ringenv.kvm.fault.walk_writes`). Returns (events consumed,
-        Exit or None)."""
+        out of the guest, with its bookkeeping (:func:`ringenv.kvm.fault.apply_batch`).
+        Returns (events consumed, Exit or None)."""
         p, c = self.profile, self.profile.costs
         n = len(t)
         nv = len(self.vcpus)
@@ -726,58 +728,41 @@ class Vm:
         code = exit_after if exit_after is not None else self._zeros_i8(n)
         reads = reads if reads is not None else self._zeros_i8(n)
         rings = self.ring_entries > 0
-        used = self._ring_used() if rings else np.zeros(nv, dtype=np.int64)
-        limit = self._soft_limit if rings else np.full(nv, 1 << 62, dtype=np.int64)
-        pml_count = np.array([v.pml_count for v in self.vcpus], dtype=np.int64) if p.pml else self._no_pml
+        pml = p.pml_buffer_entries if p.pml else 0
+        pml_count = np.array([v.pml_count for v in self.vcpus], dtype=np.int64) if pml else self._no_pml
         maxpush = n * (self.block_pages if self._any_pushall else 1)
         push_v = self._scratch("push_v", maxpush, np.int32)
         push_g = self._scratch("push_g", maxpush, np.int64)
         split_v = self._scratch("split_v", n, np.int32)
         split_b = self._scratch("split_b", n, np.int64)
+        # a fault's service time: a write-protect fault; with PML the logging (its flushes into
+        # the ring are charged there), or into the dirty bitmap a flush per 512 pages, amortized
+        fault_cost = (c.wp_fault_ns if not pml else c.dirty_write_ns if rings
+                      else c.dirty_write_ns + c.pml_flush_entry_ns + c.pml_full_exit_ns / pml)
+        soft_full = self._soft_full
         faults = np.zeros(nv, dtype=np.int64)
-        m, cut, npush, nsplit, ndirty, retired = walk_writes(
+        m, cut, npush, nsplit, ndirty, retired, nsoft = apply_batch(
             gpi, vc.astype(np.int32, copy=False), code.astype(np.int8, copy=False), reads.astype(np.int8, copy=False),
-            first_touch,
-            sidx, self.state, self.version, self.block_map,
-            self._blockgran, self._pushall, self._split, self._nolog, self.block_shift, used, limit, pml_count,
-            p.pml_buffer_entries if p.pml else 0, rings, push_v, push_g, split_v, split_b, faults)
-
-        # splits: break-before-make and a broadcast TLB invalidation, charged to the faulting vCPU
-        vstat = self._vstat
+            first_touch, sidx, self.state, self.version, self.block_map,
+            self._blockgran, self._pushall, self._split, self._nolog, self.block_shift,
+            self._ring_ctr, self._soft_limit, pml_count, pml, rings, push_v, push_g, split_v, split_b,
+            self._vstat, c.split_ns + p.tlbi_broadcast_ns(nv), fault_cost, self._ring_addr, self._start,
+            self._kslot, soft_full, faults)
         if nsplit:
-            per_vcpu = np.bincount(split_v[:nsplit], minlength=nv)
-            vstat[:, _SPLITS] += per_vcpu
-            vstat[:, _FAULT_NS] += per_vcpu * (c.split_ns + p.tlbi_broadcast_ns(nv))
             self.stats.splits += nsplit
-        # faults and pushes, per vCPU in order
-        if not p.pml:
-            fault_cost = c.wp_fault_ns  # a write-protect fault
-        elif rings:
-            fault_cost = c.dirty_write_ns  # PML logs it; the flushes into the ring are charged there
-        else:  # PML into the dirty bitmap: a flush per 512 logged pages, amortized
-            fault_cost = c.dirty_write_ns + c.pml_flush_entry_ns + c.pml_full_exit_ns / p.pml_buffer_entries
-        vstat[:, _FAULTS] += faults
-        vstat[:, _FAULT_NS] += (faults * fault_cost).astype(np.int64)  # int(), as the kernel's u64 ns
-        if npush and rings and not p.pml:  # into the rings, in one compiled pass
-            ctr = self._ring_ctr
-            before = ctr[:, 0].copy()
-            push_all(push_v, push_g, npush, self._ring_addr, ctr, self._start, self._kslot)
-            pushed = ctr[:, 0] - before
-            vstat[:, _PUSHES] += pushed
-            soft_full = self._ring_used() >= self._soft_limit
-            if soft_full.any():
-                for v_i in np.flatnonzero(soft_full & (pushed != 0)).tolist():
-                    self.vcpus[v_i].request_soft_full = True
-        elif npush:
+        if nsoft:
+            for v_i in np.flatnonzero(soft_full).tolist():
+                self.vcpus[v_i].request_soft_full = True
+            soft_full[:] = False
+        if npush and not (rings and not pml):  # PML buffers, or the slot bitmaps
             pv, pg = push_v[:npush], push_g[:npush]
             for v_i, sel in groups(pv):
                 v = self.vcpus[v_i]
-                if p.pml and rings:
+                if pml and rings:
                     self._pml_log(v, pg[sel])
                 else:
                     self._push(v, pg[sel])
 
-        faults_per_vcpu = faults
         retried = np.zeros(nv, dtype=bool)
         exit_ = None
         if cut != CUT_NONE:
@@ -802,7 +787,7 @@ class Vm:
         elif end is not None:
             self.now = max(self.now, int(end))
         if notify and self.guest is not None:
-            self.guest.consumed(m, self.now, faults_per_vcpu, retried, ndirty)
+            self.guest.consumed(m, self.now, faults, retried, ndirty)
         return m, exit_
 
     def _pml_log(self, v: Vcpu, gpi: np.ndarray) -> None:
