@@ -282,7 +282,7 @@ class WorkloadProgram(GuestProgram):
                    r.perm_a, r.perm_b, r.mask, r.n, t[j:j + count], vc[j:j + count], g[j:j + count])
             j += count
         if size > nraw:  # more than the raw writes' ordered run: order by time, then vCPU
-            order = np.argsort(t * 1024 + vc)
+            order = np.argsort(t * 1024 + vc, kind="stable")  # ties (same ns, same vCPU) in sampling order
             t, vc, g = t[order], vc[order], g[order]
         return WriteBatch(t, vc, g - self.ram_start + self.ram_base_gfn, None, until, first_touch=True)
 
