@@ -104,7 +104,8 @@ class WorkloadProgram(GuestProgram):
         nv = self.nr_vcpus
         gw_per_page = self.page_size / GUEST_WRITE
         lo, hi, rate, reg, weights, vfix = [], [], [], [], [], []
-        self.regions, self.scans = [], []
+        self.regions = []
+        scans = []  # (region, first page, pages, vCPU, pages per ns) of each sequential sweep
         pos = 0
         for rc in self.cfg.regions:
             n = max(1, int(rc.fraction * npages))
@@ -126,8 +127,7 @@ class WorkloadProgram(GuestProgram):
                     owner = v if v >= 0 else int(np.argmax(w))
                     # a sweep writing GUEST_WRITE bytes at a time reaches a new host page every
                     # page_size/GUEST_WRITE writes
-                    self.scans.append({"region": ridx, "a": a, "b": b, "vcpu": owner,
-                                       "rate": writes_ns * share / gw_per_page, "pos": 0.0})
+                    scans.append((ridx, a, b - a, owner, writes_ns * share / gw_per_page))
                     continue
                 for blo, bhi, frac in _buckets(b - a, rc.pattern, rc.zipf_s):
                     lo.append(a + blo)
@@ -157,6 +157,11 @@ class WorkloadProgram(GuestProgram):
                     gid = len(self.wrows)
                     self.wrows.append(self.c_w[c].copy())
                 self.c_wgroup[c] = gid
+        # the sweeps, as arrays; s_pos: each pointer's position (pages into its range)
+        self.s_region, self.s_a, self.s_n, self.s_vcpu = (np.array([x[i] for x in scans], dtype=np.int64)
+                                                          for i in range(4))
+        self.s_rate = np.array([x[4] for x in scans], dtype=float)
+        self.s_pos = np.zeros(len(scans))
         self._r_start, self._r_n, self._r_a, self._r_b, self._r_mask = (
             np.array([getattr(r, f) for r in self.regions], dtype=np.int64)
             for f in ("start", "n", "perm_a", "perm_b", "mask"))
@@ -194,10 +199,11 @@ class WorkloadProgram(GuestProgram):
         return self._ph_m, self._ph_hi
 
     # ------------------------------------------------------------------ sampling
-    def _rates_for(self, running: np.ndarray, mult: float) -> tuple[np.ndarray, np.ndarray]:
+    def _rates_for(self, running: np.ndarray, mult: float) -> tuple[np.ndarray, np.ndarray, bool]:
         """(per class, the write rate of one of its pages by the running vCPUs; per vCPU, the
-        expected writes of all its pages and scans), per ns. They change only when a vCPU
-        exits or re-enters or a phase changes, so they are kept per (running set, multiplier)."""
+        expected writes of all its pages and sweeps, per ns; whether any sweep writes). They
+        change only when a vCPU exits or re-enters or a phase changes, so they are kept per
+        (running set, multiplier)."""
         key = (running.tobytes(), mult)
         got = self._rates.get(key)
         if got is None:
@@ -206,12 +212,14 @@ class WorkloadProgram(GuestProgram):
                 per_vcpu = (self.c_n * self.c_rate * mult) @ (self.c_w * running[None, :])
             else:
                 per_class, per_vcpu = np.zeros(0), np.zeros(self.nr_vcpus)
-            for s in self.scans:
-                if running[s["vcpu"]]:
-                    per_vcpu[s["vcpu"]] += s["rate"] * mult
+            sweeping = False
+            for v, r in zip(self.s_vcpu.tolist(), self.s_rate.tolist()):
+                if running[v]:
+                    per_vcpu[v] += r * mult
+                    sweeping = sweeping or r > 0
             if len(self._rates) >= 64:
                 self._rates.clear()
-            got = self._rates[key] = (per_class, per_vcpu)
+            got = self._rates[key] = (per_class, per_vcpu, sweeping)
         return got
 
     def expected_rates(self, now: int, running: np.ndarray) -> np.ndarray:
@@ -237,52 +245,35 @@ class WorkloadProgram(GuestProgram):
         if dt <= 0:
             return WriteBatch.empty(until)
         mult, _ = self.multiplier(now)
-        # the sweeps' writes: one per page their pointers pass in the window
-        sweeps, sweeping = [], False
-        for s in self.scans:
-            if running[s["vcpu"]] and s["rate"] > 0:
-                sweeping = True
-                rate = s["rate"] * mult
-                first = math.ceil(s["pos"])
-                count = math.ceil(s["pos"] + rate * dt) - first
-                if count > 0:
-                    sweeps.append((s, rate, first, count))
+        lam, _, sweeping = self._rates_for(running, mult)
         total = nr = few = 0
         if len(self.c_lo):
             # cold classes (a page rarely written twice in the window): the raw write process,
             # Poisson(N r dt) writes to uniformly drawn pages at uniform times; the host skips a
             # repeated write to a page already dirty, so the first writes are exact. Hot
             # classes: Binomial(N, 1 - exp(-r dt)) distinct pages, each at its first-write time.
-            lam = self._rates_for(running, mult)[0]
-            k, raw, hot_p = self._k, self._raw, self._hot_p
-            total, nr, few = _class_counts(int(rng.integers(1 << 32)), self.c_n, lam, dt, k, raw, hot_p)
-        size = total + sum(sw[3] for sw in sweeps)
-        if size == 0:
-            return WriteBatch.empty(until)
-        t, vc, g = np.empty(size, np.int64), np.empty(size, np.int32), np.empty(size, np.int64)
-        nraw = 0  # the leading writes already in (time, vCPU) order
-        if total:  # every class at once, in one compiled pass
+            total, nr, few = _class_counts(int(rng.integers(1 << 32)), self.c_n, lam, dt, self._k, self._raw,
+                                           self._hot_p)
+        spacings = extra = uniforms = _NONE
+        if total:  # the random numbers of every class, drawn in bulk (see _sample_classes)
             if nr < total and len(self._marks) < self._max_n:
                 self._marks = np.zeros(self._max_n, dtype=np.uint8)
-            # the raw writes come time-ordered when nothing else joins them (no argsort then)
+            # the raw writes come time-ordered when nothing else joins them (no sort then)
             alone = nr == total and not sweeping
             spacings = rng.standard_exponential(nr + 1) if alone else _NONE
             # extra draws: the permutation of the raw run, and each distinct page with
             # room for repeats (a class is at most half taken: < 1.4 draws per page on average)
-            n_extra = (nr if alone else 0) + 2 * few + 64
-            nraw = _sample_classes(rng.random(n_extra), spacings, rng.random(3 * total), k, raw, lam,
-                                   hot_p, now, dt, self.c_lo, self.c_n, self.c_region, self.c_vfix,
-                                   self.c_wgroup, self._writer_cdf(running), self._r_start, self._r_n,
-                                   self._r_a, self._r_b, self._r_mask, self._marks,
-                                   t[:total], vc[:total], g[:total])
-        j = total
-        for s, rate, first, count in sweeps:
-            r = self.regions[s["region"]]
-            _sweep(first, count, s["pos"], rate, s["a"], s["b"] - s["a"], s["vcpu"], now, until, r.start,
-                   r.perm_a, r.perm_b, r.mask, r.n, t[j:j + count], vc[j:j + count], g[j:j + count])
-            j += count
-        if size > nraw:  # more than the raw writes' ordered run: order by time, then vCPU
-            order = np.argsort(t * 1024 + vc, kind="stable")  # ties (same ns, same vCPU) in sampling order
+            extra = rng.random((nr if alone else 0) + 2 * few + 64)
+            uniforms = rng.random(3 * total)
+        t, vc, g, key, unique = _draw_window(
+            spacings, extra, uniforms, total, now, dt, until, mult, running, lam, self.c_lo, self.c_n, self.c_region,
+            self.c_vfix, self.c_wgroup, self._writer_cdf(running), self._k, self._raw, self._hot_p, self._marks,
+            self._r_start, self._r_n, self._r_a, self._r_b, self._r_mask,
+            self.s_region, self.s_a, self.s_n, self.s_vcpu, self.s_rate, self.s_pos)
+        if len(t) == 0:
+            return WriteBatch.empty(until)
+        if len(key):
+            order = np.argsort(key) if unique else np.argsort(key, kind="stable")
             t, vc, g = t[order], vc[order], g[order]
         return WriteBatch(t, vc, g - self.ram_start + self.ram_base_gfn, None, until, first_touch=True)
 
@@ -309,9 +300,63 @@ class WorkloadProgram(GuestProgram):
         if dt <= 0:
             return
         mult, _ = self.multiplier(now)
-        for s in self.scans:
-            if running[s["vcpu"]]:
-                s["pos"] = (s["pos"] + s["rate"] * mult * dt) % (s["b"] - s["a"])
+        _advance_sweeps(running, mult, dt, self.s_vcpu, self.s_rate, self.s_n, self.s_pos)
+
+
+@numba.njit(cache=True, nogil=True)
+def _draw_window(spacings, extra, uniforms, total, now, dt, until, mult, running, lam, c_lo, c_n, c_region, c_vfix,
+                 c_wgroup, cdf, k, raw, hot_p, marks, r_start, r_n, r_a, r_b, r_mask, s_region, s_a, s_n, s_vcpu,
+                 s_rate, s_pos):  # pragma: no cover - compiled
+    """The candidate first writes of one window [now, now + dt) of the running vCPUs: (times,
+    vCPUs, global page indexes, sort key, whether the key is unique). The classes' ``total``
+    writes (:func:`_sample_classes`, with the counts k/raw/hot_p of :func:`_class_counts` and
+    the random numbers the caller drew in bulk), then every running sweep's pages
+    (:func:`_sweep`). The batch is in (time, vCPU) order, ties in sampling order, once sorted
+    by the key (no key: it already is): any sort if the key is unique, a stable one if not."""
+    ns = s_vcpu.shape[0]
+    first = np.zeros(ns, dtype=np.int64)
+    count = np.zeros(ns, dtype=np.int64)
+    size = total
+    for j in range(ns):  # one write per page a sweep's pointer passes in the window
+        if running[s_vcpu[j]] and s_rate[j] > 0:
+            first[j] = np.int64(np.ceil(s_pos[j]))
+            count[j] = max(np.int64(np.ceil(s_pos[j] + s_rate[j] * mult * dt)) - first[j], 0)
+            size += count[j]
+    t = np.empty(size, dtype=np.int64)
+    vc = np.empty(size, dtype=np.int32)
+    g = np.empty(size, dtype=np.int64)
+    nraw = 0  # the leading writes already in (time, vCPU) order
+    if total:
+        nraw = _sample_classes(extra, spacings, uniforms, k, raw, lam, hot_p, now, dt, c_lo, c_n, c_region, c_vfix,
+                               c_wgroup, cdf, r_start, r_n, r_a, r_b, r_mask, marks, t[:total], vc[:total], g[:total])
+    j0 = total
+    for j in range(ns):
+        if count[j]:
+            reg = s_region[j]
+            j1 = j0 + count[j]
+            _sweep(first[j], count[j], s_pos[j], s_rate[j] * mult, s_a[j], s_n[j], s_vcpu[j], now, until,
+                   r_start[reg], r_a[reg], r_b[reg], r_mask[reg], r_n[reg], t[j0:j1], vc[j0:j1], g[j0:j1])
+            j0 = j1
+    if size <= nraw:  # the raw writes' ordered run alone: no sort
+        return t, vc, g, np.empty(0, dtype=np.int64), True
+    # the sort key: (time, vCPU), and the position in the batch below them where that fits in
+    # 63 bits, so that any sort algorithm gives the one order with ties in sampling order
+    key = np.empty(size, dtype=np.int64)
+    shift = 1
+    while (np.int64(1) << shift) < size:
+        shift += 1
+    unique = (dt + 1) * 1024 < (np.int64(1) << (62 - shift))
+    for i in range(size):
+        key[i] = ((t[i] - now) * 1024 + vc[i] << shift) | i if unique else t[i] * 1024 + vc[i]
+    return t, vc, g, key, unique
+
+
+@numba.njit(cache=True, nogil=True)
+def _advance_sweeps(running, mult, dt, s_vcpu, s_rate, s_n, s_pos):  # pragma: no cover - compiled
+    """Move the pointers of the running vCPUs' sweeps on by ``dt`` ns (modulo their range)."""
+    for j in range(s_vcpu.shape[0]):
+        if running[s_vcpu[j]]:
+            s_pos[j] = (s_pos[j] + s_rate[j] * mult * dt) % s_n[j]
 
 
 @numba.njit(cache=True, nogil=True)
