@@ -38,9 +38,10 @@ class RingCollector:
 
     def __init__(self, session):
         self.s = session
-        self.readers = [RingReader(v.ring_gfns) for v in session.vcpus]
+        nv = len(session.vcpus)
+        self._fetch = np.zeros(nv, dtype=np.int64)  # every ring's fetch index (the readers' cells)
+        self.readers = [RingReader(v.ring_gfns, self._fetch[i:i + 1]) for i, v in enumerate(session.vcpus)]
         self._addr = ring_addresses(self.readers)
-        nv = len(self.readers)
         self.entries = np.zeros(nv, dtype=np.int64)  # per-vCPU entries harvested (QEMU cpu->dirty_pages)
         self.soft_limit = session.vcpus[0].ring.soft_limit if nv else 1  # read once, as KVM documents it
         self.last_new = 0
@@ -53,20 +54,17 @@ class RingCollector:
         """Harvest all rings (or ring ``only``) now. Returns (entries, userspace ns)."""
         s = self.s
         sel = slice(None) if only is None else slice(only, only + 1)
-        readers = self.readers[sel]
-        fetch = np.array([r.fetch for r in readers], dtype=np.int64)
-        counts = np.zeros(len(readers), dtype=np.int64)
+        fetch = self._fetch[sel]  # a view: the fetch indexes move on in place
+        counts = np.zeros(len(fetch), dtype=np.int64)
         # only RAM (slot 0) is logged
         s.dirty.slot_marked += reap_rings(self._addr[sel], fetch, counts, True, 0, s.dirty.slot)
-        for r, f in zip(readers, fetch.tolist()):
-            r.fetch = f
         self.entries[sel] += counts
         total = int(counts.sum())
         s.harvests += 1
         s.entries_harvested += total
         if only is None:
             s.note_full_reap()
-        return total, len(readers) * self._ring_ns + total * self._entry_ns
+        return total, len(counts) * self._ring_ns + total * self._entry_ns
 
     def reset(self, n: int) -> int:
         """KVM_RESET_DIRTY_RINGS if anything was harvested. Returns the kernel ns."""
@@ -117,7 +115,7 @@ class RingCollector:
     def ready(self) -> np.ndarray:
         """Entries waiting in each ring (the userspace view: DIRTY entries from fetch on)."""
         counts = np.zeros(len(self.readers), dtype=np.int64)
-        reap_rings(self._addr, np.array([r.fetch for r in self.readers], dtype=np.int64), counts, False, 0, _NO_BITMAP)
+        reap_rings(self._addr, self._fetch, counts, False, 0, _NO_BITMAP)
         return counts
 
     def seen_total(self) -> int:

@@ -15,16 +15,27 @@ from ..kvm.uapi import KVM_DIRTY_GFN_F_DIRTY, KVM_DIRTY_GFN_F_RESET
 
 
 class RingReader:
-    """Userspace's view of one vCPU ring: the mmapped entries and the fetch index."""
+    """Userspace's view of one vCPU ring: the mmapped entries and the fetch index. The fetch
+    index lives in ``fetch_cell`` (a one-item int64 array) if given, e.g. a slot of an array
+    holding every ring's index for :func:`reap_rings`."""
 
-    __slots__ = ("gfns", "fetch", "size", "_words", "_slot", "_offset")
+    __slots__ = ("gfns", "size", "_words", "_slot", "_offset", "_fetch")
 
-    def __init__(self, gfns: np.ndarray):
+    def __init__(self, gfns: np.ndarray, fetch_cell: np.ndarray | None = None):
         self.gfns = gfns
         self._words = gfns.view(np.uint64)  # entry e: words 2e (flags | slot << 32) and 2e + 1 (offset)
         self._slot, self._offset = gfns["slot"], gfns["offset"]
         self.size = len(gfns)
-        self.fetch = 0
+        self._fetch = np.zeros(1, dtype=np.int64) if fetch_cell is None else fetch_cell
+
+    @property
+    def fetch(self) -> int:
+        """Userspace's free-running harvest index (QEMU ``fetch_index``)."""
+        return int(self._fetch[0])
+
+    @fetch.setter
+    def fetch(self, value: int) -> None:
+        self._fetch[0] = value
 
     def reap(self, limit: int | None = None) -> tuple[np.ndarray, np.ndarray]:
         """Harvest up to ``limit`` entries (all that are ready by default).
