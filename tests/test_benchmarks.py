@@ -1,0 +1,29 @@
+"""`make bench` stays runnable: its measurement functions that reach into the simulator's
+internals run on tiny budgets (the figures themselves are checked by `make bench`, not here)."""
+
+from __future__ import annotations
+
+import math
+
+import gymnasium as gym
+import numpy as np
+
+import ringenv  # noqa: F401
+from benchmarks.env_speed import NullEnv, random_policy
+from benchmarks.host import compiled_vs_python
+
+
+def test_the_walk_comparison_captures_a_batch_and_times_both_versions():
+    ratio = compiled_vs_python()
+    assert math.isfinite(ratio) and ratio > 0
+
+
+def test_the_null_env_has_the_ring_envs_spaces_and_the_random_policy_runs():
+    env = gym.make("ringenv/Migration-v0", max_episode_s=2.0)
+    null = NullEnv(env, episode_steps=3)
+    assert null.observation_space == env.observation_space and null.action_space == env.action_space
+    obs, _ = null.reset(seed=0)
+    assert null.observation_space.contains(obs)
+    steps_per_s, wall_per_episode = random_policy(env, episodes=1)
+    assert steps_per_s > 0 and wall_per_episode > 0
+    assert np.isfinite([steps_per_s, wall_per_episode]).all()
