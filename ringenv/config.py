@@ -281,11 +281,17 @@ class WorkloadConfig(Strict):
 
 
 def load_workload(name_or_path: str | Path | WorkloadConfig | dict) -> WorkloadConfig:
-    """A workload by name (configs/workloads/NAME.yaml), path, mapping or object."""
+    """A workload by name (configs/workloads/NAME.yaml), path, mapping or object. A file is read
+    and validated once while it is unchanged (every episode builds its workload): the object
+    returned is shared, treat it as read-only."""
     if isinstance(name_or_path, WorkloadConfig):
         return name_or_path
     if isinstance(name_or_path, dict):
         return WorkloadConfig.parse(name_or_path, where="workload")
+    return _cached_load(_workload_file, "workloads", name_or_path)
+
+
+def _workload_file(name_or_path: str | Path) -> WorkloadConfig:
     p = Path(name_or_path)
     if p.suffix not in (".yaml", ".yml"):
         p = CONFIG_DIR / "workloads" / f"{name_or_path}.yaml"
@@ -447,7 +453,7 @@ class ScenarioConfig(Strict):
         except ConfigError as e:
             raise ValueError(f"host: {e}") from None
         try:
-            wl = _cached_load(load_workload, "workloads", self.workload)
+            wl = load_workload(self.workload)
         except ConfigError as e:
             raise ValueError(str(e)) from None
         self._profile, self._workload = prof, wl

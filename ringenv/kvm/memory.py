@@ -84,15 +84,19 @@ class Memslot:
 
     def set_dirty_bits(self, offsets: np.ndarray) -> None:
         """set_bit_le for each offset (mark_page_dirty into the slot bitmap)."""
-        if len(offsets) == 0:
-            return
-        words = offsets >> 6
-        bits = np.left_shift(np.uint64(1), (offsets & 63).astype(np.uint64))
-        np.bitwise_or.at(self.dirty_bitmap, words, bits)
+        if len(offsets):
+            _set_bits(self.dirty_bitmap, np.ascontiguousarray(offsets, dtype=np.int64))
 
     @property
     def logging(self) -> bool:
         return bool(self.flags & 1)
+
+
+@numba.njit(cache=True, nogil=True)
+def _set_bits(bitmap, offsets):  # pragma: no cover - compiled
+    for i in range(offsets.shape[0]):
+        o = offsets[i]
+        bitmap[o >> 6] |= np.uint64(1) << np.uint64(o & 63)
 
 
 def bitmap_offsets(bitmap: np.ndarray, npages: int) -> np.ndarray:

@@ -696,17 +696,26 @@ class Vm:
         """mark_page_dirty with a running vCPU: push to its ring, or set the slot bitmap bit."""
         if len(gpi) == 0:
             return
-        sidx = self._slot_index_of_gpi(gpi)
         if v.ring is not None:
+            sidx = self._slot_index_of_gpi(gpi)
             kslot = self._kslot[sidx]
             off = (gpi - self._start[sidx]).astype(np.uint64)
             if v.ring.push(kslot, off):
                 v.request_soft_full = True
             v.stats.pushes += len(gpi)
         else:
-            for k in unique(sidx):
-                s = self._as0[k]
-                s.set_dirty_bits(gpi[sidx == k] - s.start)
+            self._set_dirty(gpi)
+
+    def _set_dirty(self, gpi: np.ndarray) -> None:
+        """mark_page_dirty without a ring: set the pages' bits in their slots' dirty bitmaps."""
+        if len(self._as0) == 1:
+            s = self._as0[0]
+            s.set_dirty_bits(gpi - s.start)
+            return
+        sidx = self._slot_index_of_gpi(gpi)
+        for k in unique(sidx):
+            s = self._as0[k]
+            s.set_dirty_bits(gpi[sidx == k] - s.start)
 
     def _apply(self, t, vc, gfn, exit_after, end=None, notify=True, reads=None, first_touch=False):
         """Apply a time-ordered batch of guest writes up to the first event that takes a vCPU
@@ -754,14 +763,12 @@ class Vm:
             for v_i in np.flatnonzero(soft_full).tolist():
                 self.vcpus[v_i].request_soft_full = True
             soft_full[:] = False
-        if npush and not (rings and not pml):  # PML buffers, or the slot bitmaps
+        if npush and pml and rings:  # into each vCPU's PML buffer
             pv, pg = push_v[:npush], push_g[:npush]
             for v_i, sel in groups(pv):
-                v = self.vcpus[v_i]
-                if pml and rings:
-                    self._pml_log(v, pg[sel])
-                else:
-                    self._push(v, pg[sel])
+                self._pml_log(self.vcpus[v_i], pg[sel])
+        elif npush and not rings:  # into the slot bitmaps (which vCPU wrote does not matter there)
+            self._set_dirty(push_g[:npush])
 
         retried = np.zeros(nv, dtype=bool)
         exit_ = None
