@@ -684,27 +684,17 @@ class Vm:
         return Exit(v.index, reason, self.now, kind)
 
     def _pml_flush(self, v: Vcpu) -> None:
-        """Copy the vCPU's PML buffer into its ring (vmx_flush_pml_buffer)."""
+        """Copy the vCPU's PML buffer into its ring (vmx_flush_pml_buffer; PML logs into the
+        buffer only with a ring, see :meth:`_apply`)."""
         n = v.pml_count
         gpi = v.pml[:n]
-        self._push(v, gpi)
+        sidx = self._slot_index_of_gpi(gpi)
+        if v.ring.push(self._kslot[sidx], (gpi - self._start[sidx]).astype(np.uint64)):
+            v.request_soft_full = True
+        v.stats.pushes += n
         v.pml_count = 0
         v.stats.pml_flushes += 1
         v.stats.fault_ns += int(n * self.profile.costs.pml_flush_entry_ns)
-
-    def _push(self, v: Vcpu, gpi: np.ndarray) -> None:
-        """mark_page_dirty with a running vCPU: push to its ring, or set the slot bitmap bit."""
-        if len(gpi) == 0:
-            return
-        if v.ring is not None:
-            sidx = self._slot_index_of_gpi(gpi)
-            kslot = self._kslot[sidx]
-            off = (gpi - self._start[sidx]).astype(np.uint64)
-            if v.ring.push(kslot, off):
-                v.request_soft_full = True
-            v.stats.pushes += len(gpi)
-        else:
-            self._set_dirty(gpi)
 
     def _set_dirty(self, gpi: np.ndarray) -> None:
         """mark_page_dirty without a ring: set the pages' bits in their slots' dirty bitmaps."""
