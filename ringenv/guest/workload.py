@@ -339,16 +339,25 @@ def _draw_window(spacings, extra, uniforms, total, now, dt, until, mult, running
             j0 = j1
     if size <= nraw:  # the raw writes' ordered run alone: no sort
         return t, vc, g, np.empty(0, dtype=np.int64), True
-    # the sort key: (time, vCPU), and the position in the batch below them where that fits in
-    # 63 bits, so that any sort algorithm gives the one order with ties in sampling order
-    key = np.empty(size, dtype=np.int64)
+    key, unique = _order_key(t, vc, now, dt)
+    return t, vc, g, key, unique
+
+
+@numba.njit(cache=True, nogil=True)
+def _order_key(t, vc, now, dt):  # pragma: no cover - compiled
+    """The sort key of a window's writes (times in [now, now + dt), vCPUs < 1024) for the
+    order (time, vCPU, position in the batch): (key, True) with the position below (time,
+    vCPU) where that fits in 63 bits, so that any sort algorithm gives that one order; else
+    (time, vCPU) alone and False: a stable sort then keeps the positions' order."""
+    n = t.shape[0]
+    key = np.empty(n, dtype=np.int64)
     shift = 1
-    while (np.int64(1) << shift) < size:
+    while (np.int64(1) << shift) < n:
         shift += 1
     unique = (dt + 1) * 1024 < (np.int64(1) << (62 - shift))
-    for i in range(size):
+    for i in range(n):
         key[i] = ((t[i] - now) * 1024 + vc[i] << shift) | i if unique else t[i] * 1024 + vc[i]
-    return t, vc, g, key, unique
+    return key, unique
 
 
 @numba.njit(cache=True, nogil=True)
