@@ -166,7 +166,6 @@ class WorkloadProgram(GuestProgram):
             np.array([getattr(r, f) for r in self.regions], dtype=np.int64)
             for f in ("start", "n", "perm_a", "perm_b", "mask"))
         self._marks = np.zeros(0, dtype=np.uint8)  # scratch of _sample_classes, sized at first use
-        self._cdf_key, self._cdf = None, None
         self._k, self._raw, self._hot_p = (np.zeros(len(lo), dtype=t) for t in (np.int64, bool, float))  # per window
         self._max_n = int(self.c_n.max()) if len(lo) else 0
         self.efficiency = 1.0  # share of sampled writes that find their page clean (for horizons)
@@ -179,7 +178,7 @@ class WorkloadProgram(GuestProgram):
         else:
             self._phase_m.append(1.0)
         self._ph_lo, self._ph_hi, self._ph_m = (0, 1 << 62, 1.0) if self.cfg.phases is None else (0, 0, 1.0)
-        self._rates: dict = {}  # (running vCPUs, multiplier) -> rates (see _rates_for)
+        self._rates: dict = {}  # (running vCPUs, multiplier) -> rates and writer shares (_rates_for)
 
     # ------------------------------------------------------------------ phases
     def multiplier(self, t: int) -> tuple[float, int]:
@@ -199,11 +198,14 @@ class WorkloadProgram(GuestProgram):
         return self._ph_m, self._ph_hi
 
     # ------------------------------------------------------------------ sampling
-    def _rates_for(self, running: np.ndarray, mult: float) -> tuple[np.ndarray, np.ndarray, bool]:
-        """(per class, the write rate of one of its pages by the running vCPUs; per vCPU, the
-        expected writes of all its pages and sweeps, per ns; whether any sweep writes). They
-        change only when a vCPU exits or re-enters or a phase changes, so they are kept per
-        (running set, multiplier)."""
+    def _rates_for(self, running: np.ndarray, mult: float) -> tuple[np.ndarray, np.ndarray, bool, np.ndarray]:
+        """What the sampler derives from the running vCPUs and the phase multiplier:
+        per class, the write rate of one of its pages; per vCPU, the expected writes of all its
+        pages and sweeps, per ns; whether any sweep writes; and per writer group (a shared
+        class's rate split) the cumulative share of the running vCPUs, normalised to 1 (a vCPU
+        out of the guest has a flat step: never drawn). They change only when a vCPU exits or
+        re-enters or a phase changes, so they are kept per (running set, multiplier): vCPUs
+        take turns at ring-full exits, so a few sets recur."""
         key = (running.tobytes(), mult)
         got = self._rates.get(key)
         if got is None:
@@ -217,9 +219,15 @@ class WorkloadProgram(GuestProgram):
                 if running[v]:
                     per_vcpu[v] += r * mult
                     sweeping = sweeping or r > 0
+            if not self.wrows:
+                cdf = np.ones((1, self.nr_vcpus))
+            else:
+                cdf = np.cumsum(np.array(self.wrows) * running[None, :], axis=1)
+                cdf /= np.where(cdf[:, -1:] > 0, cdf[:, -1:], 1.0)
+                cdf[cdf >= cdf[:, -1:]] = 1.0  # exactly 1 from the last running vCPU on (u < 1 always)
             if len(self._rates) >= 64:
                 self._rates.clear()
-            got = self._rates[key] = (per_class, per_vcpu, sweeping)
+            got = self._rates[key] = (per_class, per_vcpu, sweeping, cdf)
         return got
 
     def expected_rates(self, now: int, running: np.ndarray) -> np.ndarray:
@@ -245,7 +253,7 @@ class WorkloadProgram(GuestProgram):
         if dt <= 0:
             return WriteBatch.empty(until)
         mult, _ = self.multiplier(now)
-        lam, _, sweeping = self._rates_for(running, mult)
+        lam, _, sweeping, cdf = self._rates_for(running, mult)
         total = nr = few = 0
         if len(self.c_lo):
             # cold classes (a page rarely written twice in the window): the raw write process,
@@ -267,7 +275,7 @@ class WorkloadProgram(GuestProgram):
             uniforms = rng.random(3 * total)
         t, vc, g, key, unique = _draw_window(
             spacings, extra, uniforms, total, now, dt, until, mult, running, lam, self.c_lo, self.c_n, self.c_region,
-            self.c_vfix, self.c_wgroup, self._writer_cdf(running), self._k, self._raw, self._hot_p, self._marks,
+            self.c_vfix, self.c_wgroup, cdf, self._k, self._raw, self._hot_p, self._marks,
             self._r_start, self._r_n, self._r_a, self._r_b, self._r_mask,
             self.s_region, self.s_a, self.s_n, self.s_vcpu, self.s_rate, self.s_pos)
         if len(t) == 0:
@@ -276,21 +284,6 @@ class WorkloadProgram(GuestProgram):
             order = np.argsort(key) if unique else np.argsort(key, kind="stable")
             t, vc, g = t[order], vc[order], g[order]
         return WriteBatch(t, vc, g - self.ram_start + self.ram_base_gfn, None, until, first_touch=True)
-
-    def _writer_cdf(self, running: np.ndarray) -> np.ndarray:
-        """Per writer group (a shared class's rate split), the cumulative share of the running
-        vCPUs, normalised to 1 (a vCPU out of the guest has a flat step: never drawn). Cached
-        for the last set of running vCPUs (it changes only when a vCPU exits or re-enters)."""
-        key = running.tobytes()
-        if self._cdf_key != key:
-            if not self.wrows:
-                cdf = np.ones((1, self.nr_vcpus))
-            else:
-                cdf = np.cumsum(np.array(self.wrows) * running[None, :], axis=1)
-                cdf /= np.where(cdf[:, -1:] > 0, cdf[:, -1:], 1.0)
-                cdf[cdf >= cdf[:, -1:]] = 1.0  # exactly 1 from the last running vCPU on (u < 1 always)
-            self._cdf_key, self._cdf = key, cdf
-        return self._cdf
 
     def consumed(self, n, t_cut, faults_per_vcpu, retried, written):
         now, running = self._window
