@@ -224,6 +224,7 @@ class Vm:
         self._vstat = np.zeros((0, len(VCPU_COUNTERS)), dtype=np.int64)  # per vCPU: VcpuStats counters
         self._no_pml = np.zeros(0, dtype=np.int64)  # per vCPU: PML buffer fill (always 0 without PML)
         self._soft_full = np.zeros(0, dtype=bool)
+        self._write_costs = (0, 0)  # ns per fault and per split (create_vcpu sets them)
         self.with_bitmap = False
         self.manual_protect = 0
         self.eager_split_chunk = 0
@@ -476,6 +477,14 @@ class Vm:
         self._vstat = np.array([u.stats._row for u in self.vcpus], dtype=np.int64)
         for u, row in zip(self.vcpus, self._vstat):
             u.stats._row = row
+        # what a fault costs the guest: a write-protect fault; with PML the logging (its
+        # flushes into the ring are charged there), or into the dirty bitmap a flush per 512
+        # pages, amortized; a split: break-before-make and a broadcast TLB invalidation (the
+        # ring is enabled, if at all, before the first vCPU: KVM refuses it afterwards)
+        c, pml = p.costs, p.pml_buffer_entries if p.pml else 0
+        self._write_costs = (c.wp_fault_ns if not pml else c.dirty_write_ns if self.ring_entries
+                             else c.dirty_write_ns + c.pml_flush_entry_ns + c.pml_full_exit_ns / pml,
+                             c.split_ns + p.tlbi_broadcast_ns(len(self.vcpus)))
         if v.ring is not None:
             self._ring_addr = np.array([(u.ring.gfns.ctypes.data, u.ring.size) for u in self.vcpus], dtype=np.int64)
             self._ring_ctr = np.zeros((len(self.vcpus), 4), dtype=np.int64)
@@ -734,10 +743,7 @@ class Vm:
         push_g = self._scratch("push_g", maxpush, np.int64)
         split_v = self._scratch("split_v", n, np.int32)
         split_b = self._scratch("split_b", n, np.int64)
-        # a fault's service time: a write-protect fault; with PML the logging (its flushes into
-        # the ring are charged there), or into the dirty bitmap a flush per 512 pages, amortized
-        fault_cost = (c.wp_fault_ns if not pml else c.dirty_write_ns if rings
-                      else c.dirty_write_ns + c.pml_flush_entry_ns + c.pml_full_exit_ns / pml)
+        fault_cost, split_cost = self._write_costs
         soft_full = self._soft_full
         faults = np.zeros(nv, dtype=np.int64)
         m, cut, npush, nsplit, ndirty, retired, nsoft = apply_batch(
@@ -745,7 +751,7 @@ class Vm:
             first_touch, sidx, self.state, self.version, self.block_map,
             self._blockgran, self._pushall, self._split, self._nolog, self.block_shift,
             self._ring_ctr, self._soft_limit, pml_count, pml, rings, push_v, push_g, split_v, split_b,
-            self._vstat, c.split_ns + p.tlbi_broadcast_ns(nv), fault_cost, self._ring_addr, self._start,
+            self._vstat, split_cost, fault_cost, self._ring_addr, self._start,
             self._kslot, soft_full, faults)
         if nsplit:
             self.stats.splits += nsplit
