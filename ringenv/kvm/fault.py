@@ -21,7 +21,7 @@ import numba
 import numpy as np
 
 from ..arrays import prefetch
-from .ring import push_all
+from .ring import push_all, ring_used
 
 AHEAD = 16  # events to look ahead when prefetching a page's state and version
 
@@ -163,11 +163,12 @@ def apply_batch(gpi, vc, code, reads, first_touch, slot_of, state, version, bloc
     Returns (events consumed, cut kind, pushes, splits, clean pages written, access retired at
     the cut, vCPUs made soft-full)."""
     nv = vstat.shape[0]
+    used = np.zeros(nv, dtype=np.int64)
     if rings:
-        used = (ring_ctr[:, 0] - ring_ctr[:, 1]) & 0xFFFFFFFF
+        for v in range(nv):
+            used[v] = ring_used(ring_ctr[v])
         limit = soft_limit
     else:
-        used = np.zeros(nv, dtype=np.int64)
         limit = np.full(nv, np.int64(1) << 62, dtype=np.int64)
     m, cut, npush, nsplit, ndirty, retired = walk_writes(
         gpi, vc, code, reads, first_touch, slot_of, state, version, block_map, blockgran, pushall, split, nolog,
@@ -185,7 +186,7 @@ def apply_batch(gpi, vc, code, reads, first_touch, slot_of, state, version, bloc
         for v in range(nv):
             pushed = ring_ctr[v, 0] - before[v]
             vstat[v, PUSHES] += pushed
-            if pushed and ((ring_ctr[v, 0] - ring_ctr[v, 1]) & 0xFFFFFFFF) >= soft_limit[v]:
+            if pushed and ring_used(ring_ctr[v]) >= soft_limit[v]:
                 soft_full[v] = True
                 nsoft += 1
     return m, cut, npush, nsplit, ndirty, retired, nsoft

@@ -74,6 +74,12 @@ class DirtyRing:
 
 
 @numba.njit(inline="always")
+def ring_used(ctr):  # pragma: no cover - compiled
+    """Entries in a ring from its counters row: dirty_index - reset_index, modulo 2^32."""
+    return (ctr[0] - ctr[1]) & U32
+
+
+@numba.njit(inline="always")
 def ring_push(words, ctr, kslot, offset):  # pragma: no cover - compiled
     """kvm_dirty_ring_push. ``words``: the ring as u64 words (entry e is words 2e = flags |
     slot << 32 and 2e+1 = offset: struct kvm_dirty_gfn, little-endian); ``ctr``: the ring's
@@ -81,7 +87,7 @@ def ring_push(words, ctr, kslot, offset):  # pragma: no cover - compiled
     flags DIRTY and advances dirty_index. A push into a full ring overwrites the entry there (the
     kernel only WARNs): counted in lost."""
     size = words.shape[0] >> 1
-    if ((ctr[0] - ctr[1]) & U32) >= size:
+    if ring_used(ctr) >= size:
         ctr[2] += 1
     e = 2 * (ctr[0] & (size - 1))
     words[e] = np.uint64(KVM_DIRTY_GFN_F_DIRTY) | (np.uint64(kslot) << np.uint64(32))
@@ -173,7 +179,7 @@ def reset_rings(ring_addr, ring_ctr, tab_kslot, tab_start, tab_npages, tab_block
         size = ring_addr[v, 1]
         words = words_at(ring_addr[v, 0], 2 * size)
         ri = ring_ctr[v, 1]
-        used = min((ring_ctr[v, 0] - ri) & U32, size)
+        used = min(ring_used(ring_ctr[v]), size)
         n = 0
         while n < used:
             e = 2 * ((ri + n) & (size - 1))
