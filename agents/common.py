@@ -66,7 +66,7 @@ class EnvFacts:
     page_size: int  #: bytes per ring entry's page
     vcpus: int  #: vCPUs (one ring each)
     reserved_entries: int = 64  #: ring entries KVM keeps back: soft limit = entries - this
-    control_interval_ms: float = 200.0  #: simulated ms between two actions
+    control_interval_ms: float = 50.0  #: simulated ms between two actions
     flatten: bool = False  #: the env takes a flattened Discrete action
 
     @classmethod

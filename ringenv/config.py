@@ -578,7 +578,7 @@ class EnvConfig(Strict):
     time cap, the pre-migration dirty-rate sample, the action grids, the workload set and the
     reward weights."""
 
-    control_interval_ms: float = Field(200.0, gt=0, description="simulated ms between two actions")
+    control_interval_ms: float = Field(50.0, gt=0, description="simulated ms between two actions")
     max_episode_s: float = Field(120.0, gt=0, description="simulated seconds before truncation")
     sample_s: float = Field(1.0, gt=0, description="pre-migration dirty-rate sample, simulated s")
     sample_windows: int = Field(5, ge=1, le=100, description="dirty-log reads over the sample (re-dirty rate)")
