@@ -5,11 +5,69 @@ plain sort, and ``return_index`` forces a stable sort; these helpers use the fas
 
 from __future__ import annotations
 
+import sys
+
 import numba
 import numpy as np
 from llvmlite import ir
 from numba import types
 from numba.extending import intrinsic, overload
+
+
+class Recycler:
+    """Zeroed arrays of guest-RAM size, recycled once nobody holds them.
+
+    A fresh array of many MB costs the kernel a page fault and a zeroed page per 4 KiB at its
+    first touch, several times what clearing a warm array costs; a simulator that builds a VM
+    per episode pays that at every episode. ``zeros`` hands out an array it made earlier when
+    no other reference to it is left (not even a view: a view holds its base), cleared; else
+    a new one, kept for later. At most ``max_bytes`` are kept: arrays nobody holds are
+    dropped first, oldest first."""
+
+    def __init__(self, min_bytes: int = 1 << 20, max_bytes: int = 256 << 20):
+        self.min_bytes, self.max_bytes = min_bytes, max_bytes
+        self._kept: list[np.ndarray] = []
+
+    def zeros(self, n: int, dtype) -> np.ndarray:
+        dtype = np.dtype(dtype)
+        if n * dtype.itemsize < self.min_bytes:
+            return np.zeros(n, dtype=dtype)
+        kept = self._kept
+        for i in range(len(kept)):
+            if kept[i].shape[0] == n and kept[i].dtype == dtype and _unheld(kept[i]):
+                a = kept.pop(i)
+                kept.append(a)  # most recently used last
+                a.fill(0)
+                return a
+        a = np.zeros(n, dtype=dtype)
+        kept.append(a)
+        self._trim()
+        return a
+
+    def _trim(self) -> None:
+        total = sum(a.nbytes for a in self._kept)
+        i = 0
+        while total > self.max_bytes and i < len(self._kept):
+            if _unheld(self._kept[i]):
+                total -= self._kept.pop(i).nbytes
+            else:
+                i += 1
+        while total > self.max_bytes and self._kept:  # all in use: stop keeping the oldest
+            total -= self._kept.pop(0).nbytes
+
+    @property
+    def kept_bytes(self) -> int:
+        return sum(a.nbytes for a in self._kept)
+
+
+def _unheld(a: np.ndarray) -> bool:
+    """Nobody but the recycler's list holds ``a``: 3 references, the list's, this function's
+    parameter and getrefcount's argument (tests/test_arrays.py checks the count)."""
+    return sys.getrefcount(a) <= 3
+
+
+#: the process's recycler for per-page arrays (kvm.Vm page state, the VMM's bitmaps)
+RECYCLER = Recycler()
 
 
 def unique(a: np.ndarray) -> np.ndarray:

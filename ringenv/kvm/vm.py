@@ -25,7 +25,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..arrays import first_occurrence, groups, shift_checked, unique
+from ..arrays import RECYCLER, first_occurrence, groups, shift_checked, unique
 from ..config import HostProfile, load_host_profile
 from ..guest.base import EXIT_DONE, EXIT_NONE, EXIT_SYNC, NO_WRITE, GuestProgram, WriteBatch
 from .fault import CUT_DONE, CUT_FULL, CUT_NONE, CUT_SYNC, FAULT_NS, FAULTS, PUSHES, SPLITS, apply_batch
@@ -373,9 +373,9 @@ class Vm:
         for s in self.slots:
             starts.append(pos)
             pos += -(-s.npages // bp) * bp
-        state = np.zeros(pos, dtype=np.uint8)
-        version = np.zeros(pos, dtype=np.uint32)
-        block_map = np.zeros(pos // bp, dtype=np.uint8)
+        state = RECYCLER.zeros(pos, np.uint8)
+        version = RECYCLER.zeros(pos, np.uint32)
+        block_map = RECYCLER.zeros(pos // bp, np.uint8)
         for s, st in zip(self.slots, starts):
             fresh = s.state is None
             if not fresh:  # a slot laid out before: carry its pages over

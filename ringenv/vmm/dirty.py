@@ -19,13 +19,15 @@ from __future__ import annotations
 import numba
 import numpy as np
 
+from ..arrays import RECYCLER
+
 
 class DirtyPages:
     def __init__(self, npages: int, with_slot: bool):
         self.npages = npages
-        self.mig = np.zeros(npages, dtype=bool)
-        self.slot = np.zeros(npages, dtype=bool) if with_slot else None
-        self.dest = np.zeros(npages, dtype=np.uint32)  # source version + 1 at send time; 0: never sent
+        self.mig = RECYCLER.zeros(npages, bool)
+        self.slot = RECYCLER.zeros(npages, bool) if with_slot else None
+        self.dest = RECYCLER.zeros(npages, np.uint32)  # source version + 1 at send time; 0: never sent
         self.mig_count = 0
         self.slot_marked = 0  # harvested entries marked in ``slot`` since the last merge
         self.cursor = 0  # where the migration thread's search continues (QEMU last_seen_block/last_page)
