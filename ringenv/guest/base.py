@@ -73,6 +73,15 @@ class GuestProgram(ABC):
     def resumed(self, vcpu: int, now: int) -> None:
         """vCPU ``vcpu`` re-entered the guest at ``now`` after being out."""
 
+    def window(self, now: int, until: int, running: np.ndarray, room: np.ndarray) -> WriteBatch:
+        """The writes of the running vCPUs from ``now`` to a window end of the guest's choosing
+        in (now, until], the batch's ``complete_until``: by default :meth:`horizon`'s end,
+        then :meth:`next_writes`."""
+        end = min(until, max(now + 1, self.horizon(now, until, running, room)))
+        batch = self.next_writes(now, end, running)
+        batch.complete_until = min(batch.complete_until, end)
+        return batch
+
     def horizon(self, now: int, until: int, running: np.ndarray, room: np.ndarray) -> int:
         """A window end in (now, until] worth sampling: ``room[v]`` pushes are left before vCPU
         v's ring is soft-full. The default asks for the whole window."""

@@ -39,6 +39,7 @@ from .base import GuestProgram, WriteBatch
 NS = 1e9
 GUEST_WRITE = 4096  # bytes of one guest store burst: workload rates are in 4 KiB page writes
 _NONE = np.zeros(0)
+_NONE_I = np.zeros(0, dtype=np.int64)
 MAX_EVENTS = 1 << 15  # events per window, to bound memory and wasted sampling
 RAW_WRITES_BELOW = 0.05  # per-page expected writes in a window below which raw writes are sampled
 
@@ -100,6 +101,7 @@ class WorkloadProgram(GuestProgram):
         self.vm = vm
         slot = vm._as0[0]  # guest RAM: the first memslot of address space 0
         self.ram_start, self.ram_base_gfn, npages = slot.start, slot.base_gfn, slot.npages
+        self._gfn_offset = self.ram_base_gfn - self.ram_start  # global page index -> gfn
         self.page_size = vm.page_size
         nv = self.nr_vcpus
         gw_per_page = self.page_size / GUEST_WRITE
@@ -230,60 +232,40 @@ class WorkloadProgram(GuestProgram):
             got = self._rates[key] = (per_class, per_vcpu, sweeping, cdf)
         return got
 
-    def expected_rates(self, now: int, running: np.ndarray) -> np.ndarray:
-        """Expected first writes to clean pages per ns, per vCPU: the write rate of every page,
-        scaled by the share of recent samples that found their page clean."""
-        mult, _ = self.multiplier(now)
-        return self._rates_for(running, mult)[1] * self.efficiency
-
     def horizon(self, now, until, running, room):
-        lam = self.expected_rates(now, running)
-        _, phase_end = self.multiplier(now)
-        total = lam.sum()
-        if total <= 0:
-            return min(until, phase_end)
-        t_fill = _fill_time(room, lam, running)
-        dt = min(t_fill * 1.05 + 1000.0, MAX_EVENTS / total)
-        return int(min(until, phase_end, now + max(1000.0, dt)))
+        """The window end :meth:`window` picks (see :func:`_window_end`)."""
+        mult, phase_end = self.multiplier(now)
+        return int(_window_end(now, until, phase_end, room, self._rates_for(running, mult)[1], self.efficiency, running))
+
+    def window(self, now, until, running, room):
+        """The candidate first writes of the running vCPUs from ``now`` to a window end in
+        (now, until] chosen so that the window holds a few more writes than the fullest
+        ring's room (or at most MAX_EVENTS), and ends where the phase does: all in one
+        compiled call (:func:`_sample_window`)."""
+        return self._sample(now, until, running, room)
 
     def next_writes(self, now, until, running):
-        rng = self.rng
-        dt = until - now
+        return self._sample(now, until, running, None)
+
+    def _sample(self, now, until, running, room):
         self._window = (now, running.copy())
-        if dt <= 0:
+        if until <= now:
             return WriteBatch.empty(until)
-        mult, _ = self.multiplier(now)
-        lam, _, sweeping, cdf = self._rates_for(running, mult)
-        total = nr = few = 0
-        if len(self.c_lo):
-            # cold classes (a page rarely written twice in the window): the raw write process,
-            # Poisson(N r dt) writes to uniformly drawn pages at uniform times; the host skips a
-            # repeated write to a page already dirty, so the first writes are exact. Hot
-            # classes: Binomial(N, 1 - exp(-r dt)) distinct pages, each at its first-write time.
-            total, nr, few = _class_counts(int(rng.integers(1 << 32)), self.c_n, lam, dt, self._k, self._raw,
-                                           self._hot_p)
-        spacings = extra = uniforms = _NONE
-        if total:  # the random numbers of every class, drawn in bulk (see _sample_classes)
-            if nr < total and len(self._marks) < self._max_n:
-                self._marks = np.zeros(self._max_n, dtype=np.uint8)
-            # the raw writes come time-ordered when nothing else joins them (no sort then)
-            alone = nr == total and not sweeping
-            spacings = rng.standard_exponential(nr + 1) if alone else _NONE
-            # extra draws: the permutation of the raw run, and each distinct page with
-            # room for repeats (a class is at most half taken: < 1.4 draws per page on average)
-            extra = rng.random((nr if alone else 0) + 2 * few + 64)
-            uniforms = rng.random(3 * total)
-        t, vc, g, key, unique = _draw_window(
-            spacings, extra, uniforms, total, now, dt, until, mult, running, lam, self.c_lo, self.c_n, self.c_region,
-            self.c_vfix, self.c_wgroup, cdf, self._k, self._raw, self._hot_p, self._marks,
-            self._r_start, self._r_n, self._r_a, self._r_b, self._r_mask,
-            self.s_region, self.s_a, self.s_n, self.s_vcpu, self.s_rate, self.s_pos)
-        if len(t) == 0:
-            return WriteBatch.empty(until)
+        mult, phase_end = self.multiplier(now)
+        lam, per_vcpu, sweeping, cdf = self._rates_for(running, mult)
+        seed = int(self.rng.integers(1 << 32))
+        while True:
+            t, vc, g, key, mask, end = _sample_window(
+                seed, now, until, room is None, phase_end, _NONE_I if room is None else room, per_vcpu, self.efficiency,
+                mult, lam, sweeping, running, cdf, self.c_lo, self.c_n, self.c_region, self.c_vfix, self.c_wgroup,
+                self._k, self._raw, self._hot_p, self._marks, self._r_start, self._r_n, self._r_a, self._r_b,
+                self._r_mask, self.s_region, self.s_a, self.s_n, self.s_vcpu, self.s_rate, self.s_pos)
+            if end >= 0:
+                break
+            self._marks = np.zeros(self._max_n, dtype=np.uint8)  # first window with a hot class: its scratch
         if len(key):
-            order = np.argsort(key) if unique else np.argsort(key, kind="stable")
-            t, vc, g = t[order], vc[order], g[order]
-        return WriteBatch(t, vc, g - self.ram_start + self.ram_base_gfn, None, until, first_touch=True)
+            t, vc, g = _gather(batch_order(key, int(mask)), t, vc, g)
+        return WriteBatch(t, vc, g + self._gfn_offset, None, int(end), first_touch=True)
 
     def consumed(self, n, t_cut, faults_per_vcpu, retried, written):
         now, running = self._window
@@ -297,15 +279,92 @@ class WorkloadProgram(GuestProgram):
 
 
 @numba.njit(cache=True, nogil=True)
+def _window_end(now, until, phase_end, room, per_vcpu, efficiency, running):  # pragma: no cover - compiled
+    """A window end in (now, until] worth sampling, given ``room[v]`` pushes left before vCPU
+    v's ring is soft-full: a little past the soonest a running vCPU fills its room at its
+    expected rate of first writes to clean pages (``per_vcpu``, the write rate of its pages,
+    scaled by ``efficiency``, the share of recent samples that found their page clean), at most
+    MAX_EVENTS expected writes, and not past the phase's end."""
+    total = 0.0
+    t_fill = np.inf
+    for v in range(per_vcpu.shape[0]):
+        lam = per_vcpu[v] * efficiency
+        total += lam
+        if running[v] and lam > 0:
+            t_fill = min(t_fill, max(room[v], 1) / lam)
+    if total <= 0:
+        end = min(until, phase_end)
+    else:
+        dt = min(t_fill * 1.05 + 1000.0, MAX_EVENTS / total)
+        end = min(until, phase_end, now + np.int64(max(1000.0, dt)))
+    return min(until, max(now + 1, end))
+
+
+@numba.njit(cache=True, nogil=True)
+def _sample_window(seed, now, until, fixed_end, phase_end, room, per_vcpu, efficiency, mult, lam, sweeping, running,
+                   cdf, c_lo, c_n, c_region, c_vfix, c_wgroup, k, raw, hot_p, marks, r_start, r_n, r_a, r_b, r_mask,
+                   s_region, s_a, s_n, s_vcpu, s_rate, s_pos):  # pragma: no cover - compiled
+    """One window of a workload: its end (``until``, or :func:`_window_end` unless
+    ``fixed_end``), the class counts (:func:`_class_counts`), the random numbers of the
+    classes and the writes (:func:`_draw_window`): (times, vCPUs, global page indexes, sort
+    key, key mask, end). The counts come from numba's generator seeded with ``seed`` (drawn
+    from the workload's Generator), the uniform and exponential numbers from a splitmix64
+    stream seeded with it too, so a window depends on that seed only.
+    End -1: a hot class needs ``marks`` of ``c_n.max()`` bytes first (call again)."""
+    end = until if fixed_end else _window_end(now, until, phase_end, room, per_vcpu, efficiency, running)
+    dt = end - now
+    np.random.seed(seed)
+    # cold classes (a page rarely written twice in the window): the raw write process,
+    # Poisson(N r dt) writes to uniformly drawn pages at uniform times; the host skips a
+    # repeated write to a page already dirty, so the first writes are exact. Hot classes:
+    # Binomial(N, 1 - exp(-r dt)) distinct pages, each at its first-write time.
+    total, nr, few = _class_counts(c_n, lam, dt, k, raw, hot_p)
+    if nr < total and marks.shape[0] < c_n.max():
+        return (np.empty(0, dtype=np.int64), np.empty(0, dtype=np.int32), np.empty(0, dtype=np.int64),
+                np.empty(0, dtype=np.int64), np.int64(0), np.int64(-1))
+    # the raw writes come time-ordered when nothing else joins them (no sort then)
+    alone = total > 0 and nr == total and not sweeping
+    st = np.zeros(2, dtype=np.uint64)  # a splitmix64 stream (see _uniform), seeded from seed
+    st[0] = np.uint64(1)
+    st[1] = np.uint64(seed) * np.uint64(0x9E3779B97F4A7C15)
+    spacings = np.empty(nr + 1 if alone else 0)
+    for i in range(spacings.shape[0]):
+        spacings[i] = -np.log1p(-_uniform(_NONE, st))
+    # extra draws: the permutation of the raw run, and each distinct page with room for
+    # repeats (a class is at most half taken: < 1.4 draws per page on average)
+    extra = np.empty(((nr if alone else 0) + 2 * few + 64) if total else 0)
+    for i in range(extra.shape[0]):
+        extra[i] = _uniform(_NONE, st)
+    uniforms = np.empty(3 * total)
+    for i in range(uniforms.shape[0]):
+        uniforms[i] = _uniform(_NONE, st)
+    t, vc, g, key, mask = _draw_window(spacings, extra, uniforms, total, now, dt, end, mult, running, lam, c_lo, c_n,
+                                       c_region, c_vfix, c_wgroup, cdf, k, raw, hot_p, marks, r_start, r_n, r_a, r_b,
+                                       r_mask, s_region, s_a, s_n, s_vcpu, s_rate, s_pos)
+    return t, vc, g, key, np.int64(mask), np.int64(end)
+
+
+@numba.njit(cache=True, nogil=True)
+def _gather(order, t, vc, g):  # pragma: no cover - compiled
+    """The batch's columns in ``order``."""
+    n = order.shape[0]
+    t2, vc2, g2 = np.empty(n, dtype=t.dtype), np.empty(n, dtype=vc.dtype), np.empty(n, dtype=g.dtype)
+    for i in range(n):
+        j = order[i]
+        t2[i], vc2[i], g2[i] = t[j], vc[j], g[j]
+    return t2, vc2, g2
+
+
+@numba.njit(cache=True, nogil=True)
 def _draw_window(spacings, extra, uniforms, total, now, dt, until, mult, running, lam, c_lo, c_n, c_region, c_vfix,
                  c_wgroup, cdf, k, raw, hot_p, marks, r_start, r_n, r_a, r_b, r_mask, s_region, s_a, s_n, s_vcpu,
                  s_rate, s_pos):  # pragma: no cover - compiled
     """The candidate first writes of one window [now, now + dt) of the running vCPUs: (times,
-    vCPUs, global page indexes, sort key, whether the key is unique). The classes' ``total``
+    vCPUs, global page indexes, sort key, the key's position mask: see :func:`_order_key`). The classes' ``total``
     writes (:func:`_sample_classes`, with the counts k/raw/hot_p of :func:`_class_counts` and
     the random numbers the caller drew in bulk), then every running sweep's pages
-    (:func:`_sweep`). The batch is in (time, vCPU) order, ties in sampling order, once sorted
-    by the key (no key: it already is): any sort if the key is unique, a stable one if not."""
+    (:func:`_sweep`). The batch is in (time, vCPU) order, ties in sampling order, once put in
+    :func:`batch_order` (no key: it already is)."""
     ns = s_vcpu.shape[0]
     first = np.zeros(ns, dtype=np.int64)
     count = np.zeros(ns, dtype=np.int64)
@@ -331,17 +390,18 @@ def _draw_window(spacings, extra, uniforms, total, now, dt, until, mult, running
                    r_start[reg], r_a[reg], r_b[reg], r_mask[reg], r_n[reg], t[j0:j1], vc[j0:j1], g[j0:j1])
             j0 = j1
     if size <= nraw:  # the raw writes' ordered run alone: no sort
-        return t, vc, g, np.empty(0, dtype=np.int64), True
-    key, unique = _order_key(t, vc, now, dt)
-    return t, vc, g, key, unique
+        return t, vc, g, np.empty(0, dtype=np.int64), 0
+    key, mask = _order_key(t, vc, now, dt)
+    return t, vc, g, key, mask
 
 
 @numba.njit(cache=True, nogil=True)
 def _order_key(t, vc, now, dt):  # pragma: no cover - compiled
     """The sort key of a window's writes (times in [now, now + dt), vCPUs < 1024) for the
-    order (time, vCPU, position in the batch): (key, True) with the position below (time,
-    vCPU) where that fits in 63 bits, so that any sort algorithm gives that one order; else
-    (time, vCPU) alone and False: a stable sort then keeps the positions' order."""
+    order (time, vCPU, position in the batch): (key, mask) with the position in the key's low
+    bits (``key & mask``) where that fits in 63 bits, so that sorting the keys themselves gives
+    that one order; else (time, vCPU) alone and mask 0: a stable argsort then keeps the
+    positions' order (see :func:`batch_order`)."""
     n = t.shape[0]
     key = np.empty(n, dtype=np.int64)
     shift = 1
@@ -350,7 +410,17 @@ def _order_key(t, vc, now, dt):  # pragma: no cover - compiled
     unique = (dt + 1) * 1024 < (np.int64(1) << (62 - shift))
     for i in range(n):
         key[i] = ((t[i] - now) * 1024 + vc[i] << shift) | i if unique else t[i] * 1024 + vc[i]
-    return key, unique
+    return key, (np.int64(1) << shift) - 1 if unique else np.int64(0)
+
+
+def batch_order(key: np.ndarray, mask: int) -> np.ndarray:
+    """The batch positions in the order of :func:`_order_key`'s key. A unique key is sorted as
+    values (numpy's vectorised sort, several times faster than an argsort) and the positions
+    read from its low bits; else a stable argsort. ``key`` is sorted in place."""
+    if mask:
+        key.sort()
+        return key & mask
+    return np.argsort(key, kind="stable")
 
 
 @numba.njit(cache=True, nogil=True)
@@ -374,24 +444,11 @@ def _sweep(first, count, pos, rate, a, n, vcpu, now, until, start, pa, pb, mask,
 
 
 @numba.njit(cache=True, nogil=True)
-def _fill_time(room, lam, running):  # pragma: no cover - compiled
-    """The soonest a running vCPU with writes to make fills the room left in its ring, in ns at
-    its expected rate (inf if none has writes to make)."""
-    t = np.inf
-    for v in range(lam.shape[0]):
-        if running[v] and lam[v] > 0:
-            t = min(t, max(room[v], 1) / lam[v])
-    return t
-
-
-@numba.njit(cache=True, nogil=True)
-def _class_counts(seed, c_n, lam, dt, k, raw, hot_p):  # pragma: no cover - compiled
+def _class_counts(c_n, lam, dt, k, raw, hot_p):  # pragma: no cover - compiled
     """Per class, how many writes the window has (into k): raw classes (per-page expected writes
     below RAW_WRITES_BELOW) Poisson(N lam dt) raw writes; others Binomial(N, hot_p) distinct
-    pages, hot_p = 1 - exp(-lam dt). Drawn from numba's generator seeded with ``seed`` (taken
-    from the workload's Generator), so a window's draws depend on that seed only. Returns (all
-    writes, raw writes, sum over the other classes of min(k, N - k))."""
-    np.random.seed(seed)
+    pages, hot_p = 1 - exp(-lam dt). Drawn from numba's generator (seeded by the caller).
+    Returns (all writes, raw writes, sum over the other classes of min(k, N - k))."""
     total = nr = few = 0
     for c in range(k.shape[0]):
         k[c] = 0
@@ -444,8 +501,7 @@ def _sample_classes(extra, spacings, uniforms, k, raw, lam, hot_p, now, dt, c_lo
     the window (hot_p[c] = 1 - exp(-lam[c] dt)); in no particular order.
     Each page is placed in guest RAM as :func:`_place` places it, and each write's vCPU drawn
     by the class's rate split (``cdf`` row of its group), unless the class belongs to one vCPU.
-    Random numbers come drawn in bulk by the caller's Generator, several times cheaper than one
-    call each (and no Generator to type-check at every call): ``uniforms``, three per write
+    Random numbers come drawn by the caller (:func:`_sample_window`): ``uniforms``, three per write
     (page, vCPU, time); ``extra`` for the draws whose count is not fixed (the permutation,
     distinct pages drawn again after a repeat), continued past its end by a splitmix64 stream
     seeded from its last number. Returns the length of the ordered run of raw writes (0

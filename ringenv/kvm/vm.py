@@ -666,9 +666,8 @@ class Vm:
             room = self._soft_limit - self._ring_used() if self.ring_entries else np.full(len(self.vcpus), 1 << 30)
             if self.profile.pml:
                 room -= np.array([v.pml_count for v in self.vcpus], dtype=np.int64)
-            horizon = min(until, max(self.now + 1, guest.horizon(self.now, until, running, room)))
-            batch = guest.next_writes(self.now, horizon, running)
-            end = max(self.now, min(batch.complete_until, horizon))
+            batch = guest.window(self.now, until, running, room)
+            end = max(self.now, min(batch.complete_until, until))
             if len(batch) == 0:
                 self.now = end
                 continue
