@@ -117,7 +117,7 @@ def compiled_vs_python() -> float:
 
 def main() -> list[tuple[str, str, str]]:
     small = speed(16, 4.0)
-    big = speed(256, 4.0, repeats=2)
+    big = speed(256, 4.0)
     x_small = small["sim"] / small["wall"]
     x_big = big["sim"] / big["wall"]
     rows = [
