@@ -38,7 +38,6 @@ from .base import GuestProgram, WriteBatch
 
 NS = 1e9
 GUEST_WRITE = 4096  # bytes of one guest store burst: workload rates are in 4 KiB page writes
-_NONE = np.zeros(0)
 _NONE_I = np.zeros(0, dtype=np.int64)
 MAX_EVENTS = 1 << 15  # events per window, to bound memory and wasted sampling
 RAW_WRITES_BELOW = 0.05  # per-page expected writes in a window below which raw writes are sampled
@@ -324,8 +323,7 @@ def _sample_window(seed, now, until, fixed_end, phase_end, room, per_vcpu, effic
                 np.empty(0, dtype=np.int64), np.int64(0), np.int64(-1))
     # the raw writes come time-ordered when nothing else joins them (no sort then)
     alone = total > 0 and nr == total and not sweeping
-    st = np.zeros(2, dtype=np.uint64)  # a splitmix64 stream (see _uniform), seeded from seed
-    st[0] = np.uint64(1)
+    st = np.zeros(2, dtype=np.uint64)  # a splitmix64 stream (state st[1]), seeded from seed
     st[1] = np.uint64(seed) * np.uint64(0x9E3779B97F4A7C15)
     spacings = np.empty(nr + 1 if alone else 0)
     for i in range(spacings.shape[0]):
@@ -334,10 +332,10 @@ def _sample_window(seed, now, until, fixed_end, phase_end, room, per_vcpu, effic
     # repeats (a class is at most half taken: < 1.4 draws per page on average)
     extra = np.empty(((nr if alone else 0) + 2 * few + 64) if total else 0)
     for i in range(extra.shape[0]):
-        extra[i] = _uniform(_NONE, st)
+        extra[i] = _unit(st)
     uniforms = np.empty(3 * total)
     for i in range(uniforms.shape[0]):
-        uniforms[i] = _uniform(_NONE, st)
+        uniforms[i] = _unit(st)
     t, vc, g, key, mask = _draw_window(spacings, extra, uniforms, total, now, dt, end, mult, running, lam, c_lo, c_n,
                                        c_region, c_vfix, c_wgroup, cdf, k, raw, hot_p, marks, r_start, r_n, r_a, r_b,
                                        r_mask, s_region, s_a, s_n, s_vcpu, s_rate, s_pos)
@@ -360,11 +358,11 @@ def _draw_window(spacings, extra, uniforms, total, now, dt, until, mult, running
                  c_wgroup, cdf, k, raw, hot_p, marks, r_start, r_n, r_a, r_b, r_mask, s_region, s_a, s_n, s_vcpu,
                  s_rate, s_pos):  # pragma: no cover - compiled
     """The candidate first writes of one window [now, now + dt) of the running vCPUs: (times,
-    vCPUs, global page indexes, sort key, the key's position mask: see :func:`_order_key`). The classes' ``total``
-    writes (:func:`_sample_classes`, with the counts k/raw/hot_p of :func:`_class_counts` and
-    the random numbers the caller drew in bulk), then every running sweep's pages
-    (:func:`_sweep`). The batch is in (time, vCPU) order, ties in sampling order, once put in
-    :func:`batch_order` (no key: it already is)."""
+    vCPUs, global page indexes, sort key, the key's position mask: see :func:`_order_key`).
+    The classes' ``total`` writes (:func:`_sample_classes`, with the counts k/raw/hot_p of
+    :func:`_class_counts` and the random numbers the caller drew in bulk), then every running
+    sweep's pages (:func:`_sweep`). The batch is in (time, vCPU) order, ties in sampling order,
+    once put in :func:`batch_order` (no key: it already is)."""
     ns = s_vcpu.shape[0]
     first = np.zeros(ns, dtype=np.int64)
     count = np.zeros(ns, dtype=np.int64)
@@ -478,6 +476,12 @@ def _uniform(buf, st):  # pragma: no cover - compiled
         return buf[i]
     if i == np.uint64(buf.shape[0]):
         st[1] = np.uint64(buf[-1] * 9007199254740992.0) if buf.shape[0] else np.uint64(0)
+    return _unit(st)
+
+
+@numba.njit(inline="always")
+def _unit(st):  # pragma: no cover - compiled
+    """A uniform number in [0, 1) from the splitmix64 stream ``st`` (53 of its 64 bits)."""
     return np.float64(_splitmix(st) >> np.uint64(11)) / 9007199254740992.0
 
 
@@ -525,7 +529,7 @@ def _exponential(st):  # pragma: no cover - compiled
         x = np.float64(bits) * _ZIG_W[i]
         if bits < _ZIG_K[i]:
             return x
-        u = np.float64(_splitmix(st) >> np.uint64(11)) / 9007199254740992.0
+        u = _unit(st)
         if i == 0:  # the tail beyond r: r plus an exponential
             return _ZIG_R - np.log1p(-u)
         if (_ZIG_F[i - 1] - _ZIG_F[i]) * u + _ZIG_F[i] < np.exp(-x):
