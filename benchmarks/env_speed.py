@@ -71,7 +71,8 @@ def main() -> list[tuple[str, str, str]]:
     coarse = ppo_steps_per_s(gym.make("ringenv/Migration-v0", control_interval_ms=200.0))
     ms = env.unwrapped.cfg.control_interval_ms
     return [
-        (f"env: random-policy steps per wall s (default scenario, {ms:g} ms steps)", f"{rand_sps:.0f}", "(for reference)"),
+        (f"env: random-policy steps per wall s (default scenario, {ms:g} ms steps)", f"{rand_sps:.0f}",
+         "(for reference)"),
         ("env: wall s per episode, random policy", f"{per_episode:.2f}", "(for reference)"),
         ("env: PPO steps/s on ringenv / on a null env, same spaces", f"{ring:.0f} / {null:.0f} = {ring / null:.0%}",
          ">= 80%"),

@@ -234,7 +234,8 @@ class WorkloadProgram(GuestProgram):
     def horizon(self, now, until, running, room):
         """The window end :meth:`window` picks (see :func:`_window_end`)."""
         mult, phase_end = self.multiplier(now)
-        return int(_window_end(now, until, phase_end, room, self._rates_for(running, mult)[1], self.efficiency, running))
+        per_vcpu = self._rates_for(running, mult)[1]
+        return int(_window_end(now, until, phase_end, room, per_vcpu, self.efficiency, running))
 
     def window(self, now, until, running, room):
         """The candidate first writes of the running vCPUs from ``now`` to a window end in
