@@ -232,3 +232,29 @@ def test_the_windows_exponential_numbers_follow_exp_1():
     assert abs(x.mean() - 1) < 0.01 and abs(x.var() - 1) < 0.02
     tail = np.count_nonzero(x > _ZIG_R)  # expected n e^-r ~ 182: the tail path is taken
     assert abs(tail - n * np.exp(-_ZIG_R)) < 5 * np.sqrt(n * np.exp(-_ZIG_R))
+
+
+def test_a_window_ends_a_little_past_where_the_fullest_ring_fills():
+    """``window`` picks its end as ``horizon`` says: ~5% past the time the vCPU with the least
+    room fills it at its expected rate; with room to spare, after MAX_EVENTS expected writes;
+    never past ``until``."""
+    from ringenv.guest.workload import MAX_EVENTS
+
+    vm = Vm("arm64-4k", seed=3)
+    vm.set_user_memory_region(0, uapi.KVM_MEM_LOG_DIRTY_PAGES, 0, 1 << 30)
+    for i in range(2):
+        vm.create_vcpu(i)
+    prog = WorkloadProgram({"name": "uniform", "regions": [{"fraction": 1.0, "rate_mbps": 400}]}, 2, seed=5)
+    prog.attach(vm)
+    running = np.ones(2, dtype=bool)
+    until = SECOND
+    room = np.array([1000, 100_000], dtype=np.int64)
+    end = prog.horizon(0, until, running, room)
+    per_vcpu_ns = 400e6 / 4096 / 2 / SECOND  # first writes to clean pages per ns (efficiency 1)
+    assert end == pytest.approx(1000 / per_vcpu_ns * 1.05, rel=0.01) and end < until
+    b = prog.window(0, until, running, room)
+    assert b.complete_until == end and (b.t < end).all()
+    assert 0.8 * 1050 < np.count_nonzero(b.vcpu == 0) < 1.2 * 1050  # a few more than its room
+    spare = np.full(2, 10**9, dtype=np.int64)
+    assert prog.horizon(0, until, running, spare) == pytest.approx(MAX_EVENTS / (2 * per_vcpu_ns), rel=0.01)
+    assert prog.horizon(0, SECOND // 100, running, spare) == SECOND // 100
