@@ -45,7 +45,7 @@ class Recycler:
         return a
 
     def _trim(self) -> None:
-        total = sum(a.nbytes for a in self._kept)
+        total = self.kept_bytes
         i = 0
         while total > self.max_bytes and i < len(self._kept):
             if _unheld(self._kept[i]):
