@@ -95,34 +95,12 @@ class DirtyPages:
             self.mig_count -= want
             self.cursor = c + want if c + want < n else 0
             return np.arange(c, c + want, dtype=np.int64)
-        out = []
-        got = 0
-        pos = self.cursor
-        scanned = 0
-        density = self.mig_count / n  # dirty pages are spread over RAM: size the scan for them
-        window = max(int(want / density * 1.25) + 64, 1 << 16)
-        while got < want and scanned < n:
-            end = min(pos + window, n)
-            idx = np.flatnonzero(mig[pos:end])
-            if len(idx):
-                idx = idx[: want - got] + pos
-                out.append(idx)
-                got += len(idx)
-                if got == want:
-                    self.cursor = int(idx[-1]) + 1
-                    if self.cursor >= n:
-                        self.cursor = 0
-                    break
-            scanned += end - pos
-            pos = 0 if end >= n else end
-            window *= 2
-        pages = out[0] if len(out) == 1 else np.concatenate(out)
-        if _contiguous(pages):
-            mig[pages[0]: pages[-1] + 1] = False
-        else:
-            mig[pages] = False
-        self.mig_count -= len(pages)
-        return pages
+        pages = np.empty(want, dtype=np.int64)
+        got, end = _take(mig, mig.view(np.uint64) if n % 8 == 0 else _NO_WORDS, c, want, pages)
+        if got == want:
+            self.cursor = end if end < n else 0
+        self.mig_count -= got
+        return pages[:got]
 
     def untake(self, pages: np.ndarray) -> None:
         """Give back the tail of what :meth:`take` returned (its bits are set again and the
@@ -134,7 +112,8 @@ class DirtyPages:
         self.cursor = int(pages[0])
 
     def copy(self, pages: np.ndarray, source_version: np.ndarray) -> None:
-        """Send ``pages``: the destination gets their content (version) as of now."""
+        """Send ``pages`` (as :meth:`take` returns them: ascending, wrapping at most once): the
+        destination gets their content (version) as of now."""
         if len(pages) == 0:
             return
         if _contiguous(pages):
@@ -142,14 +121,58 @@ class DirtyPages:
             self.pages_resent += int(np.count_nonzero(self.dest[s]))
             np.add(source_version[s], 1, out=self.dest[s])
         else:
-            self.pages_resent += int(np.count_nonzero(self.dest[pages]))
-            self.dest[pages] = source_version[pages] + 1
+            self.pages_resent += int(_copy_pages(pages, self.dest, source_version))
         self.pages_sent += len(pages)
 
     def lost_writes(self, source_version: np.ndarray) -> int:
         """Pages whose destination copy differs from the source, or that were never sent (one
         compiled pass over both arrays, no temporaries)."""
         return int(_count_stale(self.dest, source_version[: self.npages]))
+
+
+_NO_WORDS = np.zeros(0, dtype=np.uint64)
+
+
+@numba.njit(cache=True, nogil=True)
+def _take_run(mig, words, a, b, want, out, k):  # pragma: no cover - compiled
+    """Take the set pages of ``mig[a:b]`` in order into ``out[k:]``, clearing them, until
+    ``out`` holds ``want``; whole zero u64 ``words`` (8 pages each) are skipped. Returns (pages
+    in ``out``, where the scan stopped)."""
+    i = a
+    nw = words.shape[0]
+    while i < b and k < want:
+        if i & 7 == 0 and i + 8 <= b and (i >> 3) < nw and words[i >> 3] == 0:
+            i += 8
+            continue
+        if mig[i]:
+            mig[i] = False
+            out[k] = i
+            k += 1
+        i += 1
+    return k, i
+
+
+@numba.njit(cache=True, nogil=True)
+def _take(mig, words, cursor, want, out):  # pragma: no cover - compiled
+    """Up to ``want`` set pages from ``cursor`` to the end, then from 0 up to the cursor (QEMU's
+    find_next_bit over the migration bitmap), cleared and written to ``out`` in that order.
+    Returns (pages taken, where the scan stopped: one past the last page taken)."""
+    k, i = _take_run(mig, words, cursor, mig.shape[0], want, out, 0)
+    if k < want:
+        k, i = _take_run(mig, words, 0, cursor, want, out, k)
+    return k, i
+
+
+@numba.njit(cache=True, nogil=True)
+def _copy_pages(pages, dest, version):  # pragma: no cover - compiled
+    """dest[p] = version[p] + 1 (u32) for each page sent; returns how many had been sent before."""
+    resent = 0
+    for j in range(pages.shape[0]):
+        p = pages[j]
+        if dest[p] != 0:
+            resent += 1
+        dest[p] = np.uint32(version[p] + np.uint32(1))
+    return resent
 
 
 @numba.njit(cache=True, nogil=True)

@@ -1,0 +1,84 @@
+"""The VMM's dirty-page bookkeeping (ringenv.vmm.dirty): which pages a send takes and what the
+destination then holds."""
+
+import numpy as np
+import pytest
+
+from ringenv.vmm.dirty import DirtyPages
+
+
+def _dirty(npages, pages):
+    d = DirtyPages(npages, with_slot=False)
+    d.mig[pages] = True
+    d.mig_count = len(np.unique(pages))
+    return d
+
+
+def _reference_take(mig, cursor, maxn):
+    """QEMU's order: set bits from the cursor to the end, then from 0 up to the cursor."""
+    order = np.r_[np.flatnonzero(mig[cursor:]) + cursor, np.flatnonzero(mig[:cursor])]
+    return order[:maxn]
+
+
+def test_take_hand_worked_wraps_once_from_the_cursor():
+    d = _dirty(40, [1, 2, 9, 17, 30, 31, 39])
+    d.cursor = 17
+    assert d.take(3).tolist() == [17, 30, 31]
+    assert d.cursor == 32 and d.mig_count == 4
+    assert d.take(3).tolist() == [39, 1, 2]  # wraps around to the start
+    assert d.cursor == 3
+    assert d.take(10).tolist() == [9]  # only one left
+    assert d.mig_count == 0 and not d.mig.any()
+    assert d.take(5).tolist() == []
+
+
+def test_take_last_page_moves_the_cursor_to_zero():
+    d = _dirty(16, [3, 15])
+    d.cursor = 10
+    assert d.take(1).tolist() == [15]
+    assert d.cursor == 0
+    assert d.take(1).tolist() == [3]
+
+
+@pytest.mark.parametrize("npages", [64, 1000, 1003, 4096 + 5])
+def test_take_matches_the_reference_order(npages):
+    """Random bitmaps (sparse, with long zero runs that the word skipping jumps over, and
+    dense), random cursors, sizes that are not multiples of 8."""
+    rng = np.random.default_rng(npages)
+    for density in (0.002, 0.05, 0.5, 1.0):
+        for _ in range(20):
+            pages = np.flatnonzero(rng.random(npages) < density)
+            d = _dirty(npages, pages)
+            d.cursor = int(rng.integers(npages))
+            expect_mig = d.mig.copy()
+            maxn = int(rng.integers(1, npages + 2))
+            want = _reference_take(expect_mig, d.cursor, maxn)
+            got = d.take(maxn)
+            assert got.tolist() == want.tolist()
+            expect_mig[want] = False
+            assert np.array_equal(d.mig, expect_mig)
+            assert d.mig_count == int(expect_mig.sum())
+            if len(want):
+                assert d.cursor == (int(want[-1]) + 1) % npages
+
+
+def test_untake_gives_pages_back_and_the_search_resumes_there():
+    d = _dirty(100, [5, 6, 50, 70, 90])
+    taken = d.take(5)
+    d.untake(taken[3:])
+    assert d.mig_count == 2 and d.cursor == 70
+    assert d.take(5).tolist() == [70, 90]
+
+
+def test_copy_sends_versions_and_counts_resent_pages():
+    d = DirtyPages(16, with_slot=False)
+    version = np.zeros(16, dtype=np.uint32)
+    version[[2, 7, 9]] = [4, 1, np.iinfo(np.uint32).max]
+    d.copy(np.array([2, 7, 9], dtype=np.int64), version)  # scattered: first send
+    assert d.dest[[2, 7, 9]].tolist() == [5, 2, 0]  # version + 1, modulo 2^32 as stored
+    assert d.pages_sent == 3 and d.pages_resent == 0
+    version[2] += 1
+    d.copy(np.array([1, 2, 3], dtype=np.int64), version)  # contiguous: page 2 again
+    assert d.dest[[1, 2, 3]].tolist() == [1, 6, 1]
+    assert d.pages_sent == 6 and d.pages_resent == 1
+    assert d.lost_writes(version) == 16 - 5  # the pages never sent
