@@ -169,6 +169,9 @@ class WorkloadProgram(GuestProgram):
         self._marks = np.zeros(0, dtype=np.uint8)  # scratch of _sample_classes, sized at first use
         self._k, self._raw, self._hot_p = (np.zeros(len(lo), dtype=t) for t in (np.int64, bool, float))  # per window
         self._max_n = int(self.c_n.max()) if len(lo) else 0
+        self._sweeps = len(scans) > 0  # any sweep pointers to move on (consumed)
+        self._seeds: list[int] = []  # window seeds drawn ahead (_next_seed)
+        self._seed_i = 0
         self.efficiency = 1.0  # share of sampled writes that find their page clean (for horizons)
         self._phase_t = [0]
         self._phase_m = []
@@ -253,7 +256,7 @@ class WorkloadProgram(GuestProgram):
             return WriteBatch.empty(until)
         mult, phase_end = self.multiplier(now)
         lam, per_vcpu, sweeping, cdf = self._rates_for(running, mult)
-        seed = int(self.rng.integers(1 << 32))
+        seed = self._next_seed()
         while True:
             t, vc, g, key, mask, end = _sample_window(
                 seed, now, until, room is None, phase_end, _NONE_I if room is None else room, per_vcpu, self.efficiency,
@@ -265,14 +268,24 @@ class WorkloadProgram(GuestProgram):
             self._marks = np.zeros(self._max_n, dtype=np.uint8)  # first window with a hot class: its scratch
         if len(key):
             t, vc, g = _gather(batch_order(key, int(mask)), t, vc, g)
-        return WriteBatch(t, vc, g + self._gfn_offset, None, int(end), first_touch=True)
+        return WriteBatch(t, vc, g + self._gfn_offset if self._gfn_offset else g, None, int(end), first_touch=True)
+
+    def _next_seed(self) -> int:
+        """The next window's seed: the workload Generator's next ``integers(1 << 32)``, drawn 64
+        at a time (the same numbers as one by one: nothing else draws from it once the regions
+        are laid out)."""
+        i = self._seed_i
+        if i == len(self._seeds):
+            self._seeds, i = self.rng.integers(1 << 32, size=64).tolist(), 0
+        self._seed_i = i + 1
+        return self._seeds[i]
 
     def consumed(self, n, t_cut, faults_per_vcpu, retried, written):
         now, running = self._window
         if n >= 256:  # learn how many sampled writes find their page clean
             self.efficiency = float(min(max(0.7 * self.efficiency + 0.3 * written / n, 0.02), 1.0))
         dt = t_cut - now
-        if dt <= 0:
+        if dt <= 0 or not self._sweeps:
             return
         mult, _ = self.multiplier(now)
         _advance_sweeps(running, mult, dt, self.s_vcpu, self.s_rate, self.s_n, self.s_pos)

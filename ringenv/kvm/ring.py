@@ -79,6 +79,15 @@ def ring_used(ctr):  # pragma: no cover - compiled
     return (ctr[0] - ctr[1]) & U32
 
 
+@numba.njit(cache=True, nogil=True)
+def ring_room(ring_ctr, soft_limit):  # pragma: no cover - compiled
+    """Per vCPU, the pushes left before its ring is soft-full (soft limit - entries used)."""
+    room = np.empty(ring_ctr.shape[0], dtype=np.int64)
+    for v in range(ring_ctr.shape[0]):
+        room[v] = soft_limit[v] - ring_used(ring_ctr[v])
+    return room
+
+
 @numba.njit(inline="always")
 def ring_push(words, ctr, kslot, offset):  # pragma: no cover - compiled
     """kvm_dirty_ring_push. ``words``: the ring as u64 words (entry e is words 2e = flags |

@@ -30,7 +30,7 @@ from ..config import HostProfile, load_host_profile
 from ..guest.base import EXIT_DONE, EXIT_NONE, EXIT_SYNC, NO_WRITE, GuestProgram, WriteBatch
 from .fault import CUT_DONE, CUT_FULL, CUT_NONE, CUT_SYNC, FAULT_NS, FAULTS, PUSHES, SPLITS, apply_batch
 from .memory import CLEAN, WP, WP_CLEAN, Memslot, bitmap_offsets, protect_masked
-from .ring import DirtyRing, reset_rings
+from .ring import DirtyRing, reset_rings, ring_room
 from .uapi import (
     KVM_CAP_ARM_EAGER_SPLIT_CHUNK_SIZE,
     KVM_CAP_ARM_SUPPORTED_BLOCK_SIZES,
@@ -225,6 +225,7 @@ class Vm:
         self._no_pml = np.zeros(0, dtype=np.int64)  # per vCPU: PML buffer fill (always 0 without PML)
         self._soft_full = np.zeros(0, dtype=bool)
         self._write_costs = (0, 0)  # ns per fault and per split (create_vcpu sets them)
+        self._tlbi_ns = p.tlbi_broadcast_ns(0)  # one VM-wide TLB invalidation (create_vcpu updates it)
         self.with_bitmap = False
         self.manual_protect = 0
         self.eager_split_chunk = 0
@@ -235,7 +236,8 @@ class Vm:
         self.last_ioctl_ns = 0
         self.state = np.zeros(0, dtype=np.uint8)
         self.version = np.zeros(0, dtype=np.uint32)
-        self._scratch_bufs: dict[str, np.ndarray] = {}
+        self._scratch_bufs = (np.empty(1024, dtype=np.int32), np.empty(1024, dtype=np.int64),
+                              np.empty(1024, dtype=np.int32), np.empty(1024, dtype=np.int64))  # _batch_buffers
         self._zeros = np.zeros(0, dtype=np.int8)
         self._layout()
 
@@ -482,6 +484,7 @@ class Vm:
         # pages, amortized; a split: break-before-make and a broadcast TLB invalidation (the
         # ring is enabled, if at all, before the first vCPU: KVM refuses it afterwards)
         c, pml = p.costs, p.pml_buffer_entries if p.pml else 0
+        self._tlbi_ns = p.tlbi_broadcast_ns(len(self.vcpus))
         self._write_costs = (c.wp_fault_ns if not pml else c.dirty_write_ns if self.ring_entries
                              else c.dirty_write_ns + c.pml_flush_entry_ns + c.pml_full_exit_ns / pml,
                              c.split_ns + p.tlbi_broadcast_ns(len(self.vcpus)))
@@ -518,7 +521,7 @@ class Vm:
 
     def _flush_tlbs(self) -> int:
         self.stats.tlb_flushes += 1
-        return self.profile.tlbi_broadcast_ns(len(self.vcpus))
+        return self._tlbi_ns
 
     def _zeros_i8(self, n: int) -> np.ndarray:
         """n zero bytes (read-only use: "no exit", "not a read"), without allocating each batch."""
@@ -526,14 +529,20 @@ class Vm:
             self._zeros = np.zeros(max(n, 2 * len(self._zeros), 1024), dtype=np.int8)
         return self._zeros[:n]
 
-    def _scratch(self, name: str, n: int, dtype) -> np.ndarray:
-        """A reusable output buffer of at least n items for the compiled kernels (fresh large
-        arrays cost page faults on every call)."""
-        buf = self._scratch_bufs.get(name)
-        if buf is None or len(buf) < n:
-            buf = np.empty(max(n, 1024, 0 if buf is None else 2 * len(buf)), dtype=dtype)
-            self._scratch_bufs[name] = buf
-        return buf
+    def _batch_buffers(self, maxpush: int, n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """apply_batch's reusable output buffers: push_v, push_g of at least ``maxpush`` items,
+        split_v, split_b of at least ``n`` (fresh large arrays would cost page faults on every
+        call); a buffer too small is replaced by one of twice its size or more."""
+        push_v, push_g, split_v, split_b = bufs = self._scratch_bufs
+        if len(push_v) < maxpush or len(split_v) < n:
+            if len(push_v) < maxpush:
+                k = max(maxpush, 2 * len(push_v))
+                push_v, push_g = np.empty(k, dtype=np.int32), np.empty(k, dtype=np.int64)
+            if len(split_v) < n:
+                k = max(n, 2 * len(split_v))
+                split_v, split_b = np.empty(k, dtype=np.int32), np.empty(k, dtype=np.int64)
+            bufs = self._scratch_bufs = (push_v, push_g, split_v, split_b)
+        return bufs
 
     def _reprotect(self, kslots: np.ndarray, offsets: np.ndarray, masks: np.ndarray) -> int:
         """Apply re-protect calls (slot, offset, mask) with :func:`memory.protect_masked`:
@@ -660,10 +669,10 @@ class Vm:
         guest = self.guest
         while self.now < until:
             running = self._running.copy()
-            if guest is None or not running.any():
+            if guest is None or True not in running.tolist():
                 self.now = until
                 break
-            room = self._soft_limit - self._ring_used() if self.ring_entries else np.full(len(self.vcpus), 1 << 30)
+            room = ring_room(self._ring_ctr, self._soft_limit) if self.ring_entries else np.full(len(self.vcpus), 1 << 30)
             if self.profile.pml:
                 room -= np.array([v.pml_count for v in self.vcpus], dtype=np.int64)
             batch = guest.window(self.now, until, running, room)
@@ -676,10 +685,6 @@ class Vm:
             if exit_ is not None:
                 return [exit_]
         return []
-
-    def _ring_used(self) -> np.ndarray:
-        """Entries in each vCPU's ring (dirty_index - reset_index, modulo 2^32)."""
-        return (self._ring_ctr[:, 0] - self._ring_ctr[:, 1]) & 0xFFFFFFFF
 
     def _exit(self, v: Vcpu, reason: int, kind: str, count: bool = True) -> Exit:
         """v leaves the guest now. Any exit flushes the PML buffer into the ring first."""
@@ -738,10 +743,7 @@ class Vm:
         pml = p.pml_buffer_entries if p.pml else 0
         pml_count = np.array([v.pml_count for v in self.vcpus], dtype=np.int64) if pml else self._no_pml
         maxpush = n * (self.block_pages if self._any_pushall else 1)
-        push_v = self._scratch("push_v", maxpush, np.int32)
-        push_g = self._scratch("push_g", maxpush, np.int64)
-        split_v = self._scratch("split_v", n, np.int32)
-        split_b = self._scratch("split_b", n, np.int64)
+        push_v, push_g, split_v, split_b = self._batch_buffers(maxpush, n)
         fault_cost, split_cost = self._write_costs
         soft_full = self._soft_full
         faults = np.zeros(nv, dtype=np.int64)
@@ -807,6 +809,13 @@ class Vm:
                 v.stats.fault_ns += self.profile.costs.pml_full_exit_ns
 
     # ------------------------------------------------------------------ inspection
+    def vcpu_totals(self) -> tuple[int, int, int]:
+        """(KVM_EXIT_DIRTY_RING_FULL exits, guest ns lost in the kernel, ring overflows), summed
+        over the vCPUs: the totals of their ``stats.full_exits``, ``stats.fault_ns`` and
+        ``ring.lost`` (0 without rings), read from the counter arrays at once."""
+        lost = int(self._ring_ctr[:, 2].sum()) if self.ring_entries else 0
+        return sum([v.stats.full_exits for v in self.vcpus]), int(self._vstat[:, FAULT_NS].sum()), lost
+
     @property
     def ring_bytes(self) -> int:
         """Kernel memory of all rings."""

@@ -59,7 +59,7 @@ class RingCollector:
         # only RAM (slot 0) is logged
         s.dirty.slot_marked += reap_rings(self._addr[sel], fetch, counts, True, 0, s.dirty.slot)
         self.entries[sel] += counts
-        total = int(counts.sum())
+        total = sum(counts.tolist())
         s.harvests += 1
         s.entries_harvested += total
         if only is None:

@@ -616,13 +616,7 @@ class Session:
         Per-vCPU totals are summed as Python ints (exact, as the numpy sums were)."""
         vm, dirty, vcpus = self.vm, self.dirty, self.vcpus
         name, collector, ring, ring_entries, ring_bytes, bytes_per_page, soft_limit = self._run_constants
-        full_exits = fault_ns = overflows = 0  # the vCPUs' kernel counters, in one pass
-        for v in vcpus:
-            st = v.stats
-            full_exits += st.full_exits
-            fault_ns += st.fault_ns
-            if ring:
-                overflows += v.ring.lost
+        full_exits, fault_ns, overflows = vm.vcpu_totals()
         vm_st = vm.stats
         ready = self.collector.ready()
         fill = (ready / soft_limit).tolist() if ring else [0.0] * len(vcpus)
