@@ -152,6 +152,19 @@ def _prefetch_compiled(arr, index):
 
 
 @intrinsic
+def trailing_zeros(typingctx, x):
+    """Inside compiled code: the number of trailing zero bits of a nonzero integer (LLVM's
+    llvm.cttz)."""
+    if not isinstance(x, types.Integer):
+        return None
+
+    def codegen(context, builder, signature, args):
+        return builder.cttz(args[0], ir.Constant(ir.IntType(1), 1))
+
+    return x(x), codegen
+
+
+@intrinsic
 def _voidptr(typingctx, addr):
     def codegen(context, builder, signature, args):
         return builder.inttoptr(args[0], ir.IntType(8).as_pointer())

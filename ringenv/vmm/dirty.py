@@ -19,7 +19,7 @@ from __future__ import annotations
 import numba
 import numpy as np
 
-from ..arrays import RECYCLER
+from ..arrays import RECYCLER, trailing_zeros
 
 
 class DirtyPages:
@@ -136,13 +136,24 @@ _NO_WORDS = np.zeros(0, dtype=np.uint64)
 @numba.njit(cache=True, nogil=True)
 def _take_run(mig, words, a, b, want, out, k):  # pragma: no cover - compiled
     """Take the set pages of ``mig[a:b]`` in order into ``out[k:]``, clearing them, until
-    ``out`` holds ``want``; whole zero u64 ``words`` (8 pages each) are skipped. Returns (pages
-    in ``out``, where the scan stopped)."""
+    ``out`` holds ``want``. Returns (pages in ``out``, where the scan stopped: one past the last
+    page taken when ``out`` is full). ``words``: ``mig`` as u64 words (or empty): the aligned
+    middle is read 8 pages at a time, a numpy bool being the byte 0 or 1, and byte j of a word
+    (little-endian) bit 8j."""
     i = a
-    nw = words.shape[0]
+    body_end = min(b, 8 * words.shape[0]) & ~7
     while i < b and k < want:
-        if i & 7 == 0 and i + 8 <= b and (i >> 3) < nw and words[i >> 3] == 0:
-            i += 8
+        if i & 7 == 0 and i + 8 <= body_end:
+            w = words[i >> 3]
+            if w == 0:
+                i += 8
+                continue
+            while w != 0 and k < want:
+                out[k] = i + (np.int64(trailing_zeros(w)) >> 3)
+                k += 1
+                w &= w - np.uint64(1)  # the lowest set byte taken
+            words[i >> 3] = w
+            i = out[k - 1] + 1 if k == want else i + 8
             continue
         if mig[i]:
             mig[i] = False
