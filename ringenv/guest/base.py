@@ -25,7 +25,9 @@ NO_WRITE = -1  # gfn of an event that is only an exit (no memory write)
 
 @dataclass
 class WriteBatch:
-    """Writes of the running vCPUs, ordered by (time, vCPU, program order).
+    """Writes of the running vCPUs, ordered by (time, vCPU, program order); with ``order``, the
+    columns are in sampling order and the events in that order are their entries at
+    ``order`` (the host gathers them as it walks; :meth:`ordered` gives the batch gathered).
 
     ``complete_until`` is the end of the window the batch covers: it holds every write of every
     running vCPU with ``t < complete_until`` and nothing later.
@@ -40,9 +42,18 @@ class WriteBatch:
     # candidate first writes (a workload model): a write to a page that is not clean is
     # invisible to KVM and the host skips it
     first_touch: bool = False
+    order: np.ndarray | None = None  # int64 positions of the events in order (None: as stored)
 
     def __len__(self) -> int:
         return len(self.t)
+
+    def ordered(self) -> WriteBatch:
+        """The batch with its columns in event order (itself if they are)."""
+        o = self.order
+        if o is None:
+            return self
+        return WriteBatch(self.t[o], self.vcpu[o], self.gfn[o], None if self.exit_after is None else self.exit_after[o],
+                          self.complete_until, None if self.read is None else self.read[o], self.first_touch)
 
     @staticmethod
     def empty(until: int) -> WriteBatch:
@@ -76,7 +87,8 @@ class GuestProgram(ABC):
     def window(self, now: int, until: int, running: np.ndarray, room: np.ndarray) -> WriteBatch:
         """The writes of the running vCPUs from ``now`` to a window end of the guest's choosing
         in (now, until], the batch's ``complete_until``: by default :meth:`horizon`'s end,
-        then :meth:`next_writes`."""
+        then :meth:`next_writes`. The batch may leave its columns unordered and give their
+        ``order`` (see :class:`WriteBatch`)."""
         end = min(until, max(now + 1, self.horizon(now, until, running, room)))
         batch = self.next_writes(now, end, running)
         batch.complete_until = min(batch.complete_until, end)

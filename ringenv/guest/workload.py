@@ -244,11 +244,12 @@ class WorkloadProgram(GuestProgram):
         """The candidate first writes of the running vCPUs from ``now`` to a window end in
         (now, until] chosen so that the window holds a few more writes than the fullest
         ring's room (or at most MAX_EVENTS), and ends where the phase does: all in one
-        compiled call (:func:`_sample_window`)."""
+        compiled call (:func:`_sample_window`). The batch comes with its ``order`` (the host
+        gathers the events as it walks them)."""
         return self._sample(now, until, running, room)
 
     def next_writes(self, now, until, running):
-        return self._sample(now, until, running, None)
+        return self._sample(now, until, running, None).ordered()
 
     def _sample(self, now, until, running, room):
         self._window = (now, running.copy())
@@ -266,9 +267,8 @@ class WorkloadProgram(GuestProgram):
             if end >= 0:
                 break
             self._marks = np.zeros(self._max_n, dtype=np.uint8)  # first window with a hot class: its scratch
-        if len(key):
-            t, vc, g = _gather(batch_order(key, int(mask)), t, vc, g)
-        return WriteBatch(t, vc, g + self._gfn_offset if self._gfn_offset else g, None, int(end), first_touch=True)
+        return WriteBatch(t, vc, g + self._gfn_offset if self._gfn_offset else g, None, int(end), first_touch=True,
+                          order=batch_order(key, int(mask)) if len(key) else None)
 
     def _next_seed(self) -> int:
         """The next window's seed: the workload Generator's next ``integers(1 << 32)``, drawn 64
@@ -354,17 +354,6 @@ def _sample_window(seed, now, until, fixed_end, phase_end, room, per_vcpu, effic
                                        c_region, c_vfix, c_wgroup, cdf, k, raw, hot_p, marks, r_start, r_n, r_a, r_b,
                                        r_mask, s_region, s_a, s_n, s_vcpu, s_rate, s_pos)
     return t, vc, g, key, np.int64(mask), np.int64(end)
-
-
-@numba.njit(cache=True, nogil=True)
-def _gather(order, t, vc, g):  # pragma: no cover - compiled
-    """The batch's columns in ``order``."""
-    n = order.shape[0]
-    t2, vc2, g2 = np.empty(n, dtype=t.dtype), np.empty(n, dtype=vc.dtype), np.empty(n, dtype=g.dtype)
-    for i in range(n):
-        j = order[i]
-        t2[i], vc2[i], g2[i] = t[j], vc[j], g[j]
-    return t2, vc2, g2
 
 
 @numba.njit(cache=True, nogil=True)

@@ -190,3 +190,35 @@ def apply_batch(gpi, vc, code, reads, first_touch, slot_of, state, version, bloc
                 soft_full[v] = True
                 nsoft += 1
     return m, cut, npush, nsplit, ndirty, retired, nsoft
+
+
+@numba.njit(cache=True, nogil=True)
+def apply_window(order, t, vc, gfn, gfn_lo, gfn_hi, delta, zeros8, zeros64, state, version, block_map,
+                 blockgran, pushall, split, nolog, block_shift, ring_ctr, soft_limit, no_pml, rings,
+                 push_v, push_g, split_v, split_b, vstat, split_cost, fault_cost, ring_addr, slot_start, slot_kvm,
+                 soft_full, faults):  # pragma: no cover - compiled
+    """:func:`apply_batch` for a workload's window of candidate first writes (first touch, no
+    reads, no exit codes) into a VM with one RAM slot and no PML, in the same call as the
+    gather and the address check: the events are ``t``/``vc``/``gfn`` taken in ``order`` (empty:
+    as given); each gfn must lie in the slot ``[gfn_lo, gfn_hi)``, its global page index is
+    ``gfn + delta``. ``zeros8``/``zeros64``: at least len(t) zeros (read only).
+    Returns apply_batch's tuple, then the batch position (as given) of the last event consumed,
+    and that of the first event, in order, outside the slot (-1: none; else nothing was
+    applied, as the host faults with EFAULT first)."""
+    n = t.shape[0]
+    ordered = order.shape[0] == 0
+    gpi = np.empty(n, dtype=np.int64)
+    v32 = np.empty(n, dtype=np.int32)
+    for i in range(n):
+        j = i if ordered else order[i]
+        x = gfn[j]
+        if x < gfn_lo or x >= gfn_hi:
+            return 0, CUT_NONE, 0, 0, 0, True, 0, 0, j
+        gpi[i] = x + delta
+        v32[i] = vc[j]
+    m, cut, npush, nsplit, ndirty, retired, nsoft = apply_batch(
+        gpi, v32, zeros8[:n], zeros8[:n], True, zeros64[:n], state, version, block_map, blockgran, pushall, split,
+        nolog, block_shift, ring_ctr, soft_limit, no_pml, 0, rings, push_v, push_g, split_v, split_b, vstat,
+        split_cost, fault_cost, ring_addr, slot_start, slot_kvm, soft_full, faults)
+    last = m - 1 if ordered else order[m - 1]
+    return m, cut, npush, nsplit, ndirty, retired, nsoft, last, -1

@@ -28,7 +28,7 @@ import numpy as np
 from ..arrays import RECYCLER, first_occurrence, groups, shift_checked, unique
 from ..config import HostProfile, load_host_profile
 from ..guest.base import EXIT_DONE, EXIT_NONE, EXIT_SYNC, NO_WRITE, GuestProgram, WriteBatch
-from .fault import CUT_DONE, CUT_FULL, CUT_NONE, CUT_SYNC, FAULT_NS, FAULTS, PUSHES, SPLITS, apply_batch
+from .fault import CUT_DONE, CUT_FULL, CUT_NONE, CUT_SYNC, FAULT_NS, FAULTS, PUSHES, SPLITS, apply_batch, apply_window
 from .memory import CLEAN, WP, WP_CLEAN, Memslot, bitmap_offsets, protect_masked
 from .ring import DirtyRing, reset_rings, ring_room
 from .uapi import (
@@ -124,6 +124,9 @@ class VcpuStats:
         fields = {**{k: getattr(self, k) for k in VCPU_COUNTERS},
                   **{k: getattr(self, k) for k in self.__slots__[1:]}}
         return "VcpuStats(" + ", ".join(f"{k}={v!r}" for k, v in fields.items()) + ")"
+
+
+_NO_ORDER = np.zeros(0, dtype=np.int64)  # apply_window: the batch is in order as given
 
 
 class Vcpu:
@@ -239,6 +242,7 @@ class Vm:
         self._scratch_bufs = (np.empty(1024, dtype=np.int32), np.empty(1024, dtype=np.int64),
                               np.empty(1024, dtype=np.int32), np.empty(1024, dtype=np.int64))  # _batch_buffers
         self._zeros = np.zeros(0, dtype=np.int8)
+        self._zeros64 = np.zeros(0, dtype=np.int64)
         self._layout()
 
     # ------------------------------------------------------------------ capabilities
@@ -634,6 +638,12 @@ class Vm:
                 self.stats.dropped_no_vcpu += len(off)
 
     # ------------------------------------------------------------------ address lookup
+    def _zeros_i64(self, n: int) -> np.ndarray:
+        """n zero int64s (read-only use: "slot 0" for every event), without allocating each batch."""
+        if len(self._zeros64) < n:
+            self._zeros64 = np.zeros(max(n, 2 * len(self._zeros64), 1024), dtype=np.int64)
+        return self._zeros64[:n]
+
     def _locate(self, gfn: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """gfn -> (index into the address-space-0 slots, global page index)."""
         if len(self._base) == 1 and len(gfn):  # one RAM slot: no search
@@ -680,8 +690,13 @@ class Vm:
             if len(batch) == 0:
                 self.now = end
                 continue
-            _, exit_ = self._apply(batch.t, batch.vcpu, batch.gfn, batch.exit_after, end,
-                                   reads=batch.read, first_touch=batch.first_touch)
+            if batch.first_touch and len(self._base) == 1 and not self.profile.pml and batch.exit_after is None \
+                    and batch.read is None:
+                exit_ = self._apply_window(batch, end)
+            else:
+                batch = batch.ordered()
+                _, exit_ = self._apply(batch.t, batch.vcpu, batch.gfn, batch.exit_after, end,
+                                       reads=batch.read, first_touch=batch.first_touch)
             if exit_ is not None:
                 return [exit_]
         return []
@@ -724,9 +739,8 @@ class Vm:
         """Apply a time-ordered batch of guest writes up to the first event that takes a vCPU
         out of the guest, with its bookkeeping (:func:`ringenv.kvm.fault.apply_batch`).
         Returns (events consumed, Exit or None)."""
-        p, c = self.profile, self.profile.costs
+        p = self.profile
         n = len(t)
-        nv = len(self.vcpus)
         if first_touch:  # a workload's candidate first writes: every access is a write
             sidx, gpi = self._locate(gfn)
         else:
@@ -742,21 +756,57 @@ class Vm:
         rings = self.ring_entries > 0
         pml = p.pml_buffer_entries if p.pml else 0
         pml_count = np.array([v.pml_count for v in self.vcpus], dtype=np.int64) if pml else self._no_pml
-        maxpush = n * (self.block_pages if self._any_pushall else 1)
-        push_v, push_g, split_v, split_b = self._batch_buffers(maxpush, n)
+        push_v, push_g, split_v, split_b = self._batch_buffers(n * (self.block_pages if self._any_pushall else 1), n)
         fault_cost, split_cost = self._write_costs
-        soft_full = self._soft_full
-        faults = np.zeros(nv, dtype=np.int64)
+        faults = np.zeros(len(self.vcpus), dtype=np.int64)
         m, cut, npush, nsplit, ndirty, retired, nsoft = apply_batch(
             gpi, vc.astype(np.int32, copy=False), code.astype(np.int8, copy=False), reads.astype(np.int8, copy=False),
             first_touch, sidx, self.state, self.version, self.block_map,
             self._blockgran, self._pushall, self._split, self._nolog, self.block_shift,
             self._ring_ctr, self._soft_limit, pml_count, pml, rings, push_v, push_g, split_v, split_b,
             self._vstat, split_cost, fault_cost, self._ring_addr, self._start,
-            self._kslot, soft_full, faults)
+            self._kslot, self._soft_full, faults)
+        i = m - 1
+        exit_ = self._after_batch(m, cut, npush, nsplit, ndirty, retired, nsoft, faults, push_v, push_g, end, notify,
+                                  pml, *((int(t[i]), int(vc[i]), int(gfn[i]), int(code[i]), bool(reads[i]))
+                                         if cut != CUT_NONE else (0, 0, 0, 0, False)))
+        return m, exit_
+
+    def _apply_window(self, batch: WriteBatch, end: int) -> Exit | None:
+        """:meth:`_apply` for a workload's window of candidate first writes (``first_touch``, no
+        reads or exit codes, events in ``batch.order``) on a VM with one RAM slot and no PML: the
+        gather, the address check and the walk in one compiled call
+        (:func:`ringenv.kvm.fault.apply_window`); the same results as :meth:`_apply` on the
+        gathered batch."""
+        t, vc, gfn = batch.t, batch.vcpu, batch.gfn
+        n = len(t)
+        lo = int(self._base[0])
+        push_v, push_g, split_v, split_b = self._batch_buffers(n * (self.block_pages if self._any_pushall else 1), n)
+        fault_cost, split_cost = self._write_costs
+        faults = np.zeros(len(self.vcpus), dtype=np.int64)
+        m, cut, npush, nsplit, ndirty, retired, nsoft, last, bad = apply_window(
+            _NO_ORDER if batch.order is None else batch.order, t, vc, gfn, lo, int(self._end[0]),
+            int(self._start[0]) - lo, self._zeros_i8(n), self._zeros_i64(n), self.state, self.version, self.block_map,
+            self._blockgran, self._pushall, self._split, self._nolog, self.block_shift,
+            self._ring_ctr, self._soft_limit, self._no_pml, self.ring_entries > 0, push_v, push_g, split_v, split_b,
+            self._vstat, split_cost, fault_cost, self._ring_addr, self._start, self._kslot, self._soft_full, faults)
+        if bad >= 0:
+            raise KvmError(errno.EFAULT, f"guest write to gfn {int(gfn[bad])}: no memslot maps it")
+        return self._after_batch(m, cut, npush, nsplit, ndirty, retired, nsoft, faults, push_v, push_g, end, True, 0,
+                                 *((int(t[last]), int(vc[last]), int(gfn[last]), EXIT_NONE, False)
+                                   if cut != CUT_NONE else (0, 0, 0, 0, False)))
+
+    def _after_batch(self, m, cut, npush, nsplit, ndirty, retired, nsoft, faults, push_v, push_g, end, notify, pml,
+                     cut_t, cut_v, cut_gfn, cut_code, cut_read) -> Exit | None:
+        """The Python side of a batch walked by apply_batch: split counts, soft-full requests,
+        pushes into PML buffers or slot bitmaps, the exit of the event that stopped the walk
+        (``cut_*``: its time, vCPU, gfn, exit code and read flag), the clock, and the guest told
+        how far it got."""
+        rings = self.ring_entries > 0
         if nsplit:
             self.stats.splits += nsplit
         if nsoft:
+            soft_full = self._soft_full
             for v_i in np.flatnonzero(soft_full).tolist():
                 self.vcpus[v_i].request_soft_full = True
             soft_full[:] = False
@@ -767,20 +817,19 @@ class Vm:
         elif npush and not rings:  # into the slot bitmaps (which vCPU wrote does not matter there)
             self._set_dirty(push_g[:npush])
 
-        retried = np.zeros(nv, dtype=bool)
+        retried = np.zeros(len(self.vcpus), dtype=bool)
         exit_ = None
         if cut != CUT_NONE:
-            i = m - 1
-            self.now = max(self.now, int(t[i]))
-            v = self.vcpus[int(vc[i])]
+            self.now = max(self.now, cut_t)
+            v = self.vcpus[cut_v]
             if cut == CUT_FULL:
                 if not retired:  # the access re-executes at re-entry, then its sync/done exit
-                    v.pending_store = int(gfn[i])
-                    v.pending_code = int(code[i])
-                    v.pending_read = bool(reads[i])
+                    v.pending_store = cut_gfn
+                    v.pending_code = cut_code
+                    v.pending_read = cut_read
                     retried[v.index] = True
-                elif code[i] != EXIT_NONE:  # it retired (PML): its sync/done exit comes at re-entry
-                    v.pending_code = int(code[i])
+                elif cut_code != EXIT_NONE:  # it retired (PML): its sync/done exit comes at re-entry
+                    v.pending_code = cut_code
                 v.request_soft_full = True
                 v.stats.full_exits += 1
                 exit_ = self._exit(v, KVM_EXIT_DIRTY_RING_FULL, "full")
@@ -792,7 +841,7 @@ class Vm:
             self.now = max(self.now, int(end))
         if notify and self.guest is not None:
             self.guest.consumed(m, self.now, faults, retried, ndirty)
-        return m, exit_
+        return exit_
 
     def _pml_log(self, v: Vcpu, gpi: np.ndarray) -> None:
         """x86 PML: log GPAs into the 512-entry buffer; a full buffer exits (in the kernel) and

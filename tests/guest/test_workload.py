@@ -185,6 +185,10 @@ def test_batch_is_time_ordered_and_hot_pages_distinct_even_past_the_bulk_draws()
         b = prog.next_writes(0, SECOND // 4, np.ones(4, dtype=bool))
         key = b.t * 1024 + b.vcpu
         assert len(b) > 100 and (key[1:] >= key[:-1]).all()
+        w = prog.window(0, SECOND // 4, np.ones(4, dtype=bool), np.full(4, 1 << 40, dtype=np.int64))
+        assert w.order is not None and len(w) > 100  # the host gathers the events in order
+        wo = w.ordered()
+        assert (np.sort(wo.gfn) == np.sort(w.gfn)).all() and (np.diff(wo.t * 1024 + wo.vcpu) >= 0).all()
         if wl["name"] == "hot":
             assert len(np.unique(b.gfn)) == len(b) > 0.5 * int(0.001 * (1 << 30) / 4096)
 
