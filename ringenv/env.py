@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import math
 from typing import Any
 
@@ -139,7 +140,7 @@ class RingEnv(gym.Env):
         if self._session is not None and self._session.done:
             raise RuntimeError("step() after the episode ended; call reset()")
         entries, interval_ms = self.decode_action(action)
-        info: dict[str, Any] = {}
+        info = StepInfo()
         if self._session is None:
             self.ring_entries = entries if self.scenario.collector == "ring" else 0
             self._session = _open_session(self.kind, self.scenario, self.workload, self.episode_seed,
@@ -396,6 +397,36 @@ class CheckpointEnv(RingEnv):
 
 
 # ---------------------------------------------------------------------------------- helpers
+_ATOMS = frozenset({int, float, bool, str, type(None), np.float64, np.int64, np.bool_})
+
+
+class StepInfo(dict):
+    """The ``info`` dict of a step (a plain dict in every other respect).
+
+    stable-baselines3's DummyVecEnv deep-copies every step's infos; a generic deep copy of this
+    one (some 50 entries) would cost a large share of a step. Its values are numbers, strings
+    and flat lists or dicts of numbers, so ``copy.deepcopy`` copies those one level deep
+    (exactly a deep copy: their items are immutable) and deep-copies anything else, e.g. what a
+    wrapper adds, as usual."""
+
+    __slots__ = ()
+
+    def __deepcopy__(self, memo):
+        out = StepInfo()
+        for k, v in self.items():
+            t = type(v)
+            if t in _ATOMS:
+                out[k] = v
+            elif t is list and all([type(x) in _ATOMS for x in v]):
+                out[k] = v.copy()
+            elif t is dict and all([type(x) in _ATOMS for x in v.values()]):
+                out[k] = v.copy()
+            else:
+                out[k] = copy.deepcopy(v, memo)
+        memo[id(self)] = out
+        return out
+
+
 def _lost_vcpu_s(m) -> float:
     """vCPU-seconds the guest did not run because of dirty tracking: write-protect faults and
     splits, ring-full exits (with the reaping done on the vCPU thread), waits for the big lock,

@@ -155,6 +155,39 @@ def test_vector_envs_sync_and_async():
         envs.close()
 
 
+def test_step_info_deep_copies_like_a_dict():
+    """SB3 deep-copies every step's info: StepInfo's cheap deep copy must be a real one."""
+    import copy
+    import pickle
+
+    from stable_baselines3.common.env_util import make_vec_env
+
+    env = make()
+    env.reset(seed=1)
+    info = env.step(env.action_space.sample())[-1]
+    info["added"] = {"nested": [1, [2]], "arr": np.arange(3)}  # what a wrapper might add
+    c = copy.deepcopy(info)
+    assert isinstance(c, dict) and c.keys() == info.keys()
+    for k, v in info.items():
+        if k == "added":
+            continue
+        assert c[k] == v and type(c[k]) is type(v)
+        if isinstance(v, (list, dict)):
+            assert c[k] is not v
+    c["ring_fill"].append(9.0)
+    c["reward_parts"]["vcpu"] = -1.0
+    c["added"]["nested"][1].append(3)
+    c["added"]["arr"][0] = 7
+    assert 9.0 not in info["ring_fill"] and info["reward_parts"]["vcpu"] != -1.0
+    assert info["added"]["nested"] == [1, [2]] and info["added"]["arr"][0] == 0
+    back = pickle.loads(pickle.dumps(info))  # AsyncVectorEnv sends infos through pipes
+    assert back.keys() == info.keys() and back["ring_fill"] == info["ring_fill"]
+    vec = make_vec_env(lambda: make(), n_envs=1, seed=0)  # SB3's DummyVecEnv deep-copies infos
+    vec.reset()
+    _, _, _, infos = vec.step(np.array([vec.action_space.sample()]))
+    assert infos[0]["workload"] and len(infos[0]["ring_fill"]) == SMALL["vm"]["vcpus"]
+
+
 def test_invalid_actions_are_clear_errors():
     env = make()
     env.reset(seed=0)
