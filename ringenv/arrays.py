@@ -165,6 +165,18 @@ def trailing_zeros(typingctx, x):
 
 
 @intrinsic
+def popcount(typingctx, x):
+    """Inside compiled code: the number of set bits of an integer (LLVM's llvm.ctpop)."""
+    if not isinstance(x, types.Integer):
+        return None
+
+    def codegen(context, builder, signature, args):
+        return builder.ctpop(args[0])
+
+    return x(x), codegen
+
+
+@intrinsic
 def _voidptr(typingctx, addr):
     def codegen(context, builder, signature, args):
         return builder.inttoptr(args[0], ir.IntType(8).as_pointer())

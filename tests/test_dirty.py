@@ -82,3 +82,22 @@ def test_copy_sends_versions_and_counts_resent_pages():
     assert d.dest[[1, 2, 3]].tolist() == [1, 6, 1]
     assert d.pages_sent == 6 and d.pages_resent == 1
     assert d.lost_writes(version) == 16 - 5  # the pages never sent
+
+
+@pytest.mark.parametrize("npages", [4096, 4099])
+def test_merge_slot_adds_the_harvested_pages_once(npages):
+    """The slot bitmap goes into the migration bitmap and is cleared; the new count is the
+    pages that were not already to be sent (word-wise when the size allows, else bytewise)."""
+    rng = np.random.default_rng(npages)
+    d = DirtyPages(npages, with_slot=True)
+    mig = rng.random(npages) < 0.3
+    d.mig[:] = mig
+    d.mig_count = int(mig.sum())
+    harvested = np.flatnonzero(rng.random(npages) < 0.1)
+    d.mark_harvested(harvested)
+    expect = mig.copy()
+    expect[harvested] = True
+    assert d.merge_slot() == int(expect.sum() - mig.sum())
+    assert np.array_equal(d.mig, expect) and d.mig_count == int(expect.sum())
+    assert not d.slot.any() and d.slot_marked == 0
+    assert d.merge_slot() == 0

@@ -19,7 +19,7 @@ from __future__ import annotations
 import numba
 import numpy as np
 
-from ..arrays import RECYCLER, trailing_zeros
+from ..arrays import RECYCLER, popcount, trailing_zeros
 
 
 class DirtyPages:
@@ -55,11 +55,15 @@ class DirtyPages:
         pages that became dirty (QEMU num_dirty_pages_period)."""
         if not self.slot_marked:
             return 0
-        np.logical_or(self.mig, self.slot, out=self.mig)
-        count = int(np.count_nonzero(self.mig))  # mig_count is the number of set bits
-        new = count - self.mig_count
-        self.mig_count = count
-        self.slot[:] = False
+        if self.npages % 8 == 0:  # 8 pages per u64 word
+            new = int(_merge_words(self.mig.view(np.uint64), self.slot.view(np.uint64)))
+            self.mig_count += new
+        else:
+            np.logical_or(self.mig, self.slot, out=self.mig)
+            count = int(np.count_nonzero(self.mig))  # mig_count is the number of set bits
+            new = count - self.mig_count
+            self.mig_count = count
+            self.slot[:] = False
         self.slot_marked = 0
         return new
 
@@ -131,6 +135,22 @@ class DirtyPages:
 
 
 _NO_WORDS = np.zeros(0, dtype=np.uint64)
+
+
+@numba.njit(cache=True, nogil=True)
+def _merge_words(mig, slot):  # pragma: no cover - compiled
+    """``mig |= slot``, ``slot = 0`` on bool bitmaps seen as u64 words (a bool is the byte 0 or
+    1, so a word's set bits are its set pages); skips zero words of ``slot``. Returns the pages
+    newly set in ``mig``."""
+    new = 0
+    for i in range(slot.shape[0]):
+        s = slot[i]
+        if s != 0:
+            m = mig[i]
+            new += np.int64(popcount(s & ~m))
+            mig[i] = m | s
+            slot[i] = 0
+    return new
 
 
 @numba.njit(cache=True, nogil=True)
