@@ -862,8 +862,8 @@ class Vm:
         """(KVM_EXIT_DIRTY_RING_FULL exits, guest ns lost in the kernel, ring overflows), summed
         over the vCPUs: the totals of their ``stats.full_exits``, ``stats.fault_ns`` and
         ``ring.lost`` (0 without rings), read from the counter arrays at once."""
-        lost = int(self._ring_ctr[:, 2].sum()) if self.ring_entries else 0
-        return sum([v.stats.full_exits for v in self.vcpus]), int(self._vstat[:, FAULT_NS].sum()), lost
+        lost = sum(self._ring_ctr[:, 2].tolist()) if self.ring_entries else 0
+        return sum([v.stats.full_exits for v in self.vcpus]), sum(self._vstat[:, FAULT_NS].tolist()), lost
 
     @property
     def ring_bytes(self) -> int:

@@ -44,6 +44,20 @@ def test_full_exit_holds_exactly_soft_limit_entries():
     assert h.vcpus[0].stats.pushes == 192 and r.lost == 0
 
 
+def test_vcpu_totals_sum_the_vcpus_counters():
+    """Vm.vcpu_totals: ring-full exits, kernel ns and overflows, summed over the vCPUs; two
+    vCPUs each fill their ring once (one full exit each)."""
+    h = Host([list(range(300)), list(range(300, 600))])
+    for i in range(2):
+        assert h.enter(i) is None
+    h.run()
+    h.run()
+    vs = h.vcpus
+    assert [v.stats.full_exits for v in vs] == [1, 1]
+    assert h.vm.vcpu_totals() == (2, sum(v.stats.fault_ns for v in vs), 0)
+    assert h.vm.vcpu_totals()[1] > 0
+
+
 def test_store_that_filled_the_ring_has_not_retired_at_the_exit():
     """s4: the fault completed (entry pushed, page made writable) but the store did not retire:
     pages 0..190 hold version 1, page 191 still version 0, page 192 untouched."""
