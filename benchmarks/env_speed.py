@@ -8,7 +8,10 @@ policy, wall time per episode, and (for reference) the PPO share with a 200 ms c
 
 A short PPO run first warms torch and SB3 up (their first updates are slower), so that neither
 side pays for it; then the ring and null runs alternate, ``PAIRS`` times, and each side keeps
-its best: the machine's noise then hits both alike.
+its best: the machine's noise then hits both alike. Both sides run behind the same timing
+wrapper, which splits each run's wall time into the env's and PPO's own: the environment costs
+PPO time beyond its own steps (its memory traffic evicts PPO's code and data from the caches,
+and SB3 deep-copies every info), which shows as PPO's own time growing.
 """
 
 from __future__ import annotations
@@ -42,13 +45,42 @@ class NullEnv(gym.Env):
         return self.observation_space.low.copy(), 0.0, self.t >= self.n, False, {}
 
 
+class Timed(gym.Wrapper):
+    """Wall time spent inside the wrapped env's step and reset (both sides of the PPO
+    comparison get it, so it costs them alike)."""
+
+    def __init__(self, env: gym.Env):
+        super().__init__(env)
+        self.seconds = 0.0
+
+    def step(self, action):
+        t0 = time.perf_counter()
+        out = self.env.step(action)
+        self.seconds += time.perf_counter() - t0
+        return out
+
+    def reset(self, **kwargs):
+        t0 = time.perf_counter()
+        out = self.env.reset(**kwargs)
+        self.seconds += time.perf_counter() - t0
+        return out
+
+
 def ppo_steps_per_s(env, timesteps: int = TIMESTEPS) -> float:
+    return ppo_run(env, timesteps)[0]
+
+
+def ppo_run(env, timesteps: int = TIMESTEPS) -> tuple[float, float, float]:
+    """PPO's steps/s on ``env``, and per step: wall us inside the env (step and reset), wall us
+    in the rest (PPO itself: rollouts, updates, SB3's wrappers)."""
     from stable_baselines3 import PPO
 
+    env = Timed(env)
     model = PPO("MlpPolicy", env, n_steps=512, batch_size=64, seed=0, verbose=0, device="cpu")
     t0 = time.perf_counter()
     model.learn(total_timesteps=timesteps)
-    return timesteps / (time.perf_counter() - t0)
+    wall = time.perf_counter() - t0
+    return timesteps / wall, env.seconds / timesteps * 1e6, (wall - env.seconds) / timesteps * 1e6
 
 
 def random_policy(env, episodes: int = 6) -> tuple[float, float]:
@@ -73,10 +105,12 @@ def main() -> list[tuple[str, str, str]]:
     random_policy(env, episodes=1)  # warm-up (loads the compiled kernels), not measured
     rand_sps, per_episode = random_policy(env)
     ppo_steps_per_s(NullEnv(env), timesteps=1024)  # warm-up, not measured
-    ring = null = 0.0
+    ring = null = (0.0, 0.0, 0.0)
     for _ in range(PAIRS):
-        ring = max(ring, ppo_steps_per_s(gym.make("ringenv/Migration-v0")))
-        null = max(null, ppo_steps_per_s(NullEnv(env)))
+        ring = max(ring, ppo_run(gym.make("ringenv/Migration-v0")))
+        null = max(null, ppo_run(NullEnv(env)))
+    ring, ring_env_us, ring_ppo_us = ring
+    null, _, null_ppo_us = null
     coarse = ppo_steps_per_s(gym.make("ringenv/Migration-v0", control_interval_ms=200.0))
     ms = env.unwrapped.cfg.control_interval_ms
     return [
@@ -85,6 +119,9 @@ def main() -> list[tuple[str, str, str]]:
         ("env: wall s per episode, random policy", f"{per_episode:.2f}", "(for reference)"),
         ("env: PPO steps/s on ringenv / on a null env, same spaces", f"{ring:.0f} / {null:.0f} = {ring / null:.0%}",
          ">= 80%"),
+        ("env: in that run, us per step: in ringenv / PPO's own with ringenv / PPO's own with the null env",
+         f"{ring_env_us:.0f} / {ring_ppo_us:.0f} / {null_ppo_us:.0f}",
+         f"(80% leaves ringenv {null_ppo_us / 0.8 - null_ppo_us:.0f} us in all)"),
         ("env: the same with control_interval_ms=200 (~80 steps per episode)",
          f"{coarse:.0f} / {null:.0f} = {coarse / null:.0%}", "(for reference)"),
     ]

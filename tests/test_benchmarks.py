@@ -7,9 +7,10 @@ import math
 
 import gymnasium as gym
 import numpy as np
+import pytest
 
 import ringenv  # noqa: F401
-from benchmarks.env_speed import NullEnv, random_policy
+from benchmarks.env_speed import NullEnv, ppo_run, random_policy
 from benchmarks.host import compiled_vs_python
 
 
@@ -27,3 +28,10 @@ def test_the_null_env_has_the_ring_envs_spaces_and_the_random_policy_runs():
     steps_per_s, wall_per_episode = random_policy(env, episodes=1)
     assert steps_per_s > 0 and wall_per_episode > 0
     assert np.isfinite([steps_per_s, wall_per_episode]).all()
+
+
+def test_the_ppo_run_splits_its_wall_time_between_the_env_and_ppo():
+    null = NullEnv(gym.make("ringenv/Migration-v0"), episode_steps=5)
+    steps_per_s, env_us, ppo_us = ppo_run(null, timesteps=512)  # one rollout
+    assert steps_per_s > 0 and 0 < env_us < ppo_us
+    assert env_us + ppo_us == pytest.approx(1e6 / steps_per_s)
