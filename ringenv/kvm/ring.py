@@ -181,7 +181,9 @@ def reset_rings(ring_addr, ring_ctr, tab_kslot, tab_start, tab_npages, tab_block
     re-protect calls (:func:`_coalesce`), applied in order (:func:`memory.protect_masked`).
     Returns (entries reset, re-protect calls, pages protected)."""
     entries = calls = pages = 0
-    m = ring_addr[:, 1].max() if ring_addr.shape[0] else 0
+    m = 0  # the most entries any ring can reset now
+    for v in range(ring_addr.shape[0]):
+        m = max(m, min(ring_used(ring_ctr[v]), ring_addr[v, 1]))
     slots, offsets = np.empty(m, dtype=np.uint32), np.empty(m, dtype=np.uint64)
     out_slot, out_offset, out_mask = np.empty(m, dtype=np.uint32), np.empty(m, dtype=np.int64), np.empty(m, dtype=np.uint64)
     for v in range(ring_addr.shape[0]):
