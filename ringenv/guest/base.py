@@ -23,7 +23,7 @@ EXIT_DONE = 2  # the program is over: the vCPU exits (MMIO) and is not run again
 NO_WRITE = -1  # gfn of an event that is only an exit (no memory write)
 
 
-@dataclass
+@dataclass(slots=True)
 class WriteBatch:
     """Writes of the running vCPUs, ordered by (time, vCPU, program order); with ``order``, the
     columns are in sampling order and the events in that order are their entries at
@@ -71,7 +71,8 @@ class GuestProgram(ABC):
 
     @abstractmethod
     def next_writes(self, now: int, until: int, running: np.ndarray) -> WriteBatch:
-        """The writes of the vCPUs with ``running[v]`` in ``[now, until)``."""
+        """The writes of the vCPUs with ``running[v]`` in ``[now, until)``. ``running`` is the
+        host's own array: read it, copy it to keep it."""
 
     @abstractmethod
     def consumed(self, n: int, t_cut: int, faults_per_vcpu: np.ndarray, retried: np.ndarray,

@@ -678,7 +678,7 @@ class Vm:
         until = int(until)
         guest = self.guest
         while self.now < until:
-            running = self._running.copy()
+            running = self._running  # the guest reads it (and copies what it keeps)
             if guest is None or True not in running.tolist():
                 self.now = until
                 break
