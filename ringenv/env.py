@@ -346,6 +346,11 @@ class MigrationEnv(RingEnv):
     - terminated: the migration completed (the VM was switched over and verified)
     - truncated: `max_episode_s` of simulated time passed without convergence
 
+    Every step's `info` holds the VMM's metrics record (`ringenv.vmm.metrics.Metrics`, its
+    tuple fields as lists), `reward_parts`, `workload`, `ring_entries`, `interval_ms` and
+    `ring_size_ignored`; it is a `StepInfo`, a dict whose deep copy (which SB3 makes of every
+    step's info) is cheap.
+
     ## Arguments
     `gymnasium.make("ringenv/Migration-v0", scenario="default", split="train", workloads=None,
     flatten_actions=False, render_mode=None, **overrides)`: `scenario` a name in
