@@ -241,8 +241,7 @@ class Vm:
         self.version = np.zeros(0, dtype=np.uint32)
         self._scratch_bufs = (np.empty(1024, dtype=np.int32), np.empty(1024, dtype=np.int64),
                               np.empty(1024, dtype=np.int32), np.empty(1024, dtype=np.int64))  # _batch_buffers
-        self._zeros = np.zeros(0, dtype=np.int8)
-        self._zeros64 = np.zeros(0, dtype=np.int64)
+        self._zeros = {np.int8: np.zeros(0, dtype=np.int8), np.int64: np.zeros(0, dtype=np.int64)}  # _zeros_of
         self._layout()
 
     # ------------------------------------------------------------------ capabilities
@@ -439,7 +438,7 @@ class Vm:
             self._refresh_slot_modes()
             if not (self.manual_protect & KVM_DIRTY_LOG_INITIALLY_SET and s.dirty_bitmap is not None):
                 s.state |= WP_CLEAN  # kvm_mmu_wp_memory_region
-                ns += int(c.protect_page_ns * s.npages) + p.tlbi_broadcast_ns(len(self.vcpus))
+                ns += int(c.protect_page_ns * s.npages) + self._tlbi_ns
                 self.stats.tlb_flushes += 1
                 if self.eager_split_chunk and self._logs(s) and p.split_blocks:
                     n = s.split_all_blocks()  # kvm_mmu_split_memory_region
@@ -491,7 +490,7 @@ class Vm:
         self._tlbi_ns = p.tlbi_broadcast_ns(len(self.vcpus))
         self._write_costs = (c.wp_fault_ns if not pml else c.dirty_write_ns if self.ring_entries
                              else c.dirty_write_ns + c.pml_flush_entry_ns + c.pml_full_exit_ns / pml,
-                             c.split_ns + p.tlbi_broadcast_ns(len(self.vcpus)))
+                             c.split_ns + self._tlbi_ns)
         if v.ring is not None:
             self._ring_addr = np.array([(u.ring.gfns.ctypes.data, u.ring.size) for u in self.vcpus], dtype=np.int64)
             self._ring_ctr = np.zeros((len(self.vcpus), 4), dtype=np.int64)
@@ -527,11 +526,13 @@ class Vm:
         self.stats.tlb_flushes += 1
         return self._tlbi_ns
 
-    def _zeros_i8(self, n: int) -> np.ndarray:
-        """n zero bytes (read-only use: "no exit", "not a read"), without allocating each batch."""
-        if len(self._zeros) < n:
-            self._zeros = np.zeros(max(n, 2 * len(self._zeros), 1024), dtype=np.int8)
-        return self._zeros[:n]
+    def _zeros_of(self, dtype, n: int) -> np.ndarray:
+        """n zeros of ``dtype`` (np.int8: "no exit", "not a read"; np.int64: "slot 0"), for
+        read-only use, without allocating each batch."""
+        z = self._zeros[dtype]
+        if len(z) < n:
+            z = self._zeros[dtype] = np.zeros(max(n, 2 * len(z), 1024), dtype=dtype)
+        return z[:n]
 
     def _batch_buffers(self, maxpush: int, n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         """apply_batch's reusable output buffers: push_v, push_g of at least ``maxpush`` items,
@@ -638,12 +639,6 @@ class Vm:
                 self.stats.dropped_no_vcpu += len(off)
 
     # ------------------------------------------------------------------ address lookup
-    def _zeros_i64(self, n: int) -> np.ndarray:
-        """n zero int64s (read-only use: "slot 0" for every event), without allocating each batch."""
-        if len(self._zeros64) < n:
-            self._zeros64 = np.zeros(max(n, 2 * len(self._zeros64), 1024), dtype=np.int64)
-        return self._zeros64[:n]
-
     def _locate(self, gfn: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """gfn -> (index into the address-space-0 slots, global page index)."""
         if len(self._base) == 1 and len(gfn):  # one RAM slot: no search
@@ -682,7 +677,8 @@ class Vm:
             if guest is None or True not in running.tolist():
                 self.now = until
                 break
-            room = ring_room(self._ring_ctr, self._soft_limit) if self.ring_entries else np.full(len(self.vcpus), 1 << 30)
+            room = (ring_room(self._ring_ctr, self._soft_limit) if self.ring_entries
+                    else np.full(len(self.vcpus), 1 << 30))
             if self.profile.pml:
                 room -= np.array([v.pml_count for v in self.vcpus], dtype=np.int64)
             batch = guest.window(self.now, until, running, room)
@@ -751,8 +747,8 @@ class Vm:
                 sidx, gpi = self._locate(gfn)
             elif is_write.any():
                 sidx[is_write], gpi[is_write] = self._locate(gfn[is_write])
-        code = exit_after if exit_after is not None else self._zeros_i8(n)
-        reads = reads if reads is not None else self._zeros_i8(n)
+        code = exit_after if exit_after is not None else self._zeros_of(np.int8, n)
+        reads = reads if reads is not None else self._zeros_of(np.int8, n)
         rings = self.ring_entries > 0
         pml = p.pml_buffer_entries if p.pml else 0
         pml_count = np.array([v.pml_count for v in self.vcpus], dtype=np.int64) if pml else self._no_pml
@@ -786,8 +782,8 @@ class Vm:
         faults = np.zeros(len(self.vcpus), dtype=np.int64)
         m, cut, npush, nsplit, ndirty, retired, nsoft, last, bad = apply_window(
             _NO_ORDER if batch.order is None else batch.order, t, vc, gfn, lo, int(self._end[0]),
-            int(self._start[0]) - lo, self._zeros_i8(n), self._zeros_i64(n), self.state, self.version, self.block_map,
-            self._blockgran, self._pushall, self._split, self._nolog, self.block_shift,
+            int(self._start[0]) - lo, self._zeros_of(np.int8, n), self._zeros_of(np.int64, n), self.state, self.version,
+            self.block_map, self._blockgran, self._pushall, self._split, self._nolog, self.block_shift,
             self._ring_ctr, self._soft_limit, self._no_pml, self.ring_entries > 0, push_v, push_g, split_v, split_b,
             self._vstat, split_cost, fault_cost, self._ring_addr, self._start, self._kslot, self._soft_full, faults)
         if bad >= 0:
