@@ -5,7 +5,7 @@ from __future__ import annotations
 import importlib
 import sys
 
-MODULES = ["benchmarks.host", "benchmarks.vmm_speed", "benchmarks.env_speed"]
+MODULES = ["benchmarks.host", "benchmarks.vmm_speed", "benchmarks.env_speed", "benchmarks.env_floor"]
 
 
 def main() -> int:

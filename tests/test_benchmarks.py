@@ -35,3 +35,13 @@ def test_the_ppo_run_splits_its_wall_time_between_the_env_and_ppo():
     steps_per_s, env_us, ppo_us = ppo_run(null, timesteps=512)  # one rollout
     assert steps_per_s > 0 and 0 < env_us < ppo_us
     assert env_us + ppo_us == pytest.approx(1e6 / steps_per_s)
+
+
+def test_the_floor_profile_finds_the_kernels_and_splits_the_env_time():
+    from benchmarks.env_floor import floor, kernel_keys
+
+    names = {name for _, _, name in kernel_keys()}
+    assert {"apply_window", "reset_rings", "_sample_window", "reap_rings", "_take"} <= names
+    f = floor(timesteps=512)  # one rollout
+    assert 0 < f["kernels_us"] < f["env_profiled_us"] and f["numpy_us"] >= 0
+    assert f["top"] and all(us > 0 for us, _ in f["top"])
