@@ -140,16 +140,15 @@ _NO_WORDS = np.zeros(0, dtype=np.uint64)
 @numba.njit(cache=True, nogil=True)
 def _merge_words(mig, slot):  # pragma: no cover - compiled
     """``mig |= slot``, ``slot = 0`` on bool bitmaps seen as u64 words (a bool is the byte 0 or
-    1, so a word's set bits are its set pages); skips zero words of ``slot``. Returns the pages
-    newly set in ``mig``."""
+    1, so a word's set bits are its set pages). Returns the pages newly set in ``mig``. No
+    branch on the words: the loop vectorises, several times faster than skipping zero words."""
     new = 0
     for i in range(slot.shape[0]):
         s = slot[i]
-        if s != 0:
-            m = mig[i]
-            new += np.int64(popcount(s & ~m))
-            mig[i] = m | s
-            slot[i] = 0
+        m = mig[i]
+        new += np.int64(popcount(s & ~m))
+        mig[i] = m | s
+        slot[i] = 0
     return new
 
 
