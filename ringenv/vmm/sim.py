@@ -30,11 +30,23 @@ class EventLoop:
         self.seq = 0
         self.now = 0
 
-    def schedule(self, t: int, prio: int, fn: Callable, arg=None) -> None:
+    def schedule(self, t: int, prio: int, fn: Callable, arg=None) -> tuple:
+        """Run ``fn(arg)`` at ``t``; returns the event (for :meth:`cancel`)."""
         if t < self.now:
             raise AssertionError(f"event scheduled in the past: {t} < {self.now}")
-        heapq.heappush(self.heap, (t, prio, self.seq, fn, arg))
+        event = (t, prio, self.seq, fn, arg)
+        heapq.heappush(self.heap, event)
         self.seq += 1
+        return event
+
+    def cancel(self, event: tuple) -> None:
+        """Take a scheduled event out of the heap (it must not have run yet)."""
+        heap = self.heap
+        i = heap.index(event)
+        last = heap.pop()
+        if i < len(heap):
+            heap[i] = last
+            heapq.heapify(heap)
 
     def peek_time(self) -> int:
         return self.heap[0][0] if self.heap else FOREVER
@@ -46,10 +58,11 @@ class EventLoop:
 
 
 class Process:
-    """A generator driven by the loop. ``wake_at`` re-times a sleeping process (an older
-    wake-up is then ignored); ``interrupt`` wakes it now."""
+    """A generator driven by the loop. ``wake_at`` re-times a sleeping process (its older
+    wake-up is taken out of the heap: a superseded wake-up is no event at all, so the host is
+    not run to it); ``interrupt`` wakes it now."""
 
-    __slots__ = ("loop", "gen", "prio", "name", "token", "alive", "sleeping", "wake_time")
+    __slots__ = ("loop", "gen", "prio", "name", "token", "alive", "sleeping", "wake_time", "pending")
 
     def __init__(self, loop: EventLoop, gen: Generator, prio: int, name: str = ""):
         self.loop = loop
@@ -60,19 +73,23 @@ class Process:
         self.alive = True
         self.sleeping = False
         self.wake_time = 0
+        self.pending: tuple | None = None  # the wake-up event in the heap, if any
 
     def start(self, t: int | None = None) -> Process:
         self._schedule(self.loop.now if t is None else t)
         return self
 
     def _schedule(self, t: int) -> None:
+        if self.pending is not None:
+            self.loop.cancel(self.pending)
         self.token += 1
         self.wake_time = t
-        self.loop.schedule(t, self.prio, self._resume, self.token)
+        self.pending = self.loop.schedule(t, self.prio, self._resume, self.token)
 
     def _resume(self, token: int) -> None:
+        self.pending = None
         if token != self.token or not self.alive:
-            return  # a superseded wake-up
+            return  # a superseded wake-up (none is left in the heap; kept as a guard)
         self.sleeping = False
         self._run()
 

@@ -70,3 +70,30 @@ def test_wake_at_retimes_a_sleep_and_signals_wake_waiters():
     loop.schedule(70, 0, lambda _: sig.fire())
     run(loop)
     assert log == [("woke", 50), ("signalled", 70)]
+
+
+def test_a_retimed_sleep_leaves_one_event_in_the_heap():
+    """wake_at takes the superseded wake-up out of the heap: no event is left at the old time
+    (the session would otherwise run the host to it for nothing), earlier or later."""
+    loop, log = EventLoop(), []
+
+    def sleeper():
+        yield 1000
+        log.append(("woke", loop.now))
+        yield 500
+        log.append(("woke", loop.now))
+
+    p = Process(loop, sleeper(), 1).start()
+    run(loop, until=0)  # started: asleep until 1000
+    assert [e[0] for e in loop.heap] == [1000]
+    p.wake_at(200)  # sooner
+    assert [e[0] for e in loop.heap] == [200]
+    p.wake_at(5000)  # later
+    assert [e[0] for e in loop.heap] == [5000]
+    other = loop.schedule(300, 0, log.append, "other")
+    loop.schedule(400, 0, log.append, "kept")
+    loop.cancel(other)
+    assert sorted(e[0] for e in loop.heap) == [400, 5000]
+    run(loop)
+    assert log == ["kept", ("woke", 5000), ("woke", 5500)]
+    assert not loop.heap
