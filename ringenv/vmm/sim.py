@@ -62,17 +62,15 @@ class Process:
     wake-up is taken out of the heap: a superseded wake-up is no event at all, so the host is
     not run to it); ``interrupt`` wakes it now."""
 
-    __slots__ = ("loop", "gen", "prio", "name", "token", "alive", "sleeping", "wake_time", "pending")
+    __slots__ = ("loop", "gen", "prio", "name", "alive", "sleeping", "pending")
 
     def __init__(self, loop: EventLoop, gen: Generator, prio: int, name: str = ""):
         self.loop = loop
         self.gen = gen
         self.prio = prio
         self.name = name
-        self.token = 0
         self.alive = True
         self.sleeping = False
-        self.wake_time = 0
         self.pending: tuple | None = None  # the wake-up event in the heap, if any
 
     def start(self, t: int | None = None) -> Process:
@@ -80,16 +78,12 @@ class Process:
         return self
 
     def _schedule(self, t: int) -> None:
-        if self.pending is not None:
+        if self.pending is not None:  # re-timed: the older wake-up is no event any more
             self.loop.cancel(self.pending)
-        self.token += 1
-        self.wake_time = t
-        self.pending = self.loop.schedule(t, self.prio, self._resume, self.token)
+        self.pending = self.loop.schedule(t, self.prio, self._resume)
 
-    def _resume(self, token: int) -> None:
+    def _resume(self, _=None) -> None:
         self.pending = None
-        if token != self.token or not self.alive:
-            return  # a superseded wake-up (none is left in the heap; kept as a guard)
         self.sleeping = False
         self._run()
 
