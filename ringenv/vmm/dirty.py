@@ -55,15 +55,8 @@ class DirtyPages:
         pages that became dirty (QEMU num_dirty_pages_period)."""
         if not self.slot_marked:
             return 0
-        if self.npages % 8 == 0:  # 8 pages per u64 word
-            new = int(_merge_words(self.mig.view(np.uint64), self.slot.view(np.uint64)))
-            self.mig_count += new
-        else:
-            np.logical_or(self.mig, self.slot, out=self.mig)
-            count = int(np.count_nonzero(self.mig))  # mig_count is the number of set bits
-            new = count - self.mig_count
-            self.mig_count = count
-            self.slot[:] = False
+        new = int(_merge(self.mig, self.slot, _words(self.mig), _words(self.slot)))
+        self.mig_count += new
         self.slot_marked = 0
         return new
 
@@ -100,7 +93,7 @@ class DirtyPages:
             self.cursor = c + want if c + want < n else 0
             return np.arange(c, c + want, dtype=np.int64)
         pages = np.empty(want, dtype=np.int64)
-        got, end = _take(mig, mig.view(np.uint64) if n % 8 == 0 else _NO_WORDS, c, want, pages)
+        got, end = _take(mig, _words(mig), c, want, pages)
         if got == want:
             self.cursor = end if end < n else 0
         self.mig_count -= got
@@ -134,21 +127,30 @@ class DirtyPages:
         return int(_count_stale(self.dest, source_version[: self.npages]))
 
 
-_NO_WORDS = np.zeros(0, dtype=np.uint64)
+def _words(bits: np.ndarray) -> np.ndarray:
+    """The whole u64 words of a bool bitmap (its first ``len // 8 * 8`` pages, 8 per word: a
+    numpy bool is the byte 0 or 1, so byte j of a word, little-endian, is bit 8j)."""
+    return bits[: len(bits) & ~7].view(np.uint64)
 
 
 @numba.njit(cache=True, nogil=True)
-def _merge_words(mig, slot):  # pragma: no cover - compiled
-    """``mig |= slot``, ``slot = 0`` on bool bitmaps seen as u64 words (a bool is the byte 0 or
-    1, so a word's set bits are its set pages). Returns the pages newly set in ``mig``. No
-    branch on the words: the loop vectorises, several times faster than skipping zero words."""
+def _merge(mig, slot, mig_words, slot_words):  # pragma: no cover - compiled
+    """``mig |= slot``, ``slot = 0`` (``*_words``: their whole words, see :func:`_words`).
+    Returns the pages newly set in ``mig``. The words go without a branch on their contents:
+    the loop vectorises, several times faster than skipping zero words."""
     new = 0
-    for i in range(slot.shape[0]):
-        s = slot[i]
-        m = mig[i]
+    for i in range(slot_words.shape[0]):
+        s = slot_words[i]
+        m = mig_words[i]
         new += np.int64(popcount(s & ~m))
-        mig[i] = m | s
-        slot[i] = 0
+        mig_words[i] = m | s
+        slot_words[i] = 0
+    for p in range(8 * slot_words.shape[0], slot.shape[0]):  # the pages after the last word
+        if slot[p]:
+            if not mig[p]:
+                mig[p] = True
+                new += 1
+            slot[p] = False
     return new
 
 
@@ -156,9 +158,8 @@ def _merge_words(mig, slot):  # pragma: no cover - compiled
 def _take_run(mig, words, a, b, want, out, k):  # pragma: no cover - compiled
     """Take the set pages of ``mig[a:b]`` in order into ``out[k:]``, clearing them, until
     ``out`` holds ``want``. Returns (pages in ``out``, where the scan stopped: one past the last
-    page taken when ``out`` is full). ``words``: ``mig`` as u64 words (or empty): the aligned
-    middle is read 8 pages at a time, a numpy bool being the byte 0 or 1, and byte j of a word
-    (little-endian) bit 8j."""
+    page taken when ``out`` is full). ``words``: ``mig``'s whole words (:func:`_words`): the
+    aligned middle is read 8 pages at a time."""
     i = a
     body_end = min(b, 8 * words.shape[0]) & ~7
     while i < b and k < want:
