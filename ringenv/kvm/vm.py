@@ -398,6 +398,9 @@ class Vm:
         self._base = np.array([s.base_gfn for s in as0], dtype=np.int64)
         self._end = np.array([s.base_gfn + s.npages for s in as0], dtype=np.int64)
         self._start = np.array([s.start for s in as0], dtype=np.int64)
+        # with one RAM slot, a gfn g is in it when lo <= g < hi, at global page index g + delta
+        self._one_slot = None if len(as0) != 1 else (as0[0].base_gfn, as0[0].base_gfn + as0[0].npages,
+                                                     as0[0].start - as0[0].base_gfn)
         self._as0 = as0
         self._by_kvm_slot = {s.kvm_slot: s for s in self.slots}
         self._kslot = np.array([s.kvm_slot for s in as0], dtype=np.uint32)
@@ -641,10 +644,9 @@ class Vm:
     # ------------------------------------------------------------------ address lookup
     def _locate(self, gfn: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """gfn -> (index into the address-space-0 slots, global page index)."""
-        if len(self._base) == 1 and len(gfn):  # one RAM slot: no search
+        if self._one_slot is not None and len(gfn):  # one RAM slot: no search
             gpi = np.empty(len(gfn), dtype=np.int64)
-            base = int(self._base[0])
-            bad = shift_checked(gfn, base, int(self._end[0]), int(self._start[0]) - base, gpi)
+            bad = shift_checked(gfn, *self._one_slot, gpi)
             if bad >= 0:
                 raise KvmError(errno.EFAULT, f"guest write to gfn {int(gfn[bad])}: no memslot maps it")
             return np.zeros(len(gfn), dtype=np.int64), gpi
@@ -686,7 +688,7 @@ class Vm:
             if len(batch) == 0:
                 self.now = end
                 continue
-            if batch.first_touch and len(self._base) == 1 and not self.profile.pml and batch.exit_after is None \
+            if batch.first_touch and self._one_slot is not None and not self.profile.pml and batch.exit_after is None \
                     and batch.read is None:
                 exit_ = self._apply_window(batch, end)
             else:
@@ -776,14 +778,13 @@ class Vm:
         gathered batch."""
         t, vc, gfn = batch.t, batch.vcpu, batch.gfn
         n = len(t)
-        lo = int(self._base[0])
         push_v, push_g, split_v, split_b = self._batch_buffers(n * (self.block_pages if self._any_pushall else 1), n)
         fault_cost, split_cost = self._write_costs
         faults = np.zeros(len(self.vcpus), dtype=np.int64)
         m, cut, npush, nsplit, ndirty, retired, nsoft, last, bad = apply_window(
-            _NO_ORDER if batch.order is None else batch.order, t, vc, gfn, lo, int(self._end[0]),
-            int(self._start[0]) - lo, self._zeros_of(np.int8, n), self._zeros_of(np.int64, n), self.state, self.version,
-            self.block_map, self._blockgran, self._pushall, self._split, self._nolog, self.block_shift,
+            _NO_ORDER if batch.order is None else batch.order, t, vc, gfn, *self._one_slot,
+            self._zeros_of(np.int8, n), self._zeros_of(np.int64, n), self.state, self.version, self.block_map,
+            self._blockgran, self._pushall, self._split, self._nolog, self.block_shift,
             self._ring_ctr, self._soft_limit, self._no_pml, self.ring_entries > 0, push_v, push_g, split_v, split_b,
             self._vstat, split_cost, fault_cost, self._ring_addr, self._start, self._kslot, self._soft_full, faults)
         if bad >= 0:
