@@ -3,8 +3,11 @@
 PPO (stable-baselines3, MlpPolicy, one env) on ``ringenv/Migration-v0`` with the default
 scenario against PPO on a null environment with the same spaces and episode length, measured in
 the same run: the share of PPO's steps/s that remains. Also env steps per second under a random
-policy, wall time per episode, and (for reference) the PPO share with a 200 ms control interval
-(the default before: about 80 steps per episode, each simulating four times the guest time).
+policy, wall time per episode, and for reference the PPO share with a 200 ms control interval
+(the default before: about 80 steps per episode, each simulating four times the guest time),
+with an idle guest (the env's cost per step before any dirty page: the bound that the
+environment's machinery alone sets) and on the default scenario scaled down 16x
+(:func:`ringenv.config.scale_scenario`: 16x fewer dirty pages per step).
 
 A short PPO run first warms torch and SB3 up (their first updates are slower), so that neither
 side pays for it; then the ring and null runs alternate, ``PAIRS`` times, and each side keeps
@@ -22,8 +25,10 @@ import gymnasium as gym
 import numpy as np
 
 import ringenv  # noqa: F401
+from ringenv.config import scale_scenario
 
 TIMESTEPS = 4096
+SCALED_MEMORY = 1 << 30  # the scaled-down row: the default scenario's 16 GiB / 16
 PAIRS = 2
 
 
@@ -112,6 +117,9 @@ def main() -> list[tuple[str, str, str]]:
     ring, ring_env_us, ring_ppo_us = ring
     null, _, null_ppo_us = null
     coarse = ppo_steps_per_s(gym.make("ringenv/Migration-v0", control_interval_ms=200.0))
+    idle = ppo_run(gym.make("ringenv/Migration-v0", workloads=["idle"]))
+    scaled = ppo_run(gym.make("ringenv/Migration-v0", scenario=scale_scenario("default", SCALED_MEMORY)))
+    factor = env.unwrapped.scenario.vm.memory // SCALED_MEMORY
     ms = env.unwrapped.cfg.control_interval_ms
     return [
         (f"env: random-policy steps per wall s (default scenario, {ms:g} ms steps)", f"{rand_sps:.0f}",
@@ -124,4 +132,12 @@ def main() -> list[tuple[str, str, str]]:
          f"(80% leaves ringenv {null_ppo_us / 0.8 - null_ppo_us:.0f} us in all)"),
         ("env: the same with control_interval_ms=200 (~80 steps per episode)",
          f"{coarse:.0f} / {null:.0f} = {coarse / null:.0%}", "(for reference)"),
+        ("env: the same with an idle guest (next to no dirty pages: what the env costs per step "
+         "before any dirty page), us in ringenv / PPO's own",
+         f"{idle[0]:.0f} / {null:.0f} = {idle[0] / null:.0%}, {idle[1]:.0f} / {idle[2]:.0f}", "(for reference)"),
+        (f"env: the same on the default scenario scaled to {SCALED_MEMORY >> 30} GiB (memory, link and "
+         f"every rate / {factor}: ~{factor}x fewer dirty pages per step; rings and costs not scaled), "
+         "us in ringenv / PPO's own",
+         f"{scaled[0]:.0f} / {null:.0f} = {scaled[0] / null:.0%}, {scaled[1]:.0f} / {scaled[2]:.0f}",
+         "(for reference)"),
     ]

@@ -1,25 +1,19 @@
 """Scaled-down scenarios for the VMM tests.
 
-``small(name, f)`` shrinks guest memory, link rate and every workload rate by the same factor
-``f``: M/R and D/R (hence the pre-copy dynamics in simulated seconds) are kept while the
-simulation does ``f`` times less work.
+``small(name, memory)`` is :func:`ringenv.config.scale_scenario`: guest memory, link rate and
+every workload rate shrink by the same factor, so M/R and D/R (hence the pre-copy dynamics in
+simulated seconds) are kept while the simulation does that factor less work.
 """
 
 from __future__ import annotations
 
-from ringenv.config import load_scenario
+from ringenv.config import load_scenario, scale_scenario
 
 GiB = 1 << 30
 
 
 def small(name, memory=1 * GiB, **overrides):
-    cfg = load_scenario(name)
-    f = memory / cfg.vm.memory
-    link = {"gbps": cfg.link.gbps * f}
-    if cfg.link.max_bandwidth_mibps != "link":
-        link["max_bandwidth_mibps"] = cfg.link.max_bandwidth_mibps * f
-    ck = {"storage_mbps": cfg.checkpoint.storage_mbps * f, "horizon_s": min(cfg.checkpoint.horizon_s, 30)}
-    base = {"vm": {"memory": memory}, "rate_scale": cfg.rate_scale * f, "link": link, "checkpoint": ck}
-    for k, v in overrides.items():
-        base[k] = {**base[k], **v} if isinstance(v, dict) and isinstance(base.get(k), dict) else v
-    return load_scenario(cfg, **base)
+    """``scale_scenario`` to ``memory``, with the checkpoint horizon capped at 30 s."""
+    horizon = min(load_scenario(name).checkpoint.horizon_s, 30)
+    ck = {"horizon_s": horizon, **overrides.pop("checkpoint", {})}
+    return scale_scenario(name, memory, checkpoint=ck, **overrides)

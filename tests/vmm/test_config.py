@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from ringenv.config import ConfigError, ScenarioConfig, load_host_profile, load_scenario, scenario_names
+from ringenv.config import ConfigError, ScenarioConfig, load_host_profile, load_scenario, scale_scenario, scenario_names
 
 REQUIRED = {"idle", "web", "oltp", "memcached", "kernel-build", "analytics", "default", "ring-vs-bitmap", "stress"}
 
@@ -96,3 +96,24 @@ def test_a_mapping_and_a_file_load(tmp_path):
     assert load_scenario(str(p)).collector == "bitmap"
     with pytest.raises(ConfigError, match="no such file"):
         load_scenario(str(tmp_path / "missing.yaml"))
+
+
+def test_a_scaled_scenario_keeps_memory_over_rate_and_scales_what_moves_pages():
+    full = load_scenario("ring-vs-bitmap", link={"max_bandwidth_mibps": 1000})
+    s = scale_scenario(full, 3 << 30, seed=7)  # 24 GiB -> 3 GiB: a factor 1/8
+    assert s.vm.memory == 3 << 30 and s.vm.vcpus == full.vm.vcpus and s.seed == 7
+    assert s.link.gbps == full.link.gbps / 8 and s.link.max_bandwidth_mibps == 125
+    assert s.rate_scale == full.rate_scale / 8 and s.checkpoint.storage_mbps == full.checkpoint.storage_mbps / 8
+    assert s.vm.memory / s.link.rate_Bps == full.vm.memory / full.link.rate_Bps
+    # not scaled: rings, device state, the host and the other link settings
+    assert (s.ring_entries, s.link.device_state_bytes, s.host, s.link.downtime_limit_ms) == \
+        (full.ring_entries, full.link.device_state_bytes, full.host, full.link.downtime_limit_ms)
+    assert scale_scenario("default", 1 << 30, link={"gbps": 1}).link.gbps == 1  # overrides come last
+    assert scale_scenario("default", 1 << 30).link.max_bandwidth_mibps == "link"
+
+
+@pytest.mark.parametrize("memory", [0, -4096, 1.5, "1 GB of RAM", True])
+def test_a_scaled_scenario_needs_a_memory_size(memory):
+    with pytest.raises(ConfigError, match="^memory: .*(size|positive)"):
+        scale_scenario("default", memory)
+    assert scale_scenario("default", "2GiB").vm.memory == 2 << 30
