@@ -13,8 +13,10 @@ A short PPO run first warms torch and SB3 up (their first updates are slower), s
 side pays for it; then the ring and null runs alternate, ``PAIRS`` times, and each side keeps
 its best: the machine's noise then hits both alike. Both sides run behind the same timing
 wrapper, which splits each run's wall time into the env's and PPO's own: the environment costs
-PPO time beyond its own steps (its memory traffic evicts PPO's code and data from the caches,
-and SB3 deep-copies every info), which shows as PPO's own time growing.
+PPO time beyond its own steps, which shows as PPO's own time growing: its numpy and numba calls
+between two of PPO's forward passes evict torch's code and data from the caches (the growth is
+in PPO's rollout collection, not in its updates; a null env that spins as long in Python does
+not cause it).
 """
 
 from __future__ import annotations
