@@ -62,6 +62,35 @@ def test_take_matches_the_reference_order(npages):
                 assert d.cursor == (int(want[-1]) + 1) % npages
 
 
+def test_take_run_takes_what_take_would_when_it_is_a_run_and_nothing_otherwise():
+    d = _dirty(40, list(range(10, 30)) + [35])
+    d.cursor = 12
+    assert d.take_run(8) == (12, 8)  # pages 12..19, all dirty
+    assert d.cursor == 20 and d.mig_count == 13 and not d.mig[12:20].any() and d.mig[10:12].all()
+    before = (d.mig.copy(), d.mig_count, d.cursor)
+    assert d.take_run(11) is None  # 20..30 holds the clean page 30: not a run
+    assert d.take_run(0) is None
+    assert np.array_equal(d.mig, before[0]) and (d.mig_count, d.cursor) == before[1:]
+    assert d.take(11).tolist() == list(range(20, 30)) + [35]  # take goes on as usual
+    e = _dirty(16, [0, 1, 14, 15])
+    e.cursor = 14
+    assert e.take_run(4) is None  # a run that would wrap is no run
+    assert e.take_run(2) == (14, 2) and e.cursor == 0  # the last page: the cursor wraps to 0
+    assert _dirty(8, []).take_run(4) is None
+
+
+def test_copy_run_is_copy_of_the_same_pages():
+    rng = np.random.default_rng(3)
+    version = rng.integers(0, 2**32, 64, dtype=np.uint64).astype(np.uint32)
+    a, b = DirtyPages(64, with_slot=False), DirtyPages(64, with_slot=False)
+    for first, n in [(5, 20), (0, 3), (15, 30), (60, 4)]:  # overlapping: re-sends counted
+        a.copy(np.arange(first, first + n, dtype=np.int64), version)
+        b.copy_run(first, n, version)
+        version[first] += 1
+    assert np.array_equal(a.dest, b.dest)
+    assert (a.pages_sent, a.pages_resent) == (b.pages_sent, b.pages_resent) == (57, 10)  # 15..24 sent twice
+
+
 def test_untake_gives_pages_back_and_the_search_resumes_there():
     d = _dirty(100, [5, 6, 50, 70, 90])
     taken = d.take(5)

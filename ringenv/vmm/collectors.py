@@ -35,6 +35,9 @@ CLEAR_CHUNK_BYTES = 1 << 30  # QEMU clear_bitmap_shift default: 1 GiB chunks
 
 class RingCollector:
     kind = "ring"
+    #: limit_slice and before_send look at the pages of a slice (no: the migration thread may
+    #: send a run of consecutive pages without listing them)
+    reads_slices = False
 
     def __init__(self, session):
         self.s = session
@@ -124,6 +127,7 @@ class RingCollector:
 
 class BitmapCollector:
     kind = "bitmap"
+    reads_slices = True  # (see RingCollector)
 
     def __init__(self, session):
         self.s = session

@@ -84,20 +84,35 @@ class DirtyPages:
         the migration thread finds them; their bits are cleared."""
         if self.mig_count == 0 or maxn <= 0:
             return np.zeros(0, dtype=np.int64)
+        run = self.take_run(maxn)
+        if run is not None:
+            return np.arange(run[0], run[0] + run[1], dtype=np.int64)
         n, mig = self.npages, self.mig
         want = min(maxn, self.mig_count)
         c = self.cursor
-        if c + want <= n and mig[c: c + want].all():  # a fully dirty run (the bulk stage)
-            mig[c: c + want] = False
-            self.mig_count -= want
-            self.cursor = c + want if c + want < n else 0
-            return np.arange(c, c + want, dtype=np.int64)
         pages = np.empty(want, dtype=np.int64)
         got, end = _take(mig, _words(mig), c, want, pages)
         if got == want:
             self.cursor = end if end < n else 0
         self.mig_count -= got
         return pages[:got]
+
+    def take_run(self, maxn: int) -> tuple[int, int] | None:
+        """:meth:`take` when what it would take is a run of consecutive pages (the bulk stage:
+        the next ``min(maxn, dirty pages)`` pages from the cursor, all dirty, not wrapping):
+        takes them and returns (first page, count) without building their index array. Else
+        None, and nothing is taken."""
+        if self.mig_count == 0 or maxn <= 0:
+            return None
+        n, mig = self.npages, self.mig
+        want = min(maxn, self.mig_count)
+        c = self.cursor
+        if c + want > n or not mig[c: c + want].all():
+            return None
+        mig[c: c + want] = False
+        self.mig_count -= want
+        self.cursor = c + want if c + want < n else 0
+        return c, want
 
     def untake(self, pages: np.ndarray) -> None:
         """Give back the tail of what :meth:`take` returned (its bits are set again and the
@@ -114,12 +129,18 @@ class DirtyPages:
         if len(pages) == 0:
             return
         if _contiguous(pages):
-            s = slice(int(pages[0]), int(pages[-1]) + 1)
-            self.pages_resent += int(np.count_nonzero(self.dest[s]))
-            np.add(source_version[s], 1, out=self.dest[s])
-        else:
-            self.pages_resent += int(_copy_pages(pages, self.dest, source_version))
+            self.copy_run(int(pages[0]), len(pages), source_version)
+            return
+        self.pages_resent += int(_copy_pages(pages, self.dest, source_version))
         self.pages_sent += len(pages)
+
+    def copy_run(self, first: int, count: int, source_version: np.ndarray) -> None:
+        """:meth:`copy` of the ``count`` consecutive pages from ``first`` (what :meth:`take_run`
+        takes)."""
+        s = slice(first, first + count)
+        self.pages_resent += int(np.count_nonzero(self.dest[s]))
+        np.add(source_version[s], 1, out=self.dest[s])
+        self.pages_sent += count
 
     def lost_writes(self, source_version: np.ndarray) -> int:
         """Pages whose destination copy differs from the source, or that were never sent (one

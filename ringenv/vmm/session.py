@@ -462,19 +462,25 @@ class Session:
             if deadline is not None:
                 k = min(k, max(1, -(-(deadline - self.loop.now) // SLICE_NS)))
             max_pages = k * n50
-        pages = self.dirty.take(max_pages)
-        if len(pages) == 0:
-            return
-        pages = self.collector.limit_slice(pages)
-        ns = self.collector.before_send(pages)
-        if ns:
-            yield ns
-        self.dirty.copy(pages, self.source_version())
-        nbytes = len(pages) * bpp
+        run = None if self.collector.reads_slices else self.dirty.take_run(max_pages)
+        if run is not None:  # consecutive pages (the bulk stage): no index array
+            self.dirty.copy_run(*run, self.source_version())
+            npages = run[1]
+        else:
+            pages = self.dirty.take(max_pages)
+            if len(pages) == 0:
+                return
+            pages = self.collector.limit_slice(pages)
+            ns = self.collector.before_send(pages)
+            if ns:
+                yield ns
+            self.dirty.copy(pages, self.source_version())
+            npages = len(pages)
+        nbytes = npages * bpp
         self.bytes_sent += nbytes
         self._pass_sent += nbytes
         dt = int(math.ceil(nbytes * NS / rate_Bps))
-        self._slice = (self.loop.now, dt, len(pages), nbytes)
+        self._slice = (self.loop.now, dt, npages, nbytes)
         yield dt
         self._slice = None
         self.update_bandwidth()
