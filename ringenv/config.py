@@ -555,13 +555,12 @@ def load_scenario(name_or_path: str | Path | ScenarioConfig | dict | None = None
 def scale_scenario(scenario: str | Path | ScenarioConfig | dict | None, memory: int | str,
                    **overrides) -> ScenarioConfig:
     """A scaled-down (or up) variant of a scenario: guest memory ``memory`` (bytes or a size such
-    as '1GiB'), and the link
-    rate (and a numeric max-bandwidth), the checkpoint storage bandwidth and every workload rate
-    scaled by the same factor ``memory / scenario memory``. M/R and D/R, hence the pre-copy
-    dynamics in simulated seconds, are kept while the simulation does that factor less work.
-    Ring sizes, the device state and the host's costs are not scaled: a ring of a given size
-    fills that factor slower, and fixed costs weigh more. ``overrides`` as :func:`load_scenario`'s
-    (applied last)."""
+    as '1GiB'), and the link rate (and a numeric max-bandwidth), the checkpoint storage bandwidth
+    and every workload rate scaled by the same factor ``memory / scenario memory``. M/R and D/R,
+    hence the pre-copy dynamics in simulated seconds, are kept while the simulation does that
+    factor less work. Ring sizes, the device state and the host's costs are not scaled: a ring
+    of a given size fills that factor slower, and fixed costs weigh more. ``overrides`` as
+    :func:`load_scenario`'s (applied last)."""
     cfg = load_scenario(scenario)
     memory = parse_size(memory, "memory")
     f = memory / cfg.vm.memory

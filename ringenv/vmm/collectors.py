@@ -35,8 +35,8 @@ CLEAR_CHUNK_BYTES = 1 << 30  # QEMU clear_bitmap_shift default: 1 GiB chunks
 
 class RingCollector:
     kind = "ring"
-    #: limit_slice and before_send look at the pages of a slice (no: the migration thread may
-    #: send a run of consecutive pages without listing them)
+    #: whether limit_slice and before_send look at a slice's pages; the ring's do not, so the
+    #: migration thread sends a run of consecutive pages without listing them (DirtyPages.take_run)
     reads_slices = False
 
     def __init__(self, session):
