@@ -29,6 +29,14 @@ class Recycler:
         self._kept: list[np.ndarray] = []
 
     def zeros(self, n: int, dtype) -> np.ndarray:
+        return self._get(n, dtype, True)
+
+    def empty(self, n: int, dtype) -> np.ndarray:
+        """As :meth:`zeros`, but an array handed out again is not cleared: it holds whatever
+        its last user left (for scratch that nothing reads before writing, or never reads)."""
+        return self._get(n, dtype, False)
+
+    def _get(self, n: int, dtype, clear: bool) -> np.ndarray:
         dtype = np.dtype(dtype)
         if n * dtype.itemsize < self.min_bytes:
             return np.zeros(n, dtype=dtype)
@@ -37,7 +45,8 @@ class Recycler:
             if kept[i].shape[0] == n and kept[i].dtype == dtype and _unheld(kept[i]):
                 a = kept.pop(i)
                 kept.append(a)  # most recently used last
-                a.fill(0)
+                if clear:
+                    a.fill(0)
                 return a
         a = np.zeros(n, dtype=dtype)
         kept.append(a)

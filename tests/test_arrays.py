@@ -20,6 +20,19 @@ def test_an_array_nobody_holds_is_handed_out_again_cleared():
     assert r.kept_bytes == 4000  # the same array: none was added
 
 
+def test_empty_hands_out_a_kept_array_as_its_last_user_left_it():
+    r = Recycler(min_bytes=0)
+    a = r.empty(1000, np.uint32)
+    assert not a.any()  # a new array is zeroed all the same
+    a[:] = 7
+    addr = _addr(a)
+    del a
+    b = r.empty(1000, np.uint32)
+    assert _addr(b) == addr and (b == 7).all()
+    del b
+    assert not r.zeros(1000, np.uint32).any()  # zeros clears what empty left
+
+
 def test_an_array_or_a_view_still_held_is_never_handed_out():
     r = Recycler(min_bytes=0)
     a = r.zeros(1000, np.uint8)
@@ -75,3 +88,31 @@ def test_a_simulated_vm_rebuilt_per_episode_reuses_its_page_arrays():
     assert kept >= 2 << 20
     addrs = {build() for _ in range(5)}
     assert len(addrs) == 1 and RECYCLER.kept_bytes == kept
+
+
+def test_a_vm_without_page_versions_runs_the_same_and_skips_clearing_them():
+    """page_versions=False (the dirty-rate sample's VM): the same faults, ring entries and
+    dirty log as a VM with versions; only its version array is left as the last VM left it."""
+    from ringenv.kvm.uapi import KVM_MEM_LOG_DIRTY_PAGES
+    from ringenv.kvm.vm import Vm
+    from ringenv.guest.trace import TraceProgram
+
+    def run(versions):
+        vm = Vm("arm64-4k", page_versions=versions)
+        vm.set_user_memory_region(0, 0, 0, 2 << 30)  # version: 2 MiB, recycled
+        vm.create_vcpu(0)
+        vm.set_user_memory_region(0, KVM_MEM_LOG_DIRTY_PAGES, 0, 2 << 30)
+        vm.attach_guest(TraceProgram([[5, 9, 5, 4000, 12]], [[]]))
+        vm.vcpus[0].run()
+        vm.run_until(1 << 40)
+        out = (vm.vcpus[0].stats.faults, vm.get_dirty_log(0).tolist(), vm.version.copy(), _addr(vm.version))
+        vm.close()
+        return out
+
+    faults, log, version, addr = run(True)
+    assert version[[5, 9, 4000, 12]].tolist() == [2, 1, 1, 1] and version.sum() == 5  # a bump per write
+    faults2, log2, version2, addr2 = run(False)  # gets the first VM's array back, not cleared
+    assert (faults2, log2) == (faults, log) and addr2 == addr
+    assert version2[[5, 9, 4000, 12]].tolist() == [4, 2, 2, 2]
+    _, _, version3, _ = run(True)
+    assert np.array_equal(version3, version)  # cleared again for a VM that keeps versions

@@ -210,10 +210,14 @@ class _Closed:
 class Vm:
     """A VM (the object behind a VM fd) on a simulated host."""
 
-    def __init__(self, profile: str | HostProfile | None = None, *, seed: int = 0):
+    def __init__(self, profile: str | HostProfile | None = None, *, seed: int = 0, page_versions: bool = True):
+        """``page_versions`` False: the VM keeps no page versions, for a run that never compares
+        page contents (a dirty-rate sample): ``version`` is then scratch that the write path
+        may bump but that holds no meaning (it is not cleared when the VM is built)."""
         self.profile = load_host_profile(profile)
         p = self.profile
         self.seed = seed
+        self.page_versions = page_versions
         self.page_size = p.page_size
         self.block_pages = p.block_sizes[0] // p.page_size if p.block_sizes else 1
         self.block_shift = self.block_pages.bit_length() - 1  # block sizes are powers of two
@@ -379,7 +383,7 @@ class Vm:
             starts.append(pos)
             pos += -(-s.npages // bp) * bp
         state = RECYCLER.zeros(pos, np.uint8)
-        version = RECYCLER.zeros(pos, np.uint32)
+        version = (RECYCLER.zeros if self.page_versions else RECYCLER.empty)(pos, np.uint32)
         block_map = RECYCLER.zeros(pos // bp, np.uint8)
         for s, st in zip(self.slots, starts):
             fresh = s.state is None

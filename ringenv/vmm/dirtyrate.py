@@ -30,7 +30,7 @@ def sample_dirty_rate(scenario: ScenarioConfig | str | dict, *, workload=None, s
     harvest: a hot set has many, a sequential sweep or a uniform spread over a large region
     almost none."""
     cfg = scenario if isinstance(scenario, ScenarioConfig) else load_scenario(scenario)
-    vm = Vm(cfg.profile, seed=seed)
+    vm = Vm(cfg.profile, seed=seed, page_versions=False)  # nothing here compares page contents
     vm.set_user_memory_region(0, 0, 0, cfg.vm.memory, block_fraction=cfg.vm.block_fraction)
     vcpus = [vm.create_vcpu(i) for i in range(cfg.vm.vcpus)]
     vm.attach_guest(WorkloadProgram(workload if workload is not None else cfg.workload, cfg.vm.vcpus,
