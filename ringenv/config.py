@@ -558,9 +558,10 @@ def scale_scenario(scenario: str | Path | ScenarioConfig | dict | None, memory: 
     as '1GiB'), and the link rate (and a numeric max-bandwidth), the checkpoint storage bandwidth
     and every workload rate scaled by the same factor ``memory / scenario memory``. M/R and D/R,
     hence the pre-copy dynamics in simulated seconds, are kept while the simulation does that
-    factor less work. Ring sizes, the device state and the host's costs are not scaled: a ring
-    of a given size fills that factor slower, and fixed costs weigh more. ``overrides`` as
-    :func:`load_scenario`'s (applied last)."""
+    factor less work. Ring sizes, the device state, the host's costs and the dirty-limit quota
+    (an absolute rate per vCPU, beside QEMU's fixed tolerances) are not scaled: a ring of a
+    given size fills that factor slower, fixed costs weigh more, and the quota is that factor
+    looser. ``overrides`` as :func:`load_scenario`'s (applied last)."""
     cfg = load_scenario(scenario)
     memory = parse_size(memory, "memory")
     f = memory / cfg.vm.memory

@@ -106,8 +106,9 @@ def test_a_scaled_scenario_keeps_memory_over_rate_and_scales_what_moves_pages():
     assert s.rate_scale == full.rate_scale / 8 and s.checkpoint.storage_mbps == full.checkpoint.storage_mbps / 8
     assert s.vm.memory / s.link.rate_Bps == full.vm.memory / full.link.rate_Bps
     # not scaled: rings, device state, the host and the other link settings
-    assert (s.ring_entries, s.link.device_state_bytes, s.host, s.link.downtime_limit_ms) == \
-        (full.ring_entries, full.link.device_state_bytes, full.host, full.link.downtime_limit_ms)
+    assert (s.ring_entries, s.link.device_state_bytes, s.host, s.link.downtime_limit_ms,
+            s.dirty_limit.vcpu_limit_mbps) == (full.ring_entries, full.link.device_state_bytes, full.host,
+                                               full.link.downtime_limit_ms, full.dirty_limit.vcpu_limit_mbps)
     assert scale_scenario("default", 1 << 30, link={"gbps": 1}).link.gbps == 1  # overrides come last
     assert scale_scenario("default", 1 << 30).link.max_bandwidth_mibps == "link"
 
