@@ -91,6 +91,22 @@ def test_copy_run_is_copy_of_the_same_pages():
     assert (a.pages_sent, a.pages_resent) == (b.pages_sent, b.pages_resent) == (57, 10)  # 15..24 sent twice
 
 
+def test_copy_run_counts_re_sends_after_scattered_sends_and_runs():
+    """A run is only taken as all-new when it lies past every page sent before, by a run or
+    by a scattered send: the re-sends are the same as a page-by-page count."""
+    version = np.arange(100, dtype=np.uint32)
+    d = DirtyPages(100, with_slot=False)
+    d.copy(np.array([60, 61, 90, 3], dtype=np.int64), version)  # scattered, wrapping: 3 after 90
+    d.copy_run(40, 30, version)  # 40..69: 60 and 61 again
+    assert (d.pages_sent, d.pages_resent) == (34, 2)
+    d.copy_run(70, 25, version)  # 70..94: 90 again, past the run before
+    assert (d.pages_sent, d.pages_resent) == (59, 3)
+    d.copy_run(95, 5, version)  # past everything sent: nothing again
+    d.copy_run(0, 10, version)  # 3 again
+    assert (d.pages_sent, d.pages_resent) == (74, 4)
+    assert np.array_equal(d.dest != 0, np.isin(np.arange(100), [3, 60, 61, 90] + list(range(40, 100)) + list(range(10))))
+
+
 def test_untake_gives_pages_back_and_the_search_resumes_there():
     d = _dirty(100, [5, 6, 50, 70, 90])
     taken = d.take(5)

@@ -33,6 +33,7 @@ class DirtyPages:
         self.cursor = 0  # where the migration thread's search continues (QEMU last_seen_block/last_page)
         self.pages_sent = 0
         self.pages_resent = 0
+        self._sent_end = 0  # 1 + the highest page ever sent: the pages from here on never were
 
     @property
     def nbytes(self) -> int:
@@ -133,14 +134,19 @@ class DirtyPages:
             return
         self.pages_resent += int(_copy_pages(pages, self.dest, source_version))
         self.pages_sent += len(pages)
+        self._sent_end = max(self._sent_end, int(pages.max()) + 1)
 
     def copy_run(self, first: int, count: int, source_version: np.ndarray) -> None:
         """:meth:`copy` of the ``count`` consecutive pages from ``first`` (what :meth:`take_run`
-        takes)."""
-        s = slice(first, first + count)
-        self.pages_resent += int(np.count_nonzero(self.dest[s]))
+        takes). A run wholly past every page sent so far (the bulk stage's runs) re-sends
+        none: its destination pages are not read."""
+        end = first + count
+        s = slice(first, end)
+        if first < self._sent_end:
+            self.pages_resent += int(np.count_nonzero(self.dest[s]))
         np.add(source_version[s], 1, out=self.dest[s])
         self.pages_sent += count
+        self._sent_end = max(self._sent_end, end)
 
     def lost_writes(self, source_version: np.ndarray) -> int:
         """Pages whose destination copy differs from the source, or that were never sent (one
