@@ -610,10 +610,16 @@ class EnvConfig(Strict):
 
     @model_validator(mode="after")
     def _check(self):
-        if any(m <= 0 for m in self.intervals_ms):
-            raise ValueError(f"intervals_ms: {self.intervals_ms}: every interval must be > 0 ms")
+        for m in self.intervals_ms:
+            if not 1 <= m <= 10_000:
+                raise ValueError(f"intervals_ms: {m:g} is not accepted; accepted: 1 to 10000 ms (the observation "
+                                 "holds log10(ms) / 4)")
         if self.ring_sizes is not None and (not self.ring_sizes or any(n <= 0 or n & (n - 1) for n in self.ring_sizes)):
             raise ValueError(f"ring_sizes: {self.ring_sizes}: expected powers of two")
+        for name, values in (("intervals_ms", self.intervals_ms), ("ring_sizes", self.ring_sizes or [])):
+            for i, x in enumerate(values):
+                if x in values[:i]:
+                    raise ValueError(f"{name}: {x:g} is given twice (each choice once)")
         sets = load_workload_sets()
         if self.workload_set not in sets:
             raise ValueError(f"workload_set: {self.workload_set!r}; accepted: {', '.join(sorted(sets))}")

@@ -10,7 +10,7 @@ import gymnasium as gym
 import numpy as np
 from gymnasium import spaces
 
-from .config import ConfigError, EnvConfig, load_scenario, load_workload_sets
+from .config import ConfigError, EnvConfig, ScenarioConfig, load_scenario, load_workload, load_workload_sets
 from .vmm.dirtyrate import sample_dirty_rate
 
 SECOND = 1_000_000_000
@@ -54,6 +54,13 @@ class RingEnv(gym.Env):
                  flatten_actions: bool = False, render_mode: str | None = None, **overrides):
         if render_mode is not None and render_mode not in self.metadata["render_modes"]:
             raise ConfigError(f"render_mode: {render_mode!r}; accepted: None, 'ansi', 'rgb_array'")
+        if not isinstance(flatten_actions, bool):
+            raise ConfigError(f"flatten_actions: {flatten_actions!r}; accepted: True or False")
+        for k in overrides:
+            if k not in EnvConfig.model_fields and k not in ScenarioConfig.model_fields:
+                raise ConfigError(f"{k}: unknown argument; accepted: split, workloads, flatten_actions, render_mode, "
+                                  f"the env settings ({', '.join(EnvConfig.model_fields)}) and the scenario fields "
+                                  f"({', '.join(ScenarioConfig.model_fields)})")
         env_overrides = {k: overrides.pop(k) for k in list(overrides) if k in EnvConfig.model_fields}
         self.scenario = load_scenario(scenario, **overrides)
         base = dict(self.scenario.env or {})
@@ -62,17 +69,22 @@ class RingEnv(gym.Env):
             raise ConfigError(f"split: {split!r}; accepted: 'train', 'test', 'all'")
         self.split = split
         if workloads is not None:
+            if isinstance(workloads, (str, bytes)) or not all(isinstance(w, str) for w in workloads):
+                raise ConfigError(f"workloads: expected a list of workload names, got {workloads!r}")
             self.workloads = list(workloads)
+            for w in self.workloads:
+                load_workload(w)  # an unknown name is an error now, not at some reset
         else:
             sets = load_workload_sets()[self.cfg.workload_set]
             self.workloads = {"train": sets["train"], "test": sets["test"], "all": sets["train"] + sets["test"]}[split]
         if not self.workloads:
             raise ConfigError("workloads: the chosen set is empty")
         prof = self.scenario.profile
-        self.ring_sizes = [n for n in (self.cfg.ring_sizes or prof.ring_sizes) if n in prof.ring_sizes]
-        if not self.ring_sizes:
-            raise ConfigError(f"ring_sizes: none of {self.cfg.ring_sizes} is accepted by {prof.name} "
-                              f"({prof.ring_sizes})")
+        for n in self.cfg.ring_sizes or ():
+            if n not in prof.ring_sizes:
+                raise ConfigError(f"ring_sizes: {n} is not accepted by {prof.name}; accepted: "
+                                  f"{', '.join(map(str, prof.ring_sizes))}")
+        self.ring_sizes = list(self.cfg.ring_sizes or prof.ring_sizes)
         self.intervals_ms = list(self.cfg.intervals_ms)
         self.flatten_actions = flatten_actions
         n_sizes, n_int = len(self.ring_sizes), len(self.intervals_ms)
@@ -81,6 +93,7 @@ class RingEnv(gym.Env):
         self.render_mode = render_mode
         self._session = None
         self._last = None
+        self._ended = None  # why step() needs a reset first: the episode ended, or close()
 
     # ------------------------------------------------------------------ actions
     def decode_action(self, action) -> tuple[int, int]:
@@ -99,7 +112,7 @@ class RingEnv(gym.Env):
         else:
             a = np.asarray(action)
             if a.shape != (2,) or not np.issubdtype(a.dtype, np.integer) or not self.action_space.contains(a.astype(np.int64)):
-                raise ValueError(f"action {action!r}: expected [ring size index 0..{len(self.ring_sizes) - 1}, "
+                raise ValueError(f"action {action!r}: expected integers [ring size index 0..{len(self.ring_sizes) - 1}, "
                                  f"interval index 0..{len(self.intervals_ms) - 1}]")
             i, j = int(a[0]), int(a[1])
         return self.ring_sizes[i], self.intervals_ms[j]
@@ -112,9 +125,8 @@ class RingEnv(gym.Env):
 
     # ------------------------------------------------------------------ episode
     def reset(self, *, seed: int | None = None, options: dict | None = None):
+        workload = _workload_option(options)  # checked before anything changes
         super().reset(seed=seed)
-        options = options or {}
-        workload = options.get("workload")
         if workload is None:
             workload = self.workloads[int(self.np_random.integers(len(self.workloads)))]
         self.workload = workload
@@ -127,18 +139,20 @@ class RingEnv(gym.Env):
         self.interval_ms = 0.0
         self.t = 0
         self._prev = None
+        self._last = None
+        self._ended = None
         self._obs_const = self._observation_constants()
         obs = self._observe(None, 0)
         info = {"workload": workload, "sampled_dirty_rate_Bps": self.sampled_rate,
-                "sampled_redirty_rate_Bps": self.redirty_rate, "ring_sizes": self.ring_sizes,
-                "intervals_ms": self.intervals_ms}
+                "sampled_redirty_rate_Bps": self.redirty_rate, "ring_sizes": list(self.ring_sizes),
+                "intervals_ms": list(self.intervals_ms)}
         return obs, info
 
     def step(self, action):
         if not hasattr(self, "workload"):
             raise RuntimeError("step() before reset()")
-        if self._session is not None and self._session.done:
-            raise RuntimeError("step() after the episode ended; call reset()")
+        if self._ended is not None:
+            raise RuntimeError(f"step() after {self._ended}; call reset()")
         entries, interval_ms = self.decode_action(action)
         info = StepInfo()
         if self._session is None:
@@ -160,12 +174,15 @@ class RingEnv(gym.Env):
         reward, parts = self._reward(m, dt, costs)
         terminated = bool(self._session.done)
         truncated = (not terminated) and self.t >= self.cfg.max_episode_s * SECOND
-        if truncated:
-            pen = self.cfg.reward.downtime * m.remaining_bytes / max(m.bandwidth_Bps, 1.0)
+        if truncated:  # the bandwidth is measured once >= 100 ms were sent; before, the run's own rate
+            rate = m.bandwidth_Bps if m.bandwidth_Bps > 0 else self._session.rate_Bps
+            pen = self.cfg.reward.downtime * m.remaining_bytes / rate
             reward -= pen / self.cfg.reward.scale
             parts["truncation"] = pen
         obs = self._observe(m, dt, costs)
         self._prev = m
+        if terminated or truncated:
+            self._ended = "the episode ended"
         info.update(m.to_dict())
         info["reward_parts"] = parts
         info["workload"] = self.workload
@@ -256,6 +273,8 @@ class RingEnv(gym.Env):
 
     def close(self):
         self._drop_session()
+        if hasattr(self, "workload"):
+            self._ended = "close()"
 
     def _drop_session(self) -> None:
         """Free the last episode's VM now: the VMM's processes and the VM reference each other,
@@ -340,11 +359,17 @@ class MigrationEnv(RingEnv):
 
     ## Starting State
     A VM (scenario: host profile, memory, vCPUs, link) running a workload drawn from the env's
-    split of the workload set; migration starts at the first step.
+    split of the workload set (`reset(options={"workload": name})` picks one by name, any known
+    workload; `options` takes no other key); migration starts at the first step.
 
     ## Episode End
     - terminated: the migration completed (the VM was switched over and verified)
-    - truncated: `max_episode_s` of simulated time passed without convergence
+    - truncated: `max_episode_s` of simulated time passed without convergence; the downtime a
+      switchover would cause then (remaining dirty bytes / measured bandwidth, or / the link
+      rate before the bandwidth is measured) is charged. Prefer `max_episode_s` to gymnasium's
+      `max_episode_steps`: its TimeLimit truncates without that charge.
+
+    `step()` after the episode ended, or after `close()`, raises `RuntimeError` until `reset()`.
 
     Every step's `info` holds the VMM's metrics record (`ringenv.vmm.metrics.Metrics`, its
     tuple fields as lists), `reward_parts`, `workload`, `ring_entries`, `interval_ms` and
@@ -355,9 +380,11 @@ class MigrationEnv(RingEnv):
     `gymnasium.make("ringenv/Migration-v0", scenario="default", split="train", workloads=None,
     flatten_actions=False, render_mode=None, **overrides)`: `scenario` a name in
     configs/scenarios/, a YAML path, a mapping or a ScenarioConfig; `split` "train", "test" or
-    "all" of the workload set; `workloads` an explicit list instead; env settings
+    "all" of the workload set; `workloads` an explicit list of workload names instead;
+    `flatten_actions` True for the `Discrete` variant; env settings
     (`control_interval_ms`, simulated ms per step, default 50; `max_episode_s`, `sample_s`,
-    `sample_windows`, `ring_sizes`, `intervals_ms`, `reward`, `workload_set`) and scenario
+    `sample_windows`, `ring_sizes` (each one the host accepts, once), `intervals_ms` (each in
+    1 .. 10000 ms, once), `reward`, `workload_set`) and scenario
     fields (e.g. `vm`, `link`, `seed`) as keywords.
     `collector="bitmap"` runs the classic dirty-bitmap collector instead (the baseline the ring
     competes with): the actions then change nothing and `ring_entries` is 0.
@@ -388,8 +415,12 @@ class CheckpointEnv(RingEnv):
     As :class:`MigrationEnv`, downtime being the sum of the checkpoint pauses.
 
     ## Episode End
-    - terminated: the checkpoint horizon (`checkpoint.horizon_s` of the scenario) is over
-    - truncated: never before that (the horizon is the time cap)
+    - terminated: the checkpoint horizon (`checkpoint.horizon_s` of the scenario) is over (a
+      checkpoint under way at the horizon is finished first)
+    - truncated: `max_episode_s` of simulated time passed first: a horizon longer than that, or
+      checkpoints that take longer (a big VM on slow storage: the base image of the `stress`
+      scenario alone takes longer than the default 120 s). The dirty bytes not yet checkpointed
+      are charged as downtime at the storage rate.
 
     ## Arguments
     `gymnasium.make("ringenv/Checkpoint-v0", scenario="default", ...)`, as MigrationEnv.
@@ -430,6 +461,27 @@ class StepInfo(dict):
                 out[k] = copy.deepcopy(v, memo)
         memo[id(self)] = out
         return out
+
+
+def _workload_option(options) -> str | None:
+    """The ``workload`` of reset's ``options`` (None: drawn from the split), checked: options
+    must be None or a dict whose only key is ``workload``, a known workload's name."""
+    if options is None:
+        return None
+    if not isinstance(options, dict):
+        raise ConfigError(f"options: expected a dict such as {{'workload': 'web'}}, or None; got {options!r}")
+    for k in options:
+        if k != "workload":
+            raise ConfigError(f"options: unknown key {k!r}; accepted: workload")
+    workload = options.get("workload")
+    if workload is not None:
+        if not isinstance(workload, str):
+            raise ConfigError(f"options: workload: expected a workload name, got {workload!r}")
+        try:
+            load_workload(workload)
+        except ConfigError as e:
+            raise ConfigError(f"options: {e}") from None
+    return workload
 
 
 def _lost_vcpu_s(m) -> float:
@@ -482,12 +534,14 @@ def _open_session(kind, scenario, workload, seed, ring_entries, interval_ns, con
 
 
 def _render_rgb(env: RingEnv, obs: np.ndarray, info: dict) -> np.ndarray:
-    import matplotlib
+    """The rgb_array frame, drawn on an Agg canvas of its own (no pyplot: the caller's
+    matplotlib backend and figures are left alone)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, (a1, a2) = plt.subplots(1, 2, figsize=(6.4, 3.2), dpi=75, gridspec_kw={"width_ratios": [3, 1]})
+    fig = Figure(figsize=(6.4, 3.2), dpi=75)
+    canvas = FigureCanvasAgg(fig)
+    a1, a2 = fig.subplots(1, 2, gridspec_kw={"width_ratios": [3, 1]})
     fill = np.asarray(info.get("ring_fill", []), dtype=float)
     a1.bar(np.arange(len(fill)), fill, color=["tab:red" if f >= 0.9 else "tab:blue" for f in fill])
     a1.set_ylim(0, 1.05)
@@ -499,7 +553,5 @@ def _render_rgb(env: RingEnv, obs: np.ndarray, info: dict) -> np.ndarray:
     a2.set_xticks([0], ["sent"])
     a2.set_title(f"iter {info.get('iterations', 0)}", fontsize=8)
     fig.tight_layout()
-    fig.canvas.draw()
-    img = np.asarray(fig.canvas.buffer_rgba())[..., :3].copy()
-    plt.close(fig)
-    return img
+    canvas.draw()
+    return np.asarray(canvas.buffer_rgba())[..., :3].copy()

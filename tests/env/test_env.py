@@ -191,9 +191,9 @@ def test_step_info_deep_copies_like_a_dict():
 def test_invalid_actions_are_clear_errors():
     env = make()
     env.reset(seed=0)
-    with pytest.raises(ValueError, match="expected \\[ring size index 0..8, interval index 0..8\\]"):
+    with pytest.raises(ValueError, match="expected integers \\[ring size index 0..8, interval index 0..8\\]"):
         env.step(np.array([9, 0]))
-    with pytest.raises(ValueError, match="ring size index"):
+    with pytest.raises(ValueError, match=r"\[1.5, 0. \]\): expected integers \[ring size index"):
         env.step(np.array([1.5, 0.0]))
     d = make("ringenv/MigrationDiscrete-v0")
     d.reset(seed=0)
@@ -206,8 +206,92 @@ def test_step_before_reset_and_after_end():
     with pytest.raises(RuntimeError, match="before reset"):
         env.step(np.array([0, 0]))
     steps, te, tr = rollout(env, 4, [np.array([4, 6])])
+    assert te
     with pytest.raises(RuntimeError, match="after the episode ended"):
         env.step(np.array([4, 6]))
+
+
+def test_step_after_truncation_or_close_raises_until_reset():
+    env = make(max_episode_s=0.2).unwrapped  # 4 steps of 50 ms: truncated long before the end
+    steps, te, tr = rollout(env, 0, [np.array([4, 3])])
+    assert tr and not te and len(steps) == 5
+    with pytest.raises(RuntimeError, match="after the episode ended"):
+        env.step(np.array([4, 3]))
+    env.reset(seed=0)
+    env.step(np.array([4, 3]))
+    env.close()
+    with pytest.raises(RuntimeError, match=r"after close\(\); call reset\(\)"):
+        env.step(np.array([4, 3]))
+    env.close()  # idempotent
+    env.reset(seed=0)  # usable again, from the start
+    *_, info = env.step(np.array([4, 3]))
+    assert info["time_s"] == pytest.approx(0.05)
+
+
+@pytest.mark.parametrize("env_id", ["ringenv/Migration-v0", "ringenv/Checkpoint-v0"])
+def test_truncation_before_the_bandwidth_is_measured_charges_the_configured_rate(env_id):
+    """The bandwidth is measured over >= 100 ms of sending; a truncation before that charges the
+    remaining bytes at the rate the run sends at (the link, or the checkpoint storage)."""
+    env = make(env_id, max_episode_s=0.05, workloads=["oltp"], checkpoint={"horizon_s": 2.0, "period_s": 0.02})
+    env.reset(seed=1)
+    _, r, te, tr, info = env.step(np.array([4, 3]))
+    assert tr and not te and info["bandwidth_Bps"] == 0.0 and info["remaining_bytes"] > 0
+    u = env.unwrapped
+    rate = u.scenario.link.rate_Bps if u.kind == "migration" else u.scenario.checkpoint.storage_mbps * 1e6
+    assert info["reward_parts"]["truncation"] == pytest.approx(u.cfg.reward.downtime * info["remaining_bytes"] / rate)
+    assert -100 < r < 0
+
+
+def test_checkpoint_run_longer_than_the_time_cap_is_truncated():
+    """Checkpoint-v0 ends at its horizon; a run still writing a checkpoint at ``max_episode_s``
+    (a big VM on slow storage) is truncated, as the docstring says."""
+    env = make("ringenv/Checkpoint-v0", checkpoint={"horizon_s": 2.0, "period_s": 0.5, "storage_mbps": 20},
+               max_episode_s=1.0)
+    steps, te, tr = rollout(env, 0, [np.array([4, 3])])
+    assert tr and not te and "max_episode_s" in type(env.unwrapped).__doc__.split("## Episode End")[1]
+
+
+def test_render_after_reset_shows_no_step_of_the_previous_episode():
+    env = make(render_mode="ansi")
+    env.reset(seed=0)
+    env.step(np.array([4, 6]))
+    assert env.render().startswith("t=")
+    env.reset(seed=1)
+    assert env.render() == "(reset, no step yet)"
+
+
+def test_rgb_render_leaves_the_matplotlib_backend_alone():
+    matplotlib = pytest.importorskip("matplotlib")
+    before = matplotlib.get_backend()
+    matplotlib.use("svg")
+    try:
+        env = make(render_mode="rgb_array")
+        env.reset(seed=0)
+        env.step(np.array([4, 6]))
+        assert env.render().shape == (240, 480, 3)
+        assert matplotlib.get_backend() == "svg"
+    finally:
+        matplotlib.use(before)
+
+
+def test_reset_options():
+    env = make(split="all")
+    _, info = env.reset(seed=0, options={"workload": "redis"})
+    assert info["workload"] == "redis"
+    info["intervals_ms"].clear()  # the info's lists are the caller's
+    info["ring_sizes"].clear()
+    env.step(np.array([4, 8]))
+    for options, match in [({"wrkload": "web"}, "options: unknown key 'wrkload'; accepted: workload"),
+                           ("web", "options: expected a dict"),
+                           ({"workload": "bogus"}, "unknown workload 'bogus'; accepted: .*redis")]:
+        with pytest.raises(ConfigError, match=match):
+            env.reset(seed=5, options=options)
+    # nothing half-done: the episode under way goes on as if the bad calls never happened
+    twin = make(split="all")
+    twin.reset(seed=0, options={"workload": "redis"})
+    twin.step(np.array([4, 8]))
+    a, b = env.step(np.array([4, 2])), twin.step(np.array([4, 2]))
+    assert np.array_equal(a[0], b[0]) and a[1] == b[1] and a[4]["time_s"] == b[4]["time_s"] == pytest.approx(0.1)
 
 
 @pytest.mark.parametrize("kwargs,match", [
@@ -216,6 +300,16 @@ def test_step_before_reset_and_after_end():
     ({"reward": {"downtyme": 1}}, "reward.downtyme: unknown key"),
     ({"intervals_ms": [0, 10]}, "intervals_ms"),
     ({"ring_sizes": [3000]}, "ring_sizes"),
+    ({"ring_sizes": [128, 256]}, "ring_sizes: 128 is not accepted by arm64-4k; accepted: 256, 512, .*65536"),
+    ({"ring_sizes": [512, 256, 512]}, "ring_sizes: 512 is given twice"),
+    ({"intervals_ms": [10, 10]}, "intervals_ms: 10 is given twice"),
+    ({"intervals_ms": [0.5, 10]}, r"intervals_ms: 0.5 .*accepted: 1 to 10000 ms"),
+    ({"intervals_ms": [10, 20000]}, r"intervals_ms: 20000 .*accepted: 1 to 10000 ms"),
+    ({"workloads": "web"}, "workloads: expected a list of workload names, got 'web'"),
+    ({"workloads": ["web", "bogus"]}, "unknown workload 'bogus'; accepted: "),
+    ({"flatten_actions": "no"}, "flatten_actions: 'no'; accepted: True or False"),
+    ({"bogus": 1}, "bogus: unknown argument; accepted: split, workloads, flatten_actions, render_mode, .*"
+                   "control_interval_ms.*vm, workload"),
     ({"vm": {"vcpus": 0}}, "vm.vcpus"),
     ({"scenario": "nope"}, "unknown scenario 'nope'"),
 ])
