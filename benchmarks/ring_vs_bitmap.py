@@ -1,7 +1,7 @@
 """Where does the dirty ring stop paying off against the dirty bitmap?
 
 Sweeps the guest's dirty rate (uniformly random 4 KiB writes over 5/6 of RAM, as in Peter Xu's
-measurement, shared/reference/migration.md s3) and the guest memory size, migrates each VM once
+measurement, docs/reference/migration.md s3) and the guest memory size, migrates each VM once
 with each collector (QEMU defaults otherwise: 4096-entry rings, a 1 s reaper; the bitmap with
 manual protect and 1 GiB lazy CLEARs) and prints a Markdown table: total migration time,
 downtime and the vCPU time lost to dirty tracking (write-protect faults, ring-full exits, big-lock

@@ -1,4 +1,4 @@
-"""Whole-simulator speed (host + VMM) on the scenarios the DESIGN sets targets for: the default
+"""Whole-simulator speed (host + VMM) on the scenarios docs/DESIGN.md sets targets for: the default
 scenario (8 vCPUs, 16 GiB, OLTP, 10 GbE: >= 100x real time on one core) and the 64-vCPU 256 GiB
 stress scenario (>= 1x real time). Simulated seconds per wall second, best of a few runs (the
 first run of a process also pays the compiled kernels' cache load)."""

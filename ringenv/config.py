@@ -549,6 +549,7 @@ def load_scenario(name_or_path: str | Path | ScenarioConfig | dict | None = None
         where = f"scenario {p.name}"
     if overrides:
         data = _deep_merge(data, overrides)
+        where = f"{where} with the keyword overrides ({', '.join(overrides)})"
     return ScenarioConfig.parse(data, where=where)
 
 

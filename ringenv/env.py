@@ -24,7 +24,7 @@ OBS_FIELDS = [
     ("dirty_rate", "current dirty-rate estimate / link rate (bytes/s over bytes/s)", 10.0),
     ("sampled_rate", "pre-migration dirty-rate sample / link rate", 10.0),
     ("full_exits", "log10(1 + ring-full exits per vCPU per second, last interval)", 6.0),
-    ("lost_vcpu", "share of vCPU time lost to exits and stalls, last interval", 1.0),
+    ("lost_vcpu", "share of vCPU time lost to dirty tracking (faults, exits, stalls, throttling), last interval", 1.0),
     ("vmm_cpu", "VMM CPU seconds per second, last interval", 8.0),
     ("progress", "share of guest RAM sent at least once", 1.0),
     ("remaining", "log10(1 + remaining dirty bytes / (bandwidth x downtime limit))", 6.0),
@@ -320,7 +320,7 @@ class MigrationEnv(RingEnv):
     | 2 | dirty_rate | current dirty-rate estimate / link rate | 10 |
     | 3 | sampled_rate | pre-migration dirty-rate sample / link rate (set at reset) | 10 |
     | 4 | full_exits | log10(1 + ring-full exits per vCPU per second), last interval | 6 |
-    | 5 | lost_vcpu | share of vCPU time lost to exits and lock stalls, last interval | 1 |
+    | 5 | lost_vcpu | share of vCPU time lost to dirty tracking (as the `vcpu` cost), last interval | 1 |
     | 6 | vmm_cpu | VMM CPU seconds per second, last interval | 8 |
     | 7 | progress | share of guest RAM sent at least once | 1 |
     | 8 | remaining | log10(1 + remaining dirty bytes / (bandwidth x downtime limit)) | 6 |
@@ -347,15 +347,19 @@ class MigrationEnv(RingEnv):
 
     | cost | measure | default weight |
     |---|---|---|
-    | vcpu | vCPU-seconds lost to ring-full exits and lock stalls, divided by the vCPU count | 10 |
+    | vcpu | vCPU-seconds lost to dirty tracking, divided by the vCPU count | 10 |
     | vmm | VMM CPU seconds (harvesting, resets, bitmap syncs) | 1 |
     | memory | ring memory in MiB (all vCPUs) x seconds | 0.002 |
     | time | seconds of migration | 0.05 |
     | downtime | downtime seconds (when the VM stops at switchover; at the end) | 10 |
 
-    Downtime and lost vCPU time are weighted alike: both are seconds the whole VM does not run.
-    At truncation the downtime a switchover would cause at that moment (remaining dirty bytes /
-    bandwidth) is charged as downtime.
+    The lost vCPU time is the write-protect faults and block splits, the ring-full exits (with
+    the reaping done on the vCPU thread), the waits for QEMU's big lock and the throttle sleeps
+    (the metrics' `vcpu_fault_s`, `vcpu_exit_s`, `vcpu_stall_s`, `vcpu_throttle_s`). Downtime
+    and lost vCPU time are weighted alike: both are seconds the whole VM does not run. At
+    truncation the downtime a switchover would cause at that moment (remaining dirty bytes /
+    measured bandwidth, or / the run's configured rate before any is measured) is charged as
+    downtime.
 
     ## Starting State
     A VM (scenario: host profile, memory, vCPUs, link) running a workload drawn from the env's

@@ -10,7 +10,7 @@ Setup: dirty logging on (KVM_MEM_LOG_DIRTY_PAGES), every page dirty in the migra
    min(link, max-bandwidth), from where the last slice stopped, wrapping around RAM.
 
 With ``switchover: pass-end`` step 2 happens only when a pass is complete (the bitmap is
-empty): the textbook model of shared/reference/migration.md s1.
+empty): the textbook model of docs/reference/migration.md s1.
 
 Bandwidth is measured over >= 100 ms windows (sync time included). After ``link.give_up_s``
 the switchover is forced (reported ``converged = False``).

@@ -1,4 +1,4 @@
-"""The environment contract (shared/DESIGN.md "The environment"; the MigrationEnv docstring)."""
+"""The environment contract (docs/DESIGN.md "The environment"; the MigrationEnv docstring)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Workload models against closed forms (shared/reference/migration.md s1, s5).
+"""Workload models against closed forms (docs/reference/migration.md s1, s5).
 
 A page of rate r protected at t0 is first written within T with probability 1 - exp(-r T);
 a class of N pages sharing a total rate R dirties U(T) = N (1 - exp(-R T / N)) distinct pages.

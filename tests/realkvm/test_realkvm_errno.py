@@ -8,7 +8,7 @@ from ringenv.realkvm.guest import unavailable_reason
 NO_KVM = unavailable_reason()
 pytestmark = [pytest.mark.kvm, pytest.mark.skipif(NO_KVM is not None, reason=str(NO_KVM))]
 
-# shared/reference/real-kvm-host.md, "Errors observed" (x86 without WITH_BITMAP)
+# docs/reference/real-kvm-host.md, "Errors observed" (x86 without WITH_BITMAP)
 REFERENCE = {
     "ring_size_0": "EINVAL",
     "ring_not_power_of_two": "EINVAL",

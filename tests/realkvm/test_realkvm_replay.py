@@ -1,5 +1,5 @@
 """kvm_replay_trace on the real KVM: the built-in traces against the reference semantics
-(shared/reference/kvm-dirty-ring.md, real-kvm-host.md) and, when importable, the simulator."""
+(docs/reference/kvm-dirty-ring.md, real-kvm-host.md) and, when importable, the simulator."""
 
 from collections import Counter
 

@@ -72,6 +72,12 @@ def test_bad_values_name_the_field_and_what_is_accepted(overrides, field, accept
     assert field in msg and accepted in msg, msg
 
 
+def test_an_error_in_an_override_is_not_blamed_on_the_file():
+    with pytest.raises(ConfigError, match=r"^invalid scenario default.yaml with the keyword overrides "
+                                          r"\(collector, seed\):\n  collector: .*'ring' or 'bitmap' \(got 'rings'\)"):
+        load_scenario("default", collector="rings", seed=3)
+
+
 def test_with_bitmap_on_x86_is_refused():
     with pytest.raises(ConfigError, match="vm.with_bitmap: host x86-pml does not offer"):
         load_scenario("default", host="x86-pml", vm={"with_bitmap": True})

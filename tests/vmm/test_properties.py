@@ -1,4 +1,4 @@
-"""Randomized configurations never lose a write (DESIGN.md: reliability), and runs are exact
+"""Randomized configurations never lose a write (docs/DESIGN.md: reliability), and runs are exact
 under random stepping."""
 
 from __future__ import annotations

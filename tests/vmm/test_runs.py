@@ -153,7 +153,7 @@ def _array_bytes(*objs) -> int:
 
 @pytest.mark.parametrize("collector", ["ring", "bitmap"])
 def test_memory_budget_per_page(collector):
-    """<= 16 bytes per simulated page in all (DESIGN.md): the VMM keeps at most ~8."""
+    """<= 16 bytes per simulated page in all (docs/DESIGN.md): the VMM keeps at most ~8."""
     r = MigrationRun(small("default", collector=collector))
     r.advance(2 * S)  # bitmaps allocated and in use
     vm = r.vm

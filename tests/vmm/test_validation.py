@@ -1,4 +1,4 @@
-"""The figures of shared/reference/migration.md, reproduced by the simulated host + VMM.
+"""The figures of docs/reference/migration.md, reproduced by the simulated host + VMM.
 
 - s1: uniform dirtying with no overlap follows the geometric pre-copy formulas within 1%; with
   random writes the re-sent set per round is the number of unique pages written, U(T).
