@@ -412,8 +412,9 @@ class CheckpointEnv(RingEnv):
     the checkpoint's downtime). Fewer dirty pages per period make the ring win.
 
     ## Action Space, Observation Space
-    As :class:`MigrationEnv`; `progress` is the share of the horizon elapsed, `remaining` the
-    dirty bytes not yet checkpointed, `iteration` the checkpoints taken / 32.
+    As :class:`MigrationEnv`; `progress` is the share of RAM in the image (1 once the base image
+    is written), `remaining` the dirty bytes not yet checkpointed, `iteration` the dirty syncs
+    so far / 32 (the set-up's, then one per stop-the-world checkpoint, two per live one).
 
     ## Rewards
     As :class:`MigrationEnv`, downtime being the sum of the checkpoint pauses.

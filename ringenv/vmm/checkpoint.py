@@ -11,7 +11,10 @@ Dirty logging is on for the whole run. The base image (all of RAM) is written li
   same pause for what was dirtied meanwhile.
 
 A checkpoint that ends after the next one was due counts as an overrun (the next one starts at
-once). The run ends at ``checkpoint.horizon_s``.
+once). The run ends at ``checkpoint.horizon_s``; what is under way then (the base image, a
+checkpoint) is finished first. A run that took no checkpoint verified nothing (``verified``
+None) and did not keep its schedule (``converged`` False). ``pass_bytes``: the base image,
+then one entry per checkpoint.
 """
 
 from __future__ import annotations
@@ -30,7 +33,7 @@ class CheckpointRun(Session):
         self.checkpoint_lost: list[int] = []
         self.overruns = 0
         super().__init__(scenario, seed=seed, **overrides)
-        self.rate_Bps = self.cfg.checkpoint.storage_mbps * 1e6
+        self.rate_Bps = self.final_rate_Bps = self.cfg.checkpoint.storage_mbps * 1e6
 
     def _main(self):
         ck = self.cfg.checkpoint
@@ -43,6 +46,7 @@ class CheckpointRun(Session):
         self.phase = "base"  # the base image, written live
         while dirty.mig_count:
             yield from self.send_slice(self.rate_Bps)
+        self.end_pass()  # pass_bytes[0]: the base image
         next_due = loop.now
         while True:
             if loop.now < next_due:
@@ -53,11 +57,11 @@ class CheckpointRun(Session):
             t0 = loop.now
             yield from self._checkpoint(ck.stop_the_world)
             next_due = t0 + period
-            if loop.now > next_due:
+            if loop.now > next_due and next_due < horizon:  # (none is due after the horizon)
                 self.overruns += 1
                 next_due = loop.now
         self.lost_writes = max(self.checkpoint_lost, default=0)
-        self.verified = all(x == 0 for x in self.checkpoint_lost)
+        self.verified = all(x == 0 for x in self.checkpoint_lost) if self.checkpoint_lost else None
         self.finish()
 
     def _checkpoint(self, stop_the_world: bool):
@@ -79,8 +83,9 @@ class CheckpointRun(Session):
         self.end_pass()
 
     def metrics(self) -> Metrics:
+        on_schedule = self.overruns == 0 and (bool(self.pauses) or not self.finished)
         d = self._base_metrics(max(self.pauses, default=0) / NS,
-                               (self.end_ns if self.finished else self.loop.now) / NS, self.overruns == 0)
+                               (self.end_ns if self.finished else self.loop.now) / NS, on_schedule)
         d["checkpoints"] = len(self.pauses)
         d["pause_total_s"] = sum(self.pauses) / NS
         d["checkpoint_overruns"] = self.overruns

@@ -22,7 +22,7 @@ class Metrics:
     # --- outcome (final once done)
     downtime_s: float  #: migration: stop to destination ready; checkpoint: the longest pause, s
     total_s: float  #: migration: start to end incl. downtime; checkpoint: the horizon, s
-    converged: bool  #: migration: switchover by the downtime rule (not forced at give_up_s); checkpoint: no overrun
+    converged: bool  #: migration: switchover by the downtime rule (not forced at give_up_s); checkpoint: no overrun (and, at the end, a checkpoint taken)
     iterations: int  #: dirty syncs (QEMU dirty-sync-count: setup, each pass, final)
     passes: int  #: completed live passes over the dirty set (syncs between setup and stop)
     bytes_sent: int  #: bytes put on the link/storage (pages + 8-byte headers + device state)
@@ -47,7 +47,7 @@ class Metrics:
     interval_ms: float  #: current reaper interval, ms (0 with the bitmap)
     # --- correctness
     lost_writes: int  #: pages whose destination copy differs from the source (checkpoint: worst checkpoint)
-    verified: bool | None  #: lost_writes == 0, once checked (None before)
+    verified: bool | None  #: lost_writes == 0, once checked (None before, and for a checkpoint run that took none)
     ring_overflows: int  #: entries the kernel overwrote in a full ring (its WARN)
     wedged_vcpus: int  #: vCPUs whose overflowed ring wedged (KVM_RUN keeps returning ring-full with nothing to harvest)
     # --- observation
@@ -59,7 +59,7 @@ class Metrics:
     progress: float  #: share of guest RAM sent at least once
     throttle_pct: float  #: current auto-converge percentage (dirty-limit: mean sleep share)
     vcpu_stall_s_per_vcpu: tuple  #: vcpu_stall_s by vCPU
-    pass_bytes: tuple  #: bytes sent in each completed pass
+    pass_bytes: tuple  #: bytes sent in each completed pass; migration: then the stop-and-copy; checkpoint: the base image, then each checkpoint
     sync_s: float  #: time spent in dirty syncs (flush or GET_DIRTY_LOG, merge), all syncs, s
     vmm_bytes_per_page: float  #: VMM bookkeeping memory per guest page, bytes
     # --- checkpointing

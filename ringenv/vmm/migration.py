@@ -17,7 +17,8 @@ the switchover is forced (reported ``converged = False``).
 
 Stop-and-copy: stop the VM (every vCPU kicked out and parked; on arm64 KVM saves the vGIC
 tables into guest RAM, logged in the backup bitmap), final sync (with the backup bitmap read on
-arm64), send what is left and the device state. Downtime is from the stop to the end. Then the
+arm64), send what is left and the device state at the link's full rate (QEMU disables the
+max-bandwidth limit for the completion). Downtime is from the stop to the end. Then the
 destination's page versions are compared with the source's: ``lost_writes``.
 """
 
@@ -39,6 +40,7 @@ class MigrationRun(Session):
         self.forced = False
         super().__init__(scenario, seed=seed, **overrides)
         self.rate_Bps = self.cfg.link.rate_Bps
+        self.final_rate_Bps = self.cfg.link.link_Bps  # migration_completion: no rate limit
 
     def _main(self):
         link = self.cfg.link

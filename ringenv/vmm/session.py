@@ -11,11 +11,13 @@ event loop (:mod:`ringenv.vmm.sim`), in integer nanoseconds of simulated time:
   (``Vcpu.kick``, QEMU's SIG_IPI) takes the vCPU out for one round trip; queued throttle work
   then sleeps; while the VM is stopped the thread parks.
 - the ring reaper (``kvm_dirty_ring_reaper_thread``): sleep ``interval``, take the lock, reap all
-  rings, reset, release. The interval can be changed between steps
+  rings, reset, release; while dirty-limit is in service it only sleeps (the ring-full exits
+  reap, per vCPU). The interval can be changed between steps
   (:meth:`Session.set_harvest_interval`); QEMU's is a fixed 1 s.
 - the main thread of the run (migration or checkpointing, in the subclasses), and the throttles'.
-- a sampler that estimates the dirty rate from the rings every 250 ms (QEMU calc-dirty-rate,
-  dirty-ring mode: entries per vCPU over a 1 s window).
+- the dirty-rate estimate (QEMU calc-dirty-rate, dirty-ring mode): ring entries over the last
+  >= 1 s, computed when asked from a sample (time, entries harvested) taken at every reap of
+  all rings; the samples older than the newest one at least 1 s old are dropped.
 
 Stepping: :meth:`Session.advance` processes every event up to ``until_ns`` and lets the host run
 only up to the last of them; the host is never asked to stop at an arbitrary step boundary, so
@@ -119,6 +121,7 @@ class Session:
         self._bw_t0 = 0
         self._bw_b0 = 0
         self._slice = None
+        self._taken = 0  # pages taken for a slice whose KVM_CLEAR_DIRTY_LOG runs: still to send
         self._last_sync_ns = 0
         self.sync_rate_Bps = 0.0
 
@@ -131,6 +134,9 @@ class Session:
         self.vstate = [OUT] * nv
         self.vproc: list[Process | None] = [None] * nv
         self.throttle_work = np.zeros(nv, dtype=np.int64)
+        # the throttle sleep a vCPU thread is in (start, length: 0 none), counted as it passes
+        self._throttle_from = np.zeros(nv, dtype=np.int64)
+        self._throttle_len = np.zeros(nv, dtype=np.int64)
         self.wedged_at = np.full(nv, -1, dtype=np.int64)  # when a vCPU's ring wedged (-1: never)
         self.paused = False
         self._parked = 0
@@ -138,7 +144,7 @@ class Session:
         self._resume = Signal()
 
         # dirty-rate estimate: (time, entries harvested so far) at every reap of all rings
-        self._samples: deque = deque([(0, 0)], maxlen=64)
+        self._samples: deque = deque([(0, 0)])
 
         self.interval_ns = int(round(cfg.interval_ms * MS))
         for i in range(nv):
@@ -242,7 +248,6 @@ class Session:
                     sl = self.throttle.after_full_exit(i)
                     if sl > 0:
                         delay += sl
-                        self.throttle_ns[i] += sl
                         dl = True
                 delay += costs.exit_ns
                 self.exit_ns[i] += costs.exit_ns
@@ -253,10 +258,11 @@ class Session:
                 self.throttle_work[i] = 0
             if delay or w:
                 self.vstate[i] = SLEEP if w else (DLSLEEP if dl else OUT)
-                t0 = loop.now
+                # the throttle sleeps (dirty-limit's after the exit's work, then auto-converge's)
+                # end the wait
+                self._throttle_sleep(i, loop.now + delay - sl if dl else loop.now + delay, (sl if dl else 0) + w)
                 yield delay + w
-                if w:
-                    self.throttle_ns[i] += max(0, loop.now - t0 - delay)
+                self._throttle_woke(i)
                 self.vstate[i] = OUT
             while True:
                 if self.paused:
@@ -268,9 +274,9 @@ class Session:
                     w = int(self.throttle_work[i])
                     self.throttle_work[i] = 0
                     self.vstate[i] = SLEEP
-                    t0 = loop.now
+                    self._throttle_sleep(i, loop.now, w)
                     yield w
-                    self.throttle_ns[i] += loop.now - t0
+                    self._throttle_woke(i)
                     self.vstate[i] = OUT
                 else:
                     break
@@ -281,6 +287,37 @@ class Session:
                 return
             if e.kind == "full" and self._wedged(i):
                 return
+
+    def _throttle_sleep(self, i: int, start: int, length: int) -> None:
+        """vCPU ``i``'s thread sleeps for the throttle from ``start`` for ``length`` ns (it may
+        be woken earlier): counted in ``throttle_ns`` as the time passes (:meth:`_throttled_ns`)."""
+        self._throttle_from[i] = start
+        self._throttle_len[i] = length
+
+    def _throttle_woke(self, i: int) -> None:
+        """The sleep is over (or cut short): what of it passed joins ``throttle_ns``."""
+        if self._throttle_len[i]:
+            self.throttle_ns[i] += self._throttle_passed(i, self.loop.now)
+            self._throttle_len[i] = 0
+
+    def _throttle_passed(self, i: int, now: int) -> int:
+        return min(max(now - int(self._throttle_from[i]), 0), int(self._throttle_len[i]))
+
+    def _throttled_ns(self, now: int) -> int:
+        """Throttle sleep of all vCPUs up to ``now``: the sleeps over, and what passed of those
+        under way."""
+        total = sum(self.throttle_ns.tolist())
+        for i in np.flatnonzero(self._throttle_len).tolist():
+            total += self._throttle_passed(i, now)
+        return total
+
+    def _sleepers_wake_ns(self) -> int:
+        """How long until every vCPU thread now asleep in a throttle sleep is back (0: none is)."""
+        last = self.loop.now
+        for i, st in enumerate(self.vstate):
+            if st in (SLEEP, DLSLEEP) and self.vproc[i] is not None and self.vproc[i].pending is not None:
+                last = max(last, self.vproc[i].pending[0])
+        return last - self.loop.now
 
     def _wedged(self, i: int) -> bool:
         """KVM_RUN returned DIRTY_RING_FULL at once although everything harvested was reset and
@@ -353,6 +390,10 @@ class Session:
         loop = self.loop
         yield self.interval_ns
         while not self.finished:
+            if self.throttle.in_service:  # dirty-limit: keep sleeping, the exits reap
+                self._reaper_last = loop.now
+                yield self.interval_ns
+                continue
             yield self.bql
             n, work = self.collector.reap()
             ns = self.collector.reset(n)
@@ -387,8 +428,11 @@ class Session:
     def note_full_reap(self) -> None:
         """Every ring was just harvested: a sample for the dirty-rate estimate."""
         t = self.loop.now
-        if t > self._samples[-1][0]:
-            self._samples.append((t, self.entries_harvested))
+        samples = self._samples
+        if t > samples[-1][0]:
+            samples.append((t, self.entries_harvested))
+            while len(samples) > 2 and samples[1][0] <= t - RATE_WINDOW_NS:
+                samples.popleft()  # the newest sample at least 1 s old stays first
 
     @property
     def dirty_rate_Bps(self) -> float:
@@ -416,12 +460,18 @@ class Session:
         raise NotImplementedError
 
     def sync(self, last_stage: bool = False):
-        """migration_bitmap_sync under the big lock: collect, merge, account, throttle rule."""
+        """migration_bitmap_sync under the big lock: collect, merge, account, throttle rule.
+        With the ring, the flush kicks every vCPU with a synchronous run_on_cpu: a vCPU thread
+        asleep in a throttle sleep does that work when it wakes, and the sync waits for it (with
+        the big lock released, as QEMU waits on its condition); that wait is part of the sync."""
+        wait = self._sleepers_wake_ns() if self.collector.kind == "ring" else 0
+        if wait:
+            yield wait
         yield self.bql
         ns = self.collector.sync(last_stage)
         self.bql.release_at(self.loop.now + ns)
         yield ns
-        self.note_sync(last_stage, ns)
+        self.note_sync(last_stage, wait + ns)
 
     def note_sync(self, last_stage: bool, ns: int) -> None:
         """Bookkeeping after a sync that took ``ns``: counts, the dirty rate it saw, the
@@ -463,6 +513,7 @@ class Session:
                 k = min(k, max(1, -(-(deadline - self.loop.now) // SLICE_NS)))
             max_pages = k * n50
         run = None if self.collector.reads_slices else self.dirty.take_run(max_pages)
+        resent = self.dirty.pages_resent
         if run is not None:  # consecutive pages (the bulk stage): no index array
             self.dirty.copy_run(*run, self.source_version())
             npages = run[1]
@@ -472,30 +523,35 @@ class Session:
                 return
             pages = self.collector.limit_slice(pages)
             ns = self.collector.before_send(pages)
-            if ns:
+            if ns:  # the CLEAR runs first: the pages taken are still to send meanwhile
+                self._taken = len(pages)
                 yield ns
+                self._taken = 0
             self.dirty.copy(pages, self.source_version())
             npages = len(pages)
+        new = npages - (self.dirty.pages_resent - resent)  # sent for the first time
         nbytes = npages * bpp
         self.bytes_sent += nbytes
         self._pass_sent += nbytes
         dt = int(math.ceil(nbytes * NS / rate_Bps))
-        self._slice = (self.loop.now, dt, npages, nbytes)
+        self._slice = (self.loop.now, dt, npages, nbytes, new)
         yield dt
         self._slice = None
         self.update_bandwidth()
 
-    def _in_flight(self, now: int) -> tuple[int, int]:
-        """(pages, bytes) of the slice being sent that are not on the wire by ``now``."""
+    def _in_flight(self, now: int) -> tuple[int, int, int]:
+        """(pages, bytes, pages sent for the first time) of the slice being sent that are not on
+        the wire by ``now`` (its first-time pages pro rata, so that the share of RAM sent at
+        least once never goes down)."""
         if self._slice is None:
-            return 0, 0
-        t0, dt, n, nbytes = self._slice
+            return 0, 0, 0
+        t0, dt, n, nbytes, new = self._slice
         if not dt:
-            return 0, 0
+            return 0, 0, 0
         done = (now - t0) / dt  # share on the wire, clamped to [0, 1]
         done = (done if done < 1.0 else 1.0) if done > 0.0 else 0.0
         left = 1.0 - done
-        return int(n * left), int(nbytes * left)
+        return int(n * left), int(nbytes * left), int(new * left)
 
     def send_bytes(self, nbytes: int, rate_Bps: float):
         if nbytes > 0:
@@ -553,14 +609,15 @@ class Session:
     def final_copy(self):
         """The stop-and-copy stage, a process step under the big lock with the vCPUs paused:
         the vGIC/ITS table saves, the last-stage sync, every page still dirty and the device state,
-        sent at the run's ``rate_Bps`` (the link, or the checkpoint storage)."""
+        sent at the run's ``final_rate_Bps`` (the link's full rate: QEMU lifts max-bandwidth for
+        the completion; or the checkpoint storage's)."""
         self.save_vgic_tables()
         sync = self.collector.sync(last_stage=True)
         yield sync
         self.note_sync(True, sync)
         while self.dirty.mig_count:
-            yield from self.send_slice(self.rate_Bps, max_pages=1 << 20)
-        yield from self.send_bytes(self.cfg.link.device_state_bytes, self.rate_Bps)
+            yield from self.send_slice(self.final_rate_Bps, max_pages=1 << 20)
+        yield from self.send_bytes(self.cfg.link.device_state_bytes, self.final_rate_Bps)
 
     def close(self) -> None:
         """Release the run's VM and page bookkeeping now (the VM fd is closed; metrics taken
@@ -626,7 +683,7 @@ class Session:
         vm_st = vm.stats
         ready = self.collector.ready()
         fill = (ready / soft_limit).tolist() if ring else [0.0] * len(vcpus)
-        fl_pages, fl_bytes = self._in_flight(self.now_ns)
+        fl_pages, fl_bytes, fl_new = self._in_flight(self.now_ns)
         wedged = [t for t in self.wedged_at.tolist() if t >= 0]
         spin = self._spin_ns(wedged) if wedged else 0
         return {
@@ -639,7 +696,7 @@ class Session:
             "full_exits": full_exits,
             "vcpu_exit_s": float(sum(self.exit_ns.tolist()) + sum(self.work_ns.tolist()) + spin) / NS,
             "vcpu_stall_s": float(sum(self.stall_ns.tolist())) / NS,
-            "vcpu_throttle_s": float(sum(self.throttle_ns.tolist())) / NS,
+            "vcpu_throttle_s": float(self._throttled_ns(self.now_ns)) / NS,
             "vcpu_fault_s": fault_ns / NS,
             "vmm_cpu_s": self.vmm_cpu_ns / NS,
             "harvests": self.harvests, "resets": vm_st.resets, "entries_harvested": self.entries_harvested,
@@ -652,9 +709,9 @@ class Session:
             "wedged_vcpus": len(wedged),
             "dirty_rate_Bps": self._dirty_rate(ready),
             "ring_fill": tuple(fill),
-            "remaining_bytes": (dirty.mig_count + fl_pages) * self.page_size,
+            "remaining_bytes": (dirty.mig_count + fl_pages + self._taken) * self.page_size,
             "bandwidth_Bps": self.bandwidth_Bps, "threshold_bytes": self.threshold_bytes,
-            "progress": (dirty.pages_sent - fl_pages - dirty.pages_resent) / self.npages,
+            "progress": (dirty.pages_sent - dirty.pages_resent - fl_new) / self.npages,
             "throttle_pct": float(self.throttle.pct),
             "vcpu_stall_s_per_vcpu": tuple((self.stall_ns / NS).tolist()),
             "pass_bytes": tuple(self.pass_bytes),
