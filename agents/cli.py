@@ -8,6 +8,7 @@ flag's help), so ``ringenv train --help`` and ``python -m agents.train --help`` 
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 
 from . import compare, evaluate, train
@@ -47,6 +48,12 @@ def _cmd_train(args) -> int:
     return 0
 
 
+def _summary(doc: str) -> str:
+    """The first paragraph of a module docstring as plain help text: ``x`` and :role:`x` become x."""
+    text = " ".join(doc.split("\n\n")[0].split())
+    return re.sub(r"(?::\w+:)?`+([^`]+)`+", r"\1", text)
+
+
 def add_parsers(sub) -> None:
     fmt = argparse.ArgumentDefaultsHelpFormatter.__base__  # plain help text (defaults are in each help)
     p = sub.add_parser(
@@ -59,18 +66,18 @@ def add_parsers(sub) -> None:
     p.set_defaults(func=_cmd_compare)
 
     p = sub.add_parser("train", help="train a policy with stable-baselines3 (PPO, A2C, DQN)",
-                       description=train.__doc__.split("\n\n")[0] + " Hyperparameters: configs/train/ALGO.yaml; "
+                       description=_summary(train.__doc__) + " Hyperparameters: configs/train/ALGO.yaml; "
                        "models, VecNormalize statistics, TensorBoard logs under --out/NAME.", formatter_class=fmt)
     add_dataclass_arguments(p, train.Args)
     p.set_defaults(func=_cmd_train)
 
     p = sub.add_parser("evaluate", help="evaluate policies or trained models on the test workloads, several seeds",
-                       description=evaluate.__doc__.split("\n\n")[0] + " Writes episodes.csv and summary.csv "
+                       description=_summary(evaluate.__doc__) + " Writes episodes.csv and summary.csv "
                        "under --out and prints the Markdown table.", formatter_class=fmt)
     add_dataclass_arguments(p, evaluate.Args)
     p.set_defaults(func=_cmd_evaluate)
 
     p = sub.add_parser("compare", help="compare policies: Markdown table, CSV, Pareto and timeline plots",
-                       description=compare.__doc__.split("\n\n")[0], formatter_class=fmt)
+                       description=_summary(compare.__doc__), formatter_class=fmt)
     add_dataclass_arguments(p, compare.Args)
     p.set_defaults(func=_cmd_compare)

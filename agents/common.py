@@ -212,19 +212,23 @@ class FixedEpisodes(gym.Wrapper):
 
 class ActionRepeat(gym.Wrapper):
     """Hold each action for ``k`` control intervals (rewards summed, the last observation and
-    info returned): the agent decides every k x control_interval_ms of simulated time. A trained
-    model remembers its k (args.json) and holds its actions the same way when evaluated."""
+    info returned): the agent decides every k x control_interval_ms of simulated time, and one
+    step of this wrapper (one decision, one stable-baselines3 timestep) is up to k environment
+    steps (fewer when the episode ends within it; ``env_steps`` counts them). A trained model
+    remembers its k (args.json) and holds its actions the same way when evaluated."""
 
     def __init__(self, env: gym.Env, k: int):
         super().__init__(env)
         if k < 1:
             raise ValueError(f"action_repeat {k}: expected >= 1")
         self.k = int(k)
+        self.env_steps = 0  #: environment steps taken so far (all episodes)
 
     def step(self, action):
         total = 0.0
         for _ in range(self.k):
             obs, r, term, trunc, info = self.env.step(action)
+            self.env_steps += 1
             total += r
             if term or trunc:
                 break

@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from .common import MIGRATION, EnvFacts, jsonable, make_env, parse_dataclass_args, parse_overrides, wrap_env
-from .heuristics import Policy, heuristic_env_kwargs, is_heuristic, make_heuristic
+from .heuristics import SPECS, Policy, heuristic_env_kwargs, is_heuristic, make_heuristic
 
 
 @dataclass
@@ -59,8 +59,9 @@ class Args(EvalSettings):
     """Evaluate policies on the test workloads of a scenario with several seeds."""
 
     policies: list[str] = field(default_factory=lambda: ["qemu"], metadata={"metavar": "SPEC"})
-    """heuristic specs (qemu, fixed:ENTRIES:MS, watermark[:T[:ENTRIES|auto]], rate[:MIB], bitmap, random) or
-    trained models (path to a .zip saved by `ringenv train`, or its run directory)"""
+    """heuristic specs (qemu, fixed:ENTRIES:MS, watermark[:T[:ENTRIES|auto]], rate[:MIB[:ENTRIES]], bitmap,
+    random[:SEED]; ENTRIES and MS must be members of the env's ring_sizes / intervals_ms, which --set can change)
+    or trained models (path to a .zip saved by `ringenv train`, or its run directory)"""
     seeds: int = 5
     """episodes per workload (seeds seed0, seed0+1, ...)"""
     out: str = "runs/evaluate"
@@ -274,17 +275,17 @@ def _job(spec, env_id, scenario, split, workloads, overrides_json, workload, see
     return rec
 
 
-def check_spec(spec: str) -> None:
-    """A clear error for a policy spec that is neither a heuristic nor a saved model."""
+def check_spec(spec: str, facts: EnvFacts) -> None:
+    """A clear error for a policy spec that is neither a heuristic nor a saved model, or a
+    heuristic naming a ring size or interval that is not on the action grid of ``facts`` (the
+    evaluation environment's): it would run the nearest action under the requested label."""
     if is_heuristic(spec):
-        make_heuristic(spec, EnvFacts(ring_sizes=(4096,), intervals_ms=(1000.0,), link_Bps=1.0, page_size=4096,
-                                      vcpus=1))
+        make_heuristic(spec, facts)
         return
     try:
         find_model(spec)
     except FileNotFoundError as e:
-        raise ValueError(f"policy {spec!r}: not a heuristic (qemu, fixed:ENTRIES:MS, watermark[:T[:ENTRIES|auto]], "
-                         f"rate[:MIB[:ENTRIES]], bitmap, random[:SEED]) and not a trained model ({e})") from None
+        raise ValueError(f"policy {spec!r}: not a heuristic ({SPECS}) and not a trained model ({e})") from None
 
 
 def unavailable(spec: str, env_id: str, scenario: str, split: str, workloads, overrides: dict) -> str | None:
@@ -305,13 +306,15 @@ def unavailable(spec: str, env_id: str, scenario: str, split: str, workloads, ov
     return None
 
 
-def episode_workloads(env_id: str, scenario: str, split: str, workloads: list[str], overrides: dict) -> list[str]:
-    if workloads:
-        return list(workloads)
-    env = make_env(env_id, scenario, split, None, overrides)
-    out = list(env.unwrapped.workloads)
-    env.close()
-    return out
+def evaluation_env(env_id: str, scenario: str, split: str, workloads: list[str] | None,
+                   overrides: dict) -> tuple[list[str], EnvFacts]:
+    """The workloads the episodes run (the explicit ones, else the split's) and the facts of the
+    evaluation environment (its action grids: what heuristic specs are checked against)."""
+    env = make_env(env_id, scenario, split, list(workloads or []) or None, overrides)
+    try:
+        return list(workloads or env.unwrapped.workloads), EnvFacts.from_env(env)
+    finally:
+        env.close()
 
 
 def evaluate(policies: list[str], env_id: str = MIGRATION, scenario: str = "default", split: str = "test",
@@ -319,12 +322,14 @@ def evaluate(policies: list[str], env_id: str = MIGRATION, scenario: str = "defa
              workers: int = 2, progress: bool = True, desc: str = "episodes") -> list[dict]:
     """Run every policy on every (workload, seed); the episode records, in a stable order.
     Policies whose environment cannot provide them (the bitmap baseline on an env that forces
-    the ring) are dropped with a note on stderr."""
+    the ring) are dropped with a note on stderr. A heuristic spec naming a ring size or interval
+    off the environment's action grid is a ValueError before any episode runs."""
     overrides = overrides or {}
-    wls = episode_workloads(env_id, scenario, split, workloads or [], overrides)
+    wls, facts = evaluation_env(env_id, scenario, split, workloads, overrides)
+    for spec in policies:  # every spec checked before anything runs
+        check_spec(spec, facts)
     available = []
     for spec in policies:
-        check_spec(spec)
         why = unavailable(spec, env_id, scenario, split, workloads, overrides)
         if why:
             print(f"note: policy {spec!r} left out: {why}", file=sys.stderr)

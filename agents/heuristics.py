@@ -12,13 +12,22 @@ is 0.
 |---|---|---|
 | QEMU default | ``qemu`` | 4096 entries, reaper every 1000 ms (QEMU's ``dirty-ring-size`` and fixed 1 s sleep) |
 | fixed | ``fixed:ENTRIES:MS`` | one member of the grid, held for the whole episode |
-| fill watermark | ``watermark[:THRESHOLD[:ENTRIES or auto]]`` | the longest interval after which the fullest ring is predicted to stay below THRESHOLD of its soft limit |
-| rate-proportional | ``rate[:MIB]`` | harvest every time the guest has dirtied MIB MiB: interval = MIB / dirty rate |
+| fill watermark | ``watermark[:THRESHOLD[:ENTRIES or auto]]`` | the longest interval after which the fullest ring is predicted to stay below THRESHOLD of its soft limit (ENTRIES default 4096) |
+| rate-proportional | ``rate[:MIB[:ENTRIES]]`` | harvest every time the guest has dirtied MIB MiB: interval = MIB / dirty rate (ENTRIES default 4096) |
 | bitmap | ``bitmap`` | the KVM_GET/CLEAR_DIRTY_LOG collector (needs ``collector="bitmap"`` honoured by the env) |
-| random | ``random`` | a uniformly random action every step |
+| random | ``random[:SEED]`` | a uniformly random action every step |
+
+A ring size or interval a policy names (ENTRIES, MS, and QEMU's 4096 entries / 1000 ms) must be a
+member of the environment's action grid (``ring_sizes``, ``intervals_ms``): the action cannot say
+anything else, and snapping it to the nearest member would run one thing under the label of
+another. Off-grid values are an error naming the value and the grid; change the grid
+(``--set intervals_ms=[...]`` / ``ring_sizes=[...]``) to use them. The watermark and
+rate-proportional policies compute intervals and pick the nearest offered one by design.
 """
 
 from __future__ import annotations
+
+import math
 
 import numpy as np
 
@@ -54,12 +63,34 @@ class Policy:
         return f"<{type(self).__name__} {self.name}>"
 
 
-class Fixed(Policy):
-    """One (ring entries, interval) pair for the whole episode."""
+def check_ring(facts: EnvFacts, entries: int, what: str = "ENTRIES") -> int:
+    """``entries`` if the action grid offers it, else a ValueError naming it and the grid."""
+    if int(entries) not in facts.ring_sizes:
+        raise ValueError(f"{what} {entries} is not one of the environment's ring sizes; accepted ring_sizes: "
+                         f"{', '.join(map(str, facts.ring_sizes))} (change them with --set ring_sizes=[...])")
+    return int(entries)
 
-    def __init__(self, facts: EnvFacts, ring_entries: int, interval_ms: float, name: str | None = None):
+
+def check_interval(facts: EnvFacts, interval_ms: float, what: str = "interval") -> float:
+    """The offered interval equal to ``interval_ms``, else a ValueError naming it and the grid."""
+    for m in facts.intervals_ms:
+        if math.isclose(float(m), float(interval_ms), rel_tol=1e-9):
+            return float(m)
+    raise ValueError(f"{what} {interval_ms:g} ms is not one of the environment's intervals; accepted intervals_ms: "
+                     f"{', '.join(f'{m:g}' for m in facts.intervals_ms)} (change them with --set intervals_ms=[...])")
+
+
+class Fixed(Policy):
+    """One (ring entries, interval) pair for the whole episode; both must be members of the
+    action grid (``strict=False``: the nearest members, for a policy whose action is ignored)."""
+
+    def __init__(self, facts: EnvFacts, ring_entries: int, interval_ms: float, name: str | None = None,
+                 strict: bool = True):
         super().__init__(facts)
         self.ring_entries, self.interval_ms = int(ring_entries), float(interval_ms)
+        if strict:
+            check_ring(facts, self.ring_entries, "ENTRIES")
+            self.interval_ms = check_interval(facts, self.interval_ms, "interval")
         self.action = facts.encode(self.ring_entries, self.interval_ms)
         self.name = name or f"fixed {self.ring_entries}/{self.interval_ms:g}ms"
 
@@ -93,6 +124,8 @@ class FillWatermark(Policy):
         super().__init__(facts)
         if not 0 < threshold <= 1:
             raise ValueError(f"watermark threshold {threshold}: expected 0 < threshold <= 1")
+        if ring_entries != "auto":
+            ring_entries = check_ring(facts, ring_entries, "ENTRIES")
         self.threshold, self.ring_entries, self.default_skew = threshold, ring_entries, default_skew
         self.auto_interval_ms = auto_interval_ms
         self.name = f"watermark {threshold:g}" + (f" ring {ring_entries}" if ring_entries != 4096 else "")
@@ -136,9 +169,9 @@ class RateProportional(Policy):
 
     def __init__(self, facts: EnvFacts, mib: float = 64.0, ring_entries: int = 4096):
         super().__init__(facts)
-        if mib <= 0:
-            raise ValueError(f"rate MiB per harvest {mib}: expected > 0")
-        self.mib, self.ring_entries = mib, int(ring_entries)
+        if not mib > 0 or math.isinf(mib):
+            raise ValueError(f"MIB {mib:g}: expected a number > 0 (MiB dirtied per harvest)")
+        self.mib, self.ring_entries = mib, check_ring(facts, ring_entries, "ENTRIES")
         self.name = f"rate {mib:g}MiB"
 
     def interval_for(self, rate_obs: float) -> float:
@@ -161,7 +194,7 @@ class Bitmap(Fixed):
     env_kwargs = {"collector": "bitmap"}
 
     def __init__(self, facts: EnvFacts):
-        super().__init__(facts, 4096, 1000.0, name="bitmap")
+        super().__init__(facts, 4096, 1000.0, name="bitmap", strict=False)
 
 
 class Random(Policy):
@@ -171,6 +204,8 @@ class Random(Policy):
 
     def __init__(self, facts: EnvFacts, seed: int = 0):
         super().__init__(facts)
+        if seed < 0:
+            raise ValueError(f"SEED {seed}: expected an integer >= 0")
         self.rng = np.random.default_rng(seed)
 
     def reset(self, seed=None):
@@ -188,27 +223,59 @@ DEFAULT_SET = ["qemu", "fixed:65536:5000", "fixed:4096:100", "watermark", "water
                "random"]
 
 
+SPECS = ("qemu, fixed:ENTRIES:MS, watermark[:THRESHOLD[:ENTRIES|auto]], rate[:MIB[:ENTRIES]], bitmap, "
+         "random[:SEED]")
+
+
+def _int(part: str, what: str) -> int:
+    try:
+        return int(part)
+    except ValueError:
+        raise ValueError(f"{what} {part!r} is not an integer") from None
+
+
+def _number(part: str, what: str) -> float:
+    try:
+        return float(part)
+    except ValueError:
+        raise ValueError(f"{what} {part!r} is not a number") from None
+
+
 def make_heuristic(spec: str, facts: EnvFacts) -> Policy:
-    """A heuristic from its spec string (table in the module docstring)."""
+    """A heuristic from its spec string (table in the module docstring), for the environment
+    described by ``facts``: a ring size or interval the spec names must be on its action grid."""
     name, *args = spec.split(":")
     try:
         if name == "qemu" and not args:
+            check_ring(facts, 4096, "QEMU's default ring size")
+            check_interval(facts, 1000.0, "QEMU's default interval")
             return QemuDefault(facts)
         if name == "fixed" and len(args) == 2:
-            return Fixed(facts, int(args[0]), float(args[1]))
+            return Fixed(facts, _int(args[0], "ENTRIES"), _number(args[1], "MS"))
         if name == "watermark" and len(args) <= 2:
-            ring = (args[1] if args[1] == "auto" else int(args[1])) if len(args) > 1 else 4096
-            return FillWatermark(facts, float(args[0]) if args else 0.5, ring)
+            ring = (args[1] if args[1] == "auto" else _int(args[1], "ENTRIES")) if len(args) > 1 else 4096
+            try:
+                return FillWatermark(facts, _number(args[0], "THRESHOLD") if args else 0.5, ring)
+            except ValueError as e:
+                if len(args) > 1:
+                    raise
+                raise ValueError(f"{e}; ENTRIES is 4096 unless given: watermark:THRESHOLD:ENTRIES") from None
         if name == "rate" and len(args) <= 2:
-            return RateProportional(facts, *(float(a) for a in args[:1]), *(int(a) for a in args[1:]))
+            mib = _number(args[0], "MIB") if args else 64.0
+            ring = _int(args[1], "ENTRIES") if len(args) > 1 else 4096
+            try:
+                return RateProportional(facts, mib, ring)
+            except ValueError as e:
+                if len(args) > 1 or not str(e).startswith("ENTRIES"):
+                    raise
+                raise ValueError(f"{e}; ENTRIES is 4096 unless given: rate:MIB:ENTRIES") from None
         if name == "bitmap" and not args:
             return Bitmap(facts)
         if name == "random" and len(args) <= 1:
-            return Random(facts, int(args[0]) if args else 0)
+            return Random(facts, _int(args[0], "SEED") if args else 0)
     except ValueError as e:
         raise ValueError(f"policy {spec!r}: {e}") from None
-    raise ValueError(f"policy {spec!r}: unknown; accepted: qemu, fixed:ENTRIES:MS, watermark[:THRESHOLD[:ENTRIES|auto]], "
-                     "rate[:MIB[:ENTRIES]], bitmap, random[:SEED], or a trained model (a .zip path)")
+    raise ValueError(f"policy {spec!r}: unknown; accepted: {SPECS}, or a trained model (a .zip path)")
 
 
 def is_heuristic(spec: str) -> bool:

@@ -2,7 +2,10 @@
 
 One readable program, CleanRL style: the arguments are the dataclass below (the docstring under
 each field is its --help); the algorithm's hyperparameters come from configs/train/ALGO.yaml
-(RL Zoo layout: env id -> n_timesteps, n_envs, policy, normalize, SB3 keywords).
+(RL Zoo layout: env id -> n_timesteps, n_envs, policy, normalize, action_repeat, env_wrapper,
+env_kwargs, and keywords of the algorithm's constructor), then ``--hp`` overrides. Every key and
+value is checked (:func:`check_hyperparams`) before anything is built or written: an unknown key
+or a value stable-baselines3 would reject later is an error naming it and what is accepted.
 
     python -m ringenv train                      # PPO, the documented budget
     python -m ringenv train --algo dqn --timesteps 50000
@@ -14,7 +17,10 @@ What it does:
 2. An evaluation environment on fixed (workload, seed) episodes of the train workloads, never
    the test ones (those judge the final policy); ``EvalCallback`` keeps the best model with its
    VecNormalize statistics, ``CheckpointCallback`` saves snapshots.
-3. ``model.learn(..., progress_bar=True)`` with TensorBoard logs under ``RUN/tb``.
+3. ``model.learn(total_timesteps=--timesteps)`` with TensorBoard logs under ``RUN/tb``. A
+   stable-baselines3 timestep is one decision of the agent: with ``action_repeat`` k (the file's,
+   40 for PPO) each decision is held for k environment steps (control intervals), so N timesteps
+   are up to N x k environment steps; the log, the progress bar and ``args.json`` count both.
 4. ``RUN/final_model.zip`` (+ ``_vecnormalize.pkl``), ``RUN/best_model.zip`` (+ stats),
    ``RUN/args.json`` (everything needed to load and evaluate it: ``ringenv evaluate --policies RUN``).
 """
@@ -29,8 +35,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .common import (DEFAULT_ENV, FixedEpisodes, wrap_env, jsonable, load_hyperparams, make_env, parse_dataclass_args,
-                     parse_overrides)
+from .common import (DEFAULT_ENV, TRAIN_CONFIG_DIR, FixedEpisodes, jsonable, load_hyperparams, make_env,
+                     parse_dataclass_args, parse_overrides, wrap_env)
 
 
 @dataclass
@@ -50,13 +56,17 @@ class Args:
     set: list[str] = field(default_factory=list, metadata={"metavar": "KEY=VALUE"})
     """overrides KEY=VALUE of env settings or scenario fields, e.g. vm.vcpus=2 (added to the file's env_kwargs)"""
     timesteps: int = 0
-    """total environment steps (0: n_timesteps of the hyperparameter file)"""
+    """agent decisions to train for, summed over the n_envs environments (stable-baselines3's total_timesteps;
+    0: n_timesteps of the hyperparameter file); each decision is held for action_repeat environment steps (the
+    file's action_repeat: 40 control intervals of 50 ms for PPO), so N decisions are up to N x action_repeat env
+    steps"""
     n_envs: int = 0
     """parallel training environments (0: the file's n_envs)"""
     hyperparams: str = ""
     """hyperparameter file (default configs/train/ALGO.yaml)"""
     hp: list[str] = field(default_factory=list, metadata={"metavar": "KEY=VALUE"})
-    """override hyperparameters of the file, KEY=VALUE, e.g. n_steps=64 batch_size=64 gamma=0.99"""
+    """override hyperparameters of the file, KEY=VALUE, e.g. n_steps=64 batch_size=64 gamma=0.99: keywords of the
+    algorithm's constructor, or n_timesteps, n_envs, policy, normalize, action_repeat, env_wrapper, env_kwargs"""
     seed: int = 0
     """seed of the model, the environments and their workload draws"""
     out: str = "runs/train"
@@ -94,14 +104,19 @@ def _env_factory(env_id, scenario, split, workloads, overrides, episodes=None, a
     return init
 
 
-def _policy_kwargs(spec):
-    """policy_kwargs from YAML: a mapping; ``activation_fn`` by name (tanh, relu)."""
-    import torch.nn as nn
-
-    kw = dict(spec or {})
-    if isinstance(kw.get("activation_fn"), str):
-        kw["activation_fn"] = {"tanh": nn.Tanh, "relu": nn.ReLU, "elu": nn.ELU}[kw["activation_fn"].lower()]
-    return kw
+#: hyperparameter-file keys the program reads itself (not passed to the algorithm)
+PROGRAM_KEYS = ("n_timesteps", "n_envs", "policy", "normalize", "action_repeat", "env_wrapper", "env_kwargs")
+#: constructor keywords the program sets from its own arguments
+SET_BY_PROGRAM = {"policy": "the file's policy key", "env": "the program", "seed": "--seed", "device": "--device",
+                  "verbose": "--verbose", "tensorboard_log": "--tensorboard", "_init_setup_model": "the program"}
+ACTIVATIONS = ("tanh", "relu", "elu")
+#: value ranges stable-baselines3 assumes (some it asserts only when the model is built or trained)
+_UNIT = {"gamma", "gae_lambda", "tau", "exploration_fraction", "exploration_initial_eps", "exploration_final_eps"}
+_INT_MIN = {"n_steps": 1, "n_epochs": 1, "buffer_size": 1, "target_update_interval": 1, "stats_window_size": 1,
+            "learning_starts": 0, "batch_size": 1, "action_repeat": 1, "n_envs": 1, "n_timesteps": 1}
+_POSITIVE = {"learning_rate", "clip_range", "clip_range_vf", "target_kl", "max_grad_norm", "rms_prop_eps"}
+_NONNEGATIVE = {"ent_coef", "vf_coef"}
+_SCHEDULES = {"learning_rate", "clip_range", "clip_range_vf"}  # a number or lin_X (linear from X to 0)
 
 
 def _policy_class(name):
@@ -109,18 +124,226 @@ def _policy_class(name):
     agents.policies.FixedRingPolicy)."""
     if not isinstance(name, str) or "." not in name:
         return name
-    import importlib
+    from .common import import_object
 
-    mod, _, cls = name.rpartition(".")
-    return getattr(importlib.import_module(mod), cls)
+    return import_object(name)
 
 
-def _schedule(v):
-    """``lin_3e-4`` (RL Zoo) -> a linear schedule from 3e-4 to 0; numbers stay."""
-    if isinstance(v, str) and v.startswith("lin_"):
-        start = float(v[4:])
-        return lambda progress_remaining: progress_remaining * start
-    return v
+def algorithm_class(algo: str):
+    import stable_baselines3 as sb3
+
+    return getattr(sb3, algo.upper())
+
+
+def accepted_hyperparams(algo: str) -> list[str]:
+    """The keys a hyperparameter file or --hp may set for ``algo``: the keywords of its
+    constructor the program does not set itself, then :data:`PROGRAM_KEYS`."""
+    import inspect
+
+    params = inspect.signature(algorithm_class(algo).__init__).parameters
+    return sorted(k for k in params if k != "self" and k not in SET_BY_PROGRAM) + list(PROGRAM_KEYS)
+
+
+def _linear(start: float):
+    return lambda progress_remaining: progress_remaining * start
+
+
+def check_hyperparams(algo: str, hp: dict, where: str | dict = "--hp", n_envs: int = 0) -> dict:
+    """``hp`` (a hyperparameter file's entry merged with --hp) checked and converted for ``algo``:
+    a ValueError naming the key (``where``: the source, per key or for all) and what is accepted
+    for an unknown key or a bad value. Converted: numbers YAML read as strings (``3e-4``),
+    integral floats of integer keywords, ``lin_X`` schedules, ``activation_fn`` by name,
+    ``train_freq`` lists. Also PPO's ``n_steps x n_envs >= 2``, with ``n_envs`` (--n-envs) or
+    else the file's."""
+    import inspect
+
+    cls = algorithm_class(algo)
+    params = inspect.signature(cls.__init__).parameters
+    name = cls.__name__
+    accepted = accepted_hyperparams(algo)
+
+    def src(k):
+        w = where.get(k, "--hp") if isinstance(where, dict) else where
+        return f"{w} {k}={_show(hp[k])}" if w == "--hp" else f"{w} {k}: {_show(hp[k])}"
+
+    def bad(k, expected):
+        return ValueError(f"{src(k)}: expected {expected}")
+
+    def number(k, v, integer=False):
+        if isinstance(v, str):
+            try:
+                v = float(v)
+            except ValueError:
+                raise bad(k, "an integer" if integer else "a number") from None
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or v != v:
+            raise bad(k, "an integer" if integer else "a number")
+        if integer:
+            if float(v) != int(v):
+                raise bad(k, "an integer")
+            return int(v)
+        return v
+
+    out = {}
+    for k, v in hp.items():
+        if k in SET_BY_PROGRAM and k not in PROGRAM_KEYS:
+            raise ValueError(f"{src(k)}: set by {SET_BY_PROGRAM[k]}, not a hyperparameter; accepted: "
+                             f"{', '.join(accepted)}")
+        if k not in accepted:
+            raise ValueError(f"{src(k)}: {name} takes no hyperparameter {k!r}; accepted ({name}'s constructor keywords "
+                             f"and the program's own keys): {', '.join(accepted)}")
+        default = params[k].default if k in params else None
+        if k in _SCHEDULES:
+            if v is None and default is None:
+                pass
+            elif isinstance(v, str) and v.startswith("lin_"):
+                start = number(k, v[4:])
+                if start <= 0:
+                    raise bad(k, "lin_X with X > 0")
+                v = _linear(start)
+            else:
+                try:
+                    v = number(k, v)
+                except ValueError:
+                    raise bad(k, "a number > 0 or lin_X (a linear schedule from X to 0)") from None
+        elif k == "train_freq":
+            if isinstance(v, (list, tuple)):
+                if len(v) != 2 or v[1] not in ("step", "episode"):
+                    raise bad(k, "an integer >= 1 or [N, step] or [N, episode]")
+                v = (number(k, v[0], integer=True), v[1])
+                if v[0] < 1:
+                    raise bad(k, "an integer >= 1 or [N, step] or [N, episode]")
+            else:
+                v = number(k, v, integer=True)
+                if v < 1:
+                    raise bad(k, "an integer >= 1 or [N, step] or [N, episode]")
+        elif k == "gradient_steps":
+            v = number(k, v, integer=True)
+            if v < 1 and v != -1:
+                raise bad(k, "an integer >= 1, or -1 (as many as environment steps)")
+        elif k == "n_timesteps":
+            v = number(k, v)
+            if v < 1:
+                raise bad(k, "a number >= 1 (decisions)")
+            v = int(v)
+        elif k == "policy":
+            v = _check_policy(cls, v, src(k))
+        elif k == "normalize":
+            v = _check_normalize(v, src(k))
+        elif k == "env_wrapper":
+            _check_wrappers(v, src(k))
+        elif k in ("policy_kwargs", "env_kwargs", "rollout_buffer_kwargs", "replay_buffer_kwargs"):
+            if v is None:
+                v = {}
+            if not isinstance(v, dict):
+                raise bad(k, "a mapping {key: value, ...}")
+            if k == "policy_kwargs":
+                v = dict(v)
+                act = v.get("activation_fn")
+                if isinstance(act, str):
+                    if act.lower() not in ACTIVATIONS:
+                        raise ValueError(f"{src(k)}: activation_fn {act!r}; accepted: {', '.join(ACTIVATIONS)}")
+                    import torch.nn as nn
+
+                    v["activation_fn"] = {"tanh": nn.Tanh, "relu": nn.ReLU, "elu": nn.ELU}[act.lower()]
+        elif k in ("rollout_buffer_class", "replay_buffer_class"):
+            if v is not None:
+                v = _import_named(v, src(k), "a class as package.module.Class")
+        elif isinstance(default, bool):
+            if not isinstance(v, bool):
+                raise bad(k, "true or false")
+        elif k in _INT_MIN or (isinstance(default, int) and k not in _POSITIVE | _NONNEGATIVE | _UNIT):
+            v = number(k, v, integer=True)
+        elif isinstance(default, (int, float)) or k in _POSITIVE | _NONNEGATIVE | _UNIT:
+            if v is None and default is None:
+                pass
+            elif default is None:
+                try:
+                    v = number(k, v)
+                except ValueError:
+                    raise bad(k, "a number or null (the default: none)") from None
+            else:
+                v = number(k, v)
+        # ranges
+        if isinstance(v, (int, float)) and not isinstance(v, bool):
+            low = 2 if (k == "batch_size" and algo == "ppo") else _INT_MIN.get(k)
+            if low is not None and v < low:
+                raise bad(k, f"an integer >= {low}" + (" (PPO asserts it)" if low == 2 else ""))
+            if k in _UNIT and not 0 <= v <= 1:
+                raise bad(k, "a number from 0 to 1")
+            if k in _POSITIVE and not v > 0:
+                raise bad(k, "a number > 0" + (" or lin_X (a linear schedule from X to 0)" if k in _SCHEDULES else ""))
+            if k in _NONNEGATIVE and v < 0:
+                raise bad(k, "a number >= 0")
+        out[k] = v
+    n_envs = n_envs or out.get("n_envs", 1)
+    if algo == "ppo" and out.get("n_steps", params["n_steps"].default) * n_envs < 2:
+        raise ValueError(f"n_steps {out.get('n_steps', params['n_steps'].default)} x n_envs {n_envs} < 2: PPO needs a "
+                         "rollout of at least 2 decisions (raise --hp n_steps or --n-envs)")
+    return out
+
+
+def _show(v) -> str:
+    if isinstance(v, dict):
+        return "{" + ", ".join(f"{k}: {_show(x)}" for k, x in v.items()) + "}"
+    if isinstance(v, (list, tuple)):
+        return "[" + ", ".join(map(_show, v)) + "]"
+    return "null" if v is None else str(v).lower() if isinstance(v, bool) else str(v)
+
+
+def _import_named(path, where: str, what: str):
+    from .common import import_object
+
+    if not isinstance(path, str) or "." not in path:
+        raise ValueError(f"{where}: expected {what}")
+    try:
+        return import_object(path)
+    except (ImportError, AttributeError) as e:
+        raise ValueError(f"{where}: cannot import {path!r} ({e}); expected {what}") from None
+
+
+def _check_policy(cls, v, where: str):
+    """A policy alias of the algorithm (MlpPolicy, ...) stays a name; package.module.Class is
+    imported (e.g. agents.policies.FixedRingPolicy)."""
+    aliases = list(getattr(cls, "policy_aliases", {}))
+    expected = f"{', '.join(aliases)} or a policy class as package.module.Class (e.g. agents.policies.FixedRingPolicy)"
+    if isinstance(v, str) and v in aliases:
+        return v
+    if isinstance(v, str) and "." in v:
+        obj = _import_named(v, where, expected)
+        if not isinstance(obj, type):
+            raise ValueError(f"{where}: {v!r} is not a class; expected {expected}")
+        return v
+    raise ValueError(f"{where}: unknown policy; accepted: {expected}")
+
+
+def _check_normalize(v, where: str):
+    """true, false, or VecNormalize keywords (gamma is the algorithm's)."""
+    keys = {"norm_obs": bool, "norm_reward": bool, "clip_obs": float, "clip_reward": float, "epsilon": float}
+    if isinstance(v, bool):
+        return v
+    if not isinstance(v, dict):
+        raise ValueError(f"{where}: expected true, false or a mapping of VecNormalize keywords ({', '.join(keys)})")
+    for k, x in v.items():
+        if k not in keys:
+            raise ValueError(f"{where}: unknown VecNormalize keyword {k!r}; accepted: {', '.join(keys)}")
+        if keys[k] is bool and not isinstance(x, bool):
+            raise ValueError(f"{where}: {k} expected true or false")
+        if keys[k] is float and (isinstance(x, bool) or not isinstance(x, (int, float)) or not x > 0):
+            raise ValueError(f"{where}: {k} expected a number > 0")
+    return dict(v)
+
+
+def _check_wrappers(v, where: str) -> None:
+    """env_wrapper: a dotted class name, a mapping {name: kwargs}, or a list of those (RL Zoo)."""
+    expected = "a wrapper class as package.module.Class, a mapping {Class: {kwargs}}, or a list of those"
+    for spec in (v if isinstance(v, list) else [v] if v else []):
+        if isinstance(spec, dict) and len(spec) == 1:
+            name, kwargs = next(iter(spec.items()))
+            if kwargs is not None and not isinstance(kwargs, dict):
+                raise ValueError(f"{where}: the keywords of {name} must be a mapping")
+        else:
+            name = spec
+        _import_named(name, where, expected)
 
 
 def main(args: Args) -> Path:
@@ -130,13 +353,26 @@ def main(args: Args) -> Path:
     from stable_baselines3.common.callbacks import BaseCallback, CheckpointCallback, EvalCallback
     from stable_baselines3.common.vec_env import DummyVecEnv, SubprocVecEnv, VecNormalize
 
-    # 0. algorithm, environment id, hyperparameters (file, then --hp overrides)
+    # 0. arguments, algorithm, environment id, hyperparameters (file, then --hp overrides), all
+    #    checked before anything is built or written
     algo = args.algo.lower()
     if algo not in DEFAULT_ENV:
         raise ValueError(f"--algo {args.algo!r}: accepted: {', '.join(DEFAULT_ENV)}")
+    for flag, value, low, note in (("--timesteps", args.timesteps, 0, " (0: n_timesteps of the hyperparameter file)"),
+                                   ("--n-envs", args.n_envs, 0, " (0: n_envs of the hyperparameter file)"),
+                                   ("--evals", args.evals, 0, " (0: none)"), ("--checkpoints", args.checkpoints, 0,
+                                                                              " (0: none)"),
+                                   ("--eval-seeds", args.eval_seeds, 1, ""), ("--verbose", args.verbose, 0, "")):
+        if value < low:
+            raise ValueError(f"{flag} {value}: expected an integer >= {low}{note}")
     env_id = args.env_id or DEFAULT_ENV[algo]
-    hp = {**load_hyperparams(algo, env_id, args.hyperparams or None), **parse_overrides(args.hp)}
-    total = int(float(args.timesteps or hp.get("n_timesteps", 100_000)))
+    hp_file = Path(args.hyperparams) if args.hyperparams else TRAIN_CONFIG_DIR / f"{algo}.yaml"
+    from_file = load_hyperparams(algo, env_id, hp_file)
+    from_cli = parse_overrides(args.hp)
+    where = {k: f"{hp_file.name} ({env_id})" for k in from_file}
+    where.update({k: "--hp" for k in from_cli})
+    hp = check_hyperparams(algo, {**from_file, **from_cli}, where, n_envs=args.n_envs)
+    total = int(args.timesteps or hp.get("n_timesteps", 100_000))
     n_envs = int(args.n_envs or hp.get("n_envs", 1))
     for k in ("n_timesteps", "n_envs"):
         hp.pop(k, None)
@@ -146,20 +382,18 @@ def main(args: Args) -> Path:
     action_repeat = int(hp.pop("action_repeat", 1))
     wrapper = hp.pop("env_wrapper", None)
     env_kwargs = {**(hp.pop("env_kwargs", None) or {}), **parse_overrides(args.set)}
-    hp["policy_kwargs"] = _policy_kwargs(hp.get("policy_kwargs"))
-    for k in ("learning_rate", "clip_range"):
-        if k in hp:
-            hp[k] = _schedule(hp[k])
+    hp["policy_kwargs"] = dict(hp.get("policy_kwargs") or {})
     workloads = args.workloads or None
     probe = make_env(env_id, args.scenario, args.split, workloads, env_kwargs).unwrapped
     train_workloads = list(probe.workloads)
+    control_ms = float(probe.cfg.control_interval_ms)
     policy = _policy_class(policy_name)
     if not isinstance(policy, str) and "ring_sizes" in policy.__init__.__code__.co_varnames:
         hp["policy_kwargs"].setdefault("ring_sizes", list(probe.ring_sizes))
         if normalize and norm_kw.get("norm_obs", True):
             raise ValueError(f"{policy.__name__} reads the raw observation: set normalize: {{norm_obs: false}}")
+    probe.close()
     run = Path(args.out) / (args.name or f"{algo}-s{args.seed}")
-    run.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(1)  # the environments need the cores more than the small MLP does
 
     # 1. training environments (train workloads), normalised
@@ -170,7 +404,8 @@ def main(args: Args) -> Path:
     if normalize:
         venv = VecNormalize(venv, gamma=hp.get("gamma", 0.99), **norm_kw)
 
-    # 2. evaluation on fixed episodes of the training workloads (never the test ones); snapshots
+    # 2. evaluation on fixed episodes of the training workloads (never the test ones); snapshots;
+    #    the progress bar (in decisions)
     callbacks = []
     if args.evals > 0:
         episodes = [(w, 10_000 + k) for k in range(args.eval_seeds) for w in train_workloads]
@@ -202,8 +437,11 @@ def main(args: Args) -> Path:
     if args.checkpoints > 0:
         callbacks.append(CheckpointCallback(max(total // args.checkpoints // n_envs, 1), str(run / "checkpoints"),
                                             save_vecnormalize=bool(normalize)))
+    if args.progress:
+        callbacks.append(_decisions_bar(action_repeat))
 
-    # 3. the model and its training
+    # 3. the model (stable-baselines3's own checks of what check_hyperparams cannot see, e.g.
+    #    policy_kwargs, end as a clean error before the run directory exists) and its training
     tb = None
     if args.tensorboard:
         try:
@@ -212,35 +450,63 @@ def main(args: Args) -> Path:
             tb = str(run / "tb")
         except ImportError:
             print("train: tensorboard is not installed; no TensorBoard logs", file=sys.stderr)
-    model = getattr(sb3, algo.upper())(policy, venv, seed=args.seed, device=args.device, verbose=args.verbose,
-                                       tensorboard_log=tb, **hp)
+    try:
+        model = getattr(sb3, algo.upper())(policy, venv, seed=args.seed, device=args.device, verbose=args.verbose,
+                                           tensorboard_log=tb, **hp)
+    except (TypeError, ValueError, AssertionError, KeyError) as e:
+        venv.close()
+        raise ValueError(f"{algo.upper()} rejected the hyperparameters ({hp_file.name} and --hp): {e}") from None
+    run.mkdir(parents=True, exist_ok=True)
     meta = {"algo": algo, "env_id": env_id, "scenario": args.scenario, "split": args.split, "workloads": workloads,
-            "env_kwargs": env_kwargs, "env_wrapper": wrapper, "action_repeat": action_repeat, "timesteps": total, "n_envs": n_envs,
+            "env_kwargs": env_kwargs, "env_wrapper": wrapper, "action_repeat": action_repeat, "timesteps": total,
+            "control_interval_ms": control_ms, "n_envs": n_envs,
             "vec_env": "SubprocVecEnv" if use_subproc else "DummyVecEnv", "policy": policy_name,
             "normalize": normalize, "hyperparams": {k: (repr(v) if callable(v) else v) for k, v in hp.items()},
             "args": dataclasses.asdict(args)}
     (run / "args.json").write_text(json.dumps(jsonable(meta), indent=1, default=str))
+    if action_repeat > 1:
+        budget = f"{total} decisions x action_repeat {action_repeat} = up to {total * action_repeat} env steps"
+    else:
+        budget = f"{total} decisions = {total} env steps (action_repeat 1)"
     print(f"train: {algo.upper()} on {env_id} ({args.scenario}, {args.split}: {', '.join(train_workloads)}), "
-          f"{total} steps, {n_envs} envs ({meta['vec_env']}); run {run}", file=sys.stderr)
+          f"{budget} of {control_ms:g} ms, {n_envs} envs ({meta['vec_env']}); run {run}", file=sys.stderr)
     t0 = time.perf_counter()
-    model.learn(total_timesteps=total, callback=callbacks, progress_bar=args.progress, tb_log_name=algo)
+    model.learn(total_timesteps=total, callback=callbacks, progress_bar=False, tb_log_name=algo)
     wall = time.perf_counter() - t0
 
     # 4. the final model and statistics, the run's record
     model.save(run / "final_model")
     if normalize:
         venv.save(str(run / "final_model_vecnormalize.pkl"))
+    decisions = int(model.num_timesteps)  # a whole number of rollouts: can exceed --timesteps
+    env_steps = sum(venv.get_attr("env_steps")) if action_repeat > 1 else decisions
     venv.close()
-    meta.update(wall_s=wall, steps_per_s=total / wall)
+    meta.update(wall_s=wall, decisions=decisions, env_steps=env_steps, decisions_per_s=decisions / wall,
+                env_steps_per_s=env_steps / wall)
     if args.evals > 0 and (run / "eval" / "evaluations.npz").is_file():
         ev = np.load(run / "eval" / "evaluations.npz")
         means = ev["results"].mean(axis=1)
         meta["evaluations"] = {"timesteps": ev["timesteps"].tolist(), "mean_reward": means.tolist()}
         meta["best_eval"] = {"timesteps": int(ev["timesteps"][means.argmax()]), "mean_reward": float(means.max())}
     (run / "args.json").write_text(json.dumps(jsonable(meta), indent=1, default=str))
-    print(f"train: done in {wall:.0f} s ({total / wall:.0f} steps/s); models in {run} "
+    print(f"train: done in {wall:.0f} s: {decisions} decisions = {env_steps} env steps ({decisions / wall:.0f} "
+          f"decisions/s, {env_steps / wall:.0f} env steps/s); models in {run} "
           f"(evaluate: ringenv evaluate --policies {run} qemu)", file=sys.stderr)
     return run
+
+
+def _decisions_bar(action_repeat: int):
+    """stable-baselines3's progress bar, labelled with what it counts: decisions (timesteps), each
+    up to ``action_repeat`` env steps."""
+    from stable_baselines3.common import callbacks as cb
+
+    class DecisionsBar(cb.ProgressBarCallback):
+        def _on_training_start(self) -> None:
+            label = "decisions" + (f" (each up to {action_repeat} env steps)" if action_repeat > 1 else "")
+            self.pbar = cb.tqdm(total=self.locals["total_timesteps"] - self.model.num_timesteps, desc=label,
+                                unit="dec")
+
+    return DecisionsBar()
 
 
 if __name__ == "__main__":

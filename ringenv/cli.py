@@ -30,8 +30,27 @@ def _positive_int(s: str) -> int:
     return v
 
 
+DESCRIPTION = ("A Gymnasium environment around a simulated arm64 KVM host with per-vCPU dirty rings, live "
+               "migration and checkpointing. One command for the simulator's subcommands ({sim}) and, when the "
+               "agents package is installed, the agents' ({agents}). `ringenv COMMAND --help` describes each.")
+AGENT_COMMANDS = ("run", "train", "evaluate", "compare")
+
+
+def package_version() -> str:
+    """The installed ringenv distribution's version (importlib.metadata), or "unknown" when it runs
+    from a source tree that was never installed."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("ringenv")
+    except PackageNotFoundError:
+        return "unknown"
+
+
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="ringenv", description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(prog="ringenv")
+    ap.add_argument("--version", action="version", version=f"%(prog)s {package_version()}",
+                    help="print the package version and exit")
     sub = ap.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
     p = sub.add_parser("replay", help="replay a write trace on the simulated host, print the harvests as JSON",
@@ -50,6 +69,11 @@ def build_parser() -> argparse.ArgumentParser:
                 continue
             raise
         m.add_parsers(sub)
+    names = list(sub.choices)
+    agents = [n for n in AGENT_COMMANDS
+              if n in names and sub.choices[n].get_default("func").__module__ != "ringenv.demo"]
+    ap.description = DESCRIPTION.format(sim=", ".join(n for n in names if n not in agents),
+                                        agents=", ".join(agents) or "not installed")
     return ap
 
 

@@ -170,3 +170,56 @@ def test_parse_overrides_nests_and_reads_yaml_scalars():
         "vm": {"memory": "1GiB", "vcpus": 2}, "max_episode_s": 60, "reward": {"scale": 0.5}}
     with pytest.raises(ValueError, match="KEY=VALUE"):
         parse_overrides(["vm.vcpus"])
+
+
+@pytest.mark.parametrize("spec, words", [
+    ("fixed:4096:150", ["interval 150 ms", "intervals_ms", "10, 20, 50, 100, 200, 500, 1000, 2000, 5000"]),
+    ("fixed:100000:7000", ["ENTRIES 100000", "ring_sizes", "256, 512, 1024, 2048, 4096, 8192, 16384, 32768, 65536"]),
+    ("fixed:3000:1000", ["ENTRIES 3000", "ring_sizes", "256, 512"]),
+    ("watermark:0.5:3000", ["ENTRIES 3000", "ring_sizes", "65536"]),
+    ("rate:64:5000", ["ENTRIES 5000", "ring_sizes", "65536"]),
+])
+def test_off_grid_numbers_are_rejected_not_snapped(spec, words):
+    """A spec whose ring size or interval is not an action of the environment would run the
+    nearest one under the requested label: an error naming the spec, the value and the grid."""
+    with pytest.raises(ValueError) as e:
+        make_heuristic(spec, FACTS)
+    msg = str(e.value)
+    assert f"policy {spec!r}" in msg, msg
+    for w in words:
+        assert w in msg, (w, msg)
+
+
+def test_a_changed_grid_takes_its_own_members():
+    facts = EnvFacts(**{**FACTS.__dict__, "ring_sizes": (1024, 4096, 16384), "intervals_ms": (100.0, 150.0, 1000.0)})
+    p = make_heuristic("fixed:4096:150", facts)
+    assert facts.decode(p.predict(obs())[0]) == (4096, 150.0) and p.name == "fixed 4096/150ms"
+    assert make_heuristic("watermark:0.5:16384", facts).ring_entries == 16384
+    with pytest.raises(ValueError, match="1024, 4096, 16384"):
+        make_heuristic("fixed:65536:1000", facts)  # on the default grid, not on this one
+
+
+def test_qemu_default_needs_its_grid_members_bitmap_does_not():
+    """qemu's label promises 4096 entries and 1000 ms: a grid without them is an error; the bitmap
+    baseline ignores its action, so any grid does."""
+    facts = EnvFacts(**{**FACTS.__dict__, "ring_sizes": (1024, 2048), "intervals_ms": (100.0, 500.0)})
+    with pytest.raises(ValueError, match=r"policy 'qemu'.*4096.*1024, 2048"):
+        make_heuristic("qemu", facts)
+    with pytest.raises(ValueError, match=r"policy 'watermark'.*4096.*watermark:THRESHOLD:ENTRIES"):
+        make_heuristic("watermark", facts)
+    assert make_heuristic("bitmap", facts).name == "bitmap"
+    assert make_heuristic("watermark:0.5:1024", facts).ring_entries == 1024
+
+
+@pytest.mark.parametrize("spec, words", [
+    ("fixed:x:1000", ["ENTRIES 'x'", "integer"]),
+    ("fixed:4096:soon", ["MS 'soon'", "number"]),
+    ("watermark:high", ["THRESHOLD 'high'", "number"]),
+    ("rate:64:big", ["ENTRIES 'big'", "integer"]),
+    ("random:-1", ["SEED -1", ">= 0"]),
+])
+def test_malformed_numbers_name_the_part_of_the_spec(spec, words):
+    with pytest.raises(ValueError) as e:
+        make_heuristic(spec, FACTS)
+    for w in [f"policy {spec!r}", *words]:
+        assert w in str(e.value), (w, str(e.value))

@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -31,8 +32,9 @@ def ringenv(*args, timeout=300):
 def ppo_run(tmp_path_factory):
     """A PPO model trained for 256 steps (evaluation and a snapshot included)."""
     out = tmp_path_factory.mktemp("train")
-    ringenv("train", "--timesteps", 256, "--n-envs", 2, "--vec-env", "dummy", "--evals", 2,
-            "--checkpoints", 2, "--out", out, "--name", "ppo", "--no-progress", *SMALL, *TINY_PPO)
+    p = ringenv("train", "--timesteps", 256, "--n-envs", 2, "--vec-env", "dummy", "--evals", 2,
+                "--checkpoints", 2, "--out", out, "--name", "ppo", "--no-progress", *SMALL, *TINY_PPO)
+    (out / "train.log").write_text(p.stderr)
     return out / "ppo"
 
 
@@ -51,6 +53,20 @@ def test_train_ppo_writes_models_stats_logs(ppo_run):
     assert meta["algo"] == "ppo" and meta["env_id"] == "ringenv/Migration-v0"
     assert meta["env_kwargs"] == {"vm": {"memory": "1GiB", "vcpus": 2}} and meta["timesteps"] == 256
     assert meta["wall_s"] > 0 and "best_eval" in meta
+
+
+def test_train_counts_decisions_and_says_how_many_env_steps(ppo_run):
+    """--timesteps 256 with configs/train/ppo.yaml's action_repeat 40: 256 decisions (SB3
+    timesteps), each held for up to 40 environment steps of 50 ms; the log and args.json say so."""
+    log = " ".join((ppo_run.parent / "train.log").read_text().split())
+    assert "256 decisions x action_repeat 40 = up to 10240 env steps of 50 ms" in log, log
+    meta = json.loads((ppo_run / "args.json").read_text())
+    assert meta["timesteps"] == 256 and meta["decisions"] == 256 and meta["action_repeat"] == 40
+    assert 256 <= meta["env_steps"] <= 256 * 40 and meta["env_steps"] > 256  # episodes end early sometimes
+    assert meta["decisions_per_s"] > 0 and meta["env_steps_per_s"] == pytest.approx(
+        meta["decisions_per_s"] * meta["env_steps"] / 256)
+    assert f"256 decisions = {meta['env_steps']} env steps" in log, log
+    assert not re.search(r"(?<!env) steps\b", log), log  # every count of steps says which steps
 
 
 @pytest.mark.parametrize("algo", ["a2c", "dqn"])
@@ -190,7 +206,36 @@ def test_bad_arguments_end_with_a_message_not_a_traceback():
     for args, words in ((["evaluate", "--policies", "nope"], "not a heuristic"),
                         (["compare", "--policies", "fixed:4096"], "policy 'fixed:4096'"),
                         (["train", "--set", "vm.vcpus"], "KEY=VALUE"),
-                        (["evaluate", "--set", "vm.vcpus=0"], "vm.vcpus")):
+                        (["evaluate", "--set", "vm.vcpus=0"], "vm.vcpus"),
+                        (["evaluate", "--policies", "qemu", "fixed:4096:150"], "interval 150 ms"),
+                        (["evaluate", "--policies", "fixed:100000:7000"], "ENTRIES 100000"),
+                        (["train", "--hp", "nosuch=1", "--timesteps", "10"], "--hp nosuch=1")):
         p = subprocess.run([sys.executable, "-m", "ringenv", *args], cwd=ROOT, env=env, capture_output=True, text=True,
                            timeout=120)
         assert p.returncode == 2 and words in p.stderr and "Traceback" not in p.stderr, (args, p.stderr)
+
+
+def test_evaluate_rejects_off_grid_specs_before_running_anything(tmp_path, capsys):
+    """fixed:4096:150 would run the nearest interval (200 ms) labelled 150: an error naming the
+    spec, the value and the env's grid, and nothing written; with 150 ms added to the grid
+    (--set intervals_ms=[...]) it runs 150 ms."""
+    from ringenv.cli import main
+
+    out = tmp_path / "eval"
+    for spec, words in (("fixed:4096:150", ["interval 150 ms", "intervals_ms", "10, 20, 50, 100, 200, 500, 1000, "
+                                                                               "2000, 5000"]),
+                        ("fixed:100000:7000", ["ENTRIES 100000", "ring_sizes", "256, 512, 1024"]),
+                        ("watermark:0.5:3000", ["ENTRIES 3000", "ring_sizes"]),
+                        ("rate:64:100", ["ENTRIES 100", "ring_sizes"])):
+        assert main(["evaluate", "--policies", "qemu", spec, "--workloads", "oltp", "--seeds", "1", "--workers", "1",
+                     "--out", str(out), "--no-progress", *SMALL]) == 2
+        err = " ".join(capsys.readouterr().err.split())
+        for w in [f"policy {spec!r}", *words]:
+            assert w in err, (w, err)
+        assert not out.exists()
+    assert main(["evaluate", "--policies", "fixed:4096:150", "--workloads", "oltp", "--seeds", "1", "--workers", "1",
+                 "--out", str(out), "--no-progress", *SMALL, "intervals_ms=[100, 150, 1000]",
+                 "max_episode_s=5"]) == 0
+    rows = list(csv.DictReader(open(out / "episodes.csv")))
+    assert len(rows) == 1 and rows[0]["policy"] == "fixed 4096/150ms"
+    assert float(rows[0]["mean_interval_ms"]) == 150.0 and rows[0]["ring_entries"] == "4096"

@@ -1,0 +1,161 @@
+"""The ``ringenv`` command's own surface (ringenv/cli.py, ringenv/demo.py, agents/cli.py): the
+top-level help and version, plain-text subcommand help, and bad arguments of ``demo`` and
+``train`` ending with a message naming the argument and what is accepted (exit code 2), checked
+before anything is written."""
+
+from __future__ import annotations
+
+import importlib.metadata
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from ringenv.cli import main
+
+ROOT = Path(__file__).resolve().parents[2]
+SMALL = ["--set", "vm.memory=1GiB", "vm.vcpus=2"]
+RINGS = "256, 512, 1024, 2048, 4096, 8192, 16384, 32768, 65536"
+
+
+def ringenv(*args, timeout=120):
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(ROOT) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    return subprocess.run([sys.executable, "-m", "ringenv", *map(str, args)], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def flat(text: str) -> str:
+    return " ".join(text.split())
+
+
+def test_top_level_help_names_both_groups_of_subcommands():
+    p = ringenv("--help")
+    assert p.returncode == 0
+    head = flat(p.stdout.split("positional arguments")[0])
+    assert "``" not in head
+    # a complete description, not a first line cut mid-parenthesis
+    assert "(run, train, evaluate, compare)" in head and head.rstrip().endswith("."), head
+    for cmd in ("replay", "migrate", "demo", "run", "train", "evaluate", "compare"):
+        assert cmd in head, cmd
+
+
+def test_version_is_the_package_version():
+    p = ringenv("--version")
+    assert p.returncode == 0 and p.stdout.strip() == f"ringenv {importlib.metadata.version('ringenv')}"
+
+
+@pytest.mark.parametrize("cmd", ["demo", "run", "train", "evaluate", "compare"])
+def test_subcommand_help_is_plain_text(cmd):
+    p = ringenv(cmd, "--help")
+    assert p.returncode == 0 and "usage: ringenv " + cmd in p.stdout
+    assert not re.search(r"``|:(mod|class|func|meth):", p.stdout), p.stdout
+
+
+def test_demo_ring_size_off_the_host_lists_the_accepted_sizes(capsys):
+    assert main(["demo", "--ring-entries", "3000", "--seconds", "0.01"]) == 2
+    err = capsys.readouterr().err
+    assert "--ring-entries 3000" in err and RINGS in err and "arm64-4k" in err and "Errno" not in err, err
+
+
+def test_demo_runs_with_an_accepted_ring_size(capsys):
+    assert main(["demo", "--ring-entries", "1024", "--seconds", "0.05"]) == 0
+    assert re.search(r"ring_entries\s+1024", capsys.readouterr().out)
+
+
+# ---------------------------------------------------------------------------------- train: --timesteps
+def test_train_timesteps_counts_decisions_everywhere():
+    """--timesteps counts the agent's decisions (SB3 timesteps); each is action_repeat env steps:
+    the flag's help and the dataclass field's docstring say so in the same words."""
+    from agents.common import field_docs
+    from agents.train import Args
+
+    doc = field_docs(Args)["timesteps"]
+    assert "decisions" in doc and "action_repeat" in doc and "total environment steps" not in doc
+    p = ringenv("train", "--help")
+    assert flat(doc) in flat(p.stdout)
+
+
+# ---------------------------------------------------------------------------------- train: --hp
+def train_error(capsys, tmp_path, *args):
+    rc = main(["train", "--timesteps", "10", "--out", str(tmp_path), "--no-progress", "--no-tensorboard", *SMALL,
+               *map(str, args)])
+    err = capsys.readouterr().err
+    assert rc == 2, err
+    assert not list(tmp_path.iterdir()), "nothing is written for a bad argument"
+    return flat(err)
+
+
+def test_train_unknown_hyperparameter_names_the_key_and_the_accepted_ones(capsys, tmp_path):
+    err = train_error(capsys, tmp_path, "--hp", "nosuch=1")
+    assert "--hp nosuch=1" in err and "PPO" in err, err
+    # the accepted ones: PPO's constructor keywords and the program's own keys
+    for k in ("n_steps", "batch_size", "gamma", "gae_lambda", "clip_range", "ent_coef", "policy_kwargs",
+              "action_repeat", "normalize", "n_envs", "n_timesteps", "policy"):
+        assert re.search(rf"\b{k}\b", err.split("accepted")[1]), (k, err)
+    for k in ("env", "seed", "device", "verbose", "tensorboard_log", "_init_setup_model"):  # set by the program
+        assert not re.search(rf"[ ,:]{k}[,;)]", err.split("accepted")[1]), (k, err)
+    # DQN's list is DQN's
+    err = train_error(capsys, tmp_path, "--algo", "dqn", "--hp", "n_epochs=3")
+    assert "--hp n_epochs=3" in err and "DQN" in err and "exploration_fraction" in err and "buffer_size" in err, err
+
+
+@pytest.mark.parametrize("algo, hp, words", [
+    ("ppo", "batch_size=1", ["batch_size", ">= 2"]),
+    ("ppo", "gamma=1.5", ["gamma", "0 to 1"]),
+    ("ppo", "n_steps=0", ["n_steps", ">= 1"]),
+    ("ppo", "n_epochs=two", ["n_epochs", "integer"]),
+    ("ppo", "learning_rate=fast", ["learning_rate", "lin_"]),
+    ("ppo", "clip_range=-0.1", ["clip_range", "> 0"]),
+    ("ppo", "normalize_advantage=maybe", ["normalize_advantage", "true or false"]),
+    ("ppo", "policy_kwargs={activation_fn: sigmoid}", ["activation_fn", "tanh, relu, elu"]),
+    ("ppo", "policy_kwargs=5", ["policy_kwargs", "mapping"]),
+    ("ppo", "normalize={nosuch: 1}", ["normalize", "nosuch", "norm_obs", "norm_reward"]),
+    ("ppo", "action_repeat=0", ["action_repeat", ">= 1"]),
+    ("ppo", "n_envs=0", ["n_envs", ">= 1"]),
+    ("ppo", "policy=nosuch.Policy", ["policy", "MlpPolicy", "package.module.Class"]),
+    ("ppo", "policy=Mlp", ["policy", "MlpPolicy"]),
+    ("ppo", "env_wrapper=nosuch.Wrapper", ["env_wrapper", "nosuch.Wrapper"]),
+    ("dqn", "exploration_fraction=2", ["exploration_fraction", "0 to 1"]),
+    ("dqn", "train_freq=0", ["train_freq", ">= 1"]),
+    ("dqn", "buffer_size=-5", ["buffer_size", ">= 1"]),
+])
+def test_train_bad_hyperparameter_values_are_caught_before_training(capsys, tmp_path, algo, hp, words):
+    err = train_error(capsys, tmp_path, "--algo", algo, "--hp", hp)
+    assert f"--hp {hp}" in err or hp.split("=")[0] in err, err
+    for w in words:
+        assert w in err, (w, err)
+
+
+@pytest.mark.parametrize("flag, value", [("--timesteps", -5), ("--n-envs", -1), ("--evals", -1),
+                                         ("--checkpoints", -2), ("--eval-seeds", 0)])
+def test_train_bad_counts_are_errors(capsys, tmp_path, flag, value):
+    rc = main(["train", flag, str(value), "--out", str(tmp_path), "--no-progress", "--no-tensorboard", *SMALL])
+    err = capsys.readouterr().err
+    assert rc == 2 and flag in err and str(value) in err, err
+    assert not list(tmp_path.iterdir())
+
+
+def test_hyperparameters_are_read_as_sb3_wants_them():
+    """YAML reads 3e-4 as a string: a number is meant; lin_X is a schedule; integral floats of
+    integer keywords become ints."""
+    from agents.train import check_hyperparams
+
+    hp = check_hyperparams("ppo", {"learning_rate": "3e-4", "n_steps": 64.0, "clip_range": "lin_0.2", "gamma": 1},
+                           "--hp")
+    assert hp["learning_rate"] == 3e-4 and hp["n_steps"] == 64 and isinstance(hp["n_steps"], int)
+    assert hp["clip_range"](1.0) == pytest.approx(0.2) and hp["gamma"] == 1
+    hp = check_hyperparams("dqn", {"train_freq": [4, "step"], "buffer_size": "1e5"}, "--hp")
+    assert hp["train_freq"] == (4, "step") and hp["buffer_size"] == 100_000
+
+
+def test_bad_hyperparameter_file_entry_names_the_file(capsys, tmp_path):
+    f = tmp_path / "hp.yaml"
+    f.write_text("ringenv/Migration-v0:\n  n_steps: 32\n  gama: 0.9\n")
+    out = tmp_path / "out"
+    out.mkdir()
+    err = train_error(capsys, out, "--hyperparams", f)
+    assert "hp.yaml" in err and "gama" in err and "gamma" in err, err
