@@ -127,7 +127,7 @@ def _walk_args(path: str, a: list) -> list:
     window's events gathered in their order, as apply_window does; the rings' fill from their
     counters)."""
     if path == "apply_window":
-        (order, t, vc, gfn, _lo, _hi, delta, _z8, _z64, state, version, block_map, blockgran, pushall, split, nolog,
+        (order, t, vc, gfn, _lo, _hi, delta, _z8, _z64, state, version, block_map, blockgran, pushall, split, mode,
          block_shift, ring_ctr, soft_limit, pml_count, rings, push_v, push_g, split_v, split_b, vstat, *_) = a
         n = len(t)
         sel = order if len(order) else np.arange(n)
@@ -135,11 +135,11 @@ def _walk_args(path: str, a: list) -> list:
         code, reads, first_touch, slot_of, pml_buf = (np.zeros(n, np.int8), np.zeros(n, np.int8), True,
                                                       np.zeros(n, np.int64), 0)
     else:
-        (gpi, vc, code, reads, first_touch, slot_of, state, version, block_map, blockgran, pushall, split, nolog,
+        (gpi, vc, code, reads, first_touch, slot_of, state, version, block_map, blockgran, pushall, split, mode,
          block_shift, ring_ctr, soft_limit, pml_count, pml_buf, rings, push_v, push_g, split_v, split_b, vstat,
          *_) = a
     used = (ring_ctr[:, 0] - ring_ctr[:, 1]) & 0xFFFFFFFF
-    return [gpi, vc, code, reads, first_touch, slot_of, state, version, block_map, blockgran, pushall, split, nolog,
+    return [gpi, vc, code, reads, first_touch, slot_of, state, version, block_map, blockgran, pushall, split, mode,
             block_shift, used, soft_limit, pml_count, pml_buf, rings, push_v, push_g, split_v, split_b,
             np.zeros(len(vstat), dtype=np.int64)]
 

@@ -1,15 +1,17 @@
 """The guest-access path of the simulated kernel, one event at a time (compiled).
 
-For each access in time order: look up the page's stage-2 state. A write to a write-protected
-(or not yet mapped) page is a fault that relaxes the permission (one page, or a whole block where
-block mappings stay) and logs the page (one push; all pages of the block when splitting is off);
-with x86 PML the page goes to the hardware buffer instead, and a full buffer flushes into the
-ring. A read only matters to a page not yet mapped: in a logging slot it is mapped read-only
-(nothing logged); in a slot that is dirty-tracked but not logging (arm64, ring without a bitmap)
-it is mapped writable and, because the mapping is writable, pushed like a write (reference s11).
-After each push the ring may be soft-full: the vCPU then leaves the guest at once, before its
-access retires. A retiring write bumps the page's version and makes it not clean. Syncs and the
-end of a program stop the walk too.
+For each access in time order: look up the page's stage-2 state. A write to a read-only memslot
+is an MMIO exit (KVM_EXIT_MMIO: nothing mapped, logged or written; the store completes as MMIO).
+A write to a write-protected (or not yet mapped) page is a fault that relaxes the permission (one
+page, or a whole block where block mappings stay) and logs the page (one push; all pages of the
+block when splitting is off); with x86 PML the page goes to the hardware buffer instead, and a
+full buffer flushes into the ring. In a slot without KVM_MEM_LOG_DIRTY_PAGES the fault logs
+nothing (mark_page_dirty_in_slot). A read only matters to a page not yet mapped: in a logging
+slot it is mapped read-only (nothing logged); in a slot that is dirty-tracked but not logging
+(arm64, ring without a bitmap) it is mapped writable and, because the mapping is writable,
+pushed like a write (reference s11). After each push the ring may be soft-full: the vCPU then
+leaves the guest at once, before its access retires. A retiring write bumps the page's version
+and makes it not clean. Syncs and the end of a program stop the walk too.
 
 This walk is inherently sequential (whether an event faults depends on every earlier one, and
 the walk stops at the first exit), hence one compiled loop rather than array passes.
@@ -28,20 +30,27 @@ AHEAD = 16  # events to look ahead when prefetching a page's state and version
 WP, CLEAN, UNMAPPED = 1, 2, 4
 NOT_WP, NOT_CLEAN, NOT_UNMAPPED = 0xFF ^ WP, 0xFF ^ CLEAN, 0xFF ^ UNMAPPED  # u8 masks
 
-CUT_NONE, CUT_FULL, CUT_SYNC, CUT_DONE = 0, 1, 2, 3
+CUT_NONE, CUT_FULL, CUT_SYNC, CUT_DONE, CUT_MMIO = 0, 1, 2, 3, 4
+
+# per memslot mode bits (``mode``; 0: a logging slot): dirty-tracked but not logging (arm64 ring
+# without a bitmap), no dirty tracking (no KVM_MEM_LOG_DIRTY_PAGES), read-only
+NOLOG, UNTRACKED, READONLY = 1, 2, 4
+BLOCK = 1  # memory.BLOCK: block_map value of a block mapping
 
 
 @numba.njit(cache=True, nogil=True)
 def walk_writes(gpi, vc, code, reads, first_touch, slot_of, state, version, block_map,
-                blockgran, pushall, split, nolog, block_shift,
+                blockgran, pushall, split, mode, block_shift,
                 used, limit, pml_count, pml_buf, rings,
                 push_v, push_g, split_v, split_b, faults):  # pragma: no cover - compiled
     """Apply events until the first exit. ``used``/``pml_count`` are updated in place.
 
-    With ``first_touch`` the writes are a workload model's candidate first writes: one to a page
-    that is not clean (written since it was last protected, hence writable) is invisible and
-    skipped. Returns (events consumed, cut kind, pushes, splits, clean pages written, access
-    retired at the cut)."""
+    Per memslot: ``blockgran`` (block mappings stay: a fault maps or relaxes the whole block),
+    ``pushall`` (such a fault logs every page of the block), ``split`` (a write fault splits a
+    block), ``mode`` (NOLOG, UNTRACKED, READONLY bits). With ``first_touch`` the writes are a
+    workload model's candidate first writes: one to a page that is not clean (written since it
+    was last protected, hence writable) is invisible and skipped. Returns (events consumed, cut
+    kind, pushes, splits, clean pages written, access retired at the cut)."""
     n = gpi.shape[0]
     block_pages = 1 << block_shift
     npush = 0
@@ -49,6 +58,11 @@ def walk_writes(gpi, vc, code, reads, first_touch, slot_of, state, version, bloc
     ndirty = 0
     cut = CUT_NONE
     m = n
+    any_mode = 0
+    for k in range(mode.shape[0]):
+        any_mode |= mode[k]
+    readonly = any_mode & READONLY != 0
+    untracked = any_mode & UNTRACKED != 0
     for i in range(n):
         if i + AHEAD < n and gpi[i + AHEAD] >= 0:  # random pages of a big guest: overlap the misses
             prefetch(state, gpi[i + AHEAD])
@@ -66,6 +80,9 @@ def walk_writes(gpi, vc, code, reads, first_touch, slot_of, state, version, bloc
         k = slot_of[i]
         full = False
         read = reads[i] != 0
+        if readonly and not read and mode[k] & READONLY:
+            # kvm_handle_guest_abort -> io_mem_abort: the store exits as MMIO and completes there
+            return i + 1, CUT_MMIO, npush, nsplit, ndirty, True
         if first_touch and not s & CLEAN:
             if c != 0:
                 cut = CUT_SYNC if c == 1 else CUT_DONE
@@ -76,18 +93,33 @@ def walk_writes(gpi, vc, code, reads, first_touch, slot_of, state, version, bloc
         inblock = block_map[blk] != 0
         if s & UNMAPPED:  # a translation fault maps the page (or the whole block)
             if inblock and (blockgran[k] or not split[k]):
+                block_map[blk] = BLOCK
                 b0 = blk * block_pages
                 for p in range(b0, b0 + block_pages):
                     state[p] &= NOT_UNMAPPED
             else:
+                if inblock:  # logging maps pages only (force_pte): the block becomes a table
+                    block_map[blk] = 0
+                    inblock = False
                 state[g] &= NOT_UNMAPPED
-            if read and not nolog[k]:
+            if read and not mode[k] & NOLOG:
                 s = 0  # mapped read-only (logging) or writable (untracked): nothing logged
         elif read:
             s = 0  # a read of a mapped page: nothing happens
-        if s & WP:
+        if s & WP and untracked and mode[k] & UNTRACKED:
+            # no dirty tracking: the fault makes the page (or its block) writable, mark_page_dirty_in_slot logs nothing
+            faults[v] += 1
+            if inblock:
+                block_map[blk] = BLOCK
+                b0 = blk * block_pages
+                for p in range(b0, b0 + block_pages):
+                    state[p] &= NOT_WP
+            else:
+                state[g] &= NOT_WP
+        elif s & WP:
             faults[v] += 1
             if inblock and blockgran[k]:
+                block_map[blk] = BLOCK  # a fault in a huge page split outside logging maps it again
                 b0 = blk * block_pages
                 for p in range(b0, b0 + block_pages):
                     state[p] &= NOT_WP
@@ -148,7 +180,7 @@ FAULTS, PUSHES, SPLITS, FAULT_NS = range(4)
 
 @numba.njit(cache=True, nogil=True)
 def apply_batch(gpi, vc, code, reads, first_touch, slot_of, state, version, block_map,
-                blockgran, pushall, split, nolog, block_shift,
+                blockgran, pushall, split, mode, block_shift,
                 ring_ctr, soft_limit, pml_count, pml_buf, rings,
                 push_v, push_g, split_v, split_b,
                 vstat, split_cost, fault_cost, ring_addr, slot_start, slot_kvm, soft_full, faults):  # pragma: no cover - compiled
@@ -167,11 +199,13 @@ def apply_batch(gpi, vc, code, reads, first_touch, slot_of, state, version, bloc
     if rings:
         for v in range(nv):
             used[v] = ring_used(ring_ctr[v])
+            if used[v] == 0xFFFFFFFF:  # a reset past dirty_index: the next push wraps the u32 used to 0
+                used[v] = -1
         limit = soft_limit
     else:
         limit = np.full(nv, np.int64(1) << 62, dtype=np.int64)
     m, cut, npush, nsplit, ndirty, retired = walk_writes(
-        gpi, vc, code, reads, first_touch, slot_of, state, version, block_map, blockgran, pushall, split, nolog,
+        gpi, vc, code, reads, first_touch, slot_of, state, version, block_map, blockgran, pushall, split, mode,
         block_shift, used, limit, pml_count, pml_buf, rings, push_v, push_g, split_v, split_b, faults)
     for j in range(nsplit):
         vstat[split_v[j], SPLITS] += 1
@@ -194,7 +228,7 @@ def apply_batch(gpi, vc, code, reads, first_touch, slot_of, state, version, bloc
 
 @numba.njit(cache=True, nogil=True)
 def apply_window(order, t, vc, gfn, gfn_lo, gfn_hi, delta, zeros8, zeros64, state, version, block_map,
-                 blockgran, pushall, split, nolog, block_shift, ring_ctr, soft_limit, no_pml, rings,
+                 blockgran, pushall, split, mode, block_shift, ring_ctr, soft_limit, no_pml, rings,
                  push_v, push_g, split_v, split_b, vstat, split_cost, fault_cost, ring_addr, slot_start, slot_kvm,
                  soft_full, faults):  # pragma: no cover - compiled
     """:func:`apply_batch` for a workload's window of candidate first writes (first touch, no
@@ -218,7 +252,7 @@ def apply_window(order, t, vc, gfn, gfn_lo, gfn_hi, delta, zeros8, zeros64, stat
         v32[i] = vc[j]
     m, cut, npush, nsplit, ndirty, retired, nsoft = apply_batch(
         gpi, v32, zeros8[:n], zeros8[:n], True, zeros64[:n], state, version, block_map, blockgran, pushall, split,
-        nolog, block_shift, ring_ctr, soft_limit, no_pml, 0, rings, push_v, push_g, split_v, split_b, vstat,
+        mode, block_shift, ring_ctr, soft_limit, no_pml, 0, rings, push_v, push_g, split_v, split_b, vstat,
         split_cost, fault_cost, ring_addr, slot_start, slot_kvm, soft_full, faults)
     last = m - 1 if ordered else order[m - 1]
     return m, cut, npush, nsplit, ndirty, retired, nsoft, last, -1

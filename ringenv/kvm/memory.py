@@ -11,7 +11,13 @@ Per base page, one state byte and one version word (5 bytes):
   first access is a translation fault that maps it (``mapped_fraction`` of a slot starts mapped).
 
 Per block (2 MiB with 4K pages, 32 MiB with 16K, 512 MiB with 64K), one byte: mapped by a block
-(1) or by a table of pages (0); splitting a block is one update, as it is one stage-2 entry.
+(``BLOCK``, 1) or by a table of pages (0); splitting a block is one update, as it is one stage-2
+entry. ``SPLIT_HUGE`` (2) is a table of pages over a huge page in a slot that is not logging
+(arm64 eager split of a ring-only or read-only slot): the next fault there maps the huge page as
+a block again (user_mem_abort -> transparent_hugepage_adjust), so the fault path treats it as a
+block and it becomes ``BLOCK``. A block of memory the guest has not touched yet (``UNMAPPED``)
+stands for the huge page behind it: the fault that maps it maps a block unless logging forces
+pages.
 
 ``version`` counts the writes to the page that retired; the VMM copies it with the page, so a
 migration verifies itself by comparing versions (shared/reference/kvm-dirty-ring.md s10).
@@ -19,6 +25,8 @@ migration verifies itself by comparing versions (shared/reference/kvm-dirty-ring
 The arm64 stage-2 rules are those of reference section 7: enabling logging write-protects the
 slot; while logging, blocks are split into pages (lazily on the first write fault, or eagerly when
 logging is enabled with KVM_CAP_ARM_EAGER_SPLIT_CHUNK_SIZE); a permission fault relaxes one page.
+In a slot with dirty tracking on, a page not mapped yet carries ``WP``: the fault that maps it
+writable logs it, as a permission fault does.
 """
 
 from __future__ import annotations
@@ -30,6 +38,8 @@ WP = np.uint8(1)
 CLEAN = np.uint8(2)
 UNMAPPED = np.uint8(4)
 WP_CLEAN = np.uint8(WP | CLEAN)  # protect_masked and fault.walk_writes use these values (1, 2, 3)
+
+BLOCK, SPLIT_HUGE = 1, 2  # block_map values (0: a table of pages)
 
 
 class Memslot:
@@ -51,29 +61,47 @@ class Memslot:
         self.start = 0
         self.state: np.ndarray | None = None
         self.version: np.ndarray | None = None
-        self.blocks: np.ndarray | None = None  # per block: 1 = mapped by a block
+        self.blocks: np.ndarray | None = None  # per block: BLOCK, SPLIT_HUGE or 0 (module docstring)
 
     def initialize(self) -> None:
         """Fill a new slot's freshly laid-out (zeroed) arrays: which blocks are backed by huge
         pages, which memory is not mapped yet."""
         block_fraction, mapped_fraction, seed = self._init
-        if self.nblocks and block_fraction > 0:
-            self.blocks[_choose_blocks(self.nblocks, block_fraction, seed ^ (self.id * 0x9E3779B1))] = 1
+        self.blocks[self._huge_pages()] = BLOCK
         if mapped_fraction < 1.0:  # untouched memory, chosen in block-sized chunks
             chunk = max(self.block_pages, 1)
             nchunks = -(-self.npages // chunk)
             gone = ~_choose_blocks(nchunks, mapped_fraction, seed ^ (self.id * 0x85EBCA6B) ^ 0xA5)
             self.state[np.repeat(gone, chunk)[: self.npages]] |= UNMAPPED
 
+    def _huge_pages(self) -> np.ndarray:
+        """Which blocks of the userspace memory behind the slot are huge pages (THP): a seeded,
+        reproducible choice of ``block_fraction`` of them."""
+        block_fraction, _, seed = self._init
+        if not self.nblocks or block_fraction <= 0:
+            return np.zeros(self.nblocks, dtype=bool)
+        return _choose_blocks(self.nblocks, block_fraction, seed ^ (self.id * 0x9E3779B1))
+
     @property
     def nr_block_mapped(self) -> int:
-        return int(np.count_nonzero(self.blocks))
+        return int(np.count_nonzero(self.blocks == BLOCK))
 
-    def split_all_blocks(self) -> int:
-        """Eager split: every block mapping becomes a table of pages. Returns blocks split."""
-        n = self.nr_block_mapped
+    def split_all_blocks(self, keep_huge: bool = False) -> int:
+        """Eager split (kvm_mmu_split_memory_region): every block mapping becomes a table of
+        pages; memory not mapped yet has no mapping to split. ``keep_huge``: the slot is not
+        logging, so the next fault in each of them maps the huge page as a block again
+        (``SPLIT_HUGE``). Returns blocks split."""
+        split = self.blocks == BLOCK
+        split &= (self.state[:: self.block_pages][: self.nblocks] & UNMAPPED) == 0
+        self.blocks[split] = SPLIT_HUGE if keep_huge else 0
+        return int(np.count_nonzero(split))
+
+    def unmap_all(self) -> None:
+        """kvm_arch_flush_shadow_memslot (a memslot moved): nothing of the slot is mapped at
+        stage 2 any more; the huge pages behind it are what the faults that map it again find."""
+        self.state[:] = UNMAPPED
         self.blocks[:] = 0
-        return n
+        self.blocks[self._huge_pages()] = BLOCK
 
     # -- dirty bitmap ------------------------------------------------------------------------
     def alloc_bitmap(self, initially_set: bool = False) -> None:
@@ -128,16 +156,23 @@ def _choose_blocks(nblocks: int, fraction: float, seed: int) -> np.ndarray:
 
 
 @numba.njit(cache=True, nogil=True)
-def protect_masked(kslots, offsets, masks, tab_kslot, tab_start, tab_npages, tab_blockgran,
-                   state, block_map, block_shift, span):  # pragma: no cover - compiled
+def protect_masked(kslots, offsets, masks, tab_kslot, tab_start, tab_npages, tab_blockgran, tab_mode,
+                   state, block_map, block_shift, span, split_span):  # pragma: no cover - compiled
     """kvm_arch_mmu_enable_log_dirty_pt_masked for each call (slot, offset, mask), in order.
 
     Write-protects the pages of the mask: exactly its set bits (x86), or with ``span`` every page
     from its lowest to its highest set bit, zero bits included (arm64). A call naming no memslot,
-    or running past its end, is skipped as the kernel skips it. A page still mapped by a block in
-    a slot where blocks stay protects the whole block (one stage-2 entry). Every protected page is
-    clean afterwards. Returns the number of pages protected."""
+    or running past its end, is skipped as the kernel skips it. A page still mapped by a block
+    protects the whole block, as the block is one stage-2 leaf: on arm64 in every slot
+    (kvm_stage2_wp_range changes the leaf's permission), on x86 where blocks stay while logging.
+    With ``split_span`` (arm64, manual protect with INITIALLY_SET and an eager split chunk) the
+    span's block mappings are then split into pages (kvm_mmu_split_huge_pages): to plain tables
+    in a logging slot, to ``SPLIT_HUGE`` in one that is not (``tab_mode`` non-zero, see
+    fault.walk_writes). Every protected page is clean afterwards.
+    Returns (pages protected: a whole block per page of a call where blocks stay, one page per
+    page of the call otherwise; blocks split)."""
     npro = 0
+    nsplit = 0
     block_pages = 1 << block_shift
     for i in range(kslots.shape[0]):
         k = -1
@@ -160,16 +195,24 @@ def protect_masked(kslots, offsets, masks, tab_kslot, tab_start, tab_npages, tab
         if off < 0 or off + hi >= tab_npages[k]:
             continue
         base = tab_start[k] + off
+        leaf = -1  # the block last protected whole
         for b in range(lo, hi + 1):
             if not span and not (mask >> np.uint64(b)) & np.uint64(1):
                 continue
             g = base + b
-            if tab_blockgran[k] and block_map[g >> block_shift]:
-                b0 = (g >> block_shift) << block_shift
-                first, last = b0, b0 + block_pages
+            blk = g >> block_shift
+            if block_map[blk] == BLOCK and (span or tab_blockgran[k]):
+                if blk != leaf:
+                    for p in range(blk << block_shift, (blk + 1) << block_shift):
+                        state[p] |= 3
+                    leaf = blk
+                npro += block_pages if tab_blockgran[k] else 1
             else:
-                first, last = g, g + 1
-            for p in range(first, last):
-                state[p] |= 3
+                state[g] |= 3
                 npro += 1
-    return npro
+        if split_span:
+            for blk in range((base + lo) >> block_shift, ((base + hi) >> block_shift) + 1):
+                if block_map[blk] == BLOCK and not state[blk << block_shift] & UNMAPPED:  # a block mapping exists
+                    block_map[blk] = SPLIT_HUGE if tab_mode[k] else 0
+                    nsplit += 1
+    return npro, nsplit

@@ -173,26 +173,28 @@ def _coalesce(slots, offsets, out_slot, out_offset, out_mask):  # pragma: no cov
 
 
 @numba.njit(cache=True, nogil=True)
-def reset_rings(ring_addr, ring_ctr, tab_kslot, tab_start, tab_npages, tab_blockgran, state, block_map,
-                block_shift, span):  # pragma: no cover - compiled
+def reset_rings(ring_addr, ring_ctr, tab_kslot, tab_start, tab_npages, tab_blockgran, tab_mode, state, block_map,
+                block_shift, span, split_span):  # pragma: no cover - compiled
     """kvm_dirty_ring_reset for every vCPU's ring (ring_addr/ring_ctr as :func:`push_all`):
     from reset_index, while the entry has RESET set, set its flags to 0
     (kvm_dirty_gfn_set_invalid) and advance reset_index; the entries reset are coalesced into
     re-protect calls (:func:`_coalesce`), applied in order (:func:`memory.protect_masked`).
-    Returns (entries reset, re-protect calls, pages protected)."""
-    entries = calls = pages = 0
-    m = 0  # the most entries any ring can reset now
+    As in the kernel the RESET flag alone decides, not dirty_index: entries userspace marked
+    past dirty_index (never pushed) are reset too, reset_index passes dirty_index and the u32
+    used wraps. An entry reset is 0, so one call resets each entry at most once.
+    Returns (entries reset, re-protect calls, pages protected, blocks split)."""
+    entries = calls = pages = splits = 0
+    m = 0  # buffer size: the most entries any ring can reset now
     for v in range(ring_addr.shape[0]):
-        m = max(m, min(ring_used(ring_ctr[v]), ring_addr[v, 1]))
+        m = max(m, _reset_bound(ring_addr[v], ring_ctr[v]))
     slots, offsets = np.empty(m, dtype=np.uint32), np.empty(m, dtype=np.uint64)
     out_slot, out_offset, out_mask = np.empty(m, dtype=np.uint32), np.empty(m, dtype=np.int64), np.empty(m, dtype=np.uint64)
     for v in range(ring_addr.shape[0]):
         size = ring_addr[v, 1]
         words = words_at(ring_addr[v, 0], 2 * size)
         ri = ring_ctr[v, 1]
-        used = min(ring_used(ring_ctr[v]), size)
         n = 0
-        while n < used:
+        while n < size:
             e = 2 * ((ri + n) & (size - 1))
             w = words[e]
             if not w & np.uint64(KVM_DIRTY_GFN_F_RESET):
@@ -201,12 +203,26 @@ def reset_rings(ring_addr, ring_ctr, tab_kslot, tab_start, tab_npages, tab_block
             slots[n], offsets[n] = w >> np.uint64(32), words[e + 1]
             n += 1
         k = _coalesce(slots[:n], offsets[:n], out_slot, out_offset, out_mask)
-        pages += protect_masked(out_slot[:k], out_offset[:k], out_mask[:k], tab_kslot, tab_start, tab_npages,
-                                tab_blockgran, state, block_map, block_shift, span)
+        npro, nsplit = protect_masked(out_slot[:k], out_offset[:k], out_mask[:k], tab_kslot, tab_start, tab_npages,
+                                      tab_blockgran, tab_mode, state, block_map, block_shift, span, split_span)
         ring_ctr[v, 1] = ri + n
         entries += n
         calls += k
-    return entries, calls, pages
+        pages += npro
+        splits += nsplit
+    return entries, calls, pages, splits
+
+
+@numba.njit(inline="always")
+def _reset_bound(addr, ctr):  # pragma: no cover - compiled
+    """The most entries a reset of this ring can take: its used entries, or the whole ring if
+    userspace marked the entry at dirty_index RESET too (then the reset runs past it)."""
+    size = addr[1]
+    used = min(ring_used(ctr), size)
+    if used < size and words_at(addr[0], 2 * size)[2 * ((ctr[1] + used) & (size - 1))] & np.uint64(
+            KVM_DIRTY_GFN_F_RESET):
+        return size
+    return used
 
 
 def coalesce_reprotect(slots: np.ndarray, offsets: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

@@ -28,8 +28,9 @@ import numpy as np
 from ..arrays import RECYCLER, first_occurrence, groups, shift_checked, unique
 from ..config import HostProfile, load_host_profile
 from ..guest.base import EXIT_DONE, EXIT_NONE, EXIT_SYNC, NO_WRITE, GuestProgram, WriteBatch
-from .fault import CUT_DONE, CUT_FULL, CUT_NONE, CUT_SYNC, FAULT_NS, FAULTS, PUSHES, SPLITS, apply_batch, apply_window
-from .memory import CLEAN, WP, WP_CLEAN, Memslot, bitmap_offsets, protect_masked
+from .fault import (CUT_DONE, CUT_FULL, CUT_MMIO, CUT_NONE, CUT_SYNC, FAULT_NS, FAULTS, NOLOG, PUSHES, READONLY, SPLITS,
+                    UNTRACKED, apply_batch, apply_window)
+from .memory import CLEAN, UNMAPPED, WP, WP_CLEAN, Memslot, bitmap_offsets, protect_masked
 from .ring import DirtyRing, reset_rings, ring_room
 from .uapi import (
     KVM_CAP_ARM_EAGER_SPLIT_CHUNK_SIZE,
@@ -50,7 +51,8 @@ from .uapi import (
     einval,
 )
 
-KVM_USER_MEM_SLOTS = 32764
+# KVM_MEM_SLOTS_NUM (SHRT_MAX) - KVM_INTERNAL_MEM_SLOTS (x86: 3, arm64: none)
+KVM_USER_MEM_SLOTS = {"arm64": 32767, "x86": 32764}
 KVM_MAX_VCPUS = {"arm64": 512, "x86": 4096}
 ADDRESS_SPACES = {"arm64": 1, "x86": 2}
 
@@ -60,7 +62,9 @@ class Exit:
     """A vCPU left the guest: KVM_RUN returned with ``reason`` (a KVM_EXIT_* value).
 
     ``kind`` says why in this simulator's terms: "full" (KVM_EXIT_DIRTY_RING_FULL), "sync" (the
-    guest's MMIO sync write), "done" (its program ended), "kick" (userspace forced it out)."""
+    guest's MMIO sync write), "mmio" (a write to a KVM_MEM_READONLY memslot, KVM_EXIT_MMIO: the
+    store completes as MMIO, memory is unchanged), "done" (its program ended), "kick"
+    (userspace forced it out)."""
 
     vcpu: int
     reason: int
@@ -115,7 +119,8 @@ class VcpuStats:
         self.pml_flushes = 0
         self.extra: dict = {}
 
-    faults = _counter(FAULTS, "write faults that logged a page (permission faults; PML logs on x86-pml)")
+    faults = _counter(FAULTS, "write faults on protected pages (each logs the page if its slot has dirty "
+                              "tracking; PML logs on x86-pml)")
     pushes = _counter(PUSHES, "entries pushed to the vCPU's ring")
     splits = _counter(SPLITS, "blocks this vCPU's faults split into pages")
     fault_ns = _counter(FAULT_NS, "guest time lost in the kernel (faults, splits, PML flushes)")
@@ -286,9 +291,12 @@ class Vm:
                 raise einval("WITH_BITMAP must be enabled before any memslot exists")
             self.with_bitmap = True
         elif cap == KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2:
-            allowed = KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE | KVM_DIRTY_LOG_INITIALLY_SET
+            allowed = KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE  # INITIALLY_SET only together with it
+            if arg0 & KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE:
+                allowed |= KVM_DIRTY_LOG_INITIALLY_SET
             if flags or arg0 & ~allowed:
-                raise einval(f"MANUAL_DIRTY_LOG_PROTECT2: args[0] must be a subset of {allowed:#x}, flags 0")
+                raise einval(f"MANUAL_DIRTY_LOG_PROTECT2: args[0] {arg0:#x} must be a subset of {allowed:#x} "
+                             "(INITIALLY_SET needs MANUAL_PROTECT_ENABLE), flags 0")
             self.manual_protect = arg0
         elif cap == KVM_CAP_ARM_EAGER_SPLIT_CHUNK_SIZE and p.arch == "arm64":
             if flags:
@@ -328,15 +336,14 @@ class Vm:
         userspace memory behind the slot that is backed by huge pages (THP), i.e. mapped by stage-2
         blocks, and the share the guest has already touched (mapped at stage 2; the rest faults
         on first access, as in a fresh VM).
-        Changing only ``flags`` of an existing slot turns dirty logging on or off; size 0 deletes.
+        Of an existing slot (the same memory: its size and KVM_MEM_READONLY cannot change),
+        changing only ``flags`` turns dirty logging on or off, a new ``guest_phys_addr`` moves it
+        (KVM_MR_MOVE, :meth:`_move_memslot`); size 0 deletes a slot (EINVAL if there is none).
         """
         p = self.profile
         if flags & ~(KVM_MEM_LOG_DIRTY_PAGES | KVM_MEM_READONLY):
             raise einval(f"memslot flags {flags:#x}: accepted KVM_MEM_LOG_DIRTY_PAGES | KVM_MEM_READONLY")
-        if not 0 <= as_id < ADDRESS_SPACES[p.arch]:
-            raise einval(f"address space {as_id}: {p.arch} has {ADDRESS_SPACES[p.arch]}")
-        if not 0 <= slot < KVM_USER_MEM_SLOTS:
-            raise einval(f"slot id {slot}: accepted 0..{KVM_USER_MEM_SLOTS - 1}")
+        self._check_slot_id(slot, as_id, "KVM_SET_USER_MEMORY_REGION")
         if guest_phys_addr % p.page_size or memory_size % p.page_size or memory_size < 0:
             raise einval(f"guest_phys_addr and memory_size must be multiples of PAGE_SIZE {p.page_size}")
         for name, f in (("block_fraction", block_fraction), ("mapped_fraction", mapped_fraction)):
@@ -344,29 +351,59 @@ class Vm:
                 raise ValueError(f"{name} {f}: accepted 0.0..1.0")
         old = self._slot(slot, as_id)
         base, npages = guest_phys_addr // p.page_size, memory_size // p.page_size
-        if old is not None:
-            if npages == 0:
-                self.slots.remove(old)
-                self._layout()
-                return
-            if (base, npages) != (old.base_gfn, old.npages):
-                raise einval("moving or resizing a memslot is not modelled (delete it and create it again)")
-            if (flags ^ old.flags) & KVM_MEM_READONLY:
-                raise einval("KVM_MEM_READONLY cannot be changed on an existing memslot")
-            changed = (flags ^ old.flags) & KVM_MEM_LOG_DIRTY_PAGES
-            old.flags = flags
-            self.last_ioctl_ns = self._logging_changed(old) if changed else 0
-            return
         if npages == 0:
+            if old is None:
+                raise einval(f"deleting memslot {slot}: it does not exist")
+            self.slots.remove(old)
+            self._layout()
             return
+        if old is None:
+            self._check_overlap(slot, as_id, base, npages)
+            ms = Memslot(slot, as_id, base, npages, flags, self.block_pages, block_fraction, self.seed, mapped_fraction)
+            self.slots.append(ms)
+            self._layout()
+            self.last_ioctl_ns = self._logging_changed(ms) if flags & KVM_MEM_LOG_DIRTY_PAGES else 0
+            return
+        if npages != old.npages:
+            raise einval("a memslot cannot be resized (delete it and create it again)")
+        if (flags ^ old.flags) & KVM_MEM_READONLY:
+            raise einval("KVM_MEM_READONLY cannot be changed on an existing memslot")
+        if base != old.base_gfn:
+            self._move_memslot(old, base, flags)
+        elif flags != old.flags:  # KVM_MR_FLAGS_ONLY: LOG_DIRTY_PAGES changed
+            old.flags = flags
+            self.last_ioctl_ns = self._logging_changed(old)
+        else:
+            self.last_ioctl_ns = 0
+
+    def _check_slot_id(self, slot: int, as_id: int, ioctl: str) -> None:
+        """as_id >= the address spaces or slot id >= KVM_USER_MEM_SLOTS: EINVAL."""
+        arch = self.profile.arch
+        if not 0 <= as_id < ADDRESS_SPACES[arch]:
+            raise einval(f"{ioctl}: address space {as_id}: {arch} has {ADDRESS_SPACES[arch]}")
+        if not 0 <= slot < KVM_USER_MEM_SLOTS[arch]:
+            raise einval(f"{ioctl}: slot id {slot}: accepted 0..{KVM_USER_MEM_SLOTS[arch] - 1}")
+
+    def _check_overlap(self, slot: int, as_id: int, base: int, npages: int) -> None:
+        """kvm_check_memslot_overlap: another slot of the address space in the range: EEXIST."""
         for s in self.slots:
-            if s.as_id == as_id and base < s.base_gfn + s.npages and s.base_gfn < base + npages:
+            if s.as_id == as_id and s.id != slot and base < s.base_gfn + s.npages and s.base_gfn < base + npages:
                 raise KvmError(errno.EEXIST, f"memslot {slot} overlaps memslot {s.id}")
-        ms = Memslot(slot, as_id, base, npages, 0, self.block_pages, block_fraction, self.seed, mapped_fraction)
-        self.slots.append(ms)
+
+    def _move_memslot(self, s: Memslot, base: int, flags: int) -> None:
+        """KVM_MR_MOVE: the same memory (its page versions) at guest frame ``base``, with
+        ``flags`` (LOG_DIRTY_PAGES may change). kvm_invalidate_memslot unmaps the old range at
+        stage 2 (kvm_arch_flush_shadow_memslot: every page faults again, a block where a huge
+        page is behind it unless logging forces pages); kvm_prepare_memory_region keeps the
+        dirty bitmap if logging stays on; the commit is that of logging turned on (write-protect,
+        nothing mapped to split) or off. Ring entries name the slot by id, so a later reset of
+        an entry pushed before the move re-protects that offset of the moved slot."""
+        self._check_overlap(s.id, s.as_id, base, s.npages)
+        s.unmap_all()
+        s.base_gfn = base
         self._layout()
-        ms.flags = flags
-        self.last_ioctl_ns = self._logging_changed(ms) if flags & KVM_MEM_LOG_DIRTY_PAGES else 0
+        s.flags = flags
+        self.last_ioctl_ns = self._logging_changed(s)
 
     def _slot(self, slot: int, as_id: int = 0) -> Memslot | None:
         for s in self.slots:
@@ -411,9 +448,19 @@ class Vm:
         self._refresh_slot_modes()
 
     def _logs(self, s: Memslot) -> bool:
-        """memslot_is_logging as the fault path sees it: on arm64 a ring-only slot without a
-        bitmap is not logging (reference s11); on x86 the flag is enough."""
-        return s.logging and (s.dirty_bitmap is not None or self.profile.ring_only_slot_logs)
+        """memslot_is_logging as the fault path sees it: never for a read-only slot; on arm64 a
+        ring-only slot without a bitmap is not logging (reference s11); on x86 the flag is
+        enough."""
+        return (s.logging and not s.flags & KVM_MEM_READONLY
+                and (s.dirty_bitmap is not None or self.profile.ring_only_slot_logs))
+
+    def _mode(self, s: Memslot) -> int:
+        """The slot's mode bits for the fault path (fault.walk_writes): NOLOG (dirty-tracked but
+        not logging: arm64 ring without a bitmap), UNTRACKED (no LOG_DIRTY_PAGES: faults log
+        nothing), READONLY (writes exit as MMIO)."""
+        if s.flags & KVM_MEM_READONLY:
+            return READONLY | (0 if s.logging else UNTRACKED)
+        return (NOLOG if s.logging and not self._logs(s) else 0) | (0 if s.logging else UNTRACKED)
 
     def _refresh_slot_modes(self) -> None:
         p = self.profile
@@ -427,35 +474,53 @@ class Vm:
         self._pushall = np.array(pushall, dtype=bool)
         self._any_pushall = bool(self._pushall.any())
         self._split = np.array(split, dtype=bool)
-        self._nolog = np.array([s.logging and not self._logs(s) for s in self._as0], dtype=bool)
+        self._slot_mode = np.array([self._mode(s) for s in self._as0], dtype=np.uint8)
         # every slot (all address spaces), for the re-protect kernel
         self._tab_kslot = np.array([s.kvm_slot for s in self.slots], dtype=np.uint32)
         self._tab_start = np.array([s.start for s in self.slots], dtype=np.int64)
         self._tab_npages = np.array([s.npages for s in self.slots], dtype=np.int64)
         self._tab_blockgran = np.array([s.logging and (not self._logs(s) or not p.split_blocks)
                                         for s in self.slots], dtype=bool)
+        self._tab_mode = np.array([self._mode(s) for s in self.slots], dtype=np.uint8)
 
     def _logging_changed(self, s: Memslot) -> int:
-        """kvm_arch_commit_memory_region for a LOG_DIRTY_PAGES change. Returns the kernel time."""
-        p, c = self.profile, self.profile.costs
-        ns = 0
+        """A slot's KVM_MEM_LOG_DIRTY_PAGES was set or cleared (created, flags changed or moved):
+        kvm_prepare_memory_region's dirty bitmap, then kvm_arch_commit_memory_region. Returns
+        the kernel time."""
         if s.logging:
-            if not self.ring_entries or self.with_bitmap:
+            if s.dirty_bitmap is None and (not self.ring_entries or self.with_bitmap):  # else kept
                 s.alloc_bitmap(initially_set=bool(self.manual_protect & KVM_DIRTY_LOG_INITIALLY_SET))
             self._refresh_slot_modes()
-            if not (self.manual_protect & KVM_DIRTY_LOG_INITIALLY_SET and s.dirty_bitmap is not None):
-                s.state |= WP_CLEAN  # kvm_mmu_wp_memory_region
-                ns += int(c.protect_page_ns * s.npages) + self._tlbi_ns
-                self.stats.tlb_flushes += 1
-                if self.eager_split_chunk and self._logs(s) and p.split_blocks:
-                    n = s.split_all_blocks()  # kvm_mmu_split_memory_region
-                    self.stats.splits += n
-                    ns += n * c.split_ns
+            ns = self._commit_log_dirty_pages(s)
         else:
             s.dirty_bitmap = None
             s.state &= ~(WP | CLEAN)
             self._refresh_slot_modes()
+            ns = 0
         self.stats.kernel_ns += ns
+        return ns
+
+    def _commit_log_dirty_pages(self, s: Memslot) -> int:
+        """kvm_arch_commit_memory_region with LOG_DIRTY_PAGES set, whatever the VM logs into
+        (bitmap or ring) and whether the slot is logging (a ring-only arm64 slot, a read-only
+        slot, which x86 skips): with INITIALLY_SET nothing is protected or split; else the slot
+        is write-protected (kvm_mmu_wp_memory_region, one TLB flush) and, with an eager split
+        chunk, its block mappings are split (kvm_mmu_split_memory_region; in a slot that is not
+        logging the next fault maps the huge page as a block again). Either way a page not
+        mapped yet gets WP: the fault that maps it writable logs it. Returns the kernel time."""
+        p, c = self.profile, self.profile.costs
+        if self.manual_protect & KVM_DIRTY_LOG_INITIALLY_SET:
+            s.state[(s.state & UNMAPPED) != 0] |= WP_CLEAN
+            return 0
+        if p.arch == "x86" and s.flags & KVM_MEM_READONLY:  # kvm_mmu_slot_apply_flags: nothing to protect
+            return 0
+        s.state |= WP_CLEAN  # kvm_mmu_wp_memory_region
+        ns = int(c.protect_page_ns * s.npages) + self._tlbi_ns
+        self.stats.tlb_flushes += 1
+        if self.eager_split_chunk and p.split_blocks:
+            n = s.split_all_blocks(keep_huge=not self._logs(s))  # kvm_mmu_split_memory_region
+            self.stats.splits += n
+            ns += n * c.split_ns
         return ns
 
     def __reduce_ex__(self, protocol):
@@ -508,18 +573,22 @@ class Vm:
 
     # ------------------------------------------------------------------ ring reset
     def reset_dirty_rings(self) -> int:
-        """KVM_RESET_DIRTY_RINGS: for every vCPU ring reset the harvested entries from
-        reset_index on, coalescing the re-protect work; one VM-wide TLB flush if anything was
-        reset. Returns the number of entries reset."""
+        """KVM_RESET_DIRTY_RINGS: for every vCPU ring reset the entries userspace marked RESET
+        from reset_index on (also past dirty_index, as the kernel does: :func:`ring.reset_rings`),
+        coalescing the re-protect work (with INITIALLY_SET and an eager split chunk it also
+        splits the spans' blocks); one VM-wide TLB flush if anything was reset. Returns the
+        number of entries reset."""
         if not self.ring_entries:
             raise einval("KVM_RESET_DIRTY_RINGS: the VM has no dirty ring")
         c = self.profile.costs
-        total, calls, pages = reset_rings(self._ring_addr, self._ring_ctr, self._tab_kslot, self._tab_start,
-                                          self._tab_npages, self._tab_blockgran, self.state, self.block_map,
-                                          self.block_shift, self.profile.reprotect_span)
+        total, calls, pages, splits = reset_rings(
+            self._ring_addr, self._ring_ctr, self._tab_kslot, self._tab_start, self._tab_npages, self._tab_blockgran,
+            self._tab_mode, self.state, self.block_map, self.block_shift, self.profile.reprotect_span, self._split_span)
         ns = c.reset_call_ns + total * c.reset_entry_ns + calls * c.reprotect_call_ns + int(pages * c.reprotect_page_ns)
         if total:
             ns += self._flush_tlbs()
+        if splits:
+            ns += self._count_splits(splits)
         st = self.stats
         st.resets += 1
         st.entries_reset += total
@@ -532,6 +601,18 @@ class Vm:
     def _flush_tlbs(self) -> int:
         self.stats.tlb_flushes += 1
         return self._tlbi_ns
+
+    @property
+    def _split_span(self) -> bool:
+        """kvm_arch_mmu_enable_log_dirty_pt_masked splits the span's huge pages too (arm64, with
+        kvm_dirty_log_manual_protect_and_init_set and an eager split chunk)."""
+        return bool(self.eager_split_chunk and self.manual_protect & KVM_DIRTY_LOG_INITIALLY_SET
+                    and self.profile.split_blocks)
+
+    def _count_splits(self, n: int) -> int:
+        """Blocks split by a re-protect call: counted, and their kernel time returned."""
+        self.stats.splits += n
+        return n * self.profile.costs.split_ns
 
     def _zeros_of(self, dtype, n: int) -> np.ndarray:
         """n zeros of ``dtype`` (np.int8: "no exit", "not a read"; np.int64: "slot 0"), for
@@ -556,24 +637,31 @@ class Vm:
             bufs = self._scratch_bufs = (push_v, push_g, split_v, split_b)
         return bufs
 
-    def _reprotect(self, kslots: np.ndarray, offsets: np.ndarray, masks: np.ndarray) -> int:
+    def _reprotect(self, kslots: np.ndarray, offsets: np.ndarray, masks: np.ndarray) -> tuple[int, int]:
         """Apply re-protect calls (slot, offset, mask) with :func:`memory.protect_masked`:
-        arm64 write-protects the whole span of each mask; calls naming a missing slot or running
-        past its end are skipped, as the kernel does. Returns the pages write-protected."""
+        arm64 write-protects the whole span of each mask (and the block leaf a page of it is
+        mapped by), and with INITIALLY_SET and an eager split chunk splits the span's blocks;
+        calls naming a missing slot or running past its end are skipped, as the kernel does.
+        Returns (pages write-protected, the kernel time of the blocks split)."""
         if len(masks) == 0:
-            return 0
-        return int(protect_masked(
+            return 0, 0
+        pages, splits = protect_masked(
             np.ascontiguousarray(kslots, dtype=np.uint32), np.ascontiguousarray(offsets, dtype=np.int64),
             np.ascontiguousarray(masks, dtype=np.uint64), self._tab_kslot, self._tab_start, self._tab_npages,
-            self._tab_blockgran, self.state, self.block_map, self.block_shift, self.profile.reprotect_span))
+            self._tab_blockgran, self._tab_mode, self.state, self.block_map, self.block_shift,
+            self.profile.reprotect_span, self._split_span)
+        return int(pages), self._count_splits(splits) if splits else 0
 
     # ------------------------------------------------------------------ dirty bitmap
     def get_dirty_log(self, slot: int, as_id: int = 0) -> np.ndarray:
         """KVM_GET_DIRTY_LOG: the slot's dirty bitmap (u64 words, little-endian bit order).
         Without manual protect the bitmap is also cleared and the dirty pages re-protected.
-        With the ring it needs WITH_BITMAP (the backup bitmap), else ENXIO."""
+        With the ring it needs WITH_BITMAP (the backup bitmap), else ENXIO; then a slot id or
+        address space out of range is EINVAL, a slot that does not exist or is not logging
+        ENOENT."""
         if self.ring_entries and not self.with_bitmap:
             raise KvmError(errno.ENXIO, "KVM_GET_DIRTY_LOG: the VM uses the dirty ring without a bitmap")
+        self._check_slot_id(slot, as_id, "KVM_GET_DIRTY_LOG")
         s = self._slot(slot, as_id)
         if s is None or s.dirty_bitmap is None:
             raise KvmError(errno.ENOENT, f"KVM_GET_DIRTY_LOG: memslot {slot} does not exist or is not logging")
@@ -584,8 +672,9 @@ class Vm:
             s.dirty_bitmap[:] = 0
             words = np.flatnonzero(bm)
             if len(words):
-                n = self._reprotect(np.full(len(words), s.kvm_slot, np.uint32), words.astype(np.int64) * 64, bm[words])
-                ns += int(n * c.get_dirty_log_dirty_ns) + self._flush_tlbs()
+                n, split_ns = self._reprotect(np.full(len(words), s.kvm_slot, np.uint32), words.astype(np.int64) * 64,
+                                              bm[words])
+                ns += int(n * c.get_dirty_log_dirty_ns) + self._flush_tlbs() + split_ns
         self.stats.get_dirty_log_calls += 1
         self.stats.kernel_ns += ns
         self.last_ioctl_ns = ns
@@ -593,9 +682,12 @@ class Vm:
 
     def clear_dirty_log(self, slot: int, first_page: int, num_pages: int, bitmap: np.ndarray, as_id: int = 0) -> None:
         """KVM_CLEAR_DIRTY_LOG (manual protect): clear the given bits and re-protect those pages,
-        on 64-page aligned ranges."""
+        on 64-page aligned ranges. Errors in the kernel's order: ENXIO (ring without a bitmap),
+        EINVAL (slot id or address space out of range, first_page not 64-aligned), ENOENT (no
+        such logging slot), EINVAL (the range)."""
         if self.ring_entries and not self.with_bitmap:
             raise KvmError(errno.ENXIO, "KVM_CLEAR_DIRTY_LOG: the VM uses the dirty ring without a bitmap")
+        self._check_slot_id(slot, as_id, "KVM_CLEAR_DIRTY_LOG")
         if first_page & 63:
             raise einval(f"KVM_CLEAR_DIRTY_LOG: first_page {first_page} is not a multiple of 64")
         s = self._slot(slot, as_id)
@@ -622,9 +714,9 @@ class Vm:
         # actually cleared costs its re-protect
         ns = int(c.get_dirty_log_page_ns * num_pages)
         if len(words):
-            n = self._reprotect(np.full(len(words), s.kvm_slot, np.uint32), (w0 + words).astype(np.int64) * 64,
-                                mask[words])
-            ns += int(c.clear_dirty_log_page_ns * n) + self._flush_tlbs()
+            n, split_ns = self._reprotect(np.full(len(words), s.kvm_slot, np.uint32),
+                                          (w0 + words).astype(np.int64) * 64, mask[words])
+            ns += int(c.clear_dirty_log_page_ns * n) + self._flush_tlbs() + split_ns
         self.stats.clear_dirty_log_calls += 1
         self.stats.kernel_ns += ns
         self.last_ioctl_ns = ns
@@ -764,7 +856,7 @@ class Vm:
         m, cut, npush, nsplit, ndirty, retired, nsoft = apply_batch(
             gpi, vc.astype(np.int32, copy=False), code.astype(np.int8, copy=False), reads.astype(np.int8, copy=False),
             first_touch, sidx, self.state, self.version, self.block_map,
-            self._blockgran, self._pushall, self._split, self._nolog, self.block_shift,
+            self._blockgran, self._pushall, self._split, self._slot_mode, self.block_shift,
             self._ring_ctr, self._soft_limit, pml_count, pml, rings, push_v, push_g, split_v, split_b,
             self._vstat, split_cost, fault_cost, self._ring_addr, self._start,
             self._kslot, self._soft_full, faults)
@@ -788,7 +880,7 @@ class Vm:
         m, cut, npush, nsplit, ndirty, retired, nsoft, last, bad = apply_window(
             _NO_ORDER if batch.order is None else batch.order, t, vc, gfn, *self._one_slot,
             self._zeros_of(np.int8, n), self._zeros_of(np.int64, n), self.state, self.version, self.block_map,
-            self._blockgran, self._pushall, self._split, self._nolog, self.block_shift,
+            self._blockgran, self._pushall, self._split, self._slot_mode, self.block_shift,
             self._ring_ctr, self._soft_limit, self._no_pml, self.ring_entries > 0, push_v, push_g, split_v, split_b,
             self._vstat, split_cost, fault_cost, self._ring_addr, self._start, self._kslot, self._soft_full, faults)
         if bad >= 0:
@@ -834,6 +926,10 @@ class Vm:
                 v.request_soft_full = True
                 v.stats.full_exits += 1
                 exit_ = self._exit(v, KVM_EXIT_DIRTY_RING_FULL, "full")
+            elif cut == CUT_MMIO:  # a write to a read-only slot; its sync/done exit comes at re-entry
+                if cut_code != EXIT_NONE:
+                    v.pending_code = cut_code
+                exit_ = self._exit(v, KVM_EXIT_MMIO, "mmio")
             else:
                 if cut == CUT_DONE:
                     v.finished = True

@@ -106,9 +106,10 @@ def profile_without_split(name="arm64-4k"):
 
 def block_mapped(vm, gpi):
     """Whether global page ``gpi`` is still mapped by a block. The simulator keeps one byte per
-    block (``Vm.block_map``); older versions kept a BLOCK bit in the page state."""
+    block (``Vm.block_map``: 1 = a block; 0 or 2 = a table of pages); older versions kept a
+    BLOCK bit in the page state."""
     if hasattr(vm, "block_map"):
-        return bool(vm.block_map[gpi // vm.block_pages])
+        return int(vm.block_map[gpi // vm.block_pages]) == 1
     from ringenv.kvm import memory
 
     return bool(vm.state[gpi] & memory.BLOCK)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import errno
 
+import numpy as np
 import pytest
 
 from ringenv.config import load_host_profile
@@ -371,3 +372,90 @@ def test_a_vm_cannot_be_copied_or_pickled():
     for clone in (copy.deepcopy, copy.copy, pickle.dumps):
         with pytest.raises(TypeError, match="cannot be copied or pickled"):
             clone(vm)
+
+
+# ---------------------------------------------------------------------------- MANUAL_DIRTY_LOG_PROTECT2
+@pytest.mark.parametrize("profile", ALL)
+def test_manual_protect2_initially_set_without_protect_enable_is_einval(profile):
+    """kvm_vm_ioctl_enable_cap_generic: KVM_DIRTY_LOG_INITIALLY_SET is accepted only together
+    with KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE; alone -> EINVAL, and nothing is enabled."""
+    vm = Vm(profile)
+    MP2 = U.KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2
+    ENA, INIT = U.KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE, U.KVM_DIRTY_LOG_INITIALLY_SET
+    assert errno_of(vm.enable_cap, MP2, INIT) == errno.EINVAL
+    assert vm.manual_protect == 0
+    assert errno_of(vm.enable_cap, MP2, ENA, flags=1) == errno.EINVAL
+    assert errno_of(vm.enable_cap, MP2, ENA | 4) == errno.EINVAL
+    vm.enable_cap(MP2, ENA | INIT)
+    assert vm.manual_protect == ENA | INIT
+    vm.enable_cap(MP2, ENA)
+    assert vm.manual_protect == ENA
+    vm.enable_cap(MP2, 0)
+    assert vm.manual_protect == 0
+
+
+# ---------------------------------------------------------------------------- memslot ids and errnos
+# KVM_USER_MEM_SLOTS = KVM_MEM_SLOTS_NUM (SHRT_MAX) - KVM_INTERNAL_MEM_SLOTS: arm64 has no
+# internal slots (32767), x86 three (32764); address spaces: arm64 1, x86 2 (SMM).
+USER_MEM_SLOTS = {"arm64": 32767, "x86": 32764}
+ADDRESS_SPACES = {"arm64": 1, "x86": 2}
+
+
+@pytest.mark.parametrize("profile", ALL)
+def test_user_mem_slots_per_arch(profile):
+    """kvm_vm_ioctl_set_memory_region: (u16)slot >= KVM_USER_MEM_SLOTS -> EINVAL."""
+    vm = Vm(profile)
+    limit = USER_MEM_SLOTS[vm.profile.arch]
+    vm.set_user_memory_region(limit - 1, 0, 0, 16 * vm.page_size)
+    assert vm.slots[0].id == limit - 1
+    assert errno_of(vm.set_user_memory_region, limit, 0, 1 << 30, 16 * vm.page_size) == errno.EINVAL
+
+
+@pytest.mark.parametrize("profile", ALL)
+def test_deleting_a_memslot_that_does_not_exist_is_einval(profile):
+    """kvm_set_memory_region: memory_size 0 for a slot that does not exist -> EINVAL (also the
+    second delete of a slot)."""
+    vm = Vm(profile)
+    assert errno_of(vm.set_user_memory_region, 5, 0, 0, 0) == errno.EINVAL
+    vm.set_user_memory_region(5, LOG, 0, 16 * vm.page_size)
+    vm.set_user_memory_region(5, 0, 0, 0)
+    assert vm.slots == []
+    assert errno_of(vm.set_user_memory_region, 5, 0, 0, 0) == errno.EINVAL
+
+
+def _bitmap_vm(profile):
+    """A VM that uses the dirty bitmap (no ring), one logging slot 0 of 128 pages."""
+    vm = Vm(profile)
+    vm.set_user_memory_region(0, LOG, 0, 128 * vm.page_size)
+    vm.create_vcpu(0)
+    return vm
+
+
+@pytest.mark.parametrize("profile", ALL)
+def test_get_and_clear_dirty_log_slot_or_as_id_out_of_range_is_einval_before_enoent(profile):
+    """kvm_get_dirty_log_protect / kvm_clear_dirty_log_protect: as_id >= the address spaces or
+    slot id >= KVM_USER_MEM_SLOTS -> EINVAL, checked before the slot lookup (ENOENT for an id
+    in range that names no slot)."""
+    vm = _bitmap_vm(profile)
+    arch = vm.profile.arch
+    limit, nas = USER_MEM_SLOTS[arch], ADDRESS_SPACES[arch]
+    bm = np.zeros(2, dtype=np.uint64)
+    for slot, as_id in [(limit, 0), (limit + 100, 0), (0, nas), (-1, 0)]:
+        assert errno_of(vm.get_dirty_log, slot, as_id=as_id) == errno.EINVAL
+        assert errno_of(vm.clear_dirty_log, slot, 0, 64, bm, as_id=as_id) == errno.EINVAL
+    assert errno_of(vm.clear_dirty_log, limit, 1, 64, bm) == errno.EINVAL
+    assert errno_of(vm.get_dirty_log, limit - 1) == errno.ENOENT
+    assert errno_of(vm.clear_dirty_log, limit - 1, 0, 64, bm) == errno.ENOENT
+    if nas > 1:
+        assert errno_of(vm.get_dirty_log, 0, as_id=nas - 1) == errno.ENOENT
+
+
+@pytest.mark.parametrize("profile", ALL)
+def test_get_dirty_log_enxio_comes_before_the_slot_range_check(profile):
+    """kvm_get_dirty_log_protect: "dirty ring tracking may be exclusive": with a ring and no
+    bitmap ENXIO comes first, whatever the slot id."""
+    vm = Vm(profile)
+    vm.enable_cap(RING_CAP[profile], SMALLEST_BYTES[profile])
+    assert errno_of(vm.get_dirty_log, USER_MEM_SLOTS[vm.profile.arch]) == errno.ENXIO
+    assert errno_of(vm.clear_dirty_log, USER_MEM_SLOTS[vm.profile.arch], 0, 64,
+                    np.zeros(1, dtype=np.uint64)) == errno.ENXIO

@@ -235,6 +235,68 @@ def test_reset_stops_at_the_first_entry_without_reset():
     assert h.vcpus[0].ring.reset_index == 3
 
 
+def test_reset_follows_the_reset_flag_past_dirty_index():
+    """kvm_dirty_ring_reset loops while the entry at reset_index has RESET; it never compares
+    with dirty_index. One entry pushed (page 1) and harvested; buggy userspace also marks the
+    never-pushed entry 1 RESET: the reset counts both, reset_index (2) passes dirty_index (1)
+    and the u32 used wraps to 2^32 - 1: soft-full and full. The zeroed entry (slot 0,
+    offset 0) coalesces with (0, 1) into one re-protect call. No request is pending, so the
+    vCPU enters; its next push finds the ring full (the kernel's WARN: counted as lost),
+    lands in entry 1 and brings used to 0: no request, no exit. Userspace harvests that entry
+    (its fetch index is 1), but the reset starts at 2 and finds nothing: entry 1 stays
+    DIRTY|RESET behind reset_index."""
+    h = Host([[1, 5]], [[0]])
+    assert h.enter_and_run().kind == "sync"
+    g = h.vcpus[0].ring_gfns
+    assert h.harvest() == [1]
+    g["flags"][1] = RESET
+    calls = h.vm.stats.reprotect_calls
+    assert h.reset() == 2
+    r = h.vcpus[0].ring
+    assert (r.reset_index, r.dirty_index, r.used) == (2, 1, (1 << 32) - 1)
+    assert r.soft_full() and r.full()
+    assert g["flags"][:2].tolist() == [0, 0]
+    assert h.vm.stats.reprotect_calls == calls + 1
+    assert h.wp(0) and h.wp(1)
+    assert h.enter_and_run().kind == "done"
+    assert (r.lost, r.dirty_index, r.used, h.version(5)) == (1, 2, 0, 1)
+    assert h.harvest() == [5]
+    assert h.reset() == 0
+    assert g["flags"][1] == DIRTY | RESET
+
+
+def test_reset_two_past_dirty_index_leaves_the_vcpu_exiting_full():
+    """As above with entries 1 and 2 marked: reset 3, used = 2^32 - 2. The next push makes it
+    2^32 - 1 >= soft limit: SOFT_FULL, exit 31 before the store retires; KVM_RUN exits 31 again
+    at once (the u32 used stays 2^32 - 1 until a push or a reset moves it)."""
+    h = Host([[1, 5]], [[0]])
+    assert h.enter_and_run().kind == "sync"
+    g = h.vcpus[0].ring_gfns
+    g["flags"][0] |= RESET
+    g["flags"][1:3] = RESET
+    assert h.reset() == 3
+    r = h.vcpus[0].ring
+    assert r.used == (1 << 32) - 2
+    assert h.enter_and_run().reason == FULL
+    assert (r.lost, r.used, h.version(5)) == (1, (1 << 32) - 1, 0)
+    assert h.enter().reason == FULL
+
+
+def test_reset_of_a_ring_marked_all_over_stops_after_one_lap():
+    """kvm_dirty_ring_reset sets each entry it resets to 0, so with every entry marked RESET
+    one call resets each entry once: the whole ring (256), bounded as the kernel is; a second
+    call finds entry 0 clear and resets nothing."""
+    h = Host([[1]])
+    assert h.enter_and_run().kind == "done"
+    g = h.vcpus[0].ring_gfns
+    g["flags"][:] = RESET
+    assert h.reset() == 256
+    r = h.vcpus[0].ring
+    assert (r.reset_index, r.dirty_index) == (256, 1)
+    assert not g["flags"].any()
+    assert h.reset() == 0
+
+
 # ------------------------------------------------------------------------------ the sync after a retried store
 def test_sync_after_the_store_that_filled_the_ring_still_happens():
     """s4 + the trace contract (ringenv/replay.py: the guest exits after each sync index): the

@@ -11,7 +11,7 @@ import pytest
 from ringenv.guest.trace import TraceProgram
 from ringenv.kvm import KvmError, Vm
 from ringenv.kvm import uapi as U
-from ringenv.kvm.memory import WP
+from ringenv.kvm.memory import UNMAPPED, WP
 
 from ._helpers import Host, any_block_mapped, block_mapped, profile_without_split
 
@@ -443,3 +443,315 @@ def test_write_to_a_gfn_no_memslot_maps_is_efault_and_applies_nothing(offset):
     assert f"gfn {4096 + offset}" in str(ei.value)
     assert h.vcpus[0].ring.dirty_index == 0 and h.vcpus[0].stats.pushes == 0
     assert h.version(3) == 0 and h.version(5) == 0
+
+
+# ---------------------------------------------------------------------------- a slot that is not dirty-tracked
+LOG, RO = U.KVM_MEM_LOG_DIRTY_PAGES, U.KVM_MEM_READONLY
+ACQ, PLAIN, BITMAP = U.KVM_CAP_DIRTY_LOG_RING_ACQ_REL, U.KVM_CAP_DIRTY_LOG_RING, U.KVM_CAP_DIRTY_LOG_RING_WITH_BITMAP
+MP2, EAGER = U.KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2, U.KVM_CAP_ARM_EAGER_SPLIT_CHUNK_SIZE
+ENA, INIT = U.KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE, U.KVM_DIRTY_LOG_INITIALLY_SET
+FOREVER = 1 << 62
+
+
+def _vm(profile="arm64-4k", entries=256, bitmap=None, mp2=None, eager=None):
+    """A VM with a ring of ``entries`` (0: no ring, the dirty bitmap), WITH_BITMAP where the
+    host offers it unless ``bitmap`` says otherwise, and the given caps; no memslot yet."""
+    vm = Vm(profile)
+    if entries:
+        vm.enable_cap(ACQ if vm.profile.acq_rel_only else PLAIN, entries * 16)
+        if vm.profile.with_bitmap_supported if bitmap is None else bitmap:
+            vm.enable_cap(BITMAP)
+    if mp2 is not None:
+        vm.enable_cap(MP2, mp2)
+    if eager is not None:
+        vm.enable_cap(EAGER, eager)
+    return vm
+
+
+def _run(vm, v):
+    """KVM_RUN on v, then let time pass to its next exit."""
+    e = v.run()
+    return e if e is not None else vm.run_until(FOREVER)[0]
+
+
+@pytest.mark.parametrize("profile,entries", [("arm64-4k", 256), ("x86-nopml", 256), ("x86-pml", 1024)])
+def test_write_fault_after_logging_off_pushes_nothing(profile, entries):
+    """mark_page_dirty_in_slot logs only in a slot with KVM_MEM_LOG_DIRTY_PAGES
+    (kvm_slot_dirty_track_enabled). Page 7 is written (one push), logging is turned off, then
+    the entry is harvested and reset: kvm_reset_dirty_gfn re-protects page 7 whatever the
+    slot's flags. The next write to 7 faults (the fault is paid) and makes the page writable,
+    but pushes nothing."""
+    h = Host([[7, 7]], [[0]], profile=profile, entries=entries)
+    v = h.vcpus[0]
+    assert h.enter_and_run().kind == "sync"
+    assert v.stats.pushes == 1
+    h.vm.set_user_memory_region(0, 0, 0, 1024 * h.profile.page_size)
+    assert h.harvest() == [7]
+    assert h.reset() == 1
+    assert h.wp(7)
+    faults = v.stats.faults
+    assert h.enter_and_run().kind == "done"
+    assert v.stats.pushes == 1 and v.ring.dirty_index == 1
+    assert v.stats.faults == faults + 1
+    assert not h.wp(7) and h.version(7) == 2
+
+
+def test_write_fault_in_a_slot_recreated_without_logging_pushes_nothing():
+    """The entry (slot 0, offset 7) outlives its memslot: slot 0 is deleted and created again
+    without logging; the reset re-protects offset 7 of the new slot 0 (the entry names the
+    slot id), and the write that then faults on it pushes nothing."""
+    h = Host([[7, 7]], [[0]])
+    vm, v = h.vm, h.vcpus[0]
+    assert h.enter_and_run().kind == "sync"
+    vm.set_user_memory_region(0, 0, 0, 0)
+    vm.set_user_memory_region(0, 0, 0, 1024 * 4096)
+    assert h.harvest() == [7]
+    assert h.reset() == 1
+    s = vm.slots[0]
+    assert vm.state[s.start + 7] & WP
+    assert h.enter_and_run().kind == "done"
+    assert v.stats.pushes == 1 and v.stats.faults == 2
+    assert not vm.state[s.start + 7] & WP and int(vm.version[s.start + 7]) == 1
+
+
+# ---------------------------------------------------------------------------- KVM_MEM_READONLY
+@pytest.mark.parametrize("profile", ["arm64-4k", "x86-nopml"])
+def test_write_to_a_read_only_slot_is_an_mmio_exit(profile):
+    """api.rst: writes to a KVM_MEM_READONLY slot are posted to userspace as KVM_EXIT_MMIO
+    (arm64 kvm_handle_guest_abort: a write fault on a slot that is not writable goes to
+    io_mem_abort before user_mem_abort). Nothing is mapped, logged or written; the store is
+    consumed (it completes as an MMIO write at re-entry). RAM slot 0 (logging) at gfn 0, a
+    ROM slot 1 with LOG_DIRTY_PAGES (never logging) at gfn 1024. Writes: RAM 3, ROM 1029,
+    RAM 4: push 3, exit MMIO, then push 4 and the end."""
+    vm = _vm(profile)
+    ps = vm.page_size
+    vm.set_user_memory_region(0, LOG, 0, 1024 * ps)
+    vm.set_user_memory_region(1, LOG | RO, 1024 * ps, 64 * ps)
+    v = vm.create_vcpu(0)
+    vm.attach_guest(TraceProgram([[3, 1029, 4]], [[]]))
+    e = _run(vm, v)
+    assert (e.reason, e.kind) == (U.KVM_EXIT_MMIO, "mmio")
+    assert (v.stats.pushes, v.stats.faults) == (1, 1)
+    rom = vm.slots[1]
+    assert int(vm.version[rom.start + 5]) == 0
+    assert _run(vm, v).kind == "done"
+    assert v.stats.pushes == 2
+    assert v.ring.gfns["offset"][:2].tolist() == [3, 4]
+    if vm.with_bitmap:
+        assert not vm.get_dirty_log(1).any()
+
+
+def test_the_exit_after_a_read_only_write_comes_at_reentry():
+    """The trace's sync after the ROM write is not lost: MMIO exit, then the sync, then done."""
+    vm = _vm(entries=0)
+    vm.set_user_memory_region(0, RO, 0, 64 * 4096)
+    v = vm.create_vcpu(0)
+    vm.attach_guest(TraceProgram([[5]], [[0]]))
+    assert [_run(vm, v).kind for _ in range(3)] == ["mmio", "sync", "done"]
+    assert int(vm.version[5]) == 0
+
+
+def test_read_only_slot_is_never_logging_even_ring_only_on_arm64():
+    """memslot_is_logging() is false for a read-only slot and its mappings are never writable,
+    so mark_page_dirty_in_slot is never reached: on arm64 without WITH_BITMAP, where a read
+    of an unmapped page of a LOG_DIRTY_PAGES slot pushes (reference s11), reads of the ROM
+    push nothing."""
+    vm = _vm(bitmap=False)
+    vm.set_user_memory_region(0, LOG | RO, 0, 1024 * 4096, block_fraction=1.0, mapped_fraction=0.0)
+    v = vm.create_vcpu(0)
+    vm.attach_guest(TraceProgram([[3, 600]], [[]], reads=[[0, 1]]))
+    assert _run(vm, v).kind == "done"
+    assert v.stats.pushes == 0 and v.stats.faults == 0
+
+
+# ---------------------------------------------------------------------------- KVM_MR_MOVE
+def test_move_keeps_the_memory_and_the_dirty_bitmap_and_unmaps_stage2():
+    """KVM_MR_MOVE (same size, new guest_phys_addr): kvm_invalidate_memslot unmaps the old
+    range (kvm_arch_flush_shadow_memslot); logging stays on, so kvm_prepare_memory_region keeps
+    the dirty bitmap; the memory is the same (page versions move with it). Bitmap mode, 128
+    pages at gfn 0: the guest writes 5; the slot moves to gfn 4096: bit 5 is still set and no
+    page is mapped; the write to gfn 4096 + 6 takes a translation fault, which logs it."""
+    vm = _vm(entries=0)
+    vm.set_user_memory_region(0, LOG, 0, 128 * 4096)
+    v = vm.create_vcpu(0)
+    vm.attach_guest(TraceProgram([[5]], [[0]]))
+    assert _run(vm, v).kind == "sync"
+    vm.set_user_memory_region(0, LOG, 4096 * 4096, 128 * 4096)
+    s = vm.slots[0]
+    assert s.base_gfn == 4096
+    assert (vm.state[s.start: s.start + 128] & UNMAPPED).all()
+    assert int(vm.version[s.start + 5]) == 1
+    vm.attach_guest(TraceProgram([[4096 + 6]], [[]]))  # the guest's accesses after the move
+    assert _run(vm, v).kind == "done"
+    bm = vm.get_dirty_log(0)
+    assert int(bm[0]) == (1 << 5) | (1 << 6) and not bm[1]
+    assert int(vm.version[s.start + 6]) == 1
+
+
+def test_move_entries_pushed_before_it_reprotect_the_moved_slot():
+    """A ring entry is (slot id, offset): kvm_reset_dirty_gfn looks the slot up by id, so an
+    entry pushed before the move re-protects that offset of the moved slot. Page 5 is
+    written (entry 1), the slot moves, page 5 at its new gfn is written (translation fault:
+    entry 2); both are harvested and reset: page 5 is protected again and its next write
+    pushes a third entry."""
+    vm = _vm()
+    vm.set_user_memory_region(0, LOG, 0, 128 * 4096)
+    v = vm.create_vcpu(0)
+    vm.attach_guest(TraceProgram([[5]], [[0]]))
+    assert _run(vm, v).kind == "sync"
+    vm.set_user_memory_region(0, LOG, 4096 * 4096, 128 * 4096)
+    vm.attach_guest(TraceProgram([[4096 + 5, 4096 + 5]], [[0]]))  # the guest's accesses after the move
+    assert _run(vm, v).kind == "sync"
+    from ringenv.vmm.reap import RingReader
+    slots, offs = RingReader(v.ring_gfns).reap()
+    assert list(zip(slots.tolist(), offs.tolist())) == [(0, 5), (0, 5)]
+    assert vm.reset_dirty_rings() == 2
+    s = vm.slots[0]
+    assert vm.state[s.start + 5] & WP
+    assert _run(vm, v).kind == "done"
+    assert v.stats.pushes == 3
+
+
+def test_move_can_turn_logging_on_or_off():
+    """A move may change KVM_MEM_LOG_DIRTY_PAGES (only READONLY is fixed): off -> on allocates
+    the bitmap and logs the move's first writes; on -> off drops the bitmap (ENOENT)."""
+    vm = _vm(entries=0)
+    vm.set_user_memory_region(0, 0, 0, 128 * 4096)
+    v = vm.create_vcpu(0)
+    vm.attach_guest(TraceProgram([[4096 + 9]], [[]]))
+    vm.set_user_memory_region(0, LOG, 4096 * 4096, 128 * 4096)
+    assert _run(vm, v).kind == "done"
+    assert int(vm.get_dirty_log(0)[0]) == 1 << 9
+    vm.set_user_memory_region(0, 0, 0, 128 * 4096)
+    with pytest.raises(KvmError) as ei:
+        vm.get_dirty_log(0)
+    assert ei.value.errno == errno.ENOENT
+
+
+def test_move_rules():
+    """kvm_set_memory_region: an existing slot keeps its size and READONLY (EINVAL); a move
+    onto another slot's range is EEXIST; the same flags at the same address change nothing."""
+    vm = _vm(entries=0)
+    vm.set_user_memory_region(0, LOG, 0, 128 * 4096)
+    vm.set_user_memory_region(1, 0, 1024 * 4096, 128 * 4096)
+    for args, err in [((0, LOG, 0, 256 * 4096), errno.EINVAL), ((0, LOG | RO, 4096 * 4096, 128 * 4096), errno.EINVAL),
+                      ((0, LOG, 1000 * 4096, 128 * 4096), errno.EEXIST)]:
+        with pytest.raises(KvmError) as ei:
+            vm.set_user_memory_region(*args)
+        assert ei.value.errno == err
+    assert [(s.id, s.base_gfn) for s in vm.slots] == [(0, 0), (1, 1024)]
+    vm.set_user_memory_region(0, LOG, 0, 128 * 4096)
+    vm.set_user_memory_region(0, LOG, 64 * 4096, 128 * 4096)  # overlapping its own old range: fine
+    assert vm.slots[0].base_gfn == 64
+
+
+def test_move_with_eager_split_splits_nothing_and_a_logging_fault_maps_a_page():
+    """arm64 commit of a move with logging: kvm_mmu_wp_memory_region + kvm_mmu_split_memory_region
+    over a range where nothing is mapped: no split. The write then takes a translation fault,
+    which under logging maps one page (force_pte): no split either, one push. A move without
+    logging: a write maps its whole huge page (a block) again."""
+    vm = _vm(eager=2 * MiB)
+    vm.set_user_memory_region(0, 0, 0, 1024 * 4096, block_fraction=1.0)
+    vm.set_user_memory_region(1, 0, 8192 * 4096, 1024 * 4096, block_fraction=1.0)
+    v = vm.create_vcpu(0)
+    vm.attach_guest(TraceProgram([[4096 + 10, 9000 + 10]], [[]]))
+    vm.set_user_memory_region(0, LOG, 4096 * 4096, 1024 * 4096)
+    vm.set_user_memory_region(1, 0, 9000 * 4096, 1024 * 4096)
+    assert vm.stats.splits == 0
+    assert _run(vm, v).kind == "done"
+    assert (vm.stats.splits, v.stats.splits, v.stats.pushes) == (0, 0, 1)
+    s0, s1 = vm.slots
+    assert not block_mapped(vm, s0.start + 10)
+    assert block_mapped(vm, s1.start + 10)
+    assert not (vm.state[s1.start: s1.start + 512] & UNMAPPED).any()
+    assert (vm.state[s1.start + 512: s1.start + 1024] & UNMAPPED).all()
+
+
+# ---------------------------------------------------------------------------- INITIALLY_SET and stage 2
+def test_clear_with_initially_set_eager_splits_the_cleared_span():
+    """arm64 kvm_arch_mmu_enable_log_dirty_pt_masked: with manual protect and INITIALLY_SET
+    (kvm_dirty_log_manual_protect_and_init_set) it write-protects the span and then splits its
+    huge pages (kvm_mmu_split_huge_pages; a no-op with EAGER_SPLIT_CHUNK_SIZE 0). Turning
+    logging on split and protected nothing (INITIALLY_SET). CLEAR of pages 0..63 splits block
+    0 and leaves block 1; all of block 0 is protected (its leaf was protected, then split)."""
+    vm = _vm(entries=0, mp2=ENA | INIT, eager=2 * MiB)
+    vm.set_user_memory_region(0, LOG, 0, 1024 * 4096, block_fraction=1.0)
+    vm.create_vcpu(0)
+    assert vm.stats.splits == 0 and not (vm.state & WP).any()
+    vm.clear_dirty_log(0, 0, 64, np.array([~np.uint64(0)], dtype=np.uint64))
+    assert vm.stats.splits == 1
+    assert not block_mapped(vm, 0) and block_mapped(vm, 512)
+    assert (vm.state[:512] & WP).all() and not (vm.state[512:] & WP).any()
+
+
+def test_clear_of_part_of_a_block_write_protects_the_whole_block_leaf():
+    """kvm_stage2_wp_range over pages 0..63 of a 2 MiB block mapping updates that one leaf
+    entry (the walker visits the block and changes its permission): all 512 pages are
+    protected. Without eager split the block stays; the write to page 100 faults, splits it
+    lazily and logs page 100 (its bit was never cleared: INITIALLY_SET)."""
+    vm = _vm(entries=0, mp2=ENA | INIT)
+    vm.set_user_memory_region(0, LOG, 0, 1024 * 4096, block_fraction=1.0)
+    v = vm.create_vcpu(0)
+    vm.attach_guest(TraceProgram([[100]], [[]]))
+    vm.clear_dirty_log(0, 0, 64, np.array([~np.uint64(0)], dtype=np.uint64))
+    assert (vm.state[:512] & WP).all() and not (vm.state[512:] & WP).any()
+    assert block_mapped(vm, 0) and vm.stats.splits == 0
+    assert _run(vm, v).kind == "done"
+    assert (v.stats.faults, v.stats.splits) == (1, 1)
+    bm = vm.get_dirty_log(0)
+    assert int(bm[0]) == 0 and int(bm[1]) == ~np.uint64(0)
+
+
+@pytest.mark.parametrize("profile", ["arm64-4k", "x86-nopml"])
+def test_initially_set_with_a_ring_and_no_bitmap_protects_nothing(profile):
+    """kvm_arch_commit_memory_region (arm64) / kvm_mmu_slot_apply_flags (x86) return before
+    write-protecting when kvm_dirty_log_manual_protect_and_init_set(), whether the VM logs
+    into a bitmap or a ring: with a ring and no bitmap, turning logging on protects nothing
+    and the guest's write to a mapped page pushes nothing."""
+    vm = _vm(profile, bitmap=False, mp2=ENA | INIT)
+    vm.set_user_memory_region(0, 0, 0, 64 * 4096)
+    v = vm.create_vcpu(0)
+    vm.attach_guest(TraceProgram([[5]], [[]]))
+    vm.set_user_memory_region(0, LOG, 0, 64 * 4096)
+    assert not (vm.state & WP).any()
+    assert _run(vm, v).kind == "done"
+    assert v.stats.pushes == 0 and v.stats.faults == 0
+
+
+@pytest.mark.parametrize("profile", ["arm64-4k", "x86-nopml"])
+def test_initially_set_unmapped_page_is_logged_by_the_fault_that_maps_it(profile):
+    """The fault that maps a page writable in a dirty-tracked slot logs it (user_mem_abort /
+    make_spte -> mark_page_dirty_in_slot), INITIALLY_SET or not: the same ring with untouched
+    memory (mapped_fraction 0): the write's translation fault pushes."""
+    vm = _vm(profile, bitmap=False, mp2=ENA | INIT)
+    vm.set_user_memory_region(0, 0, 0, 64 * 4096, mapped_fraction=0.0)
+    v = vm.create_vcpu(0)
+    vm.attach_guest(TraceProgram([[5, 5]], [[]]))
+    vm.set_user_memory_region(0, LOG, 0, 64 * 4096)
+    assert _run(vm, v).kind == "done"
+    assert v.stats.pushes == 1
+    assert v.ring.gfns["offset"][0] == 5
+
+
+# ---------------------------------------------------------------------------- eager split, ring only
+def test_eager_split_applies_to_a_ring_only_slot_and_the_first_write_maps_the_block_again():
+    """arm64 kvm_arch_commit_memory_region splits (kvm_mmu_split_memory_region) whenever
+    LOG_DIRTY_PAGES is turned on without INITIALLY_SET, with no check for a dirty bitmap: the
+    ring-only slot's 4 blocks are split. The slot is still not logging (no bitmap), so the
+    first write fault in a huge page maps it as a block again (user_mem_abort ->
+    transparent_hugepage_adjust; the table is replaced by a block): one push, and the later
+    writes in that block are not reported (reference s11). Turning logging off and on again
+    splits only that block again: the other three are still tables."""
+    vm = _vm(bitmap=False, eager=2 * MiB)
+    vm.set_user_memory_region(0, 0, 0, 2048 * 4096, block_fraction=1.0)
+    v = vm.create_vcpu(0)
+    vm.attach_guest(TraceProgram([[10, 20]], [[]]))
+    vm.set_user_memory_region(0, LOG, 0, 2048 * 4096)
+    assert vm.stats.splits == 4 and not any_block_mapped(vm, 2048)
+    assert _run(vm, v).kind == "done"
+    assert v.stats.pushes == 1 and v.stats.splits == 0
+    assert block_mapped(vm, 0) and not block_mapped(vm, 512)
+    assert int(vm.version[20]) == 1
+    vm.set_user_memory_region(0, 0, 0, 2048 * 4096)
+    vm.set_user_memory_region(0, LOG, 0, 2048 * 4096)
+    assert vm.stats.splits == 5 and not any_block_mapped(vm, 2048)
