@@ -1,4 +1,4 @@
-"""The kernel side of the simulated host, as KVM does it (see shared/reference/kvm-dirty-ring.md).
+"""The kernel side of the simulated host, as KVM does it (see docs/reference/kvm-dirty-ring.md).
 
 Nothing here knows about migration or Gymnasium."""
 

@@ -20,7 +20,7 @@ stands for the huge page behind it: the fault that maps it maps a block unless l
 pages.
 
 ``version`` counts the writes to the page that retired; the VMM copies it with the page, so a
-migration verifies itself by comparing versions (shared/reference/kvm-dirty-ring.md s10).
+migration verifies itself by comparing versions (docs/reference/kvm-dirty-ring.md s10).
 
 The arm64 stage-2 rules are those of reference section 7: enabling logging write-protects the
 slot; while logging, blocks are split into pages (lazily on the first write fault, or eagerly when

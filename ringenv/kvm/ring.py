@@ -3,7 +3,7 @@
 The kernel side (push, soft-full, reset with re-protect coalescing) lives here; the userspace
 side reads and marks the same numpy structured array (``DirtyRing.gfns``, dtype
 :data:`~ringenv.kvm.uapi.kvm_dirty_gfn`), exactly as QEMU reads the ring it mmapped from the
-vCPU fd. See shared/reference/kvm-dirty-ring.md sections 3, 5 and 6.
+vCPU fd. See docs/reference/kvm-dirty-ring.md sections 3, 5 and 6.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """The KVM uAPI the simulator speaks: constants, ``struct kvm_dirty_gfn`` and KVM's errors.
 
-Values are those of Linux ``include/uapi/linux/kvm.h`` (shared/reference/kvm-dirty-ring.md s1).
+Values are those of Linux ``include/uapi/linux/kvm.h`` (docs/reference/kvm-dirty-ring.md s1).
 """
 
 from __future__ import annotations
