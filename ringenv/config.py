@@ -231,7 +231,10 @@ class RegionConfig(Strict):
     or scan (a sequential sweep that wraps around); ``layout`` contiguous or scattered (pages of
     the region spread over its address range by a fixed permutation, as a hash table's are);
     ``share`` shared (any vCPU writes any page) or private (each vCPU its own slice);
-    ``vcpu_weights`` the relative write rate of each vCPU (default equal, repeated cyclically)."""
+    ``vcpu_weights`` the relative write rate of each vCPU (default equal, repeated cyclically).
+    A shared scan is one sequential writer (a log, a loader thread): the vCPU of the largest
+    weight (the first of equals) sweeps the whole region at its rate; a private scan gives each
+    vCPU a sweep of its own slice at its weighted share of the rate."""
 
     name: str = ""
     fraction: float = Field(gt=0, le=1)

@@ -71,8 +71,10 @@ class GuestProgram(ABC):
 
     @abstractmethod
     def next_writes(self, now: int, until: int, running: np.ndarray) -> WriteBatch:
-        """The writes of the vCPUs with ``running[v]`` in ``[now, until)``. ``running`` is the
-        host's own array: read it, copy it to keep it."""
+        """The writes of the vCPUs with ``running[v]`` in ``[now, until)``, or in a shorter
+        window ``[now, complete_until)`` where the guest's behaviour changes (a workload's phase
+        ends): the host then asks again from there. ``running`` is the host's own array: read
+        it, copy it to keep it."""
 
     @abstractmethod
     def consumed(self, n: int, t_cut: int, faults_per_vcpu: np.ndarray, retried: np.ndarray,

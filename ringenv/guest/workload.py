@@ -249,7 +249,9 @@ class WorkloadProgram(GuestProgram):
         return self._sample(now, until, running, room)
 
     def next_writes(self, now, until, running):
-        return self._sample(now, until, running, None).ordered()
+        """The writes up to ``until`` or the end of the current phase, whichever comes first
+        (the batch's ``complete_until``): one rate multiplier holds within a batch."""
+        return self._sample(now, min(until, self.multiplier(now)[1]), running, None).ordered()
 
     def _sample(self, now, until, running, room):
         self._window = (now, running.copy())

@@ -548,6 +548,7 @@ class Vm:
             raise KvmError(errno.EEXIST, f"vCPU {vcpu_id} already exists")
         self._running = np.append(self._running, False)
         self._no_pml = np.zeros(len(self._running), dtype=np.int64)
+        self._no_retries = np.zeros(len(self._running), dtype=bool)
         self._soft_full = np.zeros(len(self._running), dtype=bool)  # apply_batch's output
         v = Vcpu(self, vcpu_id, len(self.vcpus))
         self.vcpus.append(v)
@@ -781,8 +782,9 @@ class Vm:
                 room -= np.array([v.pml_count for v in self.vcpus], dtype=np.int64)
             batch = guest.window(self.now, until, running, room)
             end = max(self.now, min(batch.complete_until, until))
-            if len(batch) == 0:
+            if len(batch) == 0:  # nothing written, but the guest's time passed (a scan's pointer moves)
                 self.now = end
+                guest.consumed(0, end, self._no_pml, self._no_retries, 0)
                 continue
             if batch.first_touch and self._one_slot is not None and not self.profile.pml and batch.exit_after is None \
                     and batch.read is None:

@@ -76,6 +76,69 @@ def test_scan_is_deterministic_and_sweeps_at_its_rate():
     assert np.array_equal(dirty, np.arange(len(dirty)))
 
 
+@pytest.mark.parametrize("step_us", [2000, 400, 100])
+def test_a_scan_sweeps_at_its_rate_whatever_windows_the_host_runs(step_us):
+    """A window in which a slow scan writes no page still moves its pointer: stepping the host
+    finer than one page's sweep time must not stop the scan (it is deterministic: same pages)."""
+    wl = {"name": "scan", "regions": [{"fraction": 0.5, "rate_mbps": 8, "pattern": "scan"}]}
+    vm = Vm("arm64-4k", seed=1)
+    vm.set_user_memory_region(0, uapi.KVM_MEM_LOG_DIRTY_PAGES, 0, 1 << 30)
+    v = vm.create_vcpu(0)
+    vm.attach_guest(WorkloadProgram(wl, 1, seed=1))
+    assert v.run() is None
+    t = 0
+    while t < SECOND // 4:
+        t += step_us * 1000
+        assert vm.run_until(t) == []
+    dirty = bitmap_offsets(vm.get_dirty_log(0), vm.slots[0].npages)
+    pages = 8e6 / GUEST_WRITE / 4
+    assert abs(len(dirty) - pages) <= 1 and np.array_equal(dirty, np.arange(len(dirty)))
+
+
+def test_next_writes_stops_where_the_phase_ends():
+    """One rate multiplier per batch: asked for 20 s of a phased workload, the batch covers up
+    to the phase's end, at that phase's rate."""
+    vm = Vm("arm64-4k", seed=3)
+    vm.set_user_memory_region(0, uapi.KVM_MEM_LOG_DIRTY_PAGES, 0, 1 << 30)
+    for i in range(2):
+        vm.create_vcpu(i)
+    wl = {"name": "b", "regions": [{"fraction": 1.0, "rate_mbps": 40}],
+          "phases": {"calm_multiplier": 0.1, "burst_multiplier": 4.0, "mean_calm_s": 2.0, "mean_burst_s": 2.0}}
+    ratios = []
+    for seed in range(12):
+        prog = WorkloadProgram(wl, 2, seed=seed)
+        prog.attach(vm)
+        mult, phase_end = prog.multiplier(0)
+        b = prog.next_writes(0, 20 * SECOND, np.ones(2, dtype=bool))
+        end = min(20 * SECOND, phase_end)
+        assert b.complete_until == end and (len(b) == 0 or b.t.max() < end)
+        ratios.append(len(b) / (40e6 * mult / GUEST_WRITE * end / SECOND))
+    assert 0.9 < float(np.mean(ratios)) < 1.1, ratios
+
+
+#: docs/reference/migration.md s5: distinct dirty MB/s (10^6 B/s) over 1 s windows, in every phase
+CALIBRATION = {"idle": (0, 1), "web": (5, 50), "kernel-build": (20, 100), "oltp": (50, 300),
+               "memcached": (100, 1000), "redis": (100, 1000), "analytics": (1000, math.inf)}
+
+
+@pytest.mark.parametrize("name", sorted(CALIBRATION))
+def test_workloads_dirty_at_the_published_rates(name):
+    """On the default scenario's VM (16 GiB, 8 vCPUs): the distinct pages a second dirties,
+    sum over the classes of N_c (1 - exp(-r_c * 1 s)) plus the scans' pages, in each phase."""
+    vm = Vm("arm64-4k", seed=1, page_versions=False)
+    vm.set_user_memory_region(0, uapi.KVM_MEM_LOG_DIRTY_PAGES, 0, 16 << 30)
+    for i in range(8):
+        vm.create_vcpu(i)
+    cfg = load_workload(name)
+    prog = WorkloadProgram(cfg, 8, seed=1)
+    prog.attach(vm)
+    lo, hi = CALIBRATION[name]
+    for m in [1.0] if cfg.phases is None else [cfg.phases.calm_multiplier, cfg.phases.burst_multiplier]:
+        pages = float(np.sum(prog.c_n * -np.expm1(-prog.c_rate * m * prog.c_w.sum(1) * SECOND)))
+        pages += float(np.sum(np.minimum(prog.s_rate * m * SECOND, prog.s_n)))
+        assert lo <= pages * vm.profile.page_size / 1e6 <= hi, (m, pages * vm.profile.page_size / 1e6)
+
+
 def test_phases_modulate_the_mean_rate():
     base = {"name": "p", "regions": [{"fraction": 1.0, "rate_mbps": 20}]}
     phased = dict(base, phases={"calm_multiplier": 1.0, "burst_multiplier": 5.0, "mean_calm_s": 1.0,
@@ -99,6 +162,21 @@ def test_vcpu_weights_split_the_writes():
     assert vm.run_until(SECOND // 10) == []
     a, b = vcpus[0].stats.pushes, vcpus[1].stats.pushes
     assert abs(a / (a + b) - 0.75) < 0.02
+
+
+@pytest.mark.parametrize("weights, writer", [(None, 0), ([1, 1], 0), ([1, 3], 1)])
+def test_a_shared_scan_is_one_writer_the_vcpu_of_the_largest_weight(weights, writer):
+    wl = {"name": "s", "regions": [{"fraction": 0.5, "rate_mbps": 40, "pattern": "scan", "vcpu_weights": weights}]}
+    vm = Vm("arm64-4k")
+    vm.enable_cap(uapi.KVM_CAP_DIRTY_LOG_RING_ACQ_REL, 65536 * 16)
+    vm.set_user_memory_region(0, uapi.KVM_MEM_LOG_DIRTY_PAGES, 0, 1 << 30)
+    vcpus = [vm.create_vcpu(i) for i in range(2)]
+    vm.attach_guest(WorkloadProgram(wl, 2, seed=2))
+    for v in vcpus:
+        v.run()
+    assert vm.run_until(SECOND // 10) == []
+    pushes = [v.stats.pushes for v in vcpus]
+    assert pushes[writer] == round(40e6 / GUEST_WRITE / 10) and pushes[1 - writer] == 0
 
 
 def test_private_regions_are_written_only_by_their_vcpu():
