@@ -1,8 +1,23 @@
 """The array helpers of ringenv/arrays.py that carry state: the recycler of page arrays."""
 
 import numpy as np
+import pytest
 
 from ringenv.arrays import Recycler
+
+
+@pytest.fixture
+def recycler(monkeypatch):
+    """A fresh process recycler for the VM's and the VMM's page arrays: what earlier tests left
+    in the real one (arrays still held by their runs, or trimmed) does not change these."""
+    import ringenv.arrays
+    import ringenv.kvm.vm
+    import ringenv.vmm.dirty
+
+    fresh = Recycler()
+    for mod in (ringenv.arrays, ringenv.kvm.vm, ringenv.vmm.dirty):
+        monkeypatch.setattr(mod, "RECYCLER", fresh)
+    return fresh
 
 
 def _addr(a):
@@ -71,10 +86,10 @@ def test_small_arrays_are_not_kept_and_the_kept_bytes_are_capped():
     assert r.kept_bytes <= 3 * 8192
 
 
-def test_a_simulated_vm_rebuilt_per_episode_reuses_its_page_arrays():
+def test_a_simulated_vm_rebuilt_per_episode_reuses_its_page_arrays(recycler):
     """A dropped VM's page state comes back to the next VM: the process does not grow with
     the number of VMs built (as an env does per episode)."""
-    from ringenv.arrays import RECYCLER
+    RECYCLER = recycler
     from ringenv.kvm.uapi import KVM_MEM_LOG_DIRTY_PAGES
     from ringenv.kvm.vm import Vm
 
@@ -90,7 +105,7 @@ def test_a_simulated_vm_rebuilt_per_episode_reuses_its_page_arrays():
     assert len(addrs) == 1 and RECYCLER.kept_bytes == kept
 
 
-def test_a_vm_without_page_versions_runs_the_same_and_skips_clearing_them():
+def test_a_vm_without_page_versions_runs_the_same_and_skips_clearing_them(recycler):
     """page_versions=False (the dirty-rate sample's VM): the same faults, ring entries and
     dirty log as a VM with versions; only its version array is left as the last VM left it."""
     from ringenv.kvm.uapi import KVM_MEM_LOG_DIRTY_PAGES
