@@ -137,6 +137,7 @@ class Session:
         # the throttle sleep a vCPU thread is in (start, length: 0 none), counted as it passes
         self._throttle_from = np.zeros(nv, dtype=np.int64)
         self._throttle_len = np.zeros(nv, dtype=np.int64)
+        self._throttling = 0  # how many of them sleep now
         self.wedged_at = np.full(nv, -1, dtype=np.int64)  # when a vCPU's ring wedged (-1: never)
         self.paused = False
         self._parked = 0
@@ -293,12 +294,15 @@ class Session:
         be woken earlier): counted in ``throttle_ns`` as the time passes (:meth:`_throttled_ns`)."""
         self._throttle_from[i] = start
         self._throttle_len[i] = length
+        if length:
+            self._throttling += 1
 
     def _throttle_woke(self, i: int) -> None:
         """The sleep is over (or cut short): what of it passed joins ``throttle_ns``."""
         if self._throttle_len[i]:
             self.throttle_ns[i] += self._throttle_passed(i, self.loop.now)
             self._throttle_len[i] = 0
+            self._throttling -= 1
 
     def _throttle_passed(self, i: int, now: int) -> int:
         return min(max(now - int(self._throttle_from[i]), 0), int(self._throttle_len[i]))
@@ -307,8 +311,9 @@ class Session:
         """Throttle sleep of all vCPUs up to ``now``: the sleeps over, and what passed of those
         under way."""
         total = sum(self.throttle_ns.tolist())
-        for i in np.flatnonzero(self._throttle_len).tolist():
-            total += self._throttle_passed(i, now)
+        if self._throttling:
+            for i in np.flatnonzero(self._throttle_len).tolist():
+                total += self._throttle_passed(i, now)
         return total
 
     def _sleepers_wake_ns(self) -> int:
