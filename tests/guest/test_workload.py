@@ -33,6 +33,21 @@ def run_bitmap(workload, seconds, *, mem=1 << 30, nv=4, seed=1, profile="arm64-4
     return vm, vcpus, wl, dirty
 
 
+def run_ring(workload, nv, seed, seconds, *, entries=65536, with_bitmap=False):
+    """A 1 GiB VM with dirty rings running ``workload`` on ``nv`` vCPUs for ``seconds``: (vm, vcpus)."""
+    vm = Vm("arm64-4k")
+    vm.enable_cap(uapi.KVM_CAP_DIRTY_LOG_RING_ACQ_REL, entries * 16)
+    if with_bitmap:
+        vm.enable_cap(uapi.KVM_CAP_DIRTY_LOG_RING_WITH_BITMAP)
+    vm.set_user_memory_region(0, uapi.KVM_MEM_LOG_DIRTY_PAGES, 0, 1 << 30)
+    vcpus = [vm.create_vcpu(i) for i in range(nv)]
+    vm.attach_guest(WorkloadProgram(workload, nv, seed=seed))
+    for v in vcpus:
+        v.run()
+    assert vm.run_until(int(seconds * SECOND)) == []
+    return vm, vcpus
+
+
 def U(n_pages, pages_per_s, t):
     return n_pages * (1 - math.exp(-pages_per_s * t / n_pages))
 
@@ -151,15 +166,7 @@ def test_phases_modulate_the_mean_rate():
 
 def test_vcpu_weights_split_the_writes():
     wl = {"name": "w", "regions": [{"fraction": 1.0, "rate_mbps": 300, "vcpu_weights": [3, 1]}]}
-    vm = Vm("arm64-4k")
-    vm.enable_cap(uapi.KVM_CAP_DIRTY_LOG_RING_ACQ_REL, 65536 * 16)
-    vm.enable_cap(uapi.KVM_CAP_DIRTY_LOG_RING_WITH_BITMAP)
-    vm.set_user_memory_region(0, uapi.KVM_MEM_LOG_DIRTY_PAGES, 0, 1 << 30)
-    vcpus = [vm.create_vcpu(i) for i in range(2)]
-    vm.attach_guest(WorkloadProgram(wl, 2, seed=2))
-    for v in vcpus:
-        v.run()
-    assert vm.run_until(SECOND // 10) == []
+    vm, vcpus = run_ring(wl, 2, 2, 0.1, with_bitmap=True)
     a, b = vcpus[0].stats.pushes, vcpus[1].stats.pushes
     assert abs(a / (a + b) - 0.75) < 0.02
 
@@ -167,28 +174,14 @@ def test_vcpu_weights_split_the_writes():
 @pytest.mark.parametrize("weights, writer", [(None, 0), ([1, 1], 0), ([1, 3], 1)])
 def test_a_shared_scan_is_one_writer_the_vcpu_of_the_largest_weight(weights, writer):
     wl = {"name": "s", "regions": [{"fraction": 0.5, "rate_mbps": 40, "pattern": "scan", "vcpu_weights": weights}]}
-    vm = Vm("arm64-4k")
-    vm.enable_cap(uapi.KVM_CAP_DIRTY_LOG_RING_ACQ_REL, 65536 * 16)
-    vm.set_user_memory_region(0, uapi.KVM_MEM_LOG_DIRTY_PAGES, 0, 1 << 30)
-    vcpus = [vm.create_vcpu(i) for i in range(2)]
-    vm.attach_guest(WorkloadProgram(wl, 2, seed=2))
-    for v in vcpus:
-        v.run()
-    assert vm.run_until(SECOND // 10) == []
+    _, vcpus = run_ring(wl, 2, 2, 0.1)
     pushes = [v.stats.pushes for v in vcpus]
     assert pushes[writer] == round(40e6 / GUEST_WRITE / 10) and pushes[1 - writer] == 0
 
 
 def test_private_regions_are_written_only_by_their_vcpu():
     wl = {"name": "p", "regions": [{"fraction": 1.0, "rate_mbps": 200, "share": "private"}]}
-    vm = Vm("arm64-4k")
-    vm.enable_cap(uapi.KVM_CAP_DIRTY_LOG_RING_ACQ_REL, 65536 * 16)
-    vm.set_user_memory_region(0, uapi.KVM_MEM_LOG_DIRTY_PAGES, 0, 1 << 30)
-    vcpus = [vm.create_vcpu(i) for i in range(4)]
-    vm.attach_guest(WorkloadProgram(wl, 4, seed=3))
-    for v in vcpus:
-        v.run()
-    vm.run_until(SECOND // 10)
+    vm, vcpus = run_ring(wl, 4, 3, 0.1)
     n = vm.slots[0].npages
     for i, v in enumerate(vcpus):
         offs = v.ring_gfns["offset"][: v.ring.used].astype(np.int64)
@@ -197,14 +190,7 @@ def test_private_regions_are_written_only_by_their_vcpu():
 
 def test_same_seed_same_ring_contents_other_seed_different():
     def ring(seed):
-        vm = Vm("arm64-4k")
-        vm.enable_cap(uapi.KVM_CAP_DIRTY_LOG_RING_ACQ_REL, 4096 * 16)
-        vm.set_user_memory_region(0, uapi.KVM_MEM_LOG_DIRTY_PAGES, 0, 1 << 30)
-        vcpus = [vm.create_vcpu(i) for i in range(2)]
-        vm.attach_guest(WorkloadProgram("oltp", 2, seed=seed))
-        for v in vcpus:
-            v.run()
-        vm.run_until(SECOND // 20)
+        vm, vcpus = run_ring("oltp", 2, seed, 0.05, entries=4096)
         return [v.ring_gfns.copy() for v in vcpus], vm.now
     a, b, c = ring(7), ring(7), ring(8)
     assert all(np.array_equal(x, y) for x, y in zip(a[0], b[0])) and a[1] == b[1]
