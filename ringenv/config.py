@@ -129,6 +129,17 @@ class HostProfile(Strict):
         description="split block mappings into pages while logging (the kernel's behaviour); false is "
         "a what-if switch under which one write to a block dirties all its pages at once",
     )
+    address_spaces: int = Field(
+        ge=1, le=2,
+        description="memslot address spaces of a VM (kvm_arch_nr_memslot_as_ids): 2 on x86 with SMM "
+        "(CONFIG_KVM_SMM), else 1; as_id >= it is EINVAL",
+    )
+    phys_addr_bits: int = Field(
+        ge=32, le=52,
+        description="guest-physical address bits a memslot must fit in: x86 kvm_mmu_max_gfn (host "
+        "MAXPHYADDR with TDP, 52 with shadow paging; beyond: EINVAL), arm64 the VM's IPA size "
+        "(default 40, KVM_PHYS_SHIFT; beyond: EFAULT)",
+    )
     costs: HostCosts
 
     @model_validator(mode="after")
@@ -140,6 +151,8 @@ class HostProfile(Strict):
                 )
         if self.pml and self.arch != "x86":
             raise ValueError("pml: only an x86 host has Page Modification Logging")
+        if self.address_spaces != 1 and self.arch != "x86":
+            raise ValueError("address_spaces: only x86 (SMM) has a second memslot address space")
         for c in self.eager_split_chunk_sizes:
             if c not in self.block_sizes and c != self.page_size:
                 raise ValueError(f"eager_split_chunk_sizes: {c} is not a supported block size {self.block_sizes}")
@@ -465,6 +478,9 @@ class ScenarioConfig(Strict):
             raise ValueError(f"vm.memory: {v.memory} bytes is not a multiple of the page size {prof.page_size}")
         if v.memory < 64 * prof.page_size:
             raise ValueError(f"vm.memory: {v.memory} bytes is below 64 pages of {prof.page_size}")
+        if v.memory > 1 << prof.phys_addr_bits:
+            raise ValueError(f"vm.memory: {v.memory} bytes is more than host {prof.name} addresses "
+                             f"({prof.phys_addr_bits}-bit guest physical addresses: up to {1 << prof.phys_addr_bits})")
         if v.with_bitmap and not prof.with_bitmap_supported:
             raise ValueError(f"vm.with_bitmap: host {prof.name} does not offer KVM_CAP_DIRTY_LOG_RING_WITH_BITMAP")
         if v.eager_split_chunk and v.eager_split_chunk not in prof.eager_split_chunk_sizes:

@@ -11,7 +11,9 @@ slot it is mapped read-only (nothing logged); in a slot that is dirty-tracked bu
 (arm64, ring without a bitmap) it is mapped writable and, because the mapping is writable,
 pushed like a write (reference s11). After each push the ring may be soft-full: the vCPU then
 leaves the guest at once, before its access retires. A retiring write bumps the page's version
-and makes it not clean. Syncs and the end of a program stop the walk too.
+and makes it not clean. Syncs and the end of a program stop the walk too; a write to a gfn no
+memslot maps is never walked (the caller ends the batch before it: the host's EFAULT, raised
+only if the walk gets that far).
 
 This walk is inherently sequential (whether an event faults depends on every earlier one, and
 the walk stops at the first exit), hence one compiled loop rather than array passes.
@@ -234,25 +236,31 @@ def apply_window(order, t, vc, gfn, gfn_lo, gfn_hi, delta, zeros8, zeros64, stat
     """:func:`apply_batch` for a workload's window of candidate first writes (first touch, no
     reads, no exit codes) into a VM with one RAM slot and no PML, in the same call as the
     gather and the address check: the events are ``t``/``vc``/``gfn`` taken in ``order`` (empty:
-    as given); each gfn must lie in the slot ``[gfn_lo, gfn_hi)``, its global page index is
-    ``gfn + delta``. ``zeros8``/``zeros64``: at least len(t) zeros (read only).
+    as given); a gfn in the slot ``[gfn_lo, gfn_hi)`` is at global page index ``gfn + delta``.
+    The walk covers the events before the first one, in order, outside the slot (the host
+    faults with EFAULT when it gets there, not before). ``zeros8``/``zeros64``: at least
+    len(t) zeros (read only).
     Returns apply_batch's tuple, then the batch position (as given) of the last event consumed,
-    and that of the first event, in order, outside the slot (-1: none; else nothing was
-    applied, as the host faults with EFAULT first)."""
+    and that of the first event, in order, outside the slot (-1: none; else the walk reached
+    it if it stopped without a cut)."""
     n = t.shape[0]
     ordered = order.shape[0] == 0
     gpi = np.empty(n, dtype=np.int64)
     v32 = np.empty(n, dtype=np.int32)
+    nb = n
+    bad = -1
     for i in range(n):
         j = i if ordered else order[i]
         x = gfn[j]
         if x < gfn_lo or x >= gfn_hi:
-            return 0, CUT_NONE, 0, 0, 0, True, 0, 0, j
+            nb = i
+            bad = j
+            break
         gpi[i] = x + delta
         v32[i] = vc[j]
     m, cut, npush, nsplit, ndirty, retired, nsoft = apply_batch(
-        gpi, v32, zeros8[:n], zeros8[:n], True, zeros64[:n], state, version, block_map, blockgran, pushall, split,
-        mode, block_shift, ring_ctr, soft_limit, no_pml, 0, rings, push_v, push_g, split_v, split_b, vstat,
-        split_cost, fault_cost, ring_addr, slot_start, slot_kvm, soft_full, faults)
-    last = m - 1 if ordered else order[m - 1]
-    return m, cut, npush, nsplit, ndirty, retired, nsoft, last, -1
+        gpi[:nb], v32[:nb], zeros8[:nb], zeros8[:nb], True, zeros64[:nb], state, version, block_map, blockgran,
+        pushall, split, mode, block_shift, ring_ctr, soft_limit, no_pml, 0, rings, push_v, push_g, split_v, split_b,
+        vstat, split_cost, fault_cost, ring_addr, slot_start, slot_kvm, soft_full, faults)
+    last = m - 1 if ordered or m == 0 else order[m - 1]
+    return m, cut, npush, nsplit, ndirty, retired, nsoft, last, bad

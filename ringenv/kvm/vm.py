@@ -39,6 +39,11 @@ from .uapi import (
     KVM_CAP_DIRTY_LOG_RING_ACQ_REL,
     KVM_CAP_DIRTY_LOG_RING_WITH_BITMAP,
     KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2,
+    KVM_CAP_MAX_VCPU_ID,
+    KVM_CAP_MAX_VCPUS,
+    KVM_CAP_MULTI_ADDRESS_SPACE,
+    KVM_CAP_NR_MEMSLOTS,
+    KVM_CAP_READONLY_MEM,
     KVM_DIRTY_LOG_INITIALLY_SET,
     KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE,
     KVM_DIRTY_RING_MAX_ENTRIES,
@@ -53,8 +58,12 @@ from .uapi import (
 
 # KVM_MEM_SLOTS_NUM (SHRT_MAX) - KVM_INTERNAL_MEM_SLOTS (x86: 3, arm64: none)
 KVM_USER_MEM_SLOTS = {"arm64": 32767, "x86": 32764}
-KVM_MAX_VCPUS = {"arm64": 512, "x86": 4096}
-ADDRESS_SPACES = {"arm64": 1, "x86": 2}
+# vCPU ids: KVM_MAX_VCPU_IDS (x86: KVM_MAX_VCPUS x KVM_VCPU_ID_RATIO 4; arm64: KVM_MAX_VCPUS, and
+# kvm_arch_vcpu_precreate refuses ids >= kvm->max_vcpus); vCPUs per VM: kvm->max_vcpus (x86:
+# KVM_MAX_VCPUS, 1024; arm64: the vGIC's limit, 512 with GICv3). Measured on the x86 host: 4096, 1024.
+KVM_MAX_VCPU_IDS = {"arm64": 512, "x86": 4096}
+KVM_MAX_VCPUS = {"arm64": 512, "x86": 1024}
+U64_MAX = (1 << 64) - 1  # guest_phys_addr + memory_size is a u64 sum in the kernel
 
 
 @dataclass(frozen=True)
@@ -176,7 +185,7 @@ class Vcpu:
         the ring still soft-full: KVM_EXIT_DIRTY_RING_FULL again; or the program is over).
         Otherwise the vCPU is in the guest from ``vm.now`` and None is returned; its next exit
         comes from :meth:`Vm.run_until`. A store that faulted and filled the ring re-executes
-        first thing."""
+        first thing (EFAULT if no memslot maps it any more: it stays pending)."""
         vm = self.vm
         if self.in_guest:
             raise KvmError(errno.EBUSY, "KVM_RUN: the vCPU is already running")
@@ -193,9 +202,13 @@ class Vcpu:
         if self.pending_store != NO_WRITE or self.pending_code != EXIT_NONE:
             gfn, code, read = self.pending_store, self.pending_code, self.pending_read
             self.pending_store, self.pending_code, self.pending_read = NO_WRITE, EXIT_NONE, False
-            return vm._apply(np.array([vm.now], dtype=np.int64), np.array([self.index], dtype=np.int32),
-                             np.array([gfn], dtype=np.int64), np.array([code], dtype=np.int8),
-                             notify=False, reads=np.array([read], dtype=np.int8))[1]
+            try:
+                return vm._apply(np.array([vm.now], dtype=np.int64), np.array([self.index], dtype=np.int32),
+                                 np.array([gfn], dtype=np.int64), np.array([code], dtype=np.int8),
+                                 notify=False, reads=np.array([read], dtype=np.int8))[1]
+            except KvmError:  # EFAULT: no memslot maps it any more; it stays to be executed
+                self.pending_store, self.pending_code, self.pending_read = gfn, code, read
+                raise
         return None
 
     def kick(self) -> Exit | None:
@@ -255,7 +268,9 @@ class Vm:
 
     # ------------------------------------------------------------------ capabilities
     def check_extension(self, cap: int) -> int:
-        """KVM_CHECK_EXTENSION on the VM fd."""
+        """KVM_CHECK_EXTENSION on the VM fd: the dirty-ring caps, and the VM's limits (memslot
+        ids, vCPU ids and count, address spaces: the profile's; 0 with one, as the kernel
+        reports it); 0 for a cap the simulator does not know."""
         p = self.profile
         max_bytes = KVM_DIRTY_RING_MAX_ENTRIES * 16
         if cap == KVM_CAP_DIRTY_LOG_RING:
@@ -270,6 +285,16 @@ class Vm:
             return self.eager_split_chunk
         if p.arch == "arm64" and cap == KVM_CAP_ARM_SUPPORTED_BLOCK_SIZES:
             return p.page_size | sum(p.block_sizes)
+        if cap == KVM_CAP_NR_MEMSLOTS:
+            return KVM_USER_MEM_SLOTS[p.arch]
+        if cap == KVM_CAP_READONLY_MEM:
+            return 1
+        if cap == KVM_CAP_MAX_VCPUS:
+            return KVM_MAX_VCPUS[p.arch]
+        if cap == KVM_CAP_MAX_VCPU_ID:  # arm64 answers kvm->max_vcpus for both
+            return KVM_MAX_VCPU_IDS[p.arch]
+        if cap == KVM_CAP_MULTI_ADDRESS_SPACE:  # the case exists only where there are several
+            return p.address_spaces if p.address_spaces > 1 else 0
         return 0
 
     def enable_cap(self, cap: int, *args: int, flags: int = 0) -> None:
@@ -339,6 +364,14 @@ class Vm:
         Of an existing slot (the same memory: its size and KVM_MEM_READONLY cannot change),
         changing only ``flags`` turns dirty logging on or off, a new ``guest_phys_addr`` moves it
         (KVM_MR_MOVE, :meth:`_move_memslot`); size 0 deletes a slot (EINVAL if there is none).
+
+        Errors, in the kernel's order: EINVAL (flags; as_id >= the profile's address spaces or
+        slot id >= KVM_USER_MEM_SLOTS; guest_phys_addr or memory_size not page-aligned;
+        guest_phys_addr + memory_size wraps 2^64; deleting a slot that does not exist; resizing
+        a slot or changing its KVM_MEM_READONLY), EEXIST (a new or moved slot overlaps another of
+        its address space), then for a new or moved slot that does not fit in the profile's
+        ``phys_addr_bits``: EINVAL on x86 (its last gfn above kvm_mmu_max_gfn), EFAULT on arm64
+        (its end above the VM's IPA size).
         """
         p = self.profile
         if flags & ~(KVM_MEM_LOG_DIRTY_PAGES | KVM_MEM_READONLY):
@@ -346,6 +379,8 @@ class Vm:
         self._check_slot_id(slot, as_id, "KVM_SET_USER_MEMORY_REGION")
         if guest_phys_addr % p.page_size or memory_size % p.page_size or memory_size < 0:
             raise einval(f"guest_phys_addr and memory_size must be multiples of PAGE_SIZE {p.page_size}")
+        if memory_size and guest_phys_addr + memory_size > U64_MAX:
+            raise einval(f"guest_phys_addr {guest_phys_addr:#x} + memory_size {memory_size:#x} wraps 2^64")
         for name, f in (("block_fraction", block_fraction), ("mapped_fraction", mapped_fraction)):
             if not 0.0 <= f <= 1.0:
                 raise ValueError(f"{name} {f}: accepted 0.0..1.0")
@@ -359,6 +394,7 @@ class Vm:
             return
         if old is None:
             self._check_overlap(slot, as_id, base, npages)
+            self._check_gpa_range(base, npages)
             ms = Memslot(slot, as_id, base, npages, flags, self.block_pages, block_fraction, self.seed, mapped_fraction)
             self.slots.append(ms)
             self._layout()
@@ -377,12 +413,24 @@ class Vm:
             self.last_ioctl_ns = 0
 
     def _check_slot_id(self, slot: int, as_id: int, ioctl: str) -> None:
-        """as_id >= the address spaces or slot id >= KVM_USER_MEM_SLOTS: EINVAL."""
-        arch = self.profile.arch
-        if not 0 <= as_id < ADDRESS_SPACES[arch]:
-            raise einval(f"{ioctl}: address space {as_id}: {arch} has {ADDRESS_SPACES[arch]}")
+        """as_id >= the profile's address spaces (kvm_arch_nr_memslot_as_ids) or slot id >=
+        KVM_USER_MEM_SLOTS: EINVAL."""
+        arch, nas = self.profile.arch, self.profile.address_spaces
+        if not 0 <= as_id < nas:
+            raise einval(f"{ioctl}: address space {as_id}: host {self.profile.name} has {nas}")
         if not 0 <= slot < KVM_USER_MEM_SLOTS[arch]:
             raise einval(f"{ioctl}: slot id {slot}: accepted 0..{KVM_USER_MEM_SLOTS[arch] - 1}")
+
+    def _check_gpa_range(self, base: int, npages: int) -> None:
+        """kvm_arch_prepare_memory_region for a new or moved slot: it must end within the
+        profile's ``phys_addr_bits``. x86: last gfn > kvm_mmu_max_gfn -> EINVAL; arm64: end
+        beyond the VM's IPA size -> EFAULT."""
+        p = self.profile
+        limit = 1 << (p.phys_addr_bits - (p.page_size.bit_length() - 1))  # gfns
+        if base + npages > limit:
+            err = errno.EFAULT if p.arch == "arm64" else errno.EINVAL
+            raise KvmError(err, f"memslot gfns {base:#x}..{base + npages - 1:#x} beyond the "
+                                f"{p.phys_addr_bits}-bit guest-physical range of host {p.name}")
 
     def _check_overlap(self, slot: int, as_id: int, base: int, npages: int) -> None:
         """kvm_check_memslot_overlap: another slot of the address space in the range: EEXIST."""
@@ -399,6 +447,7 @@ class Vm:
         nothing mapped to split) or off. Ring entries name the slot by id, so a later reset of
         an entry pushed before the move re-protects that offset of the moved slot."""
         self._check_overlap(s.id, s.as_id, base, s.npages)
+        self._check_gpa_range(base, s.npages)
         s.unmap_all()
         s.base_gfn = base
         self._layout()
@@ -540,10 +589,15 @@ class Vm:
 
     # ------------------------------------------------------------------ vCPUs
     def create_vcpu(self, vcpu_id: int) -> Vcpu:
-        """KVM_CREATE_VCPU. With the ring enabled the vCPU gets its ring now."""
+        """KVM_CREATE_VCPU. With the ring enabled the vCPU gets its ring now.
+
+        Errors in the kernel's order: id >= KVM_MAX_VCPU_IDS (x86 4096, arm64 512) EINVAL;
+        already KVM_MAX_VCPUS vCPUs (x86 1024, arm64 512) EINVAL; an id in use EEXIST."""
         p = self.profile
-        if not 0 <= vcpu_id < KVM_MAX_VCPUS[p.arch]:
-            raise einval(f"vCPU id {vcpu_id}: accepted 0..{KVM_MAX_VCPUS[p.arch] - 1}")
+        if not 0 <= vcpu_id < KVM_MAX_VCPU_IDS[p.arch]:
+            raise einval(f"vCPU id {vcpu_id}: accepted 0..{KVM_MAX_VCPU_IDS[p.arch] - 1}")
+        if len(self.vcpus) >= KVM_MAX_VCPUS[p.arch]:
+            raise einval(f"the VM has {len(self.vcpus)} vCPUs, the most {p.arch} allows")
         if any(v.id == vcpu_id for v in self.vcpus):
             raise KvmError(errno.EEXIST, f"vCPU {vcpu_id} already exists")
         self._running = np.append(self._running, False)
@@ -657,9 +711,9 @@ class Vm:
     def get_dirty_log(self, slot: int, as_id: int = 0) -> np.ndarray:
         """KVM_GET_DIRTY_LOG: the slot's dirty bitmap (u64 words, little-endian bit order).
         Without manual protect the bitmap is also cleared and the dirty pages re-protected.
-        With the ring it needs WITH_BITMAP (the backup bitmap), else ENXIO; then a slot id or
-        address space out of range is EINVAL, a slot that does not exist or is not logging
-        ENOENT."""
+        With the ring it needs WITH_BITMAP (the backup bitmap), else ENXIO; then a slot id >=
+        KVM_USER_MEM_SLOTS or an address space >= the profile's ``address_spaces`` is EINVAL,
+        a slot that does not exist or is not logging ENOENT."""
         if self.ring_entries and not self.with_bitmap:
             raise KvmError(errno.ENXIO, "KVM_GET_DIRTY_LOG: the VM uses the dirty ring without a bitmap")
         self._check_slot_id(slot, as_id, "KVM_GET_DIRTY_LOG")
@@ -684,8 +738,9 @@ class Vm:
     def clear_dirty_log(self, slot: int, first_page: int, num_pages: int, bitmap: np.ndarray, as_id: int = 0) -> None:
         """KVM_CLEAR_DIRTY_LOG (manual protect): clear the given bits and re-protect those pages,
         on 64-page aligned ranges. Errors in the kernel's order: ENXIO (ring without a bitmap),
-        EINVAL (slot id or address space out of range, first_page not 64-aligned), ENOENT (no
-        such logging slot), EINVAL (the range)."""
+        EINVAL (slot id >= KVM_USER_MEM_SLOTS or address space >= the profile's
+        ``address_spaces``, first_page not 64-aligned), ENOENT (no such logging slot), EINVAL
+        (the range)."""
         if self.ring_entries and not self.with_bitmap:
             raise KvmError(errno.ENXIO, "KVM_CLEAR_DIRTY_LOG: the VM uses the dirty ring without a bitmap")
         self._check_slot_id(slot, as_id, "KVM_CLEAR_DIRTY_LOG")
@@ -740,18 +795,30 @@ class Vm:
 
     # ------------------------------------------------------------------ address lookup
     def _locate(self, gfn: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """gfn -> (index into the address-space-0 slots, global page index)."""
-        if self._one_slot is not None and len(gfn):  # one RAM slot: no search
-            gpi = np.empty(len(gfn), dtype=np.int64)
+        """gfn -> (index into the address-space-0 slots, global page index); a gfn no memslot
+        maps: EFAULT."""
+        sidx, gpi, bad = self._lookup(gfn)
+        if bad >= 0:
+            raise KvmError(errno.EFAULT, f"guest write to gfn {int(gfn[bad])}: no memslot maps it")
+        return sidx, gpi
+
+    def _lookup(self, gfn: np.ndarray) -> tuple[np.ndarray, np.ndarray, int]:
+        """gfn -> (index into the address-space-0 slots, global page index, position of the
+        first gfn no memslot maps or -1); from that position on the two arrays mean nothing."""
+        n = len(gfn)
+        if self._one_slot is not None and n:  # one RAM slot: no search
+            gpi = np.empty(n, dtype=np.int64)
             bad = shift_checked(gfn, *self._one_slot, gpi)
-            if bad >= 0:
-                raise KvmError(errno.EFAULT, f"guest write to gfn {int(gfn[bad])}: no memslot maps it")
-            return np.zeros(len(gfn), dtype=np.int64), gpi
+            return np.zeros(n, dtype=np.int64), gpi, bad
         k = np.searchsorted(self._base, gfn, side="right") - 1
-        if len(gfn) and (k.min() < 0 or np.any(gfn >= self._end[k])):
-            bad = gfn[(k < 0) | (gfn >= self._end[np.maximum(k, 0)])][0]
-            raise KvmError(errno.EFAULT, f"guest write to gfn {int(bad)}: no memslot maps it")
-        return k, self._start[k] + (gfn - self._base[k])
+        if not n:
+            return k, k, -1
+        if not len(self._base):
+            return np.zeros(n, dtype=np.int64), np.zeros(n, dtype=np.int64), 0
+        k0 = np.maximum(k, 0)
+        outside = (k < 0) | (gfn >= self._end[k0])
+        bad = int(outside.argmax()) if outside.any() else -1
+        return k0, self._start[k0] + (gfn - self._base[k0]), bad
 
     def _slot_index_of_gpi(self, gpi: np.ndarray) -> np.ndarray:
         if len(self._start) == 1:
@@ -768,7 +835,10 @@ class Vm:
         """Let simulated time pass up to ``until`` ns, or until a vCPU leaves the guest.
 
         Returns the exits that happened (empty if time reached ``until``); ``now`` is then the
-        time of the exit. vCPUs that are out stay out until userspace calls ``Vcpu.run``."""
+        time of the exit. vCPUs that are out stay out until userspace calls ``Vcpu.run``.
+        A guest write to a gfn no memslot maps fails with EFAULT when a vCPU gets to it (not
+        before: an exit or a memslot change may come first); the writes before it are applied,
+        ``now`` is its time and that vCPU is out of the guest, the write not executed."""
         until = int(until)
         guest = self.guest
         while self.now < until:
@@ -834,21 +904,30 @@ class Vm:
     def _apply(self, t, vc, gfn, exit_after, end=None, notify=True, reads=None, first_touch=False):
         """Apply a time-ordered batch of guest writes up to the first event that takes a vCPU
         out of the guest, with its bookkeeping (:func:`ringenv.kvm.fault.apply_batch`).
-        Returns (events consumed, Exit or None)."""
+        Returns (events consumed, Exit or None). An access to a gfn no memslot maps ends the
+        walk: if the walk gets there (no exit before it) KVM_RUN fails with EFAULT
+        (:meth:`_efault`), after the events before it were applied."""
         p = self.profile
         n = len(t)
         if first_touch:  # a workload's candidate first writes: every access is a write
-            sidx, gpi = self._locate(gfn)
+            sidx, gpi, bad = self._lookup(gfn)
         else:
             is_write = gfn != NO_WRITE
             sidx = np.zeros(n, dtype=np.int64)
             gpi = np.full(n, -1, dtype=np.int64)
+            bad = -1
             if is_write.all():
-                sidx, gpi = self._locate(gfn)
+                sidx, gpi, bad = self._lookup(gfn)
             elif is_write.any():
-                sidx[is_write], gpi[is_write] = self._locate(gfn[is_write])
+                sidx[is_write], gpi[is_write], bad = self._lookup(gfn[is_write])
+                if bad >= 0:
+                    bad = int(np.flatnonzero(is_write)[bad])
         code = exit_after if exit_after is not None else self._zeros_of(np.int8, n)
         reads = reads if reads is not None else self._zeros_of(np.int8, n)
+        if bad >= 0:  # the walk ends before the access no memslot maps
+            vc_, gpi, sidx, code, reads = vc[:bad], gpi[:bad], sidx[:bad], code[:bad], reads[:bad]
+        else:
+            vc_ = vc
         rings = self.ring_entries > 0
         pml = p.pml_buffer_entries if p.pml else 0
         pml_count = np.array([v.pml_count for v in self.vcpus], dtype=np.int64) if pml else self._no_pml
@@ -856,24 +935,39 @@ class Vm:
         fault_cost, split_cost = self._write_costs
         faults = np.zeros(len(self.vcpus), dtype=np.int64)
         m, cut, npush, nsplit, ndirty, retired, nsoft = apply_batch(
-            gpi, vc.astype(np.int32, copy=False), code.astype(np.int8, copy=False), reads.astype(np.int8, copy=False),
+            gpi, vc_.astype(np.int32, copy=False), code.astype(np.int8, copy=False), reads.astype(np.int8, copy=False),
             first_touch, sidx, self.state, self.version, self.block_map,
             self._blockgran, self._pushall, self._split, self._slot_mode, self.block_shift,
             self._ring_ctr, self._soft_limit, pml_count, pml, rings, push_v, push_g, split_v, split_b,
             self._vstat, split_cost, fault_cost, self._ring_addr, self._start,
             self._kslot, self._soft_full, faults)
         i = m - 1
+        if bad >= 0 and cut == CUT_NONE:  # the walk reached it
+            self._after_batch(m, cut, npush, nsplit, ndirty, retired, nsoft, faults, push_v, push_g, int(t[bad]),
+                              notify, pml, 0, 0, 0, 0, False)
+            self._efault(int(vc[bad]), int(gfn[bad]))
         exit_ = self._after_batch(m, cut, npush, nsplit, ndirty, retired, nsoft, faults, push_v, push_g, end, notify,
                                   pml, *((int(t[i]), int(vc[i]), int(gfn[i]), int(code[i]), bool(reads[i]))
                                          if cut != CUT_NONE else (0, 0, 0, 0, False)))
         return m, exit_
+
+    def _efault(self, v_index: int, gfn: int) -> None:
+        """The walk reached vCPU ``v_index``'s access to ``gfn``, which no memslot maps: its
+        KVM_RUN fails with EFAULT. The vCPU is out of the guest (any exit flushes its PML
+        buffer) and the access has not retired: once a memslot maps the gfn, KVM_RUN executes
+        it (the guest program was told the events before it were consumed)."""
+        v = self.vcpus[v_index]
+        if v.pml is not None and v.pml_count:
+            self._pml_flush(v)
+        v.in_guest = False
+        raise KvmError(errno.EFAULT, f"guest write to gfn {gfn} (vCPU {v.id}): no memslot maps it")
 
     def _apply_window(self, batch: WriteBatch, end: int) -> Exit | None:
         """:meth:`_apply` for a workload's window of candidate first writes (``first_touch``, no
         reads or exit codes, events in ``batch.order``) on a VM with one RAM slot and no PML: the
         gather, the address check and the walk in one compiled call
         (:func:`ringenv.kvm.fault.apply_window`); the same results as :meth:`_apply` on the
-        gathered batch."""
+        gathered batch, EFAULT included (when the walk reaches a write outside the slot)."""
         t, vc, gfn = batch.t, batch.vcpu, batch.gfn
         n = len(t)
         push_v, push_g, split_v, split_b = self._batch_buffers(n * (self.block_pages if self._any_pushall else 1), n)
@@ -885,8 +979,10 @@ class Vm:
             self._blockgran, self._pushall, self._split, self._slot_mode, self.block_shift,
             self._ring_ctr, self._soft_limit, self._no_pml, self.ring_entries > 0, push_v, push_g, split_v, split_b,
             self._vstat, split_cost, fault_cost, self._ring_addr, self._start, self._kslot, self._soft_full, faults)
-        if bad >= 0:
-            raise KvmError(errno.EFAULT, f"guest write to gfn {int(gfn[bad])}: no memslot maps it")
+        if bad >= 0 and cut == CUT_NONE:  # the walk reached a write outside the slot
+            self._after_batch(m, cut, npush, nsplit, ndirty, retired, nsoft, faults, push_v, push_g, int(t[bad]),
+                              True, 0, 0, 0, 0, 0, False)
+            self._efault(int(vc[bad]), int(gfn[bad]))
         return self._after_batch(m, cut, npush, nsplit, ndirty, retired, nsoft, faults, push_v, push_g, end, True, 0,
                                  *((int(t[last]), int(vc[last]), int(gfn[last]), EXIT_NONE, False)
                                    if cut != CUT_NONE else (0, 0, 0, 0, False)))

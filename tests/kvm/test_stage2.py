@@ -432,17 +432,60 @@ def test_bitmap_offsets_round_trip_sparse_and_dense(npages, count):
 
 # ---------------------------------------------------------------------------- no memslot
 @pytest.mark.parametrize("offset", [1024, 5000, -1])
-def test_write_to_a_gfn_no_memslot_maps_is_efault_and_applies_nothing(offset):
+def test_write_to_a_gfn_no_memslot_maps_is_efault_when_the_guest_reaches_it(offset):
     """A guest store to a gfn outside every memslot (slot: gfns 4096..5119) fails with EFAULT
-    naming that gfn; the batch it came in is not applied (no push, no version change)."""
+    naming that gfn when the vCPU reaches it: the stores before it are done (pushed, written),
+    the vCPU is out of the guest (KVM_RUN returned the error) at the store's time; it did not
+    retire: once a memslot maps the gfn, KVM_RUN executes it."""
     h = Host([[3, 5, offset]], base_gfn=4096, slot_pages=1024)
     assert h.enter(0) is None
     with pytest.raises(KvmError) as ei:
         h.vm.run_until(h.vm.now + 10**9)
     assert ei.value.errno == errno.EFAULT
     assert f"gfn {4096 + offset}" in str(ei.value)
-    assert h.vcpus[0].ring.dirty_index == 0 and h.vcpus[0].stats.pushes == 0
-    assert h.version(3) == 0 and h.version(5) == 0
+    assert h.ring_offsets() == [3, 5] and h.vcpus[0].stats.pushes == 2
+    assert h.version(3) == 1 and h.version(5) == 1
+    assert not h.vcpus[0].in_guest and h.vm.now == 2 * 5  # the third store, 5 ns apart
+    h.vm.set_user_memory_region(1, LOG, (4096 + offset) * 4096, 4096)
+    assert h.enter_and_run().kind == "done"
+    assert h.harvest_entries() == [(0, 3), (0, 5), (1, 0)]
+
+
+def test_efault_of_a_store_retried_after_a_full_exit_leaves_it_pending():
+    """A store that filled the ring re-executes at the next KVM_RUN; if its memslot was deleted
+    meanwhile that KVM_RUN fails with EFAULT, and the store is still to be executed."""
+    h = Host([list(range(193))], slot_pages=1024)
+    assert h.enter_and_run().kind == "full"
+    h.harvest(), h.reset()
+    h.vm.set_user_memory_region(0, 0, 0, 0)  # delete the slot
+    with pytest.raises(KvmError) as ei:
+        h.enter(0)
+    assert ei.value.errno == errno.EFAULT and "gfn 191" in str(ei.value)
+    assert not h.vcpus[0].in_guest and h.vcpus[0].pending_store == 191
+    h.vm.set_user_memory_region(0, LOG, 0, 1024 * 4096)
+    h.slot = h.vm.slots[0]
+    assert h.enter_and_run().kind == "done"
+    assert h.harvest() == [191, 192]
+
+
+def test_a_write_that_a_later_memslot_move_maps_is_no_fault():
+    """The guest syncs (exits) after writing page 5 of a 64-page slot; userspace moves the slot
+    up by 64 pages; the guest then writes gfn 64 + 6, which only the moved slot maps. The walk
+    stops at the sync, so that write is only looked up after the move: no EFAULT, pushed as
+    offset 6 of the slot (as the real kernel does: tests/realkvm/test_realkvm_limits.py)."""
+    h = Host([[5, 64 + 6]], [[0]], slot_id=1, slot_pages=64)
+    assert h.enter_and_run().kind == "sync"
+    h.vm.set_user_memory_region(1, LOG, 64 * 4096, 64 * 4096)
+    assert h.enter_and_run().kind == "done"
+    assert h.harvest_entries() == [(1, 5), (1, 6)]
+
+
+def test_a_full_exit_before_a_write_outside_every_memslot_comes_first():
+    """192 pushes fill a 256-entry ring (soft limit 192): the vCPU exits before its next store,
+    which no memslot maps, is reached: a full exit, no EFAULT."""
+    h = Host([list(range(192)) + [5000]], slot_pages=1024)
+    assert h.enter_and_run().kind == "full"
+    assert len(h.harvest()) == 192
 
 
 # ---------------------------------------------------------------------------- a slot that is not dirty-tracked

@@ -50,6 +50,9 @@ def test_capability_numbers():
     assert U.KVM_DIRTY_LOG_INITIALLY_SET == 2
     assert U.KVM_CAP_ARM_EAGER_SPLIT_CHUNK_SIZE == 228
     assert U.KVM_CAP_ARM_SUPPORTED_BLOCK_SIZES == 229
+    # limits (include/uapi/linux/kvm.h; the same numbers answered on the real x86 host)
+    assert (U.KVM_CAP_NR_MEMSLOTS, U.KVM_CAP_MAX_VCPUS, U.KVM_CAP_READONLY_MEM) == (10, 66, 81)
+    assert (U.KVM_CAP_MULTI_ADDRESS_SPACE, U.KVM_CAP_MAX_VCPU_ID) == (118, 128)
 
 
 def test_exit_reason_and_reset_ioctl_number():
@@ -70,9 +73,10 @@ def test_entry_slot_and_offset_are_relative_to_the_memslot():
 
 
 def test_memslot_in_address_space_1_is_named_with_as_id_in_the_high_half():
-    """s1: slot = as_id << 16 | slot_id; x86 has two address spaces: slot 5 of as 1 -> 0x10005."""
+    """s1: slot = as_id << 16 | slot_id; x86 with SMM (x86-pml) has two address spaces: slot 5
+    of as 1 -> 0x10005."""
     from ringenv.kvm import Vm
 
-    vm = Vm("x86-nopml")
+    vm = Vm("x86-pml")
     vm.set_user_memory_region(5, 0, 0, 16 * 4096, as_id=1)
     assert vm.slots[0].kvm_slot == 0x10005

@@ -93,13 +93,59 @@ def test_window_walk_matches_the_general_walk(n):
     assert [e.kind for e in ae] == (["full"] if n == 600 else [])
 
 
-def test_window_walk_faults_before_applying_anything():
-    """A write outside every memslot: EFAULT naming the gfn, and no write of the window applied
-    (the kernel would fault on it; the model checks the whole window first)."""
+def _snapshot(vm, vcpus, guest):
+    return (vm.now, list(guest.consumed_calls), vm.state.copy(), vm.version.copy(), vm.block_map.copy(),
+            vm.stats.splits, [(v.ring.dirty_index, v.ring.reset_index, v.request_soft_full, v.in_guest,
+                               v.stats.faults, v.stats.pushes, v.stats.fault_ns, v.ring_gfns.copy()) for v in vcpus])
+
+
+def _same(a, b, calls=True):
+    assert a[0] == b[0] and a[5] == b[5] and (not calls or a[1] == b[1])
+    for x, y in zip(a[2:5], b[2:5]):
+        assert np.array_equal(x, y)
+    for u, v in zip(a[6], b[6]):
+        assert u[:7] == v[:7] and np.array_equal(u[7], v[7])
+
+
+@pytest.mark.parametrize("general", [False, True])
+def test_a_write_outside_every_memslot_faults_when_the_walk_reaches_it(general):
+    """A write outside every memslot: EFAULT naming the gfn when the walk reaches it, not
+    before: the writes before it (in event order) are applied as if the window ended there, the
+    guest is told they were consumed, its vCPU is out of the guest (KVM_RUN returned the error)
+    and the clock is at its time. The window walk and the general walk agree."""
     t, vc, gfn, order = _window(50, np.random.default_rng(7), bad=31)
-    vm, _ = _vm(Scripted(t, vc, gfn, order, general=False))
-    state, version = vm.state.copy(), vm.version.copy()
+    p = int(np.flatnonzero(order == 31)[0])  # its place in event order
+    assert 0 < p < 49
+    guest = Scripted(t, vc, gfn, order, general=general)
+    vm, vcpus = _vm(guest)
     with pytest.raises(KvmError) as ei:
         vm.run_until(20_000)
     assert ei.value.errno == errno.EFAULT and str(SLOT_BASE + SLOT_PAGES + 7) in str(ei.value)
-    assert np.array_equal(vm.state, state) and np.array_equal(vm.version, version)
+    assert guest.consumed_calls[-1][:2] == (p, int(t[31]))
+    assert not vcpus[vc[31]].in_guest and vcpus[1 - vc[31]].in_guest
+
+    # the same as a window holding only the writes before it, stopped at its time
+    keep = order[:p]
+    ref_guest = Scripted(t[keep], vc[keep], gfn[keep], None, general=general)
+    ref, ref_vcpus = _vm(ref_guest)
+    assert ref.run_until(int(t[31])) == []
+    vcpus[vc[31]].in_guest = True  # (only to compare the rest)
+    _same(_snapshot(vm, vcpus, guest), _snapshot(ref, ref_vcpus, ref_guest), calls=False)
+
+
+@pytest.mark.parametrize("general", [False, True])
+def test_an_exit_before_the_write_outside_every_memslot_stops_the_walk_first(general):
+    """600 writes fill a ring (a full exit) before the last one in event order, which lies
+    outside every memslot: the walk stops at the full exit and never reaches it; no EFAULT, and
+    the same results as with that write inside the slot."""
+    runs = []
+    for bad in (None, 599):
+        t, vc, gfn, order = _window(600, np.random.default_rng(600))
+        if bad is not None:
+            gfn[order[bad]] = SLOT_BASE + SLOT_PAGES + 7
+        guest = Scripted(t, vc, gfn, order, general=general)
+        vm, vcpus = _vm(guest)
+        exits = vm.run_until(20_000)
+        assert [e.kind for e in exits] == ["full"]
+        runs.append(_snapshot(vm, vcpus, guest))
+    _same(*runs)

@@ -53,6 +53,7 @@ def test_sizes_are_parsed():
     ({"throttle": "fast"}, "throttle", "'auto-converge'"),
     ({"vm": {"memory": "16 GB!"}}, "vm.memory", "16GiB"),
     ({"vm": {"vcpus": 0}}, "vm.vcpus", "greater than or equal to 1"),
+    ({"vm": {"memory": "2TiB"}}, "vm.memory", "40-bit guest physical addresses"),
     ({"vm": {"block_fraction": 2}}, "vm.block_fraction", "less than or equal to 1"),
     ({"vm": {"eager_split_chunk": "3MiB"}}, "vm.eager_split_chunk", "accepted: 0"),
     ({"interval_ms": 0}, "interval_ms", "greater than 0"),
