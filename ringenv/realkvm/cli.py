@@ -1,7 +1,17 @@
 """``ringenv`` subcommands that drive the real /dev/kvm: kvm-replay, validate, calibrate.
 
 ``add_parsers(subparsers)`` adds them; each handler takes the parsed args and returns the
-exit code (0 ok, 1 a difference or failure, 2 the simulator is missing).
+exit code, printing any error as one line ``ringenv COMMAND: message`` on stderr (never a
+traceback):
+
+- 0 ok;
+- 1 a difference (validate), or the run failed (unexpected guest exit, timeout, ioctl error);
+- 2 it cannot run: bad input (the same message as ``ringenv replay``), the simulator missing
+  (validate), or the host's KVM unusable: /dev/kvm missing or not permitted, API version,
+  a capability or ring size the host lacks (``ioctl.KvmUnavailable``), unsupported arch;
+- 130 interrupted (Ctrl-C); every VM, vCPU and mapping is released first.
+
+``RINGENV_KVM_DEV`` selects another KVM device node (see ``ringenv.realkvm.ioctl``).
 """
 
 from __future__ import annotations
@@ -11,20 +21,65 @@ import json
 import sys
 
 
+def _guarded(command: str):
+    """Turn the handler's exceptions into one stderr line and the exit codes above."""
+    def wrap(fn):
+        def handler(args) -> int:
+            from ringenv.realkvm.ioctl import KvmUnavailable
+
+            def fail(code: int, msg: object) -> int:
+                print(f"ringenv {command}: {msg}", file=sys.stderr)
+                return code
+            try:
+                return fn(args)
+            except (KvmUnavailable, NotImplementedError) as exc:
+                return fail(2, exc)
+            except ValueError as exc:  # bad JSON or a trace that breaks the contract
+                return fail(2, exc)
+            except KeyboardInterrupt:
+                return fail(130, "interrupted")
+            except (OSError, RuntimeError) as exc:  # incl. TimeoutError, GuestError
+                return fail(1, exc)
+        handler.__name__ = fn.__name__
+        return handler
+    return wrap
+
+
+def load_trace(path: str):
+    """The trace at ``path`` ('-': stdin) with the simulator's messages for a missing file or
+    bad JSON (``ringenv.replay.load_trace``), or the same wording without the simulator."""
+    try:
+        from ringenv.config import ConfigError
+        from ringenv.replay import load_trace as sim_load
+    except ImportError:
+        ConfigError, sim_load = ValueError, None
+    if path != "-" and sim_load is not None:
+        return sim_load(path)
+    if path != "-":
+        try:
+            text = open(path).read()
+        except OSError:
+            raise ConfigError(f"TRACE: no such file {path!r}") from None
+    else:
+        text, path = sys.stdin.read(), "<stdin>"
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"TRACE {path.rsplit('/', 1)[-1]}: not valid JSON: {e}") from None
+
+
+@_guarded("kvm-replay")
 def _cmd_kvm_replay(args) -> int:
     from ringenv.realkvm.replay import kvm_replay_trace
 
-    try:
-        with (sys.stdin if args.trace == "-" else open(args.trace)) as f:
-            out = kvm_replay_trace(json.load(f), ring_entries=args.ring_entries)
-    except ValueError as exc:  # bad JSON or a trace that breaks the contract
-        print(f"ringenv kvm-replay: {exc}", file=sys.stderr)
-        return 2
+    out = kvm_replay_trace(load_trace(args.trace), ring_entries=args.ring_entries,
+                           timeout=args.timeout)
     json.dump(out, sys.stdout)
     sys.stdout.write("\n")
     return 0
 
 
+@_guarded("validate")
 def _cmd_validate(args) -> int:
     from ringenv.realkvm.validate import IDENTICAL, validate
 
@@ -45,6 +100,7 @@ def _cmd_validate(args) -> int:
     return 0 if all(v == IDENTICAL for v in result.values()) else 1
 
 
+@_guarded("calibrate")
 def _cmd_calibrate(args) -> int:
     from ringenv.realkvm.calibrate import calibrate
 
@@ -53,9 +109,13 @@ def _cmd_calibrate(args) -> int:
 
 
 def _ring_entries(text: str) -> int:
-    value = int(text)
-    if value <= 0 or value & (value - 1):
-        raise argparse.ArgumentTypeError(f"{value} is not a positive power of two")
+    """A positive int, as ``ringenv replay --ring-entries``; the host says which sizes it takes."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"{value} is not positive")
     return value
 
 
@@ -68,6 +128,8 @@ def add_parsers(subparsers) -> None:
     p.add_argument("trace", metavar="TRACE.json")
     p.add_argument("--ring-entries", type=_ring_entries, default=None,
                    help="override the trace's ring size (entries)")
+    p.add_argument("--timeout", type=float, default=120.0, metavar="SECONDS",
+                   help="stop the guest and fail (exit 1) if the replay takes longer (default 120)")
     p.set_defaults(func=_cmd_kvm_replay)
 
     p = subparsers.add_parser(

@@ -8,7 +8,8 @@ from typing import Sequence
 from ringenv.realkvm.arch import Arch, WriteProgram, host_arch
 from ringenv.realkvm.ioctl import (
     KVM_CAP_DIRTY_LOG_RING_WITH_BITMAP, KVM_EXIT_DIRTY_RING_FULL, KVM_EXIT_MMIO,
-    KVM_MEM_LOG_DIRTY_PAGES, PAGE_SIZE, KvmSystem, RealVm, _Closing)
+    KVM_MEM_LOG_DIRTY_PAGES, PAGE_SIZE, KvmSystem, KvmUnavailable, RealVm, _Closing,
+    install_kick_handler)
 
 CODE_SLOT, DATA_SLOT = 0, 1
 
@@ -40,19 +41,23 @@ class Guest(_Closing):
                  ring_entries: int = 0, with_bitmap: bool = False, log_dirty: bool = True,
                  caps: Sequence[tuple[int, ...]] = (),
                  system: KvmSystem | None = None, arch: Arch | None = None):
-        self.arch = arch or host_arch()
-        self.image = self.arch.build_image(data_pages, programs)
-        self._own_system = system is None
-        self.system = system or KvmSystem()
         self.vm: RealVm | None = None
+        self._own_system = False
+        self.arch = arch or host_arch()
+        install_kick_handler()  # so that kick_all() can stop a vCPU stuck in the guest
+        self.image = self.arch.build_image(data_pages, programs)
+        self.system = system or KvmSystem()
+        self._own_system = system is None
         try:
             self.vm = self.system.create_vm()
             if ring_entries:
                 self.vm.enable_dirty_ring(ring_entries)
             if with_bitmap:
                 if not self.vm.check_extension(KVM_CAP_DIRTY_LOG_RING_WITH_BITMAP):
-                    raise OSError(errno.EINVAL, "KVM_CAP_DIRTY_LOG_RING_WITH_BITMAP is not "
-                                  "supported by this host (KVM_CHECK_EXTENSION(225) == 0)")
+                    raise KvmUnavailable(errno.EINVAL, (  # what enabling it gives
+                        "this host's KVM lacks KVM_CAP_DIRTY_LOG_RING_WITH_BITMAP "
+                        "(KVM_CHECK_EXTENSION(225) == 0; x86 does not need it): "
+                        "drop \"with_bitmap\" from the trace"))
                 self.vm.enable_cap(KVM_CAP_DIRTY_LOG_RING_WITH_BITMAP)
             for cap in caps:
                 self.vm.enable_cap(*cap)
@@ -76,6 +81,12 @@ class Guest(_Closing):
             self.vm = None
         if self._own_system:
             self.system.close()
+
+    def kick_all(self) -> None:
+        """Stop every vCPU: KVM_RUN returns and ``run`` raises VcpuKicked (a timeout)."""
+        if self.vm is not None:
+            for vcpu in self.vm.vcpus:
+                vcpu.kick()
 
     def run(self, index: int) -> tuple[str, int | None]:
         """KVM_RUN vCPU ``index`` once and classify the exit."""

@@ -8,6 +8,16 @@ carrying the kernel's errno (EINVAL, E2BIG, ENXIO, ...).
 Mappings are Python ``mmap`` objects. A numpy view on a mapping pins it: ``close()``
 drops this module's own views first; a view a caller keeps past ``close()`` (e.g. of
 ``RealVcpu.ring``) keeps that one mapping alive until the view is dropped.
+
+The KVM device is ``/dev/kvm``, or the path in the environment variable ``RINGENV_KVM_DEV``
+(read only by ``kvm_device_path()``, at each ``KvmSystem()``): tests point it at a missing
+path to check the "no KVM" handling. When the device cannot serve a request (missing, no
+permission, API version, a capability or ring size the host lacks) a ``KvmUnavailable`` is
+raised: an ``OSError`` whose ``str()`` is one line naming the cause and what to do.
+
+A vCPU blocked in KVM_RUN can be stopped from another thread with ``RealVcpu.kick()``
+(immediate_exit + a signal to the running thread; the no-op handler for ``KICK_SIGNAL`` is
+installed by ``install_kick_handler()``, which must run in the main thread).
 """
 
 from __future__ import annotations
@@ -17,7 +27,9 @@ import errno as _errno
 import fcntl
 import mmap
 import os
+import signal
 import struct
+import threading
 
 import numpy as np
 
@@ -130,12 +142,90 @@ def errno_name(code: int) -> str:
     return _errno.errorcode.get(code, str(code))
 
 
+KVM_DEV_ENV = "RINGENV_KVM_DEV"
+
+
+def kvm_device_path() -> str:
+    """The KVM device node: $RINGENV_KVM_DEV if set, else /dev/kvm (the one place it is read)."""
+    return os.environ.get(KVM_DEV_ENV) or "/dev/kvm"
+
+
+class KvmUnavailable(OSError):
+    """The host's KVM cannot do what was asked; ``str()`` is one line: the cause and the fix."""
+
+    def __init__(self, code: int | None, message: str):
+        super().__init__(message)
+        self.errno = code
+
+
+class RingSizeRefused(KvmUnavailable):
+    """KVM_ENABLE_CAP refused the dirty-ring size (``entries``); ``accepted`` lists the sizes
+    (in entries) this host takes."""
+
+    def __init__(self, code: int, entries: int, accepted: list[int]):
+        self.entries, self.accepted = entries, accepted
+        span = f"{accepted[0]}..{accepted[-1]}" if accepted else "none"
+        super().__init__(code, f"a dirty ring of {entries} entries ({entries * 16} bytes) is "
+                               f"refused by KVM_ENABLE_CAP on this host with {errno_name(code)}; "
+                               f"accepted: powers of two {span} entries")
+
+
+def _open_device(path: str) -> int:
+    """os.open the KVM device, turning every failure into a one-line KvmUnavailable."""
+    try:
+        return os.open(path, os.O_RDWR | os.O_CLOEXEC)
+    except FileNotFoundError:
+        raise KvmUnavailable(_errno.ENOENT, (
+            f"{path} does not exist: KVM is not available here (enable virtualization and load "
+            f"the kvm module, or run on a KVM host; {KVM_DEV_ENV} selects another device)")) from None
+    except PermissionError as exc:
+        raise KvmUnavailable(exc.errno, (
+            f"no permission to open {path}: add your user to its group (usually 'kvm': "
+            f"sudo usermod -aG kvm $USER, then log in again) or run as root")) from None
+    except OSError as exc:
+        raise KvmUnavailable(exc.errno, f"cannot open {path}: {os.strerror(exc.errno)} "
+                                        f"(is KVM loaded and usable on this host?)") from None
+
+
+KICK_SIGNAL = signal.SIGUSR2
+_kick_handler_installed = False
+
+
+def _noop_handler(signum, frame) -> None:
+    pass
+
+
+def install_kick_handler() -> bool:
+    """Install a no-op handler for KICK_SIGNAL (if the signal has none) so that a signal sent to
+    a thread blocked in KVM_RUN makes it return EINTR. Only possible in the main thread;
+    returns whether kicking by signal is available."""
+    global _kick_handler_installed
+    if not _kick_handler_installed and threading.current_thread() is threading.main_thread():
+        if signal.getsignal(KICK_SIGNAL) in (signal.SIG_DFL, None):
+            signal.signal(KICK_SIGNAL, _noop_handler)
+        _kick_handler_installed = signal.getsignal(KICK_SIGNAL) not in (
+            signal.SIG_DFL, signal.SIG_IGN, None)
+    return _kick_handler_installed
+
+
+class VcpuKicked(TimeoutError):
+    """KVM_RUN was interrupted by ``RealVcpu.kick()`` (a timeout or a shutdown)."""
+
+
 def _unmap(mm: mmap.mmap) -> None:
     """Close a mapping; if a caller still holds a view, it is unmapped when that is dropped."""
     try:
         mm.close()
     except BufferError:
         pass
+
+
+class _ignore_ebadf:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, typ, exc, tb) -> bool:
+        return isinstance(exc, OSError) and exc.errno == _errno.EBADF
 
 
 class _Closing:
@@ -157,13 +247,21 @@ class _Closing:
 class KvmSystem(_Closing):
     """The /dev/kvm system fd."""
 
-    def __init__(self, path: str = "/dev/kvm"):
+    def __init__(self, path: str | None = None):
         self.fd = -1
-        self.fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+        self.path = path or kvm_device_path()
+        self.fd = _open_device(self.path)
         try:
-            version = ioctl(self.fd, KVM_GET_API_VERSION)
+            try:
+                version = ioctl(self.fd, KVM_GET_API_VERSION)
+            except OSError as exc:
+                raise KvmUnavailable(exc.errno, (
+                    f"{self.path} is not a KVM device (KVM_GET_API_VERSION: "
+                    f"{os.strerror(exc.errno)}): point {KVM_DEV_ENV} at /dev/kvm or unset it")) from None
             if version != KVM_API_VERSION:
-                raise OSError(_errno.EINVAL, f"KVM API version {version}, expected 12")
+                raise KvmUnavailable(_errno.EINVAL, (
+                    f"{self.path} speaks KVM API version {version}, this tool needs "
+                    f"{KVM_API_VERSION}: use a standard Linux KVM"))
         except BaseException:
             self.close()
             raise
@@ -183,7 +281,12 @@ class KvmSystem(_Closing):
 
     def create_vm(self, machine_type: int = 0) -> "RealVm":
         """KVM_CREATE_VM."""
-        return RealVm(self, ioctl(self.fd, KVM_CREATE_VM, machine_type))
+        fd = ioctl(self.fd, KVM_CREATE_VM, machine_type)
+        try:
+            return RealVm(self, fd)
+        except BaseException:
+            os.close(fd)
+            raise
 
 
 class RealVm(_Closing):
@@ -220,11 +323,30 @@ class RealVm(_Closing):
         return ioctl(self.fd, KVM_ENABLE_CAP, arg)
 
     def enable_dirty_ring(self, entries: int, acq_rel: bool = True) -> int:
-        """KVM_ENABLE_CAP(DIRTY_LOG_RING[_ACQ_REL], entries * 16 bytes); returns the cap used."""
+        """KVM_ENABLE_CAP(DIRTY_LOG_RING[_ACQ_REL], entries * 16 bytes); returns the cap used.
+
+        Raises KvmUnavailable if the host has no dirty ring, RingSizeRefused if it refuses
+        the size (EINVAL, E2BIG)."""
         cap = KVM_CAP_DIRTY_LOG_RING_ACQ_REL if acq_rel else KVM_CAP_DIRTY_LOG_RING
-        if acq_rel and not self.check_extension(cap):
+        max_bytes = self.check_extension(cap)
+        if acq_rel and not max_bytes:
             cap = KVM_CAP_DIRTY_LOG_RING
-        self.enable_cap(cap, entries * DIRTY_GFN_DTYPE.itemsize)
+            max_bytes = self.check_extension(cap)
+        if not max_bytes:
+            raise KvmUnavailable(_errno.EOPNOTSUPP, (
+                f"this host's KVM lacks KVM_CAP_DIRTY_LOG_RING (KVM_CHECK_EXTENSION({cap}) == 0): "
+                "use a Linux >= 5.11 KVM host with the dirty ring, or the simulator (`ringenv replay`)"))
+        try:
+            self.enable_cap(cap, entries * DIRTY_GFN_DTYPE.itemsize)
+        except OSError as exc:
+            if exc.errno not in (_errno.EINVAL, _errno.E2BIG, _errno.ENOSPC):
+                raise
+            max_entries, accepted = max_bytes // DIRTY_GFN_DTYPE.itemsize, []
+            size = 4096 // DIRTY_GFN_DTYPE.itemsize
+            while size <= max_entries:
+                accepted.append(size)
+                size *= 2
+            raise RingSizeRefused(exc.errno, entries, accepted) from None
         self.ring_bytes = entries * DIRTY_GFN_DTYPE.itemsize
         return cap
 
@@ -257,8 +379,17 @@ class RealVm(_Closing):
         """KVM_CREATE_VCPU, then map kvm_run and (if enabled) the dirty ring."""
         run_size = self.system.get_vcpu_mmap_size()
         fd = ioctl(self.fd, KVM_CREATE_VCPU, vcpu_id)
-        vcpu = RealVcpu(fd, vcpu_id, run_size, self.ring_bytes)
-        self.vcpus.append(vcpu)
+        vcpu = None
+        try:
+            vcpu = RealVcpu(fd, vcpu_id, run_size, self.ring_bytes)
+            self.vcpus.append(vcpu)
+        except BaseException:  # also an interrupt between the ioctl and the append
+            if vcpu is not None:
+                vcpu.close()
+            elif fd >= 0:
+                with _ignore_ebadf():
+                    os.close(fd)
+            raise
         return vcpu
 
     def reset_dirty_rings(self) -> int:
@@ -293,6 +424,8 @@ class RealVcpu(_Closing):
 
     def __init__(self, fd: int, vcpu_id: int, run_size: int, ring_bytes: int = 0):
         self.fd, self.id = fd, vcpu_id
+        self.kicked = False
+        self._thread: int | None = None  # ident of the thread inside KVM_RUN
         self._run_mm = self._ring_mm = None
         self.ring: np.ndarray | None = None
         self._words: tuple[memoryview, ...] = ()
@@ -311,6 +444,8 @@ class RealVcpu(_Closing):
             raise
 
     def close(self) -> None:
+        if self._thread is not None:  # another thread is in KVM_RUN: stop it first
+            self.kick()
         for view in self._words:
             view.release()
         self.ring, self._words = None, ()
@@ -323,13 +458,33 @@ class RealVcpu(_Closing):
             self.fd = -1
 
     def run(self) -> int:
-        """KVM_RUN (retried on EINTR); returns kvm_run.exit_reason."""
-        while True:
+        """KVM_RUN (retried on EINTR); returns kvm_run.exit_reason. Raises VcpuKicked once
+        ``kick()`` was called (also before this call)."""
+        self._thread = threading.get_ident()
+        try:
+            while True:
+                if self.kicked:
+                    raise VcpuKicked(f"vCPU {self.id}: stopped (kicked out of KVM_RUN)")
+                try:
+                    ioctl(self.fd, KVM_RUN)
+                    return self.exit_reason
+                except InterruptedError:
+                    continue
+        finally:
+            self._thread = None
+
+    def kick(self) -> None:
+        """Make KVM_RUN return (now, or at its next call) and ``run()`` raise VcpuKicked:
+        sets kvm_run.immediate_exit and signals the thread inside KVM_RUN, if any."""
+        self.kicked = True
+        if self._run_mm is not None and not self._run_mm.closed:
+            self._run_mm[1] = 1  # kvm_run.immediate_exit
+        tid = self._thread
+        if tid is not None and tid != threading.get_ident() and _kick_handler_installed:
             try:
-                ioctl(self.fd, KVM_RUN)
-                return self.exit_reason
-            except InterruptedError:
-                continue
+                signal.pthread_kill(tid, KICK_SIGNAL)
+            except (ProcessLookupError, OSError):
+                pass
 
     # kvm_run fields, read from the shared page without pinning it.
     @property

@@ -14,19 +14,36 @@ Harvest and reset happen under one lock, so each reset must return what its harv
 What the kernel does is reported, not "fixed": the store whose fault filled the ring has not
 retired at the full exit, so after the reset it runs again and, its page being re-protected,
 pushes that page a second time.
+
+The trace is checked by the simulator's ``ringenv.replay.validate_trace`` when it is importable,
+so both commands refuse a bad trace with the same ``ConfigError`` message (a ``ValueError``);
+``reads`` (simulator only) is refused here. A ring size the host refuses is a ConfigError on
+``trace.ring_entries`` as in the simulator. A replay is bounded by ``timeout``: vCPUs still in
+the guest then are kicked out of KVM_RUN and a TimeoutError is raised.
 """
 
 from __future__ import annotations
 
 import threading
+import time
 from typing import Any
 
 from ringenv.realkvm.arch import WriteProgram, host_arch
 from ringenv.realkvm.guest import DATA_SLOT, Guest, GuestError
-from ringenv.realkvm.ioctl import KVM_DIRTY_RING_RSVD_ENTRIES
+from ringenv.realkvm.ioctl import KVM_DIRTY_RING_RSVD_ENTRIES, RingSizeRefused
+
+try:
+    from ringenv.config import ConfigError
+except ImportError:  # the simulator is not installed
+    ConfigError = ValueError  # type: ignore[misc,assignment]
 
 #: consecutive ring-full exits of one vCPU with nothing harvested before we call it wedged
 WEDGED_AFTER = 1000
+
+
+def _errno_name(code) -> str:
+    from ringenv.realkvm.ioctl import errno_name
+    return errno_name(code)
 
 
 def _need(cond: bool, msg: str) -> None:
@@ -35,11 +52,26 @@ def _need(cond: bool, msg: str) -> None:
 
 
 def _check_trace(trace: dict) -> None:
-    """Raise ValueError naming the first field that breaks the trace contract."""
+    """Raise ValueError naming the first field that breaks the trace contract: the simulator's
+    check (same messages as ``ringenv replay``) when importable, else a local one."""
+    try:
+        from ringenv.replay import validate_trace
+    except ImportError:
+        _check_trace_local(trace)
+        return
+    validate_trace(trace)
+    for i, v in enumerate(trace["vcpus"]):
+        if v.get("reads"):
+            raise ConfigError(f"trace.vcpus[{i}].reads: not supported by kvm-replay (the real-KVM "
+                              "guest only writes); remove it or use `ringenv replay`")
+
+
+def _check_trace_local(trace: dict) -> None:
     _need(isinstance(trace, dict), "expected a JSON object")
-    _need(isinstance(trace.get("slot_pages"), int) and trace["slot_pages"] > 0,
-          "slot_pages must be a positive int")
-    _need(isinstance(trace.get("ring_entries"), int), "ring_entries must be an int")
+    _need(isinstance(trace.get("slot_pages"), int) and not isinstance(trace["slot_pages"], bool)
+          and trace["slot_pages"] > 0, "slot_pages must be a positive int")
+    _need(isinstance(trace.get("ring_entries"), int) and trace["ring_entries"] > 0,
+          "ring_entries must be a positive int")
     _need(trace.get("reap_scope", "all") in ("all", "self"), "reap_scope must be 'all' or 'self'")
     _need(isinstance(trace.get("with_bitmap", False), bool), "with_bitmap must be true or false")
     _need(isinstance(trace.get("vcpus"), list) and trace["vcpus"], "vcpus must be a non-empty list")
@@ -117,8 +149,15 @@ def kvm_replay_trace(trace: dict, ring_entries: int | None = None,
     arch = host_arch()
     programs = [WriteProgram(list(v["writes"]), frozenset(v.get("syncs", [])))
                 for v in trace["vcpus"]]
-    with Guest(programs, trace["slot_pages"], ring_entries=entries,
-               with_bitmap=bool(trace.get("with_bitmap", False)), arch=arch) as guest:
+    try:
+        guest = Guest(programs, trace["slot_pages"], ring_entries=entries,
+                      with_bitmap=bool(trace.get("with_bitmap", False)), arch=arch)
+    except RingSizeRefused as exc:  # name the input, as the simulator does
+        raise ConfigError(
+            f"trace.ring_entries: {entries} entries ({entries * 16} bytes) is refused by "
+            f"KVM_ENABLE_CAP on this host ({arch.profile_name()}) with "
+            f"{_errno_name(exc.errno)}; accepted: {', '.join(map(str, exc.accepted))}") from None
+    with guest:
         coll = _Collector(guest, trace.get("reap_scope", "all"))
         errors: list[BaseException] = []
 
@@ -130,12 +169,22 @@ def kvm_replay_trace(trace: dict, ring_entries: int | None = None,
 
         threads = [threading.Thread(target=body, args=(i,), daemon=True,
                                     name=f"vcpu{i}") for i in range(len(programs))]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join(timeout)
-            if t.is_alive():
-                raise TimeoutError(f"{t.name} did not finish within {timeout} s")
+        try:
+            for t in threads:
+                t.start()
+            deadline = time.monotonic() + timeout
+            for t in threads:
+                t.join(max(0.0, deadline - time.monotonic()))
+            stuck = [t.name for t in threads if t.is_alive()]
+            if stuck:
+                raise TimeoutError(f"kvm-replay: {', '.join(stuck)} did not finish within "
+                                   f"{timeout:g} s (guest never exited?); stopped")
+        finally:  # timeout, error or KeyboardInterrupt: get every vCPU out of KVM_RUN first
+            if any(t.is_alive() for t in threads):
+                guest.kick_all()
+                for t in threads:
+                    if t.ident is not None:
+                        t.join(5.0)
         if errors:
             raise errors[0]
         coll.reap("final", None)

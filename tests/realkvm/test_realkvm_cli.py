@@ -32,11 +32,16 @@ def test_kvm_replay_prints_the_replay_json(tmp_path, capsys):
 
 def test_kvm_replay_refuses_a_bad_trace(tmp_path, capsys):
     path = tmp_path / "t.json"
-    path.write_text('{"slot_pages": 1, "ring_entries": 256, "vcpus": [{"writes": [3]}]}')
+    path.write_text('{"slot_pages": 1, "ring_entries": 256, "reap_scope": "self", '
+                    '"vcpus": [{"writes": [3]}]}')
     assert run("kvm-replay", str(path)) == 2
-    assert "slot_pages" in capsys.readouterr().err
+    assert "writes" in capsys.readouterr().err
+    path.write_text('{"slot_pages": 4, "ring_entries": 256, "reap_scope": "self", '
+                    '"vcpus": [{"writes": [3]}]}')
+    assert run("kvm-replay", str(path), "--ring-entries", "300") == 2  # the host refuses it
+    assert "trace.ring_entries: 300 entries" in capsys.readouterr().err
     with pytest.raises(SystemExit):
-        run("kvm-replay", str(path), "--ring-entries", "300")
+        run("kvm-replay", str(path), "--ring-entries", "0")
 
 
 def test_builtin_traces_are_many_deterministic_and_varied():
