@@ -10,11 +10,15 @@ value and what is accepted. Unknown keys are errors too.
 
 from __future__ import annotations
 
+import re
+import types as types_
+import typing
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 
@@ -26,31 +30,87 @@ class ConfigError(ValueError):
     """An invalid configuration value: the message names the field, the value and what is accepted."""
 
 
+_UNION_TAGS = {"str", "int", "float", "bool", "dict", "list", "none", "literal", "any"}
+_FIELD_PREFIX = re.compile(r"([a-z_][a-z0-9_]*(?:\.[a-z0-9_]+)*): ")
+
+
+def _clean_loc(loc) -> str:
+    """The dotted path of a field, without pydantic's union-member tags (``host.str``,
+    ``workload.function-after[_check(), WorkloadConfig]``)."""
+    parts = [str(p) for p in loc if not (isinstance(p, str) and ("[" in p or p in _UNION_TAGS))]
+    return ".".join(parts)
+
+
 def _format_validation_error(where: str, err: ValidationError) -> str:
     """One line per error: the field's dotted path, what is wrong, the value given. A whole-model
-    check names its own field and does not echo the whole input back."""
+    check names its own field (its message starts ``field: ``, which is appended to the path) and
+    does not echo the whole input back. The members of a union (``host: str | HostProfile``) that
+    all refused a value make one line."""
     lines = [f"invalid {where}:"]
+    union: dict[str, list] = {}  # a union's path -> [value, the members' messages]
+    nested: set[str] = set()  # unions a member of which (a mapping for a model) got further
     for e in err.errors():
-        loc = ".".join(str(p) for p in e["loc"])
+        loc = _clean_loc(e["loc"])
+        tags = [i for i, p in enumerate(e["loc"]) if _clean_loc([p]) == "" and isinstance(p, str)]
         msg = e["msg"]
         if msg.startswith("Value error, "):
             msg = msg[len("Value error, "):]
+        if tags:
+            head = _clean_loc(e["loc"][:tags[0]])
+            if tags[-1] < len(e["loc"]) - 1 or e["type"] == "value_error":
+                nested.add(head)  # the value was taken as that member: report its own errors
+            elif e["type"] != "extra_forbidden":
+                union.setdefault(head, [e.get("input"), []])
+                m = msg.removeprefix("Input should be ")
+                if m not in union[head][1]:
+                    union[head][1].append(m)
+                    if len(union[head][1]) == 1:
+                        lines.append(("union", head))
+                continue
         if e["type"] == "extra_forbidden":
             lines.append(f"  {loc}: unknown key (value {e.get('input')!r}); remove it or check its spelling")
-        elif not loc:
-            lines.append(f"  {msg}")
-        elif e["type"] == "value_error":
-            msg = msg.removeprefix(loc + ": ").removeprefix(loc.split(".")[-1] + ": ")
-            lines.append(f"  {loc}: {msg}")
+        elif e["type"] == "missing":
+            lines.append(f"  {loc}: missing; this field is required")
+        elif e["type"] == "value_error" or not loc:
+            for part in msg.splitlines():
+                part = part.strip()
+                if loc:
+                    part = part.removeprefix(loc + ": ").removeprefix(loc.split(".")[-1] + ": ")
+                if loc and _FIELD_PREFIX.match(part) and not part.startswith(("invalid ", "profile: ")):
+                    lines.append(f"  {loc}.{part}")
+                elif loc:
+                    lines.append(f"  {loc}: {part}")
+                else:
+                    lines.append(f"  {part}")
         else:
             lines.append(f"  {loc}: {msg} (got {e.get('input')!r})")
-    return "\n".join(lines)
+    out = []
+    for ln in lines:
+        if isinstance(ln, tuple):
+            head = ln[1]
+            if head in nested:
+                continue
+            value, msgs = union[head]
+            ln = f"  {head}: Input should be {' or '.join(msgs)} (got {value!r})"
+        out.append(ln)
+    return "\n".join(out)
 
 
 class Strict(BaseModel):
     """Base for every config model: unknown keys are errors, values are validated on assignment."""
 
-    model_config = ConfigDict(extra="forbid", validate_assignment=True, frozen=False)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, frozen=False, allow_inf_nan=False)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_bool_as_number(cls, v, info):
+        """YAML's true/false are not numbers: pydantic would take them as 1 and 0."""
+        if isinstance(v, bool):
+            ann = cls.model_fields[info.field_name].annotation
+            types = typing.get_args(ann) if typing.get_origin(ann) in (typing.Union, types_.UnionType) else (ann,)
+            if bool not in types and any(t in (int, float) for t in types):
+                raise ValueError(f"{v!r} is not a number; expected a number")
+        return v
 
     @classmethod
     def parse(cls, data: Any, where: str | None = None):
@@ -144,7 +204,12 @@ class HostProfile(Strict):
 
     @model_validator(mode="after")
     def _check(self):
-        for b in self.block_sizes:
+        for i, b in enumerate(self.block_sizes):
+            if b & (b - 1):
+                raise ValueError(f"block_sizes: {b} is not accepted; expected powers of two (bytes)")
+            if i and b <= self.block_sizes[i - 1]:
+                raise ValueError(f"block_sizes: {self.block_sizes} is not accepted; expected distinct sizes, "
+                                 "smallest first")
             if b <= self.page_size or b % self.page_size:
                 raise ValueError(
                     f"block_sizes: {b} is not a multiple of page_size {self.page_size} larger than it"
@@ -262,7 +327,8 @@ class RegionConfig(Strict):
     def _check(self):
         if self.vcpu_weights is not None and (not self.vcpu_weights or min(self.vcpu_weights) < 0
                                               or sum(self.vcpu_weights) <= 0):
-            raise ValueError("vcpu_weights: expected non-negative numbers with a positive sum")
+            raise ValueError(f"vcpu_weights: {self.vcpu_weights} is not accepted; expected non-negative numbers "
+                             "with a positive sum")
         return self
 
 
@@ -274,6 +340,13 @@ class PhaseConfig(Strict):
     burst_multiplier: float = Field(4.0, ge=0)
     mean_calm_s: float = Field(5.0, gt=0)
     mean_burst_s: float = Field(1.0, gt=0)
+
+    @model_validator(mode="after")
+    def _check(self):
+        if self.calm_multiplier == 0 and self.burst_multiplier == 0:
+            raise ValueError("burst_multiplier: 0 with calm_multiplier 0 is not accepted (the guest would never "
+                             "write); expected at least one multiplier > 0")
+        return self
 
 
 class WorkloadConfig(Strict):
@@ -325,7 +398,7 @@ def _workload_file(name_or_path: str | Path) -> WorkloadConfig:
 # workload, the link or storage, the dirty-page collector and its tuning, the throttle.
 # Loaded from configs/scenarios/NAME.yaml by load_scenario().
 
-from pydantic import PrivateAttr, field_validator  # noqa: E402  (used by the scenario section only)
+from pydantic import PrivateAttr  # noqa: E402  (used by the scenario section only)
 
 
 def _size_field(field: str):
@@ -408,6 +481,13 @@ class CheckpointConfig(Strict):
     horizon_s: float = Field(60.0, gt=0)
     stop_the_world: bool = True
 
+    @model_validator(mode="after")
+    def _check(self):
+        if self.period_s > self.horizon_s:
+            raise ValueError(f"period_s: {self.period_s:g} is not accepted with horizon_s {self.horizon_s:g} (no "
+                             "checkpoint would be taken); accepted: period_s <= horizon_s")
+        return self
+
 
 class AutoConvergeConfig(Strict):
     """QEMU auto-converge (migration parameters cpu-throttle-*, throttle-trigger-threshold)."""
@@ -458,6 +538,17 @@ class ScenarioConfig(Strict):
     switchover: Literal["qemu", "pass-end"] = "qemu"
     seed: int = Field(0, ge=0)
     env: dict | None = None
+
+    @field_validator("env")
+    @classmethod
+    def _v_env(cls, v):
+        """The ``env:`` section is checked now (not when an environment is made), field by field."""
+        if v is not None:
+            try:
+                EnvConfig.parse(v, where="env")
+            except ConfigError as e:
+                raise ValueError("\n".join(e.args[0].splitlines()[1:])) from None
+        return v
 
     _profile: Any = PrivateAttr(None)
     _workload: Any = PrivateAttr(None)

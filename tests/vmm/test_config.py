@@ -125,3 +125,22 @@ def test_a_scaled_scenario_needs_a_memory_size(memory):
     with pytest.raises(ConfigError, match="^memory: .*(size|positive)"):
         scale_scenario("default", memory)
     assert scale_scenario("default", "2GiB").vm.memory == 2 << 30
+
+
+def test_a_union_field_gets_one_line_without_pydantic_tags():
+    with pytest.raises(ConfigError) as e:
+        load_scenario("default", host=12345)
+    msg = str(e.value)
+    assert "  host: Input should be a valid string or a valid dictionary or instance of HostProfile (got 12345)" in msg
+    assert "function-after" not in msg and "host.str" not in msg
+    with pytest.raises(ConfigError, match=r"\n  host\.arch: missing; this field is required") as e:
+        load_scenario("default", host={"name": "x"})
+    assert "valid string" not in str(e.value)  # taken as a mapping: its own errors only
+
+
+def test_a_whole_model_check_names_the_nested_field():
+    wl = {"name": "w", "regions": [{"fraction": 0.5, "rate_mbps": 1, "vcpu_weights": [0]}]}
+    with pytest.raises(ConfigError, match=r"\n  workload\.regions\.0\.vcpu_weights: \[0\.0\] is not accepted"):
+        load_scenario("default", workload=wl)
+    with pytest.raises(ConfigError, match=r"\n  env\.bogus: unknown key"):
+        load_scenario("default", env={"bogus": 1})

@@ -1,0 +1,245 @@
+"""A systematic sweep of every config field: a wrong type and, for numbers and enums, an
+out-of-range or unknown value, fed through the public loaders. Each must raise ConfigError
+naming the field's dotted path, the bad value and what is accepted (docs/DESIGN.md).
+
+The fields are enumerated from ``model_fields``: a field added later is swept automatically."""
+
+from __future__ import annotations
+
+import math
+import typing
+from pathlib import Path
+from typing import Any, Literal, get_args, get_origin
+
+import annotated_types
+import pytest
+import yaml
+from pydantic import BaseModel
+
+from ringenv import config as C
+from ringenv.config import ConfigError, EnvConfig, load_host_profile, load_scenario, load_workload
+
+ACCEPTED_PHRASES = ("accepted", "expected", "Input should be", "must be", "greater than", "less than",
+                    "unknown key", "remove it")
+
+BASE_WORKLOAD = {"name": "w", "regions": [{"fraction": 0.5, "rate_mbps": 10.0}],
+                 "phases": {"calm_multiplier": 1.0, "burst_multiplier": 2.0}}
+BASE_HOST = yaml.safe_load((C.CONFIG_DIR / "hosts" / "arm64-4k.yaml").read_text())
+
+
+def _with(d: dict, path: list, value) -> dict:
+    """A deep copy of ``d`` with ``path`` (keys / list indices) set to ``value``."""
+    import copy
+
+    d = copy.deepcopy(d)
+    cur = d
+    for k in path[:-1]:
+        cur = cur[k]
+    cur[path[-1]] = value
+    return d
+
+
+def _host_loader(tmp_path: Path):
+    def load(path: list, value):
+        f = tmp_path / "h.yaml"
+        f.write_text(yaml.safe_dump(_with(BASE_HOST, path, value)))
+        C._LOAD_CACHE.clear()
+        return load_host_profile(str(f))
+    return load
+
+
+def _scenario(path: list, value):
+    over: Any = value
+    for k in reversed(path):
+        over = {k: over}
+    return load_scenario("default", **over)
+
+
+def _workload(path: list, value):
+    return load_workload(_with(BASE_WORKLOAD, path, value))
+
+
+def _env(path: list, value):
+    over: Any = value
+    for k in reversed(path[1:]):
+        over = {k: over}
+    return EnvConfig.parse({path[0]: over}, where="env")
+
+
+# (model, loader name, path prefix inside the loader's input, dotted prefix in the message)
+MODELS = [
+    (C.ScenarioConfig, "scenario", [], ""),
+    (C.VmConfig, "scenario", ["vm"], "vm."),
+    (C.LinkConfig, "scenario", ["link"], "link."),
+    (C.CheckpointConfig, "scenario", ["checkpoint"], "checkpoint."),
+    (C.AutoConvergeConfig, "scenario", ["auto_converge"], "auto_converge."),
+    (C.DirtyLimitConfig, "scenario", ["dirty_limit"], "dirty_limit."),
+    (C.WorkloadConfig, "workload", [], ""),
+    (C.RegionConfig, "workload", ["regions", 0], "regions.0."),
+    (C.PhaseConfig, "workload", ["phases"], "phases."),
+    (C.HostProfile, "host", [], ""),
+    (C.HostCosts, "host", ["costs"], "costs."),
+    (C.EnvConfig, "env", [], ""),
+    (C.RewardConfig, "env", ["reward"], "reward."),
+]
+
+SIZE_FIELDS = {("VmConfig", "memory"), ("VmConfig", "eager_split_chunk"), ("LinkConfig", "device_state_bytes")}
+
+
+def _base_types(ann) -> list:
+    if get_origin(ann) in (typing.Union, getattr(__import__("types"), "UnionType", None)):
+        return [a for a in get_args(ann) if a is not type(None)]
+    return [ann]
+
+
+def _kind(model, name) -> str:
+    f = model.model_fields[name]
+    if (model.__name__, name) in SIZE_FIELDS:
+        return "size"
+    types = _base_types(f.annotation)
+    if any(get_origin(t) is Literal for t in types):
+        return "literal"
+    if any(isinstance(t, type) and issubclass(t, BaseModel) for t in types):
+        return "model"
+    if bool in types:
+        return "bool"
+    if any(t in (int, float) for t in types):
+        return "number"
+    if any(get_origin(t) is list for t in types):
+        return "list"
+    if dict in types or any(get_origin(t) is dict for t in types):
+        return "dict"
+    if str in types:
+        return "str"
+    return "any"
+
+
+def _bounds(model, name) -> dict:
+    out = {}
+    for m in model.model_fields[name].metadata:
+        for attr in ("gt", "ge", "lt", "le"):
+            v = getattr(m, attr, None)
+            if v is not None:
+                out[attr] = v
+    return out
+
+
+def _cases():
+    """(id, model, loader, path, value, dotted field, shown value)."""
+    for model, loader, prefix, dotted in MODELS:
+        for name in model.model_fields:
+            kind = _kind(model, name)
+            path, field = prefix + [name], dotted + name
+            bad: list = []
+            # a wrong type
+            if kind in ("str", "literal"):
+                bad.append(({"a": 1}, "{'a': 1}"))
+            elif kind == "dict":
+                bad.append(("bogus", "bogus"))
+            elif kind == "model":
+                bad.append((12345, "12345"))
+            else:
+                bad.append(("bogus", "bogus"))
+            # out of range / unknown
+            if kind == "literal":
+                bad.append(("no-such-choice", "no-such-choice"))
+            elif kind == "size":
+                bad.append((-4096, "-4096"))
+            elif kind == "number":
+                b = _bounds(model, name)
+                if "gt" in b:
+                    bad.append((b["gt"], str(b["gt"])))
+                if "ge" in b:
+                    bad.append((b["ge"] - 1, str(b["ge"] - 1)))
+                if "lt" in b:
+                    bad.append((b["lt"], str(b["lt"])))
+                if "le" in b:
+                    bad.append((b["le"] + 1, str(b["le"] + 1)))
+                if not b and name != "max_bandwidth_mibps":
+                    bad.append((-1, "-1"))
+                bad.append((True, "True"))  # a bool is not a number
+                ann = _base_types(model.model_fields[name].annotation)
+                if float in ann:
+                    bad.append((math.inf, "inf"))
+                    bad.append((math.nan, "nan"))
+            elif kind == "bool":
+                bad.append(("maybe", "maybe"))
+            elif kind == "list":
+                bad.append((["x"], "x"))
+            for i, (value, shown) in enumerate(bad):
+                yield (f"{model.__name__}.{name}-{i}", loader, path, value, field, shown)
+
+
+CASES = list(_cases())
+
+
+def test_every_model_and_field_is_swept():
+    models = {m for m in vars(C).values() if isinstance(m, type) and issubclass(m, C.Strict) and m is not C.Strict}
+    assert models <= {m for m, *_ in MODELS}, f"add to MODELS: {models - {m for m, *_ in MODELS}}"
+    assert len(CASES) > 150
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
+def test_a_bad_value_names_the_field_the_value_and_what_is_accepted(case, tmp_path):
+    _, loader, path, value, field, shown = case
+    load = {"scenario": _scenario, "workload": _workload, "env": _env, "host": _host_loader(tmp_path)}[loader]
+    with pytest.raises(ConfigError) as e:
+        load(path, value)
+    msg = str(e.value)
+    lines = [ln for ln in msg.splitlines() if ln.strip().startswith((field + ":", field + "."))]
+    assert lines, f"no line names {field!r}:\n{msg}"
+    line = "\n".join(lines)
+    assert shown in line, f"the bad value {shown!r} is not shown:\n{msg}"
+    assert any(p in line for p in ACCEPTED_PHRASES), f"what is accepted is not said:\n{msg}"
+
+
+# ------------------------------------------------------------------------------ cross-field rules
+@pytest.mark.parametrize("loader, path, value, field, phrase", [
+    ("workload", ["regions"], [{"fraction": 0.6, "rate_mbps": 1}, {"fraction": 0.5, "rate_mbps": 1}],
+     "regions", "more than all of guest RAM"),
+    ("workload", ["phases"], {"calm_multiplier": 0, "burst_multiplier": 0}, "phases", "accepted"),
+    ("workload", ["regions", 0, "vcpu_weights"], [0, 0], "regions.0.vcpu_weights", "positive sum"),
+    ("workload", ["regions", 0, "vcpu_weights"], [], "regions.0.vcpu_weights", "expected"),
+    ("workload", ["bogus"], 1, "bogus", "unknown key"),
+    ("workload", ["regions", 0, "bogus"], 1, "regions.0.bogus", "unknown key"),
+    ("scenario", ["checkpoint"], {"period_s": 100, "horizon_s": 60}, "checkpoint.period_s", "accepted"),
+    ("scenario", ["env"], {"bogus": 1}, "env.bogus", "unknown key"),
+    ("scenario", ["env"], {"control_interval_ms": 0}, "env.control_interval_ms", "greater than 0"),
+    ("scenario", ["vm", "memory"], 4096 * 64 + 1, "vm.memory", "multiple of the page size"),
+    ("host", ["bogus"], 1, "bogus", "unknown key"),
+    ("host", ["costs", "bogus"], 1, "costs.bogus", "unknown key"),
+    ("host", ["block_sizes"], [1 << 30, 2 << 20], "block_sizes", "smallest first"),
+    ("host", ["block_sizes"], [2 << 20, 2 << 20], "block_sizes", "smallest first"),
+    ("host", ["block_sizes"], [3 << 20], "block_sizes", "powers of two"),
+    ("host", ["block_sizes"], [2048], "block_sizes", "multiple of page_size"),
+    ("host", ["pml"], True, "pml", "only an x86 host"),
+    ("env", ["intervals_ms"], [10, 10], "intervals_ms", "twice"),
+    ("env", ["intervals_ms"], [0.5], "intervals_ms", "accepted: 1 to 10000"),
+    ("env", ["ring_sizes"], [1000], "ring_sizes", "powers of two"),
+    ("env", ["ring_sizes"], [], "ring_sizes", "expected"),
+    ("env", ["workload_set"], "nope", "workload_set", "accepted"),
+])
+def test_cross_field_rules(loader, path, value, field, phrase, tmp_path):
+    load = {"scenario": _scenario, "workload": _workload, "env": _env, "host": _host_loader(tmp_path)}[loader]
+    with pytest.raises(ConfigError) as e:
+        load(path, value)
+    msg = str(e.value)
+    assert field in msg and phrase in msg, msg
+
+
+def test_nothing_is_half_written_on_assignment():
+    cfg = load_scenario("default")
+    before = cfg.model_dump()
+    with pytest.raises(Exception):
+        cfg.vm.vcpus = 0
+    assert cfg.model_dump() == before
+
+
+def test_the_shipped_configs_all_load():
+    for n in C.scenario_names():
+        load_scenario(n)
+    for q in (C.CONFIG_DIR / "workloads").glob("*.yaml"):
+        load_workload(q.stem)
+    for n in C.HOST_PROFILES:
+        load_host_profile(n)
+    C.load_workload_sets()
