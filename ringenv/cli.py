@@ -20,7 +20,8 @@ def _cmd_replay(args) -> int:
     return 0
 
 
-def _positive_int(s: str) -> int:
+def positive_int(s: str) -> int:
+    """argparse type of a positive integer option (the subcommands' parsers share it)."""
     try:
         v = int(s)
     except ValueError:
@@ -59,7 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("trace", metavar="TRACE.json")
     p.add_argument("--profile", default=None, help=f"host profile name or YAML file (default arm64-4k; "
                                                    f"names: {', '.join(HOST_PROFILES)})")
-    p.add_argument("--ring-entries", type=_positive_int, default=None, help="override the trace's ring size")
+    p.add_argument("--ring-entries", type=positive_int, default=None, help="override the trace's ring size")
     p.set_defaults(func=_cmd_replay)
     for mod in ("ringenv.demo", "ringenv.realkvm.cli", "ringenv.vmm.cli", "agents.cli"):
         try:

@@ -20,6 +20,8 @@ import argparse
 import json
 import sys
 
+from ringenv.cli import positive_int  # as ``ringenv replay --ring-entries``; the host says which sizes it takes
+
 
 def _guarded(command: str):
     """Turn the handler's exceptions into one stderr line and the exit codes above."""
@@ -108,17 +110,6 @@ def _cmd_calibrate(args) -> int:
     return 0
 
 
-def _ring_entries(text: str) -> int:
-    """A positive int, as ``ringenv replay --ring-entries``; the host says which sizes it takes."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"{value} is not positive")
-    return value
-
-
 def add_parsers(subparsers) -> None:
     """Add kvm-replay, validate and calibrate to an argparse subparsers object."""
     p = subparsers.add_parser(
@@ -126,7 +117,7 @@ def add_parsers(subparsers) -> None:
         description="Run TRACE.json ('-' for stdin) on the real KVM with a native guest, one "
                     "thread per vCPU; print the same JSON as `ringenv replay`.")
     p.add_argument("trace", metavar="TRACE.json")
-    p.add_argument("--ring-entries", type=_ring_entries, default=None,
+    p.add_argument("--ring-entries", type=positive_int, default=None,
                    help="override the trace's ring size (entries)")
     p.add_argument("--timeout", type=float, default=120.0, metavar="SECONDS",
                    help="stop the guest and fail (exit 1) if the replay takes longer (default 120)")
