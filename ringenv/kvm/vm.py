@@ -64,6 +64,7 @@ KVM_USER_MEM_SLOTS = {"arm64": 32767, "x86": 32764}
 KVM_MAX_VCPU_IDS = {"arm64": 512, "x86": 4096}
 KVM_MAX_VCPUS = {"arm64": 512, "x86": 1024}
 U64_MAX = (1 << 64) - 1  # guest_phys_addr + memory_size is a u64 sum in the kernel
+KVM_MEM_MAX_NR_PAGES = (1 << 31) - 1  # pages in one memslot at most
 
 
 @dataclass(frozen=True)
@@ -367,7 +368,8 @@ class Vm:
 
         Errors, in the kernel's order: EINVAL (flags; as_id >= the profile's address spaces or
         slot id >= KVM_USER_MEM_SLOTS; guest_phys_addr or memory_size not page-aligned;
-        guest_phys_addr + memory_size wraps 2^64; deleting a slot that does not exist; resizing
+        guest_phys_addr + memory_size wraps 2^64; more than KVM_MEM_MAX_NR_PAGES (2^31 - 1) pages;
+        deleting a slot that does not exist; resizing
         a slot or changing its KVM_MEM_READONLY), EEXIST (a new or moved slot overlaps another of
         its address space), then for a new or moved slot that does not fit in the profile's
         ``phys_addr_bits``: EINVAL on x86 (its last gfn above kvm_mmu_max_gfn), EFAULT on arm64
@@ -381,6 +383,8 @@ class Vm:
             raise einval(f"guest_phys_addr and memory_size must be multiples of PAGE_SIZE {p.page_size}")
         if memory_size and guest_phys_addr + memory_size > U64_MAX:
             raise einval(f"guest_phys_addr {guest_phys_addr:#x} + memory_size {memory_size:#x} wraps 2^64")
+        if memory_size // p.page_size > KVM_MEM_MAX_NR_PAGES:
+            raise einval(f"memory_size {memory_size:#x}: more than KVM_MEM_MAX_NR_PAGES ({KVM_MEM_MAX_NR_PAGES}) pages")
         for name, f in (("block_fraction", block_fraction), ("mapped_fraction", mapped_fraction)):
             if not 0.0 <= f <= 1.0:
                 raise ValueError(f"{name} {f}: accepted 0.0..1.0")

@@ -163,3 +163,14 @@ def test_overlap_comes_before_the_range_check(profile):
     ps, top = vm.page_size, 1 << PHYS_BITS[profile]
     vm.set_user_memory_region(0, 0, top - 16 * ps, 16 * ps)
     assert errno_of(vm.set_user_memory_region, 1, 0, top - 8 * ps, 16 * ps) == errno.EEXIST
+
+
+@pytest.mark.parametrize("profile", ALL)
+def test_a_memslot_of_more_than_2_31_minus_1_pages_is_einval_before_anything_is_built(profile):
+    """kvm_set_memory_region: memory_size >> PAGE_SHIFT > KVM_MEM_MAX_NR_PAGES is EINVAL (a
+    generic check, before the architecture's range check)."""
+    vm = Vm(profile)
+    ps = vm.profile.page_size
+    with pytest.raises(KvmError) as e:
+        vm.set_user_memory_region(0, LOG, 0, (1 << 31) * ps)
+    assert e.value.errno == errno.EINVAL and "KVM_MEM_MAX_NR_PAGES" in str(e.value) and not vm.slots
