@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import datetime
 import statistics
+import threading
 import time
 from typing import Callable
 
@@ -33,9 +34,20 @@ def _timed(fn: Callable[[], object]) -> tuple[float, object]:
     return time.perf_counter_ns() - t, result
 
 
-def _run_to(guest: Guest, kind: str) -> float:
-    """Run vCPU 0 to its next event, which must be ``kind``; return the wall time in ns."""
-    ns, (got, _) = _timed(lambda: guest.run(0))
+RUN_TIMEOUT_S = 10.0  # one run of the calibration guest takes milliseconds
+
+
+def _run_to(guest: Guest, kind: str, timeout: float = RUN_TIMEOUT_S) -> float:
+    """Run vCPU 0 to its next event, which must be ``kind``; return the wall time in ns. A run
+    that has not come back after ``timeout`` s is kicked out of KVM_RUN (VcpuKicked, a
+    TimeoutError): a guest that never exits cannot hang the calibration."""
+    timer = threading.Timer(timeout, guest.kick_all)
+    timer.daemon = True
+    timer.start()
+    try:
+        ns, (got, _) = _timed(lambda: guest.run(0))
+    finally:
+        timer.cancel()
     if got != kind:
         raise RuntimeError(f"calibration guest: expected a {kind} exit, got {got}")
     return ns

@@ -93,3 +93,29 @@ def test_calibrate_emits_a_valid_profile(tmp_path, capsys):
         return
     profile = load_host_profile(str(out))
     assert profile.name == "x86-calibrated" and profile.measured
+
+
+def test_a_calibration_run_that_never_exits_is_kicked_out():
+    """The calibration's guest runs are bounded: a run still inside KVM_RUN after the timeout is
+    kicked out (no /dev/kvm needed: a stand-in guest blocks until kicked)."""
+    import threading
+    import time
+
+    from ringenv.realkvm.ioctl import VcpuKicked
+
+    class Stuck:
+        def __init__(self):
+            self.kicked = threading.Event()
+
+        def run(self, index):
+            if not self.kicked.wait(5.0):
+                raise AssertionError("not kicked")
+            raise VcpuKicked("vCPU 0: stopped (kicked out of KVM_RUN)")
+
+        def kick_all(self):
+            self.kicked.set()
+
+    t = time.monotonic()
+    with pytest.raises(TimeoutError):
+        calibrate._run_to(Stuck(), "sync", timeout=0.2)
+    assert time.monotonic() - t < 2.0
