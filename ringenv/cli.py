@@ -20,6 +20,17 @@ def _cmd_replay(args) -> int:
     return 0
 
 
+def positive_float(s: str) -> float:
+    """argparse type of a positive, finite number option."""
+    try:
+        v = float(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{s!r} is not a number") from None
+    if not 0 < v < float("inf"):
+        raise argparse.ArgumentTypeError(f"{s} is not a positive finite number")
+    return v
+
+
 def positive_int(s: str) -> int:
     """argparse type of a positive integer option (the subcommands' parsers share it)."""
     try:

@@ -726,7 +726,8 @@ class EnvConfig(Strict):
                 raise ValueError(f"intervals_ms: {m:g} is not accepted; accepted: 1 to 10000 ms (the observation "
                                  "holds log10(ms) / 4)")
         if self.ring_sizes is not None and (not self.ring_sizes or any(n <= 0 or n & (n - 1) for n in self.ring_sizes)):
-            raise ValueError(f"ring_sizes: {self.ring_sizes}: expected powers of two")
+            raise ValueError(f"ring_sizes: {self.ring_sizes}: expected powers of two (ring entries; which ones a host "
+                             "accepts: its profile's ring sizes, e.g. 256 to 65536 on arm64-4k)")
         for name, values in (("intervals_ms", self.intervals_ms), ("ring_sizes", self.ring_sizes or [])):
             for i, x in enumerate(values):
                 if x in values[:i]:

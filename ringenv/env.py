@@ -369,9 +369,10 @@ class MigrationEnv(RingEnv):
     ## Episode End
     - terminated: the migration completed (the VM was switched over and verified)
     - truncated: `max_episode_s` of simulated time passed without convergence; the downtime a
-      switchover would cause then (remaining dirty bytes / measured bandwidth, or / the link
-      rate before the bandwidth is measured) is charged. Prefer `max_episode_s` to gymnasium's
-      `max_episode_steps`: its TimeLimit truncates without that charge.
+      switchover would cause then (remaining dirty bytes / measured bandwidth, or / the run's
+      configured rate, min(link, max-bandwidth), before the bandwidth is measured) is charged.
+      Prefer `max_episode_s` to gymnasium's `max_episode_steps`: its TimeLimit truncates
+      without that charge.
 
     `step()` after the episode ended, or after `close()`, raises `RuntimeError` until `reset()`.
 

@@ -20,7 +20,7 @@ import argparse
 import json
 import sys
 
-from ringenv.cli import positive_int  # as ``ringenv replay --ring-entries``; the host says which sizes it takes
+from ringenv.cli import positive_float, positive_int  # as ``ringenv replay``'s options
 
 
 def _guarded(command: str):
@@ -119,7 +119,7 @@ def add_parsers(subparsers) -> None:
     p.add_argument("trace", metavar="TRACE.json")
     p.add_argument("--ring-entries", type=positive_int, default=None,
                    help="override the trace's ring size (entries)")
-    p.add_argument("--timeout", type=float, default=120.0, metavar="SECONDS",
+    p.add_argument("--timeout", type=positive_float, default=120.0, metavar="SECONDS",
                    help="stop the guest and fail (exit 1) if the replay takes longer (default 120)")
     p.set_defaults(func=_cmd_kvm_replay)
 

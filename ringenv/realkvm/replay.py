@@ -177,7 +177,7 @@ def kvm_replay_trace(trace: dict, ring_entries: int | None = None,
                 t.join(max(0.0, deadline - time.monotonic()))
             stuck = [t.name for t in threads if t.is_alive()]
             if stuck:
-                raise TimeoutError(f"kvm-replay: {', '.join(stuck)} did not finish within "
+                raise TimeoutError(f"{', '.join(stuck)} did not finish within "
                                    f"{timeout:g} s (guest never exited?); stopped")
         finally:  # timeout, error or KeyboardInterrupt: get every vCPU out of KVM_RUN first
             if any(t.is_alive() for t in threads):

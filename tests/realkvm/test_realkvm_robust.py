@@ -262,3 +262,12 @@ def test_guest_that_never_exits_is_bounded(monkeypatch, capsys, trace_file, no_l
     assert time.monotonic() - t < 10
     code, err = cli(capsys, "kvm-replay", trace_file, "--timeout", "0.3")
     assert code == 1 and len(err) == 1 and "did not finish within 0.3 s" in err[0]
+
+
+@pytest.mark.parametrize("value", ["0", "-1", "nan", "inf", "soon"])
+def test_kvm_replay_timeout_must_be_a_positive_number(value, capsys):
+    from ringenv.cli import main
+
+    with pytest.raises(SystemExit) as e:
+        main(["kvm-replay", "trace.json", "--timeout", value])
+    assert e.value.code == 2 and "--timeout" in capsys.readouterr().err
