@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import time
 
+from .cli import positive_float
 from .config import ConfigError, load_host_profile
 from .guest.workload import WorkloadProgram
 from .kvm import Vm, uapi
@@ -65,8 +66,6 @@ def _cmd(args) -> int:
     if args.ring_entries not in accepted:
         raise ConfigError(f"--ring-entries {args.ring_entries} is not accepted by host {DEMO_PROFILE}; accepted: "
                           f"{', '.join(map(str, accepted))}")
-    if not args.seconds > 0:
-        raise ConfigError(f"--seconds {args.seconds:g}: expected simulated seconds > 0")
     out = host_demo(args.workload, args.ring_entries, args.seconds, profile=DEMO_PROFILE)
     w = max(map(len, out))
     for k, v in out.items():
@@ -87,5 +86,5 @@ def add_parsers(sub) -> None:
         p.add_argument("--ring-entries", type=int, default=4096, metavar="N",
                        help=f"ring entries per vCPU, a size host {DEMO_PROFILE} accepts: "
                             f"{', '.join(map(str, load_host_profile(DEMO_PROFILE).ring_sizes))} (default 4096)")
-        p.add_argument("--seconds", type=float, default=5.0, help="simulated seconds (default 5)")
+        p.add_argument("--seconds", type=positive_float, default=5.0, help="simulated seconds (default 5)")
         p.set_defaults(func=_cmd)

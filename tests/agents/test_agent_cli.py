@@ -61,6 +61,13 @@ def test_demo_ring_size_off_the_host_lists_the_accepted_sizes(capsys):
     assert "--ring-entries 3000" in err and RINGS in err and "arm64-4k" in err and "Errno" not in err, err
 
 
+@pytest.mark.parametrize("seconds", ["0", "-1", "nan", "inf", "soon"])
+def test_demo_seconds_must_be_a_positive_finite_number(seconds, capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["demo", "--seconds", seconds])
+    assert e.value.code == 2 and "--seconds" in capsys.readouterr().err
+
+
 def test_demo_runs_with_an_accepted_ring_size(capsys):
     assert main(["demo", "--ring-entries", "1024", "--seconds", "0.05"]) == 0
     assert re.search(r"ring_entries\s+1024", capsys.readouterr().out)
