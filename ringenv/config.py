@@ -184,6 +184,19 @@ class HostProfile(Strict):
     eager_split_chunk_sizes: list[int] = Field(
         default_factory=list, description="accepted KVM_CAP_ARM_EAGER_SPLIT_CHUNK_SIZE values besides 0"
     )
+    eager_page_split: bool = Field(
+        False,
+        description="x86 kvm module parameter eager_page_split (default Y, Linux 5.18+): enabling dirty "
+        "logging splits the slot's huge mappings in the ioctl (with manual protect and INITIALLY_SET: each "
+        "KVM_CLEAR_DIRTY_LOG range's); it acts only with the TDP MMU (tdp_mmu). x86 only: arm64 controls "
+        "eager splitting with KVM_CAP_ARM_EAGER_SPLIT_CHUNK_SIZE",
+    )
+    tdp_mmu: bool = Field(
+        False,
+        description="x86 kvm module parameter tdp_mmu (default Y where the CPU has EPT or NPT): the TDP MMU, "
+        "without which eager_page_split does nothing and turning logging off zaps the collapsible small "
+        "mappings instead of recovering huge ones in place. x86 only",
+    )
     split_blocks: bool = Field(
         True,
         description="split block mappings into pages while logging (the kernel's behaviour); false is "
@@ -216,12 +229,25 @@ class HostProfile(Strict):
                 )
         if self.pml and self.arch != "x86":
             raise ValueError("pml: only an x86 host has Page Modification Logging")
+        for name in ("eager_page_split", "tdp_mmu"):
+            if getattr(self, name) and self.arch != "x86":
+                raise ValueError(f"{name}: true is accepted only for an x86 host (a kvm module parameter of "
+                                 f"x86; on {self.arch} use false or leave it out"
+                                 + ("; arm64 splits eagerly with KVM_CAP_ARM_EAGER_SPLIT_CHUNK_SIZE, see "
+                                    "eager_split_chunk_sizes)" if name == "eager_page_split" else ")"))
         if self.address_spaces != 1 and self.arch != "x86":
             raise ValueError("address_spaces: only x86 (SMM) has a second memslot address space")
         for c in self.eager_split_chunk_sizes:
             if c not in self.block_sizes and c != self.page_size:
                 raise ValueError(f"eager_split_chunk_sizes: {c} is not a supported block size {self.block_sizes}")
         return self
+
+    @property
+    def x86_eager_split(self) -> bool:
+        """x86 eager page splitting is in effect: the module parameter is on and so is the TDP
+        MMU (kvm_mmu_slot_try_split_huge_pages and kvm_mmu_try_split_huge_pages return at once
+        without it)."""
+        return self.eager_page_split and self.tdp_mmu
 
     @property
     def reserved_entries(self) -> int:

@@ -3,10 +3,14 @@
 The contract (shared with ``ringenv kvm-replay``, which runs the same trace on the real KVM):
 
 input ``{"slot_pages": int, "ring_entries": int, "reap_scope": "all"|"self",
-"with_bitmap": bool (optional), "vcpus": [{"writes": [page offsets], "syncs": [write indices],
+"with_bitmap": bool (optional), "unmapped_pages": int (optional, default 0),
+"vcpus": [{"writes": [page offsets], "syncs": [write indices],
 "reads": [indices of accesses in "writes" that are reads] (optional)}]}``
 
-The guest is fresh: its data pages are not mapped at stage 2 until first touched.
+The guest is fresh: its data pages are not mapped at stage 2 until first touched. The slot
+holds offsets ``0 .. slot_pages - 1``; the ``unmapped_pages`` offsets after it are guest-physical
+memory no memslot maps: an access there exits to userspace as KVM_EXIT_MMIO (an "mmio" exit:
+the store completes as MMIO, nothing is written or logged) and userspace re-enters at once.
 
 Userspace harvests and resets at every KVM_EXIT_DIRTY_RING_FULL and after each sync index (the
 guest exits to userspace after that write), both times all rings, or only that vCPU's ring with
@@ -15,7 +19,8 @@ guest exits to userspace after that write), both times all rings, or only that v
     {"profile": str, "ring_entries": int, "soft_limit": int,
      "resets": [every KVM_RESET_DIRTY_RINGS return value, in call order],
      "vcpus": [{"full_exits": int, "lost": int, "resets": [returns of the resets this vCPU issued],
-                "batches": [{"trigger": "full"|"sync"|"final", "offsets": [harvest order]}]}]}
+                "batches": [{"trigger": "full"|"sync"|"final", "offsets": [harvest order]}],
+                "exits": ["full"|"sync"|"mmio"|"done", in order]}]}
 
 A batch is recorded each time a ring is harvested and holds at least one entry. Userspace work
 takes no simulated time here: the order of events is what is checked, not their duration.
@@ -34,7 +39,7 @@ from .kvm.uapi import KvmError
 from .kvm.vm import Vm
 from .vmm.reap import RingReader
 
-TRACE_KEYS = {"slot_pages", "ring_entries", "reap_scope", "with_bitmap", "vcpus"}
+TRACE_KEYS = {"slot_pages", "ring_entries", "reap_scope", "with_bitmap", "unmapped_pages", "vcpus"}
 
 
 def validate_trace(trace: Any) -> dict:
@@ -57,6 +62,11 @@ def validate_trace(trace: Any) -> dict:
         raise ConfigError(f"trace.reap_scope: {trace['reap_scope']!r}; accepted: 'all', 'self'")
     if "with_bitmap" in trace and not isinstance(trace["with_bitmap"], bool):
         raise ConfigError(f"trace.with_bitmap: {trace['with_bitmap']!r}; accepted: true, false")
+    up = trace.get("unmapped_pages", 0)
+    if not isinstance(up, int) or isinstance(up, bool) or up < 0:
+        raise ConfigError(f"trace.unmapped_pages: {up!r} is not accepted; expected an integer >= 0 (pages past "
+                          "the slot that no memslot maps)")
+    end = sp + up
     vcpus = trace["vcpus"]
     if not isinstance(vcpus, list) or not vcpus:
         raise ConfigError("trace.vcpus: expected a non-empty list of {writes, syncs}")
@@ -67,9 +77,11 @@ def validate_trace(trace: Any) -> dict:
         w = v["writes"]
         if not isinstance(w, list) or not all(isinstance(x, int) and not isinstance(x, bool) for x in w):
             raise ConfigError(f"trace.vcpus[{i}].writes: expected a list of integer page offsets")
-        bad = [x for x in w if not 0 <= x < sp]
+        bad = [x for x in w if not 0 <= x < end]
         if bad:
-            raise ConfigError(f"trace.vcpus[{i}].writes: offset {bad[0]} outside the slot (0..{sp - 1})")
+            where = (f"the slot (0..{sp - 1})" if not up
+                     else f"the slot and the {up} unmapped pages after it (0..{end - 1})")
+            raise ConfigError(f"trace.vcpus[{i}].writes: offset {bad[0]} outside {where}")
         for key in ("syncs", "reads"):
             s = v.get(key, [])
             if not isinstance(s, list) or not all(isinstance(x, int) and not isinstance(x, bool)
@@ -104,7 +116,7 @@ def replay_trace(trace: dict, profile: str | None = None, ring_entries: int | No
                                  write_ns=prof.costs.dirty_write_ns, fault_ns=prof.costs.wp_fault_ns))
 
     resets: list[int] = []
-    out = [{"full_exits": 0, "lost": 0, "resets": [], "batches": []} for _ in range(nv)]
+    out = [{"full_exits": 0, "lost": 0, "resets": [], "batches": [], "exits": []} for _ in range(nv)]
 
     def harvest_and_reset(which, trigger, issuer):
         for i in which:
@@ -126,13 +138,14 @@ def replay_trace(trace: dict, profile: str | None = None, ring_entries: int | No
             if not exits:
                 break  # every vCPU is out and none can run: cannot happen with a well-formed trace
         for e in exits:
+            out[e.vcpu]["exits"].append(e.kind)
             if e.kind == "done":
                 done[e.vcpu] = True
                 continue
-            which = range(nv) if scope_all else [e.vcpu]
             if e.kind == "full":
                 out[e.vcpu]["full_exits"] += 1
-            harvest_and_reset(which, e.kind if e.kind in ("full", "sync") else "sync", e.vcpu)
+            if e.kind in ("full", "sync"):  # an "mmio" exit (no memslot there) is completed by re-entering
+                harvest_and_reset(range(nv) if scope_all else [e.vcpu], e.kind, e.vcpu)
             pending.append(vcpus[e.vcpu].run())
     harvest_and_reset(range(nv), "final", None)
     for i, v in enumerate(vcpus):

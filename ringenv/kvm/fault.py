@@ -9,11 +9,12 @@ full buffer flushes into the ring. In a slot without KVM_MEM_LOG_DIRTY_PAGES the
 nothing (mark_page_dirty_in_slot). A read only matters to a page not yet mapped: in a logging
 slot it is mapped read-only (nothing logged); in a slot that is dirty-tracked but not logging
 (arm64, ring without a bitmap) it is mapped writable and, because the mapping is writable,
-pushed like a write (reference s11). After each push the ring may be soft-full: the vCPU then
-leaves the guest at once, before its access retires. A retiring write bumps the page's version
-and makes it not clean. Syncs and the end of a program stop the walk too; a write to a gfn no
-memslot maps is never walked (the caller ends the batch before it: the host's EFAULT, raised
-only if the walk gets that far).
+pushed like a write (reference s11); in a slot whose logging was turned off it is mapped
+writable. After each push the ring may be soft-full: the vCPU then leaves the guest at once,
+before its access retires. A retiring write bumps the page's version
+and makes it not clean. Syncs and the end of a program stop the walk too; an access to a gfn no
+memslot maps is never walked (the caller ends the batch before it: if the walk gets that far,
+the access is an MMIO exit, as a write to a read-only memslot is).
 
 This walk is inherently sequential (whether an event faults depends on every earlier one, and
 the walk stops at the first exit), hence one compiled loop rather than array passes.
@@ -105,6 +106,14 @@ def walk_writes(gpi, vc, code, reads, first_touch, slot_of, state, version, bloc
                     inblock = False
                 state[g] &= NOT_UNMAPPED
             if read and not mode[k] & NOLOG:
+                if s & WP and mode[k] & (UNTRACKED | READONLY) == UNTRACKED:
+                    # not logging (turned off): mapped writable, its write protection is gone
+                    if inblock:
+                        b0 = blk * block_pages
+                        for p in range(b0, b0 + block_pages):
+                            state[p] &= NOT_WP
+                    else:
+                        state[g] &= NOT_WP
                 s = 0  # mapped read-only (logging) or writable (untracked): nothing logged
         elif read:
             s = 0  # a read of a mapped page: nothing happens
@@ -237,9 +246,9 @@ def apply_window(order, t, vc, gfn, gfn_lo, gfn_hi, delta, zeros8, zeros64, stat
     reads, no exit codes) into a VM with one RAM slot and no PML, in the same call as the
     gather and the address check: the events are ``t``/``vc``/``gfn`` taken in ``order`` (empty:
     as given); a gfn in the slot ``[gfn_lo, gfn_hi)`` is at global page index ``gfn + delta``.
-    The walk covers the events before the first one, in order, outside the slot (the host
-    faults with EFAULT when it gets there, not before). ``zeros8``/``zeros64``: at least
-    len(t) zeros (read only).
+    The walk covers the events before the first one, in order, outside the slot (no memslot
+    maps it: an MMIO exit when the walk gets there, not before). ``zeros8``/``zeros64``: at
+    least len(t) zeros (read only).
     Returns apply_batch's tuple, then the batch position (as given) of the last event consumed,
     and that of the first event, in order, outside the slot (-1: none; else the walk reached
     it if it stopped without a cut)."""

@@ -13,20 +13,22 @@ Per base page, one state byte and one version word (5 bytes):
 Per block (2 MiB with 4K pages, 32 MiB with 16K, 512 MiB with 64K), one byte: mapped by a block
 (``BLOCK``, 1) or by a table of pages (0); splitting a block is one update, as it is one stage-2
 entry. ``SPLIT_HUGE`` (2) is a table of pages over a huge page in a slot that is not logging
-(arm64 eager split of a ring-only or read-only slot): the next fault there maps the huge page as
-a block again (user_mem_abort -> transparent_hugepage_adjust), so the fault path treats it as a
-block and it becomes ``BLOCK``. A block of memory the guest has not touched yet (``UNMAPPED``)
-stands for the huge page behind it: the fault that maps it maps a block unless logging forces
-pages.
+(arm64 eager split of a ring-only or read-only slot, or a slot whose logging was turned off):
+the next fault there maps the huge page as a block again (user_mem_abort ->
+transparent_hugepage_adjust), so the fault path treats it as a block and it becomes ``BLOCK``;
+once the slot logs again it is a plain table (0). A block of memory the guest has not touched
+yet (``UNMAPPED``) stands for the huge page behind it: the fault that maps it maps a block
+unless logging forces pages.
 
 ``version`` counts the writes to the page that retired; the VMM copies it with the page, so a
 migration verifies itself by comparing versions (docs/reference/kvm-dirty-ring.md s10).
 
 The arm64 stage-2 rules are those of reference section 7: enabling logging write-protects the
 slot; while logging, blocks are split into pages (lazily on the first write fault, or eagerly when
-logging is enabled with KVM_CAP_ARM_EAGER_SPLIT_CHUNK_SIZE); a permission fault relaxes one page.
-In a slot with dirty tracking on, a page not mapped yet carries ``WP``: the fault that maps it
-writable logs it, as a permission fault does.
+logging is enabled with KVM_CAP_ARM_EAGER_SPLIT_CHUNK_SIZE, or on x86 with the eager_page_split
+module parameter); a permission fault relaxes one page. In a slot with dirty tracking on, a page
+not mapped yet carries ``WP``: the fault that maps it writable logs it, as a permission fault
+does. Turning logging off leaves pages write-protected until each faults once (section 12).
 """
 
 from __future__ import annotations
@@ -95,6 +97,56 @@ class Memslot:
         split &= (self.state[:: self.block_pages][: self.nblocks] & UNMAPPED) == 0
         self.blocks[split] = SPLIT_HUGE if keep_huge else 0
         return int(np.count_nonzero(split))
+
+    def mark_collapsible(self) -> int:
+        """Logging went off on arm64 (kvm_arch_commit_memory_region leaves stage 2 alone): a
+        table of pages over a huge page becomes ``SPLIT_HUGE``, so the next permission fault
+        there maps the huge page as a block again (user_mem_abort, no longer forced to pages,
+        -> transparent_hugepage_adjust). Returns such blocks."""
+        huge = self._huge_pages() & (self.blocks == 0)
+        self.blocks[huge] = SPLIT_HUGE
+        return int(np.count_nonzero(huge))
+
+    def clear_small_page_protection(self) -> None:
+        """x86 with PML, logging off: logging had only cleared the dirty bits of 4K mappings
+        (kvm_mmu_slot_leaf_clear_dirty), not write-protected them; only huge mappings were
+        (kvm_mmu_slot_remove_write_access at PG_LEVEL_2M). The pages mapped, not by a block,
+        are writable: a write costs nothing (a page not mapped yet still faults)."""
+        pages = (self.state & UNMAPPED) == 0
+        if self.nblocks:
+            pages[: self.nblocks * self.block_pages] &= np.repeat(self.blocks != BLOCK, self.block_pages)
+        self.state[pages] &= ~(WP | CLEAN)
+
+    def zap_collapsible(self) -> int:
+        """x86 shadow MMU, logging off (kvm_rmap_zap_collapsible_sptes): the 4K mappings of a
+        huge page split into pages are dropped; the next access faults and maps the huge page
+        (a block) again, the write fault making it writable. Returns blocks zapped."""
+        blocks = np.flatnonzero(self._huge_pages() & (self.blocks != BLOCK))
+        if len(blocks):
+            pages = (blocks[:, None] * self.block_pages + np.arange(self.block_pages)).ravel()
+            self.state[pages] = UNMAPPED | WP_CLEAN
+            self.blocks[blocks] = BLOCK
+        return len(blocks)
+
+    def recover_huge_pages(self) -> int:
+        """x86 TDP MMU, logging off (kvm_tdp_mmu_recover_huge_pages, Linux 6.13+): a huge page
+        split into pages is mapped by a huge spte again at once, built from the first present
+        4K spte under it (make_huge_spte keeps its permissions): the whole block is writable or
+        write-protected as that page was. A table with no page mapped under it is left as it
+        is (``SPLIT_HUGE``: the next fault maps the huge page). Returns blocks recovered."""
+        blocks = np.flatnonzero(self._huge_pages() & (self.blocks != BLOCK))
+        if not len(blocks):
+            return 0
+        view = self.state[: self.nblocks * self.block_pages].reshape(self.nblocks, self.block_pages)
+        st = view[blocks]
+        mapped = (st & UNMAPPED) == 0
+        present = mapped.any(axis=1)
+        self.blocks[blocks[~present]] = SPLIT_HUGE
+        blocks, st, mapped = blocks[present], st[present], mapped[present]
+        wp = (st[np.arange(len(blocks)), mapped.argmax(axis=1)] & WP) != 0
+        view[blocks] = np.where(wp[:, None], st | WP_CLEAN, st & ~(WP | CLEAN)) & ~UNMAPPED
+        self.blocks[blocks] = BLOCK
+        return len(blocks)
 
     def unmap_all(self) -> None:
         """kvm_arch_flush_shadow_memslot (a memslot moved): nothing of the slot is mapped at
@@ -165,8 +217,10 @@ def protect_masked(kslots, offsets, masks, tab_kslot, tab_start, tab_npages, tab
     or running past its end, is skipped as the kernel skips it. A page still mapped by a block
     protects the whole block, as the block is one stage-2 leaf: on arm64 in every slot
     (kvm_stage2_wp_range changes the leaf's permission), on x86 where blocks stay while logging.
-    With ``split_span`` (arm64, manual protect with INITIALLY_SET and an eager split chunk) the
-    span's block mappings are then split into pages (kvm_mmu_split_huge_pages): to plain tables
+    With ``split_span`` (manual protect with INITIALLY_SET, and arm64 an eager split chunk or
+    x86 eager_page_split with the TDP MMU) the span's block mappings are split into pages
+    (arm64 kvm_mmu_split_huge_pages after protecting, x86 kvm_mmu_try_split_huge_pages before:
+    the same pages end up protected where it matters, a logging slot): to plain tables
     in a logging slot, to ``SPLIT_HUGE`` in one that is not (``tab_mode`` non-zero, see
     fault.walk_writes). Every protected page is clean afterwards.
     Returns (pages protected: a whole block per page of a call where blocks stay, one page per

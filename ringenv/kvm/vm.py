@@ -30,7 +30,7 @@ from ..config import HostProfile, load_host_profile
 from ..guest.base import EXIT_DONE, EXIT_NONE, EXIT_SYNC, NO_WRITE, GuestProgram, WriteBatch
 from .fault import (CUT_DONE, CUT_FULL, CUT_MMIO, CUT_NONE, CUT_SYNC, FAULT_NS, FAULTS, NOLOG, PUSHES, READONLY, SPLITS,
                     UNTRACKED, apply_batch, apply_window)
-from .memory import CLEAN, UNMAPPED, WP, WP_CLEAN, Memslot, bitmap_offsets, protect_masked
+from .memory import SPLIT_HUGE, UNMAPPED, WP_CLEAN, Memslot, bitmap_offsets, protect_masked
 from .ring import DirtyRing, reset_rings, ring_room
 from .uapi import (
     KVM_CAP_ARM_EAGER_SPLIT_CHUNK_SIZE,
@@ -72,9 +72,9 @@ class Exit:
     """A vCPU left the guest: KVM_RUN returned with ``reason`` (a KVM_EXIT_* value).
 
     ``kind`` says why in this simulator's terms: "full" (KVM_EXIT_DIRTY_RING_FULL), "sync" (the
-    guest's MMIO sync write), "mmio" (a write to a KVM_MEM_READONLY memslot, KVM_EXIT_MMIO: the
-    store completes as MMIO, memory is unchanged), "done" (its program ended), "kick"
-    (userspace forced it out)."""
+    guest's MMIO sync write), "mmio" (KVM_EXIT_MMIO for a write to a KVM_MEM_READONLY memslot
+    or an access to a gfn no memslot maps: the access completes as MMIO, memory is unchanged,
+    nothing is logged), "done" (its program ended), "kick" (userspace forced it out)."""
 
     vcpu: int
     reason: int
@@ -186,7 +186,8 @@ class Vcpu:
         the ring still soft-full: KVM_EXIT_DIRTY_RING_FULL again; or the program is over).
         Otherwise the vCPU is in the guest from ``vm.now`` and None is returned; its next exit
         comes from :meth:`Vm.run_until`. A store that faulted and filled the ring re-executes
-        first thing (EFAULT if no memslot maps it any more: it stays pending)."""
+        first thing (if no memslot maps it any more, because userspace deleted or moved its slot
+        meanwhile, it exits as MMIO at once: :meth:`Vm._apply`)."""
         vm = self.vm
         if self.in_guest:
             raise KvmError(errno.EBUSY, "KVM_RUN: the vCPU is already running")
@@ -203,13 +204,9 @@ class Vcpu:
         if self.pending_store != NO_WRITE or self.pending_code != EXIT_NONE:
             gfn, code, read = self.pending_store, self.pending_code, self.pending_read
             self.pending_store, self.pending_code, self.pending_read = NO_WRITE, EXIT_NONE, False
-            try:
-                return vm._apply(np.array([vm.now], dtype=np.int64), np.array([self.index], dtype=np.int32),
-                                 np.array([gfn], dtype=np.int64), np.array([code], dtype=np.int8),
-                                 notify=False, reads=np.array([read], dtype=np.int8))[1]
-            except KvmError:  # EFAULT: no memslot maps it any more; it stays to be executed
-                self.pending_store, self.pending_code, self.pending_read = gfn, code, read
-                raise
+            return vm._apply(np.array([vm.now], dtype=np.int64), np.array([self.index], dtype=np.int32),
+                             np.array([gfn], dtype=np.int64), np.array([code], dtype=np.int8),
+                             notify=False, reads=np.array([read], dtype=np.int8))[1]
         return None
 
     def kick(self) -> Exit | None:
@@ -538,8 +535,8 @@ class Vm:
 
     def _logging_changed(self, s: Memslot) -> int:
         """A slot's KVM_MEM_LOG_DIRTY_PAGES was set or cleared (created, flags changed or moved):
-        kvm_prepare_memory_region's dirty bitmap, then kvm_arch_commit_memory_region. Returns
-        the kernel time."""
+        kvm_prepare_memory_region's dirty bitmap (allocated, or freed when logging goes off),
+        then kvm_arch_commit_memory_region. Returns the kernel time."""
         if s.logging:
             if s.dirty_bitmap is None and (not self.ring_entries or self.with_bitmap):  # else kept
                 s.alloc_bitmap(initially_set=bool(self.manual_protect & KVM_DIRTY_LOG_INITIALLY_SET))
@@ -547,9 +544,8 @@ class Vm:
             ns = self._commit_log_dirty_pages(s)
         else:
             s.dirty_bitmap = None
-            s.state &= ~(WP | CLEAN)
             self._refresh_slot_modes()
-            ns = 0
+            ns = self._commit_logging_off(s)
         self.stats.kernel_ns += ns
         return ns
 
@@ -560,8 +556,15 @@ class Vm:
         is write-protected (kvm_mmu_wp_memory_region, one TLB flush) and, with an eager split
         chunk, its block mappings are split (kvm_mmu_split_memory_region; in a slot that is not
         logging the next fault maps the huge page as a block again). Either way a page not
-        mapped yet gets WP: the fault that maps it writable logs it. Returns the kernel time."""
+        mapped yet gets WP: the fault that maps it writable logs it. On x86 the eager split is
+        kvm_mmu_slot_try_split_huge_pages (module parameter eager_page_split, TDP MMU only),
+        done in kvm_mmu_slot_apply_flags before write-protecting: its kernel time is the
+        ioctl's, and it needs no TLB flush of its own. A table of pages over a huge page left
+        by logging turned off earlier is a plain table again once the slot logs (the faults
+        map pages). Returns the kernel time."""
         p, c = self.profile, self.profile.costs
+        if self._logs(s):
+            s.blocks[s.blocks == SPLIT_HUGE] = 0
         if self.manual_protect & KVM_DIRTY_LOG_INITIALLY_SET:
             s.state[(s.state & UNMAPPED) != 0] |= WP_CLEAN
             return 0
@@ -570,11 +573,43 @@ class Vm:
         s.state |= WP_CLEAN  # kvm_mmu_wp_memory_region
         ns = int(c.protect_page_ns * s.npages) + self._tlbi_ns
         self.stats.tlb_flushes += 1
-        if self.eager_split_chunk and p.split_blocks:
-            n = s.split_all_blocks(keep_huge=not self._logs(s))  # kvm_mmu_split_memory_region
+        if self._splits_eagerly and p.split_blocks:
+            # arm64 kvm_mmu_split_memory_region, x86 kvm_mmu_slot_try_split_huge_pages
+            n = s.split_all_blocks(keep_huge=not self._logs(s))
             self.stats.splits += n
             ns += n * c.split_ns
         return ns
+
+    def _commit_logging_off(self, s: Memslot) -> int:
+        """kvm_arch_commit_memory_region with LOG_DIRTY_PAGES cleared. The pages do not become
+        writable at once: one still write-protected takes a write fault (charged as any), which
+        makes it writable and logs nothing (the slot is UNTRACKED now).
+        arm64: stage 2 is left as it is; a huge page split into pages while logging is mapped as
+        a block again by its next permission fault (:meth:`Memslot.mark_collapsible`).
+        x86 (kvm_mmu_slot_apply_flags; nothing for a read-only slot): with PML the 4K mappings
+        were never write-protected, only huge ones; kvm_mmu_recover_huge_pages then maps split
+        huge pages as huge again in place with the TDP MMU, or zaps their 4K mappings with the
+        shadow MMU (the next fault maps the huge page), a walk of the slot and one TLB flush.
+        Returns the kernel time."""
+        p = self.profile
+        if p.arch == "arm64":
+            s.mark_collapsible()
+            return 0
+        if s.flags & KVM_MEM_READONLY:
+            return 0
+        if p.pml:
+            s.clear_small_page_protection()
+        n = s.recover_huge_pages() if p.tdp_mmu else s.zap_collapsible()
+        ns = int(p.costs.protect_page_ns * s.npages)
+        if n:
+            ns += self._flush_tlbs()
+        return ns
+
+    @property
+    def _splits_eagerly(self) -> bool:
+        """Enabling logging splits huge mappings in the ioctl: arm64 with an eager split chunk
+        (KVM_CAP_ARM_EAGER_SPLIT_CHUNK_SIZE), x86 with eager_page_split and the TDP MMU."""
+        return bool(self.eager_split_chunk) if self.profile.arch == "arm64" else self.profile.x86_eager_split
 
     def __reduce_ex__(self, protocol):
         """A VM is a kernel object (its compiled paths hold the addresses of its rings): it can
@@ -634,9 +669,9 @@ class Vm:
     def reset_dirty_rings(self) -> int:
         """KVM_RESET_DIRTY_RINGS: for every vCPU ring reset the entries userspace marked RESET
         from reset_index on (also past dirty_index, as the kernel does: :func:`ring.reset_rings`),
-        coalescing the re-protect work (with INITIALLY_SET and an eager split chunk it also
-        splits the spans' blocks); one VM-wide TLB flush if anything was reset. Returns the
-        number of entries reset."""
+        coalescing the re-protect work (with INITIALLY_SET and eager splitting it also splits
+        the spans' blocks: :attr:`_split_span`); one VM-wide TLB flush if anything was reset.
+        Returns the number of entries reset."""
         if not self.ring_entries:
             raise einval("KVM_RESET_DIRTY_RINGS: the VM has no dirty ring")
         c = self.profile.costs
@@ -663,9 +698,11 @@ class Vm:
 
     @property
     def _split_span(self) -> bool:
-        """kvm_arch_mmu_enable_log_dirty_pt_masked splits the span's huge pages too (arm64, with
-        kvm_dirty_log_manual_protect_and_init_set and an eager split chunk)."""
-        return bool(self.eager_split_chunk and self.manual_protect & KVM_DIRTY_LOG_INITIALLY_SET
+        """kvm_arch_mmu_enable_log_dirty_pt_masked splits the span's huge pages too, with
+        kvm_dirty_log_manual_protect_and_init_set and eager splitting (arm64: an eager split
+        chunk, kvm_mmu_split_huge_pages; x86: eager_page_split with the TDP MMU,
+        kvm_mmu_try_split_huge_pages, before write-protecting)."""
+        return bool(self._splits_eagerly and self.manual_protect & KVM_DIRTY_LOG_INITIALLY_SET
                     and self.profile.split_blocks)
 
     def _count_splits(self, n: int) -> int:
@@ -699,7 +736,7 @@ class Vm:
     def _reprotect(self, kslots: np.ndarray, offsets: np.ndarray, masks: np.ndarray) -> tuple[int, int]:
         """Apply re-protect calls (slot, offset, mask) with :func:`memory.protect_masked`:
         arm64 write-protects the whole span of each mask (and the block leaf a page of it is
-        mapped by), and with INITIALLY_SET and an eager split chunk splits the span's blocks;
+        mapped by), and with INITIALLY_SET and eager splitting splits the span's blocks;
         calls naming a missing slot or running past its end are skipped, as the kernel does.
         Returns (pages write-protected, the kernel time of the blocks split)."""
         if len(masks) == 0:
@@ -799,11 +836,12 @@ class Vm:
 
     # ------------------------------------------------------------------ address lookup
     def _locate(self, gfn: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """gfn -> (index into the address-space-0 slots, global page index); a gfn no memslot
-        maps: EFAULT."""
+        """gfn -> (index into the address-space-0 slots, global page index), for the kernel's
+        own writes to guest memory (kvm_write_guest): a gfn no memslot maps is EFAULT there
+        (a vCPU's access to it is an MMIO exit instead: :meth:`_apply`)."""
         sidx, gpi, bad = self._lookup(gfn)
         if bad >= 0:
-            raise KvmError(errno.EFAULT, f"guest write to gfn {int(gfn[bad])}: no memslot maps it")
+            raise KvmError(errno.EFAULT, f"kernel write to gfn {int(gfn[bad])}: no memslot maps it")
         return sidx, gpi
 
     def _lookup(self, gfn: np.ndarray) -> tuple[np.ndarray, np.ndarray, int]:
@@ -840,9 +878,10 @@ class Vm:
 
         Returns the exits that happened (empty if time reached ``until``); ``now`` is then the
         time of the exit. vCPUs that are out stay out until userspace calls ``Vcpu.run``.
-        A guest write to a gfn no memslot maps fails with EFAULT when a vCPU gets to it (not
-        before: an exit or a memslot change may come first); the writes before it are applied,
-        ``now`` is its time and that vCPU is out of the guest, the write not executed."""
+        A guest access to a gfn no memslot maps is an MMIO exit when a vCPU gets to it (not
+        before: an exit or a memslot change may come first): the accesses before it are
+        applied, ``now`` is its time and that vCPU is out of the guest, the access completed
+        as MMIO (:meth:`_apply`)."""
         until = int(until)
         guest = self.guest
         while self.now < until:
@@ -883,13 +922,18 @@ class Vm:
 
     def _pml_flush(self, v: Vcpu) -> None:
         """Copy the vCPU's PML buffer into its ring (vmx_flush_pml_buffer; PML logs into the
-        buffer only with a ring, see :meth:`_apply`)."""
+        buffer only with a ring, see :meth:`_apply`). Each GPA goes through
+        kvm_vcpu_mark_page_dirty, which pushes nothing for a slot whose logging was turned off
+        since the CPU logged it."""
         n = v.pml_count
         gpi = v.pml[:n]
         sidx = self._slot_index_of_gpi(gpi)
+        logs = (self._slot_mode[sidx] & UNTRACKED) == 0
+        if not logs.all():
+            gpi, sidx = gpi[logs], sidx[logs]
         if v.ring.push(self._kslot[sidx], (gpi - self._start[sidx]).astype(np.uint64)):
             v.request_soft_full = True
-        v.stats.pushes += n
+        v.stats.pushes += len(gpi)
         v.pml_count = 0
         v.stats.pml_flushes += 1
         v.stats.fault_ns += int(n * self.profile.costs.pml_flush_entry_ns)
@@ -908,9 +952,16 @@ class Vm:
     def _apply(self, t, vc, gfn, exit_after, end=None, notify=True, reads=None, first_touch=False):
         """Apply a time-ordered batch of guest writes up to the first event that takes a vCPU
         out of the guest, with its bookkeeping (:func:`ringenv.kvm.fault.apply_batch`).
-        Returns (events consumed, Exit or None). An access to a gfn no memslot maps ends the
-        walk: if the walk gets there (no exit before it) KVM_RUN fails with EFAULT
-        (:meth:`_efault`), after the events before it were applied."""
+        Returns (events consumed, Exit or None).
+
+        An access to a gfn no memslot maps ends the walk: if the walk gets there (no exit
+        before it) it is an access to an unbacked guest-physical address, which KVM hands to
+        userspace as KVM_EXIT_MMIO (x86: the EPT violation or shadow page fault finds no
+        memslot, kvm_mmu_page_fault has the instruction emulated, and the emulator's MMIO
+        access exits; arm64: kvm_handle_guest_abort finds no memslot and calls io_mem_abort).
+        It is handled as a write to a KVM_MEM_READONLY slot is: the access completes as MMIO
+        (nothing written, mapped or logged, no fault), the vCPU exits ("mmio"), and an exit
+        code attached to it (sync, done) comes at re-entry."""
         p = self.profile
         n = len(t)
         if first_touch:  # a workload's candidate first writes: every access is a write
@@ -929,9 +980,9 @@ class Vm:
         code = exit_after if exit_after is not None else self._zeros_of(np.int8, n)
         reads = reads if reads is not None else self._zeros_of(np.int8, n)
         if bad >= 0:  # the walk ends before the access no memslot maps
-            vc_, gpi, sidx, code, reads = vc[:bad], gpi[:bad], sidx[:bad], code[:bad], reads[:bad]
+            vc_, gpi, sidx, code_, reads_ = vc[:bad], gpi[:bad], sidx[:bad], code[:bad], reads[:bad]
         else:
-            vc_ = vc
+            vc_, code_, reads_ = vc, code, reads
         rings = self.ring_entries > 0
         pml = p.pml_buffer_entries if p.pml else 0
         pml_count = np.array([v.pml_count for v in self.vcpus], dtype=np.int64) if pml else self._no_pml
@@ -939,39 +990,27 @@ class Vm:
         fault_cost, split_cost = self._write_costs
         faults = np.zeros(len(self.vcpus), dtype=np.int64)
         m, cut, npush, nsplit, ndirty, retired, nsoft = apply_batch(
-            gpi, vc_.astype(np.int32, copy=False), code.astype(np.int8, copy=False), reads.astype(np.int8, copy=False),
+            gpi, vc_.astype(np.int32, copy=False), code_.astype(np.int8, copy=False),
+            reads_.astype(np.int8, copy=False),
             first_touch, sidx, self.state, self.version, self.block_map,
             self._blockgran, self._pushall, self._split, self._slot_mode, self.block_shift,
             self._ring_ctr, self._soft_limit, pml_count, pml, rings, push_v, push_g, split_v, split_b,
             self._vstat, split_cost, fault_cost, self._ring_addr, self._start,
             self._kslot, self._soft_full, faults)
         i = m - 1
-        if bad >= 0 and cut == CUT_NONE:  # the walk reached it
-            self._after_batch(m, cut, npush, nsplit, ndirty, retired, nsoft, faults, push_v, push_g, int(t[bad]),
-                              notify, pml, 0, 0, 0, 0, False)
-            self._efault(int(vc[bad]), int(gfn[bad]))
+        if bad >= 0 and cut == CUT_NONE:  # the walk reached it: it exits as MMIO, consumed
+            m, cut, i = bad + 1, CUT_MMIO, bad
         exit_ = self._after_batch(m, cut, npush, nsplit, ndirty, retired, nsoft, faults, push_v, push_g, end, notify,
                                   pml, *((int(t[i]), int(vc[i]), int(gfn[i]), int(code[i]), bool(reads[i]))
                                          if cut != CUT_NONE else (0, 0, 0, 0, False)))
         return m, exit_
-
-    def _efault(self, v_index: int, gfn: int) -> None:
-        """The walk reached vCPU ``v_index``'s access to ``gfn``, which no memslot maps: its
-        KVM_RUN fails with EFAULT. The vCPU is out of the guest (any exit flushes its PML
-        buffer) and the access has not retired: once a memslot maps the gfn, KVM_RUN executes
-        it (the guest program was told the events before it were consumed)."""
-        v = self.vcpus[v_index]
-        if v.pml is not None and v.pml_count:
-            self._pml_flush(v)
-        v.in_guest = False
-        raise KvmError(errno.EFAULT, f"guest write to gfn {gfn} (vCPU {v.id}): no memslot maps it")
 
     def _apply_window(self, batch: WriteBatch, end: int) -> Exit | None:
         """:meth:`_apply` for a workload's window of candidate first writes (``first_touch``, no
         reads or exit codes, events in ``batch.order``) on a VM with one RAM slot and no PML: the
         gather, the address check and the walk in one compiled call
         (:func:`ringenv.kvm.fault.apply_window`); the same results as :meth:`_apply` on the
-        gathered batch, EFAULT included (when the walk reaches a write outside the slot)."""
+        gathered batch, the MMIO exit included (when the walk reaches a write outside the slot)."""
         t, vc, gfn = batch.t, batch.vcpu, batch.gfn
         n = len(t)
         push_v, push_g, split_v, split_b = self._batch_buffers(n * (self.block_pages if self._any_pushall else 1), n)
@@ -983,10 +1022,8 @@ class Vm:
             self._blockgran, self._pushall, self._split, self._slot_mode, self.block_shift,
             self._ring_ctr, self._soft_limit, self._no_pml, self.ring_entries > 0, push_v, push_g, split_v, split_b,
             self._vstat, split_cost, fault_cost, self._ring_addr, self._start, self._kslot, self._soft_full, faults)
-        if bad >= 0 and cut == CUT_NONE:  # the walk reached a write outside the slot
-            self._after_batch(m, cut, npush, nsplit, ndirty, retired, nsoft, faults, push_v, push_g, int(t[bad]),
-                              True, 0, 0, 0, 0, 0, False)
-            self._efault(int(vc[bad]), int(gfn[bad]))
+        if bad >= 0 and cut == CUT_NONE:  # the walk reached a write outside the slot: an MMIO exit
+            m, cut, last = m + 1, CUT_MMIO, bad
         return self._after_batch(m, cut, npush, nsplit, ndirty, retired, nsoft, faults, push_v, push_g, end, True, 0,
                                  *((int(t[last]), int(vc[last]), int(gfn[last]), EXIT_NONE, False)
                                    if cut != CUT_NONE else (0, 0, 0, 0, False)))
@@ -1028,7 +1065,7 @@ class Vm:
                 v.request_soft_full = True
                 v.stats.full_exits += 1
                 exit_ = self._exit(v, KVM_EXIT_DIRTY_RING_FULL, "full")
-            elif cut == CUT_MMIO:  # a write to a read-only slot; its sync/done exit comes at re-entry
+            elif cut == CUT_MMIO:  # a write to a read-only slot or no slot; its sync/done exit comes at re-entry
                 if cut_code != EXIT_NONE:
                     v.pending_code = cut_code
                 exit_ = self._exit(v, KVM_EXIT_MMIO, "mmio")

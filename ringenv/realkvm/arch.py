@@ -3,6 +3,8 @@
 The guest is the same on every architecture: it performs a list of page writes in order,
 exits to userspace with an MMIO write to ``image.sync_gpa`` after each write marked as a
 sync point (data = number of writes done so far), and finally writes to ``image.done_gpa``.
+A page offset at or past the data slot's end (up to ``unmapped_pages`` more) is an address no
+memslot maps: the guest's page tables map it all the same, so the store is an MMIO exit.
 Only the machine code, the guest page tables and the vCPU register set-up differ.
 
 ``x86.X86`` implements this for x86-64 (the host this project validates on today). An arm64
@@ -20,7 +22,7 @@ from typing import Any, Protocol, Sequence
 
 @dataclass(frozen=True)
 class WriteProgram:
-    """One vCPU's program: page offsets (into the data slot) in order, and sync indices."""
+    """One vCPU's program: page offsets (from the data slot's start) in order, and sync indices."""
 
     writes: Sequence[int]
     syncs: frozenset[int] = frozenset()
@@ -49,8 +51,10 @@ class Arch(Protocol):
     #: extra ring entries the kernel reserves on top of the 64 (x86 with PML: 512)
     extra_reserved_entries: int
 
-    def build_image(self, data_pages: int, programs: Sequence[WriteProgram]) -> GuestImage:
-        """Lay out code, page tables and per-vCPU write tables."""
+    def build_image(self, data_pages: int, programs: Sequence[WriteProgram],
+                    unmapped_pages: int = 0) -> GuestImage:
+        """Lay out code, page tables (the data slot and ``unmapped_pages`` pages past it) and
+        per-vCPU write tables."""
 
     def setup_vcpu(self, system, vcpu, image: GuestImage, index: int) -> None:
         """Put ``vcpu`` at the start of program ``index`` (registers, mode, CPUID...)."""

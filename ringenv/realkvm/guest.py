@@ -25,27 +25,31 @@ def unavailable_reason() -> str | None:
 
 
 class GuestError(RuntimeError):
-    """The guest stopped in an unexpected way (exit reason other than ring-full or our MMIO)."""
+    """The guest stopped in an unexpected way (an exit reason other than ring-full or MMIO)."""
 
 
 class Guest(_Closing):
     """VM with a code slot (not logged) and a data slot (logged), one vCPU per program.
 
     ``ring_entries`` 0 means no dirty ring (the data slot then uses the dirty bitmap).
+    ``unmapped_pages``: the programs may also write that many pages past the data slot's end,
+    guest-physical memory no memslot maps (each such store is an MMIO exit).
     ``caps`` are extra KVM_ENABLE_CAP calls ``(cap, arg0, ...)`` made before the memslots.
     ``run(i)`` runs vCPU ``i`` until the next event and returns ``(kind, value)``:
-    ("full", None) for KVM_EXIT_DIRTY_RING_FULL, ("sync", writes_done), ("done", writes_done).
+    ("full", None) for KVM_EXIT_DIRTY_RING_FULL, ("sync", writes_done), ("done", writes_done),
+    ("mmio", guest-physical address) for any other KVM_EXIT_MMIO (an access to an address no
+    memslot maps: the next ``run`` completes it and goes on).
     """
 
     def __init__(self, programs: Sequence[WriteProgram], data_pages: int,
                  ring_entries: int = 0, with_bitmap: bool = False, log_dirty: bool = True,
                  caps: Sequence[tuple[int, ...]] = (),
-                 system: KvmSystem | None = None, arch: Arch | None = None):
+                 system: KvmSystem | None = None, arch: Arch | None = None, unmapped_pages: int = 0):
         self.vm: RealVm | None = None
         self._own_system = False
         self.arch = arch or host_arch()
         install_kick_handler()  # so that kick_all() can stop a vCPU stuck in the guest
-        self.image = self.arch.build_image(data_pages, programs)
+        self.image = self.arch.build_image(data_pages, programs, unmapped_pages)
         self.system = system or KvmSystem()
         self._own_system = system is None
         try:
@@ -99,4 +103,5 @@ class Guest(_Closing):
             if is_write and addr in (self.image.sync_gpa, self.image.done_gpa):
                 kind = "sync" if addr == self.image.sync_gpa else "done"
                 return kind, int.from_bytes(data, "little")
+            return "mmio", addr  # an address no memslot maps: KVM_RUN completes the access
         raise GuestError(f"vCPU {index}: unexpected {vcpu.exit_detail()}")

@@ -94,6 +94,7 @@ KVM_RUN = _IO(KVMIO, 0x80)
 KVM_ENABLE_CAP = _IOW(KVMIO, 0xA3, ctypes.sizeof(kvm_enable_cap))
 KVM_CLEAR_DIRTY_LOG = _IOWR(KVMIO, 0xC0, ctypes.sizeof(kvm_clear_dirty_log))
 KVM_RESET_DIRTY_RINGS = _IO(KVMIO, 0xC7)
+KVM_GET_STATS_FD = _IO(KVMIO, 0xCE)
 
 KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2 = 168
 KVM_CAP_DIRTY_LOG_RING = 192
@@ -504,6 +505,26 @@ class RealVcpu(_Closing):
             return f"MMIO {'write' if is_write else 'read'} at {addr:#x} data {data.hex()}"
         words = struct.unpack_from("<4Q", self._run_mm, 32)
         return f"exit_reason {reason} detail {[hex(w) for w in words]}"
+
+    def stats(self) -> dict[str, int]:
+        """The vCPU's binary statistics (KVM_GET_STATS_FD; api.rst "KVM_GET_STATS_FD"): name ->
+        value of every one-value statistic, e.g. x86 pf_fixed (page faults KVM fixed in place:
+        a write-protect fault is one), pf_taken, pf_emulate."""
+        sfd = ioctl(self.fd, KVM_GET_STATS_FD)
+        try:
+            # struct kvm_stats_header: flags, name_size, num_desc, id_offset, desc_offset, data_offset
+            _, name_size, num_desc, _, desc_offset, data_offset = struct.unpack("<6I", os.pread(sfd, 24, 0))
+            size = 16 + name_size  # struct kvm_stats_desc: flags, exponent, size, offset, bucket_size, name
+            descs = os.pread(sfd, size * num_desc, desc_offset)
+            out = {}
+            for i in range(num_desc):
+                _, _, count, offset, _ = struct.unpack_from("<IhHII", descs, i * size)
+                if count == 1:
+                    name = descs[i * size + 16: (i + 1) * size].split(b"\0", 1)[0].decode()
+                    out[name] = struct.unpack("<Q", os.pread(sfd, 8, data_offset + offset))[0]
+            return out
+        finally:
+            os.close(sfd)
 
     def harvest(self) -> list[tuple[int, int]]:
         """Collect this ring's entries as QEMU's kvm_dirty_ring_reap_one does.

@@ -3,13 +3,16 @@
 Input trace (JSON-shaped dict)::
 
     {"slot_pages": int, "ring_entries": int, "reap_scope": "all" | "self",
-     "with_bitmap": bool (optional),
+     "with_bitmap": bool (optional), "unmapped_pages": int (optional),
      "vcpus": [{"writes": [page offsets in program order], "syncs": [write indices]}]}
 
 Userspace behaves as QEMU: at every KVM_EXIT_DIRTY_RING_FULL and after every sync write the
 vCPU's thread harvests (all rings, or only its own with "self") and issues one
 KVM_RESET_DIRTY_RINGS; after all vCPUs finished, one final harvest of all rings and reset.
 Harvest and reset happen under one lock, so each reset must return what its harvest marked.
+A write to one of the ``unmapped_pages`` past the data slot (no memslot there) is a
+KVM_EXIT_MMIO at another address than the sync and done ones: an "mmio" exit, after which the
+thread re-enters at once. Each vCPU's exits are reported in order ("exits").
 
 What the kernel does is reported, not "fixed": the store whose fault filled the ring has not
 retired at the full exit, so after the reset it runs again and, its page being re-protected,
@@ -74,14 +77,16 @@ def _check_trace_local(trace: dict) -> None:
           "ring_entries must be a positive int")
     _need(trace.get("reap_scope", "all") in ("all", "self"), "reap_scope must be 'all' or 'self'")
     _need(isinstance(trace.get("with_bitmap", False), bool), "with_bitmap must be true or false")
+    up = trace.get("unmapped_pages", 0)
+    _need(isinstance(up, int) and not isinstance(up, bool) and up >= 0, "unmapped_pages must be an int >= 0")
     _need(isinstance(trace.get("vcpus"), list) and trace["vcpus"], "vcpus must be a non-empty list")
     for i, v in enumerate(trace["vcpus"]):
         _need(isinstance(v, dict), f"vcpus[{i}] must be an object {{writes, syncs}}")
         writes, syncs = v.get("writes"), v.get("syncs", [])
         _need(isinstance(writes, list) and all(isinstance(w, int) for w in writes),
               f"vcpus[{i}].writes must be a list of ints")
-        _need(all(0 <= w < trace["slot_pages"] for w in writes),
-              f"vcpus[{i}].writes: offsets must lie in [0, slot_pages)")
+        _need(all(0 <= w < trace["slot_pages"] + up for w in writes),
+              f"vcpus[{i}].writes: offsets must lie in [0, slot_pages + unmapped_pages)")
         _need(isinstance(syncs, list) and all(isinstance(s, int) and 0 <= s < len(writes)
                                               for s in syncs),
               f"vcpus[{i}].syncs must be write indices")
@@ -94,7 +99,7 @@ class _Collector:
         self.guest, self.scope = guest, scope
         self.lock = threading.Lock()
         self.resets: list[int] = []
-        self.vcpus = [{"full_exits": 0, "lost": 0, "resets": [], "batches": []}
+        self.vcpus = [{"full_exits": 0, "lost": 0, "resets": [], "batches": [], "exits": []}
                       for _ in guest.vcpus]
 
     def reap(self, trigger: str, issuer: int | None) -> int:
@@ -121,11 +126,15 @@ class _Collector:
             return harvested
 
     def vcpu_thread(self, index: int, program: WriteProgram) -> None:
-        """Run one vCPU to its done exit, reaping at each full and sync exit."""
+        """Run one vCPU to its done exit, reaping at each full and sync exit; an MMIO exit at
+        an address no memslot maps is completed by running on."""
         syncs = iter(sorted(program.syncs))
         empty_full = 0
         while True:
             kind, done = self.guest.run(index)
+            self.vcpus[index]["exits"].append(kind)
+            if kind == "mmio":
+                continue
             if kind == "full":
                 self.vcpus[index]["full_exits"] += 1
                 empty_full = 0 if self.reap("full", index) else empty_full + 1
@@ -151,7 +160,8 @@ def kvm_replay_trace(trace: dict, ring_entries: int | None = None,
                 for v in trace["vcpus"]]
     try:
         guest = Guest(programs, trace["slot_pages"], ring_entries=entries,
-                      with_bitmap=bool(trace.get("with_bitmap", False)), arch=arch)
+                      with_bitmap=bool(trace.get("with_bitmap", False)), arch=arch,
+                      unmapped_pages=trace.get("unmapped_pages", 0))
     except RingSizeRefused as exc:  # name the input, as the simulator does
         raise ConfigError(
             f"trace.ring_entries: {entries} entries ({entries * 16} bytes) is refused by "

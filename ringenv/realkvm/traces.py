@@ -11,10 +11,21 @@ import numpy as np
 SMALL, DEFAULT, LARGEST = 256, 4096, 65536
 
 
-def _trace(slot_pages: int, ring_entries: int, *vcpus: tuple[list[int], list[int]]) -> dict:
-    return {"slot_pages": slot_pages, "ring_entries": ring_entries, "reap_scope": "self",
-            "vcpus": [{"writes": [int(w) for w in writes], "syncs": [int(s) for s in syncs]}
-                      for writes, syncs in vcpus]}
+def _trace(slot_pages: int, ring_entries: int, *vcpus: tuple[list[int], list[int]], unmapped_pages: int = 0) -> dict:
+    out = {"slot_pages": slot_pages, "ring_entries": ring_entries, "reap_scope": "self",
+           "vcpus": [{"writes": [int(w) for w in writes], "syncs": [int(s) for s in syncs]}
+                     for writes, syncs in vcpus]}
+    if unmapped_pages:
+        out["unmapped_pages"] = unmapped_pages
+    return out
+
+
+def _unmapped_mid_run() -> list[int]:
+    """Writes past the end of a 1024-page slot (offsets 1024..1087, no memslot there: each is an
+    MMIO exit) among ordinary ones: one early, one right after the store whose push fills a
+    256-entry ring (soft limit 192: page 191), two in a row at the end, before a re-write pass."""
+    return (list(range(120)) + [1024] + list(range(120, 192)) + [1030] + list(range(192, 300))
+            + [1087, 1087] + list(range(10)))
 
 
 def _every(n: int, step: int) -> list[int]:
@@ -70,4 +81,8 @@ def builtin_traces() -> dict[str, dict]:
             8192, 4, lambda n, r: ([i * 5 % n for i in range(1500)], [749]))),
         "4vcpu-uneven-256": _trace(1024, SMALL, *_split(
             1024, 4, lambda n, r: (list(range(int(r.integers(1, n)))), []))),
+        "unmapped-256": _trace(1024, SMALL, (_unmapped_mid_run(), [250, 302]), unmapped_pages=64),
+        "2vcpu-unmapped-256": _trace(2048, SMALL, *[
+            ([w + i * 1024 if w < 1024 else w + 1024 + 64 * i for w in _unmapped_mid_run()], [302 - 100 * i])
+            for i in range(2)], unmapped_pages=128),
     }

@@ -35,12 +35,13 @@ def _first_diff(path: str, real: Any, sim: Any) -> str | None:
 def compare(real: dict, sim: dict) -> str | None:
     """First difference between a real and a simulated replay, or None if they agree.
 
-    Compared: ring_entries, soft_limit; per vCPU full_exits and batches (trigger, offsets
-    in order). Resets: the whole top-level list for one vCPU; with several vCPUs (whose
-    reset order depends on thread timing) each vCPU's own list and the final reset.
+    Compared: ring_entries, soft_limit; per vCPU full_exits, batches (trigger, offsets in
+    order) and exits (the kinds of its exits in order: full, sync, mmio, done). Resets: the
+    whole top-level list for one vCPU; with several vCPUs (whose reset order depends on thread
+    timing) each vCPU's own list and the final reset.
     """
     keys = ("ring_entries", "soft_limit")
-    per_vcpu = ("full_exits", "batches")
+    per_vcpu = ("full_exits", "batches", "exits")
     if len(real["vcpus"]) > 1:
         per_vcpu += ("resets",)
     view = [

@@ -9,7 +9,9 @@ Guest-physical (= guest-virtual, identity mapped) layout:
                  page 1 code, 2 PML4, 3 PDPT, 4 PD for GiB 0, then PDs and 4K page
                  tables for the data slot, one stack page per vCPU, the write tables
     0x3000_0000  unbacked: +0 sync MMIO, +8 done MMIO (one 2 MiB mapping)
-    0x4000_0000  data slot, dirty-logged, mapped with 4 KiB pages (user, writable)
+    0x4000_0000  data slot, dirty-logged, mapped with 4 KiB pages (user, writable); the
+                 unmapped pages right after it are mapped by the guest's tables too, but by
+                 no memslot: a store there is an MMIO exit
 
 All page-table entries have A and D preset, so the CPU never writes to the tables.
 """
@@ -108,12 +110,12 @@ def _pages(nbytes: int) -> int:
     return max(1, -(-nbytes // PAGE_SIZE))
 
 
-def _tables(programs: Sequence[WriteProgram], data_pages: int) -> list[np.ndarray]:
+def _tables(programs: Sequence[WriteProgram], pages: int) -> list[np.ndarray]:
     tables = []
     for prog in programs:
         table = np.asarray(prog.writes, dtype=np.int64)
-        if table.size and (table.min() < 0 or table.max() >= data_pages):
-            raise ValueError(f"write offsets must lie in [0, {data_pages})")
+        if table.size and (table.min() < 0 or table.max() >= pages):
+            raise ValueError(f"write offsets must lie in [0, {pages})")
         syncs = np.asarray(sorted(prog.syncs), dtype=np.int64)
         if syncs.size and (syncs[0] < 0 or syncs[-1] >= table.size):
             raise ValueError("sync indices must be write indices")
@@ -144,12 +146,14 @@ class X86:
     def profile_name(self) -> str:
         return "x86-pml" if self.has_pml else "x86-nopml"
 
-    def build_image(self, data_pages: int, programs: Sequence[WriteProgram]) -> GuestImage:
-        if data_pages < 1:
-            raise ValueError("data_pages must be >= 1")
-        tables = _tables(programs, data_pages)
-        n_pd = -(-data_pages // (512 * 512))
-        n_pt = -(-data_pages // 512)
+    def build_image(self, data_pages: int, programs: Sequence[WriteProgram],
+                    unmapped_pages: int = 0) -> GuestImage:
+        if data_pages < 1 or unmapped_pages < 0:
+            raise ValueError("data_pages must be >= 1, unmapped_pages >= 0")
+        mapped = data_pages + unmapped_pages  # pages the guest's own tables map
+        tables = _tables(programs, mapped)
+        n_pd = -(-mapped // (512 * 512))
+        n_pt = -(-mapped // 512)
         first_pd = _PAGE_PD0 + 1
         first_pt = first_pd + n_pd
         first_stack = first_pt + n_pt
@@ -174,7 +178,7 @@ class X86:
         pd_flat = words[first_pd:first_pd + n_pd].reshape(-1)
         pd_flat[:n_pt] = np.arange(first_pt, first_pt + n_pt, dtype=np.uint64) * PAGE_SIZE | _TABLE
         pt_flat = words[first_pt:first_pt + n_pt].reshape(-1)
-        pt_flat[:data_pages] = DATA_GPA + np.arange(data_pages, dtype=np.uint64) * PAGE_SIZE | _LEAF
+        pt_flat[:mapped] = DATA_GPA + np.arange(mapped, dtype=np.uint64) * PAGE_SIZE | _LEAF
         states = []
         for i, (table, tpage) in enumerate(zip(tables, table_pages)):
             u8[tpage * PAGE_SIZE:][:table.nbytes] = table.view(np.uint8)

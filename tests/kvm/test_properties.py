@@ -20,6 +20,7 @@ from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 from ringenv.config import load_host_profile
+from ringenv.kvm import uapi as U
 
 from ._helpers import FOREVER, Host
 
@@ -154,3 +155,85 @@ def test_oracle_detects_the_arm64_ring_only_block_loss():
     h.reset()
     stale = np.flatnonzero(h.vm.version[h.slot.start: h.slot.start + h.slot.npages] != seen)
     assert len(stale) >= 2
+
+
+@st.composite
+def toggling_scenarios(draw):
+    """A scenario whose syncs each may turn dirty logging off or on (KVM_SET_USER_MEMORY_REGION
+    changing only flags), with huge pages behind some of the memory."""
+    sc = draw(scenarios())
+    rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
+    sc["toggles"] = rng.random(64) < 0.5  # at the k-th sync exit (any vCPU): flip logging or not
+    sc["block_fraction"] = draw(st.sampled_from([0.5, 1.0]))
+    return sc
+
+
+def drive_toggling(sc):
+    """Like :func:`drive`, with logging flipped at some sync exits. While logging is off nothing
+    is pushed; at the end, with logging on, every page written since logging was last turned on
+    holds the version its latest harvest saw (nothing lost); the ring never overflows."""
+    h = Host(sc["writes"], sc["syncs"], profile=sc["profile"], entries=sc["entries"],
+             slot_pages=sc["slot_pages"], block_fraction=sc["block_fraction"])
+    vm, vcpus = h.vm, h.vcpus
+    nv = len(vcpus)
+    start, npages, size = h.slot.start, h.slot.npages, sc["slot_pages"] * h.profile.page_size
+    harvested = np.zeros(npages, dtype=np.int64)
+    since_on = vm.version[start: start + npages].astype(np.int64)  # versions when logging last went on
+    logging, nsync, pushed_at_off = True, 0, 0
+
+    def pushes():
+        return sum(v.stats.pushes for v in vcpus)
+
+    def harvest_and_reset(which):
+        n = 0
+        for i in which:
+            _, offs = h.readers[i].reap()
+            offs = offs.astype(np.int64)
+            harvested[offs] = vm.version[start + offs]
+            n += len(offs)
+        assert vm.reset_dirty_rings() == n
+
+    def set_logging(on):
+        nonlocal logging, since_on, pushed_at_off
+        vm.set_user_memory_region(0, U.KVM_MEM_LOG_DIRTY_PAGES if on else 0, 0, size)
+        if on:
+            since_on = vm.version[start: start + npages].astype(np.int64)
+        pushed_at_off = pushes()
+        logging = on
+
+    pending = [v.run() for v in vcpus]
+    done = [False] * nv
+    for _ in range(100000):
+        if all(done):
+            break
+        exits = [e for e in pending if e is not None] or vm.run_until(vm.now + FOREVER)
+        pending = []
+        assert exits
+        if not logging:  # nothing was pushed since logging went off
+            assert pushes() == pushed_at_off
+        for e in exits:
+            if e.kind == "done":
+                done[e.vcpu] = True
+                continue
+            harvest_and_reset(range(nv) if sc["scope_all"] else [e.vcpu])
+            if e.kind == "sync":
+                if sc["toggles"][nsync % 64]:
+                    set_logging(not logging)
+                nsync += 1
+            pending.append(vcpus[e.vcpu].run())
+    assert all(done)
+    if not logging:
+        set_logging(True)
+    harvest_and_reset(range(nv))
+    for v in vcpus:
+        assert v.ring.lost == 0 and v.ring.used == 0
+    final = vm.version[start: start + npages].astype(np.int64)
+    written = np.flatnonzero(final != since_on)
+    stale = written[final[written] != harvested[written]]
+    assert len(stale) == 0, f"{len(stale)} pages written after their last harvest, e.g. {stale[:10].tolist()}"
+
+
+@settings(max_examples=60, deadline=None, database=None, suppress_health_check=[HealthCheck.too_slow])
+@given(toggling_scenarios())
+def test_logging_turned_off_and_on_again_loses_nothing_while_on(sc):
+    drive_toggling(sc)

@@ -37,7 +37,7 @@ def test_replay_prints_the_contract_json(tmp_path):
     full exit at the 192nd push: batch [0..191], reset 192; the retried store 191 pushes first,
     then 192..299 and 5 (re-protected by the reset) = 110 entries, then the sync after write
     index 300 (page 5): batch [191..299, 5], reset 110; nothing left at the end (final reset 0,
-    no batch recorded because it is empty)."""
+    no batch recorded because it is empty). The vCPU's exits, in order: full, sync, done."""
     r = ringenv("replay", write(tmp_path, GOOD))
     assert r.returncode == 0, r.stderr
     assert "Traceback" not in r.stderr
@@ -47,8 +47,9 @@ def test_replay_prints_the_contract_json(tmp_path):
     assert out["resets"] == [192, 110, 0]
     assert len(out["vcpus"]) == 1
     v = out["vcpus"][0]
-    assert set(v) == {"full_exits", "lost", "resets", "batches"}
+    assert set(v) == {"full_exits", "lost", "resets", "batches", "exits"}
     assert (v["full_exits"], v["lost"], v["resets"]) == (1, 0, [192, 110])
+    assert v["exits"] == ["full", "sync", "done"]
     assert v["batches"] == [{"trigger": "full", "offsets": list(range(192))},
                             {"trigger": "sync", "offsets": list(range(191, 300)) + [5]}]
 
@@ -65,11 +66,31 @@ def test_replay_profile_and_ring_override(tmp_path):
     assert out["resets"] == [300, 0]
 
 
+def test_a_write_past_the_slot_is_an_mmio_exit_with_no_harvest(tmp_path):
+    """``unmapped_pages`` 16 lets the trace write offsets 64..79, past the end of the 64-page
+    slot, where no memslot maps: such a store exits as KVM_EXIT_MMIO ("mmio"), pushes nothing
+    and userspace re-enters at once (no harvest, no reset). Writes 1, 2, 70 (sync after it), 3,
+    79: MMIO exit, then the sync at re-entry (batch [1, 2], reset 2), then 3, the MMIO exit of
+    79, done; the final harvest [3]."""
+    trace = {"slot_pages": 64, "unmapped_pages": 16, "ring_entries": 256, "reap_scope": "all",
+             "vcpus": [{"writes": [1, 2, 70, 3, 79], "syncs": [2]}]}
+    r = ringenv("replay", write(tmp_path, trace))
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    v = out["vcpus"][0]
+    assert v["exits"] == ["mmio", "sync", "mmio", "done"]
+    assert v["batches"] == [{"trigger": "sync", "offsets": [1, 2]}, {"trigger": "final", "offsets": [3]}]
+    assert out["resets"] == [2, 1] and v["resets"] == [2] and v["full_exits"] == 0
+
+
 CONFIG_ERRORS = [
     # (trace mutation, text that must appear in the message)
     ({"colour": "red"}, ["unknown key", "colour"]),
     ({"vcpus": [{"writes": [1, 1024]}]}, ["trace.vcpus[0].writes", "1024"]),
     ({"vcpus": [{"writes": [-1]}]}, ["trace.vcpus[0].writes", "-1"]),
+    ({"unmapped_pages": 8, "vcpus": [{"writes": [1, 1032]}]}, ["trace.vcpus[0].writes", "1032", "0..1031"]),
+    ({"unmapped_pages": -1}, ["trace.unmapped_pages", "-1"]),
+    ({"unmapped_pages": True}, ["trace.unmapped_pages", "True"]),
     ({"reap_scope": "mine"}, ["trace.reap_scope", "mine"]),
     ({"slot_pages": 0}, ["trace.slot_pages"]),
     ({"vcpus": [{"writes": [1], "syncs": [3]}]}, ["trace.vcpus[0].syncs"]),

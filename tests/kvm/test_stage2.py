@@ -8,6 +8,7 @@ import errno
 import numpy as np
 import pytest
 
+from ringenv.guest.base import NO_WRITE
 from ringenv.guest.trace import TraceProgram
 from ringenv.kvm import KvmError, Vm
 from ringenv.kvm import uapi as U
@@ -431,47 +432,75 @@ def test_bitmap_offsets_round_trip_sparse_and_dense(npages, count):
 
 
 # ---------------------------------------------------------------------------- no memslot
+@pytest.mark.parametrize("profile,entries", [("arm64-4k", 256), ("x86-nopml", 256), ("x86-pml", 1024)])
 @pytest.mark.parametrize("offset", [1024, 5000, -1])
-def test_write_to_a_gfn_no_memslot_maps_is_efault_when_the_guest_reaches_it(offset):
-    """A guest store to a gfn outside every memslot (slot: gfns 4096..5119) fails with EFAULT
-    naming that gfn when the vCPU reaches it: the stores before it are done (pushed, written),
-    the vCPU is out of the guest (KVM_RUN returned the error) at the store's time; it did not
-    retire: once a memslot maps the gfn, KVM_RUN executes it."""
-    h = Host([[3, 5, offset]], base_gfn=4096, slot_pages=1024)
+def test_write_to_a_gfn_no_memslot_maps_is_an_mmio_exit(offset, profile, entries):
+    """A guest store to a gfn outside every memslot (slot: gfns 4096..5119) is an access to
+    an unbacked guest-physical address: KVM_RUN returns KVM_EXIT_MMIO (x86: the EPT violation
+    finds no memslot, the access is emulated and exits as MMIO; arm64: kvm_handle_guest_abort
+    -> io_mem_abort), as for a write to a KVM_MEM_READONLY slot. The stores before it are done
+    (pushed, written), the vCPU is out of the guest at the store's time, the store itself
+    completed as MMIO (nothing written, mapped or logged, no fault): the next KVM_RUN goes on
+    after it."""
+    h = Host([[3, 5, offset, 6]], base_gfn=4096, slot_pages=1024, profile=profile, entries=entries)
+    v = h.vcpus[0]
     assert h.enter(0) is None
-    with pytest.raises(KvmError) as ei:
-        h.vm.run_until(h.vm.now + 10**9)
-    assert ei.value.errno == errno.EFAULT
-    assert f"gfn {4096 + offset}" in str(ei.value)
-    assert h.ring_offsets() == [3, 5] and h.vcpus[0].stats.pushes == 2
-    assert h.version(3) == 1 and h.version(5) == 1
-    assert not h.vcpus[0].in_guest and h.vm.now == 2 * 5  # the third store, 5 ns apart
-    h.vm.set_user_memory_region(1, LOG, (4096 + offset) * 4096, 4096)
+    e = h.run()
+    assert (e.reason, e.kind, e.vcpu) == (U.KVM_EXIT_MMIO, "mmio", 0)
+    assert not v.in_guest and h.vm.now == e.time_ns == 2 * 5  # the third store, 5 ns apart
+    assert h.ring_offsets() == [3, 5] and v.stats.pushes == 2 and v.stats.faults == 2
+    assert h.version(3) == 1 and h.version(5) == 1 and int(h.vm.version.sum()) == 2
+    assert v.pending_store == NO_WRITE and v.stats.exits == 1
     assert h.enter_and_run().kind == "done"
-    assert h.harvest_entries() == [(0, 3), (0, 5), (1, 0)]
+    assert h.harvest_entries() == [(0, 3), (0, 5), (0, 6)]
+    assert int(h.vm.version.sum()) == 3
 
 
-def test_efault_of_a_store_retried_after_a_full_exit_leaves_it_pending():
+def test_a_read_of_a_gfn_no_memslot_maps_is_an_mmio_exit_too():
+    """A load from an unbacked guest-physical address exits as MMIO as well (userspace
+    supplies the data): the walk stops there, nothing is mapped or logged."""
+    vm = _vm()
+    vm.set_user_memory_region(0, LOG, 0, 64 * 4096)
+    v = vm.create_vcpu(0)
+    vm.attach_guest(TraceProgram([[3, 900, 4]], [[]], reads=[[1]]))
+    assert _run(vm, v).kind == "mmio"
+    assert v.ring.dirty_index == 1
+    assert _run(vm, v).kind == "done"
+    assert v.ring.gfns["offset"][:2].tolist() == [3, 4]
+
+
+def test_the_exit_after_a_write_no_memslot_maps_comes_at_reentry():
+    """A sync point on the unbacked store is not lost: MMIO exit, then at re-entry the sync,
+    then done (the same as after a write to a read-only slot)."""
+    h = Host([[5, 2000, 6]], [[1]], slot_pages=64)
+    assert [h.enter_and_run().kind for _ in range(3)] == ["mmio", "sync", "done"]
+    assert h.harvest() == [5, 6]
+
+
+def test_a_store_retried_after_a_full_exit_whose_memslot_was_deleted_exits_as_mmio():
     """A store that filled the ring re-executes at the next KVM_RUN; if its memslot was deleted
-    meanwhile that KVM_RUN fails with EFAULT, and the store is still to be executed."""
+    meanwhile, no memslot maps its gfn any more: it exits as MMIO at once and completes there
+    (nothing written); the guest goes on after it at the next KVM_RUN."""
     h = Host([list(range(193))], slot_pages=1024)
+    v = h.vcpus[0]
     assert h.enter_and_run().kind == "full"
+    assert v.pending_store == 191
     h.harvest(), h.reset()
     h.vm.set_user_memory_region(0, 0, 0, 0)  # delete the slot
-    with pytest.raises(KvmError) as ei:
-        h.enter(0)
-    assert ei.value.errno == errno.EFAULT and "gfn 191" in str(ei.value)
-    assert not h.vcpus[0].in_guest and h.vcpus[0].pending_store == 191
+    e = h.enter(0)
+    assert (e.reason, e.kind) == (U.KVM_EXIT_MMIO, "mmio")
+    assert not v.in_guest and v.pending_store == NO_WRITE
     h.vm.set_user_memory_region(0, LOG, 0, 1024 * 4096)
     h.slot = h.vm.slots[0]
     assert h.enter_and_run().kind == "done"
-    assert h.harvest() == [191, 192]
+    assert h.harvest() == [192]
+    assert h.version(191) == 0 and h.version(192) == 1
 
 
 def test_a_write_that_a_later_memslot_move_maps_is_no_fault():
     """The guest syncs (exits) after writing page 5 of a 64-page slot; userspace moves the slot
     up by 64 pages; the guest then writes gfn 64 + 6, which only the moved slot maps. The walk
-    stops at the sync, so that write is only looked up after the move: no EFAULT, pushed as
+    stops at the sync, so that write is only looked up after the move: no MMIO exit, pushed as
     offset 6 of the slot (as the real kernel does: tests/realkvm/test_realkvm_limits.py)."""
     h = Host([[5, 64 + 6]], [[0]], slot_id=1, slot_pages=64)
     assert h.enter_and_run().kind == "sync"
@@ -482,7 +511,7 @@ def test_a_write_that_a_later_memslot_move_maps_is_no_fault():
 
 def test_a_full_exit_before_a_write_outside_every_memslot_comes_first():
     """192 pushes fill a 256-entry ring (soft limit 192): the vCPU exits before its next store,
-    which no memslot maps, is reached: a full exit, no EFAULT."""
+    which no memslot maps, is reached: a full exit, no MMIO exit."""
     h = Host([list(range(192)) + [5000]], slot_pages=1024)
     assert h.enter_and_run().kind == "full"
     assert len(h.harvest()) == 192

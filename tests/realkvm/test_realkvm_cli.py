@@ -70,11 +70,14 @@ def test_validate_reports_identical_or_first_difference(monkeypatch, capsys):
 def test_compare_names_the_first_difference():
     a = {"ring_entries": 256, "soft_limit": 192, "resets": [3, 1],
          "vcpus": [{"full_exits": 0, "resets": [3], "batches": [
-             {"trigger": "sync", "offsets": [1, 2, 3]}]}]}
+             {"trigger": "sync", "offsets": [1, 2, 3]}], "exits": ["sync", "mmio", "done"]}]}
     b = json.loads(json.dumps(a))
     assert validate.compare(a, b) is None
     b["vcpus"][0]["batches"][0]["offsets"][1] = 7
     assert validate.compare(a, b) == "vcpus[0].batches[0].offsets[1]: real 2, sim 7"
+    b = json.loads(json.dumps(a))
+    b["vcpus"][0]["exits"][1] = "sync"  # the exit sequence is compared too
+    assert validate.compare(a, b) == "vcpus[0].exits[1]: real 'mmio', sim 'sync'"
 
 
 def test_calibrate_emits_a_valid_profile(tmp_path, capsys):

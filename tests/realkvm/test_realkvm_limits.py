@@ -1,6 +1,8 @@
 """The VM limits of the real KVM against the simulator's profile for this host: KVM_CHECK_EXTENSION
-of the limits, memslot address spaces and guest-physical range, the vCPU count; and a write
-that only a later memslot move maps (the walk must not look it up before the guest gets there)."""
+of the limits, memslot address spaces and guest-physical range, the vCPU count, the kvm module
+parameters; a write that only a later memslot move maps (the walk must not look it up before
+the guest gets there), a retried store whose memslot was deleted (an MMIO exit), and dirty
+logging turned off and on again (faults and pushes)."""
 
 import errno
 import mmap
@@ -132,3 +134,150 @@ def test_a_write_only_a_later_memslot_move_maps(sim):
     g = vcpu.ring_gfns
     model = (kinds, [(int(s), int(o)) for f, s, o in zip(g["flags"], g["slot"], g["offset"]) if f])
     assert model == real == (["sync", "done"], [(DATA_SLOT, 5), (DATA_SLOT, 6)])
+
+
+def test_a_store_retried_after_its_memslot_was_deleted_is_an_mmio_exit(sim):
+    """A 256-entry ring (soft limit 192): the push of page 191 fills it and the vCPU exits
+    before that store retires. Userspace harvests, resets and deletes the data slot: the store
+    re-executed by the next KVM_RUN finds no memslot and exits as KVM_EXIT_MMIO at its own
+    address. The slot is created again; the guest goes on after that store (page 192 is pushed,
+    191 is not pushed again) and ends. The simulator gives the same exits and entries."""
+    from ringenv.guest.trace import TraceProgram
+
+    writes = list(range(193))
+    with Guest([WriteProgram(writes)], 256, ring_entries=256) as g:
+        ua, base = k.address_of(g.vm.memory[DATA_SLOT]), g.image.data_gpa
+        kinds = [g.run(0)[0]]
+        first = g.vcpus[0].harvest()
+        g.vm.reset_dirty_rings()
+        _region(g.vm, DATA_SLOT, LOG, base, 0, ua)  # delete the data slot
+        kind, addr = g.run(0)
+        kinds.append(kind)
+        _region(g.vm, DATA_SLOT, LOG, base, 256 * PAGE, ua)
+        kinds.append(g.run(0)[0])
+        real = (kinds, addr - base, first, g.vcpus[0].harvest())
+
+    vm = sim()
+    vm.enable_cap(k.KVM_CAP_DIRTY_LOG_RING_ACQ_REL, 256 * 16)
+    vm.set_user_memory_region(DATA_SLOT, LOG, base, 256 * PAGE, mapped_fraction=0.0)
+    vcpu = vm.create_vcpu(0)
+    vm.attach_guest(TraceProgram([writes], [[]], base_gfn=base // PAGE))
+
+    def entries():
+        g = vcpu.ring_gfns
+        live = g["flags"] == 1
+        out = [(int(s), int(o)) for s, o in zip(g["slot"][live], g["offset"][live])]
+        g["flags"][live] |= 2
+        return out
+
+    kinds = []
+    for step in range(3):
+        e = vcpu.run() or vm.run_until(vm.now + (1 << 50))[0]
+        kinds.append(e.kind)
+        if step == 0:
+            first = entries()
+            vm.reset_dirty_rings()
+            vm.set_user_memory_region(DATA_SLOT, LOG, base, 0)
+        elif step == 1:
+            vm.set_user_memory_region(DATA_SLOT, LOG, base, 256 * PAGE, mapped_fraction=0.0)
+    model = (kinds, 191 * PAGE, first, entries())
+    assert model == real
+    assert real[0] == ["full", "mmio", "done"] and real[3] == [(DATA_SLOT, 192)]
+    assert real[2] == [(DATA_SLOT, o) for o in range(192)]
+
+
+def test_the_profile_has_this_hosts_kvm_module_parameters(sim):
+    """The simulator's profile for this host carries the kvm module's eager_page_split and
+    tdp_mmu as /sys/module/kvm/parameters reports them (eager page splitting acts only with
+    the TDP MMU: kvm_mmu_slot_try_split_huge_pages returns at once without it)."""
+    from pathlib import Path
+
+    params = Path("/sys/module/kvm/parameters")
+    if not (params / "eager_page_split").is_file():
+        pytest.skip("no x86 kvm module parameters here")
+    real = {name: (params / name).read_text().strip() in ("Y", "1") for name in ("eager_page_split", "tdp_mmu")}
+    profile = sim().profile
+    assert {"eager_page_split": profile.eager_page_split, "tdp_mmu": profile.tdp_mmu} == real
+
+
+def test_logging_off_pushes_nothing_and_on_again_logs_exactly(sim):
+    """The data slot's KVM_MEM_LOG_DIRTY_PAGES is cleared at the first sync and set again at the
+    second (KVM_SET_USER_MEMORY_REGION changing only flags). Writes 1, 2 | 3, 1 | 3, 4, 1: the
+    first phase pushes 1 and 2; with logging off nothing is pushed (page 3 faults, page 1 is
+    writable); logging on again write-protects the slot: 3, 4, 1 are pushed once each. The
+    simulator gives the same exits and entries."""
+    from ringenv.guest.trace import TraceProgram
+
+    writes, syncs = [1, 2, 3, 1, 3, 4, 1], [1, 3]
+    with Guest([WriteProgram(writes, frozenset(syncs))], 64, ring_entries=256) as g:
+        ua, base = k.address_of(g.vm.memory[DATA_SLOT]), g.image.data_gpa
+        real = []
+        for flags in (0, LOG, None):
+            kind, _ = g.run(0)
+            got = g.vcpus[0].harvest()
+            assert g.vm.reset_dirty_rings() == len(got)
+            real.append((kind, got))
+            if flags is not None:
+                _region(g.vm, DATA_SLOT, flags, base, 64 * PAGE, ua)
+
+    vm = sim()
+    vm.enable_cap(k.KVM_CAP_DIRTY_LOG_RING_ACQ_REL, 256 * 16)
+    vm.set_user_memory_region(DATA_SLOT, LOG, base, 64 * PAGE, mapped_fraction=0.0)
+    vcpu = vm.create_vcpu(0)
+    vm.attach_guest(TraceProgram([writes], [syncs], base_gfn=base // PAGE))
+    from ringenv.vmm.reap import RingReader
+
+    reader, model = RingReader(vcpu.ring_gfns), []
+    for flags in (0, LOG, None):
+        e = vcpu.run() or vm.run_until(vm.now + (1 << 50))[0]
+        slots, offs = reader.reap()
+        assert vm.reset_dirty_rings() == len(offs)
+        model.append((e.kind, [(int(s), int(o)) for s, o in zip(slots, offs)]))
+        if flags is not None:
+            vm.set_user_memory_region(DATA_SLOT, flags, base, 64 * PAGE)
+    assert model == real == [("sync", [(DATA_SLOT, 1), (DATA_SLOT, 2)]), ("sync", []),
+                             ("done", [(DATA_SLOT, 3), (DATA_SLOT, 4), (DATA_SLOT, 1)])]
+
+
+def test_pages_stay_write_protected_after_logging_off(sim):
+    """Pages 1 and 2 are written (logged), harvested and reset: the reset write-protects them
+    again. Then logging is turned off (flags only) and the guest writes 1, 2, 1, 2: each page
+    takes one write-protect fault (x86 vCPU statistic pf_fixed), as it would with logging on,
+    but nothing is pushed. Logging on again: writes 1, 2, 1 fault and push once per page. The
+    simulator counts the same faults in each phase."""
+    from ringenv.guest.trace import TraceProgram
+
+    writes, syncs = [1, 2, 1, 2, 1, 2, 1, 2, 1], [1, 5]
+    flags_after = (0, LOG, None)
+    with Guest([WriteProgram(writes, frozenset(syncs))], 64, ring_entries=256) as g:
+        ua, base = k.address_of(g.vm.memory[DATA_SLOT]), g.image.data_gpa
+        vcpu, real = g.vcpus[0], []
+        if "pf_fixed" not in vcpu.stats():
+            pytest.skip("no pf_fixed vCPU statistic on this host")
+        for flags in flags_after:
+            before = vcpu.stats()["pf_fixed"]
+            kind, _ = g.run(0)
+            real.append((kind, [o for _, o in vcpu.harvest()], vcpu.stats()["pf_fixed"] - before))
+            g.vm.reset_dirty_rings()
+            if flags is not None:
+                _region(g.vm, DATA_SLOT, flags, base, 64 * PAGE, ua)
+
+    vm = sim()
+    vm.enable_cap(k.KVM_CAP_DIRTY_LOG_RING_ACQ_REL, 256 * 16)
+    vm.set_user_memory_region(DATA_SLOT, LOG, base, 64 * PAGE, mapped_fraction=0.0)
+    v = vm.create_vcpu(0)
+    vm.attach_guest(TraceProgram([writes], [syncs], base_gfn=base // PAGE))
+    from ringenv.vmm.reap import RingReader
+
+    reader, model = RingReader(v.ring_gfns), []
+    for flags in flags_after:
+        before = v.stats.faults
+        kind = (v.run() or vm.run_until(vm.now + (1 << 50))[0]).kind
+        model.append((kind, reader.reap()[1].astype(int).tolist(), v.stats.faults - before))
+        vm.reset_dirty_rings()
+        if flags is not None:
+            vm.set_user_memory_region(DATA_SLOT, flags, base, 64 * PAGE)
+    # the first touch of a page costs the real (shadow-paging) host more than one fault: compare
+    # the phases after it
+    assert model[1:] == real[1:] == [("sync", [], 2), ("done", [1, 2], 2)]
+    assert model[0][:2] == real[0][:2] == ("sync", [1, 2])

@@ -28,8 +28,10 @@ def model(trace: dict, soft_limit: int) -> list[dict]:
     first write after a reset; the push reaching the soft limit exits before the store retires,
     so after harvest + reset that store pushes its page again."""
     out = []
+    mapped = trace["slot_pages"]  # a write at or past it goes where no memslot maps: MMIO, no push
     for prog in trace["vcpus"]:
-        ring, protected, syncs = [], set(prog["writes"]), set(prog["syncs"])
+        ring, syncs = [], set(prog["syncs"])
+        protected = {w for w in prog["writes"] if w < mapped}
         v = {"full_exits": 0, "resets": [], "batches": [], "final": 0}
 
         def reap(trigger):
@@ -93,7 +95,23 @@ def test_ring_entries_override_and_json_shape():
     assert (out["ring_entries"], out["soft_limit"]) == (512, 448)
     assert [b["trigger"] for b in out["vcpus"][0]["batches"]] == ["full", "full", "final"]
     assert set(out) == {"profile", "ring_entries", "soft_limit", "resets", "vcpus"}
-    assert set(out["vcpus"][0]) == {"full_exits", "lost", "resets", "batches"}
+    assert set(out["vcpus"][0]) == {"full_exits", "lost", "resets", "batches", "exits"}
+    assert out["vcpus"][0]["exits"] == ["full", "full", "done"]
+
+
+def test_a_write_to_an_unbacked_address_is_an_mmio_exit_and_the_guest_goes_on():
+    """The real kernel: a store to a guest-physical address no memslot maps (the data slot's
+    end and beyond) exits with KVM_EXIT_MMIO; the store completes as MMIO (nothing pushed)
+    and the next KVM_RUN goes on after it. Every such write of the trace is one "mmio" exit,
+    in program order among the full and sync exits, and its page is in no batch."""
+    trace = TRACES["unmapped-256"]
+    out = real("unmapped-256")
+    v, prog = out["vcpus"][0], trace["vcpus"][0]
+    past = [w for w in prog["writes"] if w >= trace["slot_pages"]]
+    assert past and v["exits"].count("mmio") == len(past)
+    assert v["exits"][-1] == "done" and v["exits"].count("sync") == len(prog["syncs"])
+    assert v["exits"].count("full") == v["full_exits"] >= 1
+    assert all(o < trace["slot_pages"] for b in v["batches"] for o in b["offsets"])
 
 
 def test_reap_all_conserves_entries():
@@ -119,6 +137,7 @@ def test_with_bitmap_is_refused_where_unsupported():
 @pytest.mark.parametrize("bad", [
     {"slot_pages": 0}, {"reap_scope": "some"}, {"vcpus": []},
     {"vcpus": [{"writes": [16]}]}, {"vcpus": [{"writes": [1], "syncs": [1]}]},
+    {"unmapped_pages": 4, "vcpus": [{"writes": [20]}]}, {"unmapped_pages": -1},
 ])
 def test_bad_traces_are_refused(bad):
     with pytest.raises(ValueError, match="trace"):

@@ -1,0 +1,161 @@
+"""x86 eager page splitting (the kvm module parameter ``eager_page_split``, default Y since
+Linux 5.19; it acts only with the TDP MMU: kvm_mmu_slot_try_split_huge_pages and
+kvm_mmu_try_split_huge_pages return at once without it).
+
+- Enabling dirty logging without KVM_DIRTY_LOG_INITIALLY_SET: kvm_mmu_slot_apply_flags splits
+  the slot's huge mappings in the ioctl (kvm_mmu_slot_try_split_huge_pages), before
+  write-protecting them; the split needs no TLB flush of its own (the write-protection's flush
+  covers it). A vCPU's first write then costs a plain fault, no split.
+- With manual protect and INITIALLY_SET, nothing is split when logging is enabled;
+  KVM_CLEAR_DIRTY_LOG (kvm_arch_mmu_enable_log_dirty_pt_masked) splits the huge pages of each
+  mask's span (kvm_mmu_try_split_huge_pages) before write-protecting.
+- Splitting never logs anything.
+"""
+
+from __future__ import annotations
+
+import pytest
+import yaml
+
+from ringenv.config import CONFIG_DIR, ConfigError, HostProfile, load_host_profile
+from ringenv.guest.trace import TraceProgram
+from ringenv.kvm import Vm
+from ringenv.kvm import uapi as U
+
+from ._helpers import any_block_mapped, block_mapped
+
+LOG = U.KVM_MEM_LOG_DIRTY_PAGES
+FOREVER = 1 << 62
+ALL = (1 << 64) - 1  # a bitmap word with every bit set
+
+
+def _run(vm, v):
+    e = v.run()
+    return e if e is not None else vm.run_until(FOREVER)[0]
+
+
+# ---------------------------------------------------------------------------- the host profile field
+def test_the_profiles_carry_the_module_parameters():
+    """x86 profiles: eager_page_split is the kernel default (Y). x86-pml is an Intel host with
+    EPT: the TDP MMU is on (its default). x86-nopml is this project's host, measured: kvm
+    parameters eager_page_split=Y, tdp_mmu=N. arm64 has neither (its control is
+    KVM_CAP_ARM_EAGER_SPLIT_CHUNK_SIZE)."""
+    for name in ("x86-pml", "x86-nopml"):
+        assert load_host_profile(name).eager_page_split is True
+    assert load_host_profile("x86-pml").tdp_mmu is True
+    assert load_host_profile("x86-nopml").tdp_mmu is False
+    for name in ("arm64-4k", "arm64-16k", "arm64-64k"):
+        p = load_host_profile(name)
+        assert p.eager_page_split is False and p.tdp_mmu is False
+
+
+@pytest.mark.parametrize("field", ["eager_page_split", "tdp_mmu"])
+def test_an_x86_module_parameter_on_arm64_is_a_config_error(field):
+    data = yaml.safe_load((CONFIG_DIR / "hosts" / "arm64-4k.yaml").read_text())
+    HostProfile.parse({**data, field: False}, where="host profile h.yaml")  # false: allowed
+    with pytest.raises(ConfigError) as ei:
+        HostProfile.parse({**data, field: True}, where="host profile h.yaml")
+    msg = str(ei.value)
+    assert f"  {field}: " in msg and "x86" in msg and "arm64" in msg
+
+
+# ---------------------------------------------------------------------------- enabling logging
+def _slot_then_logging(profile, nblocks=4, **kw):
+    """A VM with a ring (or none: ``entries=0``), one vCPU and a slot of ``nblocks`` 2 MiB
+    blocks backed by huge pages, created without logging; logging is then turned on."""
+    entries = kw.pop("entries", 1024)
+    vm = Vm(profile)
+    if entries:
+        vm.enable_cap(U.KVM_CAP_DIRTY_LOG_RING, entries * 16)
+    vm.set_user_memory_region(0, 0, 0, nblocks * 512 * 4096, block_fraction=1.0, **kw)
+    v = vm.create_vcpu(0)
+    flushes, kernel = vm.stats.tlb_flushes, vm.stats.kernel_ns
+    vm.set_user_memory_region(0, LOG, 0, nblocks * 512 * 4096)
+    return vm, v, flushes, kernel
+
+
+@pytest.mark.parametrize("entries", [1024, 0])
+def test_enabling_logging_splits_every_huge_mapping_in_the_ioctl(entries):
+    """x86-pml (eager_page_split, TDP MMU), 4 blocks: the ioctl splits all 4 (counted, their
+    time charged to the ioctl), write-protects the slot with one TLB flush and logs nothing.
+    The vCPU's first write then costs one plain fault (PML: the logged write), no split."""
+    vm, v, flushes, kernel = _slot_then_logging("x86-pml", entries=entries)
+    c, n = vm.profile.costs, 4 * 512
+    assert vm.stats.splits == 4 and not any_block_mapped(vm, n)
+    assert vm.stats.tlb_flushes == flushes + 1
+    assert vm.last_ioctl_ns == int(c.protect_page_ns * n) + vm._tlbi_ns + 4 * c.split_ns
+    assert vm.stats.kernel_ns == kernel + vm.last_ioctl_ns
+    if entries:
+        assert v.ring.dirty_index == 0
+    else:
+        assert not vm.slots[0].dirty_bitmap.any()
+    vm.attach_guest(TraceProgram([[10, 600]], [[]]))
+    assert _run(vm, v).kind == "done"
+    assert (v.stats.faults, v.stats.splits, vm.stats.splits) == (2, 0, 4)
+    assert v.stats.fault_ns < vm._write_costs[1]  # no split's time in the guest's
+    if entries:
+        assert v.ring.gfns["offset"][:2].tolist() == [10, 600] and v.stats.pushes == 2
+    else:
+        assert int(vm.slots[0].dirty_bitmap[0]) == 1 << 10 and int(vm.slots[0].dirty_bitmap[9]) == 1 << (600 - 576)
+
+
+def test_without_the_tdp_mmu_huge_pages_split_lazily():
+    """x86-nopml (this host: tdp_mmu=N): kvm_mmu_slot_try_split_huge_pages does nothing; the
+    first write in a block splits it in the vCPU's fault."""
+    vm, v, flushes, _ = _slot_then_logging("x86-nopml", entries=256)
+    assert vm.stats.splits == 0 and block_mapped(vm, 0) and vm.stats.tlb_flushes == flushes + 1
+    vm.attach_guest(TraceProgram([[10]], [[]]))
+    assert _run(vm, v).kind == "done"
+    assert (v.stats.splits, vm.stats.splits) == (1, 1)
+
+
+def test_eager_page_split_off_splits_lazily():
+    p = load_host_profile("x86-pml").model_copy(update={"eager_page_split": False, "name": "x86-pml-lazy"})
+    vm, v, _, _ = _slot_then_logging(p)
+    assert vm.stats.splits == 0 and block_mapped(vm, 0)
+
+
+def test_memory_not_mapped_yet_has_nothing_to_split():
+    """Untouched memory (no stage-2 mapping) is not split; the write that maps it under logging
+    maps one page (no split either)."""
+    vm, v, _, _ = _slot_then_logging("x86-pml", mapped_fraction=0.0)
+    assert vm.stats.splits == 0
+    vm.attach_guest(TraceProgram([[10]], [[]]))
+    assert _run(vm, v).kind == "done"
+    assert (v.stats.splits, v.stats.pushes) == (0, 1)
+
+
+# ---------------------------------------------------------------------------- manual protect + INITIALLY_SET
+def test_initially_set_splits_at_clear_dirty_log():
+    """Bitmap mode with MANUAL_PROTECT | INITIALLY_SET: enabling logging splits and protects
+    nothing. CLEAR_DIRTY_LOG of pages 64..127 (all bits) splits block 0 (the span's huge page)
+    in the ioctl and write-protects exactly those pages: a write to 100 costs one plain fault
+    (no split) and sets its bit; a write to 200 (still set in the bitmap, writable) costs
+    nothing; block 1 is still a huge mapping."""
+    vm = Vm("x86-pml")
+    vm.enable_cap(U.KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2,
+                  U.KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE | U.KVM_DIRTY_LOG_INITIALLY_SET)
+    vm.set_user_memory_region(0, 0, 0, 1024 * 4096, block_fraction=1.0)
+    v = vm.create_vcpu(0)
+    vm.set_user_memory_region(0, LOG, 0, 1024 * 4096)
+    assert vm.stats.splits == 0 and block_mapped(vm, 0) and vm.last_ioctl_ns == 0
+    c = vm.profile.costs
+    vm.clear_dirty_log(0, 64, 64, [ALL])
+    assert vm.stats.splits == 1 and not block_mapped(vm, 0) and block_mapped(vm, 512)
+    assert vm.last_ioctl_ns == (int(c.get_dirty_log_page_ns * 64) + int(c.clear_dirty_log_page_ns * 64)
+                                + vm._tlbi_ns + c.split_ns)
+    vm.attach_guest(TraceProgram([[100, 200]], [[]]))
+    assert _run(vm, v).kind == "done"
+    assert (v.stats.faults, v.stats.splits, vm.stats.splits) == (1, 0, 1)
+    bm = vm.get_dirty_log(0)
+    assert int(bm[1]) == 1 << (100 - 64)
+
+
+def test_initially_set_without_the_tdp_mmu_does_not_split_at_clear():
+    vm = Vm("x86-nopml")
+    vm.enable_cap(U.KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2,
+                  U.KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE | U.KVM_DIRTY_LOG_INITIALLY_SET)
+    vm.set_user_memory_region(0, 0, 0, 1024 * 4096, block_fraction=1.0)
+    vm.set_user_memory_region(0, LOG, 0, 1024 * 4096)
+    vm.clear_dirty_log(0, 64, 64, [ALL])
+    assert vm.stats.splits == 0 and block_mapped(vm, 0)
