@@ -29,11 +29,12 @@ time is charged to the vCPU as lost time by the host; it does not thin the write
 from __future__ import annotations
 
 import math
+import numbers
 
 import numba
 import numpy as np
 
-from ..config import WorkloadConfig, load_workload
+from ..config import ConfigError, WorkloadConfig, load_workload
 from .base import GuestProgram, WriteBatch
 
 NS = 1e9
@@ -84,13 +85,25 @@ def _place_all(ranks, a, b, m, n, start, out):  # pragma: no cover - compiled
 
 
 class WorkloadProgram(GuestProgram):
-    """A :class:`~ringenv.config.WorkloadConfig` running on ``nr_vcpus`` vCPUs, seeded."""
+    """A :class:`~ringenv.config.WorkloadConfig` running on ``nr_vcpus`` vCPUs, seeded.
 
-    def __init__(self, workload, nr_vcpus: int, *, seed: int = 0, rate_scale: float = 1.0):
+    ``seed`` fixes the workload's timeline: the layout of its regions and its sequence of calm
+    and burst phases. ``start_ns`` is where on that timeline the program starts (integer ns,
+    >= 0): its time t is the timeline's t + start_ns, so its phases are those of t + start_ns
+    and its sequential sweeps start where ``start_ns`` of running left them (every vCPU in the
+    guest all along); the random draws of its writes are then its own (a stream seeded by
+    ``seed`` and ``start_ns``), not those of a program started at 0. That is how a dirty-rate
+    sample taken before a migration (the timeline's first seconds) and the migration (the
+    same guest, from where the sample ended) share a workload without sharing its writes."""
+
+    def __init__(self, workload, nr_vcpus: int, *, seed: int = 0, rate_scale: float = 1.0, start_ns: int = 0):
+        if isinstance(start_ns, (bool, np.bool_)) or not isinstance(start_ns, numbers.Integral) or start_ns < 0:
+            raise ConfigError(f"start_ns: {start_ns!r} is not accepted; accepted: an integer number of ns >= 0")
         self.cfg: WorkloadConfig = load_workload(workload)
         self.nr_vcpus = int(nr_vcpus)
         self.seed = seed
         self.rate_scale = float(rate_scale)
+        self.start_ns = int(start_ns)
         self.rng = np.random.default_rng(np.random.SeedSequence([seed, 0x5EED]))
         self._phase_rng = np.random.default_rng(np.random.SeedSequence([seed, 0xFA5E]))
         self.vm = None
@@ -183,23 +196,47 @@ class WorkloadProgram(GuestProgram):
             self._phase_m.append(1.0)
         self._ph_lo, self._ph_hi, self._ph_m = (0, 1 << 62, 1.0) if self.cfg.phases is None else (0, 0, 1.0)
         self._rates: dict = {}  # (running vCPUs, multiplier) -> rates and writer shares (_rates_for)
+        if self.start_ns:
+            # the sweeps as start_ns of running left them; the writes' draws a stream of their own
+            self.s_pos = (self.s_rate * self._rate_time(self.start_ns)) % np.maximum(self.s_n, 1)
+            self.rng = np.random.default_rng(np.random.SeedSequence([self.seed, 0x5EED, self.start_ns]))
 
     # ------------------------------------------------------------------ phases
     def multiplier(self, t: int) -> tuple[float, int]:
-        """Rate multiplier at t and the time the current phase ends."""
+        """Rate multiplier at t and the time the current phase ends (the program's time: the
+        timeline's t + ``start_ns``)."""
         if self._ph_lo <= t < self._ph_hi:  # the phase of the last call (nearly always)
             return self._ph_m, self._ph_hi
         if self.cfg.phases is None:
             return 1.0, 1 << 62
+        at = t + self.start_ns
+        self._phases_until(at)
+        i = int(np.searchsorted(self._phase_t, at, side="right")) - 1
+        off = self.start_ns
+        self._ph_lo, self._ph_hi, self._ph_m = self._phase_t[i] - off, self._phase_t[i + 1] - off, self._phase_m[i]
+        return self._ph_m, self._ph_hi
+
+    def _phases_until(self, at: int) -> None:
+        """Draw the timeline's phases up to one that ends after ``at`` (timeline time)."""
         ph = self.cfg.phases
-        while self._phase_t[-1] <= t:
+        while self._phase_t[-1] <= at:
             calm = self._phase_m[-1] == ph.calm_multiplier
             mean = ph.mean_calm_s if calm else ph.mean_burst_s
             self._phase_t.append(self._phase_t[-1] + max(1, int(self._phase_rng.exponential(mean) * NS)))
             self._phase_m.append(ph.burst_multiplier if calm else ph.calm_multiplier)
-        i = int(np.searchsorted(self._phase_t, t, side="right")) - 1
-        self._ph_lo, self._ph_hi, self._ph_m = self._phase_t[i], self._phase_t[i + 1], self._phase_m[i]
-        return self._ph_m, self._ph_hi
+
+    def _rate_time(self, until: int) -> float:
+        """The integral of the rate multiplier over the timeline's [0, until), ns: how far a
+        sweep that ran all along has gone, in units of its rate."""
+        if self.cfg.phases is None:
+            return float(until)
+        self._phases_until(until)
+        total = 0.0
+        for a, b, m in zip(self._phase_t, self._phase_t[1:], self._phase_m):
+            if a >= until:
+                break
+            total += (min(b, until) - a) * m
+        return total
 
     # ------------------------------------------------------------------ sampling
     def _rates_for(self, running: np.ndarray, mult: float) -> tuple[np.ndarray, np.ndarray, bool, np.ndarray]:

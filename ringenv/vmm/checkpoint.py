@@ -14,7 +14,10 @@ A checkpoint that ends after the next one was due counts as an overrun (the next
 once). The run ends at ``checkpoint.horizon_s``; what is under way then (the base image, a
 checkpoint) is finished first. A run that took no checkpoint verified nothing (``verified``
 None) and did not keep its schedule (``converged`` False). ``pass_bytes``: the base image,
-then one entry per checkpoint.
+then one entry per checkpoint. ``remaining_bytes``: what the next checkpoint would write if
+taken now (every page dirtied since the last one and not yet saved, each once), not only the
+migration bitmap's pages: between checkpoints those wait in the rings, the slot bitmap or the
+kernel's dirty bitmap.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ class CheckpointRun(Session):
     """Checkpoints of a scenario for its horizon: ``advance(until_ns)`` / ``run()``, ``metrics()``."""
 
     kind = "checkpoint"
+    tracks_unsaved = True
 
     def __init__(self, scenario=None, *, seed=None, **overrides):
         self.pauses: list[int] = []
@@ -81,6 +85,12 @@ class CheckpointRun(Session):
         self.resume_vm()
         self.pauses.append(loop.now - t_pause)
         self.end_pass()
+
+    def _remaining_pages(self) -> int:
+        """Every page dirtied since the last checkpoint and not yet saved: what the next one
+        would write if taken now, wherever it waits (migration bitmap, slot bitmap, a ring, the
+        kernel's dirty bitmap), each page once (see the collectors' ``unsaved_pages``)."""
+        return self.collector.unsaved_pages()
 
     def metrics(self) -> Metrics:
         on_schedule = self.overruns == 0 and (bool(self.pauses) or not self.finished)

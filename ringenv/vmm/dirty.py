@@ -11,6 +11,16 @@ Per guest base page (6 bytes in all; the kernel keeps its own ~5):
   at send time: that is the page content. At the end the migration verifies
   ``dest == source + 1`` for every page (kvm-dirty-ring.md s10).
 
+With the ring, a checkpoint run also keeps for its metrics (QEMU has no such count)
+``unsaved``: the pages dirty in ``mig`` or in ``seen`` (a u64 bitmap, 1 bit per page so that it
+stays in cache: the pages harvested into ``slot`` or in a ring entry the VMM has looked at,
+:func:`ringenv.vmm.reap.look_rings`), each page once. Every change of those bitmaps keeps it up
+to date, so it costs no scan of RAM: a look at each ring entry once, and at the pages each send
+takes. ``seen`` is cleared at every merge, which follows a flush (no entry looked at is left in
+a ring). With the bitmap, such a run keeps ``mig_blocks`` instead: the pages of ``mig`` in each
+block of ``MIG_BLOCK`` pages, so that a look at the kernel's bitmap reads ``mig`` only in the
+blocks it partly covers (:func:`ringenv.vmm.collectors.BitmapCollector.unsaved_pages`).
+
 Pages are sent in chunks found with vectorized scans of ``mig``, never one by one in Python.
 """
 
@@ -21,14 +31,24 @@ import numpy as np
 
 from ..arrays import RECYCLER, popcount, trailing_zeros
 
+MIG_BLOCK_SHIFT = 12
+MIG_BLOCK = 1 << MIG_BLOCK_SHIFT  # pages per block of ``DirtyPages.mig_blocks`` (64 words of a u64 bitmap)
+
 
 class DirtyPages:
-    def __init__(self, npages: int, with_slot: bool):
+    def __init__(self, npages: int, with_slot: bool, track_unsaved: bool = False):
         self.npages = npages
         self.mig = RECYCLER.zeros(npages, bool)
         self.slot = RECYCLER.zeros(npages, bool) if with_slot else None
         self.dest = RECYCLER.zeros(npages, np.uint32)  # source version + 1 at send time; 0: never sent
+        # slot's pages and those of ring entries looked at, a bit each (module docstring)
+        self.seen = RECYCLER.zeros((npages + 63) // 64, np.uint64) if with_slot and track_unsaved else None
+        self.tracking = self.seen is not None  # ``unsaved`` is kept
+        # with the bitmap: mig's pages per block of MIG_BLOCK (module docstring)
+        self.mig_blocks = np.zeros(-(-npages // MIG_BLOCK), dtype=np.int64) \
+            if track_unsaved and not with_slot else None
         self.mig_count = 0
+        self.unsaved = 0  # pages in mig or seen (kept only when tracking)
         self.slot_marked = 0  # harvested entries marked in ``slot`` since the last merge
         self.cursor = 0  # where the migration thread's search continues (QEMU last_seen_block/last_page)
         self.pages_sent = 0
@@ -37,26 +57,38 @@ class DirtyPages:
 
     @property
     def nbytes(self) -> int:
+        """QEMU's bookkeeping memory: the bitmaps and the destination's copy (not ``seen``, the
+        simulator's own)."""
         return sum(a.nbytes for a in (self.mig, self.slot, self.dest) if a is not None)
 
     # ------------------------------------------------------------------ filling the bitmaps
     def mark_harvested(self, offsets: np.ndarray) -> None:
-        """Ring entries harvested: set their bits in the slot bitmap."""
+        """Dirty pages harvested (the backup bitmap's): set their bits in the slot bitmap."""
         if len(offsets):
             self.slot[offsets] = True
+            if self.tracking:
+                self.unsaved += int(_see(np.ascontiguousarray(offsets, dtype=np.int64), self.seen, self.mig))
             self.slot_marked += len(offsets)
 
     def set_all(self) -> None:
         """Migration setup: every page is dirty (QEMU's bulk stage)."""
         self.mig[:] = True
         self.mig_count = self.npages
+        self.unsaved = self.npages
+        if self.mig_blocks is not None:
+            self.mig_blocks[:] = MIG_BLOCK
+            self.mig_blocks[-1] = self.npages - MIG_BLOCK * (len(self.mig_blocks) - 1)
 
     def merge_slot(self) -> int:
         """Sync (ring): the slot bitmap into the migration bitmap, then clear it. Returns the
-        pages that became dirty (QEMU num_dirty_pages_period)."""
-        if not self.slot_marked:
+        pages that became dirty (QEMU num_dirty_pages_period). Called right after every ring
+        was harvested (a flush): ``seen`` then holds the slot's pages only and is cleared too
+        (``unsaved`` stays: they are in mig now)."""
+        if not self.slot_marked:  # (nor is any page seen: a merge follows a flush)
             return 0
         new = int(_merge(self.mig, self.slot, _words(self.mig), _words(self.slot)))
+        if self.tracking:
+            self.seen.fill(0)
         self.mig_count += new
         self.slot_marked = 0
         return new
@@ -67,6 +99,8 @@ class DirtyPages:
         count = int(np.count_nonzero(self.mig))
         new = count - self.mig_count
         self.mig_count = count
+        if self.mig_blocks is not None:
+            _count_blocks(self.mig, _words(self.mig), self.mig_blocks)
         return new
 
     def merge_offsets(self, offsets: np.ndarray) -> int:
@@ -74,7 +108,12 @@ class DirtyPages:
         if len(offsets) == 0:
             return 0
         offsets = np.unique(offsets)
-        new = int(np.count_nonzero(~self.mig[offsets]))
+        fresh = ~self.mig[offsets]
+        new = int(np.count_nonzero(fresh))
+        if self.tracking:
+            self.unsaved += int(_unseen(offsets[fresh], self.seen))
+        if self.mig_blocks is not None:
+            np.add.at(self.mig_blocks, offsets[fresh] // MIG_BLOCK, 1)
         self.mig[offsets] = True
         self.mig_count += new
         return new
@@ -96,6 +135,10 @@ class DirtyPages:
         if got == want:
             self.cursor = end if end < n else 0
         self.mig_count -= got
+        if self.tracking:
+            self.unsaved -= int(_unseen(pages[:got], self.seen))
+        if self.mig_blocks is not None:
+            _add_blocks(pages[:got], self.mig_blocks, -1)
         return pages[:got]
 
     def take_run(self, maxn: int) -> tuple[int, int] | None:
@@ -112,6 +155,10 @@ class DirtyPages:
             return None
         mig[c: c + want] = False
         self.mig_count -= want
+        if self.tracking:
+            self.unsaved -= int(_unseen_run(self.seen, c, c + want))
+        if self.mig_blocks is not None:
+            _sub_run_blocks(c, c + want, self.mig_blocks)
         self.cursor = c + want if c + want < n else 0
         return c, want
 
@@ -122,6 +169,10 @@ class DirtyPages:
             return
         self.mig[pages] = True
         self.mig_count += len(pages)
+        if self.tracking:
+            self.unsaved += int(_unseen(np.ascontiguousarray(pages, dtype=np.int64), self.seen))
+        if self.mig_blocks is not None:
+            _add_blocks(np.ascontiguousarray(pages, dtype=np.int64), self.mig_blocks, 1)
         self.cursor = int(pages[0])
 
     def copy(self, pages: np.ndarray, source_version: np.ndarray) -> None:
@@ -179,6 +230,96 @@ def _merge(mig, slot, mig_words, slot_words):  # pragma: no cover - compiled
                 new += 1
             slot[p] = False
     return new
+
+
+@numba.njit(cache=True, nogil=True)
+def _count_blocks(mig, mig_words, blocks):  # pragma: no cover - compiled
+    """blocks[b] = the pages of ``mig`` in block b (MIG_BLOCK pages), recounted (a word, 8 pages,
+    at a time)."""
+    blocks[:] = 0
+    for i in range(mig_words.shape[0]):
+        blocks[(8 * i) // MIG_BLOCK] += popcount(mig_words[i])
+    for p in range(8 * mig_words.shape[0], mig.shape[0]):
+        if mig[p]:
+            blocks[p // MIG_BLOCK] += 1
+
+
+@numba.njit(cache=True, nogil=True)
+def _add_blocks(pages, blocks, d):  # pragma: no cover - compiled
+    """Add ``d`` to the count of each page's block (pages mostly ascending: a block's run of
+    pages is one update)."""
+    if pages.shape[0] == 0:
+        return
+    cur = pages[0] >> MIG_BLOCK_SHIFT
+    run = 0
+    for i in range(pages.shape[0]):
+        b = pages[i] >> MIG_BLOCK_SHIFT
+        if b != cur:
+            blocks[cur] += d * run
+            cur, run = b, 0
+        run += 1
+    blocks[cur] += d * run
+
+
+@numba.njit(cache=True, nogil=True)
+def _sub_run_blocks(a, b, blocks):  # pragma: no cover - compiled
+    """The pages a .. b-1 left mig: take them off their blocks' counts."""
+    p = a
+    while p < b:
+        end = min(b, (p // MIG_BLOCK + 1) * MIG_BLOCK)
+        blocks[p // MIG_BLOCK] -= end - p
+        p = end
+
+
+@numba.njit(inline="always")
+def see(seen, p):  # pragma: no cover - compiled
+    """Set page p's bit in the u64 bitmap ``seen``; returns whether it was clear."""
+    w = seen[p >> 6]
+    bit = np.uint64(1) << np.uint64(p & 63)
+    if w & bit:
+        return False
+    seen[p >> 6] = w | bit
+    return True
+
+
+@numba.njit(cache=True, nogil=True)
+def _see(offsets, seen, mig):  # pragma: no cover - compiled
+    """:func:`see` each of ``offsets``; returns how many of those pages were in neither seen nor
+    mig (each page once, repeats or not)."""
+    fresh = 0
+    for i in range(offsets.shape[0]):
+        p = offsets[i]
+        if see(seen, p) and not mig[p]:
+            fresh += 1
+    return fresh
+
+
+@numba.njit(cache=True, nogil=True)
+def _unseen(pages, seen):  # pragma: no cover - compiled
+    """How many of ``pages`` are not in the u64 bitmap ``seen``."""
+    n = 0
+    for i in range(pages.shape[0]):
+        p = pages[i]
+        if not (seen[p >> 6] >> np.uint64(p & 63)) & np.uint64(1):
+            n += 1
+    return n
+
+
+@numba.njit(cache=True, nogil=True)
+def _unseen_run(seen, a, b):  # pragma: no cover - compiled
+    """How many of the pages a .. b-1 are not in the u64 bitmap ``seen`` (a word at a time)."""
+    n = 0
+    p = a
+    while p < b:
+        i = p >> 6
+        lo = p & 63
+        hi = min(64, lo + (b - p))
+        w = seen[i] >> np.uint64(lo)
+        if hi - lo < 64:
+            w &= (np.uint64(1) << np.uint64(hi - lo)) - np.uint64(1)
+        n += (hi - lo) - np.int64(popcount(w))
+        p += hi - lo
+    return n
 
 
 @numba.njit(cache=True, nogil=True)

@@ -4,7 +4,11 @@ read in windows.
 Before migration starts, log dirty pages of the whole VM for ``seconds`` with
 KVM_GET_DIRTY_LOG and report dirtied bytes per second. This runs on its own VM (no ring: the
 ring size is not chosen yet, and KVM fixes it once vCPUs exist), with the same host, memory,
-vCPUs, workload and seed as the run that follows.
+vCPUs, workload and seed as the run that follows. The sample covers the ``seconds`` BEFORE that
+run, the first ``seconds`` of the workload's timeline: the run is then started with
+``workload_start_s=seconds`` (:class:`~ringenv.vmm.session.Session`), so that it goes on from
+where the sample left the workload (its phase, its sweeps) with writes of its own: the sample
+tells what the workload was doing, not what the run's first second will draw.
 """
 
 from __future__ import annotations

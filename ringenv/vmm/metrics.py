@@ -21,7 +21,7 @@ class Metrics:
     time_s: float  #: session time reached, s
     # --- outcome (final once done)
     downtime_s: float  #: migration: stop to destination ready; checkpoint: the longest pause, s
-    total_s: float  #: migration: start to end incl. downtime; checkpoint: the horizon, s
+    total_s: float  #: migration: start to end incl. downtime; checkpoint: start to end (the horizon, or later when a checkpoint under way at the horizon is finished first), s
     converged: bool  #: migration: switchover by the downtime rule (not forced at give_up_s); checkpoint: no overrun (and, at the end, a checkpoint taken)
     iterations: int  #: dirty syncs (QEMU dirty-sync-count: setup, each pass, final)
     passes: int  #: completed live passes over the dirty set (syncs between setup and stop)
@@ -53,7 +53,7 @@ class Metrics:
     # --- observation
     dirty_rate_Bps: float  #: estimated guest dirty rate, bytes/s
     ring_fill: tuple  #: per vCPU: entries waiting / soft limit
-    remaining_bytes: int  #: dirty bytes still to send in this pass (QEMU's pending estimate)
+    remaining_bytes: int  #: migration: dirty bytes still to send in this pass (QEMU's pending estimate); checkpoint: dirty bytes not yet saved (what the next checkpoint would write now)
     bandwidth_Bps: float  #: measured send bandwidth, bytes/s
     threshold_bytes: int  #: bandwidth x downtime-limit: the switchover threshold, bytes
     progress: float  #: share of guest RAM sent at least once

@@ -31,6 +31,7 @@ host window per grid period; results then depend on the grid, never on the step 
 from __future__ import annotations
 
 import math
+import numbers
 from bisect import bisect_right
 from collections import deque
 from functools import cached_property
@@ -56,15 +57,45 @@ MAX_SLICE_NS = 1000 * MS  # consecutive slices simulated as one send (see Sessio
 BW_WINDOW_NS = 100 * MS  # QEMU BUFFER_DELAY: bandwidth measured over >= 100 ms
 RATE_WINDOW_NS = 1000 * MS
 
+_NO_PAGES = np.zeros(0, dtype=np.int64)
 _sample_time = itemgetter(0)  # of a dirty-rate sample (time, entries harvested so far)
 
 # vCPU thread states
 GUEST, OUT, SLEEP, DLSLEEP, PARKED, DONE, WEDGED = range(7)
 
 
+def _host_sync_ns(host_sync_ms) -> int:
+    """``host_sync_ms`` checked and in ns (0: no grid): None, or a real number of ms, finite and
+    at least 1 ns once rounded to ns (a bool is no number of ms; infinity is no grid)."""
+    if host_sync_ms is None:
+        return 0
+    ok = isinstance(host_sync_ms, numbers.Real) and not isinstance(host_sync_ms, (bool, np.bool_))
+    ns = float(host_sync_ms) * MS if ok else math.nan
+    if not (math.isfinite(ns) and round(ns) >= 1):
+        raise ConfigError(f"host_sync_ms: {host_sync_ms!r} is not accepted; accepted: a finite number of ms >= 1e-06 "
+                          "(1 ns), or None")
+    return int(round(ns))
+
+
+def _workload_start_ns(workload_start_s) -> int:
+    """``workload_start_s`` checked and in ns: a finite real number of seconds >= 0."""
+    ok = isinstance(workload_start_s, numbers.Real) and not isinstance(workload_start_s, (bool, np.bool_))
+    s = float(workload_start_s) if ok else math.nan
+    if not (math.isfinite(s) and s >= 0):
+        raise ConfigError(f"workload_start_s: {workload_start_s!r} is not accepted; accepted: a finite number of "
+                          "seconds >= 0")
+    return int(round(s * NS))
+
+
 class Session:
     """Base of :class:`~ringenv.vmm.migration.MigrationRun` and
-    :class:`~ringenv.vmm.checkpoint.CheckpointRun`: one scenario, one seed, one VM."""
+    :class:`~ringenv.vmm.checkpoint.CheckpointRun`: one scenario, one seed, one VM.
+
+    ``host_sync_ms``: the grid of host synchronisations (module docstring), None for none.
+    ``workload_start_s``: where on the workload's timeline the run starts (the guest has been
+    running that long: its phases and sweeps go on from there, with draws of its own; see
+    :class:`~ringenv.guest.workload.WorkloadProgram`): the environment starts a run where its
+    dirty-rate sample (:func:`~ringenv.vmm.dirtyrate.sample_dirty_rate`) ended."""
 
     PRIO_VCPU = 1
     PRIO_MAIN = 2
@@ -73,12 +104,14 @@ class Session:
     PRIO_TICK = 9
 
     kind = "session"
+    #: whether the run keeps the count of pages not yet saved, wherever they wait (its
+    #: ``remaining_bytes``, see :meth:`_remaining_pages`): a checkpoint run does
+    tracks_unsaved = False
 
     def __init__(self, scenario: ScenarioConfig | str | dict | None = None, *, seed: int | None = None,
-                 host_sync_ms: float | None = None, **overrides):
-        if host_sync_ms is not None and not (isinstance(host_sync_ms, (int, float)) and host_sync_ms > 0):
-            raise ConfigError(f"host_sync_ms: {host_sync_ms!r} is not accepted; accepted: a positive number of ms, or None")
-        self.host_sync_ns = int(round(host_sync_ms * MS)) if host_sync_ms else 0
+                 host_sync_ms: float | None = None, workload_start_s: float = 0.0, **overrides):
+        self.host_sync_ns = _host_sync_ns(host_sync_ms)
+        self.workload_start_ns = _workload_start_ns(workload_start_s)
         if seed is not None:
             overrides["seed"] = seed
         cfg = load_scenario(scenario, **overrides) if (overrides or not isinstance(scenario, ScenarioConfig)) \
@@ -126,7 +159,7 @@ class Session:
         self.sync_rate_Bps = 0.0
 
         self._build_vm()
-        self.dirty = DirtyPages(self.npages, with_slot=cfg.collector == "ring")
+        self.dirty = DirtyPages(self.npages, with_slot=cfg.collector == "ring", track_unsaved=self.tracks_unsaved)
         self.collector = RingCollector(self) if cfg.collector == "ring" else BitmapCollector(self)
         self.throttle = make_throttle(self)
 
@@ -181,14 +214,16 @@ class Session:
             vm.enable_cap(U.KVM_CAP_ARM_EAGER_SPLIT_CHUNK_SIZE, cfg.vm.eager_split_chunk)
         vm.set_user_memory_region(0, 0, 0, self.memory, block_fraction=cfg.vm.block_fraction)
         self.vcpus = [vm.create_vcpu(i) for i in range(cfg.vm.vcpus)]
-        self.guest = WorkloadProgram(cfg.workload_config, cfg.vm.vcpus, seed=cfg.seed, rate_scale=cfg.rate_scale)
+        self.guest = WorkloadProgram(cfg.workload_config, cfg.vm.vcpus, seed=cfg.seed, rate_scale=cfg.rate_scale,
+                                     start_ns=self.workload_start_ns)
         vm.attach_guest(self.guest)
         self.vm = vm
         # arm64: the vGIC ITS tables and the LPI pending tables (64 KiB per redistributor) live in
         # guest RAM; KVM writes them with no running vCPU when the VM stops (QEMU's vm state
-        # change handlers), so they are logged in the backup bitmap only.
+        # change handlers), so they are logged in the backup bitmap only. Their size is in bytes,
+        # (16 + 16 x vCPUs) 4 KiB: the same bytes, so fewer pages, on a 16K or 64K granule.
         if p.arch == "arm64":
-            n = min(self.npages // 4, (16 + 16 * cfg.vm.vcpus) * max(1, 4096 // self.page_size))
+            n = min(self.npages // 4, -(-(16 + 16 * cfg.vm.vcpus) * 4096 // self.page_size))
             self.vgic_gfns = np.arange(self.npages - n, self.npages, dtype=np.int64)
         else:
             self.vgic_gfns = np.zeros(0, dtype=np.int64)
@@ -323,6 +358,16 @@ class Session:
             if st in (SLEEP, DLSLEEP) and self.vproc[i] is not None and self.vproc[i].pending is not None:
                 last = max(last, self.vproc[i].pending[0])
         return last - self.loop.now
+
+    def wait_for_sleeping_vcpus(self):
+        """The wait of a synchronous run_on_cpu on every vCPU (kvm_dirty_ring_flush's kick, QEMU's
+        kvm_cpu_synchronize_kick_all): a vCPU thread asleep in a throttle sleep runs the work when
+        it wakes, and the caller waits for it without the big lock (qemu_cond_wait releases it).
+        A process step: yields until every vCPU now asleep is back; returns how long, ns."""
+        wait = self._sleepers_wake_ns()
+        if wait:
+            yield wait
+        return wait
 
     def _wedged(self, i: int) -> bool:
         """KVM_RUN returned DIRTY_RING_FULL at once although everything harvested was reset and
@@ -469,9 +514,7 @@ class Session:
         With the ring, the flush kicks every vCPU with a synchronous run_on_cpu: a vCPU thread
         asleep in a throttle sleep does that work when it wakes, and the sync waits for it (with
         the big lock released, as QEMU waits on its condition); that wait is part of the sync."""
-        wait = self._sleepers_wake_ns() if self.collector.kind == "ring" else 0
-        if wait:
-            yield wait
+        wait = (yield from self.wait_for_sleeping_vcpus()) if self.collector.kind == "ring" else 0
         yield self.bql
         ns = self.collector.sync(last_stage)
         self.bql.release_at(self.loop.now + ns)
@@ -534,29 +577,32 @@ class Session:
                 self._taken = 0
             self.dirty.copy(pages, self.source_version())
             npages = len(pages)
-        new = npages - (self.dirty.pages_resent - resent)  # sent for the first time
+        resent = self.dirty.pages_resent - resent  # sent before (the rest: for the first time)
         nbytes = npages * bpp
         self.bytes_sent += nbytes
         self._pass_sent += nbytes
         dt = int(math.ceil(nbytes * NS / rate_Bps))
-        self._slice = (self.loop.now, dt, npages, nbytes, new)
+        self._slice = (self.loop.now, dt, npages - resent, resent, nbytes)
         yield dt
         self._slice = None
         self.update_bandwidth()
 
-    def _in_flight(self, now: int) -> tuple[int, int, int]:
-        """(pages, bytes, pages sent for the first time) of the slice being sent that are not on
-        the wire by ``now`` (its first-time pages pro rata, so that the share of RAM sent at
-        least once never goes down)."""
+    def _in_flight(self, now: int) -> tuple[int, int, int, int]:
+        """(pages, bytes, pages sent for the first time, pages re-sent) of the slice being sent
+        that are not on the wire by ``now``. The slice's first-time and re-sent pages leave pro
+        rata, each rounded on its own, and its pages are their sum: the pages sent, the pages
+        re-sent and the share of RAM sent at least once each only go up, and no step shows more
+        pages re-sent than sent."""
         if self._slice is None:
-            return 0, 0, 0
-        t0, dt, n, nbytes, new = self._slice
+            return 0, 0, 0, 0
+        t0, dt, new, resent, nbytes = self._slice
         if not dt:
-            return 0, 0, 0
+            return 0, 0, 0, 0
         done = (now - t0) / dt  # share on the wire, clamped to [0, 1]
         done = (done if done < 1.0 else 1.0) if done > 0.0 else 0.0
         left = 1.0 - done
-        return int(n * left), int(nbytes * left), int(new * left)
+        new_left, resent_left = int(new * left), int(resent * left)
+        return new_left + resent_left, int(nbytes * left), new_left, resent_left
 
     def send_bytes(self, nbytes: int, rate_Bps: float):
         if nbytes > 0:
@@ -686,9 +732,9 @@ class Session:
         name, collector, ring, ring_entries, ring_bytes, bytes_per_page, soft_limit = self._run_constants
         full_exits, fault_ns, overflows = vm.vcpu_totals()
         vm_st = vm.stats
-        ready = self.collector.ready()
+        ready = self.collector.look(overflows)
         fill = (ready / soft_limit).tolist() if ring else [0.0] * len(vcpus)
-        fl_pages, fl_bytes, fl_new = self._in_flight(self.now_ns)
+        fl_pages, fl_bytes, fl_new, fl_resent = self._in_flight(self.now_ns)
         wedged = [t for t in self.wedged_at.tolist() if t >= 0]
         spin = self._spin_ns(wedged) if wedged else 0
         return {
@@ -697,7 +743,7 @@ class Session:
             "downtime_s": downtime_s, "total_s": total_s, "converged": converged,
             "iterations": self.iterations, "passes": self.passes,
             "bytes_sent": self.bytes_sent - fl_bytes, "pages_sent": dirty.pages_sent - fl_pages,
-            "pages_resent": dirty.pages_resent,
+            "pages_resent": dirty.pages_resent - fl_resent,
             "full_exits": full_exits,
             "vcpu_exit_s": float(sum(self.exit_ns.tolist()) + sum(self.work_ns.tolist()) + spin) / NS,
             "vcpu_stall_s": float(sum(self.stall_ns.tolist())) / NS,
@@ -714,7 +760,7 @@ class Session:
             "wedged_vcpus": len(wedged),
             "dirty_rate_Bps": self._dirty_rate(ready),
             "ring_fill": tuple(fill),
-            "remaining_bytes": (dirty.mig_count + fl_pages + self._taken) * self.page_size,
+            "remaining_bytes": (self._remaining_pages() + fl_pages + self._taken) * self.page_size,
             "bandwidth_Bps": self.bandwidth_Bps, "threshold_bytes": self.threshold_bytes,
             "progress": (dirty.pages_sent - dirty.pages_resent - fl_new) / self.npages,
             "throttle_pct": float(self.throttle.pct),
@@ -723,6 +769,23 @@ class Session:
             "sync_s": sum(self.sync_ns) / NS,
             "vmm_bytes_per_page": bytes_per_page,
         }
+
+    def pml_logged(self) -> np.ndarray:
+        """x86 PML: the RAM pages (slot offsets) logged in the vCPUs' PML buffers and not yet
+        flushed into a ring or the dirty bitmap (at the vCPU's next exit). Read from the
+        kernel's vCPUs, a measurement for :meth:`_remaining_pages` (QEMU cannot see them)."""
+        bufs = [v.pml[: v.pml_count] for v in self.vcpus if v.pml is not None and v.pml_count]
+        if not bufs:
+            return _NO_PAGES
+        start = next(m.start for m in self.vm.slots if m.id == 0 and m.as_id == 0)
+        off = np.concatenate(bufs) - start
+        return off[(off >= 0) & (off < self.npages)]
+
+    def _remaining_pages(self) -> int:
+        """What ``remaining_bytes`` counts besides the slice on the wire and the pages taken for a
+        CLEAR: here QEMU's pending estimate, the migration bitmap's dirty pages
+        (ram_bytes_remaining); a checkpoint run counts every page not yet saved."""
+        return self.dirty.mig_count
 
     def _spin_ns(self, wedged: list[int] | None = None) -> int:
         """vCPU time spinning on wedged rings, ns: from each wedge to the end of the run (or

@@ -13,8 +13,9 @@ second such period (the counter is only reset when it fires) the throttle engage
 pct / (1 - pct) x 10 ms.
 
 :class:`DirtyLimit` -- per-vCPU dirty-rate quota (``vcpu-dirty-limit``, 1 MB/s by default,
-ring only): every ``x-vcpu-dirty-limit-period`` (1 s) a thread flushes the rings, measures each
-vCPU's dirty rate from the entries harvested from its ring, and adjusts the vCPU's sleep after
+ring only): every ``x-vcpu-dirty-limit-period`` (1 s) a thread flushes the rings (waiting, as
+every flush does, for the vCPU threads asleep in a throttle sleep), measures each vCPU's dirty
+rate from the entries harvested from its ring over the period, and adjusts the vCPU's sleep after
 each ring-full exit (``throttle_us_per_full``): proportionally when the rate is far from the
 quota (more than 50% off), by a tenth of the ring-full time otherwise, within 25 MB/s of the
 quota it is left alone; never above 99 ring-full times. While it is in service a ring-full exit
@@ -147,7 +148,15 @@ class DirtyLimit(NoThrottle):
         self.proc = s.spawn(self._stat_thread(), s.PRIO_THROTTLE, "dirtylimit")
 
     def _stat_thread(self):
-        """vcpu_dirty_rate_stat_thread + dirtylimit_process, once per period."""
+        """vcpu_dirty_rate_stat_thread + dirtylimit_process, once per period.
+
+        vcpu_calculate_dirtyrate: record each vCPU's harvested entries, sleep the period
+        (dirty_stat_wait, whose elapsed time is the duration the rates are computed over), then
+        global_dirty_log_sync: kvm_dirty_ring_flush kicks every vCPU with a synchronous
+        run_on_cpu, so it first waits for the vCPU threads asleep in their dirty-limit sleep
+        (:meth:`Session.wait_for_sleeping_vcpus`, as a migration sync does), then kicks, reaps
+        and resets under the big lock; the entries harvested up to then over the duration are
+        the rates. The wait and the flush are not part of the duration."""
         s = self.s
         period = int(self.cfg.period_ms * MS)
         col = s.collector
@@ -157,11 +166,14 @@ class DirtyLimit(NoThrottle):
             yield period
             if s.finished:
                 return
+            dt_ms = max(1, (s.loop.now - t0) // MS)  # dirty_stat_wait's duration, in ms
+            yield from s.wait_for_sleeping_vcpus()
+            if s.finished:
+                return
             yield s.bql
             ns = col.flush()  # global_dirty_log_sync: kick, reap, reset
             s.bql.release_at(s.loop.now + ns)
             yield ns
-            dt_ms = max(1, (s.loop.now - t0) // MS)
             self.rate = (col.entries - start) * s.page_size / float(1 << 20) * 1000.0 / dt_ms
             for i in range(len(self.rate)):
                 self._adjust(i, self.quota, float(self.rate[i]))

@@ -326,3 +326,44 @@ def test_a_window_ends_a_little_past_where_the_fullest_ring_fills():
     spare = np.full(2, 10**9, dtype=np.int64)
     assert prog.horizon(0, until, running, spare) == pytest.approx(MAX_EVENTS / (2 * per_vcpu_ns), rel=0.01)
     assert prog.horizon(0, SECOND // 100, running, spare) == SECOND // 100
+
+
+def _circular_gap(a, b, n):
+    d = np.abs(np.asarray(a) - np.asarray(b)) % n
+    return np.minimum(d, n - d)
+
+
+def test_a_program_started_later_continues_the_timeline_with_draws_of_its_own():
+    """calc-dirty-rate samples the S seconds before a migration: a program started at S on the
+    same timeline (same seed) lays the regions out the same way, is in the phase of t + S, finds
+    its sweeps where S seconds of running left them, and draws writes of its own."""
+    wl = {"name": "ps", "regions": [{"fraction": 0.3, "rate_mbps": 40, "layout": "scattered"},
+                                    {"fraction": 0.3, "rate_mbps": 30, "pattern": "scan"}],
+          "phases": {"calm_multiplier": 0.5, "burst_multiplier": 3.0, "mean_calm_s": 0.7, "mean_burst_s": 0.4}}
+    start = 3 * SECOND // 2
+    _, _, before, _ = run_bitmap(wl, 1.5, nv=2, seed=5)  # the timeline from 0, run up to start
+    vm = Vm("arm64-4k", seed=5)
+    vm.set_user_memory_region(0, uapi.KVM_MEM_LOG_DIRTY_PAGES, 0, 1 << 30)
+    later = WorkloadProgram(wl, 2, seed=5, start_ns=start)
+    later.attach(vm)
+    assert [(r.start, r.n, r.perm_b) for r in later.regions] == [(r.start, r.n, r.perm_b) for r in before.regions]
+    for t in range(0, 8 * SECOND, SECOND // 8):
+        mult, end = before.multiplier(t + start)
+        assert later.multiplier(t) == (mult, end - start), t
+    assert np.all(_circular_gap(later.s_pos, before.s_pos, later.s_n) < 1e-3), (later.s_pos, before.s_pos)
+
+    steady = {"name": "u", "regions": [{"fraction": 0.5, "rate_mbps": 400}]}
+
+    def first_writes(start_ns):
+        p = WorkloadProgram(steady, 2, seed=5, start_ns=start_ns)
+        p.attach(vm)
+        return p.next_writes(0, 10 * 1_000_000, np.ones(2, dtype=bool)).gfn
+
+    assert np.array_equal(first_writes(start), first_writes(start))  # seeded
+    assert not np.array_equal(first_writes(start), first_writes(0))  # not the sample's draws
+
+
+@pytest.mark.parametrize("bad", [-1, 1.5, True, float("nan"), "1"])
+def test_a_bad_start_time_names_the_argument(bad):
+    with pytest.raises(ConfigError, match=r"^start_ns: .* accepted: an integer number of ns >= 0"):
+        WorkloadProgram("web", 2, seed=0, start_ns=bad)

@@ -144,3 +144,25 @@ def test_a_whole_model_check_names_the_nested_field():
         load_scenario("default", workload=wl)
     with pytest.raises(ConfigError, match=r"\n  env\.bogus: unknown key"):
         load_scenario("default", env={"bogus": 1})
+
+
+@pytest.mark.parametrize("bad", [True, False, 0, -5, float("nan"), float("inf"), -float("inf"), "100", 1e-9])
+def test_host_sync_ms_must_be_a_positive_finite_number_of_ms(bad):
+    """A bool is not a number of ms, infinity is no grid, and a period below 1 ns rounds to none:
+    each is refused with the argument named and what is accepted (not an OverflowError)."""
+    from ringenv.vmm import MigrationRun
+
+    with pytest.raises(ConfigError, match=r"^host_sync_ms: .* accepted: a finite number of ms >= 1e-06 \(1 ns\), "
+                                          r"or None"):
+        MigrationRun("default", host_sync_ms=bad)
+
+
+def test_host_sync_ms_takes_any_real_number():
+    import numpy as np
+
+    from ringenv.vmm import MigrationRun
+
+    for ok in (50, 12.5, np.float64(20), np.int64(7)):
+        run = MigrationRun(scale_scenario("default", 256 << 20), host_sync_ms=ok)
+        assert run.host_sync_ns == int(round(float(ok) * 1_000_000))
+        run.close()

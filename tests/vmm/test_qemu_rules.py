@@ -4,6 +4,7 @@ case QEMU's code settles (migration_completion, kvm_dirty_ring_reaper_thread, ru
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 
 from ringenv.vmm import CheckpointRun, MigrationRun
@@ -152,3 +153,144 @@ def test_the_dirty_rate_window_is_at_least_a_second_at_any_interval():
         oldest = run._samples[0][0]
         assert run.vm.now - oldest >= NS, (t, (run.vm.now - oldest) / NS)
         assert run.vm.now - run._samples[1][0] < NS  # and no older sample than that one is kept
+
+
+def test_pages_resent_go_on_the_wire_with_the_pages_sent():
+    """A send slice's pages leave pro rata over the slice, its re-sent pages with them: no step
+    shows more pages re-sent than sent, neither count goes down, and re-sent <= sent always."""
+    bad, prev = [], {}
+
+    def check(r):
+        m = r.metrics()
+        if m.pages_resent > m.pages_sent:
+            bad.append(("resent > sent", m.time_s, m.pages_resent, m.pages_sent))
+        if prev:
+            ds, dr = m.pages_sent - prev["sent"], m.pages_resent - prev["resent"]
+            if dr > ds or dr < 0 or ds < 0:
+                bad.append((m.time_s, m.phase, ds, dr))
+        prev.update(sent=m.pages_sent, resent=m.pages_resent)
+
+    m = _step(MigrationRun(small("default"), host_sync_ms=100), 100 * MS, check)
+    assert m.verified and m.pages_resent > 0 and not bad, bad[:3]
+
+
+@pytest.mark.parametrize("host", ["arm64-4k", "arm64-16k", "arm64-64k"])
+def test_the_vgic_tables_take_the_same_bytes_on_every_granule(host):
+    """The ITS tables and the LPI pending tables are (16 + 16 x vCPUs) 4 KiB pages' worth of
+    guest RAM whatever the granule: the page count shrinks as the pages grow."""
+    nv = 8
+    run = MigrationRun(small("web", 1 << 30, host=host, collector="bitmap", vm={"vcpus": nv}))
+    want = (16 + 16 * nv) * 4096
+    assert len(run.vgic_gfns) == -(-want // run.page_size)
+    assert want <= len(run.vgic_gfns) * run.page_size < want + run.page_size
+    run.close()
+
+
+def test_the_dirty_limit_measurement_waits_for_vcpus_asleep_in_the_throttle():
+    """vcpu_calculate_dirtyrate ends with global_dirty_log_sync: kvm_dirty_ring_flush kicks every
+    vCPU with a synchronous run_on_cpu, so a vCPU thread asleep in its dirty-limit sleep when the
+    measurement period ends is back before the rings are flushed."""
+    import sys
+
+    cfg = small("analytics", vm={"vcpus": 2}, throttle="dirty-limit", link={"give_up_s": 40})
+    run = MigrationRun(cfg)
+    col, flush = run.collector, run.collector.flush
+    flushes, snaps = [], []
+
+    def traced_flush():
+        caller = sys._getframe(1).f_code.co_name
+        ns = flush()
+        if caller == "_stat_thread":
+            flushes.append((run.loop.now, ns))
+        return ns
+
+    col.flush = traced_flush
+
+    def note(r):
+        snaps.append((r.now_ns, [r.vproc[i].pending[0] for i in range(2)
+                                   if r.vstate[i] == DLSLEEP and r.vproc[i].pending]))
+
+    _step(run, 1 * MS, note)
+    period = int(run.throttle.cfg.period_ms * MS)
+    checked = 0
+    for (f0, ns0), (f, _) in zip(flushes, flushes[1:]):
+        end = f0 + ns0 + period  # the measurement period ends: the flush may start
+        for t, wakes in snaps:
+            if end - MS < t <= end:
+                for w in wakes:
+                    if w > end:
+                        checked += 1
+                        assert w <= f, (end / NS, f / NS, w / NS)
+    assert checked > 0
+
+
+def _unsaved_pages(r):
+    """Brute force: the pages a checkpoint taken now would write: dirty in the migration bitmap,
+    harvested into the slot bitmap, waiting in a ring, logged in a PML buffer (x86) or (bitmap
+    collector) in the kernel's bitmap; each page once; plus the pages of the slice on the wire. Returns
+    (that count, the pages whose saved copy is stale, the pages counted)."""
+    from ringenv.kvm.memory import bitmap_offsets
+
+    d = r.dirty
+    pend = d.mig.copy()
+    if d.slot is not None:
+        pend |= d.slot
+    for v in r.vcpus:  # x86 PML: logged in the vCPU's buffer, not yet in its ring or the bitmap
+        if v.pml is not None:
+            pend[v.pml[: v.pml_count]] = True
+    if r.collector.kind == "ring":
+        for rd in r.collector.readers:
+            idx = (rd.fetch + np.arange(rd.count_ready())) & (rd.size - 1)
+            e = rd.gfns[idx]
+            pend[e["offset"][e["slot"] == 0].astype(np.int64)] = True
+    else:
+        slot = next(s for s in r.vm.slots if s.id == 0 and s.as_id == 0)
+        pend[bitmap_offsets(slot.dirty_bitmap, r.npages)] = True
+    stale = d.dest != (r.source_version() + np.uint32(1))
+    return int(np.count_nonzero(pend)) + r._in_flight(r.now_ns)[0] + r._taken, stale, pend
+
+
+def _overflowing():
+    from ringenv.config import load_host_profile
+
+    return {"host": load_host_profile("arm64-4k").model_copy(update={"split_blocks": False}),
+            "workload": "oltp", "vm": {"block_fraction": 0.5, "vcpus": 4}}
+
+
+@pytest.mark.parametrize("collector, overrides", [
+    ("ring", {}), ("bitmap", {}),
+    ("ring", {"checkpoint": {"stop_the_world": False}}), ("bitmap", {"checkpoint": {"stop_the_world": False}}),
+    ("ring", {"host": "arm64-16k", "ring_entries": 1024}),
+    ("ring", {"host": "x86-pml"}), ("bitmap", {"host": "x86-pml"}),
+    ("ring", {"workload": "memcached", "ring_entries": 256, "interval_ms": 10}),
+    ("ring", {"workload": "analytics", "throttle": "dirty-limit"}),
+    ("ring", "overflow"),
+], ids=["ring", "bitmap", "ring-live", "bitmap-live", "16k", "x86-pml", "x86-pml-bitmap", "small-ring",
+        "dirty-limit", "overflow"])
+def test_a_checkpoint_runs_remaining_bytes_are_every_page_not_yet_saved(collector, overrides):
+    """Checkpointing: ``remaining_bytes`` is what the next checkpoint would write if taken now:
+    the pages dirtied since the last one and not yet saved, wherever they wait (migration bitmap,
+    slot bitmap, rings, the kernel's bitmap), each once. Every page whose image copy is stale is
+    among them (not with an overflowed ring, which loses writes); between checkpoints it grows
+    from about 0."""
+    overflow = overrides == "overflow"
+    overrides = _overflowing() if overflow else overrides
+    ck = {"horizon_s": 8.0, "period_s": 2.0, **overrides.pop("checkpoint", {})}
+    overrides = {"ring_entries": 4096, "interval_ms": 200, **overrides}
+    cfg = small("checkpoint", 512 << 20, collector=collector, checkpoint=ck, **overrides)
+    bad, waits = [], []
+
+    def check(r):
+        m = r.metrics()
+        n, stale, pend = _unsaved_pages(r)
+        if m.remaining_bytes != n * r.page_size:
+            bad.append((m.time_s, m.phase, m.remaining_bytes // r.page_size, n))
+        if m.phase == "wait":
+            waits.append(m.remaining_bytes)
+            lost = np.count_nonzero(stale & ~pend)
+            if lost and not overflow:
+                bad.append(("stale page not counted", m.time_s, lost))
+
+    m = _step(CheckpointRun(cfg, host_sync_ms=50), 50 * MS, check)
+    assert m.verified is not overflow and m.checkpoints >= 2 and not bad, bad[:3]
+    assert (m.ring_overflows > 0) is overflow and (max(waits) > 0 or overflow)  # (wedged vCPUs write nothing)

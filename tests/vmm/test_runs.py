@@ -301,3 +301,47 @@ def test_reaping_every_ring_at_once_matches_each_reader():
         assert counts.tolist() == counts_ref and (fetch == np.array(fetch0) + counts).all()
         assert (bm == expect_bm).all() and marked >= bm.sum()
         assert all((a["flags"] == b["flags"]).all() for a, b in zip(rings, copies))
+
+
+def test_total_s_of_a_checkpoint_run_is_its_end_as_documented():
+    """A checkpoint under way at the horizon is finished: ``total_s`` is then past the horizon,
+    and its documentation says so (it is not "the horizon")."""
+    cfg = small("checkpoint", 512 << 20, checkpoint={"horizon_s": 11.0, "period_s": 1.0, "storage_mbps": 50},
+                rate_scale=8)
+    m = CheckpointRun(cfg).run()
+    assert m.total_s > cfg.checkpoint.horizon_s == 11.0
+    doc = Metrics.field_docs()["total_s"]
+    assert "checkpoint: the horizon, s" not in doc and "finished" in doc, doc
+
+
+@pytest.mark.parametrize("with_slot", [True, False])
+def test_dirty_pages_keep_their_counts_for_the_checkpoint_remaining_bytes_exact(with_slot):
+    """What a checkpoint run's ``remaining_bytes`` reads, kept incrementally, equals a recount
+    after any sequence of the bookkeeping's operations: with the ring the pages in mig or seen
+    (seen holding every page of the slot bitmap), with the bitmap mig's pages per block."""
+    from ringenv.vmm.dirty import MIG_BLOCK, DirtyPages
+
+    rng = np.random.default_rng(3)
+    n = 3 * MIG_BLOCK + 77
+    d = DirtyPages(n, with_slot=with_slot, track_unsaved=True)
+    d.set_all()
+    for _ in range(300):
+        op = int(rng.integers(5))
+        if op == 0:
+            d.take(int(rng.integers(1, 5000)))
+        elif op == 1:
+            d.merge_offsets(rng.integers(0, n, 50))
+        elif op == 2:
+            pages = d.take(200)
+            d.untake(pages[100:])
+        elif op == 3 and with_slot:
+            d.mark_harvested(rng.integers(0, n, 300))
+        elif op == 3:
+            d.merge_bits(rng.random(n) < 0.02)
+        elif op == 4 and with_slot:
+            d.merge_slot()  # (no ring entry was looked at here: seen holds the slot's pages only)
+        if with_slot:
+            seen = np.unpackbits(d.seen.view(np.uint8), bitorder="little")[:n].astype(bool)
+            assert d.unsaved == np.count_nonzero(d.mig | seen) and not np.any(d.slot & ~seen)
+        else:
+            assert d.mig_blocks.tolist() == [int(d.mig[b: b + MIG_BLOCK].sum()) for b in range(0, n, MIG_BLOCK)]
