@@ -62,7 +62,9 @@ class EnvFacts:
 
     ring_sizes: tuple  #: ring entries the action offers, smallest first
     intervals_ms: tuple  #: harvest intervals the action offers, ms
-    link_Bps: float  #: the rate observations are normalised by (dirty_rate, sampled_rate), bytes/s
+    #: the rate the rate observations (dirty_rate, sampled_rate, redirty_rate) are divided by, bytes/s:
+    #: the env's ``obs_rate_Bps`` (a migration's link rate, a checkpoint's storage rate)
+    link_Bps: float
     page_size: int  #: bytes per ring entry's page
     vcpus: int  #: vCPUs (one ring each)
     reserved_entries: int = 64  #: ring entries KVM keeps back: soft limit = entries - this
@@ -73,7 +75,7 @@ class EnvFacts:
     def from_env(cls, env: gym.Env) -> EnvFacts:
         u = env.unwrapped
         sc = u.scenario  # the env's validated ScenarioConfig (ringenv.config)
-        return cls(ring_sizes=tuple(u.ring_sizes), intervals_ms=tuple(u.intervals_ms), link_Bps=sc.link.rate_Bps,
+        return cls(ring_sizes=tuple(u.ring_sizes), intervals_ms=tuple(u.intervals_ms), link_Bps=u.obs_rate_Bps,
                    page_size=sc.profile.page_size, vcpus=sc.vm.vcpus, reserved_entries=sc.profile.reserved_entries,
                    control_interval_ms=u.cfg.control_interval_ms, flatten=bool(u.flatten_actions))
 
@@ -115,7 +117,9 @@ def load_hyperparams(algo: str, env_id: str, path: str | Path | None = None) -> 
         raise FileNotFoundError(f"no hyperparameter file {p}")
     data = yaml.safe_load(p.read_text()) or {}
     if env_id not in data:
-        raise KeyError(f"{p.name} has no entry for {env_id!r}; entries: {', '.join(data)}")
+        raise KeyError(f"{p.name} has no entry for {env_id} (a ringenv environment; {algo.upper()}'s hyperparameters "
+                       f"for it are missing); entries: {', '.join(data) or 'none'}; add one, or pass --hyperparams FILE "
+                       "with one")
     return dict(data[env_id])
 
 

@@ -238,8 +238,56 @@ def _worker_init():
 
 
 #: env settings a trained model brings to its evaluation: its action grids (everything else, the
-#: scenario and the reward, is the evaluation's)
+#: scenario and the reward, is the evaluation's: every policy of a table runs the same episodes, so
+#: that the paired differences mean something; :func:`trained_settings_differences` says where a
+#: model's training settings differ)
 MODEL_ENV_KEYS = ("ring_sizes", "intervals_ms")
+#: scenario fields the environment leaves aside (ringenv.env.NOT_KEYWORDS) and its ``env`` section
+#: (compared as the env settings it gives)
+_IGNORED_SCENARIO_FIELDS = ("name", "description", "kind", "workload", "ring_entries", "interval_ms", "seed", "env")
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def _fmt(v) -> str:
+    return f"{v:g}" if isinstance(v, float) else str(v)
+
+
+def trained_settings_differences(spec: str, env_id: str = MIGRATION, scenario: str = "default",
+                                 overrides: dict | None = None) -> list[str]:
+    """The env settings (scenario fields and env settings, as the environments take them) of the
+    model ``spec``'s training that differ from the evaluation's (``scenario`` with ``overrides``),
+    each as ``"KEY TRAINED (evaluated: VALUE)"``; [] for a heuristic or a model without args.json.
+    The action grids are not compared: a model brings its own (MODEL_ENV_KEYS)."""
+    if is_heuristic(spec):
+        return []
+    meta = model_meta(find_model(spec))
+    if not meta:
+        return []
+    model_id = meta.get("env_id") or env_id
+    grids = {k: v for k, v in (meta.get("env_kwargs") or {}).items() if k in MODEL_ENV_KEYS}
+    try:
+        trained = make_env(model_id, meta.get("scenario") or "default", "all", None, meta.get("env_kwargs") or {})
+    except ValueError as e:  # ConfigError: a scenario file moved, a setting this version refuses
+        return [f"its training settings cannot be loaded ({str(e).splitlines()[0]})"]
+    evaluated = make_env(model_id, scenario, "all", None, {**(overrides or {}), **grids})
+    sides = []
+    for env in (trained, evaluated):
+        u = env.unwrapped
+        sc = {k: v for k, v in u.scenario.model_dump().items() if k not in _IGNORED_SCENARIO_FIELDS}
+        cfg = {k: v for k, v in u.cfg.model_dump().items() if k not in MODEL_ENV_KEYS}
+        sides.append({**_flat(sc), **_flat(cfg)})
+        env.close()
+    a, b = sides
+    return [f"{k} {_fmt(a.get(k))} (evaluated: {_fmt(b.get(k))})" for k in dict.fromkeys([*a, *b]) if a.get(k) != b.get(k)]
 
 
 def policy_env(spec: str, env_id: str = MIGRATION, scenario: str = "default", split: str = "test",
@@ -324,10 +372,20 @@ def evaluate(policies: list[str], env_id: str = MIGRATION, scenario: str = "defa
     Policies whose environment cannot provide them (the bitmap baseline on an env that forces
     the ring) are dropped with a note on stderr. A heuristic spec naming a ring size or interval
     off the environment's action grid is a ValueError before any episode runs."""
+    if seeds < 1:
+        raise ValueError(f"--seeds {seeds}: expected an integer >= 1 (episodes per workload)")
+    if seed0 < 0:
+        raise ValueError(f"--seed0 {seed0}: expected an integer >= 0 (Gymnasium's reset takes seeds >= 0)")
     overrides = overrides or {}
     wls, facts = evaluation_env(env_id, scenario, split, workloads, overrides)
     for spec in policies:  # every spec checked before anything runs
         check_spec(spec, facts)
+    for spec in policies:
+        diff = trained_settings_differences(spec, env_id, scenario, overrides)
+        if diff:
+            print(f"warning: model {spec} was trained with other env settings than this evaluation's: "
+                  f"{', '.join(diff)}; it runs with the evaluation's, as every policy here does (a model brings only "
+                  "its action grids; --scenario and --set give it its own)", file=sys.stderr)
     available = []
     for spec in policies:
         why = unavailable(spec, env_id, scenario, split, workloads, overrides)
@@ -440,7 +498,8 @@ def markdown_table(rows: list[dict], baseline: str | None = "qemu") -> str:
         cells += [_pm(r["downtime_s"], r["downtime_s_ci"], ".3f"), _pm(r["total_s"], r["total_s_ci"], ".1f"),
                   _pm(r["exit_stall_s"], r["exit_stall_s_ci"], ".3f"), _pm(r["vcpu_fault_s"], r["vcpu_fault_s_ci"], ".2f"),
                   _pm(r["vmm_cpu_s"], r["vmm_cpu_s_ci"], ".3f"), _pm(r["full_exits"], r["full_exits_ci"], ".0f"),
-                  str(r["ring_entries"]), f"{r['mean_interval_ms']:.0f}", str(r["n"])]
+                  str(r["ring_entries"] or "-"),  # the bitmap collector: no ring, no reaper interval
+                  f"{r['mean_interval_ms']:.0f}" if r["ring_entries"] and r["mean_interval_ms"] else "-", str(r["n"])]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

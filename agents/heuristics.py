@@ -3,10 +3,10 @@
 Every policy answers ``predict(observation, state=None, episode_start=None, deterministic=True)
 -> (action, state)`` as a stable-baselines3 model does (one observation or a batch), so the
 evaluation treats a heuristic and a trained model alike. They read only the observation (see the
-MigrationEnv docstring for its fields) and :class:`agents.common.EnvFacts` (action grids, link
-rate, page size, vCPUs, reserved ring entries). The ring size is taken by the environment from
-the first action of an episode; a policy sees that it is choosing it when ``ring_fixed`` (obs 14)
-is 0.
+MigrationEnv docstring for its fields) and :class:`agents.common.EnvFacts` (action grids, the
+rate the rate observations are divided by, page size, vCPUs, reserved ring entries). The ring
+size is taken by the environment from the first action of an episode; a policy sees that it is
+choosing it when ``ring_fixed`` (obs 14) is 0.
 
 | name | spec | what it does |
 |---|---|---|
@@ -104,7 +104,7 @@ def QemuDefault(facts: EnvFacts) -> Fixed:
 
 
 def _entries_per_vcpu_s(facts: EnvFacts, rate_obs: float) -> float:
-    """Ring entries pushed per vCPU per second for a dirty-rate observation (rate / link)."""
+    """Ring entries pushed per vCPU per second for a dirty-rate observation (rate / ``facts.link_Bps``)."""
     return rate_obs * facts.link_Bps / facts.page_size / facts.vcpus
 
 

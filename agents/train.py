@@ -19,8 +19,11 @@ What it does:
    VecNormalize statistics, ``CheckpointCallback`` saves snapshots.
 3. ``model.learn(total_timesteps=--timesteps)`` with TensorBoard logs under ``RUN/tb``. A
    stable-baselines3 timestep is one decision of the agent: with ``action_repeat`` k (the file's,
-   40 for PPO) each decision is held for k environment steps (control intervals), so N timesteps
-   are up to N x k environment steps; the log, the progress bar and ``args.json`` count both.
+   40 for PPO) each decision is held for k environment steps (control intervals). SB3 runs whole
+   rollouts (PPO, A2C: n_steps x n_envs decisions; DQN: train_freq x n_envs), so the budget N is
+   rounded up to a multiple of that (:func:`rounded_timesteps`; the evaluations and snapshots are
+   spaced over the rounded budget), and the run is up to (rounded N) x k environment steps; the
+   log, the progress bar and ``args.json`` count both.
 4. ``RUN/final_model.zip`` (+ ``_vecnormalize.pkl``), ``RUN/best_model.zip`` (+ stats),
    ``RUN/args.json`` (everything needed to load and evaluate it: ``ringenv evaluate --policies RUN``).
 """
@@ -35,7 +38,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .common import (DEFAULT_ENV, TRAIN_CONFIG_DIR, FixedEpisodes, jsonable, load_hyperparams, make_env,
+from .common import (DEFAULT_ENV, ENV_IDS, TRAIN_CONFIG_DIR, FixedEpisodes, jsonable, load_hyperparams, make_env,
                      parse_dataclass_args, parse_overrides, wrap_env)
 
 
@@ -57,9 +60,10 @@ class Args:
     """overrides KEY=VALUE of env settings or scenario fields, e.g. vm.vcpus=2 (added to the file's env_kwargs)"""
     timesteps: int = 0
     """agent decisions to train for, summed over the n_envs environments (stable-baselines3's total_timesteps;
-    0: n_timesteps of the hyperparameter file); each decision is held for action_repeat environment steps (the
-    file's action_repeat: 40 control intervals of 50 ms for PPO), so N decisions are up to N x action_repeat env
-    steps"""
+    0: n_timesteps of the hyperparameter file), rounded up to whole rollouts as stable-baselines3 runs them (PPO and
+    A2C: n_steps x n_envs decisions; DQN: train_freq x n_envs); each decision is held for action_repeat environment
+    steps (the file's action_repeat: 40 control intervals of 50 ms for PPO), so the rounded budget R is up to R x
+    action_repeat env steps"""
     n_envs: int = 0
     """parallel training environments (0: the file's n_envs)"""
     hyperparams: str = ""
@@ -142,6 +146,26 @@ def accepted_hyperparams(algo: str) -> list[str]:
 
     params = inspect.signature(algorithm_class(algo).__init__).parameters
     return sorted(k for k in params if k != "self" and k not in SET_BY_PROGRAM) + list(PROGRAM_KEYS)
+
+
+def rounded_timesteps(algo: str, total: int, hp: dict, n_envs: int) -> tuple[int, int | None]:
+    """The decisions stable-baselines3 runs for ``total_timesteps=total``, and its unit: it
+    collects whole rollouts until ``num_timesteps >= total``, n_steps x n_envs decisions each for
+    PPO and A2C, train_freq x n_envs for DQN (a train_freq in episodes has no fixed size: then
+    ``(total, None)``, the run ending with the episodes under way). ``hp`` as checked by
+    :func:`check_hyperparams`."""
+    import inspect
+
+    params = inspect.signature(algorithm_class(algo).__init__).parameters
+    if algo in ("ppo", "a2c"):
+        per = int(hp.get("n_steps", params["n_steps"].default)) * n_envs
+    else:
+        freq = hp.get("train_freq", params["train_freq"].default)
+        n, unit = (freq if isinstance(freq, (tuple, list)) else (freq, "step"))
+        if unit != "step":
+            return total, None
+        per = int(n) * n_envs
+    return -(-total // per) * per, per
 
 
 def _linear(start: float):
@@ -365,7 +389,11 @@ def main(args: Args) -> Path:
                                    ("--eval-seeds", args.eval_seeds, 1, ""), ("--verbose", args.verbose, 0, "")):
         if value < low:
             raise ValueError(f"{flag} {value}: expected an integer >= {low}{note}")
+    if not 0 <= args.seed <= 2**32 - 1:  # SB3 seeds numpy's global generator with it
+        raise ValueError(f"--seed {args.seed}: expected an integer from 0 to {2**32 - 1} (numpy's seed range)")
     env_id = args.env_id or DEFAULT_ENV[algo]
+    if env_id not in ENV_IDS:
+        raise ValueError(f"--env-id {env_id!r}: unknown environment id; accepted: {', '.join(ENV_IDS)}")
     hp_file = Path(args.hyperparams) if args.hyperparams else TRAIN_CONFIG_DIR / f"{algo}.yaml"
     from_file = load_hyperparams(algo, env_id, hp_file)
     from_cli = parse_overrides(args.hp)
@@ -376,6 +404,7 @@ def main(args: Args) -> Path:
     n_envs = int(args.n_envs or hp.get("n_envs", 1))
     for k in ("n_timesteps", "n_envs"):
         hp.pop(k, None)
+    rounded, per_rollout = rounded_timesteps(algo, total, hp, n_envs)
     policy_name = hp.pop("policy", "MlpPolicy")
     normalize = hp.pop("normalize", True)
     norm_kw = dict(normalize) if isinstance(normalize, dict) else {}
@@ -431,11 +460,11 @@ def main(args: Args) -> Path:
                 return True
 
         callbacks.append(EvalCallback(eval_env, callback_on_new_best=SaveStats(), callback_after_eval=Rewind(),
-                                      n_eval_episodes=len(episodes), eval_freq=max(total // args.evals // n_envs, 1),
+                                      n_eval_episodes=len(episodes), eval_freq=max(rounded // args.evals // n_envs, 1),
                                       log_path=str(run / "eval"), best_model_save_path=str(run), deterministic=True,
                                       verbose=args.verbose))
     if args.checkpoints > 0:
-        callbacks.append(CheckpointCallback(max(total // args.checkpoints // n_envs, 1), str(run / "checkpoints"),
+        callbacks.append(CheckpointCallback(max(rounded // args.checkpoints // n_envs, 1), str(run / "checkpoints"),
                                             save_vecnormalize=bool(normalize)))
     if args.progress:
         callbacks.append(_decisions_bar(action_repeat))
@@ -459,19 +488,31 @@ def main(args: Args) -> Path:
     run.mkdir(parents=True, exist_ok=True)
     meta = {"algo": algo, "env_id": env_id, "scenario": args.scenario, "split": args.split, "workloads": workloads,
             "env_kwargs": env_kwargs, "env_wrapper": wrapper, "action_repeat": action_repeat, "timesteps": total,
+            "timesteps_rounded": rounded,
             "control_interval_ms": control_ms, "n_envs": n_envs,
             "vec_env": "SubprocVecEnv" if use_subproc else "DummyVecEnv", "policy": policy_name,
             "normalize": normalize, "hyperparams": {k: (repr(v) if callable(v) else v) for k, v in hp.items()},
             "args": dataclasses.asdict(args)}
     (run / "args.json").write_text(json.dumps(jsonable(meta), indent=1, default=str))
-    if action_repeat > 1:
-        budget = f"{total} decisions x action_repeat {action_repeat} = up to {total * action_repeat} env steps"
+    if rounded != total:
+        unit = (f"whole rollouts of n_steps {per_rollout // n_envs}" if algo in ("ppo", "a2c")
+                else f"whole rounds of train_freq {per_rollout // n_envs}")
+        budget = (f"{total} decision{'s' if total != 1 else ''} requested, rounded up to {rounded} ({unit} x "
+                  f"{n_envs} env{'s' if n_envs != 1 else ''}): ")
     else:
-        budget = f"{total} decisions = {total} env steps (action_repeat 1)"
+        budget = ""
+    if per_rollout is None:
+        budget += f"{total} decisions or more (train_freq in episodes: the episodes under way end the run)"
+        if action_repeat > 1:
+            budget += f", each up to {action_repeat} env steps"
+    elif action_repeat > 1:
+        budget += f"{rounded} decisions x action_repeat {action_repeat} = up to {rounded * action_repeat} env steps"
+    else:
+        budget += f"{rounded} decisions = {rounded} env steps (action_repeat 1)"
     print(f"train: {algo.upper()} on {env_id} ({args.scenario}, {args.split}: {', '.join(train_workloads)}), "
           f"{budget} of {control_ms:g} ms, {n_envs} envs ({meta['vec_env']}); run {run}", file=sys.stderr)
     t0 = time.perf_counter()
-    model.learn(total_timesteps=total, callback=callbacks, progress_bar=False, tb_log_name=algo)
+    model.learn(total_timesteps=rounded, callback=callbacks, progress_bar=False, tb_log_name=algo)
     wall = time.perf_counter() - t0
 
     # 4. the final model and statistics, the run's record

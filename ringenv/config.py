@@ -663,6 +663,10 @@ def load_scenario(name_or_path: str | Path | ScenarioConfig | dict | None = None
     where = "scenario"
     if name_or_path is None:
         name_or_path = "default"
+    if not isinstance(name_or_path, (str, Path, ScenarioConfig, dict)):
+        raise ConfigError(f"scenario: {name_or_path!r} ({type(name_or_path).__name__}) is not accepted; accepted: a "
+                          f"scenario name ({', '.join(scenario_names())}), a YAML path (str or pathlib.Path), a "
+                          "mapping of scenario fields or a ScenarioConfig")
     if isinstance(name_or_path, ScenarioConfig) and not overrides:
         return name_or_path
     if isinstance(name_or_path, ScenarioConfig):
@@ -751,7 +755,10 @@ class EnvConfig(Strict):
             if not 1 <= m <= 10_000:
                 raise ValueError(f"intervals_ms: {m:g} is not accepted; accepted: 1 to 10000 ms (the observation "
                                  "holds log10(ms) / 4)")
-        if self.ring_sizes is not None and (not self.ring_sizes or any(n <= 0 or n & (n - 1) for n in self.ring_sizes)):
+        if self.ring_sizes is not None and not self.ring_sizes:
+            raise ValueError("ring_sizes: [] is empty; at least one size is needed (or leave ring_sizes out: every "
+                             "size the host accepts)")
+        if self.ring_sizes is not None and any(n <= 0 or n & (n - 1) for n in self.ring_sizes):
             raise ValueError(f"ring_sizes: {self.ring_sizes}: expected powers of two (ring entries; which ones a host "
                              "accepts: its profile's ring sizes, e.g. 256 to 65536 on arm64-4k)")
         for name, values in (("intervals_ms", self.intervals_ms), ("ring_sizes", self.ring_sizes or [])):

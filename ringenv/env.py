@@ -37,6 +37,26 @@ OBS_FIELDS = [
     ("redirty_rate", "pre-migration re-dirty rate / link rate (pages dirtied again within the sample)", 10.0),
     ("redirty_share", "re-dirtied share of the pre-migration sample's dirty events", 1.0),
 ]
+#: Scenario fields the environment decides by other means: as keywords of ``gymnasium.make`` they
+#: are errors saying what to use instead (they would be ignored; in a scenario file they serve
+#: ``ringenv migrate`` / ``checkpoint`` and the environment leaves them aside).
+NOT_KEYWORDS = {
+    "workload": "not an env argument: each episode's workload is drawn from the env's workloads; pass "
+                "workloads=[...] (the names to draw from) or reset(options={'workload': name}) (one episode's)",
+    "ring_entries": "not an env argument: the action chooses the ring size (at the first step); to offer other "
+                    "sizes pass ring_sizes=[...]",
+    "interval_ms": "not an env argument: the action chooses the harvest interval (every step); to offer other "
+                   "intervals pass intervals_ms=[...]",
+    "kind": "not an env argument: the env id chooses it (ringenv/Migration-v0 or ringenv/Checkpoint-v0, and their "
+            "Discrete variants)",
+    "seed": "not an env argument: reset(seed=...) seeds the episodes (a scenario's seed serves `ringenv migrate` "
+            "and `ringenv checkpoint` only)",
+    "name": "not an env argument: a scenario file's label, which the env does not use; pass scenario=NAME or a "
+            "path to choose a scenario",
+    "description": "not an env argument: a scenario file's label, which the env does not use; pass scenario=NAME "
+                   "or a path to choose a scenario",
+}
+
 #: The observation's upper bounds (the Box's ``high``), as float32 and as the Python floats
 #: :func:`_clip_observation` compares with.
 OBS_HIGH = np.array([f[2] for f in OBS_FIELDS], dtype=np.float32)
@@ -57,10 +77,12 @@ class RingEnv(gym.Env):
         if not isinstance(flatten_actions, bool):
             raise ConfigError(f"flatten_actions: {flatten_actions!r}; accepted: True or False")
         for k in overrides:
+            if k in NOT_KEYWORDS:
+                raise ConfigError(f"{k}: {NOT_KEYWORDS[k]}")
             if k not in EnvConfig.model_fields and k not in ScenarioConfig.model_fields:
                 raise ConfigError(f"{k}: unknown argument; accepted: split, workloads, flatten_actions, render_mode, "
                                   f"the env settings ({', '.join(EnvConfig.model_fields)}) and the scenario fields "
-                                  f"({', '.join(ScenarioConfig.model_fields)})")
+                                  f"({', '.join(f for f in ScenarioConfig.model_fields if f not in NOT_KEYWORDS)})")
         env_overrides = {k: overrides.pop(k) for k in list(overrides) if k in EnvConfig.model_fields}
         self.scenario = load_scenario(scenario, **overrides)
         base = dict(self.scenario.env or {})
@@ -91,6 +113,10 @@ class RingEnv(gym.Env):
         self.action_space = spaces.Discrete(n_sizes * n_int) if flatten_actions else spaces.MultiDiscrete([n_sizes, n_int])
         self.observation_space = spaces.Box(np.zeros_like(OBS_HIGH), OBS_HIGH.copy(), dtype=np.float32)
         self.render_mode = render_mode
+        #: what the rate observations (dirty_rate, sampled_rate, bandwidth, redirty_rate) are divided
+        #: by: the rate a migration sends at (min(link, max-bandwidth)), or the checkpoint storage rate
+        self.obs_rate_Bps = (self.scenario.link.rate_Bps if self.kind == "migration"
+                             else self.scenario.checkpoint.storage_mbps * 1e6)
         self._session = None
         self._last = None
         self._ended = None  # why step() needs a reset first: the episode ended, or close()
@@ -158,14 +184,15 @@ class RingEnv(gym.Env):
         if self._session is None:
             self.ring_entries = entries if self.scenario.collector == "ring" else 0
             self._session = _open_session(self.kind, self.scenario, self.workload, self.episode_seed,
-                                          entries, int(interval_ms * MS), self.cfg.control_interval_ms)
+                                          entries, int(interval_ms * MS), self.cfg.control_interval_ms,
+                                          self.cfg.sample_s)
             self._prev = self._session.metrics()
             info["ring_size_ignored"] = not self.ring_entries
         else:
             info["ring_size_ignored"] = entries != self.ring_entries
         if interval_ms != self.interval_ms and self.ring_entries:
             self._session.set_harvest_interval(int(interval_ms * MS))
-        self.interval_ms = interval_ms
+        self.interval_ms = interval_ms if self.ring_entries else 0.0  # the bitmap collector has no reaper
         dt = int(self.cfg.control_interval_ms * MS)
         self.t += dt
         self._session.advance(self.t)
@@ -195,9 +222,12 @@ class RingEnv(gym.Env):
     def _interval_costs(self, prev, m) -> tuple[float, float, float, int]:
         """What the step between two metrics records cost, as the reward charges and the
         observation reports it: (vCPU-seconds lost per vCPU, VMM CPU seconds, downtime seconds,
-        ring-full exits)."""
+        ring-full exits). Downtime: a migration's (``downtime_s``, at the switchover); for
+        checkpointing the pauses that ended in the step (``pause_total_s``: the metrics'
+        ``downtime_s`` is the longest pause)."""
         lost = (_lost_vcpu_s(m) - _lost_vcpu_s(prev)) / self.scenario.vm.vcpus
-        return lost, m.vmm_cpu_s - prev.vmm_cpu_s, m.downtime_s - prev.downtime_s, m.full_exits - prev.full_exits
+        down = m.pause_total_s - prev.pause_total_s if self.kind == "checkpoint" else m.downtime_s - prev.downtime_s
+        return lost, m.vmm_cpu_s - prev.vmm_cpu_s, down, m.full_exits - prev.full_exits
 
     def _reward(self, m, dt: int, costs: tuple[float, float, float, int]) -> tuple[float, dict]:
         """Minus the weighted costs of this interval (see the class docstring); ``costs`` from
@@ -215,19 +245,22 @@ class RingEnv(gym.Env):
         return -sum(parts.values()) / w.scale, parts
 
     def _observation_constants(self) -> tuple[float, float, float, int, float, float, float]:
-        """What the observation reads that cannot change during an episode (taken at reset):
-        link rate, downtime limit (ms), episode time cap (ns), vCPUs, and the three
-        observations of the pre-migration sample (sampled_rate, redirty_rate, redirty_share)."""
-        link = self.scenario.link.rate_Bps
+        """What the observation reads that cannot change during an episode (taken at reset): the
+        rate the rate observations are divided by (:attr:`obs_rate_Bps`), the time ``remaining``
+        is counted in (s: a migration's downtime limit, a checkpoint's 1 ms), the episode time
+        cap (ns), vCPUs, and the three observations of the pre-migration sample (sampled_rate,
+        redirty_rate, redirty_share)."""
+        rate = self.obs_rate_Bps
+        unit_s = self.scenario.link.downtime_limit_ms / 1000 if self.kind == "migration" else 1e-3
         share = self.redirty_rate / (self.sampled_rate + self.redirty_rate) if self.redirty_rate > 0 else 0.0
-        return (link, self.scenario.link.downtime_limit_ms, self.cfg.max_episode_s * SECOND, self.scenario.vm.vcpus,
-                self.sampled_rate / link, self.redirty_rate / link, share)
+        return (rate, unit_s, self.cfg.max_episode_s * SECOND, self.scenario.vm.vcpus,
+                self.sampled_rate / rate, self.redirty_rate / rate, share)
 
     def _observe(self, m, dt: int, costs: tuple[float, float, float, int] | None = None) -> np.ndarray:
         """The observation (see the class docstring) after a step ending with metrics ``m``
         (``costs`` from :meth:`_interval_costs`), or at reset (``m`` None: only the sample and
         the interval are known)."""
-        link, downtime_limit_ms, cap, nv, sampled, redirty, share = self._obs_const
+        rate, unit_s, cap, nv, sampled, redirty, share = self._obs_const
         interval = math.log10(max(self.interval_ms, 1.0)) / 4 if self.interval_ms else 0.0
         if m is None:
             o = [0.0] * len(OBS_FIELDS)
@@ -236,18 +269,22 @@ class RingEnv(gym.Env):
         lost, vmm_s, _, exits = costs
         fill = m.ring_fill
         dts = max(dt / SECOND, 1e-9)
-        limit_bytes = max(m.bandwidth_Bps, 1.0) * downtime_limit_ms / 1000
+        # remaining: a migration's in bytes sent within the downtime limit at the measured bandwidth
+        # (before it is measured, ~1 s into the run, at the run's configured rate, as the truncation
+        # charge); a checkpoint's in bytes the storage writes in 1 ms (the pause's ms)
+        send = m.bandwidth_Bps if m.bandwidth_Bps > 0 and self.kind == "migration" else self._session.rate_Bps
+        limit_bytes = send * unit_s
         return _clip_observation([
             max(fill) if fill else 0.0,  # fill_max
             _mean(fill),  # fill_mean
-            m.dirty_rate_Bps / link,
+            m.dirty_rate_Bps / rate,
             sampled,
             math.log10(1 + exits / nv / dts),  # full_exits
             lost / dts,  # lost_vcpu
             vmm_s / dts,  # vmm_cpu
             m.progress,
             math.log10(1 + m.remaining_bytes / limit_bytes),  # remaining
-            m.bandwidth_Bps / link,
+            m.bandwidth_Bps / rate,
             m.iterations / 32,
             self.t / cap,  # elapsed
             math.log2(self.ring_entries) / 16 if self.ring_entries else 0.0,  # ring_size
@@ -275,6 +312,20 @@ class RingEnv(gym.Env):
         self._drop_session()
         if hasattr(self, "workload"):
             self._ended = "close()"
+
+    def __getstate__(self):
+        """Pickling and copying: while no episode is under way (fresh, reset but not stepped, ended,
+        closed). An episode's VMM run is made of generator processes, which cannot be copied."""
+        if self._session is not None and self._ended is None:
+            raise TypeError(
+                f"a {type(self).__name__} cannot be pickled or copied with an episode under way: its VMM run "
+                "(generator-based processes) cannot be copied. To duplicate the episode, make a new env with the "
+                "same arguments, reset it with the same seed (and options) and replay the same actions: the "
+                "results are bit-identical. A fresh env, one reset but not stepped, or one whose episode ended "
+                "can be copied.")
+        state = self.__dict__.copy()
+        state["_session"] = None  # an ended episode's run: of no further use (step() needs a reset)
+        return state
 
     def _drop_session(self) -> None:
         """Free the last episode's VM now: the VMM's processes and the VM reference each other,
@@ -323,20 +374,40 @@ class MigrationEnv(RingEnv):
     | 5 | lost_vcpu | share of vCPU time lost to dirty tracking (as the `vcpu` cost), last interval | 1 |
     | 6 | vmm_cpu | VMM CPU seconds per second, last interval | 8 |
     | 7 | progress | share of guest RAM sent at least once | 1 |
-    | 8 | remaining | log10(1 + remaining dirty bytes / (bandwidth x downtime limit)) | 6 |
-    | 9 | bandwidth | measured bandwidth / link rate | 2 |
+    | 8 | remaining | log10(1 + remaining dirty bytes / (bandwidth x downtime limit)), bandwidth: the measured one, or the run's configured rate before it is measured | 6 |
+    | 9 | bandwidth | measured bandwidth / link rate (0 until measured, ~1 s into the run) | 2 |
     | 10 | iteration | pre-copy iterations / 32 | 4 |
     | 11 | elapsed | elapsed simulated time / `max_episode_s` | 1 |
     | 12 | ring_size | log2(ring entries) / 16 (0 before the ring is chosen) | 1 |
-    | 13 | interval | log10(interval in ms) / 4 (0 before the first step) | 1 |
+    | 13 | interval | log10(interval in ms) / 4 (0 before the first step and under the bitmap collector) | 1 |
     | 14 | ring_fixed | 1 once the ring size is fixed | 1 |
     | 15 | redirty_rate | pre-migration re-dirty rate / link rate (set at reset) | 10 |
     | 16 | redirty_share | redirty_rate / (sampled_rate + redirty_rate) (set at reset) | 1 |
 
-    The reset observation already holds `sampled_rate`, measured over `sample_s` simulated
+    "Link rate" is the rate the migration sends at, min(link, max-bandwidth) (the env's
+    `obs_rate_Bps`). Every value is clipped to [0, high], so a value at its high means "at least
+    this". Those that reach it in practice: `lost_vcpu` (below); `bandwidth` when max-bandwidth
+    is below the link (the switchover's last pass runs at the full link rate); `dirty_rate`,
+    `sampled_rate` and `redirty_rate` for a guest dirtying more than 10x the link rate (a slow
+    link or a low max-bandwidth); `iteration` after 128 pre-copy iterations (a run that does not
+    converge). `vmm_cpu`, `full_exits` and `remaining` have room to spare in every shipped
+    scenario. `lost_vcpu` can exceed 1 before clipping: the guest model is open-loop (a vCPU's
+    write stream is drawn as if the vCPU always ran; the write-protect fault and exit time is
+    counted but does not slow the stream), so at extreme dirty rates per vCPU (the analytics
+    workload on 1 vCPU: 1.6) the lost time exceeds the elapsed time. The reward is not clipped.
+
+    `dirty_rate` is QEMU's estimate as each collector gives it: with the ring, entries harvested
+    (or waiting) per second over the last >= 1 s; with the bitmap (`collector="bitmap"`), the
+    pages newly dirty between the last two syncs per second, 0 until the first sync after the
+    set-up. Zero pages are not modelled: every page goes on the wire at full size (QEMU sends a
+    zero page as a header only).
+
+    The reset observation already holds `sampled_rate`, measured over the `sample_s` simulated
     seconds before migration (QEMU's calc-dirty-rate with the dirty bitmap), so the ring size can
-    be chosen knowing the workload. The sample reads the bitmap `sample_windows` times (each read
-    re-protects the pages, as KVM_GET_DIRTY_LOG does); `redirty_rate` counts the dirty events of
+    be chosen knowing the workload; the migration then goes on from where the sample left the
+    workload (its calm or burst phase, its sequential sweeps), with writes of its own. The
+    sample reads the bitmap `sample_windows` times (each read re-protects the pages, as
+    KVM_GET_DIRTY_LOG does); `redirty_rate` counts the dirty events of
     a window on a page already dirtied in an earlier window. Those are the write-protect faults
     that recur after every harvest: a hot set (a database buffer pool, a key-value cache) has
     many and is cheaper with a big ring harvested rarely; a sequential sweep has none and gains
@@ -355,16 +426,25 @@ class MigrationEnv(RingEnv):
 
     The lost vCPU time is the write-protect faults and block splits, the ring-full exits (with
     the reaping done on the vCPU thread), the waits for QEMU's big lock and the throttle sleeps
-    (the metrics' `vcpu_fault_s`, `vcpu_exit_s`, `vcpu_stall_s`, `vcpu_throttle_s`). Downtime
+    (the metrics' `vcpu_fault_s`, `vcpu_exit_s`, `vcpu_stall_s`, `vcpu_throttle_s`); the
+    guest model being open-loop (see the observation notes), at extreme dirty rates they can add
+    up to more than the elapsed time, and the `vcpu` cost charges all of it. Downtime
     and lost vCPU time are weighted alike: both are seconds the whole VM does not run. At
     truncation the downtime a switchover would cause at that moment (remaining dirty bytes /
-    measured bandwidth, or / the run's configured rate before any is measured) is charged as
-    downtime.
+    measured bandwidth, or / the run's configured rate before any is measured) is charged at
+    the `downtime` weight as a cost of its own, the info's `reward_parts["truncation"]`
+    (`reward_parts["downtime"]` is the downtime that happened).
 
     ## Starting State
     A VM (scenario: host profile, memory, vCPUs, link) running a workload drawn from the env's
     split of the workload set (`reset(options={"workload": name})` picks one by name, any known
-    workload; `options` takes no other key); migration starts at the first step.
+    workload; `options` takes no other key); migration starts at the first step, `sample_s`
+    into the workload's timeline (the reset's sample covered the seconds before).
+
+    `reset()`'s `info`: `workload` (the episode's), `sampled_dirty_rate_Bps` and
+    `sampled_redirty_rate_Bps` (the pre-migration sample in bytes/s: observations 3 and 15
+    before scaling), `ring_sizes` and `intervals_ms` (the action grids, as lists the caller may
+    keep).
 
     ## Episode End
     - terminated: the migration completed (the VM was switched over and verified)
@@ -388,11 +468,34 @@ class MigrationEnv(RingEnv):
     "all" of the workload set; `workloads` an explicit list of workload names instead;
     `flatten_actions` True for the `Discrete` variant; env settings
     (`control_interval_ms`, simulated ms per step, default 50; `max_episode_s`, `sample_s`,
-    `sample_windows`, `ring_sizes` (each one the host accepts, once), `intervals_ms` (each in
-    1 .. 10000 ms, once), `reward`, `workload_set`) and scenario
-    fields (e.g. `vm`, `link`, `seed`) as keywords.
+    `max_episode_s`, simulated seconds before truncation, default 120; `sample_s`, the
+    pre-migration sample's simulated seconds, default 1; `sample_windows`, default 5;
+    `ring_sizes` (each one the host accepts, once; default all of them), `intervals_ms` (each in
+    1 .. 10000 ms, once), `reward`, `workload_set`) and scenario fields (e.g. `vm`, `link`,
+    `checkpoint`, `collector`, `throttle`; a mapping is merged into its section:
+    `vm={"vcpus": 2}`) as keywords. The scenario fields the env decides itself are errors
+    saying what to use instead: `workload` (`workloads=[...]`, or
+    `reset(options={"workload": ...})`), `ring_entries` and `interval_ms` (the action; offer
+    others with `ring_sizes` / `intervals_ms`), `kind` (the env id), the scenario's seed
+    (`reset(seed=...)` seeds each episode), `name` and `description`.
     `collector="bitmap"` runs the classic dirty-bitmap collector instead (the baseline the ring
-    competes with): the actions then change nothing and `ring_entries` is 0.
+    competes with): the actions then change nothing, and `ring_entries` and `interval_ms` are 0.
+
+    ## Attributes
+    Of `env.unwrapped`, read-only: `scenario` (the validated `ringenv.config.ScenarioConfig`),
+    `cfg` (the `EnvConfig`: control interval, time cap, grids, reward weights), `workloads` (the
+    names episodes are drawn from), `ring_sizes` and `intervals_ms` (the action grids),
+    `flatten_actions`, `kind` ("migration" or "checkpoint"), `obs_rate_Bps` (what the rate
+    observations are divided by, bytes/s); after a reset `workload` and `episode_seed` (the
+    seed of the episode's VMM run, drawn from reset's seed), after a step `ring_entries` and
+    `interval_ms` (as in `info`). `decode_action(action)` gives (ring entries, interval ms),
+    `encode_action(entries, ms)` the action nearest to them.
+
+    An env pickles and deep-copies (`pickle`, `copy.deepcopy`) while no episode is under way:
+    fresh, reset but not stepped, ended or closed. During an episode its VMM run (generator
+    processes) cannot be copied and both raise `TypeError`: to duplicate an episode, make a new
+    env with the same arguments, reset it with the same seed (and options) and replay the
+    actions (same seed and actions give bit-identical observations, rewards and infos).
 
     ## Version History
     - v0: initial version; the observation gained `redirty_rate` and `redirty_share` (indices 15,
@@ -413,20 +516,28 @@ class CheckpointEnv(RingEnv):
     the checkpoint's downtime). Fewer dirty pages per period make the ring win.
 
     ## Action Space, Observation Space
-    As :class:`MigrationEnv`; `progress` is the share of RAM in the image (1 once the base image
-    is written), `remaining` the dirty bytes not yet checkpointed, `iteration` the dirty syncs
-    so far / 32 (the set-up's, then one per stop-the-world checkpoint, two per live one).
+    As :class:`MigrationEnv`, except that the link plays no part: the rate observations
+    (`dirty_rate`, `sampled_rate`, `bandwidth`, `redirty_rate`) are divided by the checkpoint
+    storage rate (`checkpoint.storage_mbps` x 10^6 bytes/s: the env's `obs_rate_Bps`), and
+    `remaining` is log10(1 + the pause in ms a stop-the-world write of the dirty bytes not yet
+    checkpointed would take at the storage rate), i.e. log10(1 + remaining bytes / (storage rate
+    x 1 ms)): 1 for a 9 ms pause, 3 for 1 s, 6 (the high) for 1000 s. `progress` is the share
+    of RAM in the image (1 once the base image is written), `iteration` the dirty syncs so far /
+    32 (the set-up's, then one per stop-the-world checkpoint, two per live one).
 
     ## Rewards
-    As :class:`MigrationEnv`, downtime being the sum of the checkpoint pauses.
+    As :class:`MigrationEnv`, downtime being each checkpoint's pause, charged in the step where
+    it ends: over an episode, the sum of the pauses (`info["pause_total_s"]`; `info["downtime_s"]`
+    is the longest one).
 
     ## Episode End
     - terminated: the checkpoint horizon (`checkpoint.horizon_s` of the scenario) is over (a
       checkpoint under way at the horizon is finished first)
     - truncated: `max_episode_s` of simulated time passed first: a horizon longer than that, or
       checkpoints that take longer (a big VM on slow storage: the base image of the `stress`
-      scenario alone takes longer than the default 120 s). The dirty bytes not yet checkpointed
-      are charged as downtime at the storage rate.
+      scenario alone takes longer than the default 120 s). The pause writing the dirty bytes not
+      yet checkpointed would take at the storage rate is charged at the `downtime` weight
+      (the info's `reward_parts["truncation"]`).
 
     ## Arguments
     `gymnasium.make("ringenv/Checkpoint-v0", scenario="default", ...)`, as MigrationEnv.
@@ -527,16 +638,18 @@ def _clip_observation(values: list[float]) -> np.ndarray:
                      for x, high in zip(values, _OBS_HIGH_LIST)], dtype=np.float32)
 
 
-def _open_session(kind, scenario, workload, seed, ring_entries, interval_ns, control_interval_ms):
+def _open_session(kind, scenario, workload, seed, ring_entries, interval_ns, control_interval_ms, sample_s):
     """The VMM run behind an episode: a MigrationRun or CheckpointRun of the scenario with the
     episode's workload, seed and ring size (ringenv.vmm). The host is synchronised with the VMM
-    at every control interval, so each observation describes the step's end exactly."""
+    at every control interval, so each observation describes the step's end exactly. The run
+    starts ``sample_s`` into the workload's timeline: the reset's dirty-rate sample covered the
+    seconds before it (``workload_start_s``, see ringenv.vmm.dirtyrate)."""
     if kind == "migration":
         from .vmm.migration import MigrationRun as Run
     else:
         from .vmm.checkpoint import CheckpointRun as Run
     return Run(scenario, seed=seed, workload=workload, ring_entries=ring_entries,
-               interval_ms=interval_ns / MS, host_sync_ms=control_interval_ms)
+               interval_ms=interval_ns / MS, host_sync_ms=control_interval_ms, workload_start_s=sample_s)
 
 
 def _render_rgb(env: RingEnv, obs: np.ndarray, info: dict) -> np.ndarray:

@@ -166,3 +166,76 @@ def test_bad_hyperparameter_file_entry_names_the_file(capsys, tmp_path):
     out.mkdir()
     err = train_error(capsys, out, "--hyperparams", f)
     assert "hp.yaml" in err and "gama" in err and "gamma" in err, err
+
+
+# ---------------------------------------------------------------------------------- env ids, seeds
+def test_train_unknown_env_id_lists_the_environment_ids(capsys, tmp_path):
+    err = train_error(capsys, tmp_path, "--algo", "a2c", "--env-id", "foo")
+    assert "--env-id 'foo': unknown environment id; accepted:" in err, err
+    for env_id in ("ringenv/Migration-v0", "ringenv/MigrationDiscrete-v0", "ringenv/Checkpoint-v0",
+                   "ringenv/CheckpointDiscrete-v0"):
+        assert env_id in err, (env_id, err)
+    assert "has no entry" not in err, err
+
+
+def test_train_env_id_the_algorithms_file_lacks_says_so(capsys, tmp_path):
+    err = train_error(capsys, tmp_path, "--algo", "a2c", "--env-id", "ringenv/Checkpoint-v0")
+    assert "unknown environment id" not in err, err
+    assert "a2c.yaml has no entry for ringenv/Checkpoint-v0" in err and "ringenv/Migration-v0" in err, err
+    assert "--hyperparams" in err, err
+
+
+def one_line_error(capsys, argv):
+    rc = main(argv)
+    err = capsys.readouterr().err
+    assert rc == 2, err
+    assert err.count("\n") == 1 and "Traceback" not in err, err
+    return err
+
+
+@pytest.mark.parametrize("cmd", ["evaluate", "compare"])
+@pytest.mark.parametrize("flag, value, words", [("--seeds", 0, "an integer >= 1"), ("--seeds", -2, "an integer >= 1"),
+                                               ("--seed0", -5, "an integer >= 0")])
+def test_evaluation_seed_counts_are_checked_up_front(capsys, tmp_path, cmd, flag, value, words):
+    out = tmp_path / "out"
+    err = one_line_error(capsys, [cmd, flag, str(value), "--policies", "qemu", "--workloads", "oltp", "--workers", "2",
+                                  "--out", str(out), "--no-progress", *SMALL])
+    assert f"{flag} {value}: expected {words}" in err, err
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("seed", [-1, 2**32])
+def test_train_seed_range_is_checked_up_front(capsys, tmp_path, seed):
+    err = one_line_error(capsys, ["train", "--seed", str(seed), "--timesteps", "10", "--out", str(tmp_path),
+                                  "--no-progress", "--no-tensorboard", *SMALL])
+    assert f"--seed {seed}: expected an integer from 0 to 4294967295" in err and "hyperparameters" not in err, err
+    assert not list(tmp_path.iterdir())
+
+
+# ---------------------------------------------------------------------------------- train: rounding
+def test_rollout_rounding_of_the_budget():
+    """SB3 runs whole rollouts: PPO/A2C n_steps x n_envs decisions, DQN train_freq x n_envs (in
+    steps; a train_freq in episodes cannot be known in advance)."""
+    from agents.train import rounded_timesteps
+
+    assert rounded_timesteps("ppo", 1, {"n_steps": 128}, 2) == (256, 256)
+    assert rounded_timesteps("ppo", 256, {"n_steps": 128}, 2) == (256, 256)
+    assert rounded_timesteps("ppo", 257, {"n_steps": 128}, 2) == (512, 256)
+    assert rounded_timesteps("ppo", 1, {}, 1) == (2048, 2048)  # PPO's default n_steps
+    assert rounded_timesteps("a2c", 33, {"n_steps": 16}, 2) == (64, 32)
+    assert rounded_timesteps("a2c", 1, {}, 1) == (5, 5)
+    assert rounded_timesteps("dqn", 1, {"train_freq": 4}, 2) == (8, 8)
+    assert rounded_timesteps("dqn", 9, {"train_freq": (2, "step")}, 1) == (10, 2)
+    assert rounded_timesteps("dqn", 9, {}, 1) == (12, 4)  # DQN's default train_freq 4
+    assert rounded_timesteps("dqn", 9, {"train_freq": (1, "episode")}, 1) == (9, None)
+
+
+def test_train_timesteps_help_and_readme_say_the_budget_is_rounded_up():
+    from agents.common import field_docs
+    from agents.train import Args
+
+    doc = field_docs(Args)["timesteps"]
+    assert "rounded up" in doc and "n_steps x n_envs" in doc
+    readme = flat((ROOT / "README.md").read_text())
+    assert "N x `action_repeat` environment steps at most" not in readme
+    assert "rounded up to whole rollouts" in readme

@@ -239,3 +239,64 @@ def test_evaluate_rejects_off_grid_specs_before_running_anything(tmp_path, capsy
     rows = list(csv.DictReader(open(out / "episodes.csv")))
     assert len(rows) == 1 and rows[0]["policy"] == "fixed 4096/150ms"
     assert float(rows[0]["mean_interval_ms"]) == 150.0 and rows[0]["ring_entries"] == "4096"
+
+
+def test_train_small_budget_is_rounded_up_to_whole_rollouts(tmp_path):
+    """--timesteps 1 with n_steps 32 x 2 envs: SB3 runs one rollout (64 decisions); the
+    evaluations and snapshots are spaced over those 64 (2 each, not one per decision), and the
+    log says the budget was rounded up."""
+    p = ringenv("train", "--timesteps", 1, "--n-envs", 2, "--vec-env", "dummy", "--evals", 2, "--checkpoints", 2,
+                "--out", tmp_path, "--name", "r", "--no-progress", "--no-tensorboard", *SMALL, *TINY_PPO,
+                "action_repeat=1", timeout=300)
+    log = " ".join(p.stderr.split())
+    assert "1 decision requested, rounded up to 64 (whole rollouts of n_steps 32 x 2 envs)" in log, log
+    assert "64 decisions = 64 env steps" in log or "up to 64 env steps" in log, log
+    meta = json.loads((tmp_path / "r" / "args.json").read_text())
+    assert meta["timesteps"] == 1 and meta["timesteps_rounded"] == 64 and meta["decisions"] == 64
+    assert len(np.load(tmp_path / "r" / "eval" / "evaluations.npz")["timesteps"]) == 2
+    assert len(list((tmp_path / "r" / "checkpoints").glob("rl_model_*_steps.zip"))) == 2
+
+
+def test_train_dqn_budget_is_rounded_up_to_train_freq(tmp_path):
+    ringenv("train", "--algo", "dqn", "--timesteps", 5, "--n-envs", 2, "--vec-env", "dummy", "--evals", 0,
+            "--checkpoints", 0, "--out", tmp_path, "--name", "d", "--no-progress", "--no-tensorboard", *SMALL,
+            "--hp", "learning_starts=0", "buffer_size=100", "train_freq=2", "action_repeat=1")
+    meta = json.loads((tmp_path / "d" / "args.json").read_text())
+    assert meta["timesteps"] == 5 and meta["timesteps_rounded"] == 8 and meta["decisions"] == 8
+
+
+def test_evaluating_a_model_trained_with_other_settings_warns(ppo_run, tmp_path, capsys):
+    """A model brings its action grids to its evaluation; its other env settings (scenario,
+    control interval, time cap, ...) are the evaluation's, so that every policy of a table runs
+    the same episodes. Where they differ from the model's training, one line says which."""
+    from agents.evaluate import trained_settings_differences
+    from ringenv.cli import main
+
+    small = {"vm": {"memory": "1GiB", "vcpus": 2}}
+    assert trained_settings_differences(str(ppo_run), "ringenv/Migration-v0", "default", small) == []
+    diff = trained_settings_differences(str(ppo_run), "ringenv/Migration-v0", "default",
+                                        {**small, "control_interval_ms": 100, "max_episode_s": 120})
+    assert diff == ["control_interval_ms 50 (evaluated: 100)"], diff
+    diff = trained_settings_differences(str(ppo_run), "ringenv/Migration-v0", "default", {})
+    assert "vm.memory 1073741824 (evaluated: 17179869184)" in diff and "vm.vcpus 2 (evaluated: 8)" in diff, diff
+    assert main(["evaluate", "--policies", "qemu", str(ppo_run), "--workloads", "oltp", "--seeds", "1", "--workers",
+                 "1", "--out", str(tmp_path), "--no-progress", *SMALL, "max_episode_s=2", "control_interval_ms=100"]) == 0
+    err = [ln for ln in capsys.readouterr().err.splitlines() if "trained with" in ln]
+    assert len(err) == 1 and "control_interval_ms 50 (evaluated: 100)" in err[0] and "max_episode_s 120 (evaluated: 2)" \
+        in err[0], err
+
+
+def test_table_shows_no_interval_for_the_bitmap_collector():
+    from agents.evaluate import markdown_table
+
+    base = {"reward": -1.0, "reward_ci": 0.1, "d_reward": 0.0, "d_reward_ci": 0.0, "downtime_s": 0.2,
+            "downtime_s_ci": 0.0, "total_s": 10.0, "total_s_ci": 0.0, "exit_stall_s": 0.0, "exit_stall_s_ci": 0.0,
+            "vcpu_fault_s": 1.0, "vcpu_fault_s_ci": 0.0, "vmm_cpu_s": 0.1, "vmm_cpu_s_ci": 0.0, "full_exits": 0,
+            "full_exits_ci": 0.0, "n": 2}
+    rows = [{**base, "policy": "qemu default", "spec": "qemu", "ring_entries": 4096, "mean_interval_ms": 1000.0},
+            {**base, "policy": "bitmap (no ring)", "spec": "bitmap", "ring_entries": 0, "mean_interval_ms": 0.0}]
+    lines = markdown_table(rows).splitlines()
+    bitmap = next(ln for ln in lines if ln.startswith("| bitmap"))
+    assert bitmap.rstrip(" |").split(" | ")[-3:] == ["-", "-", "2"], bitmap
+    qemu = next(ln for ln in lines if ln.startswith("| qemu"))
+    assert qemu.rstrip(" |").split(" | ")[-3:] == ["4096", "1000", "2"], qemu

@@ -309,7 +309,7 @@ def test_reset_options():
     ({"workloads": ["web", "bogus"]}, "unknown workload 'bogus'; accepted: "),
     ({"flatten_actions": "no"}, "flatten_actions: 'no'; accepted: True or False"),
     ({"bogus": 1}, "bogus: unknown argument; accepted: split, workloads, flatten_actions, render_mode, .*"
-                   "control_interval_ms.*vm, workload"),
+                   "control_interval_ms.*host, vm, rate_scale"),
     ({"vm": {"vcpus": 0}}, "vm.vcpus"),
     ({"scenario": "nope"}, "unknown scenario 'nope'"),
 ])
@@ -371,3 +371,148 @@ def test_bitmap_baseline_episode():
     info = steps[-1][2]
     assert te and info["collector"] == "bitmap" and info["ring_entries"] == 0 and info["ring_bytes"] == 0
     assert info["verified"] is True and info["get_dirty_log_calls"] > 0
+
+
+# ---------------------------------------------------------------------------------- review fixes
+@pytest.mark.parametrize("field, words", [
+    ("workload", ["workloads=[...]", "reset(options={'workload'"]),
+    ("ring_entries", ["the action chooses", "ring_sizes=[...]"]),
+    ("interval_ms", ["the action chooses", "intervals_ms=[...]"]),
+    ("kind", ["the env id chooses", "ringenv/Checkpoint-v0"]),
+    ("seed", ["reset(seed=...)"]),
+    ("name", ["scenario="]),
+])
+def test_scenario_fields_the_env_sets_itself_are_rejected(field, words):
+    """workload, ring_entries, interval_ms, kind, seed and name are scenario fields the env
+    decides by other means: as keywords they would be ignored, so they are errors pointing to
+    the right mechanism."""
+    value = {"workload": "analytics", "ring_entries": 256, "interval_ms": 10, "kind": "checkpoint", "seed": 5,
+             "name": "x"}[field]
+    with pytest.raises(ConfigError) as e:
+        make(**{field: value})
+    msg = str(e.value)
+    assert msg.startswith(f"{field}: "), msg
+    for w in words:
+        assert w in msg, (w, msg)
+    # and the unknown-argument message does not offer them
+    with pytest.raises(ConfigError) as e:
+        make(bogus=1)
+    accepted = str(e.value).split("scenario fields")[1]
+    for f in ("workload", "ring_entries", "interval_ms", "kind", "seed", "name"):
+        assert f" {f}," not in accepted and f" {f})" not in accepted, (f, accepted)
+    doc = type(make().unwrapped).__doc__.split("## Arguments")[1]
+    assert "`seed`" not in doc.split("## Version History")[0]
+
+
+@pytest.mark.parametrize("env_id", ["ringenv/Migration-v0", "ringenv/Checkpoint-v0"])
+def test_remaining_uses_the_runs_rate_before_the_bandwidth_is_measured(env_id):
+    """Until the bandwidth is measured (~1 s into a run) ``remaining`` is scaled by the run's own
+    rate, as the truncation charge is, not pinned at its high."""
+    env = gym.make(env_id, workloads=["oltp"])
+    env.reset(seed=0)
+    o, _, _, _, info = env.step(np.array([4, 3]))
+    u = env.unwrapped
+    assert info["bandwidth_Bps"] == 0 and info["remaining_bytes"] > 0
+    assert 0 < o[8] < 6
+    if u.kind == "migration":  # bytes the run's rate sends within the downtime limit
+        scale = u.scenario.link.rate_Bps * u.scenario.link.downtime_limit_ms / 1000
+    else:  # bytes the storage writes in 1 ms
+        scale = u.scenario.checkpoint.storage_mbps * 1e6 / 1000
+    assert o[8] == pytest.approx(np.log10(1 + info["remaining_bytes"] / scale), rel=1e-5)
+
+
+def test_checkpoint_observations_are_scaled_by_the_storage_rate():
+    """Checkpoint-v0's rate observations are divided by the storage rate (the link plays no part
+    in checkpointing); ``remaining`` is the pause in ms a stop-the-world write of the remaining
+    dirty bytes would take at that rate. Migration-v0 keeps the link rate."""
+    ck = gym.make("ringenv/Checkpoint-v0", scenario="checkpoint")
+    u = ck.unwrapped
+    storage = u.scenario.checkpoint.storage_mbps * 1e6
+    assert u.obs_rate_Bps == storage != u.scenario.link.rate_Bps
+    o, info = ck.reset(seed=0)
+    assert o[3] == pytest.approx(info["sampled_dirty_rate_Bps"] / storage, rel=1e-5)
+    assert o[15] == pytest.approx(info["sampled_redirty_rate_Bps"] / storage, rel=1e-5)
+    high_bw = 0.0
+    for k in range(40):
+        o, _, _, _, info = ck.step(np.array([4, 6]))
+        assert o[2] == pytest.approx(min(info["dirty_rate_Bps"] / storage, 10), rel=1e-5, abs=1e-7)
+        assert o[9] == pytest.approx(min(info["bandwidth_Bps"] / storage, 2), rel=1e-5, abs=1e-7)
+        assert o[8] == pytest.approx(np.log10(1 + info["remaining_bytes"] / (storage * 1e-3)), rel=1e-5, abs=1e-7)
+        high_bw = max(high_bw, o[9])
+    assert 0.5 < high_bw < 2.0  # measured: about the storage rate, not 15x the link's (clipped at 2)
+    doc = type(u).__doc__
+    assert "storage rate" in doc and "pause" in doc
+    from agents.common import EnvFacts
+
+    assert EnvFacts.from_env(ck).link_Bps == storage  # what the heuristics turn rate observations back with
+    mg = gym.make("ringenv/Migration-v0", scenario="checkpoint")
+    assert mg.unwrapped.obs_rate_Bps == mg.unwrapped.scenario.link.rate_Bps
+    assert EnvFacts.from_env(mg).link_Bps == mg.unwrapped.scenario.link.rate_Bps
+
+
+def test_scenario_of_a_wrong_type_names_the_argument():
+    for bad in (5, 2.5, ["default"]):
+        with pytest.raises(ConfigError, match=r"scenario: .* accepted: a scenario name .*a YAML path.*a mapping.*"
+                                              r"ScenarioConfig"):
+            make(scenario=bad) if not isinstance(bad, list) else gym.make("ringenv/Migration-v0", scenario=bad)
+    with pytest.raises(ConfigError, match="ring_sizes: .*at least one"):
+        make(ring_sizes=[])
+
+
+def test_pickling_or_copying_a_stepped_env_is_a_clear_error():
+    import copy
+    import pickle
+
+    env = make()
+    pickle.loads(pickle.dumps(env))  # fresh
+    copy.deepcopy(env)
+    env.reset(seed=3)
+    twin = pickle.loads(pickle.dumps(env))  # reset, not stepped: the copy runs the same episode
+    a, b = env.step(np.array([3, 4])), twin.step(np.array([3, 4]))
+    assert np.array_equal(a[0], b[0]) and a[1] == b[1]
+    # (a shallow copy of the gym.make wrappers shares the env: only the env itself refuses one)
+    for copier, obj in ((pickle.dumps, env), (copy.deepcopy, env), (copy.copy, env.unwrapped)):
+        with pytest.raises(TypeError, match=r"cannot be pickled or copied.*episode under way.*same arguments.*"
+                                            r"same seed.*actions"):
+            copier(obj)
+    env.close()  # no episode under way: copies again
+    pickle.loads(pickle.dumps(env))
+    doc = type(env.unwrapped).__doc__
+    assert "pickle" in doc and "deepcopy" in doc
+
+
+def test_docstring_says_which_observations_clip_and_why_lost_vcpu_can_exceed_one():
+    from ringenv.env import MigrationEnv
+
+    obs_doc = MigrationEnv.__doc__.split("## Observation Space")[1].split("## Rewards")[0]
+    rew_doc = MigrationEnv.__doc__.split("## Rewards")[1].split("## Starting State")[0]
+    assert "clipped" in obs_doc and "open-loop" in obs_doc and "lost_vcpu" in obs_doc
+    for name in ("dirty_rate", "lost_vcpu", "vmm_cpu", "remaining", "bandwidth"):
+        assert name in obs_doc.split("clipped")[1], name
+    assert "open-loop" in rew_doc or "exceed" in rew_doc
+
+
+def test_bitmap_collector_reports_no_interval():
+    env = make(collector="bitmap", workloads=["oltp"])
+    env.reset(seed=5)
+    o, _, _, _, info = env.step(np.array([4, 6]))
+    assert info["interval_ms"] == 0 and info["ring_entries"] == 0
+    assert o[13] == 0.0
+
+
+def test_docstring_documents_reset_info_attributes_truncation_and_time_cap():
+    from ringenv.env import MigrationEnv
+
+    doc = MigrationEnv.__doc__
+    env = make()
+    _, info = env.reset(seed=0)
+    for k in info:
+        assert f"`{k}`" in doc, k
+    for attr in ("scenario", "cfg", "workloads", "ring_sizes", "intervals_ms", "flatten_actions", "workload",
+                 "episode_seed", "obs_rate_Bps"):
+        assert f"`{attr}`" in doc.split("## Attributes")[1], attr
+        assert hasattr(env.unwrapped, attr), attr
+    rewards = doc.split("## Rewards")[1].split("## Starting State")[0]
+    assert 'reward_parts["truncation"]' in rewards and "charged as downtime" not in rewards
+    args = " ".join(doc.split("## Arguments")[1].split())
+    assert "`max_episode_s`, simulated seconds before truncation, default 120" in args
