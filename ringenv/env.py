@@ -467,8 +467,8 @@ class MigrationEnv(RingEnv):
     configs/scenarios/, a YAML path, a mapping or a ScenarioConfig; `split` "train", "test" or
     "all" of the workload set; `workloads` an explicit list of workload names instead;
     `flatten_actions` True for the `Discrete` variant; env settings
-    (`control_interval_ms`, simulated ms per step, default 50; `max_episode_s`, `sample_s`,
-    `max_episode_s`, simulated seconds before truncation, default 120; `sample_s`, the
+    (`control_interval_ms`, simulated ms per step, default 50; `max_episode_s`, simulated
+    seconds before truncation, default 120; `sample_s`, the
     pre-migration sample's simulated seconds, default 1; `sample_windows`, default 5;
     `ring_sizes` (each one the host accepts, once; default all of them), `intervals_ms` (each in
     1 .. 10000 ms, once), `reward`, `workload_set`) and scenario fields (e.g. `vm`, `link`,
@@ -500,7 +500,10 @@ class MigrationEnv(RingEnv):
     ## Version History
     - v0: initial version; the observation gained `redirty_rate` and `redirty_share` (indices 15,
       16) and `sample_windows` before any release, and the default `control_interval_ms` became
-      50 (was 200: 70 to 108 steps per migration; now 276 to 431)
+      50 (was 200: 70 to 108 steps per migration; now 276 to 431); also before any release,
+      `remaining` counts in the run's configured rate until the bandwidth is measured (it sat
+      at its high for the first ~1 s) and the migration continues the workload the reset's
+      sample measured (it replayed the sample's own second)
     """
 
     kind = "migration"
@@ -543,7 +546,9 @@ class CheckpointEnv(RingEnv):
     `gymnasium.make("ringenv/Checkpoint-v0", scenario="default", ...)`, as MigrationEnv.
 
     ## Version History
-    - v0: initial version
+    - v0: initial version; before any release the rate observations became relative to the
+      storage rate (were the link's), `remaining` a pause in ms, and every pause is charged
+      (only a new longest one was)
     """
 
     kind = "checkpoint"
