@@ -45,8 +45,10 @@ BLOCK = 1  # memory.BLOCK: block_map value of a block mapping
 def walk_writes(gpi, vc, code, reads, first_touch, slot_of, state, version, block_map,
                 blockgran, pushall, split, mode, block_shift,
                 used, limit, pml_count, pml_buf, rings,
-                push_v, push_g, split_v, split_b, faults):  # pragma: no cover - compiled
-    """Apply events until the first exit. ``used``/``pml_count`` are updated in place.
+                push_v, push_g, split_v, split_b, faults, untracked_faults=None):  # pragma: no cover - compiled
+    """Apply events until the first exit. ``used``/``pml_count`` are updated in place;
+    ``faults[v]`` counts vCPU v's faults and, if given, ``untracked_faults[v]`` those of them in
+    a slot without dirty tracking (a real protection or translation fault even with PML).
 
     Per memslot: ``blockgran`` (block mappings stay: a fault maps or relaxes the whole block),
     ``pushall`` (such a fault logs every page of the block), ``split`` (a write fault splits a
@@ -120,6 +122,8 @@ def walk_writes(gpi, vc, code, reads, first_touch, slot_of, state, version, bloc
         if s & WP and untracked and mode[k] & UNTRACKED:
             # no dirty tracking: the fault makes the page (or its block) writable, mark_page_dirty_in_slot logs nothing
             faults[v] += 1
+            if untracked_faults is not None:
+                untracked_faults[v] += 1
             if inblock:
                 block_map[blk] = BLOCK
                 b0 = blk * block_pages
@@ -194,15 +198,18 @@ def apply_batch(gpi, vc, code, reads, first_touch, slot_of, state, version, bloc
                 blockgran, pushall, split, mode, block_shift,
                 ring_ctr, soft_limit, pml_count, pml_buf, rings,
                 push_v, push_g, split_v, split_b,
-                vstat, split_cost, fault_cost, ring_addr, slot_start, slot_kvm, soft_full, faults):  # pragma: no cover - compiled
+                vstat, split_cost, fault_cost, wp_fault_cost, ring_addr, slot_start, slot_kvm, soft_full,
+                faults):  # pragma: no cover - compiled
     """:func:`walk_writes` over a batch, then its bookkeeping in the same call: per vCPU (rows
     of ``vstat``, columns FAULTS, PUSHES, SPLITS, FAULT_NS) the faults and splits it took and
-    their service time (``fault_cost`` per fault, ``split_cost`` per split: break-before-make
-    and a broadcast TLB invalidation; ``faults``, zeros on entry, gets the batch's faults per
-    vCPU); with rings and no PML the pushes go into the rings
-    (:func:`ringenv.kvm.ring.push_all`), and ``soft_full[v]`` is set for a vCPU whose ring
-    the batch's pushes left soft-full (its KVM_REQ_DIRTY_RING_SOFT_FULL). Without rings, or
-    with PML, the pushes are left in push_v/push_g for the caller.
+    their service time (``fault_cost`` per fault in a dirty-tracked slot: with x86 PML the
+    logged write, which does not exit; ``wp_fault_cost`` per fault in a slot without dirty
+    tracking, a real EPT violation or stage-2 fault (kvm_tdp_page_fault, user_mem_abort) even
+    with PML; ``split_cost`` per split: break-before-make and a broadcast TLB invalidation;
+    ``faults``, zeros on entry, gets the batch's faults per vCPU); with rings and no PML the
+    pushes go into the rings (:func:`ringenv.kvm.ring.push_all`), and ``soft_full[v]`` is set
+    for a vCPU whose ring the batch's pushes left soft-full (its KVM_REQ_DIRTY_RING_SOFT_FULL).
+    Without rings, or with PML, the pushes are left in push_v/push_g for the caller.
     Returns (events consumed, cut kind, pushes, splits, clean pages written, access retired at
     the cut, vCPUs made soft-full)."""
     nv = vstat.shape[0]
@@ -215,15 +222,18 @@ def apply_batch(gpi, vc, code, reads, first_touch, slot_of, state, version, bloc
         limit = soft_limit
     else:
         limit = np.full(nv, np.int64(1) << 62, dtype=np.int64)
+    untracked = np.zeros(nv, dtype=np.int64)
     m, cut, npush, nsplit, ndirty, retired = walk_writes(
         gpi, vc, code, reads, first_touch, slot_of, state, version, block_map, blockgran, pushall, split, mode,
-        block_shift, used, limit, pml_count, pml_buf, rings, push_v, push_g, split_v, split_b, faults)
+        block_shift, used, limit, pml_count, pml_buf, rings, push_v, push_g, split_v, split_b, faults, untracked)
     for j in range(nsplit):
         vstat[split_v[j], SPLITS] += 1
         vstat[split_v[j], FAULT_NS] += split_cost
     for v in range(nv):
         vstat[v, FAULTS] += faults[v]
-        vstat[v, FAULT_NS] += np.int64(faults[v] * fault_cost)
+        vstat[v, FAULT_NS] += np.int64((faults[v] - untracked[v]) * fault_cost)
+        if untracked[v]:
+            vstat[v, FAULT_NS] += np.int64(untracked[v] * wp_fault_cost)
     nsoft = 0
     if npush and rings and pml_buf == 0:
         before = ring_ctr[:, 0].copy()
@@ -243,9 +253,10 @@ def apply_window(order, t, vc, gfn, gfn_lo, gfn_hi, delta, zeros8, zeros64, stat
                  push_v, push_g, split_v, split_b, vstat, split_cost, fault_cost, ring_addr, slot_start, slot_kvm,
                  soft_full, faults):  # pragma: no cover - compiled
     """:func:`apply_batch` for a workload's window of candidate first writes (first touch, no
-    reads, no exit codes) into a VM with one RAM slot and no PML, in the same call as the
-    gather and the address check: the events are ``t``/``vc``/``gfn`` taken in ``order`` (empty:
-    as given); a gfn in the slot ``[gfn_lo, gfn_hi)`` is at global page index ``gfn + delta``.
+    reads, no exit codes) into a VM with one RAM slot and no PML (a fault costs ``fault_cost``
+    whatever the slot's mode), in the same call as the gather and the address check: the
+    events are ``t``/``vc``/``gfn`` taken in ``order`` (empty: as given); a gfn in the slot
+    ``[gfn_lo, gfn_hi)`` is at global page index ``gfn + delta``.
     The walk covers the events before the first one, in order, outside the slot (no memslot
     maps it: an MMIO exit when the walk gets there, not before). ``zeros8``/``zeros64``: at
     least len(t) zeros (read only).
@@ -270,6 +281,6 @@ def apply_window(order, t, vc, gfn, gfn_lo, gfn_hi, delta, zeros8, zeros64, stat
     m, cut, npush, nsplit, ndirty, retired, nsoft = apply_batch(
         gpi[:nb], v32[:nb], zeros8[:nb], zeros8[:nb], True, zeros64[:nb], state, version, block_map, blockgran,
         pushall, split, mode, block_shift, ring_ctr, soft_limit, no_pml, 0, rings, push_v, push_g, split_v, split_b,
-        vstat, split_cost, fault_cost, ring_addr, slot_start, slot_kvm, soft_full, faults)
+        vstat, split_cost, fault_cost, fault_cost, ring_addr, slot_start, slot_kvm, soft_full, faults)
     last = m - 1 if ordered or m == 0 else order[m - 1]
     return m, cut, npush, nsplit, ndirty, retired, nsoft, last, bad

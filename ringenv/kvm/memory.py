@@ -209,7 +209,7 @@ def _choose_blocks(nblocks: int, fraction: float, seed: int) -> np.ndarray:
 
 @numba.njit(cache=True, nogil=True)
 def protect_masked(kslots, offsets, masks, tab_kslot, tab_start, tab_npages, tab_blockgran, tab_mode,
-                   state, block_map, block_shift, span, split_span):  # pragma: no cover - compiled
+                   state, block_map, block_shift, span, split_span, huge_ends):  # pragma: no cover - compiled
     """kvm_arch_mmu_enable_log_dirty_pt_masked for each call (slot, offset, mask), in order.
 
     Write-protects the pages of the mask: exactly its set bits (x86), or with ``span`` every page
@@ -222,9 +222,15 @@ def protect_masked(kslots, offsets, masks, tab_kslot, tab_start, tab_npages, tab
     (arm64 kvm_mmu_split_huge_pages after protecting, x86 kvm_mmu_try_split_huge_pages before:
     the same pages end up protected where it matters, a logging slot): to plain tables
     in a logging slot, to ``SPLIT_HUGE`` in one that is not (``tab_mode`` non-zero, see
-    fault.walk_writes). Every protected page is clean afterwards.
+    fault.walk_writes). With ``huge_ends`` (x86 with manual protect and INITIALLY_SET) the
+    huge mapping of the first and of the last page of the mask, if one is left there after the
+    split, is write-protected whole (kvm_mmu_slot_gfn_write_protect(..., PG_LEVEL_2M) for
+    both ends: the x86 4K part, kvm_mmu_write_protect_pt_masked or
+    kvm_mmu_clear_dirty_pt_masked, touches only 4K mappings, so a page under a huge mapping
+    must fault through it to be logged at 4K). Every protected page is clean afterwards.
     Returns (pages protected: a whole block per page of a call where blocks stay, one page per
-    page of the call otherwise; blocks split)."""
+    page of the call otherwise, one per huge mapping protected by ``huge_ends``; blocks
+    split)."""
     npro = 0
     nsplit = 0
     block_pages = 1 << block_shift
@@ -269,4 +275,13 @@ def protect_masked(kslots, offsets, masks, tab_kslot, tab_start, tab_npages, tab
                 if block_map[blk] == BLOCK and not state[blk << block_shift] & UNMAPPED:  # a block mapping exists
                     block_map[blk] = SPLIT_HUGE if tab_mode[k] else 0
                     nsplit += 1
+        if huge_ends:
+            b_lo, b_hi = (base + lo) >> block_shift, (base + hi) >> block_shift
+            for blk in (b_lo, b_hi):  # the same block twice when the range does not cross
+                if block_map[blk] == BLOCK and not state[blk << block_shift] & UNMAPPED:  # a huge mapping exists
+                    for p in range(blk << block_shift, (blk + 1) << block_shift):
+                        state[p] |= 3
+                    npro += 1
+                if b_hi == b_lo:
+                    break
     return npro, nsplit

@@ -174,7 +174,7 @@ def _coalesce(slots, offsets, out_slot, out_offset, out_mask):  # pragma: no cov
 
 @numba.njit(cache=True, nogil=True)
 def reset_rings(ring_addr, ring_ctr, tab_kslot, tab_start, tab_npages, tab_blockgran, tab_mode, state, block_map,
-                block_shift, span, split_span):  # pragma: no cover - compiled
+                block_shift, span, split_span, huge_ends):  # pragma: no cover - compiled
     """kvm_dirty_ring_reset for every vCPU's ring (ring_addr/ring_ctr as :func:`push_all`):
     from reset_index, while the entry has RESET set, set its flags to 0
     (kvm_dirty_gfn_set_invalid) and advance reset_index; the entries reset are coalesced into
@@ -204,7 +204,8 @@ def reset_rings(ring_addr, ring_ctr, tab_kslot, tab_start, tab_npages, tab_block
             n += 1
         k = _coalesce(slots[:n], offsets[:n], out_slot, out_offset, out_mask)
         npro, nsplit = protect_masked(out_slot[:k], out_offset[:k], out_mask[:k], tab_kslot, tab_start, tab_npages,
-                                      tab_blockgran, tab_mode, state, block_map, block_shift, span, split_span)
+                                      tab_blockgran, tab_mode, state, block_map, block_shift, span, split_span,
+                                      huge_ends)
         ring_ctr[v, 1] = ri + n
         entries += n
         calls += k

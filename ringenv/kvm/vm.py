@@ -158,7 +158,7 @@ class Vcpu:
         self.pending_code = EXIT_NONE  # and what the guest does right after it retires
         self.pending_read = False  # (the faulting access was a read)
         self.finished = False
-        self.pml = np.zeros(p.pml_buffer_entries, dtype=np.int64) if p.pml else None  # logged gpis
+        self.pml = np.zeros(p.pml_buffer_entries, dtype=np.int64) if p.pml else None  # logged gfns
         self.pml_count = 0
         self.stats = VcpuStats()
 
@@ -247,7 +247,7 @@ class Vm:
         self._vstat = np.zeros((0, len(VCPU_COUNTERS)), dtype=np.int64)  # per vCPU: VcpuStats counters
         self._no_pml = np.zeros(0, dtype=np.int64)  # per vCPU: PML buffer fill (always 0 without PML)
         self._soft_full = np.zeros(0, dtype=bool)
-        self._write_costs = (0, 0)  # ns per fault and per split (create_vcpu sets them)
+        self._write_costs = (0, 0, 0)  # ns per fault, per split, per fault in an untracked slot (create_vcpu)
         self._tlbi_ns = p.tlbi_broadcast_ns(0)  # one VM-wide TLB invalidation (create_vcpu updates it)
         self.with_bitmap = False
         self.manual_protect = 0
@@ -392,6 +392,7 @@ class Vm:
                 raise einval(f"deleting memslot {slot}: it does not exist")
             self.slots.remove(old)
             self._layout()
+            self.last_ioctl_ns = 0  # kvm_arch_flush_shadow_memslot's zap is not charged (as for a move)
             return
         if old is None:
             self._check_overlap(slot, as_id, base, npages)
@@ -444,16 +445,21 @@ class Vm:
         ``flags`` (LOG_DIRTY_PAGES may change). kvm_invalidate_memslot unmaps the old range at
         stage 2 (kvm_arch_flush_shadow_memslot: every page faults again, a block where a huge
         page is behind it unless logging forces pages); kvm_prepare_memory_region keeps the
-        dirty bitmap if logging stays on; the commit is that of logging turned on (write-protect,
-        nothing mapped to split) or off. Ring entries name the slot by id, so a later reset of
-        an entry pushed before the move re-protects that offset of the moved slot."""
+        dirty bitmap if logging stays on (or allocates one, or frees it, as logging is turned on or
+        off); kvm_arch_commit_memory_region then finds nothing mapped in the new range: x86
+        kvm_mmu_slot_apply_flags returns for a move (change != KVM_MR_FLAGS_ONLY) before any
+        walk, with logging on or off; arm64 with logging (and not INITIALLY_SET) runs
+        kvm_mmu_wp_memory_region and kvm_mmu_split_memory_region over that empty range: one TLB
+        flush (kvm_flush_remote_tlbs_memslot), nothing protected or split. The zap of the old
+        range is not charged (nor is a delete's). Ring entries name the slot by id, so a later
+        reset of an entry pushed before the move re-protects that offset of the moved slot."""
         self._check_overlap(s.id, s.as_id, base, s.npages)
         self._check_gpa_range(base, s.npages)
         s.unmap_all()
         s.base_gfn = base
         self._layout()
         s.flags = flags
-        self.last_ioctl_ns = self._logging_changed(s)
+        self.last_ioctl_ns = self._logging_changed(s, move=True)
 
     def _slot(self, slot: int, as_id: int = 0) -> Memslot | None:
         for s in self.slots:
@@ -533,23 +539,24 @@ class Vm:
                                         for s in self.slots], dtype=bool)
         self._tab_mode = np.array([self._mode(s) for s in self.slots], dtype=np.uint8)
 
-    def _logging_changed(self, s: Memslot) -> int:
-        """A slot's KVM_MEM_LOG_DIRTY_PAGES was set or cleared (created, flags changed or moved):
-        kvm_prepare_memory_region's dirty bitmap (allocated, or freed when logging goes off),
-        then kvm_arch_commit_memory_region. Returns the kernel time."""
+    def _logging_changed(self, s: Memslot, move: bool = False) -> int:
+        """A slot's KVM_MEM_LOG_DIRTY_PAGES was set or cleared (created, flags changed or moved:
+        ``move``, KVM_MR_MOVE, the slot's stage 2 unmapped before): kvm_prepare_memory_region's
+        dirty bitmap (allocated, or freed when logging goes off), then
+        kvm_arch_commit_memory_region. Returns the kernel time."""
         if s.logging:
             if s.dirty_bitmap is None and (not self.ring_entries or self.with_bitmap):  # else kept
                 s.alloc_bitmap(initially_set=bool(self.manual_protect & KVM_DIRTY_LOG_INITIALLY_SET))
             self._refresh_slot_modes()
-            ns = self._commit_log_dirty_pages(s)
+            ns = self._commit_log_dirty_pages(s, move)
         else:
             s.dirty_bitmap = None
             self._refresh_slot_modes()
-            ns = self._commit_logging_off(s)
+            ns = self._commit_logging_off(s, move)
         self.stats.kernel_ns += ns
         return ns
 
-    def _commit_log_dirty_pages(self, s: Memslot) -> int:
+    def _commit_log_dirty_pages(self, s: Memslot, move: bool = False) -> int:
         """kvm_arch_commit_memory_region with LOG_DIRTY_PAGES set, whatever the VM logs into
         (bitmap or ring) and whether the slot is logging (a ring-only arm64 slot, a read-only
         slot, which x86 skips): with INITIALLY_SET nothing is protected or split; else the slot
@@ -561,7 +568,9 @@ class Vm:
         done in kvm_mmu_slot_apply_flags before write-protecting: its kernel time is the
         ioctl's, and it needs no TLB flush of its own. A table of pages over a huge page left
         by logging turned off earlier is a plain table again once the slot logs (the faults
-        map pages). Returns the kernel time."""
+        map pages). A move (``move``: nothing of the slot is mapped) costs no per-page walk:
+        x86 kvm_mmu_slot_apply_flags does nothing for KVM_MR_MOVE; arm64 flushes the TLBs once
+        (kvm_mmu_wp_memory_region) and has nothing to split. Returns the kernel time."""
         p, c = self.profile, self.profile.costs
         if self._logs(s):
             s.blocks[s.blocks == SPLIT_HUGE] = 0
@@ -571,6 +580,8 @@ class Vm:
         if p.arch == "x86" and s.flags & KVM_MEM_READONLY:  # kvm_mmu_slot_apply_flags: nothing to protect
             return 0
         s.state |= WP_CLEAN  # kvm_mmu_wp_memory_region
+        if move:  # every page is unmapped: WP only makes its fault log it
+            return 0 if p.arch == "x86" else self._flush_tlbs()
         ns = int(c.protect_page_ns * s.npages) + self._tlbi_ns
         self.stats.tlb_flushes += 1
         if self._splits_eagerly and p.split_blocks:
@@ -580,22 +591,24 @@ class Vm:
             ns += n * c.split_ns
         return ns
 
-    def _commit_logging_off(self, s: Memslot) -> int:
+    def _commit_logging_off(self, s: Memslot, move: bool = False) -> int:
         """kvm_arch_commit_memory_region with LOG_DIRTY_PAGES cleared. The pages do not become
-        writable at once: one still write-protected takes a write fault (charged as any), which
-        makes it writable and logs nothing (the slot is UNTRACKED now).
+        writable at once: one still write-protected takes a write fault (a protection fault:
+        wp_fault_ns, PML or not), which makes it writable and logs nothing (the slot is
+        UNTRACKED now).
         arm64: stage 2 is left as it is; a huge page split into pages while logging is mapped as
         a block again by its next permission fault (:meth:`Memslot.mark_collapsible`).
         x86 (kvm_mmu_slot_apply_flags; nothing for a read-only slot): with PML the 4K mappings
         were never write-protected, only huge ones; kvm_mmu_recover_huge_pages then maps split
         huge pages as huge again in place with the TDP MMU, or zaps their 4K mappings with the
-        shadow MMU (the next fault maps the huge page), a walk of the slot and one TLB flush.
-        Returns the kernel time."""
+        shadow MMU (the next fault maps the huge page), a walk of the slot and one TLB flush;
+        for a move (``move``) kvm_mmu_slot_apply_flags returns before any of it (the old
+        mappings are gone). Returns the kernel time."""
         p = self.profile
         if p.arch == "arm64":
             s.mark_collapsible()
             return 0
-        if s.flags & KVM_MEM_READONLY:
+        if s.flags & KVM_MEM_READONLY or move:
             return 0
         if p.pml:
             s.clear_small_page_protection()
@@ -651,12 +664,14 @@ class Vm:
         # what a fault costs the guest: a write-protect fault; with PML the logging (its
         # flushes into the ring are charged there), or into the dirty bitmap a flush per 512
         # pages, amortized; a split: break-before-make and a broadcast TLB invalidation (the
-        # ring is enabled, if at all, before the first vCPU: KVM refuses it afterwards)
+        # ring is enabled, if at all, before the first vCPU: KVM refuses it afterwards); a
+        # fault in a slot without dirty tracking (logging turned off) is a real protection or
+        # translation fault, PML or not (kvm_tdp_page_fault, user_mem_abort)
         c, pml = p.costs, p.pml_buffer_entries if p.pml else 0
         self._tlbi_ns = p.tlbi_broadcast_ns(len(self.vcpus))
         self._write_costs = (c.wp_fault_ns if not pml else c.dirty_write_ns if self.ring_entries
                              else c.dirty_write_ns + c.pml_flush_entry_ns + c.pml_full_exit_ns / pml,
-                             c.split_ns + self._tlbi_ns)
+                             c.split_ns + self._tlbi_ns, c.wp_fault_ns)
         if v.ring is not None:
             self._ring_addr = np.array([(u.ring.gfns.ctypes.data, u.ring.size) for u in self.vcpus], dtype=np.int64)
             self._ring_ctr = np.zeros((len(self.vcpus), 4), dtype=np.int64)
@@ -669,15 +684,18 @@ class Vm:
     def reset_dirty_rings(self) -> int:
         """KVM_RESET_DIRTY_RINGS: for every vCPU ring reset the entries userspace marked RESET
         from reset_index on (also past dirty_index, as the kernel does: :func:`ring.reset_rings`),
-        coalescing the re-protect work (with INITIALLY_SET and eager splitting it also splits
-        the spans' blocks: :attr:`_split_span`); one VM-wide TLB flush if anything was reset.
+        coalescing the re-protect work (kvm_reset_dirty_gfn -> kvm_arch_mmu_enable_log_dirty_pt_masked;
+        with INITIALLY_SET and eager splitting it also splits the spans' blocks:
+        :attr:`_split_span`; with INITIALLY_SET on x86 it also write-protects the huge mappings
+        at each call's ends: :attr:`_huge_ends`); one VM-wide TLB flush if anything was reset.
         Returns the number of entries reset."""
         if not self.ring_entries:
             raise einval("KVM_RESET_DIRTY_RINGS: the VM has no dirty ring")
         c = self.profile.costs
         total, calls, pages, splits = reset_rings(
             self._ring_addr, self._ring_ctr, self._tab_kslot, self._tab_start, self._tab_npages, self._tab_blockgran,
-            self._tab_mode, self.state, self.block_map, self.block_shift, self.profile.reprotect_span, self._split_span)
+            self._tab_mode, self.state, self.block_map, self.block_shift, self.profile.reprotect_span, self._split_span,
+            self._huge_ends)
         ns = c.reset_call_ns + total * c.reset_entry_ns + calls * c.reprotect_call_ns + int(pages * c.reprotect_page_ns)
         if total:
             ns += self._flush_tlbs()
@@ -704,6 +722,14 @@ class Vm:
         kvm_mmu_try_split_huge_pages, before write-protecting)."""
         return bool(self._splits_eagerly and self.manual_protect & KVM_DIRTY_LOG_INITIALLY_SET
                     and self.profile.split_blocks)
+
+    @property
+    def _huge_ends(self) -> bool:
+        """x86 kvm_arch_mmu_enable_log_dirty_pt_masked with kvm_dirty_log_manual_protect_and_init_set
+        also write-protects the huge mapping (PG_LEVEL_2M and up) of the first and of the last
+        gfn of the mask (kvm_mmu_slot_gfn_write_protect), after the eager split where there is
+        one (:func:`memory.protect_masked`). arm64 protects the block leaf in any case."""
+        return bool(self.profile.arch == "x86" and self.manual_protect & KVM_DIRTY_LOG_INITIALLY_SET)
 
     def _count_splits(self, n: int) -> int:
         """Blocks split by a re-protect call: counted, and their kernel time returned."""
@@ -736,7 +762,8 @@ class Vm:
     def _reprotect(self, kslots: np.ndarray, offsets: np.ndarray, masks: np.ndarray) -> tuple[int, int]:
         """Apply re-protect calls (slot, offset, mask) with :func:`memory.protect_masked`:
         arm64 write-protects the whole span of each mask (and the block leaf a page of it is
-        mapped by), and with INITIALLY_SET and eager splitting splits the span's blocks;
+        mapped by), and with INITIALLY_SET and eager splitting splits the span's blocks; x86
+        with INITIALLY_SET also write-protects the huge mappings at the mask's ends;
         calls naming a missing slot or running past its end are skipped, as the kernel does.
         Returns (pages write-protected, the kernel time of the blocks split)."""
         if len(masks) == 0:
@@ -745,7 +772,7 @@ class Vm:
             np.ascontiguousarray(kslots, dtype=np.uint32), np.ascontiguousarray(offsets, dtype=np.int64),
             np.ascontiguousarray(masks, dtype=np.uint64), self._tab_kslot, self._tab_start, self._tab_npages,
             self._tab_blockgran, self._tab_mode, self.state, self.block_map, self.block_shift,
-            self.profile.reprotect_span, self._split_span)
+            self.profile.reprotect_span, self._split_span, self._huge_ends)
         return int(pages), self._count_splits(splits) if splits else 0
 
     # ------------------------------------------------------------------ dirty bitmap
@@ -922,18 +949,37 @@ class Vm:
 
     def _pml_flush(self, v: Vcpu) -> None:
         """Copy the vCPU's PML buffer into its ring (vmx_flush_pml_buffer; PML logs into the
-        buffer only with a ring, see :meth:`_apply`). Each GPA goes through
-        kvm_vcpu_mark_page_dirty, which pushes nothing for a slot whose logging was turned off
-        since the CPU logged it."""
+        buffer only with a ring, see :meth:`_apply`). The buffer holds gfns; each goes through
+        kvm_vcpu_mark_page_dirty, which looks it up in the memslots as they are now
+        (kvm_vcpu_gfn_to_memslot): a slot created, deleted or moved since the CPU logged it
+        changes which slot and offset it is, a gfn no slot maps any more pushes nothing, nor
+        does one in a slot whose logging was turned off (mark_page_dirty_in_slot). The flush's
+        time is paid for every entry. (The simulator flushes at exits to userspace and when the
+        buffer fills; the CPU also flushes at the VM exits it does not model, e.g. the IPI of the
+        TLB flush of a memslot delete or move, during which the invalidated old slot is still
+        found.)"""
         n = v.pml_count
-        gpi = v.pml[:n]
-        sidx = self._slot_index_of_gpi(gpi)
-        logs = (self._slot_mode[sidx] & UNTRACKED) == 0
-        if not logs.all():
-            gpi, sidx = gpi[logs], sidx[logs]
-        if v.ring.push(self._kslot[sidx], (gpi - self._start[sidx]).astype(np.uint64)):
+        gfn = v.pml[:n]
+        if self._one_slot is not None:  # one slot: check and translate in one pass
+            lo, hi, _ = self._one_slot
+            off = np.empty(n, dtype=np.uint64)
+            if self._slot_mode[0] & UNTRACKED:
+                off = off[:0]
+            elif shift_checked(gfn, lo, hi, -lo, off) >= 0:  # some gfn no memslot maps now
+                off = (gfn[(gfn >= lo) & (gfn < hi)] - lo).astype(np.uint64)
+            slot = self._kslot[0]
+        elif len(self._base):
+            k = np.searchsorted(self._base, gfn, side="right") - 1
+            sidx = np.maximum(k, 0)
+            logs = (k >= 0) & (gfn < self._end[sidx]) & ((self._slot_mode[sidx] & UNTRACKED) == 0)
+            if not logs.all():
+                gfn, sidx = gfn[logs], sidx[logs]
+            slot, off = self._kslot[sidx], (gfn - self._base[sidx]).astype(np.uint64)
+        else:  # no memslot in address space 0
+            slot, off = 0, np.zeros(0, dtype=np.uint64)
+        if v.ring.push(slot, off):
             v.request_soft_full = True
-        v.stats.pushes += len(gpi)
+        v.stats.pushes += len(off)
         v.pml_count = 0
         v.stats.pml_flushes += 1
         v.stats.fault_ns += int(n * self.profile.costs.pml_flush_entry_ns)
@@ -987,7 +1033,7 @@ class Vm:
         pml = p.pml_buffer_entries if p.pml else 0
         pml_count = np.array([v.pml_count for v in self.vcpus], dtype=np.int64) if pml else self._no_pml
         push_v, push_g, split_v, split_b = self._batch_buffers(n * (self.block_pages if self._any_pushall else 1), n)
-        fault_cost, split_cost = self._write_costs
+        fault_cost, split_cost, wp_fault_cost = self._write_costs
         faults = np.zeros(len(self.vcpus), dtype=np.int64)
         m, cut, npush, nsplit, ndirty, retired, nsoft = apply_batch(
             gpi, vc_.astype(np.int32, copy=False), code_.astype(np.int8, copy=False),
@@ -995,7 +1041,7 @@ class Vm:
             first_touch, sidx, self.state, self.version, self.block_map,
             self._blockgran, self._pushall, self._split, self._slot_mode, self.block_shift,
             self._ring_ctr, self._soft_limit, pml_count, pml, rings, push_v, push_g, split_v, split_b,
-            self._vstat, split_cost, fault_cost, self._ring_addr, self._start,
+            self._vstat, split_cost, fault_cost, wp_fault_cost, self._ring_addr, self._start,
             self._kslot, self._soft_full, faults)
         i = m - 1
         if bad >= 0 and cut == CUT_NONE:  # the walk reached it: it exits as MMIO, consumed
@@ -1014,7 +1060,7 @@ class Vm:
         t, vc, gfn = batch.t, batch.vcpu, batch.gfn
         n = len(t)
         push_v, push_g, split_v, split_b = self._batch_buffers(n * (self.block_pages if self._any_pushall else 1), n)
-        fault_cost, split_cost = self._write_costs
+        fault_cost, split_cost, _ = self._write_costs  # no PML: the same cost in every slot
         faults = np.zeros(len(self.vcpus), dtype=np.int64)
         m, cut, npush, nsplit, ndirty, retired, nsoft, last, bad = apply_window(
             _NO_ORDER if batch.order is None else batch.order, t, vc, gfn, *self._one_slot,
@@ -1042,8 +1088,11 @@ class Vm:
             for v_i in np.flatnonzero(soft_full).tolist():
                 self.vcpus[v_i].request_soft_full = True
             soft_full[:] = False
-        if npush and pml and rings:  # into each vCPU's PML buffer
+        if npush and pml and rings:  # into each vCPU's PML buffer, which holds GPAs
             pv, pg = push_v[:npush], push_g[:npush]
+            one = self._one_slot
+            if one is None or one[2]:  # (with one slot at its own index, a gpi is its gfn)
+                pg = self._gfns_of(pg)
             for v_i, sel in groups(pv):
                 self._pml_log(self.vcpus[v_i], pg[sel])
         elif npush and not rings:  # into the slot bitmaps (which vCPU wrote does not matter there)
@@ -1079,19 +1128,27 @@ class Vm:
             self.guest.consumed(m, self.now, faults, retried, ndirty)
         return exit_
 
-    def _pml_log(self, v: Vcpu, gpi: np.ndarray) -> None:
-        """x86 PML: log GPAs into the 512-entry buffer; a full buffer exits (in the kernel) and
-        is flushed into the ring."""
+    def _pml_log(self, v: Vcpu, gfn: np.ndarray) -> None:
+        """x86 PML: log the written pages' GPAs (as gfns) into the 512-entry buffer; a full
+        buffer exits (in the kernel) and is flushed into the ring (:meth:`_pml_flush`, which
+        looks the gfns up in the memslots then)."""
         cap = v.pml.shape[0]
         i = 0
-        while i < len(gpi):
-            k = min(cap - v.pml_count, len(gpi) - i)
-            v.pml[v.pml_count: v.pml_count + k] = gpi[i: i + k]
+        while i < len(gfn):
+            k = min(cap - v.pml_count, len(gfn) - i)
+            v.pml[v.pml_count: v.pml_count + k] = gfn[i: i + k]
             v.pml_count += k
             i += k
             if v.pml_count == cap:
                 self._pml_flush(v)
                 v.stats.fault_ns += self.profile.costs.pml_full_exit_ns
+
+    def _gfns_of(self, gpi: np.ndarray) -> np.ndarray:
+        """Global page indexes of address-space-0 slots -> gfns (in the current layout)."""
+        one = self._one_slot
+        if one is not None:
+            return gpi - one[2] if one[2] else gpi
+        return gpi + (self._base - self._start)[self._slot_index_of_gpi(gpi)]
 
     # ------------------------------------------------------------------ inspection
     def vcpu_totals(self) -> tuple[int, int, int]:

@@ -21,7 +21,7 @@ def mask_pages(off, masks, span):
     state = np.zeros(256, dtype=np.uint8)
     protect_masked(np.zeros(len(masks), np.uint32), off, masks, np.zeros(1, np.uint32), np.zeros(1, np.int64),
                    np.full(1, 256, np.int64), np.zeros(1, bool), np.zeros(1, np.uint8), state, np.zeros(1, np.uint8),
-                   9, span, False)
+                   9, span, False, False)
     return None, np.flatnonzero(state & 1)
 
 from ._helpers import Host

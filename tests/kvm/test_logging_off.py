@@ -253,3 +253,27 @@ def test_with_pml_a_page_never_mapped_still_faults_after_logging_off():
     faults = v.stats.faults
     assert (v.run() or vm.run_until(FOREVER)[0]).kind == "done"
     assert v.stats.faults == faults + 1 and v.stats.pushes == 1
+
+
+@pytest.mark.parametrize("entries", [1024, 0])
+@pytest.mark.parametrize("case", ["huge mapping", "never mapped"])
+def test_with_pml_a_fault_after_logging_off_costs_a_protection_fault(case, entries):
+    """x86 with PML: a logging write to a 4K page costs dirty_write_ns (the CPU logs the GPA,
+    no VM exit). After logging off, what still faults is a real EPT violation handled by
+    kvm_tdp_page_fault: a huge mapping logging left write-protected (eager_page_split off, so
+    block 1 was never split), or a page never mapped. It costs wp_fault_ns, with a ring or
+    without one (the bitmap: no PML-full flush to amortize either)."""
+    p = Vm("x86-pml").profile.model_copy(update={"eager_page_split": False, "name": "x86-pml-lazy"})
+    vm = Vm(p)
+    if entries:
+        vm.enable_cap(U.KVM_CAP_DIRTY_LOG_RING, entries * 16)
+    mapped = 1.0 if case == "huge mapping" else 0.0
+    vm.set_user_memory_region(0, LOG, 0, 1024 * 4096, block_fraction=1.0, mapped_fraction=mapped)
+    v = vm.create_vcpu(0)
+    vm.attach_guest(TraceProgram([[10, 600, 700]], [[0]]))
+    assert (v.run() or vm.run_until(FOREVER)[0]).kind == "sync"
+    vm.set_user_memory_region(0, 0, 0, 1024 * 4096)
+    faults, ns = v.stats.faults, v.stats.fault_ns
+    assert (v.run() or vm.run_until(FOREVER)[0]).kind == "done"
+    assert v.stats.faults == faults + 1
+    assert v.stats.fault_ns == ns + p.costs.wp_fault_ns

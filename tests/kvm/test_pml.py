@@ -150,3 +150,87 @@ def test_the_sync_after_the_write_that_fills_the_pml_buffer_is_not_lost():
     assert v.ring.dirty_index == 512 and h.version(511) == 1  # the store retired once
     assert h.enter_and_run().kind == "done"
     assert h.harvest() == list(range(512, 600))
+
+
+# ---------------------------------------------------------------------------- memslot changes with a buffered vCPU
+# The PML buffer holds guest-physical addresses: vmx_flush_pml_buffer hands each to
+# kvm_vcpu_mark_page_dirty, which looks the gfn up in the memslots as they are at the flush
+# (kvm_vcpu_gfn_to_memslot) and pushes (slot, gfn - base_gfn), or nothing for a gfn no slot maps
+# or a slot without LOG_DIRTY_PAGES. In each test vCPU 0 has written pages 0..39 of its slot,
+# all still in its PML buffer, when vCPU 1 exits at a sync; userspace changes the memslots, then
+# kicks vCPU 0 (its exit flushes the buffer). The simulator flushes at exits to userspace and
+# when the buffer fills (it models no other VM exit).
+
+def _buffered(base_gfn=0, slot_pages=1024):
+    """vCPU 0: 40 writes (offsets 0..39) buffered; vCPU 1: 40 writes (500..539), then a sync."""
+    h = Host([list(range(100)), list(range(500, 540))], [[], [39]], profile="x86-pml", entries=1024,
+             base_gfn=base_gfn, slot_pages=slot_pages)
+    assert h.enter(0) is None and h.enter(1) is None
+    e = h.run()
+    assert (e.vcpu, e.kind) == (1, "sync") and h.vcpus[0].pml_count == 40
+    assert h.harvest_entries(1) == [(0, k) for k in range(500, 540)]
+    return h
+
+
+def _kick(h):
+    e = h.vcpus[0].kick()
+    assert e.kind == "kick" and h.vcpus[0].pml_count == 0
+    return h.harvest_entries(0)
+
+
+LOG_ = U.KVM_MEM_LOG_DIRTY_PAGES
+PAGE = 4096
+
+
+def test_pml_flush_after_a_slot_is_created_below_the_buffered_slot():
+    """The buffered slot is at gfn 4096; a new logging slot 1 at gfn 0 comes before it in the
+    address space. The buffered gfns are still those of slot 0: (0, 0..39) are pushed."""
+    h = _buffered(base_gfn=4096)
+    h.vm.set_user_memory_region(1, LOG_, 0, 512 * PAGE)
+    assert _kick(h) == [(0, k) for k in range(40)]
+    assert h.vcpus[0].stats.pushes == 40
+
+
+def test_pml_flush_after_another_slot_is_deleted():
+    """Slot 5 (gfn 0, 512 pages) sits below the buffered slot (gfn 4096); deleting it leaves
+    the buffered gfns where they were: (0, 0..39)."""
+    h = Host([list(range(100)), list(range(500, 540))], [[], [39]], profile="x86-pml", entries=1024,
+             base_gfn=4096)
+    h.vm.set_user_memory_region(5, LOG_, 0, 512 * PAGE)
+    assert h.enter(0) is None and h.enter(1) is None
+    assert h.run().vcpu == 1 and h.vcpus[0].pml_count == 40
+    h.vm.set_user_memory_region(5, 0, 0, 0)
+    assert _kick(h) == [(0, k) for k in range(40)]
+
+
+def test_pml_flush_after_the_buffered_slot_is_deleted_pushes_nothing():
+    """The slot of the buffered gfns is deleted: no memslot maps them at the flush, nothing is
+    pushed (the flush's time is still paid)."""
+    h = _buffered()
+    h.vm.set_user_memory_region(0, 0, 0, 0)
+    ns = h.vcpus[0].stats.fault_ns
+    assert _kick(h) == []
+    v = h.vcpus[0]
+    assert v.stats.pushes == 0 and v.stats.pml_flushes == 1
+    assert v.stats.fault_ns == ns + 40 * h.profile.costs.pml_flush_entry_ns
+
+
+def test_pml_flush_after_the_buffered_slot_moved_looks_the_gfns_up_again():
+    """Slot 0 (gfn 0) moves to gfn 8192 and a new logging slot 1 is created at gfn 16: of the
+    buffered gfns 0..39, 0..15 are in no slot (dropped) and 16..39 are slot 1's offsets 0..23."""
+    h = _buffered()
+    h.vm.set_user_memory_region(0, LOG_, 8192 * PAGE, 1024 * PAGE)
+    h.vm.set_user_memory_region(1, LOG_, 16 * PAGE, 512 * PAGE)
+    assert _kick(h) == [(1, k) for k in range(24)]
+
+
+def test_pml_flush_after_another_slot_moved_above():
+    """Slot 3 (gfn 0, 512 pages) moves from below the buffered slot (gfn 4096) to above it (gfn
+    65536): the buffered gfns are still slot 0's offsets 0..39."""
+    h = Host([list(range(100)), list(range(500, 540))], [[], [39]], profile="x86-pml", entries=1024,
+             base_gfn=4096)
+    h.vm.set_user_memory_region(3, LOG_, 0, 512 * PAGE)
+    assert h.enter(0) is None and h.enter(1) is None
+    assert h.run().vcpu == 1 and h.vcpus[0].pml_count == 40
+    h.vm.set_user_memory_region(3, LOG_, 65536 * PAGE, 512 * PAGE)
+    assert _kick(h) == [(0, k) for k in range(40)]

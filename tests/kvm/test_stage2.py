@@ -739,6 +739,76 @@ def test_move_with_eager_split_splits_nothing_and_a_logging_fault_maps_a_page():
     assert (vm.state[s1.start + 512: s1.start + 1024] & UNMAPPED).all()
 
 
+
+def _logged_after_move(vm, v, entries, offset):
+    """Was ``offset`` of slot 0 logged (its ring entry, or its bit in the dirty bitmap)?"""
+    if entries:
+        r = v.ring
+        return (0, offset) in list(zip(r.gfns["slot"][: r.dirty_index].tolist(),
+                                       r.gfns["offset"][: r.dirty_index].tolist()))
+    return bool(int(vm.get_dirty_log(0)[offset // 64]) >> (offset % 64) & 1)
+
+
+@pytest.mark.parametrize("before,after", [(0, LOG), (LOG, 0), (LOG, LOG)])
+@pytest.mark.parametrize("profile,entries", [("x86-nopml", 0), ("x86-nopml", 256), ("x86-pml", 0),
+                                             ("x86-pml", 1024)])
+def test_x86_move_costs_no_slot_walk(profile, entries, before, after):
+    """KVM_MR_MOVE on x86: kvm_invalidate_memslot zaps the old range at stage 2
+    (kvm_arch_flush_shadow_memslot), so nothing is mapped in the new range;
+    kvm_mmu_slot_apply_flags returns for a move (change != KVM_MR_FLAGS_ONLY) before any walk:
+    nothing to write-protect (logging on), nothing to recover or to clear (logging off), no TLB
+    flush. The ioctl's kernel time is 0, whether the move turns logging on, off or keeps it
+    (the simulator does not charge the zap itself). The first write after the move is logged
+    if the moved slot logs (its translation fault), not otherwise."""
+    vm = _vm(profile, entries=entries)
+    vm.set_user_memory_region(0, before, 0, 1024 * 4096, block_fraction=1.0)
+    v = vm.create_vcpu(0)
+    vm.attach_guest(TraceProgram([[5, 4096 + 7]], [[0]]))
+    assert _run(vm, v).kind == "sync"
+    flushes, kernel = vm.stats.tlb_flushes, vm.stats.kernel_ns
+    vm.set_user_memory_region(0, after, 4096 * 4096, 1024 * 4096)
+    assert (vm.last_ioctl_ns, vm.stats.tlb_flushes, vm.stats.kernel_ns) == (0, flushes, kernel)
+    assert _run(vm, v).kind == "done"
+    if after:
+        assert _logged_after_move(vm, v, entries, 7)
+    else:
+        assert v.stats.pushes == (1 if before and entries else 0)
+
+
+@pytest.mark.parametrize("after", [LOG, 0])
+def test_arm64_move_with_logging_flushes_tlbs_and_walks_nothing(after):
+    """arm64 kvm_arch_commit_memory_region for a move with logging: kvm_mmu_wp_memory_region
+    walks the new range, where nothing is mapped (the old range was unmapped by
+    kvm_arch_flush_shadow_memslot), and flushes the TLBs (kvm_flush_remote_tlbs_memslot); the
+    split walk finds nothing either. The ioctl costs one TLB flush, no per-page walk. Without
+    logging the commit does nothing at stage 2: 0."""
+    vm = _vm(eager=2 * MiB)
+    vm.set_user_memory_region(0, LOG, 0, 1024 * 4096, block_fraction=1.0)
+    v = vm.create_vcpu(0)
+    vm.attach_guest(TraceProgram([[5, 4096 + 7]], [[0]]))
+    assert _run(vm, v).kind == "sync"
+    flushes, splits = vm.stats.tlb_flushes, vm.stats.splits
+    vm.set_user_memory_region(0, after, 4096 * 4096, 1024 * 4096)
+    assert vm.last_ioctl_ns == (vm._tlbi_ns if after else 0)
+    assert vm.stats.tlb_flushes == flushes + (1 if after else 0) and vm.stats.splits == splits
+    assert _run(vm, v).kind == "done"
+    assert v.stats.pushes == (2 if after else 1)
+
+
+@pytest.mark.parametrize("profile", ["arm64-4k", "x86-nopml", "x86-pml"])
+def test_delete_reports_its_own_kernel_time(profile):
+    """Vm.last_ioctl_ns is the kernel time of the last ioctl: after enabling logging (a walk of
+    the slot), deleting a slot reports its own (0: the zap is not charged), not the previous
+    ioctl's."""
+    vm = _vm(profile, entries=0)
+    vm.set_user_memory_region(0, 0, 0, 1024 * 4096)
+    vm.create_vcpu(0)
+    vm.set_user_memory_region(0, LOG, 0, 1024 * 4096)
+    assert vm.last_ioctl_ns > 0
+    vm.set_user_memory_region(0, 0, 0, 0)
+    assert vm.last_ioctl_ns == 0 and not vm.slots
+
+
 # ---------------------------------------------------------------------------- INITIALLY_SET and stage 2
 def test_clear_with_initially_set_eager_splits_the_cleared_span():
     """arm64 kvm_arch_mmu_enable_log_dirty_pt_masked: with manual protect and INITIALLY_SET

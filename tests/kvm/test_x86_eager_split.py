@@ -159,3 +159,68 @@ def test_initially_set_without_the_tdp_mmu_does_not_split_at_clear():
     vm.set_user_memory_region(0, LOG, 0, 1024 * 4096)
     vm.clear_dirty_log(0, 64, 64, [ALL])
     assert vm.stats.splits == 0 and block_mapped(vm, 0)
+
+
+# ---------------------------------------------------------------------------- INITIALLY_SET: the huge mappings at the ends
+# x86 kvm_arch_mmu_enable_log_dirty_pt_masked, with manual protect and INITIALLY_SET
+# (kvm_dirty_log_manual_protect_and_init_set), also write-protects the huge mapping (2M level and
+# up) of the first and of the last gfn of the mask (kvm_mmu_slot_gfn_write_protect(...,
+# PG_LEVEL_2M)), after the eager split where there is one (TDP MMU): a huge mapping left there
+# must fault, so that the page is logged at 4K. The 4K part touches only 4K mappings.
+
+def test_x86_clear_with_initially_set_write_protects_the_huge_mapping_at_the_ends():
+    """x86-nopml (shadow MMU: no split at CLEAR), bitmap mode, two 2 MiB huge mappings. CLEAR of
+    pages 64..127 write-protects the mask's pages and the whole huge mapping of block 0 (one
+    spte more: 65 pages' worth of re-protect work); block 1 is untouched. The guest then
+    writes 200 (block 0, not in the mask: its huge mapping is write-protected, so it faults,
+    splits the block and logs 200), 100 (in the mask: faults, logs) and 600 (block 1,
+    writable: nothing)."""
+    vm = Vm("x86-nopml")
+    vm.enable_cap(U.KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2,
+                  U.KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE | U.KVM_DIRTY_LOG_INITIALLY_SET)
+    vm.set_user_memory_region(0, 0, 0, 1024 * 4096, block_fraction=1.0)
+    v = vm.create_vcpu(0)
+    vm.set_user_memory_region(0, LOG, 0, 1024 * 4096)
+    assert not (vm.state & 1).any()
+    vm.clear_dirty_log(0, 64, 64, [ALL])
+    c = vm.profile.costs
+    assert (vm.state[:512] & 1).all() and not (vm.state[512:] & 1).any()
+    assert block_mapped(vm, 0) and vm.stats.splits == 0
+    assert vm.last_ioctl_ns == int(c.get_dirty_log_page_ns * 64) + int(c.clear_dirty_log_page_ns * 65) + vm._tlbi_ns
+    vm.attach_guest(TraceProgram([[200, 100, 600]], [[]]))
+    assert _run(vm, v).kind == "done"
+    assert (v.stats.faults, v.stats.splits) == (2, 1)
+    assert not block_mapped(vm, 0) and block_mapped(vm, 512)
+    bm = vm.get_dirty_log(0)
+    assert int(bm[1]) == 1 << (100 - 64) and int(bm[3]) == ALL
+
+
+def test_x86_ring_reset_with_initially_set_write_protects_the_huge_mapping_too():
+    """The ring reset calls the same function (kvm_reset_dirty_gfn). x86-nopml, a ring, manual
+    protect + INITIALLY_SET, untouched memory: the write to 10 maps a 4K page and pushes it.
+    Logging off zaps block 0's 4K mappings (kvm_rmap_zap_collapsible_sptes); the write to 20
+    maps the huge page again (writable). Logging on again (INITIALLY_SET: nothing protected).
+    The reset of the entry for 10 write-protects page 10's huge mapping: the writes 30 and 10
+    both fault (the first splits the block: the only split, the first write having mapped a 4K
+    page where nothing was mapped) and are pushed."""
+    vm = Vm("x86-nopml")
+    vm.enable_cap(U.KVM_CAP_DIRTY_LOG_RING, 256 * 16)
+    vm.enable_cap(U.KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2,
+                  U.KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE | U.KVM_DIRTY_LOG_INITIALLY_SET)
+    vm.set_user_memory_region(0, LOG, 0, 1024 * 4096, block_fraction=1.0, mapped_fraction=0.0)
+    v = vm.create_vcpu(0)
+    vm.attach_guest(TraceProgram([[10, 20, 30, 10]], [[0, 1]]))
+    from ringenv.vmm.reap import RingReader
+    reader = RingReader(v.ring_gfns)
+    assert _run(vm, v).kind == "sync"
+    assert reader.reap()[1].tolist() == [10]
+    vm.set_user_memory_region(0, 0, 0, 1024 * 4096)
+    assert _run(vm, v).kind == "sync" and block_mapped(vm, 20)
+    vm.set_user_memory_region(0, LOG, 0, 1024 * 4096)
+    assert block_mapped(vm, 0) and not (vm.state[:512] & 1).any()
+    assert vm.reset_dirty_rings() == 1
+    assert (vm.state[:512] & 1).all() and block_mapped(vm, 0)
+    faults = v.stats.faults
+    assert _run(vm, v).kind == "done"
+    assert reader.reap()[1].tolist() == [30, 10]
+    assert v.stats.faults == faults + 2 and vm.stats.splits == 1 and not block_mapped(vm, 0)
