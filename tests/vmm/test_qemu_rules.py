@@ -235,9 +235,10 @@ def _unsaved_pages(r):
     pend = d.mig.copy()
     if d.slot is not None:
         pend |= d.slot
-    for v in r.vcpus:  # x86 PML: logged in the vCPU's buffer, not yet in its ring or the bitmap
+    base = next(s.base_gfn for s in r.vm.slots if s.id == 0 and s.as_id == 0)
+    for v in r.vcpus:  # x86 PML: gfns logged in the vCPU's buffer, not yet in its ring or the bitmap
         if v.pml is not None:
-            pend[v.pml[: v.pml_count]] = True
+            pend[v.pml[: v.pml_count] - base] = True
     if r.collector.kind == "ring":
         for rd in r.collector.readers:
             idx = (rd.fetch + np.arange(rd.count_ready())) & (rd.size - 1)
