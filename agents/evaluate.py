@@ -25,6 +25,8 @@ from pathlib import Path
 
 import numpy as np
 
+from ringenv.env import NOT_KEYWORDS
+
 from .common import MIGRATION, EnvFacts, jsonable, make_env, parse_dataclass_args, parse_overrides, wrap_env
 from .heuristics import SPECS, Policy, heuristic_env_kwargs, is_heuristic, make_heuristic
 
@@ -244,7 +246,7 @@ def _worker_init():
 MODEL_ENV_KEYS = ("ring_sizes", "intervals_ms")
 #: scenario fields the environment leaves aside (ringenv.env.NOT_KEYWORDS) and its ``env`` section
 #: (compared as the env settings it gives)
-_IGNORED_SCENARIO_FIELDS = ("name", "description", "kind", "workload", "ring_entries", "interval_ms", "seed", "env")
+_IGNORED_SCENARIO_FIELDS = frozenset(NOT_KEYWORDS) | {"env"}
 
 
 def _flat(d: dict, prefix: str = "") -> dict:
@@ -272,13 +274,12 @@ def trained_settings_differences(spec: str, env_id: str = MIGRATION, scenario: s
     meta = model_meta(find_model(spec))
     if not meta:
         return []
-    model_id = meta.get("env_id") or env_id
-    grids = {k: v for k, v in (meta.get("env_kwargs") or {}).items() if k in MODEL_ENV_KEYS}
     try:
-        trained = make_env(model_id, meta.get("scenario") or "default", "all", None, meta.get("env_kwargs") or {})
+        trained = make_env(policy_env_id(spec, env_id), meta.get("scenario") or "default", "all", None,
+                           meta.get("env_kwargs") or {})
     except ValueError as e:  # ConfigError: a scenario file moved, a setting this version refuses
         return [f"its training settings cannot be loaded ({str(e).splitlines()[0]})"]
-    evaluated = make_env(model_id, scenario, "all", None, {**(overrides or {}), **grids})
+    evaluated = policy_env(spec, env_id, scenario, "all", None, overrides)  # the env the model runs in
     sides = []
     for env in (trained, evaluated):
         u = env.unwrapped

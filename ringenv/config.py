@@ -10,12 +10,15 @@ value and what is accepted. Unknown keys are errors too.
 
 from __future__ import annotations
 
+import math
+import numbers
 import re
 import types as types_
 import typing
 from pathlib import Path
 from typing import Any, Literal
 
+import numpy as np
 import yaml
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -28,6 +31,17 @@ DEFAULT_HOST = "arm64-4k"
 
 class ConfigError(ValueError):
     """An invalid configuration value: the message names the field, the value and what is accepted."""
+
+
+def checked_number(value, field: str, accepted: str, valid, *, integral: bool = False):
+    """``value`` if it is a real number (with ``integral``, an integer), not a bool, finite, and
+    ``valid(value)``; else a :class:`ConfigError` "FIELD: VALUE is not accepted; accepted: ACCEPTED".
+    (The checks of arguments that are no config field, e.g. a session's ``host_sync_ms``.)"""
+    kind = numbers.Integral if integral else numbers.Real
+    ok = isinstance(value, kind) and not isinstance(value, (bool, np.bool_))
+    if not (ok and (integral or math.isfinite(value)) and valid(value)):
+        raise ConfigError(f"{field}: {value!r} is not accepted; accepted: {accepted}")
+    return value
 
 
 _UNION_TAGS = {"str", "int", "float", "bool", "dict", "list", "none", "literal", "any"}

@@ -201,9 +201,8 @@ class RingEnv(gym.Env):
         reward, parts = self._reward(m, dt, costs)
         terminated = bool(self._session.done)
         truncated = (not terminated) and self.t >= self.cfg.max_episode_s * SECOND
-        if truncated:  # the bandwidth is measured once >= 100 ms were sent; before, the run's own rate
-            rate = m.bandwidth_Bps if m.bandwidth_Bps > 0 else self._session.rate_Bps
-            pen = self.cfg.reward.downtime * m.remaining_bytes / rate
+        if truncated:
+            pen = self.cfg.reward.downtime * m.remaining_bytes / self._send_rate(m)
             reward -= pen / self.cfg.reward.scale
             parts["truncation"] = pen
         obs = self._observe(m, dt, costs)
@@ -244,6 +243,13 @@ class RingEnv(gym.Env):
         }
         return -sum(parts.values()) / w.scale, parts
 
+    def _send_rate(self, m) -> float:
+        """The rate the dirty bytes left would be sent at (``remaining``, the truncation charge):
+        the measured bandwidth (a checkpoint's over the writes of the current or last checkpoint:
+        the storage rate), or the run's configured rate before it is measured (the first >= 100 ms
+        of sending)."""
+        return m.bandwidth_Bps if m.bandwidth_Bps > 0 else self._session.rate_Bps
+
     def _observation_constants(self) -> tuple[float, float, float, int, float, float, float]:
         """What the observation reads that cannot change during an episode (taken at reset): the
         rate the rate observations are divided by (:attr:`obs_rate_Bps`), the time ``remaining``
@@ -269,11 +275,9 @@ class RingEnv(gym.Env):
         lost, vmm_s, _, exits = costs
         fill = m.ring_fill
         dts = max(dt / SECOND, 1e-9)
-        # remaining: a migration's in bytes sent within the downtime limit at the measured bandwidth
-        # (before it is measured, ~1 s into the run, at the run's configured rate, as the truncation
-        # charge); a checkpoint's in bytes the storage writes in 1 ms (the pause's ms)
-        send = m.bandwidth_Bps if m.bandwidth_Bps > 0 and self.kind == "migration" else self._session.rate_Bps
-        limit_bytes = send * unit_s
+        # remaining: a migration's in bytes sent within the downtime limit, a checkpoint's in bytes
+        # the storage writes in 1 ms (the pause's ms), at the rate the truncation charge uses
+        limit_bytes = self._send_rate(m) * unit_s
         return _clip_observation([
             max(fill) if fill else 0.0,  # fill_max
             _mean(fill),  # fill_mean
@@ -523,8 +527,10 @@ class CheckpointEnv(RingEnv):
     (`dirty_rate`, `sampled_rate`, `bandwidth`, `redirty_rate`) are divided by the checkpoint
     storage rate (`checkpoint.storage_mbps` x 10^6 bytes/s: the env's `obs_rate_Bps`), and
     `remaining` is log10(1 + the pause in ms a stop-the-world write of the dirty bytes not yet
-    checkpointed would take at the storage rate), i.e. log10(1 + remaining bytes / (storage rate
-    x 1 ms)): 1 for a 9 ms pause, 3 for 1 s, 6 (the high) for 1000 s. `progress` is the share
+    checkpointed would take at the storage rate), i.e. log10(1 + remaining bytes / (write rate
+    x 1 ms)): 1 for a 9 ms pause, 3 for 1 s, 6 (the high) for 1000 s; the write rate is the
+    bandwidth measured over the last checkpoint's writes (within ~1.5% of the storage rate: a
+    checkpoint's sync and pause count in its window), the storage rate before any is measured. `progress` is the share
     of RAM in the image (1 once the base image is written), `iteration` the dirty syncs so far /
     32 (the set-up's, then one per stop-the-world checkpoint, two per live one).
 
@@ -539,7 +545,7 @@ class CheckpointEnv(RingEnv):
     - truncated: `max_episode_s` of simulated time passed first: a horizon longer than that, or
       checkpoints that take longer (a big VM on slow storage: the base image of the `stress`
       scenario alone takes longer than the default 120 s). The pause writing the dirty bytes not
-      yet checkpointed would take at the storage rate is charged at the `downtime` weight
+      yet checkpointed would take at the write rate (as for `remaining`) is charged at the `downtime` weight
       (the info's `reward_parts["truncation"]`).
 
     ## Arguments

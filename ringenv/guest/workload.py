@@ -34,7 +34,7 @@ import numbers
 import numba
 import numpy as np
 
-from ..config import ConfigError, WorkloadConfig, load_workload
+from ..config import WorkloadConfig, checked_number, load_workload
 from .base import GuestProgram, WriteBatch
 
 NS = 1e9
@@ -97,8 +97,7 @@ class WorkloadProgram(GuestProgram):
     same guest, from where the sample ended) share a workload without sharing its writes."""
 
     def __init__(self, workload, nr_vcpus: int, *, seed: int = 0, rate_scale: float = 1.0, start_ns: int = 0):
-        if isinstance(start_ns, (bool, np.bool_)) or not isinstance(start_ns, numbers.Integral) or start_ns < 0:
-            raise ConfigError(f"start_ns: {start_ns!r} is not accepted; accepted: an integer number of ns >= 0")
+        checked_number(start_ns, "start_ns", "an integer number of ns >= 0", lambda ns: ns >= 0, integral=True)
         self.cfg: WorkloadConfig = load_workload(workload)
         self.nr_vcpus = int(nr_vcpus)
         self.seed = seed

@@ -41,13 +41,25 @@ NOLOG, UNTRACKED, READONLY = 1, 2, 4
 BLOCK = 1  # memory.BLOCK: block_map value of a block mapping
 
 
+@numba.njit(inline="always")
+def _clear_wp(state, block_map, g, blk, inblock, block_pages):  # pragma: no cover - compiled
+    """Make page ``g`` writable, or with ``inblock`` its whole block ``blk``, mapped as a block."""
+    if inblock:
+        block_map[blk] = BLOCK
+        b0 = blk * block_pages
+        for p in range(b0, b0 + block_pages):
+            state[p] &= NOT_WP
+    else:
+        state[g] &= NOT_WP
+
+
 @numba.njit(cache=True, nogil=True)
 def walk_writes(gpi, vc, code, reads, first_touch, slot_of, state, version, block_map,
                 blockgran, pushall, split, mode, block_shift,
                 used, limit, pml_count, pml_buf, rings,
-                push_v, push_g, split_v, split_b, faults, untracked_faults=None):  # pragma: no cover - compiled
+                push_v, push_g, split_v, split_b, faults, untracked_faults):  # pragma: no cover - compiled
     """Apply events until the first exit. ``used``/``pml_count`` are updated in place;
-    ``faults[v]`` counts vCPU v's faults and, if given, ``untracked_faults[v]`` those of them in
+    ``faults[v]`` counts vCPU v's faults and ``untracked_faults[v]`` those of them in
     a slot without dirty tracking (a real protection or translation fault even with PML).
 
     Per memslot: ``blockgran`` (block mappings stay: a fault maps or relaxes the whole block),
@@ -110,35 +122,21 @@ def walk_writes(gpi, vc, code, reads, first_touch, slot_of, state, version, bloc
             if read and not mode[k] & NOLOG:
                 if s & WP and mode[k] & (UNTRACKED | READONLY) == UNTRACKED:
                     # not logging (turned off): mapped writable, its write protection is gone
-                    if inblock:
-                        b0 = blk * block_pages
-                        for p in range(b0, b0 + block_pages):
-                            state[p] &= NOT_WP
-                    else:
-                        state[g] &= NOT_WP
+                    _clear_wp(state, block_map, g, blk, inblock, block_pages)
                 s = 0  # mapped read-only (logging) or writable (untracked): nothing logged
         elif read:
             s = 0  # a read of a mapped page: nothing happens
         if s & WP and untracked and mode[k] & UNTRACKED:
             # no dirty tracking: the fault makes the page (or its block) writable, mark_page_dirty_in_slot logs nothing
             faults[v] += 1
-            if untracked_faults is not None:
-                untracked_faults[v] += 1
-            if inblock:
-                block_map[blk] = BLOCK
-                b0 = blk * block_pages
-                for p in range(b0, b0 + block_pages):
-                    state[p] &= NOT_WP
-            else:
-                state[g] &= NOT_WP
+            untracked_faults[v] += 1
+            _clear_wp(state, block_map, g, blk, inblock, block_pages)
         elif s & WP:
             faults[v] += 1
-            if inblock and blockgran[k]:
-                block_map[blk] = BLOCK  # a fault in a huge page split outside logging maps it again
-                b0 = blk * block_pages
-                for p in range(b0, b0 + block_pages):
-                    state[p] &= NOT_WP
+            if inblock and blockgran[k]:  # (a fault in a huge page split outside logging maps it again)
+                _clear_wp(state, block_map, g, blk, True, block_pages)
                 if pushall[k]:
+                    b0 = blk * block_pages
                     for p in range(b0, b0 + block_pages):
                         push_v[npush] = v
                         push_g[npush] = p

@@ -467,6 +467,10 @@ class Vm:
                 return s
         return None
 
+    def memslot(self, slot: int, as_id: int = 0) -> Memslot | None:
+        """The memslot ``slot`` of address space ``as_id`` (None if there is none)."""
+        return self._slot(slot, as_id)
+
     def _layout(self) -> None:
         """Lay the slots out in one global page index (block-aligned) and rebuild lookup tables."""
         bp = self.block_pages
@@ -582,8 +586,7 @@ class Vm:
         s.state |= WP_CLEAN  # kvm_mmu_wp_memory_region
         if move:  # every page is unmapped: WP only makes its fault log it
             return 0 if p.arch == "x86" else self._flush_tlbs()
-        ns = int(c.protect_page_ns * s.npages) + self._tlbi_ns
-        self.stats.tlb_flushes += 1
+        ns = int(c.protect_page_ns * s.npages) + self._flush_tlbs()
         if self._splits_eagerly and p.split_blocks:
             # arm64 kvm_mmu_split_memory_region, x86 kvm_mmu_slot_try_split_huge_pages
             n = s.split_all_blocks(keep_huge=not self._logs(s))
@@ -1089,10 +1092,7 @@ class Vm:
                 self.vcpus[v_i].request_soft_full = True
             soft_full[:] = False
         if npush and pml and rings:  # into each vCPU's PML buffer, which holds GPAs
-            pv, pg = push_v[:npush], push_g[:npush]
-            one = self._one_slot
-            if one is None or one[2]:  # (with one slot at its own index, a gpi is its gfn)
-                pg = self._gfns_of(pg)
+            pv, pg = push_v[:npush], self._gfns_of(push_g[:npush])
             for v_i, sel in groups(pv):
                 self._pml_log(self.vcpus[v_i], pg[sel])
         elif npush and not rings:  # into the slot bitmaps (which vCPU wrote does not matter there)

@@ -70,6 +70,9 @@ class CheckpointRun(Session):
 
     def _checkpoint(self, stop_the_world: bool):
         loop, dirty = self.loop, self.dirty
+        # the bandwidth is measured while a checkpoint writes (as a migration's from its set-up),
+        # not across the wait since the last one
+        self.start_bandwidth_window()
         if not stop_the_world:
             self.phase = "live"
             yield from self.sync()

@@ -38,7 +38,7 @@ import numpy as np
 from ..arrays import popcount, trailing_zeros
 from ..kvm.memory import bitmap_offsets
 from .dirty import MIG_BLOCK, _see, _words
-from .reap import RingReader, harvest_rings, look_rings, reap_rings, ring_addresses
+from .reap import RingReader, look_rings, reap_rings, ring_addresses
 
 _NO_BITMAP = np.zeros(0, dtype=bool)
 _NO_WORDS = np.zeros(0, dtype=np.uint64)
@@ -75,14 +75,13 @@ class RingCollector:
         fetch = self._fetch[sel]  # a view: the fetch indexes move on in place
         counts = np.zeros(len(fetch), dtype=np.int64)
         d = s.dirty
+        if d.tracking:  # the count of pages not yet saved: the entries not looked at go into seen first
+            d.unsaved += look_rings(self._addr[sel], fetch, self._peek[sel], counts, 0, d.seen, d.mig,
+                                    d.mig_count == 0)
         # only RAM (slot 0) is logged
-        if not d.tracking:
-            d.slot_marked += reap_rings(self._addr[sel], fetch, counts, True, 0, d.slot)
-        else:  # keeping the count of pages not yet saved
-            marked, fresh = harvest_rings(self._addr[sel], fetch, self._peek[sel], counts, 0, d.slot, d.seen, d.mig,
-                                          d.mig_count == 0)
-            d.slot_marked += marked
-            d.unsaved += fresh
+        d.slot_marked += reap_rings(self._addr[sel], fetch, counts, True, 0, d.slot)
+        if d.tracking:
+            self._peek[sel] = fetch
         self.entries[sel] += counts
         total = sum(counts.tolist())
         s.harvests += 1
@@ -302,7 +301,7 @@ class BitmapCollector:
     def _kernel_bitmap(self) -> np.ndarray | None:
         """The RAM slot's dirty bitmap in the kernel (None before logging is on)."""
         if self._slot is None:
-            self._slot = next((m for m in self.s.vm.slots if m.id == 0 and m.as_id == 0), None)
+            self._slot = self.s.vm.memslot(0)
         return None if self._slot is None else self._slot.dirty_bitmap
 
     def seen_total(self) -> int:

@@ -96,26 +96,13 @@ class DirtyPages:
     def merge_bits(self, bits: np.ndarray) -> int:
         """Sync (bitmap): a bool array of dirty pages into the migration bitmap."""
         np.logical_or(self.mig, bits, out=self.mig)
-        count = int(np.count_nonzero(self.mig))
+        if self.mig_blocks is not None:  # the per-block counts sum to the count
+            _count_blocks(self.mig, _words(self.mig), self.mig_blocks)
+            count = int(self.mig_blocks.sum())
+        else:
+            count = int(np.count_nonzero(self.mig))
         new = count - self.mig_count
         self.mig_count = count
-        if self.mig_blocks is not None:
-            _count_blocks(self.mig, _words(self.mig), self.mig_blocks)
-        return new
-
-    def merge_offsets(self, offsets: np.ndarray) -> int:
-        """A few dirty pages (backup bitmap, vGIC tables) straight into the migration bitmap."""
-        if len(offsets) == 0:
-            return 0
-        offsets = np.unique(offsets)
-        fresh = ~self.mig[offsets]
-        new = int(np.count_nonzero(fresh))
-        if self.tracking:
-            self.unsaved += int(_unseen(offsets[fresh], self.seen))
-        if self.mig_blocks is not None:
-            np.add.at(self.mig_blocks, offsets[fresh] // MIG_BLOCK, 1)
-        self.mig[offsets] = True
-        self.mig_count += new
         return new
 
     # ------------------------------------------------------------------ sending

@@ -106,40 +106,11 @@ def reap_rings(ring_addr, fetch, counts, reap, slot_id, bitmap):  # pragma: no c
 
 
 @numba.njit(cache=True, nogil=True)
-def harvest_rings(ring_addr, fetch, peek, counts, slot_id, slot, seen, mig, mig_empty):  # pragma: no cover - compiled
-    """:func:`reap_rings` with ``reap`` into the slot bitmap ``slot``, keeping the simulator's
-    count of pages not yet saved (see :mod:`ringenv.vmm.dirty`): an entry :func:`look_rings`
-    looked at (before ``peek[v]``) has its page in ``seen`` already; any other puts it there.
-    Returns (pages set in ``slot``, pages newly counted: in neither seen nor ``mig`` before;
-    ``mig_empty``: mig holds no page, it is not read); ``peek`` follows ``fetch``."""
-    marked = 0
-    fresh = 0
-    for v in range(ring_addr.shape[0]):
-        size = ring_addr[v, 1]
-        words = words_at(ring_addr[v, 0], 2 * size)
-        f = fetch[v]
-        n = _ready_run(words, f, size, True)
-        counts[v] = n
-        looked = peek[v] - f  # entries f .. peek[v]-1 were looked at
-        for i in range(n):
-            e = 2 * ((f + i) & (size - 1))
-            if (words[e] >> np.uint64(32)) == slot_id:
-                p = words[e + 1]
-                slot[p] = True
-                marked += 1
-                if i >= looked and see(seen, p) and (mig_empty or not mig[p]):
-                    fresh += 1
-        fetch[v] = f + n
-        peek[v] = f + n
-    return marked, fresh
-
-
-@numba.njit(cache=True, nogil=True)
 def look_rings(ring_addr, fetch, peek, counts, slot_id, seen, mig, mig_empty):  # pragma: no cover - compiled
     """The entries ready in each ring (``counts``, as :func:`reap_rings` counts them without
     reaping: nothing in the rings changes), and the simulator's count of pages not yet saved:
     each entry not looked at before (from ``peek[v]`` on: the entries from the fetch index up to
-    there stay DIRTY until harvested, so they are not read again) puts its page in ``seen``;
+    there stay DIRTY until harvested, so their pages are not read again) puts its page in ``seen``;
     returns how many of those pages were in neither seen nor ``mig`` before (``mig_empty``: mig
     holds no page, it is not read)."""
     fresh = 0
@@ -147,17 +118,13 @@ def look_rings(ring_addr, fetch, peek, counts, slot_id, seen, mig, mig_empty):  
         size = ring_addr[v, 1]
         words = words_at(ring_addr[v, 0], 2 * size)
         f = fetch[v]
-        k = max(peek[v] - f, 0)
-        while k < size:
+        n = _ready_run(words, f, size, False)
+        for k in range(max(peek[v] - f, 0), n):
             e = 2 * ((f + k) & (size - 1))
-            w = words[e]
-            if (w & np.uint64(0xFFFFFFFF)) != KVM_DIRTY_GFN_F_DIRTY:
-                break
-            if (w >> np.uint64(32)) == slot_id:
+            if (words[e] >> np.uint64(32)) == slot_id:
                 p = words[e + 1]
                 if see(seen, p) and (mig_empty or not mig[p]):
                     fresh += 1
-            k += 1
-        counts[v] = k
-        peek[v] = f + k
+        counts[v] = n
+        peek[v] = f + n
     return fresh

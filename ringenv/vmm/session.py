@@ -31,7 +31,6 @@ host window per grid period; results then depend on the grid, never on the step 
 from __future__ import annotations
 
 import math
-import numbers
 from bisect import bisect_right
 from collections import deque
 from functools import cached_property
@@ -39,7 +38,7 @@ from operator import itemgetter
 
 import numpy as np
 
-from ..config import ConfigError, ScenarioConfig, load_scenario
+from ..config import ConfigError, ScenarioConfig, checked_number, load_scenario
 from ..guest.workload import WorkloadProgram
 from ..kvm import uapi as U
 from ..kvm.vm import Vm
@@ -69,22 +68,15 @@ def _host_sync_ns(host_sync_ms) -> int:
     at least 1 ns once rounded to ns (a bool is no number of ms; infinity is no grid)."""
     if host_sync_ms is None:
         return 0
-    ok = isinstance(host_sync_ms, numbers.Real) and not isinstance(host_sync_ms, (bool, np.bool_))
-    ns = float(host_sync_ms) * MS if ok else math.nan
-    if not (math.isfinite(ns) and round(ns) >= 1):
-        raise ConfigError(f"host_sync_ms: {host_sync_ms!r} is not accepted; accepted: a finite number of ms >= 1e-06 "
-                          "(1 ns), or None")
-    return int(round(ns))
+    checked_number(host_sync_ms, "host_sync_ms", "a finite number of ms >= 1e-06 (1 ns), or None",
+                   lambda ms: math.isfinite(float(ms) * MS) and round(float(ms) * MS) >= 1)
+    return int(round(float(host_sync_ms) * MS))
 
 
 def _workload_start_ns(workload_start_s) -> int:
     """``workload_start_s`` checked and in ns: a finite real number of seconds >= 0."""
-    ok = isinstance(workload_start_s, numbers.Real) and not isinstance(workload_start_s, (bool, np.bool_))
-    s = float(workload_start_s) if ok else math.nan
-    if not (math.isfinite(s) and s >= 0):
-        raise ConfigError(f"workload_start_s: {workload_start_s!r} is not accepted; accepted: a finite number of "
-                          "seconds >= 0")
-    return int(round(s * NS))
+    checked_number(workload_start_s, "workload_start_s", "a finite number of seconds >= 0", lambda s: s >= 0)
+    return int(round(float(workload_start_s) * NS))
 
 
 class Session:
@@ -778,7 +770,7 @@ class Session:
         bufs = [v.pml[: v.pml_count] for v in self.vcpus if v.pml is not None and v.pml_count]
         if not bufs:
             return _NO_PAGES
-        base = next(m.base_gfn for m in self.vm.slots if m.id == 0 and m.as_id == 0)
+        base = self.vm.memslot(0).base_gfn
         off = np.concatenate(bufs) - base
         return off[(off >= 0) & (off < self.npages)]
 

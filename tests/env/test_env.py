@@ -516,3 +516,24 @@ def test_docstring_documents_reset_info_attributes_truncation_and_time_cap():
     assert 'reward_parts["truncation"]' in rewards and "charged as downtime" not in rewards
     args = " ".join(doc.split("## Arguments")[1].split())
     assert "`max_episode_s`, simulated seconds before truncation, default 120" in args
+
+
+def test_checkpoint_bandwidth_is_the_storage_rate_after_the_first_checkpoint_and_truncation_charges_it():
+    """A checkpoint's bandwidth is measured while it writes, not across the wait since the last
+    one: the ``bandwidth`` observation stays about 1 (the storage rate) after the first
+    checkpoint, and a truncation charges the pause the remaining bytes take at the storage rate."""
+    env = make("ringenv/Checkpoint-v0", workloads=["oltp"], max_episode_s=3.0,
+               checkpoint={"horizon_s": 10.0, "period_s": 0.5, "storage_mbps": 500})
+    steps, te, tr = rollout(env, 0, [np.array([4, 3])])
+    assert tr and not te
+    u = env.unwrapped
+    storage = u.scenario.checkpoint.storage_mbps * 1e6
+    after = [(o, info) for o, _, info in steps[1:] if info["checkpoints"] >= 1]
+    assert len(after) > 10 and steps[-1][2]["checkpoints"] >= 3
+    for o, info in after:
+        assert info["bandwidth_Bps"] == pytest.approx(storage, rel=0.05)
+        assert o[9] == pytest.approx(1.0, rel=0.05)
+    info = steps[-1][2]
+    assert info["remaining_bytes"] > 0
+    assert info["reward_parts"]["truncation"] == pytest.approx(
+        u.cfg.reward.downtime * info["remaining_bytes"] / storage, rel=0.05)

@@ -329,8 +329,12 @@ def test_dirty_pages_keep_their_counts_for_the_checkpoint_remaining_bytes_exact(
         op = int(rng.integers(5))
         if op == 0:
             d.take(int(rng.integers(1, 5000)))
+        elif op == 1 and with_slot:  # a few pages
+            d.mark_harvested(rng.integers(0, n, 50))
         elif op == 1:
-            d.merge_offsets(rng.integers(0, n, 50))
+            bits = np.zeros(n, dtype=bool)
+            bits[rng.integers(0, n, 50)] = True
+            d.merge_bits(bits)
         elif op == 2:
             pages = d.take(200)
             d.untake(pages[100:])
