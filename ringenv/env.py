@@ -529,7 +529,7 @@ class CheckpointEnv(RingEnv):
     `remaining` is log10(1 + the pause in ms a stop-the-world write of the dirty bytes not yet
     checkpointed would take at the storage rate), i.e. log10(1 + remaining bytes / (write rate
     x 1 ms)): 1 for a 9 ms pause, 3 for 1 s, 6 (the high) for 1000 s; the write rate is the
-    bandwidth measured over the last checkpoint's writes (within ~1.5% of the storage rate: a
+    bandwidth measured over the last checkpoint's writes (a few % below the storage rate: a
     checkpoint's sync and pause count in its window), the storage rate before any is measured. `progress` is the share
     of RAM in the image (1 once the base image is written), `iteration` the dirty syncs so far /
     32 (the set-up's, then one per stop-the-world checkpoint, two per live one).
