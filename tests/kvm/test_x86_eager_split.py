@@ -126,18 +126,26 @@ def test_memory_not_mapped_yet_has_nothing_to_split():
 
 
 # ---------------------------------------------------------------------------- manual protect + INITIALLY_SET
+def _initially_set_vm(profile):
+    """A VM on ``profile`` with MANUAL_PROTECT | INITIALLY_SET, a 1024-page slot of 2 MiB huge
+    mappings and one vCPU, logging turned on (which protects and splits nothing).
+    Returns (vm, vcpu)."""
+    vm = Vm(profile)
+    vm.enable_cap(U.KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2,
+                  U.KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE | U.KVM_DIRTY_LOG_INITIALLY_SET)
+    vm.set_user_memory_region(0, 0, 0, 1024 * 4096, block_fraction=1.0)
+    v = vm.create_vcpu(0)
+    vm.set_user_memory_region(0, LOG, 0, 1024 * 4096)
+    return vm, v
+
+
 def test_initially_set_splits_at_clear_dirty_log():
     """Bitmap mode with MANUAL_PROTECT | INITIALLY_SET: enabling logging splits and protects
     nothing. CLEAR_DIRTY_LOG of pages 64..127 (all bits) splits block 0 (the span's huge page)
     in the ioctl and write-protects exactly those pages: a write to 100 costs one plain fault
     (no split) and sets its bit; a write to 200 (still set in the bitmap, writable) costs
     nothing; block 1 is still a huge mapping."""
-    vm = Vm("x86-pml")
-    vm.enable_cap(U.KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2,
-                  U.KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE | U.KVM_DIRTY_LOG_INITIALLY_SET)
-    vm.set_user_memory_region(0, 0, 0, 1024 * 4096, block_fraction=1.0)
-    v = vm.create_vcpu(0)
-    vm.set_user_memory_region(0, LOG, 0, 1024 * 4096)
+    vm, v = _initially_set_vm("x86-pml")
     assert vm.stats.splits == 0 and block_mapped(vm, 0) and vm.last_ioctl_ns == 0
     c = vm.profile.costs
     vm.clear_dirty_log(0, 64, 64, [ALL])
@@ -152,11 +160,7 @@ def test_initially_set_splits_at_clear_dirty_log():
 
 
 def test_initially_set_without_the_tdp_mmu_does_not_split_at_clear():
-    vm = Vm("x86-nopml")
-    vm.enable_cap(U.KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2,
-                  U.KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE | U.KVM_DIRTY_LOG_INITIALLY_SET)
-    vm.set_user_memory_region(0, 0, 0, 1024 * 4096, block_fraction=1.0)
-    vm.set_user_memory_region(0, LOG, 0, 1024 * 4096)
+    vm, _ = _initially_set_vm("x86-nopml")
     vm.clear_dirty_log(0, 64, 64, [ALL])
     assert vm.stats.splits == 0 and block_mapped(vm, 0)
 
@@ -175,12 +179,7 @@ def test_x86_clear_with_initially_set_write_protects_the_huge_mapping_at_the_end
     writes 200 (block 0, not in the mask: its huge mapping is write-protected, so it faults,
     splits the block and logs 200), 100 (in the mask: faults, logs) and 600 (block 1,
     writable: nothing)."""
-    vm = Vm("x86-nopml")
-    vm.enable_cap(U.KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2,
-                  U.KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE | U.KVM_DIRTY_LOG_INITIALLY_SET)
-    vm.set_user_memory_region(0, 0, 0, 1024 * 4096, block_fraction=1.0)
-    v = vm.create_vcpu(0)
-    vm.set_user_memory_region(0, LOG, 0, 1024 * 4096)
+    vm, v = _initially_set_vm("x86-nopml")
     assert not (vm.state & 1).any()
     vm.clear_dirty_log(0, 64, 64, [ALL])
     c = vm.profile.costs

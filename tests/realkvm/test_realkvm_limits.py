@@ -35,6 +35,19 @@ def sim():
     return lambda: Vm(profile)
 
 
+def sim_ring_guest(sim, base, pages, writes, syncs, **region):
+    """The simulator's side of a ring test: a 256-entry ring, the data slot (logging) at ``base``
+    of ``pages`` pages, one vCPU running ``writes`` with ``syncs`` there. Returns (vm, vcpu)."""
+    from ringenv.guest.trace import TraceProgram
+
+    vm = sim()
+    vm.enable_cap(k.KVM_CAP_DIRTY_LOG_RING_ACQ_REL, 256 * 16)
+    vm.set_user_memory_region(DATA_SLOT, LOG, base, pages * PAGE, **region)
+    vcpu = vm.create_vcpu(0)
+    vm.attach_guest(TraceProgram([writes], [syncs], base_gfn=base // PAGE))
+    return vm, vcpu
+
+
 def outcome(fn, *a, **kw):
     try:
         fn(*a, **kw)
@@ -108,8 +121,6 @@ def test_a_write_only_a_later_memslot_move_maps(sim):
     """The data slot covers pages 0..63; the guest writes page 5, syncs, then writes page 70.
     At the sync userspace moves the slot up by 64 pages, so page 70 is the slot's page 6. Both
     hosts run to the end and log (slot 1, offset 5) and (slot 1, offset 6)."""
-    from ringenv.guest.trace import TraceProgram
-
     with Guest([WriteProgram([5, 70], frozenset({0}))], 128, ring_entries=256) as g:
         ua, base = k.address_of(g.vm.memory[DATA_SLOT]), g.image.data_gpa
         _region(g.vm, DATA_SLOT, LOG, base, 0, ua)  # the data slot again, 64 pages only
@@ -119,12 +130,7 @@ def test_a_write_only_a_later_memslot_move_maps(sim):
         kinds.append(g.run(0)[0])
         real = (kinds, g.vcpus[0].harvest())
 
-    vm = sim()
-    vm.enable_cap(k.KVM_CAP_DIRTY_LOG_RING_ACQ_REL, 256 * 16)
-    dgfn = base // PAGE
-    vm.set_user_memory_region(DATA_SLOT, LOG, base, 64 * PAGE)
-    vcpu = vm.create_vcpu(0)
-    vm.attach_guest(TraceProgram([[5, 70]], [[0]], base_gfn=dgfn))
+    vm, vcpu = sim_ring_guest(sim, base, 64, [5, 70], [0])
     kinds = []
     for move in (False, True):
         if move:
@@ -142,8 +148,6 @@ def test_a_store_retried_after_its_memslot_was_deleted_is_an_mmio_exit(sim):
     re-executed by the next KVM_RUN finds no memslot and exits as KVM_EXIT_MMIO at its own
     address. The slot is created again; the guest goes on after that store (page 192 is pushed,
     191 is not pushed again) and ends. The simulator gives the same exits and entries."""
-    from ringenv.guest.trace import TraceProgram
-
     writes = list(range(193))
     with Guest([WriteProgram(writes)], 256, ring_entries=256) as g:
         ua, base = k.address_of(g.vm.memory[DATA_SLOT]), g.image.data_gpa
@@ -157,11 +161,7 @@ def test_a_store_retried_after_its_memslot_was_deleted_is_an_mmio_exit(sim):
         kinds.append(g.run(0)[0])
         real = (kinds, addr - base, first, g.vcpus[0].harvest())
 
-    vm = sim()
-    vm.enable_cap(k.KVM_CAP_DIRTY_LOG_RING_ACQ_REL, 256 * 16)
-    vm.set_user_memory_region(DATA_SLOT, LOG, base, 256 * PAGE, mapped_fraction=0.0)
-    vcpu = vm.create_vcpu(0)
-    vm.attach_guest(TraceProgram([writes], [[]], base_gfn=base // PAGE))
+    vm, vcpu = sim_ring_guest(sim, base, 256, writes, [], mapped_fraction=0.0)
 
     def entries():
         g = vcpu.ring_gfns
@@ -206,8 +206,6 @@ def test_logging_off_pushes_nothing_and_on_again_logs_exactly(sim):
     first phase pushes 1 and 2; with logging off nothing is pushed (page 3 faults, page 1 is
     writable); logging on again write-protects the slot: 3, 4, 1 are pushed once each. The
     simulator gives the same exits and entries."""
-    from ringenv.guest.trace import TraceProgram
-
     writes, syncs = [1, 2, 3, 1, 3, 4, 1], [1, 3]
     with Guest([WriteProgram(writes, frozenset(syncs))], 64, ring_entries=256) as g:
         ua, base = k.address_of(g.vm.memory[DATA_SLOT]), g.image.data_gpa
@@ -220,11 +218,7 @@ def test_logging_off_pushes_nothing_and_on_again_logs_exactly(sim):
             if flags is not None:
                 _region(g.vm, DATA_SLOT, flags, base, 64 * PAGE, ua)
 
-    vm = sim()
-    vm.enable_cap(k.KVM_CAP_DIRTY_LOG_RING_ACQ_REL, 256 * 16)
-    vm.set_user_memory_region(DATA_SLOT, LOG, base, 64 * PAGE, mapped_fraction=0.0)
-    vcpu = vm.create_vcpu(0)
-    vm.attach_guest(TraceProgram([writes], [syncs], base_gfn=base // PAGE))
+    vm, vcpu = sim_ring_guest(sim, base, 64, writes, syncs, mapped_fraction=0.0)
     from ringenv.vmm.reap import RingReader
 
     reader, model = RingReader(vcpu.ring_gfns), []
@@ -245,8 +239,6 @@ def test_pages_stay_write_protected_after_logging_off(sim):
     takes one write-protect fault (x86 vCPU statistic pf_fixed), as it would with logging on,
     but nothing is pushed. Logging on again: writes 1, 2, 1 fault and push once per page. The
     simulator counts the same faults in each phase."""
-    from ringenv.guest.trace import TraceProgram
-
     writes, syncs = [1, 2, 1, 2, 1, 2, 1, 2, 1], [1, 5]
     flags_after = (0, LOG, None)
     with Guest([WriteProgram(writes, frozenset(syncs))], 64, ring_entries=256) as g:
@@ -262,11 +254,7 @@ def test_pages_stay_write_protected_after_logging_off(sim):
             if flags is not None:
                 _region(g.vm, DATA_SLOT, flags, base, 64 * PAGE, ua)
 
-    vm = sim()
-    vm.enable_cap(k.KVM_CAP_DIRTY_LOG_RING_ACQ_REL, 256 * 16)
-    vm.set_user_memory_region(DATA_SLOT, LOG, base, 64 * PAGE, mapped_fraction=0.0)
-    v = vm.create_vcpu(0)
-    vm.attach_guest(TraceProgram([writes], [syncs], base_gfn=base // PAGE))
+    vm, v = sim_ring_guest(sim, base, 64, writes, syncs, mapped_fraction=0.0)
     from ringenv.vmm.reap import RingReader
 
     reader, model = RingReader(v.ring_gfns), []
