@@ -390,12 +390,20 @@ class PhaseConfig(Strict):
 
 
 class WorkloadConfig(Strict):
-    """A seeded guest workload (configs/workloads/NAME.yaml)."""
+    """A seeded guest workload (configs/workloads/NAME.yaml): its regions' write rates, the
+    calm/burst phases that modulate them, and ``cpu_busy``, how much of each vCPU's time its own
+    work takes (the write rates are those of a vCPU the kernel never stops; the time faults
+    take slows them down past what the vCPU has spare: :class:`ringenv.guest.WorkloadProgram`)."""
 
     name: str
     description: str = ""
     regions: list[RegionConfig] = Field(min_length=1)
     phases: PhaseConfig | None = None
+    cpu_busy: float = Field(0.0, ge=0, le=1, allow_inf_nan=False, description=(
+        "share of each vCPU's time the workload's own work takes when nothing slows it, 0 to 1: "
+        "the kernel's fault time fills the rest first, and only beyond it do the writes slow "
+        "down (1: a CPU-bound job, every ns in a fault delays it; 0: the writes wait only when "
+        "faults alone would take all of the vCPU's time)"))
 
     @model_validator(mode="after")
     def _check(self):

@@ -395,10 +395,11 @@ class MigrationEnv(RingEnv):
     `sampled_rate` and `redirty_rate` for a guest dirtying more than 10x the link rate (a slow
     link or a low max-bandwidth); `iteration` after 128 pre-copy iterations (a run that does not
     converge). `vmm_cpu`, `full_exits` and `remaining` have room to spare in every shipped
-    scenario. `lost_vcpu` can exceed 1 before clipping: the guest model is open-loop (a vCPU's
-    write stream is drawn as if the vCPU always ran; the write-protect fault and exit time is
-    counted but does not slow the stream), so at extreme dirty rates per vCPU (the analytics
-    workload on 1 vCPU: 1.6) the lost time exceeds the elapsed time. The reward is not clipped.
+    scenario. `lost_vcpu` stays below 1: a vCPU out of the guest (an exit, a lock wait, a
+    throttle sleep) writes nothing, and the time it spends in write-protect faults slows its
+    workload once the workload's own work (`cpu_busy`, a workload setting) and the faults
+    would take more than all of its time (the analytics workload on 1 vCPU: 0.60; the guest
+    model was open-loop before and charged 1.6 there). The reward is not clipped.
 
     `dirty_rate` is QEMU's estimate as each collector gives it: with the ring, entries harvested
     (or waiting) per second over the last >= 1 s; with the bitmap (`collector="bitmap"`), the
@@ -430,9 +431,9 @@ class MigrationEnv(RingEnv):
 
     The lost vCPU time is the write-protect faults and block splits, the ring-full exits (with
     the reaping done on the vCPU thread), the waits for QEMU's big lock and the throttle sleeps
-    (the metrics' `vcpu_fault_s`, `vcpu_exit_s`, `vcpu_stall_s`, `vcpu_throttle_s`); the
-    guest model being open-loop (see the observation notes), at extreme dirty rates they can add
-    up to more than the elapsed time, and the `vcpu` cost charges all of it. Downtime
+    (the metrics' `vcpu_fault_s`, `vcpu_exit_s`, `vcpu_stall_s`, `vcpu_throttle_s`); the time
+    in faults slows a busy workload down (see the observation notes), so a vCPU-bound guest
+    also pays in work not done, which no cost counts. Downtime
     and lost vCPU time are weighted alike: both are seconds the whole VM does not run. At
     truncation the downtime a switchover would cause at that moment (remaining dirty bytes /
     measured bandwidth, or / the run's configured rate before any is measured) is charged at
@@ -507,7 +508,9 @@ class MigrationEnv(RingEnv):
       50 (was 200: 70 to 108 steps per migration; now 276 to 431); also before any release,
       `remaining` counts in the run's configured rate until the bandwidth is measured (it sat
       at its high for the first ~1 s) and the migration continues the workload the reset's
-      sample measured (it replayed the sample's own second)
+      sample measured (it replayed the sample's own second); and the time a vCPU spends in
+      faults slows its workload past the workload's spare time (`cpu_busy`; the guest was
+      open-loop, and `lost_vcpu` could exceed 1)
     """
 
     kind = "migration"
@@ -554,7 +557,7 @@ class CheckpointEnv(RingEnv):
     ## Version History
     - v0: initial version; before any release the rate observations became relative to the
       storage rate (were the link's), `remaining` a pause in ms, and every pause is charged
-      (only a new longest one was)
+      (only a new longest one was); the guest became closed-loop as in MigrationEnv
     """
 
     kind = "checkpoint"

@@ -42,6 +42,9 @@ GUEST_WRITE = 4096  # bytes of one guest store burst: workload rates are in 4 Ki
 _NONE_I = np.zeros(0, dtype=np.int64)
 MAX_EVENTS = 1 << 15  # events per window, to bound memory and wasted sampling
 RAW_WRITES_BELOW = 0.05  # per-page expected writes in a window below which raw writes are sampled
+SPEED_TAU_NS = 1e6  # the closed loop's memory: kernel time and progress over about the last ms
+SPEED_STEP = 0.01  # a vCPU's speed moves by more than this share of itself, or not at all
+MIN_SPEED = 1e-3  # the slowest a workload runs (kernel time ~1000x its progress)
 
 
 class _Region:
@@ -195,6 +198,15 @@ class WorkloadProgram(GuestProgram):
             self._phase_m.append(1.0)
         self._ph_lo, self._ph_hi, self._ph_m = (0, 1 << 62, 1.0) if self.cfg.phases is None else (0, 0, 1.0)
         self._rates: dict = {}  # (running vCPUs, multiplier) -> rates and writer shares (_rates_for)
+        # the closed loop (consumed): per vCPU, the share of its nominal rates it runs at, and the
+        # kernel ns and progress (ns at full speed) behind it, smoothed over SPEED_TAU_NS
+        self.speed = np.ones(nv)
+        self._busy = float(self.cfg.cpu_busy)
+        self._k_seen = np.zeros(nv, dtype=np.int64)
+        known = vm.vcpu_kernel_ns()[:nv]  # time lost before this program ran is not its own
+        self._k_seen[:len(known)] = known
+        self._acc_k, self._acc_p = np.zeros(nv), np.zeros(nv)
+        self._s_eff = self.s_rate  # the sweeps' rates at the vCPUs' speeds
         if self.start_ns:
             # the sweeps as start_ns of running left them; the writes' draws a stream of their own
             self.s_pos = (self.s_rate * self._rate_time(self.start_ns)) % np.maximum(self.s_n, 1)
@@ -249,20 +261,21 @@ class WorkloadProgram(GuestProgram):
         key = (running.tobytes(), mult)
         got = self._rates.get(key)
         if got is None:
+            w = running * self.speed  # each vCPU's share of its nominal rates
             if len(self.c_lo):
-                per_class = self.c_rate * mult * (self.c_w @ running.astype(float))
-                per_vcpu = (self.c_n * self.c_rate * mult) @ (self.c_w * running[None, :])
+                per_class = self.c_rate * mult * (self.c_w @ w)
+                per_vcpu = (self.c_n * self.c_rate * mult) @ (self.c_w * w[None, :])
             else:
                 per_class, per_vcpu = np.zeros(0), np.zeros(self.nr_vcpus)
             sweeping = False
-            for v, r in zip(self.s_vcpu.tolist(), self.s_rate.tolist()):
+            for v, r in zip(self.s_vcpu.tolist(), self._s_eff.tolist()):
                 if running[v]:
                     per_vcpu[v] += r * mult
                     sweeping = sweeping or r > 0
             if not self.wrows:
                 cdf = np.ones((1, self.nr_vcpus))
             else:
-                cdf = np.cumsum(np.array(self.wrows) * running[None, :], axis=1)
+                cdf = np.cumsum(np.array(self.wrows) * w[None, :], axis=1)
                 cdf /= np.where(cdf[:, -1:] > 0, cdf[:, -1:], 1.0)
                 cdf[cdf >= cdf[:, -1:]] = 1.0  # exactly 1 from the last running vCPU on (u < 1 always)
             if len(self._rates) >= 64:
@@ -301,7 +314,7 @@ class WorkloadProgram(GuestProgram):
                 seed, now, until, room is None, phase_end, _NONE_I if room is None else room, per_vcpu, self.efficiency,
                 mult, lam, sweeping, running, cdf, self.c_lo, self.c_n, self.c_region, self.c_vfix, self.c_wgroup,
                 self._k, self._raw, self._hot_p, self._marks, self._r_start, self._r_n, self._r_a, self._r_b,
-                self._r_mask, self.s_region, self.s_a, self.s_n, self.s_vcpu, self.s_rate, self.s_pos)
+                self._r_mask, self.s_region, self.s_a, self.s_n, self.s_vcpu, self._s_eff, self.s_pos)
             if end >= 0:
                 break
             self._marks = np.zeros(self._max_n, dtype=np.uint8)  # first window with a hot class: its scratch
@@ -319,14 +332,55 @@ class WorkloadProgram(GuestProgram):
         return self._seeds[i]
 
     def consumed(self, n, t_cut, faults_per_vcpu, retried, written):
+        """Learn the share of sampled writes that find their page clean, move the sweeps on, and
+        close the loop: the vCPUs' time in the kernel (faults, splits, PML flushes: the host's
+        ``fault_ns``) is time their workload does not run. With L kernel ns per ns of progress
+        at full speed (smoothed over SPEED_TAU_NS of the window's time), a vCPU runs at speed 1
+        while ``cpu_busy`` + L <= 1 (the faults fit in its spare time) and 1 / (``cpu_busy`` +
+        L) past that; its write rates and sweeps are scaled by it from the next window on
+        (:func:`_closed_loop`). Ring-full exits, throttle sleeps and lock waits need no such
+        step: the vCPU is out of the guest then and draws no writes."""
         now, running = self._window
         if n >= 256:  # learn how many sampled writes find their page clean
             self.efficiency = float(min(max(0.7 * self.efficiency + 0.3 * written / n, 0.02), 1.0))
         dt = t_cut - now
-        if dt <= 0 or not self._sweeps:
-            return
-        mult, _ = self.multiplier(now)
-        _advance_sweeps(running, mult, dt, self.s_vcpu, self.s_rate, self.s_n, self.s_pos)
+        if dt > 0 and self._sweeps:
+            mult, _ = self.multiplier(now)
+            _advance_sweeps(running, mult, dt, self.s_vcpu, self._s_eff, self.s_n, self.s_pos)
+        if _closed_loop(self.vm.vcpu_kernel_ns(), self._k_seen, running, max(dt, 0), self._busy, self.speed,
+                        self._acc_k, self._acc_p):
+            self._rates.clear()
+            self._s_eff = self.s_rate * self.speed[self.s_vcpu] if self._sweeps else self.s_rate
+
+
+@numba.njit(cache=True, nogil=True)
+def _closed_loop(kernel_ns, k_seen, running, dt, busy, speed, acc_k, acc_p):  # pragma: no cover - compiled
+    """Update each vCPU's ``speed`` after a window of ``dt`` ns (see
+    :meth:`WorkloadProgram.consumed`): its kernel ns since the last call (``kernel_ns`` -
+    ``k_seen``) and, if it ran, its progress ``dt * speed``, both smoothed with a decay of
+    exp(-dt / SPEED_TAU_NS); L = kernel ns / progress. A speed moves only by more than
+    SPEED_STEP of itself, or back to exactly 1, so that the rates the sampler derives from it
+    (kept per speed) are not redone every window. Returns whether any speed moved."""
+    decay = np.exp(-dt / SPEED_TAU_NS)
+    moved = False
+    for v in range(speed.shape[0]):
+        k = 0.0
+        if v < kernel_ns.shape[0]:
+            k = float(kernel_ns[v] - k_seen[v])
+            k_seen[v] = kernel_ns[v]
+        if not running[v]:
+            acc_k[v] += k
+            continue
+        acc_k[v] = acc_k[v] * decay + k
+        acc_p[v] = acc_p[v] * decay + dt * speed[v]
+        if acc_p[v] <= 0.0:
+            continue
+        load = busy + acc_k[v] / acc_p[v]
+        s = 1.0 if load <= 1.0 else max(1.0 / load, MIN_SPEED)
+        if abs(s - speed[v]) > SPEED_STEP * speed[v] or (s == 1.0 and speed[v] != 1.0):
+            speed[v] = s
+            moved = True
+    return moved
 
 
 @numba.njit(cache=True, nogil=True)

@@ -1158,6 +1158,14 @@ class Vm:
         lost = sum(self._ring_ctr[:, 2].tolist()) if self.ring_entries else 0
         return sum([v.stats.full_exits for v in self.vcpus]), sum(self._vstat[:, FAULT_NS].tolist()), lost
 
+    def vcpu_kernel_ns(self) -> np.ndarray:
+        """Per vCPU, the guest time lost in the kernel so far (``stats.fault_ns``: faults,
+        splits, PML flushes), as a read-only view of the counter array (it moves on as the VM
+        runs; the array is replaced when a vCPU is created)."""
+        col = self._vstat[:, FAULT_NS]
+        col.flags.writeable = False
+        return col
+
     @property
     def ring_bytes(self) -> int:
         """Kernel memory of all rings."""
