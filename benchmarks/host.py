@@ -141,7 +141,8 @@ def _walk_args(path: str, a: list) -> list:
     used = (ring_ctr[:, 0] - ring_ctr[:, 1]) & 0xFFFFFFFF
     return [gpi, vc, code, reads, first_touch, slot_of, state, version, block_map, blockgran, pushall, split, mode,
             block_shift, used, soft_limit, pml_count, pml_buf, rings, push_v, push_g, split_v, split_b,
-            np.zeros(len(vstat), dtype=np.int64), np.zeros(len(vstat), dtype=np.int64)]
+            np.zeros(len(vstat), dtype=np.int64), np.zeros(len(vstat), dtype=np.int64),
+            np.zeros(0, dtype=np.int64), 0, np.zeros(3, dtype=np.int64), np.zeros(0, dtype=np.int64)]
 
 
 def main() -> list[tuple[str, str, str]]:

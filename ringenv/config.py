@@ -184,6 +184,13 @@ class HostProfile(Strict):
     block_sizes: list[int] = Field(description="stage-2 block (huge mapping) sizes in bytes, smallest first")
     pml: bool = Field(False, description="x86 Page Modification Logging: a 512-entry hardware buffer")
     pml_buffer_entries: int = Field(512, ge=1)
+    kernel_exit_interval_us: float = Field(
+        0.0, ge=0, allow_inf_nan=False,
+        description="time between the VM exits KVM handles in the kernel on each running vCPU (host timer "
+        "ticks, guest timer and IPI exits), at multiples of it: with PML each flushes the buffer into the ring "
+        "(vmx_flush_pml_buffer runs at every VM exit); 0: none modelled, the buffer is flushed only when full "
+        "and at exits to userspace. Used only with pml",
+    )
     arch_dirty_log_size: int = Field(0, ge=0, description="extra reserved ring entries (kvm_cpu_dirty_log_size)")
     acq_rel_only: bool = Field(description="only KVM_CAP_DIRTY_LOG_RING_ACQ_REL is offered (weakly ordered arch)")
     with_bitmap_supported: bool = Field(description="KVM_CAP_DIRTY_LOG_RING_WITH_BITMAP is offered")

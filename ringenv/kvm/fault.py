@@ -33,7 +33,7 @@ AHEAD = 16  # events to look ahead when prefetching a page's state and version
 WP, CLEAN, UNMAPPED = 1, 2, 4
 NOT_WP, NOT_CLEAN, NOT_UNMAPPED = 0xFF ^ WP, 0xFF ^ CLEAN, 0xFF ^ UNMAPPED  # u8 masks
 
-CUT_NONE, CUT_FULL, CUT_SYNC, CUT_DONE, CUT_MMIO = 0, 1, 2, 3, 4
+CUT_NONE, CUT_FULL, CUT_SYNC, CUT_DONE, CUT_MMIO, CUT_TICK = 0, 1, 2, 3, 4, 5
 
 # per memslot mode bits (``mode``; 0: a logging slot): dirty-tracked but not logging (arm64 ring
 # without a bitmap), no dirty tracking (no KVM_MEM_LOG_DIRTY_PAGES), read-only
@@ -57,10 +57,18 @@ def _clear_wp(state, block_map, g, blk, inblock, block_pages):  # pragma: no cov
 def walk_writes(gpi, vc, code, reads, first_touch, slot_of, state, version, block_map,
                 blockgran, pushall, split, mode, block_shift,
                 used, limit, pml_count, pml_buf, rings,
-                push_v, push_g, split_v, split_b, faults, untracked_faults):  # pragma: no cover - compiled
+                push_v, push_g, split_v, split_b, faults, untracked_faults,
+                t, tick, tick_state, flush_at):  # pragma: no cover - compiled
     """Apply events until the first exit. ``used``/``pml_count`` are updated in place;
     ``faults[v]`` counts vCPU v's faults and ``untracked_faults[v]`` those of them in
     a slot without dirty tracking (a real protection or translation fault even with PML).
+
+    With PML and ``tick`` > 0, every vCPU takes a VM exit the kernel handles at each multiple
+    of ``tick`` ns (a host timer tick), which flushes its PML buffer into its ring: the first
+    event at or after the next tick (``tick_state[0]``; ``t`` the events' times) first flushes
+    every buffer, recording the push count at that point in ``flush_at`` (``tick_state[1]``
+    entries), and if a flush leaves a ring soft-full the walk stops there (cut CUT_TICK, the
+    event not consumed, the tick's time in ``tick_state[2]``): those vCPUs exit.
 
     Per memslot: ``blockgran`` (block mappings stay: a fault maps or relaxes the whole block),
     ``pushall`` (such a fault logs every page of the block), ``split`` (a write fault splits a
@@ -84,6 +92,23 @@ def walk_writes(gpi, vc, code, reads, first_touch, slot_of, state, version, bloc
         if i + AHEAD < n and gpi[i + AHEAD] >= 0:  # random pages of a big guest: overlap the misses
             prefetch(state, gpi[i + AHEAD])
             prefetch(version, gpi[i + AHEAD])
+        if tick > 0 and t[i] >= tick_state[0]:  # a tick passed: every PML buffer into its ring
+            at = tick_state[0]
+            tick_state[0] = (t[i] // tick + 1) * tick
+            flushed = False
+            crossed = False
+            for u in range(pml_count.shape[0]):
+                if pml_count[u] > 0:
+                    flushed = True
+                    used[u] += pml_count[u]
+                    pml_count[u] = 0
+                    crossed = crossed or used[u] >= limit[u]
+            if flushed:
+                flush_at[tick_state[1]] = npush
+                tick_state[1] += 1
+            if crossed:
+                tick_state[2] = at
+                return i, CUT_TICK, npush, nsplit, ndirty, True
         v = vc[i]
         g = gpi[i]
         c = code[i]
@@ -188,7 +213,7 @@ def walk_writes(gpi, vc, code, reads, first_touch, slot_of, state, version, bloc
 
 
 # columns of the VM's per-vCPU counter array (Vm._vstat; VcpuStats reads its row)
-FAULTS, PUSHES, SPLITS, FAULT_NS = range(4)
+FAULTS, PUSHES, SPLITS, FAULT_NS, PML_FLUSHES = range(5)
 
 
 @numba.njit(cache=True, nogil=True)
@@ -197,7 +222,7 @@ def apply_batch(gpi, vc, code, reads, first_touch, slot_of, state, version, bloc
                 ring_ctr, soft_limit, pml_count, pml_buf, rings,
                 push_v, push_g, split_v, split_b,
                 vstat, split_cost, fault_cost, wp_fault_cost, ring_addr, slot_start, slot_kvm, soft_full,
-                faults):  # pragma: no cover - compiled
+                faults, t, tick, tick_state, flush_at):  # pragma: no cover - compiled
     """:func:`walk_writes` over a batch, then its bookkeeping in the same call: per vCPU (rows
     of ``vstat``, columns FAULTS, PUSHES, SPLITS, FAULT_NS) the faults and splits it took and
     their service time (``fault_cost`` per fault in a dirty-tracked slot: with x86 PML the
@@ -207,7 +232,8 @@ def apply_batch(gpi, vc, code, reads, first_touch, slot_of, state, version, bloc
     ``faults``, zeros on entry, gets the batch's faults per vCPU); with rings and no PML the
     pushes go into the rings (:func:`ringenv.kvm.ring.push_all`), and ``soft_full[v]`` is set
     for a vCPU whose ring the batch's pushes left soft-full (its KVM_REQ_DIRTY_RING_SOFT_FULL).
-    Without rings, or with PML, the pushes are left in push_v/push_g for the caller.
+    Without rings, or with PML, the pushes are left in push_v/push_g for the caller; ``t``,
+    ``tick``, ``tick_state``, ``flush_at``: PML's kernel-handled exits (see :func:`walk_writes`).
     Returns (events consumed, cut kind, pushes, splits, clean pages written, access retired at
     the cut, vCPUs made soft-full)."""
     nv = vstat.shape[0]
@@ -223,7 +249,8 @@ def apply_batch(gpi, vc, code, reads, first_touch, slot_of, state, version, bloc
     untracked = np.zeros(nv, dtype=np.int64)
     m, cut, npush, nsplit, ndirty, retired = walk_writes(
         gpi, vc, code, reads, first_touch, slot_of, state, version, block_map, blockgran, pushall, split, mode,
-        block_shift, used, limit, pml_count, pml_buf, rings, push_v, push_g, split_v, split_b, faults, untracked)
+        block_shift, used, limit, pml_count, pml_buf, rings, push_v, push_g, split_v, split_b, faults, untracked,
+        t, tick, tick_state, flush_at)
     for j in range(nsplit):
         vstat[split_v[j], SPLITS] += 1
         vstat[split_v[j], FAULT_NS] += split_cost
@@ -279,6 +306,7 @@ def apply_window(order, t, vc, gfn, gfn_lo, gfn_hi, delta, zeros8, zeros64, stat
     m, cut, npush, nsplit, ndirty, retired, nsoft = apply_batch(
         gpi[:nb], v32[:nb], zeros8[:nb], zeros8[:nb], True, zeros64[:nb], state, version, block_map, blockgran,
         pushall, split, mode, block_shift, ring_ctr, soft_limit, no_pml, 0, rings, push_v, push_g, split_v, split_b,
-        vstat, split_cost, fault_cost, fault_cost, ring_addr, slot_start, slot_kvm, soft_full, faults)
+        vstat, split_cost, fault_cost, fault_cost, ring_addr, slot_start, slot_kvm, soft_full, faults,
+        zeros64[:0], 0, zeros64[:3], zeros64[:0])
     last = m - 1 if ordered or m == 0 else order[m - 1]
     return m, cut, npush, nsplit, ndirty, retired, nsoft, last, bad

@@ -25,12 +25,13 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..arrays import RECYCLER, first_occurrence, groups, shift_checked, unique
+from ..arrays import RECYCLER, first_occurrence, shift_checked, unique
 from ..config import HostProfile, load_host_profile
 from ..guest.base import EXIT_DONE, EXIT_NONE, EXIT_SYNC, NO_WRITE, GuestProgram, WriteBatch
-from .fault import (CUT_DONE, CUT_FULL, CUT_MMIO, CUT_NONE, CUT_SYNC, FAULT_NS, FAULTS, NOLOG, PUSHES, READONLY, SPLITS,
-                    UNTRACKED, apply_batch, apply_window)
+from .fault import (CUT_DONE, CUT_FULL, CUT_MMIO, CUT_NONE, CUT_SYNC, CUT_TICK, FAULT_NS, FAULTS, NOLOG,
+                    PML_FLUSHES, PUSHES, READONLY, SPLITS, UNTRACKED, apply_batch, apply_window)
 from .memory import SPLIT_HUGE, UNMAPPED, WP_CLEAN, Memslot, bitmap_offsets, protect_masked
+from .pml import flush_all, flush_one, log_all
 from .ring import DirtyRing, reset_rings, ring_room
 from .uapi import (
     KVM_CAP_ARM_EAGER_SPLIT_CHUNK_SIZE,
@@ -101,7 +102,8 @@ class VmStats:
 
 #: VcpuStats fields kept in the VM's counter array, by column (the write path's apply_batch
 #: updates them)
-VCPU_COUNTERS = {"faults": FAULTS, "pushes": PUSHES, "splits": SPLITS, "fault_ns": FAULT_NS}
+VCPU_COUNTERS = {"faults": FAULTS, "pushes": PUSHES, "splits": SPLITS, "fault_ns": FAULT_NS,
+                 "pml_flushes": PML_FLUSHES}
 
 
 def _counter(col: int, doc: str) -> property:
@@ -116,17 +118,16 @@ def _counter(col: int, doc: str) -> property:
 
 class VcpuStats:
     """Event counters of one vCPU. The ones the guest's writes move (faults, pushes, splits,
-    fault_ns) live in a row of the VM's per-vCPU counter array, which the write path updates
-    for all vCPUs at once."""
+    fault_ns, pml_flushes) live in a row of the VM's per-vCPU counter array, which the write
+    path updates for all vCPUs at once."""
 
-    __slots__ = ("_row", "full_exits", "exits", "exit_ns", "pml_flushes", "extra")
+    __slots__ = ("_row", "full_exits", "exits", "exit_ns", "extra")
 
     def __init__(self):
         self._row = np.zeros(len(VCPU_COUNTERS), dtype=np.int64)
         self.full_exits = 0
         self.exits = 0  # every return to userspace
         self.exit_ns = 0  # guest time lost to exits (kernel part of the round trip)
-        self.pml_flushes = 0
         self.extra: dict = {}
 
     faults = _counter(FAULTS, "write faults on protected pages (each logs the page if its slot has dirty "
@@ -134,6 +135,7 @@ class VcpuStats:
     pushes = _counter(PUSHES, "entries pushed to the vCPU's ring")
     splits = _counter(SPLITS, "blocks this vCPU's faults split into pages")
     fault_ns = _counter(FAULT_NS, "guest time lost in the kernel (faults, splits, PML flushes)")
+    pml_flushes = _counter(PML_FLUSHES, "x86 PML: buffer flushes into the ring (full buffer, exits, ticks)")
 
     def __repr__(self) -> str:
         fields = {**{k: getattr(self, k) for k in VCPU_COUNTERS},
@@ -158,9 +160,21 @@ class Vcpu:
         self.pending_code = EXIT_NONE  # and what the guest does right after it retires
         self.pending_read = False  # (the faulting access was a read)
         self.finished = False
-        self.pml = np.zeros(p.pml_buffer_entries, dtype=np.int64) if p.pml else None  # logged gfns
-        self.pml_count = 0
         self.stats = VcpuStats()
+
+    @property
+    def pml(self) -> np.ndarray | None:
+        """x86 PML: the buffer of logged gfns (a row of the VM's buffers; None without PML)."""
+        return self.vm._pml[self.index] if self.vm.profile.pml else None
+
+    @property
+    def pml_count(self) -> int:
+        """x86 PML: gfns logged in the buffer and not yet flushed into the ring."""
+        return int(self.vm._pml_n[self.index])
+
+    @pml_count.setter
+    def pml_count(self, value: int) -> None:
+        self.vm._pml_n[self.index] = value
 
     @property
     def in_guest(self) -> bool:
@@ -204,9 +218,10 @@ class Vcpu:
         if self.pending_store != NO_WRITE or self.pending_code != EXIT_NONE:
             gfn, code, read = self.pending_store, self.pending_code, self.pending_read
             self.pending_store, self.pending_code, self.pending_read = NO_WRITE, EXIT_NONE, False
-            return vm._apply(np.array([vm.now], dtype=np.int64), np.array([self.index], dtype=np.int32),
-                             np.array([gfn], dtype=np.int64), np.array([code], dtype=np.int8),
-                             notify=False, reads=np.array([read], dtype=np.int8))[1]
+            exits = vm._apply(np.array([vm.now], dtype=np.int64), np.array([self.index], dtype=np.int32),
+                              np.array([gfn], dtype=np.int64), np.array([code], dtype=np.int8),
+                              notify=False, reads=np.array([read], dtype=np.int8))[1]
+            return exits[0] if exits else None
         return None
 
     def kick(self) -> Exit | None:
@@ -246,9 +261,15 @@ class Vm:
         self._running = np.zeros(0, dtype=bool)  # per vCPU: in the guest (Vcpu.in_guest)
         self._vstat = np.zeros((0, len(VCPU_COUNTERS)), dtype=np.int64)  # per vCPU: VcpuStats counters
         self._no_pml = np.zeros(0, dtype=np.int64)  # per vCPU: PML buffer fill (always 0 without PML)
+        self._pml = np.zeros((0, p.pml_buffer_entries if p.pml else 0), dtype=np.int64)  # PML buffers (kvm/pml.py)
+        self._pml_n = np.zeros(0, dtype=np.int64)  # and how many gfns each holds
         self._soft_full = np.zeros(0, dtype=bool)
         self._write_costs = (0, 0, 0)  # ns per fault, per split, per fault in an untracked slot (create_vcpu)
         self._tlbi_ns = p.tlbi_broadcast_ns(0)  # one VM-wide TLB invalidation (create_vcpu updates it)
+        # PML: the kernel-handled VM exits that flush the buffers, at multiples of this (0: none);
+        # the next one's time, and the walk's flush count and cut time (fault.walk_writes)
+        self._tick_ns = int(round(p.kernel_exit_interval_us * 1000)) if p.pml else 0
+        self._tick_state = np.array([self._tick_ns, 0, 0], dtype=np.int64)
         self.with_bitmap = False
         self.manual_protect = 0
         self.eager_split_chunk = 0
@@ -659,6 +680,8 @@ class Vm:
         self._no_pml = np.zeros(len(self._running), dtype=np.int64)
         self._no_retries = np.zeros(len(self._running), dtype=bool)
         self._soft_full = np.zeros(len(self._running), dtype=bool)  # apply_batch's output
+        self._pml = np.concatenate([self._pml, np.zeros((1, self._pml.shape[1]), dtype=np.int64)])
+        self._pml_n = np.append(self._pml_n, 0)
         v = Vcpu(self, vcpu_id, len(self.vcpus))
         self.vcpus.append(v)
         self._vstat = np.array([u.stats._row for u in self.vcpus], dtype=np.int64)
@@ -911,9 +934,17 @@ class Vm:
         A guest access to a gfn no memslot maps is an MMIO exit when a vCPU gets to it (not
         before: an exit or a memslot change may come first): the accesses before it are
         applied, ``now`` is its time and that vCPU is out of the guest, the access completed
-        as MMIO (:meth:`_apply`)."""
+        as MMIO (:meth:`_apply`).
+
+        With PML and the profile's ``kernel_exit_interval_us``, every vCPU in the guest takes a
+        VM exit the kernel handles (a host timer tick) at each multiple of it, which flushes its
+        PML buffer into its ring: in the walk, before the first write at or after the tick
+        (:func:`ringenv.kvm.fault.walk_writes`), or at the window's end if no write came after
+        it (:meth:`_kernel_exit`). A flush that leaves a ring soft-full makes that vCPU exit
+        (KVM_EXIT_DIRTY_RING_FULL), at the tick, or at the window's end in the second case."""
         until = int(until)
         guest = self.guest
+        tick = self._tick_ns if self.ring_entries else 0  # (PML logs into the buffer only with a ring)
         while self.now < until:
             running = self._running  # the guest reads it (and copies what it keeps)
             if guest is None or True not in running.tolist():
@@ -922,23 +953,48 @@ class Vm:
             room = (ring_room(self._ring_ctr, self._soft_limit) if self.ring_entries
                     else np.full(len(self.vcpus), 1 << 30))
             if self.profile.pml:
-                room -= np.array([v.pml_count for v in self.vcpus], dtype=np.int64)
+                room -= self._pml_n
             batch = guest.window(self.now, until, running, room)
             end = max(self.now, min(batch.complete_until, until))
             if len(batch) == 0:  # nothing written, but the guest's time passed (a scan's pointer moves)
                 self.now = end
                 guest.consumed(0, end, self._no_pml, self._no_retries, 0)
-                continue
-            if batch.first_touch and self._one_slot is not None and not self.profile.pml and batch.exit_after is None \
-                    and batch.read is None:
-                exit_ = self._apply_window(batch, end)
+                exits = []
+            elif batch.first_touch and self._one_slot is not None and not self.profile.pml \
+                    and batch.exit_after is None and batch.read is None:
+                exits = self._apply_window(batch, end)
             else:
                 batch = batch.ordered()
-                _, exit_ = self._apply(batch.t, batch.vcpu, batch.gfn, batch.exit_after, end,
-                                       reads=batch.read, first_touch=batch.first_touch)
-            if exit_ is not None:
-                return [exit_]
+                _, exits = self._apply(batch.t, batch.vcpu, batch.gfn, batch.exit_after, end,
+                                       reads=batch.read, first_touch=batch.first_touch, ticks=True)
+            if not exits and tick and self._tick_state[0] <= self.now:
+                exits = self._kernel_exit()
+            if exits:
+                return exits
         return []
+
+    def _kernel_exit(self) -> list[Exit]:
+        """x86 PML: the ticks that passed since the last write of a window (every vCPU in the
+        guest takes a kernel-handled VM exit, vmx_handle_exit flushes its PML buffer into the
+        ring, :meth:`_pml_flush`, its cost charged per entry). A vCPU whose ring the flush left
+        soft-full exits to userspace with KVM_EXIT_DIRTY_RING_FULL (the soft-full request, before
+        re-entry; every write logged so far has retired), here at the window's end, ``now``
+        (no write of any vCPU came between the tick and it). Returns those exits."""
+        tick = self._tick_ns
+        self._tick_state[0] = (self.now // tick + 1) * tick
+        flush_all(self._running, *self._pml_args(), self._soft_full)
+        self._soft_full_requests()
+        return self._soft_full_exits()
+
+    def _soft_full_exits(self) -> list[Exit]:
+        """The vCPUs in the guest whose ring a PML flush at a tick left soft-full exit to
+        userspace (KVM_EXIT_DIRTY_RING_FULL: the request, checked before re-entry)."""
+        exits = []
+        for v in self.vcpus:
+            if v.in_guest and v.request_soft_full:
+                v.stats.full_exits += 1
+                exits.append(self._exit(v, KVM_EXIT_DIRTY_RING_FULL, "full"))
+        return exits
 
     def _exit(self, v: Vcpu, reason: int, kind: str, count: bool = True) -> Exit:
         """v leaves the guest now. Any exit flushes the PML buffer into the ring first."""
@@ -957,35 +1013,26 @@ class Vm:
         (kvm_vcpu_gfn_to_memslot): a slot created, deleted or moved since the CPU logged it
         changes which slot and offset it is, a gfn no slot maps any more pushes nothing, nor
         does one in a slot whose logging was turned off (mark_page_dirty_in_slot). The flush's
-        time is paid for every entry. (The simulator flushes at exits to userspace and when the
-        buffer fills; the CPU also flushes at the VM exits it does not model, e.g. the IPI of the
-        TLB flush of a memslot delete or move, during which the invalidated old slot is still
-        found.)"""
-        n = v.pml_count
-        gfn = v.pml[:n]
-        if self._one_slot is not None:  # one slot: check and translate in one pass
-            lo, hi, _ = self._one_slot
-            off = np.empty(n, dtype=np.uint64)
-            if self._slot_mode[0] & UNTRACKED:
-                off = off[:0]
-            elif shift_checked(gfn, lo, hi, -lo, off) >= 0:  # some gfn no memslot maps now
-                off = (gfn[(gfn >= lo) & (gfn < hi)] - lo).astype(np.uint64)
-            slot = self._kslot[0]
-        elif len(self._base):
-            k = np.searchsorted(self._base, gfn, side="right") - 1
-            sidx = np.maximum(k, 0)
-            logs = (k >= 0) & (gfn < self._end[sidx]) & ((self._slot_mode[sidx] & UNTRACKED) == 0)
-            if not logs.all():
-                gfn, sidx = gfn[logs], sidx[logs]
-            slot, off = self._kslot[sidx], (gfn - self._base[sidx]).astype(np.uint64)
-        else:  # no memslot in address space 0
-            slot, off = 0, np.zeros(0, dtype=np.uint64)
-        if v.ring.push(slot, off):
-            v.request_soft_full = True
-        v.stats.pushes += len(off)
-        v.pml_count = 0
-        v.stats.pml_flushes += 1
-        v.stats.fault_ns += int(n * self.profile.costs.pml_flush_entry_ns)
+        time is paid for every entry (:func:`ringenv.kvm.pml.flush_one`). (The simulator
+        flushes at exits to userspace, when the buffer fills and at the profile's timer ticks;
+        the CPU also flushes at the VM exits it does not model, e.g. the IPI of the TLB flush of
+        a memslot delete or move, during which the invalidated old slot is still found.)"""
+        flush_one(v.index, *self._pml_args(), self._soft_full)
+        self._soft_full_requests()
+
+    def _pml_args(self) -> tuple:
+        """The arguments of the compiled PML flushes (:mod:`ringenv.kvm.pml`) after the mask."""
+        return (self._pml, self._pml_n, self._base, self._end, self._kslot, self._slot_mode, self._ring_addr,
+                self._ring_ctr, self._soft_limit, self._vstat, self.profile.costs.pml_flush_entry_ns)
+
+    def _soft_full_requests(self) -> None:
+        """Raise KVM_REQ_DIRTY_RING_SOFT_FULL for the vCPUs the compiled paths marked in
+        ``_soft_full`` (then cleared)."""
+        soft_full = self._soft_full
+        if soft_full.any():
+            for v_i in np.flatnonzero(soft_full).tolist():
+                self.vcpus[v_i].request_soft_full = True
+            soft_full[:] = False
 
     def _set_dirty(self, gpi: np.ndarray) -> None:
         """mark_page_dirty without a ring: set the pages' bits in their slots' dirty bitmaps."""
@@ -998,10 +1045,11 @@ class Vm:
             s = self._as0[k]
             s.set_dirty_bits(gpi[sidx == k] - s.start)
 
-    def _apply(self, t, vc, gfn, exit_after, end=None, notify=True, reads=None, first_touch=False):
+    def _apply(self, t, vc, gfn, exit_after, end=None, notify=True, reads=None, first_touch=False, ticks=False):
         """Apply a time-ordered batch of guest writes up to the first event that takes a vCPU
         out of the guest, with its bookkeeping (:func:`ringenv.kvm.fault.apply_batch`).
-        Returns (events consumed, Exit or None).
+        Returns (events consumed, the exits: none, or one, or with ``ticks`` the vCPUs a PML
+        flush at a kernel-handled exit left soft-full; see :meth:`run_until`).
 
         An access to a gfn no memslot maps ends the walk: if the walk gets there (no exit
         before it) it is an access to an unbacked guest-physical address, which KVM hands to
@@ -1034,10 +1082,14 @@ class Vm:
             vc_, code_, reads_ = vc, code, reads
         rings = self.ring_entries > 0
         pml = p.pml_buffer_entries if p.pml else 0
-        pml_count = np.array([v.pml_count for v in self.vcpus], dtype=np.int64) if pml else self._no_pml
+        pml_count = self._pml_n.copy() if pml else self._no_pml  # (the walk counts; log_all fills the buffers)
         push_v, push_g, split_v, split_b = self._batch_buffers(n * (self.block_pages if self._any_pushall else 1), n)
         fault_cost, split_cost, wp_fault_cost = self._write_costs
         faults = np.zeros(len(self.vcpus), dtype=np.int64)
+        tick = self._tick_ns if ticks and pml and rings else 0
+        tick_state = self._tick_state
+        tick_state[1] = 0
+        flush_at = np.empty(n + 1 if tick else 0, dtype=np.int64)
         m, cut, npush, nsplit, ndirty, retired, nsoft = apply_batch(
             gpi, vc_.astype(np.int32, copy=False), code_.astype(np.int8, copy=False),
             reads_.astype(np.int8, copy=False),
@@ -1045,16 +1097,21 @@ class Vm:
             self._blockgran, self._pushall, self._split, self._slot_mode, self.block_shift,
             self._ring_ctr, self._soft_limit, pml_count, pml, rings, push_v, push_g, split_v, split_b,
             self._vstat, split_cost, fault_cost, wp_fault_cost, self._ring_addr, self._start,
-            self._kslot, self._soft_full, faults)
+            self._kslot, self._soft_full, faults, t, tick, tick_state, flush_at)
         i = m - 1
         if bad >= 0 and cut == CUT_NONE:  # the walk reached it: it exits as MMIO, consumed
             m, cut, i = bad + 1, CUT_MMIO, bad
-        exit_ = self._after_batch(m, cut, npush, nsplit, ndirty, retired, nsoft, faults, push_v, push_g, end, notify,
-                                  pml, *((int(t[i]), int(vc[i]), int(gfn[i]), int(code[i]), bool(reads[i]))
-                                         if cut != CUT_NONE else (0, 0, 0, 0, False)))
-        return m, exit_
+        if cut == CUT_TICK:  # at the tick before event m
+            cut_info = (int(tick_state[2]), 0, 0, 0, False)
+        elif cut != CUT_NONE:
+            cut_info = (int(t[i]), int(vc[i]), int(gfn[i]), int(code[i]), bool(reads[i]))
+        else:
+            cut_info = (0, 0, 0, 0, False)
+        exits = self._after_batch(m, cut, npush, nsplit, ndirty, retired, nsoft, faults, push_v, push_g, end, notify,
+                                  pml, *cut_info, flush_at=flush_at[:tick_state[1]] if tick else None)
+        return m, exits
 
-    def _apply_window(self, batch: WriteBatch, end: int) -> Exit | None:
+    def _apply_window(self, batch: WriteBatch, end: int) -> list[Exit]:
         """:meth:`_apply` for a workload's window of candidate first writes (``first_touch``, no
         reads or exit codes, events in ``batch.order``) on a VM with one RAM slot and no PML: the
         gather, the address check and the walk in one compiled call
@@ -1078,29 +1135,32 @@ class Vm:
                                    if cut != CUT_NONE else (0, 0, 0, 0, False)))
 
     def _after_batch(self, m, cut, npush, nsplit, ndirty, retired, nsoft, faults, push_v, push_g, end, notify, pml,
-                     cut_t, cut_v, cut_gfn, cut_code, cut_read) -> Exit | None:
+                     cut_t, cut_v, cut_gfn, cut_code, cut_read, flush_at=None) -> list[Exit]:
         """The Python side of a batch walked by apply_batch: split counts, soft-full requests,
-        pushes into PML buffers or slot bitmaps, the exit of the event that stopped the walk
-        (``cut_*``: its time, vCPU, gfn, exit code and read flag), the clock, and the guest told
-        how far it got."""
+        pushes into PML buffers (flushed at the ticks' push counts ``flush_at``) or slot
+        bitmaps, the exit of the event that stopped the walk (``cut_*``: its time, vCPU, gfn,
+        exit code and read flag; for CUT_TICK the tick's time, and every vCPU its flush left
+        soft-full exits), the clock, and the guest told how far it got. Returns the exits."""
         rings = self.ring_entries > 0
         if nsplit:
             self.stats.splits += nsplit
         if nsoft:
-            soft_full = self._soft_full
-            for v_i in np.flatnonzero(soft_full).tolist():
-                self.vcpus[v_i].request_soft_full = True
-            soft_full[:] = False
-        if npush and pml and rings:  # into each vCPU's PML buffer, which holds GPAs
-            pv, pg = push_v[:npush], self._gfns_of(push_g[:npush])
-            for v_i, sel in groups(pv):
-                self._pml_log(self.vcpus[v_i], pg[sel])
+            self._soft_full_requests()
+        if pml and rings and (npush or (flush_at is not None and len(flush_at))):
+            # into each vCPU's PML buffer, which holds GPAs (flushed when full and at the ticks)
+            log_all(push_v[:npush], self._gfns_of(push_g[:npush]), _NO_ORDER if flush_at is None else flush_at,
+                    *self._pml_args(), self.profile.costs.pml_full_exit_ns, self._soft_full)
+            self._soft_full_requests()
         elif npush and not rings:  # into the slot bitmaps (which vCPU wrote does not matter there)
             self._set_dirty(push_g[:npush])
 
         retried = np.zeros(len(self.vcpus), dtype=bool)
         exit_ = None
-        if cut != CUT_NONE:
+        exits = []
+        if cut == CUT_TICK:
+            self.now = max(self.now, cut_t)
+            exits = self._soft_full_exits()
+        elif cut != CUT_NONE:
             self.now = max(self.now, cut_t)
             v = self.vcpus[cut_v]
             if cut == CUT_FULL:
@@ -1126,22 +1186,7 @@ class Vm:
             self.now = max(self.now, int(end))
         if notify and self.guest is not None:
             self.guest.consumed(m, self.now, faults, retried, ndirty)
-        return exit_
-
-    def _pml_log(self, v: Vcpu, gfn: np.ndarray) -> None:
-        """x86 PML: log the written pages' GPAs (as gfns) into the 512-entry buffer; a full
-        buffer exits (in the kernel) and is flushed into the ring (:meth:`_pml_flush`, which
-        looks the gfns up in the memslots then)."""
-        cap = v.pml.shape[0]
-        i = 0
-        while i < len(gfn):
-            k = min(cap - v.pml_count, len(gfn) - i)
-            v.pml[v.pml_count: v.pml_count + k] = gfn[i: i + k]
-            v.pml_count += k
-            i += k
-            if v.pml_count == cap:
-                self._pml_flush(v)
-                v.stats.fault_ns += self.profile.costs.pml_full_exit_ns
+        return [exit_] if exit_ is not None else exits
 
     def _gfns_of(self, gpi: np.ndarray) -> np.ndarray:
         """Global page indexes of address-space-0 slots -> gfns (in the current layout)."""

@@ -764,9 +764,9 @@ class Session:
 
     def pml_logged(self) -> np.ndarray:
         """x86 PML: the RAM pages (slot offsets) logged in the vCPUs' PML buffers and not yet
-        flushed into a ring or the dirty bitmap (at the vCPU's next exit). Read from the
-        kernel's vCPUs (the buffers hold gfns, as the CPU logs GPAs), a measurement for
-        :meth:`_remaining_pages` (QEMU cannot see them)."""
+        flushed into a ring or the dirty bitmap (at the vCPU's next exit or timer tick). Read
+        from the kernel's vCPUs (the buffers hold gfns, as the CPU logs GPAs), a measurement
+        for :meth:`_remaining_pages` (QEMU cannot see them)."""
         bufs = [v.pml[: v.pml_count] for v in self.vcpus if v.pml is not None and v.pml_count]
         if not bufs:
             return _NO_PAGES

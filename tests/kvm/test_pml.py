@@ -234,3 +234,74 @@ def test_pml_flush_after_another_slot_moved_above():
     assert h.run().vcpu == 1 and h.vcpus[0].pml_count == 40
     h.vm.set_user_memory_region(3, LOG_, 65536 * PAGE, 512 * PAGE)
     assert _kick(h) == [(0, k) for k in range(40)]
+
+
+# ---- kernel-handled VM exits (host timer ticks): each flushes the PML buffer ----------------
+# vmx_handle_exit flushes the buffer at every VM exit, not only at exits to userspace: a
+# running vCPU takes host timer ticks, timer and IPI exits all the time. The profile gives
+# their interval (kernel_exit_interval_us: 1000 us for x86-pml, ticks at multiples of it).
+# Writes every 1999 ns: writes 0..500 come before the tick at 1 ms (write 500 at 999500 ns),
+# write 501 after it (1001499 ns); 501 < 512, so no buffer-full flush comes first.
+
+TICK = 1_000_000
+
+
+def _ticked(entries=4096, profile="x86-pml"):
+    h = Host([list(range(600))], profile=profile, entries=entries, slot_pages=2048, write_ns=1999)
+    assert h.enter() is None
+    return h
+
+
+def test_x86_pml_profile_takes_a_kernel_exit_every_ms():
+    assert load_host_profile("x86-pml").kernel_exit_interval_us == 1000
+
+
+def test_a_kernel_exit_flushes_the_pml_buffer_at_the_tick():
+    h = _ticked()
+    v = h.vcpus[0]
+    assert h.vm.run_until(TICK - 1) == []
+    assert (v.ring.dirty_index, v.pml_count) == (0, 501)  # all buffered
+    fault_ns = v.stats.fault_ns
+    assert h.vm.run_until(TICK + 100) == []  # the tick: flushed, the vCPU stays in the guest
+    assert (v.ring.dirty_index, v.pml_count) == (501, 0)
+    assert h.ring_offsets() == list(range(501))
+    assert v.stats.fault_ns - fault_ns == 501 * h.profile.costs.pml_flush_entry_ns
+    assert v.in_guest and v.stats.exits == 0  # no exit to userspace
+    assert h.vm.run_until(TICK + 2000) == []
+    assert (v.ring.dirty_index, v.pml_count) == (501, 1)  # write 501 waits for the next one
+
+
+def test_a_kernel_exit_flush_that_makes_the_ring_soft_full_exits_at_the_tick():
+    # ring 1024 entries, soft limit 448: the tick's flush of 501 entries crosses it
+    h = _ticked(entries=1024)
+    v = h.vcpus[0]
+    exits = h.vm.run_until(2 * TICK)
+    assert [(e.vcpu, e.reason, e.time_ns, e.kind) for e in exits] == [(0, FULL, TICK, "full")]
+    assert not v.in_guest and v.ring.used == 501 and v.pml_count == 0
+    assert h.version(500) == 1 and h.version(501) == 0  # nothing after the tick ran
+    assert v.stats.full_exits == 1
+    assert h.harvest() == list(range(501))
+    h.reset()
+    assert h.enter() is None  # re-entry: the guest goes on with write 501
+    assert h.vm.run_until(TICK + 1999 * 2) == []
+    assert h.version(501) == 1
+
+
+def test_without_kernel_exits_the_buffer_waits_for_an_exit_or_a_full_buffer():
+    p = load_host_profile("x86-pml").model_copy(update={"kernel_exit_interval_us": 0})
+    h = _ticked(profile=p)
+    v = h.vcpus[0]
+    assert h.vm.run_until(TICK + 100) == []
+    assert (v.ring.dirty_index, v.pml_count) == (0, 501)
+
+
+def test_every_vcpu_a_tick_flush_leaves_soft_full_exits_at_that_tick():
+    # two vCPUs, 460 writes each before the tick (460 < 512: no buffer-full flush), then more
+    writes = [list(range(600)), list(range(1000, 1600))]
+    h = Host(writes, profile="x86-pml", entries=1024, slot_pages=2048, write_ns=2000)
+    assert h.enter(0) is None and h.enter(1) is None
+    exits = h.vm.run_until(2 * TICK)
+    assert [(e.vcpu, e.time_ns, e.kind) for e in exits] == [(0, TICK, "full"), (1, TICK, "full")]
+    # write 500 of each vCPU (at 1 ms exactly) comes after the tick's flush: not run
+    assert [v.ring.used for v in h.vcpus] == [500, 500]
+    assert h.version(499) == 1 and h.version(500) == 0 and h.version(1499) == 1 and h.version(1500) == 0
