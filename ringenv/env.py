@@ -390,7 +390,7 @@ class MigrationEnv(RingEnv):
 
     "Link rate" is the rate the migration sends at, min(link, max-bandwidth) (the env's
     `obs_rate_Bps`). Every value is clipped to [0, high], so a value at its high means "at least
-    this". Those that reach it in practice: `lost_vcpu` (below); `bandwidth` when max-bandwidth
+    this". Those that reach it in practice: `bandwidth` when max-bandwidth
     is below the link (the switchover's last pass runs at the full link rate); `dirty_rate`,
     `sampled_rate` and `redirty_rate` for a guest dirtying more than 10x the link rate (a slow
     link or a low max-bandwidth); `iteration` after 128 pre-copy iterations (a run that does not
@@ -399,7 +399,10 @@ class MigrationEnv(RingEnv):
     throttle sleep) writes nothing, and the time it spends in write-protect faults slows its
     workload once the workload's own work (`cpu_busy`, a workload setting) and the faults
     would take more than all of its time (the analytics workload on 1 vCPU: 0.60; the guest
-    model was open-loop before and charged 1.6 there). The reward is not clipped.
+    model was open-loop before and charged 1.6 there). The slow-down is measured per sampling
+    window and applied from the next one, so a window right after a sudden rise of the faults
+    (the first, one after a bitmap sync re-protected many pages) runs at the earlier speed and
+    a step holding it can pass 1 a little. The reward is not clipped.
 
     `dirty_rate` is QEMU's estimate as each collector gives it: with the ring, entries harvested
     (or waiting) per second over the last >= 1 s; with the bitmap (`collector="bitmap"`), the
@@ -431,9 +434,10 @@ class MigrationEnv(RingEnv):
 
     The lost vCPU time is the write-protect faults and block splits, the ring-full exits (with
     the reaping done on the vCPU thread), the waits for QEMU's big lock and the throttle sleeps
-    (the metrics' `vcpu_fault_s`, `vcpu_exit_s`, `vcpu_stall_s`, `vcpu_throttle_s`); the time
-    in faults slows a busy workload down (see the observation notes), so a vCPU-bound guest
-    also pays in work not done, which no cost counts. Downtime
+    (the metrics' `vcpu_fault_s`, `vcpu_exit_s`, `vcpu_stall_s`, `vcpu_throttle_s`). The
+    fault time slows a busy workload down (see the observation notes): for a CPU-bound one
+    (`cpu_busy` 1) the `vcpu` cost equals the work the slow-down took from it; for one with
+    spare time it also charges faults the workload did not feel. Downtime
     and lost vCPU time are weighted alike: both are seconds the whole VM does not run. At
     truncation the downtime a switchover would cause at that moment (remaining dirty bytes /
     measured bandwidth, or / the run's configured rate before any is measured) is charged at

@@ -22,8 +22,12 @@ sampled future is dropped and drawn again from the new state, exact in distribut
 memorylessness. No per-page state is kept here, and the work per simulated second follows the
 number of pages written, not the size of guest memory.
 
-Rates are per second of guest time while the writing vCPU is in the guest. A fault's service
-time is charged to the vCPU as lost time by the host; it does not thin the write process.
+Rates are per second of guest time while the writing vCPU is in the guest, at full speed. The
+host charges a fault's service time to the vCPU; the workload slows down by it once its own work
+(``cpu_busy``) and the faults would take more than all of the vCPU's time (the closed loop:
+:meth:`WorkloadProgram.consumed`). Time out of the guest (exits, throttle sleeps, lock waits)
+removes its writes whatever ``cpu_busy``: a workload with idle time does not catch up after it
+(a request-driven guest partly would, so throttles act more on it here than they would).
 """
 
 from __future__ import annotations
@@ -94,7 +98,8 @@ class WorkloadProgram(GuestProgram):
     and burst phases. ``start_ns`` is where on that timeline the program starts (integer ns,
     >= 0): its time t is the timeline's t + start_ns, so its phases are those of t + start_ns
     and its sequential sweeps start where ``start_ns`` of running left them (every vCPU in the
-    guest all along); the random draws of its writes are then its own (a stream seeded by
+    guest all along, at full speed: a sweep slowed by faults before ``start_ns`` would be a
+    little behind that); the random draws of its writes are then its own (a stream seeded by
     ``seed`` and ``start_ns``), not those of a program started at 0. That is how a dirty-rate
     sample taken before a migration (the timeline's first seconds) and the migration (the
     same guest, from where the sample ended) share a workload without sharing its writes."""
@@ -206,6 +211,7 @@ class WorkloadProgram(GuestProgram):
         known = vm.vcpu_kernel_ns()[:nv]  # time lost before this program ran is not its own
         self._k_seen[:len(known)] = known
         self._acc_k, self._acc_p = np.zeros(nv), np.zeros(nv)
+        self._loop_mult = 1.0  # the rate multiplier the speeds were set for
         self._s_eff = self.s_rate  # the sweeps' rates at the vCPUs' speeds
         if self.start_ns:
             # the sweeps as start_ns of running left them; the writes' draws a stream of their own
@@ -307,6 +313,10 @@ class WorkloadProgram(GuestProgram):
         if until <= now:
             return WriteBatch.empty(until)
         mult, phase_end = self.multiplier(now)
+        if mult != self._loop_mult:  # a new phase: the kernel time per ns follows the write rate
+            self._loop_mult = mult
+            if mult > 0 and _speeds(self._busy, mult, self.speed, self._acc_k, self._acc_p):
+                self._speeds_moved()
         lam, per_vcpu, sweeping, cdf = self._rates_for(running, mult)
         seed = self._next_seed()
         while True:
@@ -335,11 +345,18 @@ class WorkloadProgram(GuestProgram):
         """Learn the share of sampled writes that find their page clean, move the sweeps on, and
         close the loop: the vCPUs' time in the kernel (faults, splits, PML flushes: the host's
         ``fault_ns``) is time their workload does not run. With L kernel ns per ns of progress
-        at full speed (smoothed over SPEED_TAU_NS of the window's time), a vCPU runs at speed 1
-        while ``cpu_busy`` + L <= 1 (the faults fit in its spare time) and 1 / (``cpu_busy`` +
-        L) past that; its write rates and sweeps are scaled by it from the next window on
-        (:func:`_closed_loop`). Ring-full exits, throttle sleeps and lock waits need no such
-        step: the vCPU is out of the guest then and draws no writes."""
+        at full speed (measured per unit of the phase's rate multiplier, smoothed over
+        SPEED_TAU_NS of the windows' time), a vCPU runs at speed 1 while ``cpu_busy`` + L <= 1
+        (the faults fit in its spare time) and 1 / (``cpu_busy`` + L) past that; its write
+        rates and sweeps are scaled by it from the next window on (:func:`_closed_loop`), and
+        at once when a phase changes the multiplier (:meth:`_sample`). So the kernel's share of
+        a vCPU's time stays below 1 but for a window after a sudden rise of its faults within a
+        phase, which runs at the speed of the one before: the first window (nothing measured
+        yet), the one after many pages were re-protected at once (a bitmap sync, a harvest).
+        Ring-full exits, throttle sleeps and lock waits need no
+        such step: the vCPU is out of the guest then and draws no writes (and does not catch
+        up after, whatever ``cpu_busy``). ``cpu_busy`` 0 is the closest to an open-loop guest:
+        it slows down only when the faults alone would take all of its time."""
         now, running = self._window
         if n >= 256:  # learn how many sampled writes find their page clean
             self.efficiency = float(min(max(0.7 * self.efficiency + 0.3 * written / n, 0.02), 1.0))
@@ -347,20 +364,39 @@ class WorkloadProgram(GuestProgram):
         if dt > 0 and self._sweeps:
             mult, _ = self.multiplier(now)
             _advance_sweeps(running, mult, dt, self.s_vcpu, self._s_eff, self.s_n, self.s_pos)
-        if _closed_loop(self.vm.vcpu_kernel_ns(), self._k_seen, running, max(dt, 0), self._busy, self.speed,
-                        self._acc_k, self._acc_p):
-            self._rates.clear()
-            self._s_eff = self.s_rate * self.speed[self.s_vcpu] if self._sweeps else self.s_rate
+        moved = _closed_loop(self.vm.vcpu_kernel_ns(), self._k_seen, running, max(dt, 0), self._busy, self.speed,
+                             self._acc_k, self._acc_p, self._loop_mult)
+        if moved:
+            self._speeds_moved()
+
+    def _speeds_moved(self) -> None:
+        """The vCPUs' speeds changed: the rates derived from them are redone when next needed."""
+        self._rates.clear()
+        self._s_eff = self.s_rate * self.speed[self.s_vcpu] if self._sweeps else self.s_rate
+
+
+@numba.njit(inline="always")
+def _set_speed(speed, v, load):  # pragma: no cover - compiled
+    """Set vCPU v's speed for a load (``cpu_busy`` + kernel ns per ns of progress): 1 up to a
+    load of 1, else 1 / load (at least MIN_SPEED). It moves only by more than SPEED_STEP of
+    itself, or back to exactly 1, so that the rates the sampler derives from the speeds (kept
+    until a speed moves) are not redone every window. Returns whether it moved."""
+    s = 1.0 if load <= 1.0 else max(1.0 / load, MIN_SPEED)
+    if abs(s - speed[v]) > SPEED_STEP * speed[v] or (s == 1.0 and speed[v] != 1.0):
+        speed[v] = s
+        return True
+    return False
 
 
 @numba.njit(cache=True, nogil=True)
-def _closed_loop(kernel_ns, k_seen, running, dt, busy, speed, acc_k, acc_p):  # pragma: no cover - compiled
-    """Update each vCPU's ``speed`` after a window of ``dt`` ns (see
-    :meth:`WorkloadProgram.consumed`): its kernel ns since the last call (``kernel_ns`` -
-    ``k_seen``) and, if it ran, its progress ``dt * speed``, both smoothed with a decay of
-    exp(-dt / SPEED_TAU_NS); L = kernel ns / progress. A speed moves only by more than
-    SPEED_STEP of itself, or back to exactly 1, so that the rates the sampler derives from it
-    (kept per speed) are not redone every window. Returns whether any speed moved."""
+def _closed_loop(kernel_ns, k_seen, running, dt, busy, speed, acc_k, acc_p, mult):  # pragma: no cover - compiled
+    """Update each vCPU's ``speed`` after a window of ``dt`` ns at rate multiplier ``mult`` (see
+    :meth:`WorkloadProgram.consumed`): for a vCPU that ran, its kernel ns since the last call
+    (``kernel_ns`` - ``k_seen``) and its progress in units of the nominal rates (``dt * speed
+    * mult``), both smoothed with a decay of exp(-dt / SPEED_TAU_NS); the kernel ns of a vCPU
+    out of the guest (a PML flush at its exit) are added without decay (no time passed for it
+    in the guest). Load = ``busy`` + kernel ns / progress * mult (:func:`_set_speed`).
+    Returns whether a speed moved."""
     decay = np.exp(-dt / SPEED_TAU_NS)
     moved = False
     for v in range(speed.shape[0]):
@@ -372,13 +408,19 @@ def _closed_loop(kernel_ns, k_seen, running, dt, busy, speed, acc_k, acc_p):  # 
             acc_k[v] += k
             continue
         acc_k[v] = acc_k[v] * decay + k
-        acc_p[v] = acc_p[v] * decay + dt * speed[v]
-        if acc_p[v] <= 0.0:
-            continue
-        load = busy + acc_k[v] / acc_p[v]
-        s = 1.0 if load <= 1.0 else max(1.0 / load, MIN_SPEED)
-        if abs(s - speed[v]) > SPEED_STEP * speed[v] or (s == 1.0 and speed[v] != 1.0):
-            speed[v] = s
+        acc_p[v] = acc_p[v] * decay + dt * speed[v] * mult
+        if acc_p[v] > 0.0 and _set_speed(speed, v, busy + acc_k[v] / acc_p[v] * mult):
+            moved = True
+    return moved
+
+
+@numba.njit(cache=True, nogil=True)
+def _speeds(busy, mult, speed, acc_k, acc_p):  # pragma: no cover - compiled
+    """Every measured vCPU's speed at a new rate multiplier (a phase change): its kernel ns per
+    unit of nominal progress scale with the rate. Returns whether a speed moved."""
+    moved = False
+    for v in range(speed.shape[0]):
+        if acc_p[v] > 0.0 and _set_speed(speed, v, busy + acc_k[v] / acc_p[v] * mult):
             moved = True
     return moved
 
