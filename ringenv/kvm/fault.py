@@ -65,10 +65,11 @@ def walk_writes(gpi, vc, code, reads, first_touch, slot_of, state, version, bloc
 
     With PML and ``tick`` > 0, every vCPU takes a VM exit the kernel handles at each multiple
     of ``tick`` ns (a host timer tick), which flushes its PML buffer into its ring: the first
-    event at or after the next tick (``tick_state[0]``; ``t`` the events' times) first flushes
-    every buffer, recording the push count at that point in ``flush_at`` (``tick_state[1]``
-    entries), and if a flush leaves a ring soft-full the walk stops there (cut CUT_TICK, the
-    event not consumed, the tick's time in ``tick_state[2]``): those vCPUs exit.
+    event at or after the next tick (``tick_state[0]``; ``t`` the events' times), or the end of
+    the window (``tick_state[3]``) if the walk gets there, first flushes every buffer, recording
+    the push count at that point in ``flush_at`` (``tick_state[1]`` entries), and if a flush
+    leaves a ring soft-full the walk stops there (cut CUT_TICK, the event not consumed, the
+    tick's time in ``tick_state[2]``): those vCPUs exit.
 
     Per memslot: ``blockgran`` (block mappings stay: a fault maps or relaxes the whole block),
     ``pushall`` (such a fault logs every page of the block), ``split`` (a write fault splits a
@@ -92,23 +93,9 @@ def walk_writes(gpi, vc, code, reads, first_touch, slot_of, state, version, bloc
         if i + AHEAD < n and gpi[i + AHEAD] >= 0:  # random pages of a big guest: overlap the misses
             prefetch(state, gpi[i + AHEAD])
             prefetch(version, gpi[i + AHEAD])
-        if tick > 0 and t[i] >= tick_state[0]:  # a tick passed: every PML buffer into its ring
-            at = tick_state[0]
-            tick_state[0] = (t[i] // tick + 1) * tick
-            flushed = False
-            crossed = False
-            for u in range(pml_count.shape[0]):
-                if pml_count[u] > 0:
-                    flushed = True
-                    used[u] += pml_count[u]
-                    pml_count[u] = 0
-                    crossed = crossed or used[u] >= limit[u]
-            if flushed:
-                flush_at[tick_state[1]] = npush
-                tick_state[1] += 1
-            if crossed:
-                tick_state[2] = at
-                return i, CUT_TICK, npush, nsplit, ndirty, True
+        if tick > 0 and t[i] >= tick_state[0] and _tick_flush(t[i], tick, tick_state, pml_count, used, limit,
+                                                              flush_at, npush):
+            return i, CUT_TICK, npush, nsplit, ndirty, True
         v = vc[i]
         g = gpi[i]
         c = code[i]
@@ -209,7 +196,33 @@ def walk_writes(gpi, vc, code, reads, first_touch, slot_of, state, version, bloc
             cut = CUT_SYNC if c == 1 else CUT_DONE
             m = i + 1
             break
+    if cut == CUT_NONE and tick > 0 and tick_state[0] <= tick_state[3] and _tick_flush(
+            tick_state[3], tick, tick_state, pml_count, used, limit, flush_at, npush):
+        return m, CUT_TICK, npush, nsplit, ndirty, True
     return m, cut, npush, nsplit, ndirty, True
+
+
+@numba.njit(inline="always")
+def _tick_flush(now, tick, tick_state, pml_count, used, limit, flush_at, npush):  # pragma: no cover - compiled
+    """The tick ``tick_state[0]`` (<= ``now``) passed: every PML buffer into its ring (counted:
+    ``used``), the push count recorded in ``flush_at``, the next tick after ``now`` set. Returns
+    whether a ring was left soft-full (the tick's time then in ``tick_state[2]``)."""
+    at = tick_state[0]
+    tick_state[0] = (now // tick + 1) * tick
+    flushed = False
+    crossed = False
+    for u in range(pml_count.shape[0]):
+        if pml_count[u] > 0:
+            flushed = True
+            used[u] += pml_count[u]
+            pml_count[u] = 0
+            crossed = crossed or used[u] >= limit[u]
+    if flushed:
+        flush_at[tick_state[1]] = npush
+        tick_state[1] += 1
+    if crossed:
+        tick_state[2] = at
+    return crossed
 
 
 # columns of the VM's per-vCPU counter array (Vm._vstat; VcpuStats reads its row)
@@ -307,6 +320,6 @@ def apply_window(order, t, vc, gfn, gfn_lo, gfn_hi, delta, zeros8, zeros64, stat
         gpi[:nb], v32[:nb], zeros8[:nb], zeros8[:nb], True, zeros64[:nb], state, version, block_map, blockgran,
         pushall, split, mode, block_shift, ring_ctr, soft_limit, no_pml, 0, rings, push_v, push_g, split_v, split_b,
         vstat, split_cost, fault_cost, fault_cost, ring_addr, slot_start, slot_kvm, soft_full, faults,
-        zeros64[:0], 0, zeros64[:3], zeros64[:0])
+        zeros64[:0], 0, np.zeros(4, dtype=np.int64), zeros64[:0])
     last = m - 1 if ordered or m == 0 else order[m - 1]
     return m, cut, npush, nsplit, ndirty, retired, nsoft, last, bad

@@ -267,9 +267,9 @@ class Vm:
         self._write_costs = (0, 0, 0)  # ns per fault, per split, per fault in an untracked slot (create_vcpu)
         self._tlbi_ns = p.tlbi_broadcast_ns(0)  # one VM-wide TLB invalidation (create_vcpu updates it)
         # PML: the kernel-handled VM exits that flush the buffers, at multiples of this (0: none);
-        # the next one's time, and the walk's flush count and cut time (fault.walk_writes)
-        self._tick_ns = int(round(p.kernel_exit_interval_us * 1000)) if p.pml else 0
-        self._tick_state = np.array([self._tick_ns, 0, 0], dtype=np.int64)
+        # the next one's time, and the walk's flush count, cut time and window end (fault.walk_writes)
+        self._tick_ns = max(1, round(p.kernel_exit_interval_us * 1000)) if p.pml and p.kernel_exit_interval_us else 0
+        self._tick_state = np.array([self._tick_ns, 0, 0, 0], dtype=np.int64)
         self.with_bitmap = False
         self.manual_protect = 0
         self.eager_split_chunk = 0
@@ -680,7 +680,8 @@ class Vm:
         self._no_pml = np.zeros(len(self._running), dtype=np.int64)
         self._no_retries = np.zeros(len(self._running), dtype=bool)
         self._soft_full = np.zeros(len(self._running), dtype=bool)  # apply_batch's output
-        self._pml = np.concatenate([self._pml, np.zeros((1, self._pml.shape[1]), dtype=np.int64)])
+        if len(self._pml) <= len(self.vcpus):  # room for this vCPU's buffer (grown geometrically)
+            self._pml = np.concatenate([self._pml, np.zeros((len(self._pml) + 4, self._pml.shape[1]), dtype=np.int64)])
         self._pml_n = np.append(self._pml_n, 0)
         v = Vcpu(self, vcpu_id, len(self.vcpus))
         self.vcpus.append(v)
@@ -938,10 +939,10 @@ class Vm:
 
         With PML and the profile's ``kernel_exit_interval_us``, every vCPU in the guest takes a
         VM exit the kernel handles (a host timer tick) at each multiple of it, which flushes its
-        PML buffer into its ring: in the walk, before the first write at or after the tick
-        (:func:`ringenv.kvm.fault.walk_writes`), or at the window's end if no write came after
-        it (:meth:`_kernel_exit`). A flush that leaves a ring soft-full makes that vCPU exit
-        (KVM_EXIT_DIRTY_RING_FULL), at the tick, or at the window's end in the second case."""
+        PML buffer into its ring: in the walk, before the first access at or after the tick or
+        at the window's end (:func:`ringenv.kvm.fault.walk_writes`); a window with no access
+        ends at the tick if a buffer holds anything (:meth:`_kernel_exit`). A flush that leaves
+        a ring soft-full makes that vCPU exit (KVM_EXIT_DIRTY_RING_FULL) at the tick."""
         until = int(until)
         guest = self.guest
         tick = self._tick_ns if self.ring_entries else 0  # (PML logs into the buffer only with a ring)
@@ -957,6 +958,8 @@ class Vm:
             batch = guest.window(self.now, until, running, room)
             end = max(self.now, min(batch.complete_until, until))
             if len(batch) == 0:  # nothing written, but the guest's time passed (a scan's pointer moves)
+                if tick and self._pml_n.any():  # up to the next tick, where the buffers are flushed
+                    end = max(self.now, min(end, int(self._tick_state[0])))
                 self.now = end
                 guest.consumed(0, end, self._no_pml, self._no_retries, 0)
                 exits = []
@@ -974,12 +977,12 @@ class Vm:
         return []
 
     def _kernel_exit(self) -> list[Exit]:
-        """x86 PML: the ticks that passed since the last write of a window (every vCPU in the
-        guest takes a kernel-handled VM exit, vmx_handle_exit flushes its PML buffer into the
-        ring, :meth:`_pml_flush`, its cost charged per entry). A vCPU whose ring the flush left
-        soft-full exits to userspace with KVM_EXIT_DIRTY_RING_FULL (the soft-full request, before
-        re-entry; every write logged so far has retired), here at the window's end, ``now``
-        (no write of any vCPU came between the tick and it). Returns those exits."""
+        """x86 PML: a tick passed (``now`` is at it or, if no buffer held anything, past it):
+        every vCPU in the guest takes a kernel-handled VM exit, vmx_handle_exit flushes its PML
+        buffer into the ring (:func:`ringenv.kvm.pml.flush_all`, its cost charged per entry). A
+        vCPU whose ring the flush left soft-full exits to userspace with
+        KVM_EXIT_DIRTY_RING_FULL (the soft-full request, before re-entry; every write logged so
+        far has retired). Returns those exits."""
         tick = self._tick_ns
         self._tick_state[0] = (self.now // tick + 1) * tick
         flush_all(self._running, *self._pml_args(), self._soft_full)
@@ -1076,19 +1079,24 @@ class Vm:
                     bad = int(np.flatnonzero(is_write)[bad])
         code = exit_after if exit_after is not None else self._zeros_of(np.int8, n)
         reads = reads if reads is not None else self._zeros_of(np.int8, n)
-        if bad >= 0:  # the walk ends before the access no memslot maps
+        rings = self.ring_entries > 0
+        pml = p.pml_buffer_entries if p.pml else 0
+        tick = self._tick_ns if ticks and pml and rings else 0
+        if bad >= 0 and tick:  # the walk ends at the access no memslot maps, walked as a no-op (a tick before it)
+            vc_, sidx, reads_ = vc[:bad + 1], sidx[:bad + 1], reads[:bad + 1]
+            gpi, code_ = gpi[:bad + 1].copy(), code[:bad + 1].copy()
+            gpi[bad], code_[bad] = -1, 0
+        elif bad >= 0:  # the walk ends before the access no memslot maps
             vc_, gpi, sidx, code_, reads_ = vc[:bad], gpi[:bad], sidx[:bad], code[:bad], reads[:bad]
         else:
             vc_, code_, reads_ = vc, code, reads
-        rings = self.ring_entries > 0
-        pml = p.pml_buffer_entries if p.pml else 0
         pml_count = self._pml_n.copy() if pml else self._no_pml  # (the walk counts; log_all fills the buffers)
         push_v, push_g, split_v, split_b = self._batch_buffers(n * (self.block_pages if self._any_pushall else 1), n)
         fault_cost, split_cost, wp_fault_cost = self._write_costs
         faults = np.zeros(len(self.vcpus), dtype=np.int64)
-        tick = self._tick_ns if ticks and pml and rings else 0
         tick_state = self._tick_state
         tick_state[1] = 0
+        tick_state[3] = -1 if end is None or bad >= 0 else end  # (a walk to an unmapped access ends there)
         flush_at = np.empty(n + 1 if tick else 0, dtype=np.int64)
         m, cut, npush, nsplit, ndirty, retired, nsoft = apply_batch(
             gpi, vc_.astype(np.int32, copy=False), code_.astype(np.int8, copy=False),

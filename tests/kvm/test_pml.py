@@ -305,3 +305,76 @@ def test_every_vcpu_a_tick_flush_leaves_soft_full_exits_at_that_tick():
     # write 500 of each vCPU (at 1 ms exactly) comes after the tick's flush: not run
     assert [v.ring.used for v in h.vcpus] == [500, 500]
     assert h.version(499) == 1 and h.version(500) == 0 and h.version(1499) == 1 and h.version(1500) == 0
+
+
+def test_ticks_with_no_write_between_flush_nothing_and_each_write_waits_for_the_next_tick():
+    # a write every 2.5 ms: writes at 0, 2.5, 5 (= a tick: the tick's flush comes first), 7.5 ms
+    h = Host([list(range(10))], profile="x86-pml", entries=4096, slot_pages=2048, write_ns=2_500_000)
+    v = h.vcpus[0]
+    assert h.enter() is None
+    seen = []
+    for t in (TICK // 2, TICK + 1, 3 * TICK + 1, 5 * TICK + 1, 6 * TICK + 1):
+        assert h.vm.run_until(t) == []
+        seen.append((v.ring.dirty_index, v.pml_count, v.stats.pml_flushes))
+    assert seen == [(0, 1, 0), (1, 0, 1), (2, 0, 2), (2, 1, 2), (3, 0, 3)]
+
+
+def test_a_tick_flushes_what_came_after_a_full_buffer_flush_in_the_same_window():
+    # a write every 1.5 us: write 511 (766.5 us) fills the buffer (512 into the ring), writes
+    # 512..666 wait for the tick (666: 999 us), write 667 comes at 1000.5 us
+    h = Host([list(range(700))], profile="x86-pml", entries=4096, slot_pages=2048, write_ns=1500)
+    v = h.vcpus[0]
+    assert h.enter() is None
+    assert h.vm.run_until(TICK + 100) == []
+    assert (v.ring.dirty_index, v.pml_count, v.stats.pml_flushes) == (667, 0, 2)
+    assert h.ring_offsets() == list(range(667))
+
+
+@pytest.mark.parametrize("until", [TICK + 100, TICK + 1400, 2 * TICK])
+def test_the_exit_at_a_tick_does_not_depend_on_how_far_userspace_runs_the_guest(until):
+    # ring 1024 (soft 448): 501 buffered at the tick; with no write between the tick and the
+    # end of the run (TICK + 100, + 1400: write 501 comes at + 1499) or with one (2 TICK)
+    h = _ticked(entries=1024)
+    exits = h.vm.run_until(until)
+    assert [(e.vcpu, e.time_ns, e.kind) for e in exits] == [(0, TICK, "full")]
+    assert h.vm.now == TICK and h.vcpus[0].ring.used == 501
+
+
+def test_a_tick_comes_before_an_access_no_memslot_maps():
+    # write 501 (after the tick) is to a gfn outside the slot: the tick's flush fills the ring
+    # first (exit at the tick); the MMIO exit comes after re-entry
+    writes = list(range(501)) + [5000] + [501]
+    h = Host([writes], profile="x86-pml", entries=1024, slot_pages=2048, write_ns=1999)
+    assert h.enter() is None
+    exits = h.vm.run_until(2 * TICK)
+    assert [(e.time_ns, e.kind) for e in exits] == [(TICK, "full")]
+    assert h.harvest() == list(range(501))
+    h.reset()
+    assert h.enter() is None
+    exits = h.vm.run_until(2 * TICK)
+    assert [(e.time_ns, e.kind) for e in exits] == [(501 * 1999, "mmio")]
+
+
+def test_a_tick_flush_of_gfns_whose_slot_is_gone_pushes_nothing_and_the_guest_goes_on():
+    h = _ticked(entries=1024)
+    v = h.vcpus[0]
+    assert h.vm.run_until(TICK - 1) == []
+    assert v.pml_count == 501
+    h.vm.set_user_memory_region(0, 0, 0, 0)  # delete the slot: the buffered gfns map nothing now
+    exits = h.vm.run_until(2 * TICK)
+    # the tick flushed the buffer (nothing pushed, no soft-full); the next write has no slot
+    assert [(e.time_ns, e.kind) for e in exits] == [(501 * 1999, "mmio")]
+    assert (v.ring.dirty_index, v.pml_count, v.stats.pml_flushes) == (0, 0, 1)
+
+
+def test_an_access_no_memslot_maps_before_the_tick_exits_first():
+    # write 501 (976950 ns, before the tick) has no slot: the MMIO exit comes first, its flush
+    # fills the ring, and the soft-full request makes the vCPU exit again at re-entry
+    writes = list(range(501)) + [5000] + [501]
+    h = Host([writes], profile="x86-pml", entries=1024, slot_pages=2048, write_ns=1950)
+    assert h.enter() is None
+    exits = h.vm.run_until(2 * TICK)
+    assert [(e.time_ns, e.kind) for e in exits] == [(501 * 1950, "mmio")]
+    assert h.vcpus[0].ring.used == 501
+    e = h.enter()
+    assert e is not None and e.kind == "full"
