@@ -260,6 +260,7 @@ class Vm:
         self._soft_limit = np.zeros(0, dtype=np.int64)
         self._running = np.zeros(0, dtype=bool)  # per vCPU: in the guest (Vcpu.in_guest)
         self._vstat = np.zeros((0, len(VCPU_COUNTERS)), dtype=np.int64)  # per vCPU: VcpuStats counters
+        self._kernel_ns = None  # its FAULT_NS column, read-only (vcpu_kernel_ns)
         self._no_pml = np.zeros(0, dtype=np.int64)  # per vCPU: PML buffer fill (always 0 without PML)
         self._pml = np.zeros((0, p.pml_buffer_entries if p.pml else 0), dtype=np.int64)  # PML buffers (kvm/pml.py)
         self._pml_n = np.zeros(0, dtype=np.int64)  # and how many gfns each holds
@@ -1215,8 +1216,10 @@ class Vm:
         """Per vCPU, the guest time lost in the kernel so far (``stats.fault_ns``: faults,
         splits, PML flushes), as a read-only view of the counter array (it moves on as the VM
         runs; the array is replaced when a vCPU is created)."""
-        col = self._vstat[:, FAULT_NS]
-        col.flags.writeable = False
+        col = self._kernel_ns
+        if col is None or col.base is not self._vstat:
+            col = self._kernel_ns = self._vstat[:, FAULT_NS]
+            col.flags.writeable = False
         return col
 
     @property
