@@ -376,11 +376,15 @@ class WorkloadProgram(GuestProgram):
 
 
 @numba.njit(inline="always")
-def _set_speed(speed, v, load):  # pragma: no cover - compiled
-    """Set vCPU v's speed for a load (``cpu_busy`` + kernel ns per ns of progress): 1 up to a
-    load of 1, else 1 / load (at least MIN_SPEED). It moves only by more than SPEED_STEP of
-    itself, or back to exactly 1, so that the rates the sampler derives from the speeds (kept
-    until a speed moves) are not redone every window. Returns whether it moved."""
+def _set_speed(speed, v, busy, acc_k, acc_p, mult):  # pragma: no cover - compiled
+    """Set vCPU v's speed for its load, ``busy`` + kernel ns per unit of nominal progress
+    (``acc_k`` / ``acc_p``) * ``mult`` (nothing if no progress is measured yet): 1 up to a load
+    of 1, else 1 / load (at least MIN_SPEED). It moves only by more than SPEED_STEP of itself,
+    or back to exactly 1, so that the rates the sampler derives from the speeds (kept until a
+    speed moves) are not redone every window. Returns whether it moved."""
+    if acc_p[v] <= 0.0:
+        return False
+    load = busy + acc_k[v] / acc_p[v] * mult
     s = 1.0 if load <= 1.0 else max(1.0 / load, MIN_SPEED)
     if abs(s - speed[v]) > SPEED_STEP * speed[v] or (s == 1.0 and speed[v] != 1.0):
         speed[v] = s
@@ -395,7 +399,7 @@ def _closed_loop(kernel_ns, k_seen, running, dt, busy, speed, acc_k, acc_p, mult
     (``kernel_ns`` - ``k_seen``) and its progress in units of the nominal rates (``dt * speed
     * mult``), both smoothed with a decay of exp(-dt / SPEED_TAU_NS); the kernel ns of a vCPU
     out of the guest (a PML flush at its exit) are added without decay (no time passed for it
-    in the guest). Load = ``busy`` + kernel ns / progress * mult (:func:`_set_speed`).
+    in the guest). The speed from the load (:func:`_set_speed`).
     Returns whether a speed moved."""
     decay = np.exp(-dt / SPEED_TAU_NS)
     moved = False
@@ -409,7 +413,7 @@ def _closed_loop(kernel_ns, k_seen, running, dt, busy, speed, acc_k, acc_p, mult
             continue
         acc_k[v] = acc_k[v] * decay + k
         acc_p[v] = acc_p[v] * decay + dt * speed[v] * mult
-        if acc_p[v] > 0.0 and _set_speed(speed, v, busy + acc_k[v] / acc_p[v] * mult):
+        if _set_speed(speed, v, busy, acc_k, acc_p, mult):
             moved = True
     return moved
 
@@ -420,7 +424,7 @@ def _speeds(busy, mult, speed, acc_k, acc_p):  # pragma: no cover - compiled
     unit of nominal progress scale with the rate. Returns whether a speed moved."""
     moved = False
     for v in range(speed.shape[0]):
-        if acc_p[v] > 0.0 and _set_speed(speed, v, busy + acc_k[v] / acc_p[v] * mult):
+        if _set_speed(speed, v, busy, acc_k, acc_p, mult):
             moved = True
     return moved
 

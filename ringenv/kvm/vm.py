@@ -1083,12 +1083,10 @@ class Vm:
         rings = self.ring_entries > 0
         pml = p.pml_buffer_entries if p.pml else 0
         tick = self._tick_ns if ticks and pml and rings else 0
-        if bad >= 0 and tick:  # the walk ends at the access no memslot maps, walked as a no-op (a tick before it)
+        if bad >= 0:  # the walk ends at the access no memslot maps, walked as a no-op (a PML tick before it)
             vc_, sidx, reads_ = vc[:bad + 1], sidx[:bad + 1], reads[:bad + 1]
             gpi, code_ = gpi[:bad + 1].copy(), code[:bad + 1].copy()
             gpi[bad], code_[bad] = -1, 0
-        elif bad >= 0:  # the walk ends before the access no memslot maps
-            vc_, gpi, sidx, code_, reads_ = vc[:bad], gpi[:bad], sidx[:bad], code[:bad], reads[:bad]
         else:
             vc_, code_, reads_ = vc, code, reads
         pml_count = self._pml_n.copy() if pml else self._no_pml  # (the walk counts; log_all fills the buffers)
