@@ -386,7 +386,8 @@ class Vm:
         (KVM_MR_MOVE, :meth:`_move_memslot`); size 0 deletes a slot (EINVAL if there is none).
 
         Errors, in the kernel's order: EINVAL (flags; as_id >= the profile's address spaces or
-        slot id >= KVM_USER_MEM_SLOTS; guest_phys_addr or memory_size not page-aligned;
+        slot id >= KVM_USER_MEM_SLOTS; guest_phys_addr or memory_size outside the __u64 the
+        ioctl's struct holds (negative, or >= 2^64: the Python call takes ints); guest_phys_addr or memory_size not page-aligned;
         guest_phys_addr + memory_size wraps 2^64; more than KVM_MEM_MAX_NR_PAGES (2^31 - 1) pages;
         deleting a slot that does not exist; resizing
         a slot or changing its KVM_MEM_READONLY), EEXIST (a new or moved slot overlaps another of
@@ -398,6 +399,9 @@ class Vm:
         if flags & ~(KVM_MEM_LOG_DIRTY_PAGES | KVM_MEM_READONLY):
             raise einval(f"memslot flags {flags:#x}: accepted KVM_MEM_LOG_DIRTY_PAGES | KVM_MEM_READONLY")
         self._check_slot_id(slot, as_id, "KVM_SET_USER_MEMORY_REGION")
+        for name, value in (("guest_phys_addr", guest_phys_addr), ("memory_size", memory_size)):
+            if not 0 <= value <= U64_MAX:
+                raise einval(f"{name} {value}: a __u64 field, accepted 0..2^64-1")
         if guest_phys_addr % p.page_size or memory_size % p.page_size or memory_size < 0:
             raise einval(f"guest_phys_addr and memory_size must be multiples of PAGE_SIZE {p.page_size}")
         if memory_size and guest_phys_addr + memory_size > U64_MAX:

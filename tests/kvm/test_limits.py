@@ -157,6 +157,24 @@ def test_memslot_wrapping_2_to_the_64_is_einval(profile):
 
 
 @pytest.mark.parametrize("profile", ALL)
+@pytest.mark.parametrize("field", ["guest_phys_addr", "memory_size"])
+@pytest.mark.parametrize("value", [-4096, 1 << 64])
+def test_a_memslot_address_or_size_outside_u64_is_einval_and_builds_nothing(profile, field, value):
+    """guest_phys_addr and memory_size are __u64 fields: a value no u64 holds (negative, or
+    2^64 and above) is EINVAL naming the field, and no slot is created or changed."""
+    vm = Vm(profile)
+    ps = vm.page_size
+    vm.set_user_memory_region(0, 0, 0, 2 * ps)
+    args = {"guest_phys_addr": 16 * ps, "memory_size": 2 * ps, field: value}
+    with pytest.raises(KvmError) as e:
+        vm.set_user_memory_region(1, 0, args["guest_phys_addr"], args["memory_size"])
+    assert e.value.errno == errno.EINVAL and field in str(e.value)
+    with pytest.raises(KvmError):  # nor on an existing slot (a move or a resize)
+        vm.set_user_memory_region(0, 0, args["guest_phys_addr"], args["memory_size"])
+    assert [(s.id, s.base_gfn, s.npages) for s in vm.slots] == [(0, 0, 2)]
+
+
+@pytest.mark.parametrize("profile", ALL)
 def test_overlap_comes_before_the_range_check(profile):
     """EEXIST (generic, before kvm_set_memslot) wins over the arch's prepare check."""
     vm = Vm(profile)
