@@ -23,7 +23,11 @@ guest exits to userspace after that write), both times all rings, or only that v
                 "exits": ["full"|"sync"|"mmio"|"done", in order]}]}
 
 A batch is recorded each time a ring is harvested and holds at least one entry. Userspace work
-takes no simulated time here: the order of events is what is checked, not their duration.
+takes no simulated time here: the order of events is what is checked, not their duration. The
+vCPUs' writes interleave by guest time: a store takes the profile's ``dirty_write_ns``, and a
+vCPU's next write comes after the kernel time its fault took (write-protect fault, split, PML
+logging: the profile's costs), so which vCPU first writes a shared page, and whose ring logs it,
+follows from that (:class:`ringenv.guest.trace.TraceProgram`).
 """
 
 from __future__ import annotations
@@ -113,7 +117,7 @@ def replay_trace(trace: dict, profile: str | None = None, ring_entries: int | No
     readers = [RingReader(v.ring_gfns) for v in vcpus]
     vm.attach_guest(TraceProgram([v["writes"] for v in trace["vcpus"]], [v.get("syncs", []) for v in trace["vcpus"]],
                                  reads=[v.get("reads", []) for v in trace["vcpus"]],
-                                 write_ns=prof.costs.dirty_write_ns, fault_ns=prof.costs.wp_fault_ns))
+                                 write_ns=prof.costs.dirty_write_ns))
 
     resets: list[int] = []
     out = [{"full_exits": 0, "lost": 0, "resets": [], "batches": [], "exits": []} for _ in range(nv)]

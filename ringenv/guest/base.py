@@ -43,6 +43,9 @@ class WriteBatch:
     # invisible to KVM and the host skips it
     first_touch: bool = False
     order: np.ndarray | None = None  # int64 positions of the events in order (None: as stored)
+    # the guest times its accesses after each fault's service time (a trace): the host ends the
+    # window after every access that faulted, and the guest proposes the rest again
+    fault_cut: bool = False
 
     def __len__(self) -> int:
         return len(self.t)
@@ -53,7 +56,8 @@ class WriteBatch:
         if o is None:
             return self
         return WriteBatch(self.t[o], self.vcpu[o], self.gfn[o], None if self.exit_after is None else self.exit_after[o],
-                          self.complete_until, None if self.read is None else self.read[o], self.first_touch)
+                          self.complete_until, None if self.read is None else self.read[o], self.first_touch,
+                          fault_cut=self.fault_cut)
 
     @staticmethod
     def empty(until: int) -> WriteBatch:

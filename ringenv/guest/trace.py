@@ -4,6 +4,12 @@ Each vCPU executes its writes in program order, one every ``write_ns`` of guest 
 service time of the faults it took; different vCPUs' writes interleave by that simulated time
 (ties: lower vCPU index first). After a write listed in ``syncs`` the guest exits to userspace
 (an MMIO write); after its last write it exits once more, as "done".
+
+The service time is the host's: the kernel time the host charged the vCPU (its write-protect
+faults, splits and their TLB invalidations, PML buffer flushes; ``Vm.vcpu_kernel_ns``), unless a
+fixed ``fault_ns`` per fault is given. Either way the host ends a batch after each access that
+faulted (:attr:`WriteBatch.fault_cut`), so the vCPU's later accesses come after the fault, and
+the interleaving of the vCPUs does not depend on how many writes a batch proposes.
 """
 
 from __future__ import annotations
@@ -14,10 +20,15 @@ from .base import EXIT_DONE, EXIT_NONE, EXIT_SYNC, NO_WRITE, GuestProgram, Write
 
 
 class TraceProgram(GuestProgram):
-    """Replays ``writes[v]`` (page offsets from ``base_gfn``) with sync points ``syncs[v]``."""
+    """Replays ``writes[v]`` (page offsets from ``base_gfn``) with sync points ``syncs[v]``.
+
+    ``fault_ns``: None (the default) times each vCPU after the kernel time the host charged it;
+    an int, a fixed service time per fault instead (0: faults take no guest time, the writes
+    come every ``write_ns`` whatever happens).
+    ``max_batch``: writes proposed per vCPU and batch (a bound on the work per batch only)."""
 
     def __init__(self, writes: list, syncs: list, *, reads: list | None = None, base_gfn: int = 0,
-                 write_ns: int = 5, fault_ns: int = 0, max_batch: int = 512):
+                 write_ns: int = 5, fault_ns: int | None = None, max_batch: int = 512):
         if len(writes) != len(syncs) or (reads is not None and len(reads) != len(writes)):
             raise ValueError("writes, syncs (and reads) must have one entry per vCPU")
         self.nr_vcpus = len(writes)
@@ -34,17 +45,31 @@ class TraceProgram(GuestProgram):
             self.code.append(code)
             self.read.append(rd)
         self.write_ns = max(1, int(write_ns))
-        self.fault_ns = int(fault_ns)
-        self.max_batch = max_batch
+        self.fault_ns = None if fault_ns is None else int(fault_ns)
+        self.max_batch = max(1, int(max_batch))
         self.pos = np.zeros(self.nr_vcpus, dtype=np.int64)
         self.clock = np.zeros(self.nr_vcpus, dtype=np.int64)
         self._last = None
+        self._vm = None
+        self._kernel_seen = np.zeros(self.nr_vcpus, dtype=np.int64)
 
     def attach(self, vm) -> None:
         if self.nr_vcpus > len(vm.vcpus):
             raise ValueError(f"trace has {self.nr_vcpus} vCPUs, the VM {len(vm.vcpus)}")
+        if self.fault_ns is None:
+            self._vm = vm
+            self._kernel_seen = vm.vcpu_kernel_ns()[: self.nr_vcpus].copy()
+
+    def _kernel_delta(self) -> np.ndarray:
+        """Kernel time the host charged each vCPU since the last call."""
+        now = self._vm.vcpu_kernel_ns()[: self.nr_vcpus]
+        delta = now - self._kernel_seen
+        self._kernel_seen = now.copy()
+        return delta
 
     def next_writes(self, now, until, running):
+        if self._vm is not None:  # faults and splits since the last batch delay their vCPU
+            self.clock += self._kernel_delta()
         ts, vs, gs, cs, rs = [], [], [], [], []
         complete = until
         for v in range(self.nr_vcpus):
@@ -72,7 +97,7 @@ class TraceProgram(GuestProgram):
         order = np.lexsort((vc[keep], t[keep]))  # by time, then vCPU; program order kept (stable)
         t, vc, g, c, r = (x[keep][order] for x in (t, vc, g, c, r))
         self._last = (t, vc)
-        return WriteBatch(t, vc, g, c, complete, read=r if r.any() else None)
+        return WriteBatch(t, vc, g, c, complete, read=r if r.any() else None, fault_cut=self.fault_ns != 0)
 
     def consumed(self, n, t_cut, faults_per_vcpu, retried, written):
         t, vc = self._last
@@ -81,8 +106,11 @@ class TraceProgram(GuestProgram):
         for v in np.flatnonzero(counts):
             self.pos[v] += counts[v]
             last_t = t[vc == v][-1]
-            self.clock[v] = last_t + self.write_ns + int(faults_per_vcpu[v]) * self.fault_ns
+            fixed = int(faults_per_vcpu[v]) * self.fault_ns if self._vm is None else 0  # (else: next_writes)
+            self.clock[v] = last_t + self.write_ns + fixed
 
     def resumed(self, vcpu, now):
         if vcpu < self.nr_vcpus:
+            if self._vm is not None:  # kernel time charged up to the exit and while out is behind ``now``
+                self.clock += self._kernel_delta()
             self.clock[vcpu] = max(self.clock[vcpu], now)

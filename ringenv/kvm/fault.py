@@ -33,7 +33,7 @@ AHEAD = 16  # events to look ahead when prefetching a page's state and version
 WP, CLEAN, UNMAPPED = 1, 2, 4
 NOT_WP, NOT_CLEAN, NOT_UNMAPPED = 0xFF ^ WP, 0xFF ^ CLEAN, 0xFF ^ UNMAPPED  # u8 masks
 
-CUT_NONE, CUT_FULL, CUT_SYNC, CUT_DONE, CUT_MMIO, CUT_TICK = 0, 1, 2, 3, 4, 5
+CUT_NONE, CUT_FULL, CUT_SYNC, CUT_DONE, CUT_MMIO, CUT_TICK, CUT_FAULT = 0, 1, 2, 3, 4, 5, 6
 
 # per memslot mode bits (``mode``; 0: a logging slot): dirty-tracked but not logging (arm64 ring
 # without a bitmap), no dirty tracking (no KVM_MEM_LOG_DIRTY_PAGES), read-only
@@ -58,7 +58,7 @@ def walk_writes(gpi, vc, code, reads, first_touch, slot_of, state, version, bloc
                 blockgran, pushall, split, mode, block_shift,
                 used, limit, pml_count, pml_buf, rings,
                 push_v, push_g, split_v, split_b, faults, untracked_faults,
-                t, tick, tick_state, flush_at):  # pragma: no cover - compiled
+                t, tick, tick_state, flush_at, fault_cut):  # pragma: no cover - compiled
     """Apply events until the first exit. ``used``/``pml_count`` are updated in place;
     ``faults[v]`` counts vCPU v's faults and ``untracked_faults[v]`` those of them in
     a slot without dirty tracking (a real protection or translation fault even with PML).
@@ -76,7 +76,12 @@ def walk_writes(gpi, vc, code, reads, first_touch, slot_of, state, version, bloc
     block), ``mode`` (NOLOG, UNTRACKED, READONLY bits). With ``first_touch`` the writes are a
     workload model's candidate first writes: one to a page that is not clean (written since it
     was last protected, hence writable) is invisible and skipped. Returns (events consumed, cut
-    kind, pushes, splits, clean pages written, access retired at the cut)."""
+    kind, pushes, splits, clean pages written, access retired at the cut).
+
+    With ``fault_cut`` the walk also stops right after an access that faulted (a write-protect
+    fault, logged or not, with its split if any) and took no vCPU out of the guest (cut
+    CUT_FAULT, the access consumed): a guest whose later accesses are timed by the fault's
+    service time (a trace) then proposes them again from its new clock."""
     n = gpi.shape[0]
     block_pages = 1 << block_shift
     npush = 0
@@ -138,6 +143,7 @@ def walk_writes(gpi, vc, code, reads, first_touch, slot_of, state, version, bloc
                 s = 0  # mapped read-only (logging) or writable (untracked): nothing logged
         elif read:
             s = 0  # a read of a mapped page: nothing happens
+        faulted = s & WP != 0
         if s & WP and untracked and mode[k] & UNTRACKED:
             # no dirty tracking: the fault makes the page (or its block) writable, mark_page_dirty_in_slot logs nothing
             faults[v] += 1
@@ -196,6 +202,10 @@ def walk_writes(gpi, vc, code, reads, first_touch, slot_of, state, version, bloc
             cut = CUT_SYNC if c == 1 else CUT_DONE
             m = i + 1
             break
+        if faulted and fault_cut:
+            cut = CUT_FAULT
+            m = i + 1
+            break
     if cut == CUT_NONE and tick > 0 and tick_state[0] <= tick_state[3] and _tick_flush(
             tick_state[3], tick, tick_state, pml_count, used, limit, flush_at, npush):
         return m, CUT_TICK, npush, nsplit, ndirty, True
@@ -235,7 +245,7 @@ def apply_batch(gpi, vc, code, reads, first_touch, slot_of, state, version, bloc
                 ring_ctr, soft_limit, pml_count, pml_buf, rings,
                 push_v, push_g, split_v, split_b,
                 vstat, split_cost, fault_cost, wp_fault_cost, ring_addr, slot_start, slot_kvm, soft_full,
-                faults, t, tick, tick_state, flush_at):  # pragma: no cover - compiled
+                faults, t, tick, tick_state, flush_at, fault_cut):  # pragma: no cover - compiled
     """:func:`walk_writes` over a batch, then its bookkeeping in the same call: per vCPU (rows
     of ``vstat``, columns FAULTS, PUSHES, SPLITS, FAULT_NS) the faults and splits it took and
     their service time (``fault_cost`` per fault in a dirty-tracked slot: with x86 PML the
@@ -246,7 +256,8 @@ def apply_batch(gpi, vc, code, reads, first_touch, slot_of, state, version, bloc
     pushes go into the rings (:func:`ringenv.kvm.ring.push_all`), and ``soft_full[v]`` is set
     for a vCPU whose ring the batch's pushes left soft-full (its KVM_REQ_DIRTY_RING_SOFT_FULL).
     Without rings, or with PML, the pushes are left in push_v/push_g for the caller; ``t``,
-    ``tick``, ``tick_state``, ``flush_at``: PML's kernel-handled exits (see :func:`walk_writes`).
+    ``tick``, ``tick_state``, ``flush_at``: PML's kernel-handled exits, ``fault_cut``: a cut
+    after each fault (see :func:`walk_writes`).
     Returns (events consumed, cut kind, pushes, splits, clean pages written, access retired at
     the cut, vCPUs made soft-full)."""
     nv = vstat.shape[0]
@@ -263,7 +274,7 @@ def apply_batch(gpi, vc, code, reads, first_touch, slot_of, state, version, bloc
     m, cut, npush, nsplit, ndirty, retired = walk_writes(
         gpi, vc, code, reads, first_touch, slot_of, state, version, block_map, blockgran, pushall, split, mode,
         block_shift, used, limit, pml_count, pml_buf, rings, push_v, push_g, split_v, split_b, faults, untracked,
-        t, tick, tick_state, flush_at)
+        t, tick, tick_state, flush_at, fault_cut)
     for j in range(nsplit):
         vstat[split_v[j], SPLITS] += 1
         vstat[split_v[j], FAULT_NS] += split_cost
@@ -320,6 +331,6 @@ def apply_window(order, t, vc, gfn, gfn_lo, gfn_hi, delta, zeros8, zeros64, stat
         gpi[:nb], v32[:nb], zeros8[:nb], zeros8[:nb], True, zeros64[:nb], state, version, block_map, blockgran,
         pushall, split, mode, block_shift, ring_ctr, soft_limit, no_pml, 0, rings, push_v, push_g, split_v, split_b,
         vstat, split_cost, fault_cost, fault_cost, ring_addr, slot_start, slot_kvm, soft_full, faults,
-        zeros64[:0], 0, np.zeros(4, dtype=np.int64), zeros64[:0])
+        zeros64[:0], 0, np.zeros(4, dtype=np.int64), zeros64[:0], False)
     last = m - 1 if ordered or m == 0 else order[m - 1]
     return m, cut, npush, nsplit, ndirty, retired, nsoft, last, bad

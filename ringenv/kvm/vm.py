@@ -28,7 +28,7 @@ import numpy as np
 from ..arrays import RECYCLER, first_occurrence, shift_checked, unique
 from ..config import HostProfile, load_host_profile
 from ..guest.base import EXIT_DONE, EXIT_NONE, EXIT_SYNC, NO_WRITE, GuestProgram, WriteBatch
-from .fault import (CUT_DONE, CUT_FULL, CUT_MMIO, CUT_NONE, CUT_SYNC, CUT_TICK, FAULT_NS, FAULTS, NOLOG,
+from .fault import (CUT_DONE, CUT_FAULT, CUT_FULL, CUT_MMIO, CUT_NONE, CUT_SYNC, CUT_TICK, FAULT_NS, FAULTS, NOLOG,
                     PML_FLUSHES, PUSHES, READONLY, SPLITS, UNTRACKED, apply_batch, apply_window)
 from .memory import SPLIT_HUGE, UNMAPPED, WP_CLEAN, Memslot, bitmap_offsets, protect_masked
 from .pml import flush_all, flush_one, log_all
@@ -974,7 +974,8 @@ class Vm:
             else:
                 batch = batch.ordered()
                 _, exits = self._apply(batch.t, batch.vcpu, batch.gfn, batch.exit_after, end,
-                                       reads=batch.read, first_touch=batch.first_touch, ticks=True)
+                                       reads=batch.read, first_touch=batch.first_touch, ticks=True,
+                                       fault_cut=batch.fault_cut)
             if not exits and tick and self._tick_state[0] <= self.now:
                 exits = self._kernel_exit()
             if exits:
@@ -1053,7 +1054,8 @@ class Vm:
             s = self._as0[k]
             s.set_dirty_bits(gpi[sidx == k] - s.start)
 
-    def _apply(self, t, vc, gfn, exit_after, end=None, notify=True, reads=None, first_touch=False, ticks=False):
+    def _apply(self, t, vc, gfn, exit_after, end=None, notify=True, reads=None, first_touch=False, ticks=False,
+               fault_cut=False):
         """Apply a time-ordered batch of guest writes up to the first event that takes a vCPU
         out of the guest, with its bookkeeping (:func:`ringenv.kvm.fault.apply_batch`).
         Returns (events consumed, the exits: none, or one, or with ``ticks`` the vCPUs a PML
@@ -1066,7 +1068,11 @@ class Vm:
         access exits; arm64: kvm_handle_guest_abort finds no memslot and calls io_mem_abort).
         It is handled as a write to a KVM_MEM_READONLY slot is: the access completes as MMIO
         (nothing written, mapped or logged, no fault), the vCPU exits ("mmio"), and an exit
-        code attached to it (sync, done) comes at re-entry."""
+        code attached to it (sync, done) comes at re-entry.
+
+        With ``fault_cut`` (:attr:`WriteBatch.fault_cut`) the walk also ends after each access
+        that faulted, with no exit: ``now`` is that access's time and the guest is told, so that
+        it times its next accesses after the fault's service time."""
         p = self.profile
         n = len(t)
         if first_touch:  # a workload's candidate first writes: every access is a write
@@ -1108,7 +1114,7 @@ class Vm:
             self._blockgran, self._pushall, self._split, self._slot_mode, self.block_shift,
             self._ring_ctr, self._soft_limit, pml_count, pml, rings, push_v, push_g, split_v, split_b,
             self._vstat, split_cost, fault_cost, wp_fault_cost, self._ring_addr, self._start,
-            self._kslot, self._soft_full, faults, t, tick, tick_state, flush_at)
+            self._kslot, self._soft_full, faults, t, tick, tick_state, flush_at, fault_cut)
         i = m - 1
         if bad >= 0 and cut == CUT_NONE:  # the walk reached it: it exits as MMIO, consumed
             m, cut, i = bad + 1, CUT_MMIO, bad
@@ -1171,6 +1177,8 @@ class Vm:
         if cut == CUT_TICK:
             self.now = max(self.now, cut_t)
             exits = self._soft_full_exits()
+        elif cut == CUT_FAULT:  # the faulting access retired, its vCPU still in the guest
+            self.now = max(self.now, cut_t)
         elif cut != CUT_NONE:
             self.now = max(self.now, cut_t)
             v = self.vcpus[cut_v]
