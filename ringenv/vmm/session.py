@@ -545,12 +545,13 @@ class Session:
         bpp = self.page_size + PAGE_HEADER_BYTES
         n50 = max(1, int(rate_Bps * SLICE_NS / NS / bpp))
         if max_pages is None:
-            k = MAX_SLICE_NS // SLICE_NS
+            slice_ns = max(SLICE_NS, int(math.ceil(n50 * bpp * NS / rate_Bps)))  # (a page can take longer)
+            k = max(1, MAX_SLICE_NS // slice_ns)
             mig = self.dirty.mig_count
             if stop_below:
                 k = min(k, max(1, (mig - stop_below // self.page_size) // n50 + 1))
             if deadline is not None:
-                k = min(k, max(1, -(-(deadline - self.loop.now) // SLICE_NS)))
+                k = min(k, max(1, -(-(deadline - self.loop.now) // slice_ns)))
             max_pages = k * n50
         run = None if self.collector.reads_slices else self.dirty.take_run(max_pages)
         resent = self.dirty.pages_resent

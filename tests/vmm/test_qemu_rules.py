@@ -295,3 +295,19 @@ def test_a_checkpoint_runs_remaining_bytes_are_every_page_not_yet_saved(collecto
     m = _step(CheckpointRun(cfg, host_sync_ms=50), 50 * MS, check)
     assert m.verified is not overflow and m.checkpoints >= 2 and not bad, bad[:3]
     assert (m.ring_overflows > 0) is overflow and (max(waits) > 0 or overflow)  # (wedged vCPUs write nothing)
+
+
+@pytest.mark.parametrize("mibps", [0.01, 0.0001])
+def test_a_max_bandwidth_below_a_page_per_window_still_sends_one_and_gives_up_on_time(mibps):
+    """QEMU's rate limiter (migration_rate_exceeded; the budget, max-bandwidth / 10, reset every
+    BUFFER_DELAY = 100 ms with no debt carried over) lets at least one page through per window:
+    at 10 KiB/s or 100 B/s the bulk stage still sends 10 pages a second. The forced switchover
+    comes at give_up_s (not after a slice of many seconds), then the stop-and-copy, verified."""
+    run = MigrationRun(small("idle", 64 << 20, link={"max_bandwidth_mibps": mibps, "give_up_s": 3}))
+    run.advance(1 * NS)
+    a = run.metrics().pages_sent
+    run.advance(2 * NS)
+    assert run.metrics().pages_sent - a == 10
+    m = run.run()
+    assert not m.converged and m.verified
+    assert 3.0 <= m.total_s - m.downtime_s <= 3.1
