@@ -559,8 +559,9 @@ class DirtyLimitConfig(Strict):
     engages by the same rule as auto-converge (``auto_converge.trigger_threshold_pct``, QEMU's
     throttle-trigger-threshold) and needs the ring collector."""
 
-    vcpu_limit_mbps: float = Field(1.0, gt=0, description="per-vCPU quota, MB/s (QEMU: MiB/s)")
-    period_ms: float = Field(1000.0, gt=0, description="how often the sleep is adjusted")
+    vcpu_limit_mbps: int = Field(1, ge=1, description="per-vCPU quota, whole MiB/s (QEMU's vcpu-dirty-limit)")
+    period_ms: int = Field(1000, ge=1, le=1000, description="how often the sleep is adjusted, ms "
+                           "(QEMU's x-vcpu-dirty-limit-period: 1..1000)")
 
 
 class ScenarioConfig(Strict):

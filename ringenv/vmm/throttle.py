@@ -18,8 +18,10 @@ every flush does, for the vCPU threads asleep in a throttle sleep), measures eac
 rate from the entries harvested from its ring over the period, and adjusts the vCPU's sleep after
 each ring-full exit (``throttle_us_per_full``): proportionally when the rate is far from the
 quota (more than 50% off), by a tenth of the ring-full time otherwise, within 25 MB/s of the
-quota it is left alone; never above 99 ring-full times. While it is in service a ring-full exit
-reaps only that vCPU's ring.
+quota it is left alone; never above 99 ring-full times. As in QEMU, rates and quota are whole
+MiB/s (the pages x 1000 converted down to MiB, then divided by the period in ms) and the rule
+works in integers: a vCPU dirtying less than 1 MiB/s reads 0. While it is in service a ring-full
+exit reaps only that vCPU's ring.
 """
 
 from __future__ import annotations
@@ -131,10 +133,10 @@ class DirtyLimit(NoThrottle):
         self.trigger = Trigger(session.cfg.auto_converge.trigger_threshold_pct)
         nv = len(session.vcpus)
         self.in_service = False
-        self.quota = float(cfg.vcpu_limit_mbps)
-        self.throttle_us = np.zeros(nv, dtype=np.float64)  # cpu->throttle_us_per_full
-        self.rate = np.zeros(nv, dtype=np.float64)  # last measured MB/s per vCPU
-        self.max_dirtyrate = 0.0
+        self.quota = int(cfg.vcpu_limit_mbps)
+        self.throttle_us = np.zeros(nv, dtype=np.int64)  # cpu->throttle_us_per_full
+        self.rate = np.zeros(nv, dtype=np.int64)  # last measured MiB/s per vCPU
+        self.max_dirtyrate = 0
         self.proc = None
         self.pct = 0.0
 
@@ -174,19 +176,24 @@ class DirtyLimit(NoThrottle):
             ns = col.flush()  # global_dirty_log_sync: kick, reap, reset
             s.bql.release_at(s.loop.now + ns)
             yield ns
-            self.rate = (col.entries - start) * s.page_size / float(1 << 20) * 1000.0 / dt_ms
+            self.rate = self.rates(col.entries - start, s.page_size, dt_ms)
             for i in range(len(self.rate)):
-                self._adjust(i, self.quota, float(self.rate[i]))
+                self._adjust(i, self.quota, int(self.rate[i]))
             self.pct = float(np.mean(self._sleep_share()))
 
-    def _ring_full_time_us(self, rate: float) -> float:
-        """dirtylimit_dirty_ring_full_time: time to fill the ring at the highest rate seen."""
+    @staticmethod
+    def rates(entries: np.ndarray, page_size: int, dt_ms: int) -> np.ndarray:
+        """do_calculate_dirtyrate: whole MiB/s from the entries harvested over ``dt_ms``."""
+        return ((np.asarray(entries, dtype=np.int64) * 1000 * page_size) >> 20) // max(1, int(dt_ms))
+
+    def _ring_full_time_us(self, rate: int) -> int:
+        """dirtylimit_dirty_ring_full_time: time to fill the ring at the highest rate seen, us."""
         ring_mb = (self.s.cfg.ring_entries * self.s.page_size) >> 20
         self.max_dirtyrate = max(self.max_dirtyrate, rate)
-        return ring_mb * 1_000_000 / self.max_dirtyrate
+        return ring_mb * 1_000_000 // self.max_dirtyrate
 
-    def _adjust(self, i: int, quota: float, current: float) -> None:
-        """dirtylimit_adjust_throttle / dirtylimit_set_throttle."""
+    def _adjust(self, i: int, quota: int, current: int) -> None:
+        """dirtylimit_adjust_throttle / dirtylimit_set_throttle, in whole MiB/s and us."""
         if abs(quota - current) <= DIRTYLIMIT_TOLERANCE_RANGE:
             return
         if current == 0:
@@ -194,20 +201,20 @@ class DirtyLimit(NoThrottle):
             return
         full_us = self._ring_full_time_us(current)
         hi, lo = max(quota, current), min(quota, current)
-        if (hi - lo) * 100 / hi > DIRTYLIMIT_LINEAR_ADJUSTMENT_PCT:
+        if (hi - lo) * 100 // hi > DIRTYLIMIT_LINEAR_ADJUSTMENT_PCT:
             if quota < current:
-                pct = int((current - quota) * 100 / current)
+                pct = (current - quota) * 100 // current
                 self.throttle_us[i] += int(full_us * pct / (100 - pct))
             else:
-                pct = int((quota - current) * 100 / quota)
+                pct = (quota - current) * 100 // quota
                 self.throttle_us[i] -= int(full_us * pct / (100 - pct))
         else:
-            self.throttle_us[i] += full_us / 10 if quota < current else -full_us / 10
+            self.throttle_us[i] += full_us // 10 if quota < current else -(full_us // 10)
         self.throttle_us[i] = min(self.throttle_us[i], full_us * DIRTYLIMIT_THROTTLE_PCT_MAX)
         self.throttle_us[i] = max(self.throttle_us[i], 0)
 
     def _sleep_share(self) -> np.ndarray:
-        full_us = self._ring_full_time_us(0.0) if self.max_dirtyrate > 0 else 0.0
+        full_us = self._ring_full_time_us(0) if self.max_dirtyrate > 0 else 0
         if full_us <= 0:
             return np.zeros_like(self.throttle_us)
         return 100.0 * self.throttle_us / (self.throttle_us + full_us)

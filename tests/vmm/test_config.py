@@ -65,6 +65,9 @@ def test_sizes_are_parsed():
     ({"bogus": 1}, "bogus", "unknown key"),
     ({"link": {"gbit": 1}}, "link.gbit", "unknown key"),
     ({"throttle": "dirty-limit", "collector": "bitmap"}, "throttle", "needs collector ring"),
+    ({"dirty_limit": {"vcpu_limit_mbps": 1.5}}, "dirty_limit.vcpu_limit_mbps", "integer"),
+    ({"dirty_limit": {"vcpu_limit_mbps": 0}}, "dirty_limit.vcpu_limit_mbps", "greater than or equal to 1"),
+    ({"dirty_limit": {"period_ms": 2000}}, "dirty_limit.period_ms", "less than or equal to 1000"),
 ])
 def test_bad_values_name_the_field_and_what_is_accepted(overrides, field, accepted):
     with pytest.raises(ConfigError) as e:

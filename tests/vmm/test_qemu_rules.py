@@ -311,3 +311,30 @@ def test_a_max_bandwidth_below_a_page_per_window_still_sends_one_and_gives_up_on
     m = run.run()
     assert not m.converged and m.verified
     assert 3.0 <= m.total_s - m.downtime_s <= 3.1
+
+
+def test_dirty_limit_measures_and_compares_whole_mib_per_second():
+    """system/dirtylimit.c works in integers: do_calculate_dirtyrate converts pages x 1000 down
+    to whole MiB, then divides by the period in ms; dirtylimit_done compares those uint64 MiB/s
+    with the quota. 6758 4 KiB pages in 1000 ms are 26.4 MiB/s: read as 26, |26 - 1| <= 25, so a
+    1 MiB/s quota leaves the sleep alone (a float rate would add a 14.5 s sleep); 6912 pages
+    (27 MiB/s) move it; 255 pages (< 1 MiB/s) read 0: within the band of a 1 MiB/s quota (the
+    sleep stays), a zero that clears the sleep only for a quota above 25 MiB/s."""
+    from ringenv.vmm.throttle import DirtyLimit
+
+    run = MigrationRun(small("analytics", vm={"vcpus": 2}, throttle="dirty-limit"))
+    dl = run.throttle
+    assert isinstance(dl, DirtyLimit) and dl.quota == 1
+    rates = dl.rates(np.array([6758, 6912, 255, 0]), 4096, 1000)
+    assert rates.tolist() == [26, 27, 0, 0]
+    assert dl.rates(np.array([6758]), 4096, 999).tolist() == [26]  # 26425 // 999
+    dl._adjust(0, dl.quota, 26)
+    assert dl.throttle_us[0] == 0 and dl.max_dirtyrate == 0
+    dl._adjust(0, dl.quota, 27)  # 96% off the quota: the proportional step
+    full_us = (run.cfg.ring_entries * run.page_size >> 20) * 1_000_000 // 27
+    assert dl.throttle_us[0] == int(full_us * 96 / 4)
+    dl._adjust(0, dl.quota, 0)
+    assert dl.throttle_us[0] == int(full_us * 96 / 4)
+    dl._adjust(0, 100, 0)
+    assert dl.throttle_us[0] == 0
+    run.close()
