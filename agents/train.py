@@ -26,6 +26,8 @@ What it does:
    log, the progress bar and ``args.json`` count both.
 4. ``RUN/final_model.zip`` (+ ``_vecnormalize.pkl``), ``RUN/best_model.zip`` (+ stats),
    ``RUN/args.json`` (everything needed to load and evaluate it: ``ringenv evaluate --policies RUN``).
+   A run into a directory that holds an earlier one first removes the earlier run's models,
+   evaluations, snapshots and ``args.json`` (it says so), so that they are never mixed.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import shutil
 import sys
 import time
 from dataclasses import dataclass, field
@@ -370,6 +373,26 @@ def _check_wrappers(v, where: str) -> None:
         _import_named(name, where, expected)
 
 
+#: what a run writes into RUN (TensorBoard logs under RUN/tb are kept: each run has its own there)
+RUN_OUTPUTS = ("args.json", "final_model.zip", "final_model_vecnormalize.pkl", "best_model.zip",
+               "best_model_vecnormalize.pkl", "eval", "checkpoints")
+
+
+def _clear_earlier_run(run: Path) -> None:
+    """Remove what an earlier run wrote into ``run``: a new run into the same directory must not
+    leave, e.g., the earlier best_model.zip next to its own args.json (``evaluate`` takes
+    best_model.zip first). Says so on stderr."""
+    old = [run / name for name in RUN_OUTPUTS if (run / name).exists()]
+    if not old:
+        return
+    for p in old:
+        if p.is_dir():
+            shutil.rmtree(p)
+        else:
+            p.unlink()
+    print(f"train: {run} held an earlier run; its {', '.join(p.name for p in old)} removed", file=sys.stderr)
+
+
 def main(args: Args) -> Path:
     import numpy as np
     import stable_baselines3 as sb3
@@ -485,6 +508,7 @@ def main(args: Args) -> Path:
     except (TypeError, ValueError, AssertionError, KeyError) as e:
         venv.close()
         raise ValueError(f"{algo.upper()} rejected the hyperparameters ({hp_file.name} and --hp): {e}") from None
+    _clear_earlier_run(run)
     run.mkdir(parents=True, exist_ok=True)
     meta = {"algo": algo, "env_id": env_id, "scenario": args.scenario, "split": args.split, "workloads": workloads,
             "env_kwargs": env_kwargs, "env_wrapper": wrapper, "action_repeat": action_repeat, "timesteps": total,

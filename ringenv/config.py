@@ -671,11 +671,12 @@ def _cached_load(loader, subdir: str, name):
     return _LOAD_CACHE[key]
 
 
-def _deep_merge(base: dict, over: dict) -> dict:
+def deep_merge(base: dict, over: dict) -> dict:
+    """``base`` updated by ``over``, a mapping in both merged key by key (at every depth)."""
     out = dict(base)
     for k, v in over.items():
         if isinstance(v, dict) and isinstance(out.get(k), dict):
-            out[k] = _deep_merge(out[k], v)
+            out[k] = deep_merge(out[k], v)
         else:
             out[k] = v
     return out
@@ -718,7 +719,7 @@ def load_scenario(name_or_path: str | Path | ScenarioConfig | dict | None = None
             raise ConfigError(f"scenario {p.name}: expected a mapping of fields")
         where = f"scenario {p.name}"
     if overrides:
-        data = _deep_merge(data, overrides)
+        data = deep_merge(data, overrides)
         where = f"{where} with the keyword overrides ({', '.join(overrides)})"
     return ScenarioConfig.parse(data, where=where)
 
@@ -741,7 +742,7 @@ def scale_scenario(scenario: str | Path | ScenarioConfig | dict | None, memory: 
         link["max_bandwidth_mibps"] = cfg.link.max_bandwidth_mibps * f
     scaled = {"vm": {"memory": memory}, "rate_scale": cfg.rate_scale * f, "link": link,
               "checkpoint": {"storage_mbps": cfg.checkpoint.storage_mbps * f}}
-    return load_scenario(cfg, **_deep_merge(scaled, overrides))
+    return load_scenario(cfg, **deep_merge(scaled, overrides))
 
 
 # ---------------------------------------------------------------------------------------------

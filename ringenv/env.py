@@ -10,7 +10,8 @@ import gymnasium as gym
 import numpy as np
 from gymnasium import spaces
 
-from .config import ConfigError, EnvConfig, ScenarioConfig, load_scenario, load_workload, load_workload_sets
+from .config import (ConfigError, EnvConfig, ScenarioConfig, deep_merge, load_scenario, load_workload,
+                     load_workload_sets)
 from .vmm.dirtyrate import sample_dirty_rate
 
 SECOND = 1_000_000_000
@@ -85,8 +86,8 @@ class RingEnv(gym.Env):
                                   f"({', '.join(f for f in ScenarioConfig.model_fields if f not in NOT_KEYWORDS)})")
         env_overrides = {k: overrides.pop(k) for k in list(overrides) if k in EnvConfig.model_fields}
         self.scenario = load_scenario(scenario, **overrides)
-        base = dict(self.scenario.env or {})
-        self.cfg = EnvConfig.parse({**base, **env_overrides}, where="env")
+        # a mapping is merged into its section (reward={"vcpu": 1} keeps the file's other weights)
+        self.cfg = EnvConfig.parse(deep_merge(dict(self.scenario.env or {}), env_overrides), where="env")
         if split not in ("train", "test", "all"):
             raise ConfigError(f"split: {split!r}; accepted: 'train', 'test', 'all'")
         self.split = split

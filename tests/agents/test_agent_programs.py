@@ -322,3 +322,17 @@ def test_timeline_of_a_bitmap_episode_draws_without_warnings(tmp_path):
         warnings.simplefilter("error")
         out = plots.timeline([ep], tmp_path / "t.png")
     assert out.stat().st_size > 0
+
+
+def test_a_second_run_into_the_same_directory_leaves_nothing_of_the_first(tmp_path):
+    """The first run keeps a best model (an evaluation); the second, with no evaluation, must
+    not leave it next to its own args.json, where ``evaluate`` would take it for the new one."""
+    common = ["--timesteps", 32, "--n-envs", 1, "--vec-env", "dummy", "--checkpoints", 0, "--out", tmp_path,
+              "--name", "r", "--no-progress", "--no-tensorboard", *SMALL, *TINY_PPO, "action_repeat=1"]
+    ringenv("train", "--evals", 1, *common)
+    assert (tmp_path / "r" / "best_model.zip").is_file() and (tmp_path / "r" / "eval").is_dir()
+    p = ringenv("train", "--evals", 0, "--seed", 7, *common)
+    assert "held an earlier run" in p.stderr and "best_model.zip" in p.stderr
+    assert not (tmp_path / "r" / "best_model.zip").exists() and not (tmp_path / "r" / "eval").exists()
+    assert json.loads((tmp_path / "r" / "args.json").read_text())["args"]["seed"] == 7
+    assert (tmp_path / "r" / "final_model.zip").is_file()

@@ -553,3 +553,21 @@ def test_checkpoint_bandwidth_is_the_storage_rate_after_the_first_checkpoint_and
     assert info["remaining_bytes"] > 0
     assert info["reward_parts"]["truncation"] == pytest.approx(
         u.cfg.reward.downtime * info["remaining_bytes"] / storage, rel=0.05)
+
+
+def test_an_env_override_is_merged_into_the_scenario_file_s_section(tmp_path):
+    """A scenario file's env.reward weights stay unless an override names them: reward={"vcpu":
+    1} on a file with downtime 5 keeps downtime 5 (as link={...} keeps the file's other link
+    fields)."""
+    import yaml
+
+    from ringenv.config import CONFIG_DIR
+
+    doc = yaml.safe_load((CONFIG_DIR / "scenarios" / "default.yaml").read_text())
+    doc.setdefault("env", {}).setdefault("reward", {})["downtime"] = 5.0
+    path = tmp_path / "my.yaml"
+    path.write_text(yaml.safe_dump(doc))
+    env = gym.make("ringenv/Migration-v0", scenario=str(path), reward={"vcpu": 1.0})
+    reward = env.unwrapped.cfg.reward
+    assert (reward.downtime, reward.vcpu) == (5.0, 1.0)
+    env.close()
