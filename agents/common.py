@@ -9,6 +9,7 @@ import ast
 import dataclasses
 import inspect
 import math
+import sys
 import textwrap
 from pathlib import Path
 from typing import Any
@@ -28,13 +29,22 @@ TRAIN_CONFIG_DIR = REPO / "configs" / "train"
 
 
 # ---------------------------------------------------------------------------------- environments
-def parse_overrides(items: list[str] | None) -> dict:
+def check_env_id(env_id: str) -> str:
+    """``env_id`` if it is one of ringenv's ids, else a ValueError naming --env-id."""
+    if env_id not in ENV_IDS:
+        raise ValueError(f"--env-id {env_id!r}: unknown environment id; accepted: {', '.join(ENV_IDS)}")
+    return env_id
+
+
+def parse_overrides(items: list[str] | None, flag: str = "--set") -> dict:
     """``["vm.memory=1GiB", "vm.vcpus=2", "max_episode_s=60"]`` -> ``{"vm": {"memory": "1GiB",
-    "vcpus": 2}, "max_episode_s": 60}``: values are read as YAML scalars, dots nest."""
+    "vcpus": 2}, "max_episode_s": 60}``: values are read as YAML scalars, dots nest. ``flag``:
+    the command-line flag the items came from (named in errors)."""
     out: dict = {}
+    example = "vm.vcpus=2" if flag == "--set" else "n_steps=256"
     for item in items or []:
         if "=" not in item:
-            raise ValueError(f"--set {item!r}: expected KEY=VALUE (e.g. vm.vcpus=2)")
+            raise ValueError(f"{flag} {item!r}: expected KEY=VALUE (e.g. {example})")
         key, raw = item.split("=", 1)
         value = yaml.safe_load(raw) if raw else ""
         node = out
@@ -42,7 +52,7 @@ def parse_overrides(items: list[str] | None) -> dict:
         for p in parts[:-1]:
             node = node.setdefault(p, {})
             if not isinstance(node, dict):
-                raise ValueError(f"--set {item!r}: {p} is both a value and a section")
+                raise ValueError(f"{flag} {item!r}: {p} is both a value and a section")
         node[parts[-1]] = value
     return out
 
@@ -258,3 +268,15 @@ def wrap_env(env: gym.Env, wrapper=None, action_repeat: int = 1) -> gym.Env:
     if action_repeat > 1:
         env = ActionRepeat(env, action_repeat)
     return env
+
+
+def module_main(main, args_cls, prog: str) -> None:
+    """``python -m agents.NAME``: the flags parsed into ``args_cls``, then ``main``; a bad flag value
+    (a ValueError such as ringenv's ConfigError, a missing file) ends with its message and exit
+    code 2, as it does through ``ringenv NAME``, not with a traceback."""
+    try:
+        rc = main(parse_dataclass_args(args_cls))
+    except (ValueError, KeyError, FileNotFoundError) as e:
+        print(f"python -m {prog}: {e.args[0] if isinstance(e, KeyError) else e}", file=sys.stderr)
+        sys.exit(2)
+    sys.exit(rc if isinstance(rc, int) else 0)

@@ -16,9 +16,11 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .common import EnvFacts, parse_dataclass_args, parse_overrides
-from .evaluate import (EvalSettings, evaluate, load_policy, markdown_per_workload, markdown_table, per_workload,
-                       policy_env, run_episode, summarize, write_csv, write_results)
+from .common import EnvFacts, module_main, parse_overrides
+from ringenv.config import load_workload
+
+from .evaluate import (EvalSettings, check_baseline, evaluate, load_policy, markdown_per_workload, markdown_table,
+                       per_workload, policy_env, run_episode, summarize, write_csv, write_results)
 from .heuristics import DEFAULT_SET
 
 
@@ -44,6 +46,9 @@ def main(args: Args) -> dict:
     t0 = time.perf_counter()
     overrides = parse_overrides(args.set)
     policies = list(dict.fromkeys(list(args.policies) + list(args.models)))
+    check_baseline(args.baseline, policies)
+    if args.plots and args.timeline_workload:
+        load_workload(args.timeline_workload, where="--timeline-workload")  # now, not after every episode
     records = evaluate(policies, args.env_id, args.scenario, args.split, args.workloads, args.seeds, args.seed0,
                        overrides, args.workers, args.progress, desc="compare")
     rows = summarize(records, args.baseline)
@@ -77,4 +82,4 @@ def main(args: Args) -> dict:
 
 
 if __name__ == "__main__":
-    main(parse_dataclass_args(Args))
+    module_main(main, Args, "agents.compare")

@@ -7,7 +7,7 @@ difference to QEMU's default is much tighter than either mean. Episodes run in `
 processes. Writes ``episodes.csv`` (one row per episode) and ``summary.csv`` (per policy: mean and
 95% interval of each metric) under ``--out``; prints the Markdown table.
 
-    python -m agents.evaluate --policies qemu watermark runs/ppo/best/best_model.zip
+    python -m agents.evaluate --policies qemu watermark runs/train/ppo-s0/best_model.zip
 """
 
 from __future__ import annotations
@@ -27,7 +27,8 @@ import numpy as np
 
 from ringenv.env import NOT_KEYWORDS
 
-from .common import MIGRATION, EnvFacts, jsonable, make_env, parse_dataclass_args, parse_overrides, wrap_env
+from .common import (MIGRATION, EnvFacts, check_env_id, jsonable, make_env, module_main, parse_overrides,
+                     wrap_env)
 from .heuristics import SPECS, Policy, heuristic_env_kwargs, is_heuristic, make_heuristic
 
 
@@ -355,6 +356,13 @@ def unavailable(spec: str, env_id: str, scenario: str, split: str, workloads, ov
     return None
 
 
+def check_baseline(baseline: str, policies: list[str]) -> None:
+    """--baseline must name one of the policies evaluated; the default (qemu) may be absent, and
+    then the table has no Δ column."""
+    if baseline not in policies and baseline != EvalSettings.baseline:
+        raise ValueError(f"--baseline {baseline!r}: not among the policies evaluated ({', '.join(policies)})")
+
+
 def evaluation_env(env_id: str, scenario: str, split: str, workloads: list[str] | None,
                    overrides: dict) -> tuple[list[str], EnvFacts]:
     """The workloads the episodes run (the explicit ones, else the split's) and the facts of the
@@ -377,6 +385,9 @@ def evaluate(policies: list[str], env_id: str = MIGRATION, scenario: str = "defa
         raise ValueError(f"--seeds {seeds}: expected an integer >= 1 (episodes per workload)")
     if seed0 < 0:
         raise ValueError(f"--seed0 {seed0}: expected an integer >= 0 (Gymnasium's reset takes seeds >= 0)")
+    if workers < 1:
+        raise ValueError(f"--workers {workers}: expected an integer >= 1 (1: every episode in this process)")
+    check_env_id(env_id)
     overrides = overrides or {}
     wls, facts = evaluation_env(env_id, scenario, split, workloads, overrides)
     for spec in policies:  # every spec checked before anything runs
@@ -538,6 +549,7 @@ def main(args: Args) -> int:
     overrides = parse_overrides(args.set)
     if not args.policies:
         raise ValueError("no policies given")
+    check_baseline(args.baseline, args.policies)
     records = evaluate(args.policies, args.env_id, args.scenario, args.split, args.workloads, args.seeds,
                        args.seed0, overrides, args.workers, args.progress)
     rows = summarize(records, args.baseline)
@@ -553,4 +565,4 @@ def main(args: Args) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main(parse_dataclass_args(Args)))
+    module_main(main, Args, "agents.evaluate")

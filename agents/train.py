@@ -41,8 +41,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .common import (DEFAULT_ENV, ENV_IDS, TRAIN_CONFIG_DIR, FixedEpisodes, jsonable, load_hyperparams, make_env,
-                     parse_dataclass_args, parse_overrides, wrap_env)
+from .common import (DEFAULT_ENV, TRAIN_CONFIG_DIR, FixedEpisodes, check_env_id, jsonable, load_hyperparams, make_env,
+                     module_main, parse_overrides, wrap_env)
 
 
 @dataclass
@@ -415,11 +415,10 @@ def main(args: Args) -> Path:
     if not 0 <= args.seed <= 2**32 - 1:  # SB3 seeds numpy's global generator with it
         raise ValueError(f"--seed {args.seed}: expected an integer from 0 to {2**32 - 1} (numpy's seed range)")
     env_id = args.env_id or DEFAULT_ENV[algo]
-    if env_id not in ENV_IDS:
-        raise ValueError(f"--env-id {env_id!r}: unknown environment id; accepted: {', '.join(ENV_IDS)}")
+    check_env_id(env_id)
     hp_file = Path(args.hyperparams) if args.hyperparams else TRAIN_CONFIG_DIR / f"{algo}.yaml"
     from_file = load_hyperparams(algo, env_id, hp_file)
-    from_cli = parse_overrides(args.hp)
+    from_cli = parse_overrides(args.hp, flag="--hp")
     where = {k: f"{hp_file.name} ({env_id})" for k in from_file}
     where.update({k: "--hp" for k in from_cli})
     hp = check_hyperparams(algo, {**from_file, **from_cli}, where, n_envs=args.n_envs)
@@ -575,4 +574,4 @@ def _decisions_bar(action_repeat: int):
 
 
 if __name__ == "__main__":
-    main(parse_dataclass_args(Args))
+    module_main(main, Args, "agents.train")

@@ -119,10 +119,15 @@ class Strict(BaseModel):
     @classmethod
     def _no_bool_as_number(cls, v, info):
         """YAML's true/false are not numbers: pydantic would take them as 1 and 0."""
-        if isinstance(v, bool):
+        if isinstance(v, bool) or (isinstance(v, (list, tuple)) and any(isinstance(x, bool) for x in v)):
             ann = cls.model_fields[info.field_name].annotation
             types = typing.get_args(ann) if typing.get_origin(ann) in (typing.Union, types_.UnionType) else (ann,)
-            if bool not in types and any(t in (int, float) for t in types):
+            if not isinstance(v, bool):  # a list of numbers: its items' types
+                types = tuple(a for t in types if typing.get_origin(t) in (list, tuple) for a in typing.get_args(t))
+                bad = next(x for x in v if isinstance(x, bool))
+                if bool not in types and any(t in (int, float) for t in types):
+                    raise ValueError(f"{v!r}: {bad!r} is not a number; expected numbers")
+            elif bool not in types and any(t in (int, float) for t in types):
                 raise ValueError(f"{v!r} is not a number; expected a number")
         return v
 
@@ -424,15 +429,20 @@ class WorkloadConfig(Strict):
         return sum(r.rate_mbps for r in self.regions)
 
 
-def load_workload(name_or_path: str | Path | WorkloadConfig | dict) -> WorkloadConfig:
+def load_workload(name_or_path: str | Path | WorkloadConfig | dict, where: str = "workload") -> WorkloadConfig:
     """A workload by name (configs/workloads/NAME.yaml), path, mapping or object. A file is read
     and validated once while it is unchanged (every episode builds its workload): the object
-    returned is shared, treat it as read-only."""
+    returned is shared, treat it as read-only. ``where``: the field or argument errors name."""
     if isinstance(name_or_path, WorkloadConfig):
         return name_or_path
-    if isinstance(name_or_path, dict):
-        return WorkloadConfig.parse(name_or_path, where="workload")
-    return _cached_load(_workload_file, "workloads", name_or_path)
+    try:
+        if isinstance(name_or_path, dict):
+            return WorkloadConfig.parse(name_or_path, where="workload")
+        return _cached_load(_workload_file, "workloads", name_or_path)
+    except ConfigError as e:
+        if where == "workload" or not str(e).startswith("workload"):
+            raise
+        raise ConfigError(where + str(e)[len("workload"):]) from None
 
 
 def _workload_file(name_or_path: str | Path) -> WorkloadConfig:
@@ -771,7 +781,7 @@ class EnvConfig(Strict):
     time cap, the pre-migration dirty-rate sample, the action grids, the workload set and the
     reward weights."""
 
-    control_interval_ms: float = Field(50.0, gt=0, description="simulated ms between two actions")
+    control_interval_ms: float = Field(50.0, ge=1e-6, description="simulated ms between two actions (>= 1e-6: 1 ns)")
     max_episode_s: float = Field(120.0, gt=0, description="simulated seconds before truncation")
     sample_s: float = Field(1.0, gt=0, description="pre-migration dirty-rate sample, simulated s")
     sample_windows: int = Field(5, ge=1, le=100, description="dirty-log reads over the sample (re-dirty rate)")

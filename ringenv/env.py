@@ -95,8 +95,8 @@ class RingEnv(gym.Env):
             if isinstance(workloads, (str, bytes)) or not all(isinstance(w, str) for w in workloads):
                 raise ConfigError(f"workloads: expected a list of workload names, got {workloads!r}")
             self.workloads = list(workloads)
-            for w in self.workloads:
-                load_workload(w)  # an unknown name is an error now, not at some reset
+            for i, w in enumerate(self.workloads):
+                load_workload(w, where=f"workloads[{i}]")  # an unknown name is an error now, not at some reset
         else:
             sets = load_workload_sets()[self.cfg.workload_set]
             self.workloads = {"train": sets["train"], "test": sets["test"], "all": sets["train"] + sets["test"]}[split]
@@ -449,7 +449,11 @@ class MigrationEnv(RingEnv):
     A VM (scenario: host profile, memory, vCPUs, link) running a workload drawn from the env's
     split of the workload set (`reset(options={"workload": name})` picks one by name, any known
     workload; `options` takes no other key); migration starts at the first step, `sample_s`
-    into the workload's timeline (the reset's sample covered the seconds before).
+    into the workload's timeline (the reset's sample covered the seconds before). The seed
+    gives the workload draw first, then the episode's own seed (`env.unwrapped.episode_seed`,
+    see Attributes); with a workload in `options` nothing is drawn for it, so
+    `reset(seed=s, options={"workload": w})` is another episode of `w` than the one
+    `reset(seed=s)` gives when it draws `w`: replay an episode with the same call.
 
     `reset()`'s `info`: `workload` (the episode's), `sampled_dirty_rate_Bps` and
     `sampled_redirty_rate_Bps` (the pre-migration sample in bytes/s: observations 3 and 15
@@ -613,10 +617,7 @@ def _workload_option(options) -> str | None:
     if workload is not None:
         if not isinstance(workload, str):
             raise ConfigError(f"options: workload: expected a workload name, got {workload!r}")
-        try:
-            load_workload(workload)
-        except ConfigError as e:
-            raise ConfigError(f"options: {e}") from None
+        load_workload(workload, where="options: workload")
     return workload
 
 

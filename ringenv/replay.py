@@ -106,7 +106,8 @@ def replay_trace(trace: dict, profile: str | None = None, ring_entries: int | No
     try:
         vm.enable_cap(uapi.KVM_CAP_DIRTY_LOG_RING_ACQ_REL, entries * 16)
     except KvmError as e:  # name the input that caused it, keep KVM's errno and rule
-        raise ConfigError(f"trace.ring_entries: {entries} entries ({entries * 16} bytes) is refused by "
+        field = "ring_entries (--ring-entries)" if ring_entries else "trace.ring_entries"
+        raise ConfigError(f"{field}: {entries} entries ({entries * 16} bytes) is refused by "
                           f"KVM_ENABLE_CAP on {prof.name} with {e.errno_name} ({e.rule}); accepted: "
                           f"{', '.join(map(str, prof.ring_sizes))}") from None
     if trace.get("with_bitmap", prof.with_bitmap_supported):

@@ -209,10 +209,24 @@ def test_bad_arguments_end_with_a_message_not_a_traceback():
                         (["evaluate", "--set", "vm.vcpus=0"], "vm.vcpus"),
                         (["evaluate", "--policies", "qemu", "fixed:4096:150"], "interval 150 ms"),
                         (["evaluate", "--policies", "fixed:100000:7000"], "ENTRIES 100000"),
-                        (["train", "--hp", "nosuch=1", "--timesteps", "10"], "--hp nosuch=1")):
+                        (["train", "--hp", "nosuch=1", "--timesteps", "10"], "--hp nosuch=1"),
+                        (["train", "--hp", "n_steps"], "--hp 'n_steps': expected KEY=VALUE"),
+                        (["evaluate", "--env-id", "ringenv/Foo-v0", "--seeds", "1"], "--env-id 'ringenv/Foo-v0'"),
+                        (["compare", "--env-id", "CartPole-v1", "--seeds", "1"], "--env-id 'CartPole-v1'"),
+                        (["evaluate", "--workers", "0", "--policies", "qemu"], "--workers 0"),
+                        (["evaluate", "--baseline", "nope", "--policies", "qemu"], "--baseline 'nope'"),
+                        (["compare", "--timeline-workload", "nope", "--policies", "qemu"],
+                         "--timeline-workload: unknown workload 'nope'")):
         p = subprocess.run([sys.executable, "-m", "ringenv", *args], cwd=ROOT, env=env, capture_output=True, text=True,
                            timeout=120)
         assert p.returncode == 2 and words in p.stderr and "Traceback" not in p.stderr, (args, p.stderr)
+    # the same programs run as modules end the same way
+    for module, args, words in (("agents.evaluate", ["--policies", "nope"], "not a heuristic"),
+                                ("agents.train", ["--hp", "foo=1", "--timesteps", "10"], "--hp foo=1"),
+                                ("agents.compare", ["--baseline", "nope"], "--baseline 'nope'")):
+        p = subprocess.run([sys.executable, "-m", module, *args], cwd=ROOT, env=env, capture_output=True, text=True,
+                           timeout=120)
+        assert p.returncode == 2 and words in p.stderr and "Traceback" not in p.stderr, (module, p.stderr)
 
 
 def test_evaluate_rejects_off_grid_specs_before_running_anything(tmp_path, capsys):

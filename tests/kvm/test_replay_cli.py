@@ -140,6 +140,13 @@ def test_ring_size_not_accepted_names_the_field_and_the_errno(tmp_path, entries,
     assert r.stdout == ""
 
 
+def test_a_refused_ring_entries_override_names_the_flag(tmp_path):
+    """--ring-entries replaces the trace's ring_entries: a size KVM refuses is blamed on it."""
+    r = ringenv("replay", write(tmp_path, GOOD), "--ring-entries", 100)
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert "--ring-entries" in r.stderr and "trace.ring_entries" not in r.stderr and "EINVAL" in r.stderr
+
+
 def test_ring_size_fine_on_one_profile_rejected_on_another(tmp_path):
     """256 entries = 4096 B is accepted on arm64-4k but below 576 * 16 = 9216 B on x86-pml."""
     r = ringenv("replay", write(tmp_path, GOOD), "--profile", "x86-pml")
