@@ -306,7 +306,10 @@ def test_reset_options():
     ({"intervals_ms": [0.5, 10]}, r"intervals_ms: 0.5 .*accepted: 1 to 10000 ms"),
     ({"intervals_ms": [10, 20000]}, r"intervals_ms: 20000 .*accepted: 1 to 10000 ms"),
     ({"workloads": "web"}, "workloads: expected a list of workload names, got 'web'"),
-    ({"workloads": ["web", "bogus"]}, "unknown workload 'bogus'; accepted: "),
+    ({"workloads": ["web", "bogus"]}, r"workloads\[1\]: unknown workload 'bogus'; accepted: "),
+    ({"control_interval_ms": 1e-7}, r"control_interval_ms: .*greater than or equal to 0.000001"),
+    ({"ring_sizes": [True]}, r"ring_sizes: \[True\]: True is not a number"),
+    ({"intervals_ms": [10, False]}, r"intervals_ms: \[10, False\]: False is not a number"),
     ({"flatten_actions": "no"}, "flatten_actions: 'no'; accepted: True or False"),
     ({"bogus": 1}, "bogus: unknown argument; accepted: split, workloads, flatten_actions, render_mode, .*"
                    "control_interval_ms.*host, vm, rate_scale"),
