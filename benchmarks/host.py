@@ -142,7 +142,7 @@ def _walk_args(path: str, a: list) -> list:
     return [gpi, vc, code, reads, first_touch, slot_of, state, version, block_map, blockgran, pushall, split, mode,
             block_shift, used, soft_limit, pml_count, pml_buf, rings, push_v, push_g, split_v, split_b,
             np.zeros(len(vstat), dtype=np.int64), np.zeros(len(vstat), dtype=np.int64),
-            np.zeros(0, dtype=np.int64), 0, np.zeros(3, dtype=np.int64), np.zeros(0, dtype=np.int64)]
+            np.zeros(0, dtype=np.int64), 0, np.zeros(4, dtype=np.int64), np.zeros(0, dtype=np.int64), False]
 
 
 def main() -> list[tuple[str, str, str]]:
