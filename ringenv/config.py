@@ -562,6 +562,9 @@ class AutoConvergeConfig(Strict):
     max_pct: int = Field(99, ge=1, le=99)
     trigger_threshold_pct: int = Field(50, ge=1, le=100)
     tailslow: bool = False
+    dirty_sync_timer_ms: float = Field(5000.0, ge=0, description="QEMU >= 9.2: a dirty sync when none happened "
+                                       "over a tick of this period (CPU_THROTTLE_DIRTY_SYNC_TIMESLICE_MS); "
+                                       "0: no timer (QEMU before 9.2)")
 
 
 class DirtyLimitConfig(Strict):

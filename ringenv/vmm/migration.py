@@ -53,6 +53,8 @@ class MigrationRun(Session):
         loop, dirty = self.loop, self.dirty
         t_start = loop.now
         give_up = t_start + int(link.give_up_s * NS)
+        throttle = self.throttle
+        throttle.start(t_start)
 
         yield from self.setup_logging()  # ram_save_setup
         self.phase = "bulk"
@@ -72,8 +74,12 @@ class MigrationRun(Session):
                     break
             elif pending == 0:
                 break
+            if throttle.sync_due(self):  # auto-converge's periodic dirty sync (QEMU >= 9.2), mid-pass
+                yield from self.sync()
+                continue
+            tick = throttle.next_sync_tick
             yield from self.send_slice(self.rate_Bps, stop_below=self.threshold_bytes if rule_qemu else 0,
-                                       deadline=give_up)
+                                       deadline=give_up if tick is None else min(give_up, tick))
 
         # migration_completion: stop and copy
         self.phase = "stop-copy"

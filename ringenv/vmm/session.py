@@ -537,7 +537,8 @@ class Session:
 
         QEMU checks the pending estimate between two 50 ms slices; k is the number of slices
         before the first check that would act: the estimate falling below ``stop_below`` bytes
-        (the switchover threshold), or ``deadline`` (give-up) passing; at most
+        (the switchover threshold), or ``deadline`` (give-up, or auto-converge's dirty-sync
+        tick) passing; at most
         ``MAX_SLICE_NS`` worth. Sending k slices at once is exact for the pages sent (see
         :meth:`DirtyPages.take`) and keeps the host's sampling windows long. With the bitmap
         collector a slice never runs into a second 1 GiB chunk that still needs its CLEAR, so

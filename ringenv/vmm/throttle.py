@@ -10,7 +10,10 @@ second such period (the counter is only reset when it fires) the throttle engage
 ``cpu-throttle-increment`` (10%) per trigger up to ``max-cpu-throttle`` (99%) (with
 ``tailslow`` the last steps are computed from the dirty/threshold ratio). A timer every
 10 ms / (1 - pct) queues work on every vCPU (a kick when it is in the guest) that sleeps
-pct / (1 - pct) x 10 ms.
+pct / (1 - pct) x 10 ms. QEMU 9.2 and later also keep a dirty-sync timer while a migration with
+auto-converge runs (``cpu_throttle_dirty_sync_timer``): every ``dirty_sync_timer_ms`` (5 s; 0:
+off, as before 9.2), if no dirty sync happened since the previous tick and the first pass is
+over, it syncs (and so checks the trigger rule) without waiting for the end of the pass.
 
 :class:`DirtyLimit` -- per-vCPU dirty-rate quota (``vcpu-dirty-limit``, 1 MB/s by default,
 ring only): every ``x-vcpu-dirty-limit-period`` (1 s) a thread flushes the rings (waiting, as
@@ -69,6 +72,14 @@ class NoThrottle:
     name = "none"
     pct = 0.0
     in_service = False
+    next_sync_tick = None  # ns: when a periodic dirty sync may be due (None: never)
+
+    def start(self, now: int) -> None:
+        """The migration starts at ``now`` (its thread, before the set-up)."""
+
+    def sync_due(self, session) -> bool:
+        """Whether a periodic dirty sync is due now (see :class:`AutoConverge`)."""
+        return False
 
     def on_sync(self, session, new_pages: int) -> None:
         pass
@@ -91,9 +102,38 @@ class AutoConverge(NoThrottle):
         self.steps = 0
         self.timer = None
         self.stopped = False
+        self._sync_period = int(round(cfg.dirty_sync_timer_ms * MS))
+        self._prev_syncs = 0  # the dirty-sync count at the timer's previous tick
+
+    def start(self, now: int) -> None:
+        """migration_thread: cpu_throttle_dirty_sync_timer(true) before the set-up (QEMU >= 9.2)."""
+        if self._sync_period:
+            self.next_sync_tick = now + self._sync_period
+            self._prev_syncs = self.s.iterations
+
+    def sync_due(self, session) -> bool:
+        """cpu_throttle_dirty_sync_timer_tick for the ticks up to now: a tick finding the dirty
+        sync count unchanged since the previous tick (and the set-up sync not the only one) asks
+        for a sync, re-arming the timer after it (:meth:`on_sync`); any other tick re-arms it a
+        period on. QEMU runs the sync from its main loop under the migration bitmap mutex,
+        which the migration thread holds across each ram_save_iterate: it lands between two
+        slices, where the migration loop calls this (the slices stop at the tick)."""
+        if self.next_sync_tick is None or self.stopped:
+            return False
+        while session.loop.now >= self.next_sync_tick:
+            n = session.iterations
+            if n > 1 and n == self._prev_syncs:
+                return True
+            self._prev_syncs = n
+            self.next_sync_tick += self._sync_period
+        return False
 
     def on_sync(self, session, new_pages: int) -> None:
         s = self.s
+        if self.next_sync_tick is not None and s.loop.now >= self.next_sync_tick:
+            # the sync a tick asked for: the timer is re-armed a period after it
+            self._prev_syncs = s.iterations
+            self.next_sync_tick = s.loop.now + self._sync_period
         if not self.trigger.on_sync(s.loop.now, new_pages, s.page_size, s.bytes_sent):
             return
         c = self.cfg
@@ -120,8 +160,10 @@ class AutoConverge(NoThrottle):
             yield int(TIMESLICE_NS / (1.0 - p))
 
     def stop(self) -> None:
-        """cpu_throttle_stop (at switchover); ``pct`` keeps the last value for the record."""
+        """cpu_throttle_stop (at switchover; it also stops the dirty-sync timer); ``pct`` keeps
+        the last value for the record."""
         self.stopped = True
+        self.next_sync_tick = None
 
 
 class DirtyLimit(NoThrottle):

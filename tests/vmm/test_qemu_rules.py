@@ -338,3 +338,43 @@ def test_dirty_limit_measures_and_compares_whole_mib_per_second():
     dl._adjust(0, 100, 0)
     assert dl.throttle_us[0] == 0
     run.close()
+
+
+def _sync_starts(run):
+    """Record (start s, passes completed) of every migration_bitmap_sync after the set-up's."""
+    starts, orig = [], run.sync
+
+    def recorded(last_stage=False):
+        starts.append((run.loop.now / NS, run.passes))
+        return (yield from orig(last_stage))
+
+    run.sync = recorded
+    return starts
+
+
+@pytest.mark.parametrize("collector", ["ring", "bitmap"])
+def test_auto_converge_syncs_every_5_s_mid_pass_as_qemu_9_2_does(collector):
+    """cpu_throttle_dirty_sync_timer (QEMU >= 9.2), armed when the migration starts: every 5 s, a
+    tick that finds the dirty sync count unchanged since the previous tick, past the first pass,
+    syncs. Analytics (~13.5 s bulk pass): the ticks at 5 and 10 s see only the set-up sync,
+    the one at 15 s the end of the bulk pass; the one at 20 s syncs mid-pass (between two
+    slices: within one 50 ms slice of the tick) and re-arms 5 s after that sync. Without the
+    timer (0, QEMU before 9.2) every sync ends a pass. Both verify: the mid-pass syncs lose no
+    write (with the bitmap, their CLEARs come lazily before each chunk is sent again)."""
+    runs = {}
+    for timer_ms in (5000.0, 0.0):
+        run = MigrationRun(small("analytics", vm={"vcpus": 2}, collector=collector, throttle="auto-converge",
+                                 link={"give_up_s": 120}, auto_converge={"dirty_sync_timer_ms": timer_ms}))
+        starts = _sync_starts(run)
+        runs[timer_ms] = (run.run(), starts)
+    m, starts = runs[5000.0]
+    assert m.verified and m.converged
+    mid = [k for k in range(1, len(starts)) if starts[k][1] == starts[k - 1][1]]
+    assert mid, starts
+    assert 13 < starts[0][0] < 14 and starts[0][1] == 0  # the end of the bulk pass
+    assert 20.0 <= starts[1][0] < 20.06 and starts[1][1] == 1  # the 20 s tick, mid-pass
+    assert all(b - a <= 10.1 for (a, _), (b, _) in zip(starts, starts[1:]))
+    m0, starts0 = runs[0.0]
+    assert m0.verified and m0.converged
+    assert [p for _, p in starts0] == list(range(len(starts0)))  # one sync per pass
+    assert starts0[1][0] - starts0[0][0] > 8
