@@ -440,9 +440,10 @@ def load_workload(name_or_path: str | Path | WorkloadConfig | dict, where: str =
             return WorkloadConfig.parse(name_or_path, where="workload")
         return _cached_load(_workload_file, "workloads", name_or_path)
     except ConfigError as e:
-        if where == "workload" or not str(e).startswith("workload"):
+        msg = str(e)
+        if where == "workload":
             raise
-        raise ConfigError(where + str(e)[len("workload"):]) from None
+        raise ConfigError(where + msg[len("workload"):] if msg.startswith("workload:") else f"{where}: {msg}") from None
 
 
 def _workload_file(name_or_path: str | Path) -> WorkloadConfig:

@@ -80,8 +80,9 @@ def walk_writes(gpi, vc, code, reads, first_touch, slot_of, state, version, bloc
 
     With ``fault_cut`` the walk also stops right after an access that faulted (a write-protect
     fault, logged or not, with its split if any) and took no vCPU out of the guest (cut
-    CUT_FAULT, the access consumed): a guest whose later accesses are timed by the fault's
-    service time (a trace) then proposes them again from its new clock."""
+    CUT_FAULT, the access consumed), and before the first event after a tick whose flush moved
+    anything (cut CUT_TICK, no vCPU soft-full): a guest whose later accesses are timed by the
+    kernel's service time (a trace) then proposes them again from its new clock."""
     n = gpi.shape[0]
     block_pages = 1 << block_shift
     npush = 0
@@ -98,9 +99,13 @@ def walk_writes(gpi, vc, code, reads, first_touch, slot_of, state, version, bloc
         if i + AHEAD < n and gpi[i + AHEAD] >= 0:  # random pages of a big guest: overlap the misses
             prefetch(state, gpi[i + AHEAD])
             prefetch(version, gpi[i + AHEAD])
-        if tick > 0 and t[i] >= tick_state[0] and _tick_flush(t[i], tick, tick_state, pml_count, used, limit,
-                                                              flush_at, npush):
-            return i, CUT_TICK, npush, nsplit, ndirty, True
+        if tick > 0 and t[i] >= tick_state[0]:
+            at, nflush = tick_state[0], tick_state[1]
+            if _tick_flush(t[i], tick, tick_state, pml_count, used, limit, flush_at, npush):
+                return i, CUT_TICK, npush, nsplit, ndirty, True
+            if fault_cut and tick_state[1] > nflush:  # the flush's kernel time delays the vCPUs after it
+                tick_state[2] = at
+                return i, CUT_TICK, npush, nsplit, ndirty, True
         v = vc[i]
         g = gpi[i]
         c = code[i]

@@ -695,14 +695,14 @@ class Vm:
             u.stats._row = row
         # what a fault costs the guest: a write-protect fault; with PML the logging (its
         # flushes into the ring are charged there), or into the dirty bitmap a flush per 512
-        # pages, amortized; a split: break-before-make and a broadcast TLB invalidation (the
-        # ring is enabled, if at all, before the first vCPU: KVM refuses it afterwards); a
+        # pages, amortized (rounded to whole ns); a split: break-before-make and a broadcast TLB
+        # invalidation (the ring is enabled, if at all, before the first vCPU: KVM refuses it afterwards); a
         # fault in a slot without dirty tracking (logging turned off) is a real protection or
         # translation fault, PML or not (kvm_tdp_page_fault, user_mem_abort)
         c, pml = p.costs, p.pml_buffer_entries if p.pml else 0
         self._tlbi_ns = p.tlbi_broadcast_ns(len(self.vcpus))
         self._write_costs = (c.wp_fault_ns if not pml else c.dirty_write_ns if self.ring_entries
-                             else c.dirty_write_ns + c.pml_flush_entry_ns + c.pml_full_exit_ns / pml,
+                             else round(c.dirty_write_ns + c.pml_flush_entry_ns + c.pml_full_exit_ns / pml),
                              c.split_ns + self._tlbi_ns, c.wp_fault_ns)
         if v.ring is not None:
             self._ring_addr = np.array([(u.ring.gfns.ctypes.data, u.ring.size) for u in self.vcpus], dtype=np.int64)

@@ -574,3 +574,13 @@ def test_an_env_override_is_merged_into_the_scenario_file_s_section(tmp_path):
     reward = env.unwrapped.cfg.reward
     assert (reward.downtime, reward.vcpu) == (5.0, 1.0)
     env.close()
+
+
+def test_an_invalid_workload_file_is_blamed_on_the_argument_that_named_it(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("name: x\nregions: []\n")
+    with pytest.raises(ConfigError, match=r"^workloads\[1\]: invalid workload bad.yaml"):
+        make(workloads=["web", str(bad)])
+    env = make()
+    with pytest.raises(ConfigError, match=r"^options: workload: invalid workload bad.yaml"):
+        env.reset(seed=0, options={"workload": str(bad)})

@@ -168,7 +168,7 @@ def test_a_memslot_address_or_size_outside_u64_is_einval_and_builds_nothing(prof
     args = {"guest_phys_addr": 16 * ps, "memory_size": 2 * ps, field: value}
     with pytest.raises(KvmError) as e:
         vm.set_user_memory_region(1, 0, args["guest_phys_addr"], args["memory_size"])
-    assert e.value.errno == errno.EINVAL and field in str(e.value)
+    assert e.value.errno == errno.EINVAL and f"{field} {value}: a __u64 field" in str(e.value)
     with pytest.raises(KvmError):  # nor on an existing slot (a move or a resize)
         vm.set_user_memory_region(0, 0, args["guest_phys_addr"], args["memory_size"])
     assert [(s.id, s.base_gfn, s.npages) for s in vm.slots] == [(0, 0, 2)]

@@ -147,3 +147,36 @@ def test_the_store_re_executed_after_a_full_exit_delays_the_vcpu_by_its_kernel_t
     assert v.stats.faults == 301
     assert int(vm.vcpu_kernel_ns()[0]) - kernel_before == 109 * 4000
     assert vm.now == t_full + 10_000 + 4000 + (300 - 192) * (5 + 4000)
+
+
+def _pml_pair(max_batch):
+    """x86-pml, 1024-entry rings, stores every 1000 ns: vCPU0 logs 10 pages, vCPU1 150, both
+    then rewrite a dirty page across the 1 ms tick and write page 500. Returns (vm, vcpus)."""
+    vm = Vm("x86-pml")
+    vm.enable_cap(U.KVM_CAP_DIRTY_LOG_RING_ACQ_REL, 1024 * 16)
+    vm.set_user_memory_region(0, U.KVM_MEM_LOG_DIRTY_PAGES, 0, 4096 * vm.page_size)
+    vcpus = [vm.create_vcpu(i) for i in range(2)]
+    writes = [list(range(10)) + [0] * 991 + [500], list(range(1000, 1150)) + [1000] * 850 + [500]]
+    vm.attach_guest(TraceProgram(writes, [[], []], write_ns=1000, max_batch=max_batch))
+    return vm, vcpus
+
+
+@pytest.mark.parametrize("max_batch", [512, 3, 1])
+def test_the_pml_flush_at_a_tick_delays_each_vcpu_by_what_it_flushed(max_batch):
+    """The 1 ms tick flushes vCPU0's 10 logged GPAs (50 ns) and vCPU1's 150 (750 ns) into their
+    rings. A logged store costs 5 ns more. vCPU0 writes page 500 at 10 x 1005 + 991 x 1000 + 50
+    = 1,001,100 ns, vCPU1 at 150 x 1005 + 850 x 1000 + 750 = 1,001,500: vCPU0 logs it, and
+    vCPU1's store finds it dirty. Without the tick's delay vCPU1 (1,000,750) would be first."""
+    vm, vcpus = _pml_pair(max_batch)
+    for v in vcpus:
+        assert v.run() is None
+    done = {}
+    while len(done) < 2:
+        for e in vm.run_until(1 << 40):
+            assert e.kind == "done"
+            done[e.vcpu] = vm.now
+    assert done == {0: 1_001_100 + 1005, 1: 1_001_500 + 1000}
+    assert vm.vcpu_kernel_ns().tolist() == [11 * 5 + 10 * 5 + 5, 150 * 5 + 150 * 5]
+    from ringenv.vmm.reap import RingReader
+    offsets = [RingReader(v.ring_gfns).reap()[1].tolist() for v in vcpus]
+    assert 500 in offsets[0] and 500 not in offsets[1]
