@@ -514,7 +514,7 @@ class MigrationEnv(RingEnv):
     ## Version History
     - v0: initial version; the observation gained `redirty_rate` and `redirty_share` (indices 15,
       16) and `sample_windows` before any release, and the default `control_interval_ms` became
-      50 (was 200: 70 to 108 steps per migration; now 276 to 431); also before any release,
+      50 (was 200: 70 to 108 steps per migration; now 276 to 404); also before any release,
       `remaining` counts in the run's configured rate until the bandwidth is measured (it sat
       at its high for the first ~1 s) and the migration continues the workload the reset's
       sample measured (it replayed the sample's own second); and the time a vCPU spends in
