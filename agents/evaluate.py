@@ -174,7 +174,8 @@ def policy_env_id(spec: str, default: str) -> str:
 
 
 # ---------------------------------------------------------------------------------- episodes
-METRICS = ["reward", "downtime_s", "total_s", "exit_stall_s", "vcpu_fault_s", "vmm_cpu_s", "full_exits"]
+METRICS = ["reward", "downtime_s", "total_s", "exit_stall_s", "vcpu_fault_s", "vcpu_throttle_s", "vmm_cpu_s",
+           "full_exits"]
 EPISODE_FIELDS = ["policy", "spec", "workload", "seed", "reward", "steps", "downtime_s", "total_s", "converged",
                   "exit_stall_s", "vcpu_exit_s", "vcpu_stall_s", "vcpu_fault_s", "vcpu_throttle_s", "vmm_cpu_s",
                   "full_exits", "harvests", "resets", "entries_harvested", "iterations", "ring_entries",
@@ -388,6 +389,10 @@ def evaluate(policies: list[str], env_id: str = MIGRATION, scenario: str = "defa
     if workers < 1:
         raise ValueError(f"--workers {workers}: expected an integer >= 1 (1: every episode in this process)")
     check_env_id(env_id)
+    for flag, names in (("--workloads", workloads or []), ("--policies", policies)):
+        twice = sorted({n for n in names if list(names).count(n) > 1})
+        if twice:  # each would count its episodes twice (n doubled, the intervals too narrow)
+            raise ValueError(f"{flag}: {', '.join(map(repr, twice))} given more than once")
     overrides = overrides or {}
     wls, facts = evaluation_env(env_id, scenario, split, workloads, overrides)
     for spec in policies:  # every spec checked before anything runs
@@ -445,6 +450,17 @@ _T975 = [12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 
          2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048, 2.045, 2.042]
 
 
+def t975(df: int) -> float:
+    """Student's t 0.975 quantile with ``df`` degrees of freedom: the table to df 30, beyond it
+    the Cornish-Fisher expansion around the normal quantile (error below 1e-5 there)."""
+    if df <= len(_T975):
+        return _T975[df - 1]
+    z, v = 1.959963984540054, float(df)
+    return (z + (z**3 + z) / (4 * v) + (5 * z**5 + 16 * z**3 + 3 * z) / (96 * v**2)
+            + (3 * z**7 + 19 * z**5 + 17 * z**3 - 15 * z) / (384 * v**3)
+            + (79 * z**9 + 776 * z**7 + 1482 * z**5 - 1920 * z**3 - 945 * z) / (92160 * v**4))
+
+
 def mean_ci(x) -> tuple[float, float]:
     """Mean and half-width of the 95% t-interval (nan for fewer than two values)."""
     x = np.asarray(x, dtype=float)
@@ -453,8 +469,7 @@ def mean_ci(x) -> tuple[float, float]:
     m = float(x.mean())
     if len(x) < 2:
         return m, math.nan
-    t = _T975[len(x) - 2] if len(x) - 1 <= len(_T975) else 1.96
-    return m, float(t * x.std(ddof=1) / math.sqrt(len(x)))
+    return m, float(t975(len(x) - 1) * x.std(ddof=1) / math.sqrt(len(x)))
 
 
 def summarize(records: list[dict], baseline: str | None = "qemu") -> list[dict]:
@@ -468,6 +483,10 @@ def summarize(records: list[dict], baseline: str | None = "qemu") -> list[dict]:
         row = {"policy": rs[0]["policy"], "spec": spec, "n": len(rs)}
         for k in METRICS:
             row[k], row[k + "_ci"] = mean_ci([r[k] for r in rs])
+        # vCPU time lost in all (exits, stalls, faults, throttle sleeps), its interval from the
+        # per-episode sums (the parts are correlated)
+        row["lost_s"], row["lost_s_ci"] = mean_ci([r["exit_stall_s"] + r["vcpu_fault_s"] + r["vcpu_throttle_s"]
+                                                   for r in rs])
         row["converged"] = float(np.mean([bool(r["converged"]) for r in rs]))
         diffs = [r["reward"] - base[(r["workload"], r["seed"])] for r in rs if (r["workload"], r["seed"]) in base]
         row["d_reward"], row["d_reward_ci"] = mean_ci(diffs) if diffs and base else (math.nan, math.nan)

@@ -15,7 +15,7 @@ choosing it when ``ring_fixed`` (obs 14) is 0.
 | fill watermark | ``watermark[:THRESHOLD[:ENTRIES or auto]]`` | the longest interval after which the fullest ring is predicted to stay below THRESHOLD of its soft limit (ENTRIES default 4096) |
 | rate-proportional | ``rate[:MIB[:ENTRIES]]`` | harvest every time the guest has dirtied MIB MiB: interval = MIB / dirty rate (ENTRIES default 4096) |
 | bitmap | ``bitmap`` | the KVM_GET/CLEAR_DIRTY_LOG collector (needs ``collector="bitmap"`` honoured by the env) |
-| random | ``random[:SEED]`` | a uniformly random action every step |
+| random | ``random[:SEED]`` | a uniformly random action every step, drawn from the episode's seed (and SEED: another stream per SEED) |
 
 A ring size or interval a policy names (ENTRIES, MS, and QEMU's 4096 entries / 1000 ms) must be a
 member of the environment's action grid (``ring_sizes``, ``intervals_ms``): the action cannot say
@@ -172,7 +172,7 @@ class RateProportional(Policy):
         if not mib > 0 or math.isinf(mib):
             raise ValueError(f"MIB {mib:g}: expected a number > 0 (MiB dirtied per harvest)")
         self.mib, self.ring_entries = mib, check_ring(facts, ring_entries, "ENTRIES")
-        self.name = f"rate {mib:g}MiB"
+        self.name = f"rate {mib:g}MiB" + (f" ring {ring_entries}" if ring_entries != 4096 else "")
 
     def interval_for(self, rate_obs: float) -> float:
         rate = rate_obs * self.facts.link_Bps
@@ -198,19 +198,23 @@ class Bitmap(Fixed):
 
 
 class Random(Policy):
-    """A uniformly random action every step (seeded at each episode start)."""
+    """A uniformly random action every step, seeded at each episode start from the episode's
+    seed, and with ``seed`` (random:SEED) from both: another stream per SEED."""
 
     name = "random"
 
-    def __init__(self, facts: EnvFacts, seed: int = 0):
+    def __init__(self, facts: EnvFacts, seed: int | None = None):
         super().__init__(facts)
-        if seed < 0:
+        if seed is not None and seed < 0:
             raise ValueError(f"SEED {seed}: expected an integer >= 0")
+        self.seed = seed
+        if seed is not None:
+            self.name = f"random {seed}"
         self.rng = np.random.default_rng(seed)
 
     def reset(self, seed=None):
         if seed is not None:
-            self.rng = np.random.default_rng(seed)
+            self.rng = np.random.default_rng(seed if self.seed is None else [self.seed, seed])
 
     def act(self, obs):
         i = int(self.rng.integers(len(self.facts.ring_sizes)))
@@ -257,7 +261,7 @@ def make_heuristic(spec: str, facts: EnvFacts) -> Policy:
             try:
                 return FillWatermark(facts, _number(args[0], "THRESHOLD") if args else 0.5, ring)
             except ValueError as e:
-                if len(args) > 1:
+                if len(args) > 1 or not str(e).startswith("ENTRIES"):
                     raise
                 raise ValueError(f"{e}; ENTRIES is 4096 unless given: watermark:THRESHOLD:ENTRIES") from None
         if name == "rate" and len(args) <= 2:
@@ -272,7 +276,7 @@ def make_heuristic(spec: str, facts: EnvFacts) -> Policy:
         if name == "bitmap" and not args:
             return Bitmap(facts)
         if name == "random" and len(args) <= 1:
-            return Random(facts, _int(args[0], "SEED") if args else 0)
+            return Random(facts, _int(args[0], "SEED") if args else None)
     except ValueError as e:
         raise ValueError(f"policy {spec!r}: {e}") from None
     raise ValueError(f"policy {spec!r}: unknown; accepted: {SPECS}, or a trained model (a .zip path)")

@@ -1,7 +1,8 @@
 """The comparison's figures (PNG, matplotlib with the Agg backend, imported lazily).
 
 - :func:`pareto`: per policy, migration downtime against the vCPU time dirty tracking costs
-  (left: ring-full exits and lock stalls; right: everything, write-protect faults included),
+  (left: ring-full exits and lock stalls; right: all the vCPU time lost, write-protect faults
+  and throttle sleeps included),
   mean and 95% interval, the Pareto-optimal policies joined.
 - :func:`timeline`: one episode per policy: ring fill per vCPU over time with the harvests
   marked, and harvests, full exits and the chosen interval per control interval.
@@ -37,15 +38,12 @@ def pareto(rows: list[dict], path: str | Path, title: str = "") -> Path:
     plt = _plt()
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.6), dpi=110)
     xs = [("exit_stall_s", "vCPU time in ring-full exits + lock stalls, s / episode"),
-          ("lost_s", "vCPU time lost to tracking (exits, stalls, faults), s / episode")]
+          ("lost_s", "vCPU time lost (exits, stalls, faults, throttle sleeps), s / episode")]
     cmap = plt.get_cmap("tab10")
     for ax, (key, label) in zip(axes, xs):
         pts = []
         for k, r in enumerate(rows):
-            if key == "lost_s":
-                x, xe = r["exit_stall_s"] + r["vcpu_fault_s"], math.hypot(r["exit_stall_s_ci"] or 0, r["vcpu_fault_s_ci"] or 0)
-            else:
-                x, xe = r[key], r[key + "_ci"]
+            x, xe = r[key], r[key + "_ci"]
             y, ye = r["downtime_s"] * 1000, r["downtime_s_ci"] * 1000
             pts.append((x, y))
             ax.errorbar([x], [y], xerr=[0 if math.isnan(xe) else xe], yerr=[0 if math.isnan(ye) else ye], fmt="o",

@@ -128,6 +128,31 @@ def test_random_is_seeded_and_valid():
     assert all(0 <= i < len(SIZES) and 0 <= j < len(INTERVALS) for i, j in a)
 
 
+def test_random_seed_gives_another_stream_per_seed_and_its_own_name():
+    """random draws from the episode's seed; random:SEED from both, so random:0 and random:7
+    differ on the same episode (and from random), each the same on a rerun."""
+    def actions(spec, episode_seed=5):
+        p = make_heuristic(spec, FACTS)
+        p.reset(episode_seed)
+        return p.name, [tuple(p.predict(obs())[0]) for _ in range(30)]
+
+    (n, plain), (n0, r0), (n7, r7) = actions("random"), actions("random:0"), actions("random:7")
+    assert (n, n0, n7) == ("random", "random 0", "random 7")
+    assert len({tuple(plain), tuple(r0), tuple(r7)}) == 3
+    assert actions("random:7") == (n7, r7) and actions("random:7", 6)[1] != r7
+
+
+def test_a_rate_policy_names_its_ring_when_not_the_default():
+    assert make_heuristic("rate:64", FACTS).name == "rate 64MiB"
+    assert make_heuristic("rate:64:16384", FACTS).name == "rate 64MiB ring 16384"
+
+
+def test_a_bad_watermark_threshold_gets_no_ring_hint():
+    with pytest.raises(ValueError) as e:
+        make_heuristic("watermark:0", FACTS)
+    assert "threshold 0.0: expected 0 < threshold <= 1" in str(e.value) and "ENTRIES is 4096" not in str(e.value)
+
+
 def test_predict_batches_like_a_model():
     p = FillWatermark(FACTS)
     batch = np.stack([obs(0.1, 0.1, pages_per_vcpu_s_to_Bps(r)) for r in (100, 2000, 20000)])

@@ -156,15 +156,26 @@ def test_compare_writes_table_csv_and_plots(ppo_run, tmp_path):
 def test_statistics():
     from agents.evaluate import mean_ci, summarize
 
+    from agents.evaluate import t975
+
     m, h = mean_ci([1.0, 2.0, 3.0])
     assert m == 2.0 and abs(h - 4.303 * 1.0 / np.sqrt(3)) < 1e-9
+    # Student's t 0.975 quantiles (exact values to 4 decimals), past the table too: the 40-seed
+    # tables have n = 160 (not the normal 1.96)
+    for df, t in ((1, 12.706), (30, 2.042), (31, 2.0395), (39, 2.0227), (60, 2.0003), (159, 1.9750), (1000, 1.9623)):
+        assert t975(df) == pytest.approx(t, abs=6e-4), df
+    x = np.arange(40.0)
+    assert mean_ci(x)[1] == pytest.approx(2.0227 * x.std(ddof=1) / np.sqrt(40), rel=1e-4)
     recs = [{"spec": s, "policy": s, "workload": "w", "seed": k, "reward": r, "downtime_s": 0.1, "total_s": 10.0,
-             "exit_stall_s": 0.0, "vcpu_fault_s": 0.0, "vmm_cpu_s": 0.0, "full_exits": 0, "converged": True,
-             "ring_entries": 4096, "mean_interval_ms": 1000.0}
+             "exit_stall_s": 0.1 * k, "vcpu_fault_s": 1.0 - 0.1 * k, "vcpu_throttle_s": 0.5, "vmm_cpu_s": 0.0,
+             "full_exits": 0, "converged": True, "ring_entries": 4096, "mean_interval_ms": 1000.0}
             for s, rs in (("qemu", [-5.0, -6.0, -7.0]), ("x", [-4.5, -5.5, -6.5])) for k, r in enumerate(rs)]
     rows = summarize(recs, "qemu")
     x = next(r for r in rows if r["spec"] == "x")
     assert x["d_reward"] == pytest.approx(0.5) and x["d_reward_ci"] == pytest.approx(0.0)
+    # all the vCPU time lost, throttle sleeps included, its interval from the per-episode sums
+    assert x["lost_s"] == pytest.approx(1.5) and x["lost_s_ci"] == pytest.approx(0.0)
+    assert x["vcpu_throttle_s"] == pytest.approx(0.5)
 
 
 def test_fixed_ring_policy_and_action_repeat(tmp_path):
@@ -216,7 +227,10 @@ def test_bad_arguments_end_with_a_message_not_a_traceback():
                         (["evaluate", "--workers", "0", "--policies", "qemu"], "--workers 0"),
                         (["evaluate", "--baseline", "nope", "--policies", "qemu"], "--baseline 'nope'"),
                         (["compare", "--timeline-workload", "nope", "--policies", "qemu"],
-                         "--timeline-workload: unknown workload 'nope'")):
+                         "--timeline-workload: unknown workload 'nope'"),
+                        (["evaluate", "--policies", "qemu", "--workloads", "oltp", "oltp"],
+                         "--workloads: 'oltp' given more than once"),
+                        (["evaluate", "--policies", "qemu", "qemu", "rate"], "--policies: 'qemu' given more than once")):
         p = subprocess.run([sys.executable, "-m", "ringenv", *args], cwd=ROOT, env=env, capture_output=True, text=True,
                            timeout=120)
         assert p.returncode == 2 and words in p.stderr and "Traceback" not in p.stderr, (args, p.stderr)
