@@ -652,6 +652,11 @@ class ScenarioConfig(Strict):
                              f"accepted: {', '.join(map(str, prof.ring_sizes))}")
         if self.throttle == "dirty-limit" and self.collector != "ring":
             raise ValueError("throttle: dirty-limit needs collector ring (QEMU measures the rate with the ring)")
+        if self.kind == "checkpoint" and self.throttle == "auto-converge":
+            raise ValueError("throttle: 'auto-converge' is a migration's (it slows the guest more at every trigger "
+                             "until the pre-copy converges; an incremental checkpoint always writes what was dirtied, "
+                             "so it would only ever step up); accepted with kind checkpoint: 'none', 'dirty-limit' "
+                             "(a fixed per-vCPU quota)")
         return self
 
     @property

@@ -202,8 +202,8 @@ class RingEnv(gym.Env):
         reward, parts = self._reward(m, dt, costs)
         terminated = bool(self._session.done)
         truncated = (not terminated) and self.t >= self.cfg.max_episode_s * SECOND
-        if truncated:
-            pen = self.cfg.reward.downtime * m.remaining_bytes / self._send_rate(m)
+        if truncated:  # the downtime a switchover (a pause) now would cause, and of one under way its time so far
+            pen = self.cfg.reward.downtime * (m.remaining_bytes / self._send_rate(m) + self._session.pause_so_far_s())
             reward -= pen / self.cfg.reward.scale
             parts["truncation"] = pen
         obs = self._observe(m, dt, costs)
@@ -441,8 +441,9 @@ class MigrationEnv(RingEnv):
     spare time it also charges faults the workload did not feel. Downtime
     and lost vCPU time are weighted alike: both are seconds the whole VM does not run. At
     truncation the downtime a switchover would cause at that moment (remaining dirty bytes /
-    measured bandwidth, or / the run's configured rate before any is measured) is charged at
-    the `downtime` weight as a cost of its own, the info's `reward_parts["truncation"]`
+    measured bandwidth, or / the run's configured rate before any is measured; in a
+    stop-and-copy under way, plus the time the VM has been stopped) is charged at the
+    `downtime` weight as a cost of its own, the info's `reward_parts["truncation"]`
     (`reward_parts["downtime"]` is the downtime that happened).
 
     ## Starting State
@@ -541,8 +542,9 @@ class CheckpointEnv(RingEnv):
     `remaining` is log10(1 + the pause in ms a stop-the-world write of the dirty bytes not yet
     checkpointed would take at the storage rate), i.e. log10(1 + remaining bytes / (write rate
     x 1 ms)): 1 for a 9 ms pause, 3 for 1 s, 6 (the high) for 1000 s; the write rate is the
-    bandwidth measured over the last checkpoint's writes (a few % below the storage rate: a
-    checkpoint's sync and pause count in its window), the storage rate before any is measured. `progress` is the share
+    bandwidth last measured (over >= 100 ms windows of writing: the base image's, then that of
+    each checkpoint that writes that long; a few % below the storage rate, as a checkpoint's
+    sync and pause count in its window), the storage rate before any is measured. `progress` is the share
     of RAM in the image (1 once the base image is written), `iteration` the dirty syncs so far /
     32 (the set-up's, then one per stop-the-world checkpoint, two per live one).
 
@@ -557,8 +559,9 @@ class CheckpointEnv(RingEnv):
     - truncated: `max_episode_s` of simulated time passed first: a horizon longer than that, or
       checkpoints that take longer (a big VM on slow storage: the base image of the `stress`
       scenario alone takes longer than the default 120 s). The pause writing the dirty bytes not
-      yet checkpointed would take at the write rate (as for `remaining`) is charged at the `downtime` weight
-      (the info's `reward_parts["truncation"]`).
+      yet checkpointed would take at the write rate (as for `remaining`), and of a pause under
+      way the time the VM has been paused, is charged at the `downtime` weight (the info's
+      `reward_parts["truncation"]`).
 
     ## Arguments
     `gymnasium.make("ringenv/Checkpoint-v0", scenario="default", ...)`, as MigrationEnv.

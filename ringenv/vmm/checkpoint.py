@@ -13,7 +13,12 @@ Dirty logging is on for the whole run. The base image (all of RAM) is written li
 A checkpoint that ends after the next one was due counts as an overrun (the next one starts at
 once). The run ends at ``checkpoint.horizon_s``; what is under way then (the base image, a
 checkpoint) is finished first. A run that took no checkpoint verified nothing (``verified``
-None) and did not keep its schedule (``converged`` False). ``pass_bytes``: the base image,
+None) and did not keep its schedule (``converged`` False). ``lost_writes`` and ``verified`` are
+the worst checkpoint's so far from the first checkpoint on (a stepped run, or an episode
+truncated before the horizon, reports a loss when it happens). Throttles: none, or dirty-limit
+(a fixed per-vCPU quota; it engages by the migration's trigger rule, which an incremental
+checkpoint meets at every sync: from the second checkpoint's sync on); auto-converge, which
+would step up at every trigger, is refused. ``pass_bytes``: the base image,
 then one entry per checkpoint. ``remaining_bytes``: what the next checkpoint would write if
 taken now (every page dirtied since the last one and not yet saved, each once), not only the
 migration bitmap's pages: between checkpoints those wait in the rings, the slot bitmap or the
@@ -79,13 +84,18 @@ class CheckpointRun(Session):
             while dirty.mig_count:
                 yield from self.send_slice(self.rate_Bps)
         self.phase = "paused"
-        t_pause = loop.now
+        t_pause = self.paused_at = loop.now
         yield from self.pause_vm()
         yield self.bql
         yield from self.final_copy()
-        self.checkpoint_lost.append(self.verify())
+        lost = self.verify()
+        self.checkpoint_lost.append(lost)
+        # reported at once (the worst checkpoint so far), not only when the run ends
+        self.lost_writes = max(self.lost_writes, lost)
+        self.verified = self.lost_writes == 0
         self.bql.release()
         self.resume_vm()
+        self.paused_at = None
         self.pauses.append(loop.now - t_pause)
         self.end_pass()
 

@@ -1,7 +1,8 @@
 """``ringenv migrate`` and ``ringenv checkpoint``: run one scenario and print its metrics.
 
 ``add_parsers(subparsers)`` adds both (ringenv/cli.py loads it). Exit codes: 0 done and
-verified; 1 the run lost writes (printed loudly: a bug, or a configuration that really loses
+verified (or a checkpoint run that took no checkpoint before its horizon: nothing to verify,
+said on stderr); 1 the run lost writes (printed loudly: a bug, or a configuration that really loses
 data); 2 a bad flag or configuration value (the message names the flag and what is accepted).
 """
 
@@ -94,6 +95,9 @@ def _run(args, kind: str) -> int:
               f"{'destination' if kind == 'migration' else 'checkpoint image'} differ from the source",
               file=sys.stderr)
         return 1
+    if m.verified is None:
+        print(f"ringenv {args.command}: nothing verified: no checkpoint was taken before the horizon (the base "
+              "image took longer)", file=sys.stderr)
     return 0
 
 
@@ -105,7 +109,7 @@ def _cmd_checkpoint(args) -> int:
     return _run(args, "checkpoint")
 
 
-def _common(p: argparse.ArgumentParser) -> None:
+def _common(p: argparse.ArgumentParser, throttles=("none", "auto-converge", "dirty-limit")) -> None:
     from ..config import scenario_names
 
     p.add_argument("--scenario", default="default", metavar="NAME|FILE",
@@ -116,7 +120,7 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ring-entries", type=int, default=None, metavar="N",
                    help="ring entries per vCPU (a power of two the host accepts)")
     p.add_argument("--interval-ms", type=float, default=None, metavar="T", help="reaper interval in ms (QEMU: 1000)")
-    p.add_argument("--throttle", choices=["none", "auto-converge", "dirty-limit"], default=None,
+    p.add_argument("--throttle", choices=list(throttles), default=None,
                    help="guest throttle (dirty-limit needs the ring)")
     p.add_argument("--seed", type=int, default=None, metavar="S", help="seed of the VM and workload")
     p.add_argument("--json", action="store_true", help="print every metric as JSON")
@@ -131,7 +135,7 @@ def add_parsers(sub) -> None:
     p = sub.add_parser("checkpoint", help="run periodic checkpointing of a scenario and print its metrics",
                        description="Checkpoint a scenario periodically on the simulated host (ringenv/vmm) and "
                                    "print the metrics; exit 1 if a checkpoint image lost writes.")
-    _common(p)
+    _common(p, throttles=("none", "dirty-limit"))  # (auto-converge is a migration's)
     p.add_argument("--period-s", type=float, default=None, help="seconds between checkpoints")
     p.add_argument("--storage-mbps", type=float, default=None, help="storage bandwidth, MB/s")
     p.add_argument("--horizon-s", type=float, default=None, help="simulated seconds to run")

@@ -83,7 +83,7 @@ class MigrationRun(Session):
 
         # migration_completion: stop and copy
         self.phase = "stop-copy"
-        t_stop = loop.now
+        t_stop = self.paused_at = loop.now
         yield from self.pause_vm()
         yield self.bql
         self.throttle.stop()

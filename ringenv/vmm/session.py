@@ -141,6 +141,7 @@ class Session:
         self._pass_sent = 0
         self.lost_writes = 0
         self.verified: bool | None = None
+        self.paused_at: int | None = None  # when the VM was stopped, while it is (stop-copy, a checkpoint)
         self.bandwidth_Bps = 0.0
         self.threshold_bytes = 0
         self._bw_t0 = 0
@@ -635,7 +636,13 @@ class Session:
         self.finished = True
         self.end_ns = self.loop.now
         self.phase = "done"
+        self.paused_at = None
         self.throttle.stop()
+
+    def pause_so_far_s(self) -> float:
+        """How long the VM has been stopped, if it is now (a migration's stop-and-copy, a
+        checkpoint's pause), s; 0 while it runs."""
+        return 0.0 if self.paused_at is None else (self.loop.now - self.paused_at) / NS
 
     # ================================================================== stepping
     def setup_logging(self):

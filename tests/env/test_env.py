@@ -584,3 +584,33 @@ def test_an_invalid_workload_file_is_blamed_on_the_argument_that_named_it(tmp_pa
     env = make()
     with pytest.raises(ConfigError, match=r"^options: workload: invalid workload bad.yaml"):
         env.reset(seed=0, options={"workload": str(bad)})
+
+
+def test_a_checkpoint_episode_truncated_mid_pause_is_charged_the_pause_so_far():
+    """Checkpoint-v0 truncated while the VM is paused for a checkpoint: the truncation charge is
+    the pause so far plus the write still to do (at the write rate), so truncating later in the
+    pause costs about as much as truncating just before it (the whole pause), not less."""
+    kw = dict(scenario="checkpoint", vm={"memory": "1GiB", "vcpus": 2}, workloads=["memcached"],
+              checkpoint={"period_s": 5, "storage_mbps": 50, "horizon_s": 60})
+
+    def episode(max_s):
+        env = gym.make("ringenv/Checkpoint-v0", max_episode_s=max_s, **kw)
+        env.reset(seed=3)
+        steps = []
+        while True:
+            _, _, te, tr, info = env.step(np.array([2, 6]))
+            steps.append((env.unwrapped.t / 1e9, info["phase"]))
+            if te or tr:
+                env.close()
+                return info, steps
+
+    _, steps = episode(40.0)
+    first = next(t for t, phase in steps if phase == "paused")  # the end of the step where the pause began
+    run = [t for t, phase in steps if phase == "paused" and t < first + 10]
+    assert len(run) >= 20, run  # a pause of a second or more
+    before, _ = episode(first - 0.05)
+    mid, _ = episode(run[len(run) // 2])
+    assert before["phase"] != "paused" and mid["phase"] == "paused"
+    t_before, t_mid = before["reward_parts"]["truncation"], mid["reward_parts"]["truncation"]
+    assert t_mid == pytest.approx(t_before, rel=0.05)
+    assert t_mid > 10.0 * mid["remaining_bytes"] / 50e6 * 1.2  # more than the write still to do

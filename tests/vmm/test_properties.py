@@ -18,7 +18,9 @@ def configs(draw):
     host = draw(st.sampled_from(HOST_PROFILES))
     prof = load_host_profile(host)
     collector = draw(st.sampled_from(["ring", "bitmap"]))
-    throttle = draw(st.sampled_from(["none", "auto-converge"] + (["dirty-limit"] if collector == "ring" else [])))
+    kind = draw(st.sampled_from(["migration", "migration", "checkpoint"]))
+    throttle = draw(st.sampled_from((["none"] if kind == "checkpoint" else ["none", "auto-converge"])
+                                    + (["dirty-limit"] if collector == "ring" else [])))
     vm = {"memory": f"{draw(st.sampled_from([128, 256, 512]))}MiB", "vcpus": draw(st.integers(1, 6)),
           "block_fraction": draw(st.sampled_from([0.0, 0.5, 1.0]))}
     if prof.eager_split_chunk_sizes and draw(st.booleans()):
@@ -28,7 +30,7 @@ def configs(draw):
                          ring_entries=draw(st.sampled_from(prof.ring_sizes[:4])),
                          interval_ms=draw(st.sampled_from([5, 50, 500, 3000])), throttle=throttle,
                          switchover=draw(st.sampled_from(["qemu", "pass-end"])),
-                         kind=draw(st.sampled_from(["migration", "migration", "checkpoint"])),
+                         kind=kind,
                          link={"gbps": draw(st.sampled_from([0.5, 2.0])), "give_up_s": 8},
                          checkpoint={"period_s": 1.5, "storage_mbps": 300, "horizon_s": 5,
                                      "stop_the_world": draw(st.booleans())},

@@ -349,3 +349,21 @@ def test_dirty_pages_keep_their_counts_for_the_checkpoint_remaining_bytes_exact(
             assert d.unsaved == np.count_nonzero(d.mig | seen) and not np.any(d.slot & ~seen)
         else:
             assert d.mig_blocks.tolist() == [int(d.mig[b: b + MIG_BLOCK].sum()) for b in range(0, n, MIG_BLOCK)]
+
+
+@pytest.mark.parametrize("with_bitmap, lost", [(True, False), (False, True)])
+def test_a_checkpoint_run_reports_each_checkpoint_s_verification_when_it_happens(with_bitmap, lost):
+    """A checkpoint verifies its image at its pause: from the first checkpoint on, the metrics of
+    a run stepped (or an env episode truncated) before the horizon say so (the worst checkpoint
+    so far), not only at the end. arm64 without WITH_BITMAP really loses writes."""
+    run = CheckpointRun(small("checkpoint", vm={"with_bitmap": with_bitmap}))
+    t = 0
+    while not run.pauses:
+        assert run.metrics().verified is None
+        t += 100 * MS
+        run.advance(t)
+    m = run.metrics()
+    assert not run.done and m.checkpoints == 1
+    assert m.verified is (not lost) and (m.lost_writes > 0) is lost
+    assert m.lost_writes == run.checkpoint_lost[0]
+    run.close()
