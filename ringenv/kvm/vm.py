@@ -387,9 +387,9 @@ class Vm:
 
         Errors, in the kernel's order: EINVAL (flags; as_id >= the profile's address spaces or
         slot id >= KVM_USER_MEM_SLOTS; guest_phys_addr or memory_size outside the __u64 the
-        ioctl's struct holds (negative, or >= 2^64: the Python call takes ints); guest_phys_addr or memory_size not page-aligned;
-        guest_phys_addr + memory_size wraps 2^64; more than KVM_MEM_MAX_NR_PAGES (2^31 - 1) pages;
-        deleting a slot that does not exist; resizing
+        ioctl's struct holds (negative, or >= 2^64: the Python call takes ints); guest_phys_addr
+        or memory_size not page-aligned; guest_phys_addr + memory_size wraps 2^64; more than
+        KVM_MEM_MAX_NR_PAGES (2^31 - 1) pages; deleting a slot that does not exist; resizing
         a slot or changing its KVM_MEM_READONLY), EEXIST (a new or moved slot overlaps another of
         its address space), then for a new or moved slot that does not fit in the profile's
         ``phys_addr_bits``: EINVAL on x86 (its last gfn above kvm_mmu_max_gfn), EFAULT on arm64

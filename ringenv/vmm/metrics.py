@@ -47,7 +47,7 @@ class Metrics:
     interval_ms: float  #: current reaper interval, ms (0 with the bitmap)
     # --- correctness
     lost_writes: int  #: pages whose destination copy differs from the source (checkpoint: worst checkpoint so far)
-    verified: bool | None  #: lost_writes == 0, once checked (None before: a migration checks at its end, a checkpoint run at each checkpoint)
+    verified: bool | None  #: lost_writes == 0 once checked (None before; checkpoint runs check at every checkpoint)
     ring_overflows: int  #: entries the kernel overwrote in a full ring (its WARN)
     wedged_vcpus: int  #: vCPUs whose overflowed ring wedged (KVM_RUN keeps returning ring-full with nothing to harvest)
     # --- observation

@@ -230,7 +230,8 @@ def test_bad_arguments_end_with_a_message_not_a_traceback():
                          "--timeline-workload: unknown workload 'nope'"),
                         (["evaluate", "--policies", "qemu", "--workloads", "oltp", "oltp"],
                          "--workloads: 'oltp' given more than once"),
-                        (["evaluate", "--policies", "qemu", "qemu", "rate"], "--policies: 'qemu' given more than once")):
+                        (["evaluate", "--policies", "qemu", "qemu", "rate"],
+                         "--policies: 'qemu' given more than once")):
         p = subprocess.run([sys.executable, "-m", "ringenv", *args], cwd=ROOT, env=env, capture_output=True, text=True,
                            timeout=120)
         assert p.returncode == 2 and words in p.stderr and "Traceback" not in p.stderr, (args, p.stderr)
