@@ -5,7 +5,8 @@ from __future__ import annotations
 import importlib
 import sys
 
-MODULES = ["benchmarks.host", "benchmarks.vmm_speed", "benchmarks.env_speed", "benchmarks.env_floor"]
+MODULES = ["benchmarks.host", "benchmarks.vmm_speed", "benchmarks.env_speed", "benchmarks.env_floor",
+           "benchmarks.memory"]
 
 
 def main() -> int:

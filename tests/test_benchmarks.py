@@ -48,3 +48,11 @@ def test_the_floor_profile_finds_the_kernels_and_splits_the_env_time():
     f = floor(timesteps=512)  # one rollout
     assert 0 < f["kernels_us"] < f["env_profiled_us"] and f["numpy_us"] >= 0
     assert f["top"] and all(us > 0 for us, _ in f["top"])
+
+
+def test_the_memory_benchmark_reads_the_resident_set_after_each_marked_episode():
+    from benchmarks.memory import growth, rss_mb
+
+    assert rss_mb() > 10
+    first, second, readings = growth("ringenv/Migration-v0", 4, readings=2, max_episode_s=1.0)
+    assert len(readings) == 2 and first == readings[0] and second == readings[1] and first > 10
