@@ -7,9 +7,9 @@ service time of the faults it took; different vCPUs' writes interleave by that s
 
 The service time is the host's: the kernel time the host charged the vCPU (its write-protect
 faults, splits and their TLB invalidations, PML buffer flushes; ``Vm.vcpu_kernel_ns``), unless a
-fixed ``fault_ns`` per fault is given. Either way the host ends a batch after each access that
-faulted (:attr:`WriteBatch.fault_cut`), so the vCPU's later accesses come after the fault, and
-the interleaving of the vCPUs does not depend on how many writes a batch proposes.
+fixed ``fault_ns`` per fault is given. Unless that is 0 the host ends a batch after each access
+that faulted (:attr:`WriteBatch.fault_cut`), so the vCPU's later accesses come after the fault,
+and the interleaving of the vCPUs does not depend on how many writes a batch proposes.
 """
 
 from __future__ import annotations
@@ -65,16 +65,16 @@ class TraceProgram(GuestProgram):
             self._vm = vm
             self._kernel_seen = vm.vcpu_kernel_ns()[: self.nr_vcpus].copy()
 
-    def _kernel_delta(self) -> np.ndarray:
-        """Kernel time the host charged each vCPU since the last call."""
-        now = self._vm.vcpu_kernel_ns()[: self.nr_vcpus]
-        delta = now - self._kernel_seen
-        self._kernel_seen = now.copy()
-        return delta
+    def _charge_kernel_time(self) -> None:
+        """Move each vCPU's clock on by the kernel time the host charged it since the last call
+        (with the host's service times: ``fault_ns`` None)."""
+        if self._vm is not None:
+            now = self._vm.vcpu_kernel_ns()[: self.nr_vcpus]
+            self.clock += now - self._kernel_seen
+            self._kernel_seen = now.copy()
 
     def next_writes(self, now, until, running):
-        if self._vm is not None:  # faults and splits since the last batch delay their vCPU
-            self.clock += self._kernel_delta()
+        self._charge_kernel_time()  # faults and splits since the last batch delay their vCPU
         ts, vs, gs, cs, rs = [], [], [], [], []
         complete = until
         for v in range(self.nr_vcpus):
@@ -118,6 +118,5 @@ class TraceProgram(GuestProgram):
 
     def resumed(self, vcpu, now):
         if vcpu < self.nr_vcpus:
-            if self._vm is not None:  # kernel time charged up to the exit and while out is behind ``now``
-                self.clock += self._kernel_delta()
+            self._charge_kernel_time()  # for this vCPU, up to its exit and while out: behind ``now``
             self.clock[vcpu] = max(self.clock[vcpu], now)
