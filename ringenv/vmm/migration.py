@@ -74,7 +74,7 @@ class MigrationRun(Session):
                     break
             elif pending == 0:
                 break
-            if throttle.sync_due(self):  # auto-converge's periodic dirty sync (QEMU >= 9.2), mid-pass
+            if throttle.sync_due():  # auto-converge's periodic dirty sync (QEMU >= 9.2), mid-pass
                 yield from self.sync()
                 continue
             tick = throttle.next_sync_tick

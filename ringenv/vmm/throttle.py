@@ -77,7 +77,7 @@ class NoThrottle:
     def start(self, now: int) -> None:
         """The migration starts at ``now`` (its thread, before the set-up)."""
 
-    def sync_due(self, session) -> bool:
+    def sync_due(self) -> bool:
         """Whether a periodic dirty sync is due now (see :class:`AutoConverge`)."""
         return False
 
@@ -111,7 +111,7 @@ class AutoConverge(NoThrottle):
             self.next_sync_tick = now + self._sync_period
             self._prev_syncs = self.s.iterations
 
-    def sync_due(self, session) -> bool:
+    def sync_due(self) -> bool:
         """cpu_throttle_dirty_sync_timer_tick for the ticks up to now: a tick finding the dirty
         sync count unchanged since the previous tick (and the set-up sync not the only one) asks
         for a sync, re-arming the timer after it (:meth:`on_sync`); any other tick re-arms it a
@@ -120,8 +120,9 @@ class AutoConverge(NoThrottle):
         slices, where the migration loop calls this (the slices stop at the tick)."""
         if self.next_sync_tick is None or self.stopped:
             return False
-        while session.loop.now >= self.next_sync_tick:
-            n = session.iterations
+        s = self.s
+        while s.loop.now >= self.next_sync_tick:
+            n = s.iterations
             if n > 1 and n == self._prev_syncs:
                 return True
             self._prev_syncs = n
