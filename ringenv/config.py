@@ -377,6 +377,9 @@ class RegionConfig(Strict):
 
     @model_validator(mode="after")
     def _check(self):
+        if "zipf_s" in self.model_fields_set and self.pattern != "zipf":
+            raise ValueError(f"zipf_s: {self.zipf_s:g} is given for pattern {self.pattern!r}; it applies to "
+                             "pattern 'zipf' only")
         if self.vcpu_weights is not None and (not self.vcpu_weights or min(self.vcpu_weights) < 0
                                               or sum(self.vcpu_weights) <= 0):
             raise ValueError(f"vcpu_weights: {self.vcpu_weights} is not accepted; expected non-negative numbers "

@@ -106,6 +106,7 @@ class WorkloadProgram(GuestProgram):
 
     def __init__(self, workload, nr_vcpus: int, *, seed: int = 0, rate_scale: float = 1.0, start_ns: int = 0):
         checked_number(start_ns, "start_ns", "an integer number of ns >= 0", lambda ns: ns >= 0, integral=True)
+        checked_number(rate_scale, "rate_scale", "a finite number > 0", lambda x: x > 0)
         self.cfg: WorkloadConfig = load_workload(workload)
         self.nr_vcpus = int(nr_vcpus)
         self.seed = seed
@@ -356,7 +357,11 @@ class WorkloadProgram(GuestProgram):
         Ring-full exits, throttle sleeps and lock waits need no
         such step: the vCPU is out of the guest then and draws no writes (and does not catch
         up after, whatever ``cpu_busy``). ``cpu_busy`` 0 is the closest to an open-loop guest:
-        it slows down only when the faults alone would take all of its time."""
+        it slows down only when the faults alone would take all of its time. There the share
+        is 1 on average and each window's is the Poisson noise of its faults around it: a
+        vCPU whose faults alone would take more than all of its time (``cpu_busy`` 0, r c >= 1)
+        spends up to ~10-25% more than a short interval in the kernel in some intervals and
+        correspondingly less in others (no shipped workload comes near)."""
         now, running = self._window
         if n >= 256:  # learn how many sampled writes find their page clean
             self.efficiency = float(min(max(0.7 * self.efficiency + 0.3 * written / n, 0.02), 1.0))
@@ -397,11 +402,13 @@ def _closed_loop(kernel_ns, k_seen, running, dt, busy, speed, acc_k, acc_p, mult
     """Update each vCPU's ``speed`` after a window of ``dt`` ns at rate multiplier ``mult`` (see
     :meth:`WorkloadProgram.consumed`): for a vCPU that ran, its kernel ns since the last call
     (``kernel_ns`` - ``k_seen``) and its progress in units of the nominal rates (``dt * speed
-    * mult``), both smoothed with a decay of exp(-dt / SPEED_TAU_NS); the kernel ns of a vCPU
+    * mult``), both smoothed with a decay of exp(-dt / SPEED_TAU_NS) (none at multiplier 0); the kernel ns of a vCPU
     out of the guest (a PML flush at its exit) are added without decay (no time passed for it
     in the guest). The speed from the load (:func:`_set_speed`).
     Returns whether a speed moved."""
-    decay = np.exp(-dt / SPEED_TAU_NS)
+    # the estimate is forgotten as the workload runs: not while its rate multiplier is 0 (a
+    # phase with no writes teaches nothing, and a long one would wipe what the next burst needs)
+    decay = np.exp(-dt / SPEED_TAU_NS) if mult > 0.0 else 1.0
     moved = False
     for v in range(speed.shape[0]):
         k = 0.0

@@ -106,6 +106,24 @@ def test_a_burst_slows_the_workload_from_its_first_window_and_calm_restores_full
     assert min(x[1] for x in seen) == pytest.approx(1 / 2.2, rel=0.05)
 
 
+def test_a_silent_calm_phase_keeps_what_the_last_burst_measured():
+    """calm_multiplier 0 (no writes between bursts): long calm phases (~1 s, past the ~0.75 s
+    after which a time-decayed estimate underflowed to nothing) must not wipe the kernel time
+    per write measured in the bursts, so every burst after the first runs at the slowed speed
+    from its first window: cpu_busy 0.2, r c = 0.6 x 4 in bursts (load 2.6: speed 1/2.6), no 10 ms
+    interval of a later burst passes the vCPU's time."""
+    phases = {"calm_multiplier": 0.0, "burst_multiplier": 4.0, "mean_calm_s": 1.0, "mean_burst_s": 0.1}
+    seen = []
+    _cold_run(0.6, 0.2, seconds=6.0, seed=5, phases=phases, watch=lambda vm, prog: seen.append(
+        (int(vm.vcpu_kernel_ns()[0]), prog.multiplier(vm.now)[0])))
+    k = [x[0] for x in seen]
+    shares = [(b - a) / (NS // 100) for a, b in zip(k, k[1:])]
+    burst_starts = [i for i in range(1, len(seen) - 1) if seen[i][1] > 0 and seen[i - 1][1] == 0]
+    assert len(burst_starts) >= 3, burst_starts
+    later = [shares[i] for i in burst_starts[1:]]
+    assert max(later) < 1.0, later
+
+
 def test_the_kernel_never_takes_more_than_all_of_a_vcpus_time():
     # the open-loop model charged 2 s of faults per second here
     faults, kernel_ns, vm = _cold_run(2.0, 0.0)

@@ -367,3 +367,15 @@ def test_a_program_started_later_continues_the_timeline_with_draws_of_its_own():
 def test_a_bad_start_time_names_the_argument(bad):
     with pytest.raises(ConfigError, match=r"^start_ns: .* accepted: an integer number of ns >= 0"):
         WorkloadProgram("web", 2, seed=0, start_ns=bad)
+
+
+@pytest.mark.parametrize("bad", [0, -1.0, float("nan"), float("inf"), "2", True])
+def test_a_bad_rate_scale_names_the_argument(bad):
+    with pytest.raises(ConfigError, match=r"^rate_scale: .* accepted: a finite number > 0"):
+        WorkloadProgram("web", 2, seed=0, rate_scale=bad)
+
+
+def test_zipf_s_on_a_region_that_is_not_zipf_is_an_error():
+    with pytest.raises(ConfigError, match=r"zipf_s: 2 is given for pattern 'uniform'; it applies to pattern 'zipf'"):
+        load_workload({"name": "x", "regions": [{"fraction": 0.5, "rate_mbps": 10, "zipf_s": 2}]})
+    load_workload({"name": "x", "regions": [{"fraction": 0.5, "rate_mbps": 10, "pattern": "zipf", "zipf_s": 2}]})
