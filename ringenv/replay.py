@@ -94,6 +94,25 @@ def validate_trace(trace: Any) -> dict:
     return trace
 
 
+def timing_dependent(trace: dict) -> str | None:
+    """Why a trace's outcome on the real KVM depends on how its vCPU threads happen to
+    interleave (None: it does not): several vCPUs and either shared pages (which vCPU first
+    writes one, hence whose ring logs it) or ``reap_scope`` "all" (which entries a harvest
+    finds in the other rings). The simulator gives one outcome; the real KVM one of several."""
+    vcpus = trace["vcpus"]
+    if len(vcpus) < 2:
+        return None
+    if trace["reap_scope"] == "all":
+        return "several vCPUs with reap_scope 'all' (a harvest takes the other rings' entries as they are then)"
+    seen: set[int] = set()
+    for v in vcpus:
+        pages = set(v["writes"])
+        if pages & seen:
+            return "several vCPUs writing shared pages (whose ring logs one depends on which thread writes first)"
+        seen |= pages
+    return None
+
+
 def replay_trace(trace: dict, profile: str | None = None, ring_entries: int | None = None) -> dict:
     """Run ``trace`` on a simulated host (default profile arm64-4k) and return the report."""
     validate_trace(trace)
@@ -111,7 +130,11 @@ def replay_trace(trace: dict, profile: str | None = None, ring_entries: int | No
                           f"KVM_ENABLE_CAP on {prof.name} with {e.errno_name} ({e.rule}); accepted: "
                           f"{', '.join(map(str, prof.ring_sizes))}") from None
     if trace.get("with_bitmap", prof.with_bitmap_supported):
-        vm.enable_cap(uapi.KVM_CAP_DIRTY_LOG_RING_WITH_BITMAP)
+        try:
+            vm.enable_cap(uapi.KVM_CAP_DIRTY_LOG_RING_WITH_BITMAP)
+        except KvmError as e:
+            raise ConfigError(f"trace.with_bitmap: true is refused by KVM_ENABLE_CAP on {prof.name} with "
+                              f"{e.errno_name} ({e.rule}); accepted there: false") from None
     vm.set_user_memory_region(0, uapi.KVM_MEM_LOG_DIRTY_PAGES, 0, trace["slot_pages"] * prof.page_size,
                               mapped_fraction=0.0)
     vcpus = [vm.create_vcpu(i) for i in range(nv)]

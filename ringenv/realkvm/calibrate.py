@@ -1,8 +1,13 @@
 """Measure this host's dirty-logging costs with small guests; emit a host-profile YAML.
 
-Each measurement is a median over repeats; per-entry/per-page costs are the slope of a line
-fitted over several sizes. Absolute numbers on a nested host (as the project's machines are)
-are inflated by nesting: compare ratios, not absolutes, with bare metal.
+The ring costs (harvest, KVM_RESET_DIRTY_RINGS) are medians over repeated passes, their
+per-entry parts the slope of a line fitted over several sizes. The write costs come from one
+pass over one slot each (a first write to a clean page, a write to a dirty page: per page of
+that pass, the MMIO round trip subtracted, which is a median of probes), and
+``protect_page_ns`` is the logging ioctl's time divided by the slot's pages, its fixed cost
+included: these move by 2-3x from run to run and slot size to slot size. Absolute numbers on a
+nested host (as the project's machines are) are inflated by nesting: compare ratios, not
+absolutes, with bare metal.
 """
 
 from __future__ import annotations

@@ -163,8 +163,9 @@ def kvm_replay_trace(trace: dict, ring_entries: int | None = None,
                       with_bitmap=bool(trace.get("with_bitmap", False)), arch=arch,
                       unmapped_pages=trace.get("unmapped_pages", 0))
     except RingSizeRefused as exc:  # name the input, as the simulator does
+        field = "ring_entries (--ring-entries)" if ring_entries else "trace.ring_entries"
         raise ConfigError(
-            f"trace.ring_entries: {entries} entries ({entries * 16} bytes) is refused by "
+            f"{field}: {entries} entries ({entries * 16} bytes) is refused by "
             f"KVM_ENABLE_CAP on this host ({arch.profile_name()}) with "
             f"{_errno_name(exc.errno)}; accepted: {', '.join(map(str, exc.accepted))}") from None
     with guest:

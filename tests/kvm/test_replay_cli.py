@@ -158,3 +158,21 @@ def test_unknown_profile_exit_2(tmp_path):
     r = ringenv("replay", write(tmp_path, GOOD), "--profile", "sparc-8k")
     assert r.returncode == 2 and "Traceback" not in r.stderr
     assert "sparc-8k" in r.stderr
+
+
+def test_timing_dependent_names_what_makes_a_real_run_vary():
+    from ringenv.replay import timing_dependent
+
+    one = {"reap_scope": "all", "vcpus": [{"writes": [1, 2]}]}
+    disjoint = {"reap_scope": "self", "vcpus": [{"writes": [1, 2]}, {"writes": [3]}]}
+    shared = {"reap_scope": "self", "vcpus": [{"writes": [1, 2]}, {"writes": [2]}]}
+    everyone = {"reap_scope": "all", "vcpus": [{"writes": [1]}, {"writes": [3]}]}
+    assert timing_dependent(one) is None and timing_dependent(disjoint) is None
+    assert "shared pages" in timing_dependent(shared)
+    assert "reap_scope 'all'" in timing_dependent(everyone)
+
+
+def test_with_bitmap_on_a_host_without_it_names_the_field(tmp_path):
+    r = ringenv("replay", write(tmp_path, {**GOOD, "with_bitmap": True}), "--profile", "x86-nopml")
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert "trace.with_bitmap: true is refused" in r.stderr and "EINVAL" in r.stderr

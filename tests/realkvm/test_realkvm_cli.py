@@ -39,7 +39,7 @@ def test_kvm_replay_refuses_a_bad_trace(tmp_path, capsys):
     path.write_text('{"slot_pages": 4, "ring_entries": 256, "reap_scope": "self", '
                     '"vcpus": [{"writes": [3]}]}')
     assert run("kvm-replay", str(path), "--ring-entries", "300") == 2  # the host refuses it
-    assert "trace.ring_entries: 300 entries" in capsys.readouterr().err
+    assert "ring_entries (--ring-entries): 300 entries" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         run("kvm-replay", str(path), "--ring-entries", "0")
 
@@ -67,9 +67,46 @@ def test_validate_reports_identical_or_first_difference(monkeypatch, capsys):
     assert json.loads(capsys.readouterr().out) == {k: "identical" for k in small}
 
 
+def test_kvm_replay_says_when_the_outcome_depends_on_thread_timing(tmp_path, capsys):
+    trace = {"slot_pages": 64, "ring_entries": 256, "reap_scope": "self",
+             "vcpus": [{"writes": [0, 1, 2], "syncs": []}, {"writes": [2, 3], "syncs": []}]}
+    path = tmp_path / "t.json"
+    path.write_text(json.dumps(trace))
+    assert run("kvm-replay", str(path)) == 0
+    assert "depends on thread timing: several vCPUs writing shared pages" in capsys.readouterr().err
+    trace["vcpus"][1]["writes"] = [4, 5]  # disjoint: one outcome, no note
+    path.write_text(json.dumps(trace))
+    assert run("kvm-replay", str(path)) == 0
+    assert "thread timing" not in capsys.readouterr().err
+
+
+def test_validate_skips_a_trace_whose_ring_size_the_host_refuses(monkeypatch, capsys):
+    """An x86 host with PML refuses rings under 1024 entries: such a trace is reported skipped,
+    not a failure of the whole run, and the others are still compared."""
+    try:
+        validate.simulator()
+    except ImportError as exc:
+        pytest.skip(f"simulator not importable: {exc}")
+    small = {k: v for k, v in builtin_traces().items() if k in ("seq-256", "seq-4096")}
+    monkeypatch.setattr(validate, "builtin_traces", lambda: small)
+    real = validate.kvm_replay_trace
+
+    def refusing(trace, **kw):
+        if trace["ring_entries"] < 1024:
+            from ringenv.config import ConfigError
+            raise ConfigError("trace.ring_entries: 256 entries (4096 bytes) is refused by KVM_ENABLE_CAP")
+        return real(trace, **kw)
+
+    monkeypatch.setattr(validate, "kvm_replay_trace", refusing)
+    assert run("validate") == 0
+    out = capsys.readouterr().out
+    assert "seq-256" in out and "skipped: trace.ring_entries" in out
+    assert "1/1 traces identical (real KVM vs simulator); 1 skipped" in out
+
+
 def test_compare_names_the_first_difference():
     a = {"ring_entries": 256, "soft_limit": 192, "resets": [3, 1],
-         "vcpus": [{"full_exits": 0, "resets": [3], "batches": [
+         "vcpus": [{"full_exits": 0, "lost": 0, "resets": [3], "batches": [
              {"trigger": "sync", "offsets": [1, 2, 3]}], "exits": ["sync", "mmio", "done"]}]}
     b = json.loads(json.dumps(a))
     assert validate.compare(a, b) is None
@@ -78,6 +115,9 @@ def test_compare_names_the_first_difference():
     b = json.loads(json.dumps(a))
     b["vcpus"][0]["exits"][1] = "sync"  # the exit sequence is compared too
     assert validate.compare(a, b) == "vcpus[0].exits[1]: real 'mmio', sim 'sync'"
+    b = json.loads(json.dumps(a))
+    b["vcpus"][0]["lost"] = 5  # and lost entries (none on the real side)
+    assert validate.compare(a, b) == "vcpus[0].lost: real 0, sim 5"
 
 
 def test_calibrate_emits_a_valid_profile(tmp_path, capsys):

@@ -157,7 +157,7 @@ def test_with_bitmap_the_host_lacks(capsys, tmp_path, no_leaks):
 def test_ring_size_the_host_refuses(capsys, trace_file, entries, name, no_leaks):
     code, err = cli(capsys, "kvm-replay", trace_file, "--ring-entries", str(entries))
     assert code == 2 and len(err) == 1
-    assert err[0].startswith(f"ringenv kvm-replay: trace.ring_entries: {entries} entries")
+    assert err[0].startswith(f"ringenv kvm-replay: ring_entries (--ring-entries): {entries} entries")
     assert name in err[0] and "accepted: 256, 512" in err[0]
 
 
