@@ -33,6 +33,18 @@ class ConfigError(ValueError):
     """An invalid configuration value: the message names the field, the value and what is accepted."""
 
 
+def check_checkpoint_throttle(throttle: str, error=None) -> None:
+    """A checkpoint run takes no auto-converge: it slows the guest more at every trigger until a
+    pre-copy converges, and an incremental checkpoint, which always writes what was dirtied,
+    meets the trigger every time (it would only ever step up). ``error``: the exception type
+    (ConfigError by default)."""
+    if throttle == "auto-converge":
+        raise (error or ConfigError)(
+            "throttle: 'auto-converge' is a migration's (it slows the guest more at every trigger until the "
+            "pre-copy converges; an incremental checkpoint always writes what was dirtied, so it would only ever "
+            "step up); accepted for checkpointing: 'none', 'dirty-limit' (a fixed per-vCPU quota)")
+
+
 def checked_number(value, field: str, accepted: str, valid, *, integral: bool = False):
     """``value`` if it is a real number (with ``integral``, an integer), not a bool, finite, and
     ``valid(value)``; else a :class:`ConfigError` "FIELD: VALUE is not accepted; accepted: ACCEPTED".
@@ -570,6 +582,13 @@ class AutoConvergeConfig(Strict):
                                        "over a tick of this period (CPU_THROTTLE_DIRTY_SYNC_TIMESLICE_MS); "
                                        "0: no timer (QEMU before 9.2)")
 
+    @model_validator(mode="after")
+    def _check(self):
+        if 0 < self.dirty_sync_timer_ms < 1:
+            raise ValueError(f"dirty_sync_timer_ms: {self.dirty_sync_timer_ms:g} is not accepted; accepted: 0 (no "
+                             "timer) or >= 1 ms")
+        return self
+
 
 class DirtyLimitConfig(Strict):
     """QEMU dirty-limit (migration parameters vcpu-dirty-limit, x-vcpu-dirty-limit-period). It
@@ -655,11 +674,8 @@ class ScenarioConfig(Strict):
                              f"accepted: {', '.join(map(str, prof.ring_sizes))}")
         if self.throttle == "dirty-limit" and self.collector != "ring":
             raise ValueError("throttle: dirty-limit needs collector ring (QEMU measures the rate with the ring)")
-        if self.kind == "checkpoint" and self.throttle == "auto-converge":
-            raise ValueError("throttle: 'auto-converge' is a migration's (it slows the guest more at every trigger "
-                             "until the pre-copy converges; an incremental checkpoint always writes what was dirtied, "
-                             "so it would only ever step up); accepted with kind checkpoint: 'none', 'dirty-limit' "
-                             "(a fixed per-vCPU quota)")
+        if self.kind == "checkpoint":
+            check_checkpoint_throttle(self.throttle, ValueError)
         return self
 
     @property

@@ -10,8 +10,8 @@ import gymnasium as gym
 import numpy as np
 from gymnasium import spaces
 
-from .config import (ConfigError, EnvConfig, ScenarioConfig, deep_merge, load_scenario, load_workload,
-                     load_workload_sets)
+from .config import (ConfigError, EnvConfig, ScenarioConfig, check_checkpoint_throttle, deep_merge, load_scenario,
+                     load_workload, load_workload_sets)
 from .vmm.dirtyrate import sample_dirty_rate
 
 SECOND = 1_000_000_000
@@ -86,6 +86,8 @@ class RingEnv(gym.Env):
                                   f"({', '.join(f for f in ScenarioConfig.model_fields if f not in NOT_KEYWORDS)})")
         env_overrides = {k: overrides.pop(k) for k in list(overrides) if k in EnvConfig.model_fields}
         self.scenario = load_scenario(scenario, **overrides)
+        if self.kind == "checkpoint":  # (whatever the scenario's own kind)
+            check_checkpoint_throttle(self.scenario.throttle)
         # a mapping is merged into its section (reward={"vcpu": 1} keeps the file's other weights)
         self.cfg = EnvConfig.parse(deep_merge(dict(self.scenario.env or {}), env_overrides), where="env")
         if split not in ("train", "test", "all"):
@@ -203,7 +205,9 @@ class RingEnv(gym.Env):
         terminated = bool(self._session.done)
         truncated = (not terminated) and self.t >= self.cfg.max_episode_s * SECOND
         if truncated:  # the downtime a switchover (a pause) now would cause, and of one under way its time so far
-            pen = self.cfg.reward.downtime * (m.remaining_bytes / self._send_rate(m) + self._session.pause_so_far_s())
+            s = self._session
+            rate = s.final_rate_Bps if s.paused_at is not None else self._send_rate(m)  # (stopped: sends at that)
+            pen = self.cfg.reward.downtime * (m.remaining_bytes / rate + s.pause_so_far_s())
             reward -= pen / self.cfg.reward.scale
             parts["truncation"] = pen
         obs = self._observe(m, dt, costs)
@@ -442,7 +446,8 @@ class MigrationEnv(RingEnv):
     and lost vCPU time are weighted alike: both are seconds the whole VM does not run. At
     truncation the downtime a switchover would cause at that moment (remaining dirty bytes /
     measured bandwidth, or / the run's configured rate before any is measured; in a
-    stop-and-copy under way, plus the time the VM has been stopped) is charged at the
+    stop-and-copy under way, / the rate it sends at, the link's, plus the time the VM has been
+    stopped) is charged at the
     `downtime` weight as a cost of its own, the info's `reward_parts["truncation"]`
     (`reward_parts["downtime"]` is the downtime that happened).
 

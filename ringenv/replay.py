@@ -105,8 +105,9 @@ def timing_dependent(trace: dict) -> str | None:
     if trace["reap_scope"] == "all":
         return "several vCPUs with reap_scope 'all' (a harvest takes the other rings' entries as they are then)"
     seen: set[int] = set()
-    for v in vcpus:
-        pages = set(v["writes"])
+    for v in vcpus:  # the pages each logs: its writes (not its reads) within the slot (not MMIO)
+        reads = set(v.get("reads", []))
+        pages = {g for i, g in enumerate(v["writes"]) if i not in reads and g < trace["slot_pages"]}
         if pages & seen:
             return "several vCPUs writing shared pages (whose ring logs one depends on which thread writes first)"
         seen |= pages

@@ -27,6 +27,7 @@ kernel's dirty bitmap.
 
 from __future__ import annotations
 
+from ..config import check_checkpoint_throttle
 from .metrics import Metrics
 from .session import NS, Session
 
@@ -43,6 +44,11 @@ class CheckpointRun(Session):
         self.overruns = 0
         super().__init__(scenario, seed=seed, **overrides)
         self.rate_Bps = self.final_rate_Bps = self.cfg.checkpoint.storage_mbps * 1e6
+
+    @staticmethod
+    def _check_config(cfg) -> None:
+        """Whatever the scenario's ``kind``: no auto-converge when checkpointing."""
+        check_checkpoint_throttle(cfg.throttle)
 
     def _main(self):
         ck = self.cfg.checkpoint

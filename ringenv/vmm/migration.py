@@ -64,6 +64,9 @@ class MigrationRun(Session):
             if loop.now >= give_up:
                 self.forced = True
                 break
+            if throttle.sync_due():  # auto-converge's periodic dirty sync (QEMU >= 9.2), mid-pass: the
+                yield from self.sync()  # ticks that passed during the last slice, before any sync of the loop's
+                continue
             pending = dirty.mig_count * ps
             if (pending < self.threshold_bytes) if rule_qemu else (dirty.mig_count == 0):
                 yield from self.sync()
@@ -74,9 +77,6 @@ class MigrationRun(Session):
                     break
             elif pending == 0:
                 break
-            if throttle.sync_due():  # auto-converge's periodic dirty sync (QEMU >= 9.2), mid-pass
-                yield from self.sync()
-                continue
             tick = throttle.next_sync_tick
             yield from self.send_slice(self.rate_Bps, stop_below=self.threshold_bytes if rule_qemu else 0,
                                        deadline=give_up if tick is None else min(give_up, tick))

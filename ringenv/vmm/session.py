@@ -108,6 +108,7 @@ class Session:
             overrides["seed"] = seed
         cfg = load_scenario(scenario, **overrides) if (overrides or not isinstance(scenario, ScenarioConfig)) \
             else scenario
+        self._check_config(cfg)
         self.cfg = cfg
         self.profile = cfg.profile
         self.costs = self.profile.costs
@@ -235,6 +236,10 @@ class Session:
             self.vm.write_without_vcpu(self.vgic_gfns)
 
     # ================================================================== processes
+    @staticmethod
+    def _check_config(cfg: ScenarioConfig) -> None:
+        """What this kind of run refuses in a valid scenario (ConfigError), before anything is built."""
+
     def spawn(self, gen, prio: int, name: str = "", t: int | None = None) -> Process:
         return Process(self.loop, gen, prio, name).start(t)
 

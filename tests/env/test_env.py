@@ -614,3 +614,42 @@ def test_a_checkpoint_episode_truncated_mid_pause_is_charged_the_pause_so_far():
     t_before, t_mid = before["reward_parts"]["truncation"], mid["reward_parts"]["truncation"]
     assert t_mid == pytest.approx(t_before, rel=0.05)
     assert t_mid > 10.0 * mid["remaining_bytes"] / 50e6 * 1.2  # more than the write still to do
+
+
+def test_auto_converge_is_refused_for_checkpointing_whatever_the_scenario_s_kind():
+    """The default scenario is a migration's; run as checkpoints (the Checkpoint env, a
+    CheckpointRun) it still takes no auto-converge, which would only ever step up there."""
+    from ringenv.vmm import CheckpointRun
+
+    with pytest.raises(ConfigError, match="throttle: 'auto-converge' is a migration's"):
+        gym.make("ringenv/Checkpoint-v0", throttle="auto-converge")
+    with pytest.raises(ConfigError, match="throttle: 'auto-converge' is a migration's"):
+        CheckpointRun("default", throttle="auto-converge")
+    gym.make("ringenv/Checkpoint-v0", throttle="dirty-limit").close()
+
+
+def test_a_migration_truncated_in_its_stop_and_copy_is_charged_the_downtime_it_will_have():
+    """max-bandwidth 128 MiB/s (below the link) and a 2 s give-up: the stop-and-copy (at the
+    link's rate) runs from ~2 s. Truncated in it at any point, the charge is the time stopped so
+    far plus what is left at the link's rate: about the downtime the finished run reports."""
+    kw = dict(vm={"memory": "2GiB", "vcpus": 2}, workloads=["oltp"],
+              link={"max_bandwidth_mibps": 128, "give_up_s": 2})
+
+    def episode(max_s):
+        env = gym.make("ringenv/Migration-v0", max_episode_s=max_s, **kw)
+        env.reset(seed=3)
+        while True:
+            _, _, te, tr, info = env.step(np.array([2, 6]))
+            if te or tr:
+                env.close()
+                return te, info
+
+    te, done = episode(60.0)
+    assert te and not done["converged"]
+    charged = []
+    for max_s in (2.1, 3.0, 3.5):
+        te, info = episode(max_s)
+        assert not te and info["phase"] == "stop-copy"
+        charged.append(info["reward_parts"]["truncation"])
+    full = 10.0 * done["downtime_s"]  # the downtime weight
+    assert all(c == pytest.approx(full, rel=0.05) for c in charged), (charged, full)

@@ -163,13 +163,16 @@ def test_unknown_profile_exit_2(tmp_path):
 def test_timing_dependent_names_what_makes_a_real_run_vary():
     from ringenv.replay import timing_dependent
 
-    one = {"reap_scope": "all", "vcpus": [{"writes": [1, 2]}]}
-    disjoint = {"reap_scope": "self", "vcpus": [{"writes": [1, 2]}, {"writes": [3]}]}
-    shared = {"reap_scope": "self", "vcpus": [{"writes": [1, 2]}, {"writes": [2]}]}
-    everyone = {"reap_scope": "all", "vcpus": [{"writes": [1]}, {"writes": [3]}]}
-    assert timing_dependent(one) is None and timing_dependent(disjoint) is None
-    assert "shared pages" in timing_dependent(shared)
-    assert "reap_scope 'all'" in timing_dependent(everyone)
+    def trace(scope, *vcpus):
+        return {"slot_pages": 64, "reap_scope": scope, "vcpus": list(vcpus)}
+
+    assert timing_dependent(trace("all", {"writes": [1, 2]})) is None
+    assert timing_dependent(trace("self", {"writes": [1, 2]}, {"writes": [3]})) is None
+    assert "shared pages" in timing_dependent(trace("self", {"writes": [1, 2]}, {"writes": [2]}))
+    assert "reap_scope 'all'" in timing_dependent(trace("all", {"writes": [1]}, {"writes": [3]}))
+    # a read logs nothing, nor does an access past the slot (MMIO): no shared logged page
+    assert timing_dependent(trace("self", {"writes": [5, 1], "reads": [0]}, {"writes": [5]})) is None
+    assert timing_dependent(trace("self", {"writes": [64, 1]}, {"writes": [64, 2]})) is None
 
 
 def test_with_bitmap_on_a_host_without_it_names_the_field(tmp_path):

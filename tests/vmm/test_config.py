@@ -66,7 +66,7 @@ def test_sizes_are_parsed():
     ({"link": {"gbit": 1}}, "link.gbit", "unknown key"),
     ({"throttle": "dirty-limit", "collector": "bitmap"}, "throttle", "needs collector ring"),
     ({"kind": "checkpoint", "throttle": "auto-converge"}, "throttle",
-     "accepted with kind checkpoint: 'none', 'dirty-limit'"),
+     "accepted for checkpointing: 'none', 'dirty-limit'"),
     ({"dirty_limit": {"vcpu_limit_mbps": 1.5}}, "dirty_limit.vcpu_limit_mbps", "integer"),
     ({"dirty_limit": {"vcpu_limit_mbps": 0}}, "dirty_limit.vcpu_limit_mbps", "greater than or equal to 1"),
     ({"dirty_limit": {"period_ms": 2000}}, "dirty_limit.period_ms", "less than or equal to 1000"),
