@@ -17,11 +17,15 @@ from .common import add_dataclass_arguments, dataclass_from_namespace
 
 def _clean_errors(fn):
     """A bad flag value (unknown policy, missing model, malformed KEY=VALUE) ends the command with
-    its message and exit code 2, not a traceback; ringenv's ConfigError handling stays as is."""
+    its message and exit code 2, not a traceback; ringenv's ConfigError handling stays as is.
+    Ctrl-C ends it with exit code 130."""
 
     def run(args) -> int:
         try:
             return fn(args)
+        except KeyboardInterrupt:  # (train saved the model so far first, marked interrupted)
+            print(f"ringenv {args.command}: interrupted", file=sys.stderr)
+            return 130
         except (ValueError, KeyError, FileNotFoundError) as e:
             if type(e).__name__ == "ConfigError":
                 raise

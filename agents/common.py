@@ -276,6 +276,9 @@ def module_main(main, args_cls, prog: str) -> None:
     code 2, as it does through ``ringenv NAME``, not with a traceback."""
     try:
         rc = main(parse_dataclass_args(args_cls))
+    except KeyboardInterrupt:
+        print(f"python -m {prog}: interrupted", file=sys.stderr)
+        sys.exit(130)
     except (ValueError, KeyError, FileNotFoundError) as e:
         print(f"python -m {prog}: {e.args[0] if isinstance(e, KeyError) else e}", file=sys.stderr)
         sys.exit(2)

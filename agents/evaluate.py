@@ -398,6 +398,9 @@ def evaluate(policies: list[str], env_id: str = MIGRATION, scenario: str = "defa
     for spec in policies:  # every spec checked before anything runs
         check_spec(spec, facts)
     for spec in policies:
+        if not is_heuristic(spec) and model_meta(find_model(spec)).get("interrupted"):
+            print(f"warning: model {spec} comes from a training run that was interrupted (Ctrl-C): it had "
+                  "less than its budget", file=sys.stderr)
         diff = trained_settings_differences(spec, env_id, scenario, overrides)
         if diff:
             print(f"warning: model {spec} was trained with other env settings than this evaluation's: "

@@ -27,19 +27,24 @@ What it does:
 4. ``RUN/final_model.zip`` (+ ``_vecnormalize.pkl``), ``RUN/best_model.zip`` (+ stats),
    ``RUN/args.json`` (everything needed to load and evaluate it: ``ringenv evaluate --policies RUN``).
    A run into a directory that holds an earlier one first removes the earlier run's models,
-   evaluations, snapshots and ``args.json`` (it says so), so that they are never mixed.
+   evaluations, snapshots and ``args.json`` (it says so), so that they are never mixed. Ctrl-C
+   ends training early: the model so far and its statistics are saved as the final ones, and
+   ``args.json`` says ``interrupted`` (``evaluate`` warns about such a model); exit code 130.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import shutil
 import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from ringenv.config import deep_merge
 
 from .common import (DEFAULT_ENV, TRAIN_CONFIG_DIR, FixedEpisodes, check_env_id, jsonable, load_hyperparams, make_env,
                      module_main, parse_overrides, wrap_env)
@@ -202,8 +207,8 @@ def check_hyperparams(algo: str, hp: dict, where: str | dict = "--hp", n_envs: i
                 v = float(v)
             except ValueError:
                 raise bad(k, "an integer" if integer else "a number") from None
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or v != v:
-            raise bad(k, "an integer" if integer else "a number")
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+            raise bad(k, "an integer" if integer else "a finite number")
         if integer:
             if float(v) != int(v):
                 raise bad(k, "an integer")
@@ -421,9 +426,14 @@ def main(args: Args) -> Path:
     from_cli = parse_overrides(args.hp, flag="--hp")
     where = {k: f"{hp_file.name} ({env_id})" for k in from_file}
     where.update({k: "--hp" for k in from_cli})
-    hp = check_hyperparams(algo, {**from_file, **from_cli}, where, n_envs=args.n_envs)
+    hp = check_hyperparams(algo, deep_merge(from_file, from_cli), where, n_envs=args.n_envs)  # (a.b=v: into a)
     total = int(args.timesteps or hp.get("n_timesteps", 100_000))
     n_envs = int(args.n_envs or hp.get("n_envs", 1))
+    tf = hp.get("train_freq")
+    if isinstance(tf, tuple) and tf[1] == "episode" and n_envs > 1:
+        raise ValueError(f"{where.get('train_freq', 'train_freq')}: train_freq [{tf[0]}, episode] trains on whole "
+                         f"episodes, which stable-baselines3 does with one env only, and n_envs is {n_envs}; accepted: "
+                         "[N, step], or --n-envs 1")
     for k in ("n_timesteps", "n_envs"):
         hp.pop(k, None)
     rounded, per_rollout = rounded_timesteps(algo, total, hp, n_envs)
@@ -432,7 +442,7 @@ def main(args: Args) -> Path:
     norm_kw = dict(normalize) if isinstance(normalize, dict) else {}
     action_repeat = int(hp.pop("action_repeat", 1))
     wrapper = hp.pop("env_wrapper", None)
-    env_kwargs = {**(hp.pop("env_kwargs", None) or {}), **parse_overrides(args.set)}
+    env_kwargs = deep_merge(hp.pop("env_kwargs", None) or {}, parse_overrides(args.set))  # (vm.vcpus=1: into vm)
     hp["policy_kwargs"] = dict(hp.get("policy_kwargs") or {})
     workloads = args.workloads or None
     probe = make_env(env_id, args.scenario, args.split, workloads, env_kwargs).unwrapped
@@ -451,7 +461,7 @@ def main(args: Args) -> Path:
     fns = [_env_factory(env_id, args.scenario, args.split, workloads, env_kwargs, None, action_repeat, wrapper)
            for _ in range(n_envs)]
     use_subproc = args.vec_env == "subproc" or (args.vec_env == "auto" and n_envs > 1 and (os.cpu_count() or 1) > 1)
-    venv = SubprocVecEnv(fns, start_method="forkserver") if use_subproc else DummyVecEnv(fns)
+    venv = SubprocVecEnv(fns, start_method="forkserver") if use_subproc else _dummy_vec_env(fns)
     if normalize:
         venv = VecNormalize(venv, gamma=hp.get("gamma", 0.99), **norm_kw)
 
@@ -504,7 +514,7 @@ def main(args: Args) -> Path:
     try:
         model = getattr(sb3, algo.upper())(policy, venv, seed=args.seed, device=args.device, verbose=args.verbose,
                                            tensorboard_log=tb, **hp)
-    except (TypeError, ValueError, AssertionError, KeyError) as e:
+    except (TypeError, ValueError, AssertionError, KeyError, RuntimeError) as e:  # (torch's: RuntimeError)
         venv.close()
         raise ValueError(f"{algo.upper()} rejected the hyperparameters ({hp_file.name} and --hp): {e}") from None
     _clear_earlier_run(run)
@@ -535,7 +545,12 @@ def main(args: Args) -> Path:
     print(f"train: {algo.upper()} on {env_id} ({args.scenario}, {args.split}: {', '.join(train_workloads)}), "
           f"{budget} of {control_ms:g} ms, {n_envs} envs ({meta['vec_env']}); run {run}", file=sys.stderr)
     t0 = time.perf_counter()
-    model.learn(total_timesteps=rounded, callback=callbacks, progress_bar=False, tb_log_name=algo)
+    interrupted = False
+    try:
+        model.learn(total_timesteps=rounded, callback=callbacks, progress_bar=False, tb_log_name=algo)
+    except KeyboardInterrupt:  # keep what was learnt, marked as such (as rl-baselines3-zoo does)
+        interrupted = True
+        print("train: interrupted: saving the model so far", file=sys.stderr)
     wall = time.perf_counter() - t0
 
     # 4. the final model and statistics, the run's record
@@ -546,17 +561,30 @@ def main(args: Args) -> Path:
     env_steps = sum(venv.get_attr("env_steps")) if action_repeat > 1 else decisions
     venv.close()
     meta.update(wall_s=wall, decisions=decisions, env_steps=env_steps, decisions_per_s=decisions / wall,
-                env_steps_per_s=env_steps / wall)
+                env_steps_per_s=env_steps / wall, interrupted=interrupted)
     if args.evals > 0 and (run / "eval" / "evaluations.npz").is_file():
         ev = np.load(run / "eval" / "evaluations.npz")
         means = ev["results"].mean(axis=1)
         meta["evaluations"] = {"timesteps": ev["timesteps"].tolist(), "mean_reward": means.tolist()}
         meta["best_eval"] = {"timesteps": int(ev["timesteps"][means.argmax()]), "mean_reward": float(means.max())}
     (run / "args.json").write_text(json.dumps(jsonable(meta), indent=1, default=str))
-    print(f"train: done in {wall:.0f} s: {decisions} decisions = {env_steps} env steps ({decisions / wall:.0f} "
-          f"decisions/s, {env_steps / wall:.0f} env steps/s); models in {run} "
-          f"(evaluate: ringenv evaluate --policies {run} qemu)", file=sys.stderr)
+    print(f"train: {'INTERRUPTED after' if interrupted else 'done in'} {wall:.0f} s: {decisions} decisions = "
+          f"{env_steps} env steps ({decisions / wall:.0f} decisions/s, {env_steps / wall:.0f} env steps/s); models in "
+          f"{run} (evaluate: ringenv evaluate --policies {run} qemu)", file=sys.stderr)
+    if interrupted:
+        raise KeyboardInterrupt
     return run
+
+
+def _dummy_vec_env(env_fns):
+    """A DummyVecEnv with its rewards in float64, as SubprocVecEnv returns them (DummyVecEnv keeps
+    float32): VecNormalize's statistics, hence the model, do not depend on which one runs."""
+    import numpy as np
+    from stable_baselines3.common.vec_env import DummyVecEnv
+
+    venv = DummyVecEnv(env_fns)
+    venv.buf_rews = np.zeros((venv.num_envs,), dtype=np.float64)
+    return venv
 
 
 def _decisions_bar(action_repeat: int):

@@ -231,7 +231,13 @@ def test_bad_arguments_end_with_a_message_not_a_traceback():
                         (["evaluate", "--policies", "qemu", "--workloads", "oltp", "oltp"],
                          "--workloads: 'oltp' given more than once"),
                         (["evaluate", "--policies", "qemu", "qemu", "rate"],
-                         "--policies: 'qemu' given more than once")):
+                         "--policies: 'qemu' given more than once"),
+                        (["train", "--algo", "dqn", "--hp", "train_freq=[1, episode]", "--n-envs", "2"],
+                         "train_freq [1, episode] trains on whole episodes"),
+                        (["train", "--hp", "learning_rate=inf"], "--hp learning_rate=inf: expected a number > 0"),
+                        (["train", "--hp", "gamma=-inf"], "--hp gamma=-inf: expected a finite number"),
+                        (["train", "--hp", "policy_kwargs={net_arch: [-3]}", "--timesteps", "10"],
+                         "rejected the hyperparameters")):
         p = subprocess.run([sys.executable, "-m", "ringenv", *args], cwd=ROOT, env=env, capture_output=True, text=True,
                            timeout=120)
         assert p.returncode == 2 and words in p.stderr and "Traceback" not in p.stderr, (args, p.stderr)
@@ -365,3 +371,63 @@ def test_a_second_run_into_the_same_directory_leaves_nothing_of_the_first(tmp_pa
     assert not (tmp_path / "r" / "best_model.zip").exists() and not (tmp_path / "r" / "eval").exists()
     assert json.loads((tmp_path / "r" / "args.json").read_text())["args"]["seed"] == 7
     assert (tmp_path / "r" / "final_model.zip").is_file()
+
+
+def test_dotted_overrides_merge_into_the_file_s_mappings(tmp_path):
+    """--set vm.vcpus=1 changes one key of the file's env_kwargs.vm (its memory stays), and --hp
+    normalize.norm_reward=false one key of its normalize (its norm_obs: false stays)."""
+    import yaml
+
+    doc = yaml.safe_load((ROOT / "configs" / "train" / "ppo.yaml").read_text())
+    doc["ringenv/Migration-v0"]["env_kwargs"] = {"vm": {"memory": "1GiB", "vcpus": 2}}
+    hp = tmp_path / "ppo.yaml"
+    hp.write_text(yaml.safe_dump(doc))
+    ringenv("train", "--hyperparams", hp, "--timesteps", 32, "--n-envs", 1, "--evals", 0, "--checkpoints", 0,
+            "--out", tmp_path, "--name", "r", "--no-progress", "--no-tensorboard", "--set", "vm.vcpus=1",
+            "--hp", "n_steps=32", "batch_size=32", "n_epochs=1", "action_repeat=1", "normalize.norm_reward=false")
+    meta = json.loads((tmp_path / "r" / "args.json").read_text())
+    assert meta["env_kwargs"] == {"vm": {"memory": "1GiB", "vcpus": 1}}
+    assert meta["normalize"] == {"norm_obs": False, "norm_reward": False}
+
+
+def test_the_same_training_gives_the_same_model_with_either_vector_env(tmp_path):
+    """DummyVecEnv keeps rewards in float32, SubprocVecEnv in float64: the program makes both
+    float64, so VecNormalize's statistics and the weights do not depend on the choice (auto
+    picks by core count)."""
+    import torch
+    from stable_baselines3 import PPO
+
+    params = {}
+    for vec in ("dummy", "subproc"):
+        ringenv("train", "--timesteps", 128, "--n-envs", 2, "--vec-env", vec, "--evals", 0, "--checkpoints", 0,
+                "--out", tmp_path, "--name", vec, "--no-progress", "--no-tensorboard", *SMALL, *TINY_PPO)
+        params[vec] = PPO.load(tmp_path / vec / "final_model.zip", device="cpu").policy.state_dict()
+    assert all(torch.equal(params["dummy"][k], params["subproc"][k]) for k in params["dummy"])
+
+
+def test_ctrl_c_saves_the_model_so_far_marked_interrupted_and_evaluate_warns(tmp_path, monkeypatch, capsys):
+    import stable_baselines3 as sb3
+
+    from agents import evaluate, train
+
+    learn = sb3.PPO.learn
+
+    def interrupted_learn(self, total_timesteps, **kw):
+        learn(self, total_timesteps=32, **kw)  # one rollout, then Ctrl-C
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(sb3.PPO, "learn", interrupted_learn)
+    args = train.Args(timesteps=256, n_envs=1, vec_env="dummy", evals=0, checkpoints=0, out=str(tmp_path), name="r",
+                      progress=False, tensorboard=False, set=["vm.memory=1GiB", "vm.vcpus=2"],
+                      hp=["n_steps=32", "batch_size=32", "n_epochs=1", "action_repeat=1"])
+    with pytest.raises(KeyboardInterrupt):
+        train.main(args)
+    run = tmp_path / "r"
+    meta = json.loads((run / "args.json").read_text())
+    assert meta["interrupted"] is True and meta["decisions"] == 32
+    assert (run / "final_model.zip").is_file() and (run / "final_model_vecnormalize.pkl").is_file()
+    assert "INTERRUPTED after" in capsys.readouterr().err
+    monkeypatch.setattr(sb3.PPO, "learn", learn)
+    evaluate.evaluate([str(run)], workloads=["web"], seeds=1, overrides={"vm": {"memory": "1GiB", "vcpus": 2}},
+                      workers=1, progress=False)
+    assert f"warning: model {run} comes from a training run that was interrupted" in capsys.readouterr().err
