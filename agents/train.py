@@ -90,7 +90,7 @@ class Args:
     eval_seeds: int = 1
     """evaluation episodes per training workload (fixed seeds, the same at every evaluation)"""
     checkpoints: int = 4
-    """snapshots saved during training, evenly spaced (0: none)"""
+    """snapshots saved during training, evenly spaced, the last at the end (0: none)"""
     vec_env: str = field(default="auto", metadata={"choices": ["auto", "subproc", "dummy"]})
     """auto (subprocesses if n_envs > 1 and there is more than one core), subproc or dummy"""
     tensorboard: bool = True
@@ -491,13 +491,13 @@ def main(args: Args) -> Path:
                 eval_env.env_method("rewind")
                 return True
 
-        callbacks.append(EvalCallback(eval_env, callback_on_new_best=SaveStats(), callback_after_eval=Rewind(),
-                                      n_eval_episodes=len(episodes), eval_freq=max(rounded // args.evals // n_envs, 1),
-                                      log_path=str(run / "eval"), best_model_save_path=str(run), deterministic=True,
-                                      verbose=args.verbose))
+        evals = _planned(EvalCallback, _spread(rounded // n_envs, args.evals))
+        callbacks.append(evals(eval_env, callback_on_new_best=SaveStats(), callback_after_eval=Rewind(),
+                               n_eval_episodes=len(episodes), eval_freq=1, log_path=str(run / "eval"),
+                               best_model_save_path=str(run), deterministic=True, verbose=args.verbose))
     if args.checkpoints > 0:
-        callbacks.append(CheckpointCallback(max(rounded // args.checkpoints // n_envs, 1), str(run / "checkpoints"),
-                                            save_vecnormalize=bool(normalize)))
+        snapshots = _planned(CheckpointCallback, _spread(rounded // n_envs, args.checkpoints))
+        callbacks.append(snapshots(1, str(run / "checkpoints"), save_vecnormalize=bool(normalize)))
     if args.progress:
         callbacks.append(_decisions_bar(action_repeat))
 
@@ -574,6 +574,26 @@ def main(args: Args) -> Path:
     if interrupted:
         raise KeyboardInterrupt
     return run
+
+
+def _spread(steps: int, n: int) -> frozenset[int]:
+    """``n`` callback calls (steps of the vector env) spread evenly over ``steps``, the last at
+    the end (fewer if there are fewer steps)."""
+    return frozenset(max(1, round(steps * i / n)) for i in range(1, n + 1))
+
+
+def _planned(callback_cls, calls: frozenset[int]):
+    """``callback_cls`` (an EvalCallback or a CheckpointCallback made with a frequency of 1) that
+    acts only at the callback calls in ``calls``: --evals N evaluations and --checkpoints N
+    snapshots exactly, the last at the end of the budget (a frequency of budget // N ran one
+    more, and not at the end, whenever N did not divide the budget)."""
+
+    class Planned(callback_cls):
+        def _on_step(self) -> bool:
+            return super()._on_step() if self.n_calls in calls else True
+
+    Planned.__name__ = f"Planned{callback_cls.__name__}"
+    return Planned
 
 
 def _dummy_vec_env(env_fns):

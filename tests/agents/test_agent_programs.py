@@ -431,3 +431,17 @@ def test_ctrl_c_saves_the_model_so_far_marked_interrupted_and_evaluate_warns(tmp
     evaluate.evaluate([str(run)], workloads=["web"], seeds=1, overrides={"vm": {"memory": "1GiB", "vcpus": 2}},
                       workers=1, progress=False)
     assert f"warning: model {run} comes from a training run that was interrupted" in capsys.readouterr().err
+
+
+def test_evals_and_checkpoints_are_the_counts_asked_for_the_last_at_the_end(tmp_path):
+    """64 decisions on 2 envs (32 steps each), --evals 9 --checkpoints 3: nine evaluations and
+    three snapshots spread over the budget, the last of each at decision 64 (a frequency of
+    64 // 9 // 2 = 3 steps ran ten, the last at 60)."""
+    ringenv("train", "--timesteps", 64, "--n-envs", 2, "--vec-env", "dummy", "--evals", 9, "--checkpoints", 3,
+            "--out", tmp_path, "--name", "r", "--no-progress", "--no-tensorboard", *SMALL,
+            "--hp", "n_steps=8", "batch_size=16", "n_epochs=1", "action_repeat=1")
+    ev = np.load(tmp_path / "r" / "eval" / "evaluations.npz")["timesteps"].tolist()
+    assert len(ev) == 9 and ev[-1] == 64, ev
+    snaps = sorted(int(re.search(r"_(\d+)_steps", p.name).group(1))
+                   for p in (tmp_path / "r" / "checkpoints").glob("rl_model_*_steps.zip"))
+    assert snaps == [22, 42, 64], snaps
