@@ -86,7 +86,7 @@ class Args:
     name: str = ""
     """run directory name (default ALGO-sSEED)"""
     evals: int = 8
-    """evaluations during training, evenly spaced (0: none); the best model is kept"""
+    """evaluations during training, evenly spaced, the last at the end (0: none); the best model is kept"""
     eval_seeds: int = 1
     """evaluation episodes per training workload (fixed seeds, the same at every evaluation)"""
     checkpoints: int = 4
