@@ -36,23 +36,45 @@ def check_env_id(env_id: str) -> str:
     return env_id
 
 
+def _override(item: str, flag: str) -> tuple[list[str], Any]:
+    """``"vm.vcpus=2"`` -> (["vm", "vcpus"], 2): the key's parts and the value read as a YAML scalar."""
+    if "=" not in item:
+        example = "vm.vcpus=2" if flag == "--set" else "n_steps=256"
+        raise ValueError(f"{flag} {item!r}: expected KEY=VALUE (e.g. {example})")
+    key, raw = item.split("=", 1)
+    return key.strip().split("."), (yaml.safe_load(raw) if raw else "")
+
+
 def parse_overrides(items: list[str] | None, flag: str = "--set") -> dict:
     """``["vm.memory=1GiB", "vm.vcpus=2", "max_episode_s=60"]`` -> ``{"vm": {"memory": "1GiB",
     "vcpus": 2}, "max_episode_s": 60}``: values are read as YAML scalars, dots nest. ``flag``:
     the command-line flag the items came from (named in errors)."""
     out: dict = {}
-    example = "vm.vcpus=2" if flag == "--set" else "n_steps=256"
     for item in items or []:
-        if "=" not in item:
-            raise ValueError(f"{flag} {item!r}: expected KEY=VALUE (e.g. {example})")
-        key, raw = item.split("=", 1)
-        value = yaml.safe_load(raw) if raw else ""
+        parts, value = _override(item, flag)
         node = out
-        parts = key.strip().split(".")
         for p in parts[:-1]:
             node = node.setdefault(p, {})
             if not isinstance(node, dict):
                 raise ValueError(f"{flag} {item!r}: {p} is both a value and a section")
+        node[parts[-1]] = value
+    return out
+
+
+def apply_overrides(base: dict, items: list[str] | None, flag: str = "--set") -> dict:
+    """A copy of ``base`` with the KEY=VALUE ``items`` applied in order: a dotted key changes one
+    entry of a mapping (``vm.vcpus=2`` keeps the other keys of ``vm``), a key without dots
+    replaces the whole value (``policy_kwargs={}`` clears it)."""
+    import copy
+
+    out = copy.deepcopy(dict(base))
+    for item in items or []:
+        parts, value = _override(item, flag)
+        node = out
+        for p in parts[:-1]:
+            if not isinstance(node.get(p), dict):
+                node[p] = {}
+            node = node[p]
         node[parts[-1]] = value
     return out
 

@@ -44,10 +44,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ringenv.config import deep_merge
-
-from .common import (DEFAULT_ENV, TRAIN_CONFIG_DIR, FixedEpisodes, check_env_id, jsonable, load_hyperparams, make_env,
-                     module_main, parse_overrides, wrap_env)
+from .common import (DEFAULT_ENV, TRAIN_CONFIG_DIR, FixedEpisodes, apply_overrides, check_env_id, jsonable,
+                     load_hyperparams, make_env, module_main, parse_overrides, wrap_env)
 
 
 @dataclass
@@ -86,7 +84,8 @@ class Args:
     name: str = ""
     """run directory name (default ALGO-sSEED)"""
     evals: int = 8
-    """evaluations during training, evenly spaced, the last at the end (0: none); the best model is kept"""
+    """evaluations during training, evenly spaced, the last at the end of the budget (0: none); the best model is
+    kept (with train_freq in episodes the run goes on to the end of its episodes after the last one)"""
     eval_seeds: int = 1
     """evaluation episodes per training workload (fixed seeds, the same at every evaluation)"""
     checkpoints: int = 4
@@ -207,7 +206,11 @@ def check_hyperparams(algo: str, hp: dict, where: str | dict = "--hp", n_envs: i
                 v = float(v)
             except ValueError:
                 raise bad(k, "an integer" if integer else "a number") from None
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+        try:
+            finite = not isinstance(v, bool) and isinstance(v, (int, float)) and math.isfinite(v)
+        except OverflowError:  # an int beyond any float
+            finite = False
+        if not finite:
             raise bad(k, "an integer" if integer else "a finite number")
         if integer:
             if float(v) != int(v):
@@ -419,6 +422,10 @@ def main(args: Args) -> Path:
             raise ValueError(f"{flag} {value}: expected an integer >= {low}{note}")
     if not 0 <= args.seed <= 2**32 - 1:  # SB3 seeds numpy's global generator with it
         raise ValueError(f"--seed {args.seed}: expected an integer from 0 to {2**32 - 1} (numpy's seed range)")
+    try:
+        torch.device(args.device)
+    except RuntimeError as e:
+        raise ValueError(f"--device {args.device!r}: {e}") from None
     env_id = args.env_id or DEFAULT_ENV[algo]
     check_env_id(env_id)
     hp_file = Path(args.hyperparams) if args.hyperparams else TRAIN_CONFIG_DIR / f"{algo}.yaml"
@@ -426,7 +433,7 @@ def main(args: Args) -> Path:
     from_cli = parse_overrides(args.hp, flag="--hp")
     where = {k: f"{hp_file.name} ({env_id})" for k in from_file}
     where.update({k: "--hp" for k in from_cli})
-    hp = check_hyperparams(algo, deep_merge(from_file, from_cli), where, n_envs=args.n_envs)  # (a.b=v: into a)
+    hp = check_hyperparams(algo, apply_overrides(from_file, args.hp, "--hp"), where, n_envs=args.n_envs)
     total = int(args.timesteps or hp.get("n_timesteps", 100_000))
     n_envs = int(args.n_envs or hp.get("n_envs", 1))
     tf = hp.get("train_freq")
@@ -442,7 +449,7 @@ def main(args: Args) -> Path:
     norm_kw = dict(normalize) if isinstance(normalize, dict) else {}
     action_repeat = int(hp.pop("action_repeat", 1))
     wrapper = hp.pop("env_wrapper", None)
-    env_kwargs = deep_merge(hp.pop("env_kwargs", None) or {}, parse_overrides(args.set))  # (vm.vcpus=1: into vm)
+    env_kwargs = apply_overrides(hp.pop("env_kwargs", None) or {}, args.set)
     hp["policy_kwargs"] = dict(hp.get("policy_kwargs") or {})
     workloads = args.workloads or None
     probe = make_env(env_id, args.scenario, args.split, workloads, env_kwargs).unwrapped
@@ -558,19 +565,27 @@ def main(args: Args) -> Path:
     if normalize:
         venv.save(str(run / "final_model_vecnormalize.pkl"))
     decisions = int(model.num_timesteps)  # a whole number of rollouts: can exceed --timesteps
-    env_steps = sum(venv.get_attr("env_steps")) if action_repeat > 1 else decisions
-    venv.close()
+    try:
+        env_steps = sum(venv.get_attr("env_steps")) if action_repeat > 1 else decisions
+    except (EOFError, OSError):  # Ctrl-C reached SubprocVecEnv's workers too: they are gone
+        env_steps = None
     meta.update(wall_s=wall, decisions=decisions, env_steps=env_steps, decisions_per_s=decisions / wall,
-                env_steps_per_s=env_steps / wall, interrupted=interrupted)
+                env_steps_per_s=None if env_steps is None else env_steps / wall, interrupted=interrupted)
     if args.evals > 0 and (run / "eval" / "evaluations.npz").is_file():
         ev = np.load(run / "eval" / "evaluations.npz")
         means = ev["results"].mean(axis=1)
         meta["evaluations"] = {"timesteps": ev["timesteps"].tolist(), "mean_reward": means.tolist()}
         meta["best_eval"] = {"timesteps": int(ev["timesteps"][means.argmax()]), "mean_reward": float(means.max())}
     (run / "args.json").write_text(json.dumps(jsonable(meta), indent=1, default=str))
-    print(f"train: {'INTERRUPTED after' if interrupted else 'done in'} {wall:.0f} s: {decisions} decisions = "
-          f"{env_steps} env steps ({decisions / wall:.0f} decisions/s, {env_steps / wall:.0f} env steps/s); models in "
-          f"{run} (evaluate: ringenv evaluate --policies {run} qemu)", file=sys.stderr)
+    try:
+        venv.close()
+    except (EOFError, OSError):  # (the workers of an interrupted SubprocVecEnv are gone)
+        pass
+    steps = "" if env_steps is None else f" = {env_steps} env steps"
+    rates = "" if env_steps is None else f", {env_steps / wall:.0f} env steps/s"
+    print(f"train: {'INTERRUPTED after' if interrupted else 'done in'} {wall:.0f} s: {decisions} decisions{steps} "
+          f"({decisions / wall:.0f} decisions/s{rates}); models in {run} (evaluate: ringenv evaluate --policies "
+          f"{run} qemu)", file=sys.stderr)
     if interrupted:
         raise KeyboardInterrupt
     return run

@@ -237,7 +237,9 @@ def test_bad_arguments_end_with_a_message_not_a_traceback():
                         (["train", "--hp", "learning_rate=inf"], "--hp learning_rate=inf: expected a number > 0"),
                         (["train", "--hp", "gamma=-inf"], "--hp gamma=-inf: expected a finite number"),
                         (["train", "--hp", "policy_kwargs={net_arch: [-3]}", "--timesteps", "10"],
-                         "rejected the hyperparameters")):
+                         "rejected the hyperparameters"),
+                        (["train", "--device", "foo"], "--device 'foo'"),
+                        (["train", "--hp", "max_grad_norm=1" + "0" * 400], "expected a finite number")):
         p = subprocess.run([sys.executable, "-m", "ringenv", *args], cwd=ROOT, env=env, capture_output=True, text=True,
                            timeout=120)
         assert p.returncode == 2 and words in p.stderr and "Traceback" not in p.stderr, (args, p.stderr)
@@ -384,10 +386,13 @@ def test_dotted_overrides_merge_into_the_file_s_mappings(tmp_path):
     hp.write_text(yaml.safe_dump(doc))
     ringenv("train", "--hyperparams", hp, "--timesteps", 32, "--n-envs", 1, "--evals", 0, "--checkpoints", 0,
             "--out", tmp_path, "--name", "r", "--no-progress", "--no-tensorboard", "--set", "vm.vcpus=1",
-            "--hp", "n_steps=32", "batch_size=32", "n_epochs=1", "action_repeat=1", "normalize.norm_reward=false")
+            "--hp", "n_steps=32", "batch_size=32", "n_epochs=1", "action_repeat=1", "normalize.norm_reward=false",
+            "policy_kwargs={}")
     meta = json.loads((tmp_path / "r" / "args.json").read_text())
     assert meta["env_kwargs"] == {"vm": {"memory": "1GiB", "vcpus": 1}}
     assert meta["normalize"] == {"norm_obs": False, "norm_reward": False}
+    # a key without dots replaces the file's value: only what the program adds (the ring grid)
+    assert list(meta["hyperparams"]["policy_kwargs"]) == ["ring_sizes"]
 
 
 def test_the_same_training_gives_the_same_model_with_either_vector_env(tmp_path):
@@ -405,7 +410,10 @@ def test_the_same_training_gives_the_same_model_with_either_vector_env(tmp_path)
     assert all(torch.equal(params["dummy"][k], params["subproc"][k]) for k in params["dummy"])
 
 
-def test_ctrl_c_saves_the_model_so_far_marked_interrupted_and_evaluate_warns(tmp_path, monkeypatch, capsys):
+@pytest.mark.parametrize("vec_env", ["dummy", "subproc"])
+def test_ctrl_c_saves_the_model_so_far_marked_interrupted_and_evaluate_warns(tmp_path, monkeypatch, capsys, vec_env):
+    """Ctrl-C during learn: the model so far, its statistics and args.json (interrupted) are
+    saved. With SubprocVecEnv the signal reaches its workers too: they are gone by then."""
     import stable_baselines3 as sb3
 
     from agents import evaluate, train
@@ -414,17 +422,25 @@ def test_ctrl_c_saves_the_model_so_far_marked_interrupted_and_evaluate_warns(tmp
 
     def interrupted_learn(self, total_timesteps, **kw):
         learn(self, total_timesteps=32, **kw)  # one rollout, then Ctrl-C
+        if vec_env == "subproc":
+            for proc in self.get_env().venv.processes:
+                proc.terminate()
+                proc.join()
         raise KeyboardInterrupt
 
     monkeypatch.setattr(sb3.PPO, "learn", interrupted_learn)
-    args = train.Args(timesteps=256, n_envs=1, vec_env="dummy", evals=0, checkpoints=0, out=str(tmp_path), name="r",
+    args = train.Args(timesteps=256, n_envs=1, vec_env=vec_env, evals=0, checkpoints=0, out=str(tmp_path), name="r",
                       progress=False, tensorboard=False, set=["vm.memory=1GiB", "vm.vcpus=2"],
-                      hp=["n_steps=32", "batch_size=32", "n_epochs=1", "action_repeat=1"])
+                      hp=["n_steps=32", "batch_size=32", "n_epochs=1", "action_repeat=2"])
     with pytest.raises(KeyboardInterrupt):
         train.main(args)
     run = tmp_path / "r"
     meta = json.loads((run / "args.json").read_text())
     assert meta["interrupted"] is True and meta["decisions"] == 32
+    if vec_env == "subproc":  # the workers could not be asked
+        assert meta["env_steps"] is None
+    else:  # 2 per decision, fewer where an episode ended within one
+        assert 32 < meta["env_steps"] <= 64
     assert (run / "final_model.zip").is_file() and (run / "final_model_vecnormalize.pkl").is_file()
     assert "INTERRUPTED after" in capsys.readouterr().err
     monkeypatch.setattr(sb3.PPO, "learn", learn)
