@@ -56,13 +56,19 @@ def test_builtin_traces_are_many_deterministic_and_varied():
         assert sum(map(len, pages)) == len(set().union(*pages))
 
 
-def test_validate_reports_identical_or_first_difference(monkeypatch, capsys):
+def _validate_only(monkeypatch, *names) -> dict:
+    """``validate`` restricted to the built-in traces ``names`` (skips if the simulator is missing)."""
     try:
         validate.simulator()
     except ImportError as exc:
         pytest.skip(f"simulator not importable: {exc}")
-    small = {k: v for k, v in builtin_traces().items() if k in ("seq-256", "2vcpu-seq-256")}
+    small = {k: v for k, v in builtin_traces().items() if k in names}
     monkeypatch.setattr(validate, "builtin_traces", lambda: small)
+    return small
+
+
+def test_validate_reports_identical_or_first_difference(monkeypatch, capsys):
+    small = _validate_only(monkeypatch, "seq-256", "2vcpu-seq-256")
     assert run("validate", "--json") == 0
     assert json.loads(capsys.readouterr().out) == {k: "identical" for k in small}
 
@@ -83,12 +89,7 @@ def test_kvm_replay_says_when_the_outcome_depends_on_thread_timing(tmp_path, cap
 def test_validate_skips_a_trace_whose_ring_size_the_host_refuses(monkeypatch, capsys):
     """An x86 host with PML refuses rings under 1024 entries: such a trace is reported skipped,
     not a failure of the whole run, and the others are still compared."""
-    try:
-        validate.simulator()
-    except ImportError as exc:
-        pytest.skip(f"simulator not importable: {exc}")
-    small = {k: v for k, v in builtin_traces().items() if k in ("seq-256", "seq-4096")}
-    monkeypatch.setattr(validate, "builtin_traces", lambda: small)
+    _validate_only(monkeypatch, "seq-256", "seq-4096")
     real = validate.kvm_replay_trace
 
     def refusing(trace, **kw):
