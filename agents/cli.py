@@ -9,28 +9,17 @@ from __future__ import annotations
 
 import argparse
 import re
-import sys
 
 from . import compare, evaluate, train
-from .common import add_dataclass_arguments, dataclass_from_namespace
+from .common import add_dataclass_arguments, dataclass_from_namespace, run_reporting
 
 
 def _clean_errors(fn):
     """A bad flag value (unknown policy, missing model, malformed KEY=VALUE) ends the command with
-    its message and exit code 2, not a traceback; ringenv's ConfigError handling stays as is.
-    Ctrl-C ends it with exit code 130."""
+    its message and exit code 2, not a traceback; Ctrl-C with exit code 130 (:func:`run_reporting`)."""
 
     def run(args) -> int:
-        try:
-            return fn(args)
-        except KeyboardInterrupt:  # (train saved the model so far first, marked interrupted)
-            print(f"ringenv {args.command}: interrupted", file=sys.stderr)
-            return 130
-        except (ValueError, KeyError, FileNotFoundError) as e:
-            if type(e).__name__ == "ConfigError":
-                raise
-            print(f"ringenv {args.command}: {e.args[0] if isinstance(e, KeyError) else e}", file=sys.stderr)
-            return 2
+        return run_reporting(lambda: fn(args), f"ringenv {args.command}")
 
     return run
 

@@ -292,16 +292,22 @@ def wrap_env(env: gym.Env, wrapper=None, action_repeat: int = 1) -> gym.Env:
     return env
 
 
-def module_main(main, args_cls, prog: str) -> None:
-    """``python -m agents.NAME``: the flags parsed into ``args_cls``, then ``main``; a bad flag value
-    (a ValueError such as ringenv's ConfigError, a missing file) ends with its message and exit
-    code 2, as it does through ``ringenv NAME``, not with a traceback."""
+def run_reporting(fn, prefix: str) -> int:
+    """``fn()``'s exit code (0 if it returns none); a bad flag value (a ValueError such as
+    ringenv's ConfigError, an unknown key, a missing file) ends with "PREFIX: message" on stderr
+    and exit code 2, not a traceback; Ctrl-C with "PREFIX: interrupted" and 130."""
     try:
-        rc = main(parse_dataclass_args(args_cls))
-    except KeyboardInterrupt:
-        print(f"python -m {prog}: interrupted", file=sys.stderr)
-        sys.exit(130)
+        rc = fn()
+    except KeyboardInterrupt:  # (train saved the model so far first, marked interrupted)
+        print(f"{prefix}: interrupted", file=sys.stderr)
+        return 130
     except (ValueError, KeyError, FileNotFoundError) as e:
-        print(f"python -m {prog}: {e.args[0] if isinstance(e, KeyError) else e}", file=sys.stderr)
-        sys.exit(2)
-    sys.exit(rc if isinstance(rc, int) else 0)
+        print(f"{prefix}: {e.args[0] if isinstance(e, KeyError) else e}", file=sys.stderr)
+        return 2
+    return rc if isinstance(rc, int) else 0
+
+
+def module_main(main, args_cls, prog: str) -> None:
+    """``python -m agents.NAME``: the flags parsed into ``args_cls``, then ``main``, its errors
+    reported as through ``ringenv NAME`` (:func:`run_reporting`)."""
+    sys.exit(run_reporting(lambda: main(parse_dataclass_args(args_cls)), f"python -m {prog}"))
