@@ -129,18 +129,21 @@ class Strict(BaseModel):
 
     @field_validator("*", mode="before")
     @classmethod
-    def _no_bool_as_number(cls, v, info):
-        """YAML's true/false are not numbers: pydantic would take them as 1 and 0."""
-        if isinstance(v, bool) or (isinstance(v, (list, tuple)) and any(isinstance(x, bool) for x in v)):
+    def _numbers_are_numbers(cls, v, info):
+        """YAML's true/false and quoted strings are not numbers: pydantic would take them as 1, 0
+        and the number the string spells (sizes such as '16GiB' have their own validators, which
+        run first)."""
+        if isinstance(v, (bool, str)) or (isinstance(v, (list, tuple)) and any(isinstance(x, (bool, str)) for x in v)):
             ann = cls.model_fields[info.field_name].annotation
             types = typing.get_args(ann) if typing.get_origin(ann) in (typing.Union, types_.UnionType) else (ann,)
-            if not isinstance(v, bool):  # a list of numbers: its items' types
+            if not isinstance(v, (bool, str)):  # a list of numbers: its items' types
                 types = tuple(a for t in types if typing.get_origin(t) in (list, tuple) for a in typing.get_args(t))
-                bad = next(x for x in v if isinstance(x, bool))
-                if bool not in types and any(t in (int, float) for t in types):
+                bad = next(x for x in v if isinstance(x, (bool, str)))
+                if type(bad) not in types and any(t in (int, float) for t in types):
                     raise ValueError(f"{v!r}: {bad!r} is not a number; expected numbers")
-            elif bool not in types and any(t in (int, float) for t in types):
-                raise ValueError(f"{v!r} is not a number; expected a number")
+            elif type(v) not in types and any(t in (int, float) for t in types):
+                what = "a string" if isinstance(v, str) else "not a number"
+                raise ValueError(f"{v!r} is {what}; expected a number")
         return v
 
     @classmethod

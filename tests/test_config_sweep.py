@@ -158,6 +158,8 @@ def _cases():
                 if not b and name != "max_bandwidth_mibps":
                     bad.append((-1, "-1"))
                 bad.append((True, "True"))  # a bool is not a number
+                if name != "max_bandwidth_mibps":  # a quoted number is a string, not a number ('link' is its string)
+                    bad.append(("5", "'5'"))
                 ann = _base_types(model.model_fields[name].annotation)
                 if float in ann:
                     bad.append((math.inf, "inf"))
@@ -166,6 +168,9 @@ def _cases():
                 bad.append(("maybe", "maybe"))
             elif kind == "list":
                 bad.append((["x"], "x"))
+                if any(a in (int, float) for t in _base_types(model.model_fields[name].annotation)
+                       for a in get_args(t)):
+                    bad.append(([1, "2"], "'2'"))  # a quoted number inside a list of numbers
             for i, (value, shown) in enumerate(bad):
                 yield (f"{model.__name__}.{name}-{i}", loader, path, value, field, shown)
 
