@@ -1,0 +1,190 @@
+"""Units of the agents package worked by hand: the comparison statistics, the episode record,
+held actions, the wrappers, the heuristics' arithmetic and the FixedRingPolicy's mask in
+training (a mutation run found each of these unchecked)."""
+
+from __future__ import annotations
+
+import math
+
+import gymnasium as gym
+import numpy as np
+import pytest
+
+import ringenv  # noqa: F401
+from agents.common import ActionRepeat, EnvFacts, FixedEpisodes
+from agents.evaluate import ModelPolicy, markdown_table, mean_ci, run_episode, summarize, t975
+from agents.heuristics import Fixed, FillWatermark, RateProportional
+
+SMALL = {"vm": {"memory": "512MiB", "vcpus": 2}}
+RINGS = (256, 512, 1024, 2048, 4096, 8192, 16384, 32768, 65536)
+INTERVALS = (10.0, 20.0, 50.0, 100.0, 200.0, 500.0, 1000.0, 2000.0, 5000.0)
+MIB = 1 << 20
+
+
+def record(spec, seed, reward, converged=True, ring=4096):
+    return {"spec": spec, "policy": spec, "workload": "w", "seed": seed, "reward": reward, "downtime_s": 0.1,
+            "total_s": 10.0, "exit_stall_s": 0.1, "vcpu_fault_s": 1.0, "vcpu_throttle_s": 0.5, "vmm_cpu_s": 0.0,
+            "full_exits": 0, "converged": converged, "ring_entries": ring, "mean_interval_ms": 1000.0}
+
+
+def test_summary_pairs_episodes_with_the_baseline_and_counts_ties():
+    recs = [record("qemu", k, r) for k, r in enumerate([-5.0, -6.0, -7.0])]
+    recs += [record("x", k, r, c, ring) for k, (r, c, ring) in
+             enumerate(zip([-4.5, -6.0, -6.5], [True, False, True], [4096, 4096, 8192]))]
+    rows = {r["spec"]: r for r in summarize(recs, "qemu")}
+    x = rows["x"]
+    assert x["converged"] == pytest.approx(2 / 3)  # a share, not "all converged"
+    assert x["ring_entries"] == 4096  # the most frequent ring
+    # paired differences 0.5, 0 (a tie counts), 0.5: mean 1/3, half-width t(2) s / sqrt(3)
+    assert x["d_reward"] == pytest.approx(1 / 3)
+    assert x["d_reward_ci"] == pytest.approx(4.302653 * np.std([0.5, 0, 0.5], ddof=1) / math.sqrt(3), rel=2e-4)
+    assert (rows["qemu"]["d_reward"], rows["qemu"]["d_reward_ci"]) == (0.0, 0.0)
+    lines = markdown_table(list(rows.values()), "qemu").splitlines()
+    assert lines[2].startswith("| x |") and lines[3].startswith("| qemu |")  # best mean reward first
+
+
+def test_t_quantiles_and_intervals():
+    assert t975(1) == pytest.approx(12.706, abs=1e-3)
+    assert t975(30) == pytest.approx(2.042, abs=1e-3)
+    assert t975(31) == pytest.approx(2.0395, abs=1e-4)
+    assert t975(159) == pytest.approx(1.9750, abs=1e-4)
+    m, h = mean_ci([1.0])
+    assert m == 1.0 and math.isnan(h)
+
+
+class _ThreeStepEnv:
+    """Three steps: intervals 10, 1000, 1000 ms; the second ignores a ring change; each step
+    charges time 0.1 and vcpu 0.2; the run's exit and stall time 0.2 and 0.3 s."""
+
+    def reset(self, seed=None, options=None):
+        self.k = 0
+        return np.zeros(17, np.float32), {}
+
+    def step(self, action):
+        self.k += 1
+        info = {"reward_parts": {"time": 0.1, "vcpu": 0.2}, "interval_ms": [10.0, 1000.0, 1000.0][self.k - 1],
+                "ring_size_ignored": [False, True, False][self.k - 1], "workload": "w", "downtime_s": 0.0,
+                "total_s": 0.15, "converged": True, "vcpu_exit_s": 0.2, "vcpu_stall_s": 0.3, "vcpu_fault_s": 0.0,
+                "vcpu_throttle_s": 0.0, "vmm_cpu_s": 0.0, "full_exits": 0, "harvests": 0, "resets": 0,
+                "entries_harvested": 0, "iterations": 1, "collector": "ring", "verified": True, "lost_writes": 0,
+                "ring_entries": 4096}
+        return np.zeros(17, np.float32), -0.3, self.k == 3, False, info
+
+
+def test_the_episode_record_sums_and_averages_over_the_steps():
+    facts = EnvFacts(ring_sizes=(4096,), intervals_ms=(10.0, 1000.0), link_Bps=1.25e9, page_size=4096, vcpus=2)
+    rec = run_episode(_ThreeStepEnv(), Fixed(facts, 4096, 1000.0), 0)
+    assert rec["steps"] == 3 and rec["reward"] == pytest.approx(-0.9)
+    assert rec["mean_interval_ms"] == pytest.approx((10 + 1000 + 1000) / 3)
+    assert rec["ring_size_changes_ignored"] == 1
+    assert (rec["r_time"], rec["r_vcpu"]) == (pytest.approx(-0.3), pytest.approx(-0.6))  # minus the costs
+    assert rec["exit_stall_s"] == pytest.approx(0.5)
+
+
+class _CountingModel:
+    def __init__(self):
+        self.calls = 0
+
+    def predict(self, obs, state=None, episode_start=None, deterministic=True):
+        self.calls += 1
+        return np.array([0, self.calls]), state
+
+
+def test_a_model_trained_with_action_repeat_holds_each_action_k_steps():
+    p = object.__new__(ModelPolicy)
+    p.model, p.vecnorm, p.action_repeat = _CountingModel(), None, 3
+    p.reset()
+    got = [int(p.predict(np.zeros(17, np.float32))[0][1]) for _ in range(7)]
+    assert got == [1, 1, 1, 2, 2, 2, 3]
+    p.predict(np.zeros(17, np.float32), episode_start=np.array([True]))  # a new episode asks the model again
+    assert p.model.calls == 4
+
+
+def test_action_repeat_sums_the_rewards_of_its_steps():
+    env = gym.make("ringenv/Migration-v0", **SMALL, workloads=["memcached"],
+                   reward={"vcpu": 0, "vmm": 0, "memory": 0, "time": 1.0, "downtime": 0})
+    wrapped = ActionRepeat(env, 3)
+    wrapped.reset(seed=2)
+    _, r, *_ = wrapped.step(np.array([4, 6]))
+    assert r == pytest.approx(-3 * 0.05) and wrapped.env_steps == 3
+    with pytest.raises(ValueError, match="action_repeat 0"):
+        ActionRepeat(env, 0)
+
+
+def test_fixed_episodes_cycle_through_their_list():
+    env = FixedEpisodes(gym.make("ringenv/Migration-v0", **SMALL, workloads=["oltp"]), [("oltp", 1), ("memcached", 2)])
+    assert [env.reset()[1]["workload"] for _ in range(3)] == ["oltp", "memcached", "oltp"]
+
+
+def test_env_facts_soft_limit_and_a_flattened_grid():
+    facts = EnvFacts(ring_sizes=(256, 512, 1024, 2048, 4096), intervals_ms=(10.0, 100.0, 1000.0), link_Bps=1.25e9,
+                     page_size=4096, vcpus=2, flatten=True)
+    assert facts.soft_limit(4096) == 4096 - 64  # KVM keeps 64 entries back
+    assert facts.encode(4096, 100.0) == 4 * 3 + 1 and facts.decode(13) == (4096, 100.0)
+    assert facts.decode(5) == (512, 1000.0)
+
+
+def test_watermark_interval_at_its_threshold():
+    """2016 entries/s per vCPU into a 4096-entry ring (soft limit 4032): half full after exactly
+    1 s, so a 0.5 watermark takes 1000 ms, not 2000 (1.0 full) nor 500."""
+    facts = EnvFacts(ring_sizes=RINGS, intervals_ms=INTERVALS, link_Bps=4096 * 8, page_size=4096, vcpus=8)
+    # rate observation 2016: 2016 x link / page / vCPUs = 2016 entries per vCPU per second
+    assert FillWatermark(facts, 0.5).interval_for(4096, 2016.0, 1.0, 0.0) == 1000.0
+    assert FillWatermark(facts, 0.5).interval_for(4096, 2016.0 * 2, 1.0, 0.0) == 500.0  # twice the rate
+    assert FillWatermark(facts, 0.5).interval_for(4096, 2016.0, 2.0, 0.0) == 500.0  # the fullest ring 2x the mean
+
+
+def test_rate_proportional_harvests_once_per_mib_dirtied():
+    facts = EnvFacts(ring_sizes=RINGS, intervals_ms=INTERVALS, link_Bps=1.25e9, page_size=4096, vcpus=8)
+    # 640 MiB/s dirtied, one harvest per 64 MiB: every 100 ms
+    assert RateProportional(facts, 64).interval_for(640 * MIB / 1.25e9) == pytest.approx(100.0, rel=1e-12)
+    assert RateProportional(facts, 64).interval_for(0.0) == 5000.0
+
+
+def test_rate_features_are_log_rates():
+    import torch as th
+
+    from agents.policies import RateFeatures
+    from ringenv.env import OBS_HIGH
+
+    obs = th.zeros((1, 17))
+    obs[0, 2], obs[0, 3], obs[0, 15], obs[0, 16] = 0.999, 0.0, 0.009, 0.5
+    feats = RateFeatures(gym.spaces.Box(np.zeros(17, np.float32), OBS_HIGH))(obs)
+    # (log10(rate + 0.001) + 3) / 3 of dirty_rate, sampled_rate and redirty_rate
+    assert feats[0, :17].tolist() == obs[0].tolist()
+    assert feats[0, 17:].tolist() == pytest.approx([1.0, 0.0, 1 / 3], abs=1e-6)
+
+
+def test_training_log_probs_of_a_fixed_ring_come_from_the_interval_head_only():
+    """PPO's update (evaluate_actions) sees the same mask as the rollout: once the ring is fixed,
+    the ring head adds nothing to the log-probability or the entropy, whatever ring the stored
+    action names."""
+    import torch as th
+    from stable_baselines3 import PPO
+
+    from agents.policies import FixedRingPolicy
+
+    env = gym.make("ringenv/Migration-v0", **SMALL, workloads=["oltp"])
+    model = PPO(FixedRingPolicy, env, policy_kwargs={"ring_sizes": env.unwrapped.ring_sizes}, seed=0, device="cpu")
+    obs = th.zeros((1, 17))
+    obs[0, 12], obs[0, 14] = math.log2(16384) / 16, 1.0  # ring 16384, fixed
+    dist = model.policy.get_distribution(obs)
+    interval = dist.distribution[1]
+    assert dist.distribution[0].probs[0, RINGS.index(16384)].item() == pytest.approx(1.0)
+    _, logp, entropy = model.policy.evaluate_actions(obs, th.tensor([[6, 3]]))
+    assert logp.item() == pytest.approx(interval.log_prob(th.tensor([3])).item(), abs=1e-5)
+    assert entropy.item() == pytest.approx(interval.entropy().item(), abs=1e-5)
+    obs[0, 14] = 0.0  # before the ring is fixed both heads count
+    _, logp, _ = model.policy.evaluate_actions(obs, th.tensor([[6, 3]]))
+    d = model.policy.get_distribution(obs).distribution
+    assert logp.item() == pytest.approx((d[0].log_prob(th.tensor([6])) + d[1].log_prob(th.tensor([3]))).item(),
+                                        abs=1e-5)
+    assert logp.item() < interval.log_prob(th.tensor([3])).item() - 0.1
+
+
+def test_ppo_needs_a_rollout_of_two_decisions():
+    from agents.train import check_hyperparams
+
+    with pytest.raises(ValueError, match="at least 2"):
+        check_hyperparams("ppo", {"n_steps": 1}, n_envs=1)
+    assert check_hyperparams("ppo", {"n_steps": 1}, n_envs=2)["n_steps"] == 1
