@@ -188,3 +188,18 @@ def test_ppo_needs_a_rollout_of_two_decisions():
     with pytest.raises(ValueError, match="at least 2"):
         check_hyperparams("ppo", {"n_steps": 1}, n_envs=1)
     assert check_hyperparams("ppo", {"n_steps": 1}, n_envs=2)["n_steps"] == 1
+
+
+def test_compare_s_timeline_shows_the_baseline_and_the_best_policy(tmp_path, monkeypatch):
+    from agents import compare, plots
+
+    shown = []
+    monkeypatch.setattr(plots, "timeline", lambda eps, path, title="": shown.append(eps) or path)
+    monkeypatch.setattr(plots, "pareto", lambda rows, path, title="": path)
+    args = compare.Args(policies=["qemu", "fixed:256:10", "fixed:65536:5000"], workloads=["memcached"], seeds=1,
+                        set=["vm.memory=512MiB", "vm.vcpus=2"], workers=1, progress=False, out=str(tmp_path))
+    rows = compare.main(args)["rows"]
+    best = max(rows, key=lambda r: r["reward"])
+    worst = min(rows, key=lambda r: r["reward"])
+    assert best["spec"] != "qemu" and worst["spec"] != best["spec"]
+    assert [ep["policy"] for ep in shown[0]] == ["qemu default", best["policy"]]

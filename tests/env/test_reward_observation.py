@@ -268,3 +268,28 @@ def test_the_documented_env_defaults_are_the_config_s():
     cfg = EnvConfig()
     assert doc == {k: float(getattr(cfg, k)) for k in doc}
     assert cfg.intervals_ms == [10, 20, 50, 100, 200, 500, 1000, 2000, 5000]  # the action table's grid
+
+
+def test_the_rgb_frame_s_bar_is_the_progress():
+    """The right panel's green bar is ``progress`` (share of RAM sent) on a 0-1 axis: its height
+    in pixels grows in proportion, full at the end of the migration."""
+    env = make(workloads=["oltp"], render_mode="rgb_array")
+    env.reset(seed=0)
+
+    def green_rows(frame):
+        right = frame[:, frame.shape[1] * 3 // 4:].astype(int)
+        green = (abs(right[..., 0] - 44) < 8) & (abs(right[..., 1] - 160) < 8) & (abs(right[..., 2] - 44) < 8)
+        return int(green.any(axis=1).sum())
+
+    heights, progress = [], []
+    while True:
+        obs, _, te, tr, _ = env.step(np.array([4, 6]))
+        heights.append(green_rows(env.render()))
+        progress.append(float(obs[OBS_FIELDS.index("progress")]))
+        if te or tr:
+            break
+    assert te and progress[-1] == 1.0
+    full = heights[-1]
+    assert full > 100
+    mid = next(i for i, p in enumerate(progress) if 0.3 < p < 0.7)
+    assert heights[mid] == pytest.approx(progress[mid] * full, abs=3)
