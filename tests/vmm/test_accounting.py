@@ -1,0 +1,157 @@
+"""The VMM's bookkeeping, worked by hand from QEMU's rules: bytes on the wire, the reaper's
+cadence and CPU time, a single-ring reap, the reset only after a harvest, the kick's wait, the
+bandwidth window and the throttle's syncs (a mutation run found each of these unchecked)."""
+
+from __future__ import annotations
+
+import pytest
+
+from ringenv.config import load_scenario
+from ringenv.vmm import MigrationRun
+from ringenv.vmm.session import BW_WINDOW_NS, GUEST, PAGE_HEADER_BYTES
+
+from ._helpers import small
+
+MS = 1_000_000
+
+
+def test_a_migration_sends_every_page_with_its_header_and_the_device_state():
+    cfg = small("web", memory=512 << 20)
+    m = MigrationRun(cfg).run()
+    assert m.done and m.converged
+    assert m.bytes_sent == m.pages_sent * (cfg.profile.page_size + PAGE_HEADER_BYTES) + cfg.link.device_state_bytes
+
+
+def test_the_reaper_resets_only_after_harvesting_something():
+    """QEMU's kvm_dirty_ring_reap_locked issues KVM_RESET_DIRTY_RINGS only when it harvested
+    entries: an idle guest's reaper wakes every interval and often finds nothing."""
+    r = MigrationRun(small("idle", memory=512 << 20, interval_ms=100))
+    found = []
+    orig = r.collector.reap
+
+    def spy(only=None):
+        n, work = orig(only)
+        found.append(n)
+        return n, work
+
+    r.collector.reap = spy
+    m = r.run()
+    assert m.harvests == len(found) > 20 and found.count(0) > 5
+    assert m.resets == sum(n > 0 for n in found)
+
+
+def _two_vcpus(interval_ms=5000):
+    cfg = load_scenario("web", vm={"memory": "512MiB", "vcpus": 2}, interval_ms=interval_ms)
+    r = MigrationRun(cfg, host_sync_ms=50)  # the host is seen at each 50 ms
+    r.advance(300 * MS)
+    assert r.vm.now == 300 * MS
+    return r
+
+
+def test_a_single_ring_reap_harvests_that_ring_only_and_takes_no_rate_sample():
+    """A ring-full exit reaps the vCPU's own ring (kvm_dirty_ring_reap_one for that cpu):
+    the other ring's entries wait, and QEMU's rate sample is taken on full reaps only."""
+    r = _two_vcpus()
+    c = r.collector
+    ready = [rd.count_ready() for rd in c.readers]
+    assert min(ready) > 0
+    samples = len(r._samples)
+    n, work = c.reap(only=0)
+    assert n == ready[0] and [rd.count_ready() for rd in c.readers] == [0, ready[1]]
+    assert work == r.costs.harvest_ring_ns + n * r.costs.harvest_entry_ns  # one ring visited
+    assert len(r._samples) == samples
+    c.reset(n)
+    n1, _ = c.reap()
+    assert n1 == ready[1] and len(r._samples) == samples + 1
+
+
+def test_a_flush_charges_the_vmm_the_harvest_and_the_reset():
+    r = _two_vcpus()
+    c, costs = r.collector, r.costs
+    n = sum(rd.count_ready() for rd in c.readers)
+    assert n > 0
+    before = r.vmm_cpu_ns
+    c.flush()
+    assert r.vmm_cpu_ns - before == 2 * costs.harvest_ring_ns + n * costs.harvest_entry_ns + r.vm.last_ioctl_ns
+    assert r.vm.last_ioctl_ns > costs.reset_call_ns  # the reset of n entries
+
+
+def test_a_kick_waits_one_exit_round_trip_if_a_vcpu_was_in_the_guest():
+    r = _two_vcpus()
+    assert GUEST in list(r.vstate)
+    assert r.kick_all() == r.costs.exit_ns > 0
+    assert GUEST not in list(r.vstate)
+    assert r.kick_all() == 0  # nobody left in the guest to wait for
+
+
+def test_the_reaper_sleeps_its_interval_after_its_work():
+    """kvm_dirty_ring_reaper_thread: reap under the lock, then sleep the interval: two reaps are
+    at least interval + the first one's harvest and reset apart (exactly that when nobody else
+    holds the lock)."""
+    cfg = load_scenario("web", vm={"memory": "512MiB", "vcpus": 2}, interval_ms=20, link={"gbps": 1})
+    r = MigrationRun(cfg)
+    c = r.collector
+    reaps, in_flush = [], []
+    orig, orig_reset, orig_flush = c.reap, c.reset, c.flush
+
+    def spy(only=None):
+        n, work = orig(only)
+        if only is None and not in_flush:  # the reaper's, not a sync's or an exit's
+            reaps.append([r.loop.now, work, n])
+        return n, work
+
+    def spy_reset(n):
+        ns = orig_reset(n)
+        if reaps and len(reaps[-1]) == 3 and not in_flush:
+            reaps[-1].append(ns)
+        return ns
+
+    def spy_flush():
+        in_flush.append(1)
+        try:
+            return orig_flush()
+        finally:
+            in_flush.pop()
+
+    c.reap, c.reset, c.flush = spy, spy_reset, spy_flush
+    r.advance(2000 * MS)
+    reaper = [x for x in reaps if len(x) == 4]
+    gaps = [b[0] - (a[0] + a[1] + a[3]) for a, b in zip(reaper, reaper[1:])]
+    assert len(gaps) > 30 and all(g >= 20 * MS for g in gaps)
+    assert sum(g == 20 * MS for g in gaps) > len(gaps) / 2
+    assert any(a[1] + a[3] > 0 for a in reaper)
+
+
+def test_the_bandwidth_is_measured_over_windows_of_at_least_100_ms():
+    """migration_update_counters: once 100 ms have passed since the window began, bandwidth =
+    bytes / time and the threshold = bandwidth x downtime-limit."""
+    r = _two_vcpus()
+    now = r.loop.now
+    r._bw_t0, r._bw_b0 = now - BW_WINDOW_NS, r.bytes_sent - 1_000_000
+    r.update_bandwidth()
+    assert r.bandwidth_Bps == pytest.approx(10_000_000)  # 1 MB in exactly 100 ms
+    assert r.threshold_bytes == int(10_000_000 * r.cfg.link.downtime_limit_ms / 1000)
+    assert r._bw_t0 == now
+    r._bw_t0 = now - BW_WINDOW_NS + 1  # 1 ns short of a window: nothing measured
+    r.update_bandwidth()
+    assert r.bandwidth_Bps == pytest.approx(10_000_000) and r._bw_t0 == now - BW_WINDOW_NS + 1
+
+
+def test_the_throttle_sees_the_iterations_syncs_not_the_last_stage_s():
+    """auto-converge looks at each iteration's sync (migration_bitmap_sync ->
+    migration_trigger_throttle); the last one, with the VM stopped, is not one of them."""
+    cfg = small("analytics", memory=512 << 20, throttle="auto-converge")
+    r = MigrationRun(cfg)
+    seen = []
+    orig = r.throttle.on_sync
+
+    def spy(session, new):
+        seen.append(session.paused_at)
+        return orig(session, new)
+
+    r.throttle.on_sync = spy
+    m = r.run()
+    assert m.converged and m.throttle_pct > 0
+    assert seen and all(p is None for p in seen)  # never with the VM stopped
+    # dirty_sync_count (iterations) counts the set-up's sync and the last stage's too
+    assert len(seen) == m.iterations - 2
