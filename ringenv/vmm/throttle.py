@@ -8,9 +8,11 @@ second such period (the counter is only reset when it fires) the throttle engage
 
 :class:`AutoConverge` -- CPU throttling: first ``cpu-throttle-initial`` (20%), then +
 ``cpu-throttle-increment`` (10%) per trigger up to ``max-cpu-throttle`` (99%) (with
-``tailslow`` the last steps are computed from the dirty/threshold ratio). A timer every
-10 ms / (1 - pct) queues work on every vCPU (a kick when it is in the guest) that sleeps
-pct / (1 - pct) x 10 ms. QEMU 9.2 and later also keep a dirty-sync timer while a migration with
+``tailslow`` the steps are computed from the dirty/threshold ratio, in whole percents as QEMU
+does: cpu_ideal = (100 - pct) x threshold / dirty truncated, step min(100 - pct - cpu_ideal,
+increment)). A timer every 10 ms / (1 - pct) queues work on every vCPU (a kick when it is in
+the guest) that sleeps pct / (1 - pct) x 10 ms + 1 ns (QEMU's fix for double rounding).
+QEMU 9.2 and later also keep a dirty-sync timer while a migration with
 auto-converge runs (``cpu_throttle_dirty_sync_timer``): every ``dirty_sync_timer_ms`` (5 s; 0:
 off, as before 9.2), if no dirty sync happened since the previous tick and the first pass is
 over, it syncs (and so checks the trigger rule) without waiting for the end of the pass.
@@ -142,11 +144,11 @@ class AutoConverge(NoThrottle):
             new = c.initial_pct
         elif not c.tailslow:
             new = min(self.pct + c.increment_pct, c.max_pct)
-        else:
+        else:  # mig_throttle_guest_down with tailslow: QEMU's integer percentages
             dirty, threshold = self.trigger.last
-            cpu_now = 100 - self.pct
-            cpu_ideal = cpu_now * (threshold / dirty) if dirty else cpu_now
-            new = min(self.pct + min(cpu_now - cpu_ideal, c.increment_pct), c.max_pct)
+            cpu_now = 100 - int(self.pct)
+            cpu_ideal = int(cpu_now * (threshold * 1.0 / dirty)) if dirty else cpu_now  # (uint64_t)
+            new = min(int(self.pct) + min(cpu_now - cpu_ideal, c.increment_pct), c.max_pct)
         self.pct = float(new)
         self.steps += 1
         if self.timer is None or not self.timer.alive:
@@ -157,7 +159,8 @@ class AutoConverge(NoThrottle):
         s = self.s
         while self.pct > 0 and not self.stopped and not s.finished:
             p = self.pct / 100.0
-            s.queue_throttle_work(int(p / (1.0 - p) * TIMESLICE_NS))
+            # cpu_throttle_thread: "Add 1ns to fix double's rounding error (like 0.9999999...)"
+            s.queue_throttle_work(int(p / (1.0 - p) * TIMESLICE_NS + 1))
             yield int(TIMESLICE_NS / (1.0 - p))
 
     def stop(self) -> None:
