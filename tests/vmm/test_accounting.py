@@ -4,6 +4,8 @@ bandwidth window and the throttle's syncs (a mutation run found each of these un
 
 from __future__ import annotations
 
+import math
+
 import pytest
 
 from ringenv.config import load_scenario
@@ -155,3 +157,26 @@ def test_the_throttle_sees_the_iterations_syncs_not_the_last_stage_s():
     assert seen and all(p is None for p in seen)  # never with the VM stopped
     # dirty_sync_count (iterations) counts the set-up's sync and the last stage's too
     assert len(seen) == m.iterations - 2
+
+
+def test_the_downtime_runs_from_the_stop_to_the_end_and_holds_the_last_sync_pages_and_device_state():
+    """migration_completion: the downtime is the time from vm_stop to the end of the device
+    state's send: at least the last-stage sync, the pages still dirty (each with its header) and
+    the device state at the link's rate; the run's total is the time before the stop plus it."""
+    cfg = small("oltp", memory=512 << 20)
+    r = MigrationRun(cfg)
+    stops = []
+    pause = r.pause_vm
+
+    def spy():
+        stops.append(r.loop.now)
+        return (yield from pause())
+
+    r.pause_vm = spy
+    m = r.run()
+    assert m.converged and len(stops) == 1
+    assert r.downtime_ns == r.total_ns - stops[0]  # the run starts at 0
+    sent_in_stop = m.pass_bytes[-1]  # the stop-and-copy's pages and device state
+    assert sent_in_stop >= cfg.link.device_state_bytes
+    floor = r.sync_ns[-1] + math.ceil(sent_in_stop * 1e9 / r.final_rate_Bps)
+    assert floor <= r.downtime_ns < floor + 1_000_000  # + the park and the lock, well under 1 ms here
