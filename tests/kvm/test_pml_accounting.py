@@ -4,29 +4,15 @@ these unchecked."""
 
 from __future__ import annotations
 
-from ringenv.kvm import uapi as U
-from ringenv.kvm import Vm
 from ringenv.guest.trace import TraceProgram
+from ringenv.kvm import Vm
+from ringenv.kvm import uapi as U
+
 from ._helpers import Host
+from .test_pml import _buffered, _kick
 
 LOG_ = U.KVM_MEM_LOG_DIRTY_PAGES
 PAGE = 4096
-
-
-def _buffered(base_gfn=0, slot_pages=1024):
-    h = Host([list(range(100)), list(range(500, 540))], [[], [39]], profile="x86-pml", entries=1024,
-             base_gfn=base_gfn, slot_pages=slot_pages)
-    assert h.enter(0) is None and h.enter(1) is None
-    e = h.run()
-    assert (e.vcpu, e.kind) == (1, "sync") and h.vcpus[0].pml_count == 40
-    assert h.harvest_entries(1) == [(0, k) for k in range(500, 540)]
-    return h
-
-
-def _kick(h):
-    e = h.vcpus[0].kick()
-    assert e.kind == "kick" and h.vcpus[0].pml_count == 0
-    return h.harvest_entries(0)
 
 
 def test_gfn_at_a_slots_end_is_in_no_slot():

@@ -17,3 +17,14 @@ def small(name, memory=1 * GiB, **overrides):
     horizon = min(load_scenario(name).checkpoint.horizon_s, 30)
     ck = {"horizon_s": horizon, **overrides.pop("checkpoint", {})}
     return scale_scenario(name, memory, checkpoint=ck, **overrides)
+
+
+def on_pause(run, record):
+    """Call ``record()`` each time ``run`` stops the VM (as it starts to, before the vCPUs park)."""
+    pause = run.pause_vm
+
+    def spy():
+        record()
+        return (yield from pause())
+
+    run.pause_vm = spy

@@ -12,7 +12,7 @@ from ringenv.config import load_scenario
 from ringenv.vmm import MigrationRun
 from ringenv.vmm.session import BW_WINDOW_NS, GUEST, PAGE_HEADER_BYTES
 
-from ._helpers import small
+from ._helpers import on_pause, small
 
 MS = 1_000_000
 
@@ -166,13 +166,7 @@ def test_the_downtime_runs_from_the_stop_to_the_end_and_holds_the_last_sync_page
     cfg = small("oltp", memory=512 << 20)
     r = MigrationRun(cfg)
     stops = []
-    pause = r.pause_vm
-
-    def spy():
-        stops.append(r.loop.now)
-        return (yield from pause())
-
-    r.pause_vm = spy
+    on_pause(r, lambda: stops.append(r.loop.now))
     m = r.run()
     assert m.converged and len(stops) == 1
     assert r.downtime_ns == r.total_ns - stops[0]  # the run starts at 0

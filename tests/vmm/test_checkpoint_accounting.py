@@ -14,7 +14,7 @@ from ringenv.vmm import CheckpointRun, MigrationRun
 from ringenv.vmm.dirty import DirtyPages
 from ringenv.vmm.session import PAGE_HEADER_BYTES
 
-from ._helpers import small
+from ._helpers import on_pause, small
 
 MS = 1_000_000
 NS = 1_000_000_000
@@ -120,17 +120,14 @@ def test_a_pause_lasts_from_the_stop_to_the_resume():
     cfg = small("checkpoint", checkpoint={"horizon_s": 12, "period_s": 4})
     r = CheckpointRun(cfg)
     stops, resumes = [], []
-    pause, resume = r.pause_vm, r.resume_vm
-
-    def spy_pause():
-        stops.append(r.loop.now)
-        return (yield from pause())
+    on_pause(r, lambda: stops.append(r.loop.now))
+    resume = r.resume_vm
 
     def spy_resume():
         resumes.append(r.loop.now)
         resume()
 
-    r.pause_vm, r.resume_vm = spy_pause, spy_resume
+    r.resume_vm = spy_resume
     r.run()
     assert r.pauses == [b - a for a, b in zip(stops, resumes)] and len(r.pauses) >= 2
 
@@ -142,13 +139,7 @@ def test_a_live_checkpoint_writes_the_whole_dirty_set_before_it_pauses():
                 checkpoint={"stop_the_world": False, "horizon_s": 40, "period_s": 8, "storage_mbps": 20})
     r = CheckpointRun(cfg)
     left = []
-    pause = r.pause_vm
-
-    def spy():
-        left.append(r.dirty.mig_count)
-        return (yield from pause())
-
-    r.pause_vm = spy
+    on_pause(r, lambda: left.append(r.dirty.mig_count))
     m = r.run()
     assert m.verified and m.checkpoints >= 3
     assert min(m.pass_bytes[1:]) > 1.0 * cfg.checkpoint.storage_mbps * 1e6  # over a second's writing
