@@ -22,11 +22,16 @@ def make(env_id="ringenv/Migration-v0", **kw):
 
 
 def rollout(env, seed, actions=None, max_steps=400):
+    """[(obs, reward, info)] from reset (reward None) to the episode's end, terminated,
+    truncated. ``actions``: a list cycled through, a function of the step index, or None (random)."""
     obs, info = env.reset(seed=seed)
     out = [(obs, None, info)]
     rng = np.random.default_rng(seed)
     for t in range(max_steps):
-        a = actions[t % len(actions)] if actions is not None else env.action_space.sample()
+        if callable(actions):
+            a = actions(t)
+        else:
+            a = actions[t % len(actions)] if actions is not None else env.action_space.sample()
         if actions is None:
             env.action_space.seed(int(rng.integers(1 << 30)))
         obs, r, te, tr, info = env.step(a)

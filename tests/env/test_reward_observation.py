@@ -8,34 +8,19 @@ from __future__ import annotations
 import math
 from types import SimpleNamespace
 
-import gymnasium as gym
 import numpy as np
 import pytest
 
 import ringenv  # noqa: F401
 from ringenv.env import OBS_FIELDS as FIELDS, OBS_HIGH, _clip_observation, _lost_vcpu_s
 
+from .test_env import make, rollout
+
 OBS_FIELDS = [f[0] for f in FIELDS]
-SMALL = {"vm": {"memory": "512MiB", "vcpus": 2}}
 # weights that differ from each other and from the defaults: a term weighted by the wrong weight,
 # or a scale not applied, shows
 WEIGHTS = {"vcpu": 3.0, "vmm": 5.0, "memory": 0.7, "time": 0.11, "downtime": 13.0, "scale": 2.0}
 MIB = 1 << 20
-
-
-def make(env_id="ringenv/Migration-v0", **kw):
-    return gym.make(env_id, **{**SMALL, **kw})
-
-
-def episode(env, actions, seed):
-    """[(obs, reward, info)] from reset (reward None) to the episode's end; ``actions(t)``."""
-    obs, info = env.reset(seed=seed)
-    out = [(obs, None, info)]
-    while True:
-        obs, r, te, tr, info = env.step(actions(len(out) - 1))
-        out.append((obs, r, info))
-        if te or tr:
-            return out, te, tr
 
 
 def lost(info) -> float:
@@ -48,7 +33,7 @@ def throttled():
     throttle sleeps all happen; the interval changes twice (10 ms, 5000 ms, 100 ms)."""
     env = make(workloads=["memcached"], link={"gbps": 1.0}, throttle="auto-converge", max_episode_s=20,
                reward=WEIGHTS)
-    steps, te, tr = episode(env, lambda t: np.array([0, 0 if t < 40 else 8 if t < 80 else 3]), 1)
+    steps, te, tr = rollout(env, 1, lambda t: np.array([0, 0 if t < 40 else 8 if t < 80 else 3]))
     assert te and not tr
     end = steps[-1][2]
     assert end["vcpu_fault_s"] > 0 and end["vcpu_exit_s"] > 0 and end["vcpu_throttle_s"] > 0
@@ -144,7 +129,7 @@ def test_a_new_interval_reaches_the_reaper():
     """After the first step at 5 s, the agent asks for 10 ms: the reaper harvests every 10 ms
     from then on, 5 times per 50 ms step (the last observation's ``interval`` says 10 ms)."""
     env = make(workloads=["memcached"], vm={"memory": "2GiB", "vcpus": 2})
-    steps, *_ = episode(env, lambda t: np.array([4, 8 if t == 0 else 0]), 3)
+    steps, *_ = rollout(env, 3, lambda t: np.array([4, 8 if t == 0 else 0]))
     h = [s[2]["harvests"] for s in steps[1:]]
     assert h[0] == 1  # 5 s: only the migration set-up's sync (kvm_dirty_ring_flush) in the first 50 ms
     assert [b - a for a, b in zip(h[1:20], h[2:21])] == [5] * 19
@@ -215,7 +200,7 @@ def test_clipping_leaves_no_negative_zero():
 def test_checkpoint_truncation_charges_the_measured_bandwidth():
     env = make("ringenv/Checkpoint-v0", workloads=["oltp"], max_episode_s=3.0,
                checkpoint={"horizon_s": 10.0, "period_s": 0.5, "storage_mbps": 500})
-    steps, te, tr = episode(env, lambda t: np.array([4, 3]), 0)
+    steps, te, tr = rollout(env, 0, [np.array([4, 3])])
     assert tr
     i = steps[-1][2]
     assert i["bandwidth_Bps"] != env.unwrapped._session.rate_Bps  # measured, not the configured rate
