@@ -13,6 +13,8 @@ from llvmlite import ir
 from numba import types
 from numba.extending import intrinsic, overload
 
+from .jit import njit
+
 
 class Recycler:
     """Zeroed arrays of guest-RAM size, recycled once nobody holds them.
@@ -116,7 +118,7 @@ def groups(g: np.ndarray):
         yield int(gs[a]), order[a:b]
 
 
-@numba.njit(cache=True, nogil=True)
+@njit(nogil=True)
 def shift_checked(a, lo, hi, delta, out):  # pragma: no cover - compiled
     """``out = a + delta`` in one pass, checking ``lo <= a < hi``: returns the index of the
     first value outside, or -1 (``out`` is then complete)."""

@@ -39,6 +39,7 @@ import numba
 import numpy as np
 
 from ..config import WorkloadConfig, checked_number, load_workload
+from ..jit import njit
 from .base import GuestProgram, WriteBatch
 
 NS = 1e9
@@ -85,7 +86,7 @@ def _place(x, a, b, m, n):  # pragma: no cover - compiled
     return x
 
 
-@numba.njit(cache=True, nogil=True)
+@njit(nogil=True)
 def _place_all(ranks, a, b, m, n, start, out):  # pragma: no cover - compiled
     for i in range(ranks.shape[0]):
         out[i] = start + _place(ranks[i], a, b, m, n)
@@ -397,7 +398,7 @@ def _set_speed(speed, v, busy, acc_k, acc_p, mult):  # pragma: no cover - compil
     return False
 
 
-@numba.njit(cache=True, nogil=True)
+@njit(nogil=True)
 def _closed_loop(kernel_ns, k_seen, running, dt, busy, speed, acc_k, acc_p, mult):  # pragma: no cover - compiled
     """Update each vCPU's ``speed`` after a window of ``dt`` ns at rate multiplier ``mult`` (see
     :meth:`WorkloadProgram.consumed`): for a vCPU that ran, its kernel ns since the last call
@@ -425,7 +426,7 @@ def _closed_loop(kernel_ns, k_seen, running, dt, busy, speed, acc_k, acc_p, mult
     return moved
 
 
-@numba.njit(cache=True, nogil=True)
+@njit(nogil=True)
 def _speeds(busy, mult, speed, acc_k, acc_p):  # pragma: no cover - compiled
     """Every measured vCPU's speed at a new rate multiplier (a phase change): its kernel ns per
     unit of nominal progress scale with the rate. Returns whether a speed moved."""
@@ -436,7 +437,7 @@ def _speeds(busy, mult, speed, acc_k, acc_p):  # pragma: no cover - compiled
     return moved
 
 
-@numba.njit(cache=True, nogil=True)
+@njit(nogil=True)
 def _window_end(now, until, phase_end, room, per_vcpu, efficiency, running):  # pragma: no cover - compiled
     """A window end in (now, until] worth sampling, given ``room[v]`` pushes left before vCPU
     v's ring is soft-full: a little past the soonest a running vCPU fills its room at its
@@ -458,7 +459,7 @@ def _window_end(now, until, phase_end, room, per_vcpu, efficiency, running):  # 
     return min(until, max(now + 1, end))
 
 
-@numba.njit(cache=True, nogil=True)
+@njit(nogil=True)
 def _sample_window(seed, now, until, fixed_end, phase_end, room, per_vcpu, efficiency, mult, lam, sweeping, running,
                    cdf, c_lo, c_n, c_region, c_vfix, c_wgroup, k, raw, hot_p, marks, r_start, r_n, r_a, r_b, r_mask,
                    s_region, s_a, s_n, s_vcpu, s_rate, s_pos):  # pragma: no cover - compiled
@@ -501,7 +502,7 @@ def _sample_window(seed, now, until, fixed_end, phase_end, room, per_vcpu, effic
     return t, vc, g, key, np.int64(mask), np.int64(end)
 
 
-@numba.njit(cache=True, nogil=True)
+@njit(nogil=True)
 def _draw_window(spacings, extra, uniforms, total, now, dt, until, mult, running, lam, c_lo, c_n, c_region, c_vfix,
                  c_wgroup, cdf, k, raw, hot_p, marks, r_start, r_n, r_a, r_b, r_mask, s_region, s_a, s_n, s_vcpu,
                  s_rate, s_pos):  # pragma: no cover - compiled
@@ -541,7 +542,7 @@ def _draw_window(spacings, extra, uniforms, total, now, dt, until, mult, running
     return t, vc, g, key, mask
 
 
-@numba.njit(cache=True, nogil=True)
+@njit(nogil=True)
 def _order_key(t, vc, now, dt):  # pragma: no cover - compiled
     """The sort key of a window's writes (times in [now, now + dt), vCPUs < 1024) for the
     order (time, vCPU, position in the batch): (key, mask) with the position in the key's low
@@ -569,7 +570,7 @@ def batch_order(key: np.ndarray, mask: int) -> np.ndarray:
     return np.argsort(key, kind="stable")
 
 
-@numba.njit(cache=True, nogil=True)
+@njit(nogil=True)
 def _advance_sweeps(running, mult, dt, s_vcpu, s_rate, s_n, s_pos):  # pragma: no cover - compiled
     """Move the pointers of the running vCPUs' sweeps on by ``dt`` ns (modulo their range)."""
     for j in range(s_vcpu.shape[0]):
@@ -577,7 +578,7 @@ def _advance_sweeps(running, mult, dt, s_vcpu, s_rate, s_n, s_pos):  # pragma: n
             s_pos[j] = (s_pos[j] + s_rate[j] * mult * dt) % s_n[j]
 
 
-@numba.njit(cache=True, nogil=True)
+@njit(nogil=True)
 def _sweep(first, count, pos, rate, a, n, vcpu, now, until, start, pa, pb, mask, rn, out_t, out_v, out_g):  # pragma: no cover - compiled
     """A sequential sweep's writes in a window: the pointer at ``pos`` (pages into its range
     [a, a + n) of a region) moving at ``rate`` pages per ns writes page ``first + j`` (modulo n)
@@ -589,7 +590,7 @@ def _sweep(first, count, pos, rate, a, n, vcpu, now, until, start, pa, pb, mask,
         out_v[j] = vcpu
 
 
-@numba.njit(cache=True, nogil=True)
+@njit(nogil=True)
 def _class_counts(c_n, lam, dt, k, raw, hot_p):  # pragma: no cover - compiled
     """Per class, how many writes the window has (into k): raw classes (per-page expected writes
     below RAW_WRITES_BELOW) Poisson(N lam dt) raw writes; others Binomial(N, hot_p) distinct
@@ -684,7 +685,7 @@ def _exponential(st):  # pragma: no cover - compiled
             return x
 
 
-@numba.njit(cache=True, nogil=True)
+@njit(nogil=True)
 def _sample_classes(extra, spacings, uniforms, k, raw, lam, hot_p, now, dt, c_lo, c_n, c_region, c_vfix, c_wgroup,
                     cdf, r_start, r_n, r_a, r_b, r_mask, marks, out_t, out_v, out_g):  # pragma: no cover - compiled
     """The writes of every class c in one window [now, now + dt): k[c] of them.

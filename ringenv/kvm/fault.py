@@ -26,6 +26,7 @@ import numba
 import numpy as np
 
 from ..arrays import prefetch
+from ..jit import njit
 from .ring import push_all, ring_used
 
 AHEAD = 16  # events to look ahead when prefetching a page's state and version
@@ -53,7 +54,7 @@ def _clear_wp(state, block_map, g, blk, inblock, block_pages):  # pragma: no cov
         state[g] &= NOT_WP
 
 
-@numba.njit(cache=True, nogil=True)
+@njit(nogil=True)
 def walk_writes(gpi, vc, code, reads, first_touch, slot_of, state, version, block_map,
                 blockgran, pushall, split, mode, block_shift,
                 used, limit, pml_count, pml_buf, rings,
@@ -244,7 +245,7 @@ def _tick_flush(now, tick, tick_state, pml_count, used, limit, flush_at, npush):
 FAULTS, PUSHES, SPLITS, FAULT_NS, PML_FLUSHES = range(5)
 
 
-@numba.njit(cache=True, nogil=True)
+@njit(nogil=True)
 def apply_batch(gpi, vc, code, reads, first_touch, slot_of, state, version, block_map,
                 blockgran, pushall, split, mode, block_shift,
                 ring_ctr, soft_limit, pml_count, pml_buf, rings,
@@ -301,7 +302,7 @@ def apply_batch(gpi, vc, code, reads, first_touch, slot_of, state, version, bloc
     return m, cut, npush, nsplit, ndirty, retired, nsoft
 
 
-@numba.njit(cache=True, nogil=True)
+@njit(nogil=True)
 def apply_window(order, t, vc, gfn, gfn_lo, gfn_hi, delta, zeros8, zeros64, state, version, block_map,
                  blockgran, pushall, split, mode, block_shift, ring_ctr, soft_limit, no_pml, rings,
                  push_v, push_g, split_v, split_b, vstat, split_cost, fault_cost, ring_addr, slot_start, slot_kvm,

@@ -33,8 +33,9 @@ does. Turning logging off leaves pages write-protected until each faults once (s
 
 from __future__ import annotations
 
-import numba
 import numpy as np
+
+from ..jit import njit
 
 WP = np.uint8(1)
 CLEAN = np.uint8(2)
@@ -172,7 +173,7 @@ class Memslot:
         return bool(self.flags & 1)
 
 
-@numba.njit(cache=True, nogil=True)
+@njit(nogil=True)
 def _set_bits(bitmap, offsets):  # pragma: no cover - compiled
     for i in range(offsets.shape[0]):
         o = offsets[i]
@@ -207,7 +208,7 @@ def _choose_blocks(nblocks: int, fraction: float, seed: int) -> np.ndarray:
     return out
 
 
-@numba.njit(cache=True, nogil=True)
+@njit(nogil=True)
 def protect_masked(kslots, offsets, masks, tab_kslot, tab_start, tab_npages, tab_blockgran, tab_mode,
                    state, block_map, block_shift, span, split_span, huge_ends):  # pragma: no cover - compiled
     """kvm_arch_mmu_enable_log_dirty_pt_masked for each call (slot, offset, mask), in order.
@@ -228,12 +229,11 @@ def protect_masked(kslots, offsets, masks, tab_kslot, tab_start, tab_npages, tab
     both ends: the x86 4K part, kvm_mmu_write_protect_pt_masked or
     kvm_mmu_clear_dirty_pt_masked, touches only 4K mappings, so a page under a huge mapping
     must fault through it to be logged at 4K). Every protected page is clean afterwards.
-    Returns (pages protected: a whole block per page of a call where blocks stay, one page per
-    page of the call otherwise, one per huge mapping protected by ``huge_ends``; blocks
-    split)."""
+    Returns (stage-2 entries write-protected: one per page mapped by a page, one per block leaf
+    per call (the range walk meets the leaf once, however many of the call's pages lie in it),
+    one per huge mapping protected by ``huge_ends``; blocks split)."""
     npro = 0
     nsplit = 0
-    block_pages = 1 << block_shift
     for i in range(kslots.shape[0]):
         k = -1
         for j in range(tab_kslot.shape[0]):
@@ -262,11 +262,11 @@ def protect_masked(kslots, offsets, masks, tab_kslot, tab_start, tab_npages, tab
             g = base + b
             blk = g >> block_shift
             if block_map[blk] == BLOCK and (span or tab_blockgran[k]):
-                if blk != leaf:
+                if blk != leaf:  # one leaf: written once per call, whatever the call's bits in it
                     for p in range(blk << block_shift, (blk + 1) << block_shift):
                         state[p] |= 3
                     leaf = blk
-                npro += block_pages if tab_blockgran[k] else 1
+                    npro += 1
             else:
                 state[g] |= 3
                 npro += 1

@@ -11,15 +11,15 @@ docs/reference/kvm-dirty-ring.md s7.
 
 from __future__ import annotations
 
-import numba
 import numpy as np
 
 from ..arrays import words_at
+from ..jit import njit
 from .fault import FAULT_NS, PML_FLUSHES, PUSHES, UNTRACKED
 from .ring import ring_push, ring_used
 
 
-@numba.njit(cache=True, nogil=True)
+@njit(nogil=True)
 def flush_one(v, pml, pml_n, base, end, kslot, mode, ring_addr, ring_ctr, soft_limit, vstat, entry_ns,
               soft_full):  # pragma: no cover - compiled
     """vmx_flush_pml_buffer for vCPU v: each logged gfn looked up in the memslots of address
@@ -51,7 +51,7 @@ def flush_one(v, pml, pml_n, base, end, kslot, mode, ring_addr, ring_ctr, soft_l
         soft_full[v] = True
 
 
-@numba.njit(cache=True, nogil=True)
+@njit(nogil=True)
 def flush_all(mask, pml, pml_n, base, end, kslot, mode, ring_addr, ring_ctr, soft_limit, vstat, entry_ns,
               soft_full):  # pragma: no cover - compiled
     """:func:`flush_one` for every vCPU v with ``mask[v]`` and a buffer that is not empty."""
@@ -61,7 +61,7 @@ def flush_all(mask, pml, pml_n, base, end, kslot, mode, ring_addr, ring_ctr, sof
                       soft_full)
 
 
-@numba.njit(cache=True, nogil=True)
+@njit(nogil=True)
 def log_all(push_v, push_gfn, flush_at, pml, pml_n, base, end, kslot, mode, ring_addr, ring_ctr, soft_limit, vstat,
             entry_ns, full_exit_ns, soft_full):  # pragma: no cover - compiled
     """A batch's logged writes (vCPU, gfn), in order, into the vCPUs' buffers: a buffer that

@@ -12,6 +12,7 @@ import numba
 import numpy as np
 
 from ..arrays import words_at
+from ..jit import njit
 from .memory import protect_masked
 from .uapi import KVM_DIRTY_GFN_F_DIRTY, KVM_DIRTY_GFN_F_RESET, kvm_dirty_gfn
 
@@ -79,7 +80,7 @@ def ring_used(ctr):  # pragma: no cover - compiled
     return (ctr[0] - ctr[1]) & U32
 
 
-@numba.njit(cache=True, nogil=True)
+@njit(nogil=True)
 def ring_room(ring_ctr, soft_limit):  # pragma: no cover - compiled
     """Per vCPU, the pushes left before its ring is soft-full (soft limit - entries used)."""
     room = np.empty(ring_ctr.shape[0], dtype=np.int64)
@@ -105,13 +106,13 @@ def ring_push(words, ctr, kslot, offset):  # pragma: no cover - compiled
     ctr[3] += 1
 
 
-@numba.njit(cache=True, nogil=True)
+@njit(nogil=True)
 def _push_run(words, ctr, slots, offsets):  # pragma: no cover - compiled
     for i in range(offsets.shape[0]):
         ring_push(words, ctr, slots[i], offsets[i])
 
 
-@numba.njit(cache=True, nogil=True)
+@njit(nogil=True)
 def push_all(push_v, push_g, npush, ring_addr, ring_ctr, slot_start, slot_kvm):  # pragma: no cover - compiled
     """The pushes of a batch (vCPU, global page index), in order, each into its vCPU's ring:
     ring_addr[v] = (address of the ring's entries, entries), ring_ctr[v] its counters
@@ -143,7 +144,7 @@ def push_all(push_v, push_g, npush, ring_addr, ring_ctr, slot_start, slot_kvm): 
             ring_push(words, ctr, slot_kvm[k], g - slot_start[k])
 
 
-@numba.njit(cache=True, nogil=True)
+@njit(nogil=True)
 def _coalesce(slots, offsets, out_slot, out_offset, out_mask):  # pragma: no cover - compiled
     """The re-protect coalescing over entries in ring order (see :func:`coalesce_reprotect`);
     the calls go to the out arrays. Returns how many."""
@@ -172,7 +173,7 @@ def _coalesce(slots, offsets, out_slot, out_offset, out_mask):  # pragma: no cov
     return k
 
 
-@numba.njit(cache=True, nogil=True)
+@njit(nogil=True)
 def reset_rings(ring_addr, ring_ctr, tab_kslot, tab_start, tab_npages, tab_blockgran, tab_mode, state, block_map,
                 block_shift, span, split_span, huge_ends):  # pragma: no cover - compiled
     """kvm_dirty_ring_reset for every vCPU's ring (ring_addr/ring_ctr as :func:`push_all`):

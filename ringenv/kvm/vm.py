@@ -90,7 +90,7 @@ class VmStats:
     resets: int = 0  # KVM_RESET_DIRTY_RINGS calls
     entries_reset: int = 0
     reprotect_calls: int = 0  # kvm_arch_mmu_enable_log_dirty_pt_masked calls
-    pages_reprotected: int = 0
+    pages_reprotected: int = 0  # stage-2 entries write-protected: a page, or a block leaf once per call
     tlb_flushes: int = 0  # VM-wide flushes (reset, dirty-log)
     splits: int = 0  # blocks split into pages
     get_dirty_log_calls: int = 0

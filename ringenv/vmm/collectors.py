@@ -36,6 +36,7 @@ import numba
 import numpy as np
 
 from ..arrays import popcount, trailing_zeros
+from ..jit import njit
 from ..kvm.memory import bitmap_offsets
 from .dirty import MIG_BLOCK, _see, _words
 from .reap import RingReader, look_rings, reap_rings, ring_addresses
@@ -319,13 +320,13 @@ def _popcount_range(words, a, b):  # pragma: no cover - compiled
     return n
 
 
-@numba.njit(cache=True, nogil=True)
+@njit(nogil=True)
 def _popcount_all(words):  # pragma: no cover - compiled
     """Set bits of a u64 bitmap."""
     return _popcount_range(words, 0, words.shape[0])
 
 
-@numba.njit(cache=True, nogil=True)
+@njit(nogil=True)
 def _kernel_only(kernel, got, pending, chunk_words, mig, mig_words, blocks):  # pragma: no cover - compiled
     """Pages set in the kernel's bitmap ``kernel`` (u64 words) and not in ``mig`` (bool per page;
     ``mig_words``: its whole u64 words, 8 pages each; ``blocks``: its pages per MIG_BLOCK), a

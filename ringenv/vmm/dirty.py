@@ -30,6 +30,7 @@ import numba
 import numpy as np
 
 from ..arrays import RECYCLER, popcount, trailing_zeros
+from ..jit import njit
 
 MIG_BLOCK_SHIFT = 12
 MIG_BLOCK = 1 << MIG_BLOCK_SHIFT  # pages per block of ``DirtyPages.mig_blocks`` (64 words of a u64 bitmap)
@@ -198,7 +199,7 @@ def _words(bits: np.ndarray) -> np.ndarray:
     return bits[: len(bits) & ~7].view(np.uint64)
 
 
-@numba.njit(cache=True, nogil=True)
+@njit(nogil=True)
 def _merge(mig, slot, mig_words, slot_words):  # pragma: no cover - compiled
     """``mig |= slot``, ``slot = 0`` (``*_words``: their whole words, see :func:`_words`).
     Returns the pages newly set in ``mig``. The words go without a branch on their contents:
@@ -219,7 +220,7 @@ def _merge(mig, slot, mig_words, slot_words):  # pragma: no cover - compiled
     return new
 
 
-@numba.njit(cache=True, nogil=True)
+@njit(nogil=True)
 def _count_blocks(mig, mig_words, blocks):  # pragma: no cover - compiled
     """blocks[b] = the pages of ``mig`` in block b (MIG_BLOCK pages), recounted (a word, 8 pages,
     at a time)."""
@@ -231,7 +232,7 @@ def _count_blocks(mig, mig_words, blocks):  # pragma: no cover - compiled
             blocks[p // MIG_BLOCK] += 1
 
 
-@numba.njit(cache=True, nogil=True)
+@njit(nogil=True)
 def _add_blocks(pages, blocks, d):  # pragma: no cover - compiled
     """Add ``d`` to the count of each page's block (pages mostly ascending: a block's run of
     pages is one update)."""
@@ -248,7 +249,7 @@ def _add_blocks(pages, blocks, d):  # pragma: no cover - compiled
     blocks[cur] += d * run
 
 
-@numba.njit(cache=True, nogil=True)
+@njit(nogil=True)
 def _sub_run_blocks(a, b, blocks):  # pragma: no cover - compiled
     """The pages a .. b-1 left mig: take them off their blocks' counts."""
     p = a
@@ -269,7 +270,7 @@ def see(seen, p):  # pragma: no cover - compiled
     return True
 
 
-@numba.njit(cache=True, nogil=True)
+@njit(nogil=True)
 def _see(offsets, seen, mig):  # pragma: no cover - compiled
     """:func:`see` each of ``offsets``; returns how many of those pages were in neither seen nor
     mig (each page once, repeats or not)."""
@@ -281,7 +282,7 @@ def _see(offsets, seen, mig):  # pragma: no cover - compiled
     return fresh
 
 
-@numba.njit(cache=True, nogil=True)
+@njit(nogil=True)
 def _unseen(pages, seen):  # pragma: no cover - compiled
     """How many of ``pages`` are not in the u64 bitmap ``seen``."""
     n = 0
@@ -292,7 +293,7 @@ def _unseen(pages, seen):  # pragma: no cover - compiled
     return n
 
 
-@numba.njit(cache=True, nogil=True)
+@njit(nogil=True)
 def _unseen_run(seen, a, b):  # pragma: no cover - compiled
     """How many of the pages a .. b-1 are not in the u64 bitmap ``seen`` (a word at a time)."""
     n = 0
@@ -309,7 +310,7 @@ def _unseen_run(seen, a, b):  # pragma: no cover - compiled
     return n
 
 
-@numba.njit(cache=True, nogil=True)
+@njit(nogil=True)
 def _take_run(mig, words, a, b, want, out, k):  # pragma: no cover - compiled
     """Take the set pages of ``mig[a:b]`` in order into ``out[k:]``, clearing them, until
     ``out`` holds ``want``. Returns (pages in ``out``, where the scan stopped: one past the last
@@ -338,7 +339,7 @@ def _take_run(mig, words, a, b, want, out, k):  # pragma: no cover - compiled
     return k, i
 
 
-@numba.njit(cache=True, nogil=True)
+@njit(nogil=True)
 def _take(mig, words, cursor, want, out):  # pragma: no cover - compiled
     """Up to ``want`` set pages from ``cursor`` to the end, then from 0 up to the cursor (QEMU's
     find_next_bit over the migration bitmap), cleared and written to ``out`` in that order.
@@ -349,7 +350,7 @@ def _take(mig, words, cursor, want, out):  # pragma: no cover - compiled
     return k, i
 
 
-@numba.njit(cache=True, nogil=True)
+@njit(nogil=True)
 def _copy_pages(pages, dest, version):  # pragma: no cover - compiled
     """dest[p] = version[p] + 1 (u32) for each page sent; returns how many had been sent before."""
     resent = 0
@@ -361,7 +362,7 @@ def _copy_pages(pages, dest, version):  # pragma: no cover - compiled
     return resent
 
 
-@numba.njit(cache=True, nogil=True)
+@njit(nogil=True)
 def _count_stale(dest, version):  # pragma: no cover - compiled
     """How many pages have dest != version + 1 (u32 arithmetic, as the arrays store it)."""
     stale = 0

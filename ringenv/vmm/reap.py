@@ -11,6 +11,7 @@ import numba
 import numpy as np
 
 from ..arrays import words_at
+from ..jit import njit
 from ..kvm.uapi import KVM_DIRTY_GFN_F_DIRTY, KVM_DIRTY_GFN_F_RESET
 from .dirty import see
 
@@ -72,7 +73,7 @@ def _ready_run(words, fetch, want, mark):  # pragma: no cover - compiled
     return want
 
 
-@numba.njit(cache=True, nogil=True)
+@njit(nogil=True)
 def _ready(words, fetch, want, mark):  # pragma: no cover - compiled
     return _ready_run(words, fetch, want, mark)
 
@@ -82,7 +83,7 @@ def ring_addresses(readers: list[RingReader]) -> np.ndarray:
     return np.array([(r.gfns.ctypes.data, r.size) for r in readers], dtype=np.int64).reshape(-1, 2)
 
 
-@numba.njit(cache=True, nogil=True)
+@njit(nogil=True)
 def reap_rings(ring_addr, fetch, counts, reap, slot_id, bitmap):  # pragma: no cover - compiled
     """Every ring at once, as QEMU's reaper visits them (kvm_dirty_ring_reap_locked): per ring,
     the run of ready entries from its fetch index (:func:`_ready_run`, counts[v]); with ``reap``,
@@ -105,7 +106,7 @@ def reap_rings(ring_addr, fetch, counts, reap, slot_id, bitmap):  # pragma: no c
     return marked
 
 
-@numba.njit(cache=True, nogil=True)
+@njit(nogil=True)
 def look_rings(ring_addr, fetch, peek, counts, slot_id, seen, mig, mig_empty):  # pragma: no cover - compiled
     """The entries ready in each ring (``counts``, as :func:`reap_rings` counts them without
     reaping: nothing in the rings changes), and the simulator's count of pages not yet saved:

@@ -183,6 +183,19 @@ def test_without_splitting_a_big_ring_takes_the_block_without_loss():
     assert sorted(h.harvest()) == list(range(512))
 
 
+def test_without_splitting_a_reset_of_the_block_writes_its_leaf_once_per_call():
+    """s6 + s7 what-if: the block's 512 entries coalesce into 8 calls of 64 pages (masks of
+    all ones); each call's range lies in the one block leaf, which the walk write-protects
+    once: 8 entries write-protected in all (not 512 per page of each call)."""
+    h = Host([[10]], profile=profile_without_split(), block_fraction=1.0, entries=1024)
+    assert h.enter_and_run().kind == "done"
+    assert len(h.harvest()) == 512
+    st = h.vm.stats
+    assert h.reset() == 512
+    assert (st.reprotect_calls, st.pages_reprotected) == (8, 8)
+    assert all(h.wp(p) for p in range(512))
+
+
 @pytest.mark.parametrize("chunk", [2 * MiB, 1 << 30, 4096])
 def test_eager_split_splits_every_block_when_logging_is_enabled(chunk):
     """s7: EAGER_SPLIT_CHUNK_SIZE > 0 set before memslots: enabling logging splits all blocks
@@ -241,6 +254,21 @@ def test_arm64_without_bitmap_reset_reprotects_the_whole_block():
     assert h.wp(10) and h.wp(20) and h.wp(511)
     assert h.enter_and_run().kind == "done"
     assert len(h.harvest()) == 1
+
+
+def test_arm64_without_bitmap_reset_writes_the_block_leaf_once():
+    """s6 + s11: the reset's one call (the entry's page, mask 1) walks the stage-2 range of
+    that page (stage2_wp_range) and finds one leaf, the block: ONE entry write-protected, not
+    one per page of the block, and the reset's kernel time charges that one entry."""
+    h = Host([[10, 20, 30, 20, 30]], [[2]], with_bitmap=False, block_fraction=1.0)
+    assert h.enter_and_run().kind == "sync"
+    assert len(h.harvest()) == 1
+    st, c = h.vm.stats, h.profile.costs
+    assert h.reset() == 1
+    assert (st.reprotect_calls, st.pages_reprotected) == (1, 1)
+    assert h.vm.last_ioctl_ns == (c.reset_call_ns + c.reset_entry_ns + c.reprotect_call_ns
+                                  + int(c.reprotect_page_ns) + h.vm.profile.tlbi_broadcast_ns(1))
+    assert all(h.wp(p) for p in range(512))  # the whole block, through its one leaf
 
 
 def test_arm64_without_bitmap_page_mapped_memory_still_pushes_per_page():

@@ -1,0 +1,88 @@
+"""numba's ``njit`` for ringenv's compiled kernels, with an on-disk cache kept in step with them.
+
+numba keys a cached kernel by the content of the file that defines it, not by the kernels it
+calls from other files: ``kvm.ring.reset_rings`` calls ``kvm.memory.protect_masked``, and after a
+change to ``memory.py`` alone (a ``git pull``, an upgrade into a directory that kept the old
+cache files) numba would load ``reset_rings`` with the old ``protect_masked`` compiled into it
+and give wrong results without a word. :func:`njit` therefore caches every kernel in a
+directory named by a digest of all of ringenv's kernel sources (:func:`sources_digest`): any
+change to any of them compiles them all afresh (~15 s, once), the cache of an unchanged tree is
+used as before.
+
+Where: under ``NUMBA_CACHE_DIR`` when it is set (numba's own setting: then
+``$NUMBA_CACHE_DIR/ringenv-<digest>``, nothing removed there), else in the package's
+``__pycache__/numba/`` (or, if the package directory is read-only, in the user's cache
+directory, ``$XDG_CACHE_HOME/ringenv`` or ``~/.cache/ringenv``), where the directories of older
+digests are removed when a new one is made.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import os
+import shutil
+from pathlib import Path
+
+import numba
+
+PACKAGE = Path(__file__).resolve().parent
+PREFIX = "ringenv-"
+
+
+def kernel_sources(root: Path = PACKAGE) -> list[Path]:
+    """The package's Python files that define numba kernels (any mention of ``njit``), sorted."""
+    return sorted(p for p in root.rglob("*.py") if "__pycache__" not in p.parts and b"njit" in p.read_bytes())
+
+
+def sources_digest(root: Path = PACKAGE) -> str:
+    """16 hex digits of a SHA-256 over the kernel sources' paths (relative to ``root``) and
+    contents: it changes with any change to any kernel, or a kernel file added or removed."""
+    h = hashlib.sha256()
+    for path in kernel_sources(root):
+        h.update(path.relative_to(root).as_posix().encode() + b"\0")
+        h.update(path.read_bytes() + b"\0")
+    return h.hexdigest()[:16]
+
+
+def _own_root() -> Path:
+    """The package's ``__pycache__/numba`` if it can be written, else the user's cache directory."""
+    for root in (PACKAGE / "__pycache__" / "numba",
+                 Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "ringenv"):
+        try:
+            root.mkdir(parents=True, exist_ok=True)
+        except OSError:
+            continue
+        if os.access(root, os.W_OK):
+            return root
+    raise OSError("ringenv: no writable directory for numba's cache (set NUMBA_CACHE_DIR)")
+
+
+@functools.cache
+def cache_dir() -> Path:
+    """The directory this tree's kernels are cached in (see the module's docstring)."""
+    digest = sources_digest()
+    if numba.config.CACHE_DIR:
+        return Path(numba.config.CACHE_DIR) / f"{PREFIX}{digest}"
+    root = _own_root()
+    here = root / f"{PREFIX}{digest}"
+    if not here.exists():
+        for old in root.glob(f"{PREFIX}*"):
+            shutil.rmtree(old, ignore_errors=True)
+        for stale in PACKAGE.rglob("__pycache__/*.nb[ic]"):  # numba's in-tree files of older versions
+            stale.unlink(missing_ok=True)
+    return here
+
+
+def njit(**options):
+    """``numba.njit(cache=True, **options)``, cached in :func:`cache_dir`: numba reads its cache
+    setting when a kernel is decorated, so it is switched to that directory for the decoration
+    only and other packages' kernels cache where they did."""
+    def decorate(fn):
+        saved = numba.config.CACHE_DIR
+        numba.config.CACHE_DIR = str(cache_dir())
+        try:
+            return numba.njit(cache=True, **options)(fn)
+        finally:
+            numba.config.CACHE_DIR = saved
+    return decorate

@@ -1,0 +1,106 @@
+"""numba's on-disk cache of ringenv's kernels follows every kernel source (ringenv/jit.py).
+
+numba keys a cached kernel by its own file's content only: ``kvm.ring.reset_rings`` (ring.py)
+calls ``kvm.memory.protect_masked`` (memory.py), so a change to memory.py alone would leave
+reset_rings' cached machine code, with the old protect_masked in it, in use. These tests run a
+copy of the package in fresh interpreters, change memory.py only, and look at the result.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import ringenv
+from ringenv import jit
+
+TESTS = Path(__file__).resolve().parent
+
+#: the split_blocks=false what-if: one write to a 2 MiB block, 512 entries, one reset of 8 calls,
+#: each writing the block leaf once (tests/kvm/test_stage2.py)
+SCRIPT = f"""
+import sys
+sys.path.insert(0, {str(TESTS)!r})
+import ringenv, ringenv.jit
+from kvm._helpers import Host, profile_without_split
+h = Host([[10]], profile=profile_without_split(), block_fraction=1.0, entries=1024)
+assert h.enter_and_run().kind == "done" and len(h.harvest()) == 512
+h.reset()
+print(ringenv.__file__, ringenv.jit.cache_dir(), h.vm.stats.pages_reprotected)
+"""
+
+
+def run_copy(pkg_parent: Path, **env) -> tuple[str, Path, int]:
+    environ = {k: v for k, v in os.environ.items() if k not in ("NUMBA_CACHE_DIR", "PYTHONPATH")}
+    environ.update(PYTHONPATH=str(pkg_parent), **env)
+    out = subprocess.run([sys.executable, "-c", SCRIPT], env=environ, capture_output=True, text=True,
+                         cwd=pkg_parent, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    where, cache, pages = out.stdout.split()[-3:]
+    return where, Path(cache), int(pages)
+
+
+def copy_package(dest: Path) -> Path:
+    """The package and, beside it as in the checkout, its configs."""
+    src = Path(ringenv.__file__).parent
+    shutil.copytree(src, dest / "ringenv", ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copytree(src.parent / "configs", dest / "configs")
+    return dest / "ringenv"
+
+
+def change_leaf_charge(pkg: Path, per_leaf: int) -> None:
+    """memory.py only: a block leaf counts ``per_leaf`` entries instead of 1."""
+    path = pkg / "kvm" / "memory.py"
+    text, n = re.subn(r"(leaf = blk\n\s+npro \+= )1\b", rf"\g<1>{per_leaf}", path.read_text())
+    assert n == 1, "protect_masked's leaf count not found: update this test with memory.py"
+    path.write_text(text)
+
+
+@pytest.mark.slow
+def test_a_change_to_a_called_kernel_reaches_its_cached_caller(tmp_path):
+    pkg = copy_package(tmp_path)
+    where, cache, pages = run_copy(tmp_path)
+    assert Path(where).parent == pkg  # the copy ran, not the checkout
+    assert pages == 8
+    assert cache.parent == pkg / "__pycache__" / "numba" and any(cache.rglob("ring.reset_rings-*.nbi"))
+
+    where, again, pages = run_copy(tmp_path, NUMBA_DEBUG_CACHE="1")
+    assert (again, pages) == (cache, 8)  # same sources: the same directory, loaded from it
+
+    change_leaf_charge(pkg, 1000)  # ring.py, which holds reset_rings, is untouched
+    _, fresh, pages = run_copy(tmp_path)
+    assert pages == 8000
+    assert fresh != cache and not cache.exists()  # the older digest's directory is gone
+
+
+@pytest.mark.slow
+def test_numba_cache_dir_is_respected_and_keyed_by_the_sources(tmp_path):
+    pkg = copy_package(tmp_path / "src")
+    user = tmp_path / "numba-cache"
+    _, cache, pages = run_copy(tmp_path / "src", NUMBA_CACHE_DIR=str(user))
+    assert pages == 8 and cache == user / f"ringenv-{jit.sources_digest(pkg)}"
+    assert any(cache.rglob("memory.protect_masked-*.nbi"))
+    assert not (pkg / "__pycache__" / "numba").exists()
+    change_leaf_charge(pkg, 7)
+    _, fresh, pages = run_copy(tmp_path / "src", NUMBA_CACHE_DIR=str(user))
+    assert pages == 56 and fresh.parent == user and fresh != cache
+    assert cache.exists()  # a directory the user chose: nothing removed there
+
+
+def test_the_digest_covers_every_kernel_file_and_only_those(tmp_path):
+    pkg = copy_package(tmp_path)
+    names = {p.relative_to(pkg).as_posix() for p in jit.kernel_sources(pkg)}
+    assert {"kvm/memory.py", "kvm/ring.py", "kvm/fault.py", "guest/workload.py", "vmm/dirty.py",
+            "vmm/reap.py", "arrays.py"} <= names
+    assert "env.py" not in names and "config.py" not in names
+    d0 = jit.sources_digest(pkg)
+    (pkg / "env.py").write_text((pkg / "env.py").read_text() + "\n# a change outside the kernels\n")
+    assert jit.sources_digest(pkg) == d0
+    (pkg / "kvm" / "ring.py").write_text((pkg / "kvm" / "ring.py").read_text() + "\n")
+    assert jit.sources_digest(pkg) != d0
