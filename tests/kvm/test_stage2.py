@@ -785,9 +785,10 @@ def test_x86_move_costs_no_slot_walk(profile, entries, before, after):
     (kvm_arch_flush_shadow_memslot), so nothing is mapped in the new range;
     kvm_mmu_slot_apply_flags returns for a move (change != KVM_MR_FLAGS_ONLY) before any walk:
     nothing to write-protect (logging on), nothing to recover or to clear (logging off), no TLB
-    flush. The ioctl's kernel time is 0, whether the move turns logging on, off or keeps it
-    (the simulator does not charge the zap itself). The first write after the move is logged
-    if the moved slot logs (its translation fault), not otherwise."""
+    flush. The ioctl's kernel time is the zap's alone (the walk of the old range, priced per
+    page as the write-protect walk, and one TLB flush), whether the move turns logging on, off
+    or keeps it. The first write after the move is logged if the moved slot logs (its
+    translation fault), not otherwise."""
     vm = _vm(profile, entries=entries)
     vm.set_user_memory_region(0, before, 0, 1024 * 4096, block_fraction=1.0)
     v = vm.create_vcpu(0)
@@ -795,7 +796,8 @@ def test_x86_move_costs_no_slot_walk(profile, entries, before, after):
     assert _run(vm, v).kind == "sync"
     flushes, kernel = vm.stats.tlb_flushes, vm.stats.kernel_ns
     vm.set_user_memory_region(0, after, 4096 * 4096, 1024 * 4096)
-    assert (vm.last_ioctl_ns, vm.stats.tlb_flushes, vm.stats.kernel_ns) == (0, flushes, kernel)
+    zap = int(vm.profile.costs.protect_page_ns * 1024) + vm._tlbi_ns
+    assert (vm.last_ioctl_ns, vm.stats.tlb_flushes, vm.stats.kernel_ns) == (zap, flushes + 1, kernel + zap)
     assert _run(vm, v).kind == "done"
     if after:
         assert _logged_after_move(vm, v, entries, 7)
@@ -808,8 +810,9 @@ def test_arm64_move_with_logging_flushes_tlbs_and_walks_nothing(after):
     """arm64 kvm_arch_commit_memory_region for a move with logging: kvm_mmu_wp_memory_region
     walks the new range, where nothing is mapped (the old range was unmapped by
     kvm_arch_flush_shadow_memslot), and flushes the TLBs (kvm_flush_remote_tlbs_memslot); the
-    split walk finds nothing either. The ioctl costs one TLB flush, no per-page walk. Without
-    logging the commit does nothing at stage 2: 0."""
+    split walk finds nothing either. The commit costs one TLB flush, no per-page walk; without
+    logging it does nothing at stage 2. Before it the zap of the old range: its walk (per page,
+    as the write-protect walk) and one TLB flush."""
     vm = _vm(eager=2 * MiB)
     vm.set_user_memory_region(0, LOG, 0, 1024 * 4096, block_fraction=1.0)
     v = vm.create_vcpu(0)
@@ -817,8 +820,9 @@ def test_arm64_move_with_logging_flushes_tlbs_and_walks_nothing(after):
     assert _run(vm, v).kind == "sync"
     flushes, splits = vm.stats.tlb_flushes, vm.stats.splits
     vm.set_user_memory_region(0, after, 4096 * 4096, 1024 * 4096)
-    assert vm.last_ioctl_ns == (vm._tlbi_ns if after else 0)
-    assert vm.stats.tlb_flushes == flushes + (1 if after else 0) and vm.stats.splits == splits
+    zap = int(vm.profile.costs.protect_page_ns * 1024) + vm._tlbi_ns
+    assert vm.last_ioctl_ns == zap + (vm._tlbi_ns if after else 0)
+    assert vm.stats.tlb_flushes == flushes + (2 if after else 1) and vm.stats.splits == splits
     assert _run(vm, v).kind == "done"
     assert v.stats.pushes == (2 if after else 1)
 
@@ -826,15 +830,19 @@ def test_arm64_move_with_logging_flushes_tlbs_and_walks_nothing(after):
 @pytest.mark.parametrize("profile", ["arm64-4k", "x86-nopml", "x86-pml"])
 def test_delete_reports_its_own_kernel_time(profile):
     """Vm.last_ioctl_ns is the kernel time of the last ioctl: after enabling logging (a walk of
-    the slot), deleting a slot reports its own (0: the zap is not charged), not the previous
-    ioctl's."""
+    the slot and a TLB flush), deleting a slot reports its own: the zap
+    (kvm_arch_flush_shadow_memslot: the walk of its 1024 pages, priced as the write-protect
+    walk, and one TLB flush), counted in the VM's kernel time."""
     vm = _vm(profile, entries=0)
     vm.set_user_memory_region(0, 0, 0, 1024 * 4096)
     vm.create_vcpu(0)
     vm.set_user_memory_region(0, LOG, 0, 1024 * 4096)
     assert vm.last_ioctl_ns > 0
+    flushes, kernel = vm.stats.tlb_flushes, vm.stats.kernel_ns
     vm.set_user_memory_region(0, 0, 0, 0)
-    assert vm.last_ioctl_ns == 0 and not vm.slots
+    zap = int(vm.profile.costs.protect_page_ns * 1024) + vm._tlbi_ns
+    assert vm.last_ioctl_ns == zap and not vm.slots
+    assert (vm.stats.tlb_flushes, vm.stats.kernel_ns) == (flushes + 1, kernel + zap)
 
 
 # ---------------------------------------------------------------------------- INITIALLY_SET and stage 2
