@@ -483,19 +483,24 @@ class Vm:
         self._check_overlap(s.id, s.as_id, base, s.npages)
         self._check_gpa_range(base, s.npages)
         zap = self._zap(s)
-        s.unmap_all()
         s.base_gfn = base
         self._layout()
         s.flags = flags
         self.last_ioctl_ns = zap + self._logging_changed(s, move=True)
 
     def _zap(self, s: Memslot) -> int:
-        """kvm_arch_flush_shadow_memslot for a deleted or moved slot: the walk of its stage-2
-        range (priced as the write-protect walk when logging is turned on, per page of the slot)
-        and one VM-wide TLB flush. Returns the kernel time, counted in the VM's. (x86's default
-        KVM_X86_QUIRK_SLOT_ZAP_ALL zaps every slot's mappings, not only this one's: not modelled,
-        the other slots stay mapped.)"""
-        ns = int(self.profile.costs.protect_page_ns * s.npages) + self._flush_tlbs()
+        """kvm_arch_flush_shadow_memslot for a deleted or moved slot. arm64 unmaps the slot's
+        stage-2 range (kvm_stage2_unmap_range); x86, with KVM_X86_QUIRK_SLOT_ZAP_ALL (on by
+        default), zaps every mapping of the VM (kvm_mmu_zap_all_fast): every slot's pages fault
+        again, and in a logging slot the new writable mapping logs its page once more. The walk
+        is priced per page zapped as the write-protect walk when logging is turned on, plus one
+        VM-wide TLB flush. Returns the kernel time, counted in the VM's."""
+        zapped = self.slots if self.profile.arch == "x86" else [s]
+        for t in zapped:
+            t.unmap_all()
+            if t is not s and t.logging:  # its next write faults and logs, as a clean page's
+                t.state |= WP_CLEAN
+        ns = int(self.profile.costs.protect_page_ns * sum(t.npages for t in zapped)) + self._flush_tlbs()
         self.stats.kernel_ns += ns
         return ns
 
