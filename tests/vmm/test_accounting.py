@@ -185,3 +185,48 @@ def test_the_vgic_tables_saved_at_the_stop_come_back_through_the_backup_bitmap(h
     m = r.run()
     assert m.verified
     assert r.backup_bitmap_pages == r.vm.stats.backup_bitmap_pages == pages
+
+
+# ---------------------------------------------------------------------------- the metrics record
+def _record():
+    r = MigrationRun(small("web", memory=256 << 20))
+    r.advance(300 * MS)
+    return r.metrics().to_dict()
+
+
+def test_metrics_from_fields_equals_the_constructor_in_any_order():
+    """Metrics.from_fields skips the frozen dataclass's per-field assignments when the values
+    come in declaration order; in any other order, or with the defaulted fields left out, it
+    gives what Metrics(**values) gives, and the record stays frozen."""
+    import dataclasses
+
+    from ringenv.vmm.metrics import Metrics
+
+    d = _record()
+    fast = Metrics.from_fields(dict(d))
+    assert fast == Metrics(**d) and list(fast.to_dict()) == list(d)
+    back = Metrics.from_fields(dict(reversed(list(d.items()))))
+    assert back == fast and list(back.to_dict()) == list(d)  # fields in declaration order
+    short = {k: v for k, v in d.items() if k not in ("checkpoints", "pause_total_s", "checkpoint_overruns")}
+    assert Metrics.from_fields(short) == Metrics(**short)
+    assert (Metrics.from_fields(short).checkpoints, Metrics.from_fields(short).pause_total_s) == (0, 0.0)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        fast.downtime_s = 1.0
+
+
+@pytest.mark.parametrize("change", ["unknown", "missing"])
+def test_metrics_from_fields_refuses_an_unknown_or_missing_field_by_name(change):
+    """A key that is no field, or a field without a default left out: the constructor's
+    TypeError, naming it (no half-built record)."""
+    from ringenv.vmm.metrics import Metrics
+
+    d = _record()
+    if change == "unknown":
+        d["ring_fil"] = d.pop("ring_fill")
+        d["ring_fill"] = ()  # all fields present, one extra: still refused
+        name = "ring_fil"
+    else:
+        del d["bandwidth_Bps"]
+        name = "bandwidth_Bps"
+    with pytest.raises(TypeError, match=name):
+        Metrics.from_fields(d)
