@@ -230,3 +230,59 @@ def test_metrics_from_fields_refuses_an_unknown_or_missing_field_by_name(change)
         name = "bandwidth_Bps"
     with pytest.raises(TypeError, match=name):
         Metrics.from_fields(d)
+
+
+@pytest.mark.parametrize("extra,loop_syncs", [(0, False), (1, True)])
+def test_the_switchover_needs_pending_strictly_below_the_threshold(extra, loop_syncs):
+    """migration_iteration_run (QEMU 9.0 on): the exact sync when pending < threshold, the
+    switchover when the new pending is 0 or < threshold. With the threshold held at exactly the
+    pending bytes after every slice, neither ever fires: the pass drains the bitmap (nothing
+    enters it without a sync) and the switchover comes at pending == 0, after the set-up's sync
+    alone. One byte more and the sync fires at the first check after a slice."""
+    cfg = small("web", memory=256 << 20)
+    r = MigrationRun(cfg)
+    ps = cfg.profile.page_size
+    orig_update, orig_sync, syncs = r.update_bandwidth, r.sync, []
+
+    def update():
+        orig_update()
+        r.threshold_bytes = r.dirty.mig_count * ps + extra
+
+    def sync(last_stage=False):
+        syncs.append((r.phase, last_stage))
+        return (yield from orig_sync(last_stage))
+
+    r.update_bandwidth, r.sync = update, sync
+    m = r.run()
+    assert m.done and m.converged and m.lost_writes == 0
+    live = [s for s in syncs if s[0] in ("bulk", "iterate")]
+    assert bool(live) == loop_syncs
+    if not loop_syncs:
+        assert m.iterations == 2 and m.passes == 0  # the set-up's sync and the final one
+
+
+def test_after_the_exact_sync_pending_equal_to_the_threshold_keeps_sending():
+    """The second comparison: the sync fires (threshold one byte above the estimate), and the
+    exact pending it finds equals the threshold: no switchover (QEMU's `<`), another slice is
+    sent. Held so at every check, the run can only stop once a sync finds nothing pending."""
+    cfg = small("web", memory=256 << 20)
+    r = MigrationRun(cfg)
+    ps = cfg.profile.page_size
+    orig_update, orig_sync, live, at_stop = r.update_bandwidth, r.sync, [], []
+
+    def update():
+        orig_update()
+        r.threshold_bytes = r.dirty.mig_count * ps + 1
+
+    def sync(last_stage=False):
+        yield from orig_sync(last_stage)
+        if r.phase in ("bulk", "iterate"):
+            live.append(r.dirty.mig_count)
+            r.threshold_bytes = r.dirty.mig_count * ps  # exactly the pending just found
+
+    r.update_bandwidth, r.sync = update, sync
+    on_pause(r, lambda: at_stop.append(r.dirty.mig_count))
+    m = r.run()
+    assert m.done and m.converged and m.lost_writes == 0
+    assert any(n > 0 for n in live)  # some sync found pages equal to the threshold and went on
+    assert at_stop == [0] and live[-1] == 0
