@@ -10,7 +10,7 @@ import pytest
 
 from ringenv.config import load_scenario
 from ringenv.vmm import MigrationRun
-from ringenv.vmm.session import BW_WINDOW_NS, GUEST, PAGE_HEADER_BYTES
+from ringenv.vmm.session import BW_WINDOW_NS, GUEST, OUT, PAGE_HEADER_BYTES
 
 from ._helpers import on_pause, small
 
@@ -84,6 +84,22 @@ def test_a_kick_waits_one_exit_round_trip_if_a_vcpu_was_in_the_guest():
     assert r.kick_all() == r.costs.exit_ns > 0
     assert GUEST not in list(r.vstate)
     assert r.kick_all() == 0  # nobody left in the guest to wait for
+
+
+def test_a_kicked_vcpu_enters_the_guest_again_one_exit_round_trip_later():
+    """A kick (SIG_IPI, nothing queued for the vCPU): the thread is out for exactly one exit
+    round trip, counted as exit time, and KVM_RUN takes it back into the guest at that moment
+    (the guest's writes in between are none of its own)."""
+    r = _two_vcpus()
+    t0, exit0 = r.loop.now, list(r.exit_ns)
+    rt = r.costs.exit_ns
+    assert r.kick_all() == rt
+    assert list(r.vstate) == [OUT, OUT]
+    r.advance(t0 + rt - 1)
+    assert list(r.vstate) == [OUT, OUT]
+    r.advance(t0 + rt)
+    assert list(r.vstate) == [GUEST, GUEST]
+    assert [a - b for a, b in zip(r.exit_ns, exit0)] == [rt, rt]
 
 
 def test_the_reaper_sleeps_its_interval_after_its_work():
