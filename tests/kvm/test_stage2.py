@@ -12,7 +12,8 @@ from ringenv.guest.base import NO_WRITE
 from ringenv.guest.trace import TraceProgram
 from ringenv.kvm import KvmError, Vm
 from ringenv.kvm import uapi as U
-from ringenv.kvm.memory import UNMAPPED, WP
+from ringenv.kvm.memory import SPLIT_HUGE, UNMAPPED, WP
+from ringenv.vmm.reap import RingReader
 
 from ._helpers import Host, any_block_mapped, block_mapped, profile_without_split
 
@@ -934,6 +935,32 @@ def test_initially_set_unmapped_page_is_logged_by_the_fault_that_maps_it(profile
     assert _run(vm, v).kind == "done"
     assert v.stats.pushes == 1
     assert v.ring.gfns["offset"][0] == 5
+
+
+def test_initially_set_reset_eager_splits_a_ring_only_block_and_its_next_fault_maps_it_again():
+    """arm64, ring without WITH_BITMAP (the slot is not logging: reference s11), manual protect
+    with INITIALLY_SET and eager splitting. Page 10 is not mapped yet: its write's translation
+    fault maps the whole block (not logging: no force_pte) and pushes one entry. The reset's
+    call (10, mask 1) write-protects the block leaf, then splits the span's block
+    (kvm_mmu_split_huge_pages): a table over a huge page in a slot that does not log
+    (SPLIT_HUGE), not a plain table. The write to page 20 faults, and user_mem_abort maps the
+    huge page as a block again (transparent_hugepage_adjust): one more entry, no split, the
+    block mapped and writable whole."""
+    vm = _vm(bitmap=False, mp2=ENA | INIT, eager=2 * MiB)
+    vm.set_user_memory_region(0, LOG, 0, 1024 * 4096, block_fraction=1.0, mapped_fraction=0.0)
+    v = vm.create_vcpu(0)
+    vm.attach_guest(TraceProgram([[10, 20]], [[0]]))
+    assert _run(vm, v).kind == "sync"
+    assert (v.stats.faults, v.stats.pushes) == (1, 1) and block_mapped(vm, 0)
+    reader = RingReader(v.ring_gfns)
+    assert reader.reap()[1].tolist() == [10]
+    assert vm.reset_dirty_rings() == 1
+    assert vm.stats.splits == 1 and int(vm.block_map[0]) == SPLIT_HUGE
+    assert (vm.state[:512] & WP).all()
+    assert _run(vm, v).kind == "done"
+    assert (v.stats.faults, v.stats.pushes, v.stats.splits) == (2, 2, 0)
+    assert v.ring.gfns["offset"][1] == 20
+    assert block_mapped(vm, 0) and not (vm.state[:512] & WP).any()
 
 
 # ---------------------------------------------------------------------------- eager split, ring only
