@@ -13,7 +13,7 @@ Where: under ``NUMBA_CACHE_DIR`` when it is set (numba's own setting: then
 ``$NUMBA_CACHE_DIR/ringenv-<digest>``, nothing removed there), else in the package's
 ``__pycache__/numba/`` (or, if the package directory is read-only, in the user's cache
 directory, ``$XDG_CACHE_HOME/ringenv`` or ``~/.cache/ringenv``), where the directories of older
-digests are removed when a new one is made.
+digests are removed when a new one is made, unless written to in the last hour (:data:`KEEP_S`).
 """
 
 from __future__ import annotations
@@ -22,12 +22,16 @@ import functools
 import hashlib
 import os
 import shutil
+import time
 from pathlib import Path
 
 import numba
 
 PACKAGE = Path(__file__).resolve().parent
 PREFIX = "ringenv-"
+#: an older digest's directory written to in this many seconds is kept: a process still running
+#: those sources may yet save a kernel there (numba does not recreate a removed directory)
+KEEP_S = 3600.0
 
 
 def kernel_sources(root: Path = PACKAGE) -> list[Path]:
@@ -67,11 +71,19 @@ def cache_dir() -> Path:
     root = _own_root()
     here = root / f"{PREFIX}{digest}"
     if not here.exists():
+        here.mkdir(exist_ok=True)
         for old in root.glob(f"{PREFIX}*"):
-            shutil.rmtree(old, ignore_errors=True)
+            if old.name != here.name and _idle_s(old) > KEEP_S:
+                shutil.rmtree(old, ignore_errors=True)
         for stale in PACKAGE.rglob("__pycache__/*.nb[ic]"):  # numba's in-tree files of older versions
             stale.unlink(missing_ok=True)
     return here
+
+
+def _idle_s(directory: Path) -> float:
+    """Seconds since anything in ``directory`` was last written."""
+    times = [p.stat().st_mtime for p in directory.rglob("*")] or [directory.stat().st_mtime]
+    return time.time() - max(times)
 
 
 def njit(**options):

@@ -54,10 +54,17 @@ def copy_package(dest: Path) -> Path:
     return dest / "ringenv"
 
 
+def age(directory: Path, seconds: float) -> None:
+    """Date everything in ``directory`` back by ``seconds``."""
+    for p in [directory, *directory.rglob("*")]:
+        st = p.stat()
+        os.utime(p, (st.st_atime - seconds, st.st_mtime - seconds))
+
+
 def change_leaf_charge(pkg: Path, per_leaf: int) -> None:
     """memory.py only: a block leaf counts ``per_leaf`` entries instead of 1."""
     path = pkg / "kvm" / "memory.py"
-    text, n = re.subn(r"(leaf = blk\n\s+npro \+= )1\b", rf"\g<1>{per_leaf}", path.read_text())
+    text, n = re.subn(r"(leaf = blk\n\s+npro \+= )\d+\b", rf"\g<1>{per_leaf}", path.read_text())
     assert n == 1, "protect_masked's leaf count not found: update this test with memory.py"
     path.write_text(text)
 
@@ -76,7 +83,13 @@ def test_a_change_to_a_called_kernel_reaches_its_cached_caller(tmp_path):
     change_leaf_charge(pkg, 1000)  # ring.py, which holds reset_rings, is untouched
     _, fresh, pages = run_copy(tmp_path)
     assert pages == 8000
-    assert fresh != cache and not cache.exists()  # the older digest's directory is gone
+    assert fresh != cache and cache.exists()  # written to a moment ago: a process may still use it
+
+    age(cache, 2 * jit.KEEP_S)
+    change_leaf_charge(pkg, 3)
+    _, third, pages = run_copy(tmp_path)
+    assert pages == 24 and third not in (cache, fresh)
+    assert not cache.exists() and fresh.exists()  # idle for two hours: removed; the recent one kept
 
 
 @pytest.mark.slow
