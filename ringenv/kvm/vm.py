@@ -89,7 +89,7 @@ class VmStats:
 
     resets: int = 0  # KVM_RESET_DIRTY_RINGS calls
     entries_reset: int = 0
-    reprotect_calls: int = 0  # kvm_arch_mmu_enable_log_dirty_pt_masked calls
+    reprotect_calls: int = 0  # kvm_arch_mmu_enable_log_dirty_pt_masked calls (ring resets, GET/CLEAR_DIRTY_LOG)
     pages_reprotected: int = 0  # stage-2 entries write-protected: a page, or a block leaf once per call
     tlb_flushes: int = 0  # VM-wide flushes (reset, dirty-log)
     splits: int = 0  # blocks split into pages
@@ -822,6 +822,8 @@ class Vm:
             np.ascontiguousarray(masks, dtype=np.uint64), self._tab_kslot, self._tab_start, self._tab_npages,
             self._tab_blockgran, self._tab_mode, self.state, self.block_map, self.block_shift,
             self.profile.reprotect_span, self._split_span, self._huge_ends)
+        self.stats.reprotect_calls += len(masks)
+        self.stats.pages_reprotected += int(pages)
         return int(pages), self._count_splits(splits) if splits else 0
 
     # ------------------------------------------------------------------ dirty bitmap

@@ -113,6 +113,16 @@ def test_one_mib_ok_two_mib_e2big(profile):
 
 
 @pytest.mark.parametrize("profile", ALL)
+def test_a_second_ring_too_big_is_e2big_before_already_enabled(profile):
+    """s2, the kernel's order: the size rules (E2BIG above 1 MiB) come before the "already
+    set" check (EINVAL): a second enable with 2 MiB is E2BIG, the first ring stays."""
+    vm = Vm(profile)
+    vm.enable_cap(RING_CAP[profile], SMALLEST_BYTES[profile])
+    assert errno_of(vm.enable_cap, RING_CAP[profile], 2 * MiB) == errno.E2BIG
+    assert vm.ring_entries == SMALLEST_BYTES[profile] // 16
+
+
+@pytest.mark.parametrize("profile", ALL)
 def test_args0_is_read_as_u32(profile):
     """s11: args[0] = 4 GiB is read as a u32 (0) -> EINVAL. By the same truncation
     4 GiB + smallest reads as the smallest size and is accepted (derived, not measured)."""
@@ -331,6 +341,29 @@ def test_eager_split_chunk_after_a_memslot_is_einval():
     assert errno_of(vm.enable_cap, EAGER, 2 * MiB) == errno.EINVAL
     assert errno_of(vm.enable_cap, EAGER, 0) == errno.EINVAL
     assert vm.eager_split_chunk == 0
+
+
+def test_eager_split_chunk_with_flags_is_einval():
+    """arm64 kvm_vm_ioctl_enable_cap: cap->flags must be 0, checked first: EINVAL even with a
+    supported size, and the chunk stays 0."""
+    vm = Vm("arm64-4k")
+    assert errno_of(vm.enable_cap, EAGER, 2 * MiB, flags=1) == errno.EINVAL
+    assert vm.eager_split_chunk == 0 and vm.check_extension(EAGER) == 0
+
+
+@pytest.mark.parametrize("chunk", [0, 4096, 2 * MiB, GiB])
+def test_check_extension_reports_the_eager_split_chunk_set(chunk):
+    """KVM_CHECK_EXTENSION(228) on the VM answers the VM's current chunk size (0 until set)."""
+    vm = Vm("arm64-4k")
+    vm.enable_cap(EAGER, chunk)
+    assert vm.check_extension(EAGER) == chunk
+
+
+@pytest.mark.parametrize("profile", ALL)
+def test_check_extension_manual_protect2_offers_both_flags(profile):
+    """KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2 (168) answers KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE |
+    KVM_DIRTY_LOG_INITIALLY_SET = 3 (KVM_DIRTY_LOG_MANUAL_CAPS): QEMU enables what it offers."""
+    assert Vm(profile).check_extension(U.KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2) == 3
 
 
 @pytest.mark.parametrize("profile", X86)

@@ -135,9 +135,12 @@ def test_a_reset_skips_an_entry_beyond_a_recreated_slot_s_end():
     vm.set_user_memory_region(1, 0, 512 * 4096, 512 * 4096)
     s1 = next(s for s in vm.slots if s.id == 1)
     assert not vm.state[s1.start] & WP
-    pages = vm.stats.pages_reprotected
+    pages, flushes = vm.stats.pages_reprotected, vm.stats.tlb_flushes
     assert h.reset() == 1
     assert vm.stats.pages_reprotected == pages
+    # kvm_vm_ioctl_reset_dirty_pages flushes when it reset entries ("if (cleared)"), whether
+    # or not any page was re-protected
+    assert vm.stats.tlb_flushes == flushes + 1
     assert not vm.state[s1.start] & WP
 
 
@@ -145,3 +148,48 @@ def test_dirty_ring_counts_its_pushes():
     ring = DirtyRing(256, 64)
     ring.push(0, np.arange(5))
     assert ring.pushes == 5 and ring.used == 5
+
+
+def _written(vm, pages):
+    """The guest writes ``pages`` (arm64 with manual protect: each write's fault logs it)."""
+    vm.attach_guest(TraceProgram([list(pages)], [[]]))
+    assert vm.vcpus[0].run() is None
+    assert [e.kind for e in vm.run_until(vm.now + FOREVER)] == ["done"]
+
+
+def test_clear_dirty_log_reprotects_only_bits_set_in_both_bitmaps():
+    """kvm_clear_dirty_log_protect: mask &= atomic_long_fetch_andnot(mask, p): only the pages
+    dirty in the slot's bitmap AND named by userspace are cleared and re-protected; a word with
+    nothing cleared makes no call, and no call at all no TLB flush. Pages 3 and 5 written; CLEAR
+    names 3, 4, 5, 70: pages 3 and 5 re-protected (x86 would do the same; arm64's span 3..5
+    protects page 4 too, which is clean and already protected). Again: nothing cleared."""
+    vm = _manual()
+    _written(vm, [3, 5])
+    c, st = vm.profile.costs, vm.stats
+    calls, pages, flushes = st.reprotect_calls, st.pages_reprotected, st.tlb_flushes
+    ask = offsets_bitmap(np.array([3, 4, 5, 70]), 128)
+    vm.clear_dirty_log(0, 0, 128, ask)
+    assert (st.reprotect_calls - calls, st.pages_reprotected - pages, st.tlb_flushes - flushes) == (1, 3, 1)
+    assert vm.last_ioctl_ns == (int(c.get_dirty_log_page_ns * 128) + int(c.clear_dirty_log_page_ns * 3)
+                                + vm.profile.tlbi_broadcast_ns(1))
+    assert vm.get_dirty_log(0)[:2].tolist() == [0, 0]
+    calls, pages, flushes = st.reprotect_calls, st.pages_reprotected, st.tlb_flushes
+    vm.clear_dirty_log(0, 0, 128, ask)
+    assert (st.reprotect_calls, st.pages_reprotected, st.tlb_flushes) == (calls, pages, flushes)
+    assert vm.last_ioctl_ns == int(c.get_dirty_log_page_ns * 128)
+
+
+def test_get_dirty_log_with_manual_protect_only_copies():
+    """With MANUAL_PROTECT_ENABLE, KVM_GET_DIRTY_LOG copies the bitmap and nothing else: the
+    bits stay (a second GET returns them again), the written pages stay writable, no re-protect
+    call, no TLB flush; it costs the copy, per page of the slot."""
+    vm = _manual()
+    _written(vm, [3, 100])
+    c, st = vm.profile.costs, vm.stats
+    calls, flushes = st.reprotect_calls, st.tlb_flushes
+    want = [1 << 3, 1 << (100 - 64)] + [0] * 14
+    assert vm.get_dirty_log(0).tolist() == want
+    assert vm.get_dirty_log(0).tolist() == want
+    assert not vm.state[3] & WP and not vm.state[100] & WP
+    assert (st.reprotect_calls, st.tlb_flushes) == (calls, flushes)
+    assert vm.last_ioctl_ns == int(c.get_dirty_log_page_ns * 1024)
