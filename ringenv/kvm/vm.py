@@ -21,6 +21,7 @@ Kernel work done by an ioctl costs simulated time: ``Vm.last_ioctl_ns``.
 from __future__ import annotations
 
 import errno
+import mmap
 from dataclasses import dataclass
 
 import numpy as np
@@ -187,10 +188,22 @@ class Vcpu:
 
     @property
     def ring_gfns(self) -> np.ndarray:
-        """The ring as userspace maps it (mmap of the vCPU fd at KVM_DIRTY_LOG_PAGE_OFFSET):
-        a structured array of ``struct kvm_dirty_gfn`` shared with the kernel."""
+        """The ring as userspace maps it (mmap of the vCPU fd at KVM_DIRTY_LOG_PAGE_OFFSET,
+        shared, read-write: :meth:`mmap_ring`): a structured array of ``struct kvm_dirty_gfn``
+        shared with the kernel."""
+        return self.mmap_ring()
+
+    def mmap_ring(self, prot: int = mmap.PROT_READ | mmap.PROT_WRITE, flags: int = mmap.MAP_SHARED) -> np.ndarray:
+        """mmap of the vCPU fd at KVM_DIRTY_LOG_PAGE_OFFSET. PROT_EXEC: EPERM, from the VFS
+        before KVM sees the call (a vCPU fd is an anon inode, whose file system is noexec);
+        MAP_PRIVATE: EINVAL (kvm_vcpu_mmap wants the ring shared); both as measured on the real
+        host (tests/realkvm). Without a ring, EINVAL. Returns the ring's entries."""
+        if prot & mmap.PROT_EXEC:
+            raise KvmError(errno.EPERM, "mmap of a vCPU fd with PROT_EXEC (an anon inode: noexec)")
         if self.ring is None:
             raise KvmError(errno.EINVAL, "mmap: the VM has no dirty ring")
+        if not flags & mmap.MAP_SHARED:
+            raise KvmError(errno.EINVAL, "mmap of the dirty ring: it must be MAP_SHARED")
         return self.ring.gfns
 
     def run(self) -> Exit | None:

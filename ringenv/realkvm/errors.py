@@ -3,9 +3,8 @@
 ``errno_table()`` runs every case on a fresh real VM and returns ``{case: outcome}``:
 the errno name ("EINVAL", "E2BIG", "ENXIO"), "ok" for an accepted call, or the return value
 of KVM_RESET_DIRTY_RINGS. The cases use only calls the simulator's ``ringenv.kvm.Vm`` also
-has (enable_cap, create_vcpu, set_user_memory_region, reset_dirty_rings, get_dirty_log), so
-``errno_table(lambda: Vm("x86-nopml"))`` gives the simulator's table; cases in ``REAL_ONLY``
-(a real mmap) are then left out.
+has (enable_cap, create_vcpu, set_user_memory_region, reset_dirty_rings, get_dirty_log, and
+the vCPU's mmap_ring), so ``errno_table(lambda: Vm("x86-nopml"))`` gives the simulator's table.
 """
 
 from __future__ import annotations
@@ -46,9 +45,17 @@ def _get_dirty_log_with_ring(vm):
 def _ring_mmap_private(vm):
     vm.enable_cap(RING, SMALL_RING)
     vcpu = vm.create_vcpu(0)
-    mm = mmap.mmap(vcpu.fd, SMALL_RING, flags=mmap.MAP_PRIVATE,
-                   offset=KVM_DIRTY_LOG_PAGE_OFFSET * PAGE_SIZE)
-    mm.close()
+    mm = vcpu.mmap_ring(flags=mmap.MAP_PRIVATE)
+    if hasattr(mm, "close"):
+        mm.close()
+
+
+def _ring_mmap_exec(vm):
+    vm.enable_cap(RING, SMALL_RING)
+    vcpu = vm.create_vcpu(0)
+    mm = vcpu.mmap_ring(prot=mmap.PROT_READ | mmap.PROT_EXEC)
+    if hasattr(mm, "close"):
+        mm.close()
 
 
 def _reset_with_ring(vm):
@@ -68,10 +75,10 @@ CASES: dict[str, Callable[[Any], object]] = {
     "with_bitmap": _with_bitmap,
     "get_dirty_log_with_ring": _get_dirty_log_with_ring,
     "ring_mmap_private": _ring_mmap_private,
+    "ring_mmap_exec": _ring_mmap_exec,
     "reset_without_ring": lambda vm: vm.reset_dirty_rings(),
     "reset_with_ring_nothing_harvested": _reset_with_ring,
 }
-REAL_ONLY = frozenset({"ring_mmap_private"})
 
 
 def errno_table(new_vm: Callable[[], Any] | None = None) -> dict[str, str | int]:
@@ -79,9 +86,8 @@ def errno_table(new_vm: Callable[[], Any] | None = None) -> dict[str, str | int]
     with contextlib.ExitStack() as stack:
         if new_vm is None:
             system = stack.enter_context(KvmSystem())
-            new_vm, cases = system.create_vm, CASES
-        else:
-            cases = {k: v for k, v in CASES.items() if k not in REAL_ONLY}
+            new_vm = system.create_vm
+        cases = CASES
         table: dict[str, str | int] = {}
         for name, case in cases.items():
             vm = new_vm()

@@ -444,6 +444,12 @@ class RealVcpu(_Closing):
             self.close()
             raise
 
+    def mmap_ring(self, prot: int = mmap.PROT_READ | mmap.PROT_WRITE, flags: int = mmap.MAP_SHARED,
+                  length: int = PAGE_SIZE) -> mmap.mmap:
+        """A new mapping of the vCPU fd at KVM_DIRTY_LOG_PAGE_OFFSET (the caller closes it);
+        the kernel refuses MAP_PRIVATE and PROT_EXEC with EINVAL."""
+        return mmap.mmap(self.fd, length, flags=flags, prot=prot, offset=KVM_DIRTY_LOG_PAGE_OFFSET * PAGE_SIZE)
+
     def close(self) -> None:
         if self._thread is not None:  # another thread is in KVM_RUN: stop it first
             self.kick()

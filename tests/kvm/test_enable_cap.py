@@ -493,3 +493,22 @@ def test_get_dirty_log_enxio_comes_before_the_slot_range_check(profile):
     assert errno_of(vm.get_dirty_log, USER_MEM_SLOTS[vm.profile.arch]) == errno.ENXIO
     assert errno_of(vm.clear_dirty_log, USER_MEM_SLOTS[vm.profile.arch], 0, 64,
                     np.zeros(1, dtype=np.uint64)) == errno.ENXIO
+
+
+# ---------------------------------------------------------------------------- mmap of the ring
+@pytest.mark.parametrize("profile", ALL)
+def test_the_ring_maps_shared_only_and_never_executable(profile):
+    """s11 / real-kvm-host.md: mmap of the ring MAP_PRIVATE is EINVAL (kvm_vcpu_mmap); with
+    PROT_EXEC it is EPERM, from the VFS before KVM (a vCPU fd is an anon inode: noexec; measured
+    on this project's host, tests/realkvm). Shared and read-write it is the ring itself."""
+    import mmap
+
+    vm = Vm(profile)
+    vm.enable_cap(RING_CAP[profile], SMALLEST_BYTES[profile])
+    v = vm.create_vcpu(0)
+    assert errno_of(v.mmap_ring, flags=mmap.MAP_PRIVATE) == errno.EINVAL
+    assert errno_of(v.mmap_ring, prot=mmap.PROT_READ | mmap.PROT_EXEC) == errno.EPERM
+    assert errno_of(v.mmap_ring, prot=mmap.PROT_EXEC, flags=mmap.MAP_PRIVATE) == errno.EPERM
+    ring = v.mmap_ring()
+    assert ring is v.ring_gfns and len(ring) == SMALLEST_BYTES[profile] // 16
+    assert errno_of(Vm(profile).create_vcpu(0).mmap_ring) == errno.EINVAL  # no ring
