@@ -440,7 +440,11 @@ class Vm:
             ms = Memslot(slot, as_id, base, npages, flags, self.block_pages, block_fraction, self.seed, mapped_fraction)
             self.slots.append(ms)
             self._layout()
-            self.last_ioctl_ns = self._logging_changed(ms) if flags & KVM_MEM_LOG_DIRTY_PAGES else 0
+            # KVM_MR_CREATE: nothing is mapped in a new slot; memory the simulator lets start
+            # mapped (mapped_fraction: touched before logging) gets the commit of logging turned
+            # on over it
+            fresh = not ((ms.state & UNMAPPED) == 0).any()
+            self.last_ioctl_ns = self._logging_changed(ms, unmapped=fresh) if flags & KVM_MEM_LOG_DIRTY_PAGES else 0
             return
         if npages != old.npages:
             raise einval("a memslot cannot be resized (delete it and create it again)")
@@ -499,7 +503,7 @@ class Vm:
         s.base_gfn = base
         self._layout()
         s.flags = flags
-        self.last_ioctl_ns = zap + self._logging_changed(s, move=True)
+        self.last_ioctl_ns = zap + self._logging_changed(s, unmapped=True)
 
     def _zap(self, s: Memslot) -> int:
         """kvm_arch_flush_shadow_memslot for a deleted or moved slot. arm64 unmaps the slot's
@@ -599,24 +603,25 @@ class Vm:
                                         for s in self.slots], dtype=bool)
         self._tab_mode = np.array([self._mode(s) for s in self.slots], dtype=np.uint8)
 
-    def _logging_changed(self, s: Memslot, move: bool = False) -> int:
-        """A slot's KVM_MEM_LOG_DIRTY_PAGES was set or cleared (created, flags changed or moved:
-        ``move``, KVM_MR_MOVE, the slot's stage 2 unmapped before): kvm_prepare_memory_region's
+    def _logging_changed(self, s: Memslot, unmapped: bool = False) -> int:
+        """A slot's KVM_MEM_LOG_DIRTY_PAGES was set or cleared (created, flags changed or moved;
+        ``unmapped``: a KVM_MR_MOVE, whose old stage 2 was unmapped before, or a KVM_MR_CREATE
+        of memory nothing has touched: nothing of the slot is mapped): kvm_prepare_memory_region's
         dirty bitmap (allocated, or freed when logging goes off), then
         kvm_arch_commit_memory_region. Returns the kernel time."""
         if s.logging:
             if s.dirty_bitmap is None and (not self.ring_entries or self.with_bitmap):  # else kept
                 s.alloc_bitmap(initially_set=bool(self.manual_protect & KVM_DIRTY_LOG_INITIALLY_SET))
             self._refresh_slot_modes()
-            ns = self._commit_log_dirty_pages(s, move)
+            ns = self._commit_log_dirty_pages(s, unmapped)
         else:
             s.dirty_bitmap = None
             self._refresh_slot_modes()
-            ns = self._commit_logging_off(s, move)
+            ns = self._commit_logging_off(s, unmapped)
         self.stats.kernel_ns += ns
         return ns
 
-    def _commit_log_dirty_pages(self, s: Memslot, move: bool = False) -> int:
+    def _commit_log_dirty_pages(self, s: Memslot, unmapped: bool = False) -> int:
         """kvm_arch_commit_memory_region with LOG_DIRTY_PAGES set, whatever the VM logs into
         (bitmap or ring) and whether the slot is logging (a ring-only arm64 slot, a read-only
         slot, which x86 skips): with INITIALLY_SET nothing is protected or split; else the slot
@@ -628,9 +633,10 @@ class Vm:
         done in kvm_mmu_slot_apply_flags before write-protecting: its kernel time is the
         ioctl's, and it needs no TLB flush of its own. A table of pages over a huge page left
         by logging turned off earlier is a plain table again once the slot logs (the faults
-        map pages). A move (``move``: nothing of the slot is mapped) costs no per-page walk:
-        x86 kvm_mmu_slot_apply_flags does nothing for KVM_MR_MOVE; arm64 flushes the TLBs once
-        (kvm_mmu_wp_memory_region) and has nothing to split. Returns the kernel time."""
+        map pages). A move or a creation with nothing mapped (``unmapped``) costs no per-page
+        walk: x86 kvm_mmu_slot_apply_flags does nothing but for KVM_MR_FLAGS_ONLY; arm64 flushes
+        the TLBs once (kvm_mmu_wp_memory_region) and has nothing to split. Returns the kernel
+        time."""
         p, c = self.profile, self.profile.costs
         if self._logs(s):
             s.blocks[s.blocks == SPLIT_HUGE] = 0
@@ -640,7 +646,7 @@ class Vm:
         if p.arch == "x86" and s.flags & KVM_MEM_READONLY:  # kvm_mmu_slot_apply_flags: nothing to protect
             return 0
         s.state |= WP_CLEAN  # kvm_mmu_wp_memory_region
-        if move:  # every page is unmapped: WP only makes its fault log it
+        if unmapped:  # every page is unmapped: WP only makes its fault log it
             return 0 if p.arch == "x86" else self._flush_tlbs()
         ns = int(c.protect_page_ns * s.npages) + self._flush_tlbs()
         if self._splits_eagerly and p.split_blocks:
@@ -650,7 +656,7 @@ class Vm:
             ns += n * c.split_ns
         return ns
 
-    def _commit_logging_off(self, s: Memslot, move: bool = False) -> int:
+    def _commit_logging_off(self, s: Memslot, unmapped: bool = False) -> int:
         """kvm_arch_commit_memory_region with LOG_DIRTY_PAGES cleared. The pages do not become
         writable at once: one still write-protected takes a write fault (a protection fault:
         wp_fault_ns, PML or not), which makes it writable and logs nothing (the slot is
@@ -661,13 +667,13 @@ class Vm:
         were never write-protected, only huge ones; kvm_mmu_recover_huge_pages then maps split
         huge pages as huge again in place with the TDP MMU, or zaps their 4K mappings with the
         shadow MMU (the next fault maps the huge page), a walk of the slot and one TLB flush;
-        for a move (``move``) kvm_mmu_slot_apply_flags returns before any of it (the old
+        for a move (``unmapped``) kvm_mmu_slot_apply_flags returns before any of it (the old
         mappings are gone). Returns the kernel time."""
         p = self.profile
         if p.arch == "arm64":
             s.mark_collapsible()
             return 0
-        if s.flags & KVM_MEM_READONLY or move:
+        if s.flags & KVM_MEM_READONLY or unmapped:
             return 0
         if p.pml:
             s.clear_small_page_protection()

@@ -8,6 +8,7 @@ import errno
 import numpy as np
 import pytest
 
+from ringenv.config import load_host_profile
 from ringenv.guest.base import NO_WRITE
 from ringenv.guest.trace import TraceProgram
 from ringenv.kvm import KvmError, Vm
@@ -804,6 +805,30 @@ def test_x86_move_costs_no_slot_walk(profile, entries, before, after):
         assert _logged_after_move(vm, v, entries, 7)
     else:
         assert v.stats.pushes == (1 if before and entries else 0)
+
+
+@pytest.mark.parametrize("profile,flushes", [("arm64-4k", 1), ("x86-nopml", 0), ("x86-pml", 0)])
+def test_creating_a_logging_slot_over_untouched_memory_walks_nothing(profile, flushes):
+    """KVM_MR_CREATE with LOG_DIRTY_PAGES: nothing is mapped in a new slot. x86
+    kvm_mmu_slot_apply_flags returns for anything but KVM_MR_FLAGS_ONLY: no walk, no flush, no
+    eager split (the TDP MMU and eager_page_split on, 2 MiB huge pages behind it); arm64's
+    commit write-protects an empty range (one TLB flush) and splits nothing. The first write
+    still faults and is logged (the mapping fault of a logging slot)."""
+    prof = load_host_profile(profile)
+    if prof.arch == "x86":
+        prof = prof.model_copy(update={"tdp_mmu": True, "eager_page_split": True})
+    vm = Vm(prof)
+    vm.enable_cap(ACQ if prof.acq_rel_only else PLAIN, 1024 * 16)
+    if prof.with_bitmap_supported:
+        vm.enable_cap(BITMAP)
+    kernel = vm.stats.kernel_ns
+    vm.set_user_memory_region(0, LOG, 0, 1024 * 4096, block_fraction=1.0, mapped_fraction=0.0)
+    assert vm.last_ioctl_ns == flushes * vm.profile.tlbi_broadcast_ns(0)
+    assert (vm.stats.tlb_flushes, vm.stats.splits, vm.stats.kernel_ns - kernel) == (flushes, 0, vm.last_ioctl_ns)
+    v = vm.create_vcpu(0)
+    vm.attach_guest(TraceProgram([[5]], [[]]))
+    assert _run(vm, v).kind == "done"
+    assert v.stats.pushes == 1 and int(v.ring.gfns["offset"][0]) == 5
 
 
 @pytest.mark.parametrize("after", [LOG, 0])
