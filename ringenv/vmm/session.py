@@ -99,6 +99,10 @@ class Session:
     #: whether the run keeps the count of pages not yet saved, wherever they wait (its
     #: ``remaining_bytes``, see :meth:`_remaining_pages`): a checkpoint run does
     tracks_unsaved = False
+    #: whether a last-stage sync (the VM stopped) is fed to the throttle's trigger rule: QEMU's
+    #: migration_bitmap_sync runs the trigger on every sync; a migration stops its throttle before
+    #: its last stage, a checkpoint run resumes the guest after each
+    trigger_on_last_stage = False
 
     def __init__(self, scenario: ScenarioConfig | str | dict | None = None, *, seed: int | None = None,
                  host_sync_ms: float | None = None, workload_start_s: float = 0.0, **overrides):
@@ -519,9 +523,10 @@ class Session:
         yield ns
         self.note_sync(last_stage, wait + ns)
 
-    def note_sync(self, last_stage: bool, ns: int) -> None:
+    def note_sync(self, last_stage: bool, ns: int, *, setup: bool = False) -> None:
         """Bookkeeping after a sync that took ``ns``: counts, the dirty rate it saw, the
-        throttles' trigger rule (not for set-up and last-stage syncs)."""
+        throttles' trigger rule (not for the set-up's sync, nor for a migration's last stage:
+        :attr:`trigger_on_last_stage`)."""
         new = self.collector.last_new
         now = self.loop.now
         self.iterations += 1
@@ -529,7 +534,7 @@ class Session:
         if now > self._last_sync_ns:
             self.sync_rate_Bps = new * self.page_size * NS / (now - self._last_sync_ns)
         self._last_sync_ns = now
-        if not last_stage:
+        if not setup and (not last_stage or self.trigger_on_last_stage):
             self.throttle.on_sync(self, new)
 
     def end_pass(self) -> None:
@@ -660,7 +665,7 @@ class Session:
         sync = self.collector.sync()
         self.bql.release_at(self.loop.now + ns + sync)
         yield ns + sync
-        self.note_sync(True, sync)
+        self.note_sync(False, sync, setup=True)
         self.start_bandwidth_window()
 
     def final_copy(self):

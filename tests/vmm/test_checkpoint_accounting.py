@@ -144,3 +144,21 @@ def test_a_live_checkpoint_writes_the_whole_dirty_set_before_it_pauses():
     assert m.verified and m.checkpoints >= 3
     assert min(m.pass_bytes[1:]) > 1.0 * cfg.checkpoint.storage_mbps * 1e6  # over a second's writing
     assert left == [0] * m.checkpoints
+
+
+@pytest.mark.parametrize("stop_the_world", [True, False])
+def test_dirty_limit_engages_in_checkpoint_runs_live_or_stop_the_world(stop_the_world):
+    """A checkpoint's sync is a bitmap sync as any (QEMU's migration_bitmap_sync runs the
+    throttle trigger on every sync at least 1 s after the last, the last stage's included):
+    analytics dirties far more than a checkpoint writes, so the trigger fires at the second
+    checkpoint's sync and dirty-limit's rate thread starts, whether the checkpoint is taken
+    with the VM stopped (its only sync is a last-stage one) or live."""
+    cfg = small("analytics", memory=256 << 20, vm={"vcpus": 2}, throttle="dirty-limit",
+                checkpoint={"horizon_s": 12, "period_s": 2, "stop_the_world": stop_the_world,
+                            "storage_mbps": 2000})
+    r = CheckpointRun(cfg)
+    engaged = []
+    on_pause(r, lambda: engaged.append(r.throttle.in_service))
+    m = r.run()
+    assert m.checkpoints == 6 and m.checkpoint_overruns == 0 and m.verified
+    assert engaged[0] is False and engaged[-1] is True and r.throttle.proc is not None
