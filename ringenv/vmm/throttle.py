@@ -25,8 +25,10 @@ each ring-full exit (``throttle_us_per_full``): proportionally when the rate is 
 quota (more than 50% off), by a tenth of the ring-full time otherwise, within 25 MB/s of the
 quota it is left alone; never above 99 ring-full times. As in QEMU, rates and quota are whole
 MiB/s (the pages x 1000 converted down to MiB, then divided by the period in ms) and the rule
-works in integers: a vCPU dirtying less than 1 MiB/s reads 0. While it is in service a ring-full
-exit reaps only that vCPU's ring.
+works in integers: a vCPU dirtying less than 1 MiB/s reads 0. QEMU counts a harvested ring
+entry as one page and converts pages in 4 KiB target pages (qemu_target_pages_to_MiB), while an
+entry is a host page: on 16K and 64K arm64 hosts the rates and the ring's size read 4x and 16x
+low, and so they do here. While it is in service a ring-full exit reaps only that vCPU's ring.
 """
 
 from __future__ import annotations
@@ -38,6 +40,8 @@ TIMESLICE_NS = 10 * MS  # CPU_THROTTLE_TIMESLICE_NS
 DIRTYLIMIT_TOLERANCE_RANGE = 25  # MB/s
 DIRTYLIMIT_LINEAR_ADJUSTMENT_PCT = 50
 DIRTYLIMIT_THROTTLE_PCT_MAX = 99
+#: QEMU's target page (TARGET_PAGE_SIZE on arm64 and x86): qemu_target_pages_to_MiB's unit
+TARGET_PAGE_SIZE = 4096
 
 
 class Trigger:
@@ -222,19 +226,21 @@ class DirtyLimit(NoThrottle):
             ns = col.flush()  # global_dirty_log_sync: kick, reap, reset
             s.bql.release_at(s.loop.now + ns)
             yield ns
-            self.rate = self.rates(col.entries - start, s.page_size, dt_ms)
+            self.rate = self.rates(col.entries - start, dt_ms)
             for i in range(len(self.rate)):
                 self._adjust(i, self.quota, int(self.rate[i]))
             self.pct = float(np.mean(self._sleep_share()))
 
     @staticmethod
-    def rates(entries: np.ndarray, page_size: int, dt_ms: int) -> np.ndarray:
-        """do_calculate_dirtyrate: whole MiB/s from the entries harvested over ``dt_ms``."""
-        return ((np.asarray(entries, dtype=np.int64) * 1000 * page_size) >> 20) // max(1, int(dt_ms))
+    def rates(entries: np.ndarray, dt_ms: int) -> np.ndarray:
+        """do_calculate_dirtyrate: whole MiB/s from the entries harvested over ``dt_ms``, an
+        entry counted as one target page (see the module's docstring)."""
+        return ((np.asarray(entries, dtype=np.int64) * 1000 * TARGET_PAGE_SIZE) >> 20) // max(1, int(dt_ms))
 
     def _ring_full_time_us(self, rate: int) -> int:
-        """dirtylimit_dirty_ring_full_time: time to fill the ring at the highest rate seen, us."""
-        ring_mb = (self.s.cfg.ring_entries * self.s.page_size) >> 20
+        """dirtylimit_dirty_ring_full_time: time to fill the ring at the highest rate seen, us
+        (the ring's entries in target pages, as the rates)."""
+        ring_mb = (self.s.cfg.ring_entries * TARGET_PAGE_SIZE) >> 20
         self.max_dirtyrate = max(self.max_dirtyrate, rate)
         return ring_mb * 1_000_000 // self.max_dirtyrate
 

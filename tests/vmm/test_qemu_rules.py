@@ -325,9 +325,9 @@ def test_dirty_limit_measures_and_compares_whole_mib_per_second():
     run = MigrationRun(small("analytics", vm={"vcpus": 2}, throttle="dirty-limit"))
     dl = run.throttle
     assert isinstance(dl, DirtyLimit) and dl.quota == 1
-    rates = dl.rates(np.array([6758, 6912, 255, 0]), 4096, 1000)
+    rates = dl.rates(np.array([6758, 6912, 255, 0]), 1000)
     assert rates.tolist() == [26, 27, 0, 0]
-    assert dl.rates(np.array([6758]), 4096, 999).tolist() == [26]  # 26425 // 999
+    assert dl.rates(np.array([6758]), 999).tolist() == [26]  # 26425 // 999
     dl._adjust(0, dl.quota, 26)
     assert dl.throttle_us[0] == 0 and dl.max_dirtyrate == 0
     dl._adjust(0, dl.quota, 27)  # 96% off the quota: the proportional step

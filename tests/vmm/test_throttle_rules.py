@@ -129,6 +129,20 @@ def test_dirty_limit_ring_full_time_in_whole_mib():
     assert d._ring_full_time_us(27) == 256 * 1_000_000 // 27 == 9_481_481
 
 
+@pytest.mark.parametrize("host_page", [4096, 16384, 65536])
+def test_dirty_limit_counts_a_ring_entry_as_one_4k_target_page_on_any_host(host_page):
+    """QEMU counts each harvested ring entry as one dirty page (kvm_dirty_ring_reap_one:
+    cpu->dirty_pages += count) and converts pages to MiB in TARGET pages
+    (qemu_target_pages_to_MiB: 4 KiB on arm64 and x86), for the rates (do_calculate_dirtyrate)
+    and the ring's size (dirtylimit_dirty_ring_full_time), while an entry is a HOST page: on a
+    64K host both read 16x low, as QEMU reads them. 25600 entries in 1000 ms: 100 MiB/s on
+    any host; a 4096-entry ring: 16 MiB."""
+    d = _limit()
+    d.s.page_size = host_page
+    assert DirtyLimit.rates(np.array([25600]), 1000).tolist() == [100]
+    assert d._ring_full_time_us(100) == 16 * 1_000_000 // 100
+
+
 def test_dirty_limit_adjustments():
     d = _limit()  # 4096 x 4 KiB: 16 MiB, full in 16e6 / max rate us
     d._adjust(0, 1, 100)  # 99% off: proportional, pct 99: 160000 x 99 / 1
