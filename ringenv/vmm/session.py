@@ -385,8 +385,10 @@ class Session:
         return True
 
     def kick_all(self, why: str = "") -> int:
-        """Kick every vCPU that is in the guest (QEMU cpu_exit / SIG_IPI). Returns how long the
-        caller waits for them to acknowledge (one exit round trip, if any was kicked)."""
+        """Kick every vCPU that is in the guest (QEMU kvm_cpu_synchronize_kick_all: run_on_cpu
+        on each vCPU in turn, SIG_IPI). Returns how long the caller waits for them: one exit
+        round trip per vCPU kicked, as each run_on_cpu waits for its vCPU before the next (the
+        vCPUs are kicked at once here, each out for one round trip)."""
         kicked = 0
         for i, v in enumerate(self.vcpus):
             if self.vstate[i] == GUEST:
@@ -394,7 +396,7 @@ class Session:
                 if e is not None:
                     self._on_exit(e)
                     kicked += 1
-        return self.costs.exit_ns if kicked else 0
+        return self.costs.exit_ns * kicked
 
     def queue_throttle_work(self, sleep_ns: int) -> None:
         """cpu_throttle_timer_tick: queue the sleep on every vCPU not already holding one."""

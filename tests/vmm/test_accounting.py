@@ -78,10 +78,13 @@ def test_a_flush_charges_the_vmm_the_harvest_and_the_reset():
     assert r.vm.last_ioctl_ns > costs.reset_call_ns  # the reset of n entries
 
 
-def test_a_kick_waits_one_exit_round_trip_if_a_vcpu_was_in_the_guest():
+def test_a_kick_of_all_waits_one_exit_round_trip_per_vcpu_in_the_guest():
+    """kvm_cpu_synchronize_kick_all: run_on_cpu on each vCPU in turn, each waiting for that
+    vCPU to leave the guest and run the work: one exit round trip per vCPU kicked."""
     r = _two_vcpus()
-    assert GUEST in list(r.vstate)
-    assert r.kick_all() == r.costs.exit_ns > 0
+    inside = sum(st == GUEST for st in r.vstate)
+    assert inside == 2
+    assert r.kick_all() == 2 * r.costs.exit_ns > 0
     assert GUEST not in list(r.vstate)
     assert r.kick_all() == 0  # nobody left in the guest to wait for
 
@@ -93,7 +96,7 @@ def test_a_kicked_vcpu_enters_the_guest_again_one_exit_round_trip_later():
     r = _two_vcpus()
     t0, exit0 = r.loop.now, list(r.exit_ns)
     rt = r.costs.exit_ns
-    assert r.kick_all() == rt
+    assert r.kick_all() == 2 * rt
     assert list(r.vstate) == [OUT, OUT]
     r.advance(t0 + rt - 1)
     assert list(r.vstate) == [OUT, OUT]
