@@ -34,7 +34,7 @@ AHEAD = 16  # events to look ahead when prefetching a page's state and version
 WP, CLEAN, UNMAPPED = 1, 2, 4
 NOT_WP, NOT_CLEAN, NOT_UNMAPPED = 0xFF ^ WP, 0xFF ^ CLEAN, 0xFF ^ UNMAPPED  # u8 masks
 
-CUT_NONE, CUT_FULL, CUT_SYNC, CUT_DONE, CUT_MMIO, CUT_TICK, CUT_FAULT = 0, 1, 2, 3, 4, 5, 6
+CUT_NONE, CUT_FULL, CUT_SYNC, CUT_DONE, CUT_MMIO, CUT_TICK, CUT_FAULT, CUT_PML_FULL = 0, 1, 2, 3, 4, 5, 6, 7
 
 # per memslot mode bits (``mode``; 0: a logging slot): dirty-tracked but not logging (arm64 ring
 # without a bitmap), no dirty tracking (no KVM_MEM_LOG_DIRTY_PAGES), read-only
@@ -79,6 +79,12 @@ def walk_writes(gpi, vc, code, reads, first_touch, slot_of, state, version, bloc
     was last protected, hence writable) is invisible and skipped. Returns (events consumed, cut
     kind, pushes, splits, clean pages written, access retired at the cut).
 
+    With PML (``pml_buf`` > 0) a logged write goes into its vCPU's buffer (``pml_count``), and a
+    full buffer waits (Intel SDM: the PML index has left 0..511, nothing exits yet): the next
+    write to log raises the log-full VM exit before it is done, KVM flushes the buffer into the
+    ring, and if that leaves the ring soft-full the walk stops there (cut CUT_PML_FULL, the
+    write not consumed: it is proposed again after re-entry).
+
     With ``fault_cut`` the walk also stops right after an access that faulted (a write-protect
     fault, logged or not, with its split if any) and took no vCPU out of the guest (cut
     CUT_FAULT, the access consumed), and before the first event after a tick whose flush moved
@@ -118,7 +124,7 @@ def walk_writes(gpi, vc, code, reads, first_touch, slot_of, state, version, bloc
             continue
         s = state[g]
         k = slot_of[i]
-        full = False
+        full = late = False
         read = reads[i] != 0
         if readonly and not read and mode[k] & READONLY:
             # kvm_handle_guest_abort -> io_mem_abort: the store exits as MMIO and completes there
@@ -156,6 +162,13 @@ def walk_writes(gpi, vc, code, reads, first_touch, slot_of, state, version, bloc
             untracked_faults[v] += 1
             _clear_wp(state, block_map, g, blk, inblock, block_pages)
         elif s & WP:
+            if rings and pml_buf > 0 and pml_count[v] >= pml_buf:
+                # the buffer is full: the PML log-full VM exit comes first, before the write;
+                # KVM flushes the buffer into the ring
+                used[v] += pml_count[v]
+                pml_count[v] = 0
+                if used[v] >= limit[v]:  # soft-full: out to userspace, the write not done
+                    return i, CUT_PML_FULL, npush, nsplit, ndirty, True
             faults[v] += 1
             if inblock and blockgran[k]:  # (a fault in a huge page split outside logging maps it again)
                 _clear_wp(state, block_map, g, blk, True, block_pages)
@@ -183,18 +196,18 @@ def walk_writes(gpi, vc, code, reads, first_touch, slot_of, state, version, bloc
                 npush += 1
                 added = 1
             if rings:
-                if pml_buf > 0:
+                if pml_buf > 0:  # a full buffer waits for the next write to log (above)
                     pml_count[v] += added
-                    while pml_count[v] >= pml_buf:
+                    while pml_count[v] > pml_buf:  # (a what-if block's pages overflowing the buffer)
                         pml_count[v] -= pml_buf
                         used[v] += pml_buf
                         if used[v] >= limit[v]:
-                            full = True
+                            late = True
                 else:
                     used[v] += added
                     if used[v] >= limit[v]:
                         full = True
-            if full and pml_buf == 0:
+            if full:
                 # the vCPU exits before the access retires; it re-executes after re-entry
                 return i + 1, CUT_FULL, npush, nsplit, ndirty, False
         if not read:
@@ -202,7 +215,7 @@ def walk_writes(gpi, vc, code, reads, first_touch, slot_of, state, version, bloc
             if state[g] & CLEAN:
                 state[g] &= NOT_CLEAN
                 ndirty += 1
-        if full:
+        if late:  # the what-if block's log overflowed the buffer into a soft-full ring: it retired
             return i + 1, CUT_FULL, npush, nsplit, ndirty, True
         if c != 0:
             cut = CUT_SYNC if c == 1 else CUT_DONE

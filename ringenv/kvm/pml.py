@@ -64,11 +64,12 @@ def flush_all(mask, pml, pml_n, base, end, kslot, mode, ring_addr, ring_ctr, sof
 @njit(nogil=True)
 def log_all(push_v, push_gfn, flush_at, pml, pml_n, base, end, kslot, mode, ring_addr, ring_ctr, soft_limit, vstat,
             entry_ns, full_exit_ns, soft_full):  # pragma: no cover - compiled
-    """A batch's logged writes (vCPU, gfn), in order, into the vCPUs' buffers: a buffer that
-    fills is flushed (a PML-full exit, ``full_exit_ns`` on top of the flush), and before the
-    write at each position of ``flush_at`` (ascending; a position past the last write: after
-    it) every buffer is flushed (the kernel-handled exits of a tick, see
-    :func:`ringenv.kvm.fault.walk_writes`)."""
+    """A batch's logged writes (vCPU, gfn), in order, into the vCPUs' buffers: a write to log
+    into a full buffer first flushes it (the CPU's log-full VM exit comes at the write after the
+    one that filled the buffer, before it is done: ``full_exit_ns`` on top of the flush; a full
+    buffer otherwise waits), and before the write at each position of ``flush_at`` (ascending;
+    a position past the last write: after it) every buffer is flushed (the kernel-handled exits
+    of a tick, see :func:`ringenv.kvm.fault.walk_writes`)."""
     cap = pml.shape[1]
     nv = pml_n.shape[0]
     f = 0
@@ -82,9 +83,9 @@ def log_all(push_v, push_gfn, flush_at, pml, pml_n, base, end, kslot, mode, ring
         if i == push_v.shape[0]:
             break
         v = push_v[i]
-        pml[v, pml_n[v]] = push_gfn[i]
-        pml_n[v] += 1
         if pml_n[v] == cap:
             flush_one(v, pml, pml_n, base, end, kslot, mode, ring_addr, ring_ctr, soft_limit, vstat, entry_ns,
                       soft_full)
             vstat[v, FAULT_NS] += full_exit_ns
+        pml[v, pml_n[v]] = push_gfn[i]
+        pml_n[v] += 1

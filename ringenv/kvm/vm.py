@@ -29,8 +29,8 @@ import numpy as np
 from ..arrays import RECYCLER, first_occurrence, shift_checked, unique
 from ..config import HostProfile, load_host_profile
 from ..guest.base import EXIT_DONE, EXIT_NONE, EXIT_SYNC, NO_WRITE, GuestProgram, WriteBatch
-from .fault import (CUT_DONE, CUT_FAULT, CUT_FULL, CUT_MMIO, CUT_NONE, CUT_SYNC, CUT_TICK, FAULT_NS, FAULTS, NOLOG,
-                    PML_FLUSHES, PUSHES, READONLY, SPLITS, UNTRACKED, apply_batch, apply_window)
+from .fault import (CUT_DONE, CUT_FAULT, CUT_FULL, CUT_MMIO, CUT_NONE, CUT_PML_FULL, CUT_SYNC, CUT_TICK, FAULT_NS,
+                    FAULTS, NOLOG, PML_FLUSHES, PUSHES, READONLY, SPLITS, UNTRACKED, apply_batch, apply_window)
 from .memory import SPLIT_HUGE, UNMAPPED, WP_CLEAN, Memslot, bitmap_offsets, protect_masked
 from .pml import flush_all, flush_one, log_all
 from .ring import DirtyRing, reset_rings, ring_room
@@ -1153,7 +1153,7 @@ class Vm:
             self._ring_ctr, self._soft_limit, pml_count, pml, rings, push_v, push_g, split_v, split_b,
             self._vstat, split_cost, fault_cost, wp_fault_cost, self._ring_addr, self._start,
             self._kslot, self._soft_full, faults, t, tick, tick_state, flush_at, fault_cut)
-        i = m - 1
+        i = m if cut == CUT_PML_FULL else m - 1  # (the log-full exit is at an access not consumed)
         if bad >= 0 and cut == CUT_NONE:  # the walk reached it: it exits as MMIO, consumed
             m, cut, i = bad + 1, CUT_MMIO, bad
         if cut == CUT_TICK:  # at the tick before event m
@@ -1220,7 +1220,14 @@ class Vm:
         elif cut != CUT_NONE:
             self.now = max(self.now, cut_t)
             v = self.vcpus[cut_v]
-            if cut == CUT_FULL:
+            if cut == CUT_PML_FULL:
+                # the log-full VM exit at the write that found the buffer full (not done: the
+                # guest proposes it again after re-entry); its flush made the ring soft-full
+                v.stats.fault_ns += self.profile.costs.pml_full_exit_ns
+                v.request_soft_full = True
+                v.stats.full_exits += 1
+                exit_ = self._exit(v, KVM_EXIT_DIRTY_RING_FULL, "full")
+            elif cut == CUT_FULL:
                 if not retired:  # the access re-executes at re-entry, then its sync/done exit
                     v.pending_store = cut_gfn
                     v.pending_code = cut_code

@@ -30,19 +30,22 @@ def test_pml_reserved_576_smallest_ring_1024_soft_limit_448():
 
 
 def test_pushes_arrive_512_at_a_time_while_running():
-    """s7: 511 distinct writes leave the ring empty (all in the PML buffer); the 512th fills
-    the buffer: flush -> 512 entries at once. Ring 4096 entries (soft 3520): no exit."""
+    """s7 + Intel SDM (PML): the 512th logged write fills the buffer (the PML index leaves
+    0..511) and nothing exits yet; the next write that must be logged raises the log-full
+    VM exit before it is done, and KVM flushes: 512 entries at once, then that write is
+    logged into the empty buffer. Ring 4096 entries (soft 3520): no exit to userspace."""
     h = Host([list(range(600))], profile="x86-pml", entries=4096, slot_pages=2048)
     v = h.vcpus[0]
     assert h.enter() is None
-    assert h.vm.run_until(5 * 511) == []
-    assert v.ring.dirty_index == 0
-    assert h.version(510) == 1  # the writes did happen
     assert h.vm.run_until(5 * 512) == []
-    assert v.ring.dirty_index == 512
+    assert v.ring.dirty_index == 0 and v.pml_count == 512  # full, not flushed
+    assert h.version(511) == 1  # the writes did happen
+    assert h.vm.run_until(5 * 513) == []
+    assert v.ring.dirty_index == 512 and v.pml_count == 1  # the 513th write logged after the flush
     assert h.ring_offsets() == list(range(512))
+    assert v.stats.pml_flushes == 1
     assert h.vm.run_until(5 * 550) == []
-    assert v.ring.dirty_index == 512  # 38 more logged, not yet in the ring
+    assert v.ring.dirty_index == 512  # 38 logged, not yet in the ring
 
 
 def test_any_exit_flushes_the_pml_buffer():
@@ -76,14 +79,16 @@ def test_no_full_exit_between_flush_points():
 
 
 def test_full_exit_at_the_first_flush_with_512_entries():
-    """s7: ring 1024 (soft 448): the first flush (512th write) gives used 512 >= 448 -> full
-    exit with 512 entries, within [soft_limit, soft_limit + 511] = [448, 959]. Then batches of
-    512 after each harvest + reset (no retried-store duplicate: with PML nothing faults), and the
-    rest, 2000 - 3 * 512 = 464, at the end."""
+    """s7: ring 1024 (soft 448): the first flush (the log-full exit at the 513th write) gives
+    used 512 >= 448 -> full exit with 512 entries, within [soft_limit, soft_limit + 511] =
+    [448, 959], at the 513th write's time (write_ns 5: 5 x 512 ns in), that write not done yet.
+    Then batches of 512 after each harvest + reset (no duplicate: the 513th write is done once,
+    after re-entry), and the rest, 2000 - 3 * 512 = 464, at the end."""
     h = Host([list(range(2000))], profile="x86-pml", entries=1024, slot_pages=4096)
     r = h.vcpus[0].ring
     batches = []
     e = h.enter_and_run()
+    assert h.vm.now == 5 * 512 and h.version(512) == 0
     while e.kind == "full":
         assert e.reason == FULL
         assert r.soft_limit <= r.used <= r.soft_limit + 511
@@ -135,19 +140,20 @@ def test_pml_logs_a_page_once_until_reset():
     assert h.harvest() == [5]
 
 
-def test_the_sync_after_the_write_that_fills_the_pml_buffer_is_not_lost():
+def test_the_sync_after_the_write_that_fills_the_pml_buffer_exits_before_the_full_exit():
     """s4 + s7: ring 1024 (soft 448), a sync point after write 511. That 512th write fills the
-    PML buffer: flush -> used 512 -> full exit. The write has retired (PML logs after the
-    store), so it is not re-executed, but the guest's next step, its sync (MMIO) write, still
-    happens first thing after re-entry, with nothing new logged; then the rest runs to done."""
+    PML buffer and retires; no log-full exit yet (none comes before a 513th write to log). The
+    guest's sync (MMIO) exits: the exit flushes the buffer (vmx_flush_pml_buffer at every VM
+    exit), used 512 >= 448 raises the soft-full request, and the sync reaches userspace first;
+    the next KVM_RUN returns the full exit at once (the request checked at entry)."""
     h = Host([list(range(600))], [[511]], profile="x86-pml", entries=1024, slot_pages=1024)
     v = h.vcpus[0]
     e = h.enter_and_run()
-    assert e.reason == FULL and v.ring.used == 512
-    assert h.harvest() == list(range(512)) and h.reset() == 512
+    assert e.kind == "sync" and e.reason == U.KVM_EXIT_MMIO
+    assert v.ring.used == 512 and h.version(511) == 1  # the store retired once
     e = h.enter()
-    assert e is not None and e.kind == "sync" and e.reason == U.KVM_EXIT_MMIO
-    assert v.ring.dirty_index == 512 and h.version(511) == 1  # the store retired once
+    assert e is not None and e.reason == FULL
+    assert h.harvest() == list(range(512)) and h.reset() == 512
     assert h.enter_and_run().kind == "done"
     assert h.harvest() == list(range(512, 600))
 
@@ -379,3 +385,21 @@ def test_an_access_no_memslot_maps_before_the_tick_exits_first():
     assert h.vcpus[0].ring.used == 501
     e = h.enter()
     assert e is not None and e.kind == "full"
+
+
+def test_the_log_full_exit_belongs_to_the_vcpu_whose_write_found_its_buffer_full():
+    """Two vCPUs writing at the same pace (one write each every 5 ns, vCPU 0 first at each
+    instant), ring 1024 (soft 448): each vCPU's 513th write finds its buffer full; the flush
+    makes its ring soft-full and that vCPU exits at that write's time, the write not done. The
+    walk's last consumed access before vCPU 0's exit is vCPU 1's 512th write: the exit is still
+    vCPU 0's, then vCPU 1's at the same instant."""
+    h = Host([list(range(600)), list(range(1000, 1600))], profile="x86-pml", entries=1024, slot_pages=2048)
+    assert h.enter(0) is None and h.enter(1) is None
+    exits = h.vm.run_until(5 * 600)
+    exits += h.vm.run_until(5 * 600)  # (the walk stops at the first exit)
+    assert [(e.vcpu, e.kind, e.time_ns) for e in exits] == [(0, "full", 5 * 512), (1, "full", 5 * 512)]
+    for i, base in ((0, 0), (1, 1000)):
+        v = h.vcpus[i]
+        assert v.ring.used == 512 and v.pml_count == 0
+        assert h.version(base + 511) == 1 and h.version(base + 512) == 0
+        assert h.harvest(i) == list(range(base, base + 512))
