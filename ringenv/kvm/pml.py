@@ -2,8 +2,9 @@
 
 With PML the CPU logs the GPA of a write that sets a dirty bit into a 512-entry buffer instead of
 faulting; KVM copies the buffer into the dirty ring (vmx_flush_pml_buffer, each GPA through
-kvm_vcpu_mark_page_dirty) at every VM exit: when the buffer is full (a PML-full exit), at an exit
-to userspace, and at the exits the kernel handles itself (timer ticks, IPIs). The buffers live
+kvm_vcpu_mark_page_dirty) at every VM exit: the log-full exit (the CPU raises it at a write to
+log when the buffer is already full, before that write), an exit to userspace, and the exits the
+kernel handles itself (timer ticks, IPIs). The buffers live
 in the VM (``pml[v]``: vCPU v's logged gfns, ``pml_n[v]`` how many), the rings in their
 counters and entries as :func:`ringenv.kvm.ring.push_all` reaches them. See
 docs/reference/kvm-dirty-ring.md s7.

@@ -1061,9 +1061,10 @@ class Vm:
         changes which slot and offset it is, a gfn no slot maps any more pushes nothing, nor
         does one in a slot whose logging was turned off (mark_page_dirty_in_slot). The flush's
         time is paid for every entry (:func:`ringenv.kvm.pml.flush_one`). (The simulator
-        flushes at exits to userspace, when the buffer fills and at the profile's timer ticks;
-        the CPU also flushes at the VM exits it does not model, e.g. the IPI of the TLB flush of
-        a memslot delete or move, during which the invalidated old slot is still found.)"""
+        flushes at exits to userspace, at a write that finds the buffer full and at the
+        profile's timer ticks; the CPU also flushes at the VM exits it does not model, e.g. the
+        IPI of the TLB flush of a memslot delete or move, during which the invalidated old slot
+        is still found.)"""
         flush_one(v.index, *self._pml_args(), self._soft_full)
         self._soft_full_requests()
 
