@@ -527,8 +527,8 @@ class Session:
 
     def note_sync(self, last_stage: bool, ns: int, *, setup: bool = False) -> None:
         """Bookkeeping after a sync that took ``ns``: counts, the dirty rate it saw, the
-        throttles' trigger rule (not for the set-up's sync, nor for a migration's last stage:
-        :attr:`trigger_on_last_stage`)."""
+        throttles' trigger rule (the set-up's sync only starts its first period; a migration's
+        last stage is not fed to it: :attr:`trigger_on_last_stage`)."""
         new = self.collector.last_new
         now = self.loop.now
         self.iterations += 1
@@ -536,7 +536,9 @@ class Session:
         if now > self._last_sync_ns:
             self.sync_rate_Bps = new * self.page_size * NS / (now - self._last_sync_ns)
         self._last_sync_ns = now
-        if not setup and (not last_stage or self.trigger_on_last_stage):
+        if setup:
+            self.throttle.on_setup_sync(now - ns, new)
+        elif not last_stage or self.trigger_on_last_stage:
             self.throttle.on_sync(self, new)
 
     def end_pass(self) -> None:

@@ -55,6 +55,12 @@ class Trigger:
         self.high_cnt = 0
         self.last = (0, 0)  # (bytes dirtied, threshold) of the last firing period
 
+    def begin(self, start: int, new_pages: int) -> None:
+        """The set-up's sync, which began at ``start``: migration_bitmap_sync sets
+        time_last_bitmap_sync then (the first period starts there) and counts its new pages."""
+        self.period_start = start
+        self.dirty_pages_period += new_pages
+
     def on_sync(self, now: int, new_pages: int, page_size: int, bytes_xfer: int) -> bool:
         self.dirty_pages_period += new_pages
         if now <= self.period_start + 1000 * MS:
@@ -86,6 +92,12 @@ class NoThrottle:
     def sync_due(self) -> bool:
         """Whether a periodic dirty sync is due now (see :class:`AutoConverge`)."""
         return False
+
+    def on_setup_sync(self, start: int, new_pages: int) -> None:
+        """The set-up's sync began at ``start`` and found ``new_pages`` (:meth:`Trigger.begin`)."""
+        trigger = getattr(self, "trigger", None)
+        if trigger is not None:
+            trigger.begin(start, new_pages)
 
     def on_sync(self, session, new_pages: int) -> None:
         pass

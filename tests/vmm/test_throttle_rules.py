@@ -28,6 +28,43 @@ def _high(trigger, times_s):
     return out
 
 
+def test_the_first_period_starts_at_the_set_up_sync():
+    """migration_bitmap_sync: time_last_bitmap_sync is first set when the set-up's sync starts
+    (after logging was enabled), and that sync's new pages count in the first period. Set-up
+    sync from 0.2 s: a sync at 1.1 s closes no period (0.9 s), one at 1.3 s does."""
+    t = Trigger(50)
+    t.begin(200 * MS, 7)
+    assert (t.period_start, t.dirty_pages_period) == (200 * MS, 7)
+    assert t.on_sync(1100 * MS, 1000, PAGE, 1_000_000) is False
+    assert (t.period_start, t.dirty_pages_period) == (200 * MS, 1007)
+    t.on_sync(1300 * MS, 0, PAGE, 2_000_000)
+    assert (t.period_start, t.dirty_pages_period, t.high_cnt) == (1300 * MS, 0, 1)
+
+
+def test_a_run_starts_the_trigger_s_first_period_at_its_set_up_sync():
+    """The session hands the throttle its set-up sync: the period starts when that sync began
+    (after the kernel time of enabling logging), not at time 0, with that sync's new pages."""
+    from ringenv.vmm import MigrationRun
+
+    from ._helpers import small
+
+    r = MigrationRun(small("analytics", memory=256 << 20, vm={"vcpus": 2}, throttle="auto-converge"))
+    enabled = []
+    enable = r.enable_logging
+
+    def spy():
+        ns = enable()
+        enabled.append((r.loop.now, ns))
+        return ns
+
+    r.enable_logging = spy
+    r.advance(10 * MS)
+    (t0, ns), = enabled
+    assert ns > 0 and r.iterations == 1
+    assert r.throttle.trigger.period_start == t0 + ns
+    assert r.throttle.trigger.dirty_pages_period == r.collector.last_new
+
+
 def test_the_trigger_checks_at_most_once_a_second_and_fires_on_the_second_high_period():
     assert _high(Trigger(50), [0.5, 1.1, 1.6, 2.2]) == [False, False, False, True]
     assert _high(Trigger(50), [1.1, 2.2, 3.3, 4.4, 5.5]) == [False, True, False, True, False]
