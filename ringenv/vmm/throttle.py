@@ -85,6 +85,7 @@ class NoThrottle:
     pct = 0.0
     in_service = False
     next_sync_tick = None  # ns: when a periodic dirty sync may be due (None: never)
+    trigger: Trigger | None = None  # the arming rule, for the throttles that have one
 
     def start(self, now: int) -> None:
         """The migration starts at ``now`` (its thread, before the set-up)."""
@@ -95,9 +96,8 @@ class NoThrottle:
 
     def on_setup_sync(self, start: int, new_pages: int) -> None:
         """The set-up's sync began at ``start`` and found ``new_pages`` (:meth:`Trigger.begin`)."""
-        trigger = getattr(self, "trigger", None)
-        if trigger is not None:
-            trigger.begin(start, new_pages)
+        if self.trigger is not None:
+            self.trigger.begin(start, new_pages)
 
     def on_sync(self, session, new_pages: int) -> None:
         pass
