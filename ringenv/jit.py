@@ -34,18 +34,25 @@ PREFIX = "ringenv-"
 KEEP_S = 3600.0
 
 
+def _kernel_texts(root: Path) -> list[tuple[Path, bytes]]:
+    """(path, content) of the package's Python files that define numba kernels (any mention of
+    ``njit``), sorted by path; each file read once."""
+    texts = ((p, p.read_bytes()) for p in sorted(root.rglob("*.py")) if "__pycache__" not in p.parts)
+    return [(p, text) for p, text in texts if b"njit" in text]
+
+
 def kernel_sources(root: Path = PACKAGE) -> list[Path]:
     """The package's Python files that define numba kernels (any mention of ``njit``), sorted."""
-    return sorted(p for p in root.rglob("*.py") if "__pycache__" not in p.parts and b"njit" in p.read_bytes())
+    return [p for p, _ in _kernel_texts(root)]
 
 
 def sources_digest(root: Path = PACKAGE) -> str:
     """16 hex digits of a SHA-256 over the kernel sources' paths (relative to ``root``) and
     contents: it changes with any change to any kernel, or a kernel file added or removed."""
     h = hashlib.sha256()
-    for path in kernel_sources(root):
+    for path, text in _kernel_texts(root):
         h.update(path.relative_to(root).as_posix().encode() + b"\0")
-        h.update(path.read_bytes() + b"\0")
+        h.update(text + b"\0")
     return h.hexdigest()[:16]
 
 

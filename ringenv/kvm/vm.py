@@ -443,7 +443,7 @@ class Vm:
             # KVM_MR_CREATE: nothing is mapped in a new slot; memory the simulator lets start
             # mapped (mapped_fraction: touched before logging) gets the commit of logging turned
             # on over it
-            fresh = not ((ms.state & UNMAPPED) == 0).any()
+            fresh = bool((ms.state & UNMAPPED).all())
             self.last_ioctl_ns = self._logging_changed(ms, unmapped=fresh) if flags & KVM_MEM_LOG_DIRTY_PAGES else 0
             return
         if npages != old.npages:
@@ -1221,20 +1221,17 @@ class Vm:
         elif cut != CUT_NONE:
             self.now = max(self.now, cut_t)
             v = self.vcpus[cut_v]
-            if cut == CUT_PML_FULL:
-                # the log-full VM exit at the write that found the buffer full (not done: the
-                # guest proposes it again after re-entry); its flush made the ring soft-full
-                v.stats.fault_ns += self.profile.costs.pml_full_exit_ns
-                v.request_soft_full = True
-                v.stats.full_exits += 1
-                exit_ = self._exit(v, KVM_EXIT_DIRTY_RING_FULL, "full")
-            elif cut == CUT_FULL:
-                if not retired:  # the access re-executes at re-entry, then its sync/done exit
+            if cut in (CUT_FULL, CUT_PML_FULL):
+                if cut == CUT_PML_FULL:
+                    # the log-full VM exit at the write that found the buffer full (not done: the
+                    # guest proposes it again after re-entry); its flush made the ring soft-full
+                    v.stats.fault_ns += self.profile.costs.pml_full_exit_ns
+                elif not retired:  # the access re-executes at re-entry, then its sync/done exit
                     v.pending_store = cut_gfn
                     v.pending_code = cut_code
                     v.pending_read = cut_read
                     retried[v.index] = True
-                elif cut_code != EXIT_NONE:  # it retired (PML): its sync/done exit comes at re-entry
+                elif cut_code != EXIT_NONE:  # it retired (a PML what-if block): its sync/done exit comes at re-entry
                     v.pending_code = cut_code
                 v.request_soft_full = True
                 v.stats.full_exits += 1

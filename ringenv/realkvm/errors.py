@@ -42,18 +42,10 @@ def _get_dirty_log_with_ring(vm):
     return vm.get_dirty_log(0)
 
 
-def _ring_mmap_private(vm):
+def _ring_mmap(vm, **prot_flags):
+    """mmap of a vCPU's ring with ``prot``/``flags`` (the real one is closed again)."""
     vm.enable_cap(RING, SMALL_RING)
-    vcpu = vm.create_vcpu(0)
-    mm = vcpu.mmap_ring(flags=mmap.MAP_PRIVATE)
-    if hasattr(mm, "close"):
-        mm.close()
-
-
-def _ring_mmap_exec(vm):
-    vm.enable_cap(RING, SMALL_RING)
-    vcpu = vm.create_vcpu(0)
-    mm = vcpu.mmap_ring(prot=mmap.PROT_READ | mmap.PROT_EXEC)
+    mm = vm.create_vcpu(0).mmap_ring(**prot_flags)
     if hasattr(mm, "close"):
         mm.close()
 
@@ -74,8 +66,8 @@ CASES: dict[str, Callable[[Any], object]] = {
     "plain_ring_192": lambda vm: vm.enable_cap(KVM_CAP_DIRTY_LOG_RING, SMALL_RING),
     "with_bitmap": _with_bitmap,
     "get_dirty_log_with_ring": _get_dirty_log_with_ring,
-    "ring_mmap_private": _ring_mmap_private,
-    "ring_mmap_exec": _ring_mmap_exec,
+    "ring_mmap_private": lambda vm: _ring_mmap(vm, flags=mmap.MAP_PRIVATE),
+    "ring_mmap_exec": lambda vm: _ring_mmap(vm, prot=mmap.PROT_READ | mmap.PROT_EXEC),
     "reset_without_ring": lambda vm: vm.reset_dirty_rings(),
     "reset_with_ring_nothing_harvested": _reset_with_ring,
 }
