@@ -149,6 +149,8 @@ class Session:
         self.paused_at: int | None = None  # when the VM was stopped, while it is (stop-copy, a checkpoint)
         self.bandwidth_Bps = 0.0
         self.threshold_bytes = 0
+        self.expected_downtime_s = cfg.link.downtime_limit_ms / 1000.0  # migration_connect
+        self._dirty_bytes_last_sync = 0  # ram_bytes_remaining() at the last sync
         self._bw_t0 = 0
         self._bw_b0 = 0
         self._slice = None
@@ -533,6 +535,7 @@ class Session:
         now = self.loop.now
         self.iterations += 1
         self.sync_ns.append(ns)
+        self._dirty_bytes_last_sync = self.dirty.mig_count * self.page_size
         if now > self._last_sync_ns:
             self.sync_rate_Bps = new * self.page_size * NS / (now - self._last_sync_ns)
         self._last_sync_ns = now
@@ -621,12 +624,18 @@ class Session:
 
     def update_bandwidth(self) -> None:
         """migration_update_counters: bandwidth over >= 100 ms windows; the switchover threshold
-        is bandwidth x downtime-limit."""
+        is bandwidth x downtime-limit. QEMU's expected-downtime, the dirty bytes the last sync
+        left over the bandwidth, once a dirty-page rate is known (:class:`Trigger`) and the
+        window sent more than 10 kB; not while the VM is stopped (QEMU updates no counter once
+        the completion has begun)."""
         now = self.loop.now
         if now - self._bw_t0 >= BW_WINDOW_NS:
-            self.bandwidth_Bps = (self.bytes_sent - self._bw_b0) * NS / (now - self._bw_t0)
+            sent = self.bytes_sent - self._bw_b0
+            self.bandwidth_Bps = sent * NS / (now - self._bw_t0)
             self.threshold_bytes = int(self.bandwidth_Bps * self.cfg.link.downtime_limit_ms / 1000.0)
             self._bw_t0, self._bw_b0 = now, self.bytes_sent
+            if sent > 10_000 and self.throttle.trigger.dirty_pages_rate and self.paused_at is None:
+                self.expected_downtime_s = self._dirty_bytes_last_sync / self.bandwidth_Bps
 
     def start_bandwidth_window(self) -> None:
         self._bw_t0, self._bw_b0 = self.loop.now, self.bytes_sent
@@ -777,6 +786,7 @@ class Session:
             "ring_fill": tuple(fill),
             "remaining_bytes": (self._remaining_pages() + fl_pages + self._taken) * self.page_size,
             "bandwidth_Bps": self.bandwidth_Bps, "threshold_bytes": self.threshold_bytes,
+            "expected_downtime_s": self.expected_downtime_s,
             "progress": (dirty.pages_sent - dirty.pages_resent - fl_new) / self.npages,
             "throttle_pct": float(self.throttle.pct),
             "vcpu_stall_s_per_vcpu": tuple((self.stall_ns / NS).tolist()),

@@ -45,7 +45,11 @@ TARGET_PAGE_SIZE = 4096
 
 
 class Trigger:
-    """migration_trigger_throttle: the shared arming rule."""
+    """migration_bitmap_sync's rate period (RAMState's time_last_bitmap_sync,
+    num_dirty_pages_period, bytes_xfer_prev), closed by a sync more than 1 s after it began:
+    migration_update_rates sets ``dirty_pages_rate`` then, and migration_trigger_throttle
+    checks the shared arming rule. Every run keeps one (with no throttle the rule's firing is
+    ignored: the rate still feeds QEMU's expected-downtime)."""
 
     def __init__(self, threshold_pct: int):
         self.threshold_pct = threshold_pct
@@ -54,6 +58,7 @@ class Trigger:
         self.xfer_prev = 0
         self.high_cnt = 0
         self.last = (0, 0)  # (bytes dirtied, threshold) of the last firing period
+        self.dirty_pages_rate = 0  # pages/s of the last closed period (QEMU's integer ms arithmetic)
 
     def begin(self, start: int, new_pages: int) -> None:
         """The set-up's sync, which began at ``start``: migration_bitmap_sync sets
@@ -65,6 +70,7 @@ class Trigger:
         self.dirty_pages_period += new_pages
         if now <= self.period_start + 1000 * MS:
             return False
+        self.dirty_pages_rate = self.dirty_pages_period * 1000 // ((now - self.period_start) // MS)
         dirty = self.dirty_pages_period * page_size
         threshold = (bytes_xfer - self.xfer_prev) * self.threshold_pct // 100
         fire = False
@@ -85,7 +91,10 @@ class NoThrottle:
     pct = 0.0
     in_service = False
     next_sync_tick = None  # ns: when a periodic dirty sync may be due (None: never)
-    trigger: Trigger | None = None  # the arming rule, for the throttles that have one
+
+    def __init__(self, session, threshold_pct: int):
+        self.s = session
+        self.trigger = Trigger(threshold_pct)  # the rate period and the arming rule
 
     def start(self, now: int) -> None:
         """The migration starts at ``now`` (its thread, before the set-up)."""
@@ -96,11 +105,12 @@ class NoThrottle:
 
     def on_setup_sync(self, start: int, new_pages: int) -> None:
         """The set-up's sync began at ``start`` and found ``new_pages`` (:meth:`Trigger.begin`)."""
-        if self.trigger is not None:
-            self.trigger.begin(start, new_pages)
+        self.trigger.begin(start, new_pages)
 
     def on_sync(self, session, new_pages: int) -> None:
-        pass
+        """A sync found ``new_pages``: the rate period goes on (no throttle to arm)."""
+        s = self.s
+        self.trigger.on_sync(s.loop.now, new_pages, s.page_size, s.bytes_sent)
 
     def after_full_exit(self, i: int) -> int:
         return 0
@@ -113,9 +123,8 @@ class AutoConverge(NoThrottle):
     name = "auto-converge"
 
     def __init__(self, session, cfg):
-        self.s = session
+        super().__init__(session, cfg.trigger_threshold_pct)
         self.cfg = cfg
-        self.trigger = Trigger(cfg.trigger_threshold_pct)
         self.pct = 0.0  # current throttle percentage, 0..99
         self.steps = 0
         self.timer = None
@@ -190,9 +199,9 @@ class DirtyLimit(NoThrottle):
     name = "dirty-limit"
 
     def __init__(self, session, cfg):
-        self.s = session
+        # throttle-trigger-threshold is a migration parameter: auto-converge's config holds it
+        super().__init__(session, session.cfg.auto_converge.trigger_threshold_pct)
         self.cfg = cfg
-        self.trigger = Trigger(session.cfg.auto_converge.trigger_threshold_pct)
         nv = len(session.vcpus)
         self.in_service = False
         self.quota = int(cfg.vcpu_limit_mbps)
@@ -296,4 +305,4 @@ def make_throttle(session):
         return AutoConverge(session, cfg.auto_converge)
     if cfg.throttle == "dirty-limit":
         return DirtyLimit(session, cfg.dirty_limit)
-    return NoThrottle()
+    return NoThrottle(session, cfg.auto_converge.trigger_threshold_pct)

@@ -11,6 +11,7 @@ import pytest
 from ringenv.config import load_scenario
 from ringenv.vmm import MigrationRun
 from ringenv.vmm.session import BW_WINDOW_NS, GUEST, OUT, PAGE_HEADER_BYTES
+from ringenv.vmm.throttle import Trigger
 
 from ._helpers import on_pause, small
 
@@ -305,3 +306,75 @@ def test_after_the_exact_sync_pending_equal_to_the_threshold_keeps_sending():
     assert m.done and m.converged and m.lost_writes == 0
     assert any(n > 0 for n in live)  # some sync found pages equal to the threshold and went on
     assert at_stop == [0] and live[-1] == 0
+
+
+def test_expected_downtime_is_the_limit_until_a_dirty_page_rate_is_measured():
+    """migration_connect sets expected-downtime to the downtime limit; migration_update_counters
+    replaces it only once dirty_pages_rate is non-zero (a sync closed a >= 1 s period that saw
+    dirty pages) and the window sent more than 10 kB."""
+    r = _two_vcpus()
+    limit = r.cfg.link.downtime_limit_ms / 1000
+    assert r.metrics().expected_downtime_s == limit
+    now = r.loop.now
+    r.throttle.trigger.dirty_pages_rate = 0
+    r._dirty_bytes_last_sync = 5_000_000
+    r._bw_t0, r._bw_b0 = now - BW_WINDOW_NS, r.bytes_sent - 1_000_000
+    r.update_bandwidth()  # no dirty-page rate yet: the limit stays
+    assert r.metrics().expected_downtime_s == limit
+    r.throttle.trigger.dirty_pages_rate = 7
+    r._bw_t0, r._bw_b0 = now - BW_WINDOW_NS, r.bytes_sent - 10_000
+    r.update_bandwidth()  # 10 000 bytes in the window: not more than 10 kB, the limit stays
+    assert r.metrics().expected_downtime_s == limit
+    r._bw_t0, r._bw_b0 = now - BW_WINDOW_NS, r.bytes_sent - 1_000_000
+    r.update_bandwidth()  # 5 MB dirty at the last sync over 10 MB/s
+    assert r.metrics().expected_downtime_s == pytest.approx(0.5)
+    r.paused_at = now  # stop-and-copy: QEMU updates no counter after the completion starts
+    r._bw_t0, r._bw_b0 = now - BW_WINDOW_NS, r.bytes_sent - 100_000
+    r.update_bandwidth()
+    assert r.metrics().expected_downtime_s == pytest.approx(0.5)
+
+
+def test_the_dirty_page_rate_comes_from_a_sync_closing_a_period():
+    """migration_update_rates, at a sync more than 1 s after the period began: pages dirtied in
+    the period x 1000 / the period in ms (integers); a sync inside the period changes nothing."""
+    t = Trigger(50)
+    t.begin(0, 0)
+    t.on_sync(900 * MS, 300, 4096, 10**9)
+    assert t.dirty_pages_rate == 0  # 0.9 s: no period closed yet
+    t.on_sync(1500 * MS, 450, 4096, 10**9)
+    assert t.dirty_pages_rate == 750 * 1000 // 1500
+    t.on_sync(3500 * MS, 0, 4096, 2 * 10**9)
+    assert t.dirty_pages_rate == 0  # a period without dirty pages
+
+
+def test_expected_downtime_follows_each_sync_through_a_whole_migration():
+    """Every sync records the dirty bytes it leaves (ram_bytes_remaining); every bandwidth
+    window after a dirty-page rate is known sets expected-downtime to those over the
+    bandwidth. Checked against the rule replayed from spies, at every 50 ms of a migration
+    without a throttle (the period is kept all the same) and at its end."""
+    cfg = load_scenario("default", vm={"memory": "2GiB", "vcpus": 2}, link={"gbps": 2})  # ~15 passes
+    r = MigrationRun(cfg, host_sync_ms=50)
+    limit = cfg.link.downtime_limit_ms / 1000
+    state = {"last_sync": 0, "expected": limit}
+    note_sync, update = r.note_sync, r.update_bandwidth
+
+    def spy_sync(*a, **k):
+        note_sync(*a, **k)
+        state["last_sync"] = r.dirty.mig_count * r.page_size
+
+    def spy_update():
+        t0, b0 = r._bw_t0, r._bw_b0
+        update()
+        if r._bw_t0 != t0 and r.paused_at is None and r.throttle.trigger.dirty_pages_rate \
+                and r.bytes_sent - b0 > 10_000:
+            state["expected"] = state["last_sync"] / r.bandwidth_Bps
+
+    r.note_sync, r.update_bandwidth = spy_sync, spy_update
+    seen = set()
+    while not r.finished:
+        r.advance(r.loop.now + 50 * MS)
+        got = r.metrics().expected_downtime_s
+        assert got == pytest.approx(state["expected"])
+        seen.add(got)
+    assert r.passes >= 2 and len(seen) >= 3  # it moved during the run
+    assert limit in seen and r.metrics().expected_downtime_s != limit
