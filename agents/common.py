@@ -18,14 +18,14 @@ import gymnasium as gym
 import yaml
 
 import ringenv  # noqa: F401  (registers the ringenv/ environments)
+from ringenv.config import CONFIG_DIR
 
 MIGRATION = "ringenv/Migration-v0"
 MIGRATION_DISCRETE = "ringenv/MigrationDiscrete-v0"
 ENV_IDS = [MIGRATION, MIGRATION_DISCRETE, "ringenv/Checkpoint-v0", "ringenv/CheckpointDiscrete-v0"]
 #: which env id an algorithm trains on by default (DQN needs the flattened Discrete action)
 DEFAULT_ENV = {"ppo": MIGRATION, "a2c": MIGRATION, "dqn": MIGRATION_DISCRETE}
-REPO = Path(__file__).resolve().parent.parent
-TRAIN_CONFIG_DIR = REPO / "configs" / "train"
+TRAIN_CONFIG_DIR = CONFIG_DIR / "train"
 
 
 # ---------------------------------------------------------------------------------- environments

@@ -23,7 +23,16 @@ import yaml
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+
+def _config_dir() -> Path:
+    """The shipped YAML: the checkout's top-level configs/ (a source tree or an editable
+    install), else the copy an installed wheel carries in the package (ringenv/configs)."""
+    package = Path(__file__).resolve().parent
+    checkout = package.parent / "configs"
+    return checkout if (checkout / "workload-sets.yaml").is_file() else package / "configs"
+
+
+CONFIG_DIR = _config_dir()
 
 HOST_PROFILES = ("arm64-4k", "arm64-16k", "arm64-64k", "x86-pml", "x86-nopml")
 DEFAULT_HOST = "arm64-4k"
