@@ -8,7 +8,6 @@ import argparse
 import ast
 import dataclasses
 import inspect
-import math
 import sys
 import textwrap
 from pathlib import Path
@@ -19,6 +18,7 @@ import yaml
 
 import ringenv  # noqa: F401  (registers the ringenv/ environments)
 from ringenv.config import CONFIG_DIR
+from ringenv.env import nearest_choices
 
 MIGRATION = "ringenv/Migration-v0"
 MIGRATION_DISCRETE = "ringenv/MigrationDiscrete-v0"
@@ -117,17 +117,12 @@ class EnvFacts:
     def encode(self, ring_entries: float, interval_ms: float):
         """The action for the nearest offered ring size and interval (on a log scale), as
         ``env.unwrapped.encode_action`` does."""
-        i = min(range(len(self.ring_sizes)), key=lambda k: abs(math.log2(self.ring_sizes[k]) - math.log2(ring_entries)))
-        j = self.interval_index(interval_ms)
+        i, j = nearest_choices(self.ring_sizes, self.intervals_ms, ring_entries, interval_ms)
         if self.flatten:
             return i * len(self.intervals_ms) + j
         import numpy as np
 
         return np.array([i, j], dtype=np.int64)
-
-    def interval_index(self, interval_ms: float) -> int:
-        return min(range(len(self.intervals_ms)),
-                   key=lambda k: abs(math.log10(self.intervals_ms[k]) - math.log10(max(interval_ms, 1e-3))))
 
     def decode(self, action) -> tuple[int, float]:
         import numpy as np

@@ -38,6 +38,13 @@ HOST_PROFILES = ("arm64-4k", "arm64-16k", "arm64-64k", "x86-pml", "x86-nopml")
 DEFAULT_HOST = "arm64-4k"
 
 
+def to_ns(value: float, unit_ns: int) -> int:
+    """A time setting in a unit of ``unit_ns`` ns (ms: 1_000_000, s: 1_000_000_000) as whole
+    ns, rounded to the nearest: the one conversion every layer uses, so that two of them given
+    the same setting land on the same ns (33.3 ms is 33_300_000 ns, not int()'s 33_299_999)."""
+    return int(round(float(value) * unit_ns))
+
+
 class ConfigError(ValueError):
     """An invalid configuration value: the message names the field, the value and what is accepted."""
 

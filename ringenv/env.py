@@ -11,7 +11,7 @@ import numpy as np
 from gymnasium import spaces
 
 from .config import (ConfigError, EnvConfig, ScenarioConfig, check_checkpoint_throttle, deep_merge, load_scenario,
-                     load_workload, load_workload_sets)
+                     load_workload, load_workload_sets, to_ns)
 from .vmm.dirtyrate import sample_dirty_rate
 
 SECOND = 1_000_000_000
@@ -146,10 +146,10 @@ class RingEnv(gym.Env):
             i, j = int(a[0]), int(a[1])
         return self.ring_sizes[i], self.intervals_ms[j]
 
-    def encode_action(self, ring_entries: int, interval_ms: float):
-        """The action choosing the nearest available ring size and interval (for scripted policies)."""
-        i = int(np.argmin([abs(math.log2(n) - math.log2(ring_entries)) for n in self.ring_sizes]))
-        j = int(np.argmin([abs(math.log10(m) - math.log10(interval_ms)) for m in self.intervals_ms]))
+    def encode_action(self, ring_entries: float, interval_ms: float):
+        """The action choosing the nearest available ring size and interval (for scripted
+        policies; see :func:`nearest_choices`)."""
+        i, j = nearest_choices(self.ring_sizes, self.intervals_ms, ring_entries, interval_ms)
         return i * len(self.intervals_ms) + j if self.flatten_actions else np.array([i, j], dtype=np.int64)
 
     # ------------------------------------------------------------------ episode
@@ -187,23 +187,23 @@ class RingEnv(gym.Env):
         if self._session is None:
             self.ring_entries = entries if self.scenario.collector == "ring" else 0
             self._session = _open_session(self.kind, self.scenario, self.workload, self.episode_seed,
-                                          entries, int(interval_ms * MS), self.cfg.control_interval_ms,
+                                          entries, to_ns(interval_ms, MS), self.cfg.control_interval_ms,
                                           self.cfg.sample_s)
             self._prev = self._session.metrics()
             info["ring_size_ignored"] = not self.ring_entries
         else:
             info["ring_size_ignored"] = entries != self.ring_entries
         if interval_ms != self.interval_ms and self.ring_entries:
-            self._session.set_harvest_interval(int(interval_ms * MS))
+            self._session.set_harvest_interval(to_ns(interval_ms, MS))
         self.interval_ms = interval_ms if self.ring_entries else 0.0  # the bitmap collector has no reaper
-        dt = int(self.cfg.control_interval_ms * MS)
+        dt = to_ns(self.cfg.control_interval_ms, MS)  # the session's host-sync grid, to the ns
         self.t += dt
         self._session.advance(self.t)
         m = self._session.metrics()
         costs = self._interval_costs(self._prev, m)
         reward, parts = self._reward(m, dt, costs)
         terminated = bool(self._session.done)
-        truncated = (not terminated) and self.t >= self.cfg.max_episode_s * SECOND
+        truncated = (not terminated) and self.t >= self._obs_const[2]
         if truncated:  # the downtime a switchover (a pause) now would cause, and of one under way its time so far
             s = self._session
             rate = s.final_rate_Bps if s.paused_at is not None else self._send_rate(m)  # (stopped: sends at that)
@@ -264,7 +264,7 @@ class RingEnv(gym.Env):
         rate = self.obs_rate_Bps
         unit_s = self.scenario.link.downtime_limit_ms / 1000 if self.kind == "migration" else 1e-3
         share = self.redirty_rate / (self.sampled_rate + self.redirty_rate) if self.redirty_rate > 0 else 0.0
-        return (rate, unit_s, self.cfg.max_episode_s * SECOND, self.scenario.vm.vcpus,
+        return (rate, unit_s, to_ns(self.cfg.max_episode_s, SECOND), self.scenario.vm.vcpus,
                 self.sampled_rate / rate, self.redirty_rate / rate, share)
 
     def _observe(self, m, dt: int, costs: tuple[float, float, float, int] | None = None) -> np.ndarray:
@@ -680,11 +680,36 @@ def _open_session(kind, scenario, workload, seed, ring_entries, interval_ns, con
                interval_ms=interval_ns / MS, host_sync_ms=control_interval_ms, workload_start_s=sample_s)
 
 
+def nearest_choices(ring_sizes, intervals_ms, ring_entries: float, interval_ms: float) -> tuple[int, int]:
+    """The indexes of the offered ring size and harvest interval nearest to ``ring_entries`` and
+    ``interval_ms`` on a log scale (a tie goes to the first offered); +inf is nearest the
+    largest. A value that is not a number > 0 is a ValueError naming the argument."""
+    out = []
+    for name, choices, value in (("ring_entries", ring_sizes, ring_entries), ("interval_ms", intervals_ms, interval_ms)):
+        try:
+            v = float(value)
+        except (TypeError, ValueError):
+            v = math.nan
+        if not v > 0:
+            raise ValueError(f"{name} {value!r}: expected a number > 0 (the nearest of "
+                             f"{', '.join(map(str, choices))} is taken)")
+        if math.isinf(v):
+            out.append(int(np.argmax(choices)))
+        else:
+            out.append(min(range(len(choices)), key=lambda k: abs(math.log(choices[k]) - math.log(v))))
+    return out[0], out[1]
+
+
 def _render_rgb(env: RingEnv, obs: np.ndarray, info: dict) -> np.ndarray:
     """The rgb_array frame, drawn on an Agg canvas of its own (no pyplot: the caller's
     matplotlib backend and figures are left alone)."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
+    try:
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
+    except ImportError as e:
+        raise gym.error.DependencyNotInstalled(
+            'render_mode="rgb_array" draws with matplotlib, which is not installed: pip install matplotlib '
+            '(or the rl extra: pip install "ringenv[rl]")') from e
 
     fig = Figure(figsize=(6.4, 3.2), dpi=75)
     canvas = FigureCanvasAgg(fig)

@@ -38,7 +38,7 @@ from operator import itemgetter
 
 import numpy as np
 
-from ..config import ConfigError, ScenarioConfig, checked_number, load_scenario
+from ..config import ConfigError, ScenarioConfig, checked_number, load_scenario, to_ns
 from ..guest.workload import WorkloadProgram
 from ..kvm import uapi as U
 from ..kvm.vm import Vm
@@ -70,13 +70,13 @@ def _host_sync_ns(host_sync_ms) -> int:
         return 0
     checked_number(host_sync_ms, "host_sync_ms", "a finite number of ms >= 1e-06 (1 ns), or None",
                    lambda ms: math.isfinite(float(ms) * MS) and round(float(ms) * MS) >= 1)
-    return int(round(float(host_sync_ms) * MS))
+    return to_ns(host_sync_ms, MS)
 
 
 def _workload_start_ns(workload_start_s) -> int:
     """``workload_start_s`` checked and in ns: a finite real number of seconds >= 0."""
     checked_number(workload_start_s, "workload_start_s", "a finite number of seconds >= 0", lambda s: s >= 0)
-    return int(round(float(workload_start_s) * NS))
+    return to_ns(workload_start_s, NS)
 
 
 class Session:
@@ -180,7 +180,7 @@ class Session:
         # dirty-rate estimate: (time, entries harvested so far) at every reap of all rings
         self._samples: deque = deque([(0, 0)])
 
-        self.interval_ns = int(round(cfg.interval_ms * MS))
+        self.interval_ns = to_ns(cfg.interval_ms, MS)
         for i in range(nv):
             self._enter(i)
         self.reaper = None

@@ -35,6 +35,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from ..config import to_ns
+
 MS = 1_000_000
 TIMESLICE_NS = 10 * MS  # CPU_THROTTLE_TIMESLICE_NS
 DIRTYLIMIT_TOLERANCE_RANGE = 25  # MB/s
@@ -129,7 +131,7 @@ class AutoConverge(NoThrottle):
         self.steps = 0
         self.timer = None
         self.stopped = False
-        self._sync_period = int(round(cfg.dirty_sync_timer_ms * MS))
+        self._sync_period = to_ns(cfg.dirty_sync_timer_ms, MS)
         self._prev_syncs = 0  # the dirty-sync count at the timer's previous tick
 
     def start(self, now: int) -> None:

@@ -1,0 +1,94 @@
+"""Environment contract points found by an audit against the MigrationEnv docstring, README,
+DESIGN and Gymnasium conventions: the step time and the time cap to the ns, rendering without
+matplotlib, encode_action outside its domain."""
+
+from __future__ import annotations
+
+import math
+import sys
+
+import gymnasium as gym
+import numpy as np
+import pytest
+
+import ringenv  # noqa: F401  (registers the ids)
+
+SMALL_VM = {"memory": "512MiB", "vcpus": 2}
+
+
+def _steps(env_id="ringenv/Migration-v0", n=3, seed=0, **kw):
+    env = gym.make(env_id, workloads=["oltp"], vm=SMALL_VM, **kw)
+    env.reset(seed=seed)
+    out = []
+    for _ in range(n):
+        obs, r, te, tr, info = env.step(np.array([4, 6]))
+        out.append((obs, r, info))
+    return out
+
+
+def test_a_control_interval_that_is_not_a_whole_float_number_of_ns_still_observes_each_step_s_end():
+    """control_interval_ms=33.3: the env advances int(33.3 * 1e6) = 33_299_999 ns per step while
+    the VMM's host-sync grid is round(33.3 * 1e6) = 33_300_000 ns, so no step ends on the grid
+    and every observation shows the host as it was at the previous step's end (a whole control
+    interval stale). Expected (docstring: `control_interval_ms`, simulated ms per step; the
+    host is synchronised at every control interval so each observation describes the step's end
+    exactly): 33.3 ms per step, the same episode as 33.30000001 ms (the same 33_300_000 ns)."""
+    a = _steps(control_interval_ms=33.3)
+    b = _steps(control_interval_ms=33.30000001)
+    for k, ((oa, ra, ia), (ob, rb, ib)) in enumerate(zip(a, b)):
+        assert ia["vcpu_fault_s"] == ib["vcpu_fault_s"], (f"step {k + 1}: the host state is the previous step's end",
+                                                          [x[2]["vcpu_fault_s"] for x in a],
+                                                          [x[2]["vcpu_fault_s"] for x in b])
+        assert oa.tobytes() == ob.tobytes(), f"step {k + 1}"
+        assert ra == rb
+    assert a[0][2]["time_s"] == 0.0333, a[0][2]["time_s"]
+
+
+def test_max_episode_s_truncates_as_soon_as_that_much_simulated_time_has_passed():
+    """max_episode_s=4.15 with 50 ms steps: 4.15 s have passed after 83 steps, but the env
+    compares t (int ns) with 4.15 * 1e9 = 4150000000.0000005 and runs an 84th step (to 4.2 s,
+    the same episode length as max_episode_s=4.2). Docstring: truncated when `max_episode_s`
+    of simulated time passed without convergence."""
+    env = gym.make("ringenv/Migration-v0", workloads=["oltp"], vm=SMALL_VM, link={"gbps": 0.1},
+                   max_episode_s=4.15)
+    env.reset(seed=0)
+    for k in range(1, 90):
+        _, _, te, tr, info = env.step(np.array([4, 6]))
+        if te or tr:
+            break
+    assert tr and not te
+    assert k == 83, f"truncated after {k} steps, at {info['time_s']} s"
+    assert info["time_s"] == pytest.approx(4.15)
+
+
+def test_rgb_array_without_matplotlib_is_a_dependency_not_installed_error(monkeypatch):
+    """matplotlib is only in the `rl` extra, not a core dependency, yet render_mode="rgb_array"
+    is accepted and the first render after a step dies with a bare ModuleNotFoundError.
+    Gymnasium's convention (cartpole, which DESIGN names as the style to follow, with its lazy
+    rendering import) is gymnasium.error.DependencyNotInstalled saying what to install."""
+    from gymnasium.error import DependencyNotInstalled
+
+    for name in [m for m in sys.modules if m == "matplotlib" or m.startswith("matplotlib.")] + ["matplotlib"]:
+        monkeypatch.setitem(sys.modules, name, None)
+    with pytest.raises(DependencyNotInstalled, match="matplotlib"):
+        env = gym.make("ringenv/Migration-v0", render_mode="rgb_array", vm=SMALL_VM)
+        env.reset(seed=0)
+        env.step(np.array([4, 6]))
+        env.render()
+
+
+def test_encode_action_outside_its_domain_is_a_clear_error_or_the_nearest_action():
+    """encode_action(entries, ms) is documented as "the action nearest to them". An infinite
+    interval gives the SMALLEST interval (10 ms: every |log10(m) - inf| is inf, argmin takes
+    index 0), and 0 entries or 0 ms give "math domain error" naming nothing."""
+    u = gym.make("ringenv/Migration-v0", vm=SMALL_VM).unwrapped
+    try:
+        a = u.encode_action(4096, math.inf)
+    except ValueError as e:
+        assert "interval" in str(e), str(e)
+    else:
+        assert list(a) == [4, len(u.intervals_ms) - 1], f"{a}: an infinite interval encoded as the smallest one"
+    for args, word in (((0, 100), "entries"), ((4096, 0), "interval")):
+        with pytest.raises(ValueError) as e:
+            u.encode_action(*args)
+        assert "math domain error" not in str(e.value) and word in str(e.value), (args, str(e.value))
