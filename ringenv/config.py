@@ -148,7 +148,12 @@ class Strict(BaseModel):
     def _numbers_are_numbers(cls, v, info):
         """YAML's true/false and quoted strings are not numbers: pydantic would take them as 1, 0
         and the number the string spells (sizes such as '16GiB' have their own validators, which
-        run first)."""
+        run first). Nor are numbers and strings booleans (pydantic would take 0, 1, 'yes', 'off')."""
+        if not isinstance(v, bool) and v is not None:
+            ann = cls.model_fields[info.field_name].annotation
+            if ann is bool or ann == (bool | None):
+                raise ValueError(f"{v!r} is not true or false; expected true or false"
+                                 + (" (or null)" if ann is not bool else ""))
         if isinstance(v, (bool, str)) or (isinstance(v, (list, tuple)) and any(isinstance(x, (bool, str)) for x in v)):
             ann = cls.model_fields[info.field_name].annotation
             types = typing.get_args(ann) if typing.get_origin(ann) in (typing.Union, types_.UnionType) else (ann,)
@@ -286,6 +291,10 @@ class HostProfile(Strict):
                 )
         if self.pml and self.arch != "x86":
             raise ValueError("pml: only an x86 host has Page Modification Logging")
+        if not self.ring_sizes:  # KVM_DIRTY_RING_MAX_ENTRIES: a ring must hold the reserved entries
+            raise ValueError(f"arch_dirty_log_size: {self.arch_dirty_log_size} leaves no ring size KVM accepts (64 + "
+                             f"it reserved entries, and a ring of at least {self.page_size} bytes, within 65536 "
+                             f"entries); accepted: 0..{65536 - 64} with this page_size")
         for name in ("eager_page_split", "tdp_mmu"):
             if getattr(self, name) and self.arch != "x86":
                 raise ValueError(f"{name}: true is accepted only for an x86 host (a kvm module parameter of "
@@ -332,12 +341,35 @@ class HostProfile(Strict):
         return int(c.tlbi_base_ns + c.tlbi_per_vcpu_ns * nr_vcpus + c.tlbi_per_vcpu_sq_ns * nr_vcpus * nr_vcpus)
 
 
-def _read_yaml(path: Path) -> Any:
+class _Loader(yaml.SafeLoader):
+    """PyYAML's safe loader reading a number in exponent notation without a dot (``1e3``,
+    ``2E-6``) as the float YAML 1.2 makes it, not as the string YAML 1.1 does."""
+
+
+_Loader.add_implicit_resolver("tag:yaml.org,2002:float", re.compile(r"^[-+]?[0-9][0-9_]*(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+                              list("-+0123456789"))
+
+
+def parse_yaml(text: str, where: str) -> Any:
+    """``text`` read as YAML (see :class:`_Loader`); a syntax error is a ConfigError naming
+    ``where`` (a file name, or the flag a value came from) and the place in the text."""
     try:
-        with open(path) as f:
-            return yaml.safe_load(f)
+        return yaml.load(text, Loader=_Loader)  # noqa: S506 (a safe loader)
     except yaml.YAMLError as e:
-        raise ConfigError(f"{path.name}: not valid YAML: {e}") from None
+        raise ConfigError(f"{where}: not valid YAML: {' '.join(str(e).split())}") from None
+
+
+def read_text(path: Path, what: str = "") -> str:
+    """A config or trace file's text: UTF-8, else a ConfigError naming the file."""
+    try:
+        return Path(path).read_bytes().decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{what}{' ' if what else ''}{Path(path).name}: not UTF-8 text (byte {e.start}: "
+                          f"{e.object[e.start:e.start + 1]!r}); accepted: a UTF-8 YAML or JSON file") from None
+
+
+def _read_yaml(path: Path) -> Any:
+    return parse_yaml(read_text(path), Path(path).name)
 
 
 def load_host_profile(name_or_path: str | Path | HostProfile | None = None) -> HostProfile:
@@ -553,9 +585,9 @@ class LinkConfig(Strict):
     def _v_bw(cls, v):
         if v == "link":
             return v
-        if isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0:
+        if isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0 and math.isfinite(v):
             return float(v)
-        raise ValueError(f"{v!r} is not accepted; accepted: a number of MiB/s > 0, or 'link' (the link rate)")
+        raise ValueError(f"{v!r} is not accepted; accepted: a finite number of MiB/s > 0, or 'link' (the link rate)")
 
     @property
     def link_Bps(self) -> float:

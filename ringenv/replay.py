@@ -36,7 +36,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from .config import ConfigError, load_host_profile
+from .config import ConfigError, load_host_profile, read_text
 from .guest.trace import TraceProgram
 from .kvm import uapi
 from .kvm.uapi import KvmError
@@ -136,9 +136,17 @@ def replay_trace(trace: dict, profile: str | None = None, ring_entries: int | No
         except KvmError as e:
             raise ConfigError(f"trace.with_bitmap: true is refused by KVM_ENABLE_CAP on {prof.name} with "
                               f"{e.errno_name} ({e.rule}); accepted there: false") from None
-    vm.set_user_memory_region(0, uapi.KVM_MEM_LOG_DIRTY_PAGES, 0, trace["slot_pages"] * prof.page_size,
-                              mapped_fraction=0.0)
-    vcpus = [vm.create_vcpu(i) for i in range(nv)]
+    try:
+        vm.set_user_memory_region(0, uapi.KVM_MEM_LOG_DIRTY_PAGES, 0, trace["slot_pages"] * prof.page_size,
+                                  mapped_fraction=0.0)
+    except KvmError as e:
+        raise ConfigError(f"trace.slot_pages: {trace['slot_pages']} pages is refused by KVM_SET_USER_MEMORY_REGION on "
+                          f"{prof.name} with {e.errno_name} ({e.rule})") from None
+    try:
+        vcpus = [vm.create_vcpu(i) for i in range(nv)]
+    except KvmError as e:
+        raise ConfigError(f"trace.vcpus: {nv} vCPUs is refused by KVM_CREATE_VCPU on {prof.name} with "
+                          f"{e.errno_name} ({e.rule})") from None
     readers = [RingReader(v.ring_gfns) for v in vcpus]
     vm.attach_guest(TraceProgram([v["writes"] for v in trace["vcpus"]], [v.get("syncs", []) for v in trace["vcpus"]],
                                  reads=[v.get("reads", []) for v in trace["vcpus"]],
@@ -188,6 +196,6 @@ def load_trace(path: str | Path) -> dict:
     if not p.is_file():
         raise ConfigError(f"TRACE: no such file {str(p)!r}")
     try:
-        return json.loads(p.read_text())
+        return json.loads(read_text(p, "TRACE"))
     except json.JSONDecodeError as e:
         raise ConfigError(f"TRACE {p.name}: not valid JSON: {e}") from None

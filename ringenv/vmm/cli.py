@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 
 from ..config import ConfigError
@@ -35,9 +36,14 @@ SUMMARY = {
 }
 
 
-def _name_flags(msg: str) -> str:
+def _name_flags(msg: str, given: dict) -> str:
+    """The config error with the flag named after each field that came from a flag (``given``:
+    the overrides the flags made; the scenario name always does), not after one from the file."""
+    flat = {"scenario"} | {k for k, v in given.items() if not isinstance(v, dict)} | {
+        f"{k}.{j}" for k, v in given.items() if isinstance(v, dict) for j in v}
     for field, flag in FLAGS.items():
-        msg = msg.replace(f"  {field}:", f"  {field} ({flag}):")
+        if field in flat:
+            msg = re.sub(rf"(^|\n  ){re.escape(field)}:", rf"\g<1>{field} ({flag}):", msg)
     return msg
 
 
@@ -68,10 +74,11 @@ def _run(args, kind: str) -> int:
     from ..config import load_scenario
     from .metrics import Metrics
 
+    given = _overrides(args, kind)
     try:
-        cfg = load_scenario(args.scenario, **_overrides(args, kind))
+        cfg = load_scenario(args.scenario, **given)
     except ConfigError as e:
-        raise ConfigError(_name_flags(str(e))) from None
+        raise ConfigError(_name_flags(str(e), given)) from None
     if kind == "migration":
         from .migration import MigrationRun as Run
     else:

@@ -168,15 +168,17 @@ def test_a_done_exit_before_the_last_write_is_a_guest_error():
         _Collector(G(), "self").vcpu_thread(0, WriteProgram([1, 2, 3, 4, 5], frozenset()))
 
 
-def test_a_kvm_errno_from_replay_is_exit_1(tmp_path):
-    # slot_pages 2^31 > KVM_MEM_MAX_NR_PAGES (2^31 - 1): KVM_SET_USER_MEMORY_REGION EINVAL (an OSError)
+def test_a_trace_kvm_refuses_is_exit_2_naming_the_field_with_kvm_s_errno(tmp_path):
+    # slot_pages 2^31 > KVM_MEM_MAX_NR_PAGES (2^31 - 1): KVM_SET_USER_MEMORY_REGION EINVAL, a bad
+    # input as an unaccepted ring_entries is: the field named, KVM's errno and rule kept
     p = tmp_path / "t.json"
     p.write_text(json.dumps({"slot_pages": 1 << 31, "ring_entries": 256, "reap_scope": "self",
                              "vcpus": [{"writes": [1]}]}))
     r = subprocess.run([sys.executable, "-m", "ringenv", "replay", str(p)], capture_output=True, text=True,
                        timeout=120)
-    assert r.returncode == 1, r.stderr
-    assert r.stderr.startswith("ringenv replay: ") and "Traceback" not in r.stderr and "KVM_MEM_MAX_NR_PAGES" in r.stderr
+    assert r.returncode == 2, r.stderr
+    assert r.stderr.startswith("ringenv replay: trace.slot_pages: ") and "Traceback" not in r.stderr
+    assert "EINVAL" in r.stderr and "KVM_MEM_MAX_NR_PAGES" in r.stderr
 
 
 def test_no_command_is_a_usage_error(capsys):
