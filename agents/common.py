@@ -8,16 +8,16 @@ import argparse
 import ast
 import dataclasses
 import inspect
+import os
 import sys
 import textwrap
 from pathlib import Path
 from typing import Any
 
 import gymnasium as gym
-import yaml
 
 import ringenv  # noqa: F401  (registers the ringenv/ environments)
-from ringenv.config import CONFIG_DIR
+from ringenv.config import CONFIG_DIR, parse_yaml, read_text
 from ringenv.env import nearest_choices
 
 MIGRATION = "ringenv/Migration-v0"
@@ -42,7 +42,7 @@ def _override(item: str, flag: str) -> tuple[list[str], Any]:
         example = "vm.vcpus=2" if flag == "--set" else "n_steps=256"
         raise ValueError(f"{flag} {item!r}: expected KEY=VALUE (e.g. {example})")
     key, raw = item.split("=", 1)
-    return key.strip().split("."), (yaml.safe_load(raw) if raw else "")
+    return key.strip().split("."), (parse_yaml(raw, f"{flag} {item!r}") if raw else "")
 
 
 def parse_overrides(items: list[str] | None, flag: str = "--set") -> dict:
@@ -142,12 +142,21 @@ def load_hyperparams(algo: str, env_id: str, path: str | Path | None = None) -> 
     p = Path(path) if path else TRAIN_CONFIG_DIR / f"{algo}.yaml"
     if not p.is_file():
         raise FileNotFoundError(f"no hyperparameter file {p}")
-    data = yaml.safe_load(p.read_text()) or {}
+    data = parse_yaml(read_text(p), p.name)
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ValueError(f"{p.name}: a {type(data).__name__} at the top; expected a mapping of environment id -> "
+                         "hyperparameters (RL Zoo layout)")
     if env_id not in data:
         raise KeyError(f"{p.name} has no entry for {env_id} (a ringenv environment; {algo.upper()}'s hyperparameters "
-                       f"for it are missing); entries: {', '.join(data) or 'none'}; add one, or pass --hyperparams FILE "
-                       "with one")
-    return dict(data[env_id])
+                       f"for it are missing); entries: {', '.join(map(str, data)) or 'none'}; add one, or pass "
+                       "--hyperparams FILE with one")
+    entry = data[env_id]
+    if not isinstance(entry, dict):
+        raise ValueError(f"{p.name}: {env_id}: {entry!r} is not a mapping; expected the hyperparameters as KEY: VALUE "
+                         "lines (n_timesteps, n_envs, policy, ... and the algorithm's keywords)")
+    return dict(entry)
 
 
 # ---------------------------------------------------------------------------------- dataclass CLI
@@ -186,7 +195,9 @@ def add_dataclass_arguments(parser: argparse.ArgumentParser, cls, *, skip: tuple
             parser.add_argument(*names, dest=f.name, action=argparse.BooleanOptionalAction, default=default,
                                 help=docs.get(f.name, ""))
         elif isinstance(default, list) or hint.startswith("list"):
-            parser.add_argument(*names, dest=f.name, nargs="*", default=default,
+            # a repeated flag adds to the values given before (not the default: None stands for
+            # it until dataclass_from_namespace)
+            parser.add_argument(*names, dest=f.name, nargs="*", action="extend", default=None,
                                 metavar=f.metadata.get("metavar", f.name.rstrip("s").upper()), help=help_)
         else:
             typ = int if "int" in hint and "float" not in hint else float if "float" in hint else str
@@ -198,8 +209,9 @@ def add_dataclass_arguments(parser: argparse.ArgumentParser, cls, *, skip: tuple
 
 
 def dataclass_from_namespace(cls, ns: argparse.Namespace):
+    """``cls`` from the parsed flags; a list flag not given (None) takes the field's default."""
     names = {f.name for f in dataclasses.fields(cls)}
-    return cls(**{k: v for k, v in vars(ns).items() if k in names})
+    return cls(**{k: v for k, v in vars(ns).items() if k in names and v is not None})
 
 
 def parse_dataclass_args(cls, argv: list[str] | None = None, description: str | None = None):
@@ -276,15 +288,70 @@ def import_object(path: str):
     return getattr(importlib.import_module(mod), name)
 
 
-def wrap_env(env: gym.Env, wrapper=None, action_repeat: int = 1) -> gym.Env:
-    """The wrappers a training run used, in its order: ``env_wrapper`` (RL Zoo style: a dotted
-    class name, or a mapping {name: kwargs}, or a list of those), then ActionRepeat."""
+def import_named(path, where: str, what: str):
+    """``import_object(path)``, or a ValueError naming ``where`` and saying ``what`` is expected."""
+    if not isinstance(path, str) or "." not in path:
+        raise ValueError(f"{where}: {path!r}: expected {what}")
+    try:
+        return import_object(path)
+    except (ImportError, AttributeError) as e:
+        raise ValueError(f"{where}: cannot import {path!r} ({e}); expected {what}") from None
+
+
+def wrapper_specs(wrapper, where: str = "env_wrapper") -> list[tuple[type, dict]]:
+    """``env_wrapper`` (RL Zoo style: a dotted class name, a mapping {name: kwargs}, or a list of
+    those) as (class, keywords) pairs, each class imported and its keywords bound to its
+    constructor after the env; anything else is a ValueError naming ``where``."""
+    expected = "a wrapper class as package.module.Class, a mapping {Class: {kwargs}}, or a list of those"
+    out = []
     for spec in (wrapper if isinstance(wrapper, list) else [wrapper] if wrapper else []):
-        name, kwargs = (next(iter(spec.items())) if isinstance(spec, dict) else (spec, None))
-        env = import_object(name)(env, **(kwargs or {}))
+        if isinstance(spec, dict) and len(spec) == 1:
+            name, kwargs = next(iter(spec.items()))
+            if kwargs is not None and not isinstance(kwargs, dict):
+                raise ValueError(f"{where}: the keywords of {name} must be a mapping")
+        elif isinstance(spec, str):
+            name, kwargs = spec, None
+        else:
+            raise ValueError(f"{where}: {spec!r}; expected {expected}")
+        cls = import_named(name, where, expected)
+        kwargs = dict(kwargs or {})
+        try:
+            inspect.signature(cls).bind(None, **kwargs)
+        except TypeError as e:
+            raise ValueError(f"{where}: {name}{inspect.signature(cls)} does not take {kwargs or 'no keywords'} "
+                             f"after the env ({e})") from None
+        except ValueError:  # no signature to check (a builtin): its constructor will say
+            pass
+        out.append((cls, kwargs))
+    return out
+
+
+def wrap_env(env: gym.Env, wrapper=None, action_repeat: int = 1, where: str = "env_wrapper") -> gym.Env:
+    """The wrappers a training run used, in its order: ``env_wrapper`` (:func:`wrapper_specs`),
+    then ActionRepeat."""
+    for cls, kwargs in wrapper_specs(wrapper, where):
+        env = cls(env, **kwargs)
     if action_repeat > 1:
         env = ActionRepeat(env, action_repeat)
     return env
+
+
+def check_out_dir(path, flag: str = "--out") -> Path:
+    """``path`` as an output directory that can be made or written later, checked before any work
+    (a run's results must not be lost at the end): not a file, under no file, writable."""
+    p = Path(path)
+    if p.exists() and not p.is_dir():
+        raise ValueError(f"{flag} {str(p)!r}: a file, not a directory; expected a directory to write into (made if "
+                         "missing)")
+    parent = p
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        raise ValueError(f"{flag} {str(p)!r}: {str(parent)!r} is a file; expected a directory to write into (made if "
+                         "missing)")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise ValueError(f"{flag} {str(p)!r}: {str(parent)!r} is not writable")
+    return p
 
 
 def run_reporting(fn, prefix: str) -> int:

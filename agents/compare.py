@@ -16,7 +16,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .common import EnvFacts, module_main, parse_overrides
+from .common import EnvFacts, check_out_dir, module_main, parse_overrides
 from ringenv.config import load_workload
 
 from .evaluate import (EvalSettings, check_baseline, evaluate, load_policy, markdown_per_workload, markdown_table,
@@ -45,6 +45,7 @@ class Args(EvalSettings):
 def main(args: Args) -> dict:
     t0 = time.perf_counter()
     overrides = parse_overrides(args.set)
+    check_out_dir(args.out)
     policies = list(dict.fromkeys(list(args.policies) + list(args.models)))
     check_baseline(args.baseline, policies)
     if args.plots and args.timeline_workload:
@@ -52,7 +53,9 @@ def main(args: Args) -> dict:
     records = evaluate(policies, args.env_id, args.scenario, args.split, args.workloads, args.seeds, args.seed0,
                        overrides, args.workers, args.progress, desc="compare")
     rows = summarize(records, args.baseline)
-    out = write_results(args.out, records, rows, {"args": dataclasses.asdict(args)})
+    pngs = ("pareto.png", "timeline.png") if args.plots and rows else ()
+    out = write_results(args.out, records, rows, {"args": dataclasses.asdict(args)},
+                        also=("per_workload.csv", "table.md") + pngs)
     write_csv(out / "per_workload.csv", per_workload(records))
     wls = list(dict.fromkeys(r["workload"] for r in records))
     header = (f"Scenario {args.scenario}, {args.split} workloads ({', '.join(wls)}), {args.seeds} seeds each "
@@ -63,7 +66,7 @@ def main(args: Args) -> dict:
     (out / "table.md").write_text(f"{header}\n\n{table}\n\nMean reward per workload:\n\n{per_wl}\n")
     print(f"\n{header}\n\n{table}\n\nMean reward per workload:\n\n{per_wl}\n")
     written = [out / "episodes.csv", out / "summary.csv", out / "per_workload.csv", out / "table.md"]
-    if args.plots and rows:
+    if pngs:
         from . import plots
 
         written.append(plots.pareto(rows, out / "pareto.png",

@@ -27,8 +27,8 @@ import numpy as np
 
 from ringenv.env import NOT_KEYWORDS
 
-from .common import (MIGRATION, EnvFacts, check_env_id, jsonable, make_env, module_main, parse_overrides,
-                     wrap_env)
+from .common import (MIGRATION, EnvFacts, check_env_id, check_out_dir, jsonable, make_env, module_main,
+                     parse_overrides, wrap_env)
 from .heuristics import SPECS, Policy, heuristic_env_kwargs, is_heuristic, make_heuristic
 
 
@@ -91,8 +91,15 @@ def find_model(path: str | Path) -> Path:
 def model_meta(model_path: Path) -> dict:
     """The training run's args.json (algo, env id, overrides) next to the model, if any."""
     for d in (model_path.parent, model_path.parent.parent):
-        if (d / "args.json").is_file():
-            return json.loads((d / "args.json").read_text())
+        f = d / "args.json"
+        if f.is_file():
+            try:
+                meta = json.loads(f.read_text(encoding="utf-8"))
+            except (json.JSONDecodeError, UnicodeDecodeError) as e:
+                raise ValueError(f"{f}: not valid JSON ({e}); expected the args.json a training run writes") from None
+            if not isinstance(meta, dict):
+                raise ValueError(f"{f}: a JSON {type(meta).__name__}; expected the object a training run writes")
+            return meta
     return {}
 
 
@@ -297,17 +304,19 @@ def policy_env(spec: str, env_id: str = MIGRATION, scenario: str = "default", sp
                workloads=None, overrides: dict | None = None):
     """The environment policy ``spec`` runs in: the evaluation's settings, plus what the policy
     needs (the bitmap baseline's collector; a model's env id and its training wrappers)."""
-    kw, wrapper = {}, None
+    kw, wrapper, where = {}, None, ""
     if is_heuristic(spec):
         kw = heuristic_env_kwargs(spec)
     else:
-        meta = model_meta(find_model(spec))
+        model = find_model(spec)
+        meta = model_meta(model)
         wrapper = meta.get("env_wrapper")
+        where = f"{spec}: env_wrapper (the training run's args.json)"
         # the action grids the model was trained on (its action space); the rest is the evaluation's
         kw = {k: v for k, v in (meta.get("env_kwargs") or {}).items() if k in MODEL_ENV_KEYS}
     env = make_env(policy_env_id(spec, env_id), scenario, split, list(workloads or []) or None,
                    {**(overrides or {}), **kw})
-    return wrap_env(env, wrapper) if wrapper else env
+    return wrap_env(env, wrapper, where=where) if wrapper else env
 
 
 def _get(spec: str, env_id: str, scenario: str, split: str, workloads: tuple, overrides_json: str):
@@ -345,7 +354,10 @@ def unavailable(spec: str, env_id: str, scenario: str, split: str, workloads, ov
     kw = heuristic_env_kwargs(spec) if is_heuristic(spec) else {}
     if not kw:
         return None
-    env = policy_env(spec, env_id, scenario, split, workloads, overrides)
+    try:  # (the evaluation's own environment was made: an error here comes from what the policy adds)
+        env = policy_env(spec, env_id, scenario, split, workloads, overrides)
+    except ValueError as e:
+        return f"gymnasium.make(..., {', '.join(f'{k}={v!r}' for k, v in kw.items())}) is refused here ({e})"
     try:
         env.reset(seed=0)
         _, _, _, _, info = env.step(env.unwrapped.encode_action(4096, 1000))
@@ -398,9 +410,14 @@ def evaluate(policies: list[str], env_id: str = MIGRATION, scenario: str = "defa
     for spec in policies:  # every spec checked before anything runs
         check_spec(spec, facts)
     for spec in policies:
-        if not is_heuristic(spec) and model_meta(find_model(spec)).get("interrupted"):
+        meta = {} if is_heuristic(spec) else model_meta(find_model(spec))
+        if meta.get("interrupted"):
             print(f"warning: model {spec} comes from a training run that was interrupted (Ctrl-C): it had "
                   "less than its budget", file=sys.stderr)
+        elif meta.get("failed") or not meta.get("finished", True):  # (a record without the key: finished)
+            print(f"warning: model {spec} comes from a training run that did not finish "
+                  f"({meta.get('failed') or 'no final record: still running, or killed'}): it had less than its "
+                  "budget", file=sys.stderr)
         diff = trained_settings_differences(spec, env_id, scenario, overrides)
         if diff:
             print(f"warning: model {spec} was trained with other env settings than this evaluation's: "
@@ -557,9 +574,22 @@ def write_csv(path: Path, rows: list[dict], fields: list[str] | None = None) -> 
             w.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in r.items() if k in fields})
 
 
-def write_results(out: str | Path, records: list[dict], rows: list[dict], meta: dict) -> Path:
+#: what evaluate and compare write into their --out directory
+RESULT_FILES = ("episodes.csv", "summary.csv", "meta.json", "per_workload.csv", "table.md", "pareto.png",
+                "timeline.png")
+
+
+def write_results(out: str | Path, records: list[dict], rows: list[dict], meta: dict, also: tuple = ()) -> Path:
+    """episodes.csv, summary.csv and meta.json into ``out``; the caller writes ``also`` next to
+    them. An earlier run's result files that this one does not write are removed (saying so), so
+    that a directory never mixes two runs' results."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
+    stale = [out / f for f in RESULT_FILES[3:] if f not in also and (out / f).is_file()]
+    for f in stale:
+        f.unlink()
+    if stale:
+        print(f"note: removed {', '.join(f.name for f in stale)} of an earlier run in {out}", file=sys.stderr)
     write_csv(out / "episodes.csv", records, EPISODE_FIELDS)
     write_csv(out / "summary.csv", rows)
     (out / "meta.json").write_text(json.dumps(jsonable(meta), indent=1))
@@ -569,6 +599,7 @@ def write_results(out: str | Path, records: list[dict], rows: list[dict], meta: 
 def main(args: Args) -> int:
     t0 = time.perf_counter()
     overrides = parse_overrides(args.set)
+    check_out_dir(args.out)
     if not args.policies:
         raise ValueError("no policies given")
     check_baseline(args.baseline, args.policies)

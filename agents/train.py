@@ -29,7 +29,9 @@ What it does:
    A run into a directory that holds an earlier one first removes the earlier run's models,
    evaluations, snapshots and ``args.json`` (it says so), so that they are never mixed. Ctrl-C
    ends training early: the model so far and its statistics are saved as the final ones, and
-   ``args.json`` says ``interrupted`` (``evaluate`` warns about such a model); exit code 130.
+   ``args.json`` says ``interrupted`` (``evaluate`` warns about such a model); exit code 130. A
+   run that fails says ``failed`` (the error) and ``finished: false`` there, and ``evaluate`` warns
+   about the models it left as well.
 """
 
 from __future__ import annotations
@@ -44,8 +46,9 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .common import (DEFAULT_ENV, TRAIN_CONFIG_DIR, FixedEpisodes, apply_overrides, check_env_id, jsonable,
-                     load_hyperparams, make_env, module_main, parse_overrides, wrap_env)
+from .common import (DEFAULT_ENV, TRAIN_CONFIG_DIR, FixedEpisodes, apply_overrides, check_env_id, check_out_dir,
+                     import_named, jsonable, load_hyperparams, make_env, module_main, parse_overrides, wrap_env,
+                     wrapper_specs)
 
 
 @dataclass
@@ -265,7 +268,7 @@ def check_hyperparams(algo: str, hp: dict, where: str | dict = "--hp", n_envs: i
         elif k == "normalize":
             v = _check_normalize(v, src(k))
         elif k == "env_wrapper":
-            _check_wrappers(v, src(k))
+            wrapper_specs(v, src(k))
         elif k in ("policy_kwargs", "env_kwargs", "rollout_buffer_kwargs", "replay_buffer_kwargs"):
             if v is None:
                 v = {}
@@ -282,7 +285,7 @@ def check_hyperparams(algo: str, hp: dict, where: str | dict = "--hp", n_envs: i
                     v["activation_fn"] = {"tanh": nn.Tanh, "relu": nn.ReLU, "elu": nn.ELU}[act.lower()]
         elif k in ("rollout_buffer_class", "replay_buffer_class"):
             if v is not None:
-                v = _import_named(v, src(k), "a class as package.module.Class")
+                v = import_named(v, src(k), "a class as package.module.Class")
         elif isinstance(default, bool):
             if not isinstance(v, bool):
                 raise bad(k, "true or false")
@@ -325,17 +328,6 @@ def _show(v) -> str:
     return "null" if v is None else str(v).lower() if isinstance(v, bool) else str(v)
 
 
-def _import_named(path, where: str, what: str):
-    from .common import import_object
-
-    if not isinstance(path, str) or "." not in path:
-        raise ValueError(f"{where}: expected {what}")
-    try:
-        return import_object(path)
-    except (ImportError, AttributeError) as e:
-        raise ValueError(f"{where}: cannot import {path!r} ({e}); expected {what}") from None
-
-
 def _check_policy(cls, v, where: str):
     """A policy alias of the algorithm (MlpPolicy, ...) stays a name; package.module.Class is
     imported (e.g. agents.policies.FixedRingPolicy)."""
@@ -344,7 +336,7 @@ def _check_policy(cls, v, where: str):
     if isinstance(v, str) and v in aliases:
         return v
     if isinstance(v, str) and "." in v:
-        obj = _import_named(v, where, expected)
+        obj = import_named(v, where, expected)
         if not isinstance(obj, type):
             raise ValueError(f"{where}: {v!r} is not a class; expected {expected}")
         return v
@@ -366,19 +358,6 @@ def _check_normalize(v, where: str):
         if keys[k] is float and (isinstance(x, bool) or not isinstance(x, (int, float)) or not x > 0):
             raise ValueError(f"{where}: {k} expected a number > 0")
     return dict(v)
-
-
-def _check_wrappers(v, where: str) -> None:
-    """env_wrapper: a dotted class name, a mapping {name: kwargs}, or a list of those (RL Zoo)."""
-    expected = "a wrapper class as package.module.Class, a mapping {Class: {kwargs}}, or a list of those"
-    for spec in (v if isinstance(v, list) else [v] if v else []):
-        if isinstance(spec, dict) and len(spec) == 1:
-            name, kwargs = next(iter(spec.items()))
-            if kwargs is not None and not isinstance(kwargs, dict):
-                raise ValueError(f"{where}: the keywords of {name} must be a mapping")
-        else:
-            name = spec
-        _import_named(name, where, expected)
 
 
 #: what a run writes into RUN (TensorBoard logs under RUN/tb are kept: each run has its own there)
@@ -461,7 +440,8 @@ def main(args: Args) -> Path:
         if normalize and norm_kw.get("norm_obs", True):
             raise ValueError(f"{policy.__name__} reads the raw observation: set normalize: {{norm_obs: false}}")
     probe.close()
-    run = Path(args.out) / (args.name or f"{algo}-s{args.seed}")
+    run = check_out_dir(args.out) / (args.name or f"{algo}-s{args.seed}")
+    check_out_dir(run, "--out/--name")
     torch.set_num_threads(1)  # the environments need the cores more than the small MLP does
 
     # 1. training environments (train workloads), normalised
@@ -532,7 +512,7 @@ def main(args: Args) -> Path:
             "control_interval_ms": control_ms, "n_envs": n_envs,
             "vec_env": "SubprocVecEnv" if use_subproc else "DummyVecEnv", "policy": policy_name,
             "normalize": normalize, "hyperparams": {k: (repr(v) if callable(v) else v) for k, v in hp.items()},
-            "args": dataclasses.asdict(args)}
+            "args": dataclasses.asdict(args), "finished": False}  # (True once the run's record is written)
     (run / "args.json").write_text(json.dumps(jsonable(meta), indent=1, default=str))
     if rounded != total:
         unit = (f"whole rollouts of n_steps {per_rollout // n_envs}" if algo in ("ppo", "a2c")
@@ -558,6 +538,10 @@ def main(args: Args) -> Path:
     except KeyboardInterrupt:  # keep what was learnt, marked as such (as rl-baselines3-zoo does)
         interrupted = True
         print("train: interrupted: saving the model so far", file=sys.stderr)
+    except BaseException as e:  # the run failed: its record says so (evaluate warns about its models)
+        meta.update(failed=f"{type(e).__name__}: {e}", wall_s=time.perf_counter() - t0)
+        (run / "args.json").write_text(json.dumps(jsonable(meta), indent=1, default=str))
+        raise
     wall = time.perf_counter() - t0
 
     # 4. the final model and statistics, the run's record
@@ -570,7 +554,8 @@ def main(args: Args) -> Path:
     except (EOFError, OSError):  # Ctrl-C reached SubprocVecEnv's workers too: they are gone
         env_steps = None
     meta.update(wall_s=wall, decisions=decisions, env_steps=env_steps, decisions_per_s=decisions / wall,
-                env_steps_per_s=None if env_steps is None else env_steps / wall, interrupted=interrupted)
+                env_steps_per_s=None if env_steps is None else env_steps / wall, interrupted=interrupted,
+                finished=True)
     if args.evals > 0 and (run / "eval" / "evaluations.npz").is_file():
         ev = np.load(run / "eval" / "evaluations.npz")
         means = ev["results"].mean(axis=1)
