@@ -201,3 +201,22 @@ def words_at(addr, n):  # pragma: no cover - compiled only
     memory some live numpy array owns; see ``ndarray.ctypes.data``). Lets one kernel write into
     several separately allocated arrays, e.g. every vCPU's ring, without a list of arrays."""
     return numba.carray(_voidptr(addr), (n,), np.uint64)
+
+
+if numba.config.DISABLE_JIT:  # NUMBA_DISABLE_JIT=1 (debugging the kernels as Python): the same in Python
+    import ctypes
+    import warnings
+
+    # the kernels' 64-bit hashes wrap on purpose (numpy scalars warn where compiled code does not)
+    warnings.filterwarnings("ignore", r"overflow encountered in scalar (multiply|add)", RuntimeWarning,
+                            r"ringenv\.")
+
+    def trailing_zeros(x):  # noqa: F811
+        x = int(x)
+        return (x & -x).bit_length() - 1
+
+    def popcount(x):  # noqa: F811
+        return bin(int(x) & 0xFFFFFFFFFFFFFFFF).count("1")
+
+    def words_at(addr, n):  # noqa: F811
+        return np.ctypeslib.as_array((ctypes.c_uint64 * int(n)).from_address(int(addr)))

@@ -117,3 +117,35 @@ def test_the_digest_covers_every_kernel_file_and_only_those(tmp_path):
     assert jit.sources_digest(pkg) == d0
     (pkg / "kvm" / "ring.py").write_text((pkg / "kvm" / "ring.py").read_text() + "\n")
     assert jit.sources_digest(pkg) != d0
+
+
+#: a few steps of each collector on a small guest: obs, reward and the counters the kernels move
+EPISODES = """
+import hashlib, numpy as np, gymnasium as gym, ringenv, numba
+out = [bool(numba.config.DISABLE_JIT)]
+for kw in ({}, {"collector": "bitmap"}, {"host": "x86-pml"}):
+    env = gym.make("ringenv/Migration-v0", workloads=["oltp"], vm={"memory": "64MiB", "vcpus": 2}, sample_s=0.1, **kw)
+    env.reset(seed=0)
+    for _ in range(3):
+        obs, r, te, tr, info = env.step(np.array([4, 2]))
+        out.append((obs.tobytes(), r, info["full_exits"], info["pages_sent"], info["harvests"], info["tlb_flushes"]))
+        if te or tr:
+            break
+print(out[0], len(out), hashlib.sha256(repr(out[1:]).encode()).hexdigest())
+"""
+
+
+def test_the_kernels_run_as_plain_python_with_numba_disable_jit():
+    """NUMBA_DISABLE_JIT=1 (to step through a kernel in a debugger, or measure its coverage)
+    runs every kernel as Python, the compiled-only helpers of ringenv/arrays.py (bit counts,
+    a view of a ring's memory) included, with the same results as the compiled kernels."""
+    def run(**env):
+        environ = {k: v for k, v in os.environ.items() if k != "NUMBA_DISABLE_JIT"}
+        p = subprocess.run([sys.executable, "-W", "error::RuntimeWarning", "-c", EPISODES], capture_output=True,
+                           text=True, env={**environ, **env}, timeout=240)
+        assert p.returncode == 0, p.stderr[-2000:]
+        return p.stdout.split()
+
+    compiled, plain = run(), run(NUMBA_DISABLE_JIT="1")
+    assert compiled[0] == "False" and plain[0] == "True"
+    assert int(compiled[1]) >= 4 and compiled[1:] == plain[1:]
