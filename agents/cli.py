@@ -26,8 +26,8 @@ def _clean_errors(fn):
 
 @_clean_errors
 def _cmd_compare(args) -> int:
-    compare.main(dataclass_from_namespace(compare.Args, args))
-    return 0
+    result = compare.main(dataclass_from_namespace(compare.Args, args))
+    return 1 if evaluate.lost_writes(result["records"]) else 0
 
 
 @_clean_errors

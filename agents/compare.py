@@ -73,7 +73,8 @@ def main(args: Args) -> dict:
                                     f"{args.scenario}, {args.split} workloads, {args.seeds} seeds: downtime vs exit overhead"))
         wl = args.timeline_workload or ("oltp-heavy" if "oltp-heavy" in wls else wls[0])
         best = max(rows, key=lambda r: r["reward"])["spec"]
-        chosen = list(dict.fromkeys([s for s in (args.baseline, best) if s in policies]))
+        evaluated = {r["spec"] for r in rows}  # (a policy its environment cannot run was left out)
+        chosen = list(dict.fromkeys([s for s in (args.baseline, best) if s in evaluated]))
         eps = []
         for spec in chosen:
             env = policy_env(spec, args.env_id, args.scenario, args.split, args.workloads, overrides)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import hashlib
 import json
 import math
 import re
@@ -217,6 +218,10 @@ def run_episode(env, policy: Policy, seed: int, workload: str | None = None, tra
             prev_h, prev_x = info["harvests"], info["full_exits"]
         if term or trunc:
             break
+    if not env.unwrapped.episode_over:  # a wrapper (a model's training env_wrapper) ended it first
+        raise ValueError(f"policy {policy.name}: a wrapper of its environment ended an episode after {steps} steps, "
+                         f"before the environment did ({info['phase']} at {info['time_s']:g} s); its episodes "
+                         "would not be the other policies' (a model's env_wrapper is in its args.json)")
     rec = {
         "policy": policy.name, "workload": info["workload"], "seed": seed, "reward": total, "steps": steps,
         "downtime_s": info["downtime_s"], "total_s": info["total_s"], "converged": info["converged"],
@@ -319,9 +324,26 @@ def policy_env(spec: str, env_id: str = MIGRATION, scenario: str = "default", sp
     return wrap_env(env, wrapper, where=where) if wrapper else env
 
 
+def _model_digest(spec: str) -> str | None:
+    """A digest of a model spec's files (the model, its VecNormalize statistics, the run's
+    args.json): a retrained run in the same directory is another policy (None: a heuristic)."""
+    if is_heuristic(spec):
+        return None
+    model = find_model(spec)
+    h = hashlib.sha1()
+    for f in (model, model.with_name(model.stem + "_vecnormalize.pkl"), model.parent / "args.json",
+              model.parent.parent / "args.json"):
+        if f.is_file():
+            h.update(f.read_bytes())
+    return h.hexdigest()
+
+
 def _get(spec: str, env_id: str, scenario: str, split: str, workloads: tuple, overrides_json: str):
-    key = (spec, env_id, scenario, split, workloads, overrides_json)
+    key = (spec, _model_digest(spec), env_id, scenario, split, workloads, overrides_json)
     if key not in _POLICIES:
+        for old in [k for k in _POLICIES if k[0] == spec and k[1] != key[1]]:  # an earlier model of that run
+            _ENVS.pop(old).close()
+            del _POLICIES[old]
         env = policy_env(spec, env_id, scenario, split, workloads, json.loads(overrides_json))
         _ENVS[key] = env
         _POLICIES[key] = load_policy(spec, EnvFacts.from_env(env))
@@ -411,6 +433,11 @@ def evaluate(policies: list[str], env_id: str = MIGRATION, scenario: str = "defa
         check_spec(spec, facts)
     for spec in policies:
         meta = {} if is_heuristic(spec) else model_meta(find_model(spec))
+        trained_on = policy_env_id(spec, env_id)
+        if trained_on.replace("Discrete", "") != env_id.replace("Discrete", ""):
+            raise ValueError(f"--policies {spec!r}: a model trained on {trained_on}, evaluated on {env_id} "
+                             f"(--env-id) episodes: not the same task; evaluate it with --env-id "
+                             f"{trained_on.replace('Discrete', '')}")
         if meta.get("interrupted"):
             print(f"warning: model {spec} comes from a training run that was interrupted (Ctrl-C): it had "
                   "less than its budget", file=sys.stderr)
@@ -450,7 +477,25 @@ def evaluate(policies: list[str], env_id: str = MIGRATION, scenario: str = "defa
     bar.close()
     order = {(j[0], j[6], j[7]): i for i, j in enumerate(jobs)}
     records.sort(key=lambda r: order[(r["spec"], r["workload"], r["seed"])])
+    for spec in policies:  # DESIGN: a lost write is reported loudly, never hidden
+        lossy = [r for r in records if r["spec"] == spec and _lost(r)]
+        if lossy:
+            n = sum(r["spec"] == spec for r in records)
+            print(f"LOST WRITES: policy {spec!r}: {len(lossy)} of {n} episodes lost writes "
+                  f"({sum(r['lost_writes'] for r in lossy)} pages; workloads "
+                  f"{', '.join(sorted({r['workload'] for r in lossy}))}): their destination differs from the source "
+                  "(episodes.csv: verified, lost_writes)", file=sys.stderr)
     return records
+
+
+def lost_writes(records: list[dict]) -> bool:
+    """Whether any episode lost writes (the commands then exit 1, as ``ringenv migrate`` does)."""
+    return any(_lost(r) for r in records)
+
+
+def _lost(rec: dict) -> bool:
+    """The episode's destination differs from its source (a record without the fields: no)."""
+    return bool(rec.get("lost_writes")) or rec.get("verified") is False
 
 
 def _mp_context():
@@ -508,6 +553,7 @@ def summarize(records: list[dict], baseline: str | None = "qemu") -> list[dict]:
         row["lost_s"], row["lost_s_ci"] = mean_ci([r["exit_stall_s"] + r["vcpu_fault_s"] + r["vcpu_throttle_s"]
                                                    for r in rs])
         row["converged"] = float(np.mean([bool(r["converged"]) for r in rs]))
+        row["lost_write_episodes"] = sum(_lost(r) for r in rs)
         diffs = [r["reward"] - base[(r["workload"], r["seed"])] for r in rs if (r["workload"], r["seed"]) in base]
         row["d_reward"], row["d_reward_ci"] = mean_ci(diffs) if diffs and base else (math.nan, math.nan)
         row["ring_entries"] = _mode([r["ring_entries"] for r in rs])
@@ -538,8 +584,10 @@ def _pm(m, h, fmt):
 def markdown_table(rows: list[dict], baseline: str | None = "qemu") -> str:
     """The comparison table: mean ± 95% half-width per policy, best reward first."""
     has_base = any(r["spec"] == baseline for r in rows)
+    lossy = any(r.get("lost_write_episodes") for r in rows)  # (a column only when some episode lost writes)
     head = ["policy", "reward", f"Δ reward vs {baseline}" if has_base else None, "downtime s", "total s",
-            "exit+stall s", "fault s", "VMM CPU s", "full exits", "ring", "interval ms", "n"]
+            "exit+stall s", "fault s", "VMM CPU s", "full exits", "ring", "interval ms", "n",
+            "LOST WRITES (episodes)" if lossy else None]
     head = [h for h in head if h]
     lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---" if i == 0 else "---:" for i in range(len(head))) + "|"]
     for r in sorted(rows, key=lambda r: -r["reward"]):
@@ -551,6 +599,8 @@ def markdown_table(rows: list[dict], baseline: str | None = "qemu") -> str:
                   _pm(r["vmm_cpu_s"], r["vmm_cpu_s_ci"], ".3f"), _pm(r["full_exits"], r["full_exits_ci"], ".0f"),
                   str(r["ring_entries"] or "-"),  # the bitmap collector: no ring, no reaper interval
                   f"{r['mean_interval_ms']:.0f}" if r["ring_entries"] and r["mean_interval_ms"] else "-", str(r["n"])]
+        if lossy:
+            cells.append(str(r.get("lost_write_episodes", 0)))
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -614,7 +664,7 @@ def main(args: Args) -> int:
     print("\nmean reward per workload:\n")
     print(markdown_per_workload(records))
     print(f"\nwrote {out / 'episodes.csv'}, {out / 'summary.csv'} ({time.perf_counter() - t0:.0f} s)")
-    return 0
+    return 1 if lost_writes(records) else 0
 
 
 if __name__ == "__main__":

@@ -146,6 +146,12 @@ class RingEnv(gym.Env):
             i, j = int(a[0]), int(a[1])
         return self.ring_sizes[i], self.intervals_ms[j]
 
+    @property
+    def episode_over(self) -> bool:
+        """The episode has ended by this environment's own rule (terminated or truncated; a
+        wrapper may end it earlier, then this is still False): step() needs a reset."""
+        return self._ended == "the episode ended"
+
     def encode_action(self, ring_entries: float, interval_ms: float):
         """The action choosing the nearest available ring size and interval (for scripted
         policies; see :func:`nearest_choices`)."""
@@ -213,7 +219,7 @@ class RingEnv(gym.Env):
         obs = self._observe(m, dt, costs)
         self._prev = m
         if terminated or truncated:
-            self._ended = "the episode ended"
+            self._ended = "the episode ended"  # (episode_over)
         info.update(m.to_dict())
         info["reward_parts"] = parts
         info["workload"] = self.workload
