@@ -60,7 +60,7 @@ class Metrics:
     progress: float  #: share of guest RAM sent at least once
     throttle_pct: float  #: current auto-converge percentage (dirty-limit: mean sleep share)
     vcpu_stall_s_per_vcpu: tuple  #: vcpu_stall_s by vCPU
-    pass_bytes: tuple  #: bytes sent in each completed pass; migration: then the stop-and-copy; checkpoint: the base image, then each checkpoint
+    pass_bytes: tuple  #: bytes sent in each completed pass; migration: then the pass under way at the stop if it sent anything (a switchover forced at give_up_s, or at pending 0 without an exact sync), then the stop-and-copy; checkpoint: the base image, then each checkpoint
     sync_s: float  #: time spent in dirty syncs (flush or GET_DIRTY_LOG, merge), all syncs, s
     vmm_bytes_per_page: float  #: VMM bookkeeping memory per guest page, bytes
     # --- checkpointing

@@ -617,10 +617,15 @@ class Session:
         return new_left + resent_left, int(nbytes * left), new_left, resent_left
 
     def send_bytes(self, nbytes: int, rate_Bps: float):
+        """Send ``nbytes`` that are not pages (the device state): on the wire pro rata as a
+        slice's bytes are (:meth:`_in_flight`)."""
         if nbytes > 0:
             self.bytes_sent += nbytes
             self._pass_sent += nbytes
-            yield int(math.ceil(nbytes * NS / rate_Bps))
+            dt = int(math.ceil(nbytes * NS / rate_Bps))
+            self._slice = (self.loop.now, dt, 0, 0, nbytes)
+            yield dt
+            self._slice = None
 
     def update_bandwidth(self) -> None:
         """migration_update_counters: bandwidth over >= 100 ms windows; the switchover threshold

@@ -23,8 +23,8 @@ from ._helpers import small
 PAGE = 4096
 
 
-def _textbook(mem_gib, gbps, rate_mbps, pattern="scan", frac=0.97, host="arm64-4k", vcpus=2, seed=0):
-    sc = dict(name="textbook", host=host, seed=seed,
+def _textbook(mem_gib, gbps, rate_mbps, pattern="scan", frac=0.97, host="arm64-4k", vcpus=2, seed=0, **run):
+    sc = dict(name="textbook", host=host, seed=seed, **run,
               vm=dict(memory=f"{mem_gib}GiB", vcpus=vcpus, block_fraction=0.0),
               workload=dict(name="w", regions=[dict(fraction=frac, rate_mbps=rate_mbps, pattern=pattern,
                                                     layout="scattered" if pattern == "uniform" else "contiguous")]),
@@ -34,23 +34,41 @@ def _textbook(mem_gib, gbps, rate_mbps, pattern="scan", frac=0.97, host="arm64-4
     return r, r.run()
 
 
-@pytest.mark.parametrize("rate_mbps", [50, 80])
-def test_uniform_no_overlap_matches_the_geometric_formulas_within_1pct(rate_mbps):
+def _check_geometric(mem_gib, l, **run):
     """A sequential scan never writes a page twice during the migration, so round i+1 re-sends
     exactly what round i's duration let the guest dirty: V_i = M l^i. With n live rounds,
     T = (M/R)(1 - l^(n+1))/(1 - l) and downtime = M l^n / R + t_resume, where t_resume is what
     stop-and-copy sends besides the dirty set: the vGIC tables KVM saves at stop (arm64)."""
-    r, m = _textbook(1, 1.0, rate_mbps)
-    M = 1 << 30
-    R = 1e9 / 8 * PAGE / (PAGE + PAGE_HEADER_BYTES)  # payload bytes/s on the link
-    D = rate_mbps * 1e6  # the scan reaches a new 4 KiB page every 4096 bytes written
-    l, n = D / R, m.passes
+    R = 1e9 / 8 * PAGE / (PAGE + PAGE_HEADER_BYTES)  # payload bytes/s on the link (1 Gb/s)
+    r, m = _textbook(mem_gib, 1.0, l * R / 1e6, **run)  # the scan dirties a new 4 KiB page per 4096 B written
+    M, n = mem_gib << 30, m.passes
     t_resume = len(r.vgic_gfns) * (PAGE + PAGE_HEADER_BYTES) / (1e9 / 8)
     total = M / R * (1 - l ** (n + 1)) / (1 - l)
     downtime = M * l ** n / R + t_resume
-    assert m.converged and m.verified and n >= 3
+    assert m.converged and m.verified and n >= (2 if l < 0.2 else 3)
     assert m.total_s == pytest.approx(total, rel=0.01)
     assert m.downtime_s == pytest.approx(downtime, rel=0.01)
+    return m
+
+
+@pytest.mark.parametrize("mem_gib", [1, 2])
+@pytest.mark.parametrize("l", [0.1, 0.4, 0.64, 0.8])
+def test_uniform_no_overlap_matches_the_geometric_formulas_within_1pct(mem_gib, l):
+    """migration.md s1's rule, on the formulas' own assumption of a constant dirty rate D: rings
+    large enough and reaped often enough (65536 entries every 100 ms) that the scanning vCPU
+    never leaves the guest for a ring-full exit."""
+    m = _check_geometric(mem_gib, l, ring_entries=65536, interval_ms=100)
+    assert m.full_exits == 0
+
+
+@pytest.mark.parametrize("l", [0.4, 0.64])
+def test_the_geometric_formulas_hold_with_qemu_s_default_ring_at_moderate_rates(l):
+    """With QEMU's default 4096-entry ring and 1 s reaper the scanning vCPU takes ring-full
+    exits (~6 a second at l = 0.8), out of the guest and writing nothing for ~0.1% of its time:
+    a real throttle the constant-D formulas do not have. Up to l ~ 0.7 it stays within the 1%;
+    at l = 0.8 it compounds over ~17 rounds to a downtime ~1.2% below M l^n / R."""
+    m = _check_geometric(1, l)
+    assert m.full_exits > 0
 
 
 @pytest.mark.parametrize("rate_mbps, frac", [(100, 0.5), (60, 0.9)])
