@@ -476,7 +476,8 @@ class MigrationEnv(RingEnv):
     - terminated: the migration completed (the VM was switched over and verified)
     - truncated: `max_episode_s` of simulated time passed without convergence; the downtime a
       switchover would cause then (remaining dirty bytes / measured bandwidth, or / the run's
-      configured rate, min(link, max-bandwidth), before the bandwidth is measured) is charged.
+      configured rate, min(link, max-bandwidth), before the bandwidth is measured; during the
+      stop-and-copy, / the link rate it sends at, plus the time stopped so far) is charged.
       Prefer `max_episode_s` to gymnasium's `max_episode_steps`: its TimeLimit truncates
       without that charge.
 
@@ -570,9 +571,9 @@ class CheckpointEnv(RingEnv):
     - truncated: `max_episode_s` of simulated time passed first: a horizon longer than that, or
       checkpoints that take longer (a big VM on slow storage: the base image of the `stress`
       scenario alone takes longer than the default 120 s). The pause writing the dirty bytes not
-      yet checkpointed would take at the write rate (as for `remaining`), and of a pause under
-      way the time the VM has been paused, is charged at the `downtime` weight (the info's
-      `reward_parts["truncation"]`).
+      yet checkpointed would take at the write rate (as for `remaining`; during a pause, at the
+      storage rate the pause writes at), and of a pause under way the time the VM has been
+      paused, is charged at the `downtime` weight (the info's `reward_parts["truncation"]`).
 
     ## Arguments
     `gymnasium.make("ringenv/Checkpoint-v0", scenario="default", ...)`, as MigrationEnv.
