@@ -292,9 +292,9 @@ class HostProfile(Strict):
         if self.pml and self.arch != "x86":
             raise ValueError("pml: only an x86 host has Page Modification Logging")
         if not self.ring_sizes:  # KVM_DIRTY_RING_MAX_ENTRIES: a ring must hold the reserved entries
-            raise ValueError(f"arch_dirty_log_size: {self.arch_dirty_log_size} leaves no ring size KVM accepts (64 + "
-                             f"it reserved entries, and a ring of at least {self.page_size} bytes, within 65536 "
-                             f"entries); accepted: 0..{65536 - 64} with this page_size")
+            raise ValueError(f"arch_dirty_log_size: {self.arch_dirty_log_size} leaves no ring size KVM accepts (a "
+                             f"ring must hold the 64 + {self.arch_dirty_log_size} reserved entries, be at least "
+                             f"{self.page_size} bytes and at most 65536 entries); accepted: 0..{65536 - 64}")
         for name in ("eager_page_split", "tdp_mmu"):
             if getattr(self, name) and self.arch != "x86":
                 raise ValueError(f"{name}: true is accepted only for an x86 host (a kvm module parameter of "
@@ -816,18 +816,19 @@ def load_scenario(name_or_path: str | Path | ScenarioConfig | dict | None = None
 
 def scale_scenario(scenario: str | Path | ScenarioConfig | dict | None, memory: int | str,
                    **overrides) -> ScenarioConfig:
-    """A scaled-down (or up) variant of a scenario: guest memory ``memory`` (bytes or a size such
-    as '1GiB'), and the link rate (and a numeric max-bandwidth), the checkpoint storage bandwidth
+    """A scaled-down (or up) variant of a scenario: guest memory ``memory`` (bytes or a size such as
+    '1GiB'), and the link rate (and a numeric max-bandwidth), the checkpoint storage bandwidth
     and every workload rate scaled by the same factor ``memory / scenario memory``. M/R, and D/R
     within a few % where the guest has CPU time to spare and no Zipf region, hence the pre-copy
-    dynamics in simulated seconds, are kept while the simulation does that factor less work.
-    D/R moves where a Zipf region's popularity, spread over the region's pages, changes shape
-    with their number (at 1/16: memcached +18%, web +11%), and for a guest its faults slow down
-    (the host's costs are not scaled, so each vCPU takes that factor fewer faults per second and
-    runs faster: analytics +18%, bulk-load +10%, stream-scan and hpc-stencil +7%). Ring sizes, the device state, the host's costs and the dirty-limit quota
-    (an absolute rate per vCPU, beside QEMU's fixed tolerances) are not scaled: a ring of a
-    given size fills that factor slower, fixed costs weigh more, and the quota is that factor
-    looser. ``overrides`` as :func:`load_scenario`'s (applied last)."""
+    dynamics in simulated seconds, are kept while the simulation does that factor less work. D/R
+    moves where a Zipf region's popularity, spread over the region's pages, changes shape with
+    their number (at 1/16: memcached +18%, web +11%), and for a guest its faults slow down (the
+    host's costs are not scaled, so each vCPU takes that factor fewer faults per second and runs
+    faster: analytics +18%, bulk-load +10%, stream-scan and hpc-stencil +7%). Ring sizes, the
+    device state, the host's costs and the dirty-limit quota (an absolute rate per vCPU, beside
+    QEMU's fixed tolerances) are not scaled: a ring of a given size fills that factor slower,
+    fixed costs weigh more, and the quota is that factor looser. ``overrides`` as
+    :func:`load_scenario`'s (applied last)."""
     cfg = load_scenario(scenario)
     memory = parse_size(memory, "memory")
     f = memory / cfg.vm.memory
