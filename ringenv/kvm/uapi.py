@@ -69,3 +69,20 @@ class KvmError(OSError):
 
 def einval(message: str) -> KvmError:
     return KvmError(_errno.EINVAL, message)
+
+
+class SigBus(Exception):
+    """A process touched a mapping with nothing behind it: the kernel sends SIGBUS (no errno)."""
+
+
+class UnbackedMapping:
+    """A mapping the kernel granted with no page behind it (KVM_DIRTY_LOG_PAGE_OFFSET of a vCPU
+    without a dirty ring): any access, read or write, is SIGBUS, raised as :class:`SigBus`."""
+
+    def __init__(self, what: str):
+        self.what = what
+
+    def _bus(self, *_):
+        raise SigBus(f"SIGBUS: access to {self.what}")
+
+    __getitem__ = __setitem__ = __array__ = __len__ = __iter__ = _bus

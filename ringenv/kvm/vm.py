@@ -55,6 +55,7 @@ from .uapi import (
     KVM_MEM_LOG_DIRTY_PAGES,
     KVM_MEM_READONLY,
     KvmError,
+    UnbackedMapping,
     einval,
 )
 
@@ -193,15 +194,18 @@ class Vcpu:
         shared with the kernel."""
         return self.mmap_ring()
 
-    def mmap_ring(self, prot: int = mmap.PROT_READ | mmap.PROT_WRITE, flags: int = mmap.MAP_SHARED) -> np.ndarray:
+    def mmap_ring(self, prot: int = mmap.PROT_READ | mmap.PROT_WRITE,
+                  flags: int = mmap.MAP_SHARED) -> np.ndarray | UnbackedMapping:
         """mmap of the vCPU fd at KVM_DIRTY_LOG_PAGE_OFFSET. PROT_EXEC: EPERM, from the VFS
         before KVM sees the call (a vCPU fd is an anon inode, whose file system is noexec);
         MAP_PRIVATE: EINVAL (kvm_vcpu_mmap wants the ring shared); both as measured on the real
-        host (tests/realkvm). Without a ring, EINVAL. Returns the ring's entries."""
+        host (tests/realkvm). Returns the ring's entries. Without a ring no page is the ring's,
+        so kvm_vcpu_mmap maps it (shared or private) and the first access is SIGBUS
+        (kvm_vcpu_fault): the mapping returned then raises :class:`SigBus` when touched."""
         if prot & mmap.PROT_EXEC:
             raise KvmError(errno.EPERM, "mmap of a vCPU fd with PROT_EXEC (an anon inode: noexec)")
         if self.ring is None:
-            raise KvmError(errno.EINVAL, "mmap: the VM has no dirty ring")
+            return UnbackedMapping("KVM_DIRTY_LOG_PAGE_OFFSET of a vCPU without a dirty ring")
         if not flags & mmap.MAP_SHARED:
             raise KvmError(errno.EINVAL, "mmap of the dirty ring: it must be MAP_SHARED")
         return self.ring.gfns
@@ -216,8 +220,10 @@ class Vcpu:
         first thing (if no memslot maps it any more, because userspace deleted or moved its slot
         meanwhile, it exits as MMIO at once: :meth:`Vm._apply`)."""
         vm = self.vm
-        if self.in_guest:
-            raise KvmError(errno.EBUSY, "KVM_RUN: the vCPU is already running")
+        if self.in_guest:  # KVM serialises KVM_RUN on vcpu->mutex: a second caller would wait
+            raise RuntimeError(f"KVM_RUN on vCPU {self.index}, which is in KVM_RUN: KVM would block the call on "
+                               "vcpu->mutex until the first returns; the simulator is single-threaded: run the "
+                               "VM (Vm.run_until) to that exit first")
         if self.finished:
             return vm._exit(self, KVM_EXIT_MMIO, "done", count=False)
         if self.request_soft_full and self.ring is not None:
@@ -875,13 +881,16 @@ class Vm:
 
     def clear_dirty_log(self, slot: int, first_page: int, num_pages: int, bitmap: np.ndarray, as_id: int = 0) -> None:
         """KVM_CLEAR_DIRTY_LOG (manual protect): clear the given bits and re-protect those pages,
-        on 64-page aligned ranges. Errors in the kernel's order: ENXIO (ring without a bitmap),
-        EINVAL (slot id >= KVM_USER_MEM_SLOTS or address space >= the profile's
-        ``address_spaces``, first_page not 64-aligned), ENOENT (no such logging slot), EINVAL
-        (the range)."""
+        on 64-page aligned ranges. ``first_page`` and ``num_pages`` are read as the struct's
+        __u64 and __u32 (a negative value is a huge one). Errors in the kernel's order: ENXIO
+        (ring without a bitmap), EINVAL (slot id >= KVM_USER_MEM_SLOTS or address space >= the
+        profile's ``address_spaces``, first_page not 64-aligned), ENOENT (no such logging slot),
+        EINVAL (the range), EFAULT (the bitmap holds fewer than the range's words: copy_from_user
+        cannot read them)."""
         if self.ring_entries and not self.with_bitmap:
             raise KvmError(errno.ENXIO, "KVM_CLEAR_DIRTY_LOG: the VM uses the dirty ring without a bitmap")
         self._check_slot_id(slot, as_id, "KVM_CLEAR_DIRTY_LOG")
+        first_page, num_pages = int(first_page) & (1 << 64) - 1, int(num_pages) & (1 << 32) - 1
         if first_page & 63:
             raise einval(f"KVM_CLEAR_DIRTY_LOG: first_page {first_page} is not a multiple of 64")
         s = self._slot(slot, as_id)
@@ -894,7 +903,8 @@ class Vm:
         nwords = (num_pages + 63) // 64
         given = np.asarray(bitmap, dtype=np.uint64)[:nwords]
         if len(given) < nwords:
-            raise einval(f"KVM_CLEAR_DIRTY_LOG: bitmap has {len(given)} words, {nwords} needed")
+            raise KvmError(errno.EFAULT, f"KVM_CLEAR_DIRTY_LOG: the bitmap has {len(given)} words, the range "
+                                         f"{nwords}: copy_from_user fails")
         if num_pages % 64:
             given = given.copy()
             given[-1] &= (np.uint64(1) << np.uint64(num_pages % 64)) - np.uint64(1)
