@@ -28,6 +28,10 @@ class WriteProgram:
     syncs: frozenset[int] = frozenset()
 
 
+class GuestTooLarge(ValueError):
+    """The guest's data and unmapped pages do not fit the architecture's fixed guest layout."""
+
+
 @dataclass
 class GuestImage:
     """Guest memory layout and contents, produced by ``Arch.build_image``.

@@ -215,7 +215,16 @@ def profile_yaml(measured: dict[str, float]) -> str:
 
 
 def calibrate(out: str | None = None) -> str:
-    """Measure and return the profile YAML; also write it to ``out`` if given."""
+    """Measure and return the profile YAML; also write it to ``out`` if given (checked before
+    measuring: a ValueError naming --out if it is a directory or its directory is missing)."""
+    if out:
+        import os
+
+        parent = os.path.dirname(os.path.abspath(out))
+        if os.path.isdir(out) or not os.path.isdir(parent):
+            raise ValueError(f"--out {out!r}: " + ("a directory" if os.path.isdir(out) else
+                                                   f"no directory {parent!r}") + "; expected a file to write in an "
+                             "existing directory")
     text = profile_yaml(measure())
     if out:
         with open(out, "w") as f:

@@ -28,6 +28,10 @@ class GuestError(RuntimeError):
     """The guest stopped in an unexpected way (an exit reason other than ring-full or MMIO)."""
 
 
+class VcpuRefused(OSError):
+    """KVM_CREATE_VCPU failed for one of the guest's vCPUs (more than the host takes)."""
+
+
 class Guest(_Closing):
     """VM with a code slot (not logged) and a data slot (logged), one vCPU per program.
 
@@ -55,7 +59,7 @@ class Guest(_Closing):
         try:
             self.vm = self.system.create_vm()
             if ring_entries:
-                self.vm.enable_dirty_ring(ring_entries)
+                self.vm.enable_dirty_ring(ring_entries, extra_reserved=self.arch.extra_reserved_entries)
             if with_bitmap:
                 if not self.vm.check_extension(KVM_CAP_DIRTY_LOG_RING_WITH_BITMAP):
                     raise KvmUnavailable(errno.EINVAL, (  # what enabling it gives
@@ -72,7 +76,11 @@ class Guest(_Closing):
                 DATA_SLOT, KVM_MEM_LOG_DIRTY_PAGES if log_dirty else 0,
                 self.image.data_gpa, data_pages * PAGE_SIZE)
             for i in range(len(programs)):
-                vcpu = self.vm.create_vcpu(i)
+                try:
+                    vcpu = self.vm.create_vcpu(i)
+                except OSError as exc:
+                    raise VcpuRefused(exc.errno, f"KVM_CREATE_VCPU of vCPU {i} of {len(programs)}: "
+                                                 f"{exc.strerror}") from None
                 self.arch.setup_vcpu(self.system, vcpu, self.image, i)
         except BaseException:
             self.close()

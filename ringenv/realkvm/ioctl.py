@@ -34,6 +34,7 @@ import threading
 import numpy as np
 
 PAGE_SIZE = mmap.PAGESIZE
+MAP_NORESERVE = getattr(mmap, "MAP_NORESERVE", 0x4000)  # (Python < 3.13 lacks it; Linux's value)
 
 # --- ioctl number encoding (asm-generic/ioctl.h; x86 and arm64 use the generic one) ---
 _IOC_NONE, _IOC_WRITE, _IOC_READ = 0, 1, 2
@@ -323,11 +324,13 @@ class RealVm(_Closing):
             arg.args[i] = value
         return ioctl(self.fd, KVM_ENABLE_CAP, arg)
 
-    def enable_dirty_ring(self, entries: int, acq_rel: bool = True) -> int:
+    def enable_dirty_ring(self, entries: int, acq_rel: bool = True, extra_reserved: int = 0) -> int:
         """KVM_ENABLE_CAP(DIRTY_LOG_RING[_ACQ_REL], entries * 16 bytes); returns the cap used.
 
         Raises KvmUnavailable if the host has no dirty ring, RingSizeRefused if it refuses
-        the size (EINVAL, E2BIG)."""
+        the size (EINVAL, E2BIG), listing the sizes it takes: powers of two from a page and
+        from the reserved entries (64 + ``extra_reserved``, the arch's: 512 on x86 with PML)
+        up to the cap's maximum."""
         cap = KVM_CAP_DIRTY_LOG_RING_ACQ_REL if acq_rel else KVM_CAP_DIRTY_LOG_RING
         max_bytes = self.check_extension(cap)
         if acq_rel and not max_bytes:
@@ -343,7 +346,10 @@ class RealVm(_Closing):
             if exc.errno not in (_errno.EINVAL, _errno.E2BIG, _errno.ENOSPC):
                 raise
             max_entries, accepted = max_bytes // DIRTY_GFN_DTYPE.itemsize, []
-            size = 4096 // DIRTY_GFN_DTYPE.itemsize
+            # KVM takes a power of two of at least a page and of the reserved entries' bytes
+            least = max(mmap.PAGESIZE, (KVM_DIRTY_RING_RSVD_ENTRIES + extra_reserved)
+                        * DIRTY_GFN_DTYPE.itemsize)
+            size = (1 << (least - 1).bit_length()) // DIRTY_GFN_DTYPE.itemsize
             while size <= max_entries:
                 accepted.append(size)
                 size *= 2
@@ -355,7 +361,9 @@ class RealVm(_Closing):
                                memory_size: int) -> mmap.mmap:
         """KVM_SET_USER_MEMORY_REGION for a new slot, backed by a new anonymous mapping
         (arguments in the order of the uapi struct, as ``ringenv.kvm.Vm`` takes them)."""
-        mem = mmap.mmap(-1, memory_size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+        # MAP_NORESERVE: a slot larger than the host's memory is fine while the guest touches
+        # only some of it (a trace writes a few pages of a large slot)
+        mem = mmap.mmap(-1, memory_size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | MAP_NORESERVE)
         try:
             region = kvm_userspace_memory_region(
                 slot=slot, flags=flags, guest_phys_addr=guest_phys_addr,

@@ -31,8 +31,8 @@ import threading
 import time
 from typing import Any
 
-from ringenv.realkvm.arch import WriteProgram, host_arch
-from ringenv.realkvm.guest import DATA_SLOT, Guest, GuestError
+from ringenv.realkvm.arch import GuestTooLarge, WriteProgram, host_arch
+from ringenv.realkvm.guest import DATA_SLOT, Guest, GuestError, VcpuRefused
 from ringenv.realkvm.ioctl import KVM_DIRTY_RING_RSVD_ENTRIES, RingSizeRefused
 
 try:
@@ -168,6 +168,11 @@ def kvm_replay_trace(trace: dict, ring_entries: int | None = None,
             f"{field}: {entries} entries ({entries * 16} bytes) is refused by "
             f"KVM_ENABLE_CAP on this host ({arch.profile_name()}) with "
             f"{_errno_name(exc.errno)}; accepted: {', '.join(map(str, exc.accepted))}") from None
+    except VcpuRefused as exc:
+        raise ConfigError(f"trace.vcpus: {len(programs)} vCPUs is refused by KVM_CREATE_VCPU on this host "
+                          f"({arch.profile_name()}) with {_errno_name(exc.errno)} ({exc.strerror})") from None
+    except GuestTooLarge as exc:
+        raise ConfigError(f"trace.slot_pages + trace.unmapped_pages: {exc}") from None
     with guest:
         coll = _Collector(guest, trace.get("reap_scope", "all"))
         errors: list[BaseException] = []
@@ -184,10 +189,12 @@ def kvm_replay_trace(trace: dict, ring_entries: int | None = None,
             for t in threads:
                 t.start()
             deadline = time.monotonic() + timeout
-            for t in threads:
-                t.join(max(0.0, deadline - time.monotonic()))
+            # wait for all, but stop at a vCPU's failure (the others are kicked out below and
+            # the failure is what is reported) or at the deadline
+            while not errors and any(t.is_alive() for t in threads) and time.monotonic() < deadline:
+                next(t for t in threads if t.is_alive()).join(min(0.05, max(0.0, deadline - time.monotonic())))
             stuck = [t.name for t in threads if t.is_alive()]
-            if stuck:
+            if stuck and not errors:
                 raise TimeoutError(f"{', '.join(stuck)} did not finish within "
                                    f"{timeout:g} s (guest never exited?); stopped")
         finally:  # timeout, error or KeyboardInterrupt: get every vCPU out of KVM_RUN first

@@ -25,7 +25,7 @@ from typing import Sequence
 
 import numpy as np
 
-from ringenv.realkvm.arch import GuestImage, WriteProgram
+from ringenv.realkvm.arch import GuestImage, GuestTooLarge, WriteProgram
 from ringenv.realkvm.ioctl import IOCTL_NAMES, KVMIO, PAGE_SIZE, _IOR, _IOW, _IOWR, ioctl
 
 # --- x86 structs and ioctls (asm/kvm.h) ---
@@ -163,7 +163,8 @@ class X86:
             page += _pages(table.nbytes)
         code_bytes = -(-page * PAGE_SIZE // _HUGE_SIZE) * _HUGE_SIZE
         if code_bytes > MMIO_GPA or n_pd > 511:
-            raise ValueError("guest too large for the fixed x86 layout")
+            raise GuestTooLarge(f"{mapped} pages of data and unmapped range are more than the fixed x86 guest "
+                                f"layout maps (page tables and code below the MMIO page at {MMIO_GPA:#x})")
 
         mem = np.zeros(code_bytes // 8, dtype=np.uint64)
         words = mem.reshape(-1, PAGE_SIZE // 8)  # one row per page
