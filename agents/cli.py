@@ -26,8 +26,7 @@ def _clean_errors(fn):
 
 @_clean_errors
 def _cmd_compare(args) -> int:
-    result = compare.main(dataclass_from_namespace(compare.Args, args))
-    return 1 if evaluate.lost_writes(result["records"]) else 0
+    return compare.run(dataclass_from_namespace(compare.Args, args))
 
 
 @_clean_errors

@@ -139,10 +139,11 @@ class FillWatermark(Policy):
         if self.ring_entries != "auto":
             return int(self.ring_entries)
         need = _entries_per_vcpu_s(self.facts, obs[SAMPLED_RATE]) * self.default_skew * self.auto_interval_ms / 1000
-        for n in self.facts.ring_sizes:
+        sizes = sorted(self.facts.ring_sizes)  # (the env's grid may come in any order)
+        for n in sizes:
             if self.threshold * self.facts.soft_limit(n) >= need:
                 return n
-        return self.facts.ring_sizes[-1]
+        return sizes[-1]
 
     def interval_for(self, entries: int, rate_obs: float, skew: float, fill_max: float) -> float:
         ivs = sorted(self.facts.intervals_ms)

@@ -822,12 +822,12 @@ def scale_scenario(scenario: str | Path | ScenarioConfig | dict | None, memory: 
     within a few % where the guest has CPU time to spare and no Zipf region, hence the pre-copy
     dynamics in simulated seconds, are kept while the simulation does that factor less work. D/R
     moves where a Zipf region's popularity, spread over the region's pages, changes shape with
-    their number (at 1/16: memcached +18%, web +11%), and for a guest its faults slow down (the
-    host's costs are not scaled, so each vCPU takes that factor fewer faults per second and runs
-    faster: analytics +18%, bulk-load +10%, stream-scan and hpc-stencil +7%). Ring sizes, the
-    device state, the host's costs and the dirty-limit quota (an absolute rate per vCPU, beside
-    QEMU's fixed tolerances) are not scaled: a ring of a given size fills that factor slower,
-    fixed costs weigh more, and the quota is that factor looser. ``overrides`` as
+    their number (at 1/16: memcached +18%, web +11%, redis +7%), and for a guest its faults slow
+    down (the host's costs are not scaled, so each vCPU takes that factor fewer faults per
+    second and runs faster: analytics +18%, bulk-load +10%, stream-scan and hpc-stencil +7%).
+    Ring sizes, the device state, the host's costs and the dirty-limit quota (an absolute rate
+    per vCPU, beside QEMU's fixed tolerances) are not scaled: a ring of a given size fills that
+    factor slower, fixed costs weigh more, and the quota is that factor looser. ``overrides`` as
     :func:`load_scenario`'s (applied last)."""
     cfg = load_scenario(scenario)
     memory = parse_size(memory, "memory")

@@ -23,8 +23,8 @@ class Metrics:
     downtime_s: float  #: migration: stop to destination ready; checkpoint: the longest pause, s
     total_s: float  #: migration: start to end incl. downtime; checkpoint: start to end (the horizon, or later when a checkpoint under way at the horizon is finished first), s
     converged: bool  #: migration: switchover by the downtime rule (not forced at give_up_s); checkpoint: no overrun (and, at the end, a checkpoint taken)
-    iterations: int  #: dirty syncs (QEMU dirty-sync-count: setup, each pass, final)
-    passes: int  #: completed live passes over the dirty set (syncs between setup and stop)
+    iterations: int  #: dirty syncs (QEMU dirty-sync-count): migration: setup, each pass, auto-converge's periodic syncs, final; checkpoint: setup, then one per stop-the-world checkpoint, two per live one
+    passes: int  #: migration: live passes over the dirty set, each ended by an exact sync (not auto-converge's periodic ones); checkpoint: the base image and each checkpoint
     bytes_sent: int  #: bytes put on the link/storage (pages + 8-byte headers + device state)
     pages_sent: int  #: pages sent, re-sends included
     pages_resent: int  #: pages sent that had been sent before
