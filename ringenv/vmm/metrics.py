@@ -25,7 +25,7 @@ class Metrics:
     converged: bool  #: migration: switchover by the downtime rule (not forced at give_up_s); checkpoint: no overrun (and, at the end, a checkpoint taken)
     iterations: int  #: dirty syncs (QEMU dirty-sync-count): migration: setup, each pass, auto-converge's periodic syncs, final; checkpoint: setup, then one per stop-the-world checkpoint, two per live one
     passes: int  #: migration: live passes over the dirty set, each ended by an exact sync (not auto-converge's periodic ones); checkpoint: the base image and each checkpoint
-    bytes_sent: int  #: bytes put on the link/storage (pages + 8-byte headers + device state)
+    bytes_sent: int  #: bytes put on the link/storage (pages + an 8-byte header per 4 KiB target page + device state)
     pages_sent: int  #: pages sent, re-sends included
     pages_resent: int  #: pages sent that had been sent before
     # --- vCPU cost

@@ -25,7 +25,7 @@ destination's page versions are compared with the source's: ``lost_writes``.
 from __future__ import annotations
 
 from .metrics import Metrics
-from .session import BW_WINDOW_NS, NS, PAGE_HEADER_BYTES, Session
+from .session import BW_WINDOW_NS, NS, Session
 
 
 class MigrationRun(Session):
@@ -43,7 +43,7 @@ class MigrationRun(Session):
         # QEMU's rate limiter (migration_rate_exceeded, its budget reset every BUFFER_DELAY with
         # no debt carried over) lets at least one page through per window: a max-bandwidth
         # below a page per 100 ms still sends that much (the link permitting)
-        floor_Bps = (self.page_size + PAGE_HEADER_BYTES) * NS / BW_WINDOW_NS
+        floor_Bps = self.page_wire_bytes * NS / BW_WINDOW_NS
         self.rate_Bps = min(link.link_Bps, max(link.rate_Bps, floor_Bps))
         self.final_rate_Bps = link.link_Bps  # migration_completion: no rate limit
 

@@ -46,11 +46,11 @@ from .collectors import BitmapCollector, RingCollector
 from .dirty import DirtyPages
 from .metrics import Metrics
 from .sim import FOREVER, EventLoop, Lock, Process, Signal
-from .throttle import make_throttle
+from .throttle import TARGET_PAGE_SIZE, make_throttle
 
 MS = 1_000_000
 NS = 1_000_000_000
-PAGE_HEADER_BYTES = 8  # per page on the migration stream (QEMU: be64 offset | flags)
+PAGE_HEADER_BYTES = 8  # per target page on the migration stream (QEMU: be64 offset | flags)
 SLICE_NS = 50 * MS  # QEMU ram_save_iterate returns every ~50 ms
 MAX_SLICE_NS = 1000 * MS  # consecutive slices simulated as one send (see Session.send_slice)
 BW_WINDOW_NS = 100 * MS  # QEMU BUFFER_DELAY: bandwidth measured over >= 100 ms
@@ -117,6 +117,9 @@ class Session:
         self.profile = cfg.profile
         self.costs = self.profile.costs
         self.page_size = self.profile.page_size
+        # on the migration stream a host page is its 4 KiB target pages, each with its header
+        # (QEMU's TARGET_PAGE_SIZE: ram_save_target_page -> save_page_header)
+        self.page_wire_bytes = self.page_size + PAGE_HEADER_BYTES * max(1, self.page_size // TARGET_PAGE_SIZE)
         self.memory = cfg.vm.memory
         self.npages = self.memory // self.page_size
         self.loop = EventLoop()
@@ -561,7 +564,7 @@ class Session:
         :meth:`DirtyPages.take`) and keeps the host's sampling windows long. With the bitmap
         collector a slice never runs into a second 1 GiB chunk that still needs its CLEAR, so
         every CLEAR happens just before its chunk is sent, as in QEMU."""
-        bpp = self.page_size + PAGE_HEADER_BYTES
+        bpp = self.page_wire_bytes
         n50 = max(1, int(rate_Bps * SLICE_NS / NS / bpp))
         if max_pages is None:
             slice_ns = max(SLICE_NS, int(math.ceil(n50 * bpp * NS / rate_Bps)))  # (a page can take longer)
