@@ -7,8 +7,10 @@
   the slot bitmap; ``reset(n)`` then issues one KVM_RESET_DIRTY_RINGS if anything was harvested
   and checks that KVM reset exactly what was harvested (QEMU asserts the same). The caller holds
   the big lock across both, as QEMU does (``kvm_dirty_ring_reap`` under the BQL).
-- ``flush()`` is ``kvm_dirty_ring_flush``: kick every vCPU out of the guest (each pays an exit),
-  then reap and reset. ``sync(last_stage)`` is the migration sync: flush, on the last stage also
+- ``flush()`` is ``kvm_dirty_ring_flush`` after its kick (a synchronous run_on_cpu on every vCPU
+  in turn, a process step of the session without the big lock:
+  :meth:`~ringenv.vmm.session.Session.run_on_all_vcpus`): reap and reset. ``sync(last_stage)`` is
+  the migration sync: flush, on the last stage also
   read the backup bitmap with KVM_GET_DIRTY_LOG (arm64 WITH_BITMAP, after the vGIC tables were
   saved), then move the slot bitmap into the migration bitmap.
 
@@ -102,14 +104,13 @@ class RingCollector:
         return vm.last_ioctl_ns
 
     def flush(self) -> int:
-        """kvm_dirty_ring_flush (caller holds the BQL): kick all vCPUs, reap, reset.
-        Returns the time it takes, ns (the caller holds the lock that long)."""
-        s = self.s
-        wait = s.kick_all()
+        """kvm_dirty_ring_flush's reap and reset (the caller holds the BQL, and ran its kick of
+        every vCPU first: :meth:`Session.run_on_all_vcpus`). Returns the time it takes, ns (the
+        caller holds the lock that long)."""
         n, work = self.reap()
         ns = self.reset(n)
-        s.vmm_cpu_ns += work + ns
-        return wait + work + ns
+        self.s.vmm_cpu_ns += work + ns
+        return work + ns
 
     def sync(self, last_stage: bool = False) -> int:
         """migration_bitmap_sync in ring mode (caller holds the BQL). Returns ns."""

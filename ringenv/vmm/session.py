@@ -358,23 +358,26 @@ class Session:
                 total += self._throttle_passed(i, now)
         return total
 
-    def _sleepers_wake_ns(self) -> int:
-        """How long until every vCPU thread now asleep in a throttle sleep is back (0: none is)."""
-        last = self.loop.now
-        for i, st in enumerate(self.vstate):
-            if st in (SLEEP, DLSLEEP) and self.vproc[i] is not None and self.vproc[i].pending is not None:
-                last = max(last, self.vproc[i].pending[0])
-        return last - self.loop.now
-
-    def wait_for_sleeping_vcpus(self):
-        """The wait of a synchronous run_on_cpu on every vCPU (kvm_dirty_ring_flush's kick, QEMU's
-        kvm_cpu_synchronize_kick_all): a vCPU thread asleep in a throttle sleep runs the work when
-        it wakes, and the caller waits for it without the big lock (qemu_cond_wait releases it).
-        A process step: yields until every vCPU now asleep is back; returns how long, ns."""
-        wait = self._sleepers_wake_ns()
-        if wait:
-            yield wait
-        return wait
+    def run_on_all_vcpus(self):
+        """kvm_cpu_synchronize_kick_all (kvm_dirty_ring_flush's kick): a synchronous run_on_cpu
+        on each vCPU in turn, the caller waiting for each without the big lock (qemu_cond_wait
+        releases it) before it moves on to the next. A vCPU thread asleep in a throttle sleep
+        runs the work when it wakes (g_usleep is not cut short); one in the guest is kicked out
+        (SIG_IPI) and runs it at once: one exit round trip; any other runs it on its way back
+        to KVM_RUN. Meanwhile the vCPUs not reached yet run on: one may fill its ring, reap and
+        fall asleep, and is then waited for too. A process step; returns how long it took, ns."""
+        t0 = self.loop.now
+        for i, v in enumerate(self.vcpus):
+            st, proc = self.vstate[i], self.vproc[i]
+            if st in (SLEEP, DLSLEEP) and proc is not None and proc.pending is not None:
+                if proc.pending[0] > self.loop.now:
+                    yield proc.pending[0] - self.loop.now
+            elif st == GUEST:
+                e = v.kick()
+                if e is not None:
+                    self._on_exit(e)
+                    yield self.costs.exit_ns
+        return self.loop.now - t0
 
     def _wedged(self, i: int) -> bool:
         """KVM_RUN returned DIRTY_RING_FULL at once although everything harvested was reset and
@@ -388,20 +391,6 @@ class Session:
         self.wedged_at[i] = self.loop.now
         self._note_parked()
         return True
-
-    def kick_all(self, why: str = "") -> int:
-        """Kick every vCPU that is in the guest (QEMU kvm_cpu_synchronize_kick_all: run_on_cpu
-        on each vCPU in turn, SIG_IPI). Returns how long the caller waits for them: one exit
-        round trip per vCPU kicked, as each run_on_cpu waits for its vCPU before the next (the
-        vCPUs are kicked at once here, each out for one round trip)."""
-        kicked = 0
-        for i, v in enumerate(self.vcpus):
-            if self.vstate[i] == GUEST:
-                e = v.kick()
-                if e is not None:
-                    self._on_exit(e)
-                    kicked += 1
-        return self.costs.exit_ns * kicked
 
     def queue_throttle_work(self, sleep_ns: int) -> None:
         """cpu_throttle_timer_tick: queue the sleep on every vCPU not already holding one."""
@@ -520,10 +509,9 @@ class Session:
 
     def sync(self, last_stage: bool = False):
         """migration_bitmap_sync under the big lock: collect, merge, account, throttle rule.
-        With the ring, the flush kicks every vCPU with a synchronous run_on_cpu: a vCPU thread
-        asleep in a throttle sleep does that work when it wakes, and the sync waits for it (with
-        the big lock released, as QEMU waits on its condition); that wait is part of the sync."""
-        wait = (yield from self.wait_for_sleeping_vcpus()) if self.collector.kind == "ring" else 0
+        With the ring, the flush first runs a synchronous run_on_cpu on every vCPU in turn
+        (:meth:`run_on_all_vcpus`, without the big lock); that wait is part of the sync."""
+        wait = (yield from self.run_on_all_vcpus()) if self.collector.kind == "ring" else 0
         yield self.bql
         ns = self.collector.sync(last_stage)
         self.bql.release_at(self.loop.now + ns)

@@ -227,11 +227,11 @@ class DirtyLimit(NoThrottle):
 
         vcpu_calculate_dirtyrate: record each vCPU's harvested entries, sleep the period
         (dirty_stat_wait, whose elapsed time is the duration the rates are computed over), then
-        global_dirty_log_sync: kvm_dirty_ring_flush kicks every vCPU with a synchronous
-        run_on_cpu, so it first waits for the vCPU threads asleep in their dirty-limit sleep
-        (:meth:`Session.wait_for_sleeping_vcpus`, as a migration sync does), then kicks, reaps
-        and resets under the big lock; the entries harvested up to then over the duration are
-        the rates. The wait and the flush are not part of the duration."""
+        global_dirty_log_sync: kvm_dirty_ring_flush runs a synchronous run_on_cpu on every
+        vCPU in turn (:meth:`Session.run_on_all_vcpus`, waiting for those asleep in their
+        dirty-limit sleep, as a migration sync does), then reaps and resets under the big lock;
+        the entries harvested up to then over the duration are the rates. The wait and the
+        flush are not part of the duration."""
         s = self.s
         period = int(self.cfg.period_ms * MS)
         col = s.collector
@@ -242,11 +242,11 @@ class DirtyLimit(NoThrottle):
             if s.finished:
                 return
             dt_ms = max(1, (s.loop.now - t0) // MS)  # dirty_stat_wait's duration, in ms
-            yield from s.wait_for_sleeping_vcpus()
+            yield from s.run_on_all_vcpus()
             if s.finished:
                 return
             yield s.bql
-            ns = col.flush()  # global_dirty_log_sync: kick, reap, reset
+            ns = col.flush()  # global_dirty_log_sync: reap, reset
             s.bql.release_at(s.loop.now + ns)
             yield ns
             self.rate = self.rates(col.entries - start, dt_ms)

@@ -118,7 +118,7 @@ def test_dirty_limit_computes_rates_every_period_ms():
         rates.append((run.loop.now, dt_ms, dl.in_service))
         return rate_fn(entries, dt_ms)
 
-    wait = run.wait_for_sleeping_vcpus
+    wait = run.run_on_all_vcpus
 
     def wait_spy():
         t0 = run.loop.now
@@ -135,7 +135,7 @@ def test_dirty_limit_computes_rates_every_period_ms():
         return ns
 
     dl._stat_thread, dl.rates = stat_spy, rates_spy
-    run.wait_for_sleeping_vcpus, col.flush = wait_spy, flush_spy
+    run.run_on_all_vcpus, col.flush = wait_spy, flush_spy
     t = 0
     while len(rates) < 8 and not run.done and t < 40 * S:
         t += 100 * MS
