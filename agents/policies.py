@@ -1,12 +1,13 @@
 """A stable-baselines3 actor-critic policy that knows the ring size is chosen once.
 
-The environment takes the ring size from the first action of an episode and ignores the
-ring-size component afterwards (``info["ring_size_ignored"]``). A plain MultiDiscrete policy still
-samples that component at every step and PPO/A2C push its log-probability up or down with the
-step's advantage, which has nothing to do with it: for an episode of ~8 decisions (300-odd 50 ms
-steps held 40 at a time), one signal and the rest noise terms on the ring head. :class:`FixedRingPolicy` masks the ring head once the ring is
-fixed (observation ``ring_fixed`` = 1): all mass on the ring in use, log-probability 0, entropy 0,
-no gradient. The ring head then learns from first steps only; the interval head from all.
+The environment takes the ring size from the first action of an episode and ignores the ring-size
+component afterwards (``info["ring_size_ignored"]``). A plain MultiDiscrete policy still samples
+that component at every step and PPO/A2C push its log-probability up or down with the step's
+advantage, which has nothing to do with it: for an episode of ~8 decisions (300-odd 50 ms steps
+held 40 at a time), one signal and the rest noise terms on the ring head. :class:`FixedRingPolicy`
+masks the ring head once the ring is fixed (observation ``ring_fixed`` = 1): all mass on the ring
+in use, log-probability 0, entropy 0, no gradient. The ring head then learns from first steps only;
+the interval head from all.
 
 It reads the raw observation (``ring_size``, ``ring_fixed``), so train it without observation
 normalisation (``normalize: {norm_obs: false, ...}``). The observation is scaled already (see the

@@ -410,8 +410,8 @@ class MigrationEnv(RingEnv):
     throttle sleep) writes nothing, and the time it spends in write-protect faults slows its
     workload once the workload's own work (`cpu_busy`, a workload setting) and the faults
     would take more than all of its time (the analytics workload on 1 vCPU: 0.60 over an
-    episode, up to 0.84 in a step; the guest model was open-loop before and charged 1.6 there). The slow-down is measured per sampling
-    window and applied from the next one, so a window right after a sudden rise of the faults
+    episode, up to 0.84 in a step; the guest model was open-loop before and charged 1.6
+    there). The slow-down is measured per sampling window and applied from the next one, so a window right after a sudden rise of the faults
     (the first, one after a bitmap sync re-protected many pages) runs at the earlier speed and
     a step holding it can pass 1 a little. The reward is not clipped.
 

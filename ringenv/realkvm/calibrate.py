@@ -13,6 +13,7 @@ absolutes, with bare metal.
 from __future__ import annotations
 
 import datetime
+import os
 import statistics
 import threading
 import time
@@ -218,8 +219,6 @@ def calibrate(out: str | None = None) -> str:
     """Measure and return the profile YAML; also write it to ``out`` if given (checked before
     measuring: a ValueError naming --out if it is a directory or its directory is missing)."""
     if out:
-        import os
-
         parent = os.path.dirname(os.path.abspath(out))
         if os.path.isdir(out) or not os.path.isdir(parent):
             raise ValueError(f"--out {out!r}: " + ("a directory" if os.path.isdir(out) else
