@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 import ringenv  # noqa: F401  (registers the ids)
+from ringenv.config import ConfigError, load_scenario
 
 SMALL_VM = {"memory": "512MiB", "vcpus": 2}
 
@@ -92,3 +93,24 @@ def test_encode_action_outside_its_domain_is_a_clear_error_or_the_nearest_action
         with pytest.raises(ValueError) as e:
             u.encode_action(*args)
         assert "math domain error" not in str(e.value) and word in str(e.value), (args, str(e.value))
+
+
+def test_a_scenario_mapping_is_fields_over_the_default_scenario():
+    """`scenario` as a mapping need not name the fields the env decides itself (name, workload):
+    it gives scenario fields over the default scenario's, as keywords do."""
+    env = gym.make("ringenv/Migration-v0", scenario={"vm": {"memory": "1GiB", "vcpus": 2}, "host": "x86-pml"})
+    obs, info = env.reset(seed=0)
+    u, default = env.unwrapped, load_scenario("default")
+    assert env.observation_space.contains(obs) and info["workload"] in u.workloads
+    assert (u.scenario.vm.memory, u.scenario.vm.vcpus, u.scenario.host) == (1 << 30, 2, "x86-pml")
+    assert u.scenario.link == default.link and u.scenario.collector == default.collector
+    env.close()
+
+
+def test_a_field_the_env_decides_in_a_scenario_mapping_is_refused_as_its_keyword_is():
+    """A workload in a scenario mapping would be left aside (the env draws each episode's): it is
+    an error saying what to use, as workload= is."""
+    for key, value, hint in (("workload", "web", "workloads="), ("ring_entries", 4096, "ring_sizes="),
+                             ("seed", 3, "reset\\(seed=")):
+        with pytest.raises(ConfigError, match=rf"scenario\['{key}'\]: not an env argument.*{hint}"):
+            gym.make("ringenv/Migration-v0", scenario={key: value, "vm": SMALL_VM})
