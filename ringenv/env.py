@@ -85,10 +85,7 @@ class RingEnv(gym.Env):
                                   f"the env settings ({', '.join(EnvConfig.model_fields)}) and the scenario fields "
                                   f"({', '.join(f for f in ScenarioConfig.model_fields if f not in NOT_KEYWORDS)})")
         env_overrides = {k: overrides.pop(k) for k in list(overrides) if k in EnvConfig.model_fields}
-        if isinstance(scenario, dict):  # fields over the default scenario, as keywords are
-            for k in scenario:
-                if k in NOT_KEYWORDS and k not in ("name", "description"):
-                    raise ConfigError(f"scenario[{k!r}]: {NOT_KEYWORDS[k]}")
+        if isinstance(scenario, dict):  # fields over the default scenario's, as keywords are
             scenario = deep_merge(load_scenario("default").model_dump(exclude_unset=True), scenario)
         self.scenario = load_scenario(scenario, **overrides)
         if self.kind == "checkpoint":  # (whatever the scenario's own kind)
@@ -497,9 +494,9 @@ class MigrationEnv(RingEnv):
     `gymnasium.make("ringenv/Migration-v0", scenario="default", split="train", workloads=None,
     flatten_actions=False, render_mode=None, **overrides)`: `scenario` a name in
     configs/scenarios/, a YAML path, a mapping (scenario fields over the default scenario's,
-    e.g. `{"vm": {"memory": "1GiB"}, "host": "x86-pml"}`; the fields the env decides itself
-    are errors there as they are as keywords) or a ScenarioConfig (a named scenario's or a
-    ScenarioConfig's own `workload` is left aside: the env draws its workloads, below); `split` "train", "test" or
+    e.g. `{"vm": {"memory": "1GiB"}, "host": "x86-pml"}`) or a ScenarioConfig; the fields the
+    env decides itself are left aside in any of these as in a scenario file (its `workload`
+    too: the env draws its workloads, below); `split` "train", "test" or
     "all" of the workload set; `workloads` an explicit list of workload names instead;
     `flatten_actions` True for the `Discrete` variant; env settings
     (`control_interval_ms`, simulated ms per step, default 50; `max_episode_s`, simulated

@@ -107,10 +107,15 @@ def test_a_scenario_mapping_is_fields_over_the_default_scenario():
     env.close()
 
 
-def test_a_field_the_env_decides_in_a_scenario_mapping_is_refused_as_its_keyword_is():
-    """A workload in a scenario mapping would be left aside (the env draws each episode's): it is
-    an error saying what to use, as workload= is."""
-    for key, value, hint in (("workload", "web", "workloads="), ("ring_entries", 4096, "ring_sizes="),
-                             ("seed", 3, "reset\\(seed=")):
-        with pytest.raises(ConfigError, match=rf"scenario\['{key}'\]: not an env argument.*{hint}"):
-            gym.make("ringenv/Migration-v0", scenario={key: value, "vm": SMALL_VM})
+def test_a_scenario_s_own_workload_is_left_aside_and_a_full_dump_round_trips():
+    """The env draws each episode's workload from its split whatever the scenario names (a
+    mapping, a file, a ScenarioConfig); a whole scenario dumped to JSON is a mapping that makes
+    the same env, with an env.spec that serialises."""
+    from ringenv.config import scale_scenario
+
+    env = gym.make("ringenv/Migration-v0", scenario={"workload": "web", "vm": SMALL_VM}, workloads=["oltp"])
+    assert env.reset(seed=0)[1]["workload"] == "oltp"
+    sc = scale_scenario("default", "1GiB")
+    env = gym.make("ringenv/Migration-v0", scenario=sc.model_dump(mode="json"))
+    assert env.unwrapped.scenario == gym.make("ringenv/Migration-v0", scenario=sc).unwrapped.scenario
+    assert gym.envs.registration.EnvSpec.from_json(env.spec.to_json()).kwargs["scenario"]["vm"]["memory"] == 1 << 30
