@@ -1,6 +1,7 @@
-"""Tests from a mutation run over the run_on_cpu kick, expected-downtime, the wire page, the
-ns conversions, CLEAR_DIRTY_LOG's fields, the lost-writes report, check_out_dir and the real-KVM
-replay's error handling: each kills a mutant the suite let survive (named in its docstring)."""
+"""Tests from a mutation run over the run_on_cpu kick, the wire page, the ns conversions,
+CLEAR_DIRTY_LOG's fields, the lost-writes report and check_out_dir: each kills a mutant the suite
+let survive (named in its docstring). Two more stand beside their twins: the time cap's in
+tests/env/test_audit_env.py, the real-KVM replay's in tests/realkvm/test_audit_realkvm.py."""
 
 from __future__ import annotations
 
@@ -90,32 +91,6 @@ def test_clear_dirty_log_num_pages_is_read_as_its_u32_field():
     assert after[0] == 0 and after[1] == np.uint64(2**64 - 1)
 
 
-def test_max_episode_s_does_not_truncate_a_nanosecond_before_that_much_time_has_passed():
-    """MigrationEnv: truncated once `max_episode_s` of simulated time passed (times in ns,
-    config.to_ns: rounded to the nearest). max_episode_s=1.001 is 1_001_000_000 ns (float
-    1.001e9 is 1000999999.9999999); 89 steps of 11.247191 ms reach 1_000_999_999 ns, 1 ns
-    short: the episode goes on, and the 90th step truncates. Mutant killed: the time cap taken
-    as int(max_episode_s * 1e9) (truncated toward zero) in step()."""
-    import gymnasium as gym
-    import numpy as np
-
-    import ringenv  # noqa: F401
-
-    env = gym.make("ringenv/Migration-v0", workloads=["oltp"], vm={"memory": "512MiB", "vcpus": 2},
-                   link={"gbps": 0.1}, max_episode_s=1.001, control_interval_ms=11.247191)
-    try:
-        env.reset(seed=0)
-        for k in range(1, 100):
-            _, _, te, tr, info = env.step(np.array([4, 6]))
-            if te or tr:
-                break
-        assert tr and not te
-        assert k == 90, f"truncated after {k} steps, at {info['time_s']!r} s (max_episode_s=1.001)"
-        assert info["time_s"] >= 1.001
-    finally:
-        env.close()
-
-
 SMALL_SET = ["vm.memory=256MiB", "vm.vcpus=2"]
 
 
@@ -195,38 +170,6 @@ def test_check_out_dir_refuses_a_directory_it_cannot_write_into(tmp_path):
             check_out_dir(ro / "out", "--out")
     finally:
         os.chmod(tmp_path / "ro", 0o700)
-
-
-def test_a_vcpu_failure_ends_the_replay_at_once_not_when_the_other_vcpus_finish(monkeypatch):
-    """realkvm.replay.kvm_replay_trace: it waits for all vCPU threads "but stops at a vCPU's
-    failure (the others are kicked out ... and the failure is what is reported)". vCPU 1 fails
-    at once while vCPU 0 has ~9 s of writes ahead of it and the timeout is 120 s: the failure
-    is raised within a few seconds. Mutant killed: the wait loop not stopping at an error (it
-    waited for vCPU 0 to finish, then reported the failure)."""
-    import os
-    import time
-
-    import pytest
-
-    if not os.access("/dev/kvm", os.R_OK | os.W_OK):
-        pytest.skip("needs /dev/kvm")
-    from ringenv.realkvm import replay as kreplay
-    from ringenv.realkvm.guest import Guest, GuestError
-
-    real_run = Guest.run
-
-    def run(self, index):
-        if index == 1:
-            raise GuestError("vCPU 1: unexpected exit_reason 8 detail []")
-        return real_run(self, index)
-
-    monkeypatch.setattr(Guest, "run", run)
-    trace = {"slot_pages": 65536 + 16, "ring_entries": 256, "reap_scope": "self",
-             "vcpus": [{"writes": list(range(65536)) * 48}, {"writes": [65536]}]}
-    t = time.monotonic()
-    with pytest.raises(GuestError, match="vCPU 1: unexpected"):
-        kreplay.kvm_replay_trace(trace, timeout=120)
-    assert time.monotonic() - t < 4
 
 
 def test_a_harvest_interval_chosen_mid_episode_lands_on_the_same_ns_as_one_chosen_first():

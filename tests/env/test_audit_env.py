@@ -45,21 +45,38 @@ def test_a_control_interval_that_is_not_a_whole_float_number_of_ns_still_observe
     assert a[0][2]["time_s"] == 0.0333, a[0][2]["time_s"]
 
 
-def test_max_episode_s_truncates_as_soon_as_that_much_simulated_time_has_passed():
-    """max_episode_s=4.15 with 50 ms steps: 4.15 s have passed after 83 steps, but the env
-    compares t (int ns) with 4.15 * 1e9 = 4150000000.0000005 and runs an 84th step (to 4.2 s,
-    the same episode length as max_episode_s=4.2). Docstring: truncated when `max_episode_s`
-    of simulated time passed without convergence."""
+def _steps_to_truncation(max_episode_s, **kw):
+    """Steps of a slow migration (0.1 Gb/s) until the episode ends: (steps, info); it must be
+    truncated, not terminated."""
     env = gym.make("ringenv/Migration-v0", workloads=["oltp"], vm=SMALL_VM, link={"gbps": 0.1},
-                   max_episode_s=4.15)
+                   max_episode_s=max_episode_s, **kw)
     env.reset(seed=0)
-    for k in range(1, 90):
+    for k in range(1, 200):
         _, _, te, tr, info = env.step(np.array([4, 6]))
         if te or tr:
             break
+    env.close()
     assert tr and not te
+    return k, info
+
+
+def test_max_episode_s_truncates_as_soon_as_that_much_simulated_time_has_passed():
+    """max_episode_s=4.15 with 50 ms steps: 4.15 s have passed after 83 steps, but the env
+    compared t (int ns) with 4.15 * 1e9 = 4150000000.0000005 and ran an 84th step (to 4.2 s,
+    the same episode length as max_episode_s=4.2). Docstring: truncated when `max_episode_s`
+    of simulated time passed without convergence."""
+    k, info = _steps_to_truncation(4.15)
     assert k == 83, f"truncated after {k} steps, at {info['time_s']} s"
     assert info["time_s"] == pytest.approx(4.15)
+
+
+def test_max_episode_s_does_not_truncate_a_nanosecond_before_that_much_time_has_passed():
+    """config.to_ns rounds: max_episode_s=1.001 is 1_001_000_000 ns (float 1.001e9 is
+    1000999999.9999999); 89 steps of 11.247191 ms reach 1_000_999_999 ns, 1 ns short: the
+    episode goes on, and the 90th step truncates. Mutant killed: the cap as int(s * 1e9)."""
+    k, info = _steps_to_truncation(1.001, control_interval_ms=11.247191)
+    assert k == 90, f"truncated after {k} steps, at {info['time_s']!r} s (max_episode_s=1.001)"
+    assert info["time_s"] >= 1.001
 
 
 def test_rgb_array_without_matplotlib_is_a_dependency_not_installed_error(monkeypatch):
