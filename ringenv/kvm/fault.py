@@ -4,8 +4,10 @@ For each access in time order: look up the page's stage-2 state. A write to a re
 is an MMIO exit (KVM_EXIT_MMIO: nothing mapped, logged or written; the store completes as MMIO).
 A write to a write-protected (or not yet mapped) page is a fault that relaxes the permission (one
 page, or a whole block where block mappings stay) and logs the page (one push; all pages of the
-block when splitting is off); with x86 PML the page goes to the hardware buffer instead, and a
-full buffer flushes into the ring. In a slot without KVM_MEM_LOG_DIRTY_PAGES the fault logs
+block when splitting is off); with x86 PML a write to a mapped page goes to the hardware buffer
+instead (no fault), and a full buffer flushes into the ring, while a write to a page not mapped
+yet, or under a huge mapping logging write-protected, is still a fault (an EPT violation) that
+flushes the buffer and pushes the page itself. In a slot without KVM_MEM_LOG_DIRTY_PAGES the fault logs
 nothing (mark_page_dirty_in_slot). A read only matters to a page not yet mapped: in a logging
 slot it is mapped read-only (nothing logged); in a slot that is dirty-tracked but not logging
 (arm64, ring without a bitmap) it is mapped writable and, because the mapping is writable,
@@ -58,11 +60,12 @@ def _clear_wp(state, block_map, g, blk, inblock, block_pages):  # pragma: no cov
 def walk_writes(gpi, vc, code, reads, first_touch, slot_of, state, version, block_map,
                 blockgran, pushall, split, mode, block_shift,
                 used, limit, pml_count, pml_buf, rings,
-                push_v, push_g, split_v, split_b, faults, untracked_faults,
+                push_v, push_g, split_v, split_b, faults, exit_faults,
                 t, tick, tick_state, flush_at, fault_cut):  # pragma: no cover - compiled
     """Apply events until the first exit. ``used``/``pml_count`` are updated in place;
-    ``faults[v]`` counts vCPU v's faults and ``untracked_faults[v]`` those of them in
-    a slot without dirty tracking (a real protection or translation fault even with PML).
+    ``faults[v]`` counts vCPU v's faults and ``exit_faults[v]`` those of them that are a VM
+    exit even with PML (charged as a write-protect fault, not as a logged write): in a slot
+    without dirty tracking, and with PML the EPT violations of a logging slot (below).
 
     With PML and ``tick`` > 0, every vCPU takes a VM exit the kernel handles at each multiple
     of ``tick`` ns (a host timer tick), which flushes its PML buffer into its ring: the first
@@ -83,7 +86,15 @@ def walk_writes(gpi, vc, code, reads, first_touch, slot_of, state, version, bloc
     full buffer waits (Intel SDM: the PML index has left 0..511, nothing exits yet): the next
     write to log raises the log-full VM exit before it is done, KVM flushes the buffer into the
     ring, and if that leaves the ring soft-full the walk stops there (cut CUT_PML_FULL, the
-    write not consumed: it is proposed again after re-entry).
+    write not consumed: it is proposed again after re-entry). PML logs only a write to a mapped,
+    writable page whose dirty bit is clear; a write to a page not mapped yet, or under a huge
+    mapping that logging write-protected (the fault splits it: the huge SPTE is zapped, so the
+    block's other pages are unmapped until faults of their own), is an EPT violation: a VM exit,
+    which flushes the vCPU's buffer into its ring first (vmx_handle_exit), and the fault installs
+    a writable SPTE with the dirty bit set and pushes the page itself (make_spte ->
+    mark_page_dirty_in_slot); the push is left in ``push_v`` as ``-1 - v`` (a direct push,
+    :func:`ringenv.kvm.pml.log_all`), and a soft-full ring takes the vCPU out before the write
+    retires, as without PML.
 
     With ``fault_cut`` the walk also stops right after an access that faulted (a write-protect
     fault, logged or not, with its split if any) and took no vCPU out of the guest (cut
@@ -126,6 +137,7 @@ def walk_writes(gpi, vc, code, reads, first_touch, slot_of, state, version, bloc
         k = slot_of[i]
         full = late = False
         read = reads[i] != 0
+        ept = pml_buf > 0 and not read and s & UNMAPPED != 0  # (a split fault joins below)
         if readonly and not read and mode[k] & READONLY:
             # kvm_handle_guest_abort -> io_mem_abort: the store exits as MMIO and completes there
             return i + 1, CUT_MMIO, npush, nsplit, ndirty, True
@@ -159,10 +171,17 @@ def walk_writes(gpi, vc, code, reads, first_touch, slot_of, state, version, bloc
         if s & WP and untracked and mode[k] & UNTRACKED:
             # no dirty tracking: the fault makes the page (or its block) writable, mark_page_dirty_in_slot logs nothing
             faults[v] += 1
-            untracked_faults[v] += 1
+            exit_faults[v] += 1
             _clear_wp(state, block_map, g, blk, inblock, block_pages)
         elif s & WP:
-            if rings and pml_buf > 0 and pml_count[v] >= pml_buf:
+            if pml_buf > 0 and inblock and not blockgran[k] and split[k]:
+                ept = True  # a huge mapping write-protected for logging: the write faults and splits it
+            if ept:  # the EPT violation's exit flushes the buffer, then the fault pushes the page itself
+                exit_faults[v] += 1
+                if rings:
+                    used[v] += pml_count[v]
+                    pml_count[v] = 0
+            elif rings and pml_buf > 0 and pml_count[v] >= pml_buf:
                 # the buffer is full: the PML log-full VM exit comes first, before the write;
                 # KVM flushes the buffer into the ring
                 used[v] += pml_count[v]
@@ -175,12 +194,12 @@ def walk_writes(gpi, vc, code, reads, first_touch, slot_of, state, version, bloc
                 if pushall[k]:
                     b0 = blk * block_pages
                     for p in range(b0, b0 + block_pages):
-                        push_v[npush] = v
+                        push_v[npush] = -1 - v if ept else v
                         push_g[npush] = p
                         npush += 1
                     added = block_pages
                 else:
-                    push_v[npush] = v
+                    push_v[npush] = -1 - v if ept else v
                     push_g[npush] = g
                     npush += 1
                     added = 1
@@ -190,13 +209,17 @@ def walk_writes(gpi, vc, code, reads, first_touch, slot_of, state, version, bloc
                     split_v[nsplit] = v
                     split_b[nsplit] = blk
                     nsplit += 1
-                state[g] &= NOT_WP
-                push_v[npush] = v
+                    if ept:  # x86 zaps the huge SPTE: the block's other pages wait for faults of their own
+                        b0 = blk * block_pages
+                        for p in range(b0, b0 + block_pages):
+                            state[p] |= UNMAPPED
+                state[g] &= NOT_WP & NOT_UNMAPPED
+                push_v[npush] = -1 - v if ept else v
                 push_g[npush] = g
                 npush += 1
                 added = 1
             if rings:
-                if pml_buf > 0:  # a full buffer waits for the next write to log (above)
+                if pml_buf > 0 and not ept:  # a full buffer waits for the next write to log (above)
                     pml_count[v] += added
                     while pml_count[v] > pml_buf:  # (a what-if block's pages overflowing the buffer)
                         pml_count[v] -= pml_buf
@@ -268,9 +291,9 @@ def apply_batch(gpi, vc, code, reads, first_touch, slot_of, state, version, bloc
     """:func:`walk_writes` over a batch, then its bookkeeping in the same call: per vCPU (rows
     of ``vstat``, columns FAULTS, PUSHES, SPLITS, FAULT_NS) the faults and splits it took and
     their service time (``fault_cost`` per fault in a dirty-tracked slot: with x86 PML the
-    logged write, which does not exit; ``wp_fault_cost`` per fault in a slot without dirty
-    tracking, a real EPT violation or stage-2 fault (kvm_tdp_page_fault, user_mem_abort) even
-    with PML; ``split_cost`` per split: break-before-make and a broadcast TLB invalidation;
+    logged write, which does not exit; ``wp_fault_cost`` per fault that is a VM exit even with
+    PML: one in a slot without dirty tracking, an EPT violation in a logging slot (a page not
+    mapped yet, a huge mapping split; kvm_tdp_page_fault, user_mem_abort); ``split_cost`` per split: break-before-make and a broadcast TLB invalidation;
     ``faults``, zeros on entry, gets the batch's faults per vCPU); with rings and no PML the
     pushes go into the rings (:func:`ringenv.kvm.ring.push_all`), and ``soft_full[v]`` is set
     for a vCPU whose ring the batch's pushes left soft-full (its KVM_REQ_DIRTY_RING_SOFT_FULL).
@@ -289,19 +312,19 @@ def apply_batch(gpi, vc, code, reads, first_touch, slot_of, state, version, bloc
         limit = soft_limit
     else:
         limit = np.full(nv, np.int64(1) << 62, dtype=np.int64)
-    untracked = np.zeros(nv, dtype=np.int64)
+    exiting = np.zeros(nv, dtype=np.int64)
     m, cut, npush, nsplit, ndirty, retired = walk_writes(
         gpi, vc, code, reads, first_touch, slot_of, state, version, block_map, blockgran, pushall, split, mode,
-        block_shift, used, limit, pml_count, pml_buf, rings, push_v, push_g, split_v, split_b, faults, untracked,
+        block_shift, used, limit, pml_count, pml_buf, rings, push_v, push_g, split_v, split_b, faults, exiting,
         t, tick, tick_state, flush_at, fault_cut)
     for j in range(nsplit):
         vstat[split_v[j], SPLITS] += 1
         vstat[split_v[j], FAULT_NS] += split_cost
     for v in range(nv):
         vstat[v, FAULTS] += faults[v]
-        vstat[v, FAULT_NS] += np.int64((faults[v] - untracked[v]) * fault_cost)
-        if untracked[v]:
-            vstat[v, FAULT_NS] += np.int64(untracked[v] * wp_fault_cost)
+        vstat[v, FAULT_NS] += np.int64((faults[v] - exiting[v]) * fault_cost)
+        if exiting[v]:
+            vstat[v, FAULT_NS] += np.int64(exiting[v] * wp_fault_cost)
     nsoft = 0
     if npush and rings and pml_buf == 0:
         before = ring_ctr[:, 0].copy()

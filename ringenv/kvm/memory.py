@@ -231,9 +231,11 @@ def protect_masked(kslots, offsets, masks, tab_kslot, tab_start, tab_npages, tab
     must fault through it to be logged at 4K). Every protected page is clean afterwards.
     Returns (stage-2 entries write-protected: one per page mapped by a page, one per block leaf
     per call (the range walk meets the leaf once, however many of the call's pages lie in it),
-    one per huge mapping protected by ``huge_ends``; blocks split)."""
+    one per huge mapping protected by ``huge_ends``; blocks split; calls applied: those the
+    kernel makes, the skipped ones left out)."""
     npro = 0
     nsplit = 0
+    applied = 0
     for i in range(kslots.shape[0]):
         k = -1
         for j in range(tab_kslot.shape[0]):
@@ -254,6 +256,7 @@ def protect_masked(kslots, offsets, masks, tab_kslot, tab_start, tab_npages, tab
         off = offsets[i]
         if off < 0 or off + hi >= tab_npages[k]:
             continue
+        applied += 1
         base = tab_start[k] + off
         leaf = -1  # the block last protected whole
         for b in range(lo, hi + 1):
@@ -284,4 +287,4 @@ def protect_masked(kslots, offsets, masks, tab_kslot, tab_start, tab_npages, tab
                     npro += 1
                 if b_hi == b_lo:
                     break
-    return npro, nsplit
+    return npro, nsplit, applied

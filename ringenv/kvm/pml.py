@@ -53,6 +53,23 @@ def flush_one(v, pml, pml_n, base, end, kslot, mode, ring_addr, ring_ctr, soft_l
 
 
 @njit(nogil=True)
+def push_one(v, g, base, end, kslot, mode, ring_addr, ring_ctr, soft_limit, vstat, soft_full):  # pragma: no cover - compiled
+    """mark_page_dirty_in_slot for gfn ``g`` from vCPU v's fault (an EPT violation's SPTE made
+    writable and dirty): pushed into v's ring, looked up in the memslots as :func:`flush_one`
+    looks up a logged gfn; a push that leaves the ring soft-full sets ``soft_full[v]``."""
+    k = base.shape[0] - 1
+    while k >= 0 and base[k] > g:
+        k -= 1
+    if k < 0 or g >= end[k] or mode[k] & UNTRACKED:
+        return
+    ctr = ring_ctr[v]
+    ring_push(words_at(ring_addr[v, 0], 2 * ring_addr[v, 1]), ctr, kslot[k], g - base[k])
+    vstat[v, PUSHES] += 1
+    if ring_used(ctr) >= soft_limit[v]:
+        soft_full[v] = True
+
+
+@njit(nogil=True)
 def flush_all(mask, pml, pml_n, base, end, kslot, mode, ring_addr, ring_ctr, soft_limit, vstat, entry_ns,
               soft_full):  # pragma: no cover - compiled
     """:func:`flush_one` for every vCPU v with ``mask[v]`` and a buffer that is not empty."""
@@ -70,7 +87,9 @@ def log_all(push_v, push_gfn, flush_at, pml, pml_n, base, end, kslot, mode, ring
     one that filled the buffer, before it is done: ``full_exit_ns`` on top of the flush; a full
     buffer otherwise waits), and before the write at each position of ``flush_at`` (ascending;
     a position past the last write: after it) every buffer is flushed (the kernel-handled exits
-    of a tick, see :func:`ringenv.kvm.fault.walk_writes`)."""
+    of a tick, see :func:`ringenv.kvm.fault.walk_writes`). A direct push (``push_v`` = -1 - v:
+    the page of an EPT violation) first flushes vCPU v's buffer (the violation's VM exit), then
+    goes into its ring at once (:func:`push_one`)."""
     cap = pml.shape[1]
     nv = pml_n.shape[0]
     f = 0
@@ -84,6 +103,13 @@ def log_all(push_v, push_gfn, flush_at, pml, pml_n, base, end, kslot, mode, ring
         if i == push_v.shape[0]:
             break
         v = push_v[i]
+        if v < 0:
+            v = -1 - v
+            if pml_n[v] > 0:
+                flush_one(v, pml, pml_n, base, end, kslot, mode, ring_addr, ring_ctr, soft_limit, vstat, entry_ns,
+                          soft_full)
+            push_one(v, push_gfn[i], base, end, kslot, mode, ring_addr, ring_ctr, soft_limit, vstat, soft_full)
+            continue
         if pml_n[v] == cap:
             flush_one(v, pml, pml_n, base, end, kslot, mode, ring_addr, ring_ctr, soft_limit, vstat, entry_ns,
                       soft_full)

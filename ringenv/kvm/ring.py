@@ -183,7 +183,8 @@ def reset_rings(ring_addr, ring_ctr, tab_kslot, tab_start, tab_npages, tab_block
     As in the kernel the RESET flag alone decides, not dirty_index: entries userspace marked
     past dirty_index (never pushed) are reset too, reset_index passes dirty_index and the u32
     used wraps. An entry reset is 0, so one call resets each entry at most once.
-    Returns (entries reset, re-protect calls, pages protected, blocks split)."""
+    Returns (entries reset, re-protect calls made (a call the kernel skips, naming no memslot or
+    running past its end, is not one), pages protected, blocks split)."""
     entries = calls = pages = splits = 0
     m = 0  # buffer size: the most entries any ring can reset now
     for v in range(ring_addr.shape[0]):
@@ -204,12 +205,12 @@ def reset_rings(ring_addr, ring_ctr, tab_kslot, tab_start, tab_npages, tab_block
             slots[n], offsets[n] = w >> np.uint64(32), words[e + 1]
             n += 1
         k = _coalesce(slots[:n], offsets[:n], out_slot, out_offset, out_mask)
-        npro, nsplit = protect_masked(out_slot[:k], out_offset[:k], out_mask[:k], tab_kslot, tab_start, tab_npages,
+        npro, nsplit, applied = protect_masked(out_slot[:k], out_offset[:k], out_mask[:k], tab_kslot, tab_start, tab_npages,
                                       tab_blockgran, tab_mode, state, block_map, block_shift, span, split_span,
                                       huge_ends)
         ring_ctr[v, 1] = ri + n
         entries += n
-        calls += k
+        calls += applied
         pages += npro
         splits += nsplit
     return entries, calls, pages, splits

@@ -842,12 +842,12 @@ class Vm:
         Returns (pages write-protected, the kernel time of the blocks split)."""
         if len(masks) == 0:
             return 0, 0
-        pages, splits = protect_masked(
+        pages, splits, calls = protect_masked(
             np.ascontiguousarray(kslots, dtype=np.uint32), np.ascontiguousarray(offsets, dtype=np.int64),
             np.ascontiguousarray(masks, dtype=np.uint64), self._tab_kslot, self._tab_start, self._tab_npages,
             self._tab_blockgran, self._tab_mode, self.state, self.block_map, self.block_shift,
             self.profile.reprotect_span, self._split_span, self._huge_ends)
-        self.stats.reprotect_calls += len(masks)
+        self.stats.reprotect_calls += int(calls)
         self.stats.pages_reprotected += int(pages)
         return int(pages), self._count_splits(splits) if splits else 0
 
