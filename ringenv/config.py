@@ -639,6 +639,9 @@ class AutoConvergeConfig(Strict):
         if 0 < self.dirty_sync_timer_ms < 1:
             raise ValueError(f"dirty_sync_timer_ms: {self.dirty_sync_timer_ms:g} is not accepted; accepted: 0 (no "
                              "timer) or >= 1 ms")
+        if self.max_pct < self.initial_pct:  # QEMU migrate_params_check refuses it too
+            raise ValueError(f"max_pct: {self.max_pct} is below initial_pct ({self.initial_pct}); accepted: "
+                             f"initial_pct ({self.initial_pct}) to 99")
         return self
 
 

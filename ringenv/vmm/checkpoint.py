@@ -38,6 +38,7 @@ class CheckpointRun(Session):
     kind = "checkpoint"
     tracks_unsaved = True
     trigger_on_last_stage = True  # a stop-the-world checkpoint's only sync is a last-stage one
+    measures_paused = True  # the pause's writes measure the storage rate
 
     def __init__(self, scenario=None, *, seed=None, **overrides):
         self.pauses: list[int] = []

@@ -103,6 +103,9 @@ class Session:
     #: migration_bitmap_sync runs the trigger on every sync; a migration stops its throttle before
     #: its last stage, a checkpoint run resumes the guest after each
     trigger_on_last_stage = False
+    #: whether the bandwidth is measured while the VM is stopped: a checkpoint's pause writes
+    #: are its storage rate; a migration measures nothing after its switchover
+    measures_paused = False
 
     def __init__(self, scenario: ScenarioConfig | str | dict | None = None, *, seed: int | None = None,
                  host_sync_ms: float | None = None, workload_start_s: float = 0.0, **overrides):
@@ -622,15 +625,19 @@ class Session:
         """migration_update_counters: bandwidth over >= 100 ms windows; the switchover threshold
         is bandwidth x downtime-limit. QEMU's expected-downtime, the dirty bytes the last sync
         left over the bandwidth, once a dirty-page rate is known (:class:`Trigger`) and the
-        window sent more than 10 kB; not while the VM is stopped (QEMU updates no counter once
-        the completion has begun)."""
+        window sent more than 10 kB. A migration measures nothing once its VM is stopped (QEMU
+        updates no counter once the completion has begun: migration_update_counters runs from
+        the migration thread's loop, which the switchover leaves); a checkpoint goes on
+        measuring its writes while paused (:attr:`measures_paused`)."""
         now = self.loop.now
+        if self.paused_at is not None and not self.measures_paused:
+            return
         if now - self._bw_t0 >= BW_WINDOW_NS:
             sent = self.bytes_sent - self._bw_b0
             self.bandwidth_Bps = sent * NS / (now - self._bw_t0)
             self.threshold_bytes = int(self.bandwidth_Bps * self.cfg.link.downtime_limit_ms / 1000.0)
             self._bw_t0, self._bw_b0 = now, self.bytes_sent
-            if sent > 10_000 and self.throttle.trigger.dirty_pages_rate and self.paused_at is None:
+            if sent > 10_000 and self.throttle.trigger.dirty_pages_rate and self.paused_at is None:  # (checkpoints)
                 self.expected_downtime_s = self._dirty_bytes_last_sync / self.bandwidth_Bps
 
     def start_bandwidth_window(self) -> None:
