@@ -298,17 +298,13 @@ class Session:
                 delay += costs.exit_ns
                 self.exit_ns[i] += costs.exit_ns
                 e = None
-            w = 0
-            if not self.paused and self.throttle_work[i] > 0:
-                w = int(self.throttle_work[i])
-                self.throttle_work[i] = 0
-            if delay or w:
-                self.vstate[i] = SLEEP if w else (DLSLEEP if dl else OUT)
-                # the throttle sleeps (dirty-limit's after the exit's work, then auto-converge's)
-                # end the wait
-                self._throttle_sleep(i, loop.now + delay - sl if dl else loop.now + delay, (sl if dl else 0) + w)
-                yield delay + w
-                self._throttle_woke(i)
+            if delay:
+                self.vstate[i] = DLSLEEP if dl else OUT
+                if dl:  # dirty-limit's sleep ends the wait, after the exit's work
+                    self._throttle_sleep(i, loop.now + delay - sl, sl)
+                yield delay
+                if dl:
+                    self._throttle_woke(i)
                 self.vstate[i] = OUT
             while True:
                 if self.paused:
@@ -319,11 +315,7 @@ class Session:
                 elif self.throttle_work[i] > 0:
                     w = int(self.throttle_work[i])
                     self.throttle_work[i] = 0
-                    self.vstate[i] = SLEEP
-                    self._throttle_sleep(i, loop.now, w)
-                    yield w
-                    self._throttle_woke(i)
-                    self.vstate[i] = OUT
+                    yield from self._auto_converge_sleep(i, w)
                 else:
                     break
             e = self.vcpus[i].run()
@@ -333,6 +325,27 @@ class Session:
                 return
             if e.kind == "full" and self._wedged(i):
                 return
+
+    def _auto_converge_sleep(self, i: int, sleep_ns: int):
+        """cpu_throttle_thread on vCPU ``i``'s thread: queued work, which the thread runs from
+        process_queued_cpu_work with the big lock held (kvm_cpu_exec takes it when KVM_RUN
+        returns), so the sleep starts once the thread has the lock; the timed wait releases it,
+        and the thread takes it again when it wakes (then drops it for KVM_RUN). Lock waits
+        count as stall time. A process step."""
+        loop = self.loop
+        t0 = loop.now
+        yield self.bql
+        self.stall_ns[i] += loop.now - t0
+        self.bql.release()
+        self.vstate[i] = SLEEP
+        self._throttle_sleep(i, loop.now, sleep_ns)
+        yield sleep_ns
+        self._throttle_woke(i)
+        self.vstate[i] = OUT
+        t0 = loop.now
+        yield self.bql
+        self.stall_ns[i] += loop.now - t0
+        self.bql.release()
 
     def _throttle_sleep(self, i: int, start: int, length: int) -> None:
         """vCPU ``i``'s thread sleeps for the throttle from ``start`` for ``length`` ns (it may
