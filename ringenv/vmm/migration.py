@@ -6,13 +6,17 @@ Setup: dirty logging on (KVM_MEM_LOG_DIRTY_PAGES), every page dirty in the migra
 1. pending = dirty pages left in the migration bitmap (the estimate);
 2. if pending < threshold (= measured bandwidth x downtime-limit), sync exactly (kick, reap,
    reset; or GET_DIRTY_LOG) and take the new pending;
-3. if pending is 0 or below the threshold: switch over; else send for one ~50 ms slice at
-   min(link, max-bandwidth), from where the last slice stopped, wrapping around RAM.
+3. if pending is 0 or below the threshold: switch over; else send for one ~50 ms slice, from
+   where the last slice stopped, wrapping around RAM: at the link's rate, or with a
+   max-bandwidth below it through QEMU's rate limiter (a budget of max-bandwidth / 10 per 100 ms
+   window sent at the link's rate, then a wait for the window's end: a sync or CLEAR that fits
+   in that wait costs no sending time).
 
 With ``switchover: pass-end`` step 2 happens only when a pass is complete (the bitmap is
 empty): the textbook model of docs/reference/migration.md s1.
 
-Bandwidth is measured over >= 100 ms windows (sync time included). After ``link.give_up_s``
+Bandwidth is measured over >= 100 ms windows (sync time included), the rate limiter's own
+windows when it is in force. After ``link.give_up_s``
 the switchover is forced (reported ``converged = False``).
 
 Stop-and-copy: stop the VM (every vCPU kicked out and parked; on arm64 KVM saves the vGIC
@@ -44,7 +48,9 @@ class MigrationRun(Session):
         # no debt carried over) lets at least one page through per window: a max-bandwidth
         # below a page per 100 ms still sends that much (the link permitting)
         floor_Bps = self.page_wire_bytes * NS / BW_WINDOW_NS
-        self.rate_Bps = min(link.link_Bps, max(link.rate_Bps, floor_Bps))
+        self.rate_Bps = min(link.link_Bps, max(link.rate_Bps, floor_Bps))  # (the average: sizes the slices)
+        if link.rate_Bps < link.link_Bps:  # the sends go in bursts at the link's rate (Session._rate_limited)
+            self.window_budget = int(link.rate_Bps * BW_WINDOW_NS / NS)
         self.final_rate_Bps = link.link_Bps  # migration_completion: no rate limit
 
     def _main(self):

@@ -106,6 +106,9 @@ class Session:
     #: whether the bandwidth is measured while the VM is stopped: a checkpoint's pause writes
     #: are its storage rate; a migration measures nothing after its switchover
     measures_paused = False
+    #: QEMU's rate limiter: bytes a 100 ms window may send before the migration thread waits
+    #: for its end (max-bandwidth / 10, :meth:`_rate_limited`); 0: none
+    window_budget = 0
 
     def __init__(self, scenario: ScenarioConfig | str | dict | None = None, *, seed: int | None = None,
                  host_sync_ms: float | None = None, workload_start_s: float = 0.0, **overrides):
@@ -159,6 +162,7 @@ class Session:
         self._dirty_bytes_last_sync = 0  # ram_bytes_remaining() at the last sync
         self._bw_t0 = 0
         self._bw_b0 = 0
+        self._closing = None  # what a rate-limited send leaves to update_bandwidth
         self._slice = None
         self._taken = 0  # pages taken for a slice whose KVM_CLEAR_DIRTY_LOG runs: still to send
         self._last_sync_ns = 0
@@ -598,13 +602,49 @@ class Session:
             npages = len(pages)
         resent = self.dirty.pages_resent - resent  # sent before (the rest: for the first time)
         nbytes = npages * bpp
+        if self.window_budget and self.paused_at is None:  # QEMU's rate limiter (max-bandwidth)
+            dt, self._closing = self._rate_limited(nbytes, bpp)
+        else:
+            dt = int(math.ceil(nbytes * NS / rate_Bps))
         self.bytes_sent += nbytes
         self._pass_sent += nbytes
-        dt = int(math.ceil(nbytes * NS / rate_Bps))
         self._slice = (self.loop.now, dt, npages - resent, resent, nbytes)
         yield dt
         self._slice = None
         self.update_bandwidth()
+
+    def _rate_limited(self, nbytes: int, bpp: int) -> tuple[int, tuple]:
+        """QEMU's rate limiter over a send of ``nbytes`` (whole wire pages of ``bpp`` bytes) that
+        begins now: migration_rate_exceeded lets pages go at the link's rate while the window
+        (BUFFER_DELAY, 100 ms) has sent no more than its budget, ``window_budget`` (max-bandwidth
+        / XFER_LIMIT_RATIO; the page that passes it included); then migration_rate_limit waits
+        for the window's end, where migration_update_counters measures it and the next window
+        begins with a new budget (no debt carried over); a window that ran past its 100 ms
+        (a long sync in it) is measured as soon as the thread gets there. The migration thread's
+        other work (a sync, a CLEAR) thus costs no sending time while it fits in a window's
+        idle time. Returns (ns until the thread acts again, its wait for the window's end
+        included; what :meth:`update_bandwidth` applies when the send is over: the last window
+        closed, as (start, bytes, end) or None, and the window under way, as (start, bytes))."""
+        link = self.cfg.link.link_Bps
+        budget = self.window_budget
+        now = t = self.loop.now
+        t0, used = self._bw_t0, self.bytes_sent - self._bw_b0
+        closed = None
+        left = nbytes
+        while True:
+            if used > budget:  # exceeded: the thread waits for the window's end
+                end = max(t, t0 + BW_WINDOW_NS)
+                closed, t0, used, t = (t0, used, end), end, 0, end
+            if not left:
+                break
+            n = min(left, ((budget - used) // bpp + 1) * bpp)
+            t += int(math.ceil(n * NS / link))
+            used += n
+            left -= n
+        if closed is None or closed[2] < t:
+            if t - t0 >= BW_WINDOW_NS:  # a window past its time, not exceeded: measured when the thread gets there
+                closed, t0, used = (t0, used, t), t, 0
+        return t - now, (closed, (t0, used))
 
     def _in_flight(self, now: int) -> tuple[int, int, int, int]:
         """(pages, bytes, pages sent for the first time, pages re-sent) of the slice being sent
@@ -643,15 +683,24 @@ class Session:
         the migration thread's loop, which the switchover leaves); a checkpoint goes on
         measuring its writes while paused (:attr:`measures_paused`)."""
         now = self.loop.now
+        closing, self._closing = self._closing, None
         if self.paused_at is not None and not self.measures_paused:
             return
-        if now - self._bw_t0 >= BW_WINDOW_NS:
-            sent = self.bytes_sent - self._bw_b0
-            self.bandwidth_Bps = sent * NS / (now - self._bw_t0)
-            self.threshold_bytes = int(self.bandwidth_Bps * self.cfg.link.downtime_limit_ms / 1000.0)
+        if closing is not None:  # a rate-limited send's windows (:meth:`_rate_limited`)
+            closed, (t0, used) = closing
+            if closed is not None:
+                self._measure(closed[1], closed[2] - closed[0])
+            self._bw_t0, self._bw_b0 = t0, self.bytes_sent - used
+        elif now - self._bw_t0 >= BW_WINDOW_NS:
+            self._measure(self.bytes_sent - self._bw_b0, now - self._bw_t0)
             self._bw_t0, self._bw_b0 = now, self.bytes_sent
-            if sent > 10_000 and self.throttle.trigger.dirty_pages_rate and self.paused_at is None:  # (checkpoints)
-                self.expected_downtime_s = self._dirty_bytes_last_sync / self.bandwidth_Bps
+
+    def _measure(self, sent: int, ns: int) -> None:
+        """migration_update_counters over a window of ``ns`` that sent ``sent`` bytes."""
+        self.bandwidth_Bps = sent * NS / ns
+        self.threshold_bytes = int(self.bandwidth_Bps * self.cfg.link.downtime_limit_ms / 1000.0)
+        if sent > 10_000 and self.throttle.trigger.dirty_pages_rate and self.paused_at is None:  # (checkpoints)
+            self.expected_downtime_s = self._dirty_bytes_last_sync / self.bandwidth_Bps
 
     def start_bandwidth_window(self) -> None:
         self._bw_t0, self._bw_b0 = self.loop.now, self.bytes_sent
