@@ -176,7 +176,10 @@ class Session:
         # vCPU threads
         self.vstate = [OUT] * nv
         self.vproc: list[Process | None] = [None] * nv
+        # auto-converge's queued sleep per vCPU (ns, 0: none), kept until it is over: QEMU's
+        # throttle_thread_scheduled, and the work a run_on_cpu queued after it waits behind
         self.throttle_work = np.zeros(nv, dtype=np.int64)
+        self._sleep_over = [Signal() for _ in range(nv)]
         # the throttle sleep a vCPU thread is in (start, length: 0 none), counted as it passes
         self._throttle_from = np.zeros(nv, dtype=np.int64)
         self._throttle_len = np.zeros(nv, dtype=np.int64)
@@ -317,9 +320,7 @@ class Session:
                     yield self._resume
                     self.vstate[i] = OUT
                 elif self.throttle_work[i] > 0:
-                    w = int(self.throttle_work[i])
-                    self.throttle_work[i] = 0
-                    yield from self._auto_converge_sleep(i, w)
+                    yield from self._auto_converge_sleep(i, int(self.throttle_work[i]))
                 else:
                     break
             e = self.vcpus[i].run()
@@ -334,22 +335,28 @@ class Session:
         """cpu_throttle_thread on vCPU ``i``'s thread: queued work, which the thread runs from
         process_queued_cpu_work with the big lock held (kvm_cpu_exec takes it when KVM_RUN
         returns), so the sleep starts once the thread has the lock; the timed wait releases it,
-        and the thread takes it again when it wakes (then drops it for KVM_RUN). Lock waits
-        count as stall time. A process step."""
+        and the thread takes it again when it wakes (then drops it for KVM_RUN). A VM stopped
+        meanwhile has the thread stopped first (qemu_wait_io_event_common), so the pause does
+        not wait for the sleep: it is skipped. Lock waits count as stall time. The sleep stays
+        queued (``throttle_work``) until it is over: no second one is queued meanwhile, and a
+        run_on_cpu queued after it waits for it (:meth:`run_on_all_vcpus`). A process step."""
         loop = self.loop
         t0 = loop.now
         yield self.bql
         self.stall_ns[i] += loop.now - t0
         self.bql.release()
-        self.vstate[i] = SLEEP
-        self._throttle_sleep(i, loop.now, sleep_ns)
-        yield sleep_ns
-        self._throttle_woke(i)
-        self.vstate[i] = OUT
-        t0 = loop.now
-        yield self.bql
-        self.stall_ns[i] += loop.now - t0
-        self.bql.release()
+        if not self.paused:
+            self.vstate[i] = SLEEP
+            self._throttle_sleep(i, loop.now, sleep_ns)
+            yield sleep_ns
+            self._throttle_woke(i)
+            self.vstate[i] = OUT
+            t0 = loop.now
+            yield self.bql
+            self.stall_ns[i] += loop.now - t0
+            self.bql.release()
+        self.throttle_work[i] = 0
+        self._sleep_over[i].fire()
 
     def _throttle_sleep(self, i: int, start: int, length: int) -> None:
         """vCPU ``i``'s thread sleeps for the throttle from ``start`` for ``length`` ns (it may
@@ -389,7 +396,9 @@ class Session:
         t0 = self.loop.now
         for i, v in enumerate(self.vcpus):
             st, proc = self.vstate[i], self.vproc[i]
-            if st in (SLEEP, DLSLEEP) and proc is not None and proc.pending is not None:
+            if self.throttle_work[i] > 0 and st in (OUT, SLEEP):  # an auto-converge sleep queued ahead, under way or not begun
+                yield self._sleep_over[i]
+            elif st in (SLEEP, DLSLEEP) and proc is not None and proc.pending is not None:
                 if proc.pending[0] > self.loop.now:
                     yield proc.pending[0] - self.loop.now
             elif st == GUEST:
@@ -417,6 +426,7 @@ class Session:
         for i in range(len(self.vcpus)):
             if self.throttle_work[i] == 0 and self.vstate[i] != SLEEP:
                 self.throttle_work[i] = sleep_ns
+                self._sleep_over[i].reset()
                 if self.vstate[i] == GUEST:
                     e = self.vcpus[i].kick()
                     if e is not None:
