@@ -48,9 +48,14 @@ class MigrationRun(Session):
         # no debt carried over) lets at least one page through per window: a max-bandwidth
         # below a page per 100 ms still sends that much (the link permitting)
         floor_Bps = self.page_wire_bytes * NS / BW_WINDOW_NS
-        self.rate_Bps = min(link.link_Bps, max(link.rate_Bps, floor_Bps))  # (the average: sizes the slices)
-        if link.rate_Bps < link.link_Bps:  # the sends go in bursts at the link's rate (Session._rate_limited)
-            self.window_budget = int(link.rate_Bps * BW_WINDOW_NS / NS)
+        # (max-bandwidth / 10 as whole bytes: 0, from a max-bandwidth below 10 B/s, is QEMU's
+        # RATE_LIMIT_DISABLED, no limit at all)
+        budget = int(link.rate_Bps * BW_WINDOW_NS / NS) if link.rate_Bps < link.link_Bps else 0
+        if budget:  # the sends go in bursts at the link's rate (Session._rate_limited)
+            self.window_budget = budget
+            self.rate_Bps = min(link.link_Bps, max(link.rate_Bps, floor_Bps))  # (the average: sizes the slices)
+        else:
+            self.rate_Bps = link.link_Bps
         self.final_rate_Bps = link.link_Bps  # migration_completion: no rate limit
 
     def _main(self):

@@ -574,8 +574,10 @@ class Session:
                    deadline: int | None = None):
         """ram_save_iterate, k times in a row: send dirty pages for k ~50 ms slices at ``rate_Bps``.
 
-        QEMU checks the pending estimate between two 50 ms slices; k is the number of slices
-        before the first check that would act: the estimate falling below ``stop_below`` bytes
+        QEMU checks the pending estimate between two 50 ms slices (with the rate limiter in
+        force, between two of its 100 ms windows: a slice is then a window's budget, and the
+        first what is left of the window under way); k is the number of slices before the first
+        check that would act: the estimate falling below ``stop_below`` bytes
         (the switchover threshold), or ``deadline`` (give-up, or auto-converge's dirty-sync
         tick) passing; at most
         ``MAX_SLICE_NS`` worth. Sending k slices at once is exact for the pages sent (see
@@ -583,9 +585,13 @@ class Session:
         collector a slice never runs into a second 1 GiB chunk that still needs its CLEAR, so
         every CLEAR happens just before its chunk is sent, as in QEMU."""
         bpp = self.page_wire_bytes
-        n50 = max(1, int(rate_Bps * SLICE_NS / NS / bpp))
-        if max_pages is None:
+        limited = self.window_budget and self.paused_at is None  # QEMU's rate limiter (max-bandwidth)
+        if limited:  # whole windows: QEMU checks between two, once the budget is spent and the window over
+            n50, slice_ns = self.window_budget // bpp + 1, BW_WINDOW_NS
+        else:
+            n50 = max(1, int(rate_Bps * SLICE_NS / NS / bpp))
             slice_ns = max(SLICE_NS, int(math.ceil(n50 * bpp * NS / rate_Bps)))  # (a page can take longer)
+        if max_pages is None:
             k = max(1, MAX_SLICE_NS // slice_ns)
             mig = self.dirty.mig_count
             if stop_below:
@@ -593,6 +599,10 @@ class Session:
             if deadline is not None:
                 k = min(k, max(1, -(-(deadline - self.loop.now) // slice_ns)))
             max_pages = k * n50
+            if limited:  # what is left of the window under way
+                used = self.bytes_sent - self._bw_b0
+                max_pages -= n50 - ((self.window_budget - used) // bpp + 1 if used <= self.window_budget else 0)
+                max_pages = max(max_pages, 1)
         run = None if self.collector.reads_slices else self.dirty.take_run(max_pages)
         resent = self.dirty.pages_resent
         if run is not None:  # consecutive pages (the bulk stage): no index array
@@ -612,13 +622,14 @@ class Session:
             npages = len(pages)
         resent = self.dirty.pages_resent - resent  # sent before (the rest: for the first time)
         nbytes = npages * bpp
-        if self.window_budget and self.paused_at is None:  # QEMU's rate limiter (max-bandwidth)
-            dt, self._closing = self._rate_limited(nbytes, bpp)
+        bursts = None
+        if limited:
+            dt, bursts, self._closing = self._rate_limited(nbytes, bpp)
         else:
             dt = int(math.ceil(nbytes * NS / rate_Bps))
         self.bytes_sent += nbytes
         self._pass_sent += nbytes
-        self._slice = (self.loop.now, dt, npages - resent, resent, nbytes)
+        self._slice = (self.loop.now, dt, npages - resent, resent, nbytes, bursts)
         yield dt
         self._slice = None
         self.update_bandwidth()
@@ -633,13 +644,15 @@ class Session:
         (a long sync in it) is measured as soon as the thread gets there. The migration thread's
         other work (a sync, a CLEAR) thus costs no sending time while it fits in a window's
         idle time. Returns (ns until the thread acts again, its wait for the window's end
-        included; what :meth:`update_bandwidth` applies when the send is over: the last window
-        closed, as (start, bytes, end) or None, and the window under way, as (start, bytes))."""
+        included; the bursts on the wire, (start, end, bytes) each, for :meth:`_in_flight`;
+        what :meth:`update_bandwidth` applies when the send is over: the last window closed, as
+        (start, bytes, end) or None, and the window under way, as (start, bytes))."""
         link = self.cfg.link.link_Bps
         budget = self.window_budget
         now = t = self.loop.now
         t0, used = self._bw_t0, self.bytes_sent - self._bw_b0
         closed = None
+        bursts = []
         left = nbytes
         while True:
             if used > budget:  # exceeded: the thread waits for the window's end
@@ -648,13 +661,15 @@ class Session:
             if not left:
                 break
             n = min(left, ((budget - used) // bpp + 1) * bpp)
-            t += int(math.ceil(n * NS / link))
+            t1 = t + int(math.ceil(n * NS / link))
+            bursts.append((t, t1, n))
+            t = t1
             used += n
             left -= n
         if closed is None or closed[2] < t:
             if t - t0 >= BW_WINDOW_NS:  # a window past its time, not exceeded: measured when the thread gets there
                 closed, t0, used = (t0, used, t), t, 0
-        return t - now, (closed, (t0, used))
+        return t - now, bursts, (closed, (t0, used))
 
     def _in_flight(self, now: int) -> tuple[int, int, int, int]:
         """(pages, bytes, pages sent for the first time, pages re-sent) of the slice being sent
@@ -664,14 +679,25 @@ class Session:
         pages re-sent than sent."""
         if self._slice is None:
             return 0, 0, 0, 0
-        t0, dt, new, resent, nbytes = self._slice
+        t0, dt, new, resent, nbytes, bursts = self._slice
         if not dt:
             return 0, 0, 0, 0
-        done = (now - t0) / dt  # share on the wire, clamped to [0, 1]
-        done = (done if done < 1.0 else 1.0) if done > 0.0 else 0.0
-        left = 1.0 - done
+        if bursts:  # a rate-limited send: its bursts at the link's rate, each on the wire pro rata
+            gone = 0
+            for a, b, n in bursts:
+                if now >= b:
+                    gone += n
+                elif now > a:
+                    gone += n * (now - a) // (b - a)
+            bytes_left = nbytes - gone
+            left = bytes_left / nbytes
+        else:
+            done = (now - t0) / dt  # share on the wire, clamped to [0, 1]
+            done = (done if done < 1.0 else 1.0) if done > 0.0 else 0.0
+            left = 1.0 - done
+            bytes_left = int(nbytes * left)
         new_left, resent_left = int(new * left), int(resent * left)
-        return new_left + resent_left, int(nbytes * left), new_left, resent_left
+        return new_left + resent_left, bytes_left, new_left, resent_left
 
     def send_bytes(self, nbytes: int, rate_Bps: float):
         """Send ``nbytes`` that are not pages (the device state): on the wire pro rata as a
@@ -680,7 +706,7 @@ class Session:
             self.bytes_sent += nbytes
             self._pass_sent += nbytes
             dt = int(math.ceil(nbytes * NS / rate_Bps))
-            self._slice = (self.loop.now, dt, 0, 0, nbytes)
+            self._slice = (self.loop.now, dt, 0, 0, nbytes, None)
             yield dt
             self._slice = None
 
