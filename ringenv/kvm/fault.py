@@ -33,8 +33,10 @@ from .ring import push_all, ring_used
 
 AHEAD = 16  # events to look ahead when prefetching a page's state and version
 
-WP, CLEAN, UNMAPPED = 1, 2, 4
-NOT_WP, NOT_CLEAN, NOT_UNMAPPED = 0xFF ^ WP, 0xFF ^ CLEAN, 0xFF ^ UNMAPPED  # u8 masks
+# RO (x86 PML only): mapped write-protected (W=0), not merely with a clear dirty bit: a write is
+# an EPT violation, not a PML-logged store (the pages of a huge mapping split at a write fault)
+WP, CLEAN, UNMAPPED, RO = 1, 2, 4, 8
+NOT_WP, NOT_CLEAN, NOT_UNMAPPED, NOT_RO = 0xFF ^ WP, 0xFF ^ CLEAN, 0xFF ^ UNMAPPED, 0xFF ^ RO  # u8 masks
 
 CUT_NONE, CUT_FULL, CUT_SYNC, CUT_DONE, CUT_MMIO, CUT_TICK, CUT_FAULT, CUT_PML_FULL = 0, 1, 2, 3, 4, 5, 6, 7
 
@@ -51,9 +53,9 @@ def _clear_wp(state, block_map, g, blk, inblock, block_pages):  # pragma: no cov
         block_map[blk] = BLOCK
         b0 = blk * block_pages
         for p in range(b0, b0 + block_pages):
-            state[p] &= NOT_WP
+            state[p] &= NOT_WP & NOT_RO
     else:
-        state[g] &= NOT_WP
+        state[g] &= NOT_WP & NOT_RO
 
 
 @njit(nogil=True)
@@ -88,8 +90,9 @@ def walk_writes(gpi, vc, code, reads, first_touch, slot_of, state, version, bloc
     ring, and if that leaves the ring soft-full the walk stops there (cut CUT_PML_FULL, the
     write not consumed: it is proposed again after re-entry). PML logs only a write to a mapped,
     writable page whose dirty bit is clear; a write to a page not mapped yet, or under a huge
-    mapping that logging write-protected (the fault splits it: the huge SPTE is zapped, so the
-    block's other pages are unmapped until faults of their own), is an EPT violation: a VM exit,
+    mapping that logging write-protected (the fault splits it: the TDP MMU's tdp_mmu_split_huge_page
+    fills the new table with write-protected 4K children, ``RO``, whose writes fault too), is
+    an EPT violation: a VM exit,
     which flushes the vCPU's buffer into its ring first (vmx_handle_exit), and the fault installs
     a writable SPTE with the dirty bit set and pushes the page itself (make_spte ->
     mark_page_dirty_in_slot); the push is left in ``push_v`` as ``-1 - v`` (a direct push,
@@ -137,7 +140,7 @@ def walk_writes(gpi, vc, code, reads, first_touch, slot_of, state, version, bloc
         k = slot_of[i]
         full = late = False
         read = reads[i] != 0
-        ept = pml_buf > 0 and not read and s & UNMAPPED != 0  # (a split fault joins below)
+        ept = pml_buf > 0 and not read and s & (UNMAPPED | RO) != 0  # (a split fault joins below)
         if readonly and not read and mode[k] & READONLY:
             # kvm_handle_guest_abort -> io_mem_abort: the store exits as MMIO and completes there
             return i + 1, CUT_MMIO, npush, nsplit, ndirty, True
@@ -209,11 +212,11 @@ def walk_writes(gpi, vc, code, reads, first_touch, slot_of, state, version, bloc
                     split_v[nsplit] = v
                     split_b[nsplit] = blk
                     nsplit += 1
-                    if ept:  # x86 zaps the huge SPTE: the block's other pages wait for faults of their own
+                    if ept:  # the TDP MMU splits the huge SPTE into write-protected 4K children
                         b0 = blk * block_pages
                         for p in range(b0, b0 + block_pages):
-                            state[p] |= UNMAPPED
-                state[g] &= NOT_WP & NOT_UNMAPPED
+                            state[p] |= RO
+                state[g] &= NOT_WP & NOT_UNMAPPED & NOT_RO
                 push_v[npush] = -1 - v if ept else v
                 push_g[npush] = g
                 npush += 1

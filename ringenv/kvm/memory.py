@@ -40,6 +40,7 @@ from ..jit import njit
 WP = np.uint8(1)
 CLEAN = np.uint8(2)
 UNMAPPED = np.uint8(4)
+RO = np.uint8(8)  # x86 PML: mapped write-protected, not merely dirty-bit clear (fault.RO)
 WP_CLEAN = np.uint8(WP | CLEAN)  # protect_masked and fault.walk_writes use these values (1, 2, 3)
 
 BLOCK, SPLIT_HUGE = 1, 2  # block_map values (0: a table of pages)
@@ -113,7 +114,7 @@ class Memslot:
         (kvm_mmu_slot_leaf_clear_dirty), not write-protected them; only huge mappings were
         (kvm_mmu_slot_remove_write_access at PG_LEVEL_2M). The pages mapped, not by a block,
         are writable: a write costs nothing (a page not mapped yet still faults)."""
-        pages = (self.state & UNMAPPED) == 0
+        pages = (self.state & (UNMAPPED | RO)) == 0  # (a split huge page's 4K children stay write-protected)
         if self.nblocks:
             pages[: self.nblocks * self.block_pages] &= np.repeat(self.blocks != BLOCK, self.block_pages)
         self.state[pages] &= ~(WP | CLEAN)
@@ -145,7 +146,7 @@ class Memslot:
         self.blocks[blocks[~present]] = SPLIT_HUGE
         blocks, st, mapped = blocks[present], st[present], mapped[present]
         wp = (st[np.arange(len(blocks)), mapped.argmax(axis=1)] & WP) != 0
-        view[blocks] = np.where(wp[:, None], st | WP_CLEAN, st & ~(WP | CLEAN)) & ~UNMAPPED
+        view[blocks] = np.where(wp[:, None], st | WP_CLEAN, st & ~(WP | CLEAN)) & ~(UNMAPPED | RO)
         self.blocks[blocks] = BLOCK
         return len(blocks)
 

@@ -124,14 +124,15 @@ def test_x86_pml_write_under_a_huge_mapping_logging_protected_faults_splits_and_
     mappings (kvm_mmu_slot_apply_flags -> kvm_mmu_slot_remove_write_access at PG_LEVEL_2M) and
     clears the 4K dirty bits. A write under a huge mapping is then a write-protection EPT
     violation, not a PML-logged store: the VM exit flushes the buffer, the fault replaces the
-    huge SPTE by 4K ones (dirty logging forbids the huge page; the TDP MMU zaps it, so the
-    block's other pages are unmapped until their own faults) and installs the written page's
+    huge SPTE by 4K ones (dirty logging forbids the huge page; the TDP MMU's
+    tdp_mmu_split_huge_page fills the new table with 4K children that keep the huge SPTE's
+    write protection, so the block's other pages fault on their writes too) and installs the written page's
     SPTE writable with the dirty bit set, pushing it itself (make_spte ->
     mark_page_dirty_in_slot).
 
     Hand-worked: ring 1024, one 512-page block mapped before logging; write page 3: 1 fault,
     1 split, the ring holds page 3 at once, the buffer is empty, the fault costs a write-protect
-    fault and the split. Then page 7 of the same (now split) block: unmapped, another EPT
+    fault and the split. Then page 7 of the same (now split) block: write-protected, another EPT
     violation: the ring holds [3, 7], still nothing in the buffer. The simulator logged page 3
     into the PML buffer (ring empty)."""
     import yaml
