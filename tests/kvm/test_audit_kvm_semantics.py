@@ -7,6 +7,9 @@ Expected values are worked by hand in each docstring.
 
 from __future__ import annotations
 
+import yaml
+
+from ringenv.config import CONFIG_DIR, HostProfile
 from ringenv.guest.trace import TraceProgram
 from ringenv.kvm import Vm
 from ringenv.kvm import uapi as U
@@ -119,6 +122,23 @@ def test_reset_counts_only_the_reprotect_calls_kvm_makes():
     assert h.vm.stats.reprotect_calls - calls0 == 1
 
 
+def _x86_pml_lazy_split_vm(writes, syncs=None, reads=None):
+    """x86-pml with eager_page_split off (the TDP MMU on, as the profile says), ring 1024, one
+    1024-page slot backed by huge pages and mapped (two 512-page blocks) before logging was
+    enabled, one vCPU replaying ``writes`` 5 ns apart, faults taking no guest time."""
+    data = yaml.safe_load((CONFIG_DIR / "hosts" / "x86-pml.yaml").read_text())
+    prof = HostProfile.parse({**data, "eager_page_split": False}, where="host profile")
+    assert prof.tdp_mmu and prof.pml
+    vm = Vm(prof)
+    vm.enable_cap(U.KVM_CAP_DIRTY_LOG_RING_ACQ_REL, 1024 * 16)
+    vm.set_user_memory_region(0, 0, 0, 1024 * vm.page_size, block_fraction=1.0)
+    vm.set_user_memory_region(0, U.KVM_MEM_LOG_DIRTY_PAGES, 0, 1024 * vm.page_size, block_fraction=1.0)
+    v = vm.create_vcpu(0)
+    vm.attach_guest(TraceProgram([writes], [syncs or []], reads=None if reads is None else [reads],
+                                 write_ns=5, fault_ns=0))
+    return vm, v
+
+
 def test_x86_pml_write_under_a_huge_mapping_logging_protected_faults_splits_and_pushes_at_once():
     """x86 with PML and eager_page_split off: enabling logging write-protects the slot's huge
     mappings (kvm_mmu_slot_apply_flags -> kvm_mmu_slot_remove_write_access at PG_LEVEL_2M) and
@@ -135,18 +155,7 @@ def test_x86_pml_write_under_a_huge_mapping_logging_protected_faults_splits_and_
     fault and the split. Then page 7 of the same (now split) block: write-protected, another EPT
     violation: the ring holds [3, 7], still nothing in the buffer. The simulator logged page 3
     into the PML buffer (ring empty)."""
-    import yaml
-
-    from ringenv.config import CONFIG_DIR, HostProfile
-
-    data = yaml.safe_load((CONFIG_DIR / "hosts" / "x86-pml.yaml").read_text())
-    prof = HostProfile.parse({**data, "eager_page_split": False}, where="host profile")
-    vm = Vm(prof)
-    vm.enable_cap(U.KVM_CAP_DIRTY_LOG_RING_ACQ_REL, 1024 * 16)
-    vm.set_user_memory_region(0, 0, 0, 1024 * vm.page_size, block_fraction=1.0)
-    vm.set_user_memory_region(0, U.KVM_MEM_LOG_DIRTY_PAGES, 0, 1024 * vm.page_size, block_fraction=1.0)
-    v = vm.create_vcpu(0)
-    vm.attach_guest(TraceProgram([[3, 7]], [[]], write_ns=5, fault_ns=0))
+    vm, v = _x86_pml_lazy_split_vm([3, 7])
     assert v.run() is None
     assert vm.run_until(5) == []
     assert (v.ring.dirty_index, v.pml_count, v.stats.faults, vm.stats.splits) == (1, 0, 1, 1)
@@ -155,3 +164,64 @@ def test_x86_pml_write_under_a_huge_mapping_logging_protected_faults_splits_and_
     assert vm.run_until(10) == []
     assert (v.ring.dirty_index, v.pml_count, v.stats.faults) == (2, 0, 2)
     assert [int(x) for x in v.ring.gfns["offset"][:2]] == [3, 7]
+
+
+def test_x86_pml_write_after_a_read_under_a_lazily_split_huge_mapping_is_an_ept_violation():
+    """PML logs only a write that sets the dirty bit of a present, WRITABLE SPTE (the change's
+    own rule, fault.walk_writes: "PML logs only a write to a mapped, writable page whose dirty
+    bit is clear"). With PML, enabling logging write-protects the huge SPTEs
+    (kvm_mmu_slot_apply_flags -> kvm_mmu_slot_remove_write_access(..., PG_LEVEL_2M)).
+
+    The TDP MMU (tdp_mmu: true in x86-pml.yaml) does not zap a huge SPTE on a write fault:
+    kvm_tdp_mmu_map meets the present huge SPTE above the 4K goal level and calls
+    tdp_mmu_split_huge_page(kvm, &iter, sp, true), which fills the new table with 512 child
+    SPTEs made from the huge one (make_huge_page_split_spte), i.e. present and write-protected
+    like it. The block's other pages stay mapped, read-only.
+
+    Trace: write 3 (EPT violation: split, page 3 writable+dirty, pushed: ring [3]), read 7 (a
+    present child: no exit), write 7: the child is not writable, so the write is another EPT
+    violation (its exit flushes the empty PML buffer; fast_page_fault / make_spte make it
+    writable and mark_page_dirty_in_slot pushes page 7): ring [3, 7], PML buffer empty, two
+    write-protect faults and one split charged. (The shadow MMU does zap the huge SPTE; page 7
+    then takes a fault of its own at the read or at the write, pushed by the fault: ring [3, 7]
+    and an empty buffer either way.)
+
+    The simulator models the split as a zap (every page of the block UNMAPPED); the read then
+    "maps page 7 read-only" (UNMAPPED cleared, WP kept), and the write to the read-only page
+    is taken as a PML-logged store: page 7 sits in the PML buffer (pml_count 1), ring [3],
+    charged dirty_write_ns (5 ns) instead of a fault. Without the read the same write is an
+    EPT violation pushed at once (the change's own test)."""
+    vm, v = _x86_pml_lazy_split_vm([3, 7, 7], reads=[1])
+    c = vm.profile.costs
+    assert v.run() is None
+    assert vm.run_until(15) == []
+    ring = [int(x) for x in v.ring.gfns["offset"][: v.ring.dirty_index]]
+    assert (ring, v.pml_count) == ([3, 7], 0), "page 7's write is an EPT violation, pushed at once"
+    assert v.stats.fault_ns >= 2 * c.wp_fault_ns + c.split_ns
+
+
+def test_x86_pml_logging_off_recovers_a_lazily_split_huge_page_write_protected():
+    """Same host (TDP MMU, PML, lazy split). Turning logging off, kvm_mmu_slot_apply_flags ->
+    kvm_mmu_recover_huge_pages -> the TDP MMU's recover_huge_pages_range installs the huge SPTE
+    in place, built from the FIRST present 4K SPTE under it (tdp_mmu_make_huge_spte ->
+    make_huge_spte keeps that SPTE's permissions; Vm._commit_logging_off /
+    Memslot.recover_huge_pages model exactly this).
+
+    Write page 5 (EPT violation, the huge SPTE split in place: 512 present children,
+    write-protected like the huge SPTE, page 5 made writable), sync exit, logging off: the
+    first present child is page 0, still write-protected, so the recovered huge SPTE is
+    write-protected; the next write (page 9) is a protection fault: one fault, wp_fault_ns
+    (nothing logged). The simulator's x86-nopml twin gives exactly that.
+
+    With PML the simulator zapped pages 0..511 but 5 at the split (UNMAPPED), so the first
+    "present" page is page 5, writable: the whole block is recovered writable and the write to
+    page 9 costs nothing (0 faults)."""
+    vm, v = _x86_pml_lazy_split_vm([5, 9], syncs=[0])
+    assert v.run() is None
+    assert [e.kind for e in vm.run_until(100)] == ["sync"]
+    vm.set_user_memory_region(0, 0, 0, 1024 * vm.page_size, block_fraction=1.0)  # logging off
+    f0, ns0 = v.stats.faults, v.stats.fault_ns
+    assert v.run() is None
+    assert [e.kind for e in vm.run_until(1000)] == ["done"]
+    assert v.stats.faults - f0 == 1, "the recovered huge SPTE is write-protected as page 0's child was"
+    assert v.stats.fault_ns - ns0 >= vm.profile.costs.wp_fault_ns

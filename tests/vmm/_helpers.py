@@ -28,3 +28,46 @@ def on_pause(run, record):
         return (yield from pause())
 
     run.pause_vm = spy
+
+
+def hold_bql(run, hold_ns):
+    """Another thread (a reaper, a sync's merge) takes the big lock now and holds it for
+    ``hold_ns``. Returns the time it took the lock."""
+    def holder():
+        yield run.bql
+        run.bql.release_at(run.loop.now + hold_ns)
+        yield hold_ns
+
+    run.spawn(holder(), run.PRIO_MAIN, "bql-holder")
+    run.advance(run.loop.now)
+    assert run.bql.held_at(run.loop.now)
+    return run.loop.now
+
+
+def sleep_starts(run):
+    """The throttle sleeps the vCPU threads begin from now on, as (vCPU, start): a list the run
+    fills as it goes."""
+    starts = []
+    sleep = run._throttle_sleep
+
+    def spy(i, start, length):
+        if length:
+            starts.append((i, start))
+        return sleep(i, start, length)
+
+    run._throttle_sleep = spy
+    return starts
+
+
+def ended_at(run, steps, until):
+    """Run the process steps ``steps`` (a generator, e.g. ``run.pause_vm()``) in a thread of the
+    VMM's own and the run up to ``until``. Returns when the steps ended (None: not by then)."""
+    out = {}
+
+    def proc():
+        yield from steps
+        out["t"] = run.loop.now
+
+    run.spawn(proc(), run.PRIO_MAIN, "steps")
+    run.advance(until)
+    return out.get("t")
