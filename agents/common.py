@@ -336,6 +336,15 @@ def wrap_env(env: gym.Env, wrapper=None, action_repeat: int = 1, where: str = "e
     return env
 
 
+def sb3_logger(verbose: int = 0):
+    """A stable-baselines3 logger writing to stdout (``verbose`` > 0) or nowhere. Without one,
+    every ``learn()`` without a TensorBoard log makes a folder in the system's temporary
+    directory (SB3's configure_logger) and leaves it there, empty."""
+    from stable_baselines3.common.logger import Logger, make_output_format
+
+    return Logger(folder=None, output_formats=[make_output_format("stdout", "")] if verbose else [])
+
+
 def check_out_dir(path, flag: str = "--out") -> Path:
     """``path`` as an output directory that can be made or written later, checked before any work
     (a run's results must not be lost at the end): not a file, under no file, writable."""

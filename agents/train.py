@@ -47,8 +47,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .common import (DEFAULT_ENV, TRAIN_CONFIG_DIR, FixedEpisodes, apply_overrides, check_env_id, check_out_dir,
-                     import_named, jsonable, load_hyperparams, make_env, module_main, parse_overrides, wrap_env,
-                     wrapper_specs)
+                     import_named, jsonable, load_hyperparams, make_env, module_main, parse_overrides, sb3_logger,
+                     wrap_env, wrapper_specs)
 
 
 @dataclass
@@ -504,6 +504,8 @@ def main(args: Args) -> Path:
     except (TypeError, ValueError, AssertionError, KeyError, RuntimeError) as e:  # (torch's: RuntimeError)
         venv.close()
         raise ValueError(f"{algo.upper()} rejected the hyperparameters ({hp_file.name} and --hp): {e}") from None
+    if tb is None:  # (else SB3 leaves an empty folder in the temporary directory per run)
+        model.set_logger(sb3_logger(args.verbose))
     _clear_earlier_run(run)
     run.mkdir(parents=True, exist_ok=True)
     meta = {"algo": algo, "env_id": env_id, "scenario": args.scenario, "split": args.split, "workloads": workloads,

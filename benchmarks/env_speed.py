@@ -83,7 +83,10 @@ def ppo_run(env, timesteps: int = TIMESTEPS) -> tuple[float, float, float]:
     from stable_baselines3 import PPO
 
     env = Timed(env)
+    from agents.common import sb3_logger
+
     model = PPO("MlpPolicy", env, n_steps=512, batch_size=64, seed=0, verbose=0, device="cpu")
+    model.set_logger(sb3_logger())  # (no empty folder left in the temporary directory)
     t0 = time.perf_counter()
     model.learn(total_timesteps=timesteps)
     wall = time.perf_counter() - t0

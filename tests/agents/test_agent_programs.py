@@ -19,8 +19,10 @@ SMALL = ["--set", "vm.memory=1GiB", "vm.vcpus=2"]
 TINY_PPO = ["--hp", "n_steps=32", "batch_size=32", "n_epochs=1"]
 
 
-def ringenv(*args, timeout=300):
+def ringenv(*args, timeout=300, tmpdir=None):
     env = dict(os.environ)
+    if tmpdir is not None:  # the temporary directory the program sees
+        env["TMPDIR"] = str(tmpdir)
     env["PYTHONPATH"] = str(ROOT) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
     p = subprocess.run([sys.executable, "-m", "ringenv", *map(str, args)], cwd=ROOT, env=env, capture_output=True,
                        text=True, timeout=timeout)
@@ -36,6 +38,17 @@ def ppo_run(tmp_path_factory):
                 "--checkpoints", 2, "--out", out, "--name", "ppo", "--no-progress", *SMALL, *TINY_PPO)
     (out / "train.log").write_text(p.stderr)
     return out / "ppo"
+
+
+def test_train_without_tensorboard_leaves_nothing_in_the_temporary_directory(tmp_path):
+    """stable-baselines3 makes a folder (SB3-<time>) in the temporary directory for every
+    learn() that has no TensorBoard log, and leaves it there: train gives such a model a
+    logger of its own instead. (torch keeps a cache folder there, reused from run to run.)"""
+    (tmp_path / "tmp").mkdir()
+    ringenv("train", "--timesteps", 64, "--n-envs", 1, "--vec-env", "dummy", "--out", tmp_path, "--name", "p",
+            "--no-progress", "--no-tensorboard", *SMALL, *TINY_PPO, tmpdir=tmp_path / "tmp")
+    assert (tmp_path / "p" / "final_model.zip").exists()
+    assert [p.name for p in (tmp_path / "tmp").iterdir() if p.name.startswith("SB3-")] == []
 
 
 def test_every_agent_subcommand_has_help():
