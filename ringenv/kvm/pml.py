@@ -12,12 +12,25 @@ docs/reference/kvm-dirty-ring.md s7.
 
 from __future__ import annotations
 
+import numba
 import numpy as np
 
 from ..arrays import words_at
 from ..jit import njit
 from .fault import FAULT_NS, PML_FLUSHES, PUSHES, UNTRACKED
 from .ring import ring_push, ring_used
+
+
+@numba.njit(inline="always")
+def _tracking_slot(g, base, end, mode):  # pragma: no cover - compiled
+    """The memslot (index into ``base``/``end``/``mode``) that maps gfn ``g`` and tracks dirty
+    pages, or -1: none maps it, or it has no dirty tracking (mark_page_dirty_in_slot)."""
+    k = base.shape[0] - 1
+    while k >= 0 and base[k] > g:
+        k -= 1
+    if k < 0 or g >= end[k] or mode[k] & UNTRACKED:
+        return -1
+    return k
 
 
 @njit(nogil=True)
@@ -33,14 +46,11 @@ def flush_one(v, pml, pml_n, base, end, kslot, mode, ring_addr, ring_ctr, soft_l
     n = pml_n[v]
     words = words_at(ring_addr[v, 0], 2 * ring_addr[v, 1])
     ctr = ring_ctr[v]
-    last = base.shape[0] - 1
     pushed = 0
     for j in range(n):
         g = pml[v, j]
-        k = last
-        while k >= 0 and base[k] > g:
-            k -= 1
-        if k < 0 or g >= end[k] or mode[k] & UNTRACKED:
+        k = _tracking_slot(g, base, end, mode)
+        if k < 0:
             continue
         ring_push(words, ctr, kslot[k], g - base[k])
         pushed += 1
@@ -57,10 +67,8 @@ def push_one(v, g, base, end, kslot, mode, ring_addr, ring_ctr, soft_limit, vsta
     """mark_page_dirty_in_slot for gfn ``g`` from vCPU v's fault (an EPT violation's SPTE made
     writable and dirty): pushed into v's ring, looked up in the memslots as :func:`flush_one`
     looks up a logged gfn; a push that leaves the ring soft-full sets ``soft_full[v]``."""
-    k = base.shape[0] - 1
-    while k >= 0 and base[k] > g:
-        k -= 1
-    if k < 0 or g >= end[k] or mode[k] & UNTRACKED:
+    k = _tracking_slot(g, base, end, mode)
+    if k < 0:
         return
     ctr = ring_ctr[v]
     ring_push(words_at(ring_addr[v, 0], 2 * ring_addr[v, 1]), ctr, kslot[k], g - base[k])

@@ -290,9 +290,7 @@ class Session:
                     self._note_parked()
                     return
                 if e.kind == "full":
-                    t0 = loop.now
-                    yield self.bql
-                    self.stall_ns[i] += loop.now - t0
+                    yield from self._bql_for_vcpu(i)
                     n, work = self.collector.reap(i if self.throttle.in_service else None)
                     ns = self.collector.reset(n)
                     self.bql.release_at(loop.now + work + ns)
@@ -331,6 +329,12 @@ class Session:
             if e.kind == "full" and self._wedged(i):
                 return
 
+    def _bql_for_vcpu(self, i: int):
+        """vCPU ``i``'s thread takes the big lock; the wait counts as its stall time. A process step."""
+        t0 = self.loop.now
+        yield self.bql
+        self.stall_ns[i] += self.loop.now - t0
+
     def _auto_converge_sleep(self, i: int, sleep_ns: int):
         """cpu_throttle_thread on vCPU ``i``'s thread: queued work, which the thread runs from
         process_queued_cpu_work with the big lock held (kvm_cpu_exec takes it when KVM_RUN
@@ -340,20 +344,15 @@ class Session:
         not wait for the sleep: it is skipped. Lock waits count as stall time. The sleep stays
         queued (``throttle_work``) until it is over: no second one is queued meanwhile, and a
         run_on_cpu queued after it waits for it (:meth:`run_on_all_vcpus`). A process step."""
-        loop = self.loop
-        t0 = loop.now
-        yield self.bql
-        self.stall_ns[i] += loop.now - t0
+        yield from self._bql_for_vcpu(i)
         self.bql.release()
         if not self.paused:
             self.vstate[i] = SLEEP
-            self._throttle_sleep(i, loop.now, sleep_ns)
+            self._throttle_sleep(i, self.loop.now, sleep_ns)
             yield sleep_ns
             self._throttle_woke(i)
             self.vstate[i] = OUT
-            t0 = loop.now
-            yield self.bql
-            self.stall_ns[i] += loop.now - t0
+            yield from self._bql_for_vcpu(i)
             self.bql.release()
         self.throttle_work[i] = 0
         self._sleep_over[i].fire()
@@ -600,9 +599,7 @@ class Session:
                 k = min(k, max(1, -(-(deadline - self.loop.now) // slice_ns)))
             max_pages = k * n50
             if limited:  # what is left of the window under way
-                used = self.bytes_sent - self._bw_b0
-                max_pages -= n50 - ((self.window_budget - used) // bpp + 1 if used <= self.window_budget else 0)
-                max_pages = max(max_pages, 1)
+                max_pages = max(max_pages - n50 + self._window_pages_left(self.bytes_sent - self._bw_b0, bpp), 1)
         run = None if self.collector.reads_slices else self.dirty.take_run(max_pages)
         resent = self.dirty.pages_resent
         if run is not None:  # consecutive pages (the bulk stage): no index array
@@ -634,6 +631,12 @@ class Session:
         self._slice = None
         self.update_bandwidth()
 
+    def _window_pages_left(self, used: int, bpp: int) -> int:
+        """Pages of ``bpp`` bytes a rate-limiter window that has sent ``used`` bytes still lets go:
+        while no more than its budget went out (migration_rate_exceeded), the page that passes
+        it included."""
+        return (self.window_budget - used) // bpp + 1 if used <= self.window_budget else 0
+
     def _rate_limited(self, nbytes: int, bpp: int) -> tuple[int, tuple]:
         """QEMU's rate limiter over a send of ``nbytes`` (whole wire pages of ``bpp`` bytes) that
         begins now: migration_rate_exceeded lets pages go at the link's rate while the window
@@ -660,7 +663,7 @@ class Session:
                 closed, t0, used, t = (t0, used, end), end, 0, end
             if not left:
                 break
-            n = min(left, ((budget - used) // bpp + 1) * bpp)
+            n = min(left, self._window_pages_left(used, bpp) * bpp)
             t1 = t + int(math.ceil(n * NS / link))
             bursts.append((t, t1, n))
             t = t1
