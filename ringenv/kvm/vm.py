@@ -218,8 +218,12 @@ class Vcpu:
         Otherwise the vCPU is in the guest from ``vm.now`` and None is returned; its next exit
         comes from :meth:`Vm.run_until`. A store that faulted and filled the ring re-executes
         first thing (if no memslot maps it any more, because userspace deleted or moved its slot
-        meanwhile, it exits as MMIO at once: :meth:`Vm._apply`)."""
+        meanwhile, it exits as MMIO at once: :meth:`Vm._apply`). A ring-full exit the vCPU took
+        at a kernel IPI and that nothing returned yet (:meth:`Vm._kick`) is returned first."""
         vm = self.vm
+        kicked = vm._kicked.pop(self.index, None)
+        if kicked is not None:  # the KVM_RUN under way returns its exit at an IPI first (Vm._kick)
+            return kicked
         if self.in_guest:  # KVM serialises KVM_RUN on vcpu->mutex: a second caller would wait
             raise RuntimeError(f"KVM_RUN on vCPU {self.index}, which is in KVM_RUN: KVM would block the call on "
                                "vcpu->mutex until the first returns; the simulator is single-threaded: run the "
@@ -244,7 +248,12 @@ class Vcpu:
         return None
 
     def kick(self) -> Exit | None:
-        """Force the vCPU out of the guest (QEMU's SIG_IPI: KVM_RUN returns with KVM_EXIT_INTR)."""
+        """Force the vCPU out of the guest (QEMU's SIG_IPI: KVM_RUN returns with KVM_EXIT_INTR).
+        A ring-full exit the vCPU took at a kernel IPI and not returned yet (:meth:`Vm._kick`) is
+        what its KVM_RUN returns instead."""
+        kicked = self.vm._kicked.pop(self.index, None)
+        if kicked is not None:
+            return kicked
         if not self.in_guest:
             return None
         return self.vm._exit(self, KVM_EXIT_INTR, "kick")
@@ -283,6 +292,7 @@ class Vm:
         self._no_pml = np.zeros(0, dtype=np.int64)  # per vCPU: PML buffer fill (always 0 without PML)
         self._pml = np.zeros((0, p.pml_buffer_entries if p.pml else 0), dtype=np.int64)  # PML buffers (kvm/pml.py)
         self._pml_n = np.zeros(0, dtype=np.int64)  # and how many gfns each holds
+        self._kicked: dict[int, Exit] = {}  # vCPU index -> its ring-full exit at an IPI, not yet returned (_kick)
         self._soft_full = np.zeros(0, dtype=bool)
         self._write_costs = (0, 0, 0)  # ns per fault, per split, per fault in an untracked slot (create_vcpu)
         self._tlbi_ns = p.tlbi_broadcast_ns(0)  # one VM-wide TLB invalidation (create_vcpu updates it)
@@ -430,6 +440,14 @@ class Vm:
         for name, f in (("block_fraction", block_fraction), ("mapped_fraction", mapped_fraction)):
             if not 0.0 <= f <= 1.0:
                 raise ValueError(f"{name} {f}: accepted 0.0..1.0")
+        if self._change_memslot(slot, as_id, flags, guest_phys_addr, memory_size, block_fraction, mapped_fraction):
+            self._kick()  # x86 kvm_arch_memslots_updated: every vCPU kicked once the new memslots are in
+
+    def _change_memslot(self, slot, as_id, flags, guest_phys_addr, memory_size, block_fraction,
+                        mapped_fraction) -> bool:
+        """:meth:`set_user_memory_region` once the arguments are checked: create, delete, move
+        or change the flags of the slot. Returns False if there was nothing to change."""
+        p = self.profile
         old = self._slot(slot, as_id)
         base, npages = guest_phys_addr // p.page_size, memory_size // p.page_size
         if npages == 0:
@@ -439,7 +457,7 @@ class Vm:
             self.slots.remove(old)
             self._layout()
             self.last_ioctl_ns = ns
-            return
+            return True
         if old is None:
             self._check_overlap(slot, as_id, base, npages)
             self._check_gpa_range(base, npages)
@@ -451,7 +469,7 @@ class Vm:
             # on over it
             fresh = bool((ms.state & UNMAPPED).all())
             self.last_ioctl_ns = self._logging_changed(ms, unmapped=fresh) if flags & KVM_MEM_LOG_DIRTY_PAGES else 0
-            return
+            return True
         if npages != old.npages:
             raise einval("a memslot cannot be resized (delete it and create it again)")
         if (flags ^ old.flags) & KVM_MEM_READONLY:
@@ -461,8 +479,10 @@ class Vm:
         elif flags != old.flags:  # KVM_MR_FLAGS_ONLY: LOG_DIRTY_PAGES changed
             old.flags = flags
             self.last_ioctl_ns = self._logging_changed(old)
-        else:
+        else:  # nothing to change: the kernel returns before touching the memslots
             self.last_ioctl_ns = 0
+            return False
+        return True
 
     def _check_slot_id(self, slot: int, as_id: int, ioctl: str) -> None:
         """as_id >= the profile's address spaces (kvm_arch_nr_memslot_as_ids) or slot id >=
@@ -785,8 +805,32 @@ class Vm:
         return total
 
     def _flush_tlbs(self) -> int:
+        """kvm_flush_remote_tlbs: one VM-wide TLB flush (counted; returns its time). On x86 it is
+        a request to every vCPU (KVM_REQ_TLB_FLUSH) with an IPI to those in the guest
+        (:meth:`_kick`); arm64 broadcasts TLBI instructions and takes no vCPU out."""
         self.stats.tlb_flushes += 1
+        self._kick()
         return self._tlbi_ns
+
+    def _kick(self) -> None:
+        """x86 PML: an IPI to every vCPU in the guest (kvm_make_all_cpus_request for a TLB flush or
+        the zap of a memslot delete or move; kvm_vcpu_kick of every vCPU once new memslots are
+        in place, kvm_arch_memslots_updated). Each takes a VM exit the kernel handles, which
+        flushes its PML buffer into its ring (vmx_handle_exit -> vmx_flush_pml_buffer: the gfns
+        looked up in the memslots as they are at the IPI; its time charged per entry), and
+        re-enters, unless the flush left its ring soft-full: then it exits with
+        KVM_EXIT_DIRTY_RING_FULL at once (the request, checked before re-entry), at ``now``.
+        That exit is returned by the next :meth:`run_until` before anything runs, or by
+        :meth:`Vcpu.kick` or :meth:`Vcpu.run` if they come first (KVM_RUN returns it). A vCPU
+        out of the guest gets no IPI (its buffer was flushed at its exit)."""
+        if not (self.profile.pml and self.ring_entries and self._pml_n.any()):
+            return
+        flush_all(self._running, *self._pml_args(), self._soft_full)
+        self._soft_full_requests()
+        for v in self.vcpus:
+            if v.in_guest and v.request_soft_full:
+                v.stats.full_exits += 1
+                self._kicked[v.index] = self._exit(v, KVM_EXIT_DIRTY_RING_FULL, "full")
 
     @property
     def _split_span(self) -> bool:
@@ -995,10 +1039,14 @@ class Vm:
         PML buffer into its ring: in the walk, before the first access at or after the tick or
         at the window's end (:func:`ringenv.kvm.fault.walk_writes`); a window with no access
         ends at the tick if a buffer holds anything (:meth:`_kernel_exit`). A flush that leaves
-        a ring soft-full makes that vCPU exit (KVM_EXIT_DIRTY_RING_FULL) at the tick."""
+        a ring soft-full makes that vCPU exit (KVM_EXIT_DIRTY_RING_FULL) at the tick. So does an
+        IPI's flush since the last call (:meth:`_kick`): those exits are returned first."""
         until = int(until)
         guest = self.guest
         tick = self._tick_ns if self.ring_entries else 0  # (PML logs into the buffer only with a ring)
+        if self._kicked:  # an IPI's flush (a reset's TLB flush, a memslot change) left a ring soft-full
+            exits = [self._kicked.pop(i) for i in sorted(self._kicked)]
+            return exits
         while self.now < until:
             running = self._running  # the guest reads it (and copies what it keeps)
             if guest is None or True not in running.tolist():
@@ -1071,10 +1119,10 @@ class Vm:
         changes which slot and offset it is, a gfn no slot maps any more pushes nothing, nor
         does one in a slot whose logging was turned off (mark_page_dirty_in_slot). The flush's
         time is paid for every entry (:func:`ringenv.kvm.pml.flush_one`). (The simulator
-        flushes at exits to userspace, at a write that finds the buffer full and at the
-        profile's timer ticks; the CPU also flushes at the VM exits it does not model, e.g. the
-        IPI of the TLB flush of a memslot delete or move, during which the invalidated old slot
-        is still found.)"""
+        flushes at exits to userspace, at a write that finds the buffer full, at the profile's
+        timer ticks and at the kernel's IPIs, :meth:`_kick`: any memslot change kicks the vCPUs
+        in the guest, a delete or move while the slot is still found, so a buffer never holds a
+        gfn of a slot gone by the time it is flushed.)"""
         flush_one(v.index, *self._pml_args(), self._soft_full)
         self._soft_full_requests()
 

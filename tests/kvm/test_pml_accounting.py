@@ -16,13 +16,19 @@ PAGE = 4096
 
 
 def test_gfn_at_a_slots_end_is_in_no_slot():
-    # slot 0 moves away; new slot 1 covers gfns 0..19 (end 20, exclusive): of the buffered
-    # gfns 0..39 only 0..19 are slot 1's offsets 0..19; gfn 20 (= end) maps nothing
+    # slot 0 moves away (its zap's IPI flushes the buffer: (0, 0..39)); new slot 1 covers gfns
+    # 0..19 (end 20, exclusive). The buffer filled again by hand with gfns 0..39 (no guest
+    # write can leave them there: tests/kvm/test_pml_ipis.py): only 0..19 are slot 1's offsets
+    # 0..19; gfn 20 (= end) maps nothing
     h = _buffered()
     h.vm.set_user_memory_region(0, LOG_, 8192 * PAGE, 1024 * PAGE)
+    assert h.harvest_entries(0) == [(0, k) for k in range(40)]
     h.vm.set_user_memory_region(1, LOG_, 0, 20 * PAGE)
+    v = h.vcpus[0]
+    v.pml[:40] = range(40)
+    v.pml_count = 40
     assert _kick(h) == [(1, k) for k in range(20)]
-    assert h.vcpus[0].stats.pushes == 20
+    assert v.stats.pushes == 40 + 20
 
 
 def test_flush_into_a_slot_whose_logging_was_turned_off_pushes_nothing():
