@@ -56,3 +56,10 @@ def test_the_memory_benchmark_reads_the_resident_set_after_each_marked_episode()
     assert rss_mb() > 10
     first, second, readings = growth("ringenv/Migration-v0", 4, readings=2, max_episode_s=1.0)
     assert len(readings) == 2 and first == readings[0] and second == readings[1] and first > 10
+
+
+def test_the_trace_replay_figure_times_the_whole_trace():
+    from benchmarks.host import trace_replay_us
+
+    us, writes = trace_replay_us(repeats=1)
+    assert writes == 21000 and 0 < us < 1000
