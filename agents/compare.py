@@ -20,7 +20,8 @@ from .common import EnvFacts, check_out_dir, module_main, parse_overrides
 from ringenv.config import load_workload
 
 from .evaluate import (EvalSettings, check_baseline, evaluate, load_policy, lost_writes, markdown_per_workload,
-                       markdown_table, per_workload, policy_env, run_episode, summarize, write_csv, write_results)
+                       markdown_table, per_workload, policy_env, run_episode, summarize, workloads_label, write_csv,
+                       write_results)
 from .heuristics import DEFAULT_SET
 
 
@@ -58,7 +59,8 @@ def main(args: Args) -> dict:
                         also=("per_workload.csv", "table.md") + pngs)
     write_csv(out / "per_workload.csv", per_workload(records))
     wls = list(dict.fromkeys(r["workload"] for r in records))
-    header = (f"Scenario {args.scenario}, {args.split} workloads ({', '.join(wls)}), {args.seeds} seeds each "
+    label = workloads_label(args.split, args.workloads)
+    header = (f"Scenario {args.scenario}, {label} ({', '.join(wls)}), {args.seeds} seeds each "
               f"(seeds {args.seed0}..{args.seed0 + args.seeds - 1}): mean ± 95% interval per episode; reward higher "
               f"is better; Δ is paired (same workload and seed).")
     table = markdown_table(rows, args.baseline)
@@ -70,7 +72,7 @@ def main(args: Args) -> dict:
         from . import plots
 
         written.append(plots.pareto(rows, out / "pareto.png",
-                                    f"{args.scenario}, {args.split} workloads, {args.seeds} seeds: downtime vs exit overhead"))
+                                    f"{args.scenario}, {label}, {args.seeds} seeds: downtime vs exit overhead"))
         wl = args.timeline_workload or ("oltp-heavy" if "oltp-heavy" in wls else wls[0])
         best = max(rows, key=lambda r: r["reward"])["spec"]
         evaluated = {r["spec"] for r in rows}  # (a policy its environment cannot run was left out)

@@ -398,6 +398,12 @@ def check_baseline(baseline: str, policies: list[str]) -> None:
         raise ValueError(f"--baseline {baseline!r}: not among the policies evaluated ({', '.join(policies)})")
 
 
+def workloads_label(split: str, workloads) -> str:
+    """How a report names the episodes' workloads: the split, or "explicit workloads" when they
+    were listed (--workloads; the split is then not used)."""
+    return "explicit workloads" if workloads else f"split {split}"
+
+
 def evaluation_env(env_id: str, scenario: str, split: str, workloads: list[str] | None,
                    overrides: dict) -> tuple[list[str], EnvFacts]:
     """The workloads the episodes run (the explicit ones, else the split's) and the facts of the
@@ -658,7 +664,8 @@ def main(args: Args) -> int:
     rows = summarize(records, args.baseline)
     out = write_results(args.out, records, rows, {"args": dataclasses.asdict(args), "wall_s": time.perf_counter() - t0})
     wls = sorted({r["workload"] for r in records})
-    print(f"\n{args.scenario}, split {args.split} ({', '.join(wls)}), {args.seeds} seed(s) each; mean ± 95% "
+    print(f"\n{args.scenario}, {workloads_label(args.split, args.workloads)} ({', '.join(wls)}), {args.seeds} seed(s) "
+          "each; mean ± 95% "
           f"interval; reward per episode (higher is better)\n")
     print(markdown_table(rows, args.baseline))
     print("\nmean reward per workload:\n")

@@ -532,7 +532,8 @@ def main(args: Args) -> Path:
     else:
         budget += f"{rounded} decisions = {rounded} env steps (action_repeat 1)"
     print(f"train: {algo.upper()} on {env_id} ({args.scenario}, {args.split}: {', '.join(train_workloads)}), "
-          f"{budget} of {control_ms:g} ms, {n_envs} envs ({meta['vec_env']}); run {run}", file=sys.stderr)
+          f"{budget} of {control_ms:g} ms, {n_envs} env{'s' if n_envs != 1 else ''} ({meta['vec_env']}); run {run}",
+          file=sys.stderr)
     t0 = time.perf_counter()
     interrupted = False
     try:

@@ -6,6 +6,9 @@ Importing the package registers the environments:
 - ``ringenv/Checkpoint-v0``: a fixed horizon of periodic checkpoints
 - ``ringenv/MigrationDiscrete-v0``, ``ringenv/CheckpointDiscrete-v0``: the same with the action
   flattened to one ``Discrete`` (for DQN)
+
+Its submodules load when first used: ``ringenv.config.scale_scenario(...)`` and
+``help(ringenv.env.MigrationEnv)`` work after a plain ``import ringenv``.
 """
 
 __version__ = "0.1.0"
@@ -14,11 +17,23 @@ __version__ = "0.1.0"
 def _register() -> None:
     from gymnasium.envs.registration import register, registry
 
-    for name, cls in (("Migration", "MigrationEnv"), ("Checkpoint", "CheckpointEnv")):
-        for suffix, kwargs in (("", {}), ("Discrete", {"flatten_actions": True})):
+    for name in ("Migration", "Checkpoint"):
+        for suffix in ("", "Discrete"):
             env_id = f"ringenv/{name}{suffix}-v0"
             if env_id not in registry:
-                register(id=env_id, entry_point=f"ringenv.env:{cls}", kwargs=kwargs)
+                register(id=env_id, entry_point=f"ringenv.env:{name}{suffix}Env")
 
 
 _register()
+
+#: the submodules ``ringenv.<name>`` imports on first use (:func:`__getattr__`)
+_SUBMODULES = frozenset({"arrays", "cli", "config", "demo", "env", "guest", "jit", "kvm", "realkvm", "replay", "vmm"})
+
+
+def __getattr__(name: str):
+    """``ringenv.config`` and the other submodules without importing them first (PEP 562)."""
+    if name in _SUBMODULES:
+        import importlib
+
+        return importlib.import_module(f"{__name__}.{name}")
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

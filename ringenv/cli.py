@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 from .config import HOST_PROFILES, ConfigError
@@ -68,7 +69,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("replay", help="replay a write trace on the simulated host, print the harvests as JSON",
                        description="Replay TRACE.json on the simulated host; print profile, resets and "
                                    "per-vCPU harvest batches as JSON (see ringenv/replay.py for the format).")
-    p.add_argument("trace", metavar="TRACE.json")
+    p.add_argument("trace", metavar="TRACE.json", help="the trace file (-: standard input)")
     p.add_argument("--profile", default=None, help=f"host profile name or YAML file (default arm64-4k; "
                                                    f"names: {', '.join(HOST_PROFILES)})")
     p.add_argument("--ring-entries", type=positive_int, default=None, help="override the trace's ring size")
@@ -97,6 +98,10 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"ringenv {args.command}: {e}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # the reader went away (`... | head`): stop quietly, as a pipeline expects
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())  # (so that the interpreter's last flush finds no pipe either)
+        return 141  # 128 + SIGPIPE, what a shell reports for a command killed by it
     except OSError as e:
         print(f"ringenv {args.command}: {e}", file=sys.stderr)
         return 1

@@ -343,7 +343,25 @@ class HostProfile(Strict):
 
 class _Loader(yaml.SafeLoader):
     """PyYAML's safe loader reading a number in exponent notation without a dot (``1e3``,
-    ``2E-6``) as the float YAML 1.2 makes it, not as the string YAML 1.1 does."""
+    ``2E-6``) as the float YAML 1.2 makes it, not as the string YAML 1.1 does, and refusing a
+    key given twice in one mapping (YAML forbids it; PyYAML would keep the last silently)."""
+
+    def construct_mapping(self, node, deep=False):
+        if isinstance(node, yaml.MappingNode):
+            seen = {}
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":  # (``<<:`` merges may be overridden)
+                    continue
+                key = self.construct_object(key_node, deep=True)
+                try:
+                    first = seen.get(key)
+                except TypeError:  # an unhashable key: the base class says so
+                    break
+                if first is not None:
+                    raise yaml.constructor.ConstructorError(
+                        None, None, f"duplicate key {key!r} (first given on line {first})", key_node.start_mark)
+                seen[key] = key_node.start_mark.line + 1
+        return super().construct_mapping(node, deep=deep)
 
 
 _Loader.add_implicit_resolver("tag:yaml.org,2002:float",
@@ -356,7 +374,8 @@ def parse_yaml(text: str, where: str) -> Any:
     try:
         return yaml.load(text, Loader=_Loader)  # noqa: S506 (a safe loader)
     except yaml.YAMLError as e:
-        raise ConfigError(f"{where}: not valid YAML: {' '.join(str(e).split())}") from None
+        msg = " ".join(str(e).split()).replace('in "<unicode string>", ', "")
+        raise ConfigError(f"{where}: not valid YAML: {msg}") from None
 
 
 def read_text(path: Path, what: str = "") -> str:

@@ -64,12 +64,29 @@ OBS_HIGH = np.array([f[2] for f in OBS_FIELDS], dtype=np.float32)
 _OBS_HIGH_LIST = OBS_HIGH.tolist()
 
 
+#: attributes of ``env.unwrapped`` documented as read-only: the env sets them itself
+#: (:meth:`RingEnv._own`); assigning one raises AttributeError
+READ_ONLY = frozenset({"scenario", "cfg", "split", "workloads", "ring_sizes", "intervals_ms", "flatten_actions", "kind",
+                       "obs_rate_Bps", "workload", "episode_seed", "ring_entries", "interval_ms"})
+
+
 class RingEnv(gym.Env):
     """Base of :class:`MigrationEnv` and :class:`CheckpointEnv` (the docstrings of those are the
     specification)."""
 
     metadata = {"render_modes": ["ansi", "rgb_array"], "render_fps": 5}
     kind = "migration"
+
+    def __setattr__(self, name, value):
+        if name in READ_ONLY:
+            raise AttributeError(f"{name} is read-only: the env's action grids, workloads and settings are "
+                                 "fixed when it is made (pass them to gymnasium.make), its episode's values by "
+                                 "reset and step")
+        super().__setattr__(name, value)
+
+    def _own(self, **values) -> None:
+        """Set read-only attributes (:data:`READ_ONLY`): the env's own writes."""
+        self.__dict__.update(values)
 
     def __init__(self, scenario: Any = "default", *, split: str = "train", workloads: list[str] | None = None,
                  flatten_actions: bool = False, render_mode: str | None = None, **overrides):
@@ -87,23 +104,24 @@ class RingEnv(gym.Env):
         env_overrides = {k: overrides.pop(k) for k in list(overrides) if k in EnvConfig.model_fields}
         if isinstance(scenario, dict):  # fields over the default scenario's, as keywords are
             scenario = deep_merge(load_scenario("default").model_dump(exclude_unset=True), scenario)
-        self.scenario = load_scenario(scenario, **overrides)
+        self._own(scenario=load_scenario(scenario, **overrides))
         if self.kind == "checkpoint":  # (whatever the scenario's own kind)
             check_checkpoint_throttle(self.scenario.throttle)
         # a mapping is merged into its section (reward={"vcpu": 1} keeps the file's other weights)
-        self.cfg = EnvConfig.parse(deep_merge(dict(self.scenario.env or {}), env_overrides), where="env")
+        self._own(cfg=EnvConfig.parse(deep_merge(dict(self.scenario.env or {}), env_overrides), where="env"))
         if split not in ("train", "test", "all"):
             raise ConfigError(f"split: {split!r}; accepted: 'train', 'test', 'all'")
-        self.split = split
+        self._own(split=split)
         if workloads is not None:
             if isinstance(workloads, (str, bytes)) or not all(isinstance(w, str) for w in workloads):
                 raise ConfigError(f"workloads: expected a list of workload names, got {workloads!r}")
-            self.workloads = list(workloads)
+            self._own(workloads=list(workloads))
             for i, w in enumerate(self.workloads):
                 load_workload(w, where=f"workloads[{i}]")  # an unknown name is an error now, not at some reset
         else:
             sets = load_workload_sets()[self.cfg.workload_set]
-            self.workloads = {"train": sets["train"], "test": sets["test"], "all": sets["train"] + sets["test"]}[split]
+            by_split = {"train": sets["train"], "test": sets["test"], "all": sets["train"] + sets["test"]}
+            self._own(workloads=by_split[split])
         if not self.workloads:
             raise ConfigError("workloads: the chosen set is empty")
         prof = self.scenario.profile
@@ -111,17 +129,16 @@ class RingEnv(gym.Env):
             if n not in prof.ring_sizes:
                 raise ConfigError(f"ring_sizes: {n} is not accepted by {prof.name}; accepted: "
                                   f"{', '.join(map(str, prof.ring_sizes))}")
-        self.ring_sizes = list(self.cfg.ring_sizes or prof.ring_sizes)
-        self.intervals_ms = list(self.cfg.intervals_ms)
-        self.flatten_actions = flatten_actions
+        self._own(ring_sizes=list(self.cfg.ring_sizes or prof.ring_sizes), intervals_ms=list(self.cfg.intervals_ms),
+                  flatten_actions=flatten_actions)
         n_sizes, n_int = len(self.ring_sizes), len(self.intervals_ms)
         self.action_space = spaces.Discrete(n_sizes * n_int) if flatten_actions else spaces.MultiDiscrete([n_sizes, n_int])
         self.observation_space = spaces.Box(np.zeros_like(OBS_HIGH), OBS_HIGH.copy(), dtype=np.float32)
         self.render_mode = render_mode
         #: what the rate observations (dirty_rate, sampled_rate, bandwidth, redirty_rate) are divided
         #: by: the rate a migration sends at (min(link, max-bandwidth)), or the checkpoint storage rate
-        self.obs_rate_Bps = (self.scenario.link.rate_Bps if self.kind == "migration"
-                             else self.scenario.checkpoint.storage_mbps * 1e6)
+        self._own(obs_rate_Bps=self.scenario.link.rate_Bps if self.kind == "migration"
+                  else self.scenario.checkpoint.storage_mbps * 1e6)
         self._session = None
         self._last = None
         self._ended = None  # why step() needs a reset first: the episode ended, or close()
@@ -143,8 +160,14 @@ class RingEnv(gym.Env):
         else:
             a = np.asarray(action)
             if a.shape != (2,) or not np.issubdtype(a.dtype, np.integer) or not self.action_space.contains(a.astype(np.int64)):
-                raise ValueError(f"action {action!r}: expected integers [ring size index 0..{len(self.ring_sizes) - 1}, "
-                                 f"interval index 0..{len(self.intervals_ms) - 1}]")
+                what = ""
+                if a.shape == (2,) and np.issubdtype(a.dtype, np.integer):  # say which index is out of range
+                    bad = [f"{name} index {int(x)} is out of range" for name, x, n in
+                           (("ring size", a[0], len(self.ring_sizes)), ("interval", a[1], len(self.intervals_ms)))
+                           if not 0 <= x < n]
+                    what = f" ({'; '.join(bad)})" if bad else ""
+                raise ValueError(f"action {action!r}{what}: expected integers [ring size index "
+                                 f"0..{len(self.ring_sizes) - 1}, interval index 0..{len(self.intervals_ms) - 1}]")
             i, j = int(a[0]), int(a[1])
         return self.ring_sizes[i], self.intervals_ms[j]
 
@@ -166,14 +189,12 @@ class RingEnv(gym.Env):
         super().reset(seed=seed)
         if workload is None:
             workload = self.workloads[int(self.np_random.integers(len(self.workloads)))]
-        self.workload = workload
-        self.episode_seed = int(self.np_random.integers(0, 2**31 - 1))
+        self._own(workload=workload, episode_seed=int(self.np_random.integers(0, 2**31 - 1)))
         self._drop_session()
         self.sampled_rate, self.redirty_rate = sample_dirty_rate(self.scenario, workload=workload,
                                                                  seed=self.episode_seed, seconds=self.cfg.sample_s,
                                                                  windows=self.cfg.sample_windows)
-        self.ring_entries = 0
-        self.interval_ms = 0.0
+        self._own(ring_entries=0, interval_ms=0.0)
         self.t = 0
         self._prev = None
         self._last = None
@@ -193,7 +214,7 @@ class RingEnv(gym.Env):
         entries, interval_ms = self.decode_action(action)
         info = StepInfo()
         if self._session is None:
-            self.ring_entries = entries if self.scenario.collector == "ring" else 0
+            self._own(ring_entries=entries if self.scenario.collector == "ring" else 0)
             self._session = _open_session(self.kind, self.scenario, self.workload, self.episode_seed,
                                           entries, to_ns(interval_ms, MS), self.cfg.control_interval_ms,
                                           self.cfg.sample_s)
@@ -203,7 +224,7 @@ class RingEnv(gym.Env):
             info["ring_size_ignored"] = entries != self.ring_entries
         if interval_ms != self.interval_ms and self.ring_entries:
             self._session.set_harvest_interval(to_ns(interval_ms, MS))
-        self.interval_ms = interval_ms if self.ring_entries else 0.0  # the bitmap collector has no reaper
+        self._own(interval_ms=interval_ms if self.ring_entries else 0.0)  # the bitmap collector has no reaper
         dt = to_ns(self.cfg.control_interval_ms, MS)  # the session's host-sync grid, to the ns
         self.t += dt
         self._session.advance(self.t)
@@ -581,7 +602,11 @@ class CheckpointEnv(RingEnv):
       paused, is charged at the `downtime` weight (the info's `reward_parts["truncation"]`).
 
     ## Arguments
-    `gymnasium.make("ringenv/Checkpoint-v0", scenario="default", ...)`, as MigrationEnv.
+    `gymnasium.make("ringenv/Checkpoint-v0", scenario="default", ...)`, as MigrationEnv. The
+    checkpoint settings are the scenario's `checkpoint` section: the `default` scenario has none,
+    so it checkpoints with the section's defaults (every 10 s at 2000 MB/s for 60 s,
+    stop-the-world) its 16 GiB guest; the shipped `checkpoint` scenario (8 GiB, 4 vCPUs) checkpoints every 5 s
+    (`scenario="checkpoint"`), and `checkpoint={"period_s": 5}` changes one setting.
 
     ## Version History
     - v0: initial version; before any release the rate observations became relative to the
@@ -594,6 +619,33 @@ class CheckpointEnv(RingEnv):
 
 # ---------------------------------------------------------------------------------- helpers
 _ATOMS = frozenset({int, float, bool, str, type(None), np.float64, np.int64, np.bool_})
+
+
+class _Discrete:
+    """The ``Discrete`` variant of an env (its ``…Discrete-v0`` id): ``flatten_actions`` is True
+    and cannot be turned off (use the ``MultiDiscrete`` id for that)."""
+
+    _multi_id = ""
+
+    def __init__(self, scenario: Any = "default", *, flatten_actions: bool = True, **kwargs):
+        if flatten_actions is not True:
+            raise ConfigError(f"flatten_actions: {flatten_actions!r}; this is the Discrete variant (accepted: True); "
+                              f"make {self._multi_id} for the MultiDiscrete action")
+        super().__init__(scenario, flatten_actions=True, **kwargs)
+
+
+class MigrationDiscreteEnv(_Discrete, MigrationEnv):
+    """``ringenv/MigrationDiscrete-v0``: :class:`MigrationEnv` with its action flattened into one
+    ``Discrete`` (for DQN)."""
+
+    _multi_id = "ringenv/Migration-v0"
+
+
+class CheckpointDiscreteEnv(_Discrete, CheckpointEnv):
+    """``ringenv/CheckpointDiscrete-v0``: :class:`CheckpointEnv` with its action flattened into one
+    ``Discrete`` (for DQN)."""
+
+    _multi_id = "ringenv/Checkpoint-v0"
 
 
 class StepInfo(dict):

@@ -22,6 +22,7 @@ import functools
 import hashlib
 import os
 import shutil
+import sys
 import time
 from pathlib import Path
 
@@ -74,7 +75,18 @@ def cache_dir() -> Path:
     """The directory this tree's kernels are cached in (see the module's docstring)."""
     digest = sources_digest()
     if numba.config.CACHE_DIR:
-        return Path(numba.config.CACHE_DIR) / f"{PREFIX}{digest}"
+        here = Path(numba.config.CACHE_DIR) / f"{PREFIX}{digest}"
+    else:
+        here = _digest_dir(digest)
+    if next(here.rglob("*.nbi"), None) is None:  # numba's index files: none yet, so every kernel compiles
+        sys.stderr.write("ringenv: compiling its numba kernels (the first run of this version: ~15 s; cached "
+                         "afterwards)\n")
+    return here
+
+
+def _digest_dir(digest: str) -> Path:
+    """The cache directory of ``digest`` under :func:`_own_root`, made if new (then the older
+    digests' idle directories and numba's in-tree files of older versions are removed)."""
     root = _own_root()
     here = root / f"{PREFIX}{digest}"
     if not here.exists():

@@ -33,6 +33,7 @@ follows from that (:class:`ringenv.guest.trace.TraceProgram`).
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -88,9 +89,14 @@ def validate_trace(trace: Any) -> dict:
             raise ConfigError(f"trace.vcpus[{i}].writes: offset {bad[0]} outside {where}")
         for key in ("syncs", "reads"):
             s = v.get(key, [])
-            if not isinstance(s, list) or not all(isinstance(x, int) and not isinstance(x, bool)
-                                                  and 0 <= x < len(w) for x in s):
-                raise ConfigError(f"trace.vcpus[{i}].{key}: expected indices into writes, 0..{len(w) - 1}")
+            if not isinstance(s, list):
+                raise ConfigError(f"trace.vcpus[{i}].{key}: {s!r}; expected a list of indices into writes, "
+                                  f"0..{len(w) - 1}")
+            bad = [x for x in s if not (isinstance(x, int) and not isinstance(x, bool) and 0 <= x < len(w))]
+            if bad:
+                raise ConfigError(f"trace.vcpus[{i}].{key}: {bad[0]!r} is not an index into writes; accepted: "
+                                  f"0..{len(w) - 1}" if w else f"trace.vcpus[{i}].{key}: {bad[0]!r}: there are no "
+                                  "writes to index")
     return trace
 
 
@@ -192,10 +198,15 @@ def replay_trace(trace: dict, profile: str | None = None, ring_entries: int | No
 
 
 def load_trace(path: str | Path) -> dict:
-    p = Path(path)
-    if not p.is_file():
-        raise ConfigError(f"TRACE: no such file {str(p)!r}")
+    """The JSON trace at ``path`` ('-': standard input); a ConfigError for a missing file or bad JSON."""
+    if str(path) == "-":
+        text, name = sys.stdin.read(), "<stdin>"
+    else:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"TRACE: no such file {str(p)!r}")
+        text, name = read_text(p, "TRACE"), p.name
     try:
-        return json.loads(read_text(p, "TRACE"))
+        return json.loads(text)
     except json.JSONDecodeError as e:
-        raise ConfigError(f"TRACE {p.name}: not valid JSON: {e}") from None
+        raise ConfigError(f"TRACE {name}: not valid JSON: {e}") from None

@@ -340,3 +340,40 @@ def test_results_of_an_earlier_run_that_this_one_does_not_write_are_removed(tmp_
                 "--no-progress", "--out", tmp_path)
     assert r.returncode == 0, r.stderr[-600:]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["episodes.csv", "meta.json", "summary.csv"]
+
+
+def test_replay_reads_the_trace_from_standard_input_with_a_dash(tmp_path):
+    """`ringenv replay -` reads stdin, as `kvm-replay -` does (the README calls them the same
+    trace format); a bad trace there is named <stdin>."""
+    trace = {"slot_pages": 64, "ring_entries": 256, "reap_scope": "all", "vcpus": [{"writes": [1, 2, 3], "syncs": [1]}]}
+    f = tmp_path / "t.json"
+    f.write_text(json.dumps(trace))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT)] + ([os.environ["PYTHONPATH"]]
+                                                                      if os.environ.get("PYTHONPATH") else [])))
+
+    def run(arg, text):
+        return subprocess.run([sys.executable, "-m", "ringenv", "replay", arg], cwd=ROOT, env=env, input=text,
+                              capture_output=True, text=True, timeout=240)
+
+    from_file, from_stdin = run(str(f), ""), run("-", json.dumps(trace))
+    assert from_file.returncode == from_stdin.returncode == 0, from_stdin.stderr
+    assert from_stdin.stdout == from_file.stdout and '"offsets"' in from_stdin.stdout
+    bad = run("-", "{not json")
+    assert clean_usage_error(bad) and "TRACE <stdin>: not valid JSON" in bad.stderr
+
+
+def test_a_reader_that_stops_early_ends_the_command_quietly(tmp_path):
+    """`ringenv replay t.json | head`: the write to the closed pipe ends the command with 141
+    (128 + SIGPIPE), as a shell pipeline expects, not with '[Errno 32] Broken pipe' and 1."""
+    f = tmp_path / "t.json"
+    f.write_text(json.dumps({"slot_pages": 30000, "ring_entries": 256, "reap_scope": "all",
+                             "vcpus": [{"writes": list(range(30000)), "syncs": []}]}))  # ~200 KB of output
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT)] + ([os.environ["PYTHONPATH"]]
+                                                                      if os.environ.get("PYTHONPATH") else [])))
+    p = subprocess.Popen([sys.executable, "-m", "ringenv", "replay", str(f)], cwd=ROOT, env=env,
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert p.stdout.read(1) == "{"  # (the JSON is one line: read a little of it only)
+    p.stdout.close()
+    rc = p.wait(timeout=240)
+    err = p.stderr.read()
+    assert rc == 141 and err == "", err

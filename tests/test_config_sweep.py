@@ -248,3 +248,25 @@ def test_the_shipped_configs_all_load():
     for n in C.HOST_PROFILES:
         load_host_profile(n)
     C.load_workload_sets()
+
+
+def test_a_key_given_twice_is_an_error_naming_the_file_the_key_and_both_lines(tmp_path):
+    """YAML forbids a key twice in one mapping; PyYAML keeps the last silently, so a second
+    `vm:` line used to replace the first and the error (if any) named a field it dropped."""
+    f = tmp_path / "s.yaml"
+    f.write_text("vm: {memory: 1GiB, vcpus: 2}\nworkload: web\nvm: {memory: 2GiB}\n")
+    with pytest.raises(ConfigError, match=r"s\.yaml: not valid YAML: duplicate key 'vm' \(first given on line 1\) "
+                                          r"line 3, column 1"):
+        load_scenario(f)
+    with pytest.raises(ConfigError, match="duplicate key 'b'"):
+        C.parse_yaml("a: {b: 1, b: 2}", "x.yaml")
+    # a merge key's values may be overridden, as YAML allows
+    assert C.parse_yaml("base: &b {x: 1, y: 2}\nd:\n  <<: *b\n  x: 3\n", "x.yaml")["d"] == {"x": 3, "y": 2}
+
+
+def test_a_yaml_syntax_error_names_the_file_not_a_unicode_string(tmp_path):
+    f = tmp_path / "s.yaml"
+    f.write_text("vm: {memory: 1GiB\n")
+    with pytest.raises(ConfigError) as e:
+        load_scenario(f)
+    assert str(e.value).startswith("s.yaml: not valid YAML:") and "<unicode string>" not in str(e.value)

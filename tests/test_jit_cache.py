@@ -36,12 +36,19 @@ print(ringenv.__file__, ringenv.jit.cache_dir(), h.vm.stats.pages_reprotected)
 """
 
 
-def run_copy(pkg_parent: Path, **env) -> tuple[str, Path, int]:
+COMPILING = "ringenv: compiling its numba kernels"
+
+
+def run_copy(pkg_parent: Path, cold: bool | None = None, **env) -> tuple[str, Path, int]:
+    """Run SCRIPT on the package copy; ``cold``: whether it must say it compiles the kernels
+    (the cache holds none for these sources) or must not (None: either)."""
     environ = {k: v for k, v in os.environ.items() if k not in ("NUMBA_CACHE_DIR", "PYTHONPATH")}
     environ.update(PYTHONPATH=str(pkg_parent), **env)
     out = subprocess.run([sys.executable, "-c", SCRIPT], env=environ, capture_output=True, text=True,
                          cwd=pkg_parent, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
+    if cold is not None:
+        assert (out.stderr.count(COMPILING) == 1) if cold else (COMPILING not in out.stderr), out.stderr[-2000:]
     where, cache, pages = out.stdout.split()[-3:]
     return where, Path(cache), int(pages)
 
@@ -72,16 +79,16 @@ def change_leaf_charge(pkg: Path, per_leaf: int) -> None:
 @pytest.mark.slow
 def test_a_change_to_a_called_kernel_reaches_its_cached_caller(tmp_path):
     pkg = copy_package(tmp_path)
-    where, cache, pages = run_copy(tmp_path)
+    where, cache, pages = run_copy(tmp_path, cold=True)
     assert Path(where).parent == pkg  # the copy ran, not the checkout
     assert pages == 8
     assert cache.parent == pkg / "__pycache__" / "numba" and any(cache.rglob("ring.reset_rings-*.nbi"))
 
-    where, again, pages = run_copy(tmp_path, NUMBA_DEBUG_CACHE="1")
+    where, again, pages = run_copy(tmp_path, cold=False, NUMBA_DEBUG_CACHE="1")
     assert (again, pages) == (cache, 8)  # same sources: the same directory, loaded from it
 
     change_leaf_charge(pkg, 1000)  # ring.py, which holds reset_rings, is untouched
-    _, fresh, pages = run_copy(tmp_path)
+    _, fresh, pages = run_copy(tmp_path, cold=True)
     assert pages == 8000
     assert fresh != cache and cache.exists()  # written to a moment ago: a process may still use it
 
@@ -96,7 +103,7 @@ def test_a_change_to_a_called_kernel_reaches_its_cached_caller(tmp_path):
 def test_numba_cache_dir_is_respected_and_keyed_by_the_sources(tmp_path):
     pkg = copy_package(tmp_path / "src")
     user = tmp_path / "numba-cache"
-    _, cache, pages = run_copy(tmp_path / "src", NUMBA_CACHE_DIR=str(user))
+    _, cache, pages = run_copy(tmp_path / "src", cold=True, NUMBA_CACHE_DIR=str(user))
     assert pages == 8 and cache == user / f"ringenv-{jit.sources_digest(pkg)}"
     assert any(cache.rglob("memory.protect_masked-*.nbi"))
     assert not (pkg / "__pycache__" / "numba").exists()

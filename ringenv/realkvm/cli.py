@@ -55,7 +55,7 @@ def load_trace(path: str):
         from ringenv.replay import load_trace as sim_load
     except ImportError:
         ConfigError, sim_load = ValueError, None
-    if path != "-" and sim_load is not None:
+    if sim_load is not None:
         return sim_load(path)
     if path != "-":
         try:
@@ -124,7 +124,7 @@ def add_parsers(subparsers) -> None:
         "kvm-replay", help="replay a write trace on the real KVM (/dev/kvm), print JSON",
         description="Run TRACE.json ('-' for stdin) on the real KVM with a native guest, one "
                     "thread per vCPU; print the same JSON as `ringenv replay`.")
-    p.add_argument("trace", metavar="TRACE.json")
+    p.add_argument("trace", metavar="TRACE.json", help="the trace file (-: standard input)")
     p.add_argument("--ring-entries", type=positive_int, default=None,
                    help="override the trace's ring size (entries)")
     p.add_argument("--timeout", type=positive_float, default=120.0, metavar="SECONDS",

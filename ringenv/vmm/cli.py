@@ -116,6 +116,10 @@ def _cmd_checkpoint(args) -> int:
     return _run(args, "checkpoint")
 
 
+#: what an option left out takes (the help of the options a scenario sets)
+SCENARIO_DEFAULT = "default: the scenario's"
+
+
 def _common(p: argparse.ArgumentParser, throttles=("none", "auto-converge", "dirty-limit")) -> None:
     from ..config import scenario_names
 
@@ -123,13 +127,14 @@ def _common(p: argparse.ArgumentParser, throttles=("none", "auto-converge", "dir
                    help=f"a scenario in configs/scenarios ({', '.join(scenario_names())}) or a YAML file "
                         "(default: default)")
     p.add_argument("--collector", choices=["ring", "bitmap"], default=None,
-                   help="dirty-page collector: the KVM dirty ring or the dirty bitmap (GET/CLEAR_DIRTY_LOG)")
+                   help="dirty-page collector: the KVM dirty ring or the dirty bitmap (GET/CLEAR_DIRTY_LOG); "
+                        f"{SCENARIO_DEFAULT}")
     p.add_argument("--ring-entries", type=int, default=None, metavar="N",
-                   help="ring entries per vCPU (a power of two the host accepts)")
-    p.add_argument("--interval-ms", type=float, default=None, metavar="T", help="reaper interval in ms (QEMU: 1000)")
+                   help=f"ring entries per vCPU (a power of two the host accepts); {SCENARIO_DEFAULT}")
+    p.add_argument("--interval-ms", type=float, default=None, metavar="T", help=f"reaper interval in ms (QEMU: 1000); {SCENARIO_DEFAULT}")
     p.add_argument("--throttle", choices=list(throttles), default=None,
-                   help="guest throttle (dirty-limit needs the ring)")
-    p.add_argument("--seed", type=int, default=None, metavar="S", help="seed of the VM and workload")
+                   help=f"guest throttle (dirty-limit needs the ring); {SCENARIO_DEFAULT}")
+    p.add_argument("--seed", type=int, default=None, metavar="S", help=f"seed of the VM and workload; {SCENARIO_DEFAULT}")
     p.add_argument("--json", action="store_true", help="print every metric as JSON")
 
 
@@ -143,8 +148,8 @@ def add_parsers(sub) -> None:
                        description="Checkpoint a scenario periodically on the simulated host (ringenv/vmm) and "
                                    "print the metrics; exit 1 if a checkpoint image lost writes.")
     _common(p, throttles=("none", "dirty-limit"))  # (auto-converge is a migration's)
-    p.add_argument("--period-s", type=float, default=None, help="seconds between checkpoints")
-    p.add_argument("--storage-mbps", type=float, default=None, help="storage bandwidth, MB/s")
-    p.add_argument("--horizon-s", type=float, default=None, help="simulated seconds to run")
+    p.add_argument("--period-s", type=float, default=None, help=f"seconds between checkpoints; {SCENARIO_DEFAULT}")
+    p.add_argument("--storage-mbps", type=float, default=None, help=f"storage bandwidth, MB/s; {SCENARIO_DEFAULT}")
+    p.add_argument("--horizon-s", type=float, default=None, help=f"simulated seconds to run; {SCENARIO_DEFAULT}")
     p.add_argument("--live", action="store_true", help="write the dirty set live, pause only for the rest")
     p.set_defaults(func=_cmd_checkpoint)

@@ -151,6 +151,7 @@ def test_evaluate_table_and_csv(ppo_run, tmp_path):
     q = next(r for r in summary if r["spec"] == "qemu")
     assert float(q["d_reward"]) == 0.0
     assert "progress" not in p.stdout and "episodes" in p.stderr  # the progress bar goes to stderr
+    assert "explicit workloads (oltp, web)" in p.stdout and "split test" not in p.stdout  # (not the split's)
 
 
 def test_compare_writes_table_csv_and_plots(ppo_run, tmp_path):
@@ -161,6 +162,7 @@ def test_compare_writes_table_csv_and_plots(ppo_run, tmp_path):
     assert (tmp_path / "pareto.png").read_bytes()[:4] == b"\x89PNG"
     table = (tmp_path / "table.md").read_text()
     assert "fixed 16384/5000ms" in table and "ppo ppo" in table
+    assert table.startswith("Scenario default, explicit workloads (oltp-heavy),")
     # the environment runs only the ring collector: the bitmap baseline is left out, with a note
     if "bitmap |" not in table:
         assert "policy 'bitmap' left out" in p.stderr

@@ -196,8 +196,11 @@ def test_step_info_deep_copies_like_a_dict():
 def test_invalid_actions_are_clear_errors():
     env = make()
     env.reset(seed=0)
-    with pytest.raises(ValueError, match="expected integers \\[ring size index 0..8, interval index 0..8\\]"):
+    with pytest.raises(ValueError, match=r"\(ring size index 9 is out of range\): expected integers \[ring size index "
+                                         r"0..8, interval index 0..8\]"):
         env.step(np.array([9, 0]))
+    with pytest.raises(ValueError, match=r"\(interval index -1 is out of range\)"):
+        env.step(np.array([0, -1]))
     with pytest.raises(ValueError, match=r"\[1.5, 0. \]\): expected integers \[ring size index"):
         env.step(np.array([1.5, 0.0]))
     d = make("ringenv/MigrationDiscrete-v0")
@@ -658,3 +661,31 @@ def test_a_migration_truncated_in_its_stop_and_copy_is_charged_the_downtime_it_w
         charged.append(info["reward_parts"]["truncation"])
     full = 10.0 * done["downtime_s"]  # the downtime weight
     assert all(c == pytest.approx(full, rel=0.05) for c in charged), (charged, full)
+
+
+@pytest.mark.parametrize("name, value", [("workloads", ["idle"]), ("kind", "checkpoint"), ("ring_sizes", [65536, 256]),
+                                         ("intervals_ms", [5.0]), ("scenario", None), ("cfg", None),
+                                         ("workload", "idle"), ("ring_entries", 256), ("interval_ms", 5.0)])
+def test_the_documented_read_only_attributes_cannot_be_assigned(name, value):
+    """The env docstring's Attributes: read-only. Assigning one used to be accepted and changed
+    the env under its spaces (ring_sizes: an action then meant another ring size)."""
+    env = gym.make("ringenv/Migration-v0", max_episode_s=1.0)
+    u = env.unwrapped
+    env.reset(seed=0)
+    before = getattr(u, name)
+    with pytest.raises(AttributeError, match=f"{name} is read-only"):
+        setattr(u, name, value)
+    assert getattr(u, name) == before
+    env.step(env.action_space.sample())  # the env still works
+    u.t_extra = 1  # other attributes are the user's
+
+
+@pytest.mark.parametrize("env_id, multi", [("ringenv/MigrationDiscrete-v0", "ringenv/Migration-v0"),
+                                           ("ringenv/CheckpointDiscrete-v0", "ringenv/Checkpoint-v0")])
+def test_the_discrete_ids_refuse_flatten_actions_false(env_id, multi):
+    """gymnasium.make merges the caller's keywords over the id's: flatten_actions=False used to
+    turn a Discrete id into a MultiDiscrete env without a word."""
+    assert isinstance(gym.make(env_id).action_space, gym.spaces.Discrete)
+    assert isinstance(gym.make(env_id, flatten_actions=True).action_space, gym.spaces.Discrete)
+    with pytest.raises(ConfigError, match=f"flatten_actions: False; this is the Discrete variant .*make {multi}"):
+        gym.make(env_id, flatten_actions=False)

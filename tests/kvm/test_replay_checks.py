@@ -201,3 +201,17 @@ def test_a_broken_dependency_of_a_subcommand_module_is_not_hidden(monkeypatch):
     monkeypatch.setattr(sys, "meta_path", [Broken(), *sys.meta_path])
     with pytest.raises(ModuleNotFoundError):
         cli.build_parser()
+
+
+@pytest.mark.parametrize("vcpu, message", [
+    ({"writes": [1, 2, 3, 4], "syncs": [0, 9]}, "trace.vcpus[0].syncs: 9 is not an index into writes; accepted: 0..3"),
+    ({"writes": [1, 2], "reads": [True]}, "trace.vcpus[0].reads: True is not an index into writes; accepted: 0..1"),
+    ({"writes": [1], "syncs": "0"}, "trace.vcpus[0].syncs: '0'; expected a list of indices into writes"),
+    ({"writes": [], "syncs": [0]}, "trace.vcpus[0].syncs: 0: there are no writes to index"),
+])
+def test_a_bad_sync_or_read_index_is_named_with_its_value(vcpu, message):
+    from ringenv.replay import validate_trace
+
+    with pytest.raises(ConfigError) as e:
+        validate_trace({"slot_pages": 64, "ring_entries": 256, "reap_scope": "all", "vcpus": [vcpu]})
+    assert str(e.value).startswith(message)
