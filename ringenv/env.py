@@ -439,9 +439,9 @@ class MigrationEnv(RingEnv):
     a step holding it can pass 1 a little. The reward is not clipped.
 
     `dirty_rate` is QEMU's estimate as each collector gives it: with the ring, entries harvested
-    (or waiting) per second over the last >= 1 s; with the bitmap (`collector="bitmap"`), the
-    pages newly dirty between the last two syncs per second, 0 until the first sync after the
-    set-up. Zero pages are not modelled: every page goes on the wire at full size (QEMU sends a
+    (or waiting) per second over the last >= 1 s; with the bitmap (`collector="bitmap"`), QEMU's
+    dirty-pages-rate: the pages newly dirty per second over the last rate period, which a sync
+    more than 1 s after the period began closes, 0 until one has. Zero pages are not modelled: every page goes on the wire at full size (QEMU sends a
     zero page as a header only).
 
     The reset observation already holds `sampled_rate`, measured over the `sample_s` simulated
@@ -558,7 +558,9 @@ class MigrationEnv(RingEnv):
       at its high for the first ~1 s) and the migration continues the workload the reset's
       sample measured (it replayed the sample's own second); and the time a vCPU spends in
       faults slows its workload past the workload's spare time (`cpu_busy`; the guest was
-      open-loop, and `lost_vcpu` could exceed 1)
+      open-loop, and `lost_vcpu` could exceed 1); with the bitmap collector `dirty_rate` is
+      QEMU's rate over a >= 1 s period (it was the rate between the last two syncs, which spiked
+      at the stop-and-copy's sync)
     """
 
     kind = "migration"

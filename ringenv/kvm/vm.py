@@ -201,14 +201,20 @@ class Vcpu:
         MAP_PRIVATE: EINVAL (kvm_vcpu_mmap wants the ring shared); both as measured on the real
         host (tests/realkvm). Returns the ring's entries. Without a ring no page is the ring's,
         so kvm_vcpu_mmap maps it (shared or private) and the first access is SIGBUS
-        (kvm_vcpu_fault): the mapping returned then raises :class:`SigBus` when touched."""
+        (kvm_vcpu_fault): the mapping returned then raises :class:`SigBus` when touched. Without
+        PROT_WRITE the entries come read-only: a store to them raises ValueError, where the process
+        would take a SIGSEGV (userspace must write RESET into the flags: map it read-write)."""
         if prot & mmap.PROT_EXEC:
             raise KvmError(errno.EPERM, "mmap of a vCPU fd with PROT_EXEC (an anon inode: noexec)")
         if self.ring is None:
             return UnbackedMapping("KVM_DIRTY_LOG_PAGE_OFFSET of a vCPU without a dirty ring")
         if not flags & mmap.MAP_SHARED:
             raise KvmError(errno.EINVAL, "mmap of the dirty ring: it must be MAP_SHARED")
-        return self.ring.gfns
+        if prot & mmap.PROT_WRITE:
+            return self.ring.gfns
+        view = self.ring.gfns.view()
+        view.flags.writeable = False
+        return view
 
     def run(self) -> Exit | None:
         """KVM_RUN: check requests, then enter the guest.
@@ -972,9 +978,16 @@ class Vm:
     def write_without_vcpu(self, gfns: np.ndarray) -> None:
         """The kernel writes guest memory with no running vCPU (arm64: vGIC ITS table save,
         vGICv3 pending-table save). mark_page_dirty then logs into the slot bitmap (the backup
-        bitmap, with WITH_BITMAP); with a ring and no bitmap the write is not logged anywhere."""
+        bitmap, with WITH_BITMAP); with a ring and no bitmap the write is not logged anywhere.
+        A gfn no memslot maps, or one in a KVM_MEM_READONLY slot (__gfn_to_hva_many refuses a
+        write there), is EFAULT, and nothing is written or logged."""
         gfns = np.asarray(gfns, dtype=np.int64)
         sidx, gpi = self._locate(gfns)
+        for k in unique(sidx):
+            s = self._as0[k]
+            if s.flags & KVM_MEM_READONLY:
+                g = int(gfns[np.flatnonzero(sidx == k)[0]])
+                raise KvmError(errno.EFAULT, f"kernel write to gfn {g}: memslot {s.id} is KVM_MEM_READONLY")
         np.add.at(self.version, gpi, 1)
         for k in unique(sidx):
             s = self._as0[k]

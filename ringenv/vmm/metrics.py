@@ -55,8 +55,8 @@ class Metrics:
     ring_fill: tuple  #: per vCPU: entries waiting / soft limit
     remaining_bytes: int  #: migration: dirty bytes still to send in this pass (QEMU's pending estimate); checkpoint: dirty bytes not yet saved (what the next checkpoint would write now)
     bandwidth_Bps: float  #: measured send bandwidth, bytes/s
-    threshold_bytes: int  #: bandwidth x downtime-limit: the switchover threshold, bytes
-    expected_downtime_s: float  #: QEMU's expected-downtime: dirty bytes left by the last sync / bandwidth_Bps, s; the downtime limit until a sync has closed a >= 1 s rate period with dirty pages and a bandwidth window sent > 10 kB; not updated while the VM is stopped
+    threshold_bytes: int  #: bandwidth x downtime-limit: the switchover threshold, bytes (migration only: a checkpoint run has no switchover and its value means nothing)
+    expected_downtime_s: float  #: QEMU's expected-downtime: dirty bytes left by the last sync / bandwidth_Bps, s; the downtime limit until a sync has closed a >= 1 s rate period with dirty pages and a bandwidth window sent > 10 kB; not updated while the VM is stopped (migration only: a checkpoint run's pauses are pause_total_s and downtime_s)
     progress: float  #: share of guest RAM sent at least once
     throttle_pct: float  #: current auto-converge percentage (dirty-limit: mean sleep share)
     vcpu_stall_s_per_vcpu: tuple  #: vcpu_stall_s by vCPU

@@ -24,6 +24,12 @@ class RingReader:
     __slots__ = ("gfns", "size", "_words", "_slot", "_offset", "_fetch")
 
     def __init__(self, gfns: np.ndarray, fetch_cell: np.ndarray | None = None):
+        if not isinstance(gfns, np.ndarray):  # e.g. the unbacked mapping of a vCPU without a ring
+            gfns[0]  # touching it is what userspace would do: SIGBUS (uapi.SigBus)
+            raise TypeError(f"RingReader: expected the ring's entries (Vcpu.mmap_ring), got {type(gfns).__name__}")
+        if not gfns.flags.writeable:
+            raise ValueError("RingReader: the ring is mapped read-only (PROT_READ); harvesting writes RESET into "
+                             "each entry's flags: map it PROT_READ | PROT_WRITE")
         self.gfns = gfns
         self._words = gfns.view(np.uint64)  # entry e: words 2e (flags | slot << 32) and 2e + 1 (offset)
         self._slot, self._offset = gfns["slot"], gfns["offset"]
@@ -42,7 +48,9 @@ class RingReader:
     def reap(self, limit: int | None = None) -> tuple[np.ndarray, np.ndarray]:
         """Harvest up to ``limit`` entries (all that are ready by default).
         Returns (slot, offset) arrays in ring order."""
-        want = self.size if limit is None else min(limit, self.size)
+        if limit is not None and (isinstance(limit, bool) or not isinstance(limit, (int, np.integer)) or limit < 0):
+            raise ValueError(f"RingReader.reap: limit {limit!r}; accepted: None (all ready) or an int >= 0")
+        want = self.size if limit is None else min(int(limit), self.size)
         n = _ready(self._words, self.fetch, want, True)
         start = self.fetch & (self.size - 1)
         self.fetch += n

@@ -165,8 +165,7 @@ class Session:
         self._closing = None  # what a rate-limited send leaves to update_bandwidth
         self._slice = None
         self._taken = 0  # pages taken for a slice whose KVM_CLEAR_DIRTY_LOG runs: still to send
-        self._last_sync_ns = 0
-        self.sync_rate_Bps = 0.0
+        self._last_sync_ns = 0  # when the last sync ended
 
         self._build_vm()
         self.dirty = DirtyPages(self.npages, with_slot=cfg.collector == "ring", track_unsaved=self.tracks_unsaved)
@@ -484,6 +483,9 @@ class Session:
     def set_harvest_interval(self, ns: int) -> None:
         """Change the reaper's sleep (takes effect on the current sleep: it then ends
         ``ns`` after the reaper's last harvest, or now if that is already past)."""
+        if isinstance(ns, bool) or not isinstance(ns, (int, float, np.integer, np.floating)) or not ns > 0 \
+                or ns == float("inf"):
+            raise ConfigError(f"harvest interval: {ns!r} ns is not accepted; accepted: a positive, finite number of ns")
         ns = int(ns)
         if ns <= 0:
             raise ConfigError(f"harvest interval: {ns} ns is not accepted; accepted: a positive number of ns")
@@ -519,10 +521,13 @@ class Session:
         """Estimated guest dirty rate, bytes/s, as QEMU's calc-dirty-rate in dirty-ring mode
         counts it: ring entries per second, here from the newest full harvest at least 1 s
         old up to now (entries harvested since, plus those waiting in the rings now). With the
-        bitmap: new dirty pages per second between the last two syncs. ``ready``: the rings'
-        waiting entries if the caller has them (:meth:`RingCollector.ready`)."""
+        bitmap: QEMU's dirty-pages-rate (migration_update_rates), the new dirty pages over the
+        last closed rate period, which a sync more than 1 s after the period began closes (0
+        until one has; a sync sooner, e.g. the stop-and-copy's a few ms after the last one, adds
+        its pages to the period under way and changes nothing: :class:`throttle.Trigger`).
+        ``ready``: the rings' waiting entries if the caller has them (:meth:`RingCollector.ready`)."""
         if self.cfg.collector != "ring":
-            return self.sync_rate_Bps
+            return float(self.throttle.trigger.dirty_pages_rate * self.page_size)
         now = self.vm.now
         samples = self._samples  # in time order: the newest sample at least 1 s old by bisection
         i = bisect_right(samples, now - RATE_WINDOW_NS, key=_sample_time)
@@ -556,8 +561,6 @@ class Session:
         self.iterations += 1
         self.sync_ns.append(ns)
         self._dirty_bytes_last_sync = self.dirty.mig_count * self.page_size
-        if now > self._last_sync_ns:
-            self.sync_rate_Bps = new * self.page_size * NS / (now - self._last_sync_ns)
         self._last_sync_ns = now
         if setup:
             self.throttle.on_setup_sync(now - ns, new)

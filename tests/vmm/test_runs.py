@@ -8,7 +8,7 @@ import json
 import numpy as np
 import pytest
 
-from ringenv.config import load_host_profile, load_scenario, scenario_names
+from ringenv.config import ConfigError, load_host_profile, load_scenario, scenario_names
 from ringenv.vmm import CheckpointRun, Metrics, MigrationRun, make_run
 from ringenv.vmm.reap import RingReader
 
@@ -367,3 +367,34 @@ def test_a_checkpoint_run_reports_each_checkpoint_s_verification_when_it_happens
     assert m.verified is (not lost) and (m.lost_writes > 0) is lost
     assert m.lost_writes == run.checkpoint_lost[0]
     run.close()
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), 0, -1.0, True, "5"])
+def test_a_bad_harvest_interval_is_a_config_error_naming_it(bad):
+    """NaN used to fail with numpy's 'cannot convert float NaN to integer'."""
+    r = MigrationRun(small("idle"))
+    with pytest.raises(ConfigError, match="harvest interval: .* accepted: a positive, finite number of ns"):
+        r.set_harvest_interval(bad)
+    assert r.harvest_interval_ns > 0
+
+
+def test_the_bitmap_dirty_rate_is_qemus_rate_period_not_the_last_two_syncs():
+    """migration_bitmap_sync updates dirty-pages-rate (migration_update_rates) only when more
+    than 1000 ms passed since the rate period began; a sync sooner adds its pages to the period.
+    The stop-and-copy's sync comes a few ms after the last one and used to report its few new
+    pages (mostly the vGIC tables written at the stop) over those ms: 1491 MB/s for a guest
+    dirtying ~15 MB/s."""
+    from ringenv.config import scale_scenario
+
+    r = MigrationRun(scale_scenario("default", "1GiB"), collector="bitmap", seed=0)
+    records = []
+    while not r.done:
+        r.advance(r.now_ns + 100 * MS)
+        m = r.metrics()
+        records.append((m.phase, m.time_s, m.dirty_rate_Bps, r.throttle.trigger.period_start))
+    first_close = next(i for i, x in enumerate(records) if x[2] > 0)
+    assert records[first_close][1] > 1.0  # 0 until a sync closes a period of more than 1 s
+    before_stop = [x for x in records if x[0] != "stop-copy"][-1]
+    assert records[-1][2] == before_stop[2] and 5e6 < records[-1][2] < 30e6  # the guest dirties ~15 MB/s
+    # the rate is the last closed period's pages over its length (QEMU's integer ms arithmetic)
+    assert records[-1][2] == r.throttle.trigger.dirty_pages_rate * r.page_size
