@@ -375,6 +375,12 @@ def run_reporting(fn, prefix: str) -> int:
     except (ValueError, KeyError, FileNotFoundError) as e:
         print(f"{prefix}: {e.args[0] if isinstance(e, KeyError) else e}", file=sys.stderr)
         return 2
+    except BrokenPipeError:
+        from ringenv.cli import end_for_closed_stdout, stdout_reader_gone
+
+        if stdout_reader_gone():  # `... | head`: stop quietly, as a pipeline expects
+            return end_for_closed_stdout()
+        raise
     return rc if isinstance(rc, int) else 0
 
 

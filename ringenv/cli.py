@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import select
 import sys
 
 from .config import HOST_PROFILES, ConfigError
@@ -90,6 +91,32 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
+#: the exit code of a command whose standard output's reader went away: 128 + SIGPIPE, what a
+#: shell reports for a command the signal ended
+SIGPIPE_EXIT = 141
+
+
+def stdout_reader_gone() -> bool:
+    """Whether standard output is a pipe whose reader went away (`... | head`): polling its
+    descriptor reports an error then (POLLERR). Tells a BrokenPipeError of standard output from
+    one of another pipe (a subprocess's)."""
+    try:
+        poller = select.poll()
+        poller.register(sys.stdout.fileno(), select.POLLOUT)
+        return any(ev & select.POLLERR for _, ev in poller.poll(0))
+    except (OSError, ValueError, AttributeError):  # (no standard output, or not a file descriptor)
+        return False
+
+
+def end_for_closed_stdout() -> int:
+    """End quietly after standard output's reader went away: standard output goes to the null
+    device (so that the interpreter's last flush finds no pipe either); returns
+    :data:`SIGPIPE_EXIT`."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    return SIGPIPE_EXIT
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = build_parser()
     args = ap.parse_args(argv)
@@ -98,10 +125,11 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"ringenv {args.command}: {e}", file=sys.stderr)
         return 2
-    except BrokenPipeError:  # the reader went away (`... | head`): stop quietly, as a pipeline expects
-        devnull = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, sys.stdout.fileno())  # (so that the interpreter's last flush finds no pipe either)
-        return 141  # 128 + SIGPIPE, what a shell reports for a command killed by it
+    except BrokenPipeError as e:
+        if stdout_reader_gone():  # `... | head`: stop quietly, as a pipeline expects
+            return end_for_closed_stdout()
+        print(f"ringenv {args.command}: {e}", file=sys.stderr)  # another pipe (e.g. a subprocess's)
+        return 1
     except OSError as e:
         print(f"ringenv {args.command}: {e}", file=sys.stderr)
         return 1

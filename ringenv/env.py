@@ -84,6 +84,11 @@ class RingEnv(gym.Env):
                                  "reset and step")
         super().__setattr__(name, value)
 
+    def __delattr__(self, name):
+        if name in READ_ONLY:
+            raise AttributeError(f"{name} is read-only: it cannot be deleted")
+        super().__delattr__(name)
+
     def _own(self, **values) -> None:
         """Set read-only attributes (:data:`READ_ONLY`): the env's own writes."""
         self.__dict__.update(values)

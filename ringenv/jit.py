@@ -27,6 +27,7 @@ import time
 from pathlib import Path
 
 import numba
+import numba.core.event
 
 PACKAGE = Path(__file__).resolve().parent
 PREFIX = "ringenv-"
@@ -78,10 +79,32 @@ def cache_dir() -> Path:
         here = Path(numba.config.CACHE_DIR) / f"{PREFIX}{digest}"
     else:
         here = _digest_dir(digest)
-    if next(here.rglob("*.nbi"), None) is None:  # numba's index files: none yet, so every kernel compiles
-        sys.stderr.write("ringenv: compiling its numba kernels (the first run of this version: ~15 s; cached "
-                         "afterwards)\n")
     return here
+
+
+class _CompileNotice(numba.core.event.Listener):
+    """Says once per process, on standard error, that ringenv's kernels are being compiled: at
+    the first compilation of one of them (numba's "numba:compile" event: a kernel not in the
+    cache, as after an install or an upgrade), not when they load from the cache."""
+
+    said = False
+
+    def on_start(self, event):
+        if _CompileNotice.said:
+            return
+        dispatcher = (event.data or {}).get("dispatcher")
+        module = getattr(getattr(dispatcher, "py_func", None), "__module__", "") or ""
+        if module.split(".")[0] == PACKAGE.name and sys.stderr is not None:
+            _CompileNotice.said = True
+            sys.stderr.write("ringenv: compiling its numba kernels (the first run of this version: ~15 s in all; "
+                             "cached afterwards)\n")
+            sys.stderr.flush()
+
+    def on_end(self, event):
+        pass
+
+
+numba.core.event.register("numba:compile", _CompileNotice())
 
 
 def _digest_dir(digest: str) -> Path:

@@ -377,3 +377,88 @@ def test_a_reader_that_stops_early_ends_the_command_quietly(tmp_path):
     rc = p.wait(timeout=240)
     err = p.stderr.read()
     assert rc == 141 and err == "", err
+
+
+def test_only_a_closed_standard_output_counts_as_the_reader_gone(monkeypatch):
+    """A BrokenPipeError of another pipe (a SubprocVecEnv worker's) must not end a command
+    quietly: stdout_reader_gone tells them apart by polling standard output."""
+    from ringenv.cli import stdout_reader_gone
+
+    r, w = os.pipe()
+    out = os.fdopen(w, "w")
+    monkeypatch.setattr(sys, "stdout", out)
+    try:
+        assert not stdout_reader_gone()
+        os.close(r)
+        assert stdout_reader_gone()
+    finally:
+        monkeypatch.undo()
+        out.close()
+
+
+def test_a_broken_pipe_that_is_not_standard_output_is_reported(capsys):
+    from agents.common import run_reporting
+    from ringenv.realkvm.cli import _guarded
+
+    def worker_died():
+        raise BrokenPipeError(32, "Broken pipe")
+
+    with pytest.raises(BrokenPipeError):  # not swallowed: ringenv's main reports it (exit 1)
+        run_reporting(worker_died, "ringenv train")
+    with pytest.raises(BrokenPipeError):
+        _guarded("kvm-replay")(lambda args: worker_died())(None)
+
+    import ringenv.cli as cli
+
+    class Args:
+        command = "train"
+
+        @staticmethod
+        def func(args):
+            worker_died()
+
+    monkey = cli.build_parser
+    try:
+        cli.build_parser = lambda: type("P", (), {"parse_args": staticmethod(lambda argv: Args)})()
+        assert cli.main([]) == 1
+    finally:
+        cli.build_parser = monkey
+    assert "ringenv train: [Errno 32] Broken pipe" in capsys.readouterr().err
+
+
+def test_the_submodules_load_on_first_use_after_a_plain_import():
+    """The README's `ringenv.config.scale_scenario(...)` after `import ringenv` used to fail
+    with "module 'ringenv' has no attribute 'config'"."""
+    code = ("import ringenv; s = ringenv.config.scale_scenario('default', '1GiB'); "
+            "print(s.vm.memory, ringenv.env.MigrationEnv.__name__, hasattr(ringenv, 'nope'))")
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    p = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert p.stdout.split() == [str(1 << 30), "MigrationEnv", "False"]
+
+
+def test_the_demo_leaves_compilation_out_of_its_speed(monkeypatch):
+    """`ringenv demo` right after an install reported the ~15 s compile as simulation time
+    (speed_x 0.1): numba's compile time is now measured and taken out (compile_s)."""
+    import time
+
+    import numba.core.event as ev
+
+    from ringenv import demo
+    from ringenv.kvm import Vm
+
+    real = Vm.run_until
+    first = []
+
+    def run_until(self, until):  # the first call "compiles" for 0.3 s, as numba reports it
+        if not first:
+            first.append(1)
+            with ev.trigger_event("numba:compile", data={}):
+                time.sleep(0.3)
+        return real(self, until)
+
+    monkeypatch.setattr(Vm, "run_until", run_until)
+    t0 = time.perf_counter()
+    out = demo.host_demo(seconds=0.05, nr_vcpus=1, mem_gib=1)
+    total = time.perf_counter() - t0
+    assert out["compile_s"] >= 0.3 and 0 < out["wall_s"] <= total - out["compile_s"] + 0.002

@@ -833,10 +833,8 @@ class Vm:
             return
         flush_all(self._running, *self._pml_args(), self._soft_full)
         self._soft_full_requests()
-        for v in self.vcpus:
-            if v.in_guest and v.request_soft_full:
-                v.stats.full_exits += 1
-                self._kicked[v.index] = self._exit(v, KVM_EXIT_DIRTY_RING_FULL, "full")
+        for e in self._soft_full_exits():
+            self._kicked[e.vcpu] = e
 
     @property
     def _split_span(self) -> bool:
@@ -1105,8 +1103,8 @@ class Vm:
         return self._soft_full_exits()
 
     def _soft_full_exits(self) -> list[Exit]:
-        """The vCPUs in the guest whose ring a PML flush at a tick left soft-full exit to
-        userspace (KVM_EXIT_DIRTY_RING_FULL: the request, checked before re-entry)."""
+        """The vCPUs in the guest whose ring a PML flush at a tick or an IPI left soft-full exit
+        to userspace (KVM_EXIT_DIRTY_RING_FULL: the request, checked before re-entry)."""
         exits = []
         for v in self.vcpus:
             if v.in_guest and v.request_soft_full:

@@ -40,6 +40,8 @@ def _guarded(command: str):
                 return fail(2, exc)
             except KeyboardInterrupt:
                 return fail(130, "interrupted")
+            except BrokenPipeError:  # (ringenv's main tells a closed standard output from another pipe)
+                raise
             except (OSError, RuntimeError) as exc:  # incl. TimeoutError, GuestError
                 return fail(1, exc)
         handler.__name__ = fn.__name__

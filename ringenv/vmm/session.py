@@ -486,9 +486,9 @@ class Session:
         if isinstance(ns, bool) or not isinstance(ns, (int, float, np.integer, np.floating)) or not ns > 0 \
                 or ns == float("inf"):
             raise ConfigError(f"harvest interval: {ns!r} ns is not accepted; accepted: a positive, finite number of ns")
+        if int(ns) <= 0:
+            raise ConfigError(f"harvest interval: {ns!r} ns is not accepted; accepted: at least 1 ns")
         ns = int(ns)
-        if ns <= 0:
-            raise ConfigError(f"harvest interval: {ns} ns is not accepted; accepted: a positive number of ns")
         self.interval_ns = ns
         if self.reaper is not None and self.reaper.sleeping:
             self.reaper.wake_at(self._reaper_last + ns)
@@ -523,8 +523,9 @@ class Session:
         old up to now (entries harvested since, plus those waiting in the rings now). With the
         bitmap: QEMU's dirty-pages-rate (migration_update_rates), the new dirty pages over the
         last closed rate period, which a sync more than 1 s after the period began closes (0
-        until one has; a sync sooner, e.g. the stop-and-copy's a few ms after the last one, adds
-        its pages to the period under way and changes nothing: :class:`throttle.Trigger`).
+        until one has; a sync sooner adds its pages to the period under way and changes nothing:
+        :class:`throttle.Trigger`; a migration's stop-and-copy sync, a few ms after the last one,
+        is not counted: :meth:`note_sync`).
         ``ready``: the rings' waiting entries if the caller has them (:meth:`RingCollector.ready`)."""
         if self.cfg.collector != "ring":
             return float(self.throttle.trigger.dirty_pages_rate * self.page_size)
