@@ -22,42 +22,11 @@ from ringenv.kvm import uapi as U
 from ringenv.vmm.reap import RingReader
 
 from ._helpers import FOREVER, Host
+from .test_pml_ipis import _buffered, _soft_full_at_a_kick
 
 FULL = U.KVM_EXIT_DIRTY_RING_FULL
 LOG_ = U.KVM_MEM_LOG_DIRTY_PAGES
 PAGE = 4096
-
-
-def _buffered():
-    """vCPU 0 writes pages 0..99 of the slot, vCPU 1 pages 500..539 with a sync after the last;
-    returns the host when vCPU 1 has exited (its 40 entries harvested), vCPU 0 in the guest with
-    gfns 0..39 in its buffer."""
-    h = Host([list(range(100)), list(range(500, 540))], [[], [39]], profile="x86-pml", entries=1024,
-             slot_pages=2048)
-    assert h.enter(0) is None and h.enter(1) is None
-    e = h.run()
-    assert (e.vcpu, e.kind) == (1, "sync")
-    assert h.harvest_entries(1) == [(0, k) for k in range(500, 540)]
-    assert h.vcpus[0].pml_count == 40
-    return h
-
-
-def _soft_full_at_a_kick():
-    """vCPU 0 writes from t = 0 and vCPU 1 from 2350 (its sync after its 10th write, at 2395):
-    vCPU 0 has logged its writes at 0, 5, .., 2395 (ties: the lower vCPU first), 480 gfns,
-    under the buffer's 512. Creating a slot then kicks vCPU 0: 480 >= 448, it exits at the
-    ioctl (t = 2395)."""
-    h = Host([list(range(1000)), list(range(1500, 1510))], [[], [9]], profile="x86-pml", entries=1024,
-             slot_pages=2048)
-    assert h.enter(0) is None
-    assert h.vm.run_until(5 * 470) == []
-    assert h.enter(1) is None
-    assert h.run().vcpu == 1
-    assert h.vcpus[0].pml_count == 480
-    h.vm.set_user_memory_region(1, LOG_, 65536 * PAGE, 512 * PAGE)
-    v = h.vcpus[0]
-    assert v.ring.used == 480 and v.ring.soft_full() and not v.in_guest and h.vm.now == 2395
-    return h
 
 
 def test_one_ipi_sends_every_vcpu_it_leaves_soft_full_out_in_vcpu_order():
@@ -116,7 +85,7 @@ def test_the_exit_at_an_ipi_is_what_the_next_kvm_run_returns_once():
     two full exits, and run_until later returned the stale one), Vcpu.run reading it without
     removing it (returned again and again), Vcpu.run checking the request before the recorded
     exit."""
-    h = _soft_full_at_a_kick()
+    h, _ = _soft_full_at_a_kick()
     v = h.vcpus[0]
     exits0 = v.stats.exits
     e = h.enter(0)
@@ -136,7 +105,7 @@ def test_a_run_until_that_lets_no_time_pass_still_returns_the_exit_at_an_ipi():
     """s7: the exit happened at the IPI, at ``now``: run_until(now) returns it (it runs
     nothing), and the next call has nothing more.
     Mutant killed: run_until returning the recorded exits only when time is to pass."""
-    h = _soft_full_at_a_kick()
+    h, _ = _soft_full_at_a_kick()
     now = h.vm.now
     exits = h.vm.run_until(now)
     assert [(x.vcpu, x.reason, x.time_ns) for x in exits] == [(0, FULL, now)]

@@ -28,15 +28,17 @@ LOG_ = U.KVM_MEM_LOG_DIRTY_PAGES
 PAGE = 4096
 
 
-def _buffered(n0=100, syncs_at=39, writes1=range(500, 540)):
-    """vCPU 0 writes pages 0.. of the slot, vCPU 1 ``writes1`` then a sync after its write
-    ``syncs_at``; returns the host when vCPU 1 has exited (its entries harvested), vCPU 0 in the
-    guest with its logged gfns in its buffer."""
-    h = Host([list(range(n0)), list(writes1)], [[], [syncs_at]], profile="x86-pml", entries=1024, slot_pages=2048)
+def _buffered():
+    """vCPU 0 writes pages 0..99 of the slot, vCPU 1 pages 500..539 with a sync after the last;
+    returns the host when vCPU 1 has exited (its 40 entries harvested), vCPU 0 in the guest with
+    gfns 0..39 in its buffer."""
+    h = Host([list(range(100)), list(range(500, 540))], [[], [39]], profile="x86-pml", entries=1024,
+             slot_pages=2048)
     assert h.enter(0) is None and h.enter(1) is None
     e = h.run()
     assert (e.vcpu, e.kind) == (1, "sync")
-    assert h.harvest_entries(1) == [(0, k) for k in list(writes1)[:syncs_at + 1]]
+    assert h.harvest_entries(1) == [(0, k) for k in range(500, 540)]
+    assert h.vcpus[0].pml_count == 40
     return h
 
 
@@ -203,8 +205,10 @@ def test_a_memslot_change_that_changes_nothing_kicks_nobody():
 
 
 def _soft_full_at_a_kick():
-    """vCPU 0 has logged ~480 gfns (ring 1024, soft limit 448) when vCPU 1 syncs; creating a
-    slot then kicks vCPU 0, whose flush leaves its ring soft-full: it exits at the ioctl."""
+    """vCPU 0 writes from t = 0 and vCPU 1 from 2350 (its sync after its 10th write, at 2395):
+    vCPU 0 has logged its writes at 0, 5, .., 2395 (ties: the lower vCPU first), 480 gfns,
+    under the buffer's 512 (ring 1024, soft limit 448). Creating a slot then kicks vCPU 0:
+    480 >= 448, it exits at the ioctl (t = 2395). Returns the host and the 480."""
     h = Host([list(range(1000)), list(range(1500, 1510))], [[], [9]], profile="x86-pml", entries=1024,
              slot_pages=2048)
     assert h.enter(0) is None
@@ -212,8 +216,10 @@ def _soft_full_at_a_kick():
     assert h.enter(1) is None
     assert h.run().vcpu == 1
     buffered = h.vcpus[0].pml_count
+    assert buffered == 480
     h.vm.set_user_memory_region(1, LOG_, 65536 * PAGE, 512 * PAGE)
-    assert h.vcpus[0].ring.used == buffered and not h.vcpus[0].in_guest
+    v = h.vcpus[0]
+    assert v.ring.used == buffered and v.ring.soft_full() and not v.in_guest and h.vm.now == 2395
     return h, buffered
 
 
