@@ -1056,8 +1056,7 @@ class Vm:
         guest = self.guest
         tick = self._tick_ns if self.ring_entries else 0  # (PML logs into the buffer only with a ring)
         if self._kicked:  # an IPI's flush (a reset's TLB flush, a memslot change) left a ring soft-full
-            exits = [self._kicked.pop(i) for i in sorted(self._kicked)]
-            return exits
+            return [self._kicked.pop(i) for i in sorted(self._kicked)]
         while self.now < until:
             running = self._running  # the guest reads it (and copies what it keeps)
             if guest is None or True not in running.tolist():
