@@ -446,8 +446,8 @@ class MigrationEnv(RingEnv):
     `dirty_rate` is QEMU's estimate as each collector gives it: with the ring, entries harvested
     (or waiting) per second over the last >= 1 s; with the bitmap (`collector="bitmap"`), QEMU's
     dirty-pages-rate: the pages newly dirty per second over the last rate period, which a sync
-    more than 1 s after the period began closes, 0 until one has. Zero pages are not modelled: every page goes on the wire at full size (QEMU sends a
-    zero page as a header only).
+    more than 1 s after the period began closes, 0 until one has. Zero pages are not modelled:
+    every page goes on the wire at full size (QEMU sends a zero page as a header only).
 
     The reset observation already holds `sampled_rate`, measured over the `sample_s` simulated
     seconds before migration (QEMU's calc-dirty-rate with the dirty bitmap), so the ring size can
@@ -612,8 +612,9 @@ class CheckpointEnv(RingEnv):
     `gymnasium.make("ringenv/Checkpoint-v0", scenario="default", ...)`, as MigrationEnv. The
     checkpoint settings are the scenario's `checkpoint` section: the `default` scenario has none,
     so it checkpoints with the section's defaults (every 10 s at 2000 MB/s for 60 s,
-    stop-the-world) its 16 GiB guest; the shipped `checkpoint` scenario (8 GiB, 4 vCPUs) checkpoints every 5 s
-    (`scenario="checkpoint"`), and `checkpoint={"period_s": 5}` changes one setting.
+    stop-the-world) its 16 GiB guest; the shipped `checkpoint` scenario (8 GiB, 4 vCPUs)
+    checkpoints every 5 s (`scenario="checkpoint"`), and `checkpoint={"period_s": 5}` changes
+    one setting.
 
     ## Version History
     - v0: initial version; before any release the rate observations became relative to the

@@ -831,9 +831,7 @@ class Vm:
         out of the guest gets no IPI (its buffer was flushed at its exit)."""
         if not (self.profile.pml and self.ring_entries and self._pml_n.any()):
             return
-        flush_all(self._running, *self._pml_args(), self._soft_full)
-        self._soft_full_requests()
-        for e in self._soft_full_exits():
+        for e in self._flush_running():
             self._kicked[e.vcpu] = e
 
     @property
@@ -1097,6 +1095,12 @@ class Vm:
         far has retired). Returns those exits."""
         tick = self._tick_ns
         self._tick_state[0] = (self.now // tick + 1) * tick
+        return self._flush_running()
+
+    def _flush_running(self) -> list[Exit]:
+        """A VM exit the kernel handles, of every vCPU in the guest (a tick, an IPI): each flushes
+        its PML buffer into its ring; returns the exits of those the flush left soft-full
+        (:meth:`_soft_full_exits`)."""
         flush_all(self._running, *self._pml_args(), self._soft_full)
         self._soft_full_requests()
         return self._soft_full_exits()

@@ -131,10 +131,12 @@ def _common(p: argparse.ArgumentParser, throttles=("none", "auto-converge", "dir
                         f"{SCENARIO_DEFAULT}")
     p.add_argument("--ring-entries", type=int, default=None, metavar="N",
                    help=f"ring entries per vCPU (a power of two the host accepts); {SCENARIO_DEFAULT}")
-    p.add_argument("--interval-ms", type=float, default=None, metavar="T", help=f"reaper interval in ms (QEMU: 1000); {SCENARIO_DEFAULT}")
+    p.add_argument("--interval-ms", type=float, default=None, metavar="T",
+                   help=f"reaper interval in ms (QEMU: 1000); {SCENARIO_DEFAULT}")
     p.add_argument("--throttle", choices=list(throttles), default=None,
                    help=f"guest throttle (dirty-limit needs the ring); {SCENARIO_DEFAULT}")
-    p.add_argument("--seed", type=int, default=None, metavar="S", help=f"seed of the VM and workload; {SCENARIO_DEFAULT}")
+    p.add_argument("--seed", type=int, default=None, metavar="S",
+                   help=f"seed of the VM and workload; {SCENARIO_DEFAULT}")
     p.add_argument("--json", action="store_true", help="print every metric as JSON")
 
 
