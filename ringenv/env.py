@@ -120,13 +120,13 @@ class RingEnv(gym.Env):
         if workloads is not None:
             if isinstance(workloads, (str, bytes)) or not all(isinstance(w, str) for w in workloads):
                 raise ConfigError(f"workloads: expected a list of workload names, got {workloads!r}")
-            self._own(workloads=list(workloads))
+            self._own(workloads=tuple(workloads))
             for i, w in enumerate(self.workloads):
                 load_workload(w, where=f"workloads[{i}]")  # an unknown name is an error now, not at some reset
         else:
             sets = load_workload_sets()[self.cfg.workload_set]
             by_split = {"train": sets["train"], "test": sets["test"], "all": sets["train"] + sets["test"]}
-            self._own(workloads=by_split[split])
+            self._own(workloads=tuple(by_split[split]))
         if not self.workloads:
             raise ConfigError("workloads: the chosen set is empty")
         prof = self.scenario.profile
@@ -134,7 +134,7 @@ class RingEnv(gym.Env):
             if n not in prof.ring_sizes:
                 raise ConfigError(f"ring_sizes: {n} is not accepted by {prof.name}; accepted: "
                                   f"{', '.join(map(str, prof.ring_sizes))}")
-        self._own(ring_sizes=list(self.cfg.ring_sizes or prof.ring_sizes), intervals_ms=list(self.cfg.intervals_ms),
+        self._own(ring_sizes=tuple(self.cfg.ring_sizes or prof.ring_sizes), intervals_ms=tuple(self.cfg.intervals_ms),
                   flatten_actions=flatten_actions)
         n_sizes, n_int = len(self.ring_sizes), len(self.intervals_ms)
         self.action_space = spaces.Discrete(n_sizes * n_int) if flatten_actions else spaces.MultiDiscrete([n_sizes, n_int])
@@ -542,8 +542,8 @@ class MigrationEnv(RingEnv):
     ## Attributes
     Of `env.unwrapped`, read-only: `scenario` (the validated `ringenv.config.ScenarioConfig`),
     `cfg` (the `EnvConfig`: control interval, time cap, grids, reward weights), `workloads` (the
-    names episodes are drawn from), `ring_sizes` and `intervals_ms` (the action grids),
-    `flatten_actions`, `kind` ("migration" or "checkpoint"), `obs_rate_Bps` (what the rate
+    names episodes are drawn from), `ring_sizes` and `intervals_ms` (the action grids; these
+    three are tuples), `flatten_actions`, `kind` ("migration" or "checkpoint"), `obs_rate_Bps` (what the rate
     observations are divided by, bytes/s); after a reset `workload` and `episode_seed` (the
     seed of the episode's VMM run, drawn from reset's seed), after a step `ring_entries` and
     `interval_ms` (as in `info`). `decode_action(action)` gives (ring entries, interval ms),

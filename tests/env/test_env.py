@@ -59,8 +59,8 @@ def test_spaces_match_the_docstring():
     u = env.unwrapped
     assert env.observation_space.shape == (len(OBS_FIELDS),) == (17,)
     assert list(env.action_space.nvec) == [len(u.ring_sizes), len(u.intervals_ms)]
-    assert u.ring_sizes == [256, 512, 1024, 2048, 4096, 8192, 16384, 32768, 65536]  # arm64-4k
-    assert u.intervals_ms == [10, 20, 50, 100, 200, 500, 1000, 2000, 5000]
+    assert u.ring_sizes == (256, 512, 1024, 2048, 4096, 8192, 16384, 32768, 65536)  # arm64-4k
+    assert u.intervals_ms == (10, 20, 50, 100, 200, 500, 1000, 2000, 5000)
     for name in ["Action Space", "Observation Space", "Rewards", "Starting State", "Episode End",
                  "Arguments", "Version History"]:
         assert f"## {name}" in type(u).__doc__
@@ -144,8 +144,8 @@ def test_random_policy_100_episodes_all_workloads_no_lost_write():
 
 def test_splits_use_disjoint_workloads():
     sets = load_workload_sets()["default"]
-    assert make(split="train").unwrapped.workloads == sets["train"]
-    assert make(split="test").unwrapped.workloads == sets["test"]
+    assert make(split="train").unwrapped.workloads == tuple(sets["train"])
+    assert make(split="test").unwrapped.workloads == tuple(sets["test"])
     assert len(set(sets["train"]) | set(sets["test"])) >= 12
 
 
@@ -678,6 +678,19 @@ def test_the_documented_read_only_attributes_cannot_be_assigned(name, value):
     assert getattr(u, name) == before
     env.step(env.action_space.sample())  # the env still works
     u.t_extra = 1  # other attributes are the user's
+
+
+@pytest.mark.parametrize("name", ["workloads", "ring_sizes", "intervals_ms"])
+def test_the_read_only_grids_cannot_be_changed_in_place(name):
+    """They were lists: ``u.ring_sizes[0] = 65536`` was accepted and made action 0 mean another
+    ring size than the one the env was made with."""
+    u = gym.make("ringenv/Migration-v0", max_episode_s=1.0).unwrapped
+    grid = getattr(u, name)
+    assert isinstance(grid, tuple)
+    with pytest.raises(TypeError):
+        grid[0] = grid[-1]
+    with pytest.raises(AttributeError):
+        grid.append(grid[0])
 
 
 @pytest.mark.parametrize("env_id, multi", [("ringenv/MigrationDiscrete-v0", "ringenv/Migration-v0"),
