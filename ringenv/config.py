@@ -209,6 +209,8 @@ class HostCosts(Strict):
     bitmap_scan_page_ns: float = _nonneg("userspace: per page of RAM scanned when syncing a dirty bitmap")
     pml_flush_entry_ns: float = _nonneg("x86 PML: per logged GPA flushed from the buffer into the ring")
     pml_full_exit_ns: int = _nonneg("x86 PML: the in-kernel exit taken when the 512-entry buffer is full")
+    zero_page_check_ns: float = _nonneg("QEMU's migration thread: checking one 4 KiB target page that turns out "
+                                        "zero (buffer_is_zero reads all of it; a page with data stops early)")
 
 
 class HostProfile(Strict):
@@ -571,13 +573,22 @@ class VmConfig(Strict):
     until dirty logging splits them; ``with_bitmap`` enables KVM_CAP_DIRTY_LOG_RING_WITH_BITMAP
     (default: whenever the host offers it, as QEMU does on arm64; false on arm64 shows the losses
     of kvm-dirty-ring.md s11); ``eager_split_chunk`` is KVM_CAP_ARM_EAGER_SPLIT_CHUNK_SIZE in
-    bytes (0: split lazily on the first write fault, the kernel default)."""
+    bytes (0: split lazily on the first write fault, the kernel default).
+
+    ``zero_fraction`` is the share of RAM that holds only zeros when the VM starts (memory the
+    guest has never used), spread evenly over RAM (:func:`ringenv.vmm.dirty.initially_zero`);
+    a page stays zero until the guest first writes it. QEMU checks every page it sends and
+    puts a zero page on the stream as its header and one byte (save_zero_page), which costs
+    the migration thread the host's ``zero_page_check_ns`` instead of the page's wire time.
+    The default, 0, is a guest whose every page holds data."""
 
     memory: int = Field(description="guest RAM in bytes, or a size such as '16GiB'")
     vcpus: int = Field(ge=1, le=512, description="number of vCPUs")
     block_fraction: float = Field(0.5, ge=0.0, le=1.0, description="share of RAM backed by huge pages")
     with_bitmap: bool | None = Field(None, description="enable WITH_BITMAP (null: if the host offers it)")
     eager_split_chunk: int = Field(0, ge=0, description="EAGER_SPLIT_CHUNK_SIZE in bytes, 0 = lazy")
+    zero_fraction: float = Field(0.0, ge=0.0, le=1.0, allow_inf_nan=False,
+                                 description="share of RAM that is zero when the VM starts (never used)")
 
     _v_memory = _size_field("memory")
     _v_chunk = _size_field("eager_split_chunk")

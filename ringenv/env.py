@@ -446,8 +446,9 @@ class MigrationEnv(RingEnv):
     `dirty_rate` is QEMU's estimate as each collector gives it: with the ring, entries harvested
     (or waiting) per second over the last >= 1 s; with the bitmap (`collector="bitmap"`), QEMU's
     dirty-pages-rate: the pages newly dirty per second over the last rate period, which a sync
-    more than 1 s after the period began closes, 0 until one has. Zero pages are not modelled:
-    every page goes on the wire at full size (QEMU sends a zero page as a header only).
+    more than 1 s after the period began closes, 0 until one has. `bandwidth` is bytes on the
+    stream per second: a scenario with `vm.zero_fraction` > 0 sends its zero pages as 9 bytes
+    per 4 KiB, so the bulk stage over them shows a low bandwidth (QEMU's does too).
 
     The reset observation already holds `sampled_rate`, measured over the `sample_s` simulated
     seconds before migration (QEMU's calc-dirty-rate with the dirty bitmap), so the ring size can

@@ -25,14 +25,15 @@ FLAGS = {
 
 SUMMARY = {
     "migration": ["downtime_s", "total_s", "converged", "iterations", "passes", "bytes_sent", "pages_sent",
-                  "pages_resent", "full_exits", "vcpu_exit_s", "vcpu_stall_s", "vcpu_throttle_s", "vcpu_fault_s",
-                  "vmm_cpu_s", "harvests", "resets", "entries_harvested", "tlb_flushes", "get_dirty_log_calls",
-                  "clear_dirty_log_calls", "ring_bytes", "ring_overflows", "lost_writes", "verified"],
+                  "pages_resent", "zero_pages", "full_exits", "vcpu_exit_s", "vcpu_stall_s", "vcpu_throttle_s",
+                  "vcpu_fault_s", "vmm_cpu_s", "harvests", "resets", "entries_harvested", "tlb_flushes",
+                  "get_dirty_log_calls", "clear_dirty_log_calls", "ring_bytes", "ring_overflows", "lost_writes",
+                  "verified"],
     "checkpoint": ["checkpoints", "downtime_s", "pause_total_s", "checkpoint_overruns", "total_s", "converged",
-                   "iterations", "bytes_sent", "pages_sent", "pages_resent", "full_exits", "vcpu_exit_s",
-                   "vcpu_stall_s", "vcpu_throttle_s", "vcpu_fault_s", "vmm_cpu_s", "harvests", "resets",
-                   "entries_harvested", "tlb_flushes", "get_dirty_log_calls", "clear_dirty_log_calls", "ring_bytes",
-                   "ring_overflows", "lost_writes", "verified"],
+                   "iterations", "bytes_sent", "pages_sent", "pages_resent", "zero_pages", "full_exits",
+                   "vcpu_exit_s", "vcpu_stall_s", "vcpu_throttle_s", "vcpu_fault_s", "vmm_cpu_s", "harvests",
+                   "resets", "entries_harvested", "tlb_flushes", "get_dirty_log_calls", "clear_dirty_log_calls",
+                   "ring_bytes", "ring_overflows", "lost_writes", "verified"],
 }
 
 

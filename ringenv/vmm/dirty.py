@@ -22,6 +22,11 @@ block of ``MIG_BLOCK`` pages, so that a look at the kernel's bitmap reads ``mig`
 blocks it partly covers (:func:`ringenv.vmm.collectors.BitmapCollector.unsaved_pages`).
 
 Pages are sent in chunks found with vectorized scans of ``mig``, never one by one in Python.
+
+Zero pages (a VM with ``zero_fraction`` > 0): a page holds only zeros while it is one of the
+pages that start zero (:func:`initially_zero`) and the guest has not written it (its version
+is 0). Sending reads the page, as QEMU's save_zero_page does: :meth:`DirtyPages.copy` returns
+how many of the pages sent were zero. With ``zero_fraction`` 0 nothing is checked.
 """
 
 from __future__ import annotations
@@ -34,11 +39,28 @@ from ..jit import njit
 
 MIG_BLOCK_SHIFT = 12
 MIG_BLOCK = 1 << MIG_BLOCK_SHIFT  # pages per block of ``DirtyPages.mig_blocks`` (64 words of a u64 bitmap)
+ZERO_SHIFT = 24  # a zero fraction as a fixed-point number of 24 fractional bits (:func:`zero_q`)
+
+
+def zero_q(fraction: float) -> int:
+    """``fraction`` (0..1) in the fixed point :func:`initially_zero` takes."""
+    return int(round(fraction * (1 << ZERO_SHIFT)))
+
+
+@njit(nogil=True)
+def initially_zero(p, zq):  # pragma: no cover - compiled
+    """Whether page ``p`` holds only zeros when the VM starts, for a zero fraction z =
+    ``zq`` / 2^24: the pages where floor(p z) steps up, so that every run of pages [a, b) has
+    floor(b z) - floor(a z) of them, spread as evenly as whole pages allow (z = 1/4: pages 3, 7,
+    11, ...; z = 1: every page)."""
+    return ((p + 1) * zq) >> ZERO_SHIFT > (p * zq) >> ZERO_SHIFT
 
 
 class DirtyPages:
-    def __init__(self, npages: int, with_slot: bool, track_unsaved: bool = False):
+    def __init__(self, npages: int, with_slot: bool, track_unsaved: bool = False, zero_fraction: float = 0.0):
         self.npages = npages
+        self.zero_q = zero_q(zero_fraction)  # 0: no page starts zero, none is checked
+        self.zero_pages = 0  # pages sent that were zero
         self.mig = RECYCLER.zeros(npages, bool)
         self.slot = RECYCLER.zeros(npages, bool) if with_slot else None
         self.dest = RECYCLER.zeros(npages, np.uint32)  # source version + 1 at send time; 0: never sent
@@ -163,29 +185,35 @@ class DirtyPages:
             _add_blocks(np.ascontiguousarray(pages, dtype=np.int64), self.mig_blocks, 1)
         self.cursor = int(pages[0])
 
-    def copy(self, pages: np.ndarray, source_version: np.ndarray) -> None:
+    def copy(self, pages: np.ndarray, source_version: np.ndarray) -> int:
         """Send ``pages`` (as :meth:`take` returns them: ascending, wrapping at most once): the
-        destination gets their content (version) as of now."""
+        destination gets their content (version) as of now. Returns how many were zero pages
+        (module docstring)."""
         if len(pages) == 0:
-            return
+            return 0
         if _contiguous(pages):
-            self.copy_run(int(pages[0]), len(pages), source_version)
-            return
+            return self.copy_run(int(pages[0]), len(pages), source_version)
+        zero = int(_zero_pages(pages, source_version, self.zero_q)) if self.zero_q else 0
         self.pages_resent += int(_copy_pages(pages, self.dest, source_version))
         self.pages_sent += len(pages)
+        self.zero_pages += zero
         self._sent_end = max(self._sent_end, int(pages.max()) + 1)
+        return zero
 
-    def copy_run(self, first: int, count: int, source_version: np.ndarray) -> None:
+    def copy_run(self, first: int, count: int, source_version: np.ndarray) -> int:
         """:meth:`copy` of the ``count`` consecutive pages from ``first`` (what :meth:`take_run`
         takes). A run wholly past every page sent so far (the bulk stage's runs) re-sends
         none: its destination pages are not read."""
         end = first + count
         s = slice(first, end)
+        zero = int(_zero_run(source_version, first, end, self.zero_q)) if self.zero_q else 0
         if first < self._sent_end:
             self.pages_resent += int(np.count_nonzero(self.dest[s]))
         np.add(source_version[s], 1, out=self.dest[s])
         self.pages_sent += count
+        self.zero_pages += zero
         self._sent_end = max(self._sent_end, end)
+        return zero
 
     def lost_writes(self, source_version: np.ndarray) -> int:
         """Pages whose destination copy differs from the source, or that were never sent (one
@@ -360,6 +388,27 @@ def _copy_pages(pages, dest, version):  # pragma: no cover - compiled
             resent += 1
         dest[p] = np.uint32(version[p] + np.uint32(1))
     return resent
+
+
+@njit(nogil=True)
+def _zero_pages(pages, version, zq):  # pragma: no cover - compiled
+    """How many of ``pages`` are zero pages: never written (version 0) and :func:`initially_zero`."""
+    n = 0
+    for j in range(pages.shape[0]):
+        p = pages[j]
+        if version[p] == 0 and initially_zero(p, zq):
+            n += 1
+    return n
+
+
+@njit(nogil=True)
+def _zero_run(version, a, b, zq):  # pragma: no cover - compiled
+    """:func:`_zero_pages` of the pages [a, b)."""
+    n = 0
+    for p in range(a, b):
+        if version[p] == 0 and initially_zero(p, zq):
+            n += 1
+    return n
 
 
 @njit(nogil=True)

@@ -25,9 +25,10 @@ class Metrics:
     converged: bool  #: migration: switchover by the downtime rule (not forced at give_up_s); checkpoint: no overrun (and, at the end, a checkpoint taken)
     iterations: int  #: dirty syncs (QEMU dirty-sync-count): migration: setup, each pass, auto-converge's periodic syncs, final; checkpoint: setup, then one per stop-the-world checkpoint, two per live one
     passes: int  #: migration: live passes over the dirty set, each ended by an exact sync (not auto-converge's periodic ones); checkpoint: the base image and each checkpoint
-    bytes_sent: int  #: bytes put on the link/storage (pages + an 8-byte header per 4 KiB target page + device state)
+    bytes_sent: int  #: bytes put on the link/storage (pages + an 8-byte header per 4 KiB target page, zero pages as 9 bytes per target page, + device state)
     pages_sent: int  #: pages sent, re-sends included
     pages_resent: int  #: pages sent that had been sent before
+    zero_pages: int  #: pages sent as zero pages (a header and a byte per 4 KiB target page), in pages_sent too
     # --- vCPU cost
     full_exits: int  #: KVM_EXIT_DIRTY_RING_FULL exits (all vCPUs)
     vcpu_exit_s: float  #: vCPU time out of the guest for exits: round trips, reap/reset on the vCPU thread, wedged spinning, s

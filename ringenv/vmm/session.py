@@ -125,7 +125,12 @@ class Session:
         self.page_size = self.profile.page_size
         # on the migration stream a host page is its 4 KiB target pages, each with its header
         # (QEMU's TARGET_PAGE_SIZE: ram_save_target_page -> save_page_header)
-        self.page_wire_bytes = self.page_size + PAGE_HEADER_BYTES * max(1, self.page_size // TARGET_PAGE_SIZE)
+        targets = max(1, self.page_size // TARGET_PAGE_SIZE)
+        self.page_wire_bytes = self.page_size + PAGE_HEADER_BYTES * targets
+        # a zero page: each target page as its header and one byte (save_zero_page), after the
+        # migration thread read it all (buffer_is_zero): that time instead of its wire time
+        self.zero_wire_bytes = (PAGE_HEADER_BYTES + 1) * targets
+        self.zero_check_ns = self.costs.zero_page_check_ns * targets
         self.memory = cfg.vm.memory
         self.npages = self.memory // self.page_size
         self.loop = EventLoop()
@@ -168,7 +173,8 @@ class Session:
         self._last_sync_ns = 0  # when the last sync ended
 
         self._build_vm()
-        self.dirty = DirtyPages(self.npages, with_slot=cfg.collector == "ring", track_unsaved=self.tracks_unsaved)
+        self.dirty = DirtyPages(self.npages, with_slot=cfg.collector == "ring", track_unsaved=self.tracks_unsaved,
+                                zero_fraction=cfg.vm.zero_fraction)
         self.collector = RingCollector(self) if cfg.collector == "ring" else BitmapCollector(self)
         self.throttle = make_throttle(self)
 
@@ -586,7 +592,13 @@ class Session:
         ``MAX_SLICE_NS`` worth. Sending k slices at once is exact for the pages sent (see
         :meth:`DirtyPages.take`) and keeps the host's sampling windows long. With the bitmap
         collector a slice never runs into a second 1 GiB chunk that still needs its CLEAR, so
-        every CLEAR happens just before its chunk is sent, as in QEMU."""
+        every CLEAR happens just before its chunk is sent, as in QEMU.
+
+        Zero pages (``vm.zero_fraction``) go on the stream as ``zero_wire_bytes`` each and cost
+        the thread ``zero_check_ns`` each to find: the slice takes its wire time or the time to
+        check its zero pages, whichever is longer (the socket drains while the thread reads
+        the next pages). A slice is sized in full pages, so one with zero pages ends sooner,
+        and the next follows; QEMU would fill its 50 ms with more pages."""
         bpp = self.page_wire_bytes
         limited = self.window_budget and self.paused_at is None  # QEMU's rate limiter (max-bandwidth)
         if limited:  # whole windows: QEMU checks between two, once the budget is spent and the window over
@@ -607,7 +619,7 @@ class Session:
         run = None if self.collector.reads_slices else self.dirty.take_run(max_pages)
         resent = self.dirty.pages_resent
         if run is not None:  # consecutive pages (the bulk stage): no index array
-            self.dirty.copy_run(*run, self.source_version())
+            zero = self.dirty.copy_run(*run, self.source_version())
             npages = run[1]
         else:
             pages = self.dirty.take(max_pages)
@@ -619,18 +631,20 @@ class Session:
                 self._taken = len(pages)
                 yield ns
                 self._taken = 0
-            self.dirty.copy(pages, self.source_version())
+            zero = self.dirty.copy(pages, self.source_version())
             npages = len(pages)
         resent = self.dirty.pages_resent - resent  # sent before (the rest: for the first time)
-        nbytes = npages * bpp
+        nbytes = npages * bpp - zero * (bpp - self.zero_wire_bytes)
         bursts = None
         if limited:
             dt, bursts, self._closing = self._rate_limited(nbytes, bpp)
         else:
             dt = int(math.ceil(nbytes * NS / rate_Bps))
+        if zero:
+            dt = max(dt, int(math.ceil(zero * self.zero_check_ns)))
         self.bytes_sent += nbytes
         self._pass_sent += nbytes
-        self._slice = (self.loop.now, dt, npages - resent, resent, nbytes, bursts)
+        self._slice = (self.loop.now, dt, npages - resent, resent, nbytes, bursts, zero)
         yield dt
         self._slice = None
         self.update_bandwidth()
@@ -678,17 +692,17 @@ class Session:
                 closed, t0, used = (t0, used, t), t, 0
         return t - now, bursts, (closed, (t0, used))
 
-    def _in_flight(self, now: int) -> tuple[int, int, int, int]:
-        """(pages, bytes, pages sent for the first time, pages re-sent) of the slice being sent
-        that are not on the wire by ``now``. The slice's first-time and re-sent pages leave pro
-        rata, each rounded on its own, and its pages are their sum: the pages sent, the pages
-        re-sent and the share of RAM sent at least once each only go up, and no step shows more
-        pages re-sent than sent."""
+    def _in_flight(self, now: int) -> tuple[int, int, int, int, int]:
+        """(pages, bytes, pages sent for the first time, pages re-sent, zero pages) of the
+        slice being sent that are not on the wire by ``now``. The slice's first-time and re-sent
+        pages leave pro rata, each rounded on its own, and its pages are their sum: the pages
+        sent, the pages re-sent and the share of RAM sent at least once each only go up, and no
+        step shows more pages re-sent than sent. Its zero pages leave pro rata too."""
         if self._slice is None:
-            return 0, 0, 0, 0
-        t0, dt, new, resent, nbytes, bursts = self._slice
+            return 0, 0, 0, 0, 0
+        t0, dt, new, resent, nbytes, bursts, zero = self._slice
         if not dt:
-            return 0, 0, 0, 0
+            return 0, 0, 0, 0, 0
         if bursts:  # a rate-limited send: its bursts at the link's rate, each on the wire pro rata
             gone = 0
             for a, b, n in bursts:
@@ -704,7 +718,7 @@ class Session:
             left = 1.0 - done
             bytes_left = int(nbytes * left)
         new_left, resent_left = int(new * left), int(resent * left)
-        return new_left + resent_left, bytes_left, new_left, resent_left
+        return new_left + resent_left, bytes_left, new_left, resent_left, int(zero * left)
 
     def send_bytes(self, nbytes: int, rate_Bps: float):
         """Send ``nbytes`` that are not pages (the device state): on the wire pro rata as a
@@ -713,7 +727,7 @@ class Session:
             self.bytes_sent += nbytes
             self._pass_sent += nbytes
             dt = int(math.ceil(nbytes * NS / rate_Bps))
-            self._slice = (self.loop.now, dt, 0, 0, nbytes, None)
+            self._slice = (self.loop.now, dt, 0, 0, nbytes, None, 0)
             yield dt
             self._slice = None
 
@@ -866,7 +880,7 @@ class Session:
         vm_st = vm.stats
         ready = self.collector.look(overflows)
         fill = (ready / soft_limit).tolist() if ring else [0.0] * len(vcpus)
-        fl_pages, fl_bytes, fl_new, fl_resent = self._in_flight(self.now_ns)
+        fl_pages, fl_bytes, fl_new, fl_resent, fl_zero = self._in_flight(self.now_ns)
         wedged = [t for t in self.wedged_at.tolist() if t >= 0]
         spin = self._spin_ns(wedged) if wedged else 0
         return {
@@ -875,7 +889,7 @@ class Session:
             "downtime_s": downtime_s, "total_s": total_s, "converged": converged,
             "iterations": self.iterations, "passes": self.passes,
             "bytes_sent": self.bytes_sent - fl_bytes, "pages_sent": dirty.pages_sent - fl_pages,
-            "pages_resent": dirty.pages_resent - fl_resent,
+            "pages_resent": dirty.pages_resent - fl_resent, "zero_pages": dirty.zero_pages - fl_zero,
             "full_exits": full_exits,
             "vcpu_exit_s": float(sum(self.exit_ns.tolist()) + sum(self.work_ns.tolist()) + spin) / NS,
             "vcpu_stall_s": float(sum(self.stall_ns.tolist())) / NS,

@@ -1,0 +1,198 @@
+"""Zero pages (``vm.zero_fraction``): QEMU checks each page it sends (buffer_is_zero) and puts a
+zero page on the stream as its header and one byte (save_zero_page), 9 bytes per 4 KiB target
+page, the check costing the migration thread the host's ``zero_page_check_ns`` per target page.
+A page is zero while it is one of the pages that start zero and the guest has not written it.
+Hand-worked cases first, then whole runs against the stream's byte arithmetic."""
+
+from __future__ import annotations
+
+import math
+
+import gymnasium as gym
+import numpy as np
+import pytest
+
+import ringenv  # noqa: F401
+from ringenv.config import ConfigError, load_scenario
+from ringenv.vmm.checkpoint import CheckpointRun
+from ringenv.vmm.dirty import DirtyPages, initially_zero, zero_q
+from ringenv.vmm.migration import MigrationRun
+
+MiB = 1 << 20
+STILL = {"name": "still", "regions": [{"fraction": 1.0, "rate_mbps": 0.0}]}  # the guest writes nothing
+HEADER = 8  # QEMU: be64 offset | flags, per target page
+
+
+# ---------------------------------------------------------------- which pages start zero
+def test_initially_zero_steps_evenly():
+    """z = 1/4: the pages where floor(p z) steps up are 3, 7, 11, ...; z = 1: every page; z = 0:
+    none."""
+    q = zero_q(0.25)
+    assert [p for p in range(16) if initially_zero(p, q)] == [3, 7, 11, 15]
+    assert all(initially_zero(p, zero_q(1.0)) for p in range(100))
+    assert not any(initially_zero(p, 0) for p in range(100))
+
+
+@pytest.mark.parametrize("z", [0.1, 1 / 3, 0.5, 0.9, 0.999])
+def test_every_run_of_pages_has_its_share(z):
+    """Any run [a, b) holds floor(b z) - floor(a z) of them (up to the 24-bit fixed point)."""
+    q = zero_q(z)
+    flags = np.array([initially_zero(p, q) for p in range(5000)])
+    rng = np.random.default_rng(0)
+    for a, b in np.sort(rng.integers(0, 5001, size=(50, 2)), axis=1):
+        assert flags[a:b].sum() == (int(b) * q >> 24) - (int(a) * q >> 24)
+        assert abs(flags[a:b].sum() - (b - a) * z) < 1 + 1e-6 * b
+
+
+# ---------------------------------------------------------------- the VMM's copy
+def _pages(z):
+    d = DirtyPages(16, with_slot=True, zero_fraction=z)
+    version = np.zeros(16, dtype=np.uint32)
+    version[3], version[4] = 2, 1  # the guest wrote pages 3 and 4
+    return d, version
+
+
+def test_copy_run_counts_the_zero_pages_it_sends():
+    """z = 1/2: pages 1, 3, 5, ... start zero; page 3 was written since: of the run 0..7 the
+    zero pages are 1, 5 and 7."""
+    d, version = _pages(0.5)
+    assert d.copy_run(0, 8, version) == 3
+    assert (d.zero_pages, d.pages_sent) == (3, 8)
+    assert d.copy_run(8, 8, version) == 4  # 9, 11, 13, 15
+    assert d.zero_pages == 7 and d.lost_writes(version) == 0  # zero pages are sent (verified) too
+
+
+def test_copy_of_scattered_pages_counts_the_zero_pages():
+    d, version = _pages(0.5)
+    pages = np.array([1, 2, 3, 9, 12], dtype=np.int64)  # zero: 1 and 9 (3 was written)
+    assert d.copy(pages, version) == 2
+    assert (d.zero_pages, d.pages_sent) == (2, 5)
+    version[9] = 1  # written after it was sent: re-sent in full
+    assert d.copy(np.array([9, 11], dtype=np.int64), version) == 1  # only 11
+    assert (d.zero_pages, d.pages_resent) == (3, 1)
+
+
+def test_no_zero_fraction_no_zero_page():
+    d, version = _pages(0.0)
+    assert d.copy_run(0, 16, version) == 0 and d.zero_pages == 0
+
+
+# ---------------------------------------------------------------- whole runs
+def _run(cls=MigrationRun, z=1.0, host="x86-nopml", memory=64 * MiB, workload=STILL, **over):
+    link = {"downtime_limit_ms": 1.0, "device_state_bytes": 0, "max_bandwidth_mibps": "link",
+            **over.pop("link", {})}
+    run = cls("default", host=host, vm={"memory": memory, "vcpus": 2, "zero_fraction": z, "block_fraction": 0.0},
+              workload=workload, link=link, **over)
+    return run, run.run()
+
+
+def test_a_guest_of_zero_pages_sends_nine_bytes_a_page_at_the_check_rate():
+    """Nothing written, every page zero: the stream is 9 bytes per page, and the bulk stage
+    takes the checks' time (300 ns a page on the x86 profile), not the wire's (7 ns a page at
+    10 Gb/s); the bandwidth QEMU measures (over >= 100 ms) is then 9 bytes per 300 ns."""
+    run, m = _run(memory=1 << 32)
+    n = run.npages
+    check = run.costs.zero_page_check_ns
+    assert check == 300
+    assert (m.pages_sent, m.zero_pages, m.pages_resent) == (n, n, 0)
+    assert m.bytes_sent == 9 * n and m.lost_writes == 0 and m.verified
+    assert m.bandwidth_Bps == pytest.approx(9 / (check * 1e-9), rel=1e-3)
+    _, full = _run(z=0.0, memory=1 << 32)
+    assert full.bytes_sent == (4096 + HEADER) * n and full.zero_pages == 0
+    # the sends: n checks against n pages on the wire; the rest (syncs, setup) is the same
+    wire = (4096 + HEADER) * n / (10e9 / 8)
+    assert m.total_s - n * check * 1e-9 == pytest.approx(full.total_s - wire, abs=2e-4)
+
+
+def test_a_quarter_of_zero_pages():
+    """z = 1/4, nothing written: a quarter of the pages go as 9 bytes, the rest in full; the
+    slices are wire-bound (3.3 us a full page against 0.3 us a check)."""
+    run, m = _run(z=0.25)
+    n = run.npages
+    assert m.zero_pages == n // 4
+    assert m.bytes_sent == (n - n // 4) * (4096 + HEADER) + n // 4 * 9
+
+
+@pytest.mark.parametrize("host, targets", [("arm64-16k", 4), ("arm64-64k", 16)])
+def test_a_large_page_is_its_target_pages(host, targets):
+    """A 16K/64K host page is 4/16 target pages on the stream: a zero one is 9 bytes and one
+    check per target page."""
+    run, m = _run(host=host, z=1.0, memory=256 * MiB)
+    assert (run.zero_wire_bytes, run.zero_check_ns) == (9 * targets, 300 * targets)
+    vgic = len(run.vgic_gfns)  # written by KVM at the stop: re-sent in full
+    full = run.page_size + HEADER * targets
+    assert m.zero_pages == run.npages
+    assert m.bytes_sent == run.npages * 9 * targets + vgic * full
+
+
+@pytest.mark.parametrize("host", ["arm64-4k", "x86-pml", "arm64-64k"])
+@pytest.mark.parametrize("rate", ["link", 400])
+def test_the_stream_is_whole_pages_and_zero_pages_when_the_guest_writes(host, rate):
+    """A guest that writes: each page is sent in full or as a zero page, whichever it was when
+    sent; the pages written before the bulk stage reached them are not zero. No write is lost,
+    with or without the rate limiter."""
+    run, m = _run(z=0.6, host=host, memory=128 * MiB, workload="web", rate_scale=8.0,
+                  link={"max_bandwidth_mibps": rate, "device_state_bytes": 4096, "downtime_limit_ms": 300})
+    targets = max(1, run.page_size // 4096)
+    full = run.page_size + HEADER * targets
+    assert m.lost_writes == 0 and m.converged
+    assert m.bytes_sent == (m.pages_sent - m.zero_pages) * full + m.zero_pages * 9 * targets + 4096
+    start_zero = sum(initially_zero(p, zero_q(0.6)) for p in range(run.npages))
+    written = int(np.count_nonzero(run.source_version()[np.array(
+        [initially_zero(p, zero_q(0.6)) for p in range(run.npages)])]))
+    assert written > 0  # the guest wrote some of the zero pages
+    assert start_zero - written <= m.zero_pages <= start_zero
+
+
+def test_the_measured_bandwidth_counts_the_stream_bytes():
+    """QEMU's bandwidth is bytes on the stream over >= 100 ms: zero pages lower it, and with it
+    the switchover threshold (bandwidth x downtime-limit). 4 GiB, nothing written: with z = 0.99
+    a send of 20 slices' pages (304k) is check-bound, ~91 ms, and the second one closes the
+    first window; with z = 0 the first send (1 s on the wire) does."""
+    for z, look_ns in ((0.0, 1_200_000_000), (0.99, 200_000_000)):
+        run = MigrationRun("default", host="x86-nopml", vm={"memory": 1 << 32, "vcpus": 2, "zero_fraction": z},
+                           workload=STILL, link={"downtime_limit_ms": 1.0})
+        run.advance(look_ns)
+        assert run.phase == "bulk"
+        per_page = (4096 + HEADER) * (1 - z) + 9 * z  # bytes, and the time each page takes:
+        per_page_s = max((4096 + HEADER) * (1 - z) / 1.25e9, 300e-9 * z)
+        assert run.bandwidth_Bps == pytest.approx(per_page / per_page_s, rel=0.01), z
+        assert run.threshold_bytes == int(run.bandwidth_Bps * 1e-3)
+
+
+def test_a_checkpoint_base_image_of_zero_pages():
+    """A checkpoint's base image goes through the same stream: zero pages as 9 bytes."""
+    run, m = _run(cls=CheckpointRun, z=1.0, checkpoint={"horizon_s": 2.0, "period_s": 1.0})
+    assert m.pass_bytes[0] == 9 * run.npages
+    assert m.lost_writes == 0
+
+
+def test_the_default_has_no_zero_page():
+    assert load_scenario("default").vm.zero_fraction == 0.0
+    _, m = _run(z=0.0)
+    assert m.zero_pages == 0
+
+
+@pytest.mark.parametrize("bad", [-0.1, 1.5, float("nan"), float("inf"), "half", True])
+def test_zero_fraction_is_validated(bad):
+    with pytest.raises(ConfigError, match="vm.zero_fraction"):
+        load_scenario("default", vm={"memory": 64 * MiB, "vcpus": 2, "zero_fraction": bad})
+
+
+def test_the_env_takes_it_and_reports_zero_pages():
+    """The env passes vm.zero_fraction through; info carries zero_pages; a mostly zero idle
+    guest migrates in less time than the same guest with data in every page."""
+    steps = {}
+    for z in (0.0, 0.9):
+        env = gym.make("ringenv/Migration-v0", workloads=["idle"], vm={"memory": "1GiB", "vcpus": 2,
+                                                                       "zero_fraction": z})
+        env.reset(seed=0)
+        n, done = 0, False
+        while not done:
+            _, _, te, tr, info = env.step(env.action_space.sample())
+            n, done = n + 1, te or tr
+        assert te and info["lost_writes"] == 0
+        assert (info["zero_pages"] > 0) == (z > 0)
+        steps[z] = info["total_s"]
+    assert steps[0.9] < 0.5 * steps[0.0]
+    assert math.isfinite(steps[0.9])
