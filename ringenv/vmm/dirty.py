@@ -43,7 +43,8 @@ ZERO_SHIFT = 24  # a zero fraction as a fixed-point number of 24 fractional bits
 
 
 def zero_q(fraction: float) -> int:
-    """``fraction`` (0..1) in the fixed point :func:`initially_zero` takes."""
+    """``fraction`` (0..1) in the fixed point :func:`initially_zero` takes (a fraction below
+    2^-25 is 0). :func:`initially_zero` is exact for pages below 2^39 (2 PiB of 4 KiB pages)."""
     return int(round(fraction * (1 << ZERO_SHIFT)))
 
 

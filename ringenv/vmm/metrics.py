@@ -28,7 +28,7 @@ class Metrics:
     bytes_sent: int  #: bytes put on the link/storage (pages + an 8-byte header per 4 KiB target page, zero pages as 9 bytes per target page, + device state)
     pages_sent: int  #: pages sent, re-sends included
     pages_resent: int  #: pages sent that had been sent before
-    zero_pages: int  #: pages sent as zero pages (a header and a byte per 4 KiB target page), in pages_sent too
+    zero_pages: int  #: pages sent as zero pages (a header and a byte per 4 KiB target page), in pages_sent too; host pages, where QEMU's zero-pages counts 4 KiB target pages
     # --- vCPU cost
     full_exits: int  #: KVM_EXIT_DIRTY_RING_FULL exits (all vCPUs)
     vcpu_exit_s: float  #: vCPU time out of the guest for exits: round trips, reap/reset on the vCPU thread, wedged spinning, s

@@ -595,16 +595,25 @@ class Session:
         every CLEAR happens just before its chunk is sent, as in QEMU.
 
         Zero pages (``vm.zero_fraction``) go on the stream as ``zero_wire_bytes`` each and cost
-        the thread ``zero_check_ns`` each to find: the slice takes its wire time or the time to
-        check its zero pages, whichever is longer (the socket drains while the thread reads
-        the next pages). A slice is sized in full pages, so one with zero pages ends sooner,
-        and the next follows; QEMU would fill its 50 ms with more pages."""
+        the thread ``zero_check_ns`` each to find. The send's bytes leave at the pace of the
+        slower of the two: the wire (or the rate limiter's windows), or the thread checking its
+        zero pages, the socket draining while the thread reads the next pages (which holds
+        for zero pages spread among pages with data, as :func:`ringenv.vmm.dirty.initially_zero`
+        spreads them). A slice holds the pages of ~50 ms (or of a window) at the slower of a
+        full page's wire time and a zero page's check, so that it never runs past its time
+        whatever its pages hold; one with fewer zero pages ends sooner, and the next follows
+        (QEMU would fill its 50 ms with more pages)."""
         bpp = self.page_wire_bytes
         limited = self.window_budget and self.paused_at is None  # QEMU's rate limiter (max-bandwidth)
+        checks = self.dirty.zero_q and self.zero_check_ns > 0  # zero pages possible, and they take time
         if limited:  # whole windows: QEMU checks between two, once the budget is spent and the window over
             n50, slice_ns = self.window_budget // bpp + 1, BW_WINDOW_NS
+            if checks:
+                n50 = min(n50, max(1, int(BW_WINDOW_NS / self.zero_check_ns)))
         else:
             n50 = max(1, int(rate_Bps * SLICE_NS / NS / bpp))
+            if checks:
+                n50 = min(n50, max(1, int(SLICE_NS / self.zero_check_ns)))
             slice_ns = max(SLICE_NS, int(math.ceil(n50 * bpp * NS / rate_Bps)))  # (a page can take longer)
         if max_pages is None:
             k = max(1, MAX_SLICE_NS // slice_ns)
@@ -635,13 +644,14 @@ class Session:
             npages = len(pages)
         resent = self.dirty.pages_resent - resent  # sent before (the rest: for the first time)
         nbytes = npages * bpp - zero * (bpp - self.zero_wire_bytes)
+        check_ns = zero * self.zero_check_ns  # the thread's time finding the zero pages
         bursts = None
-        if limited:
-            dt, bursts, self._closing = self._rate_limited(nbytes, bpp)
+        if limited:  # the bytes leave at the link's rate, or at the checks' pace if slower
+            link = self.cfg.link.link_Bps
+            dt, bursts, self._closing = self._rate_limited(
+                nbytes, bpp, link if check_ns * link <= nbytes * NS else nbytes * NS / check_ns)
         else:
-            dt = int(math.ceil(nbytes * NS / rate_Bps))
-        if zero:
-            dt = max(dt, int(math.ceil(zero * self.zero_check_ns)))
+            dt = max(int(math.ceil(nbytes * NS / rate_Bps)), int(math.ceil(check_ns)))
         self.bytes_sent += nbytes
         self._pass_sent += nbytes
         self._slice = (self.loop.now, dt, npages - resent, resent, nbytes, bursts, zero)
@@ -655,9 +665,11 @@ class Session:
         it included."""
         return (self.window_budget - used) // bpp + 1 if used <= self.window_budget else 0
 
-    def _rate_limited(self, nbytes: int, bpp: int) -> tuple[int, tuple]:
+    def _rate_limited(self, nbytes: int, bpp: int, pace_Bps: float) -> tuple[int, tuple]:
         """QEMU's rate limiter over a send of ``nbytes`` (whole wire pages of ``bpp`` bytes) that
-        begins now: migration_rate_exceeded lets pages go at the link's rate while the window
+        begins now, its bytes leaving at ``pace_Bps`` (the link's rate, or the pace of the
+        thread's zero-page checks when slower: :meth:`send_slice`):
+        migration_rate_exceeded lets pages go at that pace while the window
         (BUFFER_DELAY, 100 ms) has sent no more than its budget, ``window_budget`` (max-bandwidth
         / XFER_LIMIT_RATIO; the page that passes it included); then migration_rate_limit waits
         for the window's end, where migration_update_counters measures it and the next window
@@ -668,7 +680,6 @@ class Session:
         included; the bursts on the wire, (start, end, bytes) each, for :meth:`_in_flight`;
         what :meth:`update_bandwidth` applies when the send is over: the last window closed, as
         (start, bytes, end) or None, and the window under way, as (start, bytes))."""
-        link = self.cfg.link.link_Bps
         budget = self.window_budget
         now = t = self.loop.now
         t0, used = self._bw_t0, self.bytes_sent - self._bw_b0
@@ -682,7 +693,7 @@ class Session:
             if not left:
                 break
             n = min(left, self._window_pages_left(used, bpp) * bpp)
-            t1 = t + int(math.ceil(n * NS / link))
+            t1 = t + int(math.ceil(n * NS / pace_Bps))
             bursts.append((t, t1, n))
             t = t1
             used += n

@@ -144,6 +144,92 @@ def test_the_stream_is_whole_pages_and_zero_pages_when_the_guest_writes(host, ra
     assert start_zero - written <= m.zero_pages <= start_zero
 
 
+@pytest.mark.parametrize("collector", ["ring", "bitmap"])
+@pytest.mark.parametrize("rate", ["link", 400])
+def test_a_guest_of_zero_pages_with_either_collector_and_the_rate_limiter(collector, rate):
+    """Every page zero, 2 GiB: the run takes the checks' time, 300 ns a page, with the rate
+    limiter too (9 bytes per 300 ns is 30 MB/s, far below its 400 MiB/s: it never waits), and
+    with the bitmap collector's scattered sends (take/copy), plus its CLEARs (50 ns a page)."""
+    run, m = _run(memory=1 << 31, collector=collector, link={"max_bandwidth_mibps": rate})
+    n = run.npages
+    assert (m.zero_pages, m.pages_sent, m.bytes_sent, m.lost_writes) == (n, n, 9 * n, 0)
+    clears = n * run.costs.clear_dirty_log_page_ns * 1e-9 if collector == "bitmap" else 0.0
+    assert m.total_s == pytest.approx(n * 300e-9 + clears, abs=0.005)
+    if collector == "ring":
+        assert m.bandwidth_Bps == pytest.approx(9 / 300e-9, rel=0.01)
+    else:  # the CLEARs run on the migration thread, inside the bandwidth's windows
+        assert 0.9 * 9 / 350e-9 <= m.bandwidth_Bps <= 9 / 350e-9 * 1.001
+
+
+@pytest.mark.parametrize("host, collector", [("x86-nopml", "ring"), ("arm64-4k", "bitmap"), ("arm64-64k", "ring")])
+@pytest.mark.parametrize("rate", ["link", 400])
+def test_metrics_read_mid_send_count_only_what_the_thread_has_checked(host, collector, rate):
+    """Read every 20 ms, an all-zero guest's metrics show the pages the thread has got
+    through by then: all zero pages, at 300 ns each per target page."""
+    run = MigrationRun("default", host=host, collector=collector, workload=STILL,
+                       vm={"memory": 1 << 30, "vcpus": 2, "zero_fraction": 1.0},
+                       link={"downtime_limit_ms": 1.0, "max_bandwidth_mibps": rate})
+    per_page_s = 300e-9 * max(1, run.page_size // 4096)
+    t, seen = 0, []
+    while run.phase in ("setup", "bulk"):
+        t += 20_000_000
+        run.advance(t)
+        m = run.metrics()
+        if run.phase == "bulk":
+            assert m.zero_pages == m.pages_sent
+            seen.append(m.pages_sent)
+            assert m.pages_sent <= t * 1e-9 / per_page_s + 1
+    assert len(seen) >= 3 and seen == sorted(seen) and seen[-1] > seen[0]
+
+
+def test_a_large_page_is_checked_per_target_page():
+    """arm64-64k, every page zero: 16 checks a host page."""
+    run, m = _run(host="arm64-64k", memory=1 << 30)
+    assert m.total_s == pytest.approx(run.npages * 16 * 300e-9, abs=0.005)
+
+
+def test_zero_pages_left_at_the_stop_are_checked_in_the_downtime():
+    """Forced to stop early (give_up_s 20 ms): the stop-and-copy sends the zero pages the bulk
+    stage had not reached, each checked: the downtime is at least their checks' time."""
+    run, m = _run(memory=1 << 30, link={"give_up_s": 0.02})
+    assert not m.converged
+    left = run.npages - round(0.02 / 300e-9)  # sent live: about 20 ms of checks (a slice past it at most)
+    assert m.downtime_s >= 0.9 * (run.npages - round(0.07 / 300e-9)) * 300e-9
+    assert m.downtime_s <= left * 300e-9 + 0.005
+
+
+def test_a_fast_link_does_not_run_past_the_deadline():
+    """400 Gb/s: a full page is 82 ns on the wire, a zero page's check 300 ns. The slices are
+    sized for the checks, so the live phase stops within a 50 ms slice of give_up_s, as QEMU's
+    ram_save_iterate returns after 50 ms whatever the pages hold."""
+    run = MigrationRun("default", host="x86-nopml", workload=STILL, vm={"memory": 1 << 32, "vcpus": 2,
+                                                                         "zero_fraction": 1.0},
+                       link={"gbps": 400, "downtime_limit_ms": 1.0, "give_up_s": 0.02})
+    stops = []
+    pause = run.pause_vm
+
+    def spy():
+        stops.append(run.loop.now)
+        return (yield from pause())
+
+    run.pause_vm = spy
+    m = run.run()
+    assert not m.converged and len(stops) == 1
+    assert stops[0] <= 0.02e9 + 50_000_000 + 1_000_000
+
+
+def test_the_checkpoint_base_image_takes_the_checks_time():
+    """10 ms into a checkpoint run of an all-zero 1 GiB guest its base image is still being
+    written, about 10 ms of checks' worth of zero pages so far."""
+    run = CheckpointRun("default", host="x86-nopml", workload=STILL,
+                        vm={"memory": 1 << 30, "vcpus": 2, "zero_fraction": 1.0},
+                        checkpoint={"horizon_s": 2.0, "period_s": 1.0, "storage_mbps": 2000})
+    run.advance(10_000_000)
+    m = run.metrics()
+    assert run.phase == "base"
+    assert 0 < m.zero_pages == m.pages_sent <= 0.01 / 300e-9 + 1
+
+
 def test_the_measured_bandwidth_counts_the_stream_bytes():
     """QEMU's bandwidth is bytes on the stream over >= 100 ms: zero pages lower it, and with it
     the switchover threshold (bandwidth x downtime-limit). 4 GiB, nothing written: with z = 0.99
