@@ -10,7 +10,8 @@ Per base page, one state byte and one version word (5 bytes):
 - ``UNMAPPED``: no stage-2 mapping yet (a fresh VM, or memory the guest never touched): the
   first access is a translation fault that maps it (``mapped_fraction`` of a slot starts mapped).
 
-Per block (2 MiB with 4K pages, 32 MiB with 16K, 512 MiB with 64K), one byte: mapped by a block
+Per block (2 MiB with 4K pages, 32 MiB with 16K, 512 MiB with 64K; guest-physical blocks: a
+slot's partial first and last blocks are pages, :meth:`Memslot.place`), one byte: mapped by a block
 (``BLOCK``, 1) or by a table of pages (0); splitting a block is one update, as it is one stage-2
 entry. ``SPLIT_HUGE`` (2) is a table of pages over a huge page in a slot that is not logging
 (arm64 eager split of a ring-only or read-only slot, or a slot whose logging was turned off):
@@ -59,30 +60,48 @@ class Memslot:
         self.flags = flags
         self.block_pages = block_pages
         self.dirty_bitmap: np.ndarray | None = None  # the slot bitmap (bitmap mode, or the backup bitmap)
-        self.nblocks = npages // block_pages if block_pages > 1 else 0
+        # the userspace memory behind the slot is taken as aligned as the slot was when created
+        # (the simulator has no userspace address): its huge pages fall where guest-physical
+        # blocks did then
+        self.hva_phase = base_gfn % block_pages if block_pages > 1 else 0
         self._init = (block_fraction, mapped_fraction, seed)
+        self.place(base_gfn)
         # views into the VM's page arrays, set when the VM lays its slots out (Vm._layout)
         self.start = 0
         self.state: np.ndarray | None = None
         self.version: np.ndarray | None = None
         self.blocks: np.ndarray | None = None  # per block: BLOCK, SPLIT_HUGE or 0 (module docstring)
 
+    def place(self, base_gfn: int) -> None:
+        """Put the slot at guest frame ``base_gfn`` (created or moved): its blocks are the
+        guest-physical blocks it covers whole, from slot page ``head`` on (``nblocks`` of
+        them); the partial blocks at its ends are mapped by pages (arm64
+        fault_supports_stage2_huge_mapping, x86's lpage_info of a slot's partial first and last
+        large pages). A slot moved by other than a whole number of blocks has none: its
+        userspace memory no longer lines up with guest-physical blocks."""
+        bp = self.block_pages
+        self.base_gfn = base_gfn
+        self.lead = base_gfn % bp if bp > 1 else 0  # pages of its first guest-physical block before it
+        self.head = (bp - self.lead) % bp if bp > 1 else 0
+        self.nblocks = (self.npages - self.head) // bp if bp > 1 and self.npages > self.head else 0
+        self.aligned = self.lead == self.hva_phase
+
     def initialize(self) -> None:
         """Fill a new slot's freshly laid-out (zeroed) arrays: which blocks are backed by huge
         pages, which memory is not mapped yet."""
         block_fraction, mapped_fraction, seed = self._init
         self.blocks[self._huge_pages()] = BLOCK
-        if mapped_fraction < 1.0:  # untouched memory, chosen in block-sized chunks
+        if mapped_fraction < 1.0:  # untouched memory, chosen a guest-physical block at a time
             chunk = max(self.block_pages, 1)
-            nchunks = -(-self.npages // chunk)
+            nchunks = -(-(self.lead + self.npages) // chunk)
             gone = ~_choose_blocks(nchunks, mapped_fraction, seed ^ (self.id * 0x85EBCA6B) ^ 0xA5)
-            self.state[np.repeat(gone, chunk)[: self.npages]] |= UNMAPPED
+            self.state[np.repeat(gone, chunk)[self.lead: self.lead + self.npages]] |= UNMAPPED
 
     def _huge_pages(self) -> np.ndarray:
         """Which blocks of the userspace memory behind the slot are huge pages (THP): a seeded,
         reproducible choice of ``block_fraction`` of them."""
         block_fraction, _, seed = self._init
-        if not self.nblocks or block_fraction <= 0:
+        if not self.nblocks or block_fraction <= 0 or not self.aligned:
             return np.zeros(self.nblocks, dtype=bool)
         return _choose_blocks(self.nblocks, block_fraction, seed ^ (self.id * 0x9E3779B1))
 
@@ -96,7 +115,7 @@ class Memslot:
         logging, so the next fault in each of them maps the huge page as a block again
         (``SPLIT_HUGE``). Returns blocks split."""
         split = self.blocks == BLOCK
-        split &= (self.state[:: self.block_pages][: self.nblocks] & UNMAPPED) == 0
+        split &= (self.state[self.head:: self.block_pages][: self.nblocks] & UNMAPPED) == 0
         self.blocks[split] = SPLIT_HUGE if keep_huge else 0
         return int(np.count_nonzero(split))
 
@@ -116,7 +135,8 @@ class Memslot:
         are writable: a write costs nothing (a page not mapped yet still faults)."""
         pages = (self.state & (UNMAPPED | RO)) == 0  # (a split huge page's 4K children stay write-protected)
         if self.nblocks:
-            pages[: self.nblocks * self.block_pages] &= np.repeat(self.blocks != BLOCK, self.block_pages)
+            pages[self.head: self.head + self.nblocks * self.block_pages] &= np.repeat(self.blocks != BLOCK,
+                                                                                      self.block_pages)
         self.state[pages] &= ~(WP | CLEAN)
 
     def zap_collapsible(self) -> int:
@@ -125,7 +145,7 @@ class Memslot:
         (a block) again, the write fault making it writable. Returns blocks zapped."""
         blocks = np.flatnonzero(self._huge_pages() & (self.blocks != BLOCK))
         if len(blocks):
-            pages = (blocks[:, None] * self.block_pages + np.arange(self.block_pages)).ravel()
+            pages = (self.head + blocks[:, None] * self.block_pages + np.arange(self.block_pages)).ravel()
             self.state[pages] = UNMAPPED | WP_CLEAN
             self.blocks[blocks] = BLOCK
         return len(blocks)
@@ -139,7 +159,8 @@ class Memslot:
         blocks = np.flatnonzero(self._huge_pages() & (self.blocks != BLOCK))
         if not len(blocks):
             return 0
-        view = self.state[: self.nblocks * self.block_pages].reshape(self.nblocks, self.block_pages)
+        view = self.state[self.head: self.head + self.nblocks * self.block_pages].reshape(self.nblocks,
+                                                                                           self.block_pages)
         st = view[blocks]
         mapped = (st & UNMAPPED) == 0
         present = mapped.any(axis=1)

@@ -532,8 +532,9 @@ class Vm:
         self._check_overlap(s.id, s.as_id, base, s.npages)
         self._check_gpa_range(base, s.npages)
         zap = self._zap(s)
-        s.base_gfn = base
+        s.place(base)
         self._layout()
+        s.unmap_all()  # (zapped above) the huge pages that line up with its new blocks, if any
         s.flags = flags
         self.last_ioctl_ns = zap + self._logging_changed(s, unmapped=True)
 
@@ -564,25 +565,31 @@ class Vm:
         return self._slot(slot, as_id)
 
     def _layout(self) -> None:
-        """Lay the slots out in one global page index (block-aligned) and rebuild lookup tables."""
+        """Lay the slots out in one global page index and rebuild lookup tables. Each slot's
+        pages sit where its guest frames fall in their stage-2 blocks (a slot's page at gfn g
+        is at ``start + g - base_gfn`` with ``start`` congruent to ``base_gfn`` modulo a
+        block), so that a global block is a guest-physical one; the pages of a slot's partial
+        end blocks that are not the slot's are padding no slot owns (their block is pages)."""
         bp = self.block_pages
         self.slots.sort(key=lambda s: (s.as_id, s.base_gfn))
         starts, pos = [], 0
         for s in self.slots:
-            starts.append(pos)
-            pos += -(-s.npages // bp) * bp
+            starts.append(pos + s.lead)
+            pos += -(-(s.lead + s.npages) // bp) * bp
         state = RECYCLER.zeros(pos, np.uint8)
         version = (RECYCLER.zeros if self.page_versions else RECYCLER.empty)(pos, np.uint32)
         block_map = RECYCLER.zeros(pos // bp, np.uint8)
         for s, st in zip(self.slots, starts):
             fresh = s.state is None
+            b0 = (st + s.head) // bp  # its first whole block
             if not fresh:  # a slot laid out before: carry its pages over
                 state[st: st + s.npages] = s.state
                 version[st: st + s.npages] = s.version
-                block_map[st // bp: st // bp + s.nblocks] = s.blocks
+                if len(s.blocks) == s.nblocks:
+                    block_map[b0: b0 + s.nblocks] = s.blocks
             s.state = state[st: st + s.npages]
             s.version = version[st: st + s.npages]
-            s.blocks = block_map[st // bp: st // bp + s.nblocks]
+            s.blocks = block_map[b0: b0 + s.nblocks]
             s.start = st
             if fresh:
                 s.initialize()

@@ -1,0 +1,127 @@
+"""Stage-2 blocks sit on guest-physical block boundaries, whatever the memslot's base.
+
+arm64 user_mem_abort maps a block only if fault_supports_stage2_huge_mapping: the block around
+the faulting IPA lies wholly inside the memslot, and the IPA and the userspace address have the
+same offset in a block. x86 kvm_alloc_memslot_metadata disallows large pages in the memslot's
+partial first and last large-page frames, and everywhere in a slot whose base gfn and userspace
+frame are not congruent modulo the large page. So a slot at 1 MiB (QEMU's x86 RAM above the
+legacy hole) has 4 KiB pages from 1 to 2 MiB and blocks from 2 MiB on; a slot moved by other
+than a block multiple (its userspace memory unchanged) has no block at all.
+
+The simulator has no userspace address: the memory behind a slot is taken as aligned the way
+the slot was when created (QEMU maps guest RAM with the alignment of its huge pages)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from ringenv.guest.trace import TraceProgram
+from ringenv.kvm import Vm
+from ringenv.kvm import uapi as U
+from ringenv.kvm.memory import UNMAPPED
+
+from ._helpers import Host, block_mapped
+
+MiB = 1 << 20
+BLOCK = 512  # 2 MiB of 4 KiB pages
+
+
+def _slot_blocks(vm, slot):
+    """Per slot page, whether it is mapped by (or, untouched, stands for) a block."""
+    return np.array([block_mapped(vm, slot.start + o) for o in range(slot.npages)])
+
+
+@pytest.mark.parametrize("profile", ["arm64-4k", "x86-nopml", "x86-pml"])
+@pytest.mark.parametrize("base_gfn, npages", [(256, 2048), (0, 2048), (100, 1000), (512, 700), (1, 511),
+                                              (300, 2000)])
+def test_blocks_are_the_aligned_blocks_wholly_inside_the_slot(profile, base_gfn, npages):
+    """Every THP-backed block of the slot's guest-physical range that the slot covers whole is a
+    block; the partial first and last blocks are pages."""
+    vm = Vm(profile)
+    vm.set_user_memory_region(0, 0, base_gfn * 4096, npages * 4096, block_fraction=1.0)
+    s = vm.memslot(0)
+    gfn = base_gfn + np.arange(npages)
+    first = gfn // BLOCK * BLOCK
+    whole = (first >= base_gfn) & (first + BLOCK <= base_gfn + npages)
+    assert (_slot_blocks(vm, s) == whole).all()
+    assert s.nblocks == int(whole.sum()) // BLOCK
+    assert s.nr_block_mapped == s.nblocks
+
+
+def test_a_write_in_the_partial_first_block_splits_nothing():
+    """arm64, slot at 1 MiB, 8 MiB, all THP-backed, logging: offsets 0-255 (gfns 256-511) are the
+    partial block below 2 MiB, mapped by pages; offsets 256-767 the block 2-4 MiB. Writes at
+    10 and 1800 (the partial block above 9 MiB) fault page by page; the write at 300 splits the
+    block 2-4 MiB, the only split."""
+    h = Host([[10, 300, 1800]], base_gfn=256, slot_pages=2048, block_fraction=1.0)
+    v = h.vcpus[0]
+    assert not h.block_mapped(10) and h.block_mapped(256) and h.block_mapped(1791)
+    assert not h.block_mapped(1792)
+    assert h.enter_and_run().kind == "done"
+    assert (h.vm.stats.splits, v.stats.pushes, v.stats.faults) == (1, 3, 3)
+    assert not h.block_mapped(300) and not h.block_mapped(767) and h.block_mapped(768)
+    assert h.harvest() == [10, 300, 1800]
+
+
+def _moved(new_base_gfn, profile="arm64-4k", npages=2048):
+    vm = Vm(profile)
+    vm.set_user_memory_region(0, 0, 0, npages * 4096, block_fraction=1.0)
+    assert vm.memslot(0).nr_block_mapped == npages // BLOCK
+    vm.set_user_memory_region(0, 0, new_base_gfn * 4096, npages * 4096)  # KVM_MR_MOVE
+    return vm
+
+
+@pytest.mark.parametrize("profile, npages", [("arm64-4k", 2048), ("x86-nopml", 2048), ("arm64-4k", 2304)])
+def test_a_slot_moved_off_its_alignment_has_no_block(profile, npages):
+    """The userspace memory behind the slot stays where it was: moved by 1 MiB its huge pages
+    no longer line up with guest-physical blocks, so none can be mapped by a block; a write
+    fault there maps one page. (2304 pages: as many whole blocks before the move as after.)"""
+    vm = _moved(256, profile, npages)
+    s = vm.memslot(0)
+    assert s.nr_block_mapped == 0 and not _slot_blocks(vm, s).any()
+    v = vm.create_vcpu(0)
+    vm.attach_guest(TraceProgram([[300]], [[]], base_gfn=256))
+    assert v.run() is None and vm.run_until(1 << 40)[0].kind == "done"
+    assert not _slot_blocks(vm, s).any()
+    assert (s.state & UNMAPPED != 0).sum() == s.npages - 1  # the one page written
+
+
+def test_a_slot_moved_by_whole_blocks_keeps_its_blocks():
+    vm = _moved(4096)
+    s = vm.memslot(0)
+    assert s.nr_block_mapped == 4 and _slot_blocks(vm, s).all()
+
+
+def test_untouched_memory_comes_in_guest_physical_blocks():
+    """mapped_fraction < 1 leaves memory untouched a whole block at a time: with the slot at
+    1 MiB, each aligned block (and each partial end) is all mapped or all not."""
+    vm = Vm("arm64-4k")
+    vm.set_user_memory_region(0, 0, 256 * 4096, 4096 * 4096, block_fraction=1.0, mapped_fraction=0.5)
+    s = vm.memslot(0)
+    gone = (s.state & UNMAPPED) != 0
+    assert 0 < gone.sum() < s.npages
+    chunks = (256 + np.arange(s.npages)) // BLOCK
+    for c in np.unique(chunks):
+        assert len(set(gone[chunks == c].tolist())) == 1, c
+
+
+def test_a_second_slot_beside_a_misaligned_one():
+    """Two slots, 0-1 MiB and 1-9 MiB: each keeps its own pages and blocks (the first has none,
+    the second the three aligned blocks it covers whole), and writes to both are logged with
+    the right slot and offset."""
+    vm = Vm("arm64-4k")
+    vm.enable_cap(U.KVM_CAP_DIRTY_LOG_RING_ACQ_REL, 256 * 16)
+    vm.enable_cap(U.KVM_CAP_DIRTY_LOG_RING_WITH_BITMAP)
+    vm.set_user_memory_region(0, U.KVM_MEM_LOG_DIRTY_PAGES, 0, 256 * 4096, block_fraction=1.0)
+    vm.set_user_memory_region(1, U.KVM_MEM_LOG_DIRTY_PAGES, 256 * 4096, 2048 * 4096, block_fraction=1.0)
+    a, b = vm.memslot(0), vm.memslot(1)
+    assert (a.nblocks, b.nblocks) == (0, 3)
+    v = vm.create_vcpu(0)
+    vm.attach_guest(TraceProgram([[5, 255, 256, 600, 2303]], [[]]))
+    assert v.run() is None and vm.run_until(1 << 40)[0].kind == "done"
+    assert vm.stats.splits == 1  # gfn 600, in the block 2-4 MiB
+    slots = v.ring.gfns["slot"][:5].tolist()
+    offsets = v.ring.gfns["offset"][:5].tolist()
+    assert list(zip(slots, offsets)) == [(0, 5), (0, 255), (1, 0), (1, 344), (1, 2047)]
+    assert vm.version[a.start + 255] == 1 and vm.version[b.start + 2047] == 1
