@@ -883,14 +883,17 @@ DEFAULT_INTERVALS_MS = [10, 20, 50, 100, 200, 500, 1000, 2000, 5000]
 class RewardConfig(Strict):
     """Weights of the costs the reward subtracts (see the MigrationEnv docstring), per unit:
     vcpu per vCPU-second lost divided by the vCPU count, vmm per VMM CPU second, memory per MiB
-    of rings per second, time per second of migration, downtime per second. The sum is divided
-    by ``scale``."""
+    of rings per second, time per second of migration, downtime per second, truncation per
+    second of the downtime a switchover would cause when the episode is truncated (0 by
+    default: a learner that bootstraps at truncation, as stable-baselines3 does, already
+    values what the episode left undone). The sum is divided by ``scale``."""
 
     vcpu: float = Field(10.0, ge=0)
     vmm: float = Field(1.0, ge=0)
     memory: float = Field(0.002, ge=0)
     time: float = Field(0.05, ge=0)
     downtime: float = Field(10.0, ge=0)
+    truncation: float = Field(0.0, ge=0)
     scale: float = Field(1.0, gt=0)
 
 

@@ -238,18 +238,22 @@ class RingEnv(gym.Env):
         reward, parts = self._reward(m, dt, costs)
         terminated = bool(self._session.done)
         truncated = (not terminated) and self.t >= self._obs_const[2]
+        forced = 0.0
         if truncated:  # the downtime a switchover (a pause) now would cause, and of one under way its time so far
             s = self._session
             rate = s.final_rate_Bps if s.paused_at is not None else self._send_rate(m)  # (stopped: sends at that)
-            pen = self.cfg.reward.downtime * (m.remaining_bytes / rate + s.pause_so_far_s())
-            reward -= pen / self.cfg.reward.scale
-            parts["truncation"] = pen
+            forced = m.remaining_bytes / rate + s.pause_so_far_s()
+            if self.cfg.reward.truncation:
+                pen = self.cfg.reward.truncation * forced
+                reward -= pen / self.cfg.reward.scale
+                parts["truncation"] = pen
         obs = self._observe(m, dt, costs)
         self._prev = m
         if terminated or truncated:
             self._ended = "the episode ended"  # (episode_over)
         info.update(m.to_dict())
         info["reward_parts"] = parts
+        info["truncation_downtime_s"] = forced
         info["workload"] = self.workload
         info["ring_entries"] = self.ring_entries
         info["interval_ms"] = self.interval_ms
@@ -279,6 +283,7 @@ class RingEnv(gym.Env):
             "memory": w.memory * (m.ring_bytes / (1 << 20)) * dt_s,
             "time": w.time * dt_s,
             "downtime": w.downtime * downtime_s,
+            "truncation": 0.0,  # (charged by step at a truncation)
         }
         return -sum(parts.values()) / w.scale, parts
 
@@ -471,6 +476,7 @@ class MigrationEnv(RingEnv):
     | memory | ring memory in MiB (all vCPUs) x seconds | 0.002 |
     | time | seconds of migration | 0.05 |
     | downtime | downtime seconds (when the VM stops at switchover; at the end) | 10 |
+    | truncation | at a truncation, the downtime seconds a switchover then would cause | 0 |
 
     The lost vCPU time is the write-protect faults and block splits, the ring-full exits (with
     the reaping done on the vCPU thread), the waits for QEMU's big lock and the throttle sleeps
@@ -482,9 +488,13 @@ class MigrationEnv(RingEnv):
     truncation the downtime a switchover would cause at that moment (remaining dirty bytes /
     measured bandwidth, or / the run's configured rate before any is measured; in a
     stop-and-copy under way, / the rate it sends at, the link's, plus the time the VM has been
-    stopped) is charged at the
-    `downtime` weight as a cost of its own, the info's `reward_parts["truncation"]`
-    (`reward_parts["downtime"]` is the downtime that happened).
+    stopped) is the info's `truncation_downtime_s` (0 on other steps); it is charged only with
+    a `truncation` weight (default 0), as the info's `reward_parts["truncation"]`
+    (`reward_parts["downtime"]` is the downtime that happened). A truncated episode is cut
+    short, not over: a learner that bootstraps there (stable-baselines3 does, on
+    `TimeLimit.truncated`) already values what it left undone, and a charge would count it
+    twice; give the weight (e.g. the `downtime` weight) to score policies by their episodes'
+    returns where episodes truncate. `reward_parts` has the same keys on every step.
 
     ## Starting State
     A VM (scenario: host profile, memory, vCPUs, link) running a workload drawn from the env's
@@ -506,15 +516,15 @@ class MigrationEnv(RingEnv):
     - truncated: `max_episode_s` of simulated time passed without convergence; the downtime a
       switchover would cause then (remaining dirty bytes / measured bandwidth, or / the run's
       configured rate, min(link, max-bandwidth), before the bandwidth is measured; during the
-      stop-and-copy, / the link rate it sends at, plus the time stopped so far) is charged.
-      Prefer `max_episode_s` to gymnasium's `max_episode_steps`: its TimeLimit truncates
-      without that charge.
+      stop-and-copy, / the link rate it sends at, plus the time stopped so far) is the info's
+      `truncation_downtime_s`, charged with a `truncation` weight (Rewards). Prefer
+      `max_episode_s` to gymnasium's `max_episode_steps`: its TimeLimit truncates without it.
 
     `step()` after the episode ended, or after `close()`, raises `RuntimeError` until `reset()`.
 
     Every step's `info` holds the VMM's metrics record (`ringenv.vmm.metrics.Metrics`, its
-    tuple fields as lists), `reward_parts`, `workload`, `ring_entries`, `interval_ms` and
-    `ring_size_ignored`; it is a `StepInfo`, a dict whose deep copy (which SB3 makes of every
+    tuple fields as lists), `reward_parts`, `truncation_downtime_s`, `workload`, `ring_entries`,
+    `interval_ms` and `ring_size_ignored`; it is a `StepInfo`, a dict whose deep copy (which SB3 makes of every
     step's info) is cheap.
 
     ## Arguments
@@ -566,7 +576,9 @@ class MigrationEnv(RingEnv):
       faults slows its workload past the workload's spare time (`cpu_busy`; the guest was
       open-loop, and `lost_vcpu` could exceed 1); with the bitmap collector `dirty_rate` is
       QEMU's rate over a >= 1 s period (it was the rate between the last two syncs, which spiked
-      at the stop-and-copy's sync)
+      at the stop-and-copy's sync); a truncation is charged only with a `truncation` weight
+      (default 0; it was charged at the `downtime` weight, which learners that bootstrap at
+      truncation counted twice), and `reward_parts` has the `truncation` key on every step
     """
 
     kind = "migration"
@@ -607,7 +619,8 @@ class CheckpointEnv(RingEnv):
       scenario alone takes longer than the default 120 s). The pause writing the dirty bytes not
       yet checkpointed would take at the write rate (as for `remaining`; during a pause, at the
       storage rate the pause writes at), and of a pause under way the time the VM has been
-      paused, is charged at the `downtime` weight (the info's `reward_parts["truncation"]`).
+      paused, is the info's `truncation_downtime_s`, charged with a `truncation` weight (as in
+      MigrationEnv's Rewards).
 
     ## Arguments
     `gymnasium.make("ringenv/Checkpoint-v0", scenario="default", ...)`, as MigrationEnv. The
@@ -620,7 +633,8 @@ class CheckpointEnv(RingEnv):
     ## Version History
     - v0: initial version; before any release the rate observations became relative to the
       storage rate (were the link's), `remaining` a pause in ms, and every pause is charged
-      (only a new longest one was); the guest became closed-loop as in MigrationEnv
+      (only a new longest one was); the guest became closed-loop as in MigrationEnv; a
+      truncation is charged only with a `truncation` weight (as in MigrationEnv)
     """
 
     kind = "checkpoint"

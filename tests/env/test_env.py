@@ -240,13 +240,15 @@ def test_step_after_truncation_or_close_raises_until_reset():
 def test_truncation_before_the_bandwidth_is_measured_charges_the_configured_rate(env_id):
     """The bandwidth is measured over >= 100 ms of sending; a truncation before that charges the
     remaining bytes at the rate the run sends at (the link, or the checkpoint storage)."""
-    env = make(env_id, max_episode_s=0.05, workloads=["oltp"], checkpoint={"horizon_s": 2.0, "period_s": 0.02})
+    env = make(env_id, max_episode_s=0.05, workloads=["oltp"], checkpoint={"horizon_s": 2.0, "period_s": 0.02},
+               reward={"truncation": 10.0})
     env.reset(seed=1)
     _, r, te, tr, info = env.step(np.array([4, 3]))
     assert tr and not te and info["bandwidth_Bps"] == 0.0 and info["remaining_bytes"] > 0
     u = env.unwrapped
     rate = u.scenario.link.rate_Bps if u.kind == "migration" else u.scenario.checkpoint.storage_mbps * 1e6
-    assert info["reward_parts"]["truncation"] == pytest.approx(u.cfg.reward.downtime * info["remaining_bytes"] / rate)
+    assert info["truncation_downtime_s"] == pytest.approx(info["remaining_bytes"] / rate)
+    assert info["reward_parts"]["truncation"] == pytest.approx(10.0 * info["remaining_bytes"] / rate)
     assert -100 < r < 0
 
 
@@ -550,7 +552,7 @@ def test_checkpoint_bandwidth_is_the_storage_rate_after_the_first_checkpoint_and
     one: the ``bandwidth`` observation stays about 1 (the storage rate) after the first
     checkpoint, and a truncation charges the pause the remaining bytes take at the storage rate."""
     env = make("ringenv/Checkpoint-v0", workloads=["oltp"], max_episode_s=3.0,
-               checkpoint={"horizon_s": 10.0, "period_s": 0.5, "storage_mbps": 500})
+               checkpoint={"horizon_s": 10.0, "period_s": 0.5, "storage_mbps": 500}, reward={"truncation": 10.0})
     steps, te, tr = rollout(env, 0, [np.array([4, 3])])
     assert tr and not te
     u = env.unwrapped
@@ -563,7 +565,7 @@ def test_checkpoint_bandwidth_is_the_storage_rate_after_the_first_checkpoint_and
     info = steps[-1][2]
     assert info["remaining_bytes"] > 0
     assert info["reward_parts"]["truncation"] == pytest.approx(
-        u.cfg.reward.downtime * info["remaining_bytes"] / storage, rel=0.05)
+        u.cfg.reward.truncation * info["remaining_bytes"] / storage, rel=0.05)
 
 
 def test_an_env_override_is_merged_into_the_scenario_file_s_section(tmp_path):
@@ -602,7 +604,7 @@ def test_a_checkpoint_episode_truncated_mid_pause_is_charged_the_pause_so_far():
               checkpoint={"period_s": 5, "storage_mbps": 50, "horizon_s": 60})
 
     def episode(max_s):
-        env = gym.make("ringenv/Checkpoint-v0", max_episode_s=max_s, **kw)
+        env = gym.make("ringenv/Checkpoint-v0", max_episode_s=max_s, reward={"truncation": 10.0}, **kw)
         env.reset(seed=3)
         steps = []
         while True:
@@ -644,7 +646,7 @@ def test_a_migration_truncated_in_its_stop_and_copy_is_charged_the_downtime_it_w
               link={"max_bandwidth_mibps": 128, "give_up_s": 2})
 
     def episode(max_s):
-        env = gym.make("ringenv/Migration-v0", max_episode_s=max_s, **kw)
+        env = gym.make("ringenv/Migration-v0", max_episode_s=max_s, reward={"truncation": 10.0}, **kw)
         env.reset(seed=3)
         while True:
             _, _, te, tr, info = env.step(np.array([2, 6]))
@@ -659,7 +661,7 @@ def test_a_migration_truncated_in_its_stop_and_copy_is_charged_the_downtime_it_w
         te, info = episode(max_s)
         assert not te and info["phase"] == "stop-copy"
         charged.append(info["reward_parts"]["truncation"])
-    full = 10.0 * done["downtime_s"]  # the downtime weight
+    full = 10.0 * done["downtime_s"]  # the truncation weight given
     assert all(c == pytest.approx(full, rel=0.05) for c in charged), (charged, full)
 
 

@@ -100,7 +100,7 @@ def test_every_reward_term_is_its_weighted_cost_and_the_sum_is_divided_by_scale(
         _, r, i = steps[t]
         prev = steps[t - 1][2] if t > 1 else {k: 0.0 for k in ("vmm_cpu_s", "downtime_s")}
         p = i["reward_parts"]
-        assert set(p) == {"vcpu", "vmm", "memory", "time", "downtime"}
+        assert set(p) == {"vcpu", "vmm", "memory", "time", "downtime", "truncation"} and p["truncation"] == 0.0
         assert p["vcpu"] == pytest.approx(3.0 * (lost(i) - (lost(prev) if t > 1 else 0)) / nv, rel=1e-9, abs=1e-15)
         assert p["vmm"] == pytest.approx(5.0 * (i["vmm_cpu_s"] - prev["vmm_cpu_s"]), rel=1e-9, abs=1e-15)
         assert p["memory"] == pytest.approx(0.7 * i["ring_bytes"] / MIB * dt, rel=1e-12)
@@ -118,11 +118,28 @@ def test_every_reward_term_is_its_weighted_cost_and_the_sum_is_divided_by_scale(
 
 
 def test_a_truncation_charge_is_divided_by_scale_too():
-    env = make(workloads=["memcached"], max_episode_s=0.05, reward={"scale": 10.0})
+    env = make(workloads=["memcached"], max_episode_s=0.05, reward={"scale": 10.0, "truncation": 3.0})
     env.reset(seed=2)
     _, r, te, tr, info = env.step(np.array([4, 6]))
     assert tr and not te and info["reward_parts"]["truncation"] > 0
     assert r == pytest.approx(-sum(info["reward_parts"].values()) / 10.0, rel=1e-12)
+
+
+def test_by_default_a_truncation_is_not_charged():
+    """A truncated episode is cut short: a learner bootstrapping there (SB3 on
+    TimeLimit.truncated) values what it left undone, so the default charges nothing for it and
+    only reports the downtime a switchover then would cause. reward_parts keeps its keys."""
+    env = make(workloads=["memcached"], max_episode_s=0.05)
+    env.reset(seed=2)
+    _, r, te, tr, info = env.step(np.array([4, 6]))
+    assert tr and not te
+    assert info["reward_parts"]["truncation"] == 0.0 and info["truncation_downtime_s"] > 0
+    assert r == pytest.approx(-sum(info["reward_parts"].values()), rel=1e-12)
+    charged = make(workloads=["memcached"], max_episode_s=0.05, reward={"truncation": 10.0})
+    charged.reset(seed=2)
+    _, r2, _, _, info2 = charged.step(np.array([4, 6]))
+    assert info2["truncation_downtime_s"] == info["truncation_downtime_s"]
+    assert r2 == pytest.approx(r - 10.0 * info["truncation_downtime_s"], rel=1e-12)
 
 
 def test_a_new_interval_reaches_the_reaper():
@@ -199,13 +216,14 @@ def test_clipping_leaves_no_negative_zero():
 
 def test_checkpoint_truncation_charges_the_measured_bandwidth():
     env = make("ringenv/Checkpoint-v0", workloads=["oltp"], max_episode_s=3.0,
-               checkpoint={"horizon_s": 10.0, "period_s": 0.5, "storage_mbps": 500})
+               checkpoint={"horizon_s": 10.0, "period_s": 0.5, "storage_mbps": 500}, reward={"truncation": 7.0})
     steps, te, tr = rollout(env, 0, [np.array([4, 3])])
     assert tr
     i = steps[-1][2]
     assert i["bandwidth_Bps"] != env.unwrapped._session.rate_Bps  # measured, not the configured rate
     assert i["reward_parts"]["truncation"] == pytest.approx(
-        env.unwrapped.cfg.reward.downtime * i["remaining_bytes"] / i["bandwidth_Bps"], rel=1e-12)
+        7.0 * i["remaining_bytes"] / i["bandwidth_Bps"], rel=1e-12)
+    assert i["truncation_downtime_s"] == pytest.approx(i["remaining_bytes"] / i["bandwidth_Bps"], rel=1e-12)
 
 
 def test_the_reward_defaults_are_the_docstring_s():
