@@ -877,7 +877,7 @@ def scale_scenario(scenario: str | Path | ScenarioConfig | dict | None, memory: 
 # ---- environment (ringenv/env.py) ------------------------------------------------------------
 # The `env:` section of a scenario, and keyword overrides of gymnasium.make.
 
-DEFAULT_INTERVALS_MS = [10, 20, 50, 100, 200, 500, 1000, 2000, 5000]
+DEFAULT_INTERVALS_MS = [10.0, 20.0, 50.0, 100.0, 200.0, 500.0, 1000.0, 2000.0, 5000.0]
 
 
 class RewardConfig(Strict):

@@ -125,6 +125,16 @@ def test_a_truncation_charge_is_divided_by_scale_too():
     assert r == pytest.approx(-sum(info["reward_parts"].values()) / 10.0, rel=1e-12)
 
 
+@pytest.mark.parametrize("kw", [{}, {"collector": "bitmap"}, {"intervals_ms": [10, 1000]}])
+def test_interval_ms_is_a_float_in_every_info(kw):
+    """info["interval_ms"] was an int with the ring and the default grid, 0.0 with the bitmap."""
+    env = make(workloads=["web"], max_episode_s=0.2, **kw)
+    env.reset(seed=0)
+    _, _, _, _, info = env.step(env.action_space.sample())
+    assert type(info["interval_ms"]) is float and type(env.unwrapped.interval_ms) is float
+    assert all(type(x) is float for x in env.unwrapped.intervals_ms)
+
+
 def test_by_default_a_truncation_is_not_charged():
     """A truncated episode is cut short: a learner bootstrapping there (SB3 on
     TimeLimit.truncated) values what it left undone, so the default charges nothing for it and
