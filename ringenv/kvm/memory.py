@@ -55,7 +55,6 @@ class Memslot:
         self.id = slot_id
         self.as_id = as_id
         self.kvm_slot = (as_id << 16) | slot_id  # what kvm_dirty_gfn.slot carries
-        self.base_gfn = base_gfn
         self.npages = npages
         self.flags = flags
         self.block_pages = block_pages
@@ -77,8 +76,9 @@ class Memslot:
         guest-physical blocks it covers whole, from slot page ``head`` on (``nblocks`` of
         them); the partial blocks at its ends are mapped by pages (arm64
         fault_supports_stage2_huge_mapping, x86's lpage_info of a slot's partial first and last
-        large pages). A slot moved by other than a whole number of blocks has none: its
-        userspace memory no longer lines up with guest-physical blocks."""
+        large pages). A slot moved by other than a whole number of blocks has no block mapping
+        (its ``nblocks`` entries stay tables): its userspace memory no longer lines up with
+        guest-physical blocks."""
         bp = self.block_pages
         self.base_gfn = base_gfn
         self.lead = base_gfn % bp if bp > 1 else 0  # pages of its first guest-physical block before it

@@ -779,10 +779,10 @@ class Session:
         return self.dirty.lost_writes(self.source_version())
 
     def source_version(self) -> np.ndarray:
-        """The source's page versions of guest RAM (the kernel may pad its arrays to whole
-        stage-2 blocks). Reading them models reading page contents: only sending and
-        verification do."""
-        return self.vm.version[: self.npages]
+        """The source's page versions of guest RAM, its memslot's (the kernel's arrays hold
+        every slot, padded to whole stage-2 blocks). Reading them models reading page
+        contents: only sending and verification do."""
+        return self.vm.memslot(0).version
 
     def _main(self):
         raise NotImplementedError

@@ -125,3 +125,144 @@ def test_a_second_slot_beside_a_misaligned_one():
     offsets = v.ring.gfns["offset"][:5].tolist()
     assert list(zip(slots, offsets)) == [(0, 5), (0, 255), (1, 0), (1, 344), (1, 2047)]
     assert vm.version[a.start + 255] == 1 and vm.version[b.start + 2047] == 1
+
+
+# ---------------------------------------------------------------- the logging transitions, padding, granules
+LOG = U.KVM_MEM_LOG_DIRTY_PAGES
+
+
+def _off(h, npages):
+    h.vm.set_user_memory_region(h.slot_id, 0, h.base_gfn * 4096, npages * 4096)
+
+
+def _padding(vm):
+    owned = np.zeros(len(vm.state), dtype=bool)
+    for s in vm.slots:
+        owned[s.start: s.start + s.npages] = True
+    return ~owned
+
+
+@pytest.mark.parametrize("base", [256, 100, 400])
+@pytest.mark.parametrize("profile", ["arm64-4k", "x86-pml"])
+def test_eager_split_splits_exactly_the_blocks_whose_memory_is_mapped(profile, base):
+    """Slot at 1 MiB, 64 blocks, half the memory untouched (whole guest-physical blocks):
+    enabling logging with eager split splits a block iff its own pages are mapped."""
+    vm = Vm(profile)
+    if profile.startswith("arm64"):
+        vm.enable_cap(U.KVM_CAP_ARM_EAGER_SPLIT_CHUNK_SIZE, 2 << 20)
+    n = 64 * BLOCK + 256
+    vm.set_user_memory_region(0, 0, base * 4096, n * 4096, block_fraction=1.0, mapped_fraction=0.5)
+    s = vm.memslot(0)
+    mapped = [(s.state[s.head + i * BLOCK] & UNMAPPED) == 0 for i in range(s.nblocks)]
+    assert 0 < sum(mapped) < s.nblocks
+    vm.set_user_memory_region(0, LOG, base * 4096, n * 4096)
+    assert vm.stats.splits == sum(mapped)
+    for i in range(s.nblocks):
+        assert block_mapped(vm, s.start + s.head + i * BLOCK) == (not mapped[i]), i
+
+
+@pytest.mark.parametrize("base", [256, 100, 400])
+def test_pml_logging_off_frees_the_4k_pages_of_the_partial_block_not_the_huge_ones(base):
+    """x86-pml without eager split, slot at 1 MiB: logging on write-protects the blocks; a
+    write to 10 (partial first block, 4K) and 300 (block 0, split). Logging off: the 4K
+    mappings are writable (10), block 2 (still huge, offsets 1280..1791) stays protected."""
+    p = Vm("x86-pml").profile.model_copy(update={"eager_page_split": False, "name": "x86-pml-lazy"})
+    hd = (512 - base) % 512
+    h = Host([[hd - 1, hd + 44]], [[1]], profile=p, entries=1024, base_gfn=base, slot_pages=2048, block_fraction=1.0)
+    assert h.enter_and_run().kind == "sync"
+    _off(h, 2048)
+    last = hd + 3 * 512 - 1
+    assert not h.wp(hd - 1) and not h.wp(0) and not h.wp(2047)
+    assert h.block_mapped(last) and h.wp(last) and h.wp(hd + 1024)
+
+
+@pytest.mark.parametrize("base", [256, 100, 400])
+def test_shadow_mmu_logging_off_zaps_the_split_block_not_the_partial_one(base):
+    """x86-nopml, slot at 1 MiB: the write to 300 split block 0 (offsets 256..767); the zap at
+    logging off drops exactly its pages; the partial first block's page 10 stays mapped."""
+    hd = (512 - base) % 512
+    h = Host([[hd - 1, hd + 44]], [[1]], profile="x86-nopml", base_gfn=base, slot_pages=2048, block_fraction=1.0)
+    assert h.enter_and_run().kind == "sync"
+    _off(h, 2048)
+    st = h.vm.state[h.gpi(0): h.gpi(2048)]
+    assert (st[hd:hd + 512] & UNMAPPED).all()
+    assert not (st[:hd] & UNMAPPED).any() and not (st[hd + 512:] & UNMAPPED).any()
+    assert h.block_mapped(hd + 44)
+
+
+@pytest.mark.parametrize("base", [256, 100, 400])
+def test_tdp_mmu_recovers_the_block_from_its_own_first_page(base):
+    """x86 TDP MMU, slot at 1 MiB: writes to 256 (block 0's first page) and 300 under logging;
+    logging off recovers block 0 writable (its first present page is writable); page 10 of the
+    partial block, never written, keeps its protection."""
+    p = Vm("x86-nopml").profile.model_copy(update={"tdp_mmu": True, "name": "x86-nopml-tdp"})
+    hd = (512 - base) % 512
+    h = Host([[hd, hd + 44]], [[1]], profile=p, base_gfn=base, slot_pages=2048, block_fraction=1.0)
+    assert h.enter_and_run().kind == "sync"
+    _off(h, 2048)
+    assert h.block_mapped(hd + 44) and not h.wp(hd + 44) and not h.wp(hd + 511) and h.wp(hd - 1)
+    assert h.wp(hd + 512)
+
+
+@pytest.mark.parametrize("profile", ["arm64-4k", "x86-pml", "x86-nopml"])
+def test_padding_is_never_touched(profile):
+    """Two misaligned slots, logging, writes across every boundary, reset, logging off, a move:
+    the global pages no slot owns stay all-zero (state and version)."""
+    vm = Vm(profile)
+    vm.enable_cap(U.KVM_CAP_DIRTY_LOG_RING_ACQ_REL, 1024 * 16)
+    vm.set_user_memory_region(0, LOG, 100 * 4096, 1000 * 4096, block_fraction=1.0)
+    vm.set_user_memory_region(1, LOG, 1300 * 4096, 1900 * 4096, block_fraction=1.0)
+    v = vm.create_vcpu(0)
+    w = [100, 411, 412, 511, 512, 1023, 1099, 1300, 1535, 1536, 2047, 2048, 3199]
+    vm.attach_guest(TraceProgram([w], [[]]))
+    assert v.run() is None and vm.run_until(1 << 40)[0].kind == "done"
+    pad = _padding(vm)
+    assert pad.any() and not vm.state[pad].any() and not vm.version[pad].any()
+    vm.set_user_memory_region(1, 0, 1300 * 4096, 1900 * 4096)
+    vm.set_user_memory_region(0, LOG, 4196 * 4096, 1000 * 4096)  # moved by 8 blocks
+    pad = _padding(vm)
+    assert not vm.state[pad].any() and not vm.version[pad].any()
+
+
+def test_a_slot_moved_back_to_its_alignment_gets_its_blocks_again():
+    vm = Vm("arm64-4k")
+    vm.set_user_memory_region(0, 0, 0, 2048 * 4096, block_fraction=1.0)
+    vm.set_user_memory_region(0, 0, 256 * 4096, 2048 * 4096)
+    assert vm.memslot(0).nr_block_mapped == 0
+    vm.set_user_memory_region(0, 0, 8192 * 4096, 2048 * 4096)
+    assert vm.memslot(0).nr_block_mapped == 4
+
+
+@pytest.mark.parametrize("profile, bp", [("arm64-16k", 2048), ("arm64-64k", 8192)])
+def test_big_granules(profile, bp):
+    vm = Vm(profile)
+    ps = vm.page_size
+    base, n = bp // 2, 3 * bp
+    vm.set_user_memory_region(0, 0, base * ps, n * ps, block_fraction=1.0)
+    s = vm.memslot(0)
+    assert (s.head, s.nblocks, s.nr_block_mapped) == (bp // 2, 2, 2)
+    assert not block_mapped(vm, s.start) and block_mapped(vm, s.start + bp // 2)
+    assert not block_mapped(vm, s.start + n - 1)
+
+
+def test_padding_untouched_by_a_block_reprotect():
+    """arm64 ring without a bitmap (blocks stay while tracking): the re-protect of a page under
+    a block protects the block leaf; padding (global pages 0..99, 1100..1535) stays zero."""
+    h = Host([[0, 411, 412, 999]], base_gfn=100, slot_pages=1000, with_bitmap=False, block_fraction=1.0)
+    assert h.enter_and_run().kind == "done"
+    assert h.harvest() == [0, 411, 412, 999]
+    assert h.reset() == 4
+    pad = _padding(h.vm)
+    assert pad.any() and not h.vm.state[pad].any()
+    assert h.wp(412) and h.wp(923)  # the block 412..923 protected whole
+
+
+@pytest.mark.parametrize("base", [100, 400])
+def test_untouched_memory_comes_in_guest_physical_blocks_at_other_bases(base):
+    vm = Vm("arm64-4k")
+    vm.set_user_memory_region(0, 0, base * 4096, 8192 * 4096, block_fraction=1.0, mapped_fraction=0.5)
+    s = vm.memslot(0)
+    gone = (s.state & UNMAPPED) != 0
+    chunks = (base + np.arange(s.npages)) // BLOCK
+    for c in np.unique(chunks):
+        assert len(set(gone[chunks == c].tolist())) == 1, c
