@@ -446,7 +446,9 @@ class MigrationEnv(RingEnv):
     episode, up to 0.84 in a step; the guest model was open-loop before and charged 1.6
     there). The slow-down is measured per sampling window and applied from the next one, so a window right after a sudden rise of the faults
     (the first, one after a bitmap sync re-protected many pages) runs at the earlier speed and
-    a step holding it can pass 1 a little. The reward is not clipped.
+    a step holding it can pass 1 a little. The reward is not clipped. `ring_fixed` is 0 in the
+    reset observation only (where the ring size is chosen): stable-baselines3's `VecNormalize`
+    turns it into its clip value (-10 by default), a mark the policy can still read there.
 
     `dirty_rate` is QEMU's estimate as each collector gives it: with the ring, entries harvested
     (or waiting) per second over the last >= 1 s; with the bitmap (`collector="bitmap"`), QEMU's
