@@ -5,7 +5,9 @@ Every policy runs the same episodes: for each workload of the split and each see
 workload: same guest writes, so policies are compared on common random numbers and the paired
 difference to QEMU's default is much tighter than either mean. Episodes run in ``workers``
 processes. Writes ``episodes.csv`` (one row per episode) and ``summary.csv`` (per policy: mean and
-95% interval of each metric) under ``--out``; prints the Markdown table.
+95% interval of each metric) under ``--out``; prints the Markdown table. An episode that reaches
+the time cap is charged the downtime a switchover then would cause, at the downtime weight
+(:func:`scoring_overrides`; ``--set reward.truncation=W`` sets another weight).
 
     python -m agents.evaluate --policies qemu watermark runs/train/ppo-s0/best_model.zip
 """
@@ -188,7 +190,8 @@ EPISODE_FIELDS = ["policy", "spec", "workload", "seed", "reward", "steps", "down
                   "exit_stall_s", "vcpu_exit_s", "vcpu_stall_s", "vcpu_fault_s", "vcpu_throttle_s", "vmm_cpu_s",
                   "full_exits", "harvests", "resets", "entries_harvested", "iterations", "ring_entries",
                   "mean_interval_ms", "ring_size_changes_ignored", "r_vcpu", "r_vmm", "r_memory", "r_time",
-                  "r_downtime", "r_truncation", "collector", "verified", "lost_writes", "wall_s"]
+                  "r_downtime", "r_truncation", "truncated", "truncation_downtime_s", "collector", "verified",
+                  "lost_writes", "wall_s"]
 
 
 def run_episode(env, policy: Policy, seed: int, workload: str | None = None, trace: bool = False) -> dict:
@@ -231,7 +234,8 @@ def run_episode(env, policy: Policy, seed: int, workload: str | None = None, tra
                                 "collector", "verified", "lost_writes")},
         "ring_entries": info["ring_entries"], "mean_interval_ms": float(np.mean(intervals)),
         "ring_size_changes_ignored": ignored,
-        **{f"r_{k}": -parts.get(k, 0.0) for k in ("vcpu", "vmm", "memory", "time", "downtime", "truncation")},
+        **{f"r_{k}": 0.0 - parts.get(k, 0.0) for k in ("vcpu", "vmm", "memory", "time", "downtime", "truncation")},
+        "truncated": bool(trunc), "truncation_downtime_s": info["truncation_downtime_s"],
         "wall_s": time.perf_counter() - t0,
     }
     if trace:
@@ -299,6 +303,7 @@ def trained_settings_differences(spec: str, env_id: str = MIGRATION, scenario: s
         u = env.unwrapped
         sc = {k: v for k, v in u.scenario.model_dump().items() if k not in _IGNORED_SCENARIO_FIELDS}
         cfg = {k: v for k, v in u.cfg.model_dump().items() if k not in MODEL_ENV_KEYS}
+        cfg["reward"].pop("truncation", None)  # how the evaluation scores a truncation: not a setting the model saw
         sides.append({**_flat(sc), **_flat(cfg)})
         env.close()
     a, b = sides
@@ -404,6 +409,23 @@ def workloads_label(split: str, workloads) -> str:
     return "explicit workloads" if workloads else f"split {split}"
 
 
+def scoring_overrides(env_id: str, scenario: str, overrides: dict) -> dict:
+    """``overrides`` with a truncated episode charged the downtime a switchover then would cause,
+    at the downtime weight in force (``reward.truncation``), unless they set that weight: the
+    environment charges nothing by default, for learners that bootstrap at a truncation, but an
+    evaluation scores policies by their episodes' returns, with nothing to bootstrap from, and
+    a policy that leaves more undone at the time cap must not score better for it."""
+    reward = overrides.get("reward")
+    if isinstance(reward, dict) and "truncation" in reward:
+        return overrides
+    env = make_env(env_id, scenario, "all", None, overrides)
+    try:
+        weight = env.unwrapped.cfg.reward.downtime
+    finally:
+        env.close()
+    return {**overrides, "reward": {**(reward if isinstance(reward, dict) else {}), "truncation": weight}}
+
+
 def evaluation_env(env_id: str, scenario: str, split: str, workloads: list[str] | None,
                    overrides: dict) -> tuple[list[str], EnvFacts]:
     """The workloads the episodes run (the explicit ones, else the split's) and the facts of the
@@ -433,7 +455,7 @@ def evaluate(policies: list[str], env_id: str = MIGRATION, scenario: str = "defa
         twice = sorted({n for n in names if list(names).count(n) > 1})
         if twice:  # each would count its episodes twice (n doubled, the intervals too narrow)
             raise ValueError(f"{flag}: {', '.join(map(repr, twice))} given more than once")
-    overrides = overrides or {}
+    overrides = scoring_overrides(env_id, scenario, overrides or {})
     wls, facts = evaluation_env(env_id, scenario, split, workloads, overrides)
     for spec in policies:  # every spec checked before anything runs
         check_spec(spec, facts)

@@ -210,7 +210,8 @@ class HostCosts(Strict):
     pml_flush_entry_ns: float = _nonneg("x86 PML: per logged GPA flushed from the buffer into the ring")
     pml_full_exit_ns: int = _nonneg("x86 PML: the in-kernel exit taken when the 512-entry buffer is full")
     zero_page_check_ns: float = _nonneg("QEMU's migration thread: checking one 4 KiB target page that turns out "
-                                        "zero (buffer_is_zero reads all of it; a page with data stops early)")
+                                        "zero (buffer_is_zero reads all of it; a page with data stops early); "
+                                        "default 300, the shipped profiles' estimate", default=300.0)
 
 
 class HostProfile(Strict):
@@ -860,8 +861,11 @@ def scale_scenario(scenario: str | Path | ScenarioConfig | dict | None, memory: 
     second and runs faster: analytics +18%, bulk-load +10%, stream-scan and hpc-stencil +7%).
     Ring sizes, the device state, the host's costs and the dirty-limit quota (an absolute rate
     per vCPU, beside QEMU's fixed tolerances) are not scaled: a ring of a given size fills that
-    factor slower, fixed costs weigh more, and the quota is that factor looser. ``overrides`` as
-    :func:`load_scenario`'s (applied last)."""
+    factor slower, fixed costs weigh more, and the quota is that factor looser. One host cost is
+    scaled, as the link is, when the VM has zero pages (``vm.zero_fraction`` > 0):
+    ``zero_page_check_ns``, a page's sending time when the page is zero (the host profile then
+    becomes an object of the same name). ``overrides`` as :func:`load_scenario`'s (applied
+    last)."""
     cfg = load_scenario(scenario)
     memory = parse_size(memory, "memory")
     f = memory / cfg.vm.memory
@@ -870,7 +874,12 @@ def scale_scenario(scenario: str | Path | ScenarioConfig | dict | None, memory: 
         link["max_bandwidth_mibps"] = cfg.link.max_bandwidth_mibps * f
     scaled = {"vm": {"memory": memory}, "rate_scale": cfg.rate_scale * f, "link": link,
               "checkpoint": {"storage_mbps": cfg.checkpoint.storage_mbps * f}}
-    return load_scenario(cfg, **deep_merge(scaled, overrides))
+    out = load_scenario(cfg, **deep_merge(scaled, overrides))
+    if out.vm.zero_fraction > 0 and f != 1:
+        p = out.profile
+        costs = p.costs.model_copy(update={"zero_page_check_ns": p.costs.zero_page_check_ns / f})
+        out = load_scenario(out, host=p.model_copy(update={"costs": costs}))
+    return out
 
 
 # ---------------------------------------------------------------------------------------------

@@ -519,8 +519,9 @@ class MigrationEnv(RingEnv):
       switchover would cause then (remaining dirty bytes / measured bandwidth, or / the run's
       configured rate, min(link, max-bandwidth), before the bandwidth is measured; during the
       stop-and-copy, / the link rate it sends at, plus the time stopped so far) is the info's
-      `truncation_downtime_s`, charged with a `truncation` weight (Rewards). Prefer
-      `max_episode_s` to gymnasium's `max_episode_steps`: its TimeLimit truncates without it.
+      `truncation_downtime_s`, charged with a `truncation` weight (Rewards). With such a weight,
+      prefer `max_episode_s` to gymnasium's `max_episode_steps`: its TimeLimit truncates
+      without the charge (and `truncation_downtime_s` stays 0).
 
     `step()` after the episode ended, or after `close()`, raises `RuntimeError` until `reset()`.
 

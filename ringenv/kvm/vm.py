@@ -414,8 +414,9 @@ class Vm:
 
         ``block_fraction`` and ``mapped_fraction`` are not part of the ioctl: the share of the
         userspace memory behind the slot that is backed by huge pages (THP), i.e. mapped by stage-2
-        blocks, and the share the guest has already touched (mapped at stage 2; the rest faults
-        on first access, as in a fresh VM).
+        blocks (of the slot's whole guest-physical blocks: its partial end blocks are pages,
+        :meth:`Memslot.place`), and the share the guest has already touched (mapped at stage 2;
+        the rest faults on first access, as in a fresh VM, a guest-physical block at a time).
         Of an existing slot (the same memory: its size and KVM_MEM_READONLY cannot change),
         changing only ``flags`` turns dirty logging on or off, a new ``guest_phys_addr`` moves it
         (KVM_MR_MOVE, :meth:`_move_memslot`); size 0 deletes a slot (EINVAL if there is none).
@@ -520,7 +521,9 @@ class Vm:
         """KVM_MR_MOVE: the same memory (its page versions) at guest frame ``base``, with
         ``flags`` (LOG_DIRTY_PAGES may change). kvm_invalidate_memslot unmaps the old range at
         stage 2 (kvm_arch_flush_shadow_memslot: every page faults again, a block where a huge
-        page is behind it unless logging forces pages); kvm_prepare_memory_region keeps the
+        page is behind it unless logging forces pages, and only if the slot moved by whole
+        blocks: else its memory no longer lines up with guest-physical blocks,
+        :meth:`Memslot.place`); kvm_prepare_memory_region keeps the
         dirty bitmap if logging stays on (or allocates one, or frees it, as logging is turned on or
         off); kvm_arch_commit_memory_region then finds nothing mapped in the new range: x86
         kvm_mmu_slot_apply_flags returns for a move (change != KVM_MR_FLAGS_ONLY) before any

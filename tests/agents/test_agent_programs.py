@@ -476,3 +476,26 @@ def test_evals_and_checkpoints_are_the_counts_asked_for_the_last_at_the_end(tmp_
     snaps = sorted(int(re.search(r"_(\d+)_steps", p.name).group(1))
                    for p in (tmp_path / "r" / "checkpoints").glob("rl_model_*_steps.zip"))
     assert snaps == [22, 42, 64], snaps
+
+
+def test_evaluate_charges_a_truncated_episode_at_the_downtime_weight(tmp_path):
+    """The environment charges nothing at a truncation (a learner bootstraps there); an
+    evaluation scores returns, so it charges the downtime a switchover then would cause at the
+    downtime weight, unless --set reward.truncation=... says otherwise. Episodes cut at 0.5 s of
+    oltp-heavy: each truncated, charged 10 x truncation_downtime_s; with the weight set to 0,
+    charged nothing and scoring higher by exactly that."""
+    from agents.evaluate import evaluate
+
+    common = dict(workloads=["oltp-heavy"], seeds=2, workers=1, progress=False)
+    small = {"vm": {"memory": "1GiB", "vcpus": 2}, "max_episode_s": 0.5}
+    charged = evaluate(["qemu", "fixed:65536:5000"], overrides=small, **common)
+    free = evaluate(["qemu", "fixed:65536:5000"], overrides={**small, "reward": {"truncation": 0}}, **common)
+    assert len(charged) == len(free) == 4
+    for c, f in zip(charged, free):
+        assert c["truncated"] and f["truncated"] and not c["converged"]
+        assert c["truncation_downtime_s"] == f["truncation_downtime_s"] > 0
+        assert c["r_truncation"] == pytest.approx(-10.0 * c["truncation_downtime_s"])
+        assert f["r_truncation"] == 0.0 and not np.signbit(f["r_truncation"])
+        assert c["reward"] == pytest.approx(f["reward"] - 10.0 * c["truncation_downtime_s"])
+    done = evaluate(["qemu"], overrides={"vm": {"memory": "1GiB", "vcpus": 2}}, **common)
+    assert not any(r["truncated"] for r in done) and all(r["truncation_downtime_s"] == 0.0 for r in done)

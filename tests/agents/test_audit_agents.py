@@ -50,8 +50,8 @@ def test_a_model_s_training_wrapper_does_not_silently_cut_its_evaluation_episode
     """The same promise, broken by the training run's env_wrapper, which policy_env applies to
     the model's evaluation environment only: a model trained with gymnasium's TimeLimit (RL Zoo
     style env_wrapper, as tests/agents trains A2C and DQN) plays episodes cut at
-    max_episode_steps -- unconverged, without the truncation charge (MigrationEnv: "its TimeLimit
-    truncates without that charge") -- and is credited with a large positive Δ over qemu, whose
+    max_episode_steps -- unconverged, without the truncation charge an evaluation gives (MigrationEnv:
+    "its TimeLimit truncates without the charge") -- and is credited with a large positive Δ over qemu, whose
     episodes run to the switchover; no warning."""
     from agents import evaluate
 
