@@ -20,7 +20,7 @@ FLAGS = {
     "collector": "--collector", "ring_entries": "--ring-entries", "interval_ms": "--interval-ms",
     "throttle": "--throttle", "seed": "--seed", "checkpoint.period_s": "--period-s",
     "checkpoint.storage_mbps": "--storage-mbps", "checkpoint.horizon_s": "--horizon-s",
-    "scenario": "--scenario",
+    "vm.zero_fraction": "--zero-fraction", "scenario": "--scenario",
 }
 
 SUMMARY = {
@@ -54,6 +54,8 @@ def _overrides(args, kind: str) -> dict:
         v = getattr(args, field)
         if v is not None:
             ov[field] = v
+    if args.zero_fraction is not None:
+        ov["vm"] = {"zero_fraction": args.zero_fraction}
     if kind == "checkpoint":
         ck = {k: getattr(args, k) for k in ("period_s", "storage_mbps", "horizon_s") if getattr(args, k) is not None}
         if args.live:
@@ -138,6 +140,9 @@ def _common(p: argparse.ArgumentParser, throttles=("none", "auto-converge", "dir
                    help=f"guest throttle (dirty-limit needs the ring); {SCENARIO_DEFAULT}")
     p.add_argument("--seed", type=int, default=None, metavar="S",
                    help=f"seed of the VM and workload; {SCENARIO_DEFAULT}")
+    p.add_argument("--zero-fraction", type=float, default=None, metavar="F",
+                   help="share of guest RAM that is zero when the VM starts (0..1: sent as QEMU sends zero "
+                        f"pages, a header each); {SCENARIO_DEFAULT}")
     p.add_argument("--json", action="store_true", help="print every metric as JSON")
 
 

@@ -40,6 +40,20 @@ def test_migrate_json_and_flags(tiny, capsys):
     assert json.loads(capsys.readouterr().out)["done"] is True
 
 
+@pytest.mark.parametrize("command", ["migrate", "checkpoint"])
+def test_zero_fraction_flag(tiny, capsys, command):
+    """--zero-fraction sets vm.zero_fraction over the scenario file's vm section (its memory and
+    vCPUs stay): a 90% zero guest sends most of its pages as zero pages, in fewer bytes."""
+    assert main([command, "--scenario", tiny, "--json"]) == 0
+    full = json.loads(capsys.readouterr().out)
+    assert main([command, "--scenario", tiny, "--zero-fraction", "0.9", "--json"]) == 0
+    d = json.loads(capsys.readouterr().out)
+    assert full["zero_pages"] == 0 and 0.8 * (512 << 20) // 4096 < d["zero_pages"] <= (512 << 20) // 4096
+    assert d["bytes_sent"] < 0.5 * full["bytes_sent"] and d["verified"] is True
+    assert main([command, "--scenario", tiny, "--zero-fraction", "0.9"]) == 0
+    assert "zero_pages" in capsys.readouterr().out
+
+
 def test_checkpoint_command(tiny, capsys):
     assert main(["checkpoint", "--scenario", tiny, "--period-s", "1.5", "--live", "--json"]) == 0
     d = json.loads(capsys.readouterr().out)
@@ -51,6 +65,7 @@ def test_checkpoint_command(tiny, capsys):
     (["--interval-ms", "0"], "interval_ms (--interval-ms): Input should be greater than 0"),
     (["--seed", "-2"], "seed (--seed)"),
     (["--collector", "bitmap", "--throttle", "dirty-limit"], "throttle (--throttle): dirty-limit needs collector ring"),
+    (["--zero-fraction", "1.5"], "vm.zero_fraction (--zero-fraction): Input should be less than or equal to 1"),
 ])
 def test_bad_values_exit_2_naming_the_flag(tiny, capsys, argv, needle):
     assert main(["migrate", "--scenario", tiny, *argv]) == 2
