@@ -22,7 +22,8 @@ def configs(draw):
     throttle = draw(st.sampled_from((["none"] if kind == "checkpoint" else ["none", "auto-converge"])
                                     + (["dirty-limit"] if collector == "ring" else [])))
     vm = {"memory": f"{draw(st.sampled_from([128, 256, 512]))}MiB", "vcpus": draw(st.integers(1, 6)),
-          "block_fraction": draw(st.sampled_from([0.0, 0.5, 1.0]))}
+          "block_fraction": draw(st.sampled_from([0.0, 0.5, 1.0])),
+          "zero_fraction": draw(st.sampled_from([0.0, 0.0, 0.5, 0.95]))}
     if prof.eager_split_chunk_sizes and draw(st.booleans()):
         vm["eager_split_chunk"] = draw(st.sampled_from(prof.eager_split_chunk_sizes))
     return load_scenario("default", host=host, vm=vm, workload=draw(st.sampled_from(WORKLOADS)),
@@ -43,9 +44,14 @@ def test_random_correct_configurations_verify_and_step_exactly(cfg, step_ms):
     whole = make_run(cfg).run()
     assert whole.done and whole.verified is True and whole.lost_writes == 0, whole
     assert whole.ring_overflows == 0 and whole.wedged_vcpus == 0
+    assert whole.zero_pages <= whole.pages_sent and (whole.zero_pages > 0) <= (cfg.vm.zero_fraction > 0)
     r = make_run(cfg)
-    t = 0
+    t, prev = 0, (0, 0, 0, 0)
     while not r.done:
         t += step_ms * 1_000_000
         r.advance(t)
+        m = r.metrics()  # read mid-send too: what is on the wire so far, never going back
+        now = (m.bytes_sent, m.pages_sent, m.pages_resent, m.zero_pages)
+        assert all(a >= b for a, b in zip(now, prev)) and m.zero_pages <= m.pages_sent, (prev, now)
+        prev = now
     assert r.metrics() == whole
