@@ -588,7 +588,7 @@ class Vm:
             if not fresh:  # a slot laid out before: carry its pages over
                 state[st: st + s.npages] = s.state
                 version[st: st + s.npages] = s.version
-                if len(s.blocks) == s.nblocks:
+                if len(s.blocks) == s.nblocks:  # (else a move changed its blocks: _move_memslot lays them anew)
                     block_map[b0: b0 + s.nblocks] = s.blocks
             s.state = state[st: st + s.npages]
             s.version = version[st: st + s.npages]
