@@ -190,7 +190,8 @@ EPISODE_FIELDS = ["policy", "spec", "workload", "seed", "reward", "steps", "down
                   "exit_stall_s", "vcpu_exit_s", "vcpu_stall_s", "vcpu_fault_s", "vcpu_throttle_s", "vmm_cpu_s",
                   "full_exits", "harvests", "resets", "entries_harvested", "iterations", "ring_entries",
                   "mean_interval_ms", "ring_size_changes_ignored", "r_vcpu", "r_vmm", "r_memory", "r_time",
-                  "r_downtime", "r_truncation", "truncated", "truncation_downtime_s", "collector", "verified",
+                  "r_downtime", "r_truncation", "r_cancel", "truncated", "truncation_downtime_s", "cancelled",
+                  "cancel_downtime_s", "collector", "verified",
                   "lost_writes", "wall_s"]
 
 
@@ -234,8 +235,10 @@ def run_episode(env, policy: Policy, seed: int, workload: str | None = None, tra
                                 "collector", "verified", "lost_writes")},
         "ring_entries": info["ring_entries"], "mean_interval_ms": float(np.mean(intervals)),
         "ring_size_changes_ignored": ignored,
-        **{f"r_{k}": 0.0 - parts.get(k, 0.0) for k in ("vcpu", "vmm", "memory", "time", "downtime", "truncation")},
+        **{f"r_{k}": 0.0 - parts.get(k, 0.0) for k in ("vcpu", "vmm", "memory", "time", "downtime", "truncation",
+                                                                  "cancel")},
         "truncated": bool(trunc), "truncation_downtime_s": info["truncation_downtime_s"],
+        "cancelled": info["cancelled"], "cancel_downtime_s": info["cancel_downtime_s"],
         "wall_s": time.perf_counter() - t0,
     }
     if trace:

@@ -601,14 +601,20 @@ class LinkConfig(Strict):
     ``gbps`` is the link rate in Gb/s (10^9 bit/s); ``max_bandwidth_mibps`` QEMU's max-bandwidth
     in MiB/s (QEMU's default 128; "link" means the link rate); ``downtime_limit_ms`` QEMU's
     downtime-limit; ``device_state_bytes`` the device state sent during the downtime;
-    ``give_up_s`` the simulated time after which the VMM forces the switchover (stop-and-copy of
-    whatever remains, as an operator raising downtime-limit would) and reports not converged."""
+    ``give_up_s`` the simulated time after which the VMM gives up on converging, and
+    ``give_up_action`` what it then does: ``switchover`` forces the switchover (stop-and-copy of
+    whatever remains, as an operator raising downtime-limit would, or libvirt's
+    ``--timeout-suspend``) and reports not converged; ``cancel`` cancels the migration
+    (QEMU's migrate_cancel: OpenStack nova's default ``live_migration_timeout_action`` abort)
+    and reports it cancelled, the VM running on at the source."""
 
     gbps: float = Field(10.0, gt=0, description="link rate, Gb/s")
     max_bandwidth_mibps: Any = Field(128.0, description="QEMU max-bandwidth, MiB/s or 'link'")
     downtime_limit_ms: float = Field(300.0, gt=0, description="QEMU downtime-limit, ms")
     device_state_bytes: int = Field(1 << 20, ge=0, description="device state sent at switchover, bytes")
-    give_up_s: float = Field(600.0, gt=0, description="force the switchover after this many seconds")
+    give_up_s: float = Field(600.0, gt=0, description="give up on converging after this many seconds")
+    give_up_action: Literal["switchover", "cancel"] = Field(
+        "switchover", description="at give_up_s: force the switchover, or cancel the migration")
 
     _v_dev = _size_field("device_state_bytes")
 
@@ -895,7 +901,10 @@ class RewardConfig(Strict):
     of rings per second, time per second of migration, downtime per second, truncation per
     second of the downtime a switchover would cause when the episode is truncated (0 by
     default: a learner that bootstraps at truncation, as stable-baselines3 does, already
-    values what the episode left undone). The sum is divided by ``scale``."""
+    values what the episode left undone), cancel per second of the downtime a switchover would
+    have caused when the migration is cancelled at give_up_s (``link.give_up_action: cancel``:
+    the episode terminates with the migration to be done again; the downtime weight's default).
+    The sum is divided by ``scale``."""
 
     vcpu: float = Field(10.0, ge=0)
     vmm: float = Field(1.0, ge=0)
@@ -903,6 +912,7 @@ class RewardConfig(Strict):
     time: float = Field(0.05, ge=0)
     downtime: float = Field(10.0, ge=0)
     truncation: float = Field(0.0, ge=0)
+    cancel: float = Field(10.0, ge=0)
     scale: float = Field(1.0, gt=0)
 
 

@@ -247,6 +247,13 @@ class RingEnv(gym.Env):
                 pen = self.cfg.reward.truncation * forced
                 reward -= pen / self.cfg.reward.scale
                 parts["truncation"] = pen
+        cancel_s = 0.0
+        if terminated and m.cancelled:  # what a switchover then would have cost (the migration is to be redone)
+            cancel_s = m.remaining_bytes / self._send_rate(m)
+            if self.cfg.reward.cancel:
+                pen = self.cfg.reward.cancel * cancel_s
+                reward -= pen / self.cfg.reward.scale
+                parts["cancel"] = pen
         obs = self._observe(m, dt, costs)
         self._prev = m
         if terminated or truncated:
@@ -254,6 +261,7 @@ class RingEnv(gym.Env):
         info.update(m.to_dict())
         info["reward_parts"] = parts
         info["truncation_downtime_s"] = forced
+        info["cancel_downtime_s"] = cancel_s
         info["workload"] = self.workload
         info["ring_entries"] = self.ring_entries
         info["interval_ms"] = self.interval_ms
@@ -284,6 +292,7 @@ class RingEnv(gym.Env):
             "time": w.time * dt_s,
             "downtime": w.downtime * downtime_s,
             "truncation": 0.0,  # (charged by step at a truncation)
+            "cancel": 0.0,  # (charged by step when the migration is cancelled)
         }
         return -sum(parts.values()) / w.scale, parts
 
@@ -479,6 +488,7 @@ class MigrationEnv(RingEnv):
     | time | seconds of migration | 0.05 |
     | downtime | downtime seconds (when the VM stops at switchover; at the end) | 10 |
     | truncation | at a truncation, the downtime seconds a switchover then would cause | 0 |
+    | cancel | at a cancel (`link.give_up_action: cancel`), the downtime seconds a switchover then would have caused | 10 |
 
     The lost vCPU time is the write-protect faults and block splits, the ring-full exits (with
     the reaping done on the vCPU thread), the waits for QEMU's big lock and the throttle sleeps
@@ -496,7 +506,13 @@ class MigrationEnv(RingEnv):
     short, not over: a learner that bootstraps there (stable-baselines3 does, on
     `TimeLimit.truncated`) already values what it left undone, and a charge would count it
     twice; give the weight (e.g. the `downtime` weight) to score policies by their episodes'
-    returns where episodes truncate. `reward_parts` has the same keys on every step.
+    returns where episodes truncate. A migration cancelled at `link.give_up_s` (with
+    `link.give_up_action: cancel`, OpenStack nova's abort; the default `switchover` forces the
+    switchover instead) ends the episode with the migration still to be done: the downtime a
+    switchover would have caused then (remaining dirty bytes / the rate as above) is the info's
+    `cancel_downtime_s`, charged at the `cancel` weight (default 10, the `downtime` weight's
+    default: a run that gives up does not score better than one forced to switch over).
+    `reward_parts` has the same keys on every step.
 
     ## Starting State
     A VM (scenario: host profile, memory, vCPUs, link) running a workload drawn from the env's
@@ -514,7 +530,9 @@ class MigrationEnv(RingEnv):
     keep).
 
     ## Episode End
-    - terminated: the migration completed (the VM was switched over and verified)
+    - terminated: the migration completed (the VM was switched over and verified), or it was
+      cancelled at `link.give_up_s` (`link.give_up_action: cancel`; info `cancelled`, charged
+      at the `cancel` weight, Rewards)
     - truncated: `max_episode_s` of simulated time passed without convergence; the downtime a
       switchover would cause then (remaining dirty bytes / measured bandwidth, or / the run's
       configured rate, min(link, max-bandwidth), before the bandwidth is measured; during the
@@ -526,7 +544,7 @@ class MigrationEnv(RingEnv):
     `step()` after the episode ended, or after `close()`, raises `RuntimeError` until `reset()`.
 
     Every step's `info` holds the VMM's metrics record (`ringenv.vmm.metrics.Metrics`, its
-    tuple fields as lists), `reward_parts`, `truncation_downtime_s`, `workload`, `ring_entries`,
+    tuple fields as lists), `reward_parts`, `truncation_downtime_s`, `cancel_downtime_s`, `workload`, `ring_entries`,
     `interval_ms` and `ring_size_ignored`; it is a `StepInfo`, a dict whose deep copy (which SB3 makes of every
     step's info) is cheap.
 
@@ -581,7 +599,9 @@ class MigrationEnv(RingEnv):
       QEMU's rate over a >= 1 s period (it was the rate between the last two syncs, which spiked
       at the stop-and-copy's sync); a truncation is charged only with a `truncation` weight
       (default 0; it was charged at the `downtime` weight, which learners that bootstrap at
-      truncation counted twice), and `reward_parts` has the `truncation` key on every step
+      truncation counted twice), and `reward_parts` has the `truncation` key on every step;
+      `link.give_up_action: cancel` ends an episode cancelled, charged at the `cancel` weight
+      (`reward_parts["cancel"]`, info `cancelled` and `cancel_downtime_s`)
     """
 
     kind = "migration"

@@ -20,11 +20,12 @@ FLAGS = {
     "collector": "--collector", "ring_entries": "--ring-entries", "interval_ms": "--interval-ms",
     "throttle": "--throttle", "seed": "--seed", "checkpoint.period_s": "--period-s",
     "checkpoint.storage_mbps": "--storage-mbps", "checkpoint.horizon_s": "--horizon-s",
-    "vm.zero_fraction": "--zero-fraction", "scenario": "--scenario",
+    "vm.zero_fraction": "--zero-fraction", "link.give_up_s": "--give-up-s",
+    "link.give_up_action": "--give-up-action", "scenario": "--scenario",
 }
 
 SUMMARY = {
-    "migration": ["downtime_s", "total_s", "converged", "iterations", "passes", "bytes_sent", "pages_sent",
+    "migration": ["downtime_s", "total_s", "converged", "cancelled", "iterations", "passes", "bytes_sent", "pages_sent",
                   "pages_resent", "zero_pages", "full_exits", "vcpu_exit_s", "vcpu_stall_s", "vcpu_throttle_s",
                   "vcpu_fault_s", "vmm_cpu_s", "harvests", "resets", "entries_harvested", "tlb_flushes",
                   "get_dirty_log_calls", "clear_dirty_log_calls", "ring_bytes", "ring_overflows", "lost_writes",
@@ -56,6 +57,10 @@ def _overrides(args, kind: str) -> dict:
             ov[field] = v
     if args.zero_fraction is not None:
         ov["vm"] = {"zero_fraction": args.zero_fraction}
+    if kind == "migration":
+        link = {k: getattr(args, k) for k in ("give_up_s", "give_up_action") if getattr(args, k) is not None}
+        if link:
+            ov["link"] = link
     if kind == "checkpoint":
         ck = {k: getattr(args, k) for k in ("period_s", "storage_mbps", "horizon_s") if getattr(args, k) is not None}
         if args.live:
@@ -105,7 +110,10 @@ def _run(args, kind: str) -> int:
               f"{'destination' if kind == 'migration' else 'checkpoint image'} differ from the source",
               file=sys.stderr)
         return 1
-    if m.verified is None:
+    if m.cancelled:
+        print(f"ringenv {args.command}: cancelled at give-up ({cfg.link.give_up_s:g} s): the VM runs on at the "
+              "source, nothing verified", file=sys.stderr)
+    elif m.verified is None:
         print(f"ringenv {args.command}: nothing verified: no checkpoint was taken before the horizon (the base "
               "image took longer)", file=sys.stderr)
     return 0
@@ -151,6 +159,11 @@ def add_parsers(sub) -> None:
                        description="Run one pre-copy live migration of a scenario on the simulated host, "
                                    "QEMU-style (ringenv/vmm), and print the metrics; exit 1 if writes were lost.")
     _common(p)
+    p.add_argument("--give-up-s", type=float, default=None, metavar="S",
+                   help=f"simulated seconds after which the VMM gives up on converging; {SCENARIO_DEFAULT}")
+    p.add_argument("--give-up-action", choices=["switchover", "cancel"], default=None,
+                   help="at give-up: force the switchover, or cancel the migration (QEMU's migrate_cancel, nova's "
+                        f"abort); {SCENARIO_DEFAULT}")
     p.set_defaults(func=_cmd_migrate)
     p = sub.add_parser("checkpoint", help="run periodic checkpointing of a scenario and print its metrics",
                        description="Checkpoint a scenario periodically on the simulated host (ringenv/vmm) and "

@@ -16,13 +16,14 @@ class Metrics:
     scenario: str  #: scenario name
     kind: str  #: "migration" or "checkpoint"
     collector: str  #: "ring" or "bitmap"
-    phase: str  #: setup, bulk, iterate, stop-copy (migration); base, live, paused, wait (checkpoint); done
+    phase: str  #: setup, bulk, iterate, stop-copy or cancelling (migration); base, live, paused, wait (checkpoint); done
     done: bool  #: the run is over
     time_s: float  #: session time reached, s
     # --- outcome (final once done)
     downtime_s: float  #: migration: stop to destination ready; checkpoint: the longest pause, s
     total_s: float  #: migration: start to end incl. downtime; checkpoint: start to end (the horizon, or later when a checkpoint under way at the horizon is finished first), s
     converged: bool  #: migration: switchover by the downtime rule (not forced at give_up_s); checkpoint: no overrun (and, at the end, a checkpoint taken)
+    cancelled: bool  #: migration: cancelled at give_up_s (link.give_up_action cancel: QEMU's migrate_cancel), the VM running on at the source: no switchover, downtime 0, verified None; checkpoint: always False
     iterations: int  #: dirty syncs (QEMU dirty-sync-count): migration: setup, each pass, auto-converge's periodic syncs, final; checkpoint: setup, then one per stop-the-world checkpoint, two per live one
     passes: int  #: migration: live passes over the dirty set, each ended by an exact sync (not auto-converge's periodic ones); checkpoint: the base image and each checkpoint
     bytes_sent: int  #: bytes put on the link/storage (pages + an 8-byte header per 4 KiB target page, zero pages as 9 bytes per target page, + device state)

@@ -16,8 +16,9 @@ With ``switchover: pass-end`` step 2 happens only when a pass is complete (the b
 empty): the textbook model of docs/reference/migration.md s1.
 
 Bandwidth is measured over >= 100 ms windows (sync time included), the rate limiter's own
-windows when it is in force. After ``link.give_up_s``
-the switchover is forced (reported ``converged = False``).
+windows when it is in force. After ``link.give_up_s`` the switchover is forced (reported
+``converged = False``), or with ``link.give_up_action: cancel`` the migration is cancelled
+(:meth:`MigrationRun._cancel`, reported ``cancelled = True``).
 
 Stop-and-copy: stop the VM (every vCPU kicked out and parked; on arm64 KVM saves the vGIC
 tables into guest RAM, logged in the backup bitmap), final sync (with the backup bitmap read on
@@ -42,6 +43,7 @@ class MigrationRun(Session):
         self.total_ns = 0
         self.converged = False
         self.forced = False
+        self.cancelled = False
         super().__init__(scenario, seed=seed, **overrides)
         link = self.cfg.link
         # QEMU's rate limiter (migration_rate_exceeded, its budget reset every BUFFER_DELAY with
@@ -73,6 +75,9 @@ class MigrationRun(Session):
         ps = self.page_size
         while True:
             if loop.now >= give_up:
+                if link.give_up_action == "cancel":
+                    yield from self._cancel(t_start)
+                    return
                 self.forced = True
                 break
             if throttle.sync_due():  # auto-converge's periodic dirty sync (QEMU >= 9.2), mid-pass: the
@@ -111,6 +116,27 @@ class MigrationRun(Session):
         self.converged = not self.forced
         self.lost_writes = self.verify()
         self.verified = self.lost_writes == 0
+        self.finish()
+
+    def _cancel(self, t_start: int):
+        """migrate_cancel, at ``link.give_up_s`` (``give_up_action: cancel``): the migration
+        thread leaves its loop between two slices (the shut-down stream fails its next write:
+        nothing more is sent), and the clean-up (migrate_fd_cleanup) stops the throttle and,
+        under the big lock, dirty logging (ram_save_cleanup -> memory_global_dirty_log_stop:
+        KVM_SET_USER_MEMORY_REGION without KVM_MEM_LOG_DIRTY_PAGES, its cost the VMM's). The VM
+        never stopped and runs on at the source: downtime 0, nothing verified (``verified``
+        None: no destination will run), ``remaining_bytes`` what was left to send."""
+        if self._pass_sent:  # the pass under way, as a forced switchover reports it
+            self.pass_bytes.append(self._pass_sent)
+            self._pass_sent = 0
+        self.phase = "cancelling"
+        self.throttle.stop()
+        yield self.bql
+        ns = self.disable_logging()
+        self.bql.release_at(self.loop.now + ns)
+        yield ns
+        self.cancelled = True
+        self.total_ns = self.loop.now - t_start
         self.finish()
 
     def metrics(self) -> Metrics:

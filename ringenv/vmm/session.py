@@ -254,6 +254,14 @@ class Session:
         self.vmm_cpu_ns += ns
         return ns
 
+    def disable_logging(self) -> int:
+        """memory_global_dirty_log_stop: the RAM slot without KVM_MEM_LOG_DIRTY_PAGES (the rings
+        stay: a ring cannot be disabled). Returns ns."""
+        self.vm.set_user_memory_region(0, 0, 0, self.memory, block_fraction=self.cfg.vm.block_fraction)
+        ns = self.vm.last_ioctl_ns
+        self.vmm_cpu_ns += ns
+        return ns
+
     def save_vgic_tables(self) -> None:
         """At vm stop on arm64 KVM saves the vGIC/ITS tables into guest RAM (no vCPU runs)."""
         if len(self.vgic_gfns):
@@ -881,6 +889,9 @@ class Session:
         return (cfg.name, cfg.collector, ring, cfg.ring_entries if ring else 0, self.vm.ring_bytes,
                 self.dirty.nbytes / self.npages, soft_limit)
 
+    #: a migration cancelled at give_up_s (:meth:`MigrationRun._cancel`)
+    cancelled = False
+
     def _base_metrics(self, downtime_s: float, total_s: float, converged: bool) -> dict:
         """Every :class:`Metrics` field but the checkpointing ones, in declaration order (what
         :meth:`Metrics.from_fields` takes); the run's outcome fields come from the subclass.
@@ -897,7 +908,7 @@ class Session:
         return {
             "scenario": name, "kind": self.kind, "collector": collector, "phase": self.phase,
             "done": self.finished, "time_s": self.now_ns / NS,
-            "downtime_s": downtime_s, "total_s": total_s, "converged": converged,
+            "downtime_s": downtime_s, "total_s": total_s, "converged": converged, "cancelled": self.cancelled,
             "iterations": self.iterations, "passes": self.passes,
             "bytes_sent": self.bytes_sent - fl_bytes, "pages_sent": dirty.pages_sent - fl_pages,
             "pages_resent": dirty.pages_resent - fl_resent, "zero_pages": dirty.zero_pages - fl_zero,

@@ -100,7 +100,8 @@ def test_every_reward_term_is_its_weighted_cost_and_the_sum_is_divided_by_scale(
         _, r, i = steps[t]
         prev = steps[t - 1][2] if t > 1 else {k: 0.0 for k in ("vmm_cpu_s", "downtime_s")}
         p = i["reward_parts"]
-        assert set(p) == {"vcpu", "vmm", "memory", "time", "downtime", "truncation"} and p["truncation"] == 0.0
+        assert set(p) == {"vcpu", "vmm", "memory", "time", "downtime", "truncation", "cancel"}
+        assert p["truncation"] == 0.0 and p["cancel"] == 0.0
         assert p["vcpu"] == pytest.approx(3.0 * (lost(i) - (lost(prev) if t > 1 else 0)) / nv, rel=1e-9, abs=1e-15)
         assert p["vmm"] == pytest.approx(5.0 * (i["vmm_cpu_s"] - prev["vmm_cpu_s"]), rel=1e-9, abs=1e-15)
         assert p["memory"] == pytest.approx(0.7 * i["ring_bytes"] / MIB * dt, rel=1e-12)
