@@ -44,6 +44,10 @@ CUT_NONE, CUT_FULL, CUT_SYNC, CUT_DONE, CUT_MMIO, CUT_TICK, CUT_FAULT, CUT_PML_F
 # without a bitmap), no dirty tracking (no KVM_MEM_LOG_DIRTY_PAGES), read-only
 NOLOG, UNTRACKED, READONLY = 1, 2, 4
 BLOCK = 1  # memory.BLOCK: block_map value of a block mapping
+# per memslot ``split`` values (0: a write fault never splits): the split leaves a full table of
+# pages (the x86 TDP MMU's tdp_mmu_split_huge_page), or a table holding only the faulting page
+# (the x86 shadow MMU's drop_large_spte: the block's other pages are unmapped until they fault)
+SPLIT_FULL, SPLIT_EMPTY = 1, 2
 
 
 @numba.njit(inline="always")
@@ -79,8 +83,10 @@ def walk_writes(gpi, vc, code, reads, first_touch, slot_of, state, version, bloc
 
     Per memslot: ``blockgran`` (block mappings stay: a fault maps or relaxes the whole block),
     ``pushall`` (such a fault logs every page of the block), ``split`` (a write fault splits a
-    block), ``mode`` (NOLOG, UNTRACKED, READONLY bits). With ``first_touch`` the writes are a
-    workload model's candidate first writes: one to a page that is not clean (written since it
+    block: SPLIT_FULL into a table of write-protected pages, SPLIT_EMPTY into a table mapping
+    only the faulting page, the others ``UNMAPPED`` and still write-protected, so that their
+    first write faults and logs as before), ``mode`` (NOLOG, UNTRACKED, READONLY bits). With
+    ``first_touch`` the writes are a workload model's candidate first writes: one to a page that is not clean (written since it
     was last protected, hence writable) is invisible and skipped. Returns (events consumed, cut
     kind, pushes, splits, clean pages written, access retired at the cut).
 
@@ -216,6 +222,10 @@ def walk_writes(gpi, vc, code, reads, first_touch, slot_of, state, version, bloc
                         b0 = blk * block_pages
                         for p in range(b0, b0 + block_pages):
                             state[p] |= RO
+                    elif split[k] == SPLIT_EMPTY:  # the shadow MMU maps the faulting page only
+                        b0 = blk * block_pages
+                        for p in range(b0, b0 + block_pages):
+                            state[p] |= UNMAPPED
                 state[g] &= NOT_WP & NOT_UNMAPPED & NOT_RO
                 push_v[npush] = -1 - v if ept else v
                 push_g[npush] = g

@@ -27,9 +27,12 @@ migration verifies itself by comparing versions (docs/reference/kvm-dirty-ring.m
 The arm64 stage-2 rules are those of reference section 7: enabling logging write-protects the
 slot; while logging, blocks are split into pages (lazily on the first write fault, or eagerly when
 logging is enabled with KVM_CAP_ARM_EAGER_SPLIT_CHUNK_SIZE, or on x86 with the eager_page_split
-module parameter); a permission fault relaxes one page. In a slot with dirty tracking on, a page
-not mapped yet carries ``WP``: the fault that maps it writable logs it, as a permission fault
-does. Turning logging off leaves pages write-protected until each faults once (section 12).
+module parameter); a permission fault relaxes one page. A split on a write fault leaves a table
+of write-protected pages (the x86 TDP MMU, and arm64 as modelled) or, with the x86 shadow MMU, a
+table mapping only the faulting page: the block's other pages are ``UNMAPPED`` (and ``WP``)
+until each faults (fault.SPLIT_EMPTY; measured, real-kvm-host.md). In a slot with dirty tracking
+on, a page not mapped yet carries ``WP``: the fault that maps it writable logs it, as a
+permission fault does. Turning logging off leaves pages write-protected until each faults once (section 12).
 """
 
 from __future__ import annotations
@@ -108,6 +111,24 @@ class Memslot:
     @property
     def nr_block_mapped(self) -> int:
         return int(np.count_nonzero(self.blocks == BLOCK))
+
+    def leaf_mappings(self) -> tuple[int, int]:
+        """The slot's stage-2 leaves now: (pages mapped by a page, blocks mapped by a block).
+        A block standing for a huge page the guest has not touched (``UNMAPPED``) is no leaf
+        yet; a table of pages counts the pages of it that are mapped. On x86 these are what the
+        VM statistics pages_4k and pages_2m count for the slot (kvm_update_page_stats, at each
+        leaf installed or zapped; the simulator has no 1 GiB leaf). The real x86 shadow MMU also
+        maps up to 7 neighbours of a faulting 4 KiB page (its aligned group of 8,
+        PTE_PREFETCH_NUM) in a slot that is not dirty-logged, which the simulator does not
+        model: a slot the guest writes whole comes out the same."""
+        mapped = (self.state & UNMAPPED) == 0
+        if not self.nblocks:
+            return int(np.count_nonzero(mapped)), 0
+        bp = self.block_pages
+        inner = mapped[self.head: self.head + self.nblocks * bp].reshape(self.nblocks, bp)
+        leaf = (self.blocks == BLOCK) & inner.any(axis=1)
+        pages = int(np.count_nonzero(mapped)) - int(np.count_nonzero(inner[self.blocks == BLOCK]))
+        return pages, int(np.count_nonzero(leaf))
 
     def split_all_blocks(self, keep_huge: bool = False) -> int:
         """Eager split (kvm_mmu_split_memory_region): every block mapping becomes a table of

@@ -56,9 +56,12 @@ class Arch(Protocol):
     extra_reserved_entries: int
 
     def build_image(self, data_pages: int, programs: Sequence[WriteProgram],
-                    unmapped_pages: int = 0) -> GuestImage:
+                    unmapped_pages: int = 0, *, data_offset: int = 0,
+                    data_page_size: int = 4096) -> GuestImage:
         """Lay out code, page tables (the data slot and ``unmapped_pages`` pages past it) and
-        per-vCPU write tables."""
+        per-vCPU write tables. The data slot starts ``data_offset`` bytes past the
+        architecture's data base (a guest-physical block boundary), and the guest's own tables
+        map it with pages of ``data_page_size`` (the base page, or a 2 MiB block)."""
 
     def setup_vcpu(self, system, vcpu, image: GuestImage, index: int) -> None:
         """Put ``vcpu`` at the start of program ``index`` (registers, mode, CPUID...)."""

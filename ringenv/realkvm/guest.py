@@ -39,6 +39,11 @@ class Guest(_Closing):
     ``unmapped_pages``: the programs may also write that many pages past the data slot's end,
     guest-physical memory no memslot maps (each such store is an MMIO exit).
     ``caps`` are extra KVM_ENABLE_CAP calls ``(cap, arg0, ...)`` made before the memslots.
+    ``data_offset`` (bytes) puts the data slot that far past the architecture's data base, a
+    guest-physical block boundary; ``data_page_size`` is the size of the guest's own pages
+    over it (``Arch.build_image``); ``huge_pages`` backs it by transparent huge pages, its
+    userspace address congruent to its guest-physical one modulo the huge page plus
+    ``hva_skew`` bytes (``RealVm.set_user_memory_region``).
     ``run(i)`` runs vCPU ``i`` until the next event and returns ``(kind, value)``:
     ("full", None) for KVM_EXIT_DIRTY_RING_FULL, ("sync", writes_done), ("done", writes_done),
     ("mmio", guest-physical address) for any other KVM_EXIT_MMIO (an access to an address no
@@ -48,12 +53,15 @@ class Guest(_Closing):
     def __init__(self, programs: Sequence[WriteProgram], data_pages: int,
                  ring_entries: int = 0, with_bitmap: bool = False, log_dirty: bool = True,
                  caps: Sequence[tuple[int, ...]] = (),
-                 system: KvmSystem | None = None, arch: Arch | None = None, unmapped_pages: int = 0):
+                 system: KvmSystem | None = None, arch: Arch | None = None, unmapped_pages: int = 0,
+                 data_offset: int = 0, data_page_size: int = PAGE_SIZE, huge_pages: bool = False,
+                 hva_skew: int = 0):
         self.vm: RealVm | None = None
         self._own_system = False
         self.arch = arch or host_arch()
         install_kick_handler()  # so that kick_all() can stop a vCPU stuck in the guest
-        self.image = self.arch.build_image(data_pages, programs, unmapped_pages)
+        self.image = self.arch.build_image(data_pages, programs, unmapped_pages, data_offset=data_offset,
+                                           data_page_size=data_page_size)
         self.system = system or KvmSystem()
         self._own_system = system is None
         try:
@@ -74,7 +82,7 @@ class Guest(_Closing):
             code[:] = self.image.code
             self.vm.set_user_memory_region(
                 DATA_SLOT, KVM_MEM_LOG_DIRTY_PAGES if log_dirty else 0,
-                self.image.data_gpa, data_pages * PAGE_SIZE)
+                self.image.data_gpa, data_pages * PAGE_SIZE, huge_pages=huge_pages, hva_skew=hva_skew)
             for i in range(len(programs)):
                 try:
                     vcpu = self.vm.create_vcpu(i)

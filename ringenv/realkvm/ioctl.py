@@ -34,6 +34,7 @@ import threading
 import numpy as np
 
 PAGE_SIZE = mmap.PAGESIZE
+HUGE_PAGE_SIZE = 2 << 20  # a transparent huge page (PMD) with 4 KiB pages: x86, arm64 4K granule
 MAP_NORESERVE = getattr(mmap, "MAP_NORESERVE", 0x4000)  # (Python < 3.13 lacks it; Linux's value)
 
 # --- ioctl number encoding (asm-generic/ioctl.h; x86 and arm64 use the generic one) ---
@@ -142,6 +143,39 @@ def address_of(buf) -> int:
 
 def errno_name(code: int) -> str:
     return _errno.errorcode.get(code, str(code))
+
+
+# struct kvm_stats_header: flags, name_size, num_desc, id_offset, desc_offset, data_offset
+_STATS_HEADER = struct.Struct("<6I")
+# struct kvm_stats_desc without its name: flags, exponent, size (values), offset, bucket_size
+_STATS_DESC = struct.Struct("<IhHII")
+
+
+def read_stats(fd: int) -> dict[str, int]:
+    """Binary statistics of a VM or vCPU fd (KVM_GET_STATS_FD, api.rst "KVM_GET_STATS_FD"):
+    name -> value of every one-value statistic, read once (the values are live counters).
+
+    The ioctl returns a new read-only fd: a header, one descriptor per statistic (its name
+    padded to the header's name_size, the number of u64 values it has and their offset in the
+    data block) and the data block. A statistic with several values (a histogram) is left out.
+    x86 VM statistics include pages_4k, pages_2m and pages_1g: the leaf mappings of each size
+    KVM has now in its MMU (the TDP MMU, or the shadow MMU's sptes; kvm_update_page_stats
+    counts each leaf installed and zapped), and remote_tlb_flush; x86 vCPU statistics
+    include pf_fixed, pf_taken, pf_emulate, exits."""
+    sfd = ioctl(fd, KVM_GET_STATS_FD)
+    try:
+        _, name_size, num_desc, _, desc_offset, data_offset = _STATS_HEADER.unpack(
+            os.pread(sfd, _STATS_HEADER.size, 0))
+        size = _STATS_DESC.size + name_size
+        descs = os.pread(sfd, size * num_desc, desc_offset)
+        fields = [(descs[i * size + _STATS_DESC.size: (i + 1) * size].split(b"\0", 1)[0].decode(),
+                   *_STATS_DESC.unpack_from(descs, i * size)[2:4]) for i in range(num_desc)]
+        end = max((offset + 8 * count for _, count, offset in fields), default=0)
+        data = os.pread(sfd, end, data_offset)
+        return {name: struct.unpack_from("<Q", data, offset)[0]
+                for name, count, offset in fields if count == 1}
+    finally:
+        os.close(sfd)
 
 
 KVM_DEV_ENV = "RINGENV_KVM_DEV"
@@ -299,6 +333,7 @@ class RealVm(_Closing):
         self.ring_bytes = 0
         self.vcpus: list[RealVcpu] = []
         self.memory: dict[int, mmap.mmap] = {}
+        self.hva_offset: dict[int, int] = {}  # where in ``memory[slot]`` the slot starts
         self._regions: dict[int, kvm_userspace_memory_region] = {}
 
     def close(self) -> None:
@@ -358,23 +393,68 @@ class RealVm(_Closing):
         return cap
 
     def set_user_memory_region(self, slot: int, flags: int, guest_phys_addr: int,
-                               memory_size: int) -> mmap.mmap:
+                               memory_size: int, *, huge_pages: bool = False,
+                               hva_skew: int = 0) -> mmap.mmap:
         """KVM_SET_USER_MEMORY_REGION for a new slot, backed by a new anonymous mapping
-        (arguments in the order of the uapi struct, as ``ringenv.kvm.Vm`` takes them)."""
+        (arguments in the order of the uapi struct, as ``ringenv.kvm.Vm`` takes them).
+
+        ``huge_pages``: back the slot by transparent huge pages, as QEMU backs guest RAM. The
+        mapping is made larger than the slot so that the slot's userspace address can be chosen
+        congruent to ``guest_phys_addr`` modulo ``HUGE_PAGE_SIZE`` (plus ``hva_skew`` bytes, a
+        multiple of the page: a skew that is not a multiple of the huge page puts every huge
+        page across two guest-physical blocks), and the huge pages around the slot, its partial
+        ends included, are madvise(MADV_HUGEPAGE)d and touched once from userspace, so that
+        they are huge pages already when the guest first faults on them (:meth:`huge_backed`
+        says whether the host managed to). KVM maps a guest-physical block by one leaf only if
+        the memory behind it is a huge page, the block lies wholly in the slot, and the gfn and
+        the userspace frame agree modulo the block (x86 kvm_alloc_memslot_metadata disallows
+        large pages in the whole slot otherwise; arm64 fault_supports_stage2_huge_mapping).
+        The slot starts ``hva_offset[slot]`` bytes into the returned mapping."""
+        if hva_skew % PAGE_SIZE:
+            raise ValueError(f"hva_skew must be a multiple of the page ({PAGE_SIZE} bytes)")
+        span = memory_size + 3 * HUGE_PAGE_SIZE if huge_pages else memory_size
         # MAP_NORESERVE: a slot larger than the host's memory is fine while the guest touches
         # only some of it (a trace writes a few pages of a large slot)
-        mem = mmap.mmap(-1, memory_size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | MAP_NORESERVE)
+        mem = mmap.mmap(-1, span, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | MAP_NORESERVE)
         try:
+            offset = 0
+            if huge_pages:
+                base = address_of(mem)
+                first = -(-base // HUGE_PAGE_SIZE) * HUGE_PAGE_SIZE  # first huge page in the mapping
+                offset = first + (guest_phys_addr + hva_skew) % HUGE_PAGE_SIZE - base
+                end = -(-(base + offset + memory_size) // HUGE_PAGE_SIZE) * HUGE_PAGE_SIZE
+                mem.madvise(mmap.MADV_HUGEPAGE, first - base, end - first)
+                for at in range(first - base, end - base, HUGE_PAGE_SIZE):
+                    mem[at] = 0  # the write fault allocates the huge page
             region = kvm_userspace_memory_region(
                 slot=slot, flags=flags, guest_phys_addr=guest_phys_addr,
-                memory_size=memory_size, userspace_addr=address_of(mem))
+                memory_size=memory_size, userspace_addr=address_of(mem) + offset)
             ioctl(self.fd, KVM_SET_USER_MEMORY_REGION, region)
         except BaseException:
             mem.close()
             raise
         self.memory[slot] = mem
+        self.hva_offset[slot] = offset
         self._regions[slot] = region
         return mem
+
+    def userspace_addr(self, slot: int) -> int:
+        """The slot's userspace address (kvm_userspace_memory_region.userspace_addr)."""
+        return self._regions[slot].userspace_addr
+
+    def huge_backed(self, slot: int) -> int:
+        """Bytes of the slot's memory that the host backs by huge pages now (AnonHugePages of
+        /proc/self/smaps over the huge pages the slot touches, whole)."""
+        region = self._regions[slot]
+        lo = region.userspace_addr // HUGE_PAGE_SIZE * HUGE_PAGE_SIZE
+        hi = -(-(region.userspace_addr + region.memory_size) // HUGE_PAGE_SIZE) * HUGE_PAGE_SIZE
+        return anon_huge_bytes(lo, hi)
+
+    def stats(self) -> dict[str, int]:
+        """The VM's binary statistics (:func:`read_stats`): on x86 pages_4k, pages_2m and
+        pages_1g (the leaf mappings of each size in the VM's MMU now), remote_tlb_flush,
+        mmu_shadow_zapped..."""
+        return read_stats(self.fd)
 
     def set_memory_flags(self, slot: int, flags: int) -> None:
         """KVM_SET_USER_MEMORY_REGION on an existing slot, changing only its flags
@@ -426,6 +506,22 @@ def dirty_pages(words: np.ndarray) -> np.ndarray:
     """Page indices set in a dirty bitmap of uint64 words."""
     bits = np.unpackbits(words.view(np.uint8), bitorder="little")
     return np.flatnonzero(bits)
+
+
+def anon_huge_bytes(start: int, end: int) -> int:
+    """Bytes of anonymous memory in [start, end) of this process backed by transparent huge
+    pages: the AnonHugePages of the /proc/self/smaps mappings in that range (smaps counts per
+    mapping: one that reaches past the range counts at most its overlap with it)."""
+    total, lo, hi = 0, 0, 0
+    with open("/proc/self/smaps") as f:
+        for line in f:
+            head = line.split(None, 1)[0]
+            if "-" in head and not head.endswith(":"):
+                a, b = (int(x, 16) for x in head.split("-"))
+                lo, hi = max(a, start), min(b, end)
+            elif head == "AnonHugePages:" and lo < hi:
+                total += min(int(line.split()[1]) * 1024, hi - lo)
+    return total
 
 
 class RealVcpu(_Closing):
@@ -521,24 +617,9 @@ class RealVcpu(_Closing):
         return f"exit_reason {reason} detail {[hex(w) for w in words]}"
 
     def stats(self) -> dict[str, int]:
-        """The vCPU's binary statistics (KVM_GET_STATS_FD; api.rst "KVM_GET_STATS_FD"): name ->
-        value of every one-value statistic, e.g. x86 pf_fixed (page faults KVM fixed in place:
-        a write-protect fault is one), pf_taken, pf_emulate."""
-        sfd = ioctl(self.fd, KVM_GET_STATS_FD)
-        try:
-            # struct kvm_stats_header: flags, name_size, num_desc, id_offset, desc_offset, data_offset
-            _, name_size, num_desc, _, desc_offset, data_offset = struct.unpack("<6I", os.pread(sfd, 24, 0))
-            size = 16 + name_size  # struct kvm_stats_desc: flags, exponent, size, offset, bucket_size, name
-            descs = os.pread(sfd, size * num_desc, desc_offset)
-            out = {}
-            for i in range(num_desc):
-                _, _, count, offset, _ = struct.unpack_from("<IhHII", descs, i * size)
-                if count == 1:
-                    name = descs[i * size + 16: (i + 1) * size].split(b"\0", 1)[0].decode()
-                    out[name] = struct.unpack("<Q", os.pread(sfd, 8, data_offset + offset))[0]
-            return out
-        finally:
-            os.close(sfd)
+        """The vCPU's binary statistics (:func:`read_stats`), e.g. x86 pf_fixed (page faults
+        KVM fixed in place: a write-protect fault is one), pf_taken, pf_emulate."""
+        return read_stats(self.fd)
 
     def harvest(self) -> list[tuple[int, int]]:
         """Collect this ring's entries as QEMU's kvm_dirty_ring_reap_one does.

@@ -11,7 +11,8 @@ Guest-physical (= guest-virtual, identity mapped) layout:
     0x3000_0000  unbacked: +0 sync MMIO, +8 done MMIO (one 2 MiB mapping)
     0x4000_0000  data slot, dirty-logged, mapped with 4 KiB pages (user, writable); the
                  unmapped pages right after it are mapped by the guest's tables too, but by
-                 no memslot: a store there is an MMIO exit
+                 no memslot: a store there is an MMIO exit. (``build_image`` can also put the
+                 slot further up, and map it with 2 MiB pages: the stage-2 block checks.)
 
 All page-table entries have A and D preset, so the CPU never writes to the tables.
 """
@@ -147,13 +148,28 @@ class X86:
         return "x86-pml" if self.has_pml else "x86-nopml"
 
     def build_image(self, data_pages: int, programs: Sequence[WriteProgram],
-                    unmapped_pages: int = 0) -> GuestImage:
+                    unmapped_pages: int = 0, *, data_offset: int = 0,
+                    data_page_size: int = PAGE_SIZE) -> GuestImage:
+        """See ``Arch.build_image``. The data slot starts ``data_offset`` bytes past DATA_GPA
+        (a multiple of the page, below 1 GiB), and the guest maps it (from DATA_GPA on) with
+        pages of ``data_page_size``: 4 KiB (user page tables in the code slot) or 2 MiB (PDEs
+        with PS set; the memory between DATA_GPA and the slot is mapped too, and in no memslot).
+        A host that shadows the guest's page tables (shadow paging: kvm_pvm, or any x86 host
+        without EPT/NPT) never maps a guest page by a larger leaf than the guest's own page
+        (FNAME(page_fault) caps the level at the guest walk's), so a stage-2 block needs 2 MiB
+        here; with EPT/NPT the guest's page size does not matter."""
         if data_pages < 1 or unmapped_pages < 0:
             raise ValueError("data_pages must be >= 1, unmapped_pages >= 0")
+        if data_offset % PAGE_SIZE or not 0 <= data_offset < DATA_GPA:
+            raise ValueError(f"data_offset must be a multiple of {PAGE_SIZE} in [0, {DATA_GPA:#x})")
+        if data_page_size not in (PAGE_SIZE, _HUGE_SIZE):
+            raise ValueError(f"data_page_size must be {PAGE_SIZE} or {_HUGE_SIZE}")
         mapped = data_pages + unmapped_pages  # pages the guest's own tables map
         tables = _tables(programs, mapped)
-        n_pd = -(-mapped // (512 * 512))
-        n_pt = -(-mapped // 512)
+        span = data_offset // PAGE_SIZE + mapped  # pages from DATA_GPA to the last one mapped
+        n_leaf = span if data_page_size == PAGE_SIZE else -(-span // 512)  # leaf entries
+        n_pt = -(-n_leaf // 512) if data_page_size == PAGE_SIZE else 0
+        n_pd = -(-(n_pt or n_leaf) // 512)
         first_pd = _PAGE_PD0 + 1
         first_pt = first_pd + n_pd
         first_stack = first_pt + n_pt
@@ -177,9 +193,13 @@ class X86:
         words[_PAGE_PD0, :huge.size] = huge * _HUGE_SIZE | _HUGE
         words[_PAGE_PD0, MMIO_GPA // _HUGE_SIZE] = MMIO_GPA | _HUGE
         pd_flat = words[first_pd:first_pd + n_pd].reshape(-1)
-        pd_flat[:n_pt] = np.arange(first_pt, first_pt + n_pt, dtype=np.uint64) * PAGE_SIZE | _TABLE
-        pt_flat = words[first_pt:first_pt + n_pt].reshape(-1)
-        pt_flat[:mapped] = DATA_GPA + np.arange(mapped, dtype=np.uint64) * PAGE_SIZE | _LEAF
+        if n_pt:
+            pd_flat[:n_pt] = np.arange(first_pt, first_pt + n_pt, dtype=np.uint64) * PAGE_SIZE | _TABLE
+            pt_flat = words[first_pt:first_pt + n_pt].reshape(-1)
+            pt_flat[:span] = DATA_GPA + np.arange(span, dtype=np.uint64) * PAGE_SIZE | _LEAF
+        else:
+            pd_flat[:n_leaf] = DATA_GPA + np.arange(n_leaf, dtype=np.uint64) * _HUGE_SIZE | _HUGE
+        data_gpa = DATA_GPA + data_offset
         states = []
         for i, (table, tpage) in enumerate(zip(tables, table_pages)):
             u8[tpage * PAGE_SIZE:][:table.nbytes] = table.view(np.uint8)
@@ -187,8 +207,8 @@ class X86:
                 rip=CODE_GPA + _PAGE_CODE * PAGE_SIZE, rflags=0x2,
                 rsp=CODE_GPA + (first_stack + i + 1) * PAGE_SIZE,
                 rsi=CODE_GPA + tpage * PAGE_SIZE, r9=table.size,
-                rbx=DATA_GPA, rdx=SYNC_GPA, rdi=DONE_GPA, r8=0))
-        return GuestImage(code_gpa=CODE_GPA, code=mem.tobytes(), data_gpa=DATA_GPA,
+                rbx=data_gpa, rdx=SYNC_GPA, rdi=DONE_GPA, r8=0))
+        return GuestImage(code_gpa=CODE_GPA, code=mem.tobytes(), data_gpa=data_gpa,
                           data_pages=data_pages, sync_gpa=SYNC_GPA, done_gpa=DONE_GPA,
                           vcpu_state=states)
 

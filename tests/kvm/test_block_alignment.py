@@ -266,3 +266,25 @@ def test_untouched_memory_comes_in_guest_physical_blocks_at_other_bases(base):
     chunks = (base + np.arange(s.npages)) // BLOCK
     for c in np.unique(chunks):
         assert len(set(gone[chunks == c].tolist())) == 1, c
+
+
+@pytest.mark.parametrize("base_gfn, created_at, expected", [
+    (0, 0, (0, 3)),  # 3 whole blocks
+    (256, 256, (512, 2)),  # at 1 MiB: 256 + 256 pages at the ends, 2 blocks inside
+    (0, 256 + 8192, (1536, 0)),  # memory aligned as at 1 MiB, moved to 0: no block at all
+    (256, 257 + 8192, (1536, 0)),  # memory one page off the slot's alignment
+])
+def test_leaf_mappings_of_a_slot_written_whole(base_gfn, created_at, expected):
+    """x86 (the VM statistics pages_4k, pages_2m), a 6 MiB slot of untouched THP-backed memory,
+    created at gfn ``created_at`` (its memory's alignment) and moved to ``base_gfn``; nothing
+    is mapped until the guest writes every page once. The real kernel's counts for the same
+    slots: tests/realkvm/test_realkvm_blocks.py."""
+    vm = Vm("x86-nopml")
+    vm.set_user_memory_region(0, 0, created_at * 4096, 1536 * 4096, block_fraction=1.0, mapped_fraction=0.0)
+    if created_at != base_gfn:
+        vm.set_user_memory_region(0, 0, base_gfn * 4096, 1536 * 4096)  # KVM_MR_MOVE
+    assert vm.leaf_mappings() == (0, 0)
+    v = vm.create_vcpu(0)
+    vm.attach_guest(TraceProgram([list(range(1536))], [[]], base_gfn=base_gfn))
+    assert v.run() is None and vm.run_until(1 << 40)[0].kind == "done"
+    assert vm.leaf_mappings() == vm.memslot(0).leaf_mappings() == expected

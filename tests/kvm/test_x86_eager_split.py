@@ -21,6 +21,7 @@ from ringenv.config import CONFIG_DIR, ConfigError, HostProfile, load_host_profi
 from ringenv.guest.trace import TraceProgram
 from ringenv.kvm import Vm
 from ringenv.kvm import uapi as U
+from ringenv.kvm.memory import UNMAPPED, WP
 
 from ._helpers import any_block_mapped, block_mapped
 
@@ -107,6 +108,32 @@ def test_without_the_tdp_mmu_huge_pages_split_lazily():
     vm.attach_guest(TraceProgram([[10]], [[]]))
     assert _run(vm, v).kind == "done"
     assert (v.stats.splits, vm.stats.splits) == (1, 1)
+
+
+@pytest.mark.parametrize("tdp_mmu", [False, True])
+def test_a_split_on_write_maps_the_other_pages_only_with_the_tdp_mmu(tdp_mmu):
+    """Four THP-backed blocks, logging on, no eager split; writes 10 and 600 split blocks 0
+    and 1. The shadow MMU (tdp_mmu=N) drops the huge spte and maps the faulting page only
+    (link_shadow_page -> drop_large_spte): the VM's leaves are the 2 pages written and the 2
+    blocks left (pages_4k 2, pages_2m 2, as measured on the real kvm_pvm host,
+    tests/realkvm/test_realkvm_blocks.py). The TDP MMU splits the huge spte into a full table of
+    write-protected 4K children (tdp_mmu_split_huge_page): 1024 pages. Either way a later write
+    to another page of a split block (11) faults once and is logged once."""
+    p = load_host_profile("x86-nopml").model_copy(
+        update={"tdp_mmu": tdp_mmu, "eager_page_split": False, "name": "x86-nopml-tdp" if tdp_mmu else "x86-nopml"})
+    vm, v, _, _ = _slot_then_logging(p, entries=256)
+    assert vm.leaf_mappings() == (0, 4)
+    vm.attach_guest(TraceProgram([[10, 600, 11]], [[1]]))
+    assert _run(vm, v).kind == "sync"
+    assert vm.leaf_mappings() == ((1024, 2) if tdp_mmu else (2, 2))
+    s = vm.memslot(0)
+    assert ((s.state[:1024] & UNMAPPED) != 0).sum() == (0 if tdp_mmu else 1022)
+    protected = (s.state[:1024] & WP) != 0
+    assert not protected[[10, 600]].any() and protected.sum() == 1022  # the others still fault when written
+    assert _run(vm, v).kind == "done"
+    assert (v.stats.faults, v.stats.pushes, vm.stats.splits) == (3, 3, 2)
+    assert v.ring.gfns["offset"][:3].tolist() == [10, 600, 11]
+    assert vm.leaf_mappings() == ((1024, 2) if tdp_mmu else (3, 2))
 
 
 def test_eager_page_split_off_splits_lazily():

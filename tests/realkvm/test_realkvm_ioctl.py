@@ -156,3 +156,46 @@ def test_dirty_bitmap_without_ring(no_leaks):
         assert list(k.dirty_pages(words)) == [5, 70]
         assert not k.dirty_pages(g.vm.get_dirty_log(1)).size  # GET cleared and re-protected
         assert words.dtype == np.uint64
+
+
+def test_read_stats_parses_a_stats_fd(monkeypatch, tmp_path):
+    """read_stats (behind RealVm.stats and RealVcpu.stats) on a stats file laid out as the
+    kernel's (struct kvm_stats_header, descriptors with names padded to name_size, the data
+    block): every one-value statistic by name; a histogram (several values) is left out."""
+    import struct
+
+    name_size = 48
+    descs = [("pages_4k", 1, 0), ("halt_wait_hist", 4, 8), ("pages_2m", 1, 40)]
+    header = struct.pack("<6I", 0, name_size, len(descs), 24, 64, 64 + len(descs) * (16 + name_size))
+    blob = bytearray(header.ljust(64, b"\0"))
+    for name, count, offset in descs:
+        blob += struct.pack("<IhHII", 0, 0, count, offset, 0) + name.encode().ljust(name_size, b"\0")
+    blob += struct.pack("<6Q", 528, 1, 2, 3, 4, 2)
+    path = tmp_path / "stats"
+    path.write_bytes(bytes(blob))
+    calls = []
+
+    def fake_ioctl(fd, request, arg=0):
+        calls.append((fd, request))
+        return os.open(path, os.O_RDONLY)
+
+    monkeypatch.setattr(k, "ioctl", fake_ioctl)
+    assert k.read_stats(7) == {"pages_4k": 528, "pages_2m": 2}
+    assert calls == [(7, k.KVM_GET_STATS_FD)]
+
+
+def test_x86_image_maps_the_data_slot_with_2mib_pages_at_an_offset():
+    """build_image with data_offset 1 MiB and data_page_size 2 MiB: the slot starts at DATA_GPA
+    + 1 MiB (the guest's rbx and the image's data_gpa), and the PD for GiB 1 maps DATA_GPA on
+    by 2 MiB pages (PS set) up to the slot's end (1 + 6 MiB: 4 of them), no 4 KiB page table."""
+    prog = WriteProgram(list(range(1536)))
+    img = x86.X86().build_image(1536, [prog], data_offset=1 << 20, data_page_size=2 << 20)
+    assert img.data_gpa == x86.DATA_GPA + (1 << 20) and img.vcpu_state[0].rbx == img.data_gpa
+    words = np.frombuffer(img.code, dtype=np.uint64).reshape(-1, 512)
+    pd = int(words[3, 1]) & ~0xFFF  # PDPT entry 1 (GiB 1) -> its PD
+    entries = words[pd // 4096]
+    assert [int(e) for e in entries[:5]] == [x86.DATA_GPA + i * (2 << 20) | 0xE7 for i in range(4)] + [0]
+    with pytest.raises(ValueError, match="data_offset"):
+        x86.X86().build_image(16, [prog], data_offset=100)
+    with pytest.raises(ValueError, match="data_page_size"):
+        x86.X86().build_image(16, [prog], data_page_size=1 << 30)
