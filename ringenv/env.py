@@ -243,17 +243,11 @@ class RingEnv(gym.Env):
             s = self._session
             rate = s.final_rate_Bps if s.paused_at is not None else self._send_rate(m)  # (stopped: sends at that)
             forced = m.remaining_bytes / rate + s.pause_so_far_s()
-            if self.cfg.reward.truncation:
-                pen = self.cfg.reward.truncation * forced
-                reward -= pen / self.cfg.reward.scale
-                parts["truncation"] = pen
+            reward -= self._charge(parts, "truncation", self.cfg.reward.truncation, forced)
         cancel_s = 0.0
         if terminated and m.cancelled:  # what a switchover then would have cost (the migration is to be redone)
             cancel_s = m.remaining_bytes / self._send_rate(m)
-            if self.cfg.reward.cancel:
-                pen = self.cfg.reward.cancel * cancel_s
-                reward -= pen / self.cfg.reward.scale
-                parts["cancel"] = pen
+            reward -= self._charge(parts, "cancel", self.cfg.reward.cancel, cancel_s)
         obs = self._observe(m, dt, costs)
         self._prev = m
         if terminated or truncated:
@@ -295,6 +289,14 @@ class RingEnv(gym.Env):
             "cancel": 0.0,  # (charged by step when the migration is cancelled)
         }
         return -sum(parts.values()) / w.scale, parts
+
+    def _charge(self, parts: dict, key: str, weight: float, seconds: float) -> float:
+        """Charge ``seconds`` of a switchover's downtime at ``weight`` as ``parts[key]`` (left
+        0 with no weight); returns what it takes off the reward (after ``reward.scale``)."""
+        if not weight:
+            return 0.0
+        parts[key] = weight * seconds
+        return parts[key] / self.cfg.reward.scale
 
     def _send_rate(self, m) -> float:
         """The rate the dirty bytes left would be sent at (``remaining``, the truncation charge):
