@@ -248,16 +248,16 @@ class Session:
 
     def enable_logging(self) -> int:
         """memory_global_dirty_log_start: KVM_MEM_LOG_DIRTY_PAGES on the RAM slot. Returns ns."""
-        self.vm.set_user_memory_region(0, U.KVM_MEM_LOG_DIRTY_PAGES, 0, self.memory,
-                                       block_fraction=self.cfg.vm.block_fraction)
-        ns = self.vm.last_ioctl_ns
-        self.vmm_cpu_ns += ns
-        return ns
+        return self._set_ram_flags(U.KVM_MEM_LOG_DIRTY_PAGES)
 
     def disable_logging(self) -> int:
         """memory_global_dirty_log_stop: the RAM slot without KVM_MEM_LOG_DIRTY_PAGES (the rings
         stay: a ring cannot be disabled). Returns ns."""
-        self.vm.set_user_memory_region(0, 0, 0, self.memory, block_fraction=self.cfg.vm.block_fraction)
+        return self._set_ram_flags(0)
+
+    def _set_ram_flags(self, flags: int) -> int:
+        """KVM_SET_USER_MEMORY_REGION on the RAM slot with ``flags``, its cost the VMM's. Returns ns."""
+        self.vm.set_user_memory_region(0, flags, 0, self.memory, block_fraction=self.cfg.vm.block_fraction)
         ns = self.vm.last_ioctl_ns
         self.vmm_cpu_ns += ns
         return ns
