@@ -46,7 +46,8 @@ NOLOG, UNTRACKED, READONLY = 1, 2, 4
 BLOCK = 1  # memory.BLOCK: block_map value of a block mapping
 # per memslot ``split`` values (0: a write fault never splits): the split leaves a full table of
 # pages (the x86 TDP MMU's tdp_mmu_split_huge_page), or a table holding only the faulting page
-# (the x86 shadow MMU's drop_large_spte: the block's other pages are unmapped until they fault)
+# (arm64's stage2_map_walk_leaf, the x86 shadow MMU's drop_large_spte: the block's other pages
+# are unmapped until they fault)
 SPLIT_FULL, SPLIT_EMPTY = 1, 2
 
 
@@ -222,7 +223,7 @@ def walk_writes(gpi, vc, code, reads, first_touch, slot_of, state, version, bloc
                         b0 = blk * block_pages
                         for p in range(b0, b0 + block_pages):
                             state[p] |= RO
-                    elif split[k] == SPLIT_EMPTY:  # the shadow MMU maps the faulting page only
+                    elif split[k] == SPLIT_EMPTY:  # arm64, the shadow MMU: the faulting page only
                         b0 = blk * block_pages
                         for p in range(b0, b0 + block_pages):
                             state[p] |= UNMAPPED

@@ -28,9 +28,10 @@ The arm64 stage-2 rules are those of reference section 7: enabling logging write
 slot; while logging, blocks are split into pages (lazily on the first write fault, or eagerly when
 logging is enabled with KVM_CAP_ARM_EAGER_SPLIT_CHUNK_SIZE, or on x86 with the eager_page_split
 module parameter); a permission fault relaxes one page. A split on a write fault leaves a table
-of write-protected pages (the x86 TDP MMU, and arm64 as modelled) or, with the x86 shadow MMU, a
-table mapping only the faulting page: the block's other pages are ``UNMAPPED`` (and ``WP``)
-until each faults (fault.SPLIT_EMPTY; measured, real-kvm-host.md). In a slot with dirty tracking
+mapping only the faulting page on arm64 (stage2_map_walk_leaf) and with the x86 shadow MMU
+(drop_large_spte; measured, real-kvm-host.md): the block's other pages are ``UNMAPPED`` (and
+``WP``) until each faults (fault.SPLIT_EMPTY); the x86 TDP MMU, and an eager split, leave a
+table of write-protected pages. In a slot with dirty tracking
 on, a page not mapped yet carries ``WP``: the fault that maps it writable logs it, as a
 permission fault does. Turning logging off leaves pages write-protected until each faults once (section 12).
 """

@@ -735,15 +735,17 @@ class Vm:
 
     @property
     def _split_leaves_empty(self) -> bool:
-        """A write fault that splits a huge mapping while logging maps only the faulting page:
-        the x86 shadow MMU (no TDP MMU) drops the huge spte and links a new, empty shadow page
-        under it (link_shadow_page -> drop_large_spte), so the block's other pages are not
-        mapped until each faults (measured on this project's kvm_pvm host: a write to one page
-        of each 2 MiB block leaves pages_4k one higher per block, pages_2m one lower). The x86
-        TDP MMU splits the huge spte into a full table of 4 KiB children
-        (tdp_mmu_split_huge_page), write-protected as the huge one was. arm64 (user_mem_abort ->
-        kvm_pgtable_stage2_map) is modelled as the TDP MMU, unmeasured."""
-        return self.profile.arch == "x86" and not self.profile.tdp_mmu
+        """A write fault that splits a huge mapping while logging maps only the faulting page,
+        the block's other pages not mapped until each faults: arm64 (user_mem_abort forces a
+        page under logging; kvm_pgtable_stage2_map of that page meets the block, and
+        stage2_map_walk_leaf replaces it with a new, empty table: "accesses beyond 'end' that
+        fall within the new table will be mapped lazily"), and the x86 shadow MMU (no TDP MMU:
+        link_shadow_page -> drop_large_spte; measured on this project's kvm_pvm host: a write
+        to one page of each 2 MiB block leaves pages_4k one higher per block, pages_2m one
+        lower). The x86 TDP MMU splits the huge spte into a full table of 4 KiB children
+        (tdp_mmu_split_huge_page), write-protected as the huge one was; so does an eager split
+        on either (:meth:`Memslot.split_all_blocks`)."""
+        return self.profile.arch == "arm64" or not self.profile.tdp_mmu
 
     @property
     def _splits_eagerly(self) -> bool:

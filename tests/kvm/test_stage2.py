@@ -149,6 +149,26 @@ def test_lazy_split_on_first_write_fault_only():
     assert h.harvest() == [10, 20, 600]  # one fault = one push
 
 
+@pytest.mark.parametrize("eager,leaves", [(None, [(1, 1), (2, 1)]), (2 * MiB, [(1024, 0), (1024, 0)])])
+def test_lazy_split_maps_only_the_faulting_page_an_eager_split_the_whole_table(eager, leaves):
+    """s7: 2 THP-backed blocks, writes 10 and 11 (one sync after 10). The lazy split
+    (user_mem_abort under logging forces a page: kvm_pgtable_stage2_map of one page meets the
+    block, and stage2_map_walk_leaf replaces it with a new, empty table) maps page 10 only:
+    leaves (1 page, 1 block); the rest of the block is mapped lazily, each page by its own
+    fault. The eager split (EAGER_SPLIT_CHUNK_SIZE, kvm_pgtable_stage2_split) builds full
+    tables of write-protected pages when logging is enabled: 1024 pages, no block. Either
+    way page 11 is write-protected until written, and its write faults and logs once."""
+    h = Host([[10, 11]], [[0]], block_fraction=1.0, eager_chunk=eager)
+    v = h.vcpus[0]
+    assert h.enter_and_run().kind == "sync"
+    assert h.vm.leaf_mappings() == leaves[0]
+    assert h.wp(11) and bool(h.vm.state[11] & UNMAPPED) == (eager is None)
+    assert h.enter_and_run().kind == "done"
+    assert h.vm.leaf_mappings() == leaves[1]
+    assert (v.stats.faults, v.stats.pushes, h.vm.stats.splits) == (2, 2, 1 if eager is None else 2)
+    assert h.harvest() == [10, 11]
+
+
 def test_split_cost_is_charged_to_the_faulting_vcpu():
     """s7: the split (break-before-make + broadcast TLB invalidation) happens in the faulting
     vCPU's fault: vCPU 0's first fault costs wp_fault + split + broadcast TLBI (2 vCPUs);
