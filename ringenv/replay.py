@@ -4,10 +4,15 @@ The contract (shared with ``ringenv kvm-replay``, which runs the same trace on t
 
 input ``{"slot_pages": int, "ring_entries": int, "reap_scope": "all"|"self",
 "with_bitmap": bool (optional), "unmapped_pages": int (optional, default 0),
+"populated": bool (optional, default false),
 "vcpus": [{"writes": [page offsets], "syncs": [write indices],
 "reads": [indices of accesses in "writes" that are reads] (optional)}]}``
 
-The guest is fresh: its data pages are not mapped at stage 2 until first touched. The slot
+The guest is fresh: its data pages are not mapped at stage 2 until first touched, and the
+memory behind them is fresh too (the host's zero page: a read fault maps it read-only and logs
+nothing) unless ``populated``: userspace wrote every page before the run (as QEMU's
+-mem-prealloc does), so a read fault maps a writable page, which x86 logs (make_spte) and
+arm64 logs in a ring-only slot (without WITH_BITMAP: not logging, reference s11). The slot
 holds offsets ``0 .. slot_pages - 1``; the ``unmapped_pages`` offsets after it are guest-physical
 memory no memslot maps: an access there exits to userspace as KVM_EXIT_MMIO (an "mmio" exit:
 the store completes as MMIO, nothing is written or logged) and userspace re-enters at once.
@@ -44,7 +49,7 @@ from .kvm.uapi import KvmError
 from .kvm.vm import Vm
 from .vmm.reap import RingReader
 
-TRACE_KEYS = {"slot_pages", "ring_entries", "reap_scope", "with_bitmap", "unmapped_pages", "vcpus"}
+TRACE_KEYS = {"slot_pages", "ring_entries", "reap_scope", "with_bitmap", "unmapped_pages", "populated", "vcpus"}
 
 
 def validate_trace(trace: Any) -> dict:
@@ -65,8 +70,9 @@ def validate_trace(trace: Any) -> dict:
         raise ConfigError(f"trace.ring_entries: {re_!r} is not a positive integer")
     if trace["reap_scope"] not in ("all", "self"):
         raise ConfigError(f"trace.reap_scope: {trace['reap_scope']!r}; accepted: 'all', 'self'")
-    if "with_bitmap" in trace and not isinstance(trace["with_bitmap"], bool):
-        raise ConfigError(f"trace.with_bitmap: {trace['with_bitmap']!r}; accepted: true, false")
+    for key in ("with_bitmap", "populated"):
+        if key in trace and not isinstance(trace[key], bool):
+            raise ConfigError(f"trace.{key}: {trace[key]!r}; accepted: true, false")
     up = trace.get("unmapped_pages", 0)
     if not isinstance(up, int) or isinstance(up, bool) or up < 0:
         raise ConfigError(f"trace.unmapped_pages: {up!r} is not accepted; expected an integer >= 0 (pages past "
@@ -144,7 +150,7 @@ def replay_trace(trace: dict, profile: str | None = None, ring_entries: int | No
                               f"{e.errno_name} ({e.rule}); accepted there: false") from None
     try:
         vm.set_user_memory_region(0, uapi.KVM_MEM_LOG_DIRTY_PAGES, 0, trace["slot_pages"] * prof.page_size,
-                                  mapped_fraction=0.0)
+                                  mapped_fraction=0.0, populated=bool(trace.get("populated", False)))
     except KvmError as e:
         raise ConfigError(f"trace.slot_pages: {trace['slot_pages']} pages is refused by KVM_SET_USER_MEMORY_REGION on "
                           f"{prof.name} with {e.errno_name} ({e.rule})") from None

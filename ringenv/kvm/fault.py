@@ -35,14 +35,16 @@ AHEAD = 16  # events to look ahead when prefetching a page's state and version
 
 # RO (x86 PML only): mapped write-protected (W=0), not merely with a clear dirty bit: a write is
 # an EPT violation, not a PML-logged store (the pages of a huge mapping split at a write fault)
-WP, CLEAN, UNMAPPED, RO = 1, 2, 4, 8
+WP, CLEAN, UNMAPPED, RO, UNTOUCHED = 1, 2, 4, 8, 16
 NOT_WP, NOT_CLEAN, NOT_UNMAPPED, NOT_RO = 0xFF ^ WP, 0xFF ^ CLEAN, 0xFF ^ UNMAPPED, 0xFF ^ RO  # u8 masks
+NOT_UNTOUCHED = 0xFF ^ UNTOUCHED
 
 CUT_NONE, CUT_FULL, CUT_SYNC, CUT_DONE, CUT_MMIO, CUT_TICK, CUT_FAULT, CUT_PML_FULL = 0, 1, 2, 3, 4, 5, 6, 7
 
 # per memslot mode bits (``mode``; 0: a logging slot): dirty-tracked but not logging (arm64 ring
-# without a bitmap), no dirty tracking (no KVM_MEM_LOG_DIRTY_PAGES), read-only
-NOLOG, UNTRACKED, READONLY = 1, 2, 4
+# without a bitmap), no dirty tracking (no KVM_MEM_LOG_DIRTY_PAGES), read-only, a read fault
+# that maps a writable host page logs it (x86 with dirty tracking: make_spte)
+NOLOG, UNTRACKED, READONLY, READLOG = 1, 2, 4, 8
 BLOCK = 1  # memory.BLOCK: block_map value of a block mapping
 # per memslot ``split`` values (0: a write fault never splits): the split leaves a full table of
 # pages (the x86 TDP MMU's tdp_mmu_split_huge_page), or a table holding only the faulting page
@@ -61,6 +63,17 @@ def _clear_wp(state, block_map, g, blk, inblock, block_pages):  # pragma: no cov
             state[p] &= NOT_WP & NOT_RO
     else:
         state[g] &= NOT_WP & NOT_RO
+
+
+@numba.njit(inline="always")
+def _mark(state, g, blk, whole, block_pages, keep, add):  # pragma: no cover - compiled
+    """``state = state & keep | add`` for page ``g``, or with ``whole`` every page of block ``blk``."""
+    if whole:
+        b0 = blk * block_pages
+        for p in range(b0, b0 + block_pages):
+            state[p] = state[p] & keep | add
+    else:
+        state[g] = state[g] & keep | add
 
 
 @njit(nogil=True)
@@ -160,6 +173,7 @@ def walk_writes(gpi, vc, code, reads, first_touch, slot_of, state, version, bloc
         blk = g >> block_shift
         inblock = block_map[blk] != 0
         if s & UNMAPPED:  # a translation fault maps the page (or the whole block)
+            huge = inblock  # a huge page behind it
             if inblock and (blockgran[k] or not split[k]):
                 block_map[blk] = BLOCK
                 b0 = blk * block_pages
@@ -170,11 +184,22 @@ def walk_writes(gpi, vc, code, reads, first_touch, slot_of, state, version, bloc
                     block_map[blk] = 0
                     inblock = False
                 state[g] &= NOT_UNMAPPED
-            if read and not mode[k] & NOLOG:
-                if s & WP and mode[k] & (UNTRACKED | READONLY) == UNTRACKED:
-                    # not logging (turned off): mapped writable, its write protection is gone
-                    _clear_wp(state, block_map, g, blk, inblock, block_pages)
-                s = 0  # mapped read-only (logging) or writable (untracked): nothing logged
+            if not read:
+                if s & UNTOUCHED:  # the host allocates the page for the write (a huge page: all of it)
+                    _mark(state, g, blk, huge, block_pages, NOT_UNTOUCHED, 0)
+            elif s & UNTOUCHED or not mode[k] & (NOLOG | READLOG):
+                if mode[k] & (UNTRACKED | READONLY) == UNTRACKED:  # not logging
+                    if s & UNTOUCHED:  # the zero page, mapped read-only: the first write faults
+                        _mark(state, g, blk, inblock, block_pages, 0xFF, WP)
+                    elif s & WP:  # (logging turned off) mapped writable, its write protection is gone
+                        _clear_wp(state, block_map, g, blk, inblock, block_pages)
+                s = 0  # mapped read-only (logging, or the zero page) or writable (untracked): nothing logged
+            else:
+                # a writable host page in a dirty-tracked slot: x86 maps it writable and logs it
+                # (make_spte -> mark_page_dirty_in_slot), as does arm64 in a ring-only slot (not
+                # logging, reference s11): the fault below, as a write fault's (with PML an EPT
+                # violation: the fault pushes the page itself)
+                ept = pml_buf > 0
         elif read:
             s = 0  # a read of a mapped page: nothing happens
         faulted = s & WP != 0
@@ -249,6 +274,8 @@ def walk_writes(gpi, vc, code, reads, first_touch, slot_of, state, version, bloc
                 return i + 1, CUT_FULL, npush, nsplit, ndirty, False
         if not read:
             version[g] += 1
+            if state[g] & UNTOUCHED:  # a write to the zero page mapped by a read: copied on write
+                _mark(state, g, blk, block_map[blk] == BLOCK, block_pages, NOT_UNTOUCHED, 0)
             if state[g] & CLEAN:
                 state[g] &= NOT_CLEAN
                 ndirty += 1

@@ -9,6 +9,11 @@ Per base page, one state byte and one version word (5 bytes):
   rely on it.
 - ``UNMAPPED``: no stage-2 mapping yet (a fresh VM, or memory the guest never touched): the
   first access is a translation fault that maps it (``mapped_fraction`` of a slot starts mapped).
+- ``UNTOUCHED``: the host has never written the page (fresh anonymous memory: the shared zero
+  page stands behind it). A read fault maps it read-only whatever the slot (hva_to_pfn finds
+  no writable host page), so it logs nothing; the first write allocates it (with a huge page
+  behind, all of the huge page). Set on the memory a new slot leaves untouched, unless the
+  slot is ``populated`` (userspace wrote it: QEMU's -mem-prealloc, a loaded image).
 
 Per block (2 MiB with 4K pages, 32 MiB with 16K, 512 MiB with 64K; guest-physical blocks: a
 slot's partial first and last blocks are pages, :meth:`Memslot.place`), one byte: mapped by a block
@@ -46,6 +51,7 @@ WP = np.uint8(1)
 CLEAN = np.uint8(2)
 UNMAPPED = np.uint8(4)
 RO = np.uint8(8)  # x86 PML: mapped write-protected, not merely dirty-bit clear (fault.RO)
+UNTOUCHED = np.uint8(16)  # never written on the host: a read maps the zero page (fault.UNTOUCHED)
 WP_CLEAN = np.uint8(WP | CLEAN)  # protect_masked and fault.walk_writes use these values (1, 2, 3)
 
 BLOCK, SPLIT_HUGE = 1, 2  # block_map values (0: a table of pages)
@@ -55,7 +61,8 @@ class Memslot:
     """One KVM memslot (``struct kvm_userspace_memory_region``) and its pages' state."""
 
     def __init__(self, slot_id: int, as_id: int, base_gfn: int, npages: int, flags: int,
-                 block_pages: int, block_fraction: float, seed: int = 0, mapped_fraction: float = 1.0):
+                 block_pages: int, block_fraction: float, seed: int = 0, mapped_fraction: float = 1.0,
+                 populated: bool = False):
         self.id = slot_id
         self.as_id = as_id
         self.kvm_slot = (as_id << 16) | slot_id  # what kvm_dirty_gfn.slot carries
@@ -68,6 +75,7 @@ class Memslot:
         # blocks did then
         self.hva_phase = base_gfn % block_pages if block_pages > 1 else 0
         self._init = (block_fraction, mapped_fraction, seed)
+        self.populated = populated
         self.place(base_gfn)
         # views into the VM's page arrays, set when the VM lays its slots out (Vm._layout)
         self.start = 0
@@ -92,14 +100,16 @@ class Memslot:
 
     def initialize(self) -> None:
         """Fill a new slot's freshly laid-out (zeroed) arrays: which blocks are backed by huge
-        pages, which memory is not mapped yet."""
+        pages, which memory is not mapped yet (and, unless the slot is populated, never written
+        on the host: ``UNTOUCHED``)."""
         block_fraction, mapped_fraction, seed = self._init
         self.blocks[self._huge_pages()] = BLOCK
         if mapped_fraction < 1.0:  # untouched memory, chosen a guest-physical block at a time
             chunk = max(self.block_pages, 1)
             nchunks = -(-(self.lead + self.npages) // chunk)
             gone = ~_choose_blocks(nchunks, mapped_fraction, seed ^ (self.id * 0x85EBCA6B) ^ 0xA5)
-            self.state[np.repeat(gone, chunk)[self.lead: self.lead + self.npages]] |= UNMAPPED
+            self.state[np.repeat(gone, chunk)[self.lead: self.lead + self.npages]] |= (
+                UNMAPPED if self.populated else UNMAPPED | UNTOUCHED)
 
     def _huge_pages(self) -> np.ndarray:
         """Which blocks of the userspace memory behind the slot are huge pages (THP): a seeded,
@@ -168,7 +178,7 @@ class Memslot:
         blocks = np.flatnonzero(self._huge_pages() & (self.blocks != BLOCK))
         if len(blocks):
             pages = (self.head + blocks[:, None] * self.block_pages + np.arange(self.block_pages)).ravel()
-            self.state[pages] = UNMAPPED | WP_CLEAN
+            self.state[pages] = (self.state[pages] & UNTOUCHED) | UNMAPPED | WP_CLEAN
             self.blocks[blocks] = BLOCK
         return len(blocks)
 
@@ -196,7 +206,8 @@ class Memslot:
     def unmap_all(self) -> None:
         """kvm_arch_flush_shadow_memslot (a memslot moved): nothing of the slot is mapped at
         stage 2 any more; the huge pages behind it are what the faults that map it again find."""
-        self.state[:] = UNMAPPED
+        self.state &= UNTOUCHED  # (the memory behind it is what it was)
+        self.state |= UNMAPPED
         self.blocks[:] = 0
         self.blocks[self._huge_pages()] = BLOCK
 

@@ -30,7 +30,7 @@ from ..arrays import RECYCLER, first_occurrence, shift_checked, unique
 from ..config import HostProfile, load_host_profile
 from ..guest.base import EXIT_DONE, EXIT_NONE, EXIT_SYNC, NO_WRITE, GuestProgram, WriteBatch
 from .fault import (CUT_DONE, CUT_FAULT, CUT_FULL, CUT_MMIO, CUT_NONE, CUT_PML_FULL, CUT_SYNC, CUT_TICK, FAULT_NS,
-                    FAULTS, NOLOG, PML_FLUSHES, PUSHES, READONLY, SPLIT_EMPTY, SPLIT_FULL, SPLITS, UNTRACKED,
+                    FAULTS, NOLOG, PML_FLUSHES, PUSHES, READLOG, READONLY, SPLIT_EMPTY, SPLIT_FULL, SPLITS, UNTRACKED,
                     apply_batch, apply_window)
 from .memory import SPLIT_HUGE, UNMAPPED, WP_CLEAN, Memslot, bitmap_offsets, protect_masked
 from .pml import flush_all, flush_one, log_all
@@ -410,7 +410,8 @@ class Vm:
 
     # ------------------------------------------------------------------ memslots
     def set_user_memory_region(self, slot: int, flags: int, guest_phys_addr: int, memory_size: int, *,
-                               as_id: int = 0, block_fraction: float = 0.0, mapped_fraction: float = 1.0) -> None:
+                               as_id: int = 0, block_fraction: float = 0.0, mapped_fraction: float = 1.0,
+                               populated: bool = False) -> None:
         """KVM_SET_USER_MEMORY_REGION (``slot`` is the slot id, ``as_id`` its address space).
 
         ``block_fraction`` and ``mapped_fraction`` are not part of the ioctl: the share of the
@@ -418,6 +419,10 @@ class Vm:
         blocks (of the slot's whole guest-physical blocks: its partial end blocks are pages,
         :meth:`Memslot.place`), and the share the guest has already touched (mapped at stage 2;
         the rest faults on first access, as in a fresh VM, a guest-physical block at a time).
+        The untouched rest is fresh memory (the host's zero page behind it: a read fault maps it
+        read-only, logging nothing) unless ``populated``: userspace wrote it all (QEMU's
+        -mem-prealloc, a loaded image), so a read fault maps a writable page, which x86 logs in
+        a dirty-tracked slot (make_spte) and arm64 in a ring-only one (reference s11).
         Of an existing slot (the same memory: its size and KVM_MEM_READONLY cannot change),
         changing only ``flags`` turns dirty logging on or off, a new ``guest_phys_addr`` moves it
         (KVM_MR_MOVE, :meth:`_move_memslot`); size 0 deletes a slot (EINVAL if there is none).
@@ -448,11 +453,12 @@ class Vm:
         for name, f in (("block_fraction", block_fraction), ("mapped_fraction", mapped_fraction)):
             if not 0.0 <= f <= 1.0:
                 raise ValueError(f"{name} {f}: accepted 0.0..1.0")
-        if self._change_memslot(slot, as_id, flags, guest_phys_addr, memory_size, block_fraction, mapped_fraction):
+        if self._change_memslot(slot, as_id, flags, guest_phys_addr, memory_size, block_fraction, mapped_fraction,
+                                populated):
             self._kick()  # x86 kvm_arch_memslots_updated: every vCPU kicked once the new memslots are in
 
     def _change_memslot(self, slot, as_id, flags, guest_phys_addr, memory_size, block_fraction,
-                        mapped_fraction) -> bool:
+                        mapped_fraction, populated=False) -> bool:
         """:meth:`set_user_memory_region` once the arguments are checked: create, delete, move
         or change the flags of the slot. Returns False if there was nothing to change."""
         p = self.profile
@@ -469,7 +475,8 @@ class Vm:
         if old is None:
             self._check_overlap(slot, as_id, base, npages)
             self._check_gpa_range(base, npages)
-            ms = Memslot(slot, as_id, base, npages, flags, self.block_pages, block_fraction, self.seed, mapped_fraction)
+            ms = Memslot(slot, as_id, base, npages, flags, self.block_pages, block_fraction, self.seed, mapped_fraction,
+                         populated)
             self.slots.append(ms)
             self._layout()
             # KVM_MR_CREATE: nothing is mapped in a new slot; memory the simulator lets start
@@ -627,10 +634,13 @@ class Vm:
     def _mode(self, s: Memslot) -> int:
         """The slot's mode bits for the fault path (fault.walk_writes): NOLOG (dirty-tracked but
         not logging: arm64 ring without a bitmap), UNTRACKED (no LOG_DIRTY_PAGES: faults log
-        nothing), READONLY (writes exit as MMIO)."""
+        nothing), READONLY (writes exit as MMIO), READLOG (x86, dirty-tracked: a read fault
+        whose host page is writable maps it writable and logs it, make_spte; arm64 maps a read
+        fault read-only while logging)."""
         if s.flags & KVM_MEM_READONLY:
             return READONLY | (0 if s.logging else UNTRACKED)
-        return (NOLOG if s.logging and not self._logs(s) else 0) | (0 if s.logging else UNTRACKED)
+        return ((NOLOG if s.logging and not self._logs(s) else 0) | (0 if s.logging else UNTRACKED)
+                | (READLOG if self.profile.arch == "x86" and self._logs(s) else 0))
 
     def _refresh_slot_modes(self) -> None:
         p = self.profile
@@ -651,7 +661,8 @@ class Vm:
         self._tab_npages = np.array([s.npages for s in self.slots], dtype=np.int64)
         self._tab_blockgran = np.array([s.logging and (not self._logs(s) or not p.split_blocks)
                                         for s in self.slots], dtype=bool)
-        self._tab_mode = np.array([self._mode(s) for s in self.slots], dtype=np.uint8)
+        self._tab_mode = np.array([self._mode(s) & ~READLOG for s in self.slots],  # (non-zero: not logging)
+                                  dtype=np.uint8)
 
     def _logging_changed(self, s: Memslot, unmapped: bool = False) -> int:
         """A slot's KVM_MEM_LOG_DIRTY_PAGES was set or cleared (created, flags changed or moved;

@@ -1,10 +1,11 @@
 """What an architecture module must provide to run write programs on the real KVM.
 
-The guest is the same on every architecture: it performs a list of page writes in order,
-exits to userspace with an MMIO write to ``image.sync_gpa`` after each write marked as a
-sync point (data = number of writes done so far), and finally writes to ``image.done_gpa``.
-A page offset at or past the data slot's end (up to ``unmapped_pages`` more) is an address no
-memslot maps: the guest's page tables map it all the same, so the store is an MMIO exit.
+The guest is the same on every architecture: it performs a list of page accesses in order
+(a store, or a load where the program marks one as a read), exits to userspace with an MMIO
+write to ``image.sync_gpa`` after each access marked as a sync point (data = number of
+accesses done so far), and finally writes to ``image.done_gpa``. A page offset at or past the
+data slot's end (up to ``unmapped_pages`` more) is an address no memslot maps: the guest's
+page tables map it all the same, so the access is an MMIO exit.
 Only the machine code, the guest page tables and the vCPU register set-up differ.
 
 ``x86.X86`` implements this for x86-64 (the host this project validates on today). An arm64
@@ -22,10 +23,13 @@ from typing import Any, Protocol, Sequence
 
 @dataclass(frozen=True)
 class WriteProgram:
-    """One vCPU's program: page offsets (from the data slot's start) in order, and sync indices."""
+    """One vCPU's program: page offsets (from the data slot's start) in order, the indices of
+    those accesses after which the guest exits (sync), and of those that are loads, not
+    stores (reads)."""
 
     writes: Sequence[int]
     syncs: frozenset[int] = frozenset()
+    reads: frozenset[int] = frozenset()
 
 
 class GuestTooLarge(ValueError):

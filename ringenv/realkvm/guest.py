@@ -5,6 +5,8 @@ from __future__ import annotations
 import errno
 from typing import Sequence
 
+import numpy as np
+
 from ringenv.realkvm.arch import Arch, WriteProgram, host_arch
 from ringenv.realkvm.ioctl import (
     KVM_CAP_DIRTY_LOG_RING_WITH_BITMAP, KVM_EXIT_DIRTY_RING_FULL, KVM_EXIT_MMIO,
@@ -43,7 +45,9 @@ class Guest(_Closing):
     guest-physical block boundary; ``data_page_size`` is the size of the guest's own pages
     over it (``Arch.build_image``); ``huge_pages`` backs it by transparent huge pages, its
     userspace address congruent to its guest-physical one modulo the huge page plus
-    ``hva_skew`` bytes (``RealVm.set_user_memory_region``).
+    ``hva_skew`` bytes (``RealVm.set_user_memory_region``). ``populated``: userspace writes
+    every page of the data slot before any vCPU runs (as QEMU's -mem-prealloc does), so the
+    host page behind each is writable when the guest first touches it.
     ``run(i)`` runs vCPU ``i`` until the next event and returns ``(kind, value)``:
     ("full", None) for KVM_EXIT_DIRTY_RING_FULL, ("sync", writes_done), ("done", writes_done),
     ("mmio", guest-physical address) for any other KVM_EXIT_MMIO (an access to an address no
@@ -55,7 +59,7 @@ class Guest(_Closing):
                  caps: Sequence[tuple[int, ...]] = (),
                  system: KvmSystem | None = None, arch: Arch | None = None, unmapped_pages: int = 0,
                  data_offset: int = 0, data_page_size: int = PAGE_SIZE, huge_pages: bool = False,
-                 hva_skew: int = 0):
+                 hva_skew: int = 0, populated: bool = False):
         self.vm: RealVm | None = None
         self._own_system = False
         self.arch = arch or host_arch()
@@ -80,9 +84,12 @@ class Guest(_Closing):
             code = self.vm.set_user_memory_region(
                 CODE_SLOT, 0, self.image.code_gpa, len(self.image.code))
             code[:] = self.image.code
-            self.vm.set_user_memory_region(
+            data = self.vm.set_user_memory_region(
                 DATA_SLOT, KVM_MEM_LOG_DIRTY_PAGES if log_dirty else 0,
                 self.image.data_gpa, data_pages * PAGE_SIZE, huge_pages=huge_pages, hva_skew=hva_skew)
+            if populated:  # one byte per page: the host allocates each page, writable
+                at = self.vm.hva_offset[DATA_SLOT]
+                np.frombuffer(data, dtype=np.uint8)[at: at + data_pages * PAGE_SIZE: PAGE_SIZE] = 1
             for i in range(len(programs)):
                 try:
                     vcpu = self.vm.create_vcpu(i)

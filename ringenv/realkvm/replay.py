@@ -3,8 +3,9 @@
 Input trace (JSON-shaped dict)::
 
     {"slot_pages": int, "ring_entries": int, "reap_scope": "all" | "self",
-     "with_bitmap": bool (optional), "unmapped_pages": int (optional),
-     "vcpus": [{"writes": [page offsets in program order], "syncs": [write indices]}]}
+     "with_bitmap": bool (optional), "unmapped_pages": int (optional), "populated": bool (optional),
+     "vcpus": [{"writes": [page offsets in program order], "syncs": [write indices],
+                "reads": [indices of the accesses that are loads] (optional)}]}
 
 Userspace behaves as QEMU: at every KVM_EXIT_DIRTY_RING_FULL and after every sync write the
 vCPU's thread harvests (all rings, or only its own with "self") and issues one
@@ -19,8 +20,9 @@ retired at the full exit, so after the reset it runs again and, its page being r
 pushes that page a second time.
 
 The trace is checked by the simulator's ``ringenv.replay.validate_trace`` when it is importable,
-so both commands refuse a bad trace with the same ``ConfigError`` message (a ``ValueError``);
-``reads`` (simulator only) is refused here. A ring size the host refuses is a ConfigError on
+so both commands refuse a bad trace with the same ``ConfigError`` message (a ``ValueError``).
+The guest performs a read (``reads``) as a load from the page; ``populated`` has userspace
+write every data page before the vCPUs start. A ring size the host refuses is a ConfigError on
 ``trace.ring_entries`` as in the simulator. A replay is bounded by ``timeout``: vCPUs still in
 the guest then are kicked out of KVM_RUN and a TimeoutError is raised.
 """
@@ -63,10 +65,6 @@ def _check_trace(trace: dict) -> None:
         _check_trace_local(trace)
         return
     validate_trace(trace)
-    for i, v in enumerate(trace["vcpus"]):
-        if v.get("reads"):
-            raise ConfigError(f"trace.vcpus[{i}].reads: not supported by kvm-replay (the real-KVM "
-                              "guest only writes); remove it or use `ringenv replay`")
 
 
 def _check_trace_local(trace: dict) -> None:
@@ -77,12 +75,13 @@ def _check_trace_local(trace: dict) -> None:
           "ring_entries must be a positive int")
     _need(trace.get("reap_scope", "all") in ("all", "self"), "reap_scope must be 'all' or 'self'")
     _need(isinstance(trace.get("with_bitmap", False), bool), "with_bitmap must be true or false")
+    _need(isinstance(trace.get("populated", False), bool), "populated must be true or false")
     up = trace.get("unmapped_pages", 0)
     _need(isinstance(up, int) and not isinstance(up, bool) and up >= 0, "unmapped_pages must be an int >= 0")
     _need(isinstance(trace.get("vcpus"), list) and trace["vcpus"], "vcpus must be a non-empty list")
     for i, v in enumerate(trace["vcpus"]):
         _need(isinstance(v, dict), f"vcpus[{i}] must be an object {{writes, syncs}}")
-        writes, syncs = v.get("writes"), v.get("syncs", [])
+        writes, syncs, reads = v.get("writes"), v.get("syncs", []), v.get("reads", [])
         _need(isinstance(writes, list) and all(isinstance(w, int) for w in writes),
               f"vcpus[{i}].writes must be a list of ints")
         _need(all(0 <= w < trace["slot_pages"] + up for w in writes),
@@ -90,6 +89,9 @@ def _check_trace_local(trace: dict) -> None:
         _need(isinstance(syncs, list) and all(isinstance(s, int) and 0 <= s < len(writes)
                                               for s in syncs),
               f"vcpus[{i}].syncs must be write indices")
+        _need(isinstance(reads, list) and all(isinstance(r, int) and 0 <= r < len(writes)
+                                              for r in reads),
+              f"vcpus[{i}].reads must be write indices")
 
 
 class _Collector:
@@ -156,12 +158,13 @@ def kvm_replay_trace(trace: dict, ring_entries: int | None = None,
     _check_trace(trace)
     entries = ring_entries or trace["ring_entries"]
     arch = host_arch()
-    programs = [WriteProgram(list(v["writes"]), frozenset(v.get("syncs", [])))
+    programs = [WriteProgram(list(v["writes"]), frozenset(v.get("syncs", [])), frozenset(v.get("reads", [])))
                 for v in trace["vcpus"]]
     try:
         guest = Guest(programs, trace["slot_pages"], ring_entries=entries,
                       with_bitmap=bool(trace.get("with_bitmap", False)), arch=arch,
-                      unmapped_pages=trace.get("unmapped_pages", 0))
+                      unmapped_pages=trace.get("unmapped_pages", 0),
+                      populated=bool(trace.get("populated", False)))
     except RingSizeRefused as exc:  # name the input, as the simulator does
         field = "ring_entries (--ring-entries)" if ring_entries else "trace.ring_entries"
         raise ConfigError(

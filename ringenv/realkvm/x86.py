@@ -64,26 +64,30 @@ KVM_SET_CPUID2 = _IOW(KVMIO, 0x90, 8)
 IOCTL_NAMES.update({v: k for k, v in list(globals().items()) if k.startswith("KVM_")})
 
 # --- the guest program ---
-# Registers at entry: rsi = this vCPU's table of u32 entries (bits 0-30 page offset,
-# bit 31 "sync after this write"), r9 = number of entries, rbx = data slot base,
-# rdx = sync MMIO address, rdi = done MMIO address, r8 = 0 (writes done).
+# Registers at entry: rsi = this vCPU's table of u32 entries (bits 0-29 page offset, bit 30
+# "a load, not a store", bit 31 "sync after this access"), r9 = number of entries, rbx = data
+# slot base, rdx = sync MMIO address, rdi = done MMIO address, r8 = 0 (accesses done).
 GUEST_CODE = bytes.fromhex("".join([
     "4d85c9",          # 00 top:  test r9, r9            ; entries left?
-    "7425",            # 03       jz   done (+0x25 -> 2a)
+    "7432",            # 03       jz   done (+0x32 -> 37)
     "8b06",            # 05       mov  eax, [rsi]        ; load the entry
     "4883c604",        # 07       add  rsi, 4
     "89c1",            # 0b       mov  ecx, eax
-    "81e1ffffff7f",    # 0d       and  ecx, 0x7fffffff   ; page offset
+    "81e1ffffff3f",    # 0d       and  ecx, 0x3fffffff   ; page offset
     "48c1e10c",        # 13       shl  rcx, 12           ; * 4096
-    "49ffc0",          # 17       inc  r8                ; writes done, this one included
-    "4c89040b",        # 1a       mov  [rbx+rcx], r8     ; THE STORE into the data slot
-    "49ffc9",          # 1e       dec  r9
-    "85c0",            # 21       test eax, eax          ; bit 31 = sync point?
-    "79db",            # 23       jns  top (-0x25 -> 00)
-    "448902",          # 25       mov  [rdx], r8d        ; MMIO write: sync exit
-    "ebd6",            # 28       jmp  top (-0x2a -> 00)
-    "448907",          # 2a done: mov  [rdi], r8d        ; MMIO write: done exit
-    "ebfb",            # 2d       jmp  done
+    "49ffc0",          # 17       inc  r8                ; accesses done, this one included
+    "a900000040",      # 1a       test eax, 0x40000000   ; bit 30 = a load?
+    "7506",            # 1f       jnz  load (+6 -> 27)
+    "4c89040b",        # 21       mov  [rbx+rcx], r8     ; THE STORE into the data slot
+    "eb04",            # 25       jmp  next (+4 -> 2b)
+    "4c8b140b",        # 27 load: mov  r10, [rbx+rcx]    ; THE LOAD from the data slot
+    "49ffc9",          # 2b next: dec  r9
+    "85c0",            # 2e       test eax, eax          ; bit 31 = sync point?
+    "79ce",            # 30       jns  top (-0x32 -> 00)
+    "448902",          # 32       mov  [rdx], r8d        ; MMIO write: sync exit
+    "ebc9",            # 35       jmp  top (-0x37 -> 00)
+    "448907",          # 37 done: mov  [rdi], r8d        ; MMIO write: done exit
+    "ebfb",            # 3a       jmp  done
 ]))
 
 CODE_GPA = 0
@@ -91,6 +95,7 @@ DATA_GPA = 1 << 30
 MMIO_GPA = 0x3000_0000
 SYNC_GPA, DONE_GPA = MMIO_GPA, MMIO_GPA + 8
 SYNC_FLAG = 1 << 31
+LOAD_FLAG = 1 << 30
 
 _PAGE_CODE, _PAGE_PML4, _PAGE_PDPT, _PAGE_PD0 = 1, 2, 3, 4
 # Page-table entry bits: present, writable, user, accessed, dirty, 2 MiB page.
@@ -115,13 +120,17 @@ def _tables(programs: Sequence[WriteProgram], pages: int) -> list[np.ndarray]:
     tables = []
     for prog in programs:
         table = np.asarray(prog.writes, dtype=np.int64)
-        if table.size and (table.min() < 0 or table.max() >= pages):
-            raise ValueError(f"write offsets must lie in [0, {pages})")
+        if table.size and (table.min() < 0 or table.max() >= min(pages, LOAD_FLAG)):
+            raise ValueError(f"write offsets must lie in [0, {min(pages, LOAD_FLAG)})")
         syncs = np.asarray(sorted(prog.syncs), dtype=np.int64)
         if syncs.size and (syncs[0] < 0 or syncs[-1] >= table.size):
             raise ValueError("sync indices must be write indices")
+        loads = np.asarray(sorted(prog.reads), dtype=np.int64)
+        if loads.size and (loads[0] < 0 or loads[-1] >= table.size):
+            raise ValueError("read indices must be write indices")
         table = table.astype(np.uint32)
         table[syncs] |= SYNC_FLAG
+        table[loads] |= LOAD_FLAG
         tables.append(table)
     return tables
 

@@ -258,3 +258,25 @@ def test_x86_ring_reset_with_initially_set_write_protects_the_huge_mapping_too()
     assert _run(vm, v).kind == "done"
     assert reader.reap()[1].tolist() == [30, 10]
     assert v.stats.faults == faults + 2 and vm.stats.splits == 1 and not block_mapped(vm, 0)
+
+
+@pytest.mark.parametrize("tdp_mmu", [False, True])
+def test_reads_in_a_block_split_on_write_log_only_with_the_shadow_mmu(tdp_mmu):
+    """Four THP-backed blocks mapped (the memory written) before logging; logging on, no eager
+    split. Write 10 splits block 0; then reads of 11 and 20 (block 0) and 600 (block 1, still a
+    huge mapping). The shadow MMU left 11 and 20 unmapped: each read is a fault, and the host
+    page being writable, make_spte maps it writable and marks it dirty: both are pushed (as
+    measured on this project's host, tests/realkvm/test_realkvm_blocks.py). The TDP MMU's full
+    table maps them read-only already: the reads do not fault, nothing more is pushed. Block
+    1's huge mapping is only write-protected: its read does not fault either way."""
+    p = load_host_profile("x86-nopml").model_copy(
+        update={"tdp_mmu": tdp_mmu, "eager_page_split": False, "name": "x86-nopml-tdp" if tdp_mmu else "x86-nopml"})
+    vm, v, _, _ = _slot_then_logging(p, entries=256)
+    vm.attach_guest(TraceProgram([[10, 11, 20, 600]], [[0]], reads=[[1, 2, 3]]))
+    assert _run(vm, v).kind == "sync"
+    assert _run(vm, v).kind == "done"
+    logged = [10] if tdp_mmu else [10, 11, 20]
+    assert v.ring.gfns["offset"][: v.ring.dirty_index].tolist() == logged
+    assert (v.stats.faults, vm.stats.splits) == (len(logged), 1)
+    assert vm.leaf_mappings() == ((512, 3) if tdp_mmu else (3, 3))
+    assert vm.version[[10, 11, 20, 600]].tolist() == [1, 0, 0, 0]

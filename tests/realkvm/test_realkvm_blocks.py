@@ -83,15 +83,21 @@ def sim():
     return lambda: Vm(profile)
 
 
+class Read(int):
+    """A page offset in a phase that the guest reads (a load), not writes."""
+
+
 def _program(phases: list[list[int]], shift: int = 0) -> WriteProgram:
-    """One vCPU's program: the phases' writes end to end (offset by ``shift`` pages), a sync
-    after every phase but the last (whose end is the done exit)."""
-    writes, syncs = [], []
+    """One vCPU's program: the phases' accesses end to end (offset by ``shift`` pages; a
+    ``Read`` is a load, the others stores), a sync after every phase but the last (whose end
+    is the done exit)."""
+    writes, syncs, reads = [], [], []
     for i, phase in enumerate(phases):
+        reads += [len(writes) + j for j, w in enumerate(phase) if isinstance(w, Read)]
         writes += [w + shift for w in phase]
         if i < len(phases) - 1:
             syncs.append(len(writes) - 1)
-    return WriteProgram(writes, frozenset(syncs))
+    return WriteProgram(writes, frozenset(syncs), frozenset(reads))
 
 
 def _real(offset: int, pages: int, phases: list[list[int]], flags: list[int | None], *,
@@ -159,7 +165,8 @@ def _sim(sim, offset: int, pages: int, phases: list[list[int]], flags: list[int 
         vm.set_user_memory_region(DATA_SLOT, 0, base, size, block_fraction=1.0, mapped_fraction=0.0)
     prog = _program(phases)
     vcpu = vm.create_vcpu(0)
-    vm.attach_guest(TraceProgram([list(prog.writes)], [sorted(prog.syncs)], base_gfn=base // PAGE))
+    vm.attach_guest(TraceProgram([list(prog.writes)], [sorted(prog.syncs)], reads=[sorted(prog.reads)],
+                                 base_gfn=base // PAGE))
     reader, out = RingReader(vcpu.ring_gfns), []
     slot = vm.memslot(DATA_SLOT)
     for i, after in enumerate(flags):
@@ -242,3 +249,20 @@ def test_dirty_logging_splits_on_write_and_logging_off_collapses(sim, offset):
                      (pages, 0, pages),  # every page: all 4 KiB, all logged
                      (edge, 0, 0),  # logging off: the split blocks' pages zapped
                      (edge, blocks, 0)]  # the next pass maps them huge again, logs nothing
+
+
+def test_reads_log_the_pages_a_split_on_write_left_unmapped(sim):
+    """The slot written whole without logging (the host's huge pages are written, writable),
+    logging on, then: a read of page 11 (its block still a write-protected 2 MiB leaf: no fault,
+    nothing logged); a write to page 10 (splits block 0, mapping page 10 only); reads of 11 and
+    20 (block 0, unmapped since the split) and 600 and 1030 (blocks 1 and 2, huge leaves). The
+    shadow MMU maps each unmapped page at its read fault, writable as the host page is, and
+    make_spte marks it dirty: 11 and 20 are logged, as writes would be; the reads under huge
+    leaves are not. The counts and the entries are the simulator's (fault.READLOG)."""
+    pages = 6 * MiB // PAGE
+    phases = [list(range(pages)), [Read(11)], [10], [Read(11), Read(20), Read(600), Read(1030)]]
+    flags = [LOG, None, None, None]
+    real = _real_slot(0, pages, phases, flags)
+    model = _sim(sim, 0, pages, phases, flags)
+    assert real == model
+    assert model == [(0, 3, 0), (0, 3, 0), (0, 3, 0), (1, 2, 1), (3, 2, 2)]

@@ -37,11 +37,14 @@ def test_guest_code_branch_targets():
     def target(at):
         return at + 2 + int.from_bytes(code[at + 1:at + 2], "little", signed=True)
 
-    assert len(code) == 0x2F
-    assert (code[0x03], target(0x03)) == (0x74, 0x2A)  # jz done
-    assert (code[0x23], target(0x23)) == (0x79, 0x00)  # jns top
-    assert (code[0x28], target(0x28)) == (0xEB, 0x00)  # jmp top
-    assert (code[0x2D], target(0x2D)) == (0xEB, 0x2A)  # jmp done
+    assert len(code) == 0x3C
+    assert (code[0x03], target(0x03)) == (0x74, 0x37)  # jz done
+    assert (code[0x1F], target(0x1F)) == (0x75, 0x27)  # jnz load
+    assert (code[0x25], target(0x25)) == (0xEB, 0x2B)  # jmp next
+    assert (code[0x30], target(0x30)) == (0x79, 0x00)  # jns top
+    assert (code[0x35], target(0x35)) == (0xEB, 0x00)  # jmp top
+    assert (code[0x3A], target(0x3A)) == (0xEB, 0x37)  # jmp done
+    assert code[0x21:0x25] == bytes.fromhex("4c89040b") and code[0x27:0x2B] == bytes.fromhex("4c8b140b")  # store, load
 
 
 def _kvm_fds() -> list[str]:

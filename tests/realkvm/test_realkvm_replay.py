@@ -160,3 +160,29 @@ def test_simulator_is_identical(name):
     out = real(name)
     sim = _simulator()(TRACES[name], profile=host_arch().profile_name())
     assert compare(out, sim) is None
+
+
+READS = {"slot_pages": 1024, "ring_entries": 256, "reap_scope": "self",
+         "vcpus": [{"writes": [5, 6, 6, 7, 8, 8], "syncs": [3], "reads": [0, 1, 4]}]}
+
+
+@pytest.mark.parametrize("populated,first", [(False, [6, 7]), (True, [5, 6, 7])])
+def test_reads_are_loads_and_log_only_a_writable_host_page(populated, first):
+    """The guest loads from the pages ``reads`` names. Fresh memory (the host's zero page): a
+    read fault maps it read-only and logs nothing; the write to 6 then faults and pushes. With
+    the memory written by userspace first (``populated``), x86 maps the read fault writable and
+    logs it (make_spte -> mark_page_dirty_in_slot): reads 5 and 6 push, the write to 6 finds
+    its page writable. After the sync's reset, the read of 8 (never touched by the guest)
+    behaves the same way, and the write to 8 pushes only if the read did not. The simulator
+    gives the same."""
+    from ringenv.realkvm.arch import host_arch
+
+    if host_arch().name != "x86_64":
+        pytest.skip("expected values are x86's (arm64 maps a read fault read-only while logging)")
+    trace = dict(READS, populated=populated)
+    out = kvm_replay_trace(trace)
+    batches = [(b["trigger"], b["offsets"]) for b in out["vcpus"][0]["batches"]]
+    assert batches == [("sync", first), ("final", [8])]
+    sim = _simulator()
+    if sim is not None:
+        assert compare(out, sim(trace, profile=host_arch().profile_name())) is None

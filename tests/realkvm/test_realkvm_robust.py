@@ -202,11 +202,15 @@ def test_bad_input_on_stdin(monkeypatch, capsys):
     assert code == 2 and len(err) == 1 and "not valid JSON" in err[0]
 
 
-def test_reads_are_refused_by_kvm_replay():
-    if not _simulator():
-        pytest.skip("ringenv.replay not importable")
-    with pytest.raises(ValueError, match=r"trace.vcpus\[0\].reads: not supported"):
-        kreplay.kvm_replay_trace(dict(TRACE, vcpus=[{"writes": [1, 2], "reads": [0]}]))
+@pytest.mark.parametrize("bad,field", [({"reads": [2]}, "reads"), ({"reads": "0"}, "reads")])
+def test_bad_reads_are_refused_by_kvm_replay(bad, field):
+    with pytest.raises(ValueError, match=rf"vcpus\[0\]\.{field}"):
+        kreplay.kvm_replay_trace(dict(TRACE, vcpus=[{"writes": [1, 2], **bad}]))
+
+
+def test_populated_must_be_a_bool():
+    with pytest.raises(ValueError, match="populated"):
+        kreplay.kvm_replay_trace(dict(TRACE, populated="yes"))
 
 
 # --- resource hygiene and bounded guests ---
