@@ -11,13 +11,30 @@ import numpy as np
 SMALL, DEFAULT, LARGEST = 256, 4096, 65536
 
 
-def _trace(slot_pages: int, ring_entries: int, *vcpus: tuple[list[int], list[int]], unmapped_pages: int = 0) -> dict:
+def _trace(slot_pages: int, ring_entries: int, *vcpus: tuple[list[int], list[int]], unmapped_pages: int = 0,
+           reads: list[int] | None = None, populated: bool = False) -> dict:
     out = {"slot_pages": slot_pages, "ring_entries": ring_entries, "reap_scope": "self",
            "vcpus": [{"writes": [int(w) for w in writes], "syncs": [int(s) for s in syncs]}
                      for writes, syncs in vcpus]}
     if unmapped_pages:
         out["unmapped_pages"] = unmapped_pages
+    if reads is not None:  # (one vCPU)
+        out["vcpus"][0]["reads"] = reads
+    if populated:
+        out["populated"] = True
     return out
+
+
+def _reads_then_writes() -> tuple[list[int], list[int], list[int]]:
+    """Reads of pages 0..299 (with a populated slot on x86 each is logged: the 192nd fills a
+    256-entry ring on a read), writes of 100..399, a sync, reads of 0..49 again (mapped now:
+    nothing) and of 400..449 (never touched), then writes of 0..9 and 400..409.
+    Returns (accesses, syncs, reads)."""
+    acc = list(range(300)) + list(range(100, 400))
+    syncs = [len(acc) - 1]
+    acc += list(range(50)) + list(range(400, 450)) + list(range(10)) + list(range(400, 410))
+    reads = list(range(300)) + list(range(600, 700))
+    return acc, syncs, reads
 
 
 def _unmapped_mid_run() -> list[int]:
@@ -81,6 +98,9 @@ def builtin_traces() -> dict[str, dict]:
             8192, 4, lambda n, r: ([i * 5 % n for i in range(1500)], [749]))),
         "4vcpu-uneven-256": _trace(1024, SMALL, *_split(
             1024, 4, lambda n, r: (list(range(int(r.integers(1, n)))), []))),
+        "reads-fresh-256": _trace(1024, SMALL, _reads_then_writes()[:2], reads=_reads_then_writes()[2]),
+        "reads-populated-256": _trace(1024, SMALL, _reads_then_writes()[:2], reads=_reads_then_writes()[2],
+                                      populated=True),
         "unmapped-256": _trace(1024, SMALL, (_unmapped_mid_run(), [250, 302]), unmapped_pages=64),
         "2vcpu-unmapped-256": _trace(2048, SMALL, *[
             ([w + i * 1024 if w < 1024 else w + 1024 + 64 * i for w in _unmapped_mid_run()], [302 - 100 * i])
