@@ -54,18 +54,6 @@ SPLIT_FULL, SPLIT_EMPTY = 1, 2
 
 
 @numba.njit(inline="always")
-def _clear_wp(state, block_map, g, blk, inblock, block_pages):  # pragma: no cover - compiled
-    """Make page ``g`` writable, or with ``inblock`` its whole block ``blk``, mapped as a block."""
-    if inblock:
-        block_map[blk] = BLOCK
-        b0 = blk * block_pages
-        for p in range(b0, b0 + block_pages):
-            state[p] &= NOT_WP & NOT_RO
-    else:
-        state[g] &= NOT_WP & NOT_RO
-
-
-@numba.njit(inline="always")
 def _mark(state, g, blk, whole, block_pages, keep, add):  # pragma: no cover - compiled
     """``state = state & keep | add`` for page ``g``, or with ``whole`` every page of block ``blk``."""
     if whole:
@@ -74,6 +62,14 @@ def _mark(state, g, blk, whole, block_pages, keep, add):  # pragma: no cover - c
             state[p] = state[p] & keep | add
     else:
         state[g] = state[g] & keep | add
+
+
+@numba.njit(inline="always")
+def _clear_wp(state, block_map, g, blk, inblock, block_pages):  # pragma: no cover - compiled
+    """Make page ``g`` writable, or with ``inblock`` its whole block ``blk``, mapped as a block."""
+    if inblock:
+        block_map[blk] = BLOCK
+    _mark(state, g, blk, inblock, block_pages, NOT_WP & NOT_RO, 0)
 
 
 @njit(nogil=True)

@@ -81,17 +81,15 @@ def _check_trace_local(trace: dict) -> None:
     _need(isinstance(trace.get("vcpus"), list) and trace["vcpus"], "vcpus must be a non-empty list")
     for i, v in enumerate(trace["vcpus"]):
         _need(isinstance(v, dict), f"vcpus[{i}] must be an object {{writes, syncs}}")
-        writes, syncs, reads = v.get("writes"), v.get("syncs", []), v.get("reads", [])
+        writes = v.get("writes")
         _need(isinstance(writes, list) and all(isinstance(w, int) for w in writes),
               f"vcpus[{i}].writes must be a list of ints")
         _need(all(0 <= w < trace["slot_pages"] + up for w in writes),
               f"vcpus[{i}].writes: offsets must lie in [0, slot_pages + unmapped_pages)")
-        _need(isinstance(syncs, list) and all(isinstance(s, int) and 0 <= s < len(writes)
-                                              for s in syncs),
-              f"vcpus[{i}].syncs must be write indices")
-        _need(isinstance(reads, list) and all(isinstance(r, int) and 0 <= r < len(writes)
-                                              for r in reads),
-              f"vcpus[{i}].reads must be write indices")
+        for key in ("syncs", "reads"):
+            at = v.get(key, [])
+            _need(isinstance(at, list) and all(isinstance(s, int) and 0 <= s < len(writes) for s in at),
+                  f"vcpus[{i}].{key} must be write indices")
 
 
 class _Collector:

@@ -67,6 +67,7 @@ def builtin_traces() -> dict[str, dict]:
     seq = list(range(1000))
     rand = rng.integers(0, 2048, size=1500).tolist()       # repeats included
     perm = rng.permutation(4096)[:1200].tolist()           # distinct, scattered
+    acc, acc_syncs, reads = _reads_then_writes()
     return {
         "seq-256": _trace(1024, SMALL, (seq, [])),
         "seq-256-syncs": _trace(1024, SMALL, (seq, _every(1000, 100))),
@@ -98,9 +99,8 @@ def builtin_traces() -> dict[str, dict]:
             8192, 4, lambda n, r: ([i * 5 % n for i in range(1500)], [749]))),
         "4vcpu-uneven-256": _trace(1024, SMALL, *_split(
             1024, 4, lambda n, r: (list(range(int(r.integers(1, n)))), []))),
-        "reads-fresh-256": _trace(1024, SMALL, _reads_then_writes()[:2], reads=_reads_then_writes()[2]),
-        "reads-populated-256": _trace(1024, SMALL, _reads_then_writes()[:2], reads=_reads_then_writes()[2],
-                                      populated=True),
+        "reads-fresh-256": _trace(1024, SMALL, (acc, acc_syncs), reads=reads),
+        "reads-populated-256": _trace(1024, SMALL, (acc, acc_syncs), reads=reads, populated=True),
         "unmapped-256": _trace(1024, SMALL, (_unmapped_mid_run(), [250, 302]), unmapped_pages=64),
         "2vcpu-unmapped-256": _trace(2048, SMALL, *[
             ([w + i * 1024 if w < 1024 else w + 1024 + 64 * i for w in _unmapped_mid_run()], [302 - 100 * i])

@@ -122,15 +122,13 @@ def _tables(programs: Sequence[WriteProgram], pages: int) -> list[np.ndarray]:
         table = np.asarray(prog.writes, dtype=np.int64)
         if table.size and (table.min() < 0 or table.max() >= min(pages, LOAD_FLAG)):
             raise ValueError(f"write offsets must lie in [0, {min(pages, LOAD_FLAG)})")
-        syncs = np.asarray(sorted(prog.syncs), dtype=np.int64)
-        if syncs.size and (syncs[0] < 0 or syncs[-1] >= table.size):
-            raise ValueError("sync indices must be write indices")
-        loads = np.asarray(sorted(prog.reads), dtype=np.int64)
-        if loads.size and (loads[0] < 0 or loads[-1] >= table.size):
-            raise ValueError("read indices must be write indices")
-        table = table.astype(np.uint32)
-        table[syncs] |= SYNC_FLAG
-        table[loads] |= LOAD_FLAG
+        flags = np.zeros(table.size, dtype=np.uint32)
+        for name, indices, flag in (("sync", prog.syncs, SYNC_FLAG), ("read", prog.reads, LOAD_FLAG)):
+            at = np.asarray(sorted(indices), dtype=np.int64)
+            if at.size and (at[0] < 0 or at[-1] >= table.size):
+                raise ValueError(f"{name} indices must be write indices")
+            flags[at] |= flag
+        table = table.astype(np.uint32) | flags
         tables.append(table)
     return tables
 
