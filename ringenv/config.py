@@ -606,7 +606,9 @@ class LinkConfig(Strict):
     whatever remains, as an operator raising downtime-limit would, or libvirt's
     ``--timeout-suspend``) and reports not converged; ``cancel`` cancels the migration
     (QEMU's migrate_cancel: OpenStack nova's default ``live_migration_timeout_action`` abort)
-    and reports it cancelled, the VM running on at the source."""
+    and reports it cancelled, the VM running on at the source. ``cancel_at_s`` (null: never)
+    is an operator's migrate_cancel that many seconds into the migration, whatever it is doing
+    then (:mod:`ringenv.vmm.migration`); migration only."""
 
     gbps: float = Field(10.0, gt=0, description="link rate, Gb/s")
     max_bandwidth_mibps: Any = Field(128.0, description="QEMU max-bandwidth, MiB/s or 'link'")
@@ -615,6 +617,7 @@ class LinkConfig(Strict):
     give_up_s: float = Field(600.0, gt=0, description="give up on converging after this many seconds")
     give_up_action: Literal["switchover", "cancel"] = Field(
         "switchover", description="at give_up_s: force the switchover, or cancel the migration")
+    cancel_at_s: float | None = Field(None, ge=0, description="an operator's migrate_cancel at this many seconds")
 
     _v_dev = _size_field("device_state_bytes")
 
@@ -768,6 +771,9 @@ class ScenarioConfig(Strict):
             raise ValueError("throttle: dirty-limit needs collector ring (QEMU measures the rate with the ring)")
         if self.kind == "checkpoint":
             check_checkpoint_throttle(self.throttle, ValueError)
+            if self.link.cancel_at_s is not None:
+                raise ValueError(f"link.cancel_at_s: {self.link.cancel_at_s!r} is for a migration (migrate_cancel); "
+                                 "accepted for kind checkpoint: null")
         return self
 
     @property
@@ -902,8 +908,9 @@ class RewardConfig(Strict):
     second of the downtime a switchover would cause when the episode is truncated (0 by
     default: a learner that bootstraps at truncation, as stable-baselines3 does, already
     values what the episode left undone), cancel per second of the downtime a switchover would
-    have caused when the migration is cancelled at give_up_s (``link.give_up_action: cancel``:
-    the episode terminates with the migration to be done again; the downtime weight's default).
+    have caused when the migration is cancelled (at give_up_s with ``link.give_up_action:
+    cancel``, or at ``link.cancel_at_s``: the episode terminates with the migration to be done
+    again; the downtime weight's default).
     The sum is divided by ``scale``."""
 
     vcpu: float = Field(10.0, ge=0)

@@ -490,7 +490,7 @@ class MigrationEnv(RingEnv):
     | time | seconds of migration | 0.05 |
     | downtime | downtime seconds (when the VM stops at switchover; at the end) | 10 |
     | truncation | at a truncation, the downtime seconds a switchover then would cause | 0 |
-    | cancel | at a cancel (`link.give_up_action: cancel`), the downtime seconds a switchover then would have caused | 10 |
+    | cancel | at a cancel (`link.give_up_action: cancel`, `link.cancel_at_s`), the downtime seconds a switchover then would have caused | 10 |
 
     The lost vCPU time is the write-protect faults and block splits, the ring-full exits (with
     the reaping done on the vCPU thread), the waits for QEMU's big lock and the throttle sleeps
@@ -510,7 +510,10 @@ class MigrationEnv(RingEnv):
     twice; give the weight (e.g. the `downtime` weight) to score policies by their episodes'
     returns where episodes truncate. A migration cancelled at `link.give_up_s` (with
     `link.give_up_action: cancel`, OpenStack nova's abort; the default `switchover` forces the
-    switchover instead) ends the episode with the migration still to be done: the downtime a
+    switchover instead), or by an operator's migrate_cancel at `link.cancel_at_s` (as QEMU
+    serves one then: ringenv/vmm/migration.py; one that comes as the VM stops for the
+    switchover restarts it, and that stop is `downtime_s`, at the `downtime` weight), ends the
+    episode with the migration still to be done: the downtime a
     switchover would have caused then (remaining dirty bytes / the rate as above) is the info's
     `cancel_downtime_s`, charged at the `cancel` weight (default 10, the `downtime` weight's
     default: a run that gives up does not score better than one forced to switch over).
@@ -533,8 +536,8 @@ class MigrationEnv(RingEnv):
 
     ## Episode End
     - terminated: the migration completed (the VM was switched over and verified), or it was
-      cancelled at `link.give_up_s` (`link.give_up_action: cancel`; info `cancelled`, charged
-      at the `cancel` weight, Rewards)
+      cancelled at `link.give_up_s` (`link.give_up_action: cancel`) or at `link.cancel_at_s`
+      (info `cancelled`, charged at the `cancel` weight, Rewards)
     - truncated: `max_episode_s` of simulated time passed without convergence; the downtime a
       switchover would cause then (remaining dirty bytes / measured bandwidth, or / the run's
       configured rate, min(link, max-bandwidth), before the bandwidth is measured; during the
@@ -603,7 +606,8 @@ class MigrationEnv(RingEnv):
       (default 0; it was charged at the `downtime` weight, which learners that bootstrap at
       truncation counted twice), and `reward_parts` has the `truncation` key on every step;
       `link.give_up_action: cancel` ends an episode cancelled, charged at the `cancel` weight
-      (`reward_parts["cancel"]`, info `cancelled` and `cancel_downtime_s`)
+      (`reward_parts["cancel"]`, info `cancelled` and `cancel_downtime_s`), as does an
+      operator's cancel at `link.cancel_at_s`
     """
 
     kind = "migration"

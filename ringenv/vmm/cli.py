@@ -21,7 +21,7 @@ FLAGS = {
     "throttle": "--throttle", "seed": "--seed", "checkpoint.period_s": "--period-s",
     "checkpoint.storage_mbps": "--storage-mbps", "checkpoint.horizon_s": "--horizon-s",
     "vm.zero_fraction": "--zero-fraction", "link.give_up_s": "--give-up-s",
-    "link.give_up_action": "--give-up-action", "scenario": "--scenario",
+    "link.give_up_action": "--give-up-action", "link.cancel_at_s": "--cancel-at", "scenario": "--scenario",
 }
 
 SUMMARY = {
@@ -58,7 +58,8 @@ def _overrides(args, kind: str) -> dict:
     if args.zero_fraction is not None:
         ov["vm"] = {"zero_fraction": args.zero_fraction}
     if kind == "migration":
-        link = {k: getattr(args, k) for k in ("give_up_s", "give_up_action") if getattr(args, k) is not None}
+        link = {k: getattr(args, k) for k in ("give_up_s", "give_up_action", "cancel_at_s")
+                if getattr(args, k) is not None}
         if link:
             ov["link"] = link
     if kind == "checkpoint":
@@ -91,7 +92,8 @@ def _run(args, kind: str) -> int:
         from .migration import MigrationRun as Run
     else:
         from .checkpoint import CheckpointRun as Run
-    m = Run(cfg).run()
+    run = Run(cfg)
+    m = run.run()
     if args.json:
         json.dump(m.to_dict(), sys.stdout, indent=1)
         sys.stdout.write("\n")
@@ -111,8 +113,11 @@ def _run(args, kind: str) -> int:
               file=sys.stderr)
         return 1
     if m.cancelled:
-        print(f"ringenv {args.command}: cancelled at give-up ({cfg.link.give_up_s:g} s): the VM runs on at the "
-              "source, nothing verified", file=sys.stderr)
+        when = (f"at give-up ({cfg.link.give_up_s:g} s)" if run.cancel_ns is None
+                else f"(migrate_cancel at {cfg.link.cancel_at_s:g} s)")
+        vm = f"the VM, stopped {m.downtime_s:.6g} s for the switchover," if m.downtime_s else "the VM"
+        print(f"ringenv {args.command}: cancelled {when}: {vm} runs on at the source, nothing verified",
+              file=sys.stderr)
     elif m.verified is None:
         print(f"ringenv {args.command}: nothing verified: no checkpoint was taken before the horizon (the base "
               "image took longer)", file=sys.stderr)
@@ -164,6 +169,9 @@ def add_parsers(sub) -> None:
     p.add_argument("--give-up-action", choices=["switchover", "cancel"], default=None,
                    help="at give-up: force the switchover, or cancel the migration (QEMU's migrate_cancel, nova's "
                         f"abort); {SCENARIO_DEFAULT}")
+    p.add_argument("--cancel-at", dest="cancel_at_s", type=float, default=None, metavar="S",
+                   help="an operator's migrate_cancel this many simulated seconds into the migration (served once "
+                        f"it has the big lock; none once the migration completed); {SCENARIO_DEFAULT}")
     p.set_defaults(func=_cmd_migrate)
     p = sub.add_parser("checkpoint", help="run periodic checkpointing of a scenario and print its metrics",
                        description="Checkpoint a scenario periodically on the simulated host (ringenv/vmm) and "

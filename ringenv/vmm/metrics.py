@@ -20,10 +20,10 @@ class Metrics:
     done: bool  #: the run is over
     time_s: float  #: session time reached, s
     # --- outcome (final once done)
-    downtime_s: float  #: migration: stop to destination ready; checkpoint: the longest pause, s
+    downtime_s: float  #: migration: stop to destination ready (cancelled: 0, or the stop to the restart at the source when the cancel came as the VM stopped); checkpoint: the longest pause, s
     total_s: float  #: migration: start to end incl. downtime; checkpoint: start to end (the horizon, or later when a checkpoint under way at the horizon is finished first), s
     converged: bool  #: migration: switchover by the downtime rule (not forced at give_up_s); checkpoint: no overrun (and, at the end, a checkpoint taken)
-    cancelled: bool  #: migration: cancelled at give_up_s (link.give_up_action cancel: QEMU's migrate_cancel), the VM running on at the source: no switchover, downtime 0, verified None; checkpoint: always False
+    cancelled: bool  #: migration: cancelled (QEMU's migrate_cancel: at give_up_s with link.give_up_action cancel, or an operator's at link.cancel_at_s / MigrationRun.cancel()), the VM running on at the source: no switchover, verified None; checkpoint: always False
     iterations: int  #: dirty syncs (QEMU dirty-sync-count): migration: setup, each pass, auto-converge's periodic syncs, final; checkpoint: setup, then one per stop-the-world checkpoint, two per live one
     passes: int  #: migration: live passes over the dirty set, each ended by an exact sync (not auto-converge's periodic ones); checkpoint: the base image and each checkpoint
     bytes_sent: int  #: bytes put on the link/storage (pages + an 8-byte header per 4 KiB target page, zero pages as 9 bytes per target page, + device state)

@@ -20,6 +20,18 @@ windows when it is in force. After ``link.give_up_s`` the switchover is forced (
 ``converged = False``), or with ``link.give_up_action: cancel`` the migration is cancelled
 (:meth:`MigrationRun._cancel`, reported ``cancelled = True``).
 
+An operator's migrate_cancel (``link.cancel_at_s``, or :meth:`MigrationRun.cancel` between two
+``advance`` calls) is a QMP command: it waits for the big lock, then shuts the stream down
+(migrate_fd_cancel). The migration thread, sending, fails at its next write: what was not on the
+wire is lost, and it leaves its loop; waiting for a rate-limiter window to end, it leaves at the
+window's end (nothing posts to that wait); after a sync (which held the lock) it leaves at once.
+The stop-and-copy holds the lock to its end: a cancel then finds the migration completed. A
+cancel that gets the lock while vm_stop waits for the vCPUs (without the lock) makes the
+completion fail after its last sync: the VM is started again at the source
+(migration_iteration_finish), ``downtime_s`` the time it was stopped. The clean-up is the
+give-up cancel's. dirty-limit is cancelled with the command (migration_cancel); auto-converge
+when the thread leaves (migration_iteration_finish's cpu_throttle_stop).
+
 Stop-and-copy: stop the VM (every vCPU kicked out and parked; on arm64 KVM saves the vGIC
 tables into guest RAM, logged in the backup bitmap), final sync (with the backup bitmap read on
 arm64), send what is left and the device state at the link's full rate (QEMU disables the
@@ -29,6 +41,7 @@ destination's page versions are compared with the source's: ``lost_writes``.
 
 from __future__ import annotations
 
+from ..config import to_ns
 from .metrics import Metrics
 from .session import BW_WINDOW_NS, NS, Session
 
@@ -44,6 +57,8 @@ class MigrationRun(Session):
         self.converged = False
         self.forced = False
         self.cancelled = False
+        self.cancel_ns: int | None = None  # when an operator's migrate_cancel took effect (shut the stream)
+        self._cancel_proc = None
         super().__init__(scenario, seed=seed, **overrides)
         link = self.cfg.link
         # QEMU's rate limiter (migration_rate_exceeded, its budget reset every BUFFER_DELAY with
@@ -68,12 +83,17 @@ class MigrationRun(Session):
         give_up = t_start + int(link.give_up_s * NS)
         throttle = self.throttle
         throttle.start(t_start)
+        if link.cancel_at_s is not None:
+            self._request_cancel(t_start + to_ns(link.cancel_at_s, NS))
 
         yield from self.setup_logging()  # ram_save_setup
         self.phase = "bulk"
 
         ps = self.page_size
         while True:
+            if self.stream_shut:  # migrate_cancel: the thread leaves its loop
+                yield from self._cancel(t_start)
+                return
             if loop.now >= give_up:
                 if link.give_up_action == "cancel":
                     yield from self._cancel(t_start)
@@ -109,6 +129,12 @@ class MigrationRun(Session):
         self.throttle.stop()
         yield from self.final_copy()
         self.bql.release()
+        if self.stream_shut:  # cancelled as the VM stopped: the completion failed after its sync
+            self.resume_vm()  # migration_iteration_finish: vm_start, at the source
+            self.paused_at = None
+            self.downtime_ns = loop.now - t_stop
+            yield from self._cancel(t_start)
+            return
         self.pass_bytes.append(self._pass_sent)
         self._pass_sent = 0
         self.downtime_ns = loop.now - t_stop
@@ -118,18 +144,41 @@ class MigrationRun(Session):
         self.verified = self.lost_writes == 0
         self.finish()
 
+    def cancel(self) -> None:
+        """An operator's migrate_cancel now (at ``now_s``, where the last :meth:`advance`
+        stopped, or at the event under way when called from inside the run): served once it has
+        the big lock (module docstring). No effect once the run is over or a cancel is under
+        way; one that finds the migration completed changes nothing."""
+        self._request_cancel(max(self.loop.now, self.now_ns))
+
+    def _request_cancel(self, t: int) -> None:
+        if not self.finished and self._cancel_proc is None:
+            self._cancel_proc = self.spawn(self._migrate_cancel(), self.PRIO_MAIN, "migrate-cancel", t)
+
+    def _migrate_cancel(self):
+        """The QMP command, under the big lock (migration_cancel -> migrate_fd_cancel)."""
+        yield self.bql
+        if not self.finished and not self.stream_shut and self.phase != "cancelling":
+            self.cancel_ns = self.loop.now
+            self.throttle.on_cancel()
+            self.shut_stream()
+        self.bql.release()
+
     def _cancel(self, t_start: int):
-        """migrate_cancel, at ``link.give_up_s`` (``give_up_action: cancel``): the migration
-        thread leaves its loop between two slices (the shut-down stream fails its next write:
-        nothing more is sent), and the clean-up (migrate_fd_cleanup) stops the throttle and,
-        under the big lock, dirty logging (ram_save_cleanup -> memory_global_dirty_log_stop:
-        KVM_SET_USER_MEMORY_REGION without KVM_MEM_LOG_DIRTY_PAGES, its cost the VMM's). The VM
-        never stopped and runs on at the source: downtime 0, nothing verified (``verified``
-        None: no destination will run), ``remaining_bytes`` what was left to send."""
+        """The migration thread leaves its loop after a migrate_cancel (an operator's, or at
+        ``link.give_up_s`` with ``give_up_action: cancel``: then between two slices, the
+        shut-down stream failing its next write: nothing more is sent), and the clean-up
+        (migrate_fd_cleanup) stops the throttle and, under the big lock, dirty logging
+        (ram_save_cleanup -> memory_global_dirty_log_stop: KVM_SET_USER_MEMORY_REGION without
+        KVM_MEM_LOG_DIRTY_PAGES, its cost the VMM's). The VM runs on at the source: downtime 0
+        unless the cancel came as it stopped (set by the caller), nothing verified
+        (``verified`` None: no destination will run), ``remaining_bytes`` what was left to
+        send."""
         if self._pass_sent:  # the pass under way, as a forced switchover reports it
             self.pass_bytes.append(self._pass_sent)
             self._pass_sent = 0
         self.phase = "cancelling"
+        self.throttle.on_cancel()  # (done if the cancel was an operator's)
         self.throttle.stop()
         yield self.bql
         ns = self.disable_logging()

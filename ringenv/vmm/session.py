@@ -170,6 +170,8 @@ class Session:
         self._closing = None  # what a rate-limited send leaves to update_bandwidth
         self._slice = None
         self._taken = 0  # pages taken for a slice whose KVM_CLEAR_DIRTY_LOG runs: still to send
+        self.stream_shut = False  # the migration stream was shut down (migrate_cancel): every send fails
+        self._lost = 0  # pages taken for sending that the shut-down stream never carried
         self._last_sync_ns = 0  # when the last sync ended
 
         self._build_vm()
@@ -648,6 +650,9 @@ class Session:
                 self._taken = len(pages)
                 yield ns
                 self._taken = 0
+                if self.stream_shut:  # shut down meanwhile: the first write fails
+                    self._lost += len(pages)
+                    return
             zero = self.dirty.copy(pages, self.source_version())
             npages = len(pages)
         resent = self.dirty.pages_resent - resent  # sent before (the rest: for the first time)
@@ -663,9 +668,46 @@ class Session:
         self.bytes_sent += nbytes
         self._pass_sent += nbytes
         self._slice = (self.loop.now, dt, npages - resent, resent, nbytes, bursts, zero)
+        end = self.loop.now + dt
         yield dt
+        if self.stream_shut and self.loop.now < end:
+            self._lose_in_flight()
+            return
         self._slice = None
         self.update_bandwidth()
+
+    def shut_stream(self) -> None:
+        """The stream is shut down now (migrate_fd_cancel -> qemu_file_shutdown): a send under
+        way fails at its next write, so the migration thread, if sending, wakes when it notices
+        (:meth:`_send_fails_at`); what was not on the wire by then never is (:meth:`send_slice`)."""
+        self.stream_shut = True
+        if self._slice is not None and self.main.sleeping:
+            self.main.wake_at(self._send_fails_at(self.loop.now))
+
+    def _send_fails_at(self, now: int) -> int:
+        """When the migration thread sending :attr:`_slice` notices a stream shut down at
+        ``now``: at once while its bytes go out; waiting for a rate-limiter window to end, at
+        the window's end (migrate_fd_cancel posts nothing to that wait), before the next burst."""
+        t0, dt, _, _, _, bursts, _ = self._slice
+        for a, b, _ in bursts or ():
+            if now < a:
+                return a
+            if now < b:
+                return now
+        return t0 + dt if bursts else now
+
+    def _lose_in_flight(self) -> None:
+        """The send under way stopped now by a shut-down stream: its bytes and pages not yet on
+        the wire (:meth:`_in_flight`) were never sent."""
+        pages, nbytes, _, resent, zero = self._in_flight(self.loop.now)
+        self._slice = None
+        self.bytes_sent -= nbytes
+        self._pass_sent -= nbytes
+        d = self.dirty
+        d.pages_sent -= pages
+        d.pages_resent -= resent
+        d.zero_pages -= zero
+        self._lost += pages
 
     def _window_pages_left(self, used: int, bpp: int) -> int:
         """Pages of ``bpp`` bytes a rate-limiter window that has sent ``used`` bytes still lets go:
@@ -826,11 +868,14 @@ class Session:
         """The stop-and-copy stage, a process step under the big lock with the vCPUs paused:
         the vGIC/ITS table saves, the last-stage sync, every page still dirty and the device state,
         sent at the run's ``final_rate_Bps`` (the link's full rate: QEMU lifts max-bandwidth for
-        the completion; or the checkpoint storage's)."""
+        the completion; or the checkpoint storage's). With the stream shut down (a migrate_cancel
+        as the VM stopped) nothing after the sync: every write fails at once."""
         self.save_vgic_tables()
         sync = self.collector.sync(last_stage=True)
         yield sync
         self.note_sync(True, sync)
+        if self.stream_shut:  # (a migrate_cancel as the VM stopped: every write fails at once)
+            return
         while self.dirty.mig_count:
             yield from self.send_slice(self.final_rate_Bps, max_pages=1 << 20)
         yield from self.send_bytes(self.cfg.link.device_state_bytes, self.final_rate_Bps)
@@ -889,7 +934,7 @@ class Session:
         return (cfg.name, cfg.collector, ring, cfg.ring_entries if ring else 0, self.vm.ring_bytes,
                 self.dirty.nbytes / self.npages, soft_limit)
 
-    #: a migration cancelled at give_up_s (:meth:`MigrationRun._cancel`)
+    #: a migration cancelled (:meth:`MigrationRun._cancel`)
     cancelled = False
 
     def _base_metrics(self, downtime_s: float, total_s: float, converged: bool) -> dict:
@@ -928,7 +973,7 @@ class Session:
             "wedged_vcpus": len(wedged),
             "dirty_rate_Bps": self._dirty_rate(ready),
             "ring_fill": tuple(fill),
-            "remaining_bytes": (self._remaining_pages() + fl_pages + self._taken) * self.page_size,
+            "remaining_bytes": (self._remaining_pages() + fl_pages + self._taken + self._lost) * self.page_size,
             "bandwidth_Bps": self.bandwidth_Bps, "threshold_bytes": self.threshold_bytes,
             "expected_downtime_s": self.expected_downtime_s,
             "progress": (dirty.pages_sent - dirty.pages_resent - fl_new) / self.npages,

@@ -120,6 +120,9 @@ class NoThrottle:
     def stop(self) -> None:
         pass
 
+    def on_cancel(self) -> None:
+        """migrate_cancel (migration_cancel), as the command runs: only dirty-limit ends then."""
+
 
 class AutoConverge(NoThrottle):
     name = "auto-converge"
@@ -212,13 +215,22 @@ class DirtyLimit(NoThrottle):
         self.max_dirtyrate = 0
         self.proc = None
         self.pct = 0.0
+        self.cancelled = False
+
+    def on_cancel(self) -> None:
+        """migration_cancel -> qmp_cancel_vcpu_dirty_limit: no sleep after a ring-full exit from
+        now on (one under way runs out: a usleep in the vCPU thread), the rate thread stops, and
+        no later sync sets a limit again. ``pct`` keeps its last value for the record."""
+        self.cancelled = True
+        self.in_service = False
+        self.throttle_us[:] = 0
 
     def on_sync(self, session, new_pages: int) -> None:
         s = self.s
         if not self.trigger.on_sync(s.loop.now, new_pages, s.page_size, s.bytes_sent):
             return
-        if self.in_service:
-            return  # migration_dirty_limit_guest: already limited to the same quota
+        if self.in_service or self.cancelled:
+            return  # migration_dirty_limit_guest: already limited to the same quota (or cancelled)
         self.in_service = True
         self.proc = s.spawn(self._stat_thread(), s.PRIO_THROTTLE, "dirtylimit")
 
@@ -235,20 +247,22 @@ class DirtyLimit(NoThrottle):
         s = self.s
         period = int(self.cfg.period_ms * MS)
         col = s.collector
-        while not s.finished:
+        while not (s.finished or self.cancelled):
             start = col.entries.copy()
             t0 = s.loop.now
             yield period
-            if s.finished:
+            if s.finished or self.cancelled:
                 return
             dt_ms = max(1, (s.loop.now - t0) // MS)  # dirty_stat_wait's duration, in ms
             yield from s.run_on_all_vcpus()
-            if s.finished:
+            if s.finished or self.cancelled:
                 return
             yield s.bql
             ns = col.flush()  # global_dirty_log_sync: reap, reset
             s.bql.release_at(s.loop.now + ns)
             yield ns
+            if self.cancelled:
+                return
             self.rate = self.rates(col.entries - start, dt_ms)
             for i in range(len(self.rate)):
                 self._adjust(i, self.quota, int(self.rate[i]))
