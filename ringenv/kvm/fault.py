@@ -16,7 +16,11 @@ writable. After each push the ring may be soft-full: the vCPU then leaves the gu
 before its access retires. A retiring write bumps the page's version
 and makes it not clean. Syncs and the end of a program stop the walk too; an access to a gfn no
 memslot maps is never walked (the caller ends the batch before it: if the walk gets that far,
-the access is an MMIO exit, as a write to a read-only memslot is).
+the access is an MMIO exit, as a write to a read-only memslot is). Every access to a page not
+mapped yet is a fault (a VM exit, counted as KVM's vCPU statistic pf_fixed counts it: measured
+equal on the real KVM, docs/reference/real-kvm-host.md), logged or not, read or write; on the
+x86 shadow MMU, in a slot without dirty tracking, it also maps the other pages of its aligned
+group of 8 whose host pages exist (pte prefetch), so that their first accesses do not fault.
 
 This walk is inherently sequential (whether an event faults depends on every earlier one, and
 the walk stops at the first exit), hence one compiled loop rather than array passes.
@@ -43,8 +47,11 @@ CUT_NONE, CUT_FULL, CUT_SYNC, CUT_DONE, CUT_MMIO, CUT_TICK, CUT_FAULT, CUT_PML_F
 
 # per memslot mode bits (``mode``; 0: a logging slot): dirty-tracked but not logging (arm64 ring
 # without a bitmap), no dirty tracking (no KVM_MEM_LOG_DIRTY_PAGES), read-only, a read fault
-# that maps a writable host page logs it (x86 with dirty tracking: make_spte)
-NOLOG, UNTRACKED, READONLY, READLOG = 1, 2, 4, 8
+# that maps a writable host page logs it (x86 with dirty tracking: make_spte), a fault that maps
+# a page also maps the others of its aligned group of PREFETCH_PAGES whose host pages exist (the
+# x86 shadow MMU's pte prefetch, only in a slot without dirty tracking)
+NOLOG, UNTRACKED, READONLY, READLOG, PREFETCH = 1, 2, 4, 8, 16
+PREFETCH_PAGES = 8  # PTE_PREFETCH_NUM
 BLOCK = 1  # memory.BLOCK: block_map value of a block mapping
 # per memslot ``split`` values (0: a write fault never splits): the split leaves a full table of
 # pages (the x86 TDP MMU's tdp_mmu_split_huge_page), or a table holding only the faulting page
@@ -74,7 +81,7 @@ def _clear_wp(state, block_map, g, blk, inblock, block_pages):  # pragma: no cov
 
 @njit(nogil=True)
 def walk_writes(gpi, vc, code, reads, first_touch, slot_of, state, version, block_map,
-                blockgran, pushall, split, mode, block_shift,
+                blockgran, pushall, split, mode, slot_lo, slot_hi, block_shift,
                 used, limit, pml_count, pml_buf, rings,
                 push_v, push_g, split_v, split_b, faults, exit_faults,
                 t, tick, tick_state, flush_at, fault_cut):  # pragma: no cover - compiled
@@ -95,7 +102,10 @@ def walk_writes(gpi, vc, code, reads, first_touch, slot_of, state, version, bloc
     ``pushall`` (such a fault logs every page of the block), ``split`` (a write fault splits a
     block: SPLIT_FULL into a table of write-protected pages, SPLIT_EMPTY into a table mapping
     only the faulting page, the others ``UNMAPPED`` and still write-protected, so that their
-    first write faults and logs as before), ``mode`` (NOLOG, UNTRACKED, READONLY bits). With
+    first write faults and logs as before), ``mode`` (NOLOG, UNTRACKED, READONLY, READLOG,
+    PREFETCH bits), ``slot_lo``/``slot_hi`` (its pages in the global page index). An access to a
+    page not mapped yet is a translation fault (counted in ``faults`` and ``exit_faults``: a VM
+    exit, KVM's pf_fixed) whatever maps it, logged or not, read or write. With
     ``first_touch`` the writes are a workload model's candidate first writes: one to a page that is not clean (written since it
     was last protected, hence writable) is invisible and skipped. Returns (events consumed, cut
     kind, pushes, splits, clean pages written, access retired at the cut).
@@ -168,7 +178,8 @@ def walk_writes(gpi, vc, code, reads, first_touch, slot_of, state, version, bloc
             continue
         blk = g >> block_shift
         inblock = block_map[blk] != 0
-        if s & UNMAPPED:  # a translation fault maps the page (or the whole block)
+        xlate = s & UNMAPPED != 0
+        if xlate:  # a translation fault maps the page (or the whole block)
             huge = inblock  # a huge page behind it
             if inblock and (blockgran[k] or not split[k]):
                 block_map[blk] = BLOCK
@@ -180,6 +191,11 @@ def walk_writes(gpi, vc, code, reads, first_touch, slot_of, state, version, bloc
                     block_map[blk] = 0
                     inblock = False
                 state[g] &= NOT_UNMAPPED
+                if mode[k] & PREFETCH:  # direct_pte_prefetch / FNAME(pte_prefetch): writable, as the guest maps them
+                    p0 = g - g % PREFETCH_PAGES
+                    for p in range(max(p0, slot_lo[k]), min(p0 + PREFETCH_PAGES, slot_hi[k])):
+                        if state[p] & (UNMAPPED | UNTOUCHED) == UNMAPPED:  # (only a host page that exists)
+                            state[p] &= NOT_UNMAPPED & NOT_WP
             if not read:
                 if s & UNTOUCHED:  # the host allocates the page for the write (a huge page: all of it)
                     _mark(state, g, blk, huge, block_pages, NOT_UNTOUCHED, 0)
@@ -199,6 +215,15 @@ def walk_writes(gpi, vc, code, reads, first_touch, slot_of, state, version, bloc
         elif read:
             s = 0  # a read of a mapped page: nothing happens
         faulted = s & WP != 0
+        if xlate and not faulted:  # a translation fault that the write-protect paths below do not count
+            faulted = True
+            faults[v] += 1
+            exit_faults[v] += 1
+            if rings and pml_buf > 0 and pml_count[v]:  # the exit flushes the PML buffer (vmx_handle_exit)
+                used[v] += pml_count[v]
+                pml_count[v] = 0
+                if used[v] >= limit[v]:  # soft-full: out to userspace before the access re-executes
+                    return i + 1, CUT_FULL, npush, nsplit, ndirty, False
         if s & WP and untracked and mode[k] & UNTRACKED:
             # no dirty tracking: the fault makes the page (or its block) writable, mark_page_dirty_in_slot logs nothing
             faults[v] += 1
@@ -323,7 +348,7 @@ def apply_batch(gpi, vc, code, reads, first_touch, slot_of, state, version, bloc
                 blockgran, pushall, split, mode, block_shift,
                 ring_ctr, soft_limit, pml_count, pml_buf, rings,
                 push_v, push_g, split_v, split_b,
-                vstat, split_cost, fault_cost, wp_fault_cost, ring_addr, slot_start, slot_kvm, soft_full,
+                vstat, split_cost, fault_cost, wp_fault_cost, ring_addr, slot_start, slot_end, slot_kvm, soft_full,
                 faults, t, tick, tick_state, flush_at, fault_cut):  # pragma: no cover - compiled
     """:func:`walk_writes` over a batch, then its bookkeeping in the same call: per vCPU (rows
     of ``vstat``, columns FAULTS, PUSHES, SPLITS, FAULT_NS) the faults and splits it took and
@@ -352,7 +377,7 @@ def apply_batch(gpi, vc, code, reads, first_touch, slot_of, state, version, bloc
     exiting = np.zeros(nv, dtype=np.int64)
     m, cut, npush, nsplit, ndirty, retired = walk_writes(
         gpi, vc, code, reads, first_touch, slot_of, state, version, block_map, blockgran, pushall, split, mode,
-        block_shift, used, limit, pml_count, pml_buf, rings, push_v, push_g, split_v, split_b, faults, exiting,
+        slot_start, slot_end, block_shift, used, limit, pml_count, pml_buf, rings, push_v, push_g, split_v, split_b, faults, exiting,
         t, tick, tick_state, flush_at, fault_cut)
     for j in range(nsplit):
         vstat[split_v[j], SPLITS] += 1
@@ -378,8 +403,8 @@ def apply_batch(gpi, vc, code, reads, first_touch, slot_of, state, version, bloc
 @njit(nogil=True)
 def apply_window(order, t, vc, gfn, gfn_lo, gfn_hi, delta, zeros8, zeros64, state, version, block_map,
                  blockgran, pushall, split, mode, block_shift, ring_ctr, soft_limit, no_pml, rings,
-                 push_v, push_g, split_v, split_b, vstat, split_cost, fault_cost, ring_addr, slot_start, slot_kvm,
-                 soft_full, faults):  # pragma: no cover - compiled
+                 push_v, push_g, split_v, split_b, vstat, split_cost, fault_cost, ring_addr, slot_start, slot_end,
+                 slot_kvm, soft_full, faults):  # pragma: no cover - compiled
     """:func:`apply_batch` for a workload's window of candidate first writes (first touch, no
     reads, no exit codes) into a VM with one RAM slot and no PML (a fault costs ``fault_cost``
     whatever the slot's mode), in the same call as the gather and the address check: the
@@ -409,7 +434,7 @@ def apply_window(order, t, vc, gfn, gfn_lo, gfn_hi, delta, zeros8, zeros64, stat
     m, cut, npush, nsplit, ndirty, retired, nsoft = apply_batch(
         gpi[:nb], v32[:nb], zeros8[:nb], zeros8[:nb], True, zeros64[:nb], state, version, block_map, blockgran,
         pushall, split, mode, block_shift, ring_ctr, soft_limit, no_pml, 0, rings, push_v, push_g, split_v, split_b,
-        vstat, split_cost, fault_cost, fault_cost, ring_addr, slot_start, slot_kvm, soft_full, faults,
+        vstat, split_cost, fault_cost, fault_cost, ring_addr, slot_start, slot_end, slot_kvm, soft_full, faults,
         zeros64[:0], 0, np.zeros(4, dtype=np.int64), zeros64[:0], False)
     last = m - 1 if ordered or m == 0 else order[m - 1]
     return m, cut, npush, nsplit, ndirty, retired, nsoft, last, bad

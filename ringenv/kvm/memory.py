@@ -128,10 +128,9 @@ class Memslot:
         A block standing for a huge page the guest has not touched (``UNMAPPED``) is no leaf
         yet; a table of pages counts the pages of it that are mapped. On x86 these are what the
         VM statistics pages_4k and pages_2m count for the slot (kvm_update_page_stats, at each
-        leaf installed or zapped; the simulator has no 1 GiB leaf). The real x86 shadow MMU also
-        maps up to 7 neighbours of a faulting 4 KiB page (its aligned group of 8,
-        PTE_PREFETCH_NUM) in a slot that is not dirty-logged, which the simulator does not
-        model: a slot the guest writes whole comes out the same."""
+        leaf installed or zapped; the simulator has no 1 GiB leaf), the x86 shadow MMU's pte
+        prefetch in a slot that is not dirty-logged included (up to 7 neighbours of a faulting
+        4 KiB page, its aligned group of 8: :mod:`ringenv.kvm.fault`)."""
         mapped = (self.state & UNMAPPED) == 0
         if not self.nblocks:
             return int(np.count_nonzero(mapped)), 0

@@ -30,7 +30,8 @@ from ..arrays import RECYCLER, first_occurrence, shift_checked, unique
 from ..config import HostProfile, load_host_profile
 from ..guest.base import EXIT_DONE, EXIT_NONE, EXIT_SYNC, NO_WRITE, GuestProgram, WriteBatch
 from .fault import (CUT_DONE, CUT_FAULT, CUT_FULL, CUT_MMIO, CUT_NONE, CUT_PML_FULL, CUT_SYNC, CUT_TICK, FAULT_NS,
-                    FAULTS, NOLOG, PML_FLUSHES, PUSHES, READLOG, READONLY, SPLIT_EMPTY, SPLIT_FULL, SPLITS, UNTRACKED,
+                    FAULTS, NOLOG, PML_FLUSHES, PREFETCH, PUSHES, READLOG, READONLY, SPLIT_EMPTY, SPLIT_FULL, SPLITS,
+                    UNTRACKED,
                     apply_batch, apply_window)
 from .memory import SPLIT_HUGE, UNMAPPED, WP_CLEAN, Memslot, bitmap_offsets, protect_masked
 from .pml import flush_all, flush_one, log_all
@@ -133,8 +134,8 @@ class VcpuStats:
         self.exit_ns = 0  # guest time lost to exits (kernel part of the round trip)
         self.extra: dict = {}
 
-    faults = _counter(FAULTS, "write faults on protected pages (each logs the page if its slot has dirty "
-                              "tracking; PML logs on x86-pml)")
+    faults = _counter(FAULTS, "stage-2 faults, KVM's pf_fixed: writes to protected pages (each logs the page if its "
+                              "slot has dirty tracking; PML logs on x86-pml) and accesses to pages not mapped yet")
     pushes = _counter(PUSHES, "entries pushed to the vCPU's ring")
     splits = _counter(SPLITS, "blocks this vCPU's faults split into pages")
     fault_ns = _counter(FAULT_NS, "guest time lost in the kernel (faults, splits, PML flushes)")
@@ -616,6 +617,7 @@ class Vm:
         self._base = np.array([s.base_gfn for s in as0], dtype=np.int64)
         self._end = np.array([s.base_gfn + s.npages for s in as0], dtype=np.int64)
         self._start = np.array([s.start for s in as0], dtype=np.int64)
+        self._gpi_end = self._start + np.array([s.npages for s in as0], dtype=np.int64)  # (global page index)
         # with one RAM slot, a gfn g is in it when lo <= g < hi, at global page index g + delta
         self._one_slot = None if len(as0) != 1 else (as0[0].base_gfn, as0[0].base_gfn + as0[0].npages,
                                                      as0[0].start - as0[0].base_gfn)
@@ -636,11 +638,15 @@ class Vm:
         not logging: arm64 ring without a bitmap), UNTRACKED (no LOG_DIRTY_PAGES: faults log
         nothing), READONLY (writes exit as MMIO), READLOG (x86, dirty-tracked: a read fault
         whose host page is writable maps it writable and logs it, make_spte; arm64 maps a read
-        fault read-only while logging)."""
+        fault read-only while logging), PREFETCH (the x86 shadow MMU in a slot without dirty
+        tracking: a fault maps the other pages of its aligned group of 8 whose host pages exist,
+        direct_pte_prefetch / FNAME(pte_prefetch); measured, docs/reference/real-kvm-host.md)."""
         if s.flags & KVM_MEM_READONLY:
             return READONLY | (0 if s.logging else UNTRACKED)
+        p = self.profile
         return ((NOLOG if s.logging and not self._logs(s) else 0) | (0 if s.logging else UNTRACKED)
-                | (READLOG if self.profile.arch == "x86" and self._logs(s) else 0))
+                | (READLOG if p.arch == "x86" and self._logs(s) else 0)
+                | (PREFETCH if p.arch == "x86" and not p.tdp_mmu and not s.logging else 0))
 
     def _refresh_slot_modes(self) -> None:
         p = self.profile
@@ -1267,7 +1273,7 @@ class Vm:
             first_touch, sidx, self.state, self.version, self.block_map,
             self._blockgran, self._pushall, self._split, self._slot_mode, self.block_shift,
             self._ring_ctr, self._soft_limit, pml_count, pml, rings, push_v, push_g, split_v, split_b,
-            self._vstat, split_cost, fault_cost, wp_fault_cost, self._ring_addr, self._start,
+            self._vstat, split_cost, fault_cost, wp_fault_cost, self._ring_addr, self._start, self._gpi_end,
             self._kslot, self._soft_full, faults, t, tick, tick_state, flush_at, fault_cut)
         i = m if cut == CUT_PML_FULL else m - 1  # (the log-full exit is at an access not consumed)
         if bad >= 0 and cut == CUT_NONE:  # the walk reached it: it exits as MMIO, consumed
@@ -1298,7 +1304,8 @@ class Vm:
             self._zeros_of(np.int8, n), self._zeros_of(np.int64, n), self.state, self.version, self.block_map,
             self._blockgran, self._pushall, self._split, self._slot_mode, self.block_shift,
             self._ring_ctr, self._soft_limit, self._no_pml, self.ring_entries > 0, push_v, push_g, split_v, split_b,
-            self._vstat, split_cost, fault_cost, self._ring_addr, self._start, self._kslot, self._soft_full, faults)
+            self._vstat, split_cost, fault_cost, self._ring_addr, self._start, self._gpi_end, self._kslot,
+            self._soft_full, faults)
         if bad >= 0 and cut == CUT_NONE:  # the walk reached a write outside the slot: an MMIO exit
             m, cut, last = m + 1, CUT_MMIO, bad
         return self._after_batch(m, cut, npush, nsplit, ndirty, retired, nsoft, faults, push_v, push_g, end, True, 0,
