@@ -222,6 +222,9 @@ def walk_writes(gpi, vc, code, reads, first_touch, slot_of, state, version, bloc
             if rings and pml_buf > 0 and pml_count[v]:  # the exit flushes the PML buffer (vmx_handle_exit)
                 used[v] += pml_count[v]
                 pml_count[v] = 0
+                push_v[npush] = -1 - v  # (a flush with no push of its own: pml.log_all)
+                push_g[npush] = -1
+                npush += 1
                 if used[v] >= limit[v]:  # soft-full: out to userspace before the access re-executes
                     return i + 1, CUT_FULL, npush, nsplit, ndirty, False
         if s & WP and untracked and mode[k] & UNTRACKED:

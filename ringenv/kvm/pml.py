@@ -97,7 +97,8 @@ def log_all(push_v, push_gfn, flush_at, pml, pml_n, base, end, kslot, mode, ring
     a position past the last write: after it) every buffer is flushed (the kernel-handled exits
     of a tick, see :func:`ringenv.kvm.fault.walk_writes`). A direct push (``push_v`` = -1 - v:
     the page of an EPT violation) first flushes vCPU v's buffer (the violation's VM exit), then
-    goes into its ring at once (:func:`push_one`)."""
+    goes into its ring at once (:func:`push_one`); with gfn -1 it is a VM exit that pushes
+    nothing (a translation fault that logs nothing): the flush alone."""
     cap = pml.shape[1]
     nv = pml_n.shape[0]
     f = 0
@@ -116,7 +117,8 @@ def log_all(push_v, push_gfn, flush_at, pml, pml_n, base, end, kslot, mode, ring
             if pml_n[v] > 0:
                 flush_one(v, pml, pml_n, base, end, kslot, mode, ring_addr, ring_ctr, soft_limit, vstat, entry_ns,
                           soft_full)
-            push_one(v, push_gfn[i], base, end, kslot, mode, ring_addr, ring_ctr, soft_limit, vstat, soft_full)
+            if push_gfn[i] >= 0:
+                push_one(v, push_gfn[i], base, end, kslot, mode, ring_addr, ring_ctr, soft_limit, vstat, soft_full)
             continue
         if pml_n[v] == cap:
             flush_one(v, pml, pml_n, base, end, kslot, mode, ring_addr, ring_ctr, soft_limit, vstat, entry_ns,

@@ -1326,7 +1326,9 @@ class Vm:
             self._soft_full_requests()
         if pml and rings and (npush or (flush_at is not None and len(flush_at))):
             # into each vCPU's PML buffer, which holds GPAs (flushed when full and at the ticks)
-            log_all(push_v[:npush], self._gfns_of(push_g[:npush]), _NO_ORDER if flush_at is None else flush_at,
+            gfns = self._gfns_of(push_g[:npush])
+            gfns[push_g[:npush] < 0] = -1  # (an exit's flush with no push)
+            log_all(push_v[:npush], gfns, _NO_ORDER if flush_at is None else flush_at,
                     *self._pml_args(), self.profile.costs.pml_full_exit_ns, self._soft_full)
             self._soft_full_requests()
         elif npush and not rings:  # into the slot bitmaps (which vCPU wrote does not matter there)

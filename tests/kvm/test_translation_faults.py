@@ -106,3 +106,21 @@ def test_no_prefetch_into_a_slot_that_logs():
     v = _run(vm, [9], [])
     assert v.stats.faults == 1 and v.stats.pushes == 1
     assert [p for p in range(64) if not vm.memslot(0).state[p] & UNMAPPED] == [9]
+
+
+def test_a_translation_fault_exit_flushes_the_pml_buffer():
+    """x86 PML: every VM exit flushes the vCPU's buffer into its ring (vmx_handle_exit), the EPT
+    violation of a load that maps a page read-only too (it logs nothing itself). Pages 1, 2 are
+    mapped (their stores are logged by the CPU), 40 not yet (fresh memory): store 1, load 40, store 2: the
+    load's exit flushes 1, the exit at the end flushes 2. Two flushes; the ring holds 1, 2."""
+    vm = Vm("x86-pml")
+    vm.enable_cap(U.KVM_CAP_DIRTY_LOG_RING, 4096 * 16)
+    vm.set_user_memory_region(0, 0, BASE * 4096, 64 * 4096, block_fraction=0.0, mapped_fraction=1.0)
+    s = vm.memslot(0)
+    s.state[32:] |= UNMAPPED | 16  # (nothing ever touched 32..63: memory.UNTOUCHED, the load maps the zero page)
+    vm.set_user_memory_region(0, U.KVM_MEM_LOG_DIRTY_PAGES, BASE * 4096, 64 * 4096)
+    v = _run(vm, [1, 40, 2], [1])
+    assert v.stats.faults == 1 + 2  # the load's translation fault; the two stores, logged by PML
+    assert v.stats.pml_flushes == 2 and v.stats.pushes == 2
+    ring = v.ring
+    assert [int(o) for o in ring.gfns["offset"][:2]] == [1, 2]
