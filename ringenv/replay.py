@@ -199,8 +199,9 @@ def replay_trace(trace: dict, profile: str | None = None, ring_entries: int | No
     harvest_and_reset(range(nv), "final", None)
     for i, v in enumerate(vcpus):
         out[i]["lost"] = v.ring.lost
+        out[i]["faults"] = v.stats.faults
     return {"profile": prof.name, "ring_entries": entries, "soft_limit": vcpus[0].ring.soft_limit,
-            "resets": resets, "vcpus": out}
+            "resets": resets, "vcpus": out, "faults": sum(v.stats.faults for v in vcpus)}
 
 
 def load_trace(path: str | Path) -> dict:

@@ -82,7 +82,7 @@ def _cmd_kvm_replay(args) -> int:
     if why:
         print(f"ringenv kvm-replay: note: this trace's outcome depends on thread timing: {why}; another run "
               "may differ, and the simulator gives one of the possible outcomes", file=sys.stderr)
-    out = kvm_replay_trace(trace, ring_entries=args.ring_entries, timeout=args.timeout)
+    out = kvm_replay_trace(trace, ring_entries=args.ring_entries, timeout=args.timeout, faults=args.faults)
     json.dump(out, sys.stdout)
     sys.stdout.write("\n")
     return 0
@@ -131,6 +131,9 @@ def add_parsers(subparsers) -> None:
                    help="override the trace's ring size (entries)")
     p.add_argument("--timeout", type=positive_float, default=120.0, metavar="SECONDS",
                    help="stop the guest and fail (exit 1) if the replay takes longer (default 120)")
+    p.add_argument("--faults", action="store_true",
+                   help="also report \"faults\": the stage-2 faults (pf_fixed) of the accesses to the data slot, "
+                        "all vCPUs (a second run, aimed past the slot, takes out the guest code's own)")
     p.set_defaults(func=_cmd_kvm_replay)
 
     p = subparsers.add_parser(

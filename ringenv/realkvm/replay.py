@@ -29,13 +29,14 @@ the guest then are kicked out of KVM_RUN and a TimeoutError is raised.
 
 from __future__ import annotations
 
+import errno
 import threading
 import time
 from typing import Any
 
 from ringenv.realkvm.arch import GuestTooLarge, WriteProgram, host_arch
 from ringenv.realkvm.guest import DATA_SLOT, Guest, GuestError, VcpuRefused
-from ringenv.realkvm.ioctl import KVM_DIRTY_RING_RSVD_ENTRIES, RingSizeRefused
+from ringenv.realkvm.ioctl import KVM_DIRTY_RING_RSVD_ENTRIES, KvmUnavailable, RingSizeRefused
 
 try:
     from ringenv.config import ConfigError
@@ -151,18 +152,48 @@ class _Collector:
 
 
 def kvm_replay_trace(trace: dict, ring_entries: int | None = None,
-                     timeout: float = 120.0) -> dict[str, Any]:
-    """Run ``trace`` on /dev/kvm, one thread per vCPU; return the simulator's JSON shape."""
+                     timeout: float = 120.0, *, faults: bool = False) -> dict[str, Any]:
+    """Run ``trace`` on /dev/kvm, one thread per vCPU; return the simulator's JSON shape.
+
+    With ``faults`` the report also has "faults": the stage-2 faults (the vCPU statistic
+    pf_fixed, all vCPUs) the trace's accesses to the data slot took. The guest's code slot
+    faults too, on whichever vCPU gets to a page first, so the count is the run's less that of a
+    twin run whose accesses all go ``slot_pages`` further, past the data slot (each an MMIO exit,
+    which KVM emulates and does not count); the guests of both runs map that wider range, so
+    that their code slots are laid out alike."""
     _check_trace(trace)
     entries = ring_entries or trace["ring_entries"]
     arch = host_arch()
     programs = [WriteProgram(list(v["writes"]), frozenset(v.get("syncs", [])), frozenset(v.get("reads", [])))
                 for v in trace["vcpus"]]
+    unmapped = trace.get("unmapped_pages", 0) + (trace["slot_pages"] if faults else 0)
+    coll, pf = _run(trace, programs, entries, unmapped, arch, ring_entries, timeout)
+    out = {
+        "profile": arch.profile_name(),
+        "ring_entries": entries,
+        "soft_limit": entries - KVM_DIRTY_RING_RSVD_ENTRIES - arch.extra_reserved_entries,
+        "resets": coll.resets,
+        "vcpus": coll.vcpus,
+    }
+    if faults:
+        shift = trace["slot_pages"]
+        twin = [WriteProgram([w + shift for w in p.writes], p.syncs, p.reads) for p in programs]
+        _, pf_twin = _run(trace, twin, entries, unmapped, arch, ring_entries, timeout)
+        if pf is None or pf_twin is None:
+            raise KvmUnavailable(errno.ENOTSUP, "this host's vCPU statistics (KVM_GET_STATS_FD) have no pf_fixed: "
+                                                "no fault count")
+        out["faults"] = sum(pf) - sum(pf_twin)
+    return out
+
+
+def _run(trace: dict, programs: list[WriteProgram], entries: int, unmapped: int, arch, ring_entries: int | None,
+         timeout: float) -> tuple[_Collector, list[int] | None]:
+    """One run of ``programs`` on a new guest: the collector's report and each vCPU's pf_fixed
+    over the run (None where the host has no such statistic)."""
     try:
         guest = Guest(programs, trace["slot_pages"], ring_entries=entries,
                       with_bitmap=bool(trace.get("with_bitmap", False)), arch=arch,
-                      unmapped_pages=trace.get("unmapped_pages", 0),
-                      populated=bool(trace.get("populated", False)))
+                      unmapped_pages=unmapped, populated=bool(trace.get("populated", False)))
     except RingSizeRefused as exc:  # name the input, as the simulator does
         field = "ring_entries (--ring-entries)" if ring_entries else "trace.ring_entries"
         raise ConfigError(
@@ -175,6 +206,7 @@ def kvm_replay_trace(trace: dict, ring_entries: int | None = None,
     except GuestTooLarge as exc:
         raise ConfigError(f"trace.slot_pages + trace.unmapped_pages: {exc}") from None
     with guest:
+        before = [v.stats().get("pf_fixed") for v in guest.vcpus]
         coll = _Collector(guest, trace.get("reap_scope", "all"))
         errors: list[BaseException] = []
 
@@ -207,11 +239,7 @@ def kvm_replay_trace(trace: dict, ring_entries: int | None = None,
         if errors:
             raise errors[0]
         coll.reap("final", None)
-    return {
-        "profile": arch.profile_name(),
-        "ring_entries": entries,
-        "soft_limit": entries - KVM_DIRTY_RING_RSVD_ENTRIES - arch.extra_reserved_entries,
-        "resets": coll.resets,
-        "vcpus": coll.vcpus,
-    }
-
+        after = [v.stats().get("pf_fixed") for v in guest.vcpus]
+    if None in before or None in after:
+        return coll, None
+    return coll, [a - b for a, b in zip(after, before)]

@@ -37,7 +37,8 @@ def _first_diff(path: str, real: Any, sim: Any) -> str | None:
 def compare(real: dict, sim: dict) -> str | None:
     """First difference between a real and a simulated replay, or None if they agree.
 
-    Compared: ring_entries, soft_limit; per vCPU full_exits, lost (always 0 on the real side:
+    Compared: ring_entries, soft_limit, faults (when the real replay counted them: the data
+    slot's stage-2 faults, all vCPUs); per vCPU full_exits, lost (always 0 on the real side:
     KVM counts no overwritten entry, it only WARNs, so a simulated loss is a difference),
     batches (trigger, offsets in order) and exits (the kinds of its exits in order: full, sync,
     mmio, done). Resets: the whole top-level list for one vCPU; with several vCPUs (whose reset
@@ -45,7 +46,7 @@ def compare(real: dict, sim: dict) -> str | None:
     whose outcome does not depend on thread timing (:func:`ringenv.replay.timing_dependent`),
     as every built-in one; for others the real KVM gives one of several outcomes.
     """
-    keys = ("ring_entries", "soft_limit")
+    keys = ("ring_entries", "soft_limit") + (("faults",) if "faults" in real else ())
     per_vcpu = ("full_exits", "lost", "batches", "exits")
     if len(real["vcpus"]) > 1:
         per_vcpu += ("resets",)
@@ -75,7 +76,7 @@ def validate(traces: dict[str, dict] | None = None) -> dict[str, str]:
     result = {}
     for name, trace in (traces or builtin_traces()).items():
         try:
-            real = kvm_replay_trace(trace)
+            real = kvm_replay_trace(trace, faults=True)
         except ConfigError as exc:  # a ring size this host refuses: not a difference
             if "ring_entries" not in str(exc):
                 raise

@@ -37,18 +37,21 @@ def test_replay_prints_the_contract_json(tmp_path):
     full exit at the 192nd push: batch [0..191], reset 192; the retried store 191 pushes first,
     then 192..299 and 5 (re-protected by the reset) = 110 entries, then the sync after write
     index 300 (page 5): batch [191..299, 5], reset 110; nothing left at the end (final reset 0,
-    no batch recorded because it is empty). The vCPU's exits, in order: full, sync, done."""
+    no batch recorded because it is empty). The vCPU's exits, in order: full, sync, done. Its
+    faults: each page's first write (300), the store re-executed after the full exit and the
+    write of page 5 after the reset re-protected them (2)."""
     r = ringenv("replay", write(tmp_path, GOOD))
     assert r.returncode == 0, r.stderr
     assert "Traceback" not in r.stderr
     out = json.loads(r.stdout)
-    assert set(out) == {"profile", "ring_entries", "soft_limit", "resets", "vcpus"}
+    assert set(out) == {"profile", "ring_entries", "soft_limit", "resets", "vcpus", "faults"}
     assert (out["profile"], out["ring_entries"], out["soft_limit"]) == ("arm64-4k", 256, 192)
     assert out["resets"] == [192, 110, 0]
     assert len(out["vcpus"]) == 1
     v = out["vcpus"][0]
-    assert set(v) == {"full_exits", "lost", "resets", "batches", "exits"}
+    assert set(v) == {"full_exits", "lost", "resets", "batches", "exits", "faults"}
     assert (v["full_exits"], v["lost"], v["resets"]) == (1, 0, [192, 110])
+    assert v["faults"] == out["faults"] == 302
     assert v["exits"] == ["full", "sync", "done"]
     assert v["batches"] == [{"trigger": "full", "offsets": list(range(192))},
                             {"trigger": "sync", "offsets": list(range(191, 300)) + [5]}]

@@ -119,6 +119,9 @@ def test_compare_names_the_first_difference():
     b = json.loads(json.dumps(a))
     b["vcpus"][0]["lost"] = 5  # and lost entries (none on the real side)
     assert validate.compare(a, b) == "vcpus[0].lost: real 0, sim 5"
+    b = dict(json.loads(json.dumps(a)), faults=12)  # the faults, when the real replay counted them
+    assert validate.compare(a, b) is None
+    assert validate.compare(dict(a, faults=11), b) == "faults: real 11, sim 12"
 
 
 def test_calibrate_emits_a_valid_profile(tmp_path, capsys):
