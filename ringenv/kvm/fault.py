@@ -380,8 +380,8 @@ def apply_batch(gpi, vc, code, reads, first_touch, slot_of, state, version, bloc
     exiting = np.zeros(nv, dtype=np.int64)
     m, cut, npush, nsplit, ndirty, retired = walk_writes(
         gpi, vc, code, reads, first_touch, slot_of, state, version, block_map, blockgran, pushall, split, mode,
-        slot_start, slot_end, block_shift, used, limit, pml_count, pml_buf, rings, push_v, push_g, split_v, split_b, faults, exiting,
-        t, tick, tick_state, flush_at, fault_cut)
+        slot_start, slot_end, block_shift, used, limit, pml_count, pml_buf, rings, push_v, push_g, split_v, split_b,
+        faults, exiting, t, tick, tick_state, flush_at, fault_cut)
     for j in range(nsplit):
         vstat[split_v[j], SPLITS] += 1
         vstat[split_v[j], FAULT_NS] += split_cost

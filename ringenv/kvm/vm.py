@@ -31,8 +31,7 @@ from ..config import HostProfile, load_host_profile
 from ..guest.base import EXIT_DONE, EXIT_NONE, EXIT_SYNC, NO_WRITE, GuestProgram, WriteBatch
 from .fault import (CUT_DONE, CUT_FAULT, CUT_FULL, CUT_MMIO, CUT_NONE, CUT_PML_FULL, CUT_SYNC, CUT_TICK, FAULT_NS,
                     FAULTS, NOLOG, PML_FLUSHES, PREFETCH, PUSHES, READLOG, READONLY, SPLIT_EMPTY, SPLIT_FULL, SPLITS,
-                    UNTRACKED,
-                    apply_batch, apply_window)
+                    UNTRACKED, apply_batch, apply_window)
 from .memory import SPLIT_HUGE, UNMAPPED, WP_CLEAN, Memslot, bitmap_offsets, protect_masked
 from .pml import flush_all, flush_one, log_all
 from .ring import DirtyRing, reset_rings, ring_room

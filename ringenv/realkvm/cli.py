@@ -132,8 +132,8 @@ def add_parsers(subparsers) -> None:
     p.add_argument("--timeout", type=positive_float, default=120.0, metavar="SECONDS",
                    help="stop the guest and fail (exit 1) if the replay takes longer (default 120)")
     p.add_argument("--faults", action="store_true",
-                   help="also report \"faults\": the stage-2 faults (pf_fixed) of the accesses to the data slot, "
-                        "all vCPUs (a second run, aimed past the slot, takes out the guest code's own)")
+                   help="also report \"faults\", per vCPU and in all: the stage-2 faults (pf_fixed) of the accesses "
+                        "to the data slot (warm-up vCPUs first map the guest's code slot)")
     p.set_defaults(func=_cmd_kvm_replay)
 
     p = subparsers.add_parser(

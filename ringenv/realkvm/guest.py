@@ -47,7 +47,12 @@ class Guest(_Closing):
     userspace address congruent to its guest-physical one modulo the huge page plus
     ``hva_skew`` bytes (``RealVm.set_user_memory_region``). ``populated``: userspace writes
     every page of the data slot before any vCPU runs (as QEMU's -mem-prealloc does), so the
-    host page behind each is writable when the guest first touches it.
+    host page behind each is writable when the guest first touches it. ``warm_up``: before
+    the programs' vCPUs exist, other vCPUs of the same VM run these programs (one each, the same
+    sizes as ``programs``, aiming where no memslot is: past the data slot) to their done exits,
+    with their write tables in place of the programs' (the same code slot layout): the code slot
+    is then mapped as the programs will touch it, and the programs' vCPUs take no fault there
+    (their fault counts are the data slot's alone).
     ``run(i)`` runs vCPU ``i`` until the next event and returns ``(kind, value)``:
     ("full", None) for KVM_EXIT_DIRTY_RING_FULL, ("sync", writes_done), ("done", writes_done),
     ("mmio", guest-physical address) for any other KVM_EXIT_MMIO (an access to an address no
@@ -59,7 +64,7 @@ class Guest(_Closing):
                  caps: Sequence[tuple[int, ...]] = (),
                  system: KvmSystem | None = None, arch: Arch | None = None, unmapped_pages: int = 0,
                  data_offset: int = 0, data_page_size: int = PAGE_SIZE, huge_pages: bool = False,
-                 hva_skew: int = 0, populated: bool = False):
+                 hva_skew: int = 0, populated: bool = False, warm_up: Sequence[WriteProgram] = ()):
         self.vm: RealVm | None = None
         self._own_system = False
         self.arch = arch or host_arch()
@@ -83,6 +88,11 @@ class Guest(_Closing):
                 self.vm.enable_cap(*cap)
             code = self.vm.set_user_memory_region(
                 CODE_SLOT, 0, self.image.code_gpa, len(self.image.code))
+            if warm_up:
+                if [len(p.writes) for p in warm_up] != [len(p.writes) for p in programs]:
+                    raise ValueError("warm_up: one program per program, of the same length each (the same code "
+                                     "slot layout)")
+                self._warm_up(code, warm_up, data_pages, unmapped_pages, data_offset, data_page_size)
             code[:] = self.image.code
             data = self.vm.set_user_memory_region(
                 DATA_SLOT, KVM_MEM_LOG_DIRTY_PAGES if log_dirty else 0,
@@ -90,9 +100,10 @@ class Guest(_Closing):
             if populated:  # one byte per page: the host allocates each page, writable
                 at = self.vm.hva_offset[DATA_SLOT]
                 np.frombuffer(data, dtype=np.uint8)[at: at + data_pages * PAGE_SIZE: PAGE_SIZE] = 1
+            first = len(warm_up)
             for i in range(len(programs)):
                 try:
-                    vcpu = self.vm.create_vcpu(i)
+                    vcpu = self.vm.create_vcpu(first + i)
                 except OSError as exc:
                     raise VcpuRefused(exc.errno, f"KVM_CREATE_VCPU of vCPU {i} of {len(programs)}: "
                                                  f"{exc.strerror}") from None
@@ -100,7 +111,25 @@ class Guest(_Closing):
         except BaseException:
             self.close()
             raise
-        self.vcpus = self.vm.vcpus
+        self.vcpus = self.vm.vcpus[first:]
+
+    def _warm_up(self, code, programs: Sequence[WriteProgram], data_pages: int, unmapped_pages: int,
+                 data_offset: int, data_page_size: int) -> None:
+        """Run ``programs`` (the ``warm_up`` argument) on vCPUs of their own, one after the
+        other, to their done exits, with their image in the code slot: a sync exit or an access
+        past the data slot (MMIO) is gone on from; anything else is an error."""
+        image = self.arch.build_image(data_pages, programs, unmapped_pages, data_offset=data_offset,
+                                      data_page_size=data_page_size)
+        code[:] = image.code
+        for i in range(len(programs)):
+            vcpu = self.vm.create_vcpu(i)
+            self.arch.setup_vcpu(self.system, vcpu, image, i)
+            while (reason := vcpu.run()) == KVM_EXIT_MMIO:
+                addr, _, is_write = vcpu.mmio()
+                if is_write and addr == image.done_gpa:
+                    break
+            else:
+                raise GuestError(f"warm-up vCPU {i}: unexpected {vcpu.exit_detail()} (reason {reason})")
 
     def close(self) -> None:
         if self.vm is not None:

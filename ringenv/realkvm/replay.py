@@ -36,7 +36,7 @@ from typing import Any
 
 from ringenv.realkvm.arch import GuestTooLarge, WriteProgram, host_arch
 from ringenv.realkvm.guest import DATA_SLOT, Guest, GuestError, VcpuRefused
-from ringenv.realkvm.ioctl import KVM_DIRTY_RING_RSVD_ENTRIES, KvmUnavailable, RingSizeRefused
+from ringenv.realkvm.ioctl import KVM_DIRTY_RING_RSVD_ENTRIES, KvmSystem, KvmUnavailable, RingSizeRefused
 
 try:
     from ringenv.config import ConfigError
@@ -155,19 +155,22 @@ def kvm_replay_trace(trace: dict, ring_entries: int | None = None,
                      timeout: float = 120.0, *, faults: bool = False) -> dict[str, Any]:
     """Run ``trace`` on /dev/kvm, one thread per vCPU; return the simulator's JSON shape.
 
-    With ``faults`` the report also has "faults": the stage-2 faults (the vCPU statistic
-    pf_fixed, all vCPUs) the trace's accesses to the data slot took. The guest's code slot
-    faults too, on whichever vCPU gets to a page first, so the count is the run's less that of a
-    twin run whose accesses all go ``slot_pages`` further, past the data slot (each an MMIO exit,
-    which KVM emulates and does not count); the guests of both runs map that wider range, so
-    that their code slots are laid out alike."""
+    With ``faults`` the report also has "faults", per vCPU and in all: the stage-2 faults (the
+    vCPU statistic pf_fixed) the trace's accesses to the data slot took. The guest's code slot
+    would fault too, on whichever vCPU got to a page first: so before the trace's vCPUs exist,
+    warm-up vCPUs of the same VM run the same programs aimed ``slot_pages`` further, past the
+    data slot (each access an MMIO exit, which KVM emulates and does not count), and map the
+    code slot as the trace's vCPUs will touch it (``Guest(warm_up=...)``; the guest maps that
+    wider range)."""
     _check_trace(trace)
     entries = ring_entries or trace["ring_entries"]
     arch = host_arch()
     programs = [WriteProgram(list(v["writes"]), frozenset(v.get("syncs", [])), frozenset(v.get("reads", [])))
                 for v in trace["vcpus"]]
-    unmapped = trace.get("unmapped_pages", 0) + (trace["slot_pages"] if faults else 0)
-    coll, pf = _run(trace, programs, entries, unmapped, arch, ring_entries, timeout)
+    shift = trace["slot_pages"] if faults else 0
+    unmapped = trace.get("unmapped_pages", 0) + shift
+    warm = [WriteProgram([w + shift for w in p.writes], p.syncs, p.reads) for p in programs] if faults else []
+    coll, pf = _run(trace, programs, entries, unmapped, arch, ring_entries, timeout, warm)
     out = {
         "profile": arch.profile_name(),
         "ring_entries": entries,
@@ -176,24 +179,38 @@ def kvm_replay_trace(trace: dict, ring_entries: int | None = None,
         "vcpus": coll.vcpus,
     }
     if faults:
-        shift = trace["slot_pages"]
-        twin = [WriteProgram([w + shift for w in p.writes], p.syncs, p.reads) for p in programs]
-        _, pf_twin = _run(trace, twin, entries, unmapped, arch, ring_entries, timeout)
-        if pf is None or pf_twin is None:
+        if pf is None:
             raise KvmUnavailable(errno.ENOTSUP, "this host's vCPU statistics (KVM_GET_STATS_FD) have no pf_fixed: "
-                                                "no fault count")
-        out["faults"] = sum(pf) - sum(pf_twin)
+                                                "no fault count (drop --faults)")
+        for v, n in zip(coll.vcpus, pf):
+            v["faults"] = n
+        out["faults"] = sum(pf)
     return out
 
 
+def _pf_fixed(vcpu) -> int | None:
+    """The vCPU's pf_fixed statistic, or None where the host has none (no KVM_GET_STATS_FD, not x86)."""
+    try:
+        return vcpu.stats().get("pf_fixed")
+    except OSError:
+        return None
+
+
+def kvm_counts_faults() -> bool:
+    """Whether this host's vCPUs count their stage-2 faults (the pf_fixed statistic)."""
+    with KvmSystem() as system, system.create_vm() as vm:
+        return _pf_fixed(vm.create_vcpu(0)) is not None
+
+
 def _run(trace: dict, programs: list[WriteProgram], entries: int, unmapped: int, arch, ring_entries: int | None,
-         timeout: float) -> tuple[_Collector, list[int] | None]:
-    """One run of ``programs`` on a new guest: the collector's report and each vCPU's pf_fixed
-    over the run (None where the host has no such statistic)."""
+         timeout: float, warm_up: list[WriteProgram]) -> tuple[_Collector, list[int] | None]:
+    """One run of ``programs`` on a new guest (after ``warm_up``, see ``Guest``): the
+    collector's report and, with a warm-up, each vCPU's pf_fixed over the run (else None, or
+    where the host has no such statistic)."""
     try:
         guest = Guest(programs, trace["slot_pages"], ring_entries=entries,
                       with_bitmap=bool(trace.get("with_bitmap", False)), arch=arch,
-                      unmapped_pages=unmapped, populated=bool(trace.get("populated", False)))
+                      unmapped_pages=unmapped, populated=bool(trace.get("populated", False)), warm_up=warm_up)
     except RingSizeRefused as exc:  # name the input, as the simulator does
         field = "ring_entries (--ring-entries)" if ring_entries else "trace.ring_entries"
         raise ConfigError(
@@ -206,7 +223,7 @@ def _run(trace: dict, programs: list[WriteProgram], entries: int, unmapped: int,
     except GuestTooLarge as exc:
         raise ConfigError(f"trace.slot_pages + trace.unmapped_pages: {exc}") from None
     with guest:
-        before = [v.stats().get("pf_fixed") for v in guest.vcpus]
+        before = [_pf_fixed(v) for v in guest.vcpus] if warm_up else [None]
         coll = _Collector(guest, trace.get("reap_scope", "all"))
         errors: list[BaseException] = []
 
@@ -239,7 +256,7 @@ def _run(trace: dict, programs: list[WriteProgram], entries: int, unmapped: int,
         if errors:
             raise errors[0]
         coll.reap("final", None)
-        after = [v.stats().get("pf_fixed") for v in guest.vcpus]
+        after = [_pf_fixed(v) for v in guest.vcpus] if warm_up else [None]
     if None in before or None in after:
         return coll, None
     return coll, [a - b for a, b in zip(after, before)]

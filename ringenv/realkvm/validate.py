@@ -6,7 +6,7 @@ from typing import Any, Callable
 
 from ringenv.config import ConfigError
 from ringenv.realkvm.arch import host_arch
-from ringenv.realkvm.replay import kvm_replay_trace
+from ringenv.realkvm.replay import kvm_counts_faults, kvm_replay_trace
 from ringenv.realkvm.traces import builtin_traces
 
 IDENTICAL = "identical"
@@ -38,7 +38,7 @@ def compare(real: dict, sim: dict) -> str | None:
     """First difference between a real and a simulated replay, or None if they agree.
 
     Compared: ring_entries, soft_limit, faults (when the real replay counted them: the data
-    slot's stage-2 faults, all vCPUs); per vCPU full_exits, lost (always 0 on the real side:
+    slot's stage-2 faults, all vCPUs; and per vCPU); per vCPU full_exits, lost (always 0 on the real side:
     KVM counts no overwritten entry, it only WARNs, so a simulated loss is a difference),
     batches (trigger, offsets in order) and exits (the kinds of its exits in order: full, sync,
     mmio, done). Resets: the whole top-level list for one vCPU; with several vCPUs (whose reset
@@ -47,7 +47,7 @@ def compare(real: dict, sim: dict) -> str | None:
     as every built-in one; for others the real KVM gives one of several outcomes.
     """
     keys = ("ring_entries", "soft_limit") + (("faults",) if "faults" in real else ())
-    per_vcpu = ("full_exits", "lost", "batches", "exits")
+    per_vcpu = ("full_exits", "lost", "batches", "exits") + (("faults",) if "faults" in real else ())
     if len(real["vcpus"]) > 1:
         per_vcpu += ("resets",)
     view = [
@@ -73,10 +73,11 @@ def validate(traces: dict[str, dict] | None = None) -> dict[str, str]:
     """Run each trace on the real KVM and in the simulator: name -> "identical" or the diff."""
     replay_trace = simulator()
     profile = host_arch().profile_name()
+    faults = kvm_counts_faults()  # (the fault counts are compared where the host counts them)
     result = {}
     for name, trace in (traces or builtin_traces()).items():
         try:
-            real = kvm_replay_trace(trace, faults=True)
+            real = kvm_replay_trace(trace, faults=faults)
         except ConfigError as exc:  # a ring size this host refuses: not a difference
             if "ring_entries" not in str(exc):
                 raise
