@@ -128,7 +128,8 @@ def _walk_args(path: str, a: list) -> list:
     counters)."""
     if path == "apply_window":
         (order, t, vc, gfn, _lo, _hi, delta, _z8, _z64, state, version, block_map, blockgran, pushall, split, mode,
-         block_shift, ring_ctr, soft_limit, pml_count, rings, push_v, push_g, split_v, split_b, vstat, *_) = a
+         block_shift, ring_ctr, soft_limit, pml_count, rings, push_v, push_g, split_v, split_b, vstat, _sc, _fc,
+         _ra, slot_lo, slot_hi, *_) = a
         n = len(t)
         sel = order if len(order) else np.arange(n)
         gpi, vc = gfn[sel] + delta, vc[sel].astype(np.int32)
@@ -137,10 +138,10 @@ def _walk_args(path: str, a: list) -> list:
     else:
         (gpi, vc, code, reads, first_touch, slot_of, state, version, block_map, blockgran, pushall, split, mode,
          block_shift, ring_ctr, soft_limit, pml_count, pml_buf, rings, push_v, push_g, split_v, split_b, vstat,
-         *_) = a
+         _sc, _fc, _wc, _ra, slot_lo, slot_hi, *_) = a
     used = (ring_ctr[:, 0] - ring_ctr[:, 1]) & 0xFFFFFFFF
     return [gpi, vc, code, reads, first_touch, slot_of, state, version, block_map, blockgran, pushall, split, mode,
-            block_shift, used, soft_limit, pml_count, pml_buf, rings, push_v, push_g, split_v, split_b,
+            slot_lo, slot_hi, block_shift, used, soft_limit, pml_count, pml_buf, rings, push_v, push_g, split_v, split_b,
             np.zeros(len(vstat), dtype=np.int64), np.zeros(len(vstat), dtype=np.int64),
             np.zeros(0, dtype=np.int64), 0, np.zeros(4, dtype=np.int64), np.zeros(0, dtype=np.int64), False]
 
