@@ -140,8 +140,9 @@ def _walk_args(path: str, a: list) -> list:
          block_shift, ring_ctr, soft_limit, pml_count, pml_buf, rings, push_v, push_g, split_v, split_b, vstat,
          _sc, _fc, _wc, _ra, slot_lo, slot_hi, *_) = a
     used = (ring_ctr[:, 0] - ring_ctr[:, 1]) & 0xFFFFFFFF
+    defer_empty = path == "apply_window"  # (as each path walks)
     return [gpi, vc, code, reads, first_touch, slot_of, state, version, block_map, blockgran, pushall, split, mode,
-            slot_lo, slot_hi, block_shift, used, soft_limit, pml_count, pml_buf, rings, push_v, push_g, split_v, split_b,
+            slot_lo, slot_hi, block_shift, defer_empty, used, soft_limit, pml_count, pml_buf, rings, push_v, push_g, split_v, split_b,
             np.zeros(len(vstat), dtype=np.int64), np.zeros(len(vstat), dtype=np.int64),
             np.zeros(0, dtype=np.int64), 0, np.zeros(4, dtype=np.int64), np.zeros(0, dtype=np.int64), False]
 

@@ -39,7 +39,8 @@ AHEAD = 16  # events to look ahead when prefetching a page's state and version
 
 # RO (x86 PML only): mapped write-protected (W=0), not merely with a clear dirty bit: a write is
 # an EPT violation, not a PML-logged store (the pages of a huge mapping split at a write fault)
-WP, CLEAN, UNMAPPED, RO, UNTOUCHED = 1, 2, 4, 8, 16
+# TABLED: mapped in a split-empty table not yet written out (EMPTY below)
+WP, CLEAN, UNMAPPED, RO, UNTOUCHED, TABLED = 1, 2, 4, 8, 16, 32
 NOT_WP, NOT_CLEAN, NOT_UNMAPPED, NOT_RO = 0xFF ^ WP, 0xFF ^ CLEAN, 0xFF ^ UNMAPPED, 0xFF ^ RO  # u8 masks
 NOT_UNTOUCHED = 0xFF ^ UNTOUCHED
 
@@ -53,6 +54,10 @@ CUT_NONE, CUT_FULL, CUT_SYNC, CUT_DONE, CUT_MMIO, CUT_TICK, CUT_FAULT, CUT_PML_F
 NOLOG, UNTRACKED, READONLY, READLOG, PREFETCH = 1, 2, 4, 8, 16
 PREFETCH_PAGES = 8  # PTE_PREFETCH_NUM
 BLOCK = 1  # memory.BLOCK: block_map value of a block mapping
+# memory.EMPTY: block_map value of a table a split left mapping only the pages faulted since (a
+# workload window's split, ``defer_empty``): its pages are UNMAPPED unless TABLED, without the
+# per-page marking a split-empty does otherwise (Vm._write_out_empty writes it out when needed)
+EMPTY = 3
 # per memslot ``split`` values (0: a write fault never splits): the split leaves a full table of
 # pages (the x86 TDP MMU's tdp_mmu_split_huge_page), or a table holding only the faulting page
 # (arm64's stage2_map_walk_leaf, the x86 shadow MMU's drop_large_spte: the block's other pages
@@ -81,7 +86,7 @@ def _clear_wp(state, block_map, g, blk, inblock, block_pages):  # pragma: no cov
 
 @njit(nogil=True)
 def walk_writes(gpi, vc, code, reads, first_touch, slot_of, state, version, block_map,
-                blockgran, pushall, split, mode, slot_lo, slot_hi, block_shift,
+                blockgran, pushall, split, mode, slot_lo, slot_hi, block_shift, defer_empty,
                 used, limit, pml_count, pml_buf, rings,
                 push_v, push_g, split_v, split_b, faults, exit_faults,
                 t, tick, tick_state, flush_at, fault_cut):  # pragma: no cover - compiled
@@ -105,7 +110,9 @@ def walk_writes(gpi, vc, code, reads, first_touch, slot_of, state, version, bloc
     first write faults and logs as before), ``mode`` (NOLOG, UNTRACKED, READONLY, READLOG,
     PREFETCH bits), ``slot_lo``/``slot_hi`` (its pages in the global page index). An access to a
     page not mapped yet is a translation fault (counted in ``faults`` and ``exit_faults``: a VM
-    exit, KVM's pf_fixed) whatever maps it, logged or not, read or write. With
+    exit, KVM's pf_fixed) whatever maps it, logged or not, read or write. With ``defer_empty`` a
+    SPLIT_EMPTY split marks the block EMPTY instead of marking its pages UNMAPPED (O(1) per
+    split; the pages of an EMPTY block not TABLED count as UNMAPPED). With
     ``first_touch`` the writes are a workload model's candidate first writes: one to a page that is not clean (written since it
     was last protected, hence writable) is invisible and skipped. Returns (events consumed, cut
     kind, pushes, splits, clean pages written, access retired at the cut).
@@ -163,6 +170,10 @@ def walk_writes(gpi, vc, code, reads, first_touch, slot_of, state, version, bloc
                 break
             continue
         s = state[g]
+        blk = g >> block_shift
+        bm = block_map[blk]
+        if bm == EMPTY and not s & TABLED:  # not mapped since the block's split
+            s |= UNMAPPED
         k = slot_of[i]
         full = late = False
         read = reads[i] != 0
@@ -176,8 +187,7 @@ def walk_writes(gpi, vc, code, reads, first_touch, slot_of, state, version, bloc
                 m = i + 1
                 break
             continue
-        blk = g >> block_shift
-        inblock = block_map[blk] != 0
+        inblock = bm != 0 and bm != EMPTY
         xlate = s & UNMAPPED != 0
         if xlate:  # a translation fault maps the page (or the whole block)
             huge = inblock  # a huge page behind it
@@ -191,6 +201,8 @@ def walk_writes(gpi, vc, code, reads, first_touch, slot_of, state, version, bloc
                     block_map[blk] = 0
                     inblock = False
                 state[g] &= NOT_UNMAPPED
+                if bm == EMPTY:
+                    state[g] |= TABLED
                 if mode[k] & PREFETCH:  # direct_pte_prefetch / FNAME(pte_prefetch): writable, as the guest maps them
                     p0 = g - g % PREFETCH_PAGES
                     for p in range(max(p0, slot_lo[k]), min(p0 + PREFETCH_PAGES, slot_hi[k])):
@@ -272,7 +284,10 @@ def walk_writes(gpi, vc, code, reads, first_touch, slot_of, state, version, bloc
                         b0 = blk * block_pages
                         for p in range(b0, b0 + block_pages):
                             state[p] |= RO
-                    elif split[k] == SPLIT_EMPTY:  # arm64, the shadow MMU: the faulting page only
+                    elif split[k] == SPLIT_EMPTY and defer_empty:  # arm64, the shadow MMU: the faulting page only
+                        block_map[blk] = EMPTY
+                        state[g] |= TABLED
+                    elif split[k] == SPLIT_EMPTY:
                         b0 = blk * block_pages
                         for p in range(b0, b0 + block_pages):
                             state[p] |= UNMAPPED
@@ -352,7 +367,7 @@ def apply_batch(gpi, vc, code, reads, first_touch, slot_of, state, version, bloc
                 ring_ctr, soft_limit, pml_count, pml_buf, rings,
                 push_v, push_g, split_v, split_b,
                 vstat, split_cost, fault_cost, wp_fault_cost, ring_addr, slot_start, slot_end, slot_kvm, soft_full,
-                faults, t, tick, tick_state, flush_at, fault_cut):  # pragma: no cover - compiled
+                faults, t, tick, tick_state, flush_at, fault_cut, defer_empty=False):  # pragma: no cover - compiled
     """:func:`walk_writes` over a batch, then its bookkeeping in the same call: per vCPU (rows
     of ``vstat``, columns FAULTS, PUSHES, SPLITS, FAULT_NS) the faults and splits it took and
     their service time (``fault_cost`` per fault in a dirty-tracked slot: with x86 PML the
@@ -380,8 +395,8 @@ def apply_batch(gpi, vc, code, reads, first_touch, slot_of, state, version, bloc
     exiting = np.zeros(nv, dtype=np.int64)
     m, cut, npush, nsplit, ndirty, retired = walk_writes(
         gpi, vc, code, reads, first_touch, slot_of, state, version, block_map, blockgran, pushall, split, mode,
-        slot_start, slot_end, block_shift, used, limit, pml_count, pml_buf, rings, push_v, push_g, split_v, split_b,
-        faults, exiting, t, tick, tick_state, flush_at, fault_cut)
+        slot_start, slot_end, block_shift, defer_empty, used, limit, pml_count, pml_buf, rings, push_v, push_g,
+        split_v, split_b, faults, exiting, t, tick, tick_state, flush_at, fault_cut)
     for j in range(nsplit):
         vstat[split_v[j], SPLITS] += 1
         vstat[split_v[j], FAULT_NS] += split_cost
@@ -438,6 +453,6 @@ def apply_window(order, t, vc, gfn, gfn_lo, gfn_hi, delta, zeros8, zeros64, stat
         gpi[:nb], v32[:nb], zeros8[:nb], zeros8[:nb], True, zeros64[:nb], state, version, block_map, blockgran,
         pushall, split, mode, block_shift, ring_ctr, soft_limit, no_pml, 0, rings, push_v, push_g, split_v, split_b,
         vstat, split_cost, fault_cost, fault_cost, ring_addr, slot_start, slot_end, slot_kvm, soft_full, faults,
-        zeros64[:0], 0, np.zeros(4, dtype=np.int64), zeros64[:0], False)
+        zeros64[:0], 0, np.zeros(4, dtype=np.int64), zeros64[:0], False, True)
     last = m - 1 if ordered or m == 0 else order[m - 1]
     return m, cut, npush, nsplit, ndirty, retired, nsoft, last, bad

@@ -36,7 +36,10 @@ module parameter); a permission fault relaxes one page. A split on a write fault
 mapping only the faulting page on arm64 (stage2_map_walk_leaf) and with the x86 shadow MMU
 (drop_large_spte; measured, real-kvm-host.md): the block's other pages are ``UNMAPPED`` (and
 ``WP``) until each faults (fault.SPLIT_EMPTY); the x86 TDP MMU, and an eager split, leave a
-table of write-protected pages. In a slot with dirty tracking
+table of write-protected pages. A workload window's split marks such a block ``EMPTY`` instead
+of its 511 other pages (the write walk and the reset take an EMPTY block's pages as unmapped but
+for those mapped since, ``TABLED``); the Vm writes the pages out before anything else reads the
+state (Vm._write_out_empty). In a slot with dirty tracking
 on, a page not mapped yet carries ``WP``: the fault that maps it writable logs it, as a
 permission fault does. Turning logging off leaves pages write-protected until each faults once (section 12).
 """
@@ -52,9 +55,13 @@ CLEAN = np.uint8(2)
 UNMAPPED = np.uint8(4)
 RO = np.uint8(8)  # x86 PML: mapped write-protected, not merely dirty-bit clear (fault.RO)
 UNTOUCHED = np.uint8(16)  # never written on the host: a read maps the zero page (fault.UNTOUCHED)
+TABLED = np.uint8(32)  # mapped in an EMPTY table (fault.TABLED)
 WP_CLEAN = np.uint8(WP | CLEAN)  # protect_masked and fault.walk_writes use these values (1, 2, 3)
 
-BLOCK, SPLIT_HUGE = 1, 2  # block_map values (0: a table of pages)
+# block_map values (0: a table of pages); EMPTY: a table a split left mapping only the pages
+# faulted since (the TABLED ones: the others UNMAPPED), not yet written out page by page
+# (fault.EMPTY, Vm._write_out_empty): only the write walk and the reset's re-protect see it
+BLOCK, SPLIT_HUGE, EMPTY = 1, 2, 3
 
 
 class Memslot:
@@ -82,6 +89,7 @@ class Memslot:
         self.state: np.ndarray | None = None
         self.version: np.ndarray | None = None
         self.blocks: np.ndarray | None = None  # per block: BLOCK, SPLIT_HUGE or 0 (module docstring)
+        self.before_read = None  # called before the stage-2 state is read for counts (Vm._write_out_empty)
 
     def place(self, base_gfn: int) -> None:
         """Put the slot at guest frame ``base_gfn`` (created or moved): its blocks are the
@@ -131,6 +139,8 @@ class Memslot:
         leaf installed or zapped; the simulator has no 1 GiB leaf), the x86 shadow MMU's pte
         prefetch in a slot that is not dirty-logged included (up to 7 neighbours of a faulting
         4 KiB page, its aligned group of 8: :mod:`ringenv.kvm.fault`)."""
+        if self.before_read is not None:
+            self.before_read()
         mapped = (self.state & UNMAPPED) == 0
         if not self.nblocks:
             return int(np.count_nonzero(mapped)), 0

@@ -32,7 +32,7 @@ from ..guest.base import EXIT_DONE, EXIT_NONE, EXIT_SYNC, NO_WRITE, GuestProgram
 from .fault import (CUT_DONE, CUT_FAULT, CUT_FULL, CUT_MMIO, CUT_NONE, CUT_PML_FULL, CUT_SYNC, CUT_TICK, FAULT_NS,
                     FAULTS, NOLOG, PML_FLUSHES, PREFETCH, PUSHES, READLOG, READONLY, SPLIT_EMPTY, SPLIT_FULL, SPLITS,
                     UNTRACKED, apply_batch, apply_window)
-from .memory import SPLIT_HUGE, UNMAPPED, WP_CLEAN, Memslot, bitmap_offsets, protect_masked
+from .memory import EMPTY, SPLIT_HUGE, TABLED, UNMAPPED, WP_CLEAN, Memslot, bitmap_offsets, protect_masked
 from .pml import flush_all, flush_one, log_all
 from .ring import DirtyRing, reset_rings, ring_room
 from .uapi import (
@@ -302,6 +302,7 @@ class Vm:
         self._kicked: dict[int, Exit] = {}  # vCPU index -> its ring-full exit at an IPI, not yet returned (_kick)
         self._soft_full = np.zeros(0, dtype=bool)
         self._write_costs = (0, 0, 0)  # ns per fault, per split, per fault in an untracked slot (create_vcpu)
+        self._empty_pending = False  # blocks a workload window's split left EMPTY (_write_out_empty)
         self._tlbi_ns = p.tlbi_broadcast_ns(0)  # one VM-wide TLB invalidation (create_vcpu updates it)
         # PML: the kernel-handled VM exits that flush the buffers, at multiples of this (0: none);
         # the next one's time, and the walk's flush count, cut time and window end (fault.walk_writes)
@@ -355,6 +356,7 @@ class Vm:
 
     def enable_cap(self, cap: int, *args: int, flags: int = 0) -> None:
         """KVM_ENABLE_CAP on the VM fd (``args`` is ``struct kvm_enable_cap.args``)."""
+        self._write_out_empty()
         p = self.profile
         arg0 = int(args[0]) if args else 0
         if cap in (KVM_CAP_DIRTY_LOG_RING, KVM_CAP_DIRTY_LOG_RING_ACQ_REL):
@@ -437,6 +439,7 @@ class Vm:
         ``phys_addr_bits``: EINVAL on x86 (its last gfn above kvm_mmu_max_gfn), EFAULT on arm64
         (its end above the VM's IPA size).
         """
+        self._write_out_empty()
         p = self.profile
         if flags & ~(KVM_MEM_LOG_DIRTY_PAGES | KVM_MEM_READONLY):
             raise einval(f"memslot flags {flags:#x}: accepted KVM_MEM_LOG_DIRTY_PAGES | KVM_MEM_READONLY")
@@ -477,6 +480,7 @@ class Vm:
             self._check_gpa_range(base, npages)
             ms = Memslot(slot, as_id, base, npages, flags, self.block_pages, block_fraction, self.seed, mapped_fraction,
                          populated)
+            ms.before_read = self._write_out_empty
             self.slots.append(ms)
             self._layout()
             # KVM_MR_CREATE: nothing is mapped in a new slot; memory the simulator lets start
@@ -569,6 +573,7 @@ class Vm:
         """Stage-2 leaves of the whole VM now: (pages mapped by a page, blocks mapped by a
         block), summed over its memslots (:meth:`Memslot.leaf_mappings`); on x86 the VM
         statistics pages_4k and pages_2m (KVM_GET_STATS_FD on the VM fd)."""
+        self._write_out_empty()
         counts = [s.leaf_mappings() for s in self.slots]
         return sum(c[0] for c in counts), sum(c[1] for c in counts)
 
@@ -579,8 +584,28 @@ class Vm:
         return None
 
     def memslot(self, slot: int, as_id: int = 0) -> Memslot | None:
-        """The memslot ``slot`` of address space ``as_id`` (None if there is none)."""
+        """The memslot ``slot`` of address space ``as_id`` (None if there is none), its
+        stage-2 state written out (:meth:`_write_out_empty`)."""
+        self._write_out_empty()
         return self._slot(slot, as_id)
+
+    def _write_out_empty(self) -> None:
+        """Write out the tables the workload's splits left EMPTY (fault.walk_writes with
+        ``defer_empty``: a split that maps only the faulting page marks the block instead of
+        its 511 other pages, which would cost a cache miss per line of the block's state, so
+        that a run's first pass over a large memory paid for the blocks' state rather than the
+        writes): each page of such a block not TABLED becomes UNMAPPED, as the split would
+        have left it, and the block a plain table. Done before anything but the write walk and
+        the reset's re-protect (which take EMPTY blocks as they are) reads the stage-2 state."""
+        if not self._empty_pending:
+            return
+        self._empty_pending = False
+        blocks = np.flatnonzero(self.block_map == EMPTY)
+        if len(blocks):
+            view = self.state.reshape(-1, self.block_pages)
+            st = view[blocks]
+            view[blocks] = np.where(st & TABLED, st & ~TABLED, st | UNMAPPED)
+            self.block_map[blocks] = 0
 
     def _layout(self) -> None:
         """Lay the slots out in one global page index and rebuild lookup tables. Each slot's
@@ -952,6 +977,7 @@ class Vm:
         With the ring it needs WITH_BITMAP (the backup bitmap), else ENXIO; then a slot id >=
         KVM_USER_MEM_SLOTS or an address space >= the profile's ``address_spaces`` is EINVAL,
         a slot that does not exist or is not logging ENOENT."""
+        self._write_out_empty()
         if self.ring_entries and not self.with_bitmap:
             raise KvmError(errno.ENXIO, "KVM_GET_DIRTY_LOG: the VM uses the dirty ring without a bitmap")
         self._check_slot_id(slot, as_id, "KVM_GET_DIRTY_LOG")
@@ -981,6 +1007,7 @@ class Vm:
         profile's ``address_spaces``, first_page not 64-aligned), ENOENT (no such logging slot),
         EINVAL (the range), EFAULT (the bitmap holds fewer than the range's words: copy_from_user
         cannot read them)."""
+        self._write_out_empty()
         if self.ring_entries and not self.with_bitmap:
             raise KvmError(errno.ENXIO, "KVM_CLEAR_DIRTY_LOG: the VM uses the dirty ring without a bitmap")
         self._check_slot_id(slot, as_id, "KVM_CLEAR_DIRTY_LOG")
@@ -1025,6 +1052,7 @@ class Vm:
         bitmap, with WITH_BITMAP); with a ring and no bitmap the write is not logged anywhere.
         A gfn no memslot maps, or one in a KVM_MEM_READONLY slot (__gfn_to_hva_many refuses a
         write there), is EFAULT, and nothing is written or logged."""
+        self._write_out_empty()
         gfns = np.asarray(gfns, dtype=np.int64)
         sidx, gpi = self._locate(gfns)
         for k in unique(sidx):
@@ -1305,6 +1333,8 @@ class Vm:
             self._ring_ctr, self._soft_limit, self._no_pml, self.ring_entries > 0, push_v, push_g, split_v, split_b,
             self._vstat, split_cost, fault_cost, self._ring_addr, self._start, self._gpi_end, self._kslot,
             self._soft_full, faults)
+        if nsplit:
+            self._empty_pending = True  # (a split may have left its block EMPTY: fault.walk_writes)
         if bad >= 0 and cut == CUT_NONE:  # the walk reached a write outside the slot: an MMIO exit
             m, cut, last = m + 1, CUT_MMIO, bad
         return self._after_batch(m, cut, npush, nsplit, ndirty, retired, nsoft, faults, push_v, push_g, end, True, 0,
