@@ -89,7 +89,9 @@ class Memslot:
         self.state: np.ndarray | None = None
         self.version: np.ndarray | None = None
         self.blocks: np.ndarray | None = None  # per block: BLOCK, SPLIT_HUGE or 0 (module docstring)
-        self.before_read = None  # called before the stage-2 state is read for counts (Vm._write_out_empty)
+        # a weak reference to what to call before the stage-2 state is read for counts (the Vm's
+        # _write_out_empty: weak, so that a dropped Vm is freed at once and its arrays recycled)
+        self.before_read = None
 
     def place(self, base_gfn: int) -> None:
         """Put the slot at guest frame ``base_gfn`` (created or moved): its blocks are the
@@ -139,8 +141,9 @@ class Memslot:
         leaf installed or zapped; the simulator has no 1 GiB leaf), the x86 shadow MMU's pte
         prefetch in a slot that is not dirty-logged included (up to 7 neighbours of a faulting
         4 KiB page, its aligned group of 8: :mod:`ringenv.kvm.fault`)."""
-        if self.before_read is not None:
-            self.before_read()
+        write_out = self.before_read() if self.before_read is not None else None
+        if write_out is not None:
+            write_out()
         mapped = (self.state & UNMAPPED) == 0
         if not self.nblocks:
             return int(np.count_nonzero(mapped)), 0

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import errno
 import mmap
+import weakref
 from dataclasses import dataclass
 
 import numpy as np
@@ -480,7 +481,7 @@ class Vm:
             self._check_gpa_range(base, npages)
             ms = Memslot(slot, as_id, base, npages, flags, self.block_pages, block_fraction, self.seed, mapped_fraction,
                          populated)
-            ms.before_read = self._write_out_empty
+            ms.before_read = weakref.WeakMethod(self._write_out_empty)
             self.slots.append(ms)
             self._layout()
             # KVM_MR_CREATE: nothing is mapped in a new slot; memory the simulator lets start
