@@ -590,6 +590,14 @@ class Vm:
         self._write_out_empty()
         return self._slot(slot, as_id)
 
+    def slot_versions(self, slot: int, as_id: int = 0) -> np.ndarray:
+        """The page versions of memslot ``slot`` (its contents, as the simulator models them),
+        without the stage-2 state (nothing written out): what sending pages reads."""
+        s = self._slot(slot, as_id)
+        if s is None:
+            raise einval(f"memslot {slot} of address space {as_id} does not exist")
+        return s.version
+
     def _write_out_empty(self) -> None:
         """Write out the tables the workload's splits left EMPTY (fault.walk_writes with
         ``defer_empty``: a split that maps only the faulting page marks the block instead of
@@ -1334,7 +1342,7 @@ class Vm:
             self._ring_ctr, self._soft_limit, self._no_pml, self.ring_entries > 0, push_v, push_g, split_v, split_b,
             self._vstat, split_cost, fault_cost, self._ring_addr, self._start, self._gpi_end, self._kslot,
             self._soft_full, faults)
-        if nsplit:
+        if nsplit and self._split_leaves_empty:
             self._empty_pending = True  # (a split may have left its block EMPTY: fault.walk_writes)
         if bad >= 0 and cut == CUT_NONE:  # the walk reached a write outside the slot: an MMIO exit
             m, cut, last = m + 1, CUT_MMIO, bad

@@ -832,7 +832,7 @@ class Session:
         """The source's page versions of guest RAM, its memslot's (the kernel's arrays hold
         every slot, padded to whole stage-2 blocks). Reading them models reading page
         contents: only sending and verification do."""
-        return self.vm.memslot(0).version
+        return self.vm.slot_versions(0)
 
     def _main(self):
         raise NotImplementedError
