@@ -601,11 +601,11 @@ class Vm:
     def _write_out_empty(self) -> None:
         """Write out the tables the workload's splits left EMPTY (fault.walk_writes with
         ``defer_empty``: a split that maps only the faulting page marks the block instead of
-        its 511 other pages, which would cost a cache miss per line of the block's state, so
-        that a run's first pass over a large memory paid for the blocks' state rather than the
-        writes): each page of such a block not TABLED becomes UNMAPPED, as the split would
-        have left it, and the block a plain table. Done before anything but the write walk and
-        the reset's re-protect (which take EMPTY blocks as they are) reads the stage-2 state."""
+        its 511 other pages, which would cost a cache miss per line of the block's state, on a
+        run's first pass over a large memory mostly for nothing): each page of such a block not
+        TABLED becomes UNMAPPED, as the split would have left it, and the block a plain table.
+        Done before anything but the write walk and the reset's re-protect (which take EMPTY
+        blocks as they are) reads the stage-2 state."""
         if not self._empty_pending:
             return
         self._empty_pending = False
