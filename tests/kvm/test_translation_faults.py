@@ -17,20 +17,9 @@ from ringenv.kvm import Vm
 from ringenv.kvm import uapi as U
 from ringenv.kvm.memory import UNMAPPED, WP
 
-PAGES = 1536
+from ._fault_cases import ALL, CASES, PAGES
+
 BASE = 1 << 18  # (gfn, a multiple of 8 and of the block)
-ALL = list(range(PAGES))
-CASES = {
-    # name: (accesses, the indices among them that are loads, the slot logs, populated)
-    "not-logged-populated-stores": (ALL, [], False, True),
-    "not-logged-populated-every-3rd": (ALL[::3], [], False, True),
-    "not-logged-fresh-stores": (ALL, [], False, False),
-    "not-logged-populated-loads-then-stores": (ALL + ALL, ALL, False, True),
-    "not-logged-fresh-loads-then-stores": (ALL + ALL, ALL, False, False),
-    "logged-populated-stores": (ALL, [], True, True),
-    "logged-fresh-loads-then-stores": (ALL + ALL, ALL, True, False),
-    "logged-populated-loads-then-stores": (ALL + ALL, ALL, True, True),
-}
 # faults per profile, in CASES order
 EXPECTED = {
     "x86-nopml": [192, 192, 1536, 192, 3072, 1536, 3072, 1536],  # measured (real-kvm-host.md)

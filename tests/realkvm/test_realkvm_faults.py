@@ -28,24 +28,12 @@ import pytest
 from ringenv.realkvm import ioctl as k
 from ringenv.realkvm.arch import WriteProgram
 from ringenv.realkvm.guest import Guest, unavailable_reason
+from tests.kvm._fault_cases import CASES, PAGES
 
 NO_KVM = unavailable_reason()
 pytestmark = [pytest.mark.kvm, pytest.mark.skipif(NO_KVM is not None, reason=str(NO_KVM))]
 
-PAGES = 1536
 RING_ENTRIES = 4096  # soft limit 4032: no case pushes that many
-ALL = list(range(PAGES))
-CASES = {
-    # name: (accesses, the indices among them that are loads, the slot dirty-logged, populated)
-    "not-logged-populated-stores": (ALL, [], False, True),
-    "not-logged-populated-every-3rd": (ALL[::3], [], False, True),
-    "not-logged-fresh-stores": (ALL, [], False, False),
-    "not-logged-populated-loads-then-stores": (ALL + ALL, ALL, False, True),
-    "not-logged-fresh-loads-then-stores": (ALL + ALL, ALL, False, False),
-    "logged-populated-stores": (ALL, [], True, True),
-    "logged-fresh-loads-then-stores": (ALL + ALL, ALL, True, False),
-    "logged-populated-loads-then-stores": (ALL + ALL, ALL, True, True),
-}
 
 
 def _real(accesses, loads, logged, populated, *, twin=False) -> int:

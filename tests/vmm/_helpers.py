@@ -7,6 +7,9 @@ simulated seconds) are kept while the simulation does that factor less work.
 
 from __future__ import annotations
 
+import io
+from contextlib import redirect_stderr, redirect_stdout
+
 from ringenv.config import load_scenario, scale_scenario
 
 GiB = 1 << 30
@@ -71,3 +74,15 @@ def ended_at(run, steps, until):
     run.spawn(proc(), run.PRIO_MAIN, "steps")
     run.advance(until)
     return out.get("t")
+
+
+def run_cli(*argv):
+    """``ringenv ARGV...`` in this process: (exit code, stdout, stderr)."""
+    from ringenv.cli import main
+    out, err = io.StringIO(), io.StringIO()
+    with redirect_stdout(out), redirect_stderr(err):
+        try:
+            rc = main(list(argv))
+        except SystemExit as e:
+            rc = e.code
+    return rc, out.getvalue(), err.getvalue()

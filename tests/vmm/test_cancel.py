@@ -8,8 +8,6 @@ nothing verified. Up to ``give_up_s`` a cancelled run is the forced one, event f
 
 from __future__ import annotations
 
-import io
-from contextlib import redirect_stderr, redirect_stdout
 
 import gymnasium as gym
 import numpy as np
@@ -21,7 +19,7 @@ from ringenv.kvm import uapi as U
 from ringenv.vmm import CheckpointRun, MigrationRun
 from ringenv.vmm.session import NS
 
-from ._helpers import on_pause, small
+from ._helpers import on_pause, run_cli, small
 
 GIVE_UP_S = 2.0
 
@@ -107,28 +105,17 @@ def test_bad_give_up_action_names_the_field_and_the_accepted_values():
     assert load_scenario("default").link.give_up_action == "switchover"
 
 
-def _cli(*argv):
-    from ringenv.cli import main
-    out, err = io.StringIO(), io.StringIO()
-    with redirect_stdout(out), redirect_stderr(err):
-        try:
-            rc = main(list(argv))
-        except SystemExit as e:
-            rc = e.code
-    return rc, out.getvalue(), err.getvalue()
-
-
 def test_cli_give_up_flags():
-    rc, out, err = _cli("migrate", "--scenario", "analytics", "--give-up-s", "1", "--give-up-action", "cancel",
+    rc, out, err = run_cli("migrate", "--scenario", "analytics", "--give-up-s", "1", "--give-up-action", "cancel",
                         "--json")
     assert rc == 0
     import json
     d = json.loads(out)
     assert d["cancelled"] is True and d["downtime_s"] == 0.0 and 1.0 <= d["total_s"] < 1.1
     assert "cancelled at give-up (1 s)" in err
-    rc, out, err = _cli("migrate", "--scenario", "analytics", "--give-up-s", "-1")
+    rc, out, err = run_cli("migrate", "--scenario", "analytics", "--give-up-s", "-1")
     assert rc != 0 and "link.give_up_s (--give-up-s)" in err
-    rc, out, err = _cli("migrate", "--give-up-action", "abort")
+    rc, out, err = run_cli("migrate", "--give-up-action", "abort")
     assert rc == 2 and "'switchover', 'cancel'" in err
 
 

@@ -20,9 +20,7 @@ Then migrate_fd_cleanup turns dirty logging off under the big lock, as a cancel 
 
 from __future__ import annotations
 
-import io
 import json
-from contextlib import redirect_stderr, redirect_stdout
 
 import gymnasium as gym
 import numpy as np
@@ -34,7 +32,7 @@ from ringenv.kvm import uapi as U
 from ringenv.vmm import MigrationRun
 from ringenv.vmm.session import NS
 
-from ._helpers import hold_bql, on_pause, sleep_starts, small
+from ._helpers import hold_bql, on_pause, run_cli, sleep_starts, small
 
 US = 1000
 #: counters a cancel freezes where the stream was shut down
@@ -229,24 +227,13 @@ def test_bad_cancel_at_names_the_field():
     assert "link.cancel_at_s" in str(e.value) and "checkpoint" in str(e.value)
 
 
-def _cli(*argv):
-    from ringenv.cli import main
-    out, err = io.StringIO(), io.StringIO()
-    with redirect_stdout(out), redirect_stderr(err):
-        try:
-            rc = main(list(argv))
-        except SystemExit as e:
-            rc = e.code
-    return rc, out.getvalue(), err.getvalue()
-
-
 def test_cli_cancel_at():
-    rc, out, err = _cli("migrate", "--scenario", "analytics", "--cancel-at", "2", "--json")
+    rc, out, err = run_cli("migrate", "--scenario", "analytics", "--cancel-at", "2", "--json")
     assert rc == 0
     d = json.loads(out)
     assert d["cancelled"] is True and d["downtime_s"] == 0.0 and 2.0 <= d["total_s"] < 2.1
     assert "cancelled (migrate_cancel at 2 s)" in err
-    rc, out, err = _cli("migrate", "--cancel-at", "-1")
+    rc, out, err = run_cli("migrate", "--cancel-at", "-1")
     assert rc == 2 and "link.cancel_at_s (--cancel-at)" in err
 
 
