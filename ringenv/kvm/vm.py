@@ -574,8 +574,7 @@ class Vm:
         """Stage-2 leaves of the whole VM now: (pages mapped by a page, blocks mapped by a
         block), summed over its memslots (:meth:`Memslot.leaf_mappings`); on x86 the VM
         statistics pages_4k and pages_2m (KVM_GET_STATS_FD on the VM fd)."""
-        self._write_out_empty()
-        counts = [s.leaf_mappings() for s in self.slots]
+        counts = [s.leaf_mappings() for s in self.slots]  # (each writes out the empty tables first)
         return sum(c[0] for c in counts), sum(c[1] for c in counts)
 
     def _slot(self, slot: int, as_id: int = 0) -> Memslot | None:
