@@ -48,6 +48,11 @@ _NONE_I = np.zeros(0, dtype=np.int64)
 MAX_EVENTS = 1 << 15  # events per window, to bound memory and wasted sampling
 RAW_WRITES_BELOW = 0.05  # per-page expected writes in a window below which raw writes are sampled
 SPEED_TAU_NS = 1e6  # the closed loop's memory: kernel time and progress over about the last ms
+# what the closed loop knows before it measures anything: SPEED_TAU_NS of progress with no
+# kernel time, so that a first window's few faults weigh as a few faults in a ms, not as the
+# load of the next window (which can last ~1 s with the bitmap); real progress outweighs it
+# within a few SPEED_TAU_NS
+SPEED_PRIOR_NS = SPEED_TAU_NS
 SPEED_STEP = 0.01  # a vCPU's speed moves by more than this share of itself, or not at all
 MIN_SPEED = 1e-3  # the slowest a workload runs (kernel time ~1000x its progress)
 
@@ -212,7 +217,7 @@ class WorkloadProgram(GuestProgram):
         self._k_seen = np.zeros(nv, dtype=np.int64)
         known = vm.vcpu_kernel_ns()[:nv]  # time lost before this program ran is not its own
         self._k_seen[:len(known)] = known
-        self._acc_k, self._acc_p = np.zeros(nv), np.zeros(nv)
+        self._acc_k, self._acc_p = np.zeros(nv), np.full(nv, SPEED_PRIOR_NS)
         self._loop_mult = 1.0  # the rate multiplier the speeds were set for
         self._s_eff = self.s_rate  # the sweeps' rates at the vCPUs' speeds
         if self.start_ns:
@@ -355,6 +360,9 @@ class WorkloadProgram(GuestProgram):
         a vCPU's time stays below 1 but for a window after a sudden rise of its faults within a
         phase, which runs at the speed of the one before: the first window (nothing measured
         yet), the one after many pages were re-protected at once (a bitmap sync, a harvest).
+        Before any measurement the loop counts SPEED_PRIOR_NS of progress with no kernel time,
+        so that the faults of a first window of a few us do not set the speed of the next one
+        (which, with nothing to end it, can last up to MAX_EVENTS writes).
         Ring-full exits, throttle sleeps and lock waits need no
         such step: the vCPU is out of the guest then and draws no writes (and does not catch
         up after, whatever ``cpu_busy``). ``cpu_busy`` 0 is the closest to an open-loop guest:

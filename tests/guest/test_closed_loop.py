@@ -90,6 +90,26 @@ def test_each_vcpu_slows_by_its_own_faults_and_the_writer_shares_follow():
     assert share.tolist() == pytest.approx([1.2 / 2.2, 0.2 / 1.2], rel=0.03)
 
 
+def test_a_first_short_window_does_not_set_the_speed_of_the_windows_after_it():
+    """A fault in the first microseconds is one fault within the closed loop's ms of memory,
+    not a load: with nothing to end the next window for 0.2 s (no ring, no re-protect, as with
+    the bitmap between two syncs), it runs at full speed (r c = 0.2: no slow-down is due). A
+    speed taken from the first 2 us alone (4000 ns of fault in 2000 ns) halved it."""
+    rc = 0.2
+    wl = {"name": "scan", "cpu_busy": 0.0,
+          "regions": [{"fraction": 1.0, "rate_mbps": rc / C * NS * GUEST_WRITE / 1e6, "pattern": "scan"}]}
+    vm = Vm("arm64-4k", seed=0)
+    vm.set_user_memory_region(0, uapi.KVM_MEM_LOG_DIRTY_PAGES, 0, MEM)
+    vcpu = vm.create_vcpu(0)
+    prog = WorkloadProgram(wl, 1, seed=0)
+    vm.attach_guest(prog)
+    assert vcpu.run() is None
+    assert vm.run_until(2000) == [] and vcpu.stats.faults == 1  # (the sweep's first page, at t = 0)
+    assert vm.run_until(NS // 5) == []
+    assert prog.speed.tolist() == [1.0]
+    assert vcpu.stats.faults == pytest.approx(rc / C * NS / 5, rel=0.01)
+
+
 def test_a_burst_slows_the_workload_from_its_first_window_and_calm_restores_full_speed():
     # cpu_busy 0.2, r c = 0.5 calm (load 0.7: full speed) and x4 in bursts (load 2.2: speed
     # 1/2.2, kernel share 2 / 2.2): the kernel time per write is measured in calm phases and
