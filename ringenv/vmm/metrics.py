@@ -33,7 +33,7 @@ class Metrics:
     # --- vCPU cost
     full_exits: int  #: KVM_EXIT_DIRTY_RING_FULL exits (all vCPUs)
     vcpu_exit_s: float  #: vCPU time out of the guest for exits: round trips, reap/reset on the vCPU thread, wedged spinning, s
-    vcpu_stall_s: float  #: vCPU time waiting for the big QEMU lock after a ring-full exit, s
+    vcpu_stall_s: float  #: vCPU time waiting for the big QEMU lock: to reap after a ring-full exit, or to start and end an auto-converge sleep (queued work the vCPU thread runs holding the lock), s
     vcpu_throttle_s: float  #: vCPU time asleep in auto-converge / dirty-limit, s
     vcpu_fault_s: float  #: vCPU time in write-protect faults and block splits (kernel), s
     # --- VMM cost

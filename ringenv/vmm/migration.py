@@ -1,7 +1,8 @@
 """Pre-copy live migration as QEMU runs it (migration/migration.c, migration/ram.c), steppable.
 
 Setup: dirty logging on (KVM_MEM_LOG_DIRTY_PAGES), every page dirty in the migration bitmap
-(the bulk stage), one initial sync. Then QEMU's ``migration_iteration_run``, over and over:
+(the bulk stage), one initial sync (with the ring, its flush kicks every vCPU as every sync's
+does). Then QEMU's ``migration_iteration_run``, over and over:
 
 1. pending = dirty pages left in the migration bitmap (the estimate);
 2. if pending < threshold (= measured bandwidth x downtime-limit), sync exactly (kick, reap,
@@ -24,7 +25,9 @@ An operator's migrate_cancel (``link.cancel_at_s``, or :meth:`MigrationRun.cance
 ``advance`` calls) is a QMP command: it waits for the big lock, then shuts the stream down
 (migrate_fd_cancel). The migration thread, sending, fails at its next write: what was not on the
 wire is lost, and it leaves its loop; waiting for a rate-limiter window to end, it leaves at the
-window's end (nothing posts to that wait); after a sync (which held the lock) it leaves at once.
+window's end (nothing posts to that wait); after a sync (which held the lock but while its
+ring flush waited for each vCPU's kick: a cancel can come then, the set-up's sync included)
+it leaves at once.
 The stop-and-copy holds the lock to its end: a cancel then finds the migration completed. A
 cancel that gets the lock while vm_stop waits for the vCPUs (without the lock) makes the
 completion fail after its last sync: the VM is started again at the source

@@ -561,13 +561,18 @@ class Session:
     def sync(self, last_stage: bool = False):
         """migration_bitmap_sync under the big lock: collect, merge, account, throttle rule.
         With the ring, the flush first runs a synchronous run_on_cpu on every vCPU in turn
-        (:meth:`run_on_all_vcpus`, without the big lock); that wait is part of the sync."""
+        (kvm_dirty_ring_flush -> kvm_cpu_synchronize_kick_all: :meth:`run_on_all_vcpus`,
+        without the big lock); that wait is part of the sync. (The set-up's first sync is the
+        same, :meth:`setup_logging`.)"""
+        yield from self._sync(last_stage, setup=False)
+
+    def _sync(self, last_stage: bool, *, setup: bool):
         wait = (yield from self.run_on_all_vcpus()) if self.collector.kind == "ring" else 0
         yield self.bql
         ns = self.collector.sync(last_stage)
         self.bql.release_at(self.loop.now + ns)
         yield ns
-        self.note_sync(last_stage, wait + ns)
+        self.note_sync(last_stage, wait + ns, setup=setup)
 
     def note_sync(self, last_stage: bool, ns: int, *, setup: bool = False) -> None:
         """Bookkeeping after a sync that took ``ns``: counts, the dirty rate it saw, the
@@ -852,16 +857,22 @@ class Session:
 
     # ================================================================== stepping
     def setup_logging(self):
-        """ram_save_setup's dirty-logging part, a process step under the big lock: enable
-        logging, mark every page dirty, the first sync (not a throttle period), then open the
-        bandwidth window."""
+        """ram_save_setup's dirty-logging part (ram_init_bitmaps): under the big lock, enable
+        logging and mark every page dirty; the first sync (not a throttle period), with the ring
+        as :meth:`sync` (its flush kicks every vCPU, the lock let go while it waits for each),
+        with the bitmap still holding the lock; then open the bandwidth window."""
         yield self.bql
         ns = self.enable_logging()
         self.dirty.set_all()
-        sync = self.collector.sync()
-        self.bql.release_at(self.loop.now + ns + sync)
-        yield ns + sync
-        self.note_sync(False, sync, setup=True)
+        if self.collector.kind == "ring":  # the flush's run_on_cpu waits let the lock go (qemu_cond_wait)
+            self.bql.release_at(self.loop.now + ns)
+            yield ns
+            yield from self._sync(False, setup=True)
+        else:  # held to the end of the sync
+            sync = self.collector.sync()
+            self.bql.release_at(self.loop.now + ns + sync)
+            yield ns + sync
+            self.note_sync(False, sync, setup=True)
         self.start_bandwidth_window()
 
     def final_copy(self):

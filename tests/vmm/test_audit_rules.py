@@ -18,6 +18,7 @@ from __future__ import annotations
 import sys
 
 import numpy as np
+import pytest
 
 from ringenv.vmm import MigrationRun
 from ringenv.vmm.session import GUEST, PARKED, SLEEP
@@ -117,6 +118,27 @@ def test_a_migration_sync_with_the_ring_kicks_every_vcpu_in_the_guest_first():
     m = run.run()
     assert m.verified and not bad, bad[:3]
     assert len(seen) >= 2 and any(len(k) == 2 for k in seen), seen  # syncs found vCPUs in the guest
+
+@pytest.mark.parametrize("collector", ["ring", "bitmap"])
+def test_the_set_up_s_sync_kicks_every_vcpu_as_every_ring_sync_does(collector):
+    """ram_init_bitmaps -> migration_bitmap_sync_precopy -> kvm_log_sync_global ->
+    kvm_dirty_ring_flush: the set-up's first sync kicks each vCPU in the guest (one exit
+    round trip each, after logging is on) before it reaps; the bitmap's does not (no flush).
+    Mutant killed: the set-up calling the collector's sync directly."""
+    run = MigrationRun(small("default", vm={"vcpus": 2}, collector=collector))
+    kicks = []
+    for v in run.vcpus:
+        v.kick = (lambda v, kick: lambda: (kicks.append((run.loop.now, v.index, run.phase)), kick())[1])(v, v.kick)
+    while run.iterations == 0:
+        run.advance(run.now_ns + 1000)
+    setup = [(t, i) for t, i, phase in kicks if phase == "setup"]
+    if collector == "bitmap":
+        assert setup == []
+    else:
+        assert [i for _, i in setup] == [0, 1]
+        assert setup[1][0] - setup[0][0] == run.costs.exit_ns  # one after the other
+        assert all(v.stats.exits == 1 for v in run.vcpus)
+
 
 def test_the_reaper_reaps_and_resets_holding_the_big_lock():
     """kvm_dirty_ring_reaper_thread: ``bql_lock(); kvm_dirty_ring_reap(s, NULL); bql_unlock();``
