@@ -61,6 +61,18 @@ def check_checkpoint_throttle(throttle: str, error=None) -> None:
             "step up); accepted for checkpointing: 'none', 'dirty-limit' (a fixed per-vCPU quota)")
 
 
+def check_run_kind(cfg, kind: str, error=None) -> None:
+    """What a run of ``kind`` ("migration" or "checkpoint") refuses in a scenario ``cfg``, whatever
+    the scenario's own ``kind`` (the env id or the CLI command decides what runs): a checkpoint
+    takes no auto-converge (:func:`check_checkpoint_throttle`) and no ``link.cancel_at_s`` (a
+    migrate_cancel). ``error``: the exception type (ConfigError by default)."""
+    if kind == "checkpoint":
+        check_checkpoint_throttle(cfg.throttle, error)
+        if cfg.link.cancel_at_s is not None:
+            raise (error or ConfigError)(f"link.cancel_at_s: {cfg.link.cancel_at_s!r} is for a migration "
+                                         "(migrate_cancel); accepted for checkpointing: null")
+
+
 def checked_number(value, field: str, accepted: str, valid, *, integral: bool = False):
     """``value`` if it is a real number (with ``integral``, an integer), not a bool, finite, and
     ``valid(value)``; else a :class:`ConfigError` "FIELD: VALUE is not accepted; accepted: ACCEPTED".
@@ -139,9 +151,11 @@ def _format_validation_error(where: str, err: ValidationError) -> str:
 
 
 class Strict(BaseModel):
-    """Base for every config model: unknown keys are errors, values are validated on assignment."""
+    """Base for every config model: unknown keys are errors; the objects are immutable (a field
+    cannot be assigned: a run or an env built from one could not follow the change), changed
+    copies come from :func:`load_scenario` with overrides or ``model_copy(update=...)``."""
 
-    model_config = ConfigDict(extra="forbid", validate_assignment=True, frozen=False, allow_inf_nan=False)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
     @field_validator("*", mode="before")
     @classmethod
@@ -769,11 +783,7 @@ class ScenarioConfig(Strict):
                              f"accepted: {', '.join(map(str, prof.ring_sizes))}")
         if self.throttle == "dirty-limit" and self.collector != "ring":
             raise ValueError("throttle: dirty-limit needs collector ring (QEMU measures the rate with the ring)")
-        if self.kind == "checkpoint":
-            check_checkpoint_throttle(self.throttle, ValueError)
-            if self.link.cancel_at_s is not None:
-                raise ValueError(f"link.cancel_at_s: {self.link.cancel_at_s!r} is for a migration (migrate_cancel); "
-                                 "accepted for kind checkpoint: null")
+        check_run_kind(self, self.kind, ValueError)
         return self
 
     @property

@@ -10,7 +10,7 @@ import gymnasium as gym
 import numpy as np
 from gymnasium import spaces
 
-from .config import (ConfigError, EnvConfig, ScenarioConfig, check_checkpoint_throttle, deep_merge, load_scenario,
+from .config import (ConfigError, EnvConfig, ScenarioConfig, deep_merge, load_scenario,
                      load_workload, load_workload_sets, to_ns)
 from .vmm.dirtyrate import sample_dirty_rate
 
@@ -109,9 +109,8 @@ class RingEnv(gym.Env):
         env_overrides = {k: overrides.pop(k) for k in list(overrides) if k in EnvConfig.model_fields}
         if isinstance(scenario, dict):  # fields over the default scenario's, as keywords are
             scenario = deep_merge(load_scenario("default").model_dump(exclude_unset=True), scenario)
-        self._own(scenario=load_scenario(scenario, **overrides))
-        if self.kind == "checkpoint":  # (whatever the scenario's own kind)
-            check_checkpoint_throttle(self.scenario.throttle)
+        # validated as the kind the env id runs, whatever the scenario's own kind
+        self._own(scenario=load_scenario(scenario, kind=self.kind, **overrides))
         # a mapping is merged into its section (reward={"vcpu": 1} keeps the file's other weights)
         self._own(cfg=EnvConfig.parse(deep_merge(dict(self.scenario.env or {}), env_overrides), where="env"))
         if split not in ("train", "test", "all"):

@@ -27,7 +27,7 @@ kernel's dirty bitmap.
 
 from __future__ import annotations
 
-from ..config import check_checkpoint_throttle
+from ..config import check_run_kind
 from .metrics import Metrics
 from .session import NS, Session
 
@@ -49,8 +49,8 @@ class CheckpointRun(Session):
 
     @staticmethod
     def _check_config(cfg) -> None:
-        """Whatever the scenario's ``kind``: no auto-converge when checkpointing."""
-        check_checkpoint_throttle(cfg.throttle)
+        """Whatever the scenario's ``kind``: no auto-converge, no migrate_cancel when checkpointing."""
+        check_run_kind(cfg, "checkpoint")
 
     def _main(self):
         ck = self.cfg.checkpoint

@@ -85,7 +85,7 @@ def _run(args, kind: str) -> int:
 
     given = _overrides(args, kind)
     try:
-        cfg = load_scenario(args.scenario, **given)
+        cfg = load_scenario(args.scenario, kind=kind, **given)  # (the command decides the kind)
     except ConfigError as e:
         raise ConfigError(_name_flags(str(e), given)) from None
     if kind == "migration":

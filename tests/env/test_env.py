@@ -682,6 +682,24 @@ def test_the_documented_read_only_attributes_cannot_be_assigned(name, value):
     u.t_extra = 1  # other attributes are the user's
 
 
+@pytest.mark.parametrize("path, value", [("scenario.link.gbps", 1.0), ("scenario.vm.vcpus", 2),
+                                         ("scenario.throttle", "dirty-limit"), ("cfg.ring_sizes", [4096]),
+                                         ("cfg.reward.downtime", 0.0)])
+def test_the_configs_behind_the_env_cannot_be_changed_field_by_field(path, value):
+    """``u.scenario.link.gbps = 1.0`` was accepted: the run used 1 Gb/s while the observation
+    still divided rates by 10 Gb/s (and ``u.cfg.ring_sizes = [...]`` changed nothing). Config
+    objects are immutable: gym.make's keywords (or load_scenario / model_copy) make new ones."""
+    u = gym.make("ringenv/Migration-v0", max_episode_s=1.0).unwrapped
+    *parents, field = path.split(".")
+    obj = u
+    for p in parents:
+        obj = getattr(obj, p)
+    before = getattr(obj, field)
+    with pytest.raises(ValueError, match="frozen"):
+        setattr(obj, field, value)
+    assert getattr(obj, field) == before
+
+
 @pytest.mark.parametrize("name", ["workloads", "ring_sizes", "intervals_ms"])
 def test_the_read_only_grids_cannot_be_changed_in_place(name):
     """They were lists: ``u.ring_sizes[0] = 65536`` was accepted and made action 0 mean another

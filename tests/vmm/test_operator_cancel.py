@@ -29,7 +29,7 @@ import pytest
 import ringenv  # noqa: F401
 from ringenv.config import ConfigError, load_scenario
 from ringenv.kvm import uapi as U
-from ringenv.vmm import MigrationRun
+from ringenv.vmm import CheckpointRun, MigrationRun
 from ringenv.vmm.session import NS
 
 from ._helpers import hold_bql, on_pause, run_cli, sleep_starts, small
@@ -240,6 +240,26 @@ def test_bad_cancel_at_names_the_field():
     with pytest.raises(ConfigError) as e:
         load_scenario("checkpoint", link={"cancel_at_s": 3})
     assert "link.cancel_at_s" in str(e.value) and "checkpoint" in str(e.value)
+
+
+def test_the_kind_that_runs_decides_what_cancel_at_and_auto_converge_may_be():
+    """The env id and the CLI command decide the kind, whatever the scenario's own: a checkpoint
+    run refuses ``link.cancel_at_s`` (and auto-converge) on a migration scenario, and a
+    migration takes both on a checkpoint scenario."""
+    with pytest.raises(ConfigError, match=r"link\.cancel_at_s: 1\.0 is for a migration"):
+        gym.make("ringenv/Checkpoint-v0", link={"cancel_at_s": 1.0})
+    with pytest.raises(ConfigError, match=r"link\.cancel_at_s"):
+        CheckpointRun(small("default"), link={"cancel_at_s": 1.0})
+    with pytest.raises(ConfigError, match=r"throttle: 'auto-converge' is a migration's"):
+        gym.make("ringenv/Checkpoint-v0", throttle="auto-converge")
+    env = gym.make("ringenv/Migration-v0", scenario="checkpoint", link={"cancel_at_s": 1.0}, throttle="auto-converge")
+    assert env.unwrapped.scenario.kind == "migration" and env.unwrapped.scenario.link.cancel_at_s == 1.0
+    env.close()
+    rc, out, err = run_cli("migrate", "--scenario", "checkpoint", "--cancel-at", "0.5", "--throttle", "auto-converge",
+                           "--json")
+    assert rc == 0 and json.loads(out)["cancelled"] is True, err
+    rc, out, err = run_cli("checkpoint", "--scenario", "analytics", "--throttle", "auto-converge")
+    assert rc == 2 and "--throttle" in err
 
 
 def test_cli_cancel_at():
