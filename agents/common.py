@@ -79,10 +79,19 @@ def apply_overrides(base: dict, items: list[str] | None, flag: str = "--set") ->
     return out
 
 
+#: the env arguments the commands take as flags of their own, not as --set or env_kwargs entries
+OWN_FLAGS = {"scenario": "--scenario", "split": "--split", "workloads": "--workloads"}
+
+
 def make_env(env_id: str = MIGRATION, scenario: str = "default", split: str = "test",
              workloads: list[str] | None = None, overrides: dict | None = None, **kwargs) -> gym.Env:
     """``gymnasium.make`` of a ringenv id with a scenario, a split (or explicit workloads) and
-    keyword overrides (env settings and scenario fields, see the MigrationEnv docstring)."""
+    keyword overrides (env settings and scenario fields, see the MigrationEnv docstring; not
+    the three arguments of this function's own: a ValueError naming their flags)."""
+    for k, flag in OWN_FLAGS.items():
+        if k in (overrides or {}):
+            raise ValueError(f"{k}={overrides[k]!r}: the env's {k} is given by the command's {flag} (or the "
+                             f"function's {k} argument), not by --set or a hyperparameter file's env_kwargs")
     return gym.make(env_id, scenario=scenario, split=split, workloads=workloads or None,
                     **(overrides or {}), **kwargs)
 

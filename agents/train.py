@@ -313,6 +313,9 @@ def check_hyperparams(algo: str, hp: dict, where: str | dict = "--hp", n_envs: i
             if k in _NONNEGATIVE and v < 0:
                 raise bad(k, "a number >= 0")
         out[k] = v
+    if out.get("policy_kwargs"):
+        k = "policy_kwargs"
+        _check_policy_kwargs(cls, out.get("policy", "MlpPolicy"), out[k], src(k))
     n_envs = n_envs or out.get("n_envs", 1)
     if algo == "ppo" and out.get("n_steps", params["n_steps"].default) * n_envs < 2:
         raise ValueError(f"n_steps {out.get('n_steps', params['n_steps'].default)} x n_envs {n_envs} < 2: PPO needs a "
@@ -341,6 +344,56 @@ def _check_policy(cls, v, where: str):
             raise ValueError(f"{where}: {v!r} is not a class; expected {expected}")
         return v
     raise ValueError(f"{where}: unknown policy; accepted: {expected}")
+
+
+def _check_policy_kwargs(algo_cls, policy, kwargs: dict, where: str) -> None:
+    """The entries of ``policy_kwargs`` against the policy's constructor (``policy``: an alias
+    of the algorithm's or package.module.Class): a ValueError naming the entry, its value and
+    what is accepted for an unknown keyword, a ``net_arch`` that is not a list of layer sizes
+    (or, for an actor-critic policy, a mapping of them for ``pi`` and ``vf``), or a value of
+    another type than the keyword's default (true/false, a number, a mapping)."""
+    import inspect
+    import numbers
+
+    cls = algo_cls.policy_aliases[policy] if isinstance(policy, str) and "." not in policy else _policy_class(policy)
+    params: dict = {}
+    for base in cls.__mro__:  # the keywords of each __init__ that passes **kwargs on to its base's
+        if "__init__" not in vars(base):
+            continue
+        sig = inspect.signature(base.__init__).parameters
+        for k, p in sig.items():
+            if k not in ("self", "observation_space", "action_space", "lr_schedule") \
+                    and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD):
+                params.setdefault(k, p)
+        if not any(p.kind == p.VAR_KEYWORD for p in sig.values()):
+            break
+    from stable_baselines3.common.policies import ActorCriticPolicy
+
+    actor_critic = issubclass(cls, ActorCriticPolicy)
+
+    def layers(x) -> bool:
+        return isinstance(x, list) and all(isinstance(n, int) and not isinstance(n, bool) and n > 0 for n in x)
+
+    for k, v in kwargs.items():
+        if k not in params:
+            raise ValueError(f"{where}: {cls.__name__} takes no keyword {k!r}; accepted: {', '.join(params)}")
+        default = params[k].default
+        if k == "net_arch":
+            ok = v is None or layers(v) or (actor_critic and isinstance(v, dict) and v.keys() <= {"pi", "vf"}
+                                            and all(layers(x) for x in v.values()))
+            if not ok:
+                raise ValueError(f"{where}: net_arch {_show(v)}; accepted: a list of layer sizes (integers > 0)"
+                                 + (", or a mapping {pi: [...], vf: [...]} of them" if actor_critic else ""))
+        elif k == "activation_fn":
+            continue  # (by name, checked above, or a class given in Python)
+        elif isinstance(default, bool):
+            if not isinstance(v, bool):
+                raise ValueError(f"{where}: {k} {_show(v)}; accepted: true or false")
+        elif isinstance(default, numbers.Real):
+            if isinstance(v, bool) or not isinstance(v, numbers.Real) or not math.isfinite(v):
+                raise ValueError(f"{where}: {k} {_show(v)}; accepted: a finite number")
+        elif k.endswith("_kwargs") and v is not None and not isinstance(v, dict):
+            raise ValueError(f"{where}: {k} {_show(v)}; accepted: a mapping of keywords, or null")
 
 
 def _check_normalize(v, where: str):

@@ -252,7 +252,9 @@ def test_bad_arguments_end_with_a_message_not_a_traceback():
                         (["train", "--hp", "learning_rate=inf"], "--hp learning_rate=inf: expected a number > 0"),
                         (["train", "--hp", "gamma=-inf"], "--hp gamma=-inf: expected a finite number"),
                         (["train", "--hp", "policy_kwargs={net_arch: [-3]}", "--timesteps", "10"],
-                         "rejected the hyperparameters"),
+                         "net_arch [-3]; accepted: a list of layer sizes"),
+                        (["evaluate", "--policies", "qemu", "--set", "split=train"], "given by the command's --split"),
+                        (["train", "--set", "workloads=[web]"], "given by the command's --workloads"),
                         (["train", "--device", "foo"], "--device 'foo'"),
                         (["train", "--hp", "max_grad_norm=1" + "0" * 400], "expected a finite number")):
         p = subprocess.run([sys.executable, "-m", "ringenv", *args], cwd=ROOT, env=env, capture_output=True, text=True,
