@@ -355,7 +355,9 @@ def _check_policy_kwargs(algo_cls, policy, kwargs: dict, where: str) -> None:
     import inspect
     import numbers
 
-    cls = algo_cls.policy_aliases[policy] if isinstance(policy, str) and "." not in policy else _policy_class(policy)
+    cls = _policy_class(policy)
+    if isinstance(cls, str):  # an alias of the algorithm's
+        cls = algo_cls.policy_aliases[cls]
     params: dict = {}
     for base in cls.__mro__:  # the keywords of each __init__ that passes **kwargs on to its base's
         if "__init__" not in vars(base):
