@@ -337,6 +337,10 @@ class HostProfile(Strict):
         """KVM_DIRTY_RING_RSVD_ENTRIES + arch_dirty_log_size (64, or 576 on x86 with PML)."""
         return 64 + self.arch_dirty_log_size
 
+    def with_costs(self, **costs) -> HostProfile:
+        """This profile with some of its ``costs`` replaced (a frozen config: a new object)."""
+        return self.model_copy(update={"costs": self.costs.model_copy(update=costs)})
+
     @property
     def min_ring_entries(self) -> int:
         """Smallest ring KVM accepts: bytes >= reserved*16 and >= PAGE_SIZE, a power of two."""
@@ -899,8 +903,7 @@ def scale_scenario(scenario: str | Path | ScenarioConfig | dict | None, memory: 
     out = load_scenario(cfg, **deep_merge(scaled, overrides))
     if out.vm.zero_fraction > 0 and f != 1:
         p = out.profile
-        costs = p.costs.model_copy(update={"zero_page_check_ns": p.costs.zero_page_check_ns / f})
-        out = load_scenario(out, host=p.model_copy(update={"costs": costs}))
+        out = load_scenario(out, host=p.with_costs(zero_page_check_ns=p.costs.zero_page_check_ns / f))
     return out
 
 

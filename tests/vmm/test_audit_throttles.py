@@ -85,8 +85,7 @@ def test_a_sync_that_fits_in_the_rate_limiter_s_window_costs_no_bandwidth():
     (Session.send_slice at MigrationRun.rate_Bps): the window that holds a sync measures
     ~7.9 MB/s (threshold_bytes ~25% low), and the run takes ~0.7 s longer than with fast syncs
     (QEMU: only the last exact sync and the stop-and-copy's, which no window absorbs)."""
-    p = load_host_profile("arm64-4k")
-    p = p.model_copy(update={"costs": p.costs.model_copy(update={"bitmap_scan_page_ns": 3000})})
+    p = load_host_profile("arm64-4k").with_costs(bitmap_scan_page_ns=3000)
     wl = {"name": "uniform-4", "cpu_busy": 0.1, "regions": [{"fraction": 0.9, "rate_mbps": 4}]}
     cfg = load_scenario(_rate_limited_idle(), host=p, workload=wl, collector="bitmap")
     run = MigrationRun(cfg)

@@ -37,8 +37,7 @@ def _textbook(mem_gib, gbps, rate_mbps, pattern="scan", frac=0.97, host="arm64-4
                                       device_state_bytes=0),
                             switchover="pass-end"))
     if costs:
-        p = sc.profile
-        sc = load_scenario(sc, host=p.model_copy(update={"costs": p.costs.model_copy(update=costs)}))
+        sc = load_scenario(sc, host=sc.profile.with_costs(**costs))
     r = MigrationRun(sc)
     return r, r.run()
 
