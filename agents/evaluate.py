@@ -268,6 +268,9 @@ MODEL_ENV_KEYS = ("ring_sizes", "intervals_ms")
 #: scenario fields the environment leaves aside (ringenv.env.NOT_KEYWORDS) and its ``env`` section
 #: (compared as the env settings it gives)
 _IGNORED_SCENARIO_FIELDS = frozenset(NOT_KEYWORDS) | {"env"}
+#: env settings of training only: a randomised workload intensity (``rate_scale_range``) is how a
+#: policy is trained, not a difference from the workloads it is judged on (as written)
+_TRAINING_ONLY_SETTINGS = ("rate_scale_range",)
 
 
 def _flat(d: dict, prefix: str = "") -> dict:
@@ -305,7 +308,7 @@ def trained_settings_differences(spec: str, env_id: str = MIGRATION, scenario: s
     for env in (trained, evaluated):
         u = env.unwrapped
         sc = {k: v for k, v in u.scenario.model_dump().items() if k not in _IGNORED_SCENARIO_FIELDS}
-        cfg = {k: v for k, v in u.cfg.model_dump().items() if k not in MODEL_ENV_KEYS}
+        cfg = {k: v for k, v in u.cfg.model_dump().items() if k not in MODEL_ENV_KEYS + _TRAINING_ONLY_SETTINGS}
         cfg["reward"].pop("truncation", None)  # how the evaluation scores a truncation: not a setting the model saw
         sides.append({**_flat(sc), **_flat(cfg)})
         env.close()

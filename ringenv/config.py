@@ -948,10 +948,26 @@ class EnvConfig(Strict):
     ring_sizes: list[int] | None = Field(None, description="ring entries offered (default: all the host accepts)")
     intervals_ms: list[float] = Field(default_factory=lambda: list(DEFAULT_INTERVALS_MS), min_length=1)
     workload_set: str = "default"
+    rate_scale_range: tuple[float, float] = Field(
+        (1.0, 1.0),
+        description="[low, high]: each episode multiplies its workload's write rates by a factor drawn log-uniformly "
+                    "from it (domain randomisation for training; [1, 1]: the workloads as written)")
     reward: RewardConfig = Field(default_factory=RewardConfig)
+
+    @field_validator("rate_scale_range", mode="before")
+    @classmethod
+    def _two_factors(cls, v):
+        if not isinstance(v, (list, tuple)) or len(v) != 2:
+            raise ValueError(f"{v!r} is not accepted; accepted: [low, high] with 0 < low <= high <= 100 (factors on "
+                             "the workload's write rates)")
+        return v
 
     @model_validator(mode="after")
     def _check(self):
+        lo_hi = self.rate_scale_range
+        if not 0 < lo_hi[0] <= lo_hi[1] <= 100:
+            raise ValueError(f"rate_scale_range: {list(lo_hi)} is not accepted; accepted: [low, high] with "
+                             "0 < low <= high <= 100 (factors on the workload's write rates)")
         for m in self.intervals_ms:
             if not 1 <= m <= 10_000:
                 raise ValueError(f"intervals_ms: {m:g} is not accepted; accepted: 1 to 10000 ms (the observation "

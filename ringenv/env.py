@@ -67,7 +67,7 @@ _OBS_HIGH_LIST = OBS_HIGH.tolist()
 #: attributes of ``env.unwrapped`` documented as read-only: the env sets them itself
 #: (:meth:`RingEnv._own`); assigning one raises AttributeError
 READ_ONLY = frozenset({"scenario", "cfg", "split", "workloads", "ring_sizes", "intervals_ms", "flatten_actions", "kind",
-                       "obs_rate_Bps", "workload", "episode_seed", "ring_entries", "interval_ms"})
+                       "obs_rate_Bps", "workload", "episode_seed", "rate_scale", "ring_entries", "interval_ms"})
 
 
 class RingEnv(gym.Env):
@@ -194,8 +194,12 @@ class RingEnv(gym.Env):
         if workload is None:
             workload = self.workloads[int(self.np_random.integers(len(self.workloads)))]
         self._own(workload=workload, episode_seed=int(self.np_random.integers(0, 2**31 - 1)))
+        lo, hi = self.cfg.rate_scale_range  # drawn only when it is a range: a fixed factor changes no draw
+        self._own(rate_scale=lo if lo == hi else math.exp(self.np_random.uniform(math.log(lo), math.log(hi))))
+        self._episode_scenario = self.scenario if self.rate_scale == 1.0 else self.scenario.model_copy(
+            update={"rate_scale": self.scenario.rate_scale * self.rate_scale})
         self._drop_session()
-        self.sampled_rate, self.redirty_rate = sample_dirty_rate(self.scenario, workload=workload,
+        self.sampled_rate, self.redirty_rate = sample_dirty_rate(self._episode_scenario, workload=workload,
                                                                  seed=self.episode_seed, seconds=self.cfg.sample_s,
                                                                  windows=self.cfg.sample_windows)
         self._own(ring_entries=0, interval_ms=0.0)
@@ -205,7 +209,7 @@ class RingEnv(gym.Env):
         self._ended = None
         self._obs_const = self._observation_constants()
         obs = self._observe(None, 0)
-        info = {"workload": workload, "sampled_dirty_rate_Bps": self.sampled_rate,
+        info = {"workload": workload, "rate_scale": self.rate_scale, "sampled_dirty_rate_Bps": self.sampled_rate,
                 "sampled_redirty_rate_Bps": self.redirty_rate, "ring_sizes": list(self.ring_sizes),
                 "intervals_ms": list(self.intervals_ms)}
         return obs, info
@@ -219,7 +223,7 @@ class RingEnv(gym.Env):
         info = StepInfo()
         if self._session is None:
             self._own(ring_entries=entries if self.scenario.collector == "ring" else 0)
-            self._session = _open_session(self.kind, self.scenario, self.workload, self.episode_seed,
+            self._session = _open_session(self.kind, self._episode_scenario, self.workload, self.episode_seed,
                                           entries, to_ns(interval_ms, MS), self.cfg.control_interval_ms,
                                           self.cfg.sample_s)
             self._prev = self._session.metrics()
@@ -526,9 +530,13 @@ class MigrationEnv(RingEnv):
     gives the workload draw first, then the episode's own seed (`env.unwrapped.episode_seed`,
     see Attributes); with a workload in `options` nothing is drawn for it, so
     `reset(seed=s, options={"workload": w})` is another episode of `w` than the one
-    `reset(seed=s)` gives when it draws `w`: replay an episode with the same call.
+    `reset(seed=s)` gives when it draws `w`: replay an episode with the same call. With a
+    `rate_scale_range` wider than one value, the seed then draws the episode's factor on the
+    workload's write rates, log-uniformly from that range (after the other two draws, which stay
+    those of an env without it); the episode is the one a scenario with that `rate_scale` gives.
 
-    `reset()`'s `info`: `workload` (the episode's), `sampled_dirty_rate_Bps` and
+    `reset()`'s `info`: `workload` (the episode's), `rate_scale` (the episode's factor on the
+    workload's write rates: 1 unless `rate_scale_range` says otherwise), `sampled_dirty_rate_Bps` and
     `sampled_redirty_rate_Bps` (the pre-migration sample in bytes/s: observations 3 and 15
     before scaling), `ring_sizes` and `intervals_ms` (the action grids, as lists the caller may
     keep).
@@ -565,7 +573,12 @@ class MigrationEnv(RingEnv):
     seconds before truncation, default 120; `sample_s`, the
     pre-migration sample's simulated seconds, default 1; `sample_windows`, default 5;
     `ring_sizes` (each one the host accepts, once; default all of them), `intervals_ms` (each in
-    1 .. 10000 ms, once), `reward`, `workload_set`) and scenario fields (e.g. `vm`, `link`,
+    1 .. 10000 ms, once), `reward`, `workload_set`, `rate_scale_range` ([low, high], 0 < low <=
+    high <= 100, default [1, 1]: each episode multiplies its workload's write rates by a factor
+    drawn log-uniformly from it, on top of the scenario's `rate_scale`; domain randomisation for
+    training, so that a policy meets each workload at other intensities than the one written
+    down; `ringenv evaluate` runs the workloads as written and does not count it as a
+    difference from a model's training)) and scenario fields (e.g. `vm`, `link`,
     `checkpoint`, `collector`, `throttle`; a mapping is merged into its section:
     `vm={"vcpus": 2}`) as keywords. The scenario fields the env decides itself are errors
     saying what to use instead: `workload` (`workloads=[...]`, or
@@ -580,8 +593,8 @@ class MigrationEnv(RingEnv):
     `cfg` (the `EnvConfig`: control interval, time cap, grids, reward weights), `workloads` (the
     names episodes are drawn from), `ring_sizes` and `intervals_ms` (the action grids; these
     three are tuples), `flatten_actions`, `kind` ("migration" or "checkpoint"), `obs_rate_Bps` (what the rate
-    observations are divided by, bytes/s); after a reset `workload` and `episode_seed` (the
-    seed of the episode's VMM run, drawn from reset's seed), after a step `ring_entries` and
+    observations are divided by, bytes/s); after a reset `workload`, `episode_seed` (the
+    seed of the episode's VMM run, drawn from reset's seed) and `rate_scale` (as in `info`), after a step `ring_entries` and
     `interval_ms` (as in `info`). `decode_action(action)` gives (ring entries, interval ms),
     `encode_action(entries, ms)` the action nearest to them.
 
@@ -606,7 +619,8 @@ class MigrationEnv(RingEnv):
       truncation counted twice), and `reward_parts` has the `truncation` key on every step;
       `link.give_up_action: cancel` ends an episode cancelled, charged at the `cancel` weight
       (`reward_parts["cancel"]`, info `cancelled` and `cancel_downtime_s`), as does an
-      operator's cancel at `link.cancel_at_s`
+      operator's cancel at `link.cancel_at_s`; the `rate_scale_range` setting and reset's info
+      `rate_scale` were added (the default draws nothing: episodes are unchanged)
     """
 
     kind = "migration"

@@ -125,6 +125,34 @@ def test_same_seed_same_actions_bit_identical():
     assert any(not np.array_equal(x[0], y[0]) for x, y in zip(a, c))
 
 
+def test_rate_scale_range_draws_each_episode_s_write_rate_factor():
+    """Domain randomisation: each reset draws a factor log-uniformly from rate_scale_range (after the
+    workload and the episode seed, which stay those of the env without it) and the episode is the
+    one of a scenario whose rate_scale is that factor, bit for bit. [1, 1] draws nothing."""
+    wide, plain = make(rate_scale_range=[0.5, 2.0]), make()
+    factors = []
+    for seed in range(40):
+        _, info = wide.reset(seed=seed)
+        _, base = plain.reset(seed=seed)
+        assert info["workload"] == base["workload"] and wide.unwrapped.episode_seed == plain.unwrapped.episode_seed
+        assert base["rate_scale"] == plain.unwrapped.rate_scale == 1.0
+        assert info["rate_scale"] == wide.unwrapped.rate_scale
+        factors.append(info["rate_scale"])
+    logs = np.log(factors)
+    assert logs.min() >= np.log(0.5) and logs.max() <= np.log(2.0)
+    assert logs.min() < np.log(0.6) and logs.max() > np.log(1.6) and abs(logs.mean()) < 0.25  # log-uniform
+    acts = [np.array([4, 6]), np.array([4, 2])]
+    a, *_ = rollout(make(rate_scale_range=[0.5, 2.0], workloads=["kernel-build"]), 3, acts)
+    s = a[0][2]["rate_scale"]
+    b, *_ = rollout(make(rate_scale_range=[s, s], workloads=["kernel-build"]), 3, acts)
+    c, *_ = rollout(make(workloads=["kernel-build"]), 3, acts)
+    assert len(a) == len(b) and all(np.array_equal(x[0], y[0]) and x[1] == y[1] for x, y in zip(a, b))
+    # the factor reaches the workload: the sample and the run see it
+    ratio = a[0][2]["sampled_dirty_rate_Bps"] / c[0][2]["sampled_dirty_rate_Bps"]
+    assert ratio == pytest.approx(s, rel=0.05)  # kernel-build: well below saturation here
+    assert a[-1][2]["pages_resent"] != c[-1][2]["pages_resent"]
+
+
 @pytest.mark.slow
 def test_random_policy_100_episodes_all_workloads_no_lost_write():
     sets = load_workload_sets()["default"]
@@ -321,6 +349,10 @@ def test_reset_options():
     ({"ring_sizes": [True]}, r"ring_sizes: \[True\]: True is not a number"),
     ({"intervals_ms": [10, False]}, r"intervals_ms: \[10, False\]: False is not a number"),
     ({"flatten_actions": "no"}, "flatten_actions: 'no'; accepted: True or False"),
+    ({"rate_scale_range": [2, 1]}, r"rate_scale_range: \[2.0, 1.0\] is not accepted; accepted: \[low, high\] with 0 < low"),
+    ({"rate_scale_range": [0, 1]}, r"rate_scale_range: \[0.0, 1.0\] is not accepted; accepted: \[low, high\]"),
+    ({"rate_scale_range": [1]}, r"rate_scale_range: \[1\] is not accepted; accepted: \[low, high\]"),
+    ({"rate_scale_range": 2}, r"rate_scale_range: 2 is not accepted; accepted: \[low, high\]"),
     ({"bogus": 1}, "bogus: unknown argument; accepted: split, workloads, flatten_actions, render_mode, .*"
                    "control_interval_ms.*host, vm, rate_scale"),
     ({"vm": {"vcpus": 0}}, "vm.vcpus"),
@@ -538,7 +570,7 @@ def test_docstring_documents_reset_info_attributes_truncation_and_time_cap():
     for k in info:
         assert f"`{k}`" in doc, k
     for attr in ("scenario", "cfg", "workloads", "ring_sizes", "intervals_ms", "flatten_actions", "workload",
-                 "episode_seed", "obs_rate_Bps"):
+                 "episode_seed", "rate_scale", "obs_rate_Bps"):
         assert f"`{attr}`" in doc.split("## Attributes")[1], attr
         assert hasattr(env.unwrapped, attr), attr
     rewards = doc.split("## Rewards")[1].split("## Starting State")[0]
@@ -667,7 +699,8 @@ def test_a_migration_truncated_in_its_stop_and_copy_is_charged_the_downtime_it_w
 
 @pytest.mark.parametrize("name, value", [("workloads", ["idle"]), ("kind", "checkpoint"), ("ring_sizes", [65536, 256]),
                                          ("intervals_ms", [5.0]), ("scenario", None), ("cfg", None),
-                                         ("workload", "idle"), ("ring_entries", 256), ("interval_ms", 5.0)])
+                                         ("workload", "idle"), ("ring_entries", 256), ("interval_ms", 5.0),
+                                         ("rate_scale", 2.0)])
 def test_the_documented_read_only_attributes_cannot_be_assigned(name, value):
     """The env docstring's Attributes: read-only. Assigning one used to be accepted and changed
     the env under its spaces (ring_sizes: an action then meant another ring size)."""
