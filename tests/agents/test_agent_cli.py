@@ -123,6 +123,7 @@ def test_train_unknown_hyperparameter_names_the_key_and_the_accepted_ones(capsys
     ("ppo", "policy_kwargs={net_arch: 5}", ["net_arch 5", "a list of layer sizes", "{pi: [...], vf: [...]}"]),
     ("ppo", "policy_kwargs={net_arch: {pi: [64], vf: abc}}", ["net_arch", "a list of layer sizes"]),
     ("ppo", "policy_kwargs={ortho_init: maybe}", ["ortho_init maybe", "true or false"]),
+    ("ppo", "policy_kwargs={ordinal: maybe}", ["ordinal maybe", "true or false"]),
     ("ppo", "policy_kwargs={log_std_init: high}", ["log_std_init high", "a finite number"]),
     ("ppo", "policy_kwargs={netarch: [64]}", ["takes no keyword 'netarch'", "net_arch", "ortho_init"]),
     ("dqn", "policy_kwargs={net_arch: {pi: [64]}}", ["net_arch", "a list of layer sizes (integers > 0)"]),

@@ -211,3 +211,65 @@ def test_compare_s_timeline_shows_the_baseline_and_the_best_policy(tmp_path, mon
     worst = min(rows, key=lambda r: r["reward"])
     assert best["spec"] != "qemu" and worst["spec"] != best["spec"]
     assert [ep["policy"] for ep in shown[0]] == ["qemu default", best["policy"]]
+
+
+def test_ordinal_logits_by_hand():
+    """x = (0, ln 3, -ln 3): s = (1/2, 3/4, 1/4); the three classes' products 1/2 1/4 3/4, 1/2 3/4 3/4
+    and 1/2 3/4 1/4 normalise to 0.2, 0.6, 0.2. x = 0 is uniform."""
+    import torch as th
+
+    from agents.policies import ordinal_logits
+
+    p = th.softmax(ordinal_logits(th.tensor([[0.0, math.log(3), -math.log(3)]])), dim=1)
+    assert p[0].tolist() == pytest.approx([0.2, 0.6, 0.2], abs=1e-6)
+    assert th.softmax(ordinal_logits(th.zeros(2, 9)), dim=1).flatten().tolist() == pytest.approx([1 / 9] * 18)
+
+
+def test_an_ordinal_head_moves_the_neighbours_with_the_chosen_size():
+    """A policy-gradient step that raises one ring size's log-probability also raises the sizes next to
+    it with the ordinal logits (what lets PPO walk 16384 -> 32768 -> 65536 entries); with plain logits
+    every other size loses."""
+    import torch as th
+
+    from agents.policies import ordinal_logits
+
+    def step(transform):
+        x = th.zeros(9, requires_grad=True)
+        p0 = th.softmax(transform(x), 0).detach()
+        th.log_softmax(transform(x), 0)[6].backward()
+        return th.softmax(transform((x + 0.5 * x.grad).detach()), 0) - p0
+
+    ordinal, plain = step(ordinal_logits), step(lambda x: x)
+    assert ordinal[6] > 0 and ordinal[5] > 0 and ordinal[7] > 0 and ordinal[8] > 0 and ordinal[:4].lt(0).all()
+    assert plain[6] > 0 and th.cat([plain[:6], plain[7:]]).lt(0).all()
+
+
+def test_ordinal_policy_keeps_the_mask_and_loads_back(tmp_path):
+    import torch as th
+    from stable_baselines3 import PPO
+
+    from agents.policies import FixedRingPolicy, ordinal_logits
+
+    env = gym.make("ringenv/Migration-v0", **SMALL, workloads=["oltp"])
+    model = PPO(FixedRingPolicy, env, policy_kwargs={"ring_sizes": env.unwrapped.ring_sizes, "ordinal": True},
+                seed=0, device="cpu")
+    obs = th.zeros((1, 17))
+    obs[0, 12], obs[0, 14] = math.log2(16384) / 16, 1.0  # ring 16384, fixed
+    assert model.policy.get_distribution(obs).distribution[0].probs[0, RINGS.index(16384)].item() == pytest.approx(1.0)
+    obs[0, 14] = 0.0
+    policy = model.policy
+    with th.no_grad():  # outputs far from 0, where the ordinal and the plain logits differ
+        policy.action_net.bias.copy_(th.linspace(-2.0, 2.0, len(policy.action_net.bias)))
+    with th.no_grad():  # the head's logits are the ordinal transform of the network's outputs
+        x = policy.action_net(policy.mlp_extractor.forward_actor(policy.extract_features(obs, policy.pi_features_extractor)))
+    want = th.softmax(ordinal_logits(x[:, :len(RINGS)]), dim=1)
+    got = model.policy.get_distribution(obs).distribution[0].probs
+    assert (got - th.softmax(x[:, :len(RINGS)], dim=1)).abs().max() > 0.05
+    assert got[0].tolist() == pytest.approx(want[0].tolist(), abs=1e-6)
+    model.save(tmp_path / "m.zip")
+    back = PPO.load(tmp_path / "m.zip", device="cpu")
+    assert back.policy.ordinal is True
+    assert back.policy.get_distribution(obs).distribution[0].probs[0].tolist() == pytest.approx(got[0].tolist(),
+                                                                                            abs=1e-6)
+    with pytest.raises(ValueError, match=r"ordinal: 'yes' is not accepted; accepted: true or false"):
+        FixedRingPolicy(env.observation_space, env.action_space, lambda _: 1e-3, ordinal="yes")
