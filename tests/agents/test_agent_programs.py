@@ -64,7 +64,11 @@ def test_train_ppo_writes_models_stats_logs(ppo_run):
     assert list((ppo_run / "checkpoints").glob("rl_model_*_steps.zip"))
     meta = json.loads((ppo_run / "args.json").read_text())
     assert meta["algo"] == "ppo" and meta["env_id"] == "ringenv/Migration-v0"
-    assert meta["env_kwargs"] == {"vm": {"memory": "1GiB", "vcpus": 2}} and meta["timesteps"] == 256
+    # configs/train/ppo.yaml's randomised intensity and ordinal heads reach the run (and its record)
+    assert meta["env_kwargs"] == {"rate_scale_range": [0.5, 2.0], "vm": {"memory": "1GiB", "vcpus": 2}}
+    assert meta["timesteps"] == 256 and meta["hyperparams"]["policy_kwargs"]["ordinal"] is True
+    from stable_baselines3 import PPO
+    assert PPO.load(ppo_run / "final_model.zip", device="cpu").policy.ordinal is True
     assert meta["wall_s"] > 0 and "best_eval" in meta
 
 
@@ -328,6 +332,9 @@ def test_evaluating_a_model_trained_with_other_settings_warns(ppo_run, tmp_path,
 
     small = {"vm": {"memory": "1GiB", "vcpus": 2}}
     assert trained_settings_differences(str(ppo_run), "ringenv/Migration-v0", "default", small) == []
+    # a randomised intensity is how a model is trained, not a difference from the workloads as written
+    assert trained_settings_differences(str(ppo_run), "ringenv/Migration-v0", "default",
+                                        {**small, "rate_scale_range": [0.5, 2]}) == []
     diff = trained_settings_differences(str(ppo_run), "ringenv/Migration-v0", "default",
                                         {**small, "control_interval_ms": 100, "max_episode_s": 120})
     assert diff == ["control_interval_ms 50 (evaluated: 100)"], diff
