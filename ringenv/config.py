@@ -936,6 +936,10 @@ class RewardConfig(Strict):
     scale: float = Field(1.0, gt=0)
 
 
+#: what EnvConfig.rate_scale_range accepts (its errors say so)
+RATE_SCALE_RANGE_ACCEPTED = "[low, high] with 0 < low <= high <= 100 (factors on the workload's write rates)"
+
+
 class EnvConfig(Strict):
     """Environment settings: the control interval (simulated ms between actions), the episode
     time cap, the pre-migration dirty-rate sample, the action grids, the workload set and the
@@ -958,16 +962,14 @@ class EnvConfig(Strict):
     @classmethod
     def _two_factors(cls, v):
         if not isinstance(v, (list, tuple)) or len(v) != 2:
-            raise ValueError(f"{v!r} is not accepted; accepted: [low, high] with 0 < low <= high <= 100 (factors on "
-                             "the workload's write rates)")
+            raise ValueError(f"{v!r} is not accepted; accepted: {RATE_SCALE_RANGE_ACCEPTED}")
         return v
 
     @model_validator(mode="after")
     def _check(self):
         lo_hi = self.rate_scale_range
         if not 0 < lo_hi[0] <= lo_hi[1] <= 100:
-            raise ValueError(f"rate_scale_range: {list(lo_hi)} is not accepted; accepted: [low, high] with "
-                             "0 < low <= high <= 100 (factors on the workload's write rates)")
+            raise ValueError(f"rate_scale_range: {list(lo_hi)} is not accepted; accepted: {RATE_SCALE_RANGE_ACCEPTED}")
         for m in self.intervals_ms:
             if not 1 <= m <= 10_000:
                 raise ValueError(f"intervals_ms: {m:g} is not accepted; accepted: 1 to 10000 ms (the observation "
