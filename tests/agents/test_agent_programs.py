@@ -95,6 +95,12 @@ def test_train_a2c_and_dqn(tmp_path, algo):
     meta = json.loads((tmp_path / algo / "args.json").read_text())
     assert meta["env_id"] == ("ringenv/MigrationDiscrete-v0" if algo == "dqn" else "ringenv/Migration-v0")
     assert meta["env_wrapper"] == {"gymnasium.wrappers.TimeLimit": {"max_episode_steps": 50}}
+    if algo == "a2c":  # configs/train/a2c.yaml's ordinal heads, advantage normalisation and intensities reach the run
+        from stable_baselines3 import A2C
+        assert meta["env_kwargs"]["rate_scale_range"] == [0.5, 2.0]
+        assert meta["hyperparams"]["policy_kwargs"]["ordinal"] is True and meta["hyperparams"]["normalize_advantage"]
+        model = A2C.load(tmp_path / algo / "final_model.zip", device="cpu")
+        assert model.policy.ordinal is True and model.normalize_advantage is True
     # evaluate loads it back on its own env id (Discrete for DQN)
     out = tmp_path / "eval"
     ringenv("evaluate", "--policies", tmp_path / algo, "--workloads", "oltp", "--seeds", 1, "--workers", 1,
