@@ -19,7 +19,7 @@ run: $(STAMP)
 	$(PY) -m ringenv run
 
 test: $(STAMP)
-	$(PY) -m pytest
+	$(PY) -m pytest -n auto
 
 bench: $(STAMP)
 	$(PY) -m benchmarks
