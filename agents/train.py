@@ -13,7 +13,8 @@ or a value stable-baselines3 would reject later is an error naming it and what i
 What it does:
 1. ``n_envs`` training environments on the TRAIN workloads (``SubprocVecEnv`` when there are
    several and more than one core, else ``DummyVecEnv``), each wrapped in ``Monitor``, then
-   ``VecNormalize`` (observations, and rewards by the running return's spread).
+   ``VecNormalize`` when the file has ``normalize``, with its keywords (the shipped files:
+   rewards by the running return's spread; observations only in DQN's, ``norm_obs``).
 2. An evaluation environment on fixed (workload, seed) episodes of the train workloads, never
    the test ones (those judge the final policy); ``EvalCallback`` keeps the best model with its
    VecNormalize statistics, ``CheckpointCallback`` saves snapshots.
