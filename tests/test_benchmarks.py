@@ -63,3 +63,35 @@ def test_the_trace_replay_figure_times_the_whole_trace():
 
     us, writes = trace_replay_us(repeats=1)
     assert writes == 21000 and 0 < us < 1000
+
+
+def test_the_bench_command_has_help_and_rejects_unknown_names_before_running(capsys):
+    from benchmarks.__main__ import main
+
+    with pytest.raises(SystemExit) as e:
+        main(["--help"])
+    assert e.value.code == 0
+    assert "host, vmm_speed, env_speed, env_floor, memory" in " ".join(capsys.readouterr().out.split())
+    with pytest.raises(SystemExit) as e:
+        main(["host", "hots"])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert "unknown benchmark 'hots'" in err and "accepted: host, vmm_speed" in err
+
+
+def test_the_bench_command_runs_only_the_modules_named(monkeypatch, capsys):
+    import sys
+    import types
+
+    import benchmarks.__main__ as bench
+
+    ran = []
+    for name in ("first", "second"):
+        mod = types.ModuleType(f"benchmarks.{name}")
+        mod.main = lambda name=name: ran.append(name) or [(f"{name}: a figure", "1x", ">= 1x")]
+        monkeypatch.setitem(sys.modules, f"benchmarks.{name}", mod)
+    monkeypatch.setattr(bench, "NAMES", ["first", "second"])
+    assert bench.main(["second", "first"]) == 0
+    assert ran == ["second", "first"]
+    out = capsys.readouterr().out
+    assert "| second: a figure | 1x | >= 1x |" in out and out.index("second:") < out.index("first:")
