@@ -241,10 +241,15 @@ def test_nothing_is_half_written_on_assignment():
 
 
 def test_the_shipped_configs_all_load():
-    for n in C.scenario_names():
-        load_scenario(n)
-    for q in (C.CONFIG_DIR / "workloads").glob("*.yaml"):
-        load_workload(q.stem)
+    scenarios = C.scenario_names()
+    assert "default" in scenarios
+    for n in scenarios:
+        assert load_scenario(n).name == n
+    workloads = sorted(q.stem for q in (C.CONFIG_DIR / "workloads").glob("*.yaml"))
+    assert len(workloads) >= 12  # the bar: at least 12 distinct workloads
+    for n in workloads:
+        load_workload(n)
+    assert {"arm64-4k", "x86-pml"} <= set(C.HOST_PROFILES)
     for n in C.HOST_PROFILES:
         load_host_profile(n)
     C.load_workload_sets()
