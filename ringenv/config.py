@@ -868,6 +868,12 @@ def load_scenario(name_or_path: str | Path | ScenarioConfig | dict | None = None
         if not isinstance(data, dict):
             raise ConfigError(f"scenario {p.name}: expected a mapping of fields")
         where = f"scenario {p.name}"
+    if "kind" in overrides and "kind" in data:  # (the env id or command replaces it: a typo would go unseen)
+        kinds = typing.get_args(ScenarioConfig.model_fields["kind"].annotation)
+        if data["kind"] not in kinds:
+            raise ConfigError(f"invalid {where}:\n  kind: {data['kind']!r} is not accepted; accepted: "
+                              f"{', '.join(kinds)} (what runs is chosen by the env id or the command, "
+                              f"{overrides['kind']} here, but the file's own value must be one of them)")
     if overrides:
         data = deep_merge(data, overrides)
         where = f"{where} with the keyword overrides ({', '.join(overrides)})"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import math
+from collections.abc import Iterable
 from typing import Any
 
 import gymnasium as gym
@@ -117,9 +118,16 @@ class RingEnv(gym.Env):
             raise ConfigError(f"split: {split!r}; accepted: 'train', 'test', 'all'")
         self._own(split=split)
         if workloads is not None:
-            if isinstance(workloads, (str, bytes)) or not all(isinstance(w, str) for w in workloads):
+            if isinstance(workloads, (set, frozenset)):  # ordered by the string hash: per process
+                raise ConfigError(f"workloads: a set has no fixed order (it follows the string hash, which differs "
+                                  f"from process to process), so the same seed would draw different workloads; pass "
+                                  f"a list, e.g. sorted({workloads!r})")
+            if isinstance(workloads, (str, bytes)) or not isinstance(workloads, Iterable):
                 raise ConfigError(f"workloads: expected a list of workload names, got {workloads!r}")
-            self._own(workloads=tuple(workloads))
+            names = tuple(workloads)  # (a generator is read once, here)
+            if not all(isinstance(w, str) for w in names):
+                raise ConfigError(f"workloads: expected a list of workload names, got {list(names)!r}")
+            self._own(workloads=names)
             for i, w in enumerate(self.workloads):
                 load_workload(w, where=f"workloads[{i}]")  # an unknown name is an error now, not at some reset
         else:
@@ -567,7 +575,8 @@ class MigrationEnv(RingEnv):
     e.g. `{"vm": {"memory": "1GiB"}, "host": "x86-pml"}`) or a ScenarioConfig; the fields the
     env decides itself are left aside in any of these as in a scenario file (its `workload`
     too: the env draws its workloads, below); `split` "train", "test" or
-    "all" of the workload set; `workloads` an explicit list of workload names instead;
+    "all" of the workload set; `workloads` an explicit list of workload names instead (any
+    ordered iterable; a set is refused: its order, hence each seed's draw, differs by process);
     `flatten_actions` True for the `Discrete` variant; env settings
     (`control_interval_ms`, simulated ms per step, default 50; `max_episode_s`, simulated
     seconds before truncation, default 120; `sample_s`, the

@@ -363,6 +363,40 @@ def test_invalid_arguments_name_the_field(kwargs, match):
         make(**kwargs)
 
 
+def test_workloads_must_have_an_order_and_may_be_any_iterable():
+    """A set's order follows the string hash, which differs between processes: the same seed
+    would draw different workloads, so a set is refused. A generator is read once, in order."""
+    with pytest.raises(ConfigError, match=r"workloads: a set has no fixed order .*pass a list"):
+        make(workloads={"web", "idle"})
+    with pytest.raises(ConfigError, match=r"workloads: a set has no fixed order"):
+        make(workloads=frozenset({"web"}))
+    env = make(workloads=(w for w in ["web", "idle"]))
+    assert env.unwrapped.workloads == ("web", "idle")
+    with pytest.raises(ConfigError, match=r"workloads\[1\]: unknown workload 'bogus'"):
+        make(workloads=iter(["web", "bogus"]))
+    with pytest.raises(ConfigError, match=r"workloads: expected a list of workload names, got 3"):
+        make(workloads=3)
+    with pytest.raises(ConfigError, match=r"workloads: expected a list of workload names, got \['web', 3\]"):
+        make(workloads=(w for w in ["web", 3]))
+
+
+def test_a_misspelt_kind_in_the_scenario_file_is_an_error_though_the_env_id_decides(tmp_path):
+    """The env id decides what runs, whatever the file's ``kind``; a value that is neither kind
+    is still a typo in the file, reported as any other bad field is."""
+    from ringenv.config import load_scenario
+
+    p = tmp_path / "typo.yaml"
+    p.write_text("name: typo\nkind: migraton\nvm: {memory: 512MiB, vcpus: 2}\nworkload: web\n")
+    for env_id in ("ringenv/Migration-v0", "ringenv/Checkpoint-v0"):
+        with pytest.raises(ConfigError, match=r"typo.yaml.*\n  kind: 'migraton' is not accepted; accepted: "
+                                              r"migration, checkpoint"):
+            gym.make(env_id, scenario=str(p))
+    with pytest.raises(ConfigError, match=r"kind: 'migraton' is not accepted"):
+        load_scenario(str(p), kind="checkpoint")
+    p.write_text("name: ok\nkind: checkpoint\nvm: {memory: 512MiB, vcpus: 2}\nworkload: web\n")
+    assert gym.make("ringenv/Migration-v0", scenario=str(p)).unwrapped.scenario.kind == "migration"
+
+
 def test_invalid_render_mode_names_the_field():
     from ringenv.env import MigrationEnv
 

@@ -81,6 +81,15 @@ def test_unknown_scenario_and_choices(capsys):
     assert "invalid choice: 'pml'" in capsys.readouterr().err
 
 
+def test_a_misspelt_kind_in_the_file_exits_2(tmp_path, capsys):
+    """The command decides the kind; a file whose ``kind`` is neither is still an error."""
+    p = tmp_path / "typo.yaml"
+    p.write_text(SMALL + "kind: chekpoint\n")
+    for cmd in ("migrate", "checkpoint"):
+        assert main([cmd, "--scenario", str(p)]) == 2
+        assert "kind: 'chekpoint' is not accepted; accepted: migration, checkpoint" in capsys.readouterr().err
+
+
 def test_lost_writes_exit_1_loudly(tmp_path, capsys):
     p = tmp_path / "lossy.yaml"
     p.write_text(SMALL.replace("vcpus: 2}", "vcpus: 2, with_bitmap: false}"))
