@@ -369,8 +369,8 @@ class RingEnv(gym.Env):
         if self.render_mode is None:
             gym.logger.warn("render() called without a render_mode")
             return None
-        if self._last is None:
-            return "(reset, no step yet)" if self.render_mode == "ansi" else np.zeros((240, 480, 3), np.uint8)
+        if self._last is None:  # before the first step: every ring empty, nothing sent
+            return "(reset, no step yet)" if self.render_mode == "ansi" else _render_rgb(self, None, {})
         obs, reward, info = self._last
         if self.render_mode == "ansi":
             return (f"t={self.t / SECOND:7.2f}s {self.workload:12s} ring={self.ring_entries:6d} "
@@ -577,7 +577,11 @@ class MigrationEnv(RingEnv):
     too: the env draws its workloads, below); `split` "train", "test" or
     "all" of the workload set; `workloads` an explicit list of workload names instead (any
     ordered iterable; a set is refused: its order, hence each seed's draw, differs by process);
-    `flatten_actions` True for the `Discrete` variant; env settings
+    `flatten_actions` True for the `Discrete` variant; `render_mode` None, "ansi" (`render()`
+    returns one status line per step: simulated time, workload, ring size, interval, ring fill,
+    dirty rate, ring-full exits, iteration, progress, reward) or "rgb_array" (a 240 x 480 x 3
+    uint8 frame: each vCPU's ring fill against its soft limit, red from 0.9, and the share of
+    memory sent; after reset the empty rings; drawn with matplotlib, the `rl` extra); env settings
     (`control_interval_ms`, simulated ms per step, default 50; `max_episode_s`, simulated
     seconds before truncation, default 120; `sample_s`, the
     pre-migration sample's simulated seconds, default 1; `sample_windows`, default 5;
@@ -852,13 +856,22 @@ def _render_rgb(env: RingEnv, obs: np.ndarray, info: dict) -> np.ndarray:
     fig = Figure(figsize=(6.4, 3.2), dpi=75)
     canvas = FigureCanvasAgg(fig)
     a1, a2 = fig.subplots(1, 2, gridspec_kw={"width_ratios": [3, 1]})
-    fill = np.asarray(info.get("ring_fill", []), dtype=float)
+    ring = env.scenario.collector == "ring"
+    vcpus = env.scenario.vm.vcpus
+    fill = np.asarray(info.get("ring_fill", np.zeros(vcpus if ring else 0)), dtype=float)
     a1.bar(np.arange(len(fill)), fill, color=["tab:red" if f >= 0.9 else "tab:blue" for f in fill])
+    a1.set_xlim(-0.6, vcpus - 0.4)
     a1.set_ylim(0, 1.05)
     a1.set_xlabel("vCPU")
     a1.set_ylabel("ring fill / soft limit")
-    a1.set_title(f"{env.workload}: ring {env.ring_entries}, every {env.interval_ms:.0f} ms", fontsize=8)
-    a2.bar([0], [obs[7]], color="tab:green")
+    if not ring:
+        how = "bitmap collector (no ring)"
+    elif not env.ring_entries:
+        how = "ring size chosen by the first step's action"
+    else:
+        how = f"ring {env.ring_entries}, every {env.interval_ms:.0f} ms"
+    a1.set_title(f"{getattr(env, 'workload', 'no episode yet')}: {how}", fontsize=8)
+    a2.bar([0], [0.0 if obs is None else obs[7]], color="tab:green")
     a2.set_ylim(0, 1)
     a2.set_xticks([0], ["sent"])
     a2.set_title(f"iter {info.get('iterations', 0)}", fontsize=8)

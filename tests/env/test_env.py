@@ -428,6 +428,31 @@ def test_render_modes():
     assert img.dtype == np.uint8 and img.ndim == 3 and img.shape[2] == 3 and img.std() > 0
 
 
+def _bar_pixels(img, rgb):
+    return int((np.abs(img.astype(int) - rgb).sum(axis=2) < 12).sum())
+
+
+def test_rgb_frame_after_reset_draws_the_empty_state_not_a_black_image():
+    """RecordVideo's first frame is the one after reset: it shows the axes with every ring empty
+    and nothing sent (no bar), then a step's frame shows the rings' fill."""
+    pytest.importorskip("matplotlib")
+    blue, green = (31, 119, 180), (44, 160, 44)  # matplotlib's tab:blue (fill) and tab:green (sent)
+    for env_id in ("ringenv/Migration-v0", "ringenv/Checkpoint-v0"):
+        env = make(env_id, render_mode="rgb_array", workloads=["memcached"])
+        env.reset(seed=0)
+        img = env.render()
+        assert img.shape == (240, 480, 3) and img.dtype == np.uint8
+        assert (img > 200).all(axis=2).mean() > 0.5, "mostly white background, not a black frame"
+        assert (img < 60).all(axis=2).sum() > 500, "axes, ticks and labels are drawn"
+        assert _bar_pixels(img, blue) == 0 and _bar_pixels(img, green) == 0
+        for _ in range(4):
+            env.step(np.array([0, 3]))  # the smallest ring fills
+        assert _bar_pixels(env.render(), blue) + _bar_pixels(env.render(), (214, 39, 40)) > 100
+    env = make(render_mode="rgb_array", collector="bitmap")
+    env.reset(seed=0)
+    assert (env.render() > 200).all(axis=2).mean() > 0.5
+
+
 @pytest.mark.slow
 def test_no_memory_growth_over_many_episodes():
     """DESIGN reliability bar: resident memory stays flat over a long run (full-size default VM)."""
