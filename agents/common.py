@@ -26,6 +26,13 @@ ENV_IDS = [MIGRATION, MIGRATION_DISCRETE, "ringenv/Checkpoint-v0", "ringenv/Chec
 #: which env id an algorithm trains on by default (DQN needs the flattened Discrete action)
 DEFAULT_ENV = {"ppo": MIGRATION, "a2c": MIGRATION, "dqn": MIGRATION_DISCRETE}
 TRAIN_CONFIG_DIR = CONFIG_DIR / "train"
+#: the attribute of a model that ``ringenv train`` saves with it (stable-baselines3 keeps a
+#: model's JSON attributes in its .zip): what loading and running it needs, so that a .zip
+#: copied out of its run directory still runs as trained (agents.evaluate.model_meta)
+MODEL_RECORD = "ringenv_model"
+#: the keys of a run's args.json that MODEL_RECORD carries
+MODEL_RECORD_KEYS = ("algo", "env_id", "scenario", "split", "workloads", "env_kwargs", "env_wrapper", "action_repeat",
+                     "control_interval_ms", "policy", "normalize")
 
 
 # ---------------------------------------------------------------------------------- environments

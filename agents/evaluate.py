@@ -22,6 +22,7 @@ import math
 import re
 import sys
 import time
+import zipfile
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,8 +31,8 @@ import numpy as np
 
 from ringenv.env import NOT_KEYWORDS
 
-from .common import (MIGRATION, EnvFacts, check_env_id, check_out_dir, jsonable, make_env, module_main,
-                     parse_overrides, wrap_env)
+from .common import (MIGRATION, MODEL_RECORD, EnvFacts, check_env_id, check_out_dir, jsonable, make_env,
+                     module_main, parse_overrides, wrap_env)
 from .heuristics import SPECS, Policy, heuristic_env_kwargs, is_heuristic, make_heuristic
 
 
@@ -67,7 +68,8 @@ class Args(EvalSettings):
     policies: list[str] = field(default_factory=lambda: ["qemu"], metadata={"metavar": "SPEC"})
     """heuristic specs (qemu, fixed:ENTRIES:MS, watermark[:T[:ENTRIES|auto]], rate[:MIB[:ENTRIES]], bitmap,
     random[:SEED]; ENTRIES and MS must be members of the env's ring_sizes / intervals_ms, which --set can change)
-    or trained models (path to a .zip saved by `ringenv train`, or its run directory)"""
+    or trained models (path to a .zip saved by `ringenv train`, or its run directory; a .zip trained on normalised
+    observations needs MODEL_vecnormalize.pkl beside it)"""
     seeds: int = 5
     """episodes per workload (seeds seed0, seed0+1, ...)"""
     out: str = "runs/evaluate"
@@ -91,8 +93,23 @@ def find_model(path: str | Path) -> Path:
     return p
 
 
+def _zip_data(model_path: Path) -> dict:
+    """The attributes stable-baselines3 saved in a model's .zip (its ``data`` entry)."""
+    try:
+        with zipfile.ZipFile(model_path) as z:
+            data = json.loads(z.read("data"))
+    except (zipfile.BadZipFile, KeyError, json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{model_path}: not a model saved by stable-baselines3 ({e})") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{model_path}: not a model saved by stable-baselines3 (its data is not a JSON object)")
+    return data
+
+
 def model_meta(model_path: Path) -> dict:
-    """The training run's args.json (algo, env id, overrides) next to the model, if any."""
+    """The training run's record of a model: the run's args.json (next to the model, or one
+    level up for a snapshot), else the record ``ringenv train`` saved in the model itself
+    (MODEL_RECORD: a .zip copied out of its run directory), else {} (a model saved by another
+    program, or before models carried their record)."""
     for d in (model_path.parent, model_path.parent.parent):
         f = d / "args.json"
         if f.is_file():
@@ -103,7 +120,61 @@ def model_meta(model_path: Path) -> dict:
             if not isinstance(meta, dict):
                 raise ValueError(f"{f}: a JSON {type(meta).__name__}; expected the object a training run writes")
             return meta
-    return {}
+    record = _zip_data(model_path).get(MODEL_RECORD)
+    return dict(record) if isinstance(record, dict) else {}
+
+
+def model_algo(model_path: Path, meta: dict) -> str:
+    """The model's algorithm: its record's, else told from the attributes saved in the .zip
+    (DQN's exploration schedule, PPO's clip range, A2C: neither)."""
+    if meta.get("algo"):
+        return str(meta["algo"])
+    data = _zip_data(model_path)
+    if "exploration_fraction" in data:
+        return "dqn"
+    if "clip_range" in data:
+        return "ppo"
+    if "gae_lambda" in data:
+        return "a2c"
+    raise ValueError(f"{model_path}: cannot tell which algorithm saved it (PPO, A2C or DQN), and it has no training "
+                     "record (no args.json next to it or one level up, none saved in the model)")
+
+
+def normalizes_observations(meta: dict) -> bool:
+    """Whether the run trained on VecNormalize-normalised observations (its ``normalize``:
+    true, or keywords without ``norm_obs: false``)."""
+    norm = meta.get("normalize")
+    return bool(norm) and (not isinstance(norm, dict) or norm.get("norm_obs", True))
+
+
+def vecnormalize_candidates(model_path: Path) -> list[Path]:
+    """Where a model's VecNormalize statistics are looked for, in order: a snapshot's own
+    (CheckpointCallback's naming), ``<model>_vecnormalize.pkl``, then ``vecnormalize.pkl``."""
+    stem = model_path.with_suffix("")
+    cands = [Path(f"{stem}_vecnormalize.pkl"), model_path.parent / "vecnormalize.pkl"]
+    snapshot = re.fullmatch(r"(.*)_(\d+_steps)", model_path.stem)
+    if snapshot:
+        cands.insert(0, model_path.parent / f"{snapshot[1]}_vecnormalize_{snapshot[2]}.pkl")
+    return cands
+
+
+def check_model(spec: str) -> str | None:
+    """A clear error for a model that would not run as it was trained (its algorithm unknown,
+    its observation statistics missing); returns a warning for a model without a training
+    record (it runs with one decision per step and raw observations), else None."""
+    model = find_model(spec)
+    meta = model_meta(model)
+    algo = model_algo(model, meta)
+    if normalizes_observations(meta) and not any(c.is_file() for c in vecnormalize_candidates(model)):
+        raise ValueError(f"--policies {spec!r}: the {algo.upper()} model {model.name} was trained on normalised "
+                         f"observations (normalize: {meta['normalize']}), but its VecNormalize statistics are missing: "
+                         f"none of {', '.join(c.name for c in vecnormalize_candidates(model))} is next to it (copy the "
+                         "run's .pkl with the .zip, or pass the run directory)")
+    if not meta:
+        return (f"model {spec} has no training record (no args.json next to it, none saved in the model: saved by "
+                f"another program or an older ringenv): evaluated as {algo.upper()} (told from the file) with one "
+                "decision per step (action_repeat 1), raw observations and no training wrapper")
+    return None
 
 
 class ModelPolicy(Policy):
@@ -117,16 +188,11 @@ class ModelPolicy(Policy):
 
         self.path = find_model(path)
         meta = model_meta(self.path)
-        self.algo = meta.get("algo", "ppo")
+        self.algo = model_algo(self.path, meta)
         self.env_id = meta.get("env_id")
         self.model = getattr(sb3, self.algo.upper()).load(self.path, device="cpu")
-        stem = self.path.with_suffix("")
         self.vecnorm = None
-        snapshot = re.fullmatch(r"(.*)_(\d+_steps)", self.path.stem)  # CheckpointCallback's naming
-        cands = [Path(f"{stem}_vecnormalize.pkl"), self.path.parent / "vecnormalize.pkl"]
-        if snapshot:
-            cands.insert(0, self.path.parent / f"{snapshot[1]}_vecnormalize_{snapshot[2]}.pkl")
-        for cand in cands:
+        for cand in vecnormalize_candidates(self.path):
             if cand.is_file():
                 with open(cand, "rb") as f:
                     self.vecnorm = pickle.load(f)
@@ -179,8 +245,13 @@ def policy_env_id(spec: str, default: str) -> str:
     """The env id a policy must run on: a model's training env (DQN: the Discrete id)."""
     if is_heuristic(spec):
         return default
-    meta = model_meta(find_model(spec))
-    return meta.get("env_id", default)
+    model = find_model(spec)
+    meta = model_meta(model)
+    if "env_id" in meta:
+        return meta["env_id"]
+    if model_algo(model, meta) == "dqn" and "Discrete" not in default:  # (a model without a record)
+        return default.replace("-v", "Discrete-v")
+    return default
 
 
 # ---------------------------------------------------------------------------------- episodes
@@ -379,6 +450,7 @@ def check_spec(spec: str, facts: EnvFacts) -> None:
         find_model(spec)
     except FileNotFoundError as e:
         raise ValueError(f"policy {spec!r}: not a heuristic ({SPECS}) and not a trained model ({e})") from None
+    check_model(spec)
 
 
 def unavailable(spec: str, env_id: str, scenario: str, split: str, workloads, overrides: dict) -> str | None:
@@ -472,6 +544,9 @@ def evaluate(policies: list[str], env_id: str = MIGRATION, scenario: str = "defa
             raise ValueError(f"--policies {spec!r}: a model trained on {trained_on}, evaluated on {env_id} "
                              f"(--env-id) episodes: not the same task; evaluate it with --env-id "
                              f"{trained_on.replace('Discrete', '')}")
+        bare = None if is_heuristic(spec) else check_model(spec)
+        if bare:
+            print(f"warning: {bare}", file=sys.stderr)
         if meta.get("interrupted"):
             print(f"warning: model {spec} comes from a training run that was interrupted (Ctrl-C): it had "
                   "less than its budget", file=sys.stderr)

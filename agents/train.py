@@ -27,6 +27,8 @@ What it does:
    log, the progress bar and ``args.json`` count both.
 4. ``RUN/final_model.zip`` (+ ``_vecnormalize.pkl``), ``RUN/best_model.zip`` (+ stats),
    ``RUN/args.json`` (everything needed to load and evaluate it: ``ringenv evaluate --policies RUN``).
+   Every saved .zip (best, snapshots, final) also carries the part of that record running it
+   needs (``agents.common.MODEL_RECORD``), so that one copied out of ``RUN`` runs as trained.
    A run into a directory that holds an earlier one first removes the earlier run's models,
    evaluations, snapshots and ``args.json`` (it says so), so that they are never mixed. Ctrl-C
    ends training early: the model so far and its statistics are saved as the final ones, and
@@ -47,9 +49,9 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .common import (DEFAULT_ENV, TRAIN_CONFIG_DIR, FixedEpisodes, apply_overrides, check_env_id, check_out_dir,
-                     import_named, jsonable, load_hyperparams, make_env, module_main, parse_overrides, sb3_logger,
-                     wrap_env, wrapper_specs)
+from .common import (DEFAULT_ENV, MODEL_RECORD, MODEL_RECORD_KEYS, TRAIN_CONFIG_DIR, FixedEpisodes,
+                     apply_overrides, check_env_id, check_out_dir, import_named, jsonable, load_hyperparams, make_env,
+                     module_main, parse_overrides, sb3_logger, wrap_env, wrapper_specs)
 
 
 @dataclass
@@ -572,6 +574,10 @@ def main(args: Args) -> Path:
             "normalize": normalize, "hyperparams": {k: (repr(v) if callable(v) else v) for k, v in hp.items()},
             "args": dataclasses.asdict(args), "finished": False}  # (True once the run's record is written)
     (run / "args.json").write_text(json.dumps(jsonable(meta), indent=1, default=str))
+    # every .zip of the run (best, snapshots, final) carries what running it needs, so that one
+    # copied out of RUN still runs as trained (stable-baselines3 saves a model's JSON attributes)
+    setattr(model, MODEL_RECORD, json.loads(json.dumps(jsonable({k: meta[k] for k in MODEL_RECORD_KEYS}),
+                                                       default=str)))
     if rounded != total:
         unit = (f"whole rollouts of n_steps {per_rollout // n_envs}" if algo in ("ppo", "a2c")
                 else f"whole rounds of train_freq {per_rollout // n_envs}")

@@ -7,6 +7,7 @@ import csv
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -351,6 +352,96 @@ def test_evaluating_a_model_trained_with_other_settings_warns(ppo_run, tmp_path,
     err = [ln for ln in capsys.readouterr().err.splitlines() if "trained with" in ln]
     assert len(err) == 1 and "control_interval_ms 50 (evaluated: 100)" in err[0] and "max_episode_s 120 (evaluated: 2)" \
         in err[0], err
+
+
+def _episodes(tmp_path, *specs, name="e"):
+    """(exit code, {policy spec: [(workload, reward, harvests)]}) of an in-process evaluate."""
+    from ringenv.cli import main
+
+    out = tmp_path / name
+    code = main(["evaluate", "--policies", *map(str, specs), "--workloads", "oltp", "web", "--seeds", "1",
+                 "--workers", "1", "--out", str(out), "--no-progress", *SMALL])
+    if code != 0:
+        return code, {}
+    got = {}
+    for r in csv.DictReader(open(out / "episodes.csv")):
+        got.setdefault(r["spec"], []).append((r["workload"], r["reward"], r["harvests"]))
+    return code, got
+
+
+def test_a_model_copied_out_of_its_run_runs_as_trained(ppo_run, tmp_path):
+    """Every .zip of a run carries the run's record (algorithm, env id, action_repeat, the
+    normalisation, the training wrapper and grids): one copied alone elsewhere acts as in its run
+    directory, each decision held for the run's 40 steps."""
+    from agents.evaluate import ModelPolicy
+
+    loose = tmp_path / "shared" / "model.zip"
+    loose.parent.mkdir()
+    shutil.copy(ppo_run / "best_model.zip", loose)  # (PPO's file: norm_obs false, no statistics needed)
+    pol = ModelPolicy(loose)
+    assert (pol.algo, pol.action_repeat, pol.env_id) == ("ppo", 40, "ringenv/Migration-v0")
+    code, got = _episodes(tmp_path, ppo_run, loose)
+    assert code == 0 and got[str(loose)] == got[str(ppo_run)], got
+
+
+@pytest.fixture(scope="module")
+def dqn_run(tmp_path_factory):
+    """A DQN model (configs/train/dqn.yaml: normalised observations) trained for 64 decisions."""
+    out = tmp_path_factory.mktemp("train_dqn")
+    ringenv("train", "--algo", "dqn", "--timesteps", 64, "--n-envs", 1, "--evals", 0, "--checkpoints", 0, "--out",
+            out, "--name", "dqn", "--no-progress", "--no-tensorboard", *SMALL, "--hp", "learning_starts=32",
+            "buffer_size=1000")
+    return out / "dqn"
+
+
+def test_a_model_trained_on_normalised_observations_needs_its_statistics(dqn_run, tmp_path, capsys):
+    """Without the VecNormalize statistics a DQN model sees raw observations: another policy.
+    Missing, they are an error naming the files looked for (exit 2, nothing written); copied
+    with the .zip, the model runs as in its run directory."""
+    meta = json.loads((dqn_run / "args.json").read_text())
+    assert meta["normalize"]["norm_obs"] is True
+    loose = tmp_path / "shared" / "dqn.zip"
+    loose.parent.mkdir()
+    shutil.copy(dqn_run / "final_model.zip", loose)
+    stripped = tmp_path / "stripped"
+    shutil.copytree(dqn_run, stripped)
+    for f in stripped.glob("*.pkl"):
+        f.unlink()
+    for spec, missing in ((loose, "dqn_vecnormalize.pkl, vecnormalize.pkl"),
+                          (stripped, "final_model_vecnormalize.pkl, vecnormalize.pkl")):
+        code, _ = _episodes(tmp_path, spec, name="x")
+        err = " ".join(capsys.readouterr().err.split())
+        assert code == 2 and "trained on normalised observations" in err and f"none of {missing} is next to it" in err, err
+        assert not (tmp_path / "x").exists()
+    shutil.copy(dqn_run / "final_model_vecnormalize.pkl", loose.parent / "dqn_vecnormalize.pkl")
+    code, got = _episodes(tmp_path, dqn_run, loose)
+    assert code == 0 and got[str(loose)] == got[str(dqn_run)], got
+
+
+def test_a_model_without_a_training_record_runs_with_a_warning(ppo_run, dqn_run, tmp_path, capsys):
+    """A model saved by another program (or an older ringenv) has no record: its algorithm is
+    told from the file (DQN on the Discrete id), and a warning says how it runs (one decision per
+    step, raw observations) instead of a traceback or a silent guess."""
+    from stable_baselines3 import DQN, PPO
+
+    from agents.common import MODEL_RECORD
+    from agents.evaluate import ModelPolicy, policy_env_id
+
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    for cls, run, name in ((PPO, ppo_run, "p.zip"), (DQN, dqn_run, "d.zip")):
+        model = cls.load(run / "final_model.zip", device="cpu")
+        delattr(model, MODEL_RECORD)
+        model.save(bare / name)
+    assert ModelPolicy(bare / "p.zip").algo == "ppo" and ModelPolicy(bare / "p.zip").action_repeat == 1
+    assert ModelPolicy(bare / "d.zip").algo == "dqn"
+    assert policy_env_id(str(bare / "d.zip"), "ringenv/Migration-v0") == "ringenv/MigrationDiscrete-v0"
+    code, got = _episodes(tmp_path, bare / "p.zip", bare / "d.zip")
+    err = " ".join(capsys.readouterr().err.split())
+    assert code == 0 and len(got) == 2, err
+    for name, algo in (("p.zip", "PPO"), ("d.zip", "DQN")):
+        assert (f"warning: model {bare / name} has no training record" in err
+                and f"evaluated as {algo} (told from the file) with one decision per step" in err), err
 
 
 def test_table_shows_no_interval_for_the_bitmap_collector():
