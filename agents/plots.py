@@ -88,7 +88,8 @@ def timeline(episodes: list[dict], path: str | Path, title: str = "") -> Path:
             a1.scatter(t[xs], np.full(xs.sum(), 1.06), marker="v", s=14, color="tab:red", label="ring-full exit(s)")
         a1.set_ylim(0, 1.1)
         a1.set_ylabel("ring fill / soft limit")
-        a1.set_title(f"{ep['policy']}: {ep['workload']}, ring {ep['ring_entries']}\nreward {ep['reward']:.3f}, "
+        ring = f"ring {ep['ring_entries']}" if ep["ring_entries"] else "bitmap collector (no ring)"
+        a1.set_title(f"{ep['policy']}: {ep['workload']}, {ring}\nreward {ep['reward']:.3f}, "
                      f"downtime {ep['downtime_s'] * 1000:.0f} ms, {ep['full_exits']} full exits", fontsize=8)
         a1.legend(fontsize=6, loc="upper left")
         a1.grid(alpha=0.3)

@@ -460,9 +460,12 @@ def main(args: Args) -> Path:
     if not 0 <= args.seed <= 2**32 - 1:  # SB3 seeds numpy's global generator with it
         raise ValueError(f"--seed {args.seed}: expected an integer from 0 to {2**32 - 1} (numpy's seed range)")
     try:
-        torch.device(args.device)
+        device = torch.device(args.device)
     except RuntimeError as e:
         raise ValueError(f"--device {args.device!r}: {e}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():  # (stable-baselines3 would fall back to the CPU)
+        raise ValueError(f"--device {args.device!r}: CUDA is not available to this torch (a CPU build, or no GPU "
+                         "visible); accepted here: cpu")
     env_id = args.env_id or DEFAULT_ENV[algo]
     check_env_id(env_id)
     hp_file = Path(args.hyperparams) if args.hyperparams else TRAIN_CONFIG_DIR / f"{algo}.yaml"
@@ -596,6 +599,11 @@ def main(args: Args) -> Path:
     print(f"train: {algo.upper()} on {env_id} ({args.scenario}, {args.split}: {', '.join(train_workloads)}), "
           f"{budget} of {control_ms:g} ms, {n_envs} env{'s' if n_envs != 1 else ''} ({meta['vec_env']}); run {run}",
           file=sys.stderr)
+    starts = int(hp.get("learning_starts", 100))  # (stable-baselines3's default for DQN)
+    if algo == "dqn" and starts >= rounded:  # its updates begin once num_timesteps > learning_starts
+        src = where.get("learning_starts", "stable-baselines3's default")
+        print(f"train: warning: DQN's learning_starts {starts} (from {src}) is not below the budget of {rounded} "
+              "decisions: the network is never trained, the model is its random initialisation", file=sys.stderr)
     t0 = time.perf_counter()
     interrupted = False
     try:

@@ -394,6 +394,27 @@ def dqn_run(tmp_path_factory):
     return out / "dqn"
 
 
+def test_train_warns_when_dqn_would_never_learn_and_refuses_a_missing_gpu(tmp_path):
+    """DQN's updates start after learning_starts decisions (2000 in configs/train/dqn.yaml): a
+    smaller budget trains nothing, and the log says so. A CUDA device this torch cannot use is
+    an error (stable-baselines3 would run on the CPU, the run's record saying cuda)."""
+    common = ["--algo", "dqn", "--n-envs", 1, "--evals", 0, "--checkpoints", 0, "--out", tmp_path, "--no-progress",
+              "--no-tensorboard", *SMALL]
+    p = ringenv("train", "--timesteps", 64, "--name", "a", *common)
+    log = " ".join(p.stderr.split())
+    assert ("warning: DQN's learning_starts 2000 (from dqn.yaml (ringenv/MigrationDiscrete-v0)) is not below the budget of "
+            "64 decisions: the network is never trained") in log, log
+    p = ringenv("train", "--timesteps", 64, "--name", "b", *common, "--hp", "learning_starts=32", "buffer_size=1000")
+    assert "never trained" not in p.stderr
+    import torch
+
+    if not torch.cuda.is_available():
+        q = subprocess.run([sys.executable, "-m", "ringenv", "train", "--device", "cuda:0", "--timesteps", "64",
+                            "--name", "c", *map(str, common)], cwd=ROOT, capture_output=True, text=True, timeout=300)
+        assert q.returncode == 2 and "--device 'cuda:0': CUDA is not available to this torch" in q.stderr, q.stderr
+        assert not (tmp_path / "c").exists()
+
+
 def test_a_model_trained_on_normalised_observations_needs_its_statistics(dqn_run, tmp_path, capsys):
     """Without the VecNormalize statistics a DQN model sees raw observations: another policy.
     Missing, they are an error naming the files looked for (exit 2, nothing written); copied
@@ -463,7 +484,7 @@ def test_table_shows_no_interval_for_the_bitmap_collector():
 def test_timeline_of_a_bitmap_episode_draws_without_warnings(tmp_path):
     """The bitmap collector has no reaper (its interval is 0 in every step): the timeline leaves
     the interval axis out for it instead of asking matplotlib for a log scale of no positive
-    value (a UserWarning in `make run`'s output)."""
+    value (a UserWarning in `make run`'s output), and its title says bitmap, not "ring 0"."""
     import warnings
 
     import gymnasium as gym
@@ -476,10 +497,18 @@ def test_timeline_of_a_bitmap_episode_draws_without_warnings(tmp_path):
     ep = run_episode(env, load_policy("qemu", EnvFacts.from_env(env)), 0, trace=True)
     env.close()
     assert all(s["interval_ms"] == 0 for s in ep["trace"])
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
-        out = plots.timeline([ep], tmp_path / "t.png")
+    figs = []
+    save = plots._save
+    plots._save = lambda fig, path: figs.append(fig) or save(fig, path)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            out = plots.timeline([ep], tmp_path / "t.png")
+    finally:
+        plots._save = save
     assert out.stat().st_size > 0
+    title = figs[0].axes[0].get_title()
+    assert "idle, bitmap collector (no ring)" in title and "ring 0" not in title, title
 
 
 def test_a_second_run_into_the_same_directory_leaves_nothing_of_the_first(tmp_path):
