@@ -20,8 +20,8 @@ from .common import EnvFacts, check_out_dir, module_main, parse_overrides
 from ringenv.config import load_workload
 
 from .evaluate import (EvalSettings, check_baseline, evaluate, load_policy, lost_writes, markdown_per_workload,
-                       markdown_table, per_workload, policy_env, run_episode, summarize, workloads_label, write_csv,
-                       write_results)
+                       markdown_table, per_workload, policy_env, run_episode, scenario_label, summarize,
+                       workloads_label, write_csv, write_results)
 from .heuristics import DEFAULT_SET
 
 
@@ -60,7 +60,7 @@ def main(args: Args) -> dict:
     write_csv(out / "per_workload.csv", per_workload(records))
     wls = list(dict.fromkeys(r["workload"] for r in records))
     label = workloads_label(args.split, args.workloads)
-    header = (f"Scenario {args.scenario}, {label} ({', '.join(wls)}), {args.seeds} seeds each "
+    header = (f"Scenario {scenario_label(args.scenario, args.set)}, {label} ({', '.join(wls)}), {args.seeds} seeds each "
               f"(seeds {args.seed0}..{args.seed0 + args.seeds - 1}): mean ± 95% interval per episode; reward higher "
               f"is better; Δ is paired (same workload and seed).")
     table = markdown_table(rows, args.baseline)

@@ -198,8 +198,12 @@ class ModelPolicy(Policy):
                     self.vecnorm = pickle.load(f)
                 self.vecnorm.training = False
                 break
-        run = self.path.parent.name if self.path.stem in ("best_model", "final_model") else self.path.stem
-        self.name = f"{self.algo} {run}" + ("" if self.path.stem == "best_model" else f" ({self.path.stem})")
+        p = self.path
+        if p.parent.name == "checkpoints":  # a snapshot: its run, and which snapshot
+            self.name = f"{self.algo} {p.parent.parent.name} ({p.stem})"
+        else:
+            run = p.parent.name if p.stem in ("best_model", "final_model") else p.stem
+            self.name = f"{self.algo} {run}" + ("" if p.stem == "best_model" else f" ({p.stem})")
         self.facts = facts
         self.action_repeat = int(meta.get("action_repeat", 1))
         self._held, self._age = None, 0
@@ -481,6 +485,11 @@ def check_baseline(baseline: str, policies: list[str]) -> None:
         raise ValueError(f"--baseline {baseline!r}: not among the policies evaluated ({', '.join(policies)})")
 
 
+def scenario_label(scenario: str, set_items) -> str:
+    """How a report names the episodes' scenario: with the ``--set`` overrides they ran with."""
+    return f"{scenario} with --set {' '.join(set_items)}" if set_items else scenario
+
+
 def workloads_label(split: str, workloads) -> str:
     """How a report names the episodes' workloads: the split, or "explicit workloads" when they
     were listed (--workloads; the split is then not used)."""
@@ -586,6 +595,12 @@ def evaluate(policies: list[str], env_id: str = MIGRATION, scenario: str = "defa
     bar.close()
     order = {(j[0], j[6], j[7]): i for i, j in enumerate(jobs)}
     records.sort(key=lambda r: order[(r["spec"], r["workload"], r["seed"])])
+    specs_of = {}
+    for r in records:
+        specs_of.setdefault(r["policy"], set()).add(r["spec"])
+    for r in records:  # two specs, one label (runs of the same name in two directories): say which is which
+        if len(specs_of[r["policy"]]) > 1:
+            r["policy"] = f"{r['policy']} [{r['spec']}]"
     for spec in policies:  # DESIGN: a lost write is reported loudly, never hidden
         lossy = [r for r in records if r["spec"] == spec and _lost(r)]
         if lossy:
@@ -767,7 +782,7 @@ def main(args: Args) -> int:
     rows = summarize(records, args.baseline)
     out = write_results(args.out, records, rows, {"args": dataclasses.asdict(args), "wall_s": time.perf_counter() - t0})
     wls = sorted({r["workload"] for r in records})
-    print(f"\n{args.scenario}, {workloads_label(args.split, args.workloads)} ({', '.join(wls)}), {args.seeds} seed(s) "
+    print(f"\n{scenario_label(args.scenario, args.set)}, {workloads_label(args.split, args.workloads)} ({', '.join(wls)}), {args.seeds} seed(s) "
           "each; mean ± 95% "
           f"interval; reward per episode (higher is better)\n")
     print(markdown_table(rows, args.baseline))

@@ -173,7 +173,8 @@ def test_compare_writes_table_csv_and_plots(ppo_run, tmp_path):
     assert (tmp_path / "pareto.png").read_bytes()[:4] == b"\x89PNG"
     table = (tmp_path / "table.md").read_text()
     assert "fixed 16384/5000ms" in table and "ppo ppo" in table
-    assert table.startswith("Scenario default, explicit workloads (oltp-heavy),")
+    assert table.startswith("Scenario default with --set vm.memory=1GiB vm.vcpus=2, explicit workloads "
+                            "(oltp-heavy),")
     # the environment runs only the ring collector: the bitmap baseline is left out, with a note
     if "bitmap |" not in table:
         assert "policy 'bitmap' left out" in p.stderr
@@ -384,6 +385,29 @@ def test_a_model_copied_out_of_its_run_runs_as_trained(ppo_run, tmp_path):
     assert code == 0 and got[str(loose)] == got[str(ppo_run)], got
 
 
+def test_policies_that_would_share_a_label_are_told_apart(ppo_run, tmp_path, capsys):
+    """Two runs of the same name (under different --out directories) would be two identical
+    rows of the table: each then says which spec it is. A snapshot's label names its run. The
+    table's header names the --set overrides the episodes ran with."""
+    from agents.evaluate import ModelPolicy
+    from ringenv.cli import main
+
+    twin = tmp_path / "elsewhere" / ppo_run.name
+    shutil.copytree(ppo_run, twin)
+    snap = sorted((ppo_run / "checkpoints").glob("rl_model_*_steps.zip"))[0]
+    assert ModelPolicy(snap).name == f"ppo {ppo_run.name} ({snap.stem})"
+    out = tmp_path / "e"
+    assert main(["evaluate", "--policies", "qemu", str(ppo_run), str(twin), "--workloads", "oltp", "--seeds", "1",
+                 "--workers", "1", "--out", str(out), "--no-progress", *SMALL]) == 0
+    printed = capsys.readouterr().out
+    labels = {r["spec"]: r["policy"] for r in csv.DictReader(open(out / "summary.csv"))}
+    assert labels["qemu"] == "qemu default"
+    assert labels[str(ppo_run)] == f"ppo {ppo_run.name} [{ppo_run}]"
+    assert labels[str(twin)] == f"ppo {ppo_run.name} [{twin}]"
+    assert f"| ppo {ppo_run.name} [{twin}] |" in printed
+    assert "default with --set vm.memory=1GiB vm.vcpus=2," in " ".join(printed.split())
+
+
 @pytest.fixture(scope="module")
 def dqn_run(tmp_path_factory):
     """A DQN model (configs/train/dqn.yaml: normalised observations) trained for 64 decisions."""
@@ -402,8 +426,8 @@ def test_train_warns_when_dqn_would_never_learn_and_refuses_a_missing_gpu(tmp_pa
               "--no-tensorboard", *SMALL]
     p = ringenv("train", "--timesteps", 64, "--name", "a", *common)
     log = " ".join(p.stderr.split())
-    assert ("warning: DQN's learning_starts 2000 (from dqn.yaml (ringenv/MigrationDiscrete-v0)) is not below the budget of "
-            "64 decisions: the network is never trained") in log, log
+    assert ("warning: DQN's learning_starts 2000 (from dqn.yaml (ringenv/MigrationDiscrete-v0)) is not below the "
+            "budget of 64 decisions: the network is never trained") in log, log
     p = ringenv("train", "--timesteps", 64, "--name", "b", *common, "--hp", "learning_starts=32", "buffer_size=1000")
     assert "never trained" not in p.stderr
     import torch
@@ -432,7 +456,8 @@ def test_a_model_trained_on_normalised_observations_needs_its_statistics(dqn_run
                           (stripped, "final_model_vecnormalize.pkl, vecnormalize.pkl")):
         code, _ = _episodes(tmp_path, spec, name="x")
         err = " ".join(capsys.readouterr().err.split())
-        assert code == 2 and "trained on normalised observations" in err and f"none of {missing} is next to it" in err, err
+        assert code == 2 and "trained on normalised observations" in err, err
+        assert f"none of {missing} is next to it" in err, err
         assert not (tmp_path / "x").exists()
     shutil.copy(dqn_run / "final_model_vecnormalize.pkl", loose.parent / "dqn_vecnormalize.pkl")
     code, got = _episodes(tmp_path, dqn_run, loose)
