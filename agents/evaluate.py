@@ -29,6 +29,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ringenv.config import ConfigError
 from ringenv.env import NOT_KEYWORDS
 
 from .common import (MIGRATION, MODEL_RECORD, EnvFacts, check_env_id, check_out_dir, jsonable, make_env,
@@ -542,8 +543,19 @@ def evaluate(policies: list[str], env_id: str = MIGRATION, scenario: str = "defa
         twice = sorted({n for n in names if list(names).count(n) > 1})
         if twice:  # each would count its episodes twice (n doubled, the intervals too narrow)
             raise ValueError(f"{flag}: {', '.join(map(repr, twice))} given more than once")
-    overrides = scoring_overrides(env_id, scenario, overrides or {})
-    wls, facts = evaluation_env(env_id, scenario, split, workloads, overrides)
+    overrides = overrides or {}
+    try:
+        wls, facts = evaluation_env(env_id, scenario, split, workloads, overrides)
+    except ConfigError as e:  # named by the flag that gave the bad value
+        keys = [ln.strip().split(":", 1)[0] for ln in str(e).splitlines()]  # (the fields named, line by line)
+        if keys[0].startswith("workloads") and workloads:
+            raise ConfigError(f"--workloads: {e}") from None
+        if re.split(r"[.\[]", keys[0])[0] in overrides:
+            raise ConfigError(f"--set {e}") from None
+        if any(re.split(r"[.\[]", k)[0] in overrides for k in keys[1:]):
+            raise ConfigError(f"--set: {e}") from None
+        raise
+    overrides = scoring_overrides(env_id, scenario, overrides)
     for spec in policies:  # every spec checked before anything runs
         check_spec(spec, facts)
     for spec in policies:

@@ -266,6 +266,11 @@ def test_bad_arguments_end_with_a_message_not_a_traceback():
                         (["train", "--hp", "policy_kwargs={net_arch: [-3]}", "--timesteps", "10"],
                          "net_arch [-3]; accepted: a list of layer sizes"),
                         (["evaluate", "--policies", "qemu", "--set", "split=train"], "given by the command's --split"),
+                        (["evaluate", "--policies", "qemu", "--set", "foo=1"], "--set foo: unknown argument"),
+                        (["compare", "--policies", "qemu", "--set", "reward.downtyme=1"],
+                         "--set: invalid env:\n  reward.downtyme: unknown key"),
+                        (["evaluate", "--policies", "qemu", "--workloads", "web", "nope"],
+                         "--workloads: workloads[1]: unknown workload 'nope'"),
                         (["train", "--set", "workloads=[web]"], "given by the command's --workloads"),
                         (["train", "--device", "foo"], "--device 'foo'"),
                         (["train", "--hp", "max_grad_norm=1" + "0" * 400], "expected a finite number")):
