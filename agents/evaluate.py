@@ -59,7 +59,7 @@ class EvalSettings:
     baseline: str = "qemu"
     """policy the paired reward difference is taken against (if evaluated)"""
     progress: bool = True
-    """show progress bars"""
+    """show progress bars (on a terminal: none when stderr is a pipe or a file)"""
 
 
 @dataclass
@@ -641,9 +641,11 @@ def _mp_context():
 
 
 def _bar(total: int, desc: str, enabled: bool):
+    """A progress bar on stderr when ``enabled`` and stderr is a terminal (none in a pipe or a log)."""
     from tqdm.auto import tqdm
 
-    return tqdm(total=total, desc=desc, unit="ep", disable=not enabled, dynamic_ncols=True, file=sys.stderr)
+    return tqdm(total=total, desc=desc, unit="ep", disable=None if enabled else True, dynamic_ncols=True,
+                file=sys.stderr)
 
 
 # ---------------------------------------------------------------------------------- statistics

@@ -101,7 +101,7 @@ class Args:
     tensorboard: bool = True
     """write TensorBoard logs under RUN/tb (needs the tensorboard package)"""
     progress: bool = True
-    """show a progress bar"""
+    """show a progress bar (on a terminal: none when stderr is a pipe or a file)"""
     device: str = "cpu"
     """torch device"""
     verbose: int = 0
@@ -689,7 +689,7 @@ def _decisions_bar(action_repeat: int):
         def _on_training_start(self) -> None:
             label = "decisions" + (f" (each up to {action_repeat} env steps)" if action_repeat > 1 else "")
             self.pbar = cb.tqdm(total=self.locals["total_timesteps"] - self.model.num_timesteps, desc=label,
-                                unit="dec")
+                                unit="dec", disable=None)  # (None: none unless stderr is a terminal)
 
     return DecisionsBar()
 
