@@ -107,21 +107,27 @@ def validate_trace(trace: Any) -> dict:
 
 
 def timing_dependent(trace: dict) -> str | None:
-    """Why a trace's outcome on the real KVM depends on how its vCPU threads happen to
-    interleave (None: it does not): several vCPUs and either shared pages (which vCPU first
-    writes one, hence whose ring logs it) or ``reap_scope`` "all" (which entries a harvest
-    finds in the other rings). The simulator gives one outcome; the real KVM one of several."""
+    """Why a trace's outcome on the real KVM (x86 here) depends on how its vCPU threads happen
+    to interleave (None: it does not): several vCPUs and either shared logged pages (which vCPU
+    first touches one, hence whose ring logs it; two faulting at once may both log it) or
+    ``reap_scope`` "all" (which entries a harvest finds in the other rings). A logged page is
+    one written within the slot (not MMIO), or read there when the memory is ``populated`` (the
+    read maps a writable page, which x86 logs). The simulator gives one outcome; the real KVM
+    one of several."""
     vcpus = trace["vcpus"]
     if len(vcpus) < 2:
         return None
     if trace["reap_scope"] == "all":
         return "several vCPUs with reap_scope 'all' (a harvest takes the other rings' entries as they are then)"
+    populated = bool(trace.get("populated"))
     seen: set[int] = set()
-    for v in vcpus:  # the pages each logs: its writes (not its reads) within the slot (not MMIO)
-        reads = set(v.get("reads", []))
+    for v in vcpus:
+        reads = set() if populated else set(v.get("reads", []))
         pages = {g for i, g in enumerate(v["writes"]) if i not in reads and g < trace["slot_pages"]}
         if pages & seen:
-            return "several vCPUs writing shared pages (whose ring logs one depends on which thread writes first)"
+            how = "writing or, with populated memory, reading" if populated else "writing"
+            return (f"several vCPUs {how} shared pages (whose ring logs one depends on which thread gets there first; "
+                    "two at once may both log it)")
         seen |= pages
     return None
 

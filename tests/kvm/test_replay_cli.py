@@ -173,9 +173,17 @@ def test_timing_dependent_names_what_makes_a_real_run_vary():
     assert timing_dependent(trace("self", {"writes": [1, 2]}, {"writes": [3]})) is None
     assert "shared pages" in timing_dependent(trace("self", {"writes": [1, 2]}, {"writes": [2]}))
     assert "reap_scope 'all'" in timing_dependent(trace("all", {"writes": [1]}, {"writes": [3]}))
-    # a read logs nothing, nor does an access past the slot (MMIO): no shared logged page
+    # a read of fresh memory logs nothing, nor does an access past the slot (MMIO): no shared logged page
     assert timing_dependent(trace("self", {"writes": [5, 1], "reads": [0]}, {"writes": [5]})) is None
     assert timing_dependent(trace("self", {"writes": [64, 1]}, {"writes": [64, 2]})) is None
+    # with populated memory a read maps a writable page, which x86 (the real KVM here) logs: a page
+    # two vCPUs touch, read or written, is logged by whichever thread gets there first
+    populated = {**trace("self", {"writes": [5, 1], "reads": [0]}, {"writes": [5]}), "populated": True}
+    assert "shared pages" in timing_dependent(populated) and "populated" in timing_dependent(populated)
+    reads_only = {**trace("self", {"writes": [3], "reads": [0]}, {"writes": [3], "reads": [0]}), "populated": True}
+    assert "shared pages" in timing_dependent(reads_only)
+    disjoint = {**trace("self", {"writes": [3], "reads": [0]}, {"writes": [4]}), "populated": True}
+    assert timing_dependent(disjoint) is None
 
 
 def test_with_bitmap_on_a_host_without_it_names_the_field(tmp_path):
