@@ -444,18 +444,19 @@ def _job(spec, env_id, scenario, split, workloads, overrides_json, workload, see
     return rec
 
 
-def check_spec(spec: str, facts: EnvFacts) -> None:
-    """A clear error for a policy spec that is neither a heuristic nor a saved model, or a
+def check_spec(spec: str, facts: EnvFacts) -> str | None:
+    """A clear error for a policy spec that is neither a heuristic nor a saved model, a
     heuristic naming a ring size or interval that is not on the action grid of ``facts`` (the
-    evaluation environment's): it would run the nearest action under the requested label."""
+    evaluation environment's): it would run the nearest action under the requested label, or a
+    model that would not run as trained (:func:`check_model`, whose warning is returned)."""
     if is_heuristic(spec):
         make_heuristic(spec, facts)
-        return
+        return None
     try:
         find_model(spec)
     except FileNotFoundError as e:
         raise ValueError(f"policy {spec!r}: not a heuristic ({SPECS}) and not a trained model ({e})") from None
-    check_model(spec)
+    return check_model(spec)
 
 
 def unavailable(spec: str, env_id: str, scenario: str, split: str, workloads, overrides: dict) -> str | None:
@@ -556,8 +557,7 @@ def evaluate(policies: list[str], env_id: str = MIGRATION, scenario: str = "defa
             raise ConfigError(f"--set: {e}") from None
         raise
     overrides = scoring_overrides(env_id, scenario, overrides)
-    for spec in policies:  # every spec checked before anything runs
-        check_spec(spec, facts)
+    warnings = {spec: check_spec(spec, facts) for spec in policies}  # every spec checked before anything runs
     for spec in policies:
         meta = {} if is_heuristic(spec) else model_meta(find_model(spec))
         trained_on = policy_env_id(spec, env_id)
@@ -565,9 +565,8 @@ def evaluate(policies: list[str], env_id: str = MIGRATION, scenario: str = "defa
             raise ValueError(f"--policies {spec!r}: a model trained on {trained_on}, evaluated on {env_id} "
                              f"(--env-id) episodes: not the same task; evaluate it with --env-id "
                              f"{trained_on.replace('Discrete', '')}")
-        bare = None if is_heuristic(spec) else check_model(spec)
-        if bare:
-            print(f"warning: {bare}", file=sys.stderr)
+        if warnings[spec]:
+            print(f"warning: {warnings[spec]}", file=sys.stderr)
         if meta.get("interrupted"):
             print(f"warning: model {spec} comes from a training run that was interrupted (Ctrl-C): it had "
                   "less than its budget", file=sys.stderr)
