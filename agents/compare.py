@@ -60,7 +60,8 @@ def main(args: Args) -> dict:
     write_csv(out / "per_workload.csv", per_workload(records))
     wls = list(dict.fromkeys(r["workload"] for r in records))
     label = workloads_label(args.split, args.workloads)
-    header = (f"Scenario {scenario_label(args.scenario, args.set)}, {label} ({', '.join(wls)}), {args.seeds} seeds each "
+    header = (f"Scenario {scenario_label(args.scenario, args.set)}, {label} ({', '.join(wls)}), {args.seeds} "
+              "seeds each "
               f"(seeds {args.seed0}..{args.seed0 + args.seeds - 1}): mean ± 95% interval per episode; reward higher "
               f"is better; Δ is paired (same workload and seed).")
     table = markdown_table(rows, args.baseline)

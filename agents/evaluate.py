@@ -548,12 +548,13 @@ def evaluate(policies: list[str], env_id: str = MIGRATION, scenario: str = "defa
     try:
         wls, facts = evaluation_env(env_id, scenario, split, workloads, overrides)
     except ConfigError as e:  # named by the flag that gave the bad value
-        keys = [ln.strip().split(":", 1)[0] for ln in str(e).splitlines()]  # (the fields named, line by line)
-        if keys[0].startswith("workloads") and workloads:
+        # the fields named, line by line, each by its top-level key (vm.vcpus, workloads[1]: vm, workloads)
+        roots = [re.split(r"[.\[]", ln.strip().split(":", 1)[0])[0] for ln in str(e).splitlines()]
+        if roots[0] == "workloads" and workloads:
             raise ConfigError(f"--workloads: {e}") from None
-        if re.split(r"[.\[]", keys[0])[0] in overrides:
+        if roots[0] in overrides:
             raise ConfigError(f"--set {e}") from None
-        if any(re.split(r"[.\[]", k)[0] in overrides for k in keys[1:]):
+        if any(r in overrides for r in roots[1:]):
             raise ConfigError(f"--set: {e}") from None
         raise
     overrides = scoring_overrides(env_id, scenario, overrides)
@@ -795,7 +796,8 @@ def main(args: Args) -> int:
     rows = summarize(records, args.baseline)
     out = write_results(args.out, records, rows, {"args": dataclasses.asdict(args), "wall_s": time.perf_counter() - t0})
     wls = sorted({r["workload"] for r in records})
-    print(f"\n{scenario_label(args.scenario, args.set)}, {workloads_label(args.split, args.workloads)} ({', '.join(wls)}), {args.seeds} seed(s) "
+    print(f"\n{scenario_label(args.scenario, args.set)}, {workloads_label(args.split, args.workloads)} "
+          f"({', '.join(wls)}), {args.seeds} seed(s) "
           "each; mean ± 95% "
           f"interval; reward per episode (higher is better)\n")
     print(markdown_table(rows, args.baseline))
