@@ -3,7 +3,8 @@
 - :func:`pareto`: per policy, migration downtime against the vCPU time dirty tracking costs
   (left: ring-full exits and lock stalls; right: all the vCPU time lost, write-protect faults
   and throttle sleeps included),
-  mean and 95% interval, the Pareto-optimal policies joined.
+  mean and 95% interval, the Pareto-optimal policies joined, each point labelled where its
+  label overlaps no other (:func:`label_points`).
 - :func:`timeline`: one episode per policy: ring fill per vCPU over time with the harvests
   marked, and harvests, full exits and the chosen interval per control interval.
 """
@@ -48,7 +49,6 @@ def pareto(rows: list[dict], path: str | Path, title: str = "") -> Path:
             pts.append((x, y))
             ax.errorbar([x], [y], xerr=[0 if math.isnan(xe) else xe], yerr=[0 if math.isnan(ye) else ye], fmt="o",
                         color=cmap(k % 10), capsize=3, label=f"{r['policy']} ({r['reward']:.2f})")
-            ax.annotate(r["policy"], (x, y), textcoords="offset points", xytext=(5, 4), fontsize=7)
         front = _front(pts)
         if len(front) > 1:
             ax.plot([pts[i][0] for i in front], [pts[i][1] for i in front], "--", color="grey", lw=1, zorder=0,
@@ -58,7 +58,69 @@ def pareto(rows: list[dict], path: str | Path, title: str = "") -> Path:
         ax.grid(alpha=0.3)
     axes[1].legend(fontsize=7, title="policy (mean reward)", title_fontsize=7, loc="best")
     fig.suptitle(title or "downtime versus exit overhead (mean, 95% interval)", fontsize=10)
+    fig.tight_layout()  # the final layout first: the labels are placed in display space
+    for ax, (key, _) in zip(axes, xs):
+        label_points(ax, [(r[key], r["downtime_s"] * 1000) for r in rows], [r["policy"] for r in rows],
+                     colors=[cmap(k % 10) for k in range(len(rows))])
     return _save(fig, path)
+
+
+#: label offsets from a point tried in turn, in points (x, y): beside it, then further up or down
+_OFFSETS = [(sx * 5, dy) for k in range(9) for dy in (3 + 10 * k, -10 - 10 * k) for sx in (1, -1)]
+
+
+def label_points(ax, points: list[tuple[float, float]], labels: list[str], colors: list | None = None,
+                 fontsize: float = 7) -> list:
+    """Write each label next to its point (data coordinates; in its color) where it overlaps
+    no label written before it, no point, not the legend and nothing outside the axes, trying
+    the offsets of ``_OFFSETS`` in turn (a label moved off its point's line gets a thin leader
+    to it); where every offset collides, the one overlapping least. Call it once the figure is
+    laid out (the labels stay out of the layout). Returns the annotations."""
+    from matplotlib.text import Text
+
+    renderer = ax.figure.canvas.get_renderer()
+    inside = ax.get_window_extent(renderer)
+    px = ax.transData.transform(points) if points else []
+    r = 4 * ax.figure.dpi / 72  # a marker's half-width in pixels (errorbar's default marker: 6 pt)
+    obstacles = [(x - r, y - r, x + r, y + r) for x, y in px]  # the markers, and the legend
+    legend = ax.get_legend()
+    if legend is not None:
+        e = legend.get_window_extent(renderer)
+        obstacles.append((e.x0, e.y0, e.x1, e.y1))
+    placed: list[tuple[float, float, float, float]] = []
+    colors = colors or ["black"] * len(points)
+    out = []
+    for xy, label, color in zip(points, labels, colors):
+        best, best_cost = None, None
+        for dx, dy in _OFFSETS:
+            leader = {"arrowstyle": "-", "color": "grey", "lw": 0.5, "shrinkA": 0, "shrinkB": 3} if abs(dy) > 13 else None
+            ann = ax.annotate(label, xy, textcoords="offset points", xytext=(dx, dy), fontsize=fontsize,
+                              ha="left" if dx > 0 else "right", va="bottom" if dy > 0 else "top",
+                              color=color, annotation_clip=False, arrowprops=leader)
+            ann.set_in_layout(False)
+            ann.update_positions(renderer)
+            e = Text.get_window_extent(ann, renderer)  # the text's box, without its leader
+            box = (e.x0, e.y0, e.x1, e.y1)
+            cost = sum(_overlap(box, o) for o in placed + obstacles)
+            cost += e.width * e.height - _overlap(box, (inside.x0, inside.y0, inside.x1, inside.y1))
+            if best_cost is None or cost < best_cost:
+                if best is not None:
+                    best[0].remove()
+                best, best_cost = (ann, box), cost
+            else:
+                ann.remove()
+            if cost == 0:
+                break
+        placed.append(best[1])
+        out.append(best[0])
+    return out
+
+
+def _overlap(a, b) -> float:
+    """Area of the intersection of two boxes (x0, y0, x1, y1)."""
+    w = min(a[2], b[2]) - max(a[0], b[0])
+    h = min(a[3], b[3]) - max(a[1], b[1])
+    return w * h if w > 0 and h > 0 else 0.0
 
 
 def timeline(episodes: list[dict], path: str | Path, title: str = "") -> Path:

@@ -273,3 +273,40 @@ def test_ordinal_policy_keeps_the_mask_and_loads_back(tmp_path):
                                                                                             abs=1e-6)
     with pytest.raises(ValueError, match=r"ordinal: 'yes' is not accepted; accepted: true or false"):
         FixedRingPolicy(env.observation_space, env.action_space, lambda _: 1e-3, ordinal="yes")
+
+
+def test_pareto_labels_of_close_and_coinciding_points_do_not_overlap(tmp_path, monkeypatch):
+    """Policies whose means coincide (a fixed ring that never fills and a watermark on the same
+    ring) or lie close: each label gets a place of its own inside the axes, in its point's color."""
+    pytest.importorskip("matplotlib")
+    from matplotlib.text import Text
+
+    from agents import plots
+
+    figs = []
+    monkeypatch.setattr(plots, "_save", lambda fig, path: figs.append(fig) or path)
+    points = [(0.0, 283.9), (0.0, 283.9), (0.0, 286.8), (0.0, 282.9), (0.0, 279.9), (0.015, 286.8), (0.022, 283.8),
+              (0.034, 287.6), (0.063, 284.4)]
+    rows = []
+    for k, (x, y) in enumerate(points):
+        rows.append({"policy": f"policy number {k}", "reward": -1.0 - k, "downtime_s": y / 1000, "downtime_s_ci": 0.01,
+                     "exit_stall_s": x, "exit_stall_s_ci": 0.02, "lost_s": 6.7, "lost_s_ci": 4.3})
+    plots.pareto(rows, tmp_path / "p.png")
+    fig = figs[0]
+    renderer = fig.canvas.get_renderer()
+    for ax in fig.axes:
+        labels = [t for t in ax.texts if t.get_text().startswith("policy number")]
+        assert sorted(t.get_text() for t in labels) == sorted(r["policy"] for r in rows)
+        for t in labels:
+            t.update_positions(renderer)
+        boxes = [Text.get_window_extent(t, renderer) for t in labels]  # the texts, not their leaders
+        inside = ax.get_window_extent(renderer)
+        for i, a in enumerate(boxes):
+            assert inside.x0 <= a.x0 and a.x1 <= inside.x1 and inside.y0 <= a.y0 and a.y1 <= inside.y1
+            for b in boxes[i + 1:]:
+                assert not a.overlaps(b), (labels[i].get_text(), a, b)
+        colors = {t.get_text(): t.get_color() for t in labels}
+        assert colors["policy number 0"] != colors["policy number 1"]
+    import matplotlib.pyplot as plt
+
+    plt.close(fig)
