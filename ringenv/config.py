@@ -437,7 +437,9 @@ _SIZE_UNITS = {"": 1, "B": 1, "K": 1 << 10, "KIB": 1 << 10, "M": 1 << 20, "MIB":
 
 
 def parse_size(value: Any, field: str = "size") -> int:
-    """Bytes from an int or a string such as '16GiB', '512 MiB', '4k'."""
+    """Bytes from an int or a string such as '16GiB', '512 MiB', '4k'. K, M, G and T are
+    binary multiples with or without "iB" (as QEMU's ``-m 16G``); decimal units such as "GB"
+    are refused rather than guessed."""
     if isinstance(value, bool):
         raise ConfigError(f"{field}: {value!r} is not a size (an integer of bytes or e.g. '16GiB')")
     if isinstance(value, int):
@@ -447,7 +449,9 @@ def parse_size(value: Any, field: str = "size") -> int:
 
         m = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]+)?)\s*([A-Za-z]*)\s*", value)
         if not m or m.group(2).upper() not in _SIZE_UNITS:
-            raise ConfigError(f"{field}: {value!r} is not a size; accepted e.g. 4096, '2MiB', '16GiB', '1TiB'")
+            raise ConfigError(f"{field}: {value!r} is not a size; accepted: an integer of bytes or a number with "
+                              f"a unit B, K/KiB, M/MiB, G/GiB or T/TiB (binary multiples, as QEMU's -m), "
+                              f"e.g. 4096, '2MiB', '16GiB', '1TiB'")
         n = int(float(m.group(1)) * _SIZE_UNITS[m.group(2).upper()])
     else:
         raise ConfigError(f"{field}: {value!r} is not a size (an integer of bytes or e.g. '16GiB')")

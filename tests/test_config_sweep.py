@@ -211,6 +211,7 @@ def test_a_bad_value_names_the_field_the_value_and_what_is_accepted(case, tmp_pa
     ("scenario", ["env"], {"bogus": 1}, "env.bogus", "unknown key"),
     ("scenario", ["env"], {"control_interval_ms": 0}, "env.control_interval_ms", "greater than or equal to 0.000001"),
     ("scenario", ["vm", "memory"], 4096 * 64 + 1, "vm.memory", "multiple of the page size"),
+    ("scenario", ["vm", "memory"], "16GB", "vm.memory", "G/GiB or T/TiB (binary multiples, as QEMU's -m)"),
     ("host", ["bogus"], 1, "bogus", "unknown key"),
     ("host", ["costs", "bogus"], 1, "costs.bogus", "unknown key"),
     ("host", ["block_sizes"], [1 << 30, 2 << 20], "block_sizes", "smallest first"),
