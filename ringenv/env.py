@@ -643,8 +643,8 @@ class CheckpointEnv(RingEnv):
     """Tune the dirty ring while a VM is checkpointed periodically (a fixed horizon of checkpoints).
 
     ## Description
-    As :class:`MigrationEnv`, but the VMM writes an incremental checkpoint every period: it
-    harvests the dirty set and writes those pages to storage at the storage bandwidth; with a
+    As :class:`MigrationEnv`, but the VMM writes an incremental checkpoint every period (the
+    first as soon as the base image is written): it harvests the dirty set and writes those pages to storage at the storage bandwidth; with a
     stop-the-world checkpoint the guest pauses while the final dirty set is saved (that pause is
     the checkpoint's downtime). Fewer dirty pages per period make the ring win.
 

@@ -207,7 +207,6 @@ def test_a_bad_value_names_the_field_the_value_and_what_is_accepted(case, tmp_pa
     ("workload", ["regions", 0, "vcpu_weights"], [], "regions.0.vcpu_weights", "expected"),
     ("workload", ["bogus"], 1, "bogus", "unknown key"),
     ("workload", ["regions", 0, "bogus"], 1, "regions.0.bogus", "unknown key"),
-    ("scenario", ["checkpoint"], {"period_s": 100, "horizon_s": 60}, "checkpoint.period_s", "accepted"),
     ("scenario", ["env"], {"bogus": 1}, "env.bogus", "unknown key"),
     ("scenario", ["env"], {"control_interval_ms": 0}, "env.control_interval_ms", "greater than or equal to 0.000001"),
     ("scenario", ["vm", "memory"], 4096 * 64 + 1, "vm.memory", "multiple of the page size"),

@@ -1,7 +1,9 @@
 """Periodic incremental checkpointing, steppable (the seed patch's other use of the ring).
 
 Dirty logging is on for the whole run. The base image (all of RAM) is written live to storage at
-``checkpoint.storage_mbps``; then every ``checkpoint.period_s`` a checkpoint is taken:
+``checkpoint.storage_mbps``; the first checkpoint is taken as soon as it is written (the base
+image, written while the guest runs, is not consistent by itself), then one every
+``checkpoint.period_s`` (from the previous one's start):
 
 - stop-the-world (default): stop the VM (vCPUs kicked out and parked; arm64 saves the vGIC
   tables), final sync (with the backup bitmap on arm64), write every page dirtied since the last

@@ -115,6 +115,28 @@ def test_a_checkpoint_run_that_takes_none_is_not_verified_nor_on_schedule():
     assert m.checkpoints == 0 and m.verified is None and m.converged is False and m.lost_writes == 0
 
 
+def test_a_period_longer_than_the_horizon_takes_one_checkpoint_once_the_base_image_is_written():
+    """The first checkpoint is due as soon as the base image is written (a live-written base
+    image is not consistent by itself), so a period beyond the horizon still takes that one, and
+    none after it; the config is valid (it was once refused as taking none)."""
+    cfg = small("checkpoint", 64 << 20, checkpoint={"horizon_s": 5, "period_s": 30, "storage_mbps": 100})
+    run = CheckpointRun(cfg)
+    starts = []
+    take = run._checkpoint
+
+    def spy(stop_the_world):
+        starts.append((run.loop.now, run.pass_bytes[:]))
+        return take(stop_the_world)
+
+    run._checkpoint = spy
+    m = run.run()
+    assert m.checkpoints == 1 and m.converged is True and m.verified is True and m.checkpoint_overruns == 0
+    (t0, passes), = starts
+    base_s = (64 << 20) // 4096 * (4096 + 8) / 100e6  # every page and its header at 100 MB/s
+    assert passes == [m.pass_bytes[0]] and abs(t0 / NS - base_s) < 0.01, (t0 / NS, base_s)
+    assert m.total_s == 5.0
+
+
 def test_a_checkpoint_past_the_horizon_is_no_overrun():
     """The checkpoint under way at the horizon is finished; the next one would be due after the
     horizon, so none is late."""
