@@ -2,8 +2,10 @@
 
 ``add_parsers(subparsers)`` adds both (ringenv/cli.py loads it). Exit codes: 0 done and
 verified (or a checkpoint run that took no checkpoint before its horizon: nothing to verify,
-said on stderr); 1 the run lost writes (printed loudly: a bug, or a configuration that really loses
-data); 2 a bad flag or configuration value (the message names the flag and what is accepted).
+said on stderr); 1 the run lost writes, or the kernel overwrote entries of a full ring (its WARN;
+vCPUs may then wedge, the guest hung): each printed loudly on stderr, a bug or a configuration
+that really loses data (a stage-2 block written with splitting off); 2 a bad flag or
+configuration value (the message names the flag and what is accepted).
 """
 
 from __future__ import annotations
@@ -28,13 +30,13 @@ SUMMARY = {
     "migration": ["downtime_s", "total_s", "converged", "cancelled", "iterations", "passes", "bytes_sent", "pages_sent",
                   "pages_resent", "zero_pages", "full_exits", "vcpu_exit_s", "vcpu_stall_s", "vcpu_throttle_s",
                   "vcpu_fault_s", "vmm_cpu_s", "harvests", "resets", "entries_harvested", "tlb_flushes",
-                  "get_dirty_log_calls", "clear_dirty_log_calls", "ring_bytes", "ring_overflows", "lost_writes",
+                  "get_dirty_log_calls", "clear_dirty_log_calls", "ring_bytes", "ring_overflows", "wedged_vcpus", "lost_writes",
                   "verified"],
     "checkpoint": ["checkpoints", "downtime_s", "pause_total_s", "checkpoint_overruns", "total_s", "converged",
                    "iterations", "bytes_sent", "pages_sent", "pages_resent", "zero_pages", "full_exits",
                    "vcpu_exit_s", "vcpu_stall_s", "vcpu_throttle_s", "vcpu_fault_s", "vmm_cpu_s", "harvests",
                    "resets", "entries_harvested", "tlb_flushes", "get_dirty_log_calls", "clear_dirty_log_calls",
-                   "ring_bytes", "ring_overflows", "lost_writes", "verified"],
+                   "ring_bytes", "ring_overflows", "wedged_vcpus", "lost_writes", "verified"],
 }
 
 
@@ -107,10 +109,20 @@ def _run(args, kind: str) -> int:
         width = max(map(len, SUMMARY[kind]))
         for k in SUMMARY[kind]:
             print(f"  {k:<{width}}  {_format(d[k]):>16}  {docs.get(k, '')}")
+    failed = False
     if m.lost_writes:
         print(f"ringenv {args.command}: LOST WRITES: {m.lost_writes} pages of the "
               f"{'destination' if kind == 'migration' else 'checkpoint image'} differ from the source",
               file=sys.stderr)
+        failed = True
+    if m.ring_overflows:
+        wedged = (f"; {m.wedged_vcpus} of {cfg.vm.vcpus} vCPUs wedged (KVM_RUN keeps returning ring-full with "
+                  "nothing to harvest: the guest hangs)" if m.wedged_vcpus else "")
+        print(f"ringenv {args.command}: RING OVERFLOW: the kernel overwrote {m.ring_overflows} entries of full "
+              "rings (its WARN: one write dirtied more pages than the reserved entries hold, as a stage-2 block "
+              f"written with splitting off does){wedged}", file=sys.stderr)
+        failed = True
+    if failed:
         return 1
     if m.cancelled:
         when = (f"at give-up ({cfg.link.give_up_s:g} s)" if run.cancel_ns is None
@@ -162,7 +174,8 @@ def _common(p: argparse.ArgumentParser, throttles=("none", "auto-converge", "dir
 def add_parsers(sub) -> None:
     p = sub.add_parser("migrate", help="run one live migration of a scenario and print its metrics",
                        description="Run one pre-copy live migration of a scenario on the simulated host, "
-                                   "QEMU-style (ringenv/vmm), and print the metrics; exit 1 if writes were lost.")
+                                   "QEMU-style (ringenv/vmm), and print the metrics; exit 1 if writes were lost or a ring "
+                                   "overflowed.")
     _common(p)
     p.add_argument("--give-up-s", type=float, default=None, metavar="S",
                    help=f"simulated seconds after which the VMM gives up on converging; {SCENARIO_DEFAULT}")
@@ -175,7 +188,7 @@ def add_parsers(sub) -> None:
     p.set_defaults(func=_cmd_migrate)
     p = sub.add_parser("checkpoint", help="run periodic checkpointing of a scenario and print its metrics",
                        description="Checkpoint a scenario periodically on the simulated host (ringenv/vmm) and "
-                                   "print the metrics; exit 1 if a checkpoint image lost writes.")
+                                   "print the metrics; exit 1 if a checkpoint image lost writes or a ring overflowed.")
     _common(p, throttles=("none", "dirty-limit"))  # (auto-converge is a migration's)
     p.add_argument("--period-s", type=float, default=None, help=f"seconds between checkpoints; {SCENARIO_DEFAULT}")
     p.add_argument("--storage-mbps", type=float, default=None, help=f"storage bandwidth, MB/s; {SCENARIO_DEFAULT}")

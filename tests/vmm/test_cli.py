@@ -95,3 +95,27 @@ def test_lost_writes_exit_1_loudly(tmp_path, capsys):
     p.write_text(SMALL.replace("vcpus: 2}", "vcpus: 2, with_bitmap: false}"))
     assert main(["migrate", "--scenario", str(p)]) == 1
     assert "LOST WRITES" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("command", ["migrate", "checkpoint"])
+def test_a_ring_overflow_is_reported_loudly_and_fails_the_run(command, tmp_path, capsys):
+    """Splitting off and every page in 2 MiB blocks: one write dirties 512 pages, more than a
+    256-entry ring's reserve holds. The kernel overwrites entries (its WARN) and the vCPUs wedge;
+    nothing may look like a clean run, even where no write was lost."""
+    import yaml
+
+    from ringenv.config import load_host_profile
+
+    host = load_host_profile("arm64-4k").model_copy(update={"split_blocks": False}).model_dump()
+    host["name"] = "arm64-4k-nosplit"
+    scenario = {"name": "nosplit", "host": host, "vm": {"memory": "256MiB", "vcpus": 2, "block_fraction": 1.0},
+                "workload": "idle", "ring_entries": 256, "link": {"gbps": 10, "max_bandwidth_mibps": "link"},
+                "checkpoint": {"period_s": 1, "storage_mbps": 2000, "horizon_s": 2}}
+    p = tmp_path / "nosplit.yaml"
+    p.write_text(yaml.safe_dump(scenario))
+    assert main([command, "--scenario", str(p)]) == 1
+    out, err = capsys.readouterr()
+    assert "RING OVERFLOW: the kernel overwrote" in err and "vCPUs wedged" in err
+    overflows = int(next(ln for ln in out.splitlines() if ln.split()[:1] == ["ring_overflows"]).split()[1])
+    wedged = int(next(ln for ln in out.splitlines() if ln.split()[:1] == ["wedged_vcpus"]).split()[1])
+    assert overflows > 0 and wedged > 0 and f"{wedged} of 2 vCPUs wedged" in err
