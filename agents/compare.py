@@ -19,9 +19,9 @@ from pathlib import Path
 from .common import EnvFacts, check_out_dir, module_main, parse_overrides
 from ringenv.config import load_workload
 
-from .evaluate import (EvalSettings, check_baseline, evaluate, load_policy, lost_writes, markdown_per_workload,
+from .evaluate import (EvalSettings, check_baseline, evaluate, load_policy, markdown_per_workload,
                        markdown_table, per_workload, policy_env, run_episode, scenario_label, summarize,
-                       workloads_label, write_csv, write_results)
+                       unsound, workloads_label, write_csv, write_results)
 from .heuristics import DEFAULT_SET
 
 
@@ -90,7 +90,7 @@ def main(args: Args) -> dict:
 
 def run(args: Args) -> int:
     """:func:`main` as a command: exit code 1 if an episode lost writes (as ``evaluate``)."""
-    return 1 if lost_writes(main(args)["records"]) else 0
+    return 1 if unsound(main(args)["records"]) else 0
 
 
 if __name__ == "__main__":

@@ -75,6 +75,7 @@ class _ThreeStepEnv:
                 "total_s": 0.15, "converged": True, "vcpu_exit_s": 0.2, "vcpu_stall_s": 0.3, "vcpu_fault_s": 0.0,
                 "vcpu_throttle_s": 0.0, "vmm_cpu_s": 0.0, "full_exits": 0, "harvests": 0, "resets": 0,
                 "entries_harvested": 0, "iterations": 1, "collector": "ring", "verified": True, "lost_writes": 0,
+                "ring_overflows": 0, "wedged_vcpus": 0,
                 "ring_entries": 4096, "truncation_downtime_s": 0.0, "cancelled": False, "cancel_downtime_s": 0.0}
         return np.zeros(17, np.float32), -0.3, self.k == 3, False, info
 

@@ -3,6 +3,7 @@ fixes. Small VMs, tiny budgets, one process (each test < 20 s)."""
 
 from __future__ import annotations
 
+import csv
 import re
 import shutil
 
@@ -133,3 +134,20 @@ def test_compare_does_not_run_a_baseline_it_left_out(tmp_path, capsys):
     assert "policy 'bitmap' left out" in err  # precondition
     assert rc == 0, err[-400:]
     assert (out / "timeline.png").is_file()
+
+
+def test_evaluate_reports_episodes_whose_rings_overflowed(tmp_path, capsys):
+    """A ring overflow (splitting off, 2 MiB blocks, 256-entry rings) wedges the vCPUs without
+    losing a write: `ringenv migrate` reports it and exits 1, so must evaluate."""
+    from ringenv.cli import main
+    from tests.vmm._helpers import nosplit_scenario_file
+
+    scenario = nosplit_scenario_file(tmp_path / "nosplit.yaml", ring_entries=4096)
+    rc = main(["evaluate", "--policies", "fixed:256:1000", "--scenario", scenario, "--workloads", "idle",
+               "--seeds", "1", "--workers", "1", "--out", str(tmp_path / "e"), "--no-progress",
+               "--set", "max_episode_s=5"])
+    err = capsys.readouterr().err
+    rows = list(csv.DictReader(open(tmp_path / "e" / "episodes.csv")))
+    assert int(rows[0]["ring_overflows"]) > 0 and int(rows[0]["wedged_vcpus"]) > 0
+    assert "RING OVERFLOW: policy 'fixed:256:1000': in 1 of 1 episodes" in err, err
+    assert rc == 1

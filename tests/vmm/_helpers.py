@@ -86,3 +86,22 @@ def run_cli(*argv):
         except SystemExit as e:
             rc = e.code
     return rc, out.getvalue(), err.getvalue()
+
+
+def nosplit_scenario_file(path, **fields) -> str:
+    """Write a scenario YAML at ``path``: arm64-4k with stage-2 block splitting off (the host
+    profile written out in full, as a scenario file takes it), every page in 2 MiB blocks, a
+    256 MiB 2-vCPU idle guest on 256-entry rings (``fields`` override top-level fields): one
+    write dirties 512 pages, more than a ring's reserved entries hold, so the rings overflow."""
+    import yaml
+
+    from ringenv.config import load_host_profile
+
+    host = load_host_profile("arm64-4k").model_copy(update={"split_blocks": False}).model_dump()
+    host["name"] = "arm64-4k-nosplit"
+    scenario = {"name": "nosplit", "host": host, "vm": {"memory": "256MiB", "vcpus": 2, "block_fraction": 1.0},
+                "workload": "idle", "ring_entries": 256, "link": {"gbps": 10, "max_bandwidth_mibps": "link"},
+                "checkpoint": {"period_s": 1, "storage_mbps": 2000, "horizon_s": 2}, **fields}
+    with open(path, "w") as f:
+        yaml.safe_dump(scenario, f)
+    return str(path)

@@ -8,6 +8,8 @@ import pytest
 
 from ringenv.cli import main
 
+from ._helpers import nosplit_scenario_file
+
 SMALL = """name: tiny
 host: arm64-4k
 vm: {memory: 512MiB, vcpus: 2}
@@ -102,18 +104,8 @@ def test_a_ring_overflow_is_reported_loudly_and_fails_the_run(command, tmp_path,
     """Splitting off and every page in 2 MiB blocks: one write dirties 512 pages, more than a
     256-entry ring's reserve holds. The kernel overwrites entries (its WARN) and the vCPUs wedge;
     nothing may look like a clean run, even where no write was lost."""
-    import yaml
-
-    from ringenv.config import load_host_profile
-
-    host = load_host_profile("arm64-4k").model_copy(update={"split_blocks": False}).model_dump()
-    host["name"] = "arm64-4k-nosplit"
-    scenario = {"name": "nosplit", "host": host, "vm": {"memory": "256MiB", "vcpus": 2, "block_fraction": 1.0},
-                "workload": "idle", "ring_entries": 256, "link": {"gbps": 10, "max_bandwidth_mibps": "link"},
-                "checkpoint": {"period_s": 1, "storage_mbps": 2000, "horizon_s": 2}}
-    p = tmp_path / "nosplit.yaml"
-    p.write_text(yaml.safe_dump(scenario))
-    assert main([command, "--scenario", str(p)]) == 1
+    p = nosplit_scenario_file(tmp_path / "nosplit.yaml")
+    assert main([command, "--scenario", p]) == 1
     out, err = capsys.readouterr()
     assert "RING OVERFLOW: the kernel overwrote" in err and "vCPUs wedged" in err
     overflows = int(next(ln for ln in out.splitlines() if ln.split()[:1] == ["ring_overflows"]).split()[1])
