@@ -131,8 +131,9 @@ def _run(args, kind: str) -> int:
         print(f"ringenv {args.command}: cancelled {when}: {vm} runs on at the source, nothing verified",
               file=sys.stderr)
     elif m.verified is None:
-        print(f"ringenv {args.command}: nothing verified: no checkpoint was taken before the horizon (the base "
-              "image took longer)", file=sys.stderr)
+        why = ("no checkpoint was taken before the horizon (the base image took longer)" if kind == "checkpoint"
+               else f"the migration did not complete ({m.phase} at {m.time_s:g} s)")
+        print(f"ringenv {args.command}: nothing verified: {why}", file=sys.stderr)
     return 0
 
 

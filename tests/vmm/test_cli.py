@@ -111,3 +111,14 @@ def test_a_ring_overflow_is_reported_loudly_and_fails_the_run(command, tmp_path,
     overflows = int(next(ln for ln in out.splitlines() if ln.split()[:1] == ["ring_overflows"]).split()[1])
     wedged = int(next(ln for ln in out.splitlines() if ln.split()[:1] == ["wedged_vcpus"]).split()[1])
     assert overflows > 0 and wedged > 0 and f"{wedged} of 2 vCPUs wedged" in err
+
+
+def test_a_migration_that_did_not_complete_is_not_reported_as_a_checkpoint_run(tiny, capsys, monkeypatch):
+    """Nothing verified because the run stopped early: the message is the migration's own."""
+    from ringenv.vmm.migration import MigrationRun
+
+    monkeypatch.setattr(MigrationRun, "run", lambda self: (self.advance(100_000_000), self.metrics())[1])
+    assert main(["migrate", "--scenario", tiny]) == 0
+    err = capsys.readouterr().err
+    assert "nothing verified: the migration did not complete (" in err and "at 0.1 s)" in err, err
+    assert "checkpoint" not in err
