@@ -42,13 +42,18 @@ SUMMARY = {
 
 def _name_flags(msg: str, given: dict) -> str:
     """The config error with the flag named after each field that came from a flag (``given``:
-    the overrides the flags made; the scenario name always does), not after one from the file."""
+    the overrides the flags made; the scenario name always does), not after one from the file;
+    its header names the options given (the loader's "keyword overrides", of which ``kind`` is
+    the command's own, not the user's)."""
     flat = {"scenario"} | {k for k, v in given.items() if not isinstance(v, dict)} | {
         f"{k}.{j}" for k, v in given.items() if isinstance(v, dict) for j in v}
     for field, flag in FLAGS.items():
         if field in flat:
             msg = re.sub(rf"(^|\n  ){re.escape(field)}:", rf"\g<1>{field} ({flag}):", msg)
-    return msg
+    options = [flag for field, flag in FLAGS.items() if field in flat and field != "scenario"]
+    options += ["--live"] if given.get("checkpoint", {}).get("stop_the_world") is False else []
+    said = f" with the options {' '.join(options)}" if options else ""
+    return re.sub(r" with the keyword overrides \([^)]*\)", lambda _: said, msg, count=1)
 
 
 def _overrides(args, kind: str) -> dict:

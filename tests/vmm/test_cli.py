@@ -122,3 +122,15 @@ def test_a_migration_that_did_not_complete_is_not_reported_as_a_checkpoint_run(t
     err = capsys.readouterr().err
     assert "nothing verified: the migration did not complete (" in err and "at 0.1 s)" in err, err
     assert "checkpoint" not in err
+
+
+def test_a_config_error_s_header_names_the_options_given_not_the_loader_s_keywords(tiny, tmp_path, capsys):
+    assert main(["checkpoint", "--scenario", tiny, "--period-s", "-1", "--live"]) == 2
+    err = capsys.readouterr().err
+    assert "invalid scenario tiny.yaml with the options --period-s --live:" in err, err
+    assert "keyword overrides" not in err and "kind" not in err
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(open(tiny).read().replace("vcpus: 2", "vcpus: 0"))
+    assert main(["migrate", "--scenario", str(bad)]) == 2
+    err = capsys.readouterr().err
+    assert "invalid scenario bad.yaml:\n  vm.vcpus:" in err, err
