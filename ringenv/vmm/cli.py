@@ -95,6 +95,10 @@ def _run(args, kind: str) -> int:
         cfg = load_scenario(args.scenario, kind=kind, **given)  # (the command decides the kind)
     except ConfigError as e:
         raise ConfigError(_name_flags(str(e), given)) from None
+    unused = [FLAGS[k] for k in ("ring_entries", "interval_ms") if k in given]
+    if cfg.collector == "bitmap" and unused:
+        raise ConfigError(f"{' and '.join(unused)}: not used by the dirty-bitmap collector (it has no ring and no "
+                          f"reaper thread); accepted: leave {'it' if len(unused) == 1 else 'them'} out, or --collector ring")
     if kind == "migration":
         from .migration import MigrationRun as Run
     else:

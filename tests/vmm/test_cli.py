@@ -134,3 +134,10 @@ def test_a_config_error_s_header_names_the_options_given_not_the_loader_s_keywor
     assert main(["migrate", "--scenario", str(bad)]) == 2
     err = capsys.readouterr().err
     assert "invalid scenario bad.yaml:\n  vm.vcpus:" in err, err
+
+
+@pytest.mark.parametrize("flags", [["--ring-entries", "100"], ["--interval-ms", "200"]])
+def test_ring_options_with_the_bitmap_collector_are_an_error(flags, tiny, capsys):
+    assert main(["migrate", "--scenario", tiny, "--collector", "bitmap", *flags]) == 2
+    err = capsys.readouterr().err
+    assert f"{flags[0]}: not used by the dirty-bitmap collector" in err and "--collector ring" in err, err
