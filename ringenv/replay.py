@@ -42,7 +42,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from .config import ConfigError, load_host_profile, read_text
+from .config import ConfigError, load_host_profile
 from .guest.trace import TraceProgram
 from .kvm import uapi
 from .kvm.uapi import KvmError
@@ -133,7 +133,13 @@ def timing_dependent(trace: dict) -> str | None:
 
 
 def replay_trace(trace: dict, profile: str | None = None, ring_entries: int | None = None) -> dict:
-    """Run ``trace`` on a simulated host (default profile arm64-4k) and return the report."""
+    """Run ``trace`` on a simulated host (default profile arm64-4k) and return the report.
+
+    A ring size KVM refuses is a ConfigError naming ``trace.ring_entries`` (or the
+    ``ring_entries`` override) with KVM's errno and the accepted sizes; so is one whose bytes do
+    not fit KVM_ENABLE_CAP's 32-bit size (E2BIG, or EINVAL if no power of two, as ``kvm-replay``
+    answers it), which the
+    kernel would read modulo 2^32 as another, smaller ring."""
     validate_trace(trace)
     prof = load_host_profile(profile)
     entries = int(ring_entries or trace["ring_entries"])
@@ -141,10 +147,16 @@ def replay_trace(trace: dict, profile: str | None = None, ring_entries: int | No
     nv = len(trace["vcpus"])
 
     vm = Vm(prof)
+    field = "ring_entries (--ring-entries)" if ring_entries else "trace.ring_entries"
+    if entries * 16 > 0xFFFFFFFF:  # KVM_ENABLE_CAP reads the size as a u32: it would wrap, not be refused
+        code = "E2BIG" if entries & (entries - 1) == 0 else "EINVAL"  # (KVM's power-of-two check comes first)
+        raise ConfigError(f"{field}: {entries} entries ({entries * 16} bytes) is refused on {prof.name} with {code} "
+                          f"(above {uapi.KVM_DIRTY_RING_MAX_ENTRIES} x 16 bytes; it does not fit KVM_ENABLE_CAP's "
+                          f"32-bit size, which would read {entries * 16 & 0xFFFFFFFF} bytes); accepted: "
+                          f"{', '.join(map(str, prof.ring_sizes))}")
     try:
         vm.enable_cap(uapi.KVM_CAP_DIRTY_LOG_RING_ACQ_REL, entries * 16)
     except KvmError as e:  # name the input that caused it, keep KVM's errno and rule
-        field = "ring_entries (--ring-entries)" if ring_entries else "trace.ring_entries"
         raise ConfigError(f"{field}: {entries} entries ({entries * 16} bytes) is refused by "
                           f"KVM_ENABLE_CAP on {prof.name} with {e.errno_name} ({e.rule}); accepted: "
                           f"{', '.join(map(str, prof.ring_sizes))}") from None
@@ -211,14 +223,23 @@ def replay_trace(trace: dict, profile: str | None = None, ring_entries: int | No
 
 
 def load_trace(path: str | Path) -> dict:
-    """The JSON trace at ``path`` ('-': standard input); a ConfigError for a missing file or bad JSON."""
+    """The JSON trace at ``path`` ('-': standard input); a ConfigError for a missing file, a
+    directory, text that is not UTF-8 or bad JSON."""
     if str(path) == "-":
-        text, name = sys.stdin.read(), "<stdin>"
+        raw = getattr(sys.stdin, "buffer", None)  # (a replaced sys.stdin may be text only)
+        data, name = raw.read() if raw is not None else sys.stdin.read().encode(), "<stdin>"
     else:
         p = Path(path)
+        if p.is_dir():
+            raise ConfigError(f"TRACE: {str(p)!r} is a directory; expected a JSON trace file")
         if not p.is_file():
             raise ConfigError(f"TRACE: no such file {str(p)!r}")
-        text, name = read_text(p, "TRACE"), p.name
+        data, name = p.read_bytes(), p.name
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"TRACE {name}: not UTF-8 text (byte {e.start}: {data[e.start:e.start + 1]!r}); "
+                          "accepted: a UTF-8 JSON file") from None
     try:
         return json.loads(text)
     except json.JSONDecodeError as e:

@@ -33,7 +33,14 @@ class WriteProgram:
 
 
 class GuestTooLarge(ValueError):
-    """The guest's data and unmapped pages do not fit the architecture's fixed guest layout."""
+    """The guest does not fit the architecture's fixed guest layout; ``part`` says what is too
+    large: "range" (the slot range, the data and unmapped pages the guest's page tables map) or
+    "tables" (the vCPUs' write/read tables, the programs' accesses); the message gives the
+    sizes and the limit."""
+
+    def __init__(self, message: str, part: str = "range"):
+        super().__init__(message)
+        self.part = part
 
 
 @dataclass

@@ -15,6 +15,7 @@ from __future__ import annotations
 import datetime
 import os
 import statistics
+import tempfile
 import threading
 import time
 from typing import Callable
@@ -215,17 +216,47 @@ def profile_yaml(measured: dict[str, float]) -> str:
     return "".join(lines)
 
 
+class ProfileNotWritten(OSError):
+    """The profile was measured but ``--out`` could not be written at the end; ``profile`` is
+    the YAML text (the command prints it to standard output instead)."""
+
+    def __init__(self, code: int | None, message: str, profile: str):
+        super().__init__(message)
+        self.errno, self.profile = code, profile
+
+
+def check_out(out: str) -> None:
+    """Refuse an ``--out`` that cannot be written, before anything is measured (a ValueError
+    naming --out): a directory, a missing directory, or a file or directory it may not write
+    (an existing file is opened for appending, nothing written; else a temporary file is made
+    and removed in its directory)."""
+    parent = os.path.dirname(os.path.abspath(out))
+    if os.path.isdir(out) or not os.path.isdir(parent):
+        raise ValueError(f"--out {out!r}: " + ("a directory" if os.path.isdir(out) else
+                                               f"no directory {parent!r}") + "; expected a file to write in an "
+                         "existing directory")
+    try:
+        if os.path.exists(out):
+            open(out, "a").close()
+        else:
+            tempfile.TemporaryFile(dir=parent).close()
+    except OSError as exc:
+        raise ValueError(f"--out {out!r}: cannot be written ({exc.strerror}); expected a file to write in an "
+                         "existing, writable directory") from None
+
+
 def calibrate(out: str | None = None) -> str:
     """Measure and return the profile YAML; also write it to ``out`` if given (checked before
-    measuring: a ValueError naming --out if it is a directory or its directory is missing)."""
+    measuring: :func:`check_out`). If writing ``out`` still fails at the end, a
+    ProfileNotWritten naming --out and carrying the profile."""
     if out:
-        parent = os.path.dirname(os.path.abspath(out))
-        if os.path.isdir(out) or not os.path.isdir(parent):
-            raise ValueError(f"--out {out!r}: " + ("a directory" if os.path.isdir(out) else
-                                                   f"no directory {parent!r}") + "; expected a file to write in an "
-                             "existing directory")
+        check_out(out)
     text = profile_yaml(measure())
     if out:
-        with open(out, "w") as f:
-            f.write(text)
+        try:
+            with open(out, "w") as f:
+                f.write(text)
+        except OSError as exc:
+            raise ProfileNotWritten(exc.errno, f"--out {out!r}: the measured profile could not be written "
+                                               f"({exc.strerror}); it is on standard output", text) from None
     return text

@@ -5,8 +5,10 @@ exit code, printing any error as one line ``ringenv COMMAND: message`` on stderr
 traceback):
 
 - 0 ok;
-- 1 a difference (validate), or the run failed (unexpected guest exit, timeout, ioctl error);
-- 2 it cannot run: bad input (the same message as ``ringenv replay``), the simulator missing
+- 1 a difference (validate), or the run failed (unexpected guest exit, timeout, ioctl error;
+  calibrate: --out not written at the end, the profile printed instead);
+- 2 it cannot run: bad input (the same message as ``ringenv replay``; calibrate: an --out that
+  cannot be written, before measuring), the simulator missing or every trace skipped
   (validate), or the host's KVM unusable: /dev/kvm missing or not permitted, API version,
   a capability or ring size the host lacks (``ioctl.KvmUnavailable``), unsupported arch;
 - 130 interrupted (Ctrl-C); every VM, vCPU and mapping is released first.
@@ -62,6 +64,8 @@ def load_trace(path: str):
     if path != "-":
         try:
             text = open(path).read()
+        except IsADirectoryError:
+            raise ConfigError(f"TRACE: {path!r} is a directory; expected a JSON trace file") from None
         except OSError:
             raise ConfigError(f"TRACE: no such file {path!r}") from None
     else:
@@ -109,14 +113,23 @@ def _cmd_validate(args) -> int:
         print(f"{same}/{len(result) - skipped} traces identical (real KVM vs simulator)"
               + (f"; {skipped} skipped (this host refuses their ring size)" if skipped else ""))
     compared = [v for v in result.values() if not v.startswith(SKIPPED)]
-    return 0 if compared and all(v == IDENTICAL for v in compared) else 1
+    if not compared:  # nothing to compare is not a difference: the host cannot run the check
+        print(f"ringenv validate: no trace could be compared: this host refuses the ring size of each of the "
+              f"{len(result)} traces (skipped); run it on a host that takes them (x86 without PML)", file=sys.stderr)
+        return 2
+    return 0 if all(v == IDENTICAL for v in compared) else 1
 
 
 @_guarded("calibrate")
 def _cmd_calibrate(args) -> int:
-    from ringenv.realkvm.calibrate import calibrate
+    from ringenv.realkvm.calibrate import ProfileNotWritten, calibrate
 
-    sys.stdout.write(calibrate(args.out))
+    try:
+        text = calibrate(args.out)
+    except ProfileNotWritten as exc:  # measured, but --out failed at the end: keep the profile
+        sys.stdout.write(exc.profile)
+        raise
+    sys.stdout.write(text)
     return 0
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import threading
 from typing import Sequence
 
 import numpy as np
@@ -10,7 +11,7 @@ import numpy as np
 from ringenv.realkvm.arch import Arch, WriteProgram, host_arch
 from ringenv.realkvm.ioctl import (
     KVM_CAP_DIRTY_LOG_RING_WITH_BITMAP, KVM_EXIT_DIRTY_RING_FULL, KVM_EXIT_MMIO,
-    KVM_MEM_LOG_DIRTY_PAGES, PAGE_SIZE, KvmSystem, KvmUnavailable, RealVm, _Closing,
+    KVM_MEM_LOG_DIRTY_PAGES, PAGE_SIZE, KvmSystem, KvmUnavailable, RealVm, VcpuKicked, _Closing,
     install_kick_handler)
 
 CODE_SLOT, DATA_SLOT = 0, 1
@@ -52,7 +53,9 @@ class Guest(_Closing):
     sizes as ``programs``, aiming where no memslot is: past the data slot) to their done exits,
     with their write tables in place of the programs' (the same code slot layout): the code slot
     is then mapped as the programs will touch it, and the programs' vCPUs take no fault there
-    (their fault counts are the data slot's alone).
+    (their fault counts are the data slot's alone). ``warm_up_timeout`` (seconds) bounds the
+    whole warm-up: a warm-up vCPU still running then is kicked out of KVM_RUN and a TimeoutError
+    is raised (everything released, as for any failure here).
     ``run(i)`` runs vCPU ``i`` until the next event and returns ``(kind, value)``:
     ("full", None) for KVM_EXIT_DIRTY_RING_FULL, ("sync", writes_done), ("done", writes_done),
     ("mmio", guest-physical address) for any other KVM_EXIT_MMIO (an access to an address no
@@ -64,7 +67,8 @@ class Guest(_Closing):
                  caps: Sequence[tuple[int, ...]] = (),
                  system: KvmSystem | None = None, arch: Arch | None = None, unmapped_pages: int = 0,
                  data_offset: int = 0, data_page_size: int = PAGE_SIZE, huge_pages: bool = False,
-                 hva_skew: int = 0, populated: bool = False, warm_up: Sequence[WriteProgram] = ()):
+                 hva_skew: int = 0, populated: bool = False, warm_up: Sequence[WriteProgram] = (),
+                 warm_up_timeout: float | None = None):
         self.vm: RealVm | None = None
         self._own_system = False
         self.arch = arch or host_arch()
@@ -92,7 +96,8 @@ class Guest(_Closing):
                 if [len(p.writes) for p in warm_up] != [len(p.writes) for p in programs]:
                     raise ValueError("warm_up: one program per program, of the same length each (the same code "
                                      "slot layout)")
-                self._warm_up(code, warm_up, data_pages, unmapped_pages, data_offset, data_page_size)
+                self._warm_up(code, warm_up, data_pages, unmapped_pages, data_offset, data_page_size,
+                              warm_up_timeout)
             code[:] = self.image.code
             data = self.vm.set_user_memory_region(
                 DATA_SLOT, KVM_MEM_LOG_DIRTY_PAGES if log_dirty else 0,
@@ -114,22 +119,39 @@ class Guest(_Closing):
         self.vcpus = self.vm.vcpus[first:]
 
     def _warm_up(self, code, programs: Sequence[WriteProgram], data_pages: int, unmapped_pages: int,
-                 data_offset: int, data_page_size: int) -> None:
+                 data_offset: int, data_page_size: int, timeout: float | None = None) -> None:
         """Run ``programs`` (the ``warm_up`` argument) on vCPUs of their own, one after the
         other, to their done exits, with their image in the code slot: a sync exit or an access
-        past the data slot (MMIO) is gone on from; anything else is an error."""
+        past the data slot (MMIO) is gone on from; anything else is an error. After ``timeout``
+        seconds (all of them together) a timer kicks the warm-up vCPUs out of KVM_RUN: a
+        TimeoutError naming the vCPU still running."""
         image = self.arch.build_image(data_pages, programs, unmapped_pages, data_offset=data_offset,
                                       data_page_size=data_page_size)
         code[:] = image.code
-        for i in range(len(programs)):
-            vcpu = self.vm.create_vcpu(i)
-            self.arch.setup_vcpu(self.system, vcpu, image, i)
-            while (reason := vcpu.run()) == KVM_EXIT_MMIO:
-                addr, _, is_write = vcpu.mmio()
-                if is_write and addr == image.done_gpa:
-                    break
-            else:
-                raise GuestError(f"warm-up vCPU {i}: unexpected {vcpu.exit_detail()} (reason {reason})")
+        warm: list = []  # the warm-up vCPUs so far: only they are kicked
+        timer = None
+        if timeout is not None:
+            timer = threading.Timer(timeout, lambda: [v.kick() for v in list(warm)])
+            timer.daemon = True
+            timer.start()
+        try:
+            for i in range(len(programs)):
+                vcpu = self.vm.create_vcpu(i)
+                warm.append(vcpu)
+                self.arch.setup_vcpu(self.system, vcpu, image, i)
+                try:
+                    while (reason := vcpu.run()) == KVM_EXIT_MMIO:
+                        addr, _, is_write = vcpu.mmio()
+                        if is_write and addr == image.done_gpa:
+                            break
+                    else:
+                        raise GuestError(f"warm-up vCPU {i}: unexpected {vcpu.exit_detail()} (reason {reason})")
+                except VcpuKicked:
+                    raise TimeoutError(f"the --faults warm-up (vCPU {i} of {len(programs)}) did not finish "
+                                       f"within {timeout:g} s; stopped") from None
+        finally:
+            if timer is not None:
+                timer.cancel()
 
     def close(self) -> None:
         if self.vm is not None:

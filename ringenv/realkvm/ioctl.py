@@ -365,7 +365,13 @@ class RealVm(_Closing):
         Raises KvmUnavailable if the host has no dirty ring, RingSizeRefused if it refuses
         the size (EINVAL, E2BIG), listing the sizes it takes: powers of two from a page and
         from the reserved entries (64 + ``extra_reserved``, the arch's: 512 on x86 with PML)
-        up to the cap's maximum."""
+        up to the cap's maximum. A size above that maximum (KVM_CHECK_EXTENSION) is refused
+        here, before the ioctl, with E2BIG (EINVAL if it is no power of two: KVM checks that
+        first): KVM reads the size as a u32, so one whose bytes do not fit 32 bits would be taken
+        modulo 2^32 (2^28 + 256 entries: a 256-entry ring) instead of being refused as any other
+        too-big size. An EINVAL for a size the host takes
+        is about the order, not the size (the ring can be enabled once, before the first vCPU):
+        that is an OSError(EINVAL) saying so."""
         cap = KVM_CAP_DIRTY_LOG_RING_ACQ_REL if acq_rel else KVM_CAP_DIRTY_LOG_RING
         max_bytes = self.check_extension(cap)
         if acq_rel and not max_bytes:
@@ -375,19 +381,26 @@ class RealVm(_Closing):
             raise KvmUnavailable(_errno.EOPNOTSUPP, (
                 f"this host's KVM lacks KVM_CAP_DIRTY_LOG_RING (KVM_CHECK_EXTENSION({cap}) == 0): "
                 "use a Linux >= 5.11 KVM host with the dirty ring, or the simulator (`ringenv replay`)"))
+        max_entries, accepted = max_bytes // DIRTY_GFN_DTYPE.itemsize, []
+        # KVM takes a power of two of at least a page and of the reserved entries' bytes
+        least = max(mmap.PAGESIZE, (KVM_DIRTY_RING_RSVD_ENTRIES + extra_reserved) * DIRTY_GFN_DTYPE.itemsize)
+        size = (1 << (least - 1).bit_length()) // DIRTY_GFN_DTYPE.itemsize
+        while size <= max_entries:
+            accepted.append(size)
+            size *= 2
+        if entries * DIRTY_GFN_DTYPE.itemsize > max_bytes:  # (EINVAL's size checks come first)
+            raise RingSizeRefused(_errno.E2BIG if entries & (entries - 1) == 0 else _errno.EINVAL, entries, accepted)
         try:
             self.enable_cap(cap, entries * DIRTY_GFN_DTYPE.itemsize)
         except OSError as exc:
             if exc.errno not in (_errno.EINVAL, _errno.E2BIG, _errno.ENOSPC):
                 raise
-            max_entries, accepted = max_bytes // DIRTY_GFN_DTYPE.itemsize, []
-            # KVM takes a power of two of at least a page and of the reserved entries' bytes
-            least = max(mmap.PAGESIZE, (KVM_DIRTY_RING_RSVD_ENTRIES + extra_reserved)
-                        * DIRTY_GFN_DTYPE.itemsize)
-            size = (1 << (least - 1).bit_length()) // DIRTY_GFN_DTYPE.itemsize
-            while size <= max_entries:
-                accepted.append(size)
-                size *= 2
+            if exc.errno == _errno.EINVAL and entries in accepted:
+                why = ("a vCPU exists already" if self.vcpus else "the ring is already enabled" if self.ring_bytes
+                       else "the ring is already enabled or a vCPU exists")
+                raise OSError(exc.errno, (
+                    f"KVM_ENABLE_CAP: a dirty ring of {entries} entries is a size this host takes, but {why}: "
+                    "the ring can be enabled once per VM, before its first vCPU (KVM_CREATE_VCPU)")) from None
             raise RingSizeRefused(exc.errno, entries, accepted) from None
         self.ring_bytes = entries * DIRTY_GFN_DTYPE.itemsize
         return cap
@@ -486,7 +499,12 @@ class RealVm(_Closing):
         return ioctl(self.fd, KVM_RESET_DIRTY_RINGS)
 
     def get_dirty_log(self, slot: int) -> np.ndarray:
-        """KVM_GET_DIRTY_LOG: the slot's bitmap as uint64 words (bit i = page i)."""
+        """KVM_GET_DIRTY_LOG: the slot's bitmap as uint64 words (bit i = page i). For a slot
+        this VM never created the ioctl is made with no bitmap, for the kernel's errno: ENOENT
+        (no such memslot), EINVAL (an id past the user slots), ENXIO (a ring without a bitmap)."""
+        if slot not in self._regions:
+            ioctl(self.fd, KVM_GET_DIRTY_LOG, kvm_dirty_log(slot=slot, dirty_bitmap=0))
+            raise OSError(_errno.EFAULT, f"KVM_GET_DIRTY_LOG: memslot {slot} was not created by this RealVm")
         pages = self._regions[slot].memory_size // PAGE_SIZE
         words = np.zeros((pages + 63) // 64, dtype=np.uint64)
         ioctl(self.fd, KVM_GET_DIRTY_LOG, kvm_dirty_log(slot=slot,

@@ -23,8 +23,12 @@ The trace is checked by the simulator's ``ringenv.replay.validate_trace`` when i
 so both commands refuse a bad trace with the same ``ConfigError`` message (a ``ValueError``).
 The guest performs a read (``reads``) as a load from the page; ``populated`` has userspace
 write every data page before the vCPUs start. A ring size the host refuses is a ConfigError on
-``trace.ring_entries`` as in the simulator. A replay is bounded by ``timeout``: vCPUs still in
-the guest then are kicked out of KVM_RUN and a TimeoutError is raised.
+``trace.ring_entries`` as in the simulator (one whose bytes exceed the cap's maximum is refused
+before KVM_ENABLE_CAP, which would read it modulo 2^32, as KVM refuses a too-big size: E2BIG, or
+EINVAL if it is no power of two). A replay is bounded by
+``timeout``, the ``faults`` warm-up included: vCPUs still in the guest then are kicked out of
+KVM_RUN and a TimeoutError is raised. A guest too large for the architecture's fixed layout is a
+ConfigError naming what is too large: the slot range (doubled by ``faults``) or the write tables.
 """
 
 from __future__ import annotations
@@ -206,11 +210,13 @@ def _run(trace: dict, programs: list[WriteProgram], entries: int, unmapped: int,
          timeout: float, warm_up: list[WriteProgram]) -> tuple[_Collector, list[int] | None]:
     """One run of ``programs`` on a new guest (after ``warm_up``, see ``Guest``): the
     collector's report and, with a warm-up, each vCPU's pf_fixed over the run (else None, or
-    where the host has no such statistic)."""
+    where the host has no such statistic). ``timeout`` bounds the warm-up and the run together."""
+    deadline = time.monotonic() + timeout
     try:
         guest = Guest(programs, trace["slot_pages"], ring_entries=entries,
                       with_bitmap=bool(trace.get("with_bitmap", False)), arch=arch,
-                      unmapped_pages=unmapped, populated=bool(trace.get("populated", False)), warm_up=warm_up)
+                      unmapped_pages=unmapped, populated=bool(trace.get("populated", False)), warm_up=warm_up,
+                      warm_up_timeout=timeout)
     except RingSizeRefused as exc:  # name the input, as the simulator does
         field = "ring_entries (--ring-entries)" if ring_entries else "trace.ring_entries"
         raise ConfigError(
@@ -220,8 +226,11 @@ def _run(trace: dict, programs: list[WriteProgram], entries: int, unmapped: int,
     except VcpuRefused as exc:
         raise ConfigError(f"trace.vcpus: {len(programs)} vCPUs is refused by KVM_CREATE_VCPU on this host "
                           f"({arch.profile_name()}) with {_errno_name(exc.errno)} ({exc.strerror})") from None
-    except GuestTooLarge as exc:
-        raise ConfigError(f"trace.slot_pages + trace.unmapped_pages: {exc}") from None
+    except GuestTooLarge as exc:  # name what is too large: the slot range (doubled by --faults), or the tables
+        field = "trace.vcpus[].writes" if exc.part == "tables" else "trace.slot_pages + trace.unmapped_pages" + (
+            " (doubled by --faults: the warm-up aims the programs slot_pages further, so the guest maps "
+            "2 x slot_pages + unmapped_pages)" if warm_up else "")
+        raise ConfigError(f"{field}: {exc}") from None
     with guest:
         before = [_pf_fixed(v) for v in guest.vcpus] if warm_up else [None]
         coll = _Collector(guest, trace.get("reap_scope", "all"))
@@ -238,7 +247,6 @@ def _run(trace: dict, programs: list[WriteProgram], entries: int, unmapped: int,
         try:
             for t in threads:
                 t.start()
-            deadline = time.monotonic() + timeout
             # wait for all, but stop at a vCPU's failure (the others are kicked out below and
             # the failure is what is reported) or at the deadline
             while not errors and any(t.is_alive() for t in threads) and time.monotonic() < deadline:

@@ -133,6 +133,17 @@ def _tables(programs: Sequence[WriteProgram], pages: int) -> list[np.ndarray]:
     return tables
 
 
+def _max_span(room: int, data_page_size: int) -> int:
+    """The most pages from DATA_GPA the guest's own tables can map with ``room`` pages for its
+    page directories and page tables (one page directory per GiB, 511 at most)."""
+    if data_page_size != PAGE_SIZE:  # 2 MiB leaves in the page directories
+        return max(0, min(room, 511)) * 512 * 512
+    n_pt = max(0, min(room * 512 // 513, 511 * 512))
+    while n_pt and n_pt + -(-n_pt // 512) > room:
+        n_pt -= 1
+    return n_pt * 512
+
+
 class X86:
     """x86-64 implementation of ``ringenv.realkvm.arch.Arch``."""
 
@@ -185,9 +196,24 @@ class X86:
             table_pages.append(page)
             page += _pages(table.nbytes)
         code_bytes = -(-page * PAGE_SIZE // _HUGE_SIZE) * _HUGE_SIZE
-        if code_bytes > MMIO_GPA or n_pd > 511:
-            raise GuestTooLarge(f"{mapped} pages of data and unmapped range are more than the fixed x86 guest "
-                                f"layout maps (page tables and code below the MMIO page at {MMIO_GPA:#x})")
+        limit = MMIO_GPA // PAGE_SIZE  # pages of the code slot: it ends below the MMIO page
+        fixed, n_table = first_pd + len(programs), page - first_stack - len(programs)  # code, top tables, stacks
+        if n_pd > 511 or fixed + n_pd + n_pt > limit:
+            most = max(0, _max_span(limit - fixed - n_table, data_page_size) - data_offset // PAGE_SIZE)
+            raise GuestTooLarge(
+                f"the slot range is too large: {mapped} pages (data and unmapped) need {n_pd + n_pt} pages of "
+                f"guest page tables; the fixed x86 guest layout maps at most {most} pages of range (below 512 "
+                f"GiB, and its page tables must fit with code and stacks ({fixed} pages) and write/read tables "
+                f"({n_table}) in the {limit} pages below the MMIO page at {MMIO_GPA:#x})", part="range")
+        if code_bytes > MMIO_GPA:
+            room = limit - fixed - n_pd - n_pt
+            raise GuestTooLarge(
+                f"the write/read tables are too large: the {sum(t.size for t in tables)} accesses of the "
+                f"{len(programs)} vCPU programs need {n_table} pages (4 bytes an access); with the page tables "
+                f"of the {mapped}-page slot range ({n_pd + n_pt} pages), code and stacks ({fixed}) that is "
+                f"{page} pages, more than the {limit} pages below the MMIO page at {MMIO_GPA:#x}: room for "
+                f"{room} pages of tables (at most {room * PAGE_SIZE // 4} accesses) with this slot range",
+                part="tables")
 
         mem = np.zeros(code_bytes // 8, dtype=np.uint64)
         words = mem.reshape(-1, PAGE_SIZE // 8)  # one row per page

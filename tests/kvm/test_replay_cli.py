@@ -190,3 +190,40 @@ def test_with_bitmap_on_a_host_without_it_names_the_field(tmp_path):
     r = ringenv("replay", write(tmp_path, {**GOOD, "with_bitmap": True}), "--profile", "x86-nopml")
     assert r.returncode == 2 and "Traceback" not in r.stderr
     assert "trace.with_bitmap: true is refused" in r.stderr and "EINVAL" in r.stderr
+
+
+WRAPS = (1 << 28) + 256  # entries: 2^32 + 4096 bytes, which KVM_ENABLE_CAP's u32 size reads as 4096
+
+
+@pytest.mark.parametrize("override, entries, code", [(True, WRAPS, "EINVAL"), (False, WRAPS, "EINVAL"),
+                                                     (False, 1 << 28, "E2BIG")])
+def test_ring_entries_whose_bytes_do_not_fit_32_bits_are_refused(tmp_path, override, entries, code):
+    """KVM_ENABLE_CAP reads the ring size as a u32: 2^28 + 256 entries would be enabled as a
+    256-entry ring while the report said 268435712 (soft limit 192). Refused as too big (EINVAL
+    if no power of two, as KVM checks that first), the field named and the accepted sizes
+    listed, as for any size KVM refuses."""
+    if override:
+        r = ringenv("replay", write(tmp_path, GOOD), "--ring-entries", entries)
+        field = "ring_entries (--ring-entries)"
+    else:
+        r = ringenv("replay", write(tmp_path, {**GOOD, "ring_entries": entries}))
+        field = "trace.ring_entries"
+    assert r.returncode == 2 and r.stdout == "", (r.returncode, r.stdout, r.stderr)
+    assert "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    assert r.stderr.startswith(f"ringenv replay: {field}: {entries} entries ({entries * 16} bytes)"), r.stderr
+    assert code in r.stderr and "32-bit" in r.stderr
+    assert "accepted: 256, 512," in r.stderr and r.stderr.rstrip().endswith(", 65536")
+
+
+def test_a_directory_as_trace_is_named_a_directory(tmp_path):
+    r = ringenv("replay", tmp_path)
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert "is a directory" in r.stderr and "no such file" not in r.stderr, r.stderr
+
+
+def test_a_trace_not_utf8_says_json_only(tmp_path):
+    p = tmp_path / "t.json"
+    p.write_bytes(b'{"slot_pages": 1\xff}')
+    r = ringenv("replay", p)
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert "not UTF-8" in r.stderr and "accepted: a UTF-8 JSON file" in r.stderr and "YAML" not in r.stderr, r.stderr
