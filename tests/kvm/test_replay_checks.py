@@ -108,10 +108,12 @@ def _run(*argv):
     return args.func(args)
 
 
-def test_validate_with_every_trace_skipped_fails(monkeypatch, capsys):
+def test_validate_with_every_trace_skipped_cannot_run(monkeypatch, capsys):
+    """Nothing compared is no difference (exit 1) but a host that cannot run the check (exit 2)."""
     monkeypatch.setattr(validate, "validate", lambda: {"a": "skipped: trace.ring_entries: refused"})
-    assert _run("validate") == 1
-    assert "0/0 traces identical" in capsys.readouterr().out
+    assert _run("validate") == 2
+    out = capsys.readouterr()
+    assert "0/0 traces identical" in out.out and "no trace could be compared" in out.err
 
 
 def test_a_guest_error_is_exit_1_one_line(monkeypatch, capsys, tmp_path):
