@@ -84,6 +84,112 @@ def checked_number(value, field: str, accepted: str, valid, *, integral: bool = 
     return value
 
 
+#: the longest simulated time a setting may give, s (11.6 days: far past any migration or checkpoint run, and in
+#: int64 ns with room to add to it); its ms and us forms are 1e9 ms and 1e12 us
+MAX_SIM_S = 1e6
+#: the most a host event may cost, ns (1 s: slower than any ioctl or fault, and any count of them fits int64 ns)
+MAX_COST_NS = 1e9
+#: the fastest a workload may write in any phase, MB/s (10 TB/s, past any host's memory bandwidth: the sampler's
+#: work grows with the writes), and the slowest it may write in a phase where it writes at all (10 kB/s: below, with
+#: the smallest rate_scale and rate_scale_range factors, the expected gap between two writes leaves int64 ns)
+MAX_WORKLOAD_MBPS = 1e7
+MIN_WORKLOAD_MBPS = 0.01
+#: the phases' rate multipliers, and the scenario's rate_scale (a factor on every workload rate)
+MAX_MULTIPLIER = 1e3
+MIN_RATE_SCALE, MAX_RATE_SCALE = 1e-3, 1e3
+#: the device state a switchover sends, bytes (1 TiB)
+MAX_DEVICE_STATE = 1 << 40
+#: the largest guest RAM any host addresses (52-bit guest physical addresses), bytes
+MAX_MEMORY = 1 << 52
+#: a reward weight (and 1 / the smallest reward scale)
+MAX_REWARD_WEIGHT = 1e6
+#: ns per unit of a time setting, by the unit its field's name ends with
+_TIME_UNIT_NS = {"ns": 1, "us": 1_000, "ms": 1_000_000, "s": 1_000_000_000}
+_NAME_UNITS = (("_ns", "ns"), ("_us", "us"), ("_ms", "ms"), ("_s", "s"), ("gbps", "Gb/s"), ("_mibps", "MiB/s"),
+               ("_mbps", "MB/s"), ("_pct", "%"), ("_bytes", "bytes"))
+
+
+def _num_text(x) -> str:
+    """A bound as the accepted ranges show it: integers in full, other numbers short (1e-06 as 1e-6, 1e+09 as 1e9)."""
+    if isinstance(x, int):
+        return str(x)
+    return re.sub(r"e([+-])0*(\d)", lambda m: "e" + ("-" if m.group(1) == "-" else "") + m.group(2), f"{x:g}")
+
+
+def _pydantic_num(x) -> str:
+    """A bound as pydantic's own messages show it (1e-06 as 0.000001, 1.0 as 1): the phrases stay the same."""
+    return str(x) if isinstance(x, int) else np.format_float_positional(x, trim="-")
+
+
+def field_unit(name: str, info) -> str:
+    """The unit of a number field: its ``json_schema_extra`` ``unit``, else the one its name ends with (``_ms``,
+    ``_s``, ``_ns``, ``_us``, ``gbps``, ``_mbps``, ...); "" for a factor or a count."""
+    extra = info.json_schema_extra if isinstance(info.json_schema_extra, dict) else {}
+    if "unit" in extra:
+        return extra["unit"]
+    return next((u for suffix, u in _NAME_UNITS if name.endswith(suffix)), "")
+
+
+def field_bounds(info) -> dict:
+    """The ``gt``/``ge``/``lt``/``le`` bounds of a field (its Field's metadata)."""
+    out = {}
+    for m in info.metadata:
+        for attr in ("gt", "ge", "lt", "le"):
+            if getattr(m, attr, None) is not None:
+                out[attr] = getattr(m, attr)
+    return out
+
+
+def accepted_range(name: str, info) -> str:
+    """What a bounded number field accepts, said once for every such field from its bounds and unit: "1e-6 to 1e9
+    ms". A time field (ms, s, us) bounded only by > 0 starts at 1 ns (a time is whole ns: below 1 ns it would round
+    to 0 ns); one that accepts 0 says "0, or 1 ns to ..." (a time in (0, 1 ns) rounds to 0 ns)."""
+    b, unit = field_bounds(info), field_unit(name, info)
+    u = f" {unit}" if unit else ""
+    hi = (f"{_num_text(b['le'])}" if "le" in b else f"below {_num_text(b['lt'])}" if "lt" in b else None)
+    one_ns = 1 / _TIME_UNIT_NS[unit] if unit in _TIME_UNIT_NS and unit != "ns" else None
+    if one_ns is not None and b.get("gt") == 0:
+        lo = _num_text(one_ns)
+    elif one_ns is not None and b.get("ge") == 0:
+        return f"0, or {_num_text(one_ns)} to {hi}{u} (1 ns and up)" if hi else f"0, or >= {_num_text(one_ns)}{u}"
+    elif "ge" in b:
+        lo = _num_text(b["ge"])
+    elif "gt" in b:
+        return f"more than {_num_text(b['gt'])}" + (f", up to {hi}{u}" if hi else u)
+    else:
+        return f"up to {hi}{u}" if hi else "a number"
+    return f"{lo} to {hi}{u}" if hi else f">= {lo}{u}"
+
+
+def check_field_range(name: str, info, v) -> None:
+    """The one range rule of every bounded number field, applied before pydantic's own: a finite number outside
+    the field's bounds, or a positive time in ms, s or us below 1 ns (it would round to 0 ns: a zero-length
+    interval or gap would loop for ever), is a ValueError saying pydantic's phrase, the value and the whole
+    accepted range (:func:`accepted_range`). Non-finite numbers are left to pydantic ("a finite number")."""
+    if isinstance(v, (bool, np.bool_)) or not isinstance(v, numbers.Real):
+        return
+    if not isinstance(v, numbers.Integral) and not math.isfinite(v):
+        return
+    b = field_bounds(info)
+    if not b:
+        return
+    unit = field_unit(name, info)
+    phrase = None
+    if "gt" in b and not v > b["gt"]:
+        phrase = f"greater than {_pydantic_num(b['gt'])}"
+    elif "ge" in b and not v >= b["ge"]:
+        phrase = f"greater than or equal to {_pydantic_num(b['ge'])}"
+    elif "lt" in b and not v < b["lt"]:
+        phrase = f"less than {_pydantic_num(b['lt'])}"
+    elif "le" in b and not v <= b["le"]:
+        phrase = f"less than or equal to {_pydantic_num(b['le'])}"
+    elif unit in _TIME_UNIT_NS and unit != "ns" and 0 < v * _TIME_UNIT_NS[unit] < 1:
+        raise ValueError(f"{v!r} {unit} is below 1 ns (a time is whole ns: it would round to 0 ns); accepted: "
+                         f"{accepted_range(name, info)}")
+    if phrase:
+        raise ValueError(f"Input should be {phrase} (got {v!r}); accepted: {accepted_range(name, info)}")
+
+
 _UNION_TAGS = {"str", "int", "float", "bool", "dict", "list", "none", "literal", "any"}
 _FIELD_PREFIX = re.compile(r"([a-z_][a-z0-9_]*(?:\.[a-z0-9_]+)*): ")
 
@@ -162,7 +268,8 @@ class Strict(BaseModel):
     def _numbers_are_numbers(cls, v, info):
         """YAML's true/false and quoted strings are not numbers: pydantic would take them as 1, 0
         and the number the string spells (sizes such as '16GiB' have their own validators, which
-        run first). Nor are numbers and strings booleans (pydantic would take 0, 1, 'yes', 'off')."""
+        run first). Nor are numbers and strings booleans (pydantic would take 0, 1, 'yes', 'off'). A number outside
+        the field's bounds is refused with the whole accepted range (:func:`check_field_range`)."""
         if not isinstance(v, bool) and v is not None:
             ann = cls.model_fields[info.field_name].annotation
             if ann is bool or ann == (bool | None):
@@ -179,6 +286,7 @@ class Strict(BaseModel):
             elif type(v) not in types and any(t in (int, float) for t in types):
                 what = "a string" if isinstance(v, str) else "not a number"
                 raise ValueError(f"{v!r} is {what}; expected a number")
+        check_field_range(info.field_name, cls.model_fields[info.field_name], v)
         return v
 
     @classmethod
@@ -191,16 +299,19 @@ class Strict(BaseModel):
 
 
 def _pos(desc: str, **kw):
-    return Field(gt=0, description=desc, **kw)
+    """A host cost > 0 ns, at most :data:`MAX_COST_NS`."""
+    return Field(gt=0, le=MAX_COST_NS, description=desc, **kw)
 
 
 def _nonneg(desc: str, **kw):
-    return Field(ge=0, description=desc, **kw)
+    """A host cost >= 0 ns, at most :data:`MAX_COST_NS`."""
+    return Field(ge=0, le=MAX_COST_NS, description=desc, **kw)
 
 
 class HostCosts(Strict):
     """Simulated cost of each host event, in integer nanoseconds (floats are accepted for
-    sub-nanosecond per-page costs). Where each default comes from is said in the YAML files."""
+    sub-nanosecond per-page costs), each at most 1e9 ns (1 s, :data:`MAX_COST_NS`). Where each
+    default comes from is said in the YAML files."""
 
     wp_fault_ns: int = _pos("write-protect (permission) fault on one page, incl. the ring push")
     dirty_write_ns: int = _nonneg("a guest write to a page that is already writable")
@@ -241,15 +352,16 @@ class HostProfile(Strict):
     page_size: Literal[4096, 16384, 65536]
     block_sizes: list[int] = Field(description="stage-2 block (huge mapping) sizes in bytes, smallest first")
     pml: bool = Field(False, description="x86 Page Modification Logging: a 512-entry hardware buffer")
-    pml_buffer_entries: int = Field(512, ge=1)
+    pml_buffer_entries: int = Field(512, ge=1, le=65536)
     kernel_exit_interval_us: float = Field(
-        0.0, ge=0, allow_inf_nan=False,
+        0.0, ge=0, le=MAX_COST_NS / 1000, allow_inf_nan=False,
         description="time between the VM exits KVM handles in the kernel on each running vCPU (host timer "
         "ticks, guest timer and IPI exits), at multiples of it: with PML each flushes the buffer into the ring "
         "(vmx_flush_pml_buffer runs at every VM exit); 0: none modelled, the buffer is flushed only when full "
-        "and at exits to userspace. Used only with pml",
+        "and at exits to userspace. Used only with pml; 0, or 0.001 (1 ns) to 1e6 us (1 s)",
     )
-    arch_dirty_log_size: int = Field(0, ge=0, description="extra reserved ring entries (kvm_cpu_dirty_log_size)")
+    arch_dirty_log_size: int = Field(0, ge=0, le=65536 - 64,
+                                     description="extra reserved ring entries (kvm_cpu_dirty_log_size)")
     acq_rel_only: bool = Field(description="only KVM_CAP_DIRTY_LOG_RING_ACQ_REL is offered (weakly ordered arch)")
     with_bitmap_supported: bool = Field(description="KVM_CAP_DIRTY_LOG_RING_WITH_BITMAP is offered")
     reprotect_span: bool = Field(
@@ -452,7 +564,9 @@ def parse_size(value: Any, field: str = "size") -> int:
             raise ConfigError(f"{field}: {value!r} is not a size; accepted: an integer of bytes or a number with "
                               f"a unit B, K/KiB, M/MiB, G/GiB or T/TiB (binary multiples, as QEMU's -m), "
                               f"e.g. 4096, '2MiB', '16GiB', '1TiB'")
-        n = int(float(m.group(1)) * _SIZE_UNITS[m.group(2).upper()])
+        from fractions import Fraction
+
+        n = int(Fraction(m.group(1)) * _SIZE_UNITS[m.group(2).upper()])  # exact: '1.5GiB' is 1610612736
     else:
         raise ConfigError(f"{field}: {value!r} is not a size (an integer of bytes or e.g. '16GiB')")
     if n <= 0:
@@ -475,7 +589,7 @@ class RegionConfig(Strict):
 
     name: str = ""
     fraction: float = Field(gt=0, le=1)
-    rate_mbps: float = Field(ge=0)
+    rate_mbps: float = Field(ge=0, le=MAX_WORKLOAD_MBPS)
     pattern: Literal["uniform", "zipf", "scan"] = "uniform"
     zipf_s: float = Field(1.0, gt=0, le=3)
     layout: Literal["contiguous", "scattered"] = "contiguous"
@@ -497,12 +611,13 @@ class RegionConfig(Strict):
 
 class PhaseConfig(Strict):
     """Calm/burst modulation of every region's rate: a two-state Markov process with
-    exponentially distributed durations (means in seconds) and rate multipliers."""
+    exponentially distributed durations (means in seconds, 1 ms to 1e6 s) and rate multipliers
+    (0 to 1000; the workload bounds the rates they give: :meth:`WorkloadConfig._check_rates`)."""
 
-    calm_multiplier: float = Field(1.0, ge=0)
-    burst_multiplier: float = Field(4.0, ge=0)
-    mean_calm_s: float = Field(5.0, gt=0)
-    mean_burst_s: float = Field(1.0, gt=0)
+    calm_multiplier: float = Field(1.0, ge=0, le=MAX_MULTIPLIER)
+    burst_multiplier: float = Field(4.0, ge=0, le=MAX_MULTIPLIER)
+    mean_calm_s: float = Field(5.0, ge=1e-3, le=MAX_SIM_S)
+    mean_burst_s: float = Field(1.0, ge=1e-3, le=MAX_SIM_S)
 
     @model_validator(mode="after")
     def _check(self):
@@ -533,7 +648,29 @@ class WorkloadConfig(Strict):
         total = sum(r.fraction for r in self.regions)
         if total > 1.0 + 1e-9:
             raise ValueError(f"regions: fractions add up to {total:.3f}, more than all of guest RAM (1.0)")
+        self._check_rates()
         return self
+
+    def _check_rates(self) -> None:
+        """What the workload writes in each phase (the sum of the regions' ``rate_mbps`` times the phase's
+        multiplier, 1 without phases) is 0, or MIN_WORKLOAD_MBPS to MAX_WORKLOAD_MBPS (0.01 to 1e7 MB/s): faster,
+        the sampler's work has no bound; slower but not 0, the expected gap between two writes, with the smallest
+        rate_scale factors, leaves int64 ns (a window of 1 ns, then another, for ever). The error names the
+        multiplier of the phase at fault (or ``regions`` without phases)."""
+        rate = self.rate_mbps
+        ph = self.phases
+        phases = [("regions", 1.0)] if ph is None else [("phases.calm_multiplier", ph.calm_multiplier),
+                                                        ("phases.burst_multiplier", ph.burst_multiplier)]
+        for field, m in phases:
+            r = rate * m
+            if r == 0 or MIN_WORKLOAD_MBPS <= r <= MAX_WORKLOAD_MBPS:
+                continue
+            said = (f"{m!r} makes the workload write {r:g} MB/s in that phase (its regions' {rate:g} MB/s times "
+                    "it)" if ph is not None else f"the regions' rate_mbps add up to {r:g} MB/s")
+            raise ValueError(
+                f"{field}: {said}; accepted: what the workload writes in a phase (the sum of the regions' rate_mbps "
+                f"times the phase's multiplier) is 0 or {_num_text(MIN_WORKLOAD_MBPS)} to "
+                f"{_num_text(MAX_WORKLOAD_MBPS)} MB/s")
 
     @property
     def rate_mbps(self) -> float:
@@ -578,13 +715,18 @@ def _workload_file(name_or_path: str | Path) -> WorkloadConfig:
 from pydantic import PrivateAttr  # noqa: E402  (used by the scenario section only)
 
 
-def _size_field(field: str):
-    """A ``mode='before'`` validator turning '16GiB'-style sizes into bytes (0 stays 0)."""
+def _size_field(field: str, max_bytes: int = MAX_MEMORY, max_text: str = "4 PiB (2**52 bytes, the widest "
+                "guest-physical address space)"):
+    """A ``mode='before'`` validator turning '16GiB'-style sizes into bytes (0 stays 0), at most ``max_bytes``
+    (``max_text``): a bigger size is an error showing it as given (the string, not a rounded byte count)."""
 
     def conv(cls, v):
         if isinstance(v, (int, float)) and not isinstance(v, bool) and v == 0:
             return 0
-        return parse_size(v, field)
+        n = parse_size(v, field)
+        if n > max_bytes:
+            raise ValueError(f"{v!r} is not accepted; accepted: a size up to {max_text}")
+        return n
 
     return field_validator(field, mode="before")(conv)
 
@@ -632,16 +774,18 @@ class LinkConfig(Strict):
     is an operator's migrate_cancel that many seconds into the migration, whatever it is doing
     then (:mod:`ringenv.vmm.migration`); migration only."""
 
-    gbps: float = Field(10.0, gt=0, description="link rate, Gb/s")
+    gbps: float = Field(10.0, gt=0, le=1e5, description="link rate, Gb/s (at most 1e5: 100 Tb/s)")
     max_bandwidth_mibps: Any = Field(128.0, description="QEMU max-bandwidth, MiB/s or 'link'")
-    downtime_limit_ms: float = Field(300.0, gt=0, description="QEMU downtime-limit, ms")
-    device_state_bytes: int = Field(1 << 20, ge=0, description="device state sent at switchover, bytes")
-    give_up_s: float = Field(600.0, gt=0, description="give up on converging after this many seconds")
+    downtime_limit_ms: float = Field(300.0, gt=0, le=MAX_SIM_S * 1e3, description="QEMU downtime-limit, ms")
+    device_state_bytes: int = Field(1 << 20, ge=0, le=MAX_DEVICE_STATE, description="device state sent at "
+                                    "switchover, bytes or a size such as '1MiB' (at most 1 TiB)")
+    give_up_s: float = Field(600.0, gt=0, le=MAX_SIM_S, description="give up on converging after this many seconds")
     give_up_action: Literal["switchover", "cancel"] = Field(
         "switchover", description="at give_up_s: force the switchover, or cancel the migration")
-    cancel_at_s: float | None = Field(None, ge=0, description="an operator's migrate_cancel at this many seconds")
+    cancel_at_s: float | None = Field(None, ge=0, le=MAX_SIM_S,
+                                      description="an operator's migrate_cancel at this many seconds")
 
-    _v_dev = _size_field("device_state_bytes")
+    _v_dev = _size_field("device_state_bytes", MAX_DEVICE_STATE, "1 TiB")
 
     @field_validator("max_bandwidth_mibps", mode="before")
     @classmethod
@@ -673,11 +817,11 @@ class CheckpointConfig(Strict):
     base image that outlasts the horizon, none (the run then reports ``converged`` False).
     ``stop_the_world``: the guest is paused while the dirty set is written (the pause is the
     downtime); otherwise it is written live and only the pages dirtied meanwhile are written
-    during a short pause."""
+    during a short pause. Times are 1 ns to 1e6 s, ``storage_mbps`` at most 1e8 (100 TB/s)."""
 
-    period_s: float = Field(10.0, gt=0)
-    storage_mbps: float = Field(2000.0, gt=0)
-    horizon_s: float = Field(60.0, gt=0)
+    period_s: float = Field(10.0, gt=0, le=MAX_SIM_S)
+    storage_mbps: float = Field(2000.0, gt=0, le=1e8)
+    horizon_s: float = Field(60.0, gt=0, le=MAX_SIM_S)
     stop_the_world: bool = True
 
 
@@ -689,15 +833,15 @@ class AutoConvergeConfig(Strict):
     max_pct: int = Field(99, ge=1, le=99)
     trigger_threshold_pct: int = Field(50, ge=1, le=100)
     tailslow: bool = False
-    dirty_sync_timer_ms: float = Field(5000.0, ge=0, description="QEMU >= 9.2: a dirty sync when none happened "
-                                       "over a tick of this period (CPU_THROTTLE_DIRTY_SYNC_TIMESLICE_MS); "
-                                       "0: no timer (QEMU before 9.2)")
+    dirty_sync_timer_ms: float = Field(5000.0, ge=0, le=MAX_SIM_S * 1e3, description="QEMU >= 9.2: a dirty sync "
+                                       "when none happened over a tick of this period "
+                                       "(CPU_THROTTLE_DIRTY_SYNC_TIMESLICE_MS); 0: no timer (QEMU before 9.2)")
 
     @model_validator(mode="after")
     def _check(self):
         if 0 < self.dirty_sync_timer_ms < 1:
             raise ValueError(f"dirty_sync_timer_ms: {self.dirty_sync_timer_ms:g} is not accepted; accepted: 0 (no "
-                             "timer) or >= 1 ms")
+                             "timer) or 1 to 1e9 ms")
         if self.max_pct < self.initial_pct:  # QEMU migrate_params_check refuses it too
             raise ValueError(f"max_pct: {self.max_pct} is below initial_pct ({self.initial_pct}); accepted: "
                              f"initial_pct ({self.initial_pct}) to 99")
@@ -709,7 +853,8 @@ class DirtyLimitConfig(Strict):
     engages by the same rule as auto-converge (``auto_converge.trigger_threshold_pct``, QEMU's
     throttle-trigger-threshold) and needs the ring collector."""
 
-    vcpu_limit_mbps: int = Field(1, ge=1, description="per-vCPU quota, whole MiB/s (QEMU's vcpu-dirty-limit)")
+    vcpu_limit_mbps: int = Field(1, ge=1, le=10**7, json_schema_extra={"unit": "MiB/s"},
+                                 description="per-vCPU quota, whole MiB/s (QEMU's vcpu-dirty-limit)")
     period_ms: int = Field(1000, ge=1, le=1000, description="how often the sleep is adjusted, ms "
                            "(QEMU's x-vcpu-dirty-limit-period: 1..1000)")
 
@@ -723,8 +868,8 @@ class ScenarioConfig(Strict):
     dirty-limit (ring only). ``switchover``: qemu (sync when the pending estimate is below
     bandwidth x downtime-limit, QEMU's loop) or pass-end (one sync at the end of every pass over
     the dirty set, the textbook model of migration.md s1). ``rate_scale`` multiplies every
-    workload rate (scaled-down variants keep M/R and D/R with memory and link scaled alike).
-    ``env`` is reserved for the environment's settings."""
+    workload rate (scaled-down variants keep M/R and D/R with memory and link scaled alike), 0.001 to
+    1000. ``interval_ms`` is 1e-6 (1 ns) to 1e9 ms. ``env`` is reserved for the environment's settings."""
 
     name: str
     description: str = ""
@@ -732,17 +877,17 @@ class ScenarioConfig(Strict):
     host: str | HostProfile = DEFAULT_HOST
     vm: VmConfig
     workload: str | WorkloadConfig
-    rate_scale: float = Field(1.0, gt=0)
+    rate_scale: float = Field(1.0, ge=MIN_RATE_SCALE, le=MAX_RATE_SCALE)
     link: LinkConfig = Field(default_factory=LinkConfig)
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
     collector: Literal["ring", "bitmap"] = "ring"
     ring_entries: int = Field(4096, gt=0)
-    interval_ms: float = Field(1000.0, gt=0)
+    interval_ms: float = Field(1000.0, gt=0, le=MAX_SIM_S * 1e3)
     throttle: Literal["none", "auto-converge", "dirty-limit"] = "none"
     auto_converge: AutoConvergeConfig = Field(default_factory=AutoConvergeConfig)
     dirty_limit: DirtyLimitConfig = Field(default_factory=DirtyLimitConfig)
     switchover: Literal["qemu", "pass-end"] = "qemu"
-    seed: int = Field(0, ge=0)
+    seed: int = Field(0, ge=0, le=2**63 - 1)
     env: dict | None = None
 
     @field_validator("env")
@@ -753,7 +898,8 @@ class ScenarioConfig(Strict):
             try:
                 EnvConfig.parse(v, where="env")
             except ConfigError as e:
-                raise ValueError("\n".join(e.args[0].splitlines()[1:])) from None
+                lines = e.args[0].splitlines()  # (the heading "invalid env:" is this field's name here)
+                raise ValueError("\n".join(lines[1:]) if lines[0] == "invalid env:" else e.args[0]) from None
         return v
 
     _profile: Any = PrivateAttr(None)
@@ -931,20 +1077,21 @@ class RewardConfig(Strict):
     have caused when the migration is cancelled (at give_up_s with ``link.give_up_action:
     cancel``, or at ``link.cancel_at_s``: the episode terminates with the migration to be done
     again; the downtime weight's default).
-    The sum is divided by ``scale``."""
+    The sum is divided by ``scale``. Weights are 0 to 1e6, ``scale`` 1e-6 to 1e6 (a reward stays finite)."""
 
-    vcpu: float = Field(10.0, ge=0)
-    vmm: float = Field(1.0, ge=0)
-    memory: float = Field(0.002, ge=0)
-    time: float = Field(0.05, ge=0)
-    downtime: float = Field(10.0, ge=0)
-    truncation: float = Field(0.0, ge=0)
-    cancel: float = Field(10.0, ge=0)
-    scale: float = Field(1.0, gt=0)
+    vcpu: float = Field(10.0, ge=0, le=MAX_REWARD_WEIGHT)
+    vmm: float = Field(1.0, ge=0, le=MAX_REWARD_WEIGHT)
+    memory: float = Field(0.002, ge=0, le=MAX_REWARD_WEIGHT)
+    time: float = Field(0.05, ge=0, le=MAX_REWARD_WEIGHT)
+    downtime: float = Field(10.0, ge=0, le=MAX_REWARD_WEIGHT)
+    truncation: float = Field(0.0, ge=0, le=MAX_REWARD_WEIGHT)
+    cancel: float = Field(10.0, ge=0, le=MAX_REWARD_WEIGHT)
+    scale: float = Field(1.0, ge=1 / MAX_REWARD_WEIGHT, le=MAX_REWARD_WEIGHT)
 
 
 #: what EnvConfig.rate_scale_range accepts (its errors say so)
-RATE_SCALE_RANGE_ACCEPTED = "[low, high] with 0 < low <= high <= 100 (factors on the workload's write rates)"
+RATE_SCALE_RANGE_ACCEPTED = ("[low, high] with 0 < low <= high <= 100 and low >= 0.01 (factors on the workload's "
+                             "write rates)")
 
 
 class EnvConfig(Strict):
@@ -952,9 +1099,17 @@ class EnvConfig(Strict):
     time cap, the pre-migration dirty-rate sample, the action grids, the workload set and the
     reward weights."""
 
-    control_interval_ms: float = Field(50.0, ge=1e-6, description="simulated ms between two actions (>= 1e-6: 1 ns)")
-    max_episode_s: float = Field(120.0, gt=0, description="simulated seconds before truncation")
-    sample_s: float = Field(1.0, gt=0, description="pre-migration dirty-rate sample, simulated s")
+    @classmethod
+    def parse(cls, data: Any, where: str | None = None):
+        """As :meth:`Strict.parse`, the workload sets file read first: an error in it is its own
+        (naming the file, the set, the split and the position), not one of these settings'."""
+        load_workload_sets()
+        return super().parse(data, where)
+
+    control_interval_ms: float = Field(50.0, ge=1e-6, le=MAX_SIM_S * 1e3,
+                                       description="simulated ms between two actions (1e-6: 1 ns, to 1e9)")
+    max_episode_s: float = Field(120.0, gt=0, le=MAX_SIM_S, description="simulated seconds before truncation")
+    sample_s: float = Field(1.0, gt=0, le=MAX_SIM_S, description="pre-migration dirty-rate sample, simulated s")
     sample_windows: int = Field(5, ge=1, le=100, description="dirty-log reads over the sample (re-dirty rate)")
     ring_sizes: list[int] | None = Field(None, description="ring entries offered (default: all the host accepts)")
     intervals_ms: list[float] = Field(default_factory=lambda: list(DEFAULT_INTERVALS_MS), min_length=1)
@@ -975,7 +1130,7 @@ class EnvConfig(Strict):
     @model_validator(mode="after")
     def _check(self):
         lo_hi = self.rate_scale_range
-        if not 0 < lo_hi[0] <= lo_hi[1] <= 100:
+        if not 0.01 <= lo_hi[0] <= lo_hi[1] <= 100:
             raise ValueError(f"rate_scale_range: {list(lo_hi)} is not accepted; accepted: {RATE_SCALE_RANGE_ACCEPTED}")
         for m in self.intervals_ms:
             if not 1 <= m <= 10_000:
@@ -998,18 +1153,38 @@ class EnvConfig(Strict):
 
 
 def load_workload_sets() -> dict[str, dict[str, list[str]]]:
-    """Named workload sets with their train/test split (configs/workload-sets.yaml)."""
+    """Named workload sets with their train/test split (configs/workload-sets.yaml), the whole file
+    validated as it is read: a mapping of set names, each a mapping with exactly the keys ``train``
+    and ``test``, each a non-empty list of workload names (or YAML paths) that load, none given twice
+    and none in both. An error names the file, the set, the split and the position, and what is
+    accepted."""
     path = CONFIG_DIR / "workload-sets.yaml"
     data = _read_yaml(path)
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path.name}: expected a mapping of set names")
+    known = sorted(q.stem for q in (CONFIG_DIR / "workloads").glob("*.yaml"))
+    names = f"workload names ({', '.join(known)}) or YAML paths"
+    if not isinstance(data, dict) or not data:
+        raise ConfigError(f"{path.name}: {data!r} is not accepted; accepted: a mapping of set names, each "
+                          "{train: [...], test: [...]}")
     for name, split in data.items():
+        if not isinstance(name, str):
+            raise ConfigError(f"{path.name}: set name {name!r} is not accepted; accepted: a string")
         if not isinstance(split, dict) or set(split) != {"train", "test"}:
-            raise ConfigError(f"{path.name}: set {name!r} must have exactly the keys train and test")
+            raise ConfigError(f"{path.name}: set {name!r}: {split!r} is not accepted; accepted: a mapping with exactly "
+                              "the keys train and test (lists of workload names)")
         for part in ("train", "test"):
-            for w in split[part]:
-                load_workload(w)
+            ws = split[part]
+            if not isinstance(ws, list) or not ws:
+                raise ConfigError(f"{path.name}: set {name!r}, {part}: {ws!r} is not accepted; accepted: a non-empty "
+                                  f"list of {names}")
+            for i, w in enumerate(ws):
+                at = f"{path.name}: set {name!r}, {part}[{i}]"
+                if not isinstance(w, str) or not w:
+                    raise ConfigError(f"{at}: {w!r} is not accepted; accepted: {names}")
+                if w in ws[:i]:
+                    raise ConfigError(f"{at}: {w!r} is given twice (each workload once)")
+                load_workload(w, where=at)
         overlap = set(split["train"]) & set(split["test"])
         if overlap:
-            raise ConfigError(f"{path.name}: set {name!r} has workloads in both train and test: {sorted(overlap)}")
+            raise ConfigError(f"{path.name}: set {name!r} has workloads in both train and test: {sorted(overlap)}; "
+                              "accepted: each workload in one of them")
     return data

@@ -582,11 +582,11 @@ class MigrationEnv(RingEnv):
     dirty rate, ring-full exits, iteration, progress, reward) or "rgb_array" (a 240 x 480 x 3
     uint8 frame: each vCPU's ring fill against its soft limit, red from 0.9, and the share of
     memory sent; after reset the empty rings; drawn with matplotlib, the `rl` extra); env settings
-    (`control_interval_ms`, simulated ms per step, default 50; `max_episode_s`, simulated
-    seconds before truncation, default 120; `sample_s`, the
-    pre-migration sample's simulated seconds, default 1; `sample_windows`, default 5;
+    (`control_interval_ms`, simulated ms per step, default 50, 1e-6 (1 ns) to 1e9; `max_episode_s`,
+    simulated seconds before truncation, default 120, up to 1e6; `sample_s`, the
+    pre-migration sample's simulated seconds, default 1, up to 1e6; `sample_windows`, default 5;
     `ring_sizes` (each one the host accepts, once; default all of them), `intervals_ms` (each in
-    1 .. 10000 ms, once), `reward`, `workload_set`, `rate_scale_range` ([low, high], 0 < low <=
+    1 .. 10000 ms, once), `reward`, `workload_set`, `rate_scale_range` ([low, high], 0.01 <= low <=
     high <= 100, default [1, 1]: each episode multiplies its workload's write rates by a factor
     drawn log-uniformly from it, on top of the scenario's `rate_scale`; domain randomisation for
     training, so that a policy meets each workload at other intensities than the one written

@@ -177,11 +177,70 @@ def _cases():
 
 CASES = list(_cases())
 
+TIME_SUFFIXES = ("_ms", "_s", "_us")  # a time in ms, s or us: below 1 ns it would round to 0 ns
+
+
+def _huge_cases():
+    """(id, loader, path, value, dotted field, shown value): every float field given 1e300, every int field (sizes
+    too) 10**30, every time field in ms, s or us a positive time below 1 ns (it would round to 0 ns). Each was
+    accepted once and then hung or overflowed deep inside (a loop of 0-ns steps, "cannot convert float infinity to
+    integer", numba's TypingError on an int beyond int64): now a ConfigError naming the field and the accepted
+    range."""
+    for model, loader, prefix, dotted in MODELS:
+        for name in model.model_fields:
+            kind = _kind(model, name)
+            if kind not in ("number", "size"):
+                continue
+            ann = _base_types(model.model_fields[name].annotation)
+            path, field = prefix + [name], dotted + name
+            bad = []
+            if float in ann:
+                bad.append((1e300, "1e+300"))
+            if int in ann:
+                bad.append((10**30, str(10**30)))
+            if float in ann and name.endswith(TIME_SUFFIXES):
+                bad.append((1e-12, "1e-12"))
+            for i, (value, shown) in enumerate(bad):
+                yield (f"{model.__name__}.{name}-huge{i}", loader, path, value, field, shown)
+
+
+HUGE_CASES = list(_huge_cases())
+
 
 def test_every_model_and_field_is_swept():
     models = {m for m in vars(C).values() if isinstance(m, type) and issubclass(m, C.Strict) and m is not C.Strict}
     assert models <= {m for m, *_ in MODELS}, f"add to MODELS: {models - {m for m, *_ in MODELS}}"
     assert len(CASES) > 150
+
+
+@pytest.mark.parametrize("case", HUGE_CASES, ids=[c[0] for c in HUGE_CASES])
+def test_a_huge_or_sub_ns_value_names_the_field_the_value_and_the_accepted_range(case, tmp_path):
+    """Finite but absurd: refused with what is accepted, not run until it hangs or overflows."""
+    _, loader, path, value, field, shown = case
+    load = {"scenario": _scenario, "workload": _workload, "env": _env, "host": _host_loader(tmp_path)}[loader]
+    with pytest.raises(ConfigError) as e:
+        load(path, value)
+    msg = str(e.value)
+    lines = [ln for ln in msg.splitlines() if ln.strip().startswith((field + ":", field + "."))]
+    assert lines, f"no line names {field!r}:\n{msg}"
+    line = "\n".join(lines)
+    assert shown in line, f"the bad value {shown!r} is not shown:\n{msg}"
+    assert "accepted" in line, f"what is accepted is not said:\n{msg}"
+
+
+def test_every_float_field_has_an_upper_bound_and_every_time_field_a_unit():
+    """The huge-value sweep above covers every number field; here the reason it passes: each has
+    a finite upper bound (or a rule of its own), and a field named *_ms, *_s, *_us or *_ns has its unit."""
+    own_rule = {("ScenarioConfig", "ring_entries"), ("LinkConfig", "max_bandwidth_mibps")}
+    for model, *_ in MODELS:
+        for name, info in model.model_fields.items():
+            if _kind(model, name) != "number" or (model.__name__, name) in own_rule:
+                continue
+            b = _bounds(model, name)
+            assert "le" in b or "lt" in b, f"{model.__name__}.{name} has no upper bound"
+            assert math.isfinite(b.get("le", b.get("lt")))
+            if name.endswith(("_ms", "_s", "_us", "_ns")):
+                assert C.field_unit(name, info) in ("ms", "s", "us", "ns"), name
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
@@ -223,6 +282,28 @@ def test_a_bad_value_names_the_field_the_value_and_what_is_accepted(case, tmp_pa
     ("env", ["ring_sizes"], [1000], "ring_sizes", "powers of two"),
     ("env", ["ring_sizes"], [], "ring_sizes", "at least one size is needed"),
     ("env", ["workload_set"], "nope", "workload_set", "accepted"),
+    # bounds said whole, in the field's unit
+    ("scenario", ["interval_ms"], 1e-12, "interval_ms", "below 1 ns (a time is whole ns: it would round to 0 ns); "
+                                                        "accepted: 1e-6 to 1e9 ms"),
+    ("scenario", ["interval_ms"], 0, "interval_ms", "Input should be greater than 0 (got 0); accepted: 1e-6 to 1e9 ms"),
+    ("scenario", ["checkpoint", "horizon_s"], 1e30, "checkpoint.horizon_s", "accepted: 1e-9 to 1e6 s"),
+    ("scenario", ["link", "gbps"], 1e300, "link.gbps", "accepted: more than 0, up to 100000 Gb/s"),
+    ("scenario", ["link", "cancel_at_s"], 1e-10, "link.cancel_at_s", "accepted: 0, or 1e-9 to 1e6 s"),
+    ("scenario", ["checkpoint", "storage_mbps"], 1e300, "checkpoint.storage_mbps", "up to 1e8 MB/s"),
+    ("scenario", ["rate_scale"], 1e300, "rate_scale", "accepted: 0.001 to 1000"),
+    ("scenario", ["auto_converge", "dirty_sync_timer_ms"], 1e300, "auto_converge.dirty_sync_timer_ms",
+     "accepted: 0, or 1e-6 to 1e9 ms"),
+    ("host", ["costs", "wp_fault_ns"], 10**30, "costs.wp_fault_ns", "accepted: more than 0, up to 1e9 ns"),
+    ("host", ["kernel_exit_interval_us"], 1e300, "kernel_exit_interval_us", "accepted: 0, or 0.001 to 1e6 us"),
+    ("env", ["control_interval_ms"], 1e300, "control_interval_ms", "accepted: 1e-6 to 1e9 ms"),
+    ("env", ["rate_scale_range"], [1e-300, 1], "rate_scale_range", "low >= 0.01"),
+    # what a workload writes in a phase: 0, or 0.01 to 1e7 MB/s (a tiny rate's gaps overflow int64 ns and the
+    # sampler steps 1 ns at a time; a huge one's windows hold no end of writes)
+    ("workload", ["phases", "burst_multiplier"], 1e-300, "phases.burst_multiplier", "is 0 or 0.01 to 1e7 MB/s"),
+    ("workload", ["phases", "calm_multiplier"], 1e-9, "phases.calm_multiplier", "is 0 or 0.01 to 1e7 MB/s"),
+    ("workload", ["regions", 0, "rate_mbps"], 1e-9, "regions", "is 0 or 0.01 to 1e7 MB/s"),
+    ("workload", ["regions"], [{"fraction": 0.5, "rate_mbps": 9e6}, {"fraction": 0.5, "rate_mbps": 9e6}], "regions",
+     "is 0 or 0.01 to 1e7 MB/s"),
 ])
 def test_cross_field_rules(loader, path, value, field, phrase, tmp_path):
     load = {"scenario": _scenario, "workload": _workload, "env": _env, "host": _host_loader(tmp_path)}[loader]
