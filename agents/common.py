@@ -154,7 +154,8 @@ class EnvFacts:
 # ---------------------------------------------------------------------------------- hyperparameters
 def load_hyperparams(algo: str, env_id: str, path: str | Path | None = None) -> dict:
     """The hyperparameters of ``algo`` for ``env_id`` from ``configs/train/ALGO.yaml`` (RL Zoo
-    layout: a mapping env id -> {n_timesteps, n_envs, policy, normalize, ...SB3 keywords})."""
+    layout: a mapping env id -> {n_timesteps, n_envs, policy, normalize, ...SB3 keywords}). A top-level key
+    that is no ringenv env id is an error naming it and the ids."""
     p = Path(path) if path else TRAIN_CONFIG_DIR / f"{algo}.yaml"
     if not p.is_file():
         raise FileNotFoundError(f"no hyperparameter file {p}")
@@ -164,6 +165,10 @@ def load_hyperparams(algo: str, env_id: str, path: str | Path | None = None) -> 
     if not isinstance(data, dict):
         raise ValueError(f"{p.name}: a {type(data).__name__} at the top; expected a mapping of environment id -> "
                          "hyperparameters (RL Zoo layout)")
+    for key in data:  # (an unknown key would be ignored: a typo of an env id, a misplaced hyperparameter)
+        if key not in ENV_IDS:
+            raise ValueError(f"{p.name}: {key!r} is not an environment id; accepted at the top: {', '.join(ENV_IDS)} "
+                             "(RL Zoo layout: environment id -> hyperparameters)")
     if env_id not in data:
         raise KeyError(f"{p.name} has no entry for {env_id} (a ringenv environment; {algo.upper()}'s hyperparameters "
                        f"for it are missing); entries: {', '.join(map(str, data)) or 'none'}; add one, or pass "

@@ -131,6 +131,10 @@ ACTIVATIONS = ("tanh", "relu", "elu")
 _UNIT = {"gamma", "gae_lambda", "tau", "exploration_fraction", "exploration_initial_eps", "exploration_final_eps"}
 _INT_MIN = {"n_steps": 1, "n_epochs": 1, "buffer_size": 1, "target_update_interval": 1, "stats_window_size": 1,
             "learning_starts": 0, "batch_size": 1, "action_repeat": 1, "n_envs": 1, "n_timesteps": 1}
+#: the largest value of an integer hyperparameter: 2**31 - 1 (a count or a number of steps), less for what is built
+#: up front (n_envs environments, each a process with SubprocVecEnv) or held in memory (buffers and batches)
+INT_MAX = 2**31 - 1
+_INT_MAX = {"n_envs": 256, "buffer_size": 10**7, "n_steps": 10**7, "batch_size": 10**7}
 _POSITIVE = {"learning_rate", "clip_range", "clip_range_vf", "target_kl", "max_grad_norm", "rms_prop_eps"}
 _NONNEGATIVE = {"ent_coef", "vf_coef"}
 _SCHEDULES = {"learning_rate", "clip_range", "clip_range_vf"}  # a number or lin_X (linear from X to 0)
@@ -188,10 +192,12 @@ def _linear(start: float):
 def check_hyperparams(algo: str, hp: dict, where: str | dict = "--hp", n_envs: int = 0) -> dict:
     """``hp`` (a hyperparameter file's entry merged with --hp) checked and converted for ``algo``:
     a ValueError naming the key (``where``: the source, per key or for all) and what is accepted
-    for an unknown key or a bad value. Converted: numbers YAML read as strings (``3e-4``),
-    integral floats of integer keywords, ``lin_X`` schedules, ``activation_fn`` by name,
-    ``train_freq`` lists. Also PPO's ``n_steps x n_envs >= 2``, with ``n_envs`` (--n-envs) or
-    else the file's."""
+    for an unknown key or a bad value. Integer keywords are integers (an integral float is
+    converted) up to 2**31 - 1, n_envs up to 256, buffer_size, n_steps and batch_size up to 1e7.
+    A quoted number is refused in a file (a string there, as in every config file); from --hp
+    (``where`` "--hp") it is read as the number. Converted: ``lin_X`` schedules,
+    ``activation_fn`` by name, ``train_freq`` lists. Also PPO's ``n_steps x n_envs >= 2``, with
+    ``n_envs`` (--n-envs) or else the file's."""
     import inspect
 
     cls = algorithm_class(algo)
@@ -206,8 +212,21 @@ def check_hyperparams(algo: str, hp: dict, where: str | dict = "--hp", n_envs: i
     def bad(k, expected):
         return ValueError(f"{src(k)}: expected {expected}")
 
-    def number(k, v, integer=False):
+    def from_file(k) -> bool:
+        return (where.get(k, "--hp") if isinstance(where, dict) else where) != "--hp"
+
+    def int_range(k) -> str:
+        low = 2 if (k == "batch_size" and algo == "ppo") else _INT_MIN.get(k, 1)
+        return f"an integer from {low} to {_INT_MAX.get(k, INT_MAX)}"
+
+    def number(k, v, integer=False, text=False):
+        """``v`` as a number (an int with ``integer``: integral and at most the key's maximum). A string is
+        refused in a file, as in every config file (a quoted number is text: ``batch_size: '64'``), but for
+        the X of ``lin_X`` (``text``); a --hp value is text given on purpose."""
         if isinstance(v, str):
+            if from_file(k) and not text:
+                raise bad(k, f"{'an integer' if integer else 'a number'}, not the string {v!r} (a quoted number is "
+                             "text: write it without quotes)")
             try:
                 v = float(v)
             except ValueError:
@@ -217,10 +236,12 @@ def check_hyperparams(algo: str, hp: dict, where: str | dict = "--hp", n_envs: i
         except OverflowError:  # an int beyond any float
             finite = False
         if not finite:
-            raise bad(k, "an integer" if integer else "a finite number")
+            raise bad(k, int_range(k) if integer else "a finite number")
         if integer:
             if float(v) != int(v):
-                raise bad(k, "an integer")
+                raise bad(k, int_range(k))
+            if int(v) > _INT_MAX.get(k, INT_MAX):
+                raise bad(k, int_range(k))
             return int(v)
         return v
 
@@ -237,7 +258,7 @@ def check_hyperparams(algo: str, hp: dict, where: str | dict = "--hp", n_envs: i
             if v is None and default is None:
                 pass
             elif isinstance(v, str) and v.startswith("lin_"):
-                start = number(k, v[4:])
+                start = number(k, v[4:], text=True)
                 if start <= 0:
                     raise bad(k, "lin_X with X > 0")
                 v = _linear(start)
@@ -245,6 +266,8 @@ def check_hyperparams(algo: str, hp: dict, where: str | dict = "--hp", n_envs: i
                 try:
                     v = number(k, v)
                 except ValueError:
+                    if isinstance(v, str) and from_file(k):
+                        raise  # (a quoted number: say so)
                     raise bad(k, "a number > 0 or lin_X (a linear schedule from X to 0)") from None
         elif k == "train_freq":
             if isinstance(v, (list, tuple)):
@@ -263,8 +286,8 @@ def check_hyperparams(algo: str, hp: dict, where: str | dict = "--hp", n_envs: i
                 raise bad(k, "an integer >= 1, or -1 (as many as environment steps)")
         elif k == "n_timesteps":
             v = number(k, v)
-            if v < 1:
-                raise bad(k, "a number >= 1 (decisions)")
+            if not 1 <= v <= INT_MAX:
+                raise bad(k, f"a number from 1 to {INT_MAX} (decisions)")
             v = int(v)
         elif k == "policy":
             v = _check_policy(cls, v, src(k))
@@ -301,6 +324,8 @@ def check_hyperparams(algo: str, hp: dict, where: str | dict = "--hp", n_envs: i
                 try:
                     v = number(k, v)
                 except ValueError:
+                    if isinstance(v, str) and from_file(k):
+                        raise  # (a quoted number: say so)
                     raise bad(k, "a number or null (the default: none)") from None
             else:
                 v = number(k, v)
@@ -457,6 +482,9 @@ def main(args: Args) -> Path:
                                    ("--eval-seeds", args.eval_seeds, 1, ""), ("--verbose", args.verbose, 0, "")):
         if value < low:
             raise ValueError(f"{flag} {value}: expected an integer >= {low}{note}")
+    if args.n_envs > _INT_MAX["n_envs"]:
+        raise ValueError(f"--n-envs {args.n_envs}: expected an integer from 0 to {_INT_MAX['n_envs']} (0: n_envs of "
+                         "the hyperparameter file)")
     if not 0 <= args.seed <= 2**32 - 1:  # SB3 seeds numpy's global generator with it
         raise ValueError(f"--seed {args.seed}: expected an integer from 0 to {2**32 - 1} (numpy's seed range)")
     try:

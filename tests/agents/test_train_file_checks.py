@@ -1,0 +1,79 @@
+"""The training hyperparameter files (configs/train/*.yaml) and --hp, as the fuzzing audit found
+them: integers beyond any sensible value (``n_envs: 1e300`` hung building environments,
+``buffer_size: 1e300`` reached DQN's "Maximum allowed dimension exceeded" naming no key), quoted
+numbers taken as numbers (refused in every other config file), and an unknown top-level key
+ignored. Each is an error naming the file, the key and what is accepted, before anything is built
+or written."""
+
+from __future__ import annotations
+
+import pytest
+
+from agents.common import load_hyperparams
+from agents.train import Args, check_hyperparams, main
+
+FILE = "ppo.yaml (ringenv/Migration-v0)"
+
+
+def _from_file(hp: dict) -> dict:
+    return {k: FILE for k in hp}
+
+
+@pytest.mark.parametrize("algo, hp, needle", [
+    ("ppo", {"n_envs": 1e300}, "n_envs: 1e+300: expected an integer from 1 to 256"),
+    ("ppo", {"n_envs": 257}, "n_envs: 257: expected an integer from 1 to 256"),
+    ("ppo", {"batch_size": 1e300}, "batch_size: 1e+300: expected an integer from 2 to 10000000"),
+    ("ppo", {"n_steps": 10**30}, "n_steps: 1000000000000000000000000000000: expected an integer from 1 to 10000000"),
+    ("ppo", {"n_epochs": 2.0**40}, "n_epochs: 1099511627776.0: expected an integer from 1 to 2147483647"),
+    ("ppo", {"n_epochs": 2.5}, "n_epochs: 2.5: expected an integer from 1 to 2147483647"),
+    ("ppo", {"n_timesteps": 1e300}, "n_timesteps: 1e+300: expected a number from 1 to 2147483647"),
+    ("dqn", {"buffer_size": 1e300}, "buffer_size: 1e+300: expected an integer from 1 to 10000000"),
+    ("dqn", {"train_freq": 1e300}, "train_freq: 1e+300: expected an integer from 1 to 2147483647"),
+    ("ppo", {"batch_size": "64"}, "batch_size: 64: expected an integer, not the string '64' (a quoted number is text"),
+    ("ppo", {"learning_rate": "3e-4"}, "learning_rate: 3e-4: expected a number, not the string '3e-4'"),
+    ("ppo", {"gamma": "0.9"}, "gamma: 0.9: expected a number, not the string '0.9'"),
+])
+def test_a_file_value_out_of_range_or_quoted_names_the_file_the_key_and_the_range(algo, hp, needle):
+    with pytest.raises(ValueError) as e:
+        check_hyperparams(algo, hp, _from_file(hp))
+    assert str(e.value).startswith(FILE) and needle in str(e.value), str(e.value)
+
+
+def test_an_integral_float_in_range_is_an_int_and_a_schedule_stays_text():
+    hp = {"n_steps": 64.0, "batch_size": 32, "clip_range": "lin_0.2", "n_envs": 256.0}
+    out = check_hyperparams("ppo", hp, _from_file(hp))
+    assert out["n_steps"] == 64 and isinstance(out["n_steps"], int) and out["n_envs"] == 256
+    assert out["clip_range"](1.0) == pytest.approx(0.2)
+
+
+def test_an_unknown_top_level_key_in_a_hyperparameter_file_is_an_error_naming_it(tmp_path):
+    f = tmp_path / "hp.yaml"
+    f.write_text("ringenv/Migration-v0:\n  n_steps: 32\nbogus_key: 1\n")
+    with pytest.raises(ValueError) as e:
+        load_hyperparams("ppo", "ringenv/Migration-v0", f)
+    msg = str(e.value)
+    assert msg.startswith("hp.yaml: 'bogus_key' is not an environment id; accepted at the top: ringenv/Migration-v0, "
+                          "ringenv/MigrationDiscrete-v0, ringenv/Checkpoint-v0, ringenv/CheckpointDiscrete-v0"), msg
+
+
+@pytest.mark.parametrize("line, needle", [
+    ("  n_envs: 1e300\n", "n_envs: 1e+300: expected an integer from 1 to 256"),
+    ("  batch_size: '64'\n", "batch_size: 64: expected an integer, not the string '64'"),
+])
+def test_train_refuses_the_file_before_building_or_writing_anything(tmp_path, line, needle):
+    """``n_envs: 1e300`` built environments until it hung; now the run stops at the check."""
+    f = tmp_path / "hp.yaml"
+    f.write_text("ringenv/Migration-v0:\n  n_steps: 32\n" + line)
+    out = tmp_path / "out"
+    args = Args(hyperparams=str(f), out=str(out), evals=0, checkpoints=0, vec_env="dummy", tensorboard=False,
+                progress=False)
+    with pytest.raises(ValueError) as e:
+        main(args)
+    assert needle in str(e.value) and "hp.yaml" in str(e.value), str(e.value)
+    assert not out.exists()
+
+
+def test_n_envs_flag_has_the_same_bound(tmp_path):
+    args = Args(n_envs=10**6, out=str(tmp_path / "out"), tensorboard=False, progress=False)
+    with pytest.raises(ValueError, match=r"--n-envs 1000000: expected an integer from 0 to 256"):
+        main(args)
