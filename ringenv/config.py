@@ -676,6 +676,26 @@ class WorkloadConfig(Strict):
     def rate_mbps(self) -> float:
         return sum(r.rate_mbps for r in self.regions)
 
+    @property
+    def peak_mbps(self) -> float:
+        """What the workload writes in its fastest phase, MB/s (``rate_mbps`` times the larger
+        phase multiplier; ``rate_mbps`` without phases)."""
+        ph = self.phases
+        return self.rate_mbps * (max(ph.calm_multiplier, ph.burst_multiplier) if ph is not None else 1.0)
+
+
+def check_peak_rate(workload: WorkloadConfig, factor: float, field: str, shown: str) -> str | None:
+    """The message for a factor on a workload's rates (a scenario's ``rate_scale``, an env's
+    ``rate_scale_range``) that makes it write more than MAX_WORKLOAD_MBPS in its fastest phase
+    (each bound alone holds, their product need not: the sampler's work grows with the writes),
+    or None when it does not. ``field`` and ``shown``: the setting and its value, as said."""
+    peak = workload.peak_mbps * factor
+    if peak <= MAX_WORKLOAD_MBPS:
+        return None
+    return (f"{field}: {shown} makes workload {workload.name!r} write {peak:g} MB/s in its fastest phase "
+            f"({workload.peak_mbps:g} MB/s times {factor:g}); accepted: at most {_num_text(MAX_WORKLOAD_MBPS)} MB/s in "
+            f"any phase, i.e. a factor up to {MAX_WORKLOAD_MBPS / workload.peak_mbps:g} for this workload")
+
 
 def load_workload(name_or_path: str | Path | WorkloadConfig | dict, where: str = "workload") -> WorkloadConfig:
     """A workload by name (configs/workloads/NAME.yaml), path, mapping or object. A file is read
@@ -916,6 +936,9 @@ class ScenarioConfig(Strict):
         except ConfigError as e:
             raise ValueError(str(e)) from None
         self._profile, self._workload = prof, wl
+        too_fast = check_peak_rate(wl, self.rate_scale, "rate_scale", f"{self.rate_scale:g}")
+        if too_fast:
+            raise ValueError(too_fast)
         v = self.vm
         if v.memory % prof.page_size:
             raise ValueError(f"vm.memory: {v.memory} bytes is not a multiple of the page size {prof.page_size}")

@@ -11,7 +11,7 @@ import gymnasium as gym
 import numpy as np
 from gymnasium import spaces
 
-from .config import (ConfigError, EnvConfig, ScenarioConfig, deep_merge, load_scenario,
+from .config import (ConfigError, EnvConfig, ScenarioConfig, check_peak_rate, deep_merge, load_scenario,
                      load_workload, load_workload_sets, to_ns)
 from .vmm.dirtyrate import sample_dirty_rate
 
@@ -136,6 +136,12 @@ class RingEnv(gym.Env):
             self._own(workloads=tuple(by_split[split]))
         if not self.workloads:
             raise ConfigError("workloads: the chosen set is empty")
+        lo, hi = self.cfg.rate_scale_range  # an episode's factor is drawn up to hi, on top of the scenario's
+        for w in self.workloads:
+            too_fast = check_peak_rate(load_workload(w), self.scenario.rate_scale * hi, "rate_scale_range",
+                                       f"[{lo:g}, {hi:g}] (with the scenario's rate_scale {self.scenario.rate_scale:g})")
+            if too_fast:
+                raise ConfigError(too_fast)
         prof = self.scenario.profile
         for n in self.cfg.ring_sizes or ():
             if n not in prof.ring_sizes:

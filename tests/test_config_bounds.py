@@ -125,3 +125,30 @@ def test_a_bad_workload_sets_file_names_the_file_the_set_the_split_and_the_posit
     with pytest.raises(ConfigError) as e:  # and so does making an environment, before anything else
         gym.make("ringenv/Migration-v0", split="test")
     assert str(e.value).startswith("workload-sets.yaml: ") and needle in str(e.value), str(e.value)
+
+
+# ------------------------------------------------------------------- factors on a workload's rates
+FAST = {"name": "fast", "regions": [{"fraction": 0.5, "rate_mbps": 2e6}],
+        "phases": {"calm_multiplier": 1, "burst_multiplier": 4, "mean_calm_s": 1, "mean_burst_s": 1}}
+
+
+def test_a_rate_scale_that_takes_a_workload_past_the_fastest_rate_is_refused_naming_it():
+    """Each bound holds alone (8e6 MB/s in the burst phase, rate_scale 2), their product does not:
+    1.6e7 MB/s, past what the sampler is bounded for (1e7)."""
+    assert load_scenario("default", workload=FAST, rate_scale=1.25).rate_scale == 1.25  # 1e7: the limit itself
+    with pytest.raises(ConfigError) as e:
+        load_scenario("default", workload=FAST, rate_scale=2)
+    msg = str(e.value)
+    assert "rate_scale: 2 makes workload 'fast' write 1.6e+07 MB/s in its fastest phase" in msg, msg
+    assert "accepted: at most 1e7 MB/s in any phase, i.e. a factor up to 1.25 for this workload" in msg, msg
+
+
+def test_an_env_s_rate_scale_range_is_checked_against_each_of_its_workloads_at_make(tmp_path):
+    path = tmp_path / "fast.yaml"
+    path.write_text(yaml.safe_dump(FAST))
+    gym.make("ringenv/Migration-v0", workloads=["idle", str(path)], rate_scale_range=[0.5, 1.25]).close()
+    with pytest.raises(ConfigError) as e:
+        gym.make("ringenv/Migration-v0", workloads=["idle", str(path)], rate_scale_range=[0.5, 2])
+    msg = str(e.value)
+    assert msg.startswith("rate_scale_range: [0.5, 2] (with the scenario's rate_scale 1) makes workload 'fast' "
+                          "write 1.6e+07 MB/s"), msg
