@@ -136,12 +136,8 @@ class RingEnv(gym.Env):
             self._own(workloads=tuple(by_split[split]))
         if not self.workloads:
             raise ConfigError("workloads: the chosen set is empty")
-        lo, hi = self.cfg.rate_scale_range  # an episode's factor is drawn up to hi, on top of the scenario's
         for w in self.workloads:
-            too_fast = check_peak_rate(load_workload(w), self.scenario.rate_scale * hi, "rate_scale_range",
-                                       f"[{lo:g}, {hi:g}] (with the scenario's rate_scale {self.scenario.rate_scale:g})")
-            if too_fast:
-                raise ConfigError(too_fast)
+            self._check_peak_rate(w)
         prof = self.scenario.profile
         for n in self.cfg.ring_sizes or ():
             if n not in prof.ring_sizes:
@@ -202,8 +198,20 @@ class RingEnv(gym.Env):
         return i * len(self.intervals_ms) + j if self.flatten_actions else np.array([i, j], dtype=np.int64)
 
     # ------------------------------------------------------------------ episode
+    def _check_peak_rate(self, workload: str, prefix: str = "") -> None:
+        """A ConfigError if the episode factors can take ``workload`` past the fastest rate a
+        workload may write (:func:`ringenv.config.check_peak_rate`): its rates times the
+        scenario's ``rate_scale`` times the high end of ``rate_scale_range``."""
+        lo, hi = self.cfg.rate_scale_range  # an episode's factor is drawn up to hi, on top of the scenario's
+        too_fast = check_peak_rate(load_workload(workload), self.scenario.rate_scale * hi, "rate_scale_range",
+                                   f"[{lo:g}, {hi:g}] (with the scenario's rate_scale {self.scenario.rate_scale:g})")
+        if too_fast:
+            raise ConfigError(prefix + too_fast)
+
     def reset(self, *, seed: int | None = None, options: dict | None = None):
         workload = _workload_option(options)  # checked before anything changes
+        if workload is not None:
+            self._check_peak_rate(workload, "options: workload: ")
         super().reset(seed=seed)
         if workload is None:
             workload = self.workloads[int(self.np_random.integers(len(self.workloads)))]

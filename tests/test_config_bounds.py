@@ -152,3 +152,14 @@ def test_an_env_s_rate_scale_range_is_checked_against_each_of_its_workloads_at_m
     msg = str(e.value)
     assert msg.startswith("rate_scale_range: [0.5, 2] (with the scenario's rate_scale 1) makes workload 'fast' "
                           "write 1.6e+07 MB/s"), msg
+
+
+def test_a_reset_option_s_workload_is_checked_against_the_rate_scale_range_before_anything_changes(tmp_path):
+    path = tmp_path / "fast.yaml"
+    path.write_text(yaml.safe_dump(FAST))
+    env = gym.make("ringenv/Migration-v0", workloads=["idle"], rate_scale_range=[0.5, 2])
+    obs, info = env.reset(seed=3)
+    with pytest.raises(ConfigError, match=r"^options: workload: rate_scale_range: \[0.5, 2\] .* makes workload 'fast'"):
+        env.reset(seed=4, options={"workload": str(path)})
+    assert env.unwrapped.workload == info["workload"] == "idle"  # the episode before is the env's still
+    env.close()
