@@ -129,7 +129,8 @@ def _run(args, kind: str) -> int:
                   "nothing to harvest: the guest hangs)" if m.wedged_vcpus else "")
         print(f"ringenv {args.command}: RING OVERFLOW: the kernel overwrote {m.ring_overflows} entries of full "
               "rings (its WARN: one write dirtied more pages than the reserved entries hold, as a stage-2 block "
-              f"written with splitting off does){wedged}", file=sys.stderr)
+              f"written with splitting off does){wedged}; lost_writes is then a lower bound (a page whose entry "
+              "was overwritten stays writable, and later writes to it are not modelled)", file=sys.stderr)
         failed = True
     if failed:
         return 1

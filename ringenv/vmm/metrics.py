@@ -48,7 +48,7 @@ class Metrics:
     ring_entries: int  #: entries per ring (0 with the bitmap)
     interval_ms: float  #: current reaper interval, ms (0 with the bitmap)
     # --- correctness
-    lost_writes: int  #: pages whose destination copy differs from the source (checkpoint: worst checkpoint so far)
+    lost_writes: int  #: pages whose destination copy differs from the source (checkpoint: worst checkpoint so far); after a ring overflow a lower bound (a page whose entry was overwritten stays writable, and the guest's later writes to a writable page are not modelled)
     verified: bool | None  #: lost_writes == 0 once checked (None before; checkpoint runs check at every checkpoint)
     ring_overflows: int  #: entries the kernel overwrote in a full ring (its WARN)
     wedged_vcpus: int  #: vCPUs whose overflowed ring wedged (KVM_RUN keeps returning ring-full with nothing to harvest)
