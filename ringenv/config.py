@@ -1060,7 +1060,8 @@ def scale_scenario(scenario: str | Path | ScenarioConfig | dict | None, memory: 
     moves where a Zipf region's popularity, spread over the region's pages, changes shape with
     their number (at 1/16: memcached +18%, web +11%, redis +7%), and for a guest its faults slow
     down (the host's costs are not scaled, so each vCPU takes that factor fewer faults per
-    second and runs faster: analytics +18%, bulk-load +10%, stream-scan and hpc-stencil +7%).
+    second and runs faster: analytics +17-18%, bulk-load +11-13%, stream-scan +11-12%, hpc-stencil
+    +7-8%; calc-dirty-rate over 1 to 5 s, 3 seeds).
     Ring sizes, the device state, the host's costs and the dirty-limit quota (an absolute rate
     per vCPU, beside QEMU's fixed tolerances) are not scaled: a ring of a given size fills that
     factor slower, fixed costs weigh more, and the quota is that factor looser. One host cost is
