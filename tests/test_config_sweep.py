@@ -114,16 +114,6 @@ def _kind(model, name) -> str:
     return "any"
 
 
-def _bounds(model, name) -> dict:
-    out = {}
-    for m in model.model_fields[name].metadata:
-        for attr in ("gt", "ge", "lt", "le"):
-            v = getattr(m, attr, None)
-            if v is not None:
-                out[attr] = v
-    return out
-
-
 def _cases():
     """(id, model, loader, path, value, dotted field, shown value)."""
     for model, loader, prefix, dotted in MODELS:
@@ -146,7 +136,7 @@ def _cases():
             elif kind == "size":
                 bad.append((-4096, "-4096"))
             elif kind == "number":
-                b = _bounds(model, name)
+                b = C.field_bounds(model.model_fields[name])
                 if "gt" in b:
                     bad.append((b["gt"], str(b["gt"])))
                 if "ge" in b:
@@ -213,18 +203,29 @@ def test_every_model_and_field_is_swept():
     assert len(CASES) > 150
 
 
-@pytest.mark.parametrize("case", HUGE_CASES, ids=[c[0] for c in HUGE_CASES])
-def test_a_huge_or_sub_ns_value_names_the_field_the_value_and_the_accepted_range(case, tmp_path):
-    """Finite but absurd: refused with what is accepted, not run until it hangs or overflows."""
+def _loader(name: str, tmp_path):
+    """The loader of a case (a scenario, workload, env or host field set to a bad value)."""
+    return {"scenario": _scenario, "workload": _workload, "env": _env, "host": _host_loader(tmp_path)}[name]
+
+
+def _error_line(case, tmp_path) -> tuple[str, str]:
+    """The lines of the ConfigError ``case``'s bad value raises that name its field, and the whole
+    message; there must be such a line, and it must show the bad value."""
     _, loader, path, value, field, shown = case
-    load = {"scenario": _scenario, "workload": _workload, "env": _env, "host": _host_loader(tmp_path)}[loader]
     with pytest.raises(ConfigError) as e:
-        load(path, value)
+        _loader(loader, tmp_path)(path, value)
     msg = str(e.value)
     lines = [ln for ln in msg.splitlines() if ln.strip().startswith((field + ":", field + "."))]
     assert lines, f"no line names {field!r}:\n{msg}"
     line = "\n".join(lines)
     assert shown in line, f"the bad value {shown!r} is not shown:\n{msg}"
+    return line, msg
+
+
+@pytest.mark.parametrize("case", HUGE_CASES, ids=[c[0] for c in HUGE_CASES])
+def test_a_huge_or_sub_ns_value_names_the_field_the_value_and_the_accepted_range(case, tmp_path):
+    """Finite but absurd: refused with what is accepted, not run until it hangs or overflows."""
+    line, msg = _error_line(case, tmp_path)
     assert "accepted" in line, f"what is accepted is not said:\n{msg}"
 
 
@@ -236,7 +237,7 @@ def test_every_float_field_has_an_upper_bound_and_every_time_field_a_unit():
         for name, info in model.model_fields.items():
             if _kind(model, name) != "number" or (model.__name__, name) in own_rule:
                 continue
-            b = _bounds(model, name)
+            b = C.field_bounds(model.model_fields[name])
             assert "le" in b or "lt" in b, f"{model.__name__}.{name} has no upper bound"
             assert math.isfinite(b.get("le", b.get("lt")))
             if name.endswith(("_ms", "_s", "_us", "_ns")):
@@ -245,15 +246,7 @@ def test_every_float_field_has_an_upper_bound_and_every_time_field_a_unit():
 
 @pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
 def test_a_bad_value_names_the_field_the_value_and_what_is_accepted(case, tmp_path):
-    _, loader, path, value, field, shown = case
-    load = {"scenario": _scenario, "workload": _workload, "env": _env, "host": _host_loader(tmp_path)}[loader]
-    with pytest.raises(ConfigError) as e:
-        load(path, value)
-    msg = str(e.value)
-    lines = [ln for ln in msg.splitlines() if ln.strip().startswith((field + ":", field + "."))]
-    assert lines, f"no line names {field!r}:\n{msg}"
-    line = "\n".join(lines)
-    assert shown in line, f"the bad value {shown!r} is not shown:\n{msg}"
+    line, msg = _error_line(case, tmp_path)
     assert any(p in line for p in ACCEPTED_PHRASES), f"what is accepted is not said:\n{msg}"
 
 
@@ -306,9 +299,8 @@ def test_a_bad_value_names_the_field_the_value_and_what_is_accepted(case, tmp_pa
      "is 0 or 0.01 to 1e7 MB/s"),
 ])
 def test_cross_field_rules(loader, path, value, field, phrase, tmp_path):
-    load = {"scenario": _scenario, "workload": _workload, "env": _env, "host": _host_loader(tmp_path)}[loader]
     with pytest.raises(ConfigError) as e:
-        load(path, value)
+        _loader(loader, tmp_path)(path, value)
     msg = str(e.value)
     assert field in msg and phrase in msg, msg
 

@@ -2,43 +2,21 @@
 their fixes; they skip cleanly where /dev/kvm is missing."""
 
 import errno
-import gc
-import json
-import os
 import time
 
 import pytest
 
-from ringenv.cli import main
 from ringenv.realkvm import ioctl as k
 from ringenv.realkvm import replay as kreplay
 from ringenv.realkvm import x86
 from ringenv.realkvm.guest import Guest, GuestError, unavailable_reason
+from tests.realkvm._cli_helpers import cli, open_fds, write
 
 NO_KVM = unavailable_reason()
 pytestmark = [pytest.mark.kvm, pytest.mark.skipif(NO_KVM is not None, reason=str(NO_KVM))]
 
 TRACE = {"slot_pages": 64, "ring_entries": 256, "reap_scope": "self",
          "vcpus": [{"writes": list(range(40)), "syncs": [9]}]}
-
-
-def cli(capsys, *argv):
-    """``ringenv ARGV`` in-process: (exit code, stdout, stderr lines)."""
-    code = main(list(argv))
-    cap = capsys.readouterr()
-    assert "Traceback" not in cap.err
-    return code, cap.out, cap.err.strip().splitlines()
-
-
-def write(tmp_path, trace, name="t.json"):
-    path = tmp_path / name
-    path.write_text(json.dumps(trace))
-    return str(path)
-
-
-def open_fds() -> int:
-    gc.collect()
-    return len(os.listdir("/proc/self/fd"))
 
 
 # 1. More vCPUs than the host's KVM takes: the simulator refuses the trace naming trace.vcpus

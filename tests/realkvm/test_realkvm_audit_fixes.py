@@ -3,8 +3,6 @@ before their fixes. Those that open /dev/kvm skip cleanly where it is missing; t
 build the x86 guest image (no ioctl) or fake the measurement skip only off x86_64."""
 
 import errno
-import gc
-import json
 import os
 import platform
 import time
@@ -12,12 +10,12 @@ import time
 import pytest
 import yaml
 
-from ringenv.cli import main
 from ringenv.realkvm import calibrate
 from ringenv.realkvm import ioctl as k
 from ringenv.realkvm import replay as kreplay
 from ringenv.realkvm import validate
 from ringenv.realkvm.guest import unavailable_reason
+from tests.realkvm._cli_helpers import cli, open_fds, write
 
 NO_KVM = unavailable_reason()
 needs_kvm = pytest.mark.skipif(NO_KVM is not None, reason=str(NO_KVM))
@@ -28,25 +26,6 @@ pytestmark = pytest.mark.kvm
 TRACE = {"slot_pages": 64, "ring_entries": 256, "reap_scope": "self",
          "vcpus": [{"writes": list(range(40)), "syncs": [9]}]}
 WRAPS = (1 << 28) + 256  # entries: 2^32 + 4096 bytes, read by KVM_ENABLE_CAP as a u32 (4096: 256 entries)
-
-
-def cli(capsys, *argv):
-    """``ringenv ARGV`` in-process: (exit code, stdout, stderr lines)."""
-    code = main(list(argv))
-    cap = capsys.readouterr()
-    assert "Traceback" not in cap.err
-    return code, cap.out, cap.err.strip().splitlines()
-
-
-def write(tmp_path, trace, name="t.json"):
-    path = tmp_path / name
-    path.write_text(json.dumps(trace))
-    return str(path)
-
-
-def open_fds() -> int:
-    gc.collect()
-    return len(os.listdir("/proc/self/fd"))
 
 
 # B1. A ring whose byte size does not fit KVM_ENABLE_CAP's 32-bit size argument: KVM reads the
