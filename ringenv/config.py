@@ -975,7 +975,7 @@ _LOAD_CACHE: dict = {}
 
 
 def _cached_load(loader, subdir: str, name):
-    """``loader(name)`` for a name or path, memoised on the file's path and mtime (a session is
+    """``loader(name)`` for a name or path, memoised on the file's path, mtime and size (a session is
     built per episode; re-reading and re-validating the same YAML each time is wasted work).
     Objects are returned as they are: treat them as read-only (use ``model_copy``)."""
     if not isinstance(name, (str, Path)):
@@ -983,7 +983,8 @@ def _cached_load(loader, subdir: str, name):
     p = Path(name)
     path = p if p.suffix in (".yaml", ".yml") else CONFIG_DIR / subdir / f"{name}.yaml"
     try:
-        key = (loader.__name__, str(path), path.stat().st_mtime_ns)
+        st = path.stat()
+        key = (loader.__name__, str(path), st.st_mtime_ns, st.st_size)  # (size: a rewrite within one mtime tick)
     except OSError:
         return loader(name)  # let the loader report the missing file or unknown name
     if key not in _LOAD_CACHE:
@@ -1181,8 +1182,19 @@ def load_workload_sets() -> dict[str, dict[str, list[str]]]:
     validated as it is read: a mapping of set names, each a mapping with exactly the keys ``train``
     and ``test``, each a non-empty list of workload names (or YAML paths) that load, none given twice
     and none in both. An error names the file, the set, the split and the position, and what is
-    accepted."""
+    accepted. The file's structure is read once per modification (memoised as the workloads are);
+    every workload it names is loaded on each call, so an edited workload file is checked too."""
     path = CONFIG_DIR / "workload-sets.yaml"
+    data = _cached_load(_read_workload_sets, "", path)
+    for name, split in data.items():
+        for part in ("train", "test"):
+            for i, w in enumerate(split[part]):
+                load_workload(w, where=f"{path.name}: set {name!r}, {part}[{i}]")
+    return {name: {part: list(ws) for part, ws in split.items()} for name, split in data.items()}
+
+
+def _read_workload_sets(path: Path) -> dict[str, dict[str, list[str]]]:
+    """The structure of :func:`load_workload_sets`'s file, checked (not its workloads)."""
     data = _read_yaml(path)
     known = sorted(q.stem for q in (CONFIG_DIR / "workloads").glob("*.yaml"))
     names = f"workload names ({', '.join(known)}) or YAML paths"
@@ -1206,7 +1218,6 @@ def load_workload_sets() -> dict[str, dict[str, list[str]]]:
                     raise ConfigError(f"{at}: {w!r} is not accepted; accepted: {names}")
                 if w in ws[:i]:
                     raise ConfigError(f"{at}: {w!r} is given twice (each workload once)")
-                load_workload(w, where=at)
         overlap = set(split["train"]) & set(split["test"])
         if overlap:
             raise ConfigError(f"{path.name}: set {name!r} has workloads in both train and test: {sorted(overlap)}; "

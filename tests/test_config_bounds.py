@@ -8,6 +8,7 @@ size strings, the workload sets file."""
 from __future__ import annotations
 
 import shutil
+from pathlib import Path
 
 import gymnasium as gym
 import pytest
@@ -125,6 +126,27 @@ def test_a_bad_workload_sets_file_names_the_file_the_set_the_split_and_the_posit
     with pytest.raises(ConfigError) as e:  # and so does making an environment, before anything else
         gym.make("ringenv/Migration-v0", split="test")
     assert str(e.value).startswith("workload-sets.yaml: ") and needle in str(e.value), str(e.value)
+
+
+def test_the_workload_sets_file_is_read_once_per_edit_and_its_workloads_are_checked_each_time(sets_dir, monkeypatch):
+    """Making an env validated the file three times (the env section, its workload_set, the env's
+    split): now its structure is read once per modification; an edit is seen at once, and so is an
+    edited workload file it names (the workloads are loaded, memoised on their own files, each call)."""
+    sets_dir(lambda d: d)
+    reads = []
+    real = C._read_yaml
+    monkeypatch.setattr(C, "_read_yaml", lambda path: reads.append(Path(path).name) or real(path))
+    gym.make("ringenv/Migration-v0", split="test")
+    gym.make("ringenv/Migration-v0", split="train")
+    assert reads.count("workload-sets.yaml") == 1, reads
+    sets_dir(_set("test", ["analytics", "uniform-800"]))  # a rewrite, even within one mtime tick (the size differs)
+    assert C.load_workload_sets()["default"]["test"] == ["analytics", "uniform-800"]
+    assert reads.count("workload-sets.yaml") == 2, reads
+    C.load_workload_sets()["default"]["test"].append("oltp")  # the caller's copy, not the memo
+    assert C.load_workload_sets()["default"]["test"] == ["analytics", "uniform-800"]
+    (C.CONFIG_DIR / "workloads" / "web.yaml").write_text("name: web\nregions: oops\n")
+    with pytest.raises(ConfigError, match=r"workload-sets.yaml: set 'default', train\[1\]: invalid workload web.yaml"):
+        C.load_workload_sets()
 
 
 # ------------------------------------------------------------------- factors on a workload's rates
