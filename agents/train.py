@@ -135,6 +135,7 @@ _INT_MIN = {"n_steps": 1, "n_epochs": 1, "buffer_size": 1, "target_update_interv
 #: up front (n_envs environments, each a process with SubprocVecEnv) or held in memory (buffers and batches)
 INT_MAX = 2**31 - 1
 _INT_MAX = {"n_envs": 256, "buffer_size": 10**7, "n_steps": 10**7, "batch_size": 10**7}
+FLOAT32_MAX = 3.4028234663852886e38  # numpy.finfo(numpy.float32).max
 _POSITIVE = {"learning_rate", "clip_range", "clip_range_vf", "target_kl", "max_grad_norm", "rms_prop_eps"}
 _NONNEGATIVE = {"ent_coef", "vf_coef"}
 _SCHEDULES = {"learning_rate", "clip_range", "clip_range_vf"}  # a number or lin_X (linear from X to 0)
@@ -189,11 +190,16 @@ def _linear(start: float):
     return lambda progress_remaining: progress_remaining * start
 
 
+class _OutOfRange(ValueError):
+    """A number beyond what torch takes: said as it is, not replaced by the key's general form."""
+
+
 def check_hyperparams(algo: str, hp: dict, where: str | dict = "--hp", n_envs: int = 0) -> dict:
     """``hp`` (a hyperparameter file's entry merged with --hp) checked and converted for ``algo``:
     a ValueError naming the key (``where``: the source, per key or for all) and what is accepted
     for an unknown key or a bad value. Integer keywords are integers (an integral float is
-    converted) up to 2**31 - 1, n_envs up to 256, buffer_size, n_steps and batch_size up to 1e7.
+    converted) up to 2**31 - 1, n_envs up to 256, buffer_size, n_steps and batch_size up to 1e7; other
+    numbers within float32's range (torch's).
     A quoted number is refused in a file (a string there, as in every config file); from --hp
     (``where`` "--hp") it is read as the number. Converted: ``lin_X`` schedules,
     ``activation_fn`` by name, ``train_freq`` lists. Also PPO's ``n_steps x n_envs >= 2``, with
@@ -219,10 +225,11 @@ def check_hyperparams(algo: str, hp: dict, where: str | dict = "--hp", n_envs: i
         low = 2 if (k == "batch_size" and algo == "ppo") else _INT_MIN.get(k, 1)
         return f"an integer from {low} to {_INT_MAX.get(k, INT_MAX)}"
 
-    def number(k, v, integer=False, text=False):
+    def number(k, v, integer=False, text=False, own_range=False):
         """``v`` as a number (an int with ``integer``: integral and at most the key's maximum). A string is
         refused in a file, as in every config file (a quoted number is text: ``batch_size: '64'``), but for
-        the X of ``lin_X`` (``text``); a --hp value is text given on purpose."""
+        the X of ``lin_X`` (``text``); a --hp value is text given on purpose. Within float32's range but with
+        ``own_range`` (a key that checks its own)."""
         if isinstance(v, str):
             if from_file(k) and not text:
                 raise bad(k, f"{'an integer' if integer else 'a number'}, not the string {v!r} (a quoted number is "
@@ -243,6 +250,8 @@ def check_hyperparams(algo: str, hp: dict, where: str | dict = "--hp", n_envs: i
             if int(v) > _INT_MAX.get(k, INT_MAX):
                 raise bad(k, int_range(k))
             return int(v)
+        if abs(v) > FLOAT32_MAX and not own_range:  # torch's float32 tensors: beyond, an overflow deep in the optimiser
+            raise _OutOfRange(bad(k, f"a number within float32's range, |x| <= {FLOAT32_MAX:.4g} (torch computes in float32)"))
         return v
 
     out = {}
@@ -265,6 +274,8 @@ def check_hyperparams(algo: str, hp: dict, where: str | dict = "--hp", n_envs: i
             else:
                 try:
                     v = number(k, v)
+                except _OutOfRange:
+                    raise
                 except ValueError:
                     if isinstance(v, str) and from_file(k):
                         raise  # (a quoted number: say so)
@@ -285,7 +296,7 @@ def check_hyperparams(algo: str, hp: dict, where: str | dict = "--hp", n_envs: i
             if v < 1 and v != -1:
                 raise bad(k, "an integer >= 1, or -1 (as many as environment steps)")
         elif k == "n_timesteps":
-            v = number(k, v)
+            v = number(k, v, own_range=True)
             if not 1 <= v <= INT_MAX:
                 raise bad(k, f"a number from 1 to {INT_MAX} (decisions)")
             v = int(v)
@@ -323,6 +334,8 @@ def check_hyperparams(algo: str, hp: dict, where: str | dict = "--hp", n_envs: i
             elif default is None:
                 try:
                     v = number(k, v)
+                except _OutOfRange:
+                    raise
                 except ValueError:
                     if isinstance(v, str) and from_file(k):
                         raise  # (a quoted number: say so)

@@ -39,6 +39,21 @@ def test_a_file_value_out_of_range_or_quoted_names_the_file_the_key_and_the_rang
     assert str(e.value).startswith(FILE) and needle in str(e.value), str(e.value)
 
 
+@pytest.mark.parametrize("hp, needle", [
+    ({"learning_rate": 1e300}, "--hp learning_rate=1e+300: expected a number within float32's range, |x| <= 3.403e+38"),
+    ({"learning_rate": "lin_1e39"}, "--hp learning_rate=lin_1e39: expected a number within float32's range"),
+    ({"clip_range": 1e39}, "--hp clip_range=1e+39: expected a number within float32's range"),
+    ({"target_kl": -1e300}, "--hp target_kl=-1e+300: expected a number within float32's range"),
+])
+def test_a_float_beyond_float32_is_refused_naming_the_key(hp, needle):
+    """learning_rate or clip_range 1e300 passed the check, then torch's Adam or the clipping raised
+    "value cannot be converted to type float without overflow" with a traceback naming no key."""
+    with pytest.raises(ValueError) as e:
+        check_hyperparams("ppo", hp)
+    assert needle in str(e.value), str(e.value)
+    assert check_hyperparams("ppo", {"learning_rate": 3e38})["learning_rate"] == 3e38  # the range's edge
+
+
 def test_an_integral_float_in_range_is_an_int_and_a_schedule_stays_text():
     hp = {"n_steps": 64.0, "batch_size": 32, "clip_range": "lin_0.2", "n_envs": 256.0}
     out = check_hyperparams("ppo", hp, _from_file(hp))
