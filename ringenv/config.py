@@ -418,6 +418,10 @@ class HostProfile(Strict):
                 raise ValueError(
                     f"block_sizes: {b} is not a multiple of page_size {self.page_size} larger than it"
                 )
+            if b > 1 << self.phys_addr_bits:
+                raise ValueError(f"block_sizes: {b} is larger than the guest physical address space (phys_addr_bits "
+                                 f"{self.phys_addr_bits}: {1 << self.phys_addr_bits} bytes); accepted: powers of two "
+                                 f"from {2 * self.page_size} to {1 << self.phys_addr_bits}")
         if self.pml and self.arch != "x86":
             raise ValueError("pml: only an x86 host has Page Modification Logging")
         if not self.ring_sizes:  # KVM_DIRTY_RING_MAX_ENTRIES: a ring must hold the reserved entries

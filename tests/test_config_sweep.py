@@ -269,6 +269,9 @@ def test_a_bad_value_names_the_field_the_value_and_what_is_accepted(case, tmp_pa
     ("host", ["block_sizes"], [2 << 20, 2 << 20], "block_sizes", "smallest first"),
     ("host", ["block_sizes"], [3 << 20], "block_sizes", "powers of two"),
     ("host", ["block_sizes"], [2048], "block_sizes", "multiple of page_size"),
+    ("host", ["block_sizes"], [2 << 20, 1 << 80], "block_sizes", "larger than the guest physical address space "
+                                                                 "(phys_addr_bits 40: 1099511627776 bytes); accepted: "
+                                                                 "powers of two from 8192 to 1099511627776"),
     ("host", ["pml"], True, "pml", "only an x86 host"),
     ("env", ["intervals_ms"], [10, 10], "intervals_ms", "twice"),
     ("env", ["intervals_ms"], [0.5], "intervals_ms", "accepted: 1 to 10000"),
