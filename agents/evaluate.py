@@ -106,23 +106,40 @@ def _zip_data(model_path: Path) -> dict:
     return data
 
 
+def run_record_files(model_path: Path) -> list[Path]:
+    """Where a model's run record (args.json) can be: next to it, or one level up for a snapshot
+    in its run's ``checkpoints/`` (CheckpointCallback's folder), never above any other folder."""
+    dirs = [model_path.parent] + ([model_path.parent.parent] if model_path.parent.name == "checkpoints" else [])
+    return [d / "args.json" for d in dirs]
+
+
 def model_meta(model_path: Path) -> dict:
-    """The training run's record of a model: the run's args.json (next to the model, or one
-    level up for a snapshot), else the record ``ringenv train`` saved in the model itself
-    (MODEL_RECORD: a .zip copied out of its run directory), else {} (a model saved by another
-    program, or before models carried their record)."""
-    for d in (model_path.parent, model_path.parent.parent):
-        f = d / "args.json"
-        if f.is_file():
-            try:
-                meta = json.loads(f.read_text(encoding="utf-8"))
-            except (json.JSONDecodeError, UnicodeDecodeError) as e:
-                raise ValueError(f"{f}: not valid JSON ({e}); expected the args.json a training run writes") from None
-            if not isinstance(meta, dict):
-                raise ValueError(f"{f}: a JSON {type(meta).__name__}; expected the object a training run writes")
-            return meta
-    record = _zip_data(model_path).get(MODEL_RECORD)
-    return dict(record) if isinstance(record, dict) else {}
+    """The training run's record of a model: the run's args.json (:func:`run_record_files`) if it
+    is this model's, else the record ``ringenv train`` saved in the model itself (MODEL_RECORD: a
+    .zip copied out of its run directory), else {} (a model saved by another program, or before
+    models carried their record). An args.json is another run's, and left aside, when the model's
+    own record disagrees with it or, for a model without one, its algorithm is not the model's
+    (a .zip copied into another run's directory runs as it was trained, not as that run)."""
+    data = _zip_data(model_path)
+    record = data.get(MODEL_RECORD)
+    record = dict(record) if isinstance(record, dict) else None
+    for f in run_record_files(model_path):
+        if not f.is_file():
+            continue
+        try:
+            meta = json.loads(f.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ValueError(f"{f}: not valid JSON ({e}); expected the args.json a training run writes") from None
+        if not isinstance(meta, dict):
+            raise ValueError(f"{f}: a JSON {type(meta).__name__}; expected the object a training run writes")
+        if record is not None:
+            mine = json.loads(json.dumps(jsonable({k: meta.get(k) for k in record}), default=str))
+            if mine != record:
+                break
+        elif meta.get("algo") and _algo_from_attributes(data) not in (None, meta["algo"]):
+            break
+        return meta
+    return record or {}
 
 
 def model_algo(model_path: Path, meta: dict) -> str:
@@ -130,15 +147,23 @@ def model_algo(model_path: Path, meta: dict) -> str:
     (DQN's exploration schedule, PPO's clip range, A2C: neither)."""
     if meta.get("algo"):
         return str(meta["algo"])
-    data = _zip_data(model_path)
+    algo = _algo_from_attributes(_zip_data(model_path))
+    if algo is None:
+        raise ValueError(f"{model_path}: cannot tell which algorithm saved it (PPO, A2C or DQN), and it has no "
+                         "training record (no args.json next to it or above its checkpoints/ folder, none saved in "
+                         "the model)")
+    return algo
+
+
+def _algo_from_attributes(data: dict) -> str | None:
+    """PPO, A2C or DQN told from the attributes saved in a model's .zip, else None."""
     if "exploration_fraction" in data:
         return "dqn"
     if "clip_range" in data:
         return "ppo"
     if "gae_lambda" in data:
         return "a2c"
-    raise ValueError(f"{model_path}: cannot tell which algorithm saved it (PPO, A2C or DQN), and it has no training "
-                     "record (no args.json next to it or one level up, none saved in the model)")
+    return None
 
 
 def normalizes_observations(meta: dict) -> bool:
@@ -162,7 +187,8 @@ def vecnormalize_candidates(model_path: Path) -> list[Path]:
 def check_model(spec: str) -> str | None:
     """A clear error for a model that would not run as it was trained (its algorithm unknown,
     its observation statistics missing); returns a warning for a model without a training
-    record (it runs with one decision per step and raw observations), else None."""
+    record (it runs with one decision per step, and with the VecNormalize statistics next to it
+    if there are any), else None."""
     model = find_model(spec)
     meta = model_meta(model)
     algo = model_algo(model, meta)
@@ -172,9 +198,12 @@ def check_model(spec: str) -> str | None:
                          f"none of {', '.join(c.name for c in vecnormalize_candidates(model))} is next to it (copy the "
                          "run's .pkl with the .zip, or pass the run directory)")
     if not meta:
+        stats = next((c for c in vecnormalize_candidates(model) if c.is_file()), None)
+        obs = f"observations normalised by the VecNormalize statistics {stats.name} next to it" if stats else \
+            "raw observations (no VecNormalize statistics next to it)"
         return (f"model {spec} has no training record (no args.json next to it, none saved in the model: saved by "
                 f"another program or an older ringenv): evaluated as {algo.upper()} (told from the file) with one "
-                "decision per step (action_repeat 1), raw observations and no training wrapper")
+                f"decision per step (action_repeat 1), {obs} and no training wrapper")
     return None
 
 
@@ -418,8 +447,7 @@ def _model_digest(spec: str) -> str | None:
         return None
     model = find_model(spec)
     h = hashlib.sha1()
-    for f in (model, model.with_name(model.stem + "_vecnormalize.pkl"), model.parent / "args.json",
-              model.parent.parent / "args.json"):
+    for f in (model, model.with_name(model.stem + "_vecnormalize.pkl"), *run_record_files(model)):
         if f.is_file():
             h.update(f.read_bytes())
     return h.hexdigest()

@@ -497,6 +497,58 @@ def test_a_model_without_a_training_record_runs_with_a_warning(ppo_run, dqn_run,
                 and f"evaluated as {algo} (told from the file) with one decision per step" in err), err
 
 
+def test_a_model_copied_into_another_run_s_directory_runs_as_it_was_trained(ppo_run, dqn_run, tmp_path, capsys):
+    """args.json is the record of the models of its own run only: one level up is looked at only
+    from a checkpoints/ folder, and an args.json that the model's own record contradicts (or, for
+    a model without one, whose algorithm is not the model's) is another run's. Before, a DQN
+    .zip under a PPO run's export/ folder was loaded as PPO (a TypeError traceback), and a model
+    without a record silently took that run's action_repeat 40."""
+    from stable_baselines3 import PPO
+
+    from agents.common import MODEL_RECORD
+    from agents.evaluate import ModelPolicy, check_model
+
+    host = tmp_path / "ppo"
+    shutil.copytree(ppo_run, host)
+    (host / "export").mkdir()
+    for where in (host / "export", host):  # under another run, and right in it
+        shutil.copy(dqn_run / "final_model.zip", where / "dqn.zip")
+        shutil.copy(dqn_run / "final_model_vecnormalize.pkl", where / "dqn_vecnormalize.pkl")
+        pol = ModelPolicy(where / "dqn.zip")
+        assert (pol.algo, pol.action_repeat, pol.env_id) == ("dqn", 40, "ringenv/MigrationDiscrete-v0")
+    bare = PPO.load(ppo_run / "final_model.zip", device="cpu")
+    delattr(bare, MODEL_RECORD)
+    bare.save(host / "export" / "m.zip")
+    assert ModelPolicy(host / "export" / "m.zip").action_repeat == 1
+    assert "has no training record" in check_model(str(host / "export" / "m.zip"))
+    (tmp_path / "d").mkdir()
+    shutil.copy(dqn_run / "args.json", tmp_path / "d")
+    bare.save(tmp_path / "d" / "m.zip")  # a PPO model without a record next to a DQN run's args.json
+    assert ModelPolicy(tmp_path / "d" / "m.zip").algo == "ppo"
+    snap = sorted((host / "checkpoints").glob("rl_model_*_steps.zip"))[0]
+    assert ModelPolicy(snap).action_repeat == 40  # a snapshot: its run's record, one level up
+    code, got = _episodes(tmp_path, host / "export" / "dqn.zip", name="ev")
+    assert code == 0 and len(got) == 1, capsys.readouterr().err
+
+
+def test_a_model_without_a_record_is_said_to_use_the_statistics_next_to_it(ppo_run, tmp_path):
+    """The warning for a model without a training record said "raw observations" even when a
+    VecNormalize .pkl next to it was loaded and applied: it now names the file it uses."""
+    from stable_baselines3 import PPO
+
+    from agents.common import MODEL_RECORD
+    from agents.evaluate import ModelPolicy, check_model
+
+    model = PPO.load(ppo_run / "final_model.zip", device="cpu")
+    delattr(model, MODEL_RECORD)
+    model.save(tmp_path / "m.zip")
+    assert "raw observations (no VecNormalize statistics next to it)" in check_model(str(tmp_path / "m.zip"))
+    shutil.copy(ppo_run / "final_model_vecnormalize.pkl", tmp_path / "m_vecnormalize.pkl")
+    said = check_model(str(tmp_path / "m.zip"))
+    assert "observations normalised by the VecNormalize statistics m_vecnormalize.pkl next to it" in said, said
+    assert ModelPolicy(tmp_path / "m.zip").vecnorm is not None
+
+
 def test_table_shows_no_interval_for_the_bitmap_collector():
     from agents.evaluate import markdown_table
 
