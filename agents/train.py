@@ -26,7 +26,8 @@ What it does:
    spaced over the rounded budget), and the run is up to (rounded N) x k environment steps; the
    log, the progress bar and ``args.json`` count both.
 4. ``RUN/final_model.zip`` (+ ``_vecnormalize.pkl``), ``RUN/best_model.zip`` (+ stats),
-   ``RUN/args.json`` (everything needed to load and evaluate it: ``ringenv evaluate --policies RUN``).
+   ``RUN/args.json`` (everything needed to load and evaluate it: ``ringenv evaluate --policies RUN``;
+   and, under ``versions``, what a retraining's numerics depend on: :func:`training_versions`).
    Every saved .zip (best, snapshots, final) also carries the part of that record running it
    needs (``agents.common.MODEL_RECORD``), so that one copied out of ``RUN`` runs as trained.
    A run into a directory that holds an earlier one first removes the earlier run's models,
@@ -461,6 +462,43 @@ RUN_OUTPUTS = ("args.json", "final_model.zip", "final_model_vecnormalize.pkl", "
                "best_model_vecnormalize.pkl", "eval", "checkpoints")
 
 
+def training_versions() -> dict:
+    """What a training's floating point depends on besides the code and the seed: Python, the
+    packages' versions, torch's CPU capability (the vector kernels it picked) and its thread
+    count, the machine. Trainings with all of these equal have given bit-identical models; with
+    others, PPO's updates can amplify a last-bit difference into another policy (README,
+    "Trained PPO against QEMU's default")."""
+    import platform
+    from importlib import metadata
+
+    import torch
+
+    out = {"python": platform.python_version()}
+    for dist in ("ringenv", "torch", "numpy", "gymnasium", "stable-baselines3", "numba"):
+        try:
+            out[dist] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            out[dist] = None
+    out["torch_cpu_capability"] = torch.backends.cpu.get_cpu_capability()
+    out["torch_threads"] = torch.get_num_threads()
+    out["machine"] = platform.machine()
+    out["cpu"] = _cpu_model()
+    return out
+
+
+def _cpu_model() -> str | None:
+    """The CPU's model name (Linux's /proc/cpuinfo), else platform.processor() or None."""
+    import platform
+
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or None
+
+
 def _clear_earlier_run(run: Path) -> None:
     """Remove what an earlier run wrote into ``run``: a new run into the same directory must not
     leave, e.g., the earlier best_model.zip next to its own args.json (``evaluate`` takes
@@ -616,7 +654,7 @@ def main(args: Args) -> Path:
             "control_interval_ms": control_ms, "n_envs": n_envs,
             "vec_env": "SubprocVecEnv" if use_subproc else "DummyVecEnv", "policy": policy_name,
             "normalize": normalize, "hyperparams": {k: (repr(v) if callable(v) else v) for k, v in hp.items()},
-            "args": dataclasses.asdict(args), "finished": False}  # (True once the run's record is written)
+            "args": dataclasses.asdict(args), "versions": training_versions(), "finished": False}  # (True once the run's record is written)
     (run / "args.json").write_text(json.dumps(jsonable(meta), indent=1, default=str))
     # every .zip of the run (best, snapshots, final) carries what running it needs, so that one
     # copied out of RUN still runs as trained (stable-baselines3 saves a model's JSON attributes)

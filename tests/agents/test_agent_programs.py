@@ -110,6 +110,21 @@ def test_train_a2c_and_dqn(tmp_path, algo):
     assert len(rows) == 1 and rows[0]["policy"].startswith(algo)
 
 
+def test_a_run_records_what_its_numerics_depend_on(ppo_run):
+    """A retraining elsewhere can give another model (README): args.json says with which Python,
+    package versions, torch CPU kernels and threads, and CPU this one was trained."""
+    import platform
+
+    import numpy
+    import torch
+
+    v = json.loads((ppo_run / "args.json").read_text())["versions"]
+    assert set(v) == {"python", "ringenv", "torch", "numpy", "gymnasium", "stable-baselines3", "numba",
+                      "torch_cpu_capability", "torch_threads", "machine", "cpu"}, v
+    assert (v["python"], v["torch"], v["numpy"]) == (platform.python_version(), torch.__version__, numpy.__version__)
+    assert v["torch_cpu_capability"] == torch.backends.cpu.get_cpu_capability() and v["torch_threads"] >= 1
+
+
 def test_saved_model_round_trip(ppo_run):
     """The loaded policy normalises observations with the saved statistics and acts as the model
     does; two evaluations of it give identical episodes."""
