@@ -421,6 +421,25 @@ def trained_settings_differences(spec: str, env_id: str = MIGRATION, scenario: s
     return [f"{k} {_fmt(a.get(k))} (evaluated: {_fmt(b.get(k))})" for k in dict.fromkeys([*a, *b]) if a.get(k) != b.get(k)]
 
 
+def trained_workloads(spec: str, env_id: str = MIGRATION) -> list[str]:
+    """The workloads model ``spec`` was trained on (its run's explicit workloads, else its split of
+    its workload set); [] for a heuristic, a model without a record, or settings that no longer load."""
+    if is_heuristic(spec):
+        return []
+    meta = model_meta(find_model(spec))
+    if not meta:
+        return []
+    try:
+        env = make_env(policy_env_id(spec, env_id), meta.get("scenario") or "default", meta.get("split") or "train",
+                       meta.get("workloads") or None, meta.get("env_kwargs") or {})
+    except ValueError:  # (said by trained_settings_differences)
+        return []
+    try:
+        return list(env.unwrapped.workloads)
+    finally:
+        env.close()
+
+
 def policy_env(spec: str, env_id: str = MIGRATION, scenario: str = "default", split: str = "test",
                workloads=None, overrides: dict | None = None):
     """The environment policy ``spec`` runs in: the evaluation's settings, plus what the policy
@@ -603,6 +622,14 @@ def evaluate(policies: list[str], env_id: str = MIGRATION, scenario: str = "defa
             print(f"warning: model {spec} comes from a training run that did not finish "
                   f"({meta.get('failed') or 'no final record: still running, or killed'}): it had less than its "
                   "budget", file=sys.stderr)
+        trained = trained_workloads(spec, env_id)
+        seen = [w for w in wls if w in trained]
+        if seen:
+            how = f"--workloads {' '.join(meta['workloads'])}" if meta.get("workloads") else \
+                f"split {meta.get('split')}"
+            print(f"warning: model {spec} was trained on workloads it is evaluated on: {', '.join(seen)} (its "
+                  f"training: {how}); its results there are not held-out ones (train on --split train, evaluate on "
+                  "--split test)", file=sys.stderr)
         diff = trained_settings_differences(spec, env_id, scenario, overrides)
         if diff:
             print(f"warning: model {spec} was trained with other env settings than this evaluation's: "

@@ -564,6 +564,27 @@ def test_a_model_without_a_record_is_said_to_use_the_statistics_next_to_it(ppo_r
     assert ModelPolicy(tmp_path / "m.zip").vecnorm is not None
 
 
+def test_evaluating_a_model_on_workloads_it_was_trained_on_warns(ppo_run, tmp_path, capsys):
+    """A policy is judged on workloads it never saw (the test split): one evaluated on its own
+    training workloads gets a warning naming them and how it was trained; on the held-out split,
+    none."""
+    from agents.evaluate import trained_workloads
+    from ringenv.config import load_workload_sets
+
+    train = load_workload_sets()["default"]["train"]
+    assert trained_workloads(str(ppo_run)) == train and trained_workloads("qemu") == []
+    code, _ = _episodes(tmp_path, ppo_run, "qemu")  # oltp and web: training workloads
+    err = " ".join(capsys.readouterr().err.split())
+    assert code == 0 and (f"warning: model {ppo_run} was trained on workloads it is evaluated on: oltp, web (its "
+                          "training: split train); its results there are not held-out ones") in err, err
+    assert err.count("trained on workloads it is evaluated on") == 1, err  # (not for the heuristic)
+    from ringenv.cli import main
+
+    assert main(["evaluate", "--policies", str(ppo_run), "--workloads", "web-static", "--seeds", "1", "--workers", "1",
+                 "--out", str(tmp_path / "held-out"), "--no-progress", *SMALL]) == 0
+    assert "evaluated on" not in capsys.readouterr().err
+
+
 def test_table_shows_no_interval_for_the_bitmap_collector():
     from agents.evaluate import markdown_table
 
