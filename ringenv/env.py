@@ -384,7 +384,9 @@ class RingEnv(gym.Env):
             gym.logger.warn("render() called without a render_mode")
             return None
         if self._last is None:  # before the first step: every ring empty, nothing sent
-            return "(reset, no step yet)" if self.render_mode == "ansi" else _render_rgb(self, None, {})
+            if self.render_mode == "ansi":
+                return "(reset, no step yet)" if hasattr(self, "workload") else "(no episode yet: reset first)"
+            return _render_rgb(self, None, {})
         obs, reward, info = self._last
         if self.render_mode == "ansi":
             return (f"t={self.t / SECOND:7.2f}s {self.workload:12s} ring={self.ring_entries:6d} "
@@ -880,7 +882,7 @@ def _render_rgb(env: RingEnv, obs: np.ndarray, info: dict) -> np.ndarray:
     a1.set_ylabel("ring fill / soft limit")
     if not ring:
         how = "bitmap collector (no ring)"
-    elif not env.ring_entries:
+    elif not getattr(env, "ring_entries", 0):  # (none before the first reset, either)
         how = "ring size chosen by the first step's action"
     else:
         how = f"ring {env.ring_entries}, every {env.interval_ms:.0f} ms"

@@ -298,6 +298,17 @@ def test_render_after_reset_shows_no_step_of_the_previous_episode():
     assert env.render() == "(reset, no step yet)"
 
 
+def test_render_before_the_first_reset_draws_an_empty_frame():
+    """gym.make's order enforcing refuses it, but the class itself can be built and rendered:
+    rgb_array raised AttributeError (no ring_entries) where ansi answered."""
+    pytest.importorskip("matplotlib")
+    from ringenv.env import MigrationEnv
+
+    assert MigrationEnv(render_mode="ansi").render() == "(no episode yet: reset first)"
+    frame = MigrationEnv(render_mode="rgb_array").render()
+    assert frame.shape == (240, 480, 3) and frame.dtype == np.uint8
+
+
 def test_rgb_render_leaves_the_matplotlib_backend_alone():
     matplotlib = pytest.importorskip("matplotlib")
     before = matplotlib.get_backend()
