@@ -486,7 +486,10 @@ class MigrationEnv(RingEnv):
     (the first, one after a bitmap sync re-protected many pages) runs at the earlier speed and
     a step holding it can pass 1 a little. The reward is not clipped. `ring_fixed` is 0 in the
     reset observation only (where the ring size is chosen): stable-baselines3's `VecNormalize`
-    turns it into its clip value (-10 by default), a mark the policy can still read there.
+    turns it into -sqrt((1 - p) / p), p the share of the observations it saw that were reset ones
+    (about -2.6 with configs/train/dqn.yaml, whose decisions each hold 40 steps: one in eight or
+    nine is a reset's; -10, its clip value by default, once p < 1/101), a mark the policy can
+    still read there.
 
     `dirty_rate` is QEMU's estimate as each collector gives it: with the ring, entries harvested
     (or waiting) per second over the last >= 1 s; with the bitmap (`collector="bitmap"`), QEMU's
