@@ -339,8 +339,9 @@ def wrapper_specs(wrapper, where: str = "env_wrapper") -> list[tuple[type, dict]
         try:
             inspect.signature(cls).bind(None, **kwargs)
         except TypeError as e:
-            raise ValueError(f"{where}: {name}{inspect.signature(cls)} does not take {kwargs or 'no keywords'} "
-                             f"after the env ({e})") from None
+            given = f"the keywords {kwargs}" if kwargs else "no keywords"
+            raise ValueError(f"{where}: {name}{inspect.signature(cls)} cannot be called with the env and {given} "
+                             f"({e}); give its keywords as a mapping {{{name}: {{keyword: value}}}}") from None
         except ValueError:  # no signature to check (a builtin): its constructor will say
             pass
         out.append((cls, kwargs))

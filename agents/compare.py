@@ -19,10 +19,10 @@ from pathlib import Path
 from .common import EnvFacts, check_out_dir, module_main, parse_overrides
 from ringenv.config import load_workload
 
-from .evaluate import (EvalSettings, check_baseline, evaluate, load_policy, markdown_per_workload,
-                       markdown_table, per_workload, policy_env, run_episode, scenario_label, summarize,
-                       unsound, workloads_label, write_csv, write_results)
-from .heuristics import DEFAULT_SET
+from .evaluate import (EvalSettings, check_baseline, check_spec, evaluate, find_model, load_policy,
+                       markdown_per_workload, markdown_table, per_workload, policy_env, run_episode, scenario_label,
+                       summarize, unsound, workloads_label, write_csv, write_results)
+from .heuristics import DEFAULT_SET, is_heuristic
 
 
 @dataclass
@@ -48,6 +48,19 @@ def main(args: Args) -> dict:
     overrides = parse_overrides(args.set)
     check_out_dir(args.out)
     policies = list(dict.fromkeys(list(args.policies) + list(args.models)))
+    for m in args.models:  # named by their own flag (evaluate names --policies)
+        if is_heuristic(m):
+            continue
+        try:
+            find_model(m)
+        except FileNotFoundError as e:
+            raise ValueError(f"--models {m!r}: not a trained model ({e}); expected a run directory or a .zip that "
+                             "ringenv train (or stable-baselines3) saved") from None
+        try:
+            check_spec(m, None)
+        except ValueError as e:
+            raise ValueError("--models" + str(e)[len("--policies"):] if str(e).startswith("--policies") else e) \
+                from None
     check_baseline(args.baseline, policies)
     if args.plots and args.timeline_workload:
         load_workload(args.timeline_workload, where="--timeline-workload")  # now, not after every episode

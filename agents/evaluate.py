@@ -502,8 +502,13 @@ def check_spec(spec: str, facts: EnvFacts) -> str | None:
     try:
         find_model(spec)
     except FileNotFoundError as e:
-        raise ValueError(f"policy {spec!r}: not a heuristic ({SPECS}) and not a trained model ({e})") from None
-    return check_model(spec)
+        raise ValueError(f"--policies {spec!r}: not a heuristic ({SPECS}) and not a trained model ({e})") from None
+    try:
+        return check_model(spec)
+    except ValueError as e:  # (a file that is no model: named by the spec that gave it)
+        if str(e).startswith("--policies"):
+            raise
+        raise ValueError(f"--policies {spec!r}: {e}") from None
 
 
 def unavailable(spec: str, env_id: str, scenario: str, split: str, workloads, overrides: dict) -> str | None:

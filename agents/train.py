@@ -238,7 +238,7 @@ def check_hyperparams(algo: str, hp: dict, where: str | dict = "--hp", n_envs: i
             try:
                 v = float(v)
             except ValueError:
-                raise bad(k, "an integer" if integer else "a number") from None
+                raise bad(k, int_range(k) if integer else "a number") from None
         try:
             finite = not isinstance(v, bool) and isinstance(v, (int, float)) and math.isfinite(v)
         except OverflowError:  # an int beyond any float

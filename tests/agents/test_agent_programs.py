@@ -289,7 +289,14 @@ def test_bad_arguments_end_with_a_message_not_a_traceback():
                          "--workloads: workloads[1]: unknown workload 'nope'"),
                         (["train", "--set", "workloads=[web]"], "given by the command's --workloads"),
                         (["train", "--device", "foo"], "--device 'foo'"),
-                        (["train", "--hp", "max_grad_norm=1" + "0" * 400], "expected a finite number")):
+                        (["train", "--hp", "max_grad_norm=1" + "0" * 400], "expected a finite number"),
+                        (["train", "--hp", "n_steps=abc"], "--hp n_steps=abc: expected an integer from 1 to 10000000"),
+                        (["train", "--hp", "env_wrapper=gymnasium.wrappers.TimeLimit"],
+                         "cannot be called with the env and no keywords (missing a required argument: "
+                         "'max_episode_steps'); give its keywords as a mapping {gymnasium.wrappers.TimeLimit: "),
+                        (["compare", "--models", "runs/nope", "--seeds", "1"],
+                         "--models 'runs/nope': not a trained model (no such model runs/nope); expected a run "
+                         "directory or a .zip")):
         p = subprocess.run([sys.executable, "-m", "ringenv", *args], cwd=ROOT, env=env, capture_output=True, text=True,
                            timeout=120)
         assert p.returncode == 2 and words in p.stderr and "Traceback" not in p.stderr, (args, p.stderr)
@@ -300,6 +307,18 @@ def test_bad_arguments_end_with_a_message_not_a_traceback():
         p = subprocess.run([sys.executable, "-m", module, *args], cwd=ROOT, env=env, capture_output=True, text=True,
                            timeout=120)
         assert p.returncode == 2 and words in p.stderr and "Traceback" not in p.stderr, (module, p.stderr)
+
+
+def test_a_file_that_is_no_model_is_named_by_the_flag_that_gave_it(tmp_path, capsys):
+    from ringenv.cli import main
+
+    (tmp_path / "bad.zip").write_text("not a zip")
+    for cmd, flag in (("evaluate", "--policies"), ("compare", "--models")):
+        assert main([cmd, flag, str(tmp_path / "bad.zip"), "--seeds", "1", "--out", str(tmp_path / cmd),
+                     "--no-progress"]) == 2
+        err = capsys.readouterr().err
+        assert f"{flag} '{tmp_path / 'bad.zip'}': " in err and "not a model saved by stable-baselines3" in err, err
+        assert not (tmp_path / cmd).exists()
 
 
 def test_evaluate_rejects_off_grid_specs_before_running_anything(tmp_path, capsys):
