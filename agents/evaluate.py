@@ -119,10 +119,16 @@ def model_meta(model_path: Path) -> dict:
     .zip copied out of its run directory), else {} (a model saved by another program, or before
     models carried their record). An args.json is another run's, and left aside, when the model's
     own record disagrees with it or, for a model without one, its algorithm is not the model's
-    (a .zip copied into another run's directory runs as it was trained, not as that run)."""
+    (a .zip copied into another run's directory runs as it was trained, not as that run);
+    :func:`check_model` warns of it."""
+    return _model_record(model_path)[0]
+
+
+def _model_record(model_path: Path) -> tuple[dict, list[str]]:
     data = _zip_data(model_path)
     record = data.get(MODEL_RECORD)
     record = dict(record) if isinstance(record, dict) else None
+    aside = []
     for f in run_record_files(model_path):
         if not f.is_file():
             continue
@@ -135,11 +141,15 @@ def model_meta(model_path: Path) -> dict:
         if record is not None:
             mine = json.loads(json.dumps(jsonable({k: meta.get(k) for k in record}), default=str))
             if mine != record:
+                keys = [k for k in record if mine[k] != record[k]]
+                aside.append(f"{f} contradicts the record saved in the model on {', '.join(keys)}")
                 break
         elif meta.get("algo") and _algo_from_attributes(data) not in (None, meta["algo"]):
+            aside.append(f"{f} is a {str(meta['algo']).upper()} run's, the model a "
+                         f"{_algo_from_attributes(data).upper()} one")
             break
-        return meta
-    return record or {}
+        return meta, aside
+    return record or {}, aside
 
 
 def model_algo(model_path: Path, meta: dict) -> str:
@@ -188,10 +198,13 @@ def check_model(spec: str) -> str | None:
     """A clear error for a model that would not run as it was trained (its algorithm unknown,
     its observation statistics missing); returns a warning for a model without a training
     record (it runs with one decision per step, and with the VecNormalize statistics next to it
-    if there are any), else None."""
+    if there are any) or whose run's args.json was left aside as another run's
+    (named, with what it contradicts), else None."""
     model = find_model(spec)
-    meta = model_meta(model)
+    meta, aside = _model_record(model)
     algo = model_algo(model, meta)
+    said = [f"model {spec}: {why}: left aside as another run's record, the model runs as it was trained"
+            for why in aside]
     if normalizes_observations(meta) and not any(c.is_file() for c in vecnormalize_candidates(model)):
         raise ValueError(f"--policies {spec!r}: the {algo.upper()} model {model.name} was trained on normalised "
                          f"observations (normalize: {meta['normalize']}), but its VecNormalize statistics are missing: "
@@ -201,10 +214,10 @@ def check_model(spec: str) -> str | None:
         stats = next((c for c in vecnormalize_candidates(model) if c.is_file()), None)
         obs = f"observations normalised by the VecNormalize statistics {stats.name} next to it" if stats else \
             "raw observations (no VecNormalize statistics next to it)"
-        return (f"model {spec} has no training record (no args.json next to it, none saved in the model: saved by "
-                f"another program or an older ringenv): evaluated as {algo.upper()} (told from the file) with one "
-                f"decision per step (action_repeat 1), {obs} and no training wrapper")
-    return None
+        said.append(f"model {spec} has no training record (no args.json of its run next to it, none saved in the "
+                    f"model: saved by another program or an older ringenv): evaluated as {algo.upper()} (told from "
+                    f"the file) with one decision per step (action_repeat 1), {obs} and no training wrapper")
+    return "; ".join(said) or None
 
 
 class ModelPolicy(Policy):

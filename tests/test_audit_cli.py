@@ -158,16 +158,43 @@ def test_train_env_wrapper_with_wrong_keywords_exits_2_naming_it(tmp_path, value
     assert not (tmp_path / "runs").exists()
 
 
-# ------------------------------------------------ 6. a model's args.json it cannot use
+# ------------------------------------------------ 6. a model's record it cannot use
+def _with_record(model: Path, **changes) -> None:
+    """Rewrite the training record saved in ``model`` (MODEL_RECORD) with ``changes``."""
+    from stable_baselines3 import PPO
+
+    from agents.common import MODEL_RECORD
+
+    m = PPO.load(model, device="cpu")
+    setattr(m, MODEL_RECORD, {**getattr(m, MODEL_RECORD), **changes})
+    m.save(model)
+
+
 def test_evaluate_model_whose_wrapper_cannot_be_imported_exits_2(tiny_run, tmp_path):
+    run = _copy_run(tiny_run, tmp_path / "run")
+    meta = json.loads((run / "args.json").read_text())  # the run's record and the model's own agree
+    meta["env_wrapper"] = "no_such_module_xyz.Wrapper"
+    (run / "args.json").write_text(json.dumps(meta))
+    _with_record(run / "final_model.zip", env_wrapper="no_such_module_xyz.Wrapper")
+    r = ringenv("evaluate", "--policies", run, "--workloads", "idle", "--seeds", 1, "--workers", 1, "--no-progress",
+                "--out", tmp_path / "ev")
+    assert clean_usage_error(r), (r.returncode, r.stderr[-600:])
+    assert "no_such_module_xyz" in r.stderr
+
+
+def test_evaluate_warns_of_an_args_json_the_model_s_record_contradicts(tiny_run, tmp_path):
+    """An args.json next to a model that its own saved record contradicts is another run's and
+    is left aside (the model runs as trained): said, naming the file and the keys, not silent."""
     run = _copy_run(tiny_run, tmp_path / "run")
     meta = json.loads((run / "args.json").read_text())
     meta["env_wrapper"] = "no_such_module_xyz.Wrapper"
     (run / "args.json").write_text(json.dumps(meta))
     r = ringenv("evaluate", "--policies", run, "--workloads", "idle", "--seeds", 1, "--workers", 1, "--no-progress",
                 "--out", tmp_path / "ev")
-    assert clean_usage_error(r), (r.returncode, r.stderr[-600:])
-    assert "no_such_module_xyz" in r.stderr
+    err = " ".join(r.stderr.split())
+    assert r.returncode == 0, r.stderr[-600:]
+    assert (f"{run / 'args.json'} contradicts the record saved in the model on env_wrapper: left aside as another "
+            "run's record, the model runs as it was trained") in err, err
 
 
 @pytest.mark.parametrize("text", ["{bad", "[1]"])

@@ -559,6 +559,10 @@ def test_a_model_copied_into_another_run_s_directory_runs_as_it_was_trained(ppo_
     shutil.copy(dqn_run / "args.json", tmp_path / "d")
     bare.save(tmp_path / "d" / "m.zip")  # a PPO model without a record next to a DQN run's args.json
     assert ModelPolicy(tmp_path / "d" / "m.zip").algo == "ppo"
+    said = check_model(str(tmp_path / "d" / "m.zip"))  # each args.json left aside is said, with why
+    assert f"{tmp_path / 'd' / 'args.json'} is a DQN run's, the model a PPO one: left aside" in said, said
+    said = check_model(str(host / "dqn.zip"))
+    assert f"{host / 'args.json'} contradicts the record saved in the model on algo, env_id" in said, said
     snap = sorted((host / "checkpoints").glob("rl_model_*_steps.zip"))[0]
     assert ModelPolicy(snap).action_repeat == 40  # a snapshot: its run's record, one level up
     code, got = _episodes(tmp_path, host / "export" / "dqn.zip", name="ev")
