@@ -363,7 +363,14 @@ class Vm:
         if cap in (KVM_CAP_DIRTY_LOG_RING, KVM_CAP_DIRTY_LOG_RING_ACQ_REL):
             if not self.check_extension(cap):
                 raise einval(f"capability {cap} is not offered on {p.arch} (use KVM_CAP_DIRTY_LOG_RING_ACQ_REL)")
-            self._enable_dirty_log_ring(arg0 & 0xFFFFFFFF)  # args[0] is read as a u32
+            size = arg0 & 0xFFFFFFFF  # args[0] is read as a u32
+            try:
+                self._enable_dirty_log_ring(size)
+            except KvmError as e:
+                if size != arg0:  # (the message names the value given, not only what KVM read)
+                    raise KvmError(e.errno, f"args[0] {arg0} is read as a u32 (struct kvm_enable_cap's size): "
+                                            f"{e.rule}") from None
+                raise
         elif cap == KVM_CAP_DIRTY_LOG_RING_WITH_BITMAP:
             if not p.with_bitmap_supported:
                 raise einval("KVM_CAP_DIRTY_LOG_RING_WITH_BITMAP is not supported on this host")
@@ -397,7 +404,8 @@ class Vm:
         """kvm_vm_ioctl_enable_dirty_log_ring (reference s2), rules in the kernel's order."""
         p = self.profile
         if size == 0 or size & (size - 1):
-            raise einval(f"dirty ring size {size} bytes is not a power of two")
+            raise einval(f"dirty ring size {size} bytes is not a power of two; accepted: powers of two from "
+                         f"{p.min_ring_entries * 16} to {KVM_DIRTY_RING_MAX_ENTRIES * 16} bytes")
         if size < p.reserved_entries * 16 or size < p.page_size:
             raise einval(
                 f"dirty ring size {size} bytes is below max(reserved {p.reserved_entries} x 16, "

@@ -520,3 +520,21 @@ def test_the_ring_maps_shared_only_and_never_executable(profile):
         with pytest.raises(SigBus):
             np.asarray(unbacked)
     assert errno_of(Vm(profile).create_vcpu(0).mmap_ring, prot=mmap.PROT_EXEC) == errno.EPERM
+
+
+@pytest.mark.parametrize("arg,said", [
+    (0, "dirty ring size 0 bytes is not a power of two; accepted: powers of two from 4096 to 1048576 bytes"),
+    (3000, "dirty ring size 3000 bytes is not a power of two; accepted: powers of two from 4096 to 1048576 bytes"),
+    (4 << 30, "args[0] 4294967296 is read as a u32 (struct kvm_enable_cap's size): dirty ring size 0 bytes is not a "
+              "power of two"),
+    (-1, "args[0] -1 is read as a u32 (struct kvm_enable_cap's size): dirty ring size 4294967295 bytes is not a "
+         "power of two"),
+])
+def test_ring_size_error_names_the_value_given_and_the_u32_truncation(arg, said):
+    """The EINVAL's message for a size that is no power of two says what is accepted, and for an
+    args[0] beyond a u32 names the value given and that KVM reads only its low 32 bits (4 GiB
+    said "0 bytes" before, naming neither)."""
+    vm = Vm("arm64-4k")
+    with pytest.raises(KvmError) as ei:
+        vm.enable_cap(RING_CAP["arm64-4k"], arg)
+    assert ei.value.errno == errno.EINVAL and said in str(ei.value), str(ei.value)
