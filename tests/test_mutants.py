@@ -28,7 +28,7 @@ def test_run_on_all_vcpus_waits_for_a_vcpu_that_fell_asleep_while_an_earlier_one
     100 ms; 50 ms into that wait vCPU 1 (still in the guest when the kick began) falls into a
     100 ms sleep of its own: the kick of all ends only when vCPU 1 wakes, not when vCPU 0 does.
     Mutant killed: the vCPU states read once, when the kick began."""
-    cfg = load_scenario("web", vm={"memory": "512MiB", "vcpus": 2}, interval_ms=5000)
+    cfg = load_scenario("web", vm={"memory": "1GiB", "vcpus": 2}, interval_ms=5000)  # (live at 300 ms)
     r = MigrationRun(cfg, host_sync_ms=50)
     r.advance(300 * MS)
     assert list(r.vstate) == [GUEST, GUEST]

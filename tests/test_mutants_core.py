@@ -22,7 +22,7 @@ MS = 1_000_000
 def _two_vcpus(**overrides):
     """A ring migration of 2 vCPUs, 300 ms in: both rings hold entries not harvested yet
     (the reaper's interval is 5 s), the host seen at each 50 ms."""
-    cfg = load_scenario("web", vm={"memory": "512MiB", "vcpus": 2}, interval_ms=5000, **overrides)
+    cfg = load_scenario("web", vm={"memory": "1GiB", "vcpus": 2}, interval_ms=5000, **overrides)  # (live at 300 ms)
     r = MigrationRun(cfg, host_sync_ms=50)
     r.advance(300 * MS)
     return r

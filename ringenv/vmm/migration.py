@@ -117,7 +117,7 @@ class MigrationRun(Session):
             elif pending == 0:
                 break
             tick = throttle.next_sync_tick
-            yield from self.send_slice(self.rate_Bps, stop_below=self.threshold_bytes if rule_qemu else 0,
+            yield from self.send_slice(self.rate_Bps, stop_below=self.threshold_bytes if rule_qemu else None,
                                        deadline=give_up if tick is None else min(give_up, tick))
 
         # migration_completion: stop and copy. A pass the loop left without an exact sync (forced

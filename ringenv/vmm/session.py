@@ -410,7 +410,8 @@ class Session:
         t0 = self.loop.now
         for i, v in enumerate(self.vcpus):
             st, proc = self.vstate[i], self.vproc[i]
-            if self.throttle_work[i] > 0 and st in (OUT, SLEEP):  # an auto-converge sleep queued ahead, under way or not begun
+            # an auto-converge sleep queued ahead, under way or not begun
+            if self.throttle_work[i] > 0 and st in (OUT, SLEEP):
                 yield self._sleep_over[i]
             elif st in (SLEEP, DLSLEEP) and proc is not None and proc.pending is not None:
                 if proc.pending[0] > self.loop.now:
@@ -602,9 +603,11 @@ class Session:
         force, between two of its 100 ms windows: a slice is then a window's budget, and the
         first what is left of the window under way); k is the number of slices before the first
         check that would act: the estimate falling below ``stop_below`` bytes
-        (the switchover threshold), or ``deadline`` (give-up, or auto-converge's dirty-sync
-        tick) passing; at most
-        ``MAX_SLICE_NS`` worth. Sending k slices at once is exact for the pages sent (see
+        (the switchover threshold; before any bandwidth was measured, 0: the first window's
+        measurement, which sets it, if the batch could take pending below the highest threshold
+        possible), or ``deadline`` (give-up, or auto-converge's dirty-sync
+        tick) passing; at most ``MAX_SLICE_NS`` worth (``stop_below`` None: no switchover
+        check). Sending k slices at once is exact for the pages sent (see
         :meth:`DirtyPages.take`) and keeps the host's sampling windows long. With the bitmap
         collector a slice never runs into a second 1 GiB chunk that still needs its CLEAR, so
         every CLEAR happens just before its chunk is sent, as in QEMU.
@@ -635,6 +638,10 @@ class Session:
             mig = self.dirty.mig_count
             if stop_below:
                 k = min(k, max(1, (mig - stop_below // self.page_size) // n50 + 1))
+            elif stop_below is not None and not self.bandwidth_Bps and mig - k * n50 < self._highest_threshold_pages():
+                # no threshold yet, and the batch could take pending below any it can be: up to the first window's
+                # measurement, which sets it (a batch ending above it would pass no check that acts either way)
+                k = min(k, max(1, -(-(BW_WINDOW_NS - (self.loop.now - self._bw_t0)) // slice_ns)))
             if deadline is not None:
                 k = min(k, max(1, -(-(deadline - self.loop.now) // slice_ns)))
             max_pages = k * n50
@@ -680,6 +687,13 @@ class Session:
             return
         self._slice = None
         self.update_bandwidth()
+
+    def _highest_threshold_pages(self) -> int:
+        """Pages above any switchover threshold a measurement can set: a window's bandwidth is at
+        most the link's rate (a rate-limited one's bursts go at it), so 1.5 x link rate x
+        downtime-limit is beyond it."""
+        link = self.cfg.link
+        return int(1.5 * link.link_Bps * link.downtime_limit_ms / 1000.0) // self.page_size + 1
 
     def shut_stream(self) -> None:
         """The stream is shut down now (migrate_fd_cancel -> qemu_file_shutdown): a send under

@@ -360,7 +360,8 @@ def test_reset_options():
     ({"ring_sizes": [True]}, r"ring_sizes: \[True\]: True is not a number"),
     ({"intervals_ms": [10, False]}, r"intervals_ms: \[10, False\]: False is not a number"),
     ({"flatten_actions": "no"}, "flatten_actions: 'no'; accepted: True or False"),
-    ({"rate_scale_range": [2, 1]}, r"rate_scale_range: \[2.0, 1.0\] is not accepted; accepted: \[low, high\] with 0 < low"),
+    ({"rate_scale_range": [2, 1]},
+     r"rate_scale_range: \[2.0, 1.0\] is not accepted; accepted: \[low, high\] with 0 < low"),
     ({"rate_scale_range": [0, 1]}, r"rate_scale_range: \[0.0, 1.0\] is not accepted; accepted: \[low, high\]"),
     ({"rate_scale_range": [1]}, r"rate_scale_range: \[1\] is not accepted; accepted: \[low, high\]"),
     ({"rate_scale_range": 2}, r"rate_scale_range: 2 is not accepted; accepted: \[low, high\]"),
@@ -449,7 +450,8 @@ def test_rgb_frame_after_reset_draws_the_empty_state_not_a_black_image():
     pytest.importorskip("matplotlib")
     blue, green = (31, 119, 180), (44, 160, 44)  # matplotlib's tab:blue (fill) and tab:green (sent)
     for env_id in ("ringenv/Migration-v0", "ringenv/Checkpoint-v0"):
-        env = make(env_id, render_mode="rgb_array", workloads=["memcached"])
+        # (2 GiB: still migrating after 4 steps; 512 MiB switches over within ~0.15 s)
+        env = make(env_id, render_mode="rgb_array", workloads=["memcached"], vm={"memory": "2GiB", "vcpus": 2})
         env.reset(seed=0)
         img = env.render()
         assert img.shape == (240, 480, 3) and img.dtype == np.uint8

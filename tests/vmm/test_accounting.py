@@ -44,7 +44,7 @@ def test_the_reaper_resets_only_after_harvesting_something():
 
 
 def _two_vcpus(interval_ms=5000):
-    cfg = load_scenario("web", vm={"memory": "512MiB", "vcpus": 2}, interval_ms=interval_ms)
+    cfg = load_scenario("web", vm={"memory": "1GiB", "vcpus": 2}, interval_ms=interval_ms)  # (live at 300 ms)
     r = MigrationRun(cfg, host_sync_ms=50)  # the host is seen at each 50 ms
     r.advance(300 * MS)
     assert r.vm.now == 300 * MS

@@ -7,6 +7,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from ringenv.config import load_scenario
 from ringenv.vmm import CheckpointRun, MigrationRun
 from ringenv.vmm.session import DLSLEEP, SLEEP
 
@@ -428,3 +429,29 @@ def test_a_dirty_sync_tick_that_passed_during_a_slice_is_seen_before_the_pass_en
     th.sync_due, run.sync = recorded_due, recorded_sync
     assert run.run().verified
     assert len(checked) >= 5
+
+
+@pytest.mark.parametrize("gib,gbps,maxbw", [(1, 10.0, "link"), (8, 100.0, "link"), (1, 100.0, 1024),
+                                            (2, 10.0, "link"), (2, 10.0, 512)])  # (the last two: > 1 s)
+def test_a_short_migration_switches_over_once_the_first_bandwidth_window_sets_the_threshold(gib, gbps, maxbw):
+    """migration.md s2: the threshold (bandwidth x downtime-limit) is known once the first >= 100 ms
+    window is measured, and pending is checked after every ~50 ms slice (every window when rate
+    limited). With RAM that goes out in under a second, QEMU stops the VM with about a
+    threshold's worth still to send: the simulator sent all of it live (one batch of slices planned
+    before any threshold was measured), a downtime of ~1 ms where QEMU's is ~0.26 s.
+
+    Zero-write guest: the stop-and-copy sends what was pending at the switchover, which must be
+    below the threshold and at most one slice (one window's budget when rate limited) below it."""
+    sc = load_scenario(dict(name="idle0", host="arm64-4k", seed=0, collector="ring",
+                            vm=dict(memory=f"{gib}GiB", vcpus=2, block_fraction=0.0),
+                            workload=dict(name="w", regions=[dict(fraction=1.0, rate_mbps=0.0)]),
+                            link=dict(gbps=gbps, max_bandwidth_mibps=maxbw)))
+    run = MigrationRun(sc)
+    m = run.run()
+    assert m.verified and m.converged
+    live_rate = sc.link.rate_Bps if maxbw != "link" else sc.link.link_Bps
+    step = live_rate * (0.1 if maxbw != "link" else 0.05)  # a slice's bytes (a window's when rate limited)
+    vgic = len(run.vgic_gfns) * run.page_wire_bytes
+    at_stop = m.pass_bytes[-1] - vgic  # what was pending when the VM stopped
+    assert m.threshold_bytes - 1.05 * step <= at_stop < m.threshold_bytes, (at_stop, m.threshold_bytes, step)
+    assert m.downtime_s >= 0.9 * at_stop / sc.link.link_Bps
