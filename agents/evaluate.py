@@ -334,7 +334,8 @@ def run_episode(env, policy: Policy, seed: int, workload: str | None = None, tra
         intervals.append(info["interval_ms"])
         ignored += bool(info.get("ring_size_ignored"))
         if trace:
-            steps_trace.append({"t": info["time_s"], "fill": list(info["ring_fill"]), "harvests": info["harvests"] - prev_h,
+            steps_trace.append({"t": info["time_s"], "fill": list(info["ring_fill"]),
+                                "harvests": info["harvests"] - prev_h,
                                 "full_exits": info["full_exits"] - prev_x, "interval_ms": info["interval_ms"],
                                 "reward": r, "phase": info["phase"], "dirty_rate_Bps": info["dirty_rate_Bps"]})
             prev_h, prev_x = info["harvests"], info["full_exits"]
@@ -431,7 +432,8 @@ def trained_settings_differences(spec: str, env_id: str = MIGRATION, scenario: s
         sides.append({**_flat(sc), **_flat(cfg)})
         env.close()
     a, b = sides
-    return [f"{k} {_fmt(a.get(k))} (evaluated: {_fmt(b.get(k))})" for k in dict.fromkeys([*a, *b]) if a.get(k) != b.get(k)]
+    return [f"{k} {_fmt(a.get(k))} (evaluated: {_fmt(b.get(k))})" for k in dict.fromkeys([*a, *b])
+            if a.get(k) != b.get(k)]
 
 
 def trained_workloads(spec: str, env_id: str = MIGRATION) -> list[str]:
@@ -810,13 +812,15 @@ def markdown_table(rows: list[dict], baseline: str | None = "qemu") -> str:
             "exit+stall s", "fault s", "VMM CPU s", "full exits", "ring", "interval ms", "n",
             "LOST WRITES (episodes)" if lossy else None]
     head = [h for h in head if h]
-    lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---" if i == 0 else "---:" for i in range(len(head))) + "|"]
+    lines = ["| " + " | ".join(head) + " |",
+             "|" + "|".join("---" if i == 0 else "---:" for i in range(len(head))) + "|"]
     for r in sorted(rows, key=lambda r: -r["reward"]):
         cells = [r["policy"], _pm(r["reward"], r["reward_ci"], ".3f")]
         if has_base:
             cells.append(_pm(r["d_reward"], r["d_reward_ci"], "+.3f"))
         cells += [_pm(r["downtime_s"], r["downtime_s_ci"], ".3f"), _pm(r["total_s"], r["total_s_ci"], ".1f"),
-                  _pm(r["exit_stall_s"], r["exit_stall_s_ci"], ".3f"), _pm(r["vcpu_fault_s"], r["vcpu_fault_s_ci"], ".2f"),
+                  _pm(r["exit_stall_s"], r["exit_stall_s_ci"], ".3f"),
+                  _pm(r["vcpu_fault_s"], r["vcpu_fault_s_ci"], ".2f"),
                   _pm(r["vmm_cpu_s"], r["vmm_cpu_s_ci"], ".3f"), _pm(r["full_exits"], r["full_exits_ci"], ".0f"),
                   str(r["ring_entries"] or "-"),  # the bitmap collector: no ring, no reaper interval
                   f"{r['mean_interval_ms']:.0f}" if r["ring_entries"] and r["mean_interval_ms"] else "-", str(r["n"])]

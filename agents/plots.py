@@ -93,7 +93,8 @@ def label_points(ax, points: list[tuple[float, float]], labels: list[str], color
     for xy, label, color in zip(points, labels, colors):
         best, best_cost = None, None
         for dx, dy in _OFFSETS:
-            leader = {"arrowstyle": "-", "color": "grey", "lw": 0.5, "shrinkA": 0, "shrinkB": 3} if abs(dy) > 13 else None
+            leader = ({"arrowstyle": "-", "color": "grey", "lw": 0.5, "shrinkA": 0, "shrinkB": 3} if abs(dy) > 13
+                      else None)
             ann = ax.annotate(label, xy, textcoords="offset points", xytext=(dx, dy), fontsize=fontsize,
                               ha="left" if dx > 0 else "right", va="bottom" if dy > 0 else "top",
                               color=color, annotation_clip=False, arrowprops=leader)

@@ -252,7 +252,8 @@ def check_hyperparams(algo: str, hp: dict, where: str | dict = "--hp", n_envs: i
                 raise bad(k, int_range(k))
             return int(v)
         if abs(v) > FLOAT32_MAX and not own_range:  # torch's float32 tensors: beyond, an overflow deep in the optimiser
-            raise _OutOfRange(bad(k, f"a number within float32's range, |x| <= {FLOAT32_MAX:.4g} (torch computes in float32)"))
+            raise _OutOfRange(bad(k, f"a number within float32's range, |x| <= {FLOAT32_MAX:.4g} "
+                                     "(torch computes in float32)"))
         return v
 
     out = {}
@@ -654,7 +655,8 @@ def main(args: Args) -> Path:
             "control_interval_ms": control_ms, "n_envs": n_envs,
             "vec_env": "SubprocVecEnv" if use_subproc else "DummyVecEnv", "policy": policy_name,
             "normalize": normalize, "hyperparams": {k: (repr(v) if callable(v) else v) for k, v in hp.items()},
-            "args": dataclasses.asdict(args), "versions": training_versions(), "finished": False}  # (True once the run's record is written)
+            "args": dataclasses.asdict(args), "versions": training_versions(),
+            "finished": False}  # (True once the run's record is written)
     (run / "args.json").write_text(json.dumps(jsonable(meta), indent=1, default=str))
     # every .zip of the run (best, snapshots, final) carries what running it needs, so that one
     # copied out of RUN still runs as trained (stable-baselines3 saves a model's JSON attributes)

@@ -142,7 +142,8 @@ def _walk_args(path: str, a: list) -> list:
     used = (ring_ctr[:, 0] - ring_ctr[:, 1]) & 0xFFFFFFFF
     defer_empty = path == "apply_window"  # (as each path walks)
     return [gpi, vc, code, reads, first_touch, slot_of, state, version, block_map, blockgran, pushall, split, mode,
-            slot_lo, slot_hi, block_shift, defer_empty, used, soft_limit, pml_count, pml_buf, rings, push_v, push_g, split_v, split_b,
+            slot_lo, slot_hi, block_shift, defer_empty, used, soft_limit, pml_count, pml_buf, rings,
+            push_v, push_g, split_v, split_b,
             np.zeros(len(vstat), dtype=np.int64), np.zeros(len(vstat), dtype=np.int64),
             np.zeros(0, dtype=np.int64), 0, np.zeros(4, dtype=np.int64), np.zeros(0, dtype=np.int64), False]
 
@@ -157,7 +158,8 @@ def main() -> list[tuple[str, str, str]]:
         ("host: simulated s per wall s, 8 vCPUs 16 GiB 400 MB/s, ring 4096, 1 s reaper", f"{x_small:.0f}x", ">= 100x"),
         ("host: wall time 256 GiB / 16 GiB, same dirty rate", f"{big['wall'] / small['wall']:.2f}", "<= 1.5"),
         ("host: simulated s per wall s at 256 GiB", f"{x_big:.0f}x", "(for reference)"),
-        ("host: bytes per simulated base page (kernel state and the workload's scratch)", f"{big['bytes_per_page']:.2f}", "<= 16"),
+        ("host: bytes per simulated base page (kernel state and the workload's scratch)",
+         f"{big['bytes_per_page']:.2f}", "<= 16"),
         ("host: dirty pages harvested per simulated s (16 GiB)", f"{small['harvested'] / small['sim']:.0f}",
          "~97,600 (400e6/4096)"),
         ("host: lost ring entries", f"{small['lost'] + big['lost']}", "0"),

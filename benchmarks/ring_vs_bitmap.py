@@ -30,7 +30,8 @@ def scenario(mem_gib: int, rate_mbps: float, args) -> dict:
         "host": args.host,
         "vm": {"memory": f"{mem_gib}GiB", "vcpus": args.vcpus},
         "workload": {"name": f"uniform-{rate_mbps:g}",
-                     "regions": [{"name": "random", "fraction": 0.8333, "rate_mbps": rate_mbps, "layout": "scattered"}]},
+                     "regions": [{"name": "random", "fraction": 0.8333, "rate_mbps": rate_mbps,
+                                  "layout": "scattered"}]},
         "link": {"gbps": args.gbps, "max_bandwidth_mibps": "link", "downtime_limit_ms": 300,
                  "device_state_bytes": "2MiB", "give_up_s": args.give_up_s},
         "ring_entries": args.ring_entries, "interval_ms": 1000, "seed": args.seed,
@@ -98,7 +99,8 @@ def table(rows, args) -> str:
         elif not bad:
             verdict = f"the ring is as fast or faster at every dirty rate tried (up to {max(good):g} MB/s)"
         elif max(good) < min(bad):
-            verdict = f"the ring is as fast or faster up to {max(good):g} MB/s, the bitmap faster from {min(bad):g} MB/s"
+            verdict = (f"the ring is as fast or faster up to {max(good):g} MB/s, "
+                       f"the bitmap faster from {min(bad):g} MB/s")
         else:
             verdict = (f"ring as fast or faster at {', '.join(f'{x:g}' for x in good)} MB/s; "
                        f"bitmap faster at {', '.join(f'{x:g}' for x in bad)} MB/s")

@@ -146,7 +146,8 @@ class RingEnv(gym.Env):
         self._own(ring_sizes=tuple(self.cfg.ring_sizes or prof.ring_sizes), intervals_ms=tuple(self.cfg.intervals_ms),
                   flatten_actions=flatten_actions)
         n_sizes, n_int = len(self.ring_sizes), len(self.intervals_ms)
-        self.action_space = spaces.Discrete(n_sizes * n_int) if flatten_actions else spaces.MultiDiscrete([n_sizes, n_int])
+        self.action_space = (spaces.Discrete(n_sizes * n_int) if flatten_actions
+                             else spaces.MultiDiscrete([n_sizes, n_int]))
         self.observation_space = spaces.Box(np.zeros_like(OBS_HIGH), OBS_HIGH.copy(), dtype=np.float32)
         self.render_mode = render_mode
         #: what the rate observations (dirty_rate, sampled_rate, bandwidth, redirty_rate) are divided
@@ -168,12 +169,14 @@ class RingEnv(gym.Env):
             return self.ring_sizes[ij[0]], self.intervals_ms[ij[1]]
         if self.flatten_actions:
             a = np.asarray(action)
-            if a.shape not in ((), (1,)) or not np.issubdtype(a.dtype, np.integer) or not self.action_space.contains(int(a.reshape(()))):
+            if (a.shape not in ((), (1,)) or not np.issubdtype(a.dtype, np.integer)
+                    or not self.action_space.contains(int(a.reshape(())))):
                 raise ValueError(f"action {action!r}: expected an integer in 0..{self.action_space.n - 1}")
             i, j = divmod(int(a.reshape(())), len(self.intervals_ms))
         else:
             a = np.asarray(action)
-            if a.shape != (2,) or not np.issubdtype(a.dtype, np.integer) or not self.action_space.contains(a.astype(np.int64)):
+            if (a.shape != (2,) or not np.issubdtype(a.dtype, np.integer)
+                    or not self.action_space.contains(a.astype(np.int64))):
                 what = ""
                 if a.shape == (2,) and np.issubdtype(a.dtype, np.integer):  # say which index is out of range
                     bad = [f"{name} index {int(x)} is out of range" for name, x, n in
@@ -482,9 +485,10 @@ class MigrationEnv(RingEnv):
     workload once the workload's own work (`cpu_busy`, a workload setting) and the faults
     would take more than all of its time (the analytics workload on 1 vCPU: 0.60 over an
     episode, up to 0.84 in a step; the guest model was open-loop before and charged 1.6
-    there). The slow-down is measured per sampling window and applied from the next one, so a window right after a sudden rise of the faults
-    (the first, one after a bitmap sync re-protected many pages) runs at the earlier speed and
-    a step holding it can pass 1 a little. The reward is not clipped. `ring_fixed` is 0 in the
+    there). The slow-down is measured per sampling window and applied from the next one, so a
+    window right after a sudden rise of the faults (the first, one after a bitmap sync
+    re-protected many pages) runs at the earlier speed and a step holding it can pass 1 a
+    little. The reward is not clipped. `ring_fixed` is 0 in the
     reset observation only (where the ring size is chosen): stable-baselines3's `VecNormalize`
     turns it into -sqrt((1 - p) / p), p the share of the observations it saw that were reset ones
     (about -2.6 with configs/train/dqn.yaml, whose decisions each hold 40 steps: one in eight or
@@ -626,9 +630,9 @@ class MigrationEnv(RingEnv):
     names episodes are drawn from), `ring_sizes` and `intervals_ms` (the action grids; these
     three are tuples), `flatten_actions`, `kind` ("migration" or "checkpoint"), `obs_rate_Bps` (what the rate
     observations are divided by, bytes/s); after a reset `workload`, `episode_seed` (the
-    seed of the episode's VMM run, drawn from reset's seed) and `rate_scale` (as in `info`), after a step `ring_entries` and
-    `interval_ms` (as in `info`). `decode_action(action)` gives (ring entries, interval ms),
-    `encode_action(entries, ms)` the action nearest to them.
+    seed of the episode's VMM run, drawn from reset's seed) and `rate_scale` (as in `info`),
+    after a step `ring_entries` and `interval_ms` (as in `info`). `decode_action(action)` gives
+    (ring entries, interval ms), `encode_action(entries, ms)` the action nearest to them.
 
     An env pickles and deep-copies (`pickle`, `copy.deepcopy`) while no episode is under way:
     fresh, reset but not stepped, ended or closed. During an episode its VMM run (generator
@@ -663,9 +667,10 @@ class CheckpointEnv(RingEnv):
 
     ## Description
     As :class:`MigrationEnv`, but the VMM writes an incremental checkpoint every period (the
-    first as soon as the base image is written): it harvests the dirty set and writes those pages to storage at the storage bandwidth; with a
-    stop-the-world checkpoint the guest pauses while the final dirty set is saved (that pause is
-    the checkpoint's downtime). Fewer dirty pages per period make the ring win.
+    first as soon as the base image is written): it harvests the dirty set and writes those
+    pages to storage at the storage bandwidth; with a stop-the-world checkpoint the guest pauses
+    while the final dirty set is saved (that pause is the checkpoint's downtime). Fewer dirty
+    pages per period make the ring win.
 
     ## Action Space, Observation Space
     As :class:`MigrationEnv`, except that the link plays no part: the rate observations
@@ -846,7 +851,8 @@ def nearest_choices(ring_sizes, intervals_ms, ring_entries: float, interval_ms: 
     ``interval_ms`` on a log scale (a tie goes to the first offered); +inf is nearest the
     largest. A value that is not a number > 0 is a ValueError naming the argument."""
     out = []
-    for name, choices, value in (("ring_entries", ring_sizes, ring_entries), ("interval_ms", intervals_ms, interval_ms)):
+    for name, choices, value in (("ring_entries", ring_sizes, ring_entries),
+                                 ("interval_ms", intervals_ms, interval_ms)):
         try:
             v = float(value)
         except (TypeError, ValueError):

@@ -104,7 +104,8 @@ def test_copy_run_counts_re_sends_after_scattered_sends_and_runs():
     d.copy_run(95, 5, version)  # past everything sent: nothing again
     d.copy_run(0, 10, version)  # 3 again
     assert (d.pages_sent, d.pages_resent) == (74, 4)
-    assert np.array_equal(d.dest != 0, np.isin(np.arange(100), [3, 60, 61, 90] + list(range(40, 100)) + list(range(10))))
+    assert np.array_equal(d.dest != 0,
+                          np.isin(np.arange(100), [3, 60, 61, 90] + list(range(40, 100)) + list(range(10))))
 
 
 def test_untake_gives_pages_back_and_the_search_resumes_there():

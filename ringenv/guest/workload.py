@@ -587,7 +587,8 @@ def _advance_sweeps(running, mult, dt, s_vcpu, s_rate, s_n, s_pos):  # pragma: n
 
 
 @njit(nogil=True)
-def _sweep(first, count, pos, rate, a, n, vcpu, now, until, start, pa, pb, mask, rn, out_t, out_v, out_g):  # pragma: no cover - compiled
+def _sweep(first, count, pos, rate, a, n, vcpu, now, until, start, pa, pb, mask, rn,
+           out_t, out_v, out_g):  # pragma: no cover - compiled
     """A sequential sweep's writes in a window: the pointer at ``pos`` (pages into its range
     [a, a + n) of a region) moving at ``rate`` pages per ns writes page ``first + j`` (modulo n)
     when it gets there, for j < count; placed in guest RAM as :func:`_place` places it."""

@@ -112,10 +112,10 @@ def walk_writes(gpi, vc, code, reads, first_touch, slot_of, state, version, bloc
     page not mapped yet is a translation fault (counted in ``faults`` and ``exit_faults``: a VM
     exit, KVM's pf_fixed) whatever maps it, logged or not, read or write. With ``defer_empty`` a
     SPLIT_EMPTY split marks the block EMPTY instead of marking its pages UNMAPPED (O(1) per
-    split; the pages of an EMPTY block not TABLED count as UNMAPPED). With
-    ``first_touch`` the writes are a workload model's candidate first writes: one to a page that is not clean (written since it
-    was last protected, hence writable) is invisible and skipped. Returns (events consumed, cut
-    kind, pushes, splits, clean pages written, access retired at the cut).
+    split; the pages of an EMPTY block not TABLED count as UNMAPPED). With ``first_touch`` the
+    writes are a workload model's candidate first writes: one to a page that is not clean
+    (written since it was last protected, hence writable) is invisible and skipped. Returns
+    (events consumed, cut kind, pushes, splits, clean pages written, access retired at the cut).
 
     With PML (``pml_buf`` > 0) a logged write goes into its vCPU's buffer (``pml_count``), and a
     full buffer waits (Intel SDM: the PML index has left 0..511, nothing exits yet): the next
@@ -373,10 +373,11 @@ def apply_batch(gpi, vc, code, reads, first_touch, slot_of, state, version, bloc
     their service time (``fault_cost`` per fault in a dirty-tracked slot: with x86 PML the
     logged write, which does not exit; ``wp_fault_cost`` per fault that is a VM exit even with
     PML: one in a slot without dirty tracking, an EPT violation in a logging slot (a page not
-    mapped yet, a huge mapping split; kvm_tdp_page_fault, user_mem_abort); ``split_cost`` per split: break-before-make and a broadcast TLB invalidation;
-    ``faults``, zeros on entry, gets the batch's faults per vCPU); with rings and no PML the
-    pushes go into the rings (:func:`ringenv.kvm.ring.push_all`), and ``soft_full[v]`` is set
-    for a vCPU whose ring the batch's pushes left soft-full (its KVM_REQ_DIRTY_RING_SOFT_FULL).
+    mapped yet, a huge mapping split; kvm_tdp_page_fault, user_mem_abort); ``split_cost`` per
+    split: break-before-make and a broadcast TLB invalidation; ``faults``, zeros on entry, gets
+    the batch's faults per vCPU); with rings and no PML the pushes go into the rings
+    (:func:`ringenv.kvm.ring.push_all`), and ``soft_full[v]`` is set for a vCPU whose ring the
+    batch's pushes left soft-full (its KVM_REQ_DIRTY_RING_SOFT_FULL).
     Without rings, or with PML, the pushes are left in push_v/push_g for the caller; ``t``,
     ``tick``, ``tick_state``, ``flush_at``: PML's kernel-handled exits, ``fault_cut``: a cut
     after each fault (see :func:`walk_writes`).

@@ -63,7 +63,8 @@ def flush_one(v, pml, pml_n, base, end, kslot, mode, ring_addr, ring_ctr, soft_l
 
 
 @njit(nogil=True)
-def push_one(v, g, base, end, kslot, mode, ring_addr, ring_ctr, soft_limit, vstat, soft_full):  # pragma: no cover - compiled
+def push_one(v, g, base, end, kslot, mode, ring_addr, ring_ctr, soft_limit, vstat,
+             soft_full):  # pragma: no cover - compiled
     """mark_page_dirty_in_slot for gfn ``g`` from vCPU v's fault (an EPT violation's SPTE made
     writable and dirty): pushed into v's ring, looked up in the memslots as :func:`flush_one`
     looks up a logged gfn; a push that leaves the ring soft-full sets ``soft_full[v]``."""

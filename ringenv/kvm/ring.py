@@ -190,7 +190,8 @@ def reset_rings(ring_addr, ring_ctr, tab_kslot, tab_start, tab_npages, tab_block
     for v in range(ring_addr.shape[0]):
         m = max(m, _reset_bound(ring_addr[v], ring_ctr[v]))
     slots, offsets = np.empty(m, dtype=np.uint32), np.empty(m, dtype=np.uint64)
-    out_slot, out_offset, out_mask = np.empty(m, dtype=np.uint32), np.empty(m, dtype=np.int64), np.empty(m, dtype=np.uint64)
+    out_slot, out_offset, out_mask = (np.empty(m, dtype=np.uint32), np.empty(m, dtype=np.int64),
+                                      np.empty(m, dtype=np.uint64))
     for v in range(ring_addr.shape[0]):
         size = ring_addr[v, 1]
         words = words_at(ring_addr[v, 0], 2 * size)
@@ -205,9 +206,9 @@ def reset_rings(ring_addr, ring_ctr, tab_kslot, tab_start, tab_npages, tab_block
             slots[n], offsets[n] = w >> np.uint64(32), words[e + 1]
             n += 1
         k = _coalesce(slots[:n], offsets[:n], out_slot, out_offset, out_mask)
-        npro, nsplit, applied = protect_masked(out_slot[:k], out_offset[:k], out_mask[:k], tab_kslot, tab_start, tab_npages,
-                                      tab_blockgran, tab_mode, state, block_map, block_shift, span, split_span,
-                                      huge_ends)
+        npro, nsplit, applied = protect_masked(out_slot[:k], out_offset[:k], out_mask[:k], tab_kslot, tab_start,
+                                               tab_npages, tab_blockgran, tab_mode, state, block_map, block_shift,
+                                               span, split_span, huge_ends)
         ring_ctr[v, 1] = ri + n
         entries += n
         calls += applied
@@ -240,7 +241,8 @@ def coalesce_reprotect(slots: np.ndarray, offsets: np.ndarray) -> tuple[np.ndarr
     Inherently sequential (each decision depends on the mask so far), hence a compiled loop.
     """
     n = len(slots)
-    out_slot, out_offset, out_mask = np.empty(n, dtype=np.uint32), np.empty(n, dtype=np.int64), np.empty(n, dtype=np.uint64)
+    out_slot, out_offset, out_mask = (np.empty(n, dtype=np.uint32), np.empty(n, dtype=np.int64),
+                                      np.empty(n, dtype=np.uint64))
     k = _coalesce(np.ascontiguousarray(slots, dtype=np.uint32), np.ascontiguousarray(offsets, dtype=np.uint64),
                   out_slot, out_offset, out_mask)
     return out_slot[:k], out_offset[:k], out_mask[:k]

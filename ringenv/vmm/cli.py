@@ -30,7 +30,8 @@ SUMMARY = {
     "migration": ["downtime_s", "total_s", "converged", "cancelled", "iterations", "passes", "bytes_sent", "pages_sent",
                   "pages_resent", "zero_pages", "full_exits", "vcpu_exit_s", "vcpu_stall_s", "vcpu_throttle_s",
                   "vcpu_fault_s", "vmm_cpu_s", "harvests", "resets", "entries_harvested", "tlb_flushes",
-                  "get_dirty_log_calls", "clear_dirty_log_calls", "ring_bytes", "ring_overflows", "wedged_vcpus", "lost_writes",
+                  "get_dirty_log_calls", "clear_dirty_log_calls", "ring_bytes", "ring_overflows",
+                  "wedged_vcpus", "lost_writes",
                   "verified"],
     "checkpoint": ["checkpoints", "downtime_s", "pause_total_s", "checkpoint_overruns", "total_s", "converged",
                    "iterations", "bytes_sent", "pages_sent", "pages_resent", "zero_pages", "full_exits",
@@ -98,7 +99,8 @@ def _run(args, kind: str) -> int:
     unused = [FLAGS[k] for k in ("ring_entries", "interval_ms") if k in given]
     if cfg.collector == "bitmap" and unused:
         raise ConfigError(f"{' and '.join(unused)}: not used by the dirty-bitmap collector (it has no ring and no "
-                          f"reaper thread); accepted: leave {'it' if len(unused) == 1 else 'them'} out, or --collector ring")
+                          f"reaper thread); accepted: leave {'it' if len(unused) == 1 else 'them'} out, "
+                          "or --collector ring")
     if kind == "migration":
         from .migration import MigrationRun as Run
     else:
@@ -185,8 +187,8 @@ def _common(p: argparse.ArgumentParser, throttles=("none", "auto-converge", "dir
 def add_parsers(sub) -> None:
     p = sub.add_parser("migrate", help="run one live migration of a scenario and print its metrics",
                        description="Run one pre-copy live migration of a scenario on the simulated host, "
-                                   "QEMU-style (ringenv/vmm), and print the metrics; exit 1 if writes were lost or a ring "
-                                   "overflowed.")
+                                   "QEMU-style (ringenv/vmm), and print the metrics; exit 1 if writes were lost "
+                                   "or a ring overflowed.")
     _common(p)
     p.add_argument("--give-up-s", type=float, default=None, metavar="S",
                    help=f"simulated seconds after which the VMM gives up on converging; {SCENARIO_DEFAULT}")

@@ -389,10 +389,11 @@ def test_evaluating_a_model_trained_with_other_settings_warns(ppo_run, tmp_path,
     diff = trained_settings_differences(str(ppo_run), "ringenv/Migration-v0", "default", {})
     assert "vm.memory 1073741824 (evaluated: 17179869184)" in diff and "vm.vcpus 2 (evaluated: 8)" in diff, diff
     assert main(["evaluate", "--policies", "qemu", str(ppo_run), "--workloads", "oltp", "--seeds", "1", "--workers",
-                 "1", "--out", str(tmp_path), "--no-progress", *SMALL, "max_episode_s=2", "control_interval_ms=100"]) == 0
+                 "1", "--out", str(tmp_path), "--no-progress", *SMALL, "max_episode_s=2",
+                 "control_interval_ms=100"]) == 0
     err = [ln for ln in capsys.readouterr().err.splitlines() if "trained with" in ln]
-    assert len(err) == 1 and "control_interval_ms 50 (evaluated: 100)" in err[0] and "max_episode_s 120 (evaluated: 2)" \
-        in err[0], err
+    assert len(err) == 1 and "control_interval_ms 50 (evaluated: 100)" in err[0] \
+        and "max_episode_s 120 (evaluated: 2)" in err[0], err
 
 
 def _episodes(tmp_path, *specs, name="e"):

@@ -262,7 +262,8 @@ def test_ordinal_policy_keeps_the_mask_and_loads_back(tmp_path):
     with th.no_grad():  # outputs far from 0, where the ordinal and the plain logits differ
         policy.action_net.bias.copy_(th.linspace(-2.0, 2.0, len(policy.action_net.bias)))
     with th.no_grad():  # the head's logits are the ordinal transform of the network's outputs
-        x = policy.action_net(policy.mlp_extractor.forward_actor(policy.extract_features(obs, policy.pi_features_extractor)))
+        x = policy.action_net(policy.mlp_extractor.forward_actor(
+            policy.extract_features(obs, policy.pi_features_extractor)))
     want = th.softmax(ordinal_logits(x[:, :len(RINGS)]), dim=1)
     got = model.policy.get_distribution(obs).distribution[0].probs
     assert (got - th.softmax(x[:, :len(RINGS)], dim=1)).abs().max() > 0.05

@@ -133,7 +133,8 @@ def drive(sc):
     assert syncs_seen == [len(s) for s in sc["syncs"]]
     final = vm.version[start: start + npages].astype(np.int64)
     # every write was retired exactly once ...
-    expected = np.bincount(np.concatenate([np.asarray(w, dtype=np.int64) for w in sc["writes"]] + [np.zeros(0, np.int64)]),
+    expected = np.bincount(np.concatenate([np.asarray(w, dtype=np.int64) for w in sc["writes"]]
+                                          + [np.zeros(0, np.int64)]),
                            minlength=npages)
     assert (final == expected).all()
     # ... and every page's latest version was seen by a harvest: nothing lost

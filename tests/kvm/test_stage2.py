@@ -444,7 +444,8 @@ def test_clear_dirty_log_costs_the_pages_it_reprotects_plus_a_bitmap_walk():
     c = vm.profile.costs
     vm.clear_dirty_log(0, 0, n, offsets_bitmap(np.array([5]), n))
     one = vm.last_ioctl_ns
-    assert one == int(c.get_dirty_log_page_ns * n) + int(c.clear_dirty_log_page_ns * 1) + vm.profile.tlbi_broadcast_ns(1)
+    assert one == (int(c.get_dirty_log_page_ns * n) + int(c.clear_dirty_log_page_ns * 1)
+                   + vm.profile.tlbi_broadcast_ns(1))
     vm.clear_dirty_log(0, 0, n, offsets_bitmap(np.arange(64, 64 + 4096), n))
     assert vm.last_ioctl_ns == int(c.get_dirty_log_page_ns * n) + int(c.clear_dirty_log_page_ns * 4096) \
         + vm.profile.tlbi_broadcast_ns(1)
@@ -467,7 +468,8 @@ def test_x86_pml_logs_bitmap_mode_writes_without_faults():
         return v.stats.fault_ns / 512
 
     c = Vm("x86-pml").profile.costs
-    assert fault_ns("x86-pml") == pytest.approx(c.dirty_write_ns + c.pml_flush_entry_ns + c.pml_full_exit_ns / 512, abs=1)
+    assert fault_ns("x86-pml") == pytest.approx(c.dirty_write_ns + c.pml_flush_entry_ns + c.pml_full_exit_ns / 512,
+                                                abs=1)
     assert fault_ns("x86-nopml") == Vm("x86-nopml").profile.costs.wp_fault_ns
 
 

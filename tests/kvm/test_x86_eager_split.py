@@ -200,7 +200,7 @@ def test_initially_set_without_the_tdp_mmu_does_not_split_at_clear():
     assert vm.stats.splits == 0 and block_mapped(vm, 0)
 
 
-# ---------------------------------------------------------------------------- INITIALLY_SET: the huge mappings at the ends
+# ------------------------------------------------------------------------- INITIALLY_SET: the huge mappings at the ends
 # x86 kvm_arch_mmu_enable_log_dirty_pt_masked, with manual protect and INITIALLY_SET
 # (kvm_dirty_log_manual_protect_and_init_set), also write-protects the huge mapping (2M level and
 # up) of the first and of the last gfn of the mask (kvm_mmu_slot_gfn_write_protect(...,

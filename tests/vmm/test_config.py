@@ -41,7 +41,8 @@ def test_defaults_follow_qemu():
 
 
 def test_sizes_are_parsed():
-    cfg = load_scenario("default", vm={"memory": "512MiB", "eager_split_chunk": "2MiB"}, link={"device_state_bytes": "4MiB"})
+    cfg = load_scenario("default", vm={"memory": "512MiB", "eager_split_chunk": "2MiB"},
+                        link={"device_state_bytes": "4MiB"})
     assert cfg.vm.memory == 512 << 20 and cfg.vm.eager_split_chunk == 2 << 20
     assert cfg.link.device_state_bytes == 4 << 20
 
