@@ -132,14 +132,17 @@ def test_ring_is_slower_than_the_bitmap_at_800MBps_as_peter_xu_measured():
     mechanism here: with the bitmap QEMU clears (re-protects) each 1 GiB chunk just before
     sending it, so writes that land before the clear are not sent again; the ring re-protects at
     every harvest, so every page written after a sync is re-sent. The absolute times depend on
-    the link's effective rate (modelled at line rate here: ~42 s vs ~35 s)."""
-    ring = MigrationRun("ring-vs-bitmap", collector="ring").run()
-    bitmap = MigrationRun("ring-vs-bitmap", collector="bitmap").run()
-    assert ring.verified and bitmap.verified and ring.converged and bitmap.converged
-    ratio = ring.total_s / bitmap.total_s
-    assert 1.1 <= ratio <= 1.6, (ring.total_s, bitmap.total_s)
-    assert ring.pages_resent > 1.3 * bitmap.pages_resent
-    assert ring.full_exits > 0 and bitmap.full_exits == 0
+    the link's effective rate: the scenario runs at line rate (~42 s vs ~35 s); at 8 Gb/s, the
+    rate fitted to the bitmap's 55 s, the ring's time must fall in his range on its own."""
+    for gbps, lo, hi in ((10, 1.1, 1.6), (8, 1.15, 1.5)):
+        ring = MigrationRun("ring-vs-bitmap", collector="ring", link={"gbps": gbps}).run()
+        bitmap = MigrationRun("ring-vs-bitmap", collector="bitmap", link={"gbps": gbps}).run()
+        assert ring.verified and bitmap.verified and ring.converged and bitmap.converged
+        ratio = ring.total_s / bitmap.total_s
+        assert lo <= ratio <= hi, (gbps, ring.total_s, bitmap.total_s)
+        assert ring.pages_resent > 1.3 * bitmap.pages_resent
+        assert ring.full_exits > 0 and bitmap.full_exits == 0
+    assert 48 <= bitmap.total_s <= 70 and 65 <= ring.total_s <= 83, (ring.total_s, bitmap.total_s)
 
 
 @pytest.mark.parametrize("name", ["idle", "web"])
