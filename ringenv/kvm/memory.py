@@ -48,7 +48,10 @@ from __future__ import annotations
 
 import numpy as np
 
+from ..arrays import prefetch
 from ..jit import njit
+
+PROTECT_AHEAD = 16  # write-protect calls to look ahead when prefetching their page's state
 
 WP = np.uint8(1)
 CLEAN = np.uint8(2)
@@ -303,7 +306,16 @@ def protect_masked(kslots, offsets, masks, tab_kslot, tab_start, tab_npages, tab
     npro = 0
     nsplit = 0
     applied = 0
-    for i in range(kslots.shape[0]):
+    n = kslots.shape[0]
+    for i in range(n):
+        if i + PROTECT_AHEAD < n:  # a random page of a big guest is a cache miss: overlap them
+            a = i + PROTECT_AHEAD
+            for j in range(tab_kslot.shape[0]):
+                if tab_kslot[j] == kslots[a]:
+                    g = tab_start[j] + offsets[a]
+                    prefetch(state, g)
+                    prefetch(block_map, g >> block_shift)
+                    break
         k = -1
         for j in range(tab_kslot.shape[0]):
             if tab_kslot[j] == kslots[i]:
