@@ -1011,11 +1011,15 @@ def scenario_names() -> list[str]:
     return sorted(q.stem for q in (CONFIG_DIR / "scenarios").glob("*.yaml"))
 
 
-def load_scenario(name_or_path: str | Path | ScenarioConfig | dict | None = None, **overrides) -> ScenarioConfig:
+def load_scenario(name_or_path: str | Path | ScenarioConfig | dict | None = None, *, run_kind: str | None = None,
+                  **overrides) -> ScenarioConfig:
     """A scenario by name (configs/scenarios/NAME.yaml; None gives ``default``), path, mapping
     or object, with keyword ``overrides`` of its fields (a mapping value is merged into the
     nested section, e.g. ``vm={"memory": "1GiB"}``). Everything is validated: a bad value
-    raises :class:`ConfigError` naming the field and what is accepted."""
+    raises :class:`ConfigError` naming the field and what is accepted. ``run_kind`` is the kind
+    the caller runs (an env id, a command), which replaces the scenario's own ``kind`` as
+    ``kind=`` would, but is not named among the keyword overrides in an error (the user gave
+    none)."""
     where = "scenario"
     if name_or_path is None:
         name_or_path = "default"
@@ -1023,7 +1027,7 @@ def load_scenario(name_or_path: str | Path | ScenarioConfig | dict | None = None
         raise ConfigError(f"scenario: {name_or_path!r} ({type(name_or_path).__name__}) is not accepted; accepted: a "
                           f"scenario name ({', '.join(scenario_names())}), a YAML path (str or pathlib.Path), a "
                           "mapping of scenario fields or a ScenarioConfig")
-    if isinstance(name_or_path, ScenarioConfig) and not overrides:
+    if isinstance(name_or_path, ScenarioConfig) and not overrides and run_kind in (None, name_or_path.kind):
         return name_or_path
     if isinstance(name_or_path, ScenarioConfig):
         data = name_or_path.model_dump(exclude_unset=True)  # (re-validated: defaults come back as defaults)
@@ -1043,15 +1047,18 @@ def load_scenario(name_or_path: str | Path | ScenarioConfig | dict | None = None
         if not isinstance(data, dict):
             raise ConfigError(f"scenario {p.name}: expected a mapping of fields")
         where = f"scenario {p.name}"
-    if "kind" in overrides and "kind" in data:  # (the env id or command replaces it: a typo would go unseen)
+    replaced = run_kind or overrides.get("kind")
+    if replaced is not None and "kind" in data:  # (the env id or command replaces it: a typo would go unseen)
         kinds = typing.get_args(ScenarioConfig.model_fields["kind"].annotation)
         if data["kind"] not in kinds:
             raise ConfigError(f"invalid {where}:\n  kind: {data['kind']!r} is not accepted; accepted: "
                               f"{', '.join(kinds)} (what runs is chosen by the env id or the command, "
-                              f"{overrides['kind']} here, but the file's own value must be one of them)")
+                              f"{replaced} here, but the file's own value must be one of them)")
     if overrides:
         data = deep_merge(data, overrides)
         where = f"{where} with the keyword overrides ({', '.join(overrides)})"
+    if run_kind is not None:
+        data = {**data, "kind": run_kind}
     return ScenarioConfig.parse(data, where=where)
 
 

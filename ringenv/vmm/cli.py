@@ -44,8 +44,7 @@ SUMMARY = {
 def _name_flags(msg: str, given: dict) -> str:
     """The config error with the flag named after each field that came from a flag (``given``:
     the overrides the flags made; the scenario name always does), not after one from the file;
-    its header names the options given (the loader's "keyword overrides", of which ``kind`` is
-    the command's own, not the user's)."""
+    its header names the options given, not the loader's "keyword overrides"."""
     flat = {"scenario"} | {k for k, v in given.items() if not isinstance(v, dict)} | {
         f"{k}.{j}" for k, v in given.items() if isinstance(v, dict) for j in v}
     for field, flag in FLAGS.items():
@@ -93,7 +92,7 @@ def _run(args, kind: str) -> int:
 
     given = _overrides(args, kind)
     try:
-        cfg = load_scenario(args.scenario, kind=kind, **given)  # (the command decides the kind)
+        cfg = load_scenario(args.scenario, run_kind=kind, **given)  # (the command decides the kind)
     except ConfigError as e:
         raise ConfigError(_name_flags(str(e), given)) from None
     unused = [FLAGS[k] for k in ("ring_entries", "interval_ms") if k in given]

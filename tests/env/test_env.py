@@ -827,3 +827,18 @@ def test_the_discrete_ids_refuse_flatten_actions_false(env_id, multi):
     assert isinstance(gym.make(env_id, flatten_actions=True).action_space, gym.spaces.Discrete)
     with pytest.raises(ConfigError, match=f"flatten_actions: False; this is the Discrete variant .*make {multi}"):
         gym.make(env_id, flatten_actions=False)
+
+
+def test_a_config_error_names_only_the_overrides_the_user_gave():
+    """The env id chooses the kind (load_scenario's run_kind): an error's header named ``kind``
+    among the keyword overrides, which the user never passed, and with none given said
+    "with the keyword overrides (kind)"."""
+    with pytest.raises(ConfigError) as ei:
+        gym.make("ringenv/Migration-v0", vm={"memory": "1XB"})
+    head = str(ei.value).splitlines()[0]
+    assert head == "invalid scenario default.yaml with the keyword overrides (vm):", head
+    with pytest.raises(ConfigError) as ei:
+        gym.make("ringenv/Checkpoint-v0", scenario={"vm": {"vcpus": 0}})
+    head = str(ei.value).splitlines()[0]
+    assert "keyword overrides" not in head and "kind" not in head, head
+    assert "vm.vcpus" in str(ei.value)
