@@ -278,6 +278,15 @@ def _choose_blocks(nblocks: int, fraction: float, seed: int) -> np.ndarray:
     return out
 
 
+@njit(nogil=True, inline="always")
+def _slot_index(tab_kslot, kslot):  # pragma: no cover - compiled
+    """The row of memslot ``kslot`` in the slot table, or -1 (no such memslot)."""
+    for j in range(tab_kslot.shape[0]):
+        if tab_kslot[j] == kslot:
+            return j
+    return -1
+
+
 @njit(nogil=True)
 def protect_masked(kslots, offsets, masks, tab_kslot, tab_start, tab_npages, tab_blockgran, tab_mode,
                    state, block_map, block_shift, span, split_span, huge_ends):  # pragma: no cover - compiled
@@ -310,17 +319,12 @@ def protect_masked(kslots, offsets, masks, tab_kslot, tab_start, tab_npages, tab
     for i in range(n):
         if i + PROTECT_AHEAD < n:  # a random page of a big guest is a cache miss: overlap them
             a = i + PROTECT_AHEAD
-            for j in range(tab_kslot.shape[0]):
-                if tab_kslot[j] == kslots[a]:
-                    g = tab_start[j] + offsets[a]
-                    prefetch(state, g)
-                    prefetch(block_map, g >> block_shift)
-                    break
-        k = -1
-        for j in range(tab_kslot.shape[0]):
-            if tab_kslot[j] == kslots[i]:
-                k = j
-                break
+            j = _slot_index(tab_kslot, kslots[a])
+            if j >= 0:
+                g = tab_start[j] + offsets[a]
+                prefetch(state, g)
+                prefetch(block_map, g >> block_shift)
+        k = _slot_index(tab_kslot, kslots[i])
         mask = masks[i]
         if k < 0 or mask == 0:
             continue
