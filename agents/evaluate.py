@@ -402,6 +402,12 @@ def _flat(d: dict, prefix: str = "") -> dict:
     return out
 
 
+def _spec_meta(spec: str) -> dict:
+    """The training record (args.json and the model's own) of model ``spec``; {} for a heuristic
+    or a model without one."""
+    return {} if is_heuristic(spec) else model_meta(find_model(spec))
+
+
 def _fmt(v) -> str:
     return f"{v:g}" if isinstance(v, float) else str(v)
 
@@ -412,9 +418,7 @@ def trained_settings_differences(spec: str, env_id: str = MIGRATION, scenario: s
     model ``spec``'s training that differ from the evaluation's (``scenario`` with ``overrides``),
     each as ``"KEY TRAINED (evaluated: VALUE)"``; [] for a heuristic or a model without args.json.
     The action grids are not compared: a model brings its own (MODEL_ENV_KEYS)."""
-    if is_heuristic(spec):
-        return []
-    meta = model_meta(find_model(spec))
+    meta = _spec_meta(spec)
     if not meta:
         return []
     try:
@@ -439,9 +443,7 @@ def trained_settings_differences(spec: str, env_id: str = MIGRATION, scenario: s
 def trained_workloads(spec: str, env_id: str = MIGRATION) -> list[str]:
     """The workloads model ``spec`` was trained on (its run's explicit workloads, else its split of
     its workload set); [] for a heuristic, a model without a record, or settings that no longer load."""
-    if is_heuristic(spec):
-        return []
-    meta = model_meta(find_model(spec))
+    meta = _spec_meta(spec)
     if not meta:
         return []
     try:
@@ -627,7 +629,7 @@ def evaluate(policies: list[str], env_id: str = MIGRATION, scenario: str = "defa
     overrides = scoring_overrides(env_id, scenario, overrides)
     warnings = {spec: check_spec(spec, facts) for spec in policies}  # every spec checked before anything runs
     for spec in policies:
-        meta = {} if is_heuristic(spec) else model_meta(find_model(spec))
+        meta = _spec_meta(spec)
         trained_on = policy_env_id(spec, env_id)
         if trained_on.replace("Discrete", "") != env_id.replace("Discrete", ""):
             raise ValueError(f"--policies {spec!r}: a model trained on {trained_on}, evaluated on {env_id} "

@@ -256,6 +256,19 @@ def check_hyperparams(algo: str, hp: dict, where: str | dict = "--hp", n_envs: i
                                      "(torch computes in float32)"))
         return v
 
+    def number_or(k, v, accepted_values):
+        """``v`` as a number (:func:`number`), else an error listing ``accepted_values`` (the key's
+        other forms), but for a number out of range or quoted in a file, which :func:`number`'s
+        own message says better."""
+        try:
+            return number(k, v)
+        except _OutOfRange:
+            raise
+        except ValueError:
+            if isinstance(v, str) and from_file(k):
+                raise  # (a quoted number: say so)
+            raise bad(k, accepted_values) from None
+
     out = {}
     for k, v in hp.items():
         if k in SET_BY_PROGRAM and k not in PROGRAM_KEYS:
@@ -274,14 +287,7 @@ def check_hyperparams(algo: str, hp: dict, where: str | dict = "--hp", n_envs: i
                     raise bad(k, "lin_X with X > 0")
                 v = _linear(start)
             else:
-                try:
-                    v = number(k, v)
-                except _OutOfRange:
-                    raise
-                except ValueError:
-                    if isinstance(v, str) and from_file(k):
-                        raise  # (a quoted number: say so)
-                    raise bad(k, "a number > 0 or lin_X (a linear schedule from X to 0)") from None
+                v = number_or(k, v, "a number > 0 or lin_X (a linear schedule from X to 0)")
         elif k == "train_freq":
             if isinstance(v, (list, tuple)):
                 if len(v) != 2 or v[1] not in ("step", "episode"):
@@ -334,14 +340,7 @@ def check_hyperparams(algo: str, hp: dict, where: str | dict = "--hp", n_envs: i
             if v is None and default is None:
                 pass
             elif default is None:
-                try:
-                    v = number(k, v)
-                except _OutOfRange:
-                    raise
-                except ValueError:
-                    if isinstance(v, str) and from_file(k):
-                        raise  # (a quoted number: say so)
-                    raise bad(k, "a number or null (the default: none)") from None
+                v = number_or(k, v, "a number or null (the default: none)")
             else:
                 v = number(k, v)
         # ranges
