@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import gymnasium as gym
 import numpy as np
 import pytest
@@ -41,17 +43,26 @@ def rollout(env, seed, actions=None, max_steps=400):
     raise AssertionError("episode did not end")
 
 
+@pytest.mark.parametrize("render_mode", [None, "ansi", "rgb_array"])
 @pytest.mark.parametrize("env_id", IDS)
-def test_gymnasium_check_env(env_id):
-    env = make(env_id)
-    gym_check_env(env.unwrapped, skip_render_check=True)
+def test_gymnasium_check_env(env_id, render_mode):
+    """Gymnasium's checker passes with no warning (a warning is an error here), its render checks
+    included (it also re-makes the env in every other render mode the metadata lists)."""
+    env = make(env_id, render_mode=render_mode)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        gym_check_env(env.unwrapped)
 
 
 @pytest.mark.parametrize("env_id", IDS)
 def test_sb3_check_env(env_id):
+    """SB3's checker passes with no warning (it warns of what SB3 would mishandle: a warning is an
+    error here)."""
     from stable_baselines3.common.env_checker import check_env
 
-    check_env(make(env_id).unwrapped, warn=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        check_env(make(env_id).unwrapped, warn=True)
 
 
 def test_spaces_match_the_docstring():
