@@ -403,6 +403,7 @@ def test_a_reader_that_stops_early_ends_the_command_quietly(tmp_path):
     p.stdout.close()
     rc = p.wait(timeout=240)
     err = p.stderr.read()
+    p.stderr.close()
     assert rc == 141 and err == "", err
 
 

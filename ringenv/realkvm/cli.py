@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 
 from ringenv.cli import positive_float, positive_int  # as ``ringenv replay``'s options
 
@@ -63,7 +64,7 @@ def load_trace(path: str):
         return sim_load(path)
     if path != "-":
         try:
-            text = open(path).read()
+            text = Path(path).read_text()
         except IsADirectoryError:
             raise ConfigError(f"TRACE: {path!r} is a directory; expected a JSON trace file") from None
         except OSError:

@@ -106,7 +106,7 @@ def test_train_a2c_and_dqn(tmp_path, algo):
     out = tmp_path / "eval"
     ringenv("evaluate", "--policies", tmp_path / algo, "--workloads", "oltp", "--seeds", 1, "--workers", 1,
             "--out", out, "--no-progress", *SMALL)
-    rows = list(csv.DictReader(open(out / "episodes.csv")))
+    rows = list(csv.DictReader((out / "episodes.csv").read_text().splitlines()))
     assert len(rows) == 1 and rows[0]["policy"].startswith(algo)
 
 
@@ -171,10 +171,10 @@ def test_evaluate_table_and_csv(ppo_run, tmp_path):
     assert "episodes:" not in p.stderr and "%|" not in p.stderr, p.stderr  # no progress bar into a pipe
     assert "| policy | reward | Δ reward vs qemu |" in p.stdout
     assert "qemu default" in p.stdout and "watermark 0.5" in p.stdout and "ppo ppo" in p.stdout
-    rows = list(csv.DictReader(open(tmp_path / "episodes.csv")))
+    rows = list(csv.DictReader((tmp_path / "episodes.csv").read_text().splitlines()))
     assert len(rows) == 3 * 2 * 2
     assert {r["workload"] for r in rows} == {"oltp", "web"} and {r["seed"] for r in rows} == {"1000", "1001"}
-    summary = list(csv.DictReader(open(tmp_path / "summary.csv")))
+    summary = list(csv.DictReader((tmp_path / "summary.csv").read_text().splitlines()))
     q = next(r for r in summary if r["spec"] == "qemu")
     assert float(q["d_reward"]) == 0.0
     assert "progress" not in p.stdout and "episodes:" not in p.stdout  # (a bar goes to stderr, on a terminal only)
@@ -342,7 +342,7 @@ def test_evaluate_rejects_off_grid_specs_before_running_anything(tmp_path, capsy
     assert main(["evaluate", "--policies", "fixed:4096:150", "--workloads", "oltp", "--seeds", "1", "--workers", "1",
                  "--out", str(out), "--no-progress", *SMALL, "intervals_ms=[100, 150, 1000]",
                  "max_episode_s=5"]) == 0
-    rows = list(csv.DictReader(open(out / "episodes.csv")))
+    rows = list(csv.DictReader((out / "episodes.csv").read_text().splitlines()))
     assert len(rows) == 1 and rows[0]["policy"] == "fixed 4096/150ms"
     assert float(rows[0]["mean_interval_ms"]) == 150.0 and rows[0]["ring_entries"] == "4096"
 
@@ -406,7 +406,7 @@ def _episodes(tmp_path, *specs, name="e"):
     if code != 0:
         return code, {}
     got = {}
-    for r in csv.DictReader(open(out / "episodes.csv")):
+    for r in csv.DictReader((out / "episodes.csv").read_text().splitlines()):
         got.setdefault(r["spec"], []).append((r["workload"], r["reward"], r["harvests"]))
     return code, got
 
@@ -441,7 +441,7 @@ def test_policies_that_would_share_a_label_are_told_apart(ppo_run, tmp_path, cap
     assert main(["evaluate", "--policies", "qemu", str(ppo_run), str(twin), "--workloads", "oltp", "--seeds", "1",
                  "--workers", "1", "--out", str(out), "--no-progress", *SMALL]) == 0
     printed = capsys.readouterr().out
-    labels = {r["spec"]: r["policy"] for r in csv.DictReader(open(out / "summary.csv"))}
+    labels = {r["spec"]: r["policy"] for r in csv.DictReader((out / "summary.csv").read_text().splitlines())}
     assert labels["qemu"] == "qemu default"
     assert labels[str(ppo_run)] == f"ppo {ppo_run.name} [{ppo_run}]"
     assert labels[str(twin)] == f"ppo {ppo_run.name} [{twin}]"

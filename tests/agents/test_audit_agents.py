@@ -147,7 +147,7 @@ def test_evaluate_reports_episodes_whose_rings_overflowed(tmp_path, capsys):
                "--seeds", "1", "--workers", "1", "--out", str(tmp_path / "e"), "--no-progress",
                "--set", "max_episode_s=5"])
     err = capsys.readouterr().err
-    rows = list(csv.DictReader(open(tmp_path / "e" / "episodes.csv")))
+    rows = list(csv.DictReader((tmp_path / "e" / "episodes.csv").read_text().splitlines()))
     assert int(rows[0]["ring_overflows"]) > 0 and int(rows[0]["wedged_vcpus"]) > 0
     assert "RING OVERFLOW: policy 'fixed:256:1000': in 1 of 1 episodes" in err, err
     assert rc == 1

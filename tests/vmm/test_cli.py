@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -130,7 +131,7 @@ def test_a_config_error_s_header_names_the_options_given_not_the_loader_s_keywor
     assert "invalid scenario tiny.yaml with the options --period-s --live:" in err, err
     assert "keyword overrides" not in err and "kind" not in err
     bad = tmp_path / "bad.yaml"
-    bad.write_text(open(tiny).read().replace("vcpus: 2", "vcpus: 0"))
+    bad.write_text(Path(tiny).read_text().replace("vcpus: 2", "vcpus: 0"))
     assert main(["migrate", "--scenario", str(bad)]) == 2
     err = capsys.readouterr().err
     assert "invalid scenario bad.yaml:\n  vm.vcpus:" in err, err
