@@ -11,10 +11,8 @@ test workloads. Add trained models by their run directory or .zip:
 from __future__ import annotations
 
 import dataclasses
-import sys
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 
 from .common import EnvFacts, check_out_dir, module_main, parse_overrides
 from ringenv.config import load_workload

@@ -23,7 +23,7 @@ anything else, and snapping it to the nearest member would run one thing under t
 another. Off-grid values are an error naming the value and the grid; change the grid
 (``--set intervals_ms=[...]`` / ``ring_sizes=[...]``) to use them. The watermark and
 rate-proportional policies compute intervals and pick the nearest offered one by design.
-"""
+"""  # noqa: E501  (markdown table rows)
 
 from __future__ import annotations
 

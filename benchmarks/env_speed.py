@@ -24,7 +24,6 @@ from __future__ import annotations
 import time
 
 import gymnasium as gym
-import numpy as np
 
 import ringenv  # noqa: F401
 from ringenv.config import scale_scenario

@@ -662,7 +662,7 @@ class MigrationEnv(RingEnv):
       (`reward_parts["cancel"]`, info `cancelled` and `cancel_downtime_s`), as does an
       operator's cancel at `link.cancel_at_s`; the `rate_scale_range` setting and reset's info
       `rate_scale` were added (the default draws nothing: episodes are unchanged)
-    """
+    """  # noqa: E501  (markdown table rows)
 
     kind = "migration"
 

@@ -33,7 +33,6 @@ removes its writes whatever ``cpu_busy``: a workload with idle time does not cat
 from __future__ import annotations
 
 import math
-import numbers
 
 import numba
 import numpy as np

@@ -27,13 +27,13 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..arrays import RECYCLER, first_occurrence, shift_checked, unique
+from ..arrays import RECYCLER, shift_checked, unique
 from ..config import HostProfile, load_host_profile
-from ..guest.base import EXIT_DONE, EXIT_NONE, EXIT_SYNC, NO_WRITE, GuestProgram, WriteBatch
+from ..guest.base import EXIT_NONE, NO_WRITE, GuestProgram, WriteBatch
 from .fault import (CUT_DONE, CUT_FAULT, CUT_FULL, CUT_MMIO, CUT_NONE, CUT_PML_FULL, CUT_SYNC, CUT_TICK, FAULT_NS,
                     FAULTS, NOLOG, PML_FLUSHES, PREFETCH, PUSHES, READLOG, READONLY, SPLIT_EMPTY, SPLIT_FULL, SPLITS,
                     UNTRACKED, apply_batch, apply_window)
-from .memory import EMPTY, SPLIT_HUGE, TABLED, UNMAPPED, WP_CLEAN, Memslot, bitmap_offsets, protect_masked
+from .memory import EMPTY, SPLIT_HUGE, TABLED, UNMAPPED, WP_CLEAN, Memslot, protect_masked
 from .pml import flush_all, flush_one, log_all
 from .ring import DirtyRing, reset_rings, ring_room
 from .uapi import (

@@ -15,7 +15,7 @@ from typing import Any, Callable
 
 from ringenv.realkvm.ioctl import (
     KVM_CAP_DIRTY_LOG_RING, KVM_CAP_DIRTY_LOG_RING_ACQ_REL, KVM_CAP_DIRTY_LOG_RING_WITH_BITMAP,
-    KVM_DIRTY_LOG_PAGE_OFFSET, KVM_MEM_LOG_DIRTY_PAGES, PAGE_SIZE, KvmSystem, errno_name)
+    KVM_MEM_LOG_DIRTY_PAGES, PAGE_SIZE, KvmSystem, errno_name)
 
 RING = KVM_CAP_DIRTY_LOG_RING_ACQ_REL
 SMALL_RING = 4096  # bytes: the smallest ring (256 entries)

@@ -7,7 +7,6 @@ import csv
 import re
 import shutil
 
-import pytest
 
 SMALL_SET = ["vm.memory=256MiB", "vm.vcpus=2"]
 SMALL = {"vm": {"memory": "256MiB", "vcpus": 2}}

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 import ringenv  # noqa: F401  (registers the ids)
-from ringenv.config import ConfigError, load_scenario
+from ringenv.config import load_scenario
 
 SMALL_VM = {"memory": "512MiB", "vcpus": 2}
 

@@ -28,7 +28,7 @@ from ringenv.kvm import KvmError, Vm
 from ringenv.kvm import uapi as U
 from ringenv.kvm.memory import CLEAN, UNMAPPED, WP
 
-from ._helpers import Host, block_mapped
+from ._helpers import Host
 
 LOG = U.KVM_MEM_LOG_DIRTY_PAGES
 FOREVER = 1 << 62

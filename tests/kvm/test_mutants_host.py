@@ -16,7 +16,7 @@ from ringenv.guest.base import EXIT_NONE, EXIT_SYNC, GuestProgram, WriteBatch
 from ringenv.guest.trace import TraceProgram
 from ringenv.kvm import Vm
 from ringenv.kvm import uapi as U
-from ringenv.kvm.memory import UNMAPPED, UNTOUCHED, WP
+from ringenv.kvm.memory import UNMAPPED, WP
 
 from ._helpers import Host
 from .test_pml import _buffered, _kick

@@ -9,7 +9,6 @@ logging was enabled (or after a reset re-protected it) is one fault = one push (
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
 
 from ringenv.kvm import uapi as U

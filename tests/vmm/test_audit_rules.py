@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 
 from ringenv.vmm import MigrationRun
-from ringenv.vmm.session import GUEST, PARKED, SLEEP
+from ringenv.vmm.session import PARKED, SLEEP
 
 from ._helpers import on_pause, small
 

@@ -4,7 +4,6 @@ state as it reaches the link or storage."""
 
 from __future__ import annotations
 
-import pytest
 
 from ringenv.config import scale_scenario
 from ringenv.vmm import CheckpointRun, MigrationRun
