@@ -15,8 +15,7 @@ from hypothesis import strategies as st
 import ringenv  # noqa: F401  (registers the ids)
 from ringenv.config import HOST_PROFILES, scenario_names
 
-IDS = ["ringenv/Migration-v0", "ringenv/MigrationDiscrete-v0", "ringenv/Checkpoint-v0",
-       "ringenv/CheckpointDiscrete-v0"]
+from .test_env import IDS
 SCENARIOS = scenario_names()  # every shipped one (the guest made small: at most 6 vCPUs and 1 GiB)
 
 
