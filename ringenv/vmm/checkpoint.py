@@ -13,9 +13,11 @@ image, written while the guest runs, is not consistent by itself), then one ever
   same pause for what was dirtied meanwhile.
 
 A checkpoint that ends after the next one was due counts as an overrun (the next one starts at
-once). The run ends at ``checkpoint.horizon_s``; what is under way then (the base image, a
-checkpoint) is finished first. A run that took no checkpoint verified nothing (``verified``
-None) and did not keep its schedule (``converged`` False). ``lost_writes`` and ``verified`` are
+once, for the latest due time it outlasted); the earlier due times it outlasted are missed slots
+(``checkpoint_slots_missed``: checkpoints of the schedule never taken), as are those it outlasted
+before the horizon when it ends past it. The run ends at ``checkpoint.horizon_s``; what is under
+way then (the base image, a checkpoint) is finished first. A run that took no checkpoint verified
+nothing (``verified`` None) and did not keep its schedule (``converged`` False). ``lost_writes`` and ``verified`` are
 the worst checkpoint's so far from the first checkpoint on (a stepped run, or an episode
 truncated before the horizon, reports a loss when it happens). Throttles: none, or dirty-limit
 (a fixed per-vCPU quota; it engages by the migration's trigger rule, which an incremental
@@ -46,6 +48,7 @@ class CheckpointRun(Session):
         self.pauses: list[int] = []
         self.checkpoint_lost: list[int] = []
         self.overruns = 0
+        self.slots_missed = 0
         super().__init__(scenario, seed=seed, **overrides)
         self.rate_Bps = self.final_rate_Bps = self.cfg.checkpoint.storage_mbps * 1e6
 
@@ -78,6 +81,10 @@ class CheckpointRun(Session):
             next_due = t0 + period
             if loop.now > next_due and next_due < horizon:  # (none is due after the horizon)
                 self.overruns += 1
+                # the due times t0 + k * period (k >= 1) this one outlasted, before the horizon; the
+                # next one, started now, takes the latest of them unless the run is over
+                outlasted = min((loop.now - t0) // period, (horizon - t0 - 1) // period)
+                self.slots_missed += outlasted - (loop.now < horizon)
                 next_due = loop.now
         self.lost_writes = max(self.checkpoint_lost, default=0)
         self.verified = all(x == 0 for x in self.checkpoint_lost) if self.checkpoint_lost else None
@@ -122,4 +129,5 @@ class CheckpointRun(Session):
         d["checkpoints"] = len(self.pauses)
         d["pause_total_s"] = sum(self.pauses) / NS
         d["checkpoint_overruns"] = self.overruns
+        d["checkpoint_slots_missed"] = self.slots_missed
         return Metrics.from_fields(d)

@@ -103,6 +103,9 @@ class Metrics:
     checkpoints: int = 0  #: checkpoints completed
     pause_total_s: float = 0.0  #: sum of checkpoint pauses, s
     checkpoint_overruns: int = 0  #: checkpoints that ended after the next was due
+    #: scheduled checkpoints never taken: due times a checkpoint outlasted, but for the latest, which
+    #: the next checkpoint (started at once) takes late
+    checkpoint_slots_missed: int = 0
 
     @classmethod
     def from_fields(cls, values: dict) -> Metrics:

@@ -54,6 +54,64 @@ def test_checkpoints_that_outlast_the_period_are_overruns():
     assert m.converged is False  # not on schedule
 
 
+def _stretched(cfg, seconds: float):
+    """A checkpoint run whose every checkpoint lasts ``seconds`` in all (the real one, then the VMM
+    waits out the rest with the guest running), and the start of each checkpoint."""
+    run = CheckpointRun(cfg)
+    starts = []
+    take = run._checkpoint
+
+    def stretched(stop_the_world):
+        t0 = run.loop.now
+        starts.append(t0)
+        yield from take(stop_the_world)
+        assert run.loop.now < t0 + int(seconds * NS)
+        yield t0 + int(seconds * NS) - run.loop.now
+
+    run._checkpoint = stretched
+    return run, starts
+
+
+def _base_image_end() -> int:
+    """When the base image of ``small("checkpoint")`` is written (the first checkpoint's start), ns."""
+    run, starts = _stretched(small("checkpoint", checkpoint={"horizon_s": 60, "period_s": 60}), 1.0)
+    run.run()
+    return starts[0]
+
+
+def test_due_times_a_checkpoint_outlasts_are_missed_slots_but_the_latest_is_taken_late():
+    """Worked by hand: period 1 s, every checkpoint 3.5 s, the horizon 9.2 s after the base image
+    (tb). Checkpoint 1 (tb to tb+3.5) outlasts the due times tb+1, +2, +3: the next starts at once
+    for tb+3, so 2 are missed; checkpoint 2 (tb+3.5 to tb+7) likewise misses 2 of tb+4.5, +5.5,
+    +6.5; checkpoint 3 (tb+7 to tb+10.5) outlasts tb+8 and tb+9, before the horizon, and ends past
+    it, so no checkpoint takes either: 2 more. 3 checkpoints, 3 overruns, 6 missed."""
+    tb = _base_image_end()
+    cfg = small("checkpoint", checkpoint={"horizon_s": (tb + 9_200 * MS) / NS, "period_s": 1})
+    run, starts = _stretched(cfg, 3.5)
+    m = run.run()
+    assert starts == [tb, tb + 3_500 * MS, tb + 7_000 * MS]
+    assert (m.checkpoints, m.checkpoint_overruns, m.checkpoint_slots_missed) == (3, 3, 6)
+    assert m.converged is False and m.verified is True
+
+
+@pytest.mark.parametrize("seconds, checkpoints, overruns, missed", [(1.0, 4, 0, 0), (2.0, 2, 2, 2), (2.5, 2, 2, 2),
+                                                                    (3.0, 2, 1, 2)])
+def test_missed_slots_at_due_times_and_at_the_horizon(seconds, checkpoints, overruns, missed):
+    """Worked by hand: period 1 s, the horizon 4 s after the base image (tb), every checkpoint
+    ``seconds`` long. 1 s: each ends on the next due time, which it takes on time (tb, +1, +2, +3):
+    no overrun. 2 s: the first misses tb+1 and takes tb+2 on time; the second outlasts tb+3 and
+    ends on the horizon (tb+4, not due): 2 overruns, 2 missed. 2.5 s: the first misses tb+1 and
+    takes tb+2 late (at tb+2.5); the second outlasts tb+3.5 and ends past the horizon: 2 overruns, 2
+    missed. 3 s: the first misses tb+1 and tb+2 and takes tb+3 on time; the second's next due time,
+    tb+4, is the horizon: 1 overrun, 2 missed."""
+    tb = _base_image_end()
+    cfg = small("checkpoint", checkpoint={"horizon_s": (tb + 4_000 * MS) / NS, "period_s": 1})
+    run, starts = _stretched(cfg, seconds)
+    m = run.run()
+    assert starts == [tb + k * int(seconds * NS) for k in range(checkpoints)]
+    assert (m.checkpoints, m.checkpoint_overruns, m.checkpoint_slots_missed) == (checkpoints, overruns, missed)
+
+
 def test_lost_writes_and_verified_report_the_worst_checkpoint_so_far():
     cfg = small("checkpoint", checkpoint={"horizon_s": 20, "period_s": 4})
     r = CheckpointRun(cfg)
