@@ -21,8 +21,10 @@ class Metrics:
     done: bool  #: the run is over
     time_s: float  #: session time reached, s
     # --- outcome (final once done)
-    #: migration: stop to destination ready (cancelled: 0, or the stop to the restart at the source when the cancel came
-    #: as the VM stopped); checkpoint: the longest pause, s
+    #: migration: the VM's stop to the last byte of the stop-and-copy sent (final sync, remaining pages, device state),
+    #: measured at the source as QEMU's query-migrate downtime is: the destination's load and start are not modelled
+    #: (cancelled: 0, or the stop to the restart at the source when the cancel came as the VM stopped); checkpoint: the
+    #: longest pause, s
     downtime_s: float
     #: migration: start to end incl. downtime; checkpoint: start to end (the horizon, or later when a checkpoint under
     #: way at the horizon is finished first), s
