@@ -874,7 +874,9 @@ class Session:
         """ram_save_setup's dirty-logging part (ram_init_bitmaps): under the big lock, enable
         logging and mark every page dirty; the first sync (not a throttle period), with the ring
         as :meth:`sync` (its flush kicks every vCPU, the lock let go while it waits for each),
-        with the bitmap still holding the lock; then open the bandwidth window."""
+        with the bitmap still holding the lock; then open the bandwidth window (QEMU's migration
+        thread opens it before the set-up: a departure, in the README, that changes only the
+        first measurement)."""
         yield self.bql
         ns = self.enable_logging()
         self.dirty.set_all()
