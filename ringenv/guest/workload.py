@@ -807,7 +807,7 @@ def _buckets(n: int, pattern: str, s: float) -> list[tuple[int, int, float]]:
     A Zipf region's ranks go into buckets ~1.5x wider each ([0, 1), [1, 2), [2, 3), [3, 4), [4, 6),
     ...), each bucket a class whose pages share its ranks' mean rate. Each bucket's share of the
     writes is exact (within ~1e-5), but spreading a bucket's rate evenly over its pages overstates
-    the distinct pages written in a window (1 - exp(-r t) is concave in r): by 0.06-0.3% for the
+    the distinct pages written in a window (1 - exp(-r t) is concave in r): by up to 0.3% for the
     shipped Zipf workloads over windows of 0.01-10 s, ~0.7% at ``zipf_s`` 2, up to ~1.4% at 3,
     the largest accepted (measured against the exact per-rank sum, 2026-12-03)."""
     if pattern != "zipf" or n <= 1:
