@@ -475,12 +475,13 @@ class MigrationEnv(RingEnv):
 
     "Link rate" is the rate the migration sends at, min(link, max-bandwidth) (the env's
     `obs_rate_Bps`). Every value is clipped to [0, high], so a value at its high means "at least
-    this". Those that reach it in practice: `bandwidth` when max-bandwidth
-    is below the link (the switchover's last pass runs at the full link rate); `dirty_rate`,
+    this". Those that reach it in practice: `dirty_rate`,
     `sampled_rate` and `redirty_rate` for a guest dirtying more than 10x the link rate (a slow
     link or a low max-bandwidth); `iteration` after 128 pre-copy iterations (a run that does not
     converge). `vmm_cpu`, `full_exits` and `remaining` have room to spare in every shipped
-    scenario. `lost_vcpu` stays below 1: a vCPU out of the guest (an exit, a lock wait, a
+    scenario, and `bandwidth` stays at ~1 at most: it is the rate the migration sends at, and
+    the switchover's last pass, which runs at the full link rate when max-bandwidth is below
+    it, is not measured (as in QEMU, nothing is once the VM has stopped). `lost_vcpu` stays below 1: a vCPU out of the guest (an exit, a lock wait, a
     throttle sleep) writes nothing, and the time it spends in write-protect faults slows its
     workload once the workload's own work (`cpu_busy`, a workload setting) and the faults
     would take more than all of its time (the analytics workload on 1 vCPU: 0.60 over an
