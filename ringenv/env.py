@@ -11,8 +11,8 @@ import gymnasium as gym
 import numpy as np
 from gymnasium import spaces
 
-from .config import (ConfigError, EnvConfig, ScenarioConfig, check_peak_rate, deep_merge, load_scenario,
-                     load_workload, load_workload_sets, to_ns)
+from .config import (MAX_RATE_SCALE, MIN_RATE_SCALE, ConfigError, EnvConfig, ScenarioConfig, check_peak_rate,
+                     deep_merge, load_scenario, load_workload, load_workload_sets, to_ns)
 from .vmm.dirtyrate import sample_dirty_rate
 
 SECOND = 1_000_000_000
@@ -136,6 +136,7 @@ class RingEnv(gym.Env):
             self._own(workloads=tuple(by_split[split]))
         if not self.workloads:
             raise ConfigError("workloads: the chosen set is empty")
+        self._check_episode_rate_scale()
         for w in self.workloads:
             self._check_peak_rate(w)
         prof = self.scenario.profile
@@ -201,6 +202,19 @@ class RingEnv(gym.Env):
         return i * len(self.intervals_ms) + j if self.flatten_actions else np.array([i, j], dtype=np.int64)
 
     # ------------------------------------------------------------------ episode
+    def _check_episode_rate_scale(self) -> None:
+        """A ConfigError if an episode's rate_scale (the scenario's times a factor drawn from
+        ``rate_scale_range``) can leave the range a scenario's ``rate_scale`` accepts: each is valid
+        alone, but the episode's scenario would be refused at its first step."""
+        lo, hi = self.cfg.rate_scale_range
+        base = self.scenario.rate_scale
+        if base * lo < MIN_RATE_SCALE or base * hi > MAX_RATE_SCALE:
+            raise ConfigError(
+                f"rate_scale_range: [{lo:g}, {hi:g}] with the scenario's rate_scale {base:g} gives episodes a "
+                f"rate_scale of {base * lo:g} to {base * hi:g}; accepted: an episode rate_scale of "
+                f"{MIN_RATE_SCALE:g} to {MAX_RATE_SCALE:g}, so with this scenario a rate_scale_range within "
+                f"[{max(0.01, MIN_RATE_SCALE / base):.6g}, {min(100.0, MAX_RATE_SCALE / base):.6g}]")
+
     def _check_peak_rate(self, workload: str, prefix: str = "") -> None:
         """A ConfigError if the episode factors can take ``workload`` past the fastest rate a
         workload may write (:func:`ringenv.config.check_peak_rate`): its rates times the
@@ -617,7 +631,8 @@ class MigrationEnv(RingEnv):
     `ring_sizes` (each one the host accepts, once; default all of them), `intervals_ms` (each in
     1 .. 10000 ms, once), `reward`, `workload_set`, `rate_scale_range` ([low, high], 0.01 <= low <=
     high <= 100, default [1, 1]: each episode multiplies its workload's write rates by a factor
-    drawn log-uniformly from it, on top of the scenario's `rate_scale`; domain randomisation for
+    drawn log-uniformly from it, on top of the scenario's `rate_scale`, with which it must keep
+    an episode's rate_scale within 1e-3 .. 1e3 (checked when the env is made); domain randomisation for
     training, so that a policy meets each workload at other intensities than the one written
     down; `ringenv evaluate` runs the workloads as written and does not count it as a
     difference from a model's training)) and scenario fields (e.g. `vm`, `link`,

@@ -164,6 +164,20 @@ def test_rate_scale_range_draws_each_episode_s_write_rate_factor():
     assert a[-1][2]["pages_resent"] != c[-1][2]["pages_resent"]
 
 
+@pytest.mark.parametrize("kw, bad", [
+    ({"rate_scale": 1e-3, "rate_scale_range": [0.01, 0.01]}, "1e-05"),
+    ({"rate_scale": 0.002, "rate_scale_range": [0.4, 2.0]}, "0.0008"),
+    ({"rate_scale": 1000, "rate_scale_range": [100, 100], "workloads": ["idle"]}, "100000"),
+])
+def test_an_episode_factor_times_the_scenario_rate_scale_outside_its_range_is_refused_at_make(kw, bad):
+    """Each bound is valid alone, but an episode's rate_scale (the scenario's times the drawn factor)
+    would leave 1e-3 .. 1e3: refused when the env is made, naming rate_scale_range, not at some step."""
+    with pytest.raises(ConfigError, match=rf"rate_scale_range: .*{bad}.*accepted") as e:
+        make(**kw)
+    assert "rate_scale" in str(e.value)
+    make(rate_scale=0.002, rate_scale_range=[0.5, 2.0]).reset(seed=0)  # 0.001 .. 0.004: fine
+
+
 @pytest.mark.slow
 def test_random_policy_100_episodes_all_workloads_no_lost_write():
     sets = load_workload_sets()["default"]
