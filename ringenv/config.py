@@ -13,6 +13,7 @@ from __future__ import annotations
 import math
 import numbers
 import re
+import sys
 import types as types_
 import typing
 from pathlib import Path
@@ -73,13 +74,27 @@ def check_run_kind(cfg, kind: str, error=None) -> None:
                                          "(migrate_cancel); accepted for checkpointing: null")
 
 
+def is_finite(value) -> bool:
+    """``math.isfinite`` for any real number, False where it would raise: an int too large for a float
+    (10**400: "int too large to convert to float") is no finite float either."""
+    try:
+        return math.isfinite(value)
+    except OverflowError:
+        return False
+
+
 def checked_number(value, field: str, accepted: str, valid, *, integral: bool = False):
-    """``value`` if it is a real number (with ``integral``, an integer), not a bool, finite, and
-    ``valid(value)``; else a :class:`ConfigError` "FIELD: VALUE is not accepted; accepted: ACCEPTED".
-    (The checks of arguments that are no config field, e.g. a session's ``host_sync_ms``.)"""
+    """``value`` if it is a real number (with ``integral``, an integer), not a bool, finite (as a float,
+    without ``integral``), and ``valid(value)``; else a :class:`ConfigError` "FIELD: VALUE is not accepted;
+    accepted: ACCEPTED" (a ``valid`` that overflows on the value refuses it too). (The checks of arguments that
+    are no config field, e.g. a session's ``host_sync_ms``.)"""
     kind = numbers.Integral if integral else numbers.Real
     ok = isinstance(value, kind) and not isinstance(value, (bool, np.bool_))
-    if not (ok and (integral or math.isfinite(value)) and valid(value)):
+    try:
+        ok = ok and (integral or is_finite(value)) and bool(valid(value))
+    except (OverflowError, ValueError, TypeError):
+        ok = False
+    if not ok:
         raise ConfigError(f"{field}: {value!r} is not accepted; accepted: {accepted}")
     return value
 
@@ -143,7 +158,11 @@ def field_bounds(info) -> dict:
 def accepted_range(name: str, info) -> str:
     """What a bounded number field accepts, said once for every such field from its bounds and unit: "1e-6 to 1e9
     ms". A time field (ms, s, us) bounded only by > 0 starts at 1 ns (a time is whole ns: below 1 ns it would round
-    to 0 ns); one that accepts 0 says "0, or 1 ns to ..." (a time in (0, 1 ns) rounds to 0 ns)."""
+    to 0 ns); one that accepts 0 says "0, or 1 ns to ..." (a time in (0, 1 ns) rounds to 0 ns). A field whose
+    rule is narrower than its bounds says its own (its ``json_schema_extra`` ``accepted``)."""
+    extra = info.json_schema_extra if isinstance(info.json_schema_extra, dict) else {}
+    if "accepted" in extra:
+        return extra["accepted"]
     b, unit = field_bounds(info), field_unit(name, info)
     u = f" {unit}" if unit else ""
     hi = (f"{_num_text(b['le'])}" if "le" in b else f"below {_num_text(b['lt'])}" if "lt" in b else None)
@@ -165,14 +184,14 @@ def check_field_range(name: str, info, v) -> None:
     """The one range rule of every bounded number field, applied before pydantic's own: a finite number outside
     the field's bounds, or a positive time in ms, s or us below 1 ns (it would round to 0 ns: a zero-length
     interval or gap would loop for ever), is a ValueError saying pydantic's phrase, the value and the whole
-    accepted range (:func:`accepted_range`). Non-finite numbers are left to pydantic ("a finite number")."""
+    accepted range (:func:`accepted_range`); so is NaN or an infinity (pydantic's "a finite number", with the range)."""
     if isinstance(v, (bool, np.bool_)) or not isinstance(v, numbers.Real):
-        return
-    if not isinstance(v, numbers.Integral) and not math.isfinite(v):
         return
     b = field_bounds(info)
     if not b:
         return
+    if not isinstance(v, numbers.Integral) and not math.isfinite(v):
+        raise ValueError(f"Input should be a finite number (got {v!r}); accepted: {accepted_range(name, info)}")
     unit = field_unit(name, info)
     phrase = None
     if "gt" in b and not v > b["gt"]:
@@ -275,17 +294,28 @@ class Strict(BaseModel):
             if ann is bool or ann == (bool | None):
                 raise ValueError(f"{v!r} is not true or false; expected true or false"
                                  + (" (or null)" if ann is not bool else ""))
-        if isinstance(v, (bool, str)) or (isinstance(v, (list, tuple)) and any(isinstance(x, (bool, str)) for x in v)):
+        not_num = (bool, np.bool_, str)  # (numpy's bool too: pydantic takes np.True_ as 1)
+        if isinstance(v, not_num) or (isinstance(v, (list, tuple)) and any(isinstance(x, not_num) for x in v)):
             ann = cls.model_fields[info.field_name].annotation
             types = typing.get_args(ann) if typing.get_origin(ann) in (typing.Union, types_.UnionType) else (ann,)
-            if not isinstance(v, (bool, str)):  # a list of numbers: its items' types
+            if not isinstance(v, not_num):  # a list of numbers: its items' types
                 types = tuple(a for t in types if typing.get_origin(t) in (list, tuple) for a in typing.get_args(t))
-                bad = next(x for x in v if isinstance(x, (bool, str)))
+                bad = next(x for x in v if isinstance(x, not_num))
                 if type(bad) not in types and any(t in (int, float) for t in types):
                     raise ValueError(f"{v!r}: {bad!r} is not a number; expected numbers")
             elif type(v) not in types and any(t in (int, float) for t in types):
                 what = "a string" if isinstance(v, str) else "not a number"
                 raise ValueError(f"{v!r} is {what}; expected a number")
+        if isinstance(v, (list, tuple)):  # NaN, inf, an int too large for a float: pydantic's error has no range
+            bad = next((x for x in v if isinstance(x, numbers.Real) and not isinstance(x, (bool, np.bool_))
+                        and not is_finite(x)), None)
+            info_ = cls.model_fields[info.field_name]
+            if bad is not None and any(a is float for t in typing.get_args(info_.annotation) or (info_.annotation,)
+                                       for a in (typing.get_args(t) or (t,))):
+                extra = info_.json_schema_extra if isinstance(info_.json_schema_extra, dict) else {}
+                what = (f"too large for a number (at most {_num_text(sys.float_info.max)}, the largest float)"
+                        if isinstance(bad, numbers.Integral) else "not a finite number")
+                raise ValueError(f"{v!r}: {bad!r} is {what}; accepted: {extra.get('accepted', 'finite numbers')}")
         check_field_range(info.field_name, cls.model_fields[info.field_name], v)
         return v
 
@@ -360,8 +390,10 @@ class HostProfile(Strict):
         "(vmx_flush_pml_buffer runs at every VM exit); 0: none modelled, the buffer is flushed only when full "
         "and at exits to userspace. Used only with pml; 0, or 0.001 (1 ns) to 1e6 us (1 s)",
     )
-    arch_dirty_log_size: int = Field(0, ge=0, le=65536 - 64,
-                                     description="extra reserved ring entries (kvm_cpu_dirty_log_size)")
+    arch_dirty_log_size: int = Field(0, ge=0, le=65536 - 64 - 1,
+                                     description="extra reserved ring entries (kvm_cpu_dirty_log_size), 0 to 65471: "
+                                     "the largest ring (65536 entries) keeps at least one entry above the 64 + "
+                                     "arch_dirty_log_size reserved ones")
     acq_rel_only: bool = Field(description="only KVM_CAP_DIRTY_LOG_RING_ACQ_REL is offered (weakly ordered arch)")
     with_bitmap_supported: bool = Field(description="KVM_CAP_DIRTY_LOG_RING_WITH_BITMAP is offered")
     reprotect_span: bool = Field(
@@ -425,9 +457,9 @@ class HostProfile(Strict):
         if self.pml and self.arch != "x86":
             raise ValueError("pml: only an x86 host has Page Modification Logging")
         if not self.ring_sizes:  # KVM_DIRTY_RING_MAX_ENTRIES: a ring must hold the reserved entries
-            raise ValueError(f"arch_dirty_log_size: {self.arch_dirty_log_size} leaves no ring size KVM accepts (a "
-                             f"ring must hold the 64 + {self.arch_dirty_log_size} reserved entries, be at least "
-                             f"{self.page_size} bytes and at most 65536 entries); accepted: 0..{65536 - 64}")
+            raise ValueError(f"arch_dirty_log_size: {self.arch_dirty_log_size} leaves no ring size that runs (a "
+                             f"ring must hold more than the 64 + {self.arch_dirty_log_size} reserved entries, be at "
+                             f"least {self.page_size} bytes and at most 65536 entries); accepted: 0 to 65471")
         for name in ("eager_page_split", "tdp_mmu"):
             if getattr(self, name) and self.arch != "x86":
                 raise ValueError(f"{name}: true is accepted only for an x86 host (a kvm module parameter of "
@@ -436,9 +468,15 @@ class HostProfile(Strict):
                                     "eager_split_chunk_sizes)" if name == "eager_page_split" else ")"))
         if self.address_spaces != 1 and self.arch != "x86":
             raise ValueError("address_spaces: only x86 (SMM) has a second memslot address space")
-        for c in self.eager_split_chunk_sizes:
-            if c not in self.block_sizes and c != self.page_size:
-                raise ValueError(f"eager_split_chunk_sizes: {c} is not a supported block size {self.block_sizes}")
+        chunks = [self.page_size, *self.block_sizes]  # kvm_is_block_size_supported: the page and block sizes
+        chunks_ok = (f"accepted: distinct sizes among the page size and the block sizes "
+                     f"({', '.join(map(str, chunks))})")
+        for i, c in enumerate(self.eager_split_chunk_sizes):
+            if c not in chunks:
+                raise ValueError(f"eager_split_chunk_sizes: {c} is not the page size or a block size; {chunks_ok}")
+            if c in self.eager_split_chunk_sizes[:i]:
+                raise ValueError(f"eager_split_chunk_sizes: {c} is given twice in {self.eager_split_chunk_sizes}; "
+                                 f"{chunks_ok}")
         return self
 
     @property
@@ -459,8 +497,10 @@ class HostProfile(Strict):
 
     @property
     def min_ring_entries(self) -> int:
-        """Smallest ring KVM accepts: bytes >= reserved*16 and >= PAGE_SIZE, a power of two."""
-        nbytes = max(self.reserved_entries * 16, self.page_size)
+        """Smallest ring that runs: a power of two of bytes >= PAGE_SIZE with more entries than the reserved ones
+        (KVM accepts bytes == reserved*16 too, but such a ring's soft limit is 0: it is soft-full when empty and the
+        vCPU could never enter the guest)."""
+        nbytes = max((self.reserved_entries + 1) * 16, self.page_size)
         return 1 << (nbytes - 1).bit_length() >> 4
 
     @property
@@ -530,9 +570,15 @@ def _read_yaml(path: Path) -> Any:
 
 def load_host_profile(name_or_path: str | Path | HostProfile | None = None) -> HostProfile:
     """Load a host profile by name (one of :data:`HOST_PROFILES`, a file in configs/hosts/) or by
-    path to a YAML file. ``None`` gives the default, ``arm64-4k``."""
+    path to a YAML file (a str or a pathlib.Path), or a HostProfile (returned as it is). ``None`` gives the default,
+    ``arm64-4k``. Anything else is a ConfigError saying what is accepted."""
     if isinstance(name_or_path, HostProfile):
         return name_or_path
+    if not isinstance(name_or_path, (str, Path)) and name_or_path is not None:
+        known = sorted(q.stem for q in (CONFIG_DIR / "hosts").glob("*.yaml"))
+        raise ConfigError(f"profile: {name_or_path!r} ({type(name_or_path).__name__}) is not accepted; accepted: a "
+                          f"host profile name ({', '.join(known)}), a YAML path (str or pathlib.Path), a HostProfile, "
+                          f"or None (the default, {DEFAULT_HOST})")
     name_or_path = DEFAULT_HOST if name_or_path is None else name_or_path
     p = Path(name_or_path)
     if p.suffix in (".yaml", ".yml"):
@@ -552,30 +598,42 @@ _SIZE_UNITS = {"": 1, "B": 1, "K": 1 << 10, "KIB": 1 << 10, "M": 1 << 20, "MIB":
                "G": 1 << 30, "GIB": 1 << 30, "T": 1 << 40, "TIB": 1 << 40}
 
 
-def parse_size(value: Any, field: str = "size") -> int:
+def size_accepted(zero: bool = False) -> str:
+    """What :func:`parse_size` accepts, as its errors say it (with ``zero``: 0 too)."""
+    return (f"a whole number of bytes {'>= 0' if zero else '> 0'}: an integer, or a number with a unit B, K/KiB, "
+            "M/MiB, G/GiB or T/TiB (binary multiples, as QEMU's -m) that makes whole bytes, e.g. "
+            + ("0, '0MiB', " if zero else "") + "4096, '2MiB', '1.5GiB', '16GiB'")
+
+
+def parse_size(value: Any, field: str = "size", *, zero: bool = False) -> int:
     """Bytes from an int or a string such as '16GiB', '512 MiB', '4k'. K, M, G and T are
     binary multiples with or without "iB" (as QEMU's ``-m 16G``); decimal units such as "GB"
-    are refused rather than guessed."""
-    if isinstance(value, bool):
-        raise ConfigError(f"{field}: {value!r} is not a size (an integer of bytes or e.g. '16GiB')")
-    if isinstance(value, int):
-        n = value
+    are refused rather than guessed. The size must be whole bytes ('1.5GiB' is; '1.5' and
+    '1.00000000001GiB' are not: nothing is rounded) and > 0 (with ``zero``, >= 0: '0MiB' too).
+    Anything else is a :class:`ConfigError` showing the value as given and what is accepted."""
+    accepted = size_accepted(zero)
+    if isinstance(value, numbers.Integral) and not isinstance(value, (bool, np.bool_)):
+        n = int(value)
     elif isinstance(value, str):
-        import re
-
         m = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]+)?)\s*([A-Za-z]*)\s*", value)
         if not m or m.group(2).upper() not in _SIZE_UNITS:
-            raise ConfigError(f"{field}: {value!r} is not a size; accepted: an integer of bytes or a number with "
-                              f"a unit B, K/KiB, M/MiB, G/GiB or T/TiB (binary multiples, as QEMU's -m), "
-                              f"e.g. 4096, '2MiB', '16GiB', '1TiB'")
+            raise ConfigError(f"{field}: {value!r} is not a size; accepted: {accepted}")
         from fractions import Fraction
 
-        n = int(Fraction(m.group(1)) * _SIZE_UNITS[m.group(2).upper()])  # exact: '1.5GiB' is 1610612736
+        exact = Fraction(m.group(1)) * _SIZE_UNITS[m.group(2).upper()]  # exact: '1.5GiB' is 1610612736
+        if exact.denominator != 1:
+            raise ConfigError(f"{field}: {value!r} is not a whole number of bytes; accepted: {accepted}")
+        n = int(exact)
     else:
-        raise ConfigError(f"{field}: {value!r} is not a size (an integer of bytes or e.g. '16GiB')")
-    if n <= 0:
-        raise ConfigError(f"{field}: {value!r} must be positive")
+        raise ConfigError(f"{field}: {value!r} is not a size; accepted: {accepted}")
+    if n < 0 or (n == 0 and not zero):
+        raise ConfigError(f"{field}: {value!r} is not accepted; accepted: {accepted}")
     return n
+
+
+#: what RegionConfig.vcpu_weights accepts (its errors say so)
+VCPU_WEIGHTS_ACCEPTED = ("non-negative numbers with a positive sum that is finite as a float (relative write rates, "
+                         "one per vCPU, repeated cyclically), or null (equal)")
 
 
 class RegionConfig(Strict):
@@ -598,7 +656,7 @@ class RegionConfig(Strict):
     zipf_s: float = Field(1.0, gt=0, le=3)
     layout: Literal["contiguous", "scattered"] = "contiguous"
     share: Literal["shared", "private"] = "shared"
-    vcpu_weights: list[float] | None = None
+    vcpu_weights: list[float] | None = Field(None, json_schema_extra={"accepted": VCPU_WEIGHTS_ACCEPTED})
 
     @model_validator(mode="after")
     def _check(self):
@@ -607,9 +665,8 @@ class RegionConfig(Strict):
             raise ValueError(f"zipf_s: {self.zipf_s:g} is given for pattern {self.pattern!r}; it applies to "
                              "pattern 'zipf' only")
         if self.vcpu_weights is not None and (not self.vcpu_weights or min(self.vcpu_weights) < 0
-                                              or sum(self.vcpu_weights) <= 0):
-            raise ValueError(f"vcpu_weights: {self.vcpu_weights} is not accepted; expected non-negative numbers "
-                             "with a positive sum")
+                                              or not 0 < sum(self.vcpu_weights) < math.inf):
+            raise ValueError(f"vcpu_weights: {self.vcpu_weights} is not accepted; accepted: {VCPU_WEIGHTS_ACCEPTED}")
         return self
 
 
@@ -707,6 +764,11 @@ def load_workload(name_or_path: str | Path | WorkloadConfig | dict, where: str =
     returned is shared, treat it as read-only. ``where``: the field or argument errors name."""
     if isinstance(name_or_path, WorkloadConfig):
         return name_or_path
+    if not isinstance(name_or_path, (str, Path, dict)):
+        known = sorted(q.stem for q in (CONFIG_DIR / "workloads").glob("*.yaml"))
+        raise ConfigError(f"{where}: {name_or_path!r} ({type(name_or_path).__name__}) is not accepted; accepted: a "
+                          f"workload name ({', '.join(known)}), a YAML path (str or pathlib.Path), a mapping of "
+                          "workload fields or a WorkloadConfig")
     try:
         if isinstance(name_or_path, dict):
             return WorkloadConfig.parse(name_or_path, where="workload")
@@ -739,15 +801,19 @@ def _workload_file(name_or_path: str | Path) -> WorkloadConfig:
 from pydantic import PrivateAttr  # noqa: E402  (used by the scenario section only)
 
 
-def _size_field(field: str, max_bytes: int = MAX_MEMORY, max_text: str = "4 PiB (2**52 bytes, the widest "
-                "guest-physical address space)"):
-    """A ``mode='before'`` validator turning '16GiB'-style sizes into bytes (0 stays 0), at most ``max_bytes``
-    (``max_text``): a bigger size is an error showing it as given (the string, not a rounded byte count)."""
+#: MAX_MEMORY as the errors say it
+MAX_MEMORY_TEXT = "4 PiB (2**52 bytes, the widest guest-physical address space)"
+
+
+def _size_field(field: str, max_bytes: int = MAX_MEMORY, max_text: str = MAX_MEMORY_TEXT, *, zero: bool = False):
+    """A ``mode='before'`` validator turning '16GiB'-style sizes into bytes (:func:`parse_size`; with ``zero``, 0 is
+    accepted in any form: 0, 0.0, '0', '0MiB'), at most ``max_bytes`` (``max_text``): a bigger size is an error
+    showing it as given (the string, not a rounded byte count)."""
 
     def conv(cls, v):
-        if isinstance(v, (int, float)) and not isinstance(v, bool) and v == 0:
+        if zero and isinstance(v, float) and v == 0:
             return 0
-        n = parse_size(v, field)
+        n = parse_size(v, field, zero=zero)
         if n > max_bytes:
             raise ValueError(f"{v!r} is not accepted; accepted: a size up to {max_text}")
         return n
@@ -780,7 +846,7 @@ class VmConfig(Strict):
                                  description="share of RAM that is zero when the VM starts (never used)")
 
     _v_memory = _size_field("memory")
-    _v_chunk = _size_field("eager_split_chunk")
+    _v_chunk = _size_field("eager_split_chunk", zero=True)
 
 
 class LinkConfig(Strict):
@@ -809,16 +875,17 @@ class LinkConfig(Strict):
     cancel_at_s: float | None = Field(None, ge=0, le=MAX_SIM_S,
                                       description="an operator's migrate_cancel at this many seconds")
 
-    _v_dev = _size_field("device_state_bytes", MAX_DEVICE_STATE, "1 TiB")
+    _v_dev = _size_field("device_state_bytes", MAX_DEVICE_STATE, "1 TiB", zero=True)
 
     @field_validator("max_bandwidth_mibps", mode="before")
     @classmethod
     def _v_bw(cls, v):
         if v == "link":
             return v
-        if isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0 and math.isfinite(v):
+        if isinstance(v, numbers.Real) and not isinstance(v, (bool, np.bool_)) and is_finite(v) and v > 0:
             return float(v)
-        raise ValueError(f"{v!r} is not accepted; accepted: a finite number of MiB/s > 0, or 'link' (the link rate)")
+        raise ValueError(f"{v!r} is not accepted; accepted: a finite number of MiB/s > 0 (at most "
+                         f"{_num_text(sys.float_info.max)}, the largest float), or 'link' (the link rate)")
 
     @property
     def link_Bps(self) -> float:
@@ -859,13 +926,16 @@ class AutoConvergeConfig(Strict):
     tailslow: bool = False
     dirty_sync_timer_ms: float = Field(5000.0, ge=0, le=MAX_SIM_S * 1e3, description="QEMU >= 9.2: a dirty sync "
                                        "when none happened over a tick of this period "
-                                       "(CPU_THROTTLE_DIRTY_SYNC_TIMESLICE_MS); 0: no timer (QEMU before 9.2)")
+                                       "(CPU_THROTTLE_DIRTY_SYNC_TIMESLICE_MS); 0: no timer (QEMU before 9.2)",
+                                       json_schema_extra={"accepted": f"0 (no timer), or 1 to "
+                                                                      f"{_num_text(MAX_SIM_S * 1e3)} ms"})
 
     @model_validator(mode="after")
     def _check(self):
         if 0 < self.dirty_sync_timer_ms < 1:
-            raise ValueError(f"dirty_sync_timer_ms: {self.dirty_sync_timer_ms:g} is not accepted; accepted: 0 (no "
-                             "timer) or 1 to 1e9 ms")
+            info = type(self).model_fields["dirty_sync_timer_ms"]
+            raise ValueError(f"dirty_sync_timer_ms: {self.dirty_sync_timer_ms!r} is not accepted; accepted: "
+                             f"{accepted_range('dirty_sync_timer_ms', info)}")
         if self.max_pct < self.initial_pct:  # QEMU migrate_params_check refuses it too
             raise ValueError(f"max_pct: {self.max_pct} is below initial_pct ({self.initial_pct}); accepted: "
                              f"initial_pct ({self.initial_pct}) to 99")
@@ -944,13 +1014,17 @@ class ScenarioConfig(Strict):
         if too_fast:
             raise ValueError(too_fast)
         v = self.vm
+        mem_ok = (f"accepted on host {prof.name}: a multiple of the page size {prof.page_size} from "
+                  f"{64 * prof.page_size} (64 pages) to {1 << prof.phys_addr_bits} bytes")
         if v.memory % prof.page_size:
-            raise ValueError(f"vm.memory: {v.memory} bytes is not a multiple of the page size {prof.page_size}")
+            raise ValueError(f"vm.memory: {v.memory} bytes is not a multiple of the page size {prof.page_size}; "
+                             f"{mem_ok}")
         if v.memory < 64 * prof.page_size:
-            raise ValueError(f"vm.memory: {v.memory} bytes is below 64 pages of {prof.page_size}")
+            raise ValueError(f"vm.memory: {v.memory} bytes is below 64 pages of {prof.page_size}; {mem_ok}")
         if v.memory > 1 << prof.phys_addr_bits:
             raise ValueError(f"vm.memory: {v.memory} bytes is more than host {prof.name} addresses "
-                             f"({prof.phys_addr_bits}-bit guest physical addresses: up to {1 << prof.phys_addr_bits})")
+                             f"({prof.phys_addr_bits}-bit guest physical addresses: up to {1 << prof.phys_addr_bits}); "
+                             f"{mem_ok}")
         if v.with_bitmap and not prof.with_bitmap_supported:
             raise ValueError(f"vm.with_bitmap: host {prof.name} does not offer KVM_CAP_DIRTY_LOG_RING_WITH_BITMAP")
         if v.eager_split_chunk and v.eager_split_chunk not in prof.eager_split_chunk_sizes:
@@ -1082,7 +1156,9 @@ def scale_scenario(scenario: str | Path | ScenarioConfig | dict | None, memory: 
     becomes an object of the same name). ``overrides`` as :func:`load_scenario`'s (applied
     last)."""
     cfg = load_scenario(scenario)
-    memory = parse_size(memory, "memory")
+    given, memory = memory, parse_size(memory, "memory")
+    if memory > MAX_MEMORY:  # (nor could the factor be a float: 10**400 / memory overflows)
+        raise ConfigError(f"memory: {given!r} is not accepted; accepted: a size up to {MAX_MEMORY_TEXT}")
     f = memory / cfg.vm.memory
     link: dict = {"gbps": cfg.link.gbps * f}
     if cfg.link.max_bandwidth_mibps != "link":
@@ -1125,6 +1201,8 @@ class RewardConfig(Strict):
     scale: float = Field(1.0, ge=1 / MAX_REWARD_WEIGHT, le=MAX_REWARD_WEIGHT)
 
 
+#: what each of EnvConfig.intervals_ms accepts (its errors say so)
+INTERVALS_MS_ACCEPTED = "1 to 10000 ms (the observation holds log10(ms) / 4), each once"
 #: what EnvConfig.rate_scale_range accepts (its errors say so)
 RATE_SCALE_RANGE_ACCEPTED = ("[low, high] with 0 < low <= high <= 100 and low >= 0.01 (factors on the workload's "
                              "write rates)")
@@ -1148,12 +1226,14 @@ class EnvConfig(Strict):
     sample_s: float = Field(1.0, gt=0, le=MAX_SIM_S, description="pre-migration dirty-rate sample, simulated s")
     sample_windows: int = Field(5, ge=1, le=100, description="dirty-log reads over the sample (re-dirty rate)")
     ring_sizes: list[int] | None = Field(None, description="ring entries offered (default: all the host accepts)")
-    intervals_ms: list[float] = Field(default_factory=lambda: list(DEFAULT_INTERVALS_MS), min_length=1)
+    intervals_ms: list[float] = Field(default_factory=lambda: list(DEFAULT_INTERVALS_MS), min_length=1,
+                                      json_schema_extra={"accepted": INTERVALS_MS_ACCEPTED})
     workload_set: str = "default"
     rate_scale_range: tuple[float, float] = Field(
         (1.0, 1.0),
         description="[low, high]: each episode multiplies its workload's write rates by a factor drawn log-uniformly "
-                    "from it (domain randomisation for training; [1, 1]: the workloads as written)")
+                    "from it (domain randomisation for training; [1, 1]: the workloads as written)",
+        json_schema_extra={"accepted": RATE_SCALE_RANGE_ACCEPTED})
     reward: RewardConfig = Field(default_factory=RewardConfig)
 
     @field_validator("rate_scale_range", mode="before")
@@ -1170,8 +1250,7 @@ class EnvConfig(Strict):
             raise ValueError(f"rate_scale_range: {list(lo_hi)} is not accepted; accepted: {RATE_SCALE_RANGE_ACCEPTED}")
         for m in self.intervals_ms:
             if not 1 <= m <= 10_000:
-                raise ValueError(f"intervals_ms: {m:g} is not accepted; accepted: 1 to 10000 ms (the observation "
-                                 "holds log10(ms) / 4)")
+                raise ValueError(f"intervals_ms: {m:g} is not accepted; accepted: {INTERVALS_MS_ACCEPTED}")
         if self.ring_sizes is not None and not self.ring_sizes:
             raise ValueError("ring_sizes: [] is empty; at least one size is needed (or leave ring_sizes out: every "
                              "size the host accepts)")

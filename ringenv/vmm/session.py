@@ -38,7 +38,7 @@ from operator import itemgetter
 
 import numpy as np
 
-from ..config import ConfigError, ScenarioConfig, checked_number, load_scenario, to_ns
+from ..config import MAX_SIM_S, ConfigError, ScenarioConfig, _num_text, checked_number, load_scenario, to_ns
 from ..guest.workload import WorkloadProgram
 from ..kvm import uapi as U
 from ..kvm.vm import Vm
@@ -65,18 +65,27 @@ GUEST, OUT, SLEEP, DLSLEEP, PARKED, DONE, WEDGED = range(7)
 
 def _host_sync_ns(host_sync_ms) -> int:
     """``host_sync_ms`` checked and in ns (0: no grid): None, or a real number of ms, finite and
-    at least 1 ns once rounded to ns (a bool is no number of ms; infinity is no grid)."""
+    at least 1 ns once rounded to ns, at most MAX_SIM_S in ms (1e9 ms, as an env's control interval)
+    (a bool is no number of ms; infinity is no grid)."""
     if host_sync_ms is None:
         return 0
-    checked_number(host_sync_ms, "host_sync_ms", "a finite number of ms >= 1e-06 (1 ns), or None",
-                   lambda ms: math.isfinite(float(ms) * MS) and round(float(ms) * MS) >= 1)
+    checked_number(host_sync_ms, "host_sync_ms",
+                   f"a number of ms from 1e-6 (1 ns) to {_num_text(MAX_SIM_S * 1e3)}, or None",
+                   lambda ms: math.isfinite(float(ms) * MS) and round(float(ms) * MS) >= 1 and ms <= MAX_SIM_S * 1e3)
     return to_ns(host_sync_ms, MS)
 
 
 def _workload_start_ns(workload_start_s) -> int:
-    """``workload_start_s`` checked and in ns: a finite real number of seconds >= 0."""
-    checked_number(workload_start_s, "workload_start_s", "a finite number of seconds >= 0", lambda s: s >= 0)
+    """``workload_start_s`` checked and in ns: a real number of seconds from 0 to MAX_SIM_S (1e6 s,
+    the longest simulated time any setting gives, as an env's dirty-rate sample ``sample_s``)."""
+    checked_number(workload_start_s, "workload_start_s", f"a number of seconds from 0 to {_num_text(MAX_SIM_S)} "
+                   "(the longest simulated time a setting may give)", lambda s: 0 <= s <= MAX_SIM_S)
     return to_ns(workload_start_s, NS)
+
+
+#: what :meth:`Session.advance` accepts, as its error says it
+_ADVANCE_ACCEPTED = (f"a number of simulated ns from 0 to {FOREVER} (2**62, sim.FOREVER: until the run is over); "
+                     "a fraction of a ns is dropped")
 
 
 class Session:
@@ -87,7 +96,8 @@ class Session:
     ``workload_start_s``: where on the workload's timeline the run starts (the guest has been
     running that long: its phases and sweeps go on from there, with draws of its own; see
     :class:`~ringenv.guest.workload.WorkloadProgram`): the environment starts a run where its
-    dirty-rate sample (:func:`~ringenv.vmm.dirtyrate.sample_dirty_rate`) ended."""
+    dirty-rate sample (:func:`~ringenv.vmm.dirtyrate.sample_dirty_rate`) ended; 0 to 1e6 s
+    (:data:`~ringenv.config.MAX_SIM_S`)."""
 
     PRIO_VCPU = 1
     PRIO_MAIN = 2
@@ -914,7 +924,10 @@ class Session:
         self.dirty = None
 
     def advance(self, until_ns: int) -> None:
-        """Run host and VMM up to simulated time ``until_ns`` (or until the run is over)."""
+        """Run host and VMM up to simulated time ``until_ns`` (or until the run is over): a number of ns from 0 to
+        FOREVER (a fraction of a ns is dropped); anything else (a string, NaN, infinity, a bool) is a ConfigError
+        naming the argument and what is accepted."""
+        checked_number(until_ns, "until_ns", _ADVANCE_ACCEPTED, lambda ns: 0 <= ns <= FOREVER)
         until = int(until_ns)
         loop, vm = self.loop, self.vm
         heap = loop.heap
