@@ -870,7 +870,8 @@ def _open_session(kind, scenario, workload, seed, ring_entries, interval_ns, con
 def nearest_choices(ring_sizes, intervals_ms, ring_entries: float, interval_ms: float) -> tuple[int, int]:
     """The indexes of the offered ring size and harvest interval nearest to ``ring_entries`` and
     ``interval_ms`` on a log scale (a tie goes to the first offered); +inf is nearest the
-    largest. A value that is not a number > 0 is a ValueError naming the argument."""
+    largest, as is an int too large for a float. A value that is not a number > 0 is a ValueError
+    naming the argument."""
     out = []
     for name, choices, value in (("ring_entries", ring_sizes, ring_entries),
                                  ("interval_ms", intervals_ms, interval_ms)):
@@ -878,6 +879,8 @@ def nearest_choices(ring_sizes, intervals_ms, ring_entries: float, interval_ms: 
             v = float(value)
         except (TypeError, ValueError):
             v = math.nan
+        except OverflowError:  # an int too large for a float: as an infinity of its sign
+            v = math.inf if value > 0 else -math.inf
         if not v > 0:
             raise ValueError(f"{name} {value!r}: expected a number > 0 (the nearest of "
                              f"{', '.join(map(str, choices))} is taken)")

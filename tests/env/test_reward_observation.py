@@ -184,6 +184,11 @@ def test_encode_action_snaps_to_the_nearest_on_a_log_scale():
     assert u.encode_action(4096, 320).tolist() == [4, 5]  # log: 320 is nearer 500 than 200 (linear: 200)
     assert u.encode_action(4096, 140).tolist() == [4, 3]  # log: 140 nearer 100 (linear as well)
     assert u.encode_action(3000, 10).tolist() == [4, 0]  # 3000 entries: nearer 4096 than 2048 on log2
+    # +inf, and an int too large for a float, are nearest the largest; a non-positive one is refused
+    last = [len(u.ring_sizes) - 1, len(u.intervals_ms) - 1]
+    assert u.encode_action(float("inf"), 10**400).tolist() == u.encode_action(10**400, 1e300).tolist() == last
+    with pytest.raises(ValueError, match=r"ring_entries -1000.*expected a number > 0"):
+        u.encode_action(-(10**400), 10)
 
 
 def test_the_bitmap_collector_ignores_the_ring_size_from_the_first_step():
