@@ -9,6 +9,7 @@ import ast
 import dataclasses
 import inspect
 import os
+import re
 import sys
 import textwrap
 from pathlib import Path
@@ -32,7 +33,7 @@ TRAIN_CONFIG_DIR = CONFIG_DIR / "train"
 MODEL_RECORD = "ringenv_model"
 #: the keys of a run's args.json that MODEL_RECORD carries
 MODEL_RECORD_KEYS = ("algo", "env_id", "scenario", "split", "workloads", "env_kwargs", "env_wrapper", "action_repeat",
-                     "control_interval_ms", "policy", "normalize")
+                     "control_interval_ms", "policy", "normalize", "action_grids")
 
 
 # ---------------------------------------------------------------------------------- environments
@@ -101,6 +102,24 @@ def make_env(env_id: str = MIGRATION, scenario: str = "default", split: str = "t
                              f"function's {k} argument), not by --set or a hyperparameter file's env_kwargs")
     return gym.make(env_id, scenario=scenario, split=split, workloads=workloads or None,
                     **(overrides or {}), **kwargs)
+
+
+def flag_config_error(e: ValueError, overrides: dict, workloads=None) -> ValueError:
+    """``e`` (an error of making an environment: ringenv's ConfigError) named by the command-line
+    flag that gave the bad value: ``--scenario`` for an unknown scenario, ``--workloads``, ``--set``
+    (``overrides``: the settings --set gave); else ``e`` itself."""
+    # the fields named, line by line, each by its top-level key (vm.vcpus, workloads[1]: vm, workloads)
+    roots = [re.split(r"[.\[]", ln.strip().split(":", 1)[0])[0] for ln in str(e).splitlines()]
+    text = str(e)
+    if roots[0] == "scenario" and text.startswith("scenario: "):
+        return type(e)(f"scenario (--scenario): {text[len('scenario: '):]}")
+    if roots[0] == "workloads" and workloads:
+        return type(e)(f"--workloads: {text}")
+    if roots[0] in overrides:
+        return type(e)(f"--set {text}")
+    if any(r in overrides for r in roots[1:]):
+        return type(e)(f"--set: {text}")
+    return e
 
 
 @dataclasses.dataclass(frozen=True)

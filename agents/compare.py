@@ -14,12 +14,12 @@ import dataclasses
 import time
 from dataclasses import dataclass, field
 
-from .common import EnvFacts, check_out_dir, module_main, parse_overrides
+from .common import EnvFacts, check_env_id, check_out_dir, module_main, parse_overrides
 from ringenv.config import load_workload
 
-from .evaluate import (EvalSettings, check_baseline, check_spec, evaluate, find_model, load_policy,
-                       markdown_per_workload, markdown_table, per_workload, policy_env, run_episode, scenario_label,
-                       summarize, unsound, workloads_label, write_csv, write_results)
+from .evaluate import (NO_POLICIES, EvalSettings, check_baseline, check_same_task, check_spec, evaluate, find_model,
+                       load_policy, markdown_per_workload, markdown_table, per_workload, policy_env, run_episode,
+                       scenario_label, summarize, unsound, workloads_label, write_csv, write_results)
 from .heuristics import DEFAULT_SET, is_heuristic
 
 
@@ -46,6 +46,8 @@ def main(args: Args) -> dict:
     overrides = parse_overrides(args.set)
     check_out_dir(args.out)
     policies = list(dict.fromkeys(list(args.policies) + list(args.models)))
+    if not policies:  # (--policies given without a value, and no --models)
+        raise ValueError(NO_POLICIES)
     for m in args.models:  # named by their own flag (evaluate names --policies)
         if is_heuristic(m):
             continue
@@ -59,6 +61,8 @@ def main(args: Args) -> dict:
         except ValueError as e:
             raise ValueError("--models" + str(e)[len("--policies"):] if str(e).startswith("--policies") else e) \
                 from None
+        check_env_id(args.env_id)
+        check_same_task(m, args.env_id, "--models")
     check_baseline(args.baseline, policies)
     if args.plots and args.timeline_workload:
         load_workload(args.timeline_workload, where="--timeline-workload")  # now, not after every episode

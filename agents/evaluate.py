@@ -32,8 +32,8 @@ import numpy as np
 from ringenv.config import ConfigError
 from ringenv.env import NOT_KEYWORDS
 
-from .common import (MIGRATION, MODEL_RECORD, EnvFacts, check_env_id, check_out_dir, jsonable, make_env,
-                     module_main, parse_overrides, wrap_env)
+from .common import (MIGRATION, MODEL_RECORD, EnvFacts, check_env_id, check_out_dir, flag_config_error, jsonable,
+                     make_env, module_main, parse_overrides, wrap_env)
 from .heuristics import SPECS, Policy, heuristic_env_kwargs, is_heuristic, make_heuristic
 
 
@@ -379,7 +379,8 @@ def _worker_init():
         pass
 
 
-#: env settings a trained model brings to its evaluation: its action grids (everything else, the
+#: env settings a trained model brings to its evaluation: its action grids (:func:`model_grids`; an
+#: evaluation's --set of the grids changes the heuristics' only; everything else, the
 #: scenario and the reward, is the evaluation's: every policy of a table runs the same episodes, so
 #: that the paired differences mean something; :func:`trained_settings_differences` says where a
 #: model's training settings differ)
@@ -457,10 +458,37 @@ def trained_workloads(spec: str, env_id: str = MIGRATION) -> list[str]:
         env.close()
 
 
+def model_grids(spec: str, env_id: str = MIGRATION, scenario: str = "default", overrides: dict | None = None) -> dict:
+    """The action grids model ``spec`` was trained on (what its actions mean), as env settings
+    ``{ring_sizes, intervals_ms}``: those its record carries (``action_grids``: ``ringenv train``
+    records the env's); for a model trained before runs recorded them, the grids of its training
+    settings (its recorded scenario and env_kwargs; if these no longer load, the grids among its
+    env_kwargs); for a model without a record, those of the evaluation's settings (``scenario``,
+    ``overrides``) without their grid overrides. Never the evaluation's ``--set`` of the grids:
+    that changes the heuristics' grids only."""
+    meta = model_meta(find_model(spec))
+    grids = meta.get("action_grids")
+    if isinstance(grids, dict) and all(isinstance(grids.get(k), list) for k in MODEL_ENV_KEYS):
+        return {k: list(grids[k]) for k in MODEL_ENV_KEYS}
+    if meta:
+        scenario, kw = meta.get("scenario") or "default", meta.get("env_kwargs") or {}
+    else:
+        kw = {k: v for k, v in (overrides or {}).items() if k not in MODEL_ENV_KEYS}
+    try:
+        env = make_env(policy_env_id(spec, env_id), scenario, "all", None, kw)
+    except ValueError:  # (settings this version refuses: trained_settings_differences says so)
+        return {k: v for k, v in (meta.get("env_kwargs") or {}).items() if k in MODEL_ENV_KEYS}
+    try:
+        return {"ring_sizes": list(env.unwrapped.ring_sizes), "intervals_ms": list(env.unwrapped.intervals_ms)}
+    finally:
+        env.close()
+
+
 def policy_env(spec: str, env_id: str = MIGRATION, scenario: str = "default", split: str = "test",
                workloads=None, overrides: dict | None = None):
     """The environment policy ``spec`` runs in: the evaluation's settings, plus what the policy
-    needs (the bitmap baseline's collector; a model's env id and its training wrappers)."""
+    needs (the bitmap baseline's collector; a model's env id, its action grids (:func:`model_grids`)
+    and its training wrappers)."""
     kw, wrapper, where = {}, None, ""
     if is_heuristic(spec):
         kw = heuristic_env_kwargs(spec)
@@ -470,7 +498,7 @@ def policy_env(spec: str, env_id: str = MIGRATION, scenario: str = "default", sp
         wrapper = meta.get("env_wrapper")
         where = f"{spec}: env_wrapper (the training run's args.json)"
         # the action grids the model was trained on (its action space); the rest is the evaluation's
-        kw = {k: v for k, v in (meta.get("env_kwargs") or {}).items() if k in MODEL_ENV_KEYS}
+        kw = model_grids(spec, env_id, scenario, overrides)
     env = make_env(policy_env_id(spec, env_id), scenario, split, list(workloads or []) or None,
                    {**(overrides or {}), **kw})
     return wrap_env(env, wrapper, where=where) if wrapper else env
@@ -514,7 +542,10 @@ def check_spec(spec: str, facts: EnvFacts) -> str | None:
     evaluation environment's): it would run the nearest action under the requested label, or a
     model that would not run as trained (:func:`check_model`, whose warning is returned)."""
     if is_heuristic(spec):
-        make_heuristic(spec, facts)
+        try:
+            make_heuristic(spec, facts)
+        except ValueError as e:  # ("policy SPEC: ...": named by the flag that gave it)
+            raise ValueError(re.sub(r"^policy ", "--policies ", str(e))) from None
         return None
     try:
         find_model(spec)
@@ -526,6 +557,15 @@ def check_spec(spec: str, facts: EnvFacts) -> str | None:
         if str(e).startswith("--policies"):
             raise
         raise ValueError(f"--policies {spec!r}: {e}") from None
+
+
+def check_same_task(spec: str, env_id: str, flag: str = "--policies") -> None:
+    """A ValueError naming ``flag`` (where the spec was given) for a model trained on another
+    task than the evaluation's ``env_id`` (checkpointing for a migration evaluation)."""
+    trained_on = policy_env_id(spec, env_id)
+    if trained_on.replace("Discrete", "") != env_id.replace("Discrete", ""):
+        raise ValueError(f"{flag} {spec!r}: a model trained on {trained_on}, evaluated on {env_id} (--env-id) "
+                         f"episodes: not the same task; evaluate it with --env-id {trained_on.replace('Discrete', '')}")
 
 
 def unavailable(spec: str, env_id: str, scenario: str, split: str, workloads, overrides: dict) -> str | None:
@@ -547,6 +587,11 @@ def unavailable(spec: str, env_id: str, scenario: str, split: str, workloads, ov
         return (f"gymnasium.make(..., collector={kw['collector']!r}) ran the {info.get('collector')} collector "
                 f"(the environment does not offer it)")
     return None
+
+
+#: the usage error of an evaluation without policies
+NO_POLICIES = (f"--policies: none given; expected one or more heuristic specs ({SPECS}) or trained models (a run "
+               "directory or a .zip)")
 
 
 def check_baseline(baseline: str, policies: list[str]) -> None:
@@ -617,24 +662,12 @@ def evaluate(policies: list[str], env_id: str = MIGRATION, scenario: str = "defa
     try:
         wls, facts = evaluation_env(env_id, scenario, split, workloads, overrides)
     except ConfigError as e:  # named by the flag that gave the bad value
-        # the fields named, line by line, each by its top-level key (vm.vcpus, workloads[1]: vm, workloads)
-        roots = [re.split(r"[.\[]", ln.strip().split(":", 1)[0])[0] for ln in str(e).splitlines()]
-        if roots[0] == "workloads" and workloads:
-            raise ConfigError(f"--workloads: {e}") from None
-        if roots[0] in overrides:
-            raise ConfigError(f"--set {e}") from None
-        if any(r in overrides for r in roots[1:]):
-            raise ConfigError(f"--set: {e}") from None
-        raise
+        raise flag_config_error(e, overrides, workloads) from None
     overrides = scoring_overrides(env_id, scenario, overrides)
     warnings = {spec: check_spec(spec, facts) for spec in policies}  # every spec checked before anything runs
     for spec in policies:
         meta = _spec_meta(spec)
-        trained_on = policy_env_id(spec, env_id)
-        if trained_on.replace("Discrete", "") != env_id.replace("Discrete", ""):
-            raise ValueError(f"--policies {spec!r}: a model trained on {trained_on}, evaluated on {env_id} "
-                             f"(--env-id) episodes: not the same task; evaluate it with --env-id "
-                             f"{trained_on.replace('Discrete', '')}")
+        check_same_task(spec, env_id)
         if warnings[spec]:
             print(f"warning: {warnings[spec]}", file=sys.stderr)
         if meta.get("interrupted"):
@@ -664,6 +697,9 @@ def evaluate(policies: list[str], env_id: str = MIGRATION, scenario: str = "defa
             print(f"note: policy {spec!r} left out: {why}", file=sys.stderr)
         else:
             available.append(spec)
+    if not available:  # (a usage error: nothing would be evaluated, the tables and CSV files empty)
+        raise ValueError(f"--policies: every policy given ({', '.join(policies)}) was left out (see the notes above); "
+                         "nothing to evaluate: give one this environment can run")
     policies = available
     ov = json.dumps(overrides, sort_keys=True)
     jobs = [(spec, env_id, scenario, split, tuple(workloads or ()), ov, w, seed0 + k)
@@ -878,7 +914,7 @@ def main(args: Args) -> int:
     overrides = parse_overrides(args.set)
     check_out_dir(args.out)
     if not args.policies:
-        raise ValueError("no policies given")
+        raise ValueError(NO_POLICIES)
     check_baseline(args.baseline, args.policies)
     records = evaluate(args.policies, args.env_id, args.scenario, args.split, args.workloads, args.seeds,
                        args.seed0, overrides, args.workers, args.progress)

@@ -33,7 +33,8 @@ What it does:
    A run into a directory that holds an earlier one first removes the earlier run's models,
    evaluations, snapshots and ``args.json`` (it says so), so that they are never mixed. Ctrl-C
    ends training early: the model so far and its statistics are saved as the final ones, and
-   ``args.json`` says ``interrupted`` (``evaluate`` warns about such a model); exit code 130. A
+   ``args.json`` says ``interrupted`` (``evaluate`` warns about such a model); exit code 130 (with
+   ``SubprocVecEnv`` its workers are not asked how many env steps they took: ``env_steps`` null). A
    run that fails says ``failed`` (the error) and ``finished: false`` there, and ``evaluate`` warns
    about the models it left as well.
 """
@@ -50,9 +51,11 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ringenv.config import ConfigError
+
 from .common import (DEFAULT_ENV, MODEL_RECORD, MODEL_RECORD_KEYS, TRAIN_CONFIG_DIR, FixedEpisodes,
-                     apply_overrides, check_env_id, check_out_dir, import_named, jsonable, load_hyperparams, make_env,
-                     module_main, parse_overrides, sb3_logger, wrap_env, wrapper_specs)
+                     apply_overrides, check_env_id, check_out_dir, flag_config_error, import_named, jsonable,
+                     load_hyperparams, make_env, module_main, parse_overrides, sb3_logger, wrap_env, wrapper_specs)
 
 
 @dataclass
@@ -548,6 +551,10 @@ def main(args: Args) -> Path:
     env_id = args.env_id or DEFAULT_ENV[algo]
     check_env_id(env_id)
     hp_file = Path(args.hyperparams) if args.hyperparams else TRAIN_CONFIG_DIR / f"{algo}.yaml"
+    if args.hyperparams and not hp_file.is_file():
+        what = "a directory, not a file" if hp_file.is_dir() else "no such file"
+        raise ValueError(f"--hyperparams {args.hyperparams!r}: {what}; expected a YAML file of hyperparameters (RL Zoo "
+                         f"layout: environment id -> hyperparameters, as {TRAIN_CONFIG_DIR / (algo + '.yaml')})")
     from_file = load_hyperparams(algo, env_id, hp_file)
     from_cli = parse_overrides(args.hp, flag="--hp")
     where = {k: f"{hp_file.name} ({env_id})" for k in from_file}
@@ -571,9 +578,14 @@ def main(args: Args) -> Path:
     env_kwargs = apply_overrides(hp.pop("env_kwargs", None) or {}, args.set)
     hp["policy_kwargs"] = dict(hp.get("policy_kwargs") or {})
     workloads = args.workloads or None
-    probe = make_env(env_id, args.scenario, args.split, workloads, env_kwargs).unwrapped
+    try:
+        probe = make_env(env_id, args.scenario, args.split, workloads, env_kwargs).unwrapped
+    except ConfigError as e:  # named by the flag that gave the bad value
+        raise flag_config_error(e, parse_overrides(args.set), workloads) from None
     train_workloads = list(probe.workloads)
     control_ms = float(probe.cfg.control_interval_ms)
+    # the action grids the model's actions index (recorded: evaluate runs the model on these, whatever its --set)
+    grids = {"ring_sizes": list(probe.ring_sizes), "intervals_ms": list(probe.intervals_ms)}
     policy = _policy_class(policy_name)
     if not isinstance(policy, str) and "ring_sizes" in policy.__init__.__code__.co_varnames:
         hp["policy_kwargs"].setdefault("ring_sizes", list(probe.ring_sizes))
@@ -649,7 +661,8 @@ def main(args: Args) -> Path:
     _clear_earlier_run(run)
     run.mkdir(parents=True, exist_ok=True)
     meta = {"algo": algo, "env_id": env_id, "scenario": args.scenario, "split": args.split, "workloads": workloads,
-            "env_kwargs": env_kwargs, "env_wrapper": wrapper, "action_repeat": action_repeat, "timesteps": total,
+            "env_kwargs": env_kwargs, "action_grids": grids, "env_wrapper": wrapper, "action_repeat": action_repeat,
+            "timesteps": total,
             "timesteps_rounded": rounded,
             "control_interval_ms": control_ms, "n_envs": n_envs,
             "vec_env": "SubprocVecEnv" if use_subproc else "DummyVecEnv", "policy": policy_name,
@@ -702,10 +715,15 @@ def main(args: Args) -> Path:
     if normalize:
         venv.save(str(run / "final_model_vecnormalize.pkl"))
     decisions = int(model.num_timesteps)  # a whole number of rollouts: can exceed --timesteps
-    try:
+    workers = venv.unwrapped if isinstance(venv.unwrapped, SubprocVecEnv) else None
+    if interrupted and workers is not None:
+        # the workers are not asked: their pipes may hold the step results the interrupted learn()
+        # never read (a question would read one of those as its answer), or be broken (Ctrl-C
+        # reached the workers too); the env steps taken are then unknown (null in args.json)
+        env_steps = None if action_repeat > 1 else decisions
+        _end_workers(workers)
+    else:
         env_steps = sum(venv.get_attr("env_steps")) if action_repeat > 1 else decisions
-    except (EOFError, OSError):  # Ctrl-C reached SubprocVecEnv's workers too: they are gone
-        env_steps = None
     meta.update(wall_s=wall, decisions=decisions, env_steps=env_steps, decisions_per_s=decisions / wall,
                 env_steps_per_s=None if env_steps is None else env_steps / wall, interrupted=interrupted,
                 finished=True)
@@ -715,10 +733,8 @@ def main(args: Args) -> Path:
         meta["evaluations"] = {"timesteps": ev["timesteps"].tolist(), "mean_reward": means.tolist()}
         meta["best_eval"] = {"timesteps": int(ev["timesteps"][means.argmax()]), "mean_reward": float(means.max())}
     (run / "args.json").write_text(json.dumps(jsonable(meta), indent=1, default=str))
-    try:
+    if not (interrupted and workers is not None):  # (those were ended above)
         venv.close()
-    except (EOFError, OSError):  # (the workers of an interrupted SubprocVecEnv are gone)
-        pass
     steps = "" if env_steps is None else f" = {env_steps} env steps"
     rates = "" if env_steps is None else f", {env_steps / wall:.0f} env steps/s"
     print(f"train: {'INTERRUPTED after' if interrupted else 'done in'} {wall:.0f} s: {decisions} decisions{steps} "
@@ -749,6 +765,19 @@ def _planned(callback_cls, calls: frozenset[int]):
     return Planned
 
 
+def _end_workers(venv) -> None:
+    """End the worker processes of an interrupted ``SubprocVecEnv`` without a word to them:
+    ``close()`` would first wait for one step result per worker (one the interrupted learn()
+    already read never comes: it would hang), and a worker that Ctrl-C reached is gone."""
+    for process in venv.processes:
+        if process.is_alive():
+            process.terminate()
+        process.join()
+    for remote in venv.remotes:
+        remote.close()
+    venv.closed = True
+
+
 def _dummy_vec_env(env_fns):
     """A DummyVecEnv with its rewards in float64, as SubprocVecEnv returns them (DummyVecEnv keeps
     float32): VecNormalize's statistics, hence the model, do not depend on which one runs."""
@@ -761,15 +790,24 @@ def _dummy_vec_env(env_fns):
 
 
 def _decisions_bar(action_repeat: int):
-    """stable-baselines3's progress bar, labelled with what it counts: decisions (timesteps), each
-    up to ``action_repeat`` env steps."""
-    from stable_baselines3.common import callbacks as cb
+    """A progress bar of the decisions (timesteps), each up to ``action_repeat`` env steps: on
+    stderr, and only when stderr is a terminal (as evaluate's; stable-baselines3's own bar, rich's,
+    writes to stdout, into a pipe or a file too)."""
+    from stable_baselines3.common.callbacks import BaseCallback
+    from tqdm.auto import tqdm
 
-    class DecisionsBar(cb.ProgressBarCallback):
+    class DecisionsBar(BaseCallback):
         def _on_training_start(self) -> None:
             label = "decisions" + (f" (each up to {action_repeat} env steps)" if action_repeat > 1 else "")
-            self.pbar = cb.tqdm(total=self.locals["total_timesteps"] - self.model.num_timesteps, desc=label,
-                                unit="dec", disable=None)  # (None: none unless stderr is a terminal)
+            self.pbar = tqdm(total=self.locals["total_timesteps"] - self.model.num_timesteps, desc=label, unit="dec",
+                             disable=None, dynamic_ncols=True, file=sys.stderr)  # (None: none unless a terminal)
+
+        def _on_step(self) -> bool:
+            self.pbar.update(self.training_env.num_envs)  # (one decision per env per call)
+            return True
+
+        def _on_training_end(self) -> None:
+            self.pbar.close()
 
     return DecisionsBar()
 

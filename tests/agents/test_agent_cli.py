@@ -246,3 +246,50 @@ def test_train_timesteps_help_and_readme_say_the_budget_is_rounded_up():
     readme = flat((ROOT / "README.md").read_text())
     assert "N x `action_repeat` environment steps at most" not in readme
     assert "rounded up to whole rollouts" in readme
+
+
+# ---------------------------------------------------------------------------------- evaluations without policies
+@pytest.mark.parametrize("cmd", ["evaluate", "compare", "run"])
+def test_an_evaluation_without_policies_is_a_usage_error(capsys, tmp_path, cmd):
+    """`--policies` given no value: compare and run wrote an empty table and empty CSV files and
+    exited 0 (evaluate said "no policies given", without the flag)."""
+    out = tmp_path / "out"
+    err = one_line_error(capsys, [cmd, "--policies", "--seeds", "1", "--out", str(out), "--no-progress", *SMALL])
+    assert "--policies: none given; expected one or more heuristic specs (qemu, fixed:ENTRIES:MS" in err, err
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("cmd", ["evaluate", "compare"])
+def test_an_evaluation_whose_every_policy_is_left_out_is_a_usage_error(capsys, tmp_path, cmd):
+    """The bitmap baseline is left out where the environment forces the ring (throttle=dirty-limit):
+    with no other policy, evaluate and compare wrote empty files and exited 0."""
+    out = tmp_path / "out"
+    rc = main([cmd, "--policies", "bitmap", "--workloads", "oltp", "--seeds", "1", "--workers", "1", "--out", str(out),
+               "--no-progress", *SMALL, "throttle=dirty-limit"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "policy 'bitmap' left out" in err, err
+    assert "--policies: every policy given (bitmap) was left out" in err and "Traceback" not in err, err
+    assert not out.exists()
+
+
+# ---------------------------------------------------------------------------------- errors name their flag
+@pytest.mark.parametrize("argv, words", [
+    (["train", "--set", "foo=1"], "--set foo: unknown argument; accepted: split, workloads"),
+    (["train", "--set", "vm.vcpus=0"], "--set: invalid scenario default.yaml with the keyword overrides (vm): "
+                                       "vm.vcpus: Input should be greater than or equal to 1 (got 0)"),
+    (["train", "--hyperparams", "{tmp}"], "--hyperparams '{tmp}': a directory, not a file; expected a YAML file"),
+    (["train", "--hyperparams", "{tmp}/nosuch.yaml"], "--hyperparams '{tmp}/nosuch.yaml': no such file; expected"),
+    (["train", "--scenario", "nosuch"], "scenario (--scenario): unknown scenario 'nosuch'; accepted: analytics,"),
+    (["evaluate", "--scenario", "nosuch"], "scenario (--scenario): unknown scenario 'nosuch'; accepted: analytics,"),
+    (["evaluate", "--policies", "fixed:1000:100"], "--policies 'fixed:1000:100': ENTRIES 1000 is not one of the "
+                                                   f"environment's ring sizes; accepted ring_sizes: {RINGS}"),
+    (["compare", "--policies", "qemu", "fixed:4096:150"], "--policies 'fixed:4096:150': interval 150 ms is not one"),
+])
+def test_bad_values_are_named_by_their_flag(capsys, tmp_path, argv, words):
+    out = tmp_path / "out"
+    argv = [a.replace("{tmp}", str(tmp_path)) for a in argv]
+    extra = ["--timesteps", "10", "--no-tensorboard"] if argv[0] == "train" else ["--seeds", "1"]
+    rc = main([*argv, *extra, "--out", str(out), "--no-progress"])
+    err = flat(capsys.readouterr().err)
+    assert rc == 2 and words.replace("{tmp}", str(tmp_path)) in err and "Traceback" not in err, err
+    assert not out.exists()

@@ -258,7 +258,7 @@ def test_bad_arguments_end_with_a_message_not_a_traceback():
     env = dict(os.environ)
     env["PYTHONPATH"] = str(ROOT) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
     for args, words in ((["evaluate", "--policies", "nope"], "not a heuristic"),
-                        (["compare", "--policies", "fixed:4096"], "policy 'fixed:4096'"),
+                        (["compare", "--policies", "fixed:4096"], "--policies 'fixed:4096'"),
                         (["train", "--set", "vm.vcpus"], "KEY=VALUE"),
                         (["evaluate", "--set", "vm.vcpus=0"], "vm.vcpus"),
                         (["evaluate", "--policies", "qemu", "fixed:4096:150"], "interval 150 ms"),
@@ -336,7 +336,7 @@ def test_evaluate_rejects_off_grid_specs_before_running_anything(tmp_path, capsy
         assert main(["evaluate", "--policies", "qemu", spec, "--workloads", "oltp", "--seeds", "1", "--workers", "1",
                      "--out", str(out), "--no-progress", *SMALL]) == 2
         err = " ".join(capsys.readouterr().err.split())
-        for w in [f"policy {spec!r}", *words]:
+        for w in [f"--policies {spec!r}", *words]:
             assert w in err, (w, err)
         assert not out.exists()
     assert main(["evaluate", "--policies", "fixed:4096:150", "--workloads", "oltp", "--seeds", "1", "--workers", "1",
@@ -689,6 +689,36 @@ def test_dotted_overrides_merge_into_the_file_s_mappings(tmp_path):
     assert list(meta["hyperparams"]["policy_kwargs"]) == ["ring_sizes"]
 
 
+def test_train_s_progress_bar_is_on_stderr_and_only_on_a_terminal(tmp_path, monkeypatch, capsys):
+    """--progress (the default): "on a terminal: none when stderr is a pipe or a file". The bar
+    (stable-baselines3's, rich's) went to stdout, into a pipe or a file too."""
+    import io
+    from types import SimpleNamespace
+
+    from agents import train
+
+    p = ringenv("train", "--timesteps", 64, "--n-envs", 1, "--evals", 0, "--checkpoints", 0, "--out", tmp_path,
+                "--no-tensorboard", *SMALL, *TINY_PPO)
+    assert "decisions" not in p.stdout and "dec/s" not in p.stdout and "━" not in p.stdout, p.stdout
+    assert "dec/s" not in p.stderr and "%|" not in p.stderr, p.stderr
+
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    err = Terminal()
+    monkeypatch.setattr(sys, "stderr", err)
+    bar = train._decisions_bar(40)
+    bar.locals = {"total_timesteps": 64}
+    bar.model = SimpleNamespace(num_timesteps=0, get_env=lambda: SimpleNamespace(num_envs=2))
+    bar._on_training_start()
+    for _ in range(32):
+        bar._on_step()
+    bar._on_training_end()
+    assert "decisions (each up to 40 env steps): 100%" in err.getvalue() and "64/64" in err.getvalue(), err.getvalue()
+    assert capsys.readouterr().out == ""
+
+
 def test_the_same_training_gives_the_same_model_with_either_vector_env(tmp_path):
     """DummyVecEnv keeps rewards in float32, SubprocVecEnv in float64: the program makes both
     float64, so VecNormalize's statistics and the weights do not depend on the choice (auto
@@ -741,6 +771,43 @@ def test_ctrl_c_saves_the_model_so_far_marked_interrupted_and_evaluate_warns(tmp
     evaluate.evaluate([str(run)], workloads=["web"], seeds=1, overrides={"vm": {"memory": "1GiB", "vcpus": 2}},
                       workers=1, progress=False)
     assert f"warning: model {run} comes from a training run that was interrupted" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("read", [0, 1])
+def test_ctrl_c_with_step_results_pending_in_the_workers_pipes_is_still_recorded_as_interrupted(tmp_path,
+                                                                                              monkeypatch, read):
+    """SIGINT to the main process alone (not its workers) lands while SubprocVecEnv waits for
+    the workers' step results: those stay in the pipes (all of them, or all but those already
+    read). Asking the workers for their env_steps then read a step result as the answer
+    (TypeError: exit 1, args.json without ``interrupted``); closing waited for results already
+    read (a hang). The run is recorded as interrupted, the model saved, the workers ended."""
+    import stable_baselines3 as sb3
+
+    from agents import train
+
+    learn = sb3.PPO.learn
+    workers = []
+
+    def interrupted_learn(self, total_timesteps, **kw):
+        learn(self, total_timesteps=32, **kw)  # one rollout, then Ctrl-C in the middle of the next step
+        venv = self.get_env().venv
+        workers.extend(venv.processes)
+        venv.step_async(np.array([self.action_space.sample() for _ in range(venv.num_envs)]))
+        for remote in venv.remotes[:read]:
+            remote.recv()
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(sb3.PPO, "learn", interrupted_learn)
+    args = train.Args(timesteps=256, n_envs=2, vec_env="subproc", evals=0, checkpoints=0, out=str(tmp_path), name="r",
+                      progress=False, tensorboard=False, set=["vm.memory=1GiB", "vm.vcpus=2"],
+                      hp=["n_steps=16", "batch_size=32", "n_epochs=1", "action_repeat=2"])
+    with pytest.raises(KeyboardInterrupt):
+        train.main(args)
+    meta = json.loads((tmp_path / "r" / "args.json").read_text())
+    assert meta["interrupted"] is True and meta["finished"] is True and meta["decisions"] == 32
+    assert meta["env_steps"] is None  # (unknown: the workers were not asked)
+    assert (tmp_path / "r" / "final_model.zip").is_file()
+    assert workers and not any(p.is_alive() for p in workers)
 
 
 def test_evals_and_checkpoints_are_the_counts_asked_for_the_last_at_the_end(tmp_path):

@@ -150,3 +150,78 @@ def test_evaluate_reports_episodes_whose_rings_overflowed(tmp_path, capsys):
     assert int(rows[0]["ring_overflows"]) > 0 and int(rows[0]["wedged_vcpus"]) > 0
     assert "RING OVERFLOW: policy 'fixed:256:1000': in 1 of 1 episodes" in err, err
     assert rc == 1
+
+
+# 5 ---------------------------------------------------------------------------------------------
+def _grids():
+    from agents.common import make_env
+
+    env = make_env(overrides=SMALL)
+    try:
+        return list(env.unwrapped.ring_sizes), list(env.unwrapped.intervals_ms)
+    finally:
+        env.close()
+
+
+def _forget_grids(run):
+    """The run as saved before runs recorded their action grids (args.json and the model's record)."""
+    import json
+    import zipfile
+
+    meta = json.loads((run / "args.json").read_text())
+    del meta["action_grids"]
+    (run / "args.json").write_text(json.dumps(meta))
+    for model in run.glob("*.zip"):
+        with zipfile.ZipFile(model) as z:
+            entries = {n: z.read(n) for n in z.namelist()}
+        data = json.loads(entries["data"])
+        del data["ringenv_model"]["action_grids"]
+        entries["data"] = json.dumps(data).encode()
+        with zipfile.ZipFile(model, "w") as z:
+            for n, b in entries.items():
+                z.writestr(n, b)
+
+
+def test_a_model_keeps_its_action_grids_whatever_the_evaluation_sets(tmp_path):
+    """README: each saved .zip carries its action grids, so the model runs as trained; --set
+    ring_sizes / intervals_ms adds off-grid heuristics. A --set of the grids reached the model's
+    environment too: reversed ring sizes made its actions mean other rings (exit 0, no word), and
+    an interval added for a heuristic was refused (the action space no longer matched). A model
+    saved before runs recorded their grids runs on the grids of its training settings."""
+    import json
+
+    from agents import evaluate
+
+    run = _train(tmp_path, "m")
+    sizes, intervals = _grids()
+    assert json.loads((run / "args.json").read_text())["action_grids"] == {"ring_sizes": sizes,
+                                                                          "intervals_ms": intervals}
+
+    def ev(policies, **settings):
+        recs = evaluate.evaluate(policies, workloads=["oltp-heavy", "jvm-gc"], seeds=1, overrides={**SMALL, **settings},
+                                 workers=1, progress=False)
+        return [(r["spec"], round(r["reward"], 9), r["ring_entries"], r["mean_interval_ms"]) for r in recs]
+
+    plain = ev([str(run)])
+    assert ev([str(run)], ring_sizes=sizes[::-1]) == plain
+    extra = ev(["fixed:4096:3000", str(run)], intervals_ms=[*[i for i in intervals if i < 3000], 3000, 5000])
+    assert [r for r in extra if r[0] == str(run)] == plain and len(extra) == 2 * len(plain)
+    _forget_grids(run)
+    assert ev([str(run)], ring_sizes=sizes[::-1]) == plain
+
+
+# 6 ---------------------------------------------------------------------------------------------
+def test_compare_names_models_by_the_flag_that_gave_them(tmp_path, capsys):
+    """A model given with --models, trained on another task than the evaluation's: the error
+    named --policies."""
+    from ringenv.cli import main
+
+    run = _train(tmp_path, "m")
+    capsys.readouterr()
+    out = tmp_path / "c"
+    rc = main(["compare", "--policies", "qemu", "--models", str(run), "--env-id", "ringenv/Checkpoint-v0",
+               "--workloads", "oltp-heavy", "--seeds", "1", "--workers", "1", "--out", str(out), "--no-progress",
+               "--set", *SMALL_SET])
+    err = capsys.readouterr().err
+    assert rc == 2 and f"--models {str(run)!r}: a model trained on ringenv/Migration-v0" in err, err
+    assert not out.exists()
