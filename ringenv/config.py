@@ -575,7 +575,7 @@ def load_host_profile(name_or_path: str | Path | HostProfile | None = None) -> H
     if isinstance(name_or_path, HostProfile):
         return name_or_path
     if not isinstance(name_or_path, (str, Path)) and name_or_path is not None:
-        known = sorted(q.stem for q in (CONFIG_DIR / "hosts").glob("*.yaml"))
+        known = config_names("hosts")
         raise ConfigError(f"profile: {name_or_path!r} ({type(name_or_path).__name__}) is not accepted; accepted: a "
                           f"host profile name ({', '.join(known)}), a YAML path (str or pathlib.Path), a HostProfile, "
                           f"or None (the default, {DEFAULT_HOST})")
@@ -588,7 +588,7 @@ def load_host_profile(name_or_path: str | Path | HostProfile | None = None) -> H
     else:
         path = CONFIG_DIR / "hosts" / f"{name_or_path}.yaml"
         if not path.is_file():
-            known = sorted(q.stem for q in (CONFIG_DIR / "hosts").glob("*.yaml"))
+            known = config_names("hosts")
             raise ConfigError(f"profile: unknown host profile {str(name_or_path)!r}; accepted: {', '.join(known)}")
     return HostProfile.parse(_read_yaml(path), where=f"host profile {path.name}")
 
@@ -765,7 +765,7 @@ def load_workload(name_or_path: str | Path | WorkloadConfig | dict, where: str =
     if isinstance(name_or_path, WorkloadConfig):
         return name_or_path
     if not isinstance(name_or_path, (str, Path, dict)):
-        known = sorted(q.stem for q in (CONFIG_DIR / "workloads").glob("*.yaml"))
+        known = config_names("workloads")
         raise ConfigError(f"{where}: {name_or_path!r} ({type(name_or_path).__name__}) is not accepted; accepted: a "
                           f"workload name ({', '.join(known)}), a YAML path (str or pathlib.Path), a mapping of "
                           "workload fields or a WorkloadConfig")
@@ -785,7 +785,7 @@ def _workload_file(name_or_path: str | Path) -> WorkloadConfig:
     if p.suffix not in (".yaml", ".yml"):
         p = CONFIG_DIR / "workloads" / f"{name_or_path}.yaml"
         if not p.is_file():
-            known = sorted(q.stem for q in (CONFIG_DIR / "workloads").glob("*.yaml"))
+            known = config_names("workloads")
             raise ConfigError(f"workload: unknown workload {str(name_or_path)!r}; accepted: {', '.join(known)}")
     elif not p.is_file():
         raise ConfigError(f"workload: no such file {str(p)!r}")
@@ -1081,8 +1081,14 @@ def deep_merge(base: dict, over: dict) -> dict:
     return out
 
 
+def config_names(kind: str) -> list[str]:
+    """The names of the shipped configs of ``kind`` ("hosts", "workloads", "scenarios"): their
+    files in configs/KIND/, sorted."""
+    return sorted(q.stem for q in (CONFIG_DIR / kind).glob("*.yaml"))
+
+
 def scenario_names() -> list[str]:
-    return sorted(q.stem for q in (CONFIG_DIR / "scenarios").glob("*.yaml"))
+    return config_names("scenarios")
 
 
 def load_scenario(name_or_path: str | Path | ScenarioConfig | dict | None = None, *, run_kind: str | None = None,
@@ -1203,9 +1209,11 @@ class RewardConfig(Strict):
 
 #: what each of EnvConfig.intervals_ms accepts (its errors say so)
 INTERVALS_MS_ACCEPTED = "1 to 10000 ms (the observation holds log10(ms) / 4), each once"
+#: the bounds of EnvConfig.rate_scale_range's factors
+MIN_RATE_SCALE_FACTOR, MAX_RATE_SCALE_FACTOR = 0.01, 100.0
 #: what EnvConfig.rate_scale_range accepts (its errors say so)
-RATE_SCALE_RANGE_ACCEPTED = ("[low, high] with 0 < low <= high <= 100 and low >= 0.01 (factors on the workload's "
-                             "write rates)")
+RATE_SCALE_RANGE_ACCEPTED = (f"[low, high] with 0 < low <= high <= {MAX_RATE_SCALE_FACTOR:g} and low >= "
+                             f"{MIN_RATE_SCALE_FACTOR:g} (factors on the workload's write rates)")
 
 
 class EnvConfig(Strict):
@@ -1246,7 +1254,7 @@ class EnvConfig(Strict):
     @model_validator(mode="after")
     def _check(self):
         lo_hi = self.rate_scale_range
-        if not 0.01 <= lo_hi[0] <= lo_hi[1] <= 100:
+        if not MIN_RATE_SCALE_FACTOR <= lo_hi[0] <= lo_hi[1] <= MAX_RATE_SCALE_FACTOR:
             raise ValueError(f"rate_scale_range: {list(lo_hi)} is not accepted; accepted: {RATE_SCALE_RANGE_ACCEPTED}")
         for m in self.intervals_ms:
             if not 1 <= m <= 10_000:
@@ -1286,7 +1294,7 @@ def load_workload_sets() -> dict[str, dict[str, list[str]]]:
 def _read_workload_sets(path: Path) -> dict[str, dict[str, list[str]]]:
     """The structure of :func:`load_workload_sets`'s file, checked (not its workloads)."""
     data = _read_yaml(path)
-    known = sorted(q.stem for q in (CONFIG_DIR / "workloads").glob("*.yaml"))
+    known = config_names("workloads")
     names = f"workload names ({', '.join(known)}) or YAML paths"
     if not isinstance(data, dict) or not data:
         raise ConfigError(f"{path.name}: {data!r} is not accepted; accepted: a mapping of set names, each "

@@ -11,8 +11,9 @@ import gymnasium as gym
 import numpy as np
 from gymnasium import spaces
 
-from .config import (MAX_RATE_SCALE, MIN_RATE_SCALE, ConfigError, EnvConfig, ScenarioConfig, check_peak_rate,
-                     deep_merge, load_scenario, load_workload, load_workload_sets, to_ns)
+from .config import (MAX_RATE_SCALE, MAX_RATE_SCALE_FACTOR, MIN_RATE_SCALE, MIN_RATE_SCALE_FACTOR, ConfigError,
+                     EnvConfig, ScenarioConfig, check_peak_rate, deep_merge, load_scenario, load_workload,
+                     load_workload_sets, to_ns)
 from .vmm.dirtyrate import sample_dirty_rate
 
 SECOND = 1_000_000_000
@@ -213,7 +214,8 @@ class RingEnv(gym.Env):
                 f"rate_scale_range: [{lo:g}, {hi:g}] with the scenario's rate_scale {base:g} gives episodes a "
                 f"rate_scale of {base * lo:g} to {base * hi:g}; accepted: an episode rate_scale of "
                 f"{MIN_RATE_SCALE:g} to {MAX_RATE_SCALE:g}, so with this scenario a rate_scale_range within "
-                f"[{max(0.01, MIN_RATE_SCALE / base):.6g}, {min(100.0, MAX_RATE_SCALE / base):.6g}]")
+                f"[{max(MIN_RATE_SCALE_FACTOR, MIN_RATE_SCALE / base):.6g}, "
+                f"{min(MAX_RATE_SCALE_FACTOR, MAX_RATE_SCALE / base):.6g}]")
 
     def _check_peak_rate(self, workload: str, prefix: str = "") -> None:
         """A ConfigError if the episode factors can take ``workload`` past the fastest rate a
