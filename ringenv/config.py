@@ -498,8 +498,8 @@ class HostProfile(Strict):
     @property
     def min_ring_entries(self) -> int:
         """Smallest ring that runs: a power of two of bytes >= PAGE_SIZE with more entries than the reserved ones
-        (KVM accepts bytes == reserved*16 too, but such a ring's soft limit is 0: it is soft-full when empty and the
-        vCPU could never enter the guest)."""
+        (KVM accepts bytes == reserved*16 too, but such a ring's soft limit is 0: soft-full even when empty, so after
+        its first push the vCPU never re-enters the guest; the simulated host reproduces that, a run could not end)."""
         nbytes = max((self.reserved_entries + 1) * 16, self.page_size)
         return 1 << (nbytes - 1).bit_length() >> 4
 

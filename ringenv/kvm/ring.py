@@ -25,6 +25,9 @@ assert kvm_dirty_gfn.itemsize == 16 and np.little_endian
 class DirtyRing:
     """One vCPU's ring: ``size`` entries, ``soft_limit = size - reserved``.
 
+    KVM accepts a ring of exactly ``reserved`` entries (soft limit 0): its first push makes it
+    soft-full and, used >= 0 holding even when it is empty, the vCPU never re-enters the guest.
+
     ``dirty_index`` and ``reset_index`` are free-running u32 counters, as in the kernel;
     ``used = dirty_index - reset_index``. The counters live in a row of int64 (dirty_index,
     reset_index, lost, pushes; the indexes kept modulo 2^32 when read) that the compiled push
@@ -34,7 +37,7 @@ class DirtyRing:
     __slots__ = ("gfns", "size", "soft_limit", "_ctr")
 
     def __init__(self, entries: int, reserved: int):
-        assert entries & (entries - 1) == 0 and entries > reserved
+        assert entries & (entries - 1) == 0 and entries >= reserved
         self.gfns = np.zeros(entries, dtype=kvm_dirty_gfn)
         self.size = entries
         self.soft_limit = entries - reserved

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import pytest
 
+from ringenv.config import load_host_profile
 from ringenv.kvm import uapi as U
 from ringenv.replay import replay_trace
 
@@ -373,3 +374,29 @@ def test_replay_every_full_exit_batch_is_soft_limit(scope):
             assert len(fulls) == v["full_exits"] == 3  # 700 pages (+ retries): 192 x 3 = 576 < 703
             assert all(len(b["offsets"]) == 192 for b in fulls)
         assert v["lost"] == 0
+
+
+# ------------------------------------------------------------------------------ soft limit 0
+def test_a_ring_of_exactly_the_reserved_entries_exits_at_every_push_and_then_never_reenters():
+    """s2: KVM refuses a ring below reserved * 16 bytes, so one of exactly reserved entries is
+    accepted and its soft limit is 0. A custom arm64-4k host with arch_dirty_log_size 192 reserves
+    64 + 192 = 256 entries: a 256-entry ring (4096 bytes, PAGE_SIZE). Worked by hand:
+    - KVM_RUN: no request is pending (requests are raised by pushes), the vCPU enters;
+    - the first store faults, the push makes used 1 >= 0: SOFT_FULL, the exit holds one entry;
+    - harvest 1, reset returns 1: used 0, but 0 >= 0 is still soft-full, so every later KVM_RUN
+      re-arms the request and exits at once (kvm_dirty_ring_check_request), page 1 never written.
+    The simulator used to stop on an assertion when the vCPU was created."""
+    prof = load_host_profile("arm64-4k").model_copy(update={"name": "rsvd256", "arch_dirty_log_size": 192})
+    assert prof.reserved_entries == 256
+    h = Host([[0, 1, 2]], profile=prof, entries=256)
+    r = h.vcpus[0].ring
+    assert (r.size, r.soft_limit) == (256, 0)
+    assert h.enter() is None
+    e = h.run()
+    assert (e.reason, e.kind) == (FULL, "full") and r.used == 1 and r.dirty_index == 1
+    assert h.harvest() == [0] and h.reset() == 1 and r.used == 0
+    for n in range(2, 5):
+        e = h.enter()
+        assert e is not None and (e.reason, e.kind) == (FULL, "full")
+        assert h.vcpus[0].stats.full_exits == n and not h.vcpus[0].in_guest
+    assert r.dirty_index == 1 and r.lost == 0 and h.vcpus[0].stats.pushes == 1
