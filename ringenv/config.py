@@ -124,7 +124,7 @@ _NAME_UNITS = (("_ns", "ns"), ("_us", "us"), ("_ms", "ms"), ("_s", "s"), ("gbps"
                ("_mbps", "MB/s"), ("_pct", "%"), ("_bytes", "bytes"))
 
 
-def _num_text(x) -> str:
+def num_text(x) -> str:
     """A bound as the accepted ranges show it: integers in full, other numbers short (1e-06 as 1e-6, 1e+09 as 1e9)."""
     if isinstance(x, int):
         return str(x)
@@ -165,16 +165,16 @@ def accepted_range(name: str, info) -> str:
         return extra["accepted"]
     b, unit = field_bounds(info), field_unit(name, info)
     u = f" {unit}" if unit else ""
-    hi = (f"{_num_text(b['le'])}" if "le" in b else f"below {_num_text(b['lt'])}" if "lt" in b else None)
+    hi = (f"{num_text(b['le'])}" if "le" in b else f"below {num_text(b['lt'])}" if "lt" in b else None)
     one_ns = 1 / _TIME_UNIT_NS[unit] if unit in _TIME_UNIT_NS and unit != "ns" else None
     if one_ns is not None and b.get("gt") == 0:
-        lo = _num_text(one_ns)
+        lo = num_text(one_ns)
     elif one_ns is not None and b.get("ge") == 0:
-        return f"0, or {_num_text(one_ns)} to {hi}{u} (1 ns and up)" if hi else f"0, or >= {_num_text(one_ns)}{u}"
+        return f"0, or {num_text(one_ns)} to {hi}{u} (1 ns and up)" if hi else f"0, or >= {num_text(one_ns)}{u}"
     elif "ge" in b:
-        lo = _num_text(b["ge"])
+        lo = num_text(b["ge"])
     elif "gt" in b:
-        return f"more than {_num_text(b['gt'])}" + (f", up to {hi}{u}" if hi else u)
+        return f"more than {num_text(b['gt'])}" + (f", up to {hi}{u}" if hi else u)
     else:
         return f"up to {hi}{u}" if hi else "a number"
     return f"{lo} to {hi}{u}" if hi else f">= {lo}{u}"
@@ -313,7 +313,7 @@ class Strict(BaseModel):
             if bad is not None and any(a is float for t in typing.get_args(info_.annotation) or (info_.annotation,)
                                        for a in (typing.get_args(t) or (t,))):
                 extra = info_.json_schema_extra if isinstance(info_.json_schema_extra, dict) else {}
-                what = (f"too large for a number (at most {_num_text(sys.float_info.max)}, the largest float)"
+                what = (f"too large for a number (at most {num_text(sys.float_info.max)}, the largest float)"
                         if isinstance(bad, numbers.Integral) else "not a finite number")
                 raise ValueError(f"{v!r}: {bad!r} is {what}; accepted: {extra.get('accepted', 'finite numbers')}")
         check_field_range(info.field_name, cls.model_fields[info.field_name], v)
@@ -730,8 +730,8 @@ class WorkloadConfig(Strict):
                     "it)" if ph is not None else f"the regions' rate_mbps add up to {r:g} MB/s")
             raise ValueError(
                 f"{field}: {said}; accepted: what the workload writes in a phase (the sum of the regions' rate_mbps "
-                f"times the phase's multiplier) is 0 or {_num_text(MIN_WORKLOAD_MBPS)} to "
-                f"{_num_text(MAX_WORKLOAD_MBPS)} MB/s")
+                f"times the phase's multiplier) is 0 or {num_text(MIN_WORKLOAD_MBPS)} to "
+                f"{num_text(MAX_WORKLOAD_MBPS)} MB/s")
 
     @property
     def rate_mbps(self) -> float:
@@ -754,7 +754,7 @@ def check_peak_rate(workload: WorkloadConfig, factor: float, field: str, shown: 
     if peak <= MAX_WORKLOAD_MBPS:
         return None
     return (f"{field}: {shown} makes workload {workload.name!r} write {peak:g} MB/s in its fastest phase "
-            f"({workload.peak_mbps:g} MB/s times {factor:g}); accepted: at most {_num_text(MAX_WORKLOAD_MBPS)} MB/s in "
+            f"({workload.peak_mbps:g} MB/s times {factor:g}); accepted: at most {num_text(MAX_WORKLOAD_MBPS)} MB/s in "
             f"any phase, i.e. a factor up to {MAX_WORKLOAD_MBPS / workload.peak_mbps:g} for this workload")
 
 
@@ -885,7 +885,7 @@ class LinkConfig(Strict):
         if isinstance(v, numbers.Real) and not isinstance(v, (bool, np.bool_)) and is_finite(v) and v > 0:
             return float(v)
         raise ValueError(f"{v!r} is not accepted; accepted: a finite number of MiB/s > 0 (at most "
-                         f"{_num_text(sys.float_info.max)}, the largest float), or 'link' (the link rate)")
+                         f"{num_text(sys.float_info.max)}, the largest float), or 'link' (the link rate)")
 
     @property
     def link_Bps(self) -> float:
@@ -928,7 +928,7 @@ class AutoConvergeConfig(Strict):
                                        "when none happened over a tick of this period "
                                        "(CPU_THROTTLE_DIRTY_SYNC_TIMESLICE_MS); 0: no timer (QEMU before 9.2)",
                                        json_schema_extra={"accepted": f"0 (no timer), or 1 to "
-                                                                      f"{_num_text(MAX_SIM_S * 1e3)} ms"})
+                                                                      f"{num_text(MAX_SIM_S * 1e3)} ms"})
 
     @model_validator(mode="after")
     def _check(self):

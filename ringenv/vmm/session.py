@@ -38,7 +38,7 @@ from operator import itemgetter
 
 import numpy as np
 
-from ..config import MAX_SIM_S, ConfigError, ScenarioConfig, _num_text, checked_number, load_scenario, to_ns
+from ..config import MAX_SIM_S, ConfigError, ScenarioConfig, num_text, checked_number, load_scenario, to_ns
 from ..guest.workload import WorkloadProgram
 from ..kvm import uapi as U
 from ..kvm.vm import Vm
@@ -70,7 +70,7 @@ def _host_sync_ns(host_sync_ms) -> int:
     if host_sync_ms is None:
         return 0
     checked_number(host_sync_ms, "host_sync_ms",
-                   f"a number of ms from 1e-6 (1 ns) to {_num_text(MAX_SIM_S * 1e3)}, or None",
+                   f"a number of ms from 1e-6 (1 ns) to {num_text(MAX_SIM_S * 1e3)}, or None",
                    lambda ms: math.isfinite(float(ms) * MS) and round(float(ms) * MS) >= 1 and ms <= MAX_SIM_S * 1e3)
     return to_ns(host_sync_ms, MS)
 
@@ -78,7 +78,7 @@ def _host_sync_ns(host_sync_ms) -> int:
 def _workload_start_ns(workload_start_s) -> int:
     """``workload_start_s`` checked and in ns: a real number of seconds from 0 to MAX_SIM_S (1e6 s,
     the longest simulated time any setting gives, as an env's dirty-rate sample ``sample_s``)."""
-    checked_number(workload_start_s, "workload_start_s", f"a number of seconds from 0 to {_num_text(MAX_SIM_S)} "
+    checked_number(workload_start_s, "workload_start_s", f"a number of seconds from 0 to {num_text(MAX_SIM_S)} "
                    "(the longest simulated time a setting may give)", lambda s: 0 <= s <= MAX_SIM_S)
     return to_ns(workload_start_s, NS)
 
@@ -509,12 +509,11 @@ class Session:
 
     def set_harvest_interval(self, ns: int) -> None:
         """Change the reaper's sleep (takes effect on the current sleep: it then ends
-        ``ns`` after the reaper's last harvest, or now if that is already past)."""
-        if isinstance(ns, bool) or not isinstance(ns, (int, float, np.integer, np.floating)) or not ns > 0 \
-                or ns == float("inf"):
-            raise ConfigError(f"harvest interval: {ns!r} ns is not accepted; accepted: a positive, finite number of ns")
-        if int(ns) <= 0:
-            raise ConfigError(f"harvest interval: {ns!r} ns is not accepted; accepted: at least 1 ns")
+        ``ns`` after the reaper's last harvest, or now if that is already past). ``ns``: 1 to 1e15
+        (1e6 s, the bound of the scenario's ``reaper.interval_ms``); a fraction of a ns is dropped."""
+        checked_number(ns, "harvest interval", f"a positive, finite number of ns from 1 to {num_text(MAX_SIM_S * NS)} "
+                       f"({num_text(MAX_SIM_S)} s, the longest simulated time a setting may give, as the scenario's "
+                       "reaper.interval_ms); a fraction of a ns is dropped", lambda x: 1 <= x <= MAX_SIM_S * NS)
         ns = int(ns)
         self.interval_ns = ns
         if self.reaper is not None and self.reaper.sleeping:

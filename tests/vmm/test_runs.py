@@ -369,13 +369,23 @@ def test_a_checkpoint_run_reports_each_checkpoint_s_verification_when_it_happens
     run.close()
 
 
-@pytest.mark.parametrize("bad", [float("nan"), float("inf"), 0, -1.0, True, "5"])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), 0, 0.5, -1.0, True, "5", 1e15 + 1, 2**70])
 def test_a_bad_harvest_interval_is_a_config_error_naming_it(bad):
-    """NaN used to fail with numpy's 'cannot convert float NaN to integer'."""
+    """NaN used to fail with numpy's 'cannot convert float NaN to integer'; 1e30 or 2**70 ns was
+    taken (a reaper asleep for 3e13 years), where the scenario's reaper.interval_ms stops at 1e6 s."""
     r = MigrationRun(small("idle"))
-    with pytest.raises(ConfigError, match="harvest interval: .* accepted: a positive, finite number of ns"):
+    before = r.harvest_interval_ns
+    with pytest.raises(ConfigError, match=r"harvest interval: .* accepted: a positive, finite number of ns from 1 "
+                                          r"to 1e15 \(1e6 s"):
         r.set_harvest_interval(bad)
-    assert r.harvest_interval_ns > 0
+    assert r.harvest_interval_ns == before
+
+
+def test_the_harvest_interval_bounds_are_accepted():
+    r = MigrationRun(small("idle"))
+    for ns, kept in ((1, 1), (1.9, 1), (10**15, 10**15), (1e15, 10**15)):
+        r.set_harvest_interval(ns)
+        assert r.harvest_interval_ns == kept
 
 
 def test_the_bitmap_dirty_rate_is_qemus_rate_period_not_the_last_two_syncs():
