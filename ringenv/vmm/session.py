@@ -510,10 +510,10 @@ class Session:
     def set_harvest_interval(self, ns: int) -> None:
         """Change the reaper's sleep (takes effect on the current sleep: it then ends
         ``ns`` after the reaper's last harvest, or now if that is already past). ``ns``: 1 to 1e15
-        (1e6 s, the bound of the scenario's ``reaper.interval_ms``); a fraction of a ns is dropped."""
+        (1e6 s, the bound of the scenario's ``interval_ms``); a fraction of a ns is dropped."""
         checked_number(ns, "harvest interval", f"a positive, finite number of ns from 1 to {num_text(MAX_SIM_S * NS)} "
                        f"({num_text(MAX_SIM_S)} s, the longest simulated time a setting may give, as the scenario's "
-                       "reaper.interval_ms); a fraction of a ns is dropped", lambda x: 1 <= x <= MAX_SIM_S * NS)
+                       "interval_ms); a fraction of a ns is dropped", lambda x: 1 <= x <= MAX_SIM_S * NS)
         ns = int(ns)
         self.interval_ns = ns
         if self.reaper is not None and self.reaper.sleeping:

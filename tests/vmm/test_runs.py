@@ -372,7 +372,7 @@ def test_a_checkpoint_run_reports_each_checkpoint_s_verification_when_it_happens
 @pytest.mark.parametrize("bad", [float("nan"), float("inf"), 0, 0.5, -1.0, True, "5", 1e15 + 1, 2**70])
 def test_a_bad_harvest_interval_is_a_config_error_naming_it(bad):
     """NaN used to fail with numpy's 'cannot convert float NaN to integer'; 1e30 or 2**70 ns was
-    taken (a reaper asleep for 3e13 years), where the scenario's reaper.interval_ms stops at 1e6 s."""
+    taken (a reaper asleep for 3e13 years), where the scenario's interval_ms stops at 1e6 s."""
     r = MigrationRun(small("idle"))
     before = r.harvest_interval_ns
     with pytest.raises(ConfigError, match=r"harvest interval: .* accepted: a positive, finite number of ns from 1 "
