@@ -408,3 +408,18 @@ def test_the_bitmap_dirty_rate_is_qemus_rate_period_not_the_last_two_syncs():
     assert records[-1][2] == before_stop[2] and 5e6 < records[-1][2] < 30e6  # the guest dirties ~15 MB/s
     # the rate is the last closed period's pages over its length (QEMU's integer ms arithmetic)
     assert records[-1][2] == r.throttle.trigger.dirty_pages_rate * r.page_size
+
+
+def test_the_bitmap_collector_leaves_ring_entries_and_interval_ms_unused():
+    """ScenarioConfig: with collector bitmap no ring is enabled (KVM_CAP_DIRTY_LOG_RING is never
+    called), so ring_entries is not checked against the host's ring sizes, and the metrics
+    report 0 entries, 0 ring bytes and interval 0 whatever the scenario set."""
+    cfg = load_scenario("default", collector="bitmap", ring_entries=1000, interval_ms=5,
+                        vm={"memory": "64MiB"}, link={"give_up_s": 0.2})
+    run = MigrationRun(cfg, seed=1)
+    run.advance(run.now_ns + 50_000_000)
+    m = run.metrics()
+    assert (run.vm.ring_entries, m.ring_entries, m.ring_bytes, m.interval_ms) == (0, 0, 0, 0.0)
+    assert m.get_dirty_log_calls > 0 and run.vm.vcpus[0].ring is None
+    with pytest.raises(ConfigError, match="ring_entries: 1000 is not accepted by host"):
+        load_scenario("default", collector="ring", ring_entries=1000)
