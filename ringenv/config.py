@@ -963,8 +963,9 @@ class ScenarioConfig(Strict):
     bandwidth x downtime-limit, QEMU's loop) or pass-end (one sync at the end of every pass over
     the dirty set, the textbook model of migration.md s1). ``rate_scale`` multiplies every
     workload rate (scaled-down variants keep M/R and D/R with memory and link scaled alike), 0.001 to
-    1000. ``interval_ms`` is 1e-6 (1 ns) to 1e9 ms. With collector bitmap, ``ring_entries`` and ``interval_ms``
-    are not used (not checked against the host; the metrics report 0 for both). ``env`` is reserved for the environment's settings."""
+    1000. ``interval_ms`` is 1e-6 (1 ns) to 1e9 ms. With collector bitmap, ``ring_entries`` and
+    ``interval_ms`` are not used (not checked against the host; the metrics report 0 for both).
+    ``env`` is reserved for the environment's settings."""
 
     name: str
     description: str = ""

@@ -25,7 +25,12 @@ guest exits to userspace after that write), both times all rings, or only that v
      "resets": [every KVM_RESET_DIRTY_RINGS return value, in call order],
      "vcpus": [{"full_exits": int, "lost": int, "resets": [returns of the resets this vCPU issued],
                 "batches": [{"trigger": "full"|"sync"|"final", "offsets": [harvest order]}],
-                "exits": ["full"|"sync"|"mmio"|"done", in order]}]}
+                "exits": ["full"|"sync"|"mmio"|"done", in order],
+                "faults": int}],
+     "faults": int}
+
+``faults``: the vCPU's stage-2 faults (``Vcpu.stats.faults``, as KVM's vCPU statistic pf_fixed
+counts them), and their sum over the vCPUs; ``kvm-replay`` reports them only with ``--faults``.
 
 A batch is recorded each time a ring is harvested and holds at least one entry. Userspace work
 takes no simulated time here: the order of events is what is checked, not their duration. The

@@ -8,11 +8,13 @@ block when splitting is off); with x86 PML a write to a mapped page goes to the 
 instead (no fault), and a full buffer flushes into the ring, while a write to a page not mapped
 yet, or under a huge mapping logging write-protected, is still a fault (an EPT violation) that
 flushes the buffer and pushes the page itself. In a slot without KVM_MEM_LOG_DIRTY_PAGES the fault logs
-nothing (mark_page_dirty_in_slot). A read only matters to a page not yet mapped: in a logging
-slot it is mapped read-only (nothing logged); in a slot that is dirty-tracked but not logging
-(arm64, ring without a bitmap) it is mapped writable and, because the mapping is writable,
-pushed like a write (reference s11); in a slot whose logging was turned off it is mapped
-writable. After each push the ring may be soft-full: the vCPU then leaves the guest at once,
+nothing (mark_page_dirty_in_slot). A read only matters to a page not yet mapped. Fresh memory
+(a host page never written: the zero page) is mapped read-only everywhere, nothing logged. A
+written host page is mapped read-only in an arm64 logging slot (nothing logged); on x86 with
+dirty tracking it is mapped writable and logged (``READLOG``: make_spte); in a slot that is
+dirty-tracked but not logging (arm64, ring without a bitmap) it is mapped writable and, because
+the mapping is writable, pushed like a write (reference s11); in a slot whose logging was
+turned off it is mapped writable. After each push the ring may be soft-full: the vCPU then leaves the guest at once,
 before its access retires. A retiring write bumps the page's version
 and makes it not clean. Syncs and the end of a program stop the walk too; an access to a gfn no
 memslot maps is never walked (the caller ends the batch before it: if the walk gets that far,

@@ -38,7 +38,7 @@ from operator import itemgetter
 
 import numpy as np
 
-from ..config import MAX_SIM_S, ConfigError, ScenarioConfig, num_text, checked_number, load_scenario, to_ns
+from ..config import MAX_SIM_S, ScenarioConfig, checked_number, load_scenario, num_text, to_ns
 from ..guest.workload import WorkloadProgram
 from ..kvm import uapi as U
 from ..kvm.vm import Vm
