@@ -21,14 +21,28 @@ FOREVER = 1 << 62
 
 
 class EventLoop:
-    """The event heap. ``now`` is the time of the event being processed."""
+    """The event heap. ``now`` is the time of the event being processed; ``procs`` the processes
+    started and not finished (for :meth:`close`)."""
 
-    __slots__ = ("heap", "seq", "now")
+    __slots__ = ("heap", "seq", "now", "procs")
 
     def __init__(self):
         self.heap: list = []
         self.seq = 0
         self.now = 0
+        self.procs: set[Process] = set()
+
+    def close(self) -> None:
+        """End the simulation: close every unfinished process's generator (its frame, and what its
+        locals hold, goes at once) and drop every event. A process waiting on a lock or a signal
+        and the lock's queue refer to each other through the generator's locals, and every event
+        holds its process, which holds the loop: without this only the cyclic collector frees them."""
+        procs, self.procs = self.procs, set()
+        self.heap.clear()
+        for p in procs:
+            p.alive = False
+            p.pending = None
+            p.gen.close()
 
     def schedule(self, t: int, prio: int, fn: Callable, arg=None) -> tuple:
         """Run ``fn(arg)`` at ``t``; returns the event (for :meth:`cancel`)."""
@@ -74,6 +88,7 @@ class Process:
         self.pending: tuple | None = None  # the wake-up event in the heap, if any
 
     def start(self, t: int | None = None) -> Process:
+        self.loop.procs.add(self)
         self._schedule(self.loop.now if t is None else t)
         return self
 
@@ -102,6 +117,7 @@ class Process:
                 cmd = next(gen)
             except StopIteration:
                 self.alive = False
+                self.loop.procs.discard(self)
                 return
             if type(cmd) is int:
                 if cmd <= 0:
