@@ -220,11 +220,36 @@ def _clean_loc(loc) -> str:
     return ".".join(parts)
 
 
-def _format_validation_error(where: str, err: ValidationError) -> str:
+def _models_in(annotation) -> list[type[BaseModel]]:
+    """The config models an annotation holds (``X``, ``X | None``, ``list[X]``, ``str | X``)."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return [annotation]
+    return [m for a in typing.get_args(annotation) for m in _models_in(a)]
+
+
+def _model_at(model: type[BaseModel] | None, loc) -> type[BaseModel] | None:
+    """The config model validating the mapping at pydantic error location ``loc`` (list indexes
+    and union-member tags skipped; a tag naming one of a union's models picks it), or None."""
+    cands = [model] if model is not None else []
+    for p in loc:
+        if isinstance(p, int) or not cands:
+            continue
+        named = [m for m in cands if m.__name__ in p]
+        if named and p not in cands[0].model_fields:
+            cands = named
+            continue
+        field = cands[0].model_fields.get(p)
+        if field is not None:
+            cands = _models_in(field.annotation)
+    return cands[0] if cands else None
+
+
+def _format_validation_error(where: str, err: ValidationError, model: type[BaseModel] | None = None) -> str:
     """One line per error: the field's dotted path, what is wrong, the value given. A whole-model
     check names its own field (its message starts ``field: ``, which is appended to the path) and
     does not echo the whole input back. The members of a union (``host: str | HostProfile``) that
-    all refused a value make one line."""
+    all refused a value make one line. An unknown key lists the keys its section accepts (those of
+    ``model``'s field at that path, ``model`` being the one validated)."""
     lines = [f"invalid {where}:"]
     union: dict[str, list] = {}  # a union's path -> [value, the members' messages]
     nested: set[str] = set()  # unions a member of which (a mapping for a model) got further
@@ -247,7 +272,9 @@ def _format_validation_error(where: str, err: ValidationError) -> str:
                         lines.append(("union", head))
                 continue
         if e["type"] == "extra_forbidden":
-            lines.append(f"  {loc}: unknown key (value {e.get('input')!r}); remove it or check its spelling")
+            section = _model_at(model, e["loc"][:-1])
+            keys = f"; accepted keys: {', '.join(section.model_fields)}" if section is not None else ""
+            lines.append(f"  {loc}: unknown key (value {e.get('input')!r}); remove it or check its spelling{keys}")
         elif e["type"] == "missing":
             lines.append(f"  {loc}: missing; this field is required")
         elif e["type"] == "value_error" or not loc:
@@ -325,7 +352,7 @@ class Strict(BaseModel):
         try:
             return cls.model_validate(data)
         except ValidationError as e:
-            raise ConfigError(_format_validation_error(where or cls.__name__, e)) from None
+            raise ConfigError(_format_validation_error(where or cls.__name__, e, cls)) from None
 
 
 def _pos(desc: str, **kw):

@@ -277,3 +277,30 @@ def test_an_eager_split_chunk_size_error_lists_the_page_size_too(tmp_path):
     assert line.strip() == ("eager_split_chunk_sizes: 8192 is not the page size or a block size; accepted: distinct "
                             "sizes among the page size and the block sizes (4096, 2097152, 1073741824)"), line
     assert _host(tmp_path, eager_split_chunk_sizes=[1 << 30, 4096]).eager_split_chunk_sizes == [1 << 30, 4096]
+
+
+# ------------------------------------------------------------ unknown keys list what their section accepts
+@pytest.mark.parametrize("kw, line", [
+    ({"link": {"bandwidth": "10Gbit"}}, "link.bandwidth: unknown key (value '10Gbit'); remove it or check its "
+     "spelling; accepted keys: gbps, max_bandwidth_mibps, downtime_limit_ms, device_state_bytes, give_up_s, "
+     "give_up_action, cancel_at_s"),
+    ({"reward": {"downtime_weight": 5}}, "reward.downtime_weight: unknown key (value 5); remove it or check its "
+     "spelling; accepted keys: vcpu, vmm, memory, time, downtime, truncation, cancel, scale"),
+    ({"env": {"reward": {"x": 1}}}, "env.reward.x: unknown key (value 1); remove it or check its spelling; "
+     "accepted keys: vcpu, vmm, memory, time, downtime, truncation, cancel, scale"),
+    ({"checkpoint": {"perod_s": 1}}, "checkpoint.perod_s: unknown key (value 1); remove it or check its spelling; "
+     "accepted keys: period_s, storage_mbps, horizon_s, stop_the_world"),
+    ({"scenario": {"name": "x", "vm": {"memory": "64MiB"}, "workload": {
+        "name": "w", "regions": [{"fraction": 0.5, "rate_mbps": 1, "zipf": 1}]}}},
+     "workload.regions.0.zipf: unknown key (value 1); remove it or check its spelling; accepted keys: name, "
+     "fraction, rate_mbps, pattern, zipf_s, layout, share, vcpu_weights"),
+    ({"host": {"name": "h", "bogus": 1}}, "host.bogus: unknown key (value 1); remove it or check its spelling; "
+     "accepted keys: name, description, measured, arch, page_size,"),
+])
+def test_an_unknown_key_in_a_section_lists_the_keys_that_section_accepts(kw, line):
+    """A misspelt key inside ``link``, ``reward``, a workload's region (through the ``str |
+    WorkloadConfig`` union, a list index) or an inline host said only "unknown key": the
+    top-level unknown argument listed its choices, the sections did not."""
+    with pytest.raises(ConfigError) as e:
+        gym.make("ringenv/Migration-v0", **kw)
+    assert any(ln.strip().startswith(line) for ln in str(e.value).splitlines()), str(e.value)
