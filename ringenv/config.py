@@ -244,6 +244,20 @@ def _model_at(model: type[BaseModel] | None, loc) -> type[BaseModel] | None:
     return cands[0] if cands else None
 
 
+def _field_range(model: type[BaseModel] | None, loc) -> str | None:
+    """What the bounded number field at error location ``loc`` accepts (:func:`accepted_range`; a
+    list item's: its list field's), or None where ``loc`` is no such field."""
+    parts = list(loc)
+    while parts and isinstance(parts[-1], int):
+        parts.pop()
+    section = _model_at(model, parts[:-1]) if parts else None
+    field = section.model_fields.get(parts[-1]) if section is not None and isinstance(parts[-1], str) else None
+    if field is None:
+        return None
+    extra = field.json_schema_extra if isinstance(field.json_schema_extra, dict) else {}
+    return accepted_range(parts[-1], field) if field_bounds(field) or "accepted" in extra else None
+
+
 def _format_validation_error(where: str, err: ValidationError, model: type[BaseModel] | None = None) -> str:
     """One line per error: the field's dotted path, what is wrong, the value given. A whole-model
     check names its own field (its message starts ``field: ``, which is appended to the path) and
@@ -289,7 +303,8 @@ def _format_validation_error(where: str, err: ValidationError, model: type[BaseM
                 else:
                     lines.append(f"  {part}")
         else:
-            lines.append(f"  {loc}: {msg} (got {e.get('input')!r})")
+            rng = _field_range(model, e["loc"])
+            lines.append(f"  {loc}: {msg} (got {e.get('input')!r})" + (f"; accepted: {rng}" if rng else ""))
     out = []
     for ln in lines:
         if isinstance(ln, tuple):
@@ -329,10 +344,13 @@ class Strict(BaseModel):
                 types = tuple(a for t in types if typing.get_origin(t) in (list, tuple) for a in typing.get_args(t))
                 bad = next(x for x in v if isinstance(x, not_num))
                 if type(bad) not in types and any(t in (int, float) for t in types):
-                    raise ValueError(f"{v!r}: {bad!r} is not a number; expected numbers")
+                    rng = _field_range(cls, [info.field_name])
+                    raise ValueError(f"{v!r}: {bad!r} is not a number; expected numbers"
+                                     + (f"; accepted: {rng}" if rng else ""))
             elif type(v) not in types and any(t in (int, float) for t in types):
                 what = "a string" if isinstance(v, str) else "not a number"
-                raise ValueError(f"{v!r} is {what}; expected a number")
+                rng = _field_range(cls, [info.field_name])
+                raise ValueError(f"{v!r} is {what}; expected a number" + (f"; accepted: {rng}" if rng else ""))
         if isinstance(v, (list, tuple)):  # NaN, inf, an int too large for a float: pydantic's error has no range
             bad = next((x for x in v if isinstance(x, numbers.Real) and not isinstance(x, (bool, np.bool_))
                         and not is_finite(x)), None)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import copy
 import math
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 import gymnasium as gym
@@ -105,7 +105,8 @@ class RingEnv(gym.Env):
             if k in NOT_KEYWORDS:
                 raise ConfigError(f"{k}: {NOT_KEYWORDS[k]}")
             if k not in EnvConfig.model_fields and k not in ScenarioConfig.model_fields:
-                raise ConfigError(f"{k}: unknown argument; accepted: split, workloads, flatten_actions, render_mode, "
+                raise ConfigError(f"{k}: unknown argument; accepted: scenario, split, workloads, flatten_actions, "
+                                  "render_mode, "
                                   f"the env settings ({', '.join(EnvConfig.model_fields)}) and the scenario fields "
                                   f"({', '.join(f for f in ScenarioConfig.model_fields if f not in NOT_KEYWORDS)})")
         env_overrides = {k: overrides.pop(k) for k in list(overrides) if k in EnvConfig.model_fields}
@@ -125,7 +126,12 @@ class RingEnv(gym.Env):
                                   f"a list, e.g. sorted({workloads!r})")
             if isinstance(workloads, (str, bytes)) or not isinstance(workloads, Iterable):
                 raise ConfigError(f"workloads: expected a list of workload names, got {workloads!r}")
-            names = tuple(workloads)  # (a generator is read once, here)
+            if isinstance(workloads, Iterator):
+                raise ConfigError(f"workloads: {type(workloads).__name__} {workloads!r} is a one-shot iterator: "
+                                  "gym.make keeps the arguments in env.spec (which cannot copy it) and each env of a "
+                                  "vector env would read what the first left (nothing); accepted: a list or tuple of "
+                                  "workload names, e.g. list(...) of it")
+            names = tuple(workloads)
             if not all(isinstance(w, str) for w in names):
                 raise ConfigError(f"workloads: expected a list of workload names, got {list(names)!r}")
             self._own(workloads=names)
@@ -616,12 +622,13 @@ class MigrationEnv(RingEnv):
     ## Arguments
     `gymnasium.make("ringenv/Migration-v0", scenario="default", split="train", workloads=None,
     flatten_actions=False, render_mode=None, **overrides)`: `scenario` a name in
-    configs/scenarios/, a YAML path, a mapping (scenario fields over the default scenario's,
+    configs/scenarios/ (None: "default"), a YAML path, a mapping (scenario fields over the default scenario's,
     e.g. `{"vm": {"memory": "1GiB"}, "host": "x86-pml"}`) or a ScenarioConfig; the fields the
     env decides itself are left aside in any of these as in a scenario file (its `workload`
     too: the env draws its workloads, below); `split` "train", "test" or
-    "all" of the workload set; `workloads` an explicit list of workload names instead (any
-    ordered iterable; a set is refused: its order, hence each seed's draw, differs by process);
+    "all" of the workload set; `workloads` an explicit list of workload names instead (a list or
+    tuple; a set is refused: its order, hence each seed's draw, differs by process; so is a
+    generator or other one-shot iterator: env.spec and a vector env's other envs need it again);
     `flatten_actions` True for the `Discrete` variant; `render_mode` None, "ansi" (`render()`
     returns one status line per step: simulated time, workload, ring size, interval, ring fill,
     dirty rate, ring-full exits, iteration, progress, reward) or "rgb_array" (a 240 x 480 x 3

@@ -304,3 +304,27 @@ def test_an_unknown_key_in_a_section_lists_the_keys_that_section_accepts(kw, lin
     with pytest.raises(ConfigError) as e:
         gym.make("ringenv/Migration-v0", **kw)
     assert any(ln.strip().startswith(line) for ln in str(e.value).splitlines()), str(e.value)
+
+
+# ------------------------------------------------------------ a value of the wrong type gets the range too
+@pytest.mark.parametrize("kw, line", [
+    ({"max_episode_s": "abc"}, "max_episode_s: 'abc' is a string; expected a number; accepted: 1e-9 to 1e6 s"),
+    ({"control_interval_ms": [50]}, "control_interval_ms: Input should be a valid number (got [50]); accepted: "
+     "1e-6 to 1e9 ms"),
+    ({"vm": {"vcpus": 2.5}}, "vm.vcpus: Input should be a valid integer, got a number with a fractional part "
+     "(got 2.5); accepted: 1 to 512"),
+    ({"link": {"gbps": None}}, "link.gbps: Input should be a valid number (got None); accepted: more than 0, "
+     "up to 100000 Gb/s"),
+    ({"checkpoint": {"period_s": None}}, "checkpoint.period_s: Input should be a valid number (got None); "
+     "accepted: 1e-9 to 1e6 s"),
+    ({"checkpoint": {"storage_mbps": "fast"}}, "checkpoint.storage_mbps: 'fast' is a string; expected a number; "
+     "accepted: more than 0, up to 1e8 MB/s"),
+    ({"intervals_ms": [10, "a"]}, "intervals_ms: [10, 'a']: 'a' is not a number; expected numbers; accepted: 1 to "
+     "10000 ms"),
+])
+def test_a_value_of_the_wrong_type_is_refused_with_the_fields_range(kw, line):
+    """A string, a list or None where a bounded number goes said only "expected a number" or
+    pydantic's "Input should be a valid number", where a number out of range gave the range."""
+    with pytest.raises(ConfigError) as e:
+        gym.make("ringenv/Checkpoint-v0" if "checkpoint" in kw else "ringenv/Migration-v0", **kw)
+    assert any(ln.strip().startswith(line) for ln in str(e.value).splitlines()), str(e.value)

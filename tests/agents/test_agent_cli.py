@@ -274,7 +274,7 @@ def test_an_evaluation_whose_every_policy_is_left_out_is_a_usage_error(capsys, t
 
 # ---------------------------------------------------------------------------------- errors name their flag
 @pytest.mark.parametrize("argv, words", [
-    (["train", "--set", "foo=1"], "--set foo: unknown argument; accepted: split, workloads"),
+    (["train", "--set", "foo=1"], "--set foo: unknown argument; accepted: scenario, split, workloads"),
     (["train", "--set", "vm.vcpus=0"], "--set: invalid scenario default.yaml with the keyword overrides (vm): "
                                        "vm.vcpus: Input should be greater than or equal to 1 (got 0)"),
     (["train", "--hyperparams", "{tmp}"], "--hyperparams '{tmp}': a directory, not a file; expected a YAML file"),

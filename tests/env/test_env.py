@@ -380,6 +380,10 @@ def test_reset_options():
     ({"intervals_ms": [0.5, 10]}, r"intervals_ms: 0.5 .*accepted: 1 to 10000 ms"),
     ({"intervals_ms": [10, 20000]}, r"intervals_ms: 20000 .*accepted: 1 to 10000 ms"),
     ({"workloads": "web"}, "workloads: expected a list of workload names, got 'web'"),
+    # a generator: env.spec could not copy it and a vector env's second env read it empty
+    ({"workloads": (w for w in ["web", "redis"])}, r"workloads: generator .* is a one-shot iterator: .*accepted: a "
+                                                   r"list or tuple of workload names"),
+    ({"workloads": iter(["web"])}, r"workloads: list_iterator .* is a one-shot iterator"),
     ({"workloads": ["web", "bogus"]}, r"workloads\[1\]: unknown workload 'bogus'; accepted: "),
     ({"control_interval_ms": 1e-7}, r"control_interval_ms: .*greater than or equal to 0.000001"),
     ({"ring_sizes": [True]}, r"ring_sizes: \[True\]: True is not a number"),
@@ -390,7 +394,7 @@ def test_reset_options():
     ({"rate_scale_range": [0, 1]}, r"rate_scale_range: \[0.0, 1.0\] is not accepted; accepted: \[low, high\]"),
     ({"rate_scale_range": [1]}, r"rate_scale_range: \[1\] is not accepted; accepted: \[low, high\]"),
     ({"rate_scale_range": 2}, r"rate_scale_range: 2 is not accepted; accepted: \[low, high\]"),
-    ({"bogus": 1}, "bogus: unknown argument; accepted: split, workloads, flatten_actions, render_mode, .*"
+    ({"bogus": 1}, "bogus: unknown argument; accepted: scenario, split, workloads, flatten_actions, render_mode, .*"
                    "control_interval_ms.*host, vm, rate_scale"),
     ({"vm": {"vcpus": 0}}, "vm.vcpus"),
     ({"scenario": "nope"}, "unknown scenario 'nope'"),
@@ -400,21 +404,27 @@ def test_invalid_arguments_name_the_field(kwargs, match):
         make(**kwargs)
 
 
-def test_workloads_must_have_an_order_and_may_be_any_iterable():
+def test_workloads_must_have_an_order_and_be_a_list_or_tuple():
     """A set's order follows the string hash, which differs between processes: the same seed
-    would draw different workloads, so a set is refused. A generator is read once, in order."""
+    would draw different workloads, so a set is refused. A generator (any one-shot iterator) is
+    refused too: gym.make keeps the arguments in env.spec, which could not copy it (spec None),
+    and a vector env's second env read it empty ("the chosen set is empty")."""
     with pytest.raises(ConfigError, match=r"workloads: a set has no fixed order .*pass a list"):
         make(workloads={"web", "idle"})
     with pytest.raises(ConfigError, match=r"workloads: a set has no fixed order"):
         make(workloads=frozenset({"web"}))
-    env = make(workloads=(w for w in ["web", "idle"]))
-    assert env.unwrapped.workloads == ("web", "idle")
+    for it in ((w for w in ["web", "idle"]), iter(["web", "bogus"]), map(str, ["web"])):
+        with pytest.raises(ConfigError, match=r"is a one-shot iterator.*accepted: a list or tuple"):
+            make(workloads=it)
+    env = make(workloads=("web", "idle"))
+    assert env.unwrapped.workloads == ("web", "idle") and env.spec.kwargs["workloads"] == ("web", "idle")
+    assert gym.make(env.spec).unwrapped.workloads == ("web", "idle")
     with pytest.raises(ConfigError, match=r"workloads\[1\]: unknown workload 'bogus'"):
-        make(workloads=iter(["web", "bogus"]))
+        make(workloads=["web", "bogus"])
     with pytest.raises(ConfigError, match=r"workloads: expected a list of workload names, got 3"):
         make(workloads=3)
     with pytest.raises(ConfigError, match=r"workloads: expected a list of workload names, got \['web', 3\]"):
-        make(workloads=(w for w in ["web", 3]))
+        make(workloads=["web", 3])
 
 
 def test_a_misspelt_kind_in_the_scenario_file_is_an_error_though_the_env_id_decides(tmp_path):
