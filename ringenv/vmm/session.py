@@ -410,6 +410,18 @@ class Session:
             self._throttle_len[i] = 0
             self._throttling -= 1
 
+    def _cut_throttle_sleeps(self, t: int) -> None:
+        """The throttle sleeps under way count only up to ``t`` (what is left of them is not
+        throttle time: :meth:`pause_vm`)."""
+        if self._throttling:
+            for i in np.flatnonzero(self._throttle_len).tolist():
+                passed = self._throttle_passed(i, t)
+                if passed:
+                    self._throttle_len[i] = passed
+                else:  # (not begun: it does not count at all)
+                    self._throttle_len[i] = 0
+                    self._throttling -= 1
+
     def _throttle_passed(self, i: int, now: int) -> int:
         return min(max(now - int(self._throttle_from[i]), 0), int(self._throttle_len[i]))
 
@@ -478,8 +490,13 @@ class Session:
 
     def pause_vm(self):
         """vm_stop / pause_all_vcpus: every vCPU leaves the guest and parks. The caller must not
-        hold the big lock (QEMU waits on a condition that releases it)."""
+        hold the big lock (QEMU waits on a condition that releases it). A dirty-limit sleep under
+        way is waited out (g_usleep is not cut short), but from now on it is the stop's time, the
+        downtime or pause the run measures from here, not the vCPU's throttle time: it stops
+        counting as such (the whole VM is stopped; counted as both, the env's reward charged
+        those seconds twice)."""
         self.paused = True
+        self._cut_throttle_sleeps(self.loop.now)
         self._resume.reset()
         self._all_parked.reset()
         self._parked = sum(1 for s in self.vstate if s in (DONE, WEDGED))
