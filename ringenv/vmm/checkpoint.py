@@ -20,10 +20,13 @@ way then (the base image, a checkpoint) is finished first. A run that took no ch
 nothing (``verified`` None) and did not keep its schedule (``converged`` False). ``lost_writes`` and ``verified`` are
 the worst checkpoint's so far from the first checkpoint on (a stepped run, or an episode
 truncated before the horizon, reports a loss when it happens). Throttles: none, or dirty-limit
-(a fixed per-vCPU quota; it engages by the migration's trigger rule, which an incremental
-checkpoint meets at every sync: from the second checkpoint's sync on); auto-converge, which
-would step up at every trigger, is refused. ``pass_bytes``: the base image,
-then one entry per checkpoint. ``remaining_bytes``: what the next checkpoint would write if
+(a fixed per-vCPU quota; it engages by the migration's trigger rule: checked at a sync at least
+1 s after the rate period began, the period's dirtied bytes above the threshold share of the
+bytes written, in two periods in a row. The first period holds the base image's writes, so with
+a 2 s period it engages from the third checkpoint's sync on; with periods under 1 s a rate period
+spans several checkpoints and it may not engage at all: 256 MiB of memcached checkpointed every
+0.5 s did not in 6 checkpoints); auto-converge, which would step up at every trigger, is refused.
+``pass_bytes``: the base image, then one entry per checkpoint. ``remaining_bytes``: what the next checkpoint would write if
 taken now (every page dirtied since the last one and not yet saved, each once), not only the
 migration bitmap's pages: between checkpoints those wait in the rings, the slot bitmap or the
 kernel's dirty bitmap.

@@ -57,7 +57,9 @@ class Metrics:
     #: vCPU time waiting for the big QEMU lock: to reap after a ring-full exit, or to start and end an auto-converge
     #: sleep (queued work the vCPU thread runs holding the lock), s
     vcpu_stall_s: float
-    vcpu_throttle_s: float  #: vCPU time asleep in auto-converge / dirty-limit, s
+    #: vCPU time asleep in auto-converge / dirty-limit, s (up to a stop: the rest of a sleep a stop
+    #: waits out is the stop's time, in its downtime or pause)
+    vcpu_throttle_s: float
     vcpu_fault_s: float  #: vCPU time in write-protect faults and block splits (kernel), s
     # --- VMM cost
     vmm_cpu_s: float  #: VMM threads' collection work (reaper, syncs, GET/CLEAR, dirty-limit), s
@@ -106,7 +108,8 @@ class Metrics:
     pause_total_s: float = 0.0  #: sum of checkpoint pauses, s
     checkpoint_overruns: int = 0  #: checkpoints that ended after the next was due
     #: scheduled checkpoints never taken: due times a checkpoint outlasted, but for the latest, which
-    #: the next checkpoint (started at once) takes late
+    #: the next checkpoint (started at once) takes late; all of them (before the horizon) when it ends
+    #: past the horizon
     checkpoint_slots_missed: int = 0
 
     @classmethod
