@@ -26,10 +26,10 @@ bytes written, in two periods in a row. The first period holds the base image's 
 a 2 s period it engages from the third checkpoint's sync on; with periods under 1 s a rate period
 spans several checkpoints and it may not engage at all: 256 MiB of memcached checkpointed every
 0.5 s did not in 6 checkpoints); auto-converge, which would step up at every trigger, is refused.
-``pass_bytes``: the base image, then one entry per checkpoint. ``remaining_bytes``: what the next checkpoint would write if
-taken now (every page dirtied since the last one and not yet saved, each once), not only the
-migration bitmap's pages: between checkpoints those wait in the rings, the slot bitmap or the
-kernel's dirty bitmap.
+``pass_bytes``: the base image, then one entry per checkpoint. ``remaining_bytes``: what the
+next checkpoint would write if taken now (every page dirtied since the last one and not yet
+saved, each once), not only the migration bitmap's pages: between checkpoints those wait in the
+rings, the slot bitmap or the kernel's dirty bitmap.
 """
 
 from __future__ import annotations
