@@ -61,16 +61,16 @@ def test_an_episodes_run_is_freed_without_the_cyclic_collector(no_cyclic_gc, env
 
 
 def test_short_episodes_leave_no_run_behind(no_cyclic_gc):
-    """Forty 3-step episodes: no Session object outlives its episode."""
-    from ringenv.vmm.session import Session
-
+    """Forty 3-step episodes: no episode's run outlives it."""
     env = gym.make("ringenv/Migration-v0")
+    runs = []
     for ep in range(40):
         env.reset(seed=ep)
         for _ in range(3):
             env.step(env.action_space.sample())
+        runs.append(weakref.ref(env.unwrapped._session))
     env.reset(seed=99)
-    live = [o for o in gc.get_objects() if issubclass(type(o), Session)]  # (type(): no attribute lookups)
+    live = [r() for r in runs if r() is not None]
     assert live == [], f"{len(live)} runs of earlier episodes still live"
     env.close()
 
