@@ -436,6 +436,7 @@ class RingEnv(gym.Env):
                 "can be copied.")
         state = self.__dict__.copy()
         state["_session"] = None  # an ended episode's run: of no further use (step() needs a reset)
+        state.pop("_rgb", None)  # the rgb_array figure: built again at the next render
         return state
 
     def _drop_session(self) -> None:
@@ -900,39 +901,68 @@ def nearest_choices(ring_sizes, intervals_ms, ring_entries: float, interval_ms: 
     return out[0], out[1]
 
 
-def _render_rgb(env: RingEnv, obs: np.ndarray, info: dict) -> np.ndarray:
-    """The rgb_array frame, drawn on an Agg canvas of its own (no pyplot: the caller's
-    matplotlib backend and figures are left alone)."""
-    try:
-        from matplotlib.backends.backend_agg import FigureCanvasAgg
-        from matplotlib.figure import Figure
-    except ImportError as e:
-        raise gym.error.DependencyNotInstalled(
-            'render_mode="rgb_array" draws with matplotlib, which is not installed: pip install matplotlib '
-            '(or the rl extra: pip install "ringenv[rl]")') from e
-
-    fig = Figure(figsize=(6.4, 3.2), dpi=75)
-    canvas = FigureCanvasAgg(fig)
-    a1, a2 = fig.subplots(1, 2, gridspec_kw={"width_ratios": [3, 1]})
+def _render_rgb(env: RingEnv, obs: np.ndarray | None, info: dict) -> np.ndarray:
+    """The rgb_array frame. The figure is built once per env (:class:`_RgbFrame`) and each frame
+    redraws only what changes on the saved background (~3 ms a frame; ~75 ms when every frame
+    built and laid out a new figure)."""
+    frame = env.__dict__.get("_rgb")
+    if frame is None:
+        frame = _RgbFrame(env.scenario.vm.vcpus, env.scenario.collector == "ring")
+        env._rgb = frame
     ring = env.scenario.collector == "ring"
-    vcpus = env.scenario.vm.vcpus
-    fill = np.asarray(info.get("ring_fill", np.zeros(vcpus if ring else 0)), dtype=float)
-    a1.bar(np.arange(len(fill)), fill, color=["tab:red" if f >= 0.9 else "tab:blue" for f in fill])
-    a1.set_xlim(-0.6, vcpus - 0.4)
-    a1.set_ylim(0, 1.05)
-    a1.set_xlabel("vCPU")
-    a1.set_ylabel("ring fill / soft limit")
+    fill = np.asarray(info.get("ring_fill", np.zeros(env.scenario.vm.vcpus if ring else 0)), dtype=float)
     if not ring:
         how = "bitmap collector (no ring)"
     elif not getattr(env, "ring_entries", 0):  # (none before the first reset, either)
         how = "ring size chosen by the first step's action"
     else:
         how = f"ring {env.ring_entries}, every {env.interval_ms:.0f} ms"
-    a1.set_title(f"{getattr(env, 'workload', 'no episode yet')}: {how}", fontsize=8)
-    a2.bar([0], [0.0 if obs is None else obs[7]], color="tab:green")
-    a2.set_ylim(0, 1)
-    a2.set_xticks([0], ["sent"])
-    a2.set_title(f"iter {info.get('iterations', 0)}", fontsize=8)
-    fig.tight_layout()
-    canvas.draw()
-    return np.asarray(canvas.buffer_rgba())[..., :3].copy()
+    return frame.draw(fill, 0.0 if obs is None else float(obs[7]),
+                      f"{getattr(env, 'workload', 'no episode yet')}: {how}", f"iter {info.get('iterations', 0)}")
+
+
+class _RgbFrame:
+    """An Agg canvas of its own (no pyplot: the caller's matplotlib backend and figures are left
+    alone): each vCPU's ring fill against its soft limit (red from 0.9) and the share of memory
+    sent. Laid out and drawn once without the bars and titles, whose background is kept; a
+    frame restores it and draws those on it (blitting)."""
+
+    def __init__(self, vcpus: int, ring: bool):
+        try:
+            from matplotlib.backends.backend_agg import FigureCanvasAgg
+            from matplotlib.figure import Figure
+        except ImportError as e:
+            raise gym.error.DependencyNotInstalled(
+                'render_mode="rgb_array" draws with matplotlib, which is not installed: pip install matplotlib '
+                '(or the rl extra: pip install "ringenv[rl]")') from e
+        self.fig = fig = Figure(figsize=(6.4, 3.2), dpi=75)
+        self.canvas = FigureCanvasAgg(fig)
+        a1, a2 = fig.subplots(1, 2, gridspec_kw={"width_ratios": [3, 1]})
+        n = vcpus if ring else 0
+        self.fill = list(a1.bar(np.arange(n), np.zeros(n), color="tab:blue"))
+        a1.set_xlim(-0.6, vcpus - 0.4)
+        a1.set_ylim(0, 1.05)
+        a1.set_xlabel("vCPU")
+        a1.set_ylabel("ring fill / soft limit")
+        self.sent = a2.bar([0], [0.0], color="tab:green")[0]
+        a2.set_ylim(0, 1)
+        a2.set_xticks([0], ["sent"])
+        self.titles = (a1.set_title(" ", fontsize=8), a2.set_title(" ", fontsize=8))
+        fig.tight_layout()
+        self.dynamic = [*self.fill, self.sent, *self.titles]
+        for a in self.dynamic:
+            a.set_animated(True)
+        self.canvas.draw()
+        self.background = self.canvas.copy_from_bbox(fig.bbox)
+
+    def draw(self, fill: np.ndarray, sent: float, title: str, right_title: str) -> np.ndarray:
+        self.canvas.restore_region(self.background)
+        for bar, f in zip(self.fill, fill.tolist()):
+            bar.set_height(f)
+            bar.set_color("tab:red" if f >= 0.9 else "tab:blue")
+        self.sent.set_height(sent)
+        self.titles[0].set_text(title)
+        self.titles[1].set_text(right_title)
+        for a in self.dynamic:
+            self.fig.draw_artist(a)
+        return np.asarray(self.canvas.buffer_rgba())[..., :3].copy()
