@@ -5,7 +5,15 @@ Every policy runs the same episodes: for each workload of the split and each see
 workload: same guest writes, so policies are compared on common random numbers and the paired
 difference to QEMU's default is much tighter than either mean. Episodes run in ``workers``
 processes. Writes ``episodes.csv`` (one row per episode) and ``summary.csv`` (per policy: mean and
-95% interval of each metric) under ``--out``; prints the Markdown table. An episode that reaches
+95% interval of each metric) under ``--out``; prints the Markdown table.
+
+The intervals (:func:`mean_ci`) are Student-t intervals over the policy's n episodes (workloads x
+seeds) taken as one sample. For the mean over the evaluated workloads they are conservative: the
+spread between workloads widens them, though every policy plays the same workloads. The
+``*_ci_within`` columns of summary.csv give the interval with the workloads held fixed and only
+the seeds drawn (:func:`stratified_ci`: per-workload variances, Welch-Satterthwaite degrees of
+freedom). Neither extends to workloads not evaluated: with few of them, read the per-workload
+table. An episode that reaches
 the time cap is charged the downtime a switchover then would cause, at the downtime weight
 (:func:`scoring_overrides`; ``--set reward.truncation=W`` sets another weight).
 
@@ -777,8 +785,10 @@ _T975 = [12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 
 
 
 def t975(df: int) -> float:
-    """Student's t 0.975 quantile with ``df`` degrees of freedom: the table to df 30, beyond it
-    the Cornish-Fisher expansion around the normal quantile (error below 1e-5 there)."""
+    """Student's t 0.975 quantile with ``df`` degrees of freedom: the usual 3-decimal table to df 30
+    (within 5e-4 of the exact quantile), beyond it the Cornish-Fisher expansion around the normal
+    quantile (error below 1e-5 there). A fractional ``df`` is rounded down (conservative)."""
+    df = int(df)
     if df <= len(_T975):
         return _T975[df - 1]
     z, v = 1.959963984540054, float(df)
@@ -798,9 +808,40 @@ def mean_ci(x) -> tuple[float, float]:
     return m, float(t975(len(x) - 1) * x.std(ddof=1) / math.sqrt(len(x)))
 
 
+def stratified_ci(groups: list) -> tuple[float, float]:
+    """Mean over ``groups`` (one array per workload, its seeds' values) of their means, and the
+    95% half-width with the groups held fixed: variance sum(s_g^2 / n_g) / G^2, t quantile at the
+    Welch-Satterthwaite degrees of freedom. nan if a group has fewer than two values; a half-width
+    0 when every group is constant."""
+    groups = [np.asarray(g, dtype=float) for g in groups]
+    if not groups or any(len(g) == 0 for g in groups):
+        return math.nan, math.nan
+    m = float(np.mean([g.mean() for g in groups]))
+    if any(len(g) < 2 for g in groups):
+        return m, math.nan
+    a = np.array([g.var(ddof=1) / len(g) for g in groups])
+    if a.sum() == 0:
+        return m, 0.0
+    df = a.sum() ** 2 / float(sum(x * x / (len(g) - 1) for x, g in zip(a, groups)))
+    return m, float(t975(max(1, math.floor(df))) * math.sqrt(a.sum()) / len(groups))
+
+
+def _by_workload(rs: list[dict], value) -> list[list[float]]:
+    """``value(r)`` of the records, grouped by workload (first-seen order); records for which
+    ``value`` gives None are left out."""
+    out: dict[str, list[float]] = {}
+    for r in rs:
+        v = value(r)
+        if v is not None:
+            out.setdefault(r["workload"], []).append(v)
+    return list(out.values())
+
+
 def summarize(records: list[dict], baseline: str | None = "qemu") -> list[dict]:
     """Per policy (in first-seen order): n, mean and 95% half-width of METRICS, share converged,
-    and the paired reward difference to ``baseline`` over the episodes both ran."""
+    the episodes that lost writes, overflowed a ring, were truncated or cancelled, and the paired
+    reward difference to ``baseline`` over the episodes both ran; the reward's and the
+    difference's intervals with the workloads held fixed too (``*_ci_within``)."""
     specs = list(dict.fromkeys(r["spec"] for r in records))
     base = {(r["workload"], r["seed"]): r["reward"] for r in records if r["spec"] == baseline}
     rows = []
@@ -815,8 +856,15 @@ def summarize(records: list[dict], baseline: str | None = "qemu") -> list[dict]:
                                                    for r in rs])
         row["converged"] = float(np.mean([bool(r["converged"]) for r in rs]))
         row["lost_write_episodes"] = sum(_lost(r) for r in rs)
+        row["ring_overflow_episodes"] = sum(bool(r.get("ring_overflows")) for r in rs)
+        row["truncated_episodes"] = sum(bool(r.get("truncated")) for r in rs)
+        row["cancelled_episodes"] = sum(bool(r.get("cancelled")) for r in rs)
         diffs = [r["reward"] - base[(r["workload"], r["seed"])] for r in rs if (r["workload"], r["seed"]) in base]
         row["d_reward"], row["d_reward_ci"] = mean_ci(diffs) if diffs and base else (math.nan, math.nan)
+        row["reward_ci_within"] = stratified_ci(_by_workload(rs, lambda r: r["reward"]))[1]
+        row["d_reward_ci_within"] = stratified_ci(_by_workload(rs, lambda r: (
+            r["reward"] - base[(r["workload"], r["seed"])] if (r["workload"], r["seed"]) in base else None)))[1] \
+            if diffs and base else math.nan
         row["ring_entries"] = _mode([r["ring_entries"] for r in rs])
         row["mean_interval_ms"] = float(np.mean([r["mean_interval_ms"] for r in rs]))
         rows.append(row)
@@ -832,6 +880,7 @@ def per_workload(records: list[dict]) -> list[dict]:
 
 
 def _mode(xs):
+    """The most frequent value (a tie: the smallest of them)."""
     vals, counts = np.unique(np.asarray(xs), return_counts=True)
     return int(vals[np.argmax(counts)])
 
@@ -843,12 +892,17 @@ def _pm(m, h, fmt):
 
 
 def markdown_table(rows: list[dict], baseline: str | None = "qemu") -> str:
-    """The comparison table: mean ± 95% half-width per policy, best reward first."""
+    """The comparison table: mean ± 95% half-width per policy, best reward first. The episodes that
+    lost writes, overflowed a ring, were truncated or cancelled each get a column when there are any."""
     has_base = any(r["spec"] == baseline for r in rows)
-    lossy = any(r.get("lost_write_episodes") for r in rows)  # (a column only when some episode lost writes)
+    counted = [(k, title) for k, title in (("lost_write_episodes", "LOST WRITES (episodes)"),
+                                           ("ring_overflow_episodes", "RING OVERFLOWS (episodes)"),
+                                           ("truncated_episodes", "truncated (episodes)"),
+                                           ("cancelled_episodes", "cancelled (episodes)"))
+               if any(r.get(k) for r in rows)]
     head = ["policy", "reward", f"Δ reward vs {baseline}" if has_base else None, "downtime s", "total s",
             "exit+stall s", "fault s", "VMM CPU s", "full exits", "ring", "interval ms", "n",
-            "LOST WRITES (episodes)" if lossy else None]
+            *(title for _, title in counted)]
     head = [h for h in head if h]
     lines = ["| " + " | ".join(head) + " |",
              "|" + "|".join("---" if i == 0 else "---:" for i in range(len(head))) + "|"]
@@ -862,8 +916,7 @@ def markdown_table(rows: list[dict], baseline: str | None = "qemu") -> str:
                   _pm(r["vmm_cpu_s"], r["vmm_cpu_s_ci"], ".3f"), _pm(r["full_exits"], r["full_exits_ci"], ".0f"),
                   str(r["ring_entries"] or "-"),  # the bitmap collector: no ring, no reaper interval
                   f"{r['mean_interval_ms']:.0f}" if r["ring_entries"] and r["mean_interval_ms"] else "-", str(r["n"])]
-        if lossy:
-            cells.append(str(r.get("lost_write_episodes", 0)))
+        cells += [str(r.get(k, 0)) for k, _ in counted]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

@@ -12,7 +12,7 @@ import pytest
 
 import ringenv  # noqa: F401
 from agents.common import ActionRepeat, EnvFacts, FixedEpisodes
-from agents.evaluate import ModelPolicy, markdown_table, mean_ci, run_episode, summarize, t975
+from agents.evaluate import ModelPolicy, markdown_table, mean_ci, run_episode, stratified_ci, summarize, t975
 from agents.heuristics import Fixed, FillWatermark, RateProportional
 
 SMALL = {"vm": {"memory": "512MiB", "vcpus": 2}}
@@ -50,6 +50,45 @@ def test_t_quantiles_and_intervals():
     assert t975(159) == pytest.approx(1.9750, abs=1e-4)
     m, h = mean_ci([1.0])
     assert m == 1.0 and math.isnan(h)
+
+
+def test_the_interval_with_the_workloads_held_fixed_worked_by_hand():
+    """Groups [1, 2, 3] and [10, 12]: means 2 and 11, mean of means 6.5; variances of the means
+    1/3 and 1, sum 4/3; Welch-Satterthwaite df (4/3)^2 / ((1/3)^2 / 2 + 1^2 / 1) = 32/19 = 1.68,
+    rounded down to 1: half-width 12.706 x sqrt(4/3) / 2 = 7.336."""
+    m, h = stratified_ci([[1.0, 2.0, 3.0], [10.0, 12.0]])
+    assert m == 6.5 and h == pytest.approx(12.706 * math.sqrt(4 / 3) / 2)
+    assert stratified_ci([[1.0, 1.0], [5.0, 5.0]]) == (3.0, 0.0)  # constant within: no seed spread
+    assert math.isnan(stratified_ci([[1.0, 2.0], [3.0]])[1]) and math.isnan(stratified_ci([])[0])
+
+
+def test_the_summary_gives_both_intervals_and_counts_every_kind_of_failed_episode():
+    """Two workloads x 3 seeds; x beats qemu by 1 on workload a and by 3 on b, +-0.1 by seed: the
+    pooled interval of the differences holds the 2-point spread between the workloads, the one
+    with the workloads held fixed only the seeds' 0.1. An overflow, a truncation and a cancel are
+    each counted and each get a table column (none when no episode had one)."""
+    recs = []
+    for w, gain in (("a", 1.0), ("b", 3.0)):
+        for k, noise in enumerate((-0.1, 0.0, 0.1)):
+            recs.append({**record("qemu", k, -10.0 + noise), "workload": w})
+            recs.append({**record("x", k, -10.0 + noise + gain + (0.1 if k == 2 else 0.0)), "workload": w})
+    recs[1].update(ring_overflows=12, wedged_vcpus=2)
+    recs[3].update(truncated=True)
+    recs[5].update(cancelled=True, truncated=False)
+    rows = {r["spec"]: r for r in summarize(recs, "qemu")}
+    x = rows["x"]
+    diffs = [1.0, 1.0, 1.1, 3.0, 3.0, 3.1]
+    assert x["d_reward"] == pytest.approx(np.mean(diffs))
+    assert x["d_reward_ci"] == pytest.approx(t975(5) * np.std(diffs, ddof=1) / math.sqrt(6))
+    assert x["d_reward_ci_within"] == pytest.approx(stratified_ci([[1.0, 1.0, 1.1], [3.0, 3.0, 3.1]])[1])
+    assert x["d_reward_ci_within"] < x["d_reward_ci"] / 5
+    assert (x["ring_overflow_episodes"], x["truncated_episodes"], x["cancelled_episodes"]) == (1, 1, 1)
+    assert (rows["qemu"]["ring_overflow_episodes"], rows["qemu"]["d_reward_ci_within"]) == (0, 0.0)
+    head, _, *body = markdown_table(list(rows.values()), "qemu").splitlines()
+    assert head.endswith("| n | RING OVERFLOWS (episodes) | truncated (episodes) | cancelled (episodes) |")
+    assert body[0].startswith("| x |") and body[0].endswith("| 6 | 1 | 1 | 1 |")
+    plain = markdown_table(summarize([r for r in recs if r["spec"] == "qemu"], "qemu"), "qemu")
+    assert "episodes)" not in plain
 
 
 class _ThreeStepEnv:
