@@ -687,7 +687,10 @@ class MigrationEnv(RingEnv):
       `link.give_up_action: cancel` ends an episode cancelled, charged at the `cancel` weight
       (`reward_parts["cancel"]`, info `cancelled` and `cancel_downtime_s`), as does an
       operator's cancel at `link.cancel_at_s`; the `rate_scale_range` setting and reset's info
-      `rate_scale` were added (the default draws nothing: episodes are unchanged)
+      `rate_scale` were added (the default draws nothing: episodes are unchanged); with the
+      dirty-limit throttle, the part of a throttle sleep that a stop waits out counts as
+      downtime only (it was charged as lost vCPU time too); `workloads` takes a list or tuple
+      (a generator, which env.spec could not copy, is refused)
     """  # noqa: E501  (markdown table rows)
 
     kind = "migration"
@@ -744,7 +747,9 @@ class CheckpointEnv(RingEnv):
     - v0: initial version; before any release the rate observations became relative to the
       storage rate (were the link's), `remaining` a pause in ms, and every pause is charged
       (only a new longest one was); the guest became closed-loop as in MigrationEnv; a
-      truncation is charged only with a `truncation` weight (as in MigrationEnv)
+      truncation is charged only with a `truncation` weight (as in MigrationEnv); with the
+      dirty-limit throttle, a pause that waits out a throttle sleep is charged as the pause only
+      (the sleep's rest was charged as lost vCPU time too)
     """
 
     kind = "checkpoint"
