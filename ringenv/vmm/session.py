@@ -83,6 +83,12 @@ def _workload_start_ns(workload_start_s) -> int:
     return to_ns(workload_start_s, NS)
 
 
+#: the longest harvest interval :meth:`Session.set_harvest_interval` takes, ns, and what it accepts
+_MAX_INTERVAL_NS = int(MAX_SIM_S * NS)
+_INTERVAL_ACCEPTED = (f"a positive, finite number of ns from 1 to {num_text(MAX_SIM_S * NS)} ({num_text(MAX_SIM_S)} s, "
+                      "the longest simulated time a setting may give, as the scenario's interval_ms); a fraction of a "
+                      "ns is dropped")
+
 #: what :meth:`Session.advance` accepts, as its error says it
 _ADVANCE_ACCEPTED = (f"a number of simulated ns from 0 to {FOREVER} (2**62, sim.FOREVER: until the run is over); "
                      "a fraction of a ns is dropped")
@@ -541,9 +547,8 @@ class Session:
         """Change the reaper's sleep (takes effect on the current sleep: it then ends
         ``ns`` after the reaper's last harvest, or now if that is already past). ``ns``: 1 to 1e15
         (1e6 s, the bound of the scenario's ``interval_ms``); a fraction of a ns is dropped."""
-        checked_number(ns, "harvest interval", f"a positive, finite number of ns from 1 to {num_text(MAX_SIM_S * NS)} "
-                       f"({num_text(MAX_SIM_S)} s, the longest simulated time a setting may give, as the scenario's "
-                       "interval_ms); a fraction of a ns is dropped", lambda x: 1 <= x <= MAX_SIM_S * NS)
+        if not (type(ns) is int and 1 <= ns <= _MAX_INTERVAL_NS):  # (the env's every step: the check only when needed)
+            checked_number(ns, "harvest interval", _INTERVAL_ACCEPTED, lambda x: 1 <= x <= _MAX_INTERVAL_NS)
         ns = int(ns)
         self.interval_ns = ns
         if self.reaper is not None and self.reaper.sleeping:
@@ -964,7 +969,8 @@ class Session:
         """Run host and VMM up to simulated time ``until_ns`` (or until the run is over): a number of ns from 0 to
         FOREVER (a fraction of a ns is dropped); anything else (a string, NaN, infinity, a bool) is a ConfigError
         naming the argument and what is accepted."""
-        checked_number(until_ns, "until_ns", _ADVANCE_ACCEPTED, lambda ns: 0 <= ns <= FOREVER)
+        if not (type(until_ns) is int and 0 <= until_ns <= FOREVER):  # (every env step: the check only when needed)
+            checked_number(until_ns, "until_ns", _ADVANCE_ACCEPTED, lambda ns: 0 <= ns <= FOREVER)
         until = int(until_ns)
         loop, vm = self.loop, self.vm
         heap = loop.heap
