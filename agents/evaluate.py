@@ -826,14 +826,11 @@ def stratified_ci(groups: list) -> tuple[float, float]:
     return m, float(t975(max(1, math.floor(df))) * math.sqrt(a.sum()) / len(groups))
 
 
-def _by_workload(rs: list[dict], value) -> list[list[float]]:
-    """``value(r)`` of the records, grouped by workload (first-seen order); records for which
-    ``value`` gives None are left out."""
+def _by_workload(pairs) -> list[list[float]]:
+    """The values of (workload, value) pairs, grouped by workload (first-seen order)."""
     out: dict[str, list[float]] = {}
-    for r in rs:
-        v = value(r)
-        if v is not None:
-            out.setdefault(r["workload"], []).append(v)
+    for w, v in pairs:
+        out.setdefault(w, []).append(v)
     return list(out.values())
 
 
@@ -859,12 +856,12 @@ def summarize(records: list[dict], baseline: str | None = "qemu") -> list[dict]:
         row["ring_overflow_episodes"] = sum(bool(r.get("ring_overflows")) for r in rs)
         row["truncated_episodes"] = sum(bool(r.get("truncated")) for r in rs)
         row["cancelled_episodes"] = sum(bool(r.get("cancelled")) for r in rs)
-        diffs = [r["reward"] - base[(r["workload"], r["seed"])] for r in rs if (r["workload"], r["seed"]) in base]
-        row["d_reward"], row["d_reward_ci"] = mean_ci(diffs) if diffs and base else (math.nan, math.nan)
-        row["reward_ci_within"] = stratified_ci(_by_workload(rs, lambda r: r["reward"]))[1]
-        row["d_reward_ci_within"] = stratified_ci(_by_workload(rs, lambda r: (
-            r["reward"] - base[(r["workload"], r["seed"])] if (r["workload"], r["seed"]) in base else None)))[1] \
-            if diffs and base else math.nan
+        paired = [(r["workload"], r["reward"] - base[(r["workload"], r["seed"])]) for r in rs
+                  if (r["workload"], r["seed"]) in base]
+        diffs = [d for _, d in paired]
+        row["d_reward"], row["d_reward_ci"] = mean_ci(diffs) if diffs else (math.nan, math.nan)
+        row["reward_ci_within"] = stratified_ci(_by_workload((r["workload"], r["reward"]) for r in rs))[1]
+        row["d_reward_ci_within"] = stratified_ci(_by_workload(paired))[1] if diffs else math.nan
         row["ring_entries"] = _mode([r["ring_entries"] for r in rs])
         row["mean_interval_ms"] = float(np.mean([r["mean_interval_ms"] for r in rs]))
         rows.append(row)

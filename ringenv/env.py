@@ -908,7 +908,7 @@ def nearest_choices(ring_sizes, intervals_ms, ring_entries: float, interval_ms: 
 
 def _render_rgb(env: RingEnv, obs: np.ndarray | None, info: dict) -> np.ndarray:
     """The rgb_array frame. The figure is built once per env (:class:`_RgbFrame`) and each frame
-    redraws only what changes on the saved background (~3 ms a frame; ~75 ms when every frame
+    redraws only what changes on the saved background (~5 ms a frame; ~75 ms when every frame
     built and laid out a new figure)."""
     frame = env.__dict__.get("_rgb")
     if frame is None:
