@@ -77,8 +77,9 @@ def main(args: Args) -> dict:
     label = workloads_label(args.split, args.workloads)
     header = (f"Scenario {scenario_label(args.scenario, args.set)}, {label} ({', '.join(wls)}), {args.seeds} "
               "seeds each "
-              f"(seeds {args.seed0}..{args.seed0 + args.seeds - 1}): mean ± 95% interval per episode; reward higher "
-              f"is better; Δ is paired (same workload and seed).")
+              f"(seeds {args.seed0}..{args.seed0 + args.seeds - 1}): mean ± 95% interval per episode (a t-interval "
+              "over all the policy's episodes as one sample; summary.csv's *_ci_within hold the workloads fixed); "
+              "reward higher is better; Δ is paired (same workload and seed).")
     table = markdown_table(rows, args.baseline)
     per_wl = markdown_per_workload(records)
     (out / "table.md").write_text(f"{header}\n\n{table}\n\nMean reward per workload:\n\n{per_wl}\n")
