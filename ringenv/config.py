@@ -136,10 +136,15 @@ def _pydantic_num(x) -> str:
     return str(x) if isinstance(x, int) else np.format_float_positional(x, trim="-")
 
 
+def _schema_extra(info) -> dict:
+    """A field's ``json_schema_extra`` mapping (its ``accepted`` text, its ``unit``, if any), or {}."""
+    return info.json_schema_extra if isinstance(info.json_schema_extra, dict) else {}
+
+
 def field_unit(name: str, info) -> str:
     """The unit of a number field: its ``json_schema_extra`` ``unit``, else the one its name ends with (``_ms``,
     ``_s``, ``_ns``, ``_us``, ``gbps``, ``_mbps``, ...); "" for a factor or a count."""
-    extra = info.json_schema_extra if isinstance(info.json_schema_extra, dict) else {}
+    extra = _schema_extra(info)
     if "unit" in extra:
         return extra["unit"]
     return next((u for suffix, u in _NAME_UNITS if name.endswith(suffix)), "")
@@ -160,7 +165,7 @@ def accepted_range(name: str, info) -> str:
     ms". A time field (ms, s, us) bounded only by > 0 starts at 1 ns (a time is whole ns: below 1 ns it would round
     to 0 ns); one that accepts 0 says "0, or 1 ns to ..." (a time in (0, 1 ns) rounds to 0 ns). A field whose
     rule is narrower than its bounds says its own (its ``json_schema_extra`` ``accepted``)."""
-    extra = info.json_schema_extra if isinstance(info.json_schema_extra, dict) else {}
+    extra = _schema_extra(info)
     if "accepted" in extra:
         return extra["accepted"]
     b, unit = field_bounds(info), field_unit(name, info)
@@ -254,7 +259,7 @@ def _field_range(model: type[BaseModel] | None, loc) -> str | None:
     field = section.model_fields.get(parts[-1]) if section is not None and isinstance(parts[-1], str) else None
     if field is None:
         return None
-    extra = field.json_schema_extra if isinstance(field.json_schema_extra, dict) else {}
+    extra = _schema_extra(field)
     return accepted_range(parts[-1], field) if field_bounds(field) or "accepted" in extra else None
 
 
@@ -357,7 +362,7 @@ class Strict(BaseModel):
             info_ = cls.model_fields[info.field_name]
             if bad is not None and any(a is float for t in typing.get_args(info_.annotation) or (info_.annotation,)
                                        for a in (typing.get_args(t) or (t,))):
-                extra = info_.json_schema_extra if isinstance(info_.json_schema_extra, dict) else {}
+                extra = _schema_extra(info_)
                 what = (f"too large for a number (at most {num_text(sys.float_info.max)}, the largest float)"
                         if isinstance(bad, numbers.Integral) else "not a finite number")
                 raise ValueError(f"{v!r}: {bad!r} is {what}; accepted: {extra.get('accepted', 'finite numbers')}")

@@ -83,7 +83,8 @@ def _workload_start_ns(workload_start_s) -> int:
     return to_ns(workload_start_s, NS)
 
 
-#: the longest harvest interval :meth:`Session.set_harvest_interval` takes, ns, and what it accepts
+#: the longest harvest interval :meth:`Session.set_harvest_interval` takes, ns, and what it accepts (built
+#: once: the env sets the interval every step)
 _MAX_INTERVAL_NS = int(MAX_SIM_S * NS)
 _INTERVAL_ACCEPTED = (f"a positive, finite number of ns from 1 to {num_text(MAX_SIM_S * NS)} ({num_text(MAX_SIM_S)} s, "
                       "the longest simulated time a setting may give, as the scenario's interval_ms); a fraction of a "
@@ -547,8 +548,7 @@ class Session:
         """Change the reaper's sleep (takes effect on the current sleep: it then ends
         ``ns`` after the reaper's last harvest, or now if that is already past). ``ns``: 1 to 1e15
         (1e6 s, the bound of the scenario's ``interval_ms``); a fraction of a ns is dropped."""
-        if not (type(ns) is int and 1 <= ns <= _MAX_INTERVAL_NS):  # (the env's every step: the check only when needed)
-            checked_number(ns, "harvest interval", _INTERVAL_ACCEPTED, lambda x: 1 <= x <= _MAX_INTERVAL_NS)
+        checked_number(ns, "harvest interval", _INTERVAL_ACCEPTED, lambda x: 1 <= x <= _MAX_INTERVAL_NS)
         ns = int(ns)
         self.interval_ns = ns
         if self.reaper is not None and self.reaper.sleeping:
@@ -969,8 +969,7 @@ class Session:
         """Run host and VMM up to simulated time ``until_ns`` (or until the run is over): a number of ns from 0 to
         FOREVER (a fraction of a ns is dropped); anything else (a string, NaN, infinity, a bool) is a ConfigError
         naming the argument and what is accepted."""
-        if not (type(until_ns) is int and 0 <= until_ns <= FOREVER):  # (every env step: the check only when needed)
-            checked_number(until_ns, "until_ns", _ADVANCE_ACCEPTED, lambda ns: 0 <= ns <= FOREVER)
+        checked_number(until_ns, "until_ns", _ADVANCE_ACCEPTED, lambda ns: 0 <= ns <= FOREVER)
         until = int(until_ns)
         loop, vm = self.loop, self.vm
         heap = loop.heap
