@@ -116,6 +116,11 @@ def flag_config_error(e: ValueError, overrides: dict, workloads=None) -> ValueEr
     if roots[0] == "workloads" and workloads:
         return type(e)(f"--workloads: {text}")
     if roots[0] in overrides:
+        # the env's list of its arguments starts with the three the commands take as flags
+        own = f"accepted: {', '.join(OWN_FLAGS)}, "
+        if own in text:
+            text = text.replace(own, "accepted: ", 1) + (
+                f" (the {', '.join(OWN_FLAGS)} are the command's {', '.join(OWN_FLAGS.values())})")
         return type(e)(f"--set {text}")
     if any(r in overrides for r in roots[1:]):
         return type(e)(f"--set: {text}")

@@ -473,6 +473,11 @@ class MigrationEnv(RingEnv):
     The ring size is taken from the FIRST action of an episode; later ring-size components are
     ignored and `info["ring_size_ignored"]` says so.
 
+    `step` takes the action as integers: numpy integers or Python ints (a list `[i, j]` for the
+    MultiDiscrete action). It is a little more lenient than `action_space.contains`: a `Discrete`
+    action may also come as a one-element integer array (as some wrappers pass a single env's
+    action). A bool or an array of bools is refused (not an index; `contains` takes `True` as 1).
+
     ## Observation Space
     `Box(0, high, (17,), float32)`:
 

@@ -274,7 +274,11 @@ def test_an_evaluation_whose_every_policy_is_left_out_is_a_usage_error(capsys, t
 
 # ---------------------------------------------------------------------------------- errors name their flag
 @pytest.mark.parametrize("argv, words", [
-    (["train", "--set", "foo=1"], "--set foo: unknown argument; accepted: scenario, split, workloads"),
+    (["train", "--set", "foo=1"], "--set foo: unknown argument; accepted: flatten_actions, render_mode, the env "
+                                  "settings (control_interval_ms, "),
+    (["train", "--set", "foo=1"], "scenario fields (host, vm, rate_scale, link, checkpoint, collector, throttle, "
+                                  "auto_converge, dirty_limit, switchover, env) (the scenario, split, workloads are "
+                                  "the command's --scenario, --split, --workloads)"),
     (["train", "--set", "vm.vcpus=0"], "--set: invalid scenario default.yaml with the keyword overrides (vm): "
                                        "vm.vcpus: Input should be greater than or equal to 1 (got 0)"),
     (["train", "--hyperparams", "{tmp}"], "--hyperparams '{tmp}': a directory, not a file; expected a YAML file"),

@@ -262,6 +262,28 @@ def test_invalid_actions_are_clear_errors():
         d.step(81)
 
 
+def test_the_action_forms_step_takes_are_the_documented_ones():
+    """Integers as numpy or Python ints, a list for MultiDiscrete, a one-element array for
+    Discrete (more lenient than contains); a bool or a float array is refused (the docstring's
+    Action Space paragraph)."""
+    d = make("ringenv/MigrationDiscrete-v0").unwrapped
+    d.reset(seed=0)
+    for a in (40, np.int64(40), np.array(40), np.array([40]), np.array([40], dtype=np.uint8)):
+        assert d.decode_action(a) == d.decode_action(40)
+    assert d.action_space.contains(40) and not d.action_space.contains(np.array([40]))
+    for bad in (True, np.array([True]), np.array([40.0]), np.array([40, 1]), "40"):
+        with pytest.raises(ValueError, match="expected an integer in 0..80"):
+            d.decode_action(bad)
+    env = make().unwrapped
+    env.reset(seed=0)
+    want = (env.ring_sizes[4], env.intervals_ms[3])
+    for a in ([4, 3], (4, 3), np.array([4, 3], dtype=np.int32), [np.int64(4), 3]):
+        assert env.decode_action(a) == want
+    for bad in ([True, False], np.array([4.0, 3.0]), [[4, 3]], 4):
+        with pytest.raises(ValueError, match="expected integers"):
+            env.decode_action(bad)
+
+
 def test_step_before_reset_and_after_end():
     env = make().unwrapped
     with pytest.raises(RuntimeError, match="before reset"):
