@@ -5,8 +5,15 @@ The contract (shared with ``ringenv kvm-replay``, which runs the same trace on t
 input ``{"slot_pages": int, "ring_entries": int, "reap_scope": "all"|"self",
 "with_bitmap": bool (optional), "unmapped_pages": int (optional, default 0),
 "populated": bool (optional, default false),
-"vcpus": [{"writes": [page offsets], "syncs": [write indices],
+"vcpus": [{"writes": [page offsets], "syncs": [write indices] (optional),
 "reads": [indices of accesses in "writes" that are reads] (optional)}]}``
+
+Offsets count pages of the host profile's page size (so one trace spans 16 times the memory on
+arm64-64k that it spans on arm64-4k); ``slot_pages + unmapped_pages`` must fit the profile's
+guest-physical range. Each vCPU's list is its program order; the order across vCPUs follows
+from simulated time (below), not from the file. The file is read whole (JSON has no streaming
+form): about 90 bytes of memory per write at the peak (2 million writes: 340 MB against 160 MB
+for a one-write trace). A key given twice in one object is an error.
 
 The guest is fresh: its data pages are not mapped at stage 2 until first touched, and the
 memory behind them is fresh too (the host's zero page: a read fault maps it read-only and logs
@@ -28,6 +35,10 @@ guest exits to userspace after that write), both times all rings, or only that v
                 "exits": ["full"|"sync"|"mmio"|"done", in order],
                 "faults": int}],
      "faults": int}
+
+``resets`` in call order is the simulator's one order; on the real KVM the vCPU threads'
+resets interleave as they run, so with several vCPUs only each vCPU's own ``resets`` and the
+final reset are stable from run to run (``ringenv validate`` compares those).
 
 ``faults``: the vCPU's stage-2 faults (``Vcpu.stats.faults``, as KVM's vCPU statistic pf_fixed
 counts them), and their sum over the vCPUs; ``kvm-replay`` reports them only with ``--faults``.
@@ -54,6 +65,10 @@ from .kvm.uapi import KvmError
 from .kvm.vm import Vm
 from .vmm.reap import RingReader
 
+#: the most pages a trace can address on any host (52 guest-physical bits of 4 KiB pages); the
+#: profile's own range is checked when the trace runs
+MAX_TRACE_PAGES = 1 << 40
+
 TRACE_KEYS = {"slot_pages", "ring_entries", "reap_scope", "with_bitmap", "unmapped_pages", "populated", "vcpus"}
 
 
@@ -68,8 +83,9 @@ def validate_trace(trace: Any) -> dict:
         if key not in trace:
             raise ConfigError(f"trace.{key}: missing (required)")
     sp = trace["slot_pages"]
-    if not isinstance(sp, int) or isinstance(sp, bool) or sp <= 0:
-        raise ConfigError(f"trace.slot_pages: {sp!r} is not a positive integer")
+    if not isinstance(sp, int) or isinstance(sp, bool) or not 0 < sp <= MAX_TRACE_PAGES:
+        raise ConfigError(f"trace.slot_pages: {sp!r} is not accepted; expected an integer in 1..2^40 (the "
+                          "host profile's guest-physical range bounds it further)")
     re_ = trace["ring_entries"]
     if not isinstance(re_, int) or isinstance(re_, bool) or re_ <= 0:
         raise ConfigError(f"trace.ring_entries: {re_!r} is not a positive integer")
@@ -79,9 +95,10 @@ def validate_trace(trace: Any) -> dict:
         if key in trace and not isinstance(trace[key], bool):
             raise ConfigError(f"trace.{key}: {trace[key]!r}; accepted: true, false")
     up = trace.get("unmapped_pages", 0)
-    if not isinstance(up, int) or isinstance(up, bool) or up < 0:
-        raise ConfigError(f"trace.unmapped_pages: {up!r} is not accepted; expected an integer >= 0 (pages past "
-                          "the slot that no memslot maps)")
+    if not isinstance(up, int) or isinstance(up, bool) or not 0 <= up <= MAX_TRACE_PAGES - sp:
+        raise ConfigError(f"trace.unmapped_pages: {up!r} is not accepted; expected an integer in "
+                          f"0..{MAX_TRACE_PAGES - sp} (pages past the slot that no memslot maps; slot_pages + "
+                          "unmapped_pages at most 2^40, the host profile's guest-physical range bounds it further)")
     end = sp + up
     vcpus = trace["vcpus"]
     if not isinstance(vcpus, list) or not vcpus:
@@ -91,18 +108,22 @@ def validate_trace(trace: Any) -> dict:
             raise ConfigError(f"trace.vcpus[{i}]: expected {{'writes': [...], 'syncs': [...], 'reads': [...]}} "
                               f"(reads optional), got {v!r:.80}")
         w = v["writes"]
-        if not isinstance(w, list) or not all(isinstance(x, int) and not isinstance(x, bool) for x in w):
-            raise ConfigError(f"trace.vcpus[{i}].writes: expected a list of integer page offsets")
+        if not isinstance(w, list):
+            raise ConfigError(f"trace.vcpus[{i}].writes: {w!r:.80}; expected a list of integer page offsets")
+        for k, x in enumerate(w):
+            if not isinstance(x, int) or isinstance(x, bool):
+                raise ConfigError(f"trace.vcpus[{i}].writes[{k}]: {x!r:.80} is not an integer page offset")
         bad = [x for x in w if not 0 <= x < end]
         if bad:
             where = (f"the slot (0..{sp - 1})" if not up
                      else f"the slot and the {up} unmapped pages after it (0..{end - 1})")
-            raise ConfigError(f"trace.vcpus[{i}].writes: offset {bad[0]} outside {where}")
+            k = next(k for k, x in enumerate(w) if not 0 <= x < end)
+            raise ConfigError(f"trace.vcpus[{i}].writes[{k}]: offset {bad[0]} outside {where}")
         for key in ("syncs", "reads"):
             s = v.get(key, [])
             if not isinstance(s, list):
-                raise ConfigError(f"trace.vcpus[{i}].{key}: {s!r}; expected a list of indices into writes, "
-                                  f"0..{len(w) - 1}")
+                raise ConfigError(f"trace.vcpus[{i}].{key}: {s!r:.80}; expected a list of indices into writes"
+                                  + (f", 0..{len(w) - 1}" if w else " (empty: there are no writes)"))
             bad = [x for x in s if not (isinstance(x, int) and not isinstance(x, bool) and 0 <= x < len(w))]
             if bad:
                 raise ConfigError(f"trace.vcpus[{i}].{key}: {bad[0]!r} is not an index into writes; accepted: "
@@ -151,6 +172,13 @@ def replay_trace(trace: dict, profile: str | None = None, ring_entries: int | No
     scope_all = trace["reap_scope"] == "all"
     nv = len(trace["vcpus"])
 
+    limit = 1 << (prof.phys_addr_bits - (prof.page_size.bit_length() - 1))  # guest-physical pages
+    end = trace["slot_pages"] + trace.get("unmapped_pages", 0)
+    if trace.get("unmapped_pages") and end > limit:  # (a slot past it is KVM's error, below)
+        raise ConfigError(f"trace.unmapped_pages: {trace['unmapped_pages']}: the slot and the unmapped pages "
+                          f"end at page {end}, past the {prof.phys_addr_bits}-bit guest-physical range of {prof.name} "
+                          f"({limit} pages of {prof.page_size} bytes; no MMIO exit there); accepted: "
+                          f"0..{max(0, limit - trace['slot_pages'])}")
     vm = Vm(prof)
     field = "ring_entries (--ring-entries)" if ring_entries else "trace.ring_entries"
     if entries * 16 > 0xFFFFFFFF:  # KVM_ENABLE_CAP reads the size as a u32: it would wrap, not be refused
@@ -207,8 +235,9 @@ def replay_trace(trace: dict, profile: str | None = None, ring_entries: int | No
         pending = []
         if not exits:
             exits = vm.run_until(vm.now + (1 << 62))
-            if not exits:
-                break  # every vCPU is out and none can run: cannot happen with a well-formed trace
+            if not exits:  # every vCPU is out and none can run: cannot happen with a well-formed trace
+                raise RuntimeError(f"replay stalled: vCPUs {[i for i in range(nv) if not done[i]]} neither "
+                                   "exited nor finished")
         for e in exits:
             out[e.vcpu]["exits"].append(e.kind)
             if e.kind == "done":
@@ -228,24 +257,53 @@ def replay_trace(trace: dict, profile: str | None = None, ring_entries: int | No
 
 
 def load_trace(path: str | Path) -> dict:
-    """The JSON trace at ``path`` ('-': standard input); a ConfigError for a missing file, a
-    directory, text that is not UTF-8 or bad JSON."""
+    """The JSON trace at ``path`` ('-': standard input; any readable path, a pipe such as
+    ``<(zcat t.json.gz)`` too); a ConfigError for a missing file, a directory, a closed stdin,
+    text that is not UTF-8 (a byte-order mark is skipped), bad JSON or a key given twice in an
+    object."""
     if str(path) == "-":
+        if sys.stdin is None or sys.stdin.closed:
+            raise ConfigError("TRACE -: standard input is closed; expected a JSON trace on it")
         raw = getattr(sys.stdin, "buffer", None)  # (a replaced sys.stdin may be text only)
         data, name = raw.read() if raw is not None else sys.stdin.read().encode(), "<stdin>"
     else:
         p = Path(path)
         if p.is_dir():
             raise ConfigError(f"TRACE: {str(p)!r} is a directory; expected a JSON trace file")
-        if not p.is_file():
+        if not p.exists():
             raise ConfigError(f"TRACE: no such file {str(p)!r}")
-        data, name = p.read_bytes(), p.name
+        try:
+            data, name = p.read_bytes(), p.name
+        except OSError as e:
+            raise ConfigError(f"TRACE: {str(p)!r} cannot be read ({e.strerror}); expected a readable JSON "
+                              "trace file") from None
     try:
-        text = data.decode("utf-8")
+        text = data.decode("utf-8-sig")
     except UnicodeDecodeError as e:
         raise ConfigError(f"TRACE {name}: not UTF-8 text (byte {e.start}: {data[e.start:e.start + 1]!r}); "
                           "accepted: a UTF-8 JSON file") from None
     try:
-        return json.loads(text)
+        return json.loads(text, object_pairs_hook=_unique_keys)
     except json.JSONDecodeError as e:
         raise ConfigError(f"TRACE {name}: not valid JSON: {e}") from None
+    except RecursionError:
+        raise ConfigError(f"TRACE {name}: JSON nested too deeply to read; a trace nests 4 levels") from None
+    except _DuplicateKey as e:
+        raise ConfigError(f"TRACE {name}: {e}") from None
+    except ValueError:  # an integer of more digits than Python converts (4300)
+        raise ConfigError(f"TRACE {name}: holds an integer of more than 4300 digits; no field takes one that "
+                          "large (offsets and sizes: at most 2^40 pages)") from None
+
+
+class _DuplicateKey(ValueError):
+    """A key given twice in one JSON object of a trace."""
+
+
+def _unique_keys(pairs: list) -> dict:
+    """A JSON object's dict; a key given twice is a _DuplicateKey (json would keep the last)."""
+    out = dict(pairs)
+    if len(out) != len(pairs):
+        seen: set = set()
+        dup = next(k for k, _ in pairs if k in seen or seen.add(k))
+        raise _DuplicateKey(f"key {dup!r} is given twice in one object; each key once")
+    return out

@@ -44,13 +44,14 @@ class TraceProgram(GuestProgram):
         self.nr_vcpus = len(writes)
         gfn, code_, read = [], [], []
         for i, (w, s) in enumerate(zip(writes, syncs)):
-            g = np.concatenate([base_gfn + np.asarray(w, dtype=np.int64), [NO_WRITE]])
+            w = _checked_ints(w, f"writes[{i}]", 0, None)
+            g = np.concatenate([base_gfn + w, [NO_WRITE]])
             code = np.full(len(g), EXIT_NONE, dtype=np.int8)
-            code[np.asarray(s, dtype=np.int64)] = EXIT_SYNC
+            code[_checked_ints(s, f"syncs[{i}]", 0, len(w))] = EXIT_SYNC
             code[-1] = EXIT_DONE
             rd = np.zeros(len(g), dtype=np.int8)
             if reads is not None:
-                rd[np.asarray(reads[i], dtype=np.int64)] = 1
+                rd[_checked_ints(reads[i], f"reads[{i}]", 0, len(w))] = 1
             gfn.append(g)
             code_.append(code)
             read.append(rd)
@@ -182,3 +183,22 @@ def _consume(t, vc, n, pos, clock, k, max_batch, write_ns, fault_ns, faults):  #
         if counts[v]:
             pos[v] += counts[v]
             clock[v] = last[v] + write_ns + faults[v] * fault_ns
+
+
+def _checked_ints(values, name: str, lo: int, hi: int | None) -> np.ndarray:
+    """``values`` as an int64 array, each an integer in lo..hi-1 (no upper bound if hi is None);
+    a ValueError naming ``name``, the first bad element and the accepted range otherwise (a
+    float, a bool, a negative offset or an index past the writes would be misread silently)."""
+    a = np.asarray(values)
+    if a.ndim != 1 and a.size:
+        raise ValueError(f"{name}: expected a flat list of integers, got shape {a.shape}")
+    if a.size and a.dtype.kind not in "iu":
+        k = next((k for k, x in enumerate(values) if not isinstance(x, (int, np.integer)) or isinstance(x, bool)), 0)
+        raise ValueError(f"{name}[{k}]: {values[k]!r} is not an integer")
+    a = a.astype(np.int64).reshape(-1)
+    bad = (a < lo) | (a >= hi) if hi is not None else a < lo
+    if bad.any():
+        k = int(np.argmax(bad))
+        accepted = f"{lo}..{hi - 1}" if hi is not None else f">= {lo}"
+        raise ValueError(f"{name}[{k}]: {int(a[k])} is out of range; accepted: {accepted}")
+    return a
