@@ -22,9 +22,6 @@ import ringenv  # noqa: F401
 from .env_speed import NullEnv, ppo_run, random_policy
 
 TIMESTEPS = 4096
-#: the modules whose numba kernels count as compiled work
-KERNEL_MODULES = ["ringenv.guest.workload", "ringenv.kvm.fault", "ringenv.kvm.ring", "ringenv.kvm.memory",
-                  "ringenv.vmm.reap", "ringenv.vmm.dirty", "ringenv.vmm.dirtyrate", "ringenv.arrays"]
 #: numpy's array passes (cProfile's names for C functions)
 NUMPY_PASSES = ("<method 'sort' of 'numpy.ndarray' objects>", "<method 'nonzero' of 'numpy.ndarray' objects>",
                 "<method 'fill' of 'numpy.ndarray' objects>", "<method 'copy' of 'numpy.ndarray' objects>",
@@ -54,10 +51,18 @@ class Profiled(gym.Wrapper):
             self.profile.disable()
 
 
+def kernel_modules() -> list[str]:
+    """The modules whose numba kernels count as compiled work: every ringenv module that
+    defines one (:func:`ringenv.jit.kernel_sources`, so a new kernel anywhere is counted)."""
+    from ringenv.jit import PACKAGE, kernel_sources
+
+    return [".".join(("ringenv",) + p.relative_to(PACKAGE).with_suffix("").parts) for p in kernel_sources()]
+
+
 def kernel_keys() -> set[tuple[str, int, str]]:
-    """cProfile's keys (file, first line, name) of the numba kernels of KERNEL_MODULES."""
+    """cProfile's keys (file, first line, name) of the numba kernels of :func:`kernel_modules`."""
     keys = set()
-    for name in KERNEL_MODULES:
+    for name in kernel_modules():
         mod = importlib.import_module(name)
         for attr, obj in vars(mod).items():
             if isinstance(obj, numba.core.registry.CPUDispatcher):
@@ -66,9 +71,10 @@ def kernel_keys() -> set[tuple[str, int, str]]:
     return keys
 
 
-def floor(timesteps: int = TIMESTEPS) -> dict:
+def floor(timesteps: int | None = None) -> dict:
     """us per PPO step: in the numba kernels, in numpy's array passes, and in the env in all
     (profiled), with the kernels' names by time."""
+    timesteps = timesteps or TIMESTEPS
     profile = cProfile.Profile()
     ppo_run(Profiled(gym.make("ringenv/Migration-v0"), profile), timesteps)
     stats = pstats.Stats(profile).stats

@@ -66,6 +66,11 @@ class Recycler:
         while total > self.max_bytes and self._kept:  # all in use: stop keeping the oldest
             total -= self._kept.pop(0).nbytes
 
+    def clear(self) -> None:
+        """Keep no array any longer (those in use stay their users'; the next ``zeros`` makes
+        new ones): for a measurement of what a run allocates."""
+        self._kept.clear()
+
     @property
     def kept_bytes(self) -> int:
         return sum(a.nbytes for a in self._kept)
