@@ -120,6 +120,10 @@ def end_for_closed_stdout() -> int:
 def main(argv: list[str] | None = None) -> int:
     ap = build_parser()
     args = ap.parse_args(argv)
+    if sys.stdout is None:  # started with standard output closed (`>&-`): each command prints its result there
+        print(f"ringenv {args.command}: standard output is closed; run it with standard output open "
+              "(>/dev/null to discard it)", file=sys.stderr)
+        return 2
     try:
         return int(args.func(args) or 0)
     except ConfigError as e:

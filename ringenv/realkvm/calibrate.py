@@ -12,8 +12,10 @@ absolutes, with bare metal.
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import os
+import stat
 import statistics
 import tempfile
 import threading
@@ -84,7 +86,7 @@ def measure_writes(pages: int = 8192, probes: int = 200) -> dict[str, float]:
             raise RuntimeError("calibration guest: expected one ring entry per page")
     exit_ns = statistics.median(exits)
     dirty = max(0.0, (again - exit_ns) / pages)
-    return {"wp_fault_ns": (first - exit_ns) / pages, "dirty_write_ns": dirty,
+    return {"wp_fault_ns": max(1.0, (first - exit_ns) / pages), "dirty_write_ns": dirty,
             "exit_ns": max(1.0, exit_ns - dirty), "protect_page_ns": protect / pages}
 
 
@@ -124,7 +126,7 @@ def measure_reset() -> dict[str, float]:
     ring_ns, entry_ns = _fit([n for n, _, _ in harvest_rows], [h for _, h, _ in harvest_rows])
     out.update(reset_call_ns=max(0.0, out["reset_contiguous_call_ns"]),
                reset_entry_ns=max(0.0, slopes["contiguous"] - reprotect / 64),
-               reprotect_call_ns=reprotect, harvest_entry_ns=entry_ns,
+               reprotect_call_ns=reprotect, harvest_entry_ns=max(0.0, entry_ns),
                harvest_ring_ns=max(0.0, ring_ns))
     return out
 
@@ -154,7 +156,7 @@ def measure_bitmap() -> dict[str, float]:
             clear.append(t_clear / pages)
     _, per_page = _fit(BITMAP_SIZES, clean)
     return {"get_dirty_log_page_ns": max(0.0, per_page),
-            "get_dirty_log_dirty_ns": statistics.median(dirty),
+            "get_dirty_log_dirty_ns": max(0.0, statistics.median(dirty)),
             "bitmap_scan_page_ns": statistics.median(scan),
             "clear_dirty_log_page_ns": statistics.median(clear)}
 
@@ -181,10 +183,18 @@ def _rounded(value: float, integer: bool) -> int | float:
     return int(round(value)) if integer or value >= 10 else round(value, 2)
 
 
+def _least(field) -> float:
+    """The least value a measured cost is written as: 1 ns for a cost the schema requires to be
+    positive (``gt``), else 0: a noisy measurement below it (a slope, a difference of medians)
+    must not make the measured profile invalid."""
+    return 1.0 if any(getattr(m, "gt", None) is not None for m in field.metadata) else 0.0
+
+
 def profile_yaml(measured: dict[str, float]) -> str:
     """A host profile in the schema of ``ringenv.config.HostProfile`` (name x86-calibrated),
-    the base profile's fields kept and its costs replaced where measured; or, without
-    ``ringenv.config``, just a ``costs:`` mapping of the measured keys."""
+    the base profile's fields kept and its costs replaced where measured (a negative
+    measurement as 0, or 1 ns where the cost must be positive); or, without ``ringenv.config``,
+    just a ``costs:`` mapping of the measured keys."""
     import yaml
 
     arch = host_arch()
@@ -192,7 +202,7 @@ def profile_yaml(measured: dict[str, float]) -> str:
     try:
         from ringenv.config import HostCosts, HostProfile, load_host_profile
     except ImportError:
-        costs = {k: int(round(measured[k])) for k in FALLBACK_KEYS}
+        costs = {k: int(round(max(0.0, measured[k]))) for k in FALLBACK_KEYS}
         return NOTE + yaml.safe_dump({"name": f"{arch.name.split('_')[0]}-calibrated",
                                       "measured": today, "costs": costs}, sort_keys=False)
     base = load_host_profile(arch.profile_name())
@@ -202,7 +212,7 @@ def profile_yaml(measured: dict[str, float]) -> str:
     costs, comments = base.costs.model_dump(), {}
     for key, field in HostCosts.model_fields.items():
         if key in measured:
-            costs[key] = _rounded(measured[key], field.annotation is int)
+            costs[key] = _rounded(max(_least(field), measured[key]), field.annotation is int)
             comments[key] = "measured" + (f": {MEASURED[key]}" if key in MEASURED else "")
         elif key in FOLDED:
             costs[key], comments[key] = 0, FOLDED[key]
@@ -225,37 +235,77 @@ class ProfileNotWritten(OSError):
         self.errno, self.profile = code, profile
 
 
+EXPECTED = "expected a file to write in an existing, writable directory"
+
+
+def _target(out: str) -> str:
+    """The file ``--out`` names, symbolic links followed (the link is kept, its target written)."""
+    return os.path.realpath(out)
+
+
 def check_out(out: str) -> None:
     """Refuse an ``--out`` that cannot be written, before anything is measured (a ValueError
-    naming --out): a directory, a missing directory, or a file or directory it may not write
-    (an existing file is opened for appending, nothing written; else a temporary file is made
-    and removed in its directory)."""
-    parent = os.path.dirname(os.path.abspath(out))
-    if os.path.isdir(out) or not os.path.isdir(parent):
-        raise ValueError(f"--out {out!r}: " + ("a directory" if os.path.isdir(out) else
-                                               f"no directory {parent!r}") + "; expected a file to write in an "
-                         "existing directory")
+    naming --out): empty, a directory (or a path ending in a separator), a missing directory,
+    something other than a regular file, a file it may not write, or a directory it may not
+    create the temporary file of :func:`write_atomically` in (made and removed; an existing
+    file is left untouched)."""
+    if not out:
+        raise ValueError(f"--out {out!r}: empty; {EXPECTED}")
+    target = _target(out)
+    parent = os.path.dirname(target)
+    if out.endswith(tuple(filter(None, (os.sep, os.altsep)))):
+        raise ValueError(f"--out {out!r}: ends in {out[-1]!r}, so names a directory; {EXPECTED}")
+    if os.path.isdir(target):
+        raise ValueError(f"--out {out!r}: a directory; {EXPECTED}")
+    if not os.path.isdir(parent):
+        raise ValueError(f"--out {out!r}: no directory {parent!r}; {EXPECTED}")
+    if os.path.exists(target) and not os.path.isfile(target):
+        raise ValueError(f"--out {out!r}: not a regular file; {EXPECTED}")
     try:
-        if os.path.exists(out):
-            open(out, "a").close()
-        else:
-            tempfile.TemporaryFile(dir=parent).close()
+        if os.path.exists(target):
+            open(target, "a").close()  # (opened, nothing written: an existing profile stays as it is)
+        tempfile.TemporaryFile(dir=parent).close()
     except OSError as exc:
-        raise ValueError(f"--out {out!r}: cannot be written ({exc.strerror}); expected a file to write in an "
-                         "existing, writable directory") from None
+        raise ValueError(f"--out {out!r}: cannot be written ({exc.strerror}); {EXPECTED}") from None
+
+
+def write_atomically(out: str, text: str) -> None:
+    """Write ``text`` to ``out`` whole or not at all: into a temporary file in the same directory,
+    then renamed over ``out`` (``os.replace``), so that a failure leaves an existing file as it
+    was and no partial file. The file keeps an existing file's permission bits (a new one: 0666
+    less the umask, as ``open``); a symbolic link's target is replaced, the link kept."""
+    target = _target(out)
+    try:
+        mode = stat.S_IMODE(os.stat(target).st_mode)
+    except FileNotFoundError:
+        umask = os.umask(0o022)
+        os.umask(umask)
+        mode = 0o666 & ~umask
+    directory, name = os.path.split(target)
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            os.fchmod(fd, mode)
+            f.write(text)
+            f.flush()
+            os.fsync(fd)
+        os.replace(tmp, target)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
 
 
 def calibrate(out: str | None = None) -> str:
     """Measure and return the profile YAML; also write it to ``out`` if given (checked before
-    measuring: :func:`check_out`). If writing ``out`` still fails at the end, a
-    ProfileNotWritten naming --out and carrying the profile."""
-    if out:
+    measuring: :func:`check_out`; written by :func:`write_atomically`). If writing ``out`` still
+    fails at the end, a ProfileNotWritten naming --out and carrying the profile."""
+    if out is not None:
         check_out(out)
     text = profile_yaml(measure())
-    if out:
+    if out is not None:
         try:
-            with open(out, "w") as f:
-                f.write(text)
+            write_atomically(out, text)
         except OSError as exc:
             raise ProfileNotWritten(exc.errno, f"--out {out!r}: the measured profile could not be written "
                                                f"({exc.strerror}); it is on standard output", text) from None

@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import errno
 import threading
+import time
 from typing import Sequence
 
 import numpy as np
 
 from ringenv.realkvm.arch import Arch, WriteProgram, host_arch
 from ringenv.realkvm.ioctl import (
-    KVM_CAP_DIRTY_LOG_RING_WITH_BITMAP, KVM_EXIT_DIRTY_RING_FULL, KVM_EXIT_MMIO,
+    KVM_CAP_DIRTY_LOG_RING, KVM_CAP_DIRTY_LOG_RING_ACQ_REL, KVM_CAP_DIRTY_LOG_RING_WITH_BITMAP,
+    KVM_EXIT_DIRTY_RING_FULL, KVM_EXIT_MMIO,
     KVM_MEM_LOG_DIRTY_PAGES, PAGE_SIZE, KvmSystem, KvmUnavailable, RealVm, VcpuKicked, _Closing,
     install_kick_handler)
 
@@ -18,10 +20,15 @@ CODE_SLOT, DATA_SLOT = 0, 1
 
 
 def unavailable_reason() -> str | None:
-    """Why real-KVM guests cannot run here (no usable /dev/kvm, unsupported arch), or None."""
+    """Why real-KVM guests with dirty rings cannot run here (no usable /dev/kvm, an unsupported
+    arch, a KVM without the dirty ring: KVM_CAP_DIRTY_LOG_RING_ACQ_REL and _RING both 0), or None."""
     try:
         host_arch()
-        KvmSystem().close()
+        with KvmSystem() as system, system.create_vm() as vm:
+            if not (vm.check_extension(KVM_CAP_DIRTY_LOG_RING_ACQ_REL) or vm.check_extension(KVM_CAP_DIRTY_LOG_RING)):
+                return ("real KVM has no dirty ring here (KVM_CHECK_EXTENSION of KVM_CAP_DIRTY_LOG_RING_ACQ_REL "
+                        f"({KVM_CAP_DIRTY_LOG_RING_ACQ_REL}) and KVM_CAP_DIRTY_LOG_RING ({KVM_CAP_DIRTY_LOG_RING}) "
+                        "are 0: Linux >= 5.11 needed)")
     except (OSError, NotImplementedError) as exc:
         return f"real KVM unavailable: {exc}"
     return None
@@ -32,7 +39,17 @@ class GuestError(RuntimeError):
 
 
 class VcpuRefused(OSError):
-    """KVM_CREATE_VCPU failed for one of the guest's vCPUs (more than the host takes)."""
+    """KVM_CREATE_VCPU failed for one of the guest's vCPUs (more than the host takes);
+    ``warm_up``: one of the warm-up vCPUs, created before the programs' own."""
+
+    def __init__(self, code: int, message: str, warm_up: bool = False):
+        super().__init__(code, message)
+        self.warm_up = warm_up
+
+
+class BitmapRefused(KvmUnavailable):
+    """The host's KVM has no KVM_CAP_DIRTY_LOG_RING_WITH_BITMAP (x86: it needs none);
+    enabling it would be EINVAL."""
 
 
 class Guest(_Closing):
@@ -55,7 +72,8 @@ class Guest(_Closing):
     is then mapped as the programs will touch it, and the programs' vCPUs take no fault there
     (their fault counts are the data slot's alone). ``warm_up_timeout`` (seconds) bounds the
     whole warm-up: a warm-up vCPU still running then is kicked out of KVM_RUN and a TimeoutError
-    is raised (everything released, as for any failure here).
+    is raised (everything released, as for any failure here); ``warm_up_s`` is then the wall
+    time the warm-up took (0 without one).
     ``run(i)`` runs vCPU ``i`` until the next event and returns ``(kind, value)``:
     ("full", None) for KVM_EXIT_DIRTY_RING_FULL, ("sync", writes_done), ("done", writes_done),
     ("mmio", guest-physical address) for any other KVM_EXIT_MMIO (an access to an address no
@@ -71,6 +89,7 @@ class Guest(_Closing):
                  warm_up_timeout: float | None = None):
         self.vm: RealVm | None = None
         self._own_system = False
+        self.warm_up_s = 0.0
         self.arch = arch or host_arch()
         install_kick_handler()  # so that kick_all() can stop a vCPU stuck in the guest
         self.image = self.arch.build_image(data_pages, programs, unmapped_pages, data_offset=data_offset,
@@ -83,7 +102,7 @@ class Guest(_Closing):
                 self.vm.enable_dirty_ring(ring_entries, extra_reserved=self.arch.extra_reserved_entries)
             if with_bitmap:
                 if not self.vm.check_extension(KVM_CAP_DIRTY_LOG_RING_WITH_BITMAP):
-                    raise KvmUnavailable(errno.EINVAL, (  # what enabling it gives
+                    raise BitmapRefused(errno.EINVAL, (  # what enabling it gives
                         "this host's KVM lacks KVM_CAP_DIRTY_LOG_RING_WITH_BITMAP "
                         "(KVM_CHECK_EXTENSION(225) == 0; x86 does not need it): "
                         "drop \"with_bitmap\" from the trace"))
@@ -96,8 +115,10 @@ class Guest(_Closing):
                 if [len(p.writes) for p in warm_up] != [len(p.writes) for p in programs]:
                     raise ValueError("warm_up: one program per program, of the same length each (the same code "
                                      "slot layout)")
+                t0 = time.monotonic()
                 self._warm_up(code, warm_up, data_pages, unmapped_pages, data_offset, data_page_size,
                               warm_up_timeout)
+                self.warm_up_s = time.monotonic() - t0
             code[:] = self.image.code
             data = self.vm.set_user_memory_region(
                 DATA_SLOT, KVM_MEM_LOG_DIRTY_PAGES if log_dirty else 0,
@@ -130,13 +151,17 @@ class Guest(_Closing):
         code[:] = image.code
         warm: list = []  # the warm-up vCPUs so far: only they are kicked
         timer = None
-        if timeout is not None:
-            timer = threading.Timer(timeout, lambda: [v.kick() for v in list(warm)])
+        if timeout is not None:  # (threading's waits take at most TIMEOUT_MAX seconds)
+            timer = threading.Timer(min(timeout, threading.TIMEOUT_MAX), lambda: [v.kick() for v in list(warm)])
             timer.daemon = True
             timer.start()
         try:
             for i in range(len(programs)):
-                vcpu = self.vm.create_vcpu(i)
+                try:
+                    vcpu = self.vm.create_vcpu(i)
+                except OSError as exc:
+                    raise VcpuRefused(exc.errno, f"KVM_CREATE_VCPU of warm-up vCPU {i} of {len(programs)}: "
+                                                 f"{exc.strerror}", warm_up=True) from None
                 warm.append(vcpu)
                 self.arch.setup_vcpu(self.system, vcpu, image, i)
                 try:

@@ -98,6 +98,7 @@ KVM_CLEAR_DIRTY_LOG = _IOWR(KVMIO, 0xC0, ctypes.sizeof(kvm_clear_dirty_log))
 KVM_RESET_DIRTY_RINGS = _IO(KVMIO, 0xC7)
 KVM_GET_STATS_FD = _IO(KVMIO, 0xCE)
 
+KVM_CAP_MAX_VCPUS = 66
 KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2 = 168
 KVM_CAP_DIRTY_LOG_RING = 192
 KVM_CAP_DIRTY_LOG_RING_ACQ_REL = 223
@@ -194,6 +195,16 @@ class KvmUnavailable(OSError):
         self.errno = code
 
 
+class SlotMemoryRefused(OSError):
+    """The host refused the memory behind a memslot (mmap ENOMEM: overcommit disabled, an
+    RLIMIT_AS); ``slot`` and ``nbytes`` say which and how much."""
+
+    def __init__(self, slot: int, nbytes: int, why: str):
+        super().__init__(_errno.ENOMEM, f"the {nbytes}-byte memory of memslot {slot} could not be mapped "
+                                        f"({why}: the host's overcommit policy or an address-space limit)")
+        self.slot, self.nbytes = slot, nbytes
+
+
 class RingSizeRefused(KvmUnavailable):
     """KVM_ENABLE_CAP refused the dirty-ring size (``entries``); ``accepted`` lists the sizes
     (in entries) this host takes."""
@@ -254,14 +265,6 @@ def _unmap(mm: mmap.mmap) -> None:
         mm.close()
     except BufferError:
         pass
-
-
-class _ignore_ebadf:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, typ, exc, tb) -> bool:
-        return isinstance(exc, OSError) and exc.errno == _errno.EBADF
 
 
 class _Closing:
@@ -428,7 +431,12 @@ class RealVm(_Closing):
         span = memory_size + 3 * HUGE_PAGE_SIZE if huge_pages else memory_size
         # MAP_NORESERVE: a slot larger than the host's memory is fine while the guest touches
         # only some of it (a trace writes a few pages of a large slot)
-        mem = mmap.mmap(-1, span, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | MAP_NORESERVE)
+        try:
+            mem = mmap.mmap(-1, span, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | MAP_NORESERVE)
+        except OSError as exc:
+            if exc.errno != _errno.ENOMEM:
+                raise
+            raise SlotMemoryRefused(slot, span, exc.strerror) from None
         try:
             offset = 0
             if huge_pages:
@@ -481,16 +489,15 @@ class RealVm(_Closing):
         """KVM_CREATE_VCPU, then map kvm_run and (if enabled) the dirty ring."""
         run_size = self.system.get_vcpu_mmap_size()
         fd = ioctl(self.fd, KVM_CREATE_VCPU, vcpu_id)
-        vcpu = None
+        vcpu = RealVcpu.__new__(RealVcpu)
         try:
-            vcpu = RealVcpu(fd, vcpu_id, run_size, self.ring_bytes)
+            vcpu.__init__(fd, vcpu_id, run_size, self.ring_bytes)  # owns fd once it holds it
             self.vcpus.append(vcpu)
         except BaseException:  # also an interrupt between the ioctl and the append
-            if vcpu is not None:
+            if getattr(vcpu, "fd", None) is None:  # the vCPU never took the fd: it is ours to close
+                os.close(fd)
+            else:  # the vCPU's (closed already if its __init__ failed: close() is idempotent)
                 vcpu.close()
-            elif fd >= 0:
-                with _ignore_ebadf():
-                    os.close(fd)
             raise
         return vcpu
 
@@ -513,8 +520,13 @@ class RealVm(_Closing):
 
     def clear_dirty_log(self, slot: int, first_page: int, num_pages: int,
                         bitmap: np.ndarray) -> None:
-        """KVM_CLEAR_DIRTY_LOG (needs MANUAL_DIRTY_LOG_PROTECT2): re-protect the set bits."""
+        """KVM_CLEAR_DIRTY_LOG (needs MANUAL_DIRTY_LOG_PROTECT2): re-protect the set bits.
+        ``bitmap`` must hold ``num_pages`` bits (the kernel reads that many from it): a
+        shorter one is a ValueError, not a read past the buffer."""
         words = np.ascontiguousarray(bitmap, dtype=np.uint64)
+        if num_pages > 0 and words.size * 64 < num_pages:
+            raise ValueError(f"bitmap: {words.size} uint64 words hold {words.size * 64} bits, fewer than "
+                             f"num_pages {num_pages}; accepted: at least {(num_pages + 63) // 64} words")
         ioctl(self.fd, KVM_CLEAR_DIRTY_LOG, kvm_clear_dirty_log(
             slot=slot, num_pages=num_pages, first_page=first_page,
             dirty_bitmap=words.ctypes.data))
@@ -569,16 +581,17 @@ class RealVcpu(_Closing):
     def mmap_ring(self, prot: int = mmap.PROT_READ | mmap.PROT_WRITE, flags: int = mmap.MAP_SHARED,
                   length: int = PAGE_SIZE) -> mmap.mmap:
         """A new mapping of the vCPU fd at KVM_DIRTY_LOG_PAGE_OFFSET (the caller closes it);
-        the kernel refuses MAP_PRIVATE and PROT_EXEC with EINVAL."""
+        the kernel refuses MAP_PRIVATE with EINVAL and PROT_EXEC with EPERM (errno_table)."""
         return mmap.mmap(self.fd, length, flags=flags, prot=prot, offset=KVM_DIRTY_LOG_PAGE_OFFSET * PAGE_SIZE)
 
     def close(self) -> None:
-        if self._thread is not None:  # another thread is in KVM_RUN: stop it first
+        """Idempotent; also on a vCPU whose ``__init__`` stopped part way (attributes not set)."""
+        if getattr(self, "_thread", None) is not None:  # another thread is in KVM_RUN: stop it first
             self.kick()
-        for view in self._words:
+        for view in getattr(self, "_words", ()):
             view.release()
         self.ring, self._words = None, ()
-        for mm in (self._ring_mm, self._run_mm):
+        for mm in (getattr(self, "_ring_mm", None), getattr(self, "_run_mm", None)):
             if mm is not None:
                 _unmap(mm)
         self._ring_mm = self._run_mm = None
@@ -644,8 +657,12 @@ class RealVcpu(_Closing):
 
         While the entry at ``fetch`` has flags == DIRTY: record (slot, offset), set RESET,
         advance ``fetch``. The caller then issues KVM_RESET_DIRTY_RINGS on the VM.
-        (Plain memoryviews of the ring: faster per entry than numpy scalars.)
+        (Plain memoryviews of the ring: faster per entry than numpy scalars.) A vCPU without a
+        ring (its VM never enabled one) is a ValueError saying so.
         """
+        if not self._words:
+            raise ValueError(f"vCPU {self.id}: no dirty ring to harvest (the VM enabled none before creating its "
+                             "vCPUs, or the vCPU is closed)")
         u32, u64 = self._words
         mask = len(u64) // 2 - 1
         out = []

@@ -20,14 +20,19 @@ retired at the full exit, so after the reset it runs again and, its page being r
 pushes that page a second time.
 
 The trace is checked by the simulator's ``ringenv.replay.validate_trace`` when it is importable,
-so both commands refuse a bad trace with the same ``ConfigError`` message (a ``ValueError``).
+so both commands refuse a malformed trace with the same ``ConfigError`` message (a
+``ValueError``); what the host refuses (a ring size, ``with_bitmap`` where the host has no such
+cap, more vCPUs than it takes, a slot it cannot back) is a ConfigError naming the field too, with
+the errno KVM (or mmap) gave.
 The guest performs a read (``reads``) as a load from the page; ``populated`` has userspace
-write every data page before the vCPUs start. A ring size the host refuses is a ConfigError on
+write every data page before the vCPUs start (refused, naming ``trace.populated``, for a slot
+larger than the host's available memory). A ring size the host refuses is a ConfigError on
 ``trace.ring_entries`` as in the simulator (one whose bytes exceed the cap's maximum is refused
 before KVM_ENABLE_CAP, which would read it modulo 2^32, as KVM refuses a too-big size: E2BIG, or
 EINVAL if it is no power of two). A replay is bounded by
 ``timeout``, the ``faults`` warm-up included: vCPUs still in the guest then are kicked out of
-KVM_RUN and a TimeoutError is raised. A guest too large for the architecture's fixed layout is a
+KVM_RUN and a TimeoutError is raised. Building the guest (its page tables, a populated slot)
+is userspace work before any vCPU runs and is not counted. A guest too large for the architecture's fixed layout is a
 ConfigError naming what is too large: the slot range (doubled by ``faults``) or the write tables.
 """
 
@@ -39,8 +44,10 @@ import time
 from typing import Any
 
 from ringenv.realkvm.arch import GuestTooLarge, WriteProgram, host_arch
-from ringenv.realkvm.guest import DATA_SLOT, Guest, GuestError, VcpuRefused
-from ringenv.realkvm.ioctl import KVM_DIRTY_RING_RSVD_ENTRIES, KvmSystem, KvmUnavailable, RingSizeRefused
+from ringenv.realkvm.guest import DATA_SLOT, BitmapRefused, Guest, GuestError, VcpuRefused
+from ringenv.realkvm.ioctl import (
+    KVM_CAP_MAX_VCPUS, KVM_DIRTY_RING_RSVD_ENTRIES, PAGE_SIZE, KvmSystem, KvmUnavailable, RingSizeRefused,
+    SlotMemoryRefused)
 
 try:
     from ringenv.config import ConfigError
@@ -192,6 +199,24 @@ def kvm_replay_trace(trace: dict, ring_entries: int | None = None,
     return out
 
 
+def _available_bytes() -> int:
+    """The host's MemAvailable (/proc/meminfo), bytes; a very large number where it is not known."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 1 << 62
+
+
+def _max_vcpus() -> int:
+    """KVM_CHECK_EXTENSION(KVM_CAP_MAX_VCPUS) of this host."""
+    with KvmSystem() as system:
+        return system.check_extension(KVM_CAP_MAX_VCPUS)
+
+
 def _pf_fixed(vcpu) -> int | None:
     """The vCPU's pf_fixed statistic, or None where the host has none (no KVM_GET_STATS_FD, not x86)."""
     try:
@@ -210,8 +235,13 @@ def _run(trace: dict, programs: list[WriteProgram], entries: int, unmapped: int,
          timeout: float, warm_up: list[WriteProgram]) -> tuple[_Collector, list[int] | None]:
     """One run of ``programs`` on a new guest (after ``warm_up``, see ``Guest``): the
     collector's report and, with a warm-up, each vCPU's pf_fixed over the run (else None, or
-    where the host has no such statistic). ``timeout`` bounds the warm-up and the run together."""
-    deadline = time.monotonic() + timeout
+    where the host has no such statistic). ``timeout`` bounds the warm-up and the run together
+    (not the building of the guest before them)."""
+    if trace.get("populated") and trace["slot_pages"] * PAGE_SIZE > _available_bytes():
+        raise ConfigError(f"trace.populated: true writes every page of the {trace['slot_pages']}-page slot "
+                          f"({trace['slot_pages'] * PAGE_SIZE} bytes), more than the {_available_bytes()} bytes of "
+                          "memory this host has available (MemAvailable); accepted: false, or a smaller "
+                          "trace.slot_pages")
     try:
         guest = Guest(programs, trace["slot_pages"], ring_entries=entries,
                       with_bitmap=bool(trace.get("with_bitmap", False)), arch=arch,
@@ -224,13 +254,25 @@ def _run(trace: dict, programs: list[WriteProgram], entries: int, unmapped: int,
             f"KVM_ENABLE_CAP on this host ({arch.profile_name()}) with "
             f"{_errno_name(exc.errno)}; accepted: {', '.join(map(str, exc.accepted))}") from None
     except VcpuRefused as exc:
+        doubled = (f"; --faults doubles them (a warm-up vCPU per program): {2 * len(programs)} in all"
+                   if warm_up else "")
         raise ConfigError(f"trace.vcpus: {len(programs)} vCPUs is refused by KVM_CREATE_VCPU on this host "
-                          f"({arch.profile_name()}) with {_errno_name(exc.errno)} ({exc.strerror})") from None
+                          f"({arch.profile_name()}) with {_errno_name(exc.errno)} ({exc.strerror}){doubled}; "
+                          f"accepted: at most {_max_vcpus()} vCPUs in a VM (KVM_CAP_MAX_VCPUS)") from None
+    except BitmapRefused:
+        raise ConfigError(f"trace.with_bitmap: true is refused by KVM_ENABLE_CAP on this host "
+                          f"({arch.profile_name()}) with EINVAL (no KVM_CAP_DIRTY_LOG_RING_WITH_BITMAP: "
+                          "KVM_CHECK_EXTENSION(225) == 0; x86 does not need it); accepted there: false") from None
+    except SlotMemoryRefused as exc:
+        raise ConfigError(f"trace.slot_pages: {trace['slot_pages']} pages cannot be backed on this host: {exc}; "
+                          "accepted: a smaller slot") from None
     except GuestTooLarge as exc:  # name what is too large: the slot range (doubled by --faults), or the tables
         field = "trace.vcpus[].writes" if exc.part == "tables" else "trace.slot_pages + trace.unmapped_pages" + (
             " (doubled by --faults: the warm-up aims the programs slot_pages further, so the guest maps "
             "2 x slot_pages + unmapped_pages)" if warm_up else "")
         raise ConfigError(f"{field}: {exc}") from None
+    # the run's own share of the timeout: what the warm-up left of it
+    deadline = time.monotonic() + max(0.0, timeout - guest.warm_up_s)
     with guest:
         before = [_pf_fixed(v) for v in guest.vcpus] if warm_up else [None]
         coll = _Collector(guest, trace.get("reap_scope", "all"))

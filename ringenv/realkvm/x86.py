@@ -118,10 +118,12 @@ def _pages(nbytes: int) -> int:
 
 def _tables(programs: Sequence[WriteProgram], pages: int) -> list[np.ndarray]:
     tables = []
-    for prog in programs:
+    for i, prog in enumerate(programs):
         table = np.asarray(prog.writes, dtype=np.int64)
         if table.size and (table.min() < 0 or table.max() >= min(pages, LOAD_FLAG)):
-            raise ValueError(f"write offsets must lie in [0, {min(pages, LOAD_FLAG)})")
+            bad = int(table[(table < 0) | (table >= min(pages, LOAD_FLAG))][0])
+            raise ValueError(f"program {i}: write offset {bad} outside 0..{min(pages, LOAD_FLAG) - 1} (the slot and "
+                             "unmapped pages; bits 30 and 31 of an entry mark a load and a sync)")
         flags = np.zeros(table.size, dtype=np.uint32)
         for name, indices, flag in (("sync", prog.syncs, SYNC_FLAG), ("read", prog.reads, LOAD_FLAG)):
             at = np.asarray(sorted(indices), dtype=np.int64)
@@ -183,11 +185,16 @@ class X86:
         if data_page_size not in (PAGE_SIZE, _HUGE_SIZE):
             raise ValueError(f"data_page_size must be {PAGE_SIZE} or {_HUGE_SIZE}")
         mapped = data_pages + unmapped_pages  # pages the guest's own tables map
-        tables = _tables(programs, mapped)
         span = data_offset // PAGE_SIZE + mapped  # pages from DATA_GPA to the last one mapped
         n_leaf = span if data_page_size == PAGE_SIZE else -(-span // 512)  # leaf entries
         n_pt = -(-n_leaf // 512) if data_page_size == PAGE_SIZE else 0
         n_pd = -(-(n_pt or n_leaf) // 512)
+        limit = MMIO_GPA // PAGE_SIZE  # pages of the code slot: it ends below the MMIO page
+        if n_pd > 511:  # (before the tables: no offset in such a range fits their 30 bits)
+            most = _max_span(limit, data_page_size) - data_offset // PAGE_SIZE
+            raise GuestTooLarge(f"the slot range is too large: {mapped} pages (data and unmapped) span more than the "
+                                f"511 GiB the fixed x86 guest layout maps; at most {most} pages of range", part="range")
+        tables = _tables(programs, mapped)
         first_pd = _PAGE_PD0 + 1
         first_pt = first_pd + n_pd
         first_stack = first_pt + n_pt
@@ -196,10 +203,13 @@ class X86:
             table_pages.append(page)
             page += _pages(table.nbytes)
         code_bytes = -(-page * PAGE_SIZE // _HUGE_SIZE) * _HUGE_SIZE
-        limit = MMIO_GPA // PAGE_SIZE  # pages of the code slot: it ends below the MMIO page
         fixed, n_table = first_pd + len(programs), page - first_stack - len(programs)  # code, top tables, stacks
-        if n_pd > 511 or fixed + n_pd + n_pt > limit:
-            most = max(0, _max_span(limit - fixed - n_table, data_page_size) - data_offset // PAGE_SIZE)
+        most = max(0, _max_span(limit - fixed - n_table, data_page_size) - data_offset // PAGE_SIZE)
+        # the range is what is too large if it does not fit even beside the smallest tables (a
+        # page per program), the tables otherwise
+        least_tables = len(programs)
+        range_alone = mapped <= _max_span(limit - fixed - least_tables, data_page_size) - data_offset // PAGE_SIZE
+        if fixed + n_pd + n_pt > limit or (code_bytes > MMIO_GPA and not range_alone):
             raise GuestTooLarge(
                 f"the slot range is too large: {mapped} pages (data and unmapped) need {n_pd + n_pt} pages of "
                 f"guest page tables; the fixed x86 guest layout maps at most {most} pages of range (below 512 "
