@@ -44,7 +44,7 @@ class TraceProgram(GuestProgram):
         self.nr_vcpus = len(writes)
         gfn, code_, read = [], [], []
         for i, (w, s) in enumerate(zip(writes, syncs)):
-            w = _checked_ints(w, f"writes[{i}]", 0, None)
+            w = _checked_ints(w, f"writes[{i}]", -base_gfn, None)  # a gfn >= 0 (below a slot's base too)
             g = np.concatenate([base_gfn + w, [NO_WRITE]])
             code = np.full(len(g), EXIT_NONE, dtype=np.int8)
             code[_checked_ints(s, f"syncs[{i}]", 0, len(w))] = EXIT_SYNC

@@ -114,3 +114,11 @@ def test_trace_program_refuses_what_it_would_misread(writes, syncs, reads, messa
     with pytest.raises(ValueError) as e:
         TraceProgram(writes, syncs, reads=reads)
     assert str(e.value) == message if message.endswith(("0..2", ">= 0")) else str(e.value).startswith(message)
+
+
+def test_trace_program_offsets_may_reach_below_its_base_to_gfn_0_not_past_it():
+    """Offsets count from ``base_gfn``: -1 from 4096 is gfn 4095 (outside a slot at 4096: an
+    mmio exit in tests/kvm/test_stage2.py), -4097 would be gfn -1, the no-write sentinel."""
+    assert TraceProgram([[-1, -4096]], [[]], base_gfn=4096).gfn[:2].tolist() == [4095, 0]
+    with pytest.raises(ValueError, match=r"writes\[0\]\[0\]: -4097 is out of range; accepted: >= -4096"):
+        TraceProgram([[-4097]], [[]], base_gfn=4096)
