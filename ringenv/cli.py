@@ -126,6 +126,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         return int(args.func(args) or 0)
+    except KeyboardInterrupt:  # Ctrl-C: one line and the shell's 128 + SIGINT, as the agents' commands
+        print(f"ringenv {args.command}: interrupted", file=sys.stderr)
+        return 130
     except ConfigError as e:
         print(f"ringenv {args.command}: {e}", file=sys.stderr)
         return 2

@@ -650,8 +650,9 @@ _SIZE_UNITS = {"": 1, "B": 1, "K": 1 << 10, "KIB": 1 << 10, "M": 1 << 20, "MIB":
 
 def size_accepted(zero: bool = False) -> str:
     """What :func:`parse_size` accepts, as its errors say it (with ``zero``: 0 too)."""
-    return (f"a whole number of bytes {'>= 0' if zero else '> 0'}: an integer, or a number with a unit B, K/KiB, "
-            "M/MiB, G/GiB or T/TiB (binary multiples, as QEMU's -m) that makes whole bytes, e.g. "
+    return (f"a whole number of bytes {'>= 0' if zero else '> 0'}: an integer, or digits (a decimal point allowed, "
+            "no exponent: not a float such as 4.3e9) with a unit B, K/KiB, "
+            "M/MiB, G/GiB or T/TiB (binary multiples, as QEMU's -m) that make whole bytes, e.g. "
             + ("0, '0MiB', " if zero else "") + "4096, '2MiB', '1.5GiB', '16GiB'")
 
 
@@ -914,7 +915,8 @@ class LinkConfig(Strict):
     is an operator's migrate_cancel that many seconds into the migration, whatever it is doing
     then (:mod:`ringenv.vmm.migration`); migration only."""
 
-    gbps: float = Field(10.0, gt=0, le=1e5, description="link rate, Gb/s (at most 1e5: 100 Tb/s)")
+    gbps: float = Field(10.0, ge=1e-3, le=1e5, description="link rate, Gb/s (1e-3: 1 Mb/s, a 4 KiB page in 33 ms, "
+                        "to 1e5: 100 Tb/s; the give-up time is checked between pages)")
     max_bandwidth_mibps: Any = Field(128.0, description="QEMU max-bandwidth, MiB/s or 'link'")
     downtime_limit_ms: float = Field(300.0, gt=0, le=MAX_SIM_S * 1e3, description="QEMU downtime-limit, ms")
     device_state_bytes: int = Field(1 << 20, ge=0, le=MAX_DEVICE_STATE, description="device state sent at "
@@ -1151,7 +1153,9 @@ def load_scenario(name_or_path: str | Path | ScenarioConfig | dict | None = None
     raises :class:`ConfigError` naming the field and what is accepted. ``run_kind`` is the kind
     the caller runs (an env id, a command), which replaces the scenario's own ``kind`` as
     ``kind=`` would, but is not named among the keyword overrides in an error (the user gave
-    none)."""
+    none). In a scenario file, a relative ``host:`` or ``workload:`` path (a name ending in
+    .yaml or .yml) is the file's neighbour: resolved against the file's directory, not the
+    current one."""
     where = "scenario"
     if name_or_path is None:
         name_or_path = "default"
@@ -1179,6 +1183,10 @@ def load_scenario(name_or_path: str | Path | ScenarioConfig | dict | None = None
         if not isinstance(data, dict):
             raise ConfigError(f"scenario {p.name}: expected a mapping of fields")
         where = f"scenario {p.name}"
+        for key in ("host", "workload"):  # a relative path in the file: beside the file
+            v = data.get(key)
+            if isinstance(v, str) and Path(v).suffix in (".yaml", ".yml") and not Path(v).is_absolute():
+                data[key] = str(p.parent / v)
     replaced = run_kind or overrides.get("kind")
     if replaced is not None and "kind" in data:  # (the env id or command replaces it: a typo would go unseen)
         kinds = typing.get_args(ScenarioConfig.model_fields["kind"].annotation)

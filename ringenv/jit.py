@@ -96,8 +96,8 @@ class _CompileNotice(numba.core.event.Listener):
         module = getattr(getattr(dispatcher, "py_func", None), "__module__", "") or ""
         if module.split(".")[0] == PACKAGE.name and sys.stderr is not None:
             _CompileNotice.said = True
-            sys.stderr.write("ringenv: compiling its numba kernels (the first run of this version: ~15 s in all; "
-                             "cached afterwards)\n")
+            sys.stderr.write("ringenv: compiling numba kernels not in the cache yet (after an install or upgrade "
+                             "~15 s in all, a few s for a profile or workload first used later; cached afterwards)\n")
             sys.stderr.flush()
 
     def on_end(self, event):

@@ -165,7 +165,7 @@ def test_a_size_that_must_be_positive_says_what_is_accepted(value):
     with pytest.raises(ConfigError) as e:
         load_scenario("default", vm={"memory": value})
     line = _line(e, "vm.memory")
-    assert f"{value!r} is not accepted; accepted: a whole number of bytes > 0: an integer, or a number" in line, line
+    assert f"{value!r} is not accepted; accepted: a whole number of bytes > 0: an integer, or digits" in line, line
     with pytest.raises(ConfigError) as e:
         load_scenario("default", link={"device_state_bytes": -1})
     assert "-1 is not accepted; accepted: a whole number of bytes >= 0" in _line(e, "link.device_state_bytes")
@@ -313,8 +313,8 @@ def test_an_unknown_key_in_a_section_lists_the_keys_that_section_accepts(kw, lin
      "1e-6 to 1e9 ms"),
     ({"vm": {"vcpus": 2.5}}, "vm.vcpus: Input should be a valid integer, got a number with a fractional part "
      "(got 2.5); accepted: 1 to 512"),
-    ({"link": {"gbps": None}}, "link.gbps: Input should be a valid number (got None); accepted: more than 0, "
-     "up to 100000 Gb/s"),
+    ({"link": {"gbps": None}}, "link.gbps: Input should be a valid number (got None); accepted: 0.001 to "
+     "100000 Gb/s"),
     ({"checkpoint": {"period_s": None}}, "checkpoint.period_s: Input should be a valid number (got None); "
      "accepted: 1e-9 to 1e6 s"),
     ({"checkpoint": {"storage_mbps": "fast"}}, "checkpoint.storage_mbps: 'fast' is a string; expected a number; "

@@ -293,7 +293,7 @@ def test_a_bad_value_names_the_field_the_value_and_what_is_accepted(case, tmp_pa
                                                         "accepted: 1e-6 to 1e9 ms"),
     ("scenario", ["interval_ms"], 0, "interval_ms", "Input should be greater than 0 (got 0); accepted: 1e-6 to 1e9 ms"),
     ("scenario", ["checkpoint", "horizon_s"], 1e30, "checkpoint.horizon_s", "accepted: 1e-9 to 1e6 s"),
-    ("scenario", ["link", "gbps"], 1e300, "link.gbps", "accepted: more than 0, up to 100000 Gb/s"),
+    ("scenario", ["link", "gbps"], 1e300, "link.gbps", "accepted: 0.001 to 100000 Gb/s"),
     ("scenario", ["link", "cancel_at_s"], 1e-10, "link.cancel_at_s", "accepted: 0, or 1e-9 to 1e6 s"),
     ("scenario", ["checkpoint", "storage_mbps"], 1e300, "checkpoint.storage_mbps", "up to 1e8 MB/s"),
     ("scenario", ["rate_scale"], 1e300, "rate_scale", "accepted: 0.001 to 1000"),

@@ -36,7 +36,7 @@ print(ringenv.__file__, ringenv.jit.cache_dir(), h.vm.stats.pages_reprotected)
 """
 
 
-COMPILING = "ringenv: compiling its numba kernels"
+COMPILING = "ringenv: compiling numba kernels not in the cache yet"
 
 
 def run_copy(pkg_parent: Path, cold: bool | None = None, **env) -> tuple[str, Path, int]:

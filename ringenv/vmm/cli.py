@@ -113,7 +113,8 @@ def _run(args, kind: str) -> int:
     else:
         ring = (f"ring {cfg.ring_entries} entries, reaper {cfg.interval_ms:g} ms" if cfg.collector == "ring"
                 else "dirty bitmap")
-        print(f"{kind} of scenario {cfg.name}: {cfg.profile.name}, {cfg.vm.memory >> 20} MiB, {cfg.vm.vcpus} vCPUs, "
+        print(f"{kind} of scenario {cfg.name}: {cfg.profile.name}, {cfg.vm.memory / 2**20:g} MiB, "
+              f"{cfg.vm.vcpus} vCPUs, "
               f"workload {cfg.workload_config.name}; {ring}; throttle {cfg.throttle}; seed {cfg.seed}")
         docs = Metrics.field_docs()
         d = m.to_dict()

@@ -59,7 +59,7 @@ def test_sizes_are_parsed():
     ({"vm": {"eager_split_chunk": "3MiB"}}, "vm.eager_split_chunk", "accepted: 0"),
     ({"interval_ms": 0}, "interval_ms", "greater than 0"),
     ({"link": {"max_bandwidth_mibps": "fast"}}, "link.max_bandwidth_mibps", "'link'"),
-    ({"link": {"gbps": -1}}, "link.gbps", "greater than 0"),
+    ({"link": {"gbps": -1}}, "link.gbps", "greater than or equal to 0.001"),
     ({"workload": "nope"}, "workload", "accepted: analytics"),
     ({"host": "riscv"}, "host", "arm64-4k"),
     ({"seed": -1}, "seed", "greater than or equal to 0"),
