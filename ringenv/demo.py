@@ -9,6 +9,21 @@ import time
 import numba.core.event
 
 from .cli import positive_float
+
+#: the longest demo, simulated s (~13 s of wall time: the demo runs at ~280x real time)
+MAX_DEMO_S = 3600.0
+
+
+def _demo_seconds(s: str) -> float:
+    """argparse type of --seconds: a positive number up to MAX_DEMO_S (a demo, not a run:
+    1e12 would never end)."""
+    v = positive_float(s)
+    if v > MAX_DEMO_S:
+        import argparse
+
+        raise argparse.ArgumentTypeError(f"{s} is more than {MAX_DEMO_S:g} simulated seconds; accepted: more "
+                                         f"than 0, up to {MAX_DEMO_S:g} (a longer run: ringenv migrate)")
+    return v
 from .config import ConfigError, load_host_profile
 from .guest.workload import WorkloadProgram
 from .kvm import Vm, uapi
@@ -96,5 +111,6 @@ def add_parsers(sub) -> None:
         p.add_argument("--ring-entries", type=int, default=4096, metavar="N",
                        help=f"ring entries per vCPU, a size host {DEMO_PROFILE} accepts: "
                             f"{', '.join(map(str, load_host_profile(DEMO_PROFILE).ring_sizes))} (default 4096)")
-        p.add_argument("--seconds", type=positive_float, default=5.0, help="simulated seconds (default 5)")
+        p.add_argument("--seconds", type=_demo_seconds, default=5.0,
+                       help=f"simulated seconds, at most {MAX_DEMO_S:g} (default 5)")
         p.set_defaults(func=_cmd)

@@ -61,7 +61,7 @@ def test_demo_ring_size_off_the_host_lists_the_accepted_sizes(capsys):
     assert "--ring-entries 3000" in err and RINGS in err and "arm64-4k" in err and "Errno" not in err, err
 
 
-@pytest.mark.parametrize("seconds", ["0", "-1", "nan", "inf", "soon"])
+@pytest.mark.parametrize("seconds", ["0", "-1", "nan", "inf", "soon", "3600.5", "1e12"])
 def test_demo_seconds_must_be_a_positive_finite_number(seconds, capsys):
     with pytest.raises(SystemExit) as e:
         main(["demo", "--seconds", seconds])
