@@ -59,7 +59,8 @@ def test_the_file_is_read_through_any_readable_path_a_pipe_too(tmp_path):
     """`ringenv replay <(zcat t.json.gz)` passes a /dev/fd pipe: not a regular file, still a trace."""
     fifo = tmp_path / "pipe"
     os.mkfifo(fifo)
-    writer = threading.Thread(target=lambda: fifo.write_text(json.dumps(trace())))
+    # a daemon: should load_trace refuse the pipe, the writer blocked on it must not hang the run
+    writer = threading.Thread(target=lambda: fifo.write_text(json.dumps(trace())), daemon=True)
     writer.start()
     try:
         assert load_trace(fifo) == trace()
@@ -108,6 +109,8 @@ def test_a_closed_standard_input_is_named(monkeypatch):
     ([[1.7, 2]], [[]], None, "writes[0][0]: 1.7 is not an integer"),  # was page 1
     ([[1, 2, 3]], [[]], [[-3]], "reads[0][0]: -3 is out of range"),  # was write 0 made a read
     ([[1, 2], [4]], [[], [True]], None, "syncs[1][0]: True is not an integer"),
+    ([[1, True]], [[]], None, "writes[0][1]: True is not an integer"),  # numpy makes [1, True] ints
+    ([[0, 1]], [[0, True]], None, "syncs[0][1]: True is not an integer"),
 ])
 def test_trace_program_refuses_what_it_would_misread(writes, syncs, reads, message):
     """TraceProgram is public (ringenv.guest): its own checks, not only validate_trace's."""
