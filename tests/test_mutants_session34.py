@@ -278,23 +278,6 @@ def test_the_walk_row_reports_the_events_the_walk_consumed_not_the_batch_length(
     assert events == 7 and ratio > 0
 
 
-def test_the_vmm_rows_check_every_run_even_when_the_bad_one_is_not_the_last(monkeypatch):  # B9
-    import types
-
-    import benchmarks.vmm_speed as vmm_speed
-    results = iter([(1.0, False), (2.0, True)])
-
-    class Run:
-        def __init__(self, scenario, seed):
-            self.total_s, self.verified = next(results)
-
-        def run(self):
-            return types.SimpleNamespace(total_s=self.total_s, verified=self.verified)
-
-    monkeypatch.setattr(vmm_speed, "MigrationRun", Run)
-    assert vmm_speed.speed("default", 2)[2] is False
-
-
 def test_bytes_per_page_traces_what_the_run_holds_after_emptying_the_recycler_and_closes_it(monkeypatch):  # B10 B12
     import numpy as np
 
