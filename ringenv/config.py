@@ -554,6 +554,12 @@ class HostProfile(Strict):
         return 1 << (nbytes - 1).bit_length() >> 4
 
     @property
+    def gpa_pages(self) -> int:
+        """Guest-physical pages the profile's ``phys_addr_bits`` hold: a memslot must end
+        within them (KVM_SET_USER_MEMORY_REGION)."""
+        return 1 << (self.phys_addr_bits - (self.page_size.bit_length() - 1))
+
+    @property
     def ring_sizes(self) -> list[int]:
         """Every ring size (entries, powers of two) this host accepts, smallest first."""
         out, n = [], self.min_ring_entries

@@ -172,7 +172,7 @@ def replay_trace(trace: dict, profile: str | None = None, ring_entries: int | No
     scope_all = trace["reap_scope"] == "all"
     nv = len(trace["vcpus"])
 
-    limit = 1 << (prof.phys_addr_bits - (prof.page_size.bit_length() - 1))  # guest-physical pages
+    limit = prof.gpa_pages
     end = trace["slot_pages"] + trace.get("unmapped_pages", 0)
     if trace.get("unmapped_pages") and end > limit:  # (a slot past it is KVM's error, below)
         raise ConfigError(f"trace.unmapped_pages: {trace['unmapped_pages']}: the slot and the unmapped pages "

@@ -526,7 +526,7 @@ class Vm:
         profile's ``phys_addr_bits``. x86: last gfn > kvm_mmu_max_gfn -> EINVAL; arm64: end
         beyond the VM's IPA size -> EFAULT."""
         p = self.profile
-        limit = 1 << (p.phys_addr_bits - (p.page_size.bit_length() - 1))  # gfns
+        limit = p.gpa_pages
         if base + npages > limit:
             err = errno.EFAULT if p.arch == "arm64" else errno.EINVAL
             raise KvmError(err, f"memslot gfns {base:#x}..{base + npages - 1:#x} beyond the "

@@ -39,12 +39,8 @@ class GuestError(RuntimeError):
 
 
 class VcpuRefused(OSError):
-    """KVM_CREATE_VCPU failed for one of the guest's vCPUs (more than the host takes);
-    ``warm_up``: one of the warm-up vCPUs, created before the programs' own."""
-
-    def __init__(self, code: int, message: str, warm_up: bool = False):
-        super().__init__(code, message)
-        self.warm_up = warm_up
+    """KVM_CREATE_VCPU failed for one of the guest's vCPUs, the warm-up ones included (more than
+    the host takes); the message says which."""
 
 
 class BitmapRefused(KvmUnavailable):
@@ -161,7 +157,7 @@ class Guest(_Closing):
                     vcpu = self.vm.create_vcpu(i)
                 except OSError as exc:
                     raise VcpuRefused(exc.errno, f"KVM_CREATE_VCPU of warm-up vCPU {i} of {len(programs)}: "
-                                                 f"{exc.strerror}", warm_up=True) from None
+                                                 f"{exc.strerror}") from None
                 warm.append(vcpu)
                 self.arch.setup_vcpu(self.system, vcpu, image, i)
                 try:

@@ -237,11 +237,13 @@ def _run(trace: dict, programs: list[WriteProgram], entries: int, unmapped: int,
     collector's report and, with a warm-up, each vCPU's pf_fixed over the run (else None, or
     where the host has no such statistic). ``timeout`` bounds the warm-up and the run together
     (not the building of the guest before them)."""
-    if trace.get("populated") and trace["slot_pages"] * PAGE_SIZE > _available_bytes():
-        raise ConfigError(f"trace.populated: true writes every page of the {trace['slot_pages']}-page slot "
-                          f"({trace['slot_pages'] * PAGE_SIZE} bytes), more than the {_available_bytes()} bytes of "
-                          "memory this host has available (MemAvailable); accepted: false, or a smaller "
-                          "trace.slot_pages")
+    if trace.get("populated"):
+        available = _available_bytes()
+        if trace["slot_pages"] * PAGE_SIZE > available:
+            raise ConfigError(f"trace.populated: true writes every page of the {trace['slot_pages']}-page slot "
+                              f"({trace['slot_pages'] * PAGE_SIZE} bytes), more than the {available} bytes of "
+                              "memory this host has available (MemAvailable); accepted: false, or a smaller "
+                              "trace.slot_pages")
     try:
         guest = Guest(programs, trace["slot_pages"], ring_entries=entries,
                       with_bitmap=bool(trace.get("with_bitmap", False)), arch=arch,
