@@ -624,6 +624,12 @@ def _read_yaml(path: Path) -> Any:
     return parse_yaml(read_text(path), Path(path).name)
 
 
+def is_yaml_path(name: str | Path) -> bool:
+    """Whether a config argument names a YAML file (its suffix .yaml or .yml, in any case:
+    'SMALL.YAML' too) rather than a config by name."""
+    return Path(name).suffix.lower() in (".yaml", ".yml")
+
+
 def load_host_profile(name_or_path: str | Path | HostProfile | None = None) -> HostProfile:
     """Load a host profile by name (one of :data:`HOST_PROFILES`, a file in configs/hosts/) or by
     path to a YAML file (a str or a pathlib.Path), or a HostProfile (returned as it is). ``None`` gives the default,
@@ -637,7 +643,7 @@ def load_host_profile(name_or_path: str | Path | HostProfile | None = None) -> H
                           f"or None (the default, {DEFAULT_HOST})")
     name_or_path = DEFAULT_HOST if name_or_path is None else name_or_path
     p = Path(name_or_path)
-    if p.suffix in (".yaml", ".yml"):
+    if is_yaml_path(p):
         if not p.is_file():
             raise ConfigError(f"profile: no such file {str(p)!r}")
         path = p
@@ -839,7 +845,7 @@ def load_workload(name_or_path: str | Path | WorkloadConfig | dict, where: str =
 
 def _workload_file(name_or_path: str | Path) -> WorkloadConfig:
     p = Path(name_or_path)
-    if p.suffix not in (".yaml", ".yml"):
+    if not is_yaml_path(p):
         p = CONFIG_DIR / "workloads" / f"{name_or_path}.yaml"
         if not p.is_file():
             known = config_names("workloads")
@@ -1119,7 +1125,7 @@ def _cached_load(loader, subdir: str, name):
     if not isinstance(name, (str, Path)):
         return loader(name)
     p = Path(name)
-    path = p if p.suffix in (".yaml", ".yml") else CONFIG_DIR / subdir / f"{name}.yaml"
+    path = p if is_yaml_path(p) else CONFIG_DIR / subdir / f"{name}.yaml"
     try:
         st = path.stat()
         key = (loader.__name__, str(path), st.st_mtime_ns, st.st_size)  # (size: a rewrite within one mtime tick)
@@ -1178,7 +1184,9 @@ def load_scenario(name_or_path: str | Path | ScenarioConfig | dict | None = None
         data = dict(name_or_path)
     else:
         p = Path(name_or_path)
-        if p.suffix not in (".yaml", ".yml"):
+        if p.is_dir():
+            raise ConfigError(f"scenario: {str(p)!r} is a directory; expected a scenario name or a YAML file")
+        if not is_yaml_path(p):
             p = CONFIG_DIR / "scenarios" / f"{name_or_path}.yaml"
             if not p.is_file():
                 raise ConfigError(f"scenario: unknown scenario {str(name_or_path)!r}; accepted: "
@@ -1191,7 +1199,7 @@ def load_scenario(name_or_path: str | Path | ScenarioConfig | dict | None = None
         where = f"scenario {p.name}"
         for key in ("host", "workload"):  # a relative path in the file: beside the file
             v = data.get(key)
-            if isinstance(v, str) and Path(v).suffix in (".yaml", ".yml") and not Path(v).is_absolute():
+            if isinstance(v, str) and is_yaml_path(v) and not Path(v).is_absolute():
                 data[key] = str(p.parent / v)
     replaced = run_kind or overrides.get("kind")
     if replaced is not None and "kind" in data:  # (the env id or command replaces it: a typo would go unseen)

@@ -52,7 +52,8 @@ def _name_flags(msg: str, given: dict) -> str:
         if field in flat:
             msg = re.sub(rf"(^|\n  ){re.escape(field)}:", rf"\g<1>{field} ({flag}):", msg)
     options = [flag for field, flag in FLAGS.items() if field in flat and field != "scenario"]
-    options += ["--live"] if given.get("checkpoint", {}).get("stop_the_world") is False else []
+    stw = given.get("checkpoint", {}).get("stop_the_world")
+    options += [] if stw is None else ["--no-live" if stw else "--live"]
     said = f" with the options {' '.join(options)}" if options else ""
     return re.sub(r" with the keyword overrides \([^)]*\)", lambda _: said, msg, count=1)
 
@@ -72,8 +73,8 @@ def _overrides(args, kind: str) -> dict:
             ov["link"] = link
     if kind == "checkpoint":
         ck = {k: getattr(args, k) for k in ("period_s", "storage_mbps", "horizon_s") if getattr(args, k) is not None}
-        if args.live:
-            ck["stop_the_world"] = False
+        if args.live is not None:
+            ck["stop_the_world"] = not args.live
         if ck:
             ov["checkpoint"] = ck
     return ov
@@ -207,5 +208,7 @@ def add_parsers(sub) -> None:
     p.add_argument("--period-s", type=float, default=None, help=f"seconds between checkpoints; {SCENARIO_DEFAULT}")
     p.add_argument("--storage-mbps", type=float, default=None, help=f"storage bandwidth, MB/s; {SCENARIO_DEFAULT}")
     p.add_argument("--horizon-s", type=float, default=None, help=f"simulated seconds to run; {SCENARIO_DEFAULT}")
-    p.add_argument("--live", action="store_true", help="write the dirty set live, pause only for the rest")
+    p.add_argument("--live", action=argparse.BooleanOptionalAction, default=None,
+                   help="write the dirty set live and pause only for the rest (--no-live: stop the world "
+                        f"for the whole write); {SCENARIO_DEFAULT}")
     p.set_defaults(func=_cmd_checkpoint)

@@ -63,3 +63,25 @@ def test_the_run_header_shows_memory_under_a_mib(tmp_path, capsys):
     p.write_text("name: s\nvm: {memory: 512KiB, vcpus: 1}\nworkload: idle\n")
     assert cli.main(["migrate", "--scenario", str(p)]) == 0
     assert "arm64-4k, 0.5 MiB, 1 vCPUs" in capsys.readouterr().out
+
+
+def test_a_yaml_suffix_in_any_case_is_a_file_and_a_directory_is_named(tmp_path):
+    p = tmp_path / "SMALL.YAML"
+    p.write_text("name: small\nvm: {memory: 256MiB, vcpus: 2}\nworkload: idle\n")
+    assert load_scenario(p).name == "small"  # was "unknown scenario" (a name)
+    with pytest.raises(ConfigError, match=r"scenario: '.*' is a directory; expected a scenario name or a YAML file"):
+        load_scenario(tmp_path)
+
+
+@pytest.mark.parametrize("flag, stop_the_world", [("--live", False), ("--no-live", True), (None, False)])
+def test_live_can_be_switched_on_and_off_over_the_file(tmp_path, monkeypatch, flag, stop_the_world):
+    """The file says live (stop_the_world false); --no-live turns it back off, no flag keeps the file's."""
+    import ringenv.config as config
+
+    p = tmp_path / "s.yaml"
+    p.write_text("name: s\nkind: checkpoint\nvm: {memory: 256MiB, vcpus: 2}\nworkload: idle\n"
+                 "checkpoint: {period_s: 1, horizon_s: 2, stop_the_world: false}\n")
+    seen, real = [], config.load_scenario
+    monkeypatch.setattr(config, "load_scenario", lambda *a, **kw: seen.append(real(*a, **kw)) or seen[-1])
+    assert cli.main(["checkpoint", "--scenario", str(p), "--json"] + ([flag] if flag else [])) == 0
+    assert seen[-1].checkpoint.stop_the_world is stop_the_world
