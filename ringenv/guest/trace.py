@@ -192,11 +192,12 @@ def _checked_ints(values, name: str, lo: int, hi: int | None) -> np.ndarray:
     a = np.asarray(values)
     if a.ndim != 1 and a.size:
         raise ValueError(f"{name}: expected a flat list of integers, got shape {a.shape}")
-    # (a bool among ints makes an int array: [1, True] is looked at element by element)
-    mixed = not isinstance(values, np.ndarray) and a.dtype.kind in "iu"
-    if a.size and (a.dtype.kind not in "iu" or (mixed and any(isinstance(x, (bool, np.bool_)) for x in values))):
+    if isinstance(values, np.ndarray):
+        k = 0 if a.size and a.dtype.kind not in "iu" else None
+    else:  # element by element: numpy makes [1, True] an int array
         k = next((k for k, x in enumerate(values)
-                  if not isinstance(x, (int, np.integer)) or isinstance(x, (bool, np.bool_))), 0)
+                  if not isinstance(x, (int, np.integer)) or isinstance(x, (bool, np.bool_))), None)
+    if k is not None:
         raise ValueError(f"{name}[{k}]: {values[k]!r} is not an integer")
     a = a.astype(np.int64).reshape(-1)
     bad = (a < lo) | (a >= hi) if hi is not None else a < lo
