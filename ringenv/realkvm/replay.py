@@ -31,7 +31,7 @@ larger than the host's available memory). A ring size the host refuses is a Conf
 before KVM_ENABLE_CAP, which would read it modulo 2^32, as KVM refuses a too-big size: E2BIG, or
 EINVAL if it is no power of two). A replay is bounded by
 ``timeout``, the ``faults`` warm-up included: vCPUs still in the guest then are kicked out of
-KVM_RUN and a TimeoutError is raised. Building the guest (its page tables, a populated slot)
+KVM_RUN and a TimeoutError is raised (before the run starts if the warm-up took all of it). Building the guest (its page tables, a populated slot)
 is userspace work before any vCPU runs and is not counted. A guest too large for the architecture's fixed layout is a
 ConfigError naming what is too large: the slot range (doubled by ``faults``) or the write tables.
 """
@@ -274,8 +274,12 @@ def _run(trace: dict, programs: list[WriteProgram], entries: int, unmapped: int,
             "2 x slot_pages + unmapped_pages)" if warm_up else "")
         raise ConfigError(f"{field}: {exc}") from None
     # the run's own share of the timeout: what the warm-up left of it
-    deadline = time.monotonic() + max(0.0, timeout - guest.warm_up_s)
+    left = timeout - guest.warm_up_s
+    deadline = time.monotonic() + left
     with guest:
+        if left <= 0:  # decided here, not by a race between the deadline and a short run's threads
+            raise TimeoutError(f"the faults warm-up took {guest.warm_up_s:.3g} s, all of the {timeout:g} s "
+                               "timeout: nothing left for the run; stopped")
         before = [_pf_fixed(v) for v in guest.vcpus] if warm_up else [None]
         coll = _Collector(guest, trace.get("reap_scope", "all"))
         errors: list[BaseException] = []
