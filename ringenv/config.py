@@ -1028,7 +1028,8 @@ class ScenarioConfig(Strict):
     the dirty set, the textbook model of migration.md s1). ``rate_scale`` multiplies every
     workload rate (scaled-down variants keep M/R and D/R with memory and link scaled alike), 0.001 to
     1000. ``interval_ms`` is 1e-6 (1 ns) to 1e9 ms. With collector bitmap, ``ring_entries`` and
-    ``interval_ms`` are not used (not checked against the host; the metrics report 0 for both).
+    ``interval_ms`` are not used (not checked against the host, only that they are positive; the metrics
+    report 0 for both).
     ``env`` is reserved for the environment's settings."""
 
     name: str
@@ -1041,7 +1042,7 @@ class ScenarioConfig(Strict):
     link: LinkConfig = Field(default_factory=LinkConfig)
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
     collector: Literal["ring", "bitmap"] = "ring"
-    ring_entries: int = Field(4096, gt=0)
+    ring_entries: int = 4096  # > 0 and, for the ring, one the host accepts: checked in _check, listing the sizes
     interval_ms: float = Field(1000.0, gt=0, le=MAX_SIM_S * 1e3)
     throttle: Literal["none", "auto-converge", "dirty-limit"] = "none"
     auto_converge: AutoConvergeConfig = Field(default_factory=AutoConvergeConfig)
@@ -1099,6 +1100,9 @@ class ScenarioConfig(Strict):
         if self.collector == "ring" and self.ring_entries not in prof.ring_sizes:
             raise ValueError(f"ring_entries: {self.ring_entries} is not accepted by host {prof.name}; "
                              f"accepted: {', '.join(map(str, prof.ring_sizes))}")
+        if self.ring_entries <= 0:
+            raise ValueError(f"ring_entries: {self.ring_entries}; accepted: more than 0 (not used by collector "
+                             f"{self.collector})")
         if self.throttle == "dirty-limit" and self.collector != "ring":
             raise ValueError("throttle: dirty-limit needs collector ring (QEMU measures the rate with the ring)")
         check_run_kind(self, self.kind, ValueError)

@@ -50,6 +50,8 @@ def test_sizes_are_parsed():
 @pytest.mark.parametrize("overrides, field, accepted", [
     ({"ring_entries": 1000}, "ring_entries", "256, 512, 1024"),
     ({"ring_entries": 128}, "ring_entries", "256"),
+    ({"ring_entries": 0}, "ring_entries", "accepted: 256, 512, 1024"),  # the host's sizes, not "more than 0"
+    ({"ring_entries": -4, "collector": "bitmap"}, "ring_entries", "more than 0 (not used by collector bitmap)"),
     ({"collector": "pml"}, "collector", "'ring' or 'bitmap'"),
     ({"throttle": "fast"}, "throttle", "'auto-converge'"),
     ({"vm": {"memory": "16 GB!"}}, "vm.memory", "16GiB"),
