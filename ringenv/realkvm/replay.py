@@ -29,11 +29,12 @@ write every data page before the vCPUs start (refused, naming ``trace.populated`
 larger than the host's available memory). A ring size the host refuses is a ConfigError on
 ``trace.ring_entries`` as in the simulator (one whose bytes exceed the cap's maximum is refused
 before KVM_ENABLE_CAP, which would read it modulo 2^32, as KVM refuses a too-big size: E2BIG, or
-EINVAL if it is no power of two). A replay is bounded by
-``timeout``, the ``faults`` warm-up included: vCPUs still in the guest then are kicked out of
-KVM_RUN and a TimeoutError is raised (before the run starts if the warm-up took all of it). Building the guest (its page tables, a populated slot)
-is userspace work before any vCPU runs and is not counted. A guest too large for the architecture's fixed layout is a
-ConfigError naming what is too large: the slot range (doubled by ``faults``) or the write tables.
+EINVAL if it is no power of two). A replay is bounded by ``timeout``, the ``faults`` warm-up
+included: vCPUs still in the guest then are kicked out of KVM_RUN and a TimeoutError is raised
+(before the run starts if the warm-up took all of it). Building the guest (its page tables, a
+populated slot) is userspace work before any vCPU runs and is not counted. A guest too large for
+the architecture's fixed layout is a ConfigError naming what is too large: the slot range
+(doubled by ``faults``) or the write tables.
 """
 
 from __future__ import annotations
