@@ -15,7 +15,7 @@ import time
 from dataclasses import dataclass, field
 
 from .common import EnvFacts, check_env_id, check_out_dir, module_main, parse_overrides
-from ringenv.config import load_workload
+from ringenv.config import load_workload, write_atomically
 
 from .evaluate import (NO_POLICIES, EvalSettings, check_baseline, check_same_task, check_spec, evaluate, find_model,
                        load_policy, markdown_per_workload, markdown_table, per_workload, policy_env, run_episode,
@@ -82,7 +82,7 @@ def main(args: Args) -> dict:
               "reward higher is better; Δ is paired (same workload and seed).")
     table = markdown_table(rows, args.baseline)
     per_wl = markdown_per_workload(records)
-    (out / "table.md").write_text(f"{header}\n\n{table}\n\nMean reward per workload:\n\n{per_wl}\n")
+    write_atomically(out / "table.md", f"{header}\n\n{table}\n\nMean reward per workload:\n\n{per_wl}\n")
     print(f"\n{header}\n\n{table}\n\nMean reward per workload:\n\n{per_wl}\n")
     written = [out / "episodes.csv", out / "summary.csv", out / "per_workload.csv", out / "table.md"]
     if pngs:

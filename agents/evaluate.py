@@ -25,6 +25,7 @@ from __future__ import annotations
 import csv
 import dataclasses
 import hashlib
+import io
 import json
 import math
 import re
@@ -37,7 +38,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ringenv.config import ConfigError
+from ringenv.config import ConfigError, write_atomically
 from ringenv.env import NOT_KEYWORDS
 
 from .common import (MIGRATION, MODEL_RECORD, EnvFacts, check_env_id, check_out_dir, flag_config_error, jsonable,
@@ -722,9 +723,14 @@ def evaluate(policies: list[str], env_id: str = MIGRATION, scenario: str = "defa
     else:
         with ProcessPoolExecutor(max_workers=workers, initializer=_worker_init, mp_context=_mp_context()) as ex:
             futs = [ex.submit(_job, *j) for j in jobs]
-            for f in as_completed(futs):
-                records.append(f.result())
-                bar.update(1)
+            try:
+                for f in as_completed(futs):
+                    records.append(f.result())
+                    bar.update(1)
+            except BaseException:  # Ctrl-C or a failed episode: the episodes not started yet are not run
+                for f in futs:
+                    f.cancel()
+                raise
     bar.close()
     order = {(j[0], j[6], j[7]): i for i, j in enumerate(jobs)}
     records.sort(key=lambda r: order[(r["spec"], r["workload"], r["seed"])])
@@ -930,11 +936,12 @@ def markdown_per_workload(records: list[dict]) -> str:
 def write_csv(path: Path, rows: list[dict], fields: list[str] | None = None) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fields = fields or list(dict.fromkeys(k for r in rows for k in r if k != "trace"))
-    with open(path, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
-        w.writeheader()
-        for r in rows:
-            w.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in r.items() if k in fields})
+    f = io.StringIO(newline="")
+    w = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
+    w.writeheader()
+    for r in rows:
+        w.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in r.items() if k in fields})
+    write_atomically(path, f.getvalue())
 
 
 #: what evaluate and compare write into their --out directory
@@ -945,17 +952,22 @@ RESULT_FILES = ("episodes.csv", "summary.csv", "meta.json", "per_workload.csv", 
 def write_results(out: str | Path, records: list[dict], rows: list[dict], meta: dict, also: tuple = ()) -> Path:
     """episodes.csv, summary.csv and meta.json into ``out``; the caller writes ``also`` next to
     them. An earlier run's result files that this one does not write are removed (saying so), so
-    that a directory never mixes two runs' results."""
+    that a directory never mixes two runs' results; without a meta.json beside them they are no
+    run's and are left alone (saying so). Each file is written whole or not at all."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     stale = [out / f for f in RESULT_FILES[3:] if f not in also and (out / f).is_file()]
+    if stale and not (out / "meta.json").is_file():  # (every run writes meta.json: these are no run's results)
+        print(f"note: {', '.join(f.name for f in stale)} in {out} left as they are: no meta.json beside them, so no "
+              "earlier run's results", file=sys.stderr)
+        stale = []
     for f in stale:
         f.unlink()
     if stale:
         print(f"note: removed {', '.join(f.name for f in stale)} of an earlier run in {out}", file=sys.stderr)
     write_csv(out / "episodes.csv", records, EPISODE_FIELDS)
     write_csv(out / "summary.csv", rows)
-    (out / "meta.json").write_text(json.dumps(jsonable(meta), indent=1))
+    write_atomically(out / "meta.json", json.dumps(jsonable(meta), indent=1))
     return out
 
 

@@ -31,7 +31,9 @@ What it does:
    Every saved .zip (best, snapshots, final) also carries the part of that record running it
    needs (``agents.common.MODEL_RECORD``), so that one copied out of ``RUN`` runs as trained.
    A run into a directory that holds an earlier one first removes the earlier run's models,
-   evaluations, snapshots and ``args.json`` (it says so), so that they are never mixed. Ctrl-C
+   evaluations, snapshots and ``args.json`` (it says so), so that they are never mixed; a
+   directory holding such names but no ``args.json`` is no run's and is refused, nothing removed.
+   ``args.json`` and the evaluations' files are written whole or not at all. Ctrl-C
    ends training early: the model so far and its statistics are saved as the final ones, and
    ``args.json`` says ``interrupted`` (``evaluate`` warns about such a model); exit code 130 (with
    ``SubprocVecEnv`` its workers are not asked how many env steps they took: ``env_steps`` null). A
@@ -51,7 +53,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ringenv.config import ConfigError
+from ringenv.config import ConfigError, write_atomically
 
 from .common import (DEFAULT_ENV, MODEL_RECORD, MODEL_RECORD_KEYS, TRAIN_CONFIG_DIR, FixedEpisodes,
                      apply_overrides, check_env_id, check_out_dir, flag_config_error, import_named, jsonable,
@@ -502,6 +504,16 @@ def _cpu_model() -> str | None:
     return platform.processor() or None
 
 
+def _check_earlier_run(run: Path) -> None:
+    """A ValueError naming --out/--name when ``run`` holds files of the names a run writes but no
+    args.json (which every run writes before the others): not a run's directory, nothing of it
+    is removed."""
+    old = [name for name in RUN_OUTPUTS if (run / name).exists()]
+    if old and not (run / "args.json").is_file():
+        raise ValueError(f"--out/--name {str(run)!r}: holds {', '.join(old)} but no args.json: not a training run's "
+                         "directory; nothing removed (choose another --name, or remove them)")
+
+
 def _clear_earlier_run(run: Path) -> None:
     """Remove what an earlier run wrote into ``run``: a new run into the same directory must not
     leave, e.g., the earlier best_model.zip next to its own args.json (``evaluate`` takes
@@ -559,7 +571,8 @@ def main(args: Args) -> Path:
     from_cli = parse_overrides(args.hp, flag="--hp")
     where = {k: f"{hp_file.name} ({env_id})" for k in from_file}
     where.update({k: "--hp" for k in from_cli})
-    hp = check_hyperparams(algo, apply_overrides(from_file, args.hp, "--hp"), where, n_envs=args.n_envs)
+    given = apply_overrides(from_file, args.hp, "--hp")  # (as written: lin_X, not the schedule it becomes)
+    hp = check_hyperparams(algo, given, where, n_envs=args.n_envs)
     total = int(args.timesteps or hp.get("n_timesteps", 100_000))
     n_envs = int(args.n_envs or hp.get("n_envs", 1))
     tf = hp.get("train_freq")
@@ -594,6 +607,7 @@ def main(args: Args) -> Path:
     probe.close()
     run = check_out_dir(args.out) / (args.name or f"{algo}-s{args.seed}")
     check_out_dir(run, "--out/--name")
+    _check_earlier_run(run)
     torch.set_num_threads(1)  # the environments need the cores more than the small MLP does
 
     # 1. training environments (train workloads), normalised
@@ -666,10 +680,11 @@ def main(args: Args) -> Path:
             "timesteps_rounded": rounded,
             "control_interval_ms": control_ms, "n_envs": n_envs,
             "vec_env": "SubprocVecEnv" if use_subproc else "DummyVecEnv", "policy": policy_name,
-            "normalize": normalize, "hyperparams": {k: (repr(v) if callable(v) else v) for k, v in hp.items()},
+            "normalize": normalize,
+            "hyperparams": {k: (given.get(k, repr(v)) if callable(v) else v) for k, v in hp.items()},
             "args": dataclasses.asdict(args), "versions": training_versions(),
             "finished": False}  # (True once the run's record is written)
-    (run / "args.json").write_text(json.dumps(jsonable(meta), indent=1, default=str))
+    write_atomically(run / "args.json", json.dumps(jsonable(meta), indent=1, default=str))
     # every .zip of the run (best, snapshots, final) carries what running it needs, so that one
     # copied out of RUN still runs as trained (stable-baselines3 saves a model's JSON attributes)
     setattr(model, MODEL_RECORD, json.loads(json.dumps(jsonable({k: meta[k] for k in MODEL_RECORD_KEYS}),
@@ -706,7 +721,7 @@ def main(args: Args) -> Path:
         print("train: interrupted: saving the model so far", file=sys.stderr)
     except BaseException as e:  # the run failed: its record says so (evaluate warns about its models)
         meta.update(failed=f"{type(e).__name__}: {e}", wall_s=time.perf_counter() - t0)
-        (run / "args.json").write_text(json.dumps(jsonable(meta), indent=1, default=str))
+        write_atomically(run / "args.json", json.dumps(jsonable(meta), indent=1, default=str))
         raise
     wall = time.perf_counter() - t0
 
@@ -732,7 +747,7 @@ def main(args: Args) -> Path:
         means = ev["results"].mean(axis=1)
         meta["evaluations"] = {"timesteps": ev["timesteps"].tolist(), "mean_reward": means.tolist()}
         meta["best_eval"] = {"timesteps": int(ev["timesteps"][means.argmax()]), "mean_reward": float(means.max())}
-    (run / "args.json").write_text(json.dumps(jsonable(meta), indent=1, default=str))
+    write_atomically(run / "args.json", json.dumps(jsonable(meta), indent=1, default=str))
     if not (interrupted and workers is not None):  # (those were ended above)
         venv.close()
     steps = "" if env_steps is None else f" = {env_steps} env steps"

@@ -9,6 +9,12 @@ Importing the package registers the environments:
 
 Its submodules load when first used: ``ringenv.config.scale_scenario(...)`` and
 ``help(ringenv.env.MigrationEnv)`` work after a plain ``import ringenv``.
+
+Beyond ``gymnasium.make`` / ``make_vec`` and the env's documented attributes (its class
+docstring, "Attributes"), :data:`PUBLIC` names what a program built on ringenv may import from
+it: the config loaders and objects, the file helpers, the action grid's nearest choice, and the
+command-line conventions a front-end adding commands shares. ``agents/`` uses nothing else (a
+test checks it).
 """
 
 __version__ = "0.1.0"
@@ -25,6 +31,16 @@ def _register() -> None:
 
 
 _register()
+
+#: the public names of ringenv's submodules, by module (see the module docstring)
+PUBLIC = {
+    "config": ("ConfigError", "ScenarioConfig", "EnvConfig", "HostProfile", "WorkloadConfig", "load_scenario",
+               "load_workload", "load_host_profile", "load_workload_sets", "scale_scenario", "CONFIG_DIR",
+               "parse_yaml", "read_text", "write_atomically"),
+    "env": ("MigrationEnv", "CheckpointEnv", "MigrationDiscreteEnv", "CheckpointDiscreteEnv", "nearest_choices",
+            "NOT_KEYWORDS"),
+    "cli": ("stdout_reader_gone", "end_for_closed_stdout"),
+}
 
 #: the submodules ``ringenv.<name>`` imports on first use (:func:`__getattr__`)
 _SUBMODULES = frozenset({"arrays", "cli", "config", "demo", "env", "guest", "jit", "kvm", "realkvm", "replay", "vmm"})

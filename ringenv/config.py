@@ -10,10 +10,14 @@ value and what is accepted. Unknown keys are errors too.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import numbers
+import os
 import re
+import stat
 import sys
+import tempfile
 import types as types_
 import typing
 from pathlib import Path
@@ -618,6 +622,34 @@ def read_text(path: Path, what: str = "") -> str:
     except UnicodeDecodeError as e:
         raise ConfigError(f"{what}{' ' if what else ''}{Path(path).name}: not UTF-8 text (byte {e.start}: "
                           f"{e.object[e.start:e.start + 1]!r}); accepted: a UTF-8 YAML or JSON file") from None
+
+
+def write_atomically(path: str | Path, text: str) -> None:
+    """Write ``text`` (UTF-8, line ends as given) to ``path`` whole or not at all: into a
+    temporary file in the same directory, then renamed over ``path`` (``os.replace``), so that a
+    failure or an interrupt leaves an existing file as it was and no partial file, and a reader
+    sees the old file or the new one. The file keeps an existing file's permission bits (a new
+    one: 0666 less the umask, as ``open``); a symbolic link's target is replaced, the link kept."""
+    target = os.path.realpath(path)
+    try:
+        mode = stat.S_IMODE(os.stat(target).st_mode)
+    except FileNotFoundError:
+        umask = os.umask(0o022)
+        os.umask(umask)
+        mode = 0o666 & ~umask
+    directory, name = os.path.split(target)
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8", newline="") as f:
+            os.fchmod(fd, mode)
+            f.write(text)
+            f.flush()
+            os.fsync(fd)
+        os.replace(tmp, target)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
 
 
 def _read_yaml(path: Path) -> Any:

@@ -667,8 +667,9 @@ class MigrationEnv(RingEnv):
     three are tuples), `flatten_actions`, `kind` ("migration" or "checkpoint"), `obs_rate_Bps` (what the rate
     observations are divided by, bytes/s); after a reset `workload`, `episode_seed` (the
     seed of the episode's VMM run, drawn from reset's seed) and `rate_scale` (as in `info`),
-    after a step `ring_entries` and `interval_ms` (as in `info`). `decode_action(action)` gives
-    (ring entries, interval ms), `encode_action(entries, ms)` the action nearest to them.
+    after a step `ring_entries` and `interval_ms` (as in `info`); `episode_over` (the episode
+    ended by the env's own rule, terminated or truncated: step() needs a reset). `decode_action(action)`
+    gives (ring entries, interval ms), `encode_action(entries, ms)` the action nearest to them.
 
     An env pickles and deep-copies (`pickle`, `copy.deepcopy`) while no episode is under way:
     fresh, reset but not stepped, ended or closed. During an episode its VMM run (generator

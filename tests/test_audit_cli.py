@@ -356,7 +356,7 @@ def test_migrate_names_the_flag_only_for_what_came_from_a_flag(tmp_path):
 def test_results_of_an_earlier_run_that_this_one_does_not_write_are_removed(tmp_path):
     """evaluate / compare into a directory: compare's plots and table of an earlier run are not
     left next to new results that did not make them."""
-    for name in ("pareto.png", "timeline.png", "table.md", "per_workload.csv"):
+    for name in ("pareto.png", "timeline.png", "table.md", "per_workload.csv", "meta.json"):
         (tmp_path / name).write_text("old")
     r = ringenv("compare", "--policies", "qemu", "--workloads", "idle", "--seeds", 1, "--workers", 1,
                 "--no-progress", "--no-plots", "--out", tmp_path)
@@ -367,6 +367,16 @@ def test_results_of_an_earlier_run_that_this_one_does_not_write_are_removed(tmp_
                 "--no-progress", "--out", tmp_path)
     assert r.returncode == 0, r.stderr[-600:]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["episodes.csv", "meta.json", "summary.csv"]
+
+
+def test_files_of_those_names_beside_no_run_s_results_are_left_alone(tmp_path):
+    """A directory that holds no earlier run's results (no meta.json): a table.md or pareto.png
+    of the user's own is not removed."""
+    (tmp_path / "table.md").write_text("mine")
+    r = ringenv("evaluate", "--policies", "qemu", "--workloads", "idle", "--seeds", 1, "--workers", 1,
+                "--no-progress", "--out", tmp_path)
+    assert r.returncode == 0, r.stderr[-600:]
+    assert (tmp_path / "table.md").read_text() == "mine" and "left as they are" in r.stderr
 
 
 def test_replay_reads_the_trace_from_standard_input_with_a_dash(tmp_path):

@@ -12,10 +12,8 @@ absolutes, with bare metal.
 
 from __future__ import annotations
 
-import contextlib
 import datetime
 import os
-import stat
 import statistics
 import tempfile
 import threading
@@ -24,6 +22,7 @@ from typing import Callable
 
 import numpy as np
 
+from ringenv.config import write_atomically
 from ringenv.realkvm.arch import WriteProgram, host_arch
 from ringenv.realkvm.guest import DATA_SLOT, Guest
 from ringenv.realkvm.ioctl import (
@@ -247,7 +246,7 @@ def check_out(out: str) -> None:
     """Refuse an ``--out`` that cannot be written, before anything is measured (a ValueError
     naming --out): empty, a directory (or a path ending in a separator), a missing directory,
     something other than a regular file, a file it may not write, or a directory it may not
-    create the temporary file of :func:`write_atomically` in (made and removed; an existing
+    create the temporary file of :func:`ringenv.config.write_atomically` in (made and removed; an existing
     file is left untouched)."""
     if not out:
         raise ValueError(f"--out {out!r}: empty; {EXPECTED}")
@@ -269,36 +268,9 @@ def check_out(out: str) -> None:
         raise ValueError(f"--out {out!r}: cannot be written ({exc.strerror}); {EXPECTED}") from None
 
 
-def write_atomically(out: str, text: str) -> None:
-    """Write ``text`` to ``out`` whole or not at all: into a temporary file in the same directory,
-    then renamed over ``out`` (``os.replace``), so that a failure leaves an existing file as it
-    was and no partial file. The file keeps an existing file's permission bits (a new one: 0666
-    less the umask, as ``open``); a symbolic link's target is replaced, the link kept."""
-    target = _target(out)
-    try:
-        mode = stat.S_IMODE(os.stat(target).st_mode)
-    except FileNotFoundError:
-        umask = os.umask(0o022)
-        os.umask(umask)
-        mode = 0o666 & ~umask
-    directory, name = os.path.split(target)
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            os.fchmod(fd, mode)
-            f.write(text)
-            f.flush()
-            os.fsync(fd)
-        os.replace(tmp, target)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-
-
 def calibrate(out: str | None = None) -> str:
     """Measure and return the profile YAML; also write it to ``out`` if given (checked before
-    measuring: :func:`check_out`; written by :func:`write_atomically`). If writing ``out`` still
+    measuring: :func:`check_out`; written by :func:`ringenv.config.write_atomically`). If writing ``out`` still
     fails at the end, a ProfileNotWritten naming --out and carrying the profile."""
     if out is not None:
         check_out(out)

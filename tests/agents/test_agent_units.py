@@ -351,3 +351,35 @@ def test_pareto_labels_of_close_and_coinciding_points_do_not_overlap(tmp_path, m
     import matplotlib.pyplot as plt
 
     plt.close(fig)
+
+
+def test_a_failed_episode_cancels_the_episodes_not_started(monkeypatch):
+    """With workers, an episode's failure (or Ctrl-C, which arrives the same way in the loop)
+    cancels the queued episodes: before, every one of them ran before the error was shown."""
+    from concurrent.futures import Future
+
+    import agents.evaluate as ev
+
+    futures: list[Future] = []
+
+    class Pool:  # the pool's queue, nothing run: the first episode fails, the others wait
+        def __init__(self, **kwargs):
+            pass
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
+        def submit(self, fn, *args):
+            f = Future()
+            if not futures:
+                f.set_exception(RuntimeError("episode failed"))
+            futures.append(f)
+            return f
+
+    monkeypatch.setattr(ev, "ProcessPoolExecutor", Pool)
+    with pytest.raises(RuntimeError, match="episode failed"):
+        ev.evaluate(["qemu"], workloads=["idle"], seeds=3, workers=2, progress=False)
+    assert len(futures) == 3 and all(f.cancelled() for f in futures[1:])

@@ -92,3 +92,27 @@ def test_n_envs_flag_has_the_same_bound(tmp_path):
     args = Args(n_envs=10**6, out=str(tmp_path / "out"), tensorboard=False, progress=False)
     with pytest.raises(ValueError, match=r"--n-envs 1000000: expected an integer from 0 to 256"):
         main(args)
+
+
+def test_a_directory_that_is_no_run_is_not_cleared(tmp_path):
+    """--out/--name naming a directory with a ``checkpoints`` or ``eval`` folder but no args.json
+    (not a training run's): an error before anything is built, nothing removed."""
+    run = tmp_path / "mine"
+    (run / "checkpoints").mkdir(parents=True)
+    (run / "checkpoints" / "notes.txt").write_text("mine")
+    with pytest.raises(ValueError, match="holds checkpoints but no args.json"):
+        main(Args(out=str(tmp_path), name="mine", timesteps=64, hp=["n_steps=32"], evals=0, checkpoints=0,
+                  tensorboard=False, progress=False, vec_env="dummy"))
+    assert (run / "checkpoints" / "notes.txt").read_text() == "mine"
+
+
+def test_a_schedule_is_recorded_as_written(tmp_path):
+    """args.json records ``learning_rate: lin_0.001`` as written, not the repr of the function it
+    becomes (a memory address: two identical runs wrote different files, and the value was lost)."""
+    import json
+
+    run = main(Args(out=str(tmp_path), name="lin", timesteps=64, hp=["n_steps=32", "batch_size=32",
+                                                                      "learning_rate=lin_0.001"],
+                    evals=0, checkpoints=0, tensorboard=False, progress=False, vec_env="dummy"))
+    hp = json.loads((run / "args.json").read_text())["hyperparams"]
+    assert hp["learning_rate"] == "lin_0.001", hp
