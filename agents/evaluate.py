@@ -953,7 +953,9 @@ def write_results(out: str | Path, records: list[dict], rows: list[dict], meta: 
     """episodes.csv, summary.csv and meta.json into ``out``; the caller writes ``also`` next to
     them. An earlier run's result files that this one does not write are removed (saying so), so
     that a directory never mixes two runs' results; without a meta.json beside them they are no
-    run's and are left alone (saying so). Each file is written whole or not at all."""
+    run's and are left alone (saying so). Each file is written whole or not at all. meta.json
+    gains ``models``: each model spec's digest (:func:`_model_digest`: model, statistics and run
+    record), so that results of a run retrained since tell which model they are of."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     stale = [out / f for f in RESULT_FILES[3:] if f not in also and (out / f).is_file()]
@@ -967,6 +969,8 @@ def write_results(out: str | Path, records: list[dict], rows: list[dict], meta: 
         print(f"note: removed {', '.join(f.name for f in stale)} of an earlier run in {out}", file=sys.stderr)
     write_csv(out / "episodes.csv", records, EPISODE_FIELDS)
     write_csv(out / "summary.csv", rows)
+    specs = dict.fromkeys(r["spec"] for r in records)  # which model files were evaluated, by digest
+    meta = {**meta, "models": {s: _model_digest(s) for s in specs if not is_heuristic(s)}}
     write_atomically(out / "meta.json", json.dumps(jsonable(meta), indent=1))
     return out
 

@@ -179,6 +179,10 @@ def test_evaluate_table_and_csv(ppo_run, tmp_path):
     assert float(q["d_reward"]) == 0.0
     assert "progress" not in p.stdout and "episodes:" not in p.stdout  # (a bar goes to stderr, on a terminal only)
     assert "explicit workloads (oltp, web)" in p.stdout and "split test" not in p.stdout  # (not the split's)
+    # meta.json names the model evaluated by its digest (the heuristics have none)
+    from agents.evaluate import _model_digest
+    models = json.loads((tmp_path / "meta.json").read_text())["models"]
+    assert models == {str(ppo_run): _model_digest(str(ppo_run))} and len(models[str(ppo_run)]) == 40, models
 
 
 def test_compare_writes_table_csv_and_plots(ppo_run, tmp_path):
