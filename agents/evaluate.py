@@ -4,8 +4,9 @@ Every policy runs the same episodes: for each workload of the split and each see
 ``seed0 .. seed0 + seeds - 1``, ``env.reset(seed=s, options={"workload": w})``. Same seed, same
 workload: same guest writes, so policies are compared on common random numbers and the paired
 difference to QEMU's default is much tighter than either mean. Episodes run in ``workers``
-processes. Writes ``episodes.csv`` (one row per episode) and ``summary.csv`` (per policy: mean and
-95% interval of each metric) under ``--out``; prints the Markdown table.
+processes (1 to 256; no more than there are episodes). Writes ``episodes.csv`` (one row per
+episode) and ``summary.csv`` (per policy: mean and 95% interval of each metric) under ``--out``;
+prints the Markdown table.
 
 The intervals (:func:`mean_ci`) are Student-t intervals over the policy's n episodes (workloads x
 seeds) taken as one sample. For the mean over the evaluated workloads they are conservative: the
@@ -64,7 +65,7 @@ class EvalSettings:
     set: list[str] = field(default_factory=list, metadata={"metavar": "KEY=VALUE"})
     """overrides KEY=VALUE of env settings or scenario fields, e.g. vm.vcpus=2 max_episode_s=60"""
     workers: int = 2
-    """worker processes (episodes run in parallel)"""
+    """worker processes (episodes run in parallel), 1 to 256"""
     baseline: str = "qemu"
     """policy the paired reward difference is taken against (if evaluated)"""
     progress: bool = True
@@ -649,6 +650,10 @@ def evaluation_env(env_id: str, scenario: str, split: str, workloads: list[str] 
         env.close()
 
 
+#: the most worker processes an evaluation takes (as train's n_envs); no more start than episodes
+MAX_WORKERS = 256
+
+
 def evaluate(policies: list[str], env_id: str = MIGRATION, scenario: str = "default", split: str = "test",
              workloads: list[str] | None = None, seeds: int = 5, seed0: int = 1000, overrides: dict | None = None,
              workers: int = 2, progress: bool = True, desc: str = "episodes") -> list[dict]:
@@ -660,8 +665,9 @@ def evaluate(policies: list[str], env_id: str = MIGRATION, scenario: str = "defa
         raise ValueError(f"--seeds {seeds}: expected an integer >= 1 (episodes per workload)")
     if seed0 < 0:
         raise ValueError(f"--seed0 {seed0}: expected an integer >= 0 (Gymnasium's reset takes seeds >= 0)")
-    if workers < 1:
-        raise ValueError(f"--workers {workers}: expected an integer >= 1 (1: every episode in this process)")
+    if not 1 <= workers <= MAX_WORKERS:  # (each worker process imports torch: ~300 MB)
+        raise ValueError(f"--workers {workers}: expected an integer from 1 to {MAX_WORKERS} (1: every episode in "
+                         "this process)")
     check_env_id(env_id)
     for flag, names in (("--workloads", workloads or []), ("--policies", policies)):
         twice = sorted({n for n in names if list(names).count(n) > 1})
@@ -721,7 +727,8 @@ def evaluate(policies: list[str], env_id: str = MIGRATION, scenario: str = "defa
             records.append(_job(*j))
             bar.update(1)
     else:
-        with ProcessPoolExecutor(max_workers=workers, initializer=_worker_init, mp_context=_mp_context()) as ex:
+        with ProcessPoolExecutor(max_workers=min(workers, len(jobs)), initializer=_worker_init,
+                                 mp_context=_mp_context()) as ex:
             futs = [ex.submit(_job, *j) for j in jobs]
             try:
                 for f in as_completed(futs):

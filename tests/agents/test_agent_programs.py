@@ -272,6 +272,8 @@ def test_bad_arguments_end_with_a_message_not_a_traceback():
                         (["evaluate", "--env-id", "ringenv/Foo-v0", "--seeds", "1"], "--env-id 'ringenv/Foo-v0'"),
                         (["compare", "--env-id", "CartPole-v1", "--seeds", "1"], "--env-id 'CartPole-v1'"),
                         (["evaluate", "--workers", "0", "--policies", "qemu"], "--workers 0"),
+                        (["compare", "--workers", "257", "--policies", "qemu"],
+                         "--workers 257: expected an integer from 1 to 256"),
                         (["evaluate", "--baseline", "nope", "--policies", "qemu"], "--baseline 'nope'"),
                         (["compare", "--timeline-workload", "nope", "--policies", "qemu"],
                          "--timeline-workload: unknown workload 'nope'"),

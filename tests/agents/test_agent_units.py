@@ -355,16 +355,18 @@ def test_pareto_labels_of_close_and_coinciding_points_do_not_overlap(tmp_path, m
 
 def test_a_failed_episode_cancels_the_episodes_not_started(monkeypatch):
     """With workers, an episode's failure (or Ctrl-C, which arrives the same way in the loop)
-    cancels the queued episodes: before, every one of them ran before the error was shown."""
+    cancels the queued episodes: before, every one of them ran before the error was shown. The
+    pool has no more processes than episodes."""
     from concurrent.futures import Future
 
     import agents.evaluate as ev
 
     futures: list[Future] = []
+    sizes: list[int] = []
 
     class Pool:  # the pool's queue, nothing run: the first episode fails, the others wait
         def __init__(self, **kwargs):
-            pass
+            sizes.append(kwargs["max_workers"])
 
         def __enter__(self):
             return self
@@ -381,5 +383,6 @@ def test_a_failed_episode_cancels_the_episodes_not_started(monkeypatch):
 
     monkeypatch.setattr(ev, "ProcessPoolExecutor", Pool)
     with pytest.raises(RuntimeError, match="episode failed"):
-        ev.evaluate(["qemu"], workloads=["idle"], seeds=3, workers=2, progress=False)
+        ev.evaluate(["qemu"], workloads=["idle"], seeds=3, workers=200, progress=False)
     assert len(futures) == 3 and all(f.cancelled() for f in futures[1:])
+    assert sizes == [3]  # no more worker processes than episodes
