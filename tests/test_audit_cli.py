@@ -412,7 +412,10 @@ def test_a_reader_that_stops_early_ends_the_command_quietly(tmp_path):
     assert p.stdout.read(1) == "{"  # (the JSON is one line: read a little of it only)
     p.stdout.close()
     rc = p.wait(timeout=240)
-    err = p.stderr.read()
+    # nothing but, with a cold numba cache (a fresh clone, or another worker still compiling),
+    # the one-line notice that the kernels are being compiled
+    err = "".join(ln for ln in p.stderr.read().splitlines(keepends=True)
+                  if not ln.startswith("ringenv: compiling numba kernels not in the cache yet"))
     p.stderr.close()
     assert rc == 141 and err == "", err
 
@@ -500,3 +503,5 @@ def test_the_demo_leaves_compilation_out_of_its_speed(monkeypatch):
     out = demo.host_demo(seconds=0.05, nr_vcpus=1, mem_gib=1)
     total = time.perf_counter() - t0
     assert out["compile_s"] >= 0.3 and 0 < out["wall_s"] <= total - out["compile_s"] + 0.002
+    # kernels already loaded (an earlier test in this worker): ~1 ms of simulation, still not 0
+    assert demo.host_demo(seconds=0.05, nr_vcpus=1, mem_gib=1)["wall_s"] > 0

@@ -212,8 +212,9 @@ def test_the_run_gets_only_what_the_warm_up_left_of_the_timeout(monkeypatch):  #
         time.sleep(1.2)
 
     monkeypatch.setattr(Guest, "_warm_up", slow)
-    with pytest.raises(TimeoutError, match=r"warm-up took 1\.\d+ s, all of the 1 s timeout: nothing left"):
+    with pytest.raises(TimeoutError, match=r"warm-up took \S+ s, all of the 1 s timeout: nothing left") as e:
         kreplay.kvm_replay_trace(KTRACE, timeout=1.0, faults=True)
+    assert float(str(e.value).split()[4]) >= 1.2  # (1.2 s and more: "2" or "2.01" on a loaded host)
 
 
 @needs_kvm

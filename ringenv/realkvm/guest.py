@@ -146,9 +146,16 @@ class Guest(_Closing):
                                       data_page_size=data_page_size)
         code[:] = image.code
         warm: list = []  # the warm-up vCPUs so far: only they are kicked
+        expired = threading.Event()  # set before the kicks: a vCPU made after the timer fired kicks itself
         timer = None
+
+        def expire() -> None:
+            expired.set()
+            for v in list(warm):
+                v.kick()
+
         if timeout is not None:  # (threading's waits take at most TIMEOUT_MAX seconds)
-            timer = threading.Timer(min(timeout, threading.TIMEOUT_MAX), lambda: [v.kick() for v in list(warm)])
+            timer = threading.Timer(min(timeout, threading.TIMEOUT_MAX), expire)
             timer.daemon = True
             timer.start()
         try:
@@ -159,6 +166,8 @@ class Guest(_Closing):
                     raise VcpuRefused(exc.errno, f"KVM_CREATE_VCPU of warm-up vCPU {i} of {len(programs)}: "
                                                  f"{exc.strerror}") from None
                 warm.append(vcpu)
+                if expired.is_set():  # the timer fired before this vCPU was in ``warm``
+                    vcpu.kick()
                 self.arch.setup_vcpu(self.system, vcpu, image, i)
                 try:
                     while (reason := vcpu.run()) == KVM_EXIT_MMIO:

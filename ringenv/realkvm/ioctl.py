@@ -447,6 +447,8 @@ class RealVm(_Closing):
                 mem.madvise(mmap.MADV_HUGEPAGE, first - base, end - first)
                 for at in range(first - base, end - base, HUGE_PAGE_SIZE):
                     mem[at] = 0  # the write fault allocates the huge page
+            elif hasattr(mmap, "MADV_NOHUGEPAGE"):  # 4 KiB pages whatever the host's THP setting: with
+                mem.madvise(mmap.MADV_NOHUGEPAGE)  # "always", a huge page, if one is free, would be mapped
             region = kvm_userspace_memory_region(
                 slot=slot, flags=flags, guest_phys_addr=guest_phys_addr,
                 memory_size=memory_size, userspace_addr=address_of(mem) + offset)

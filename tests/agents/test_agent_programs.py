@@ -258,55 +258,68 @@ def test_fixed_ring_policy_and_action_repeat(tmp_path):
     env.close()
 
 
-def test_bad_arguments_end_with_a_message_not_a_traceback():
+#: (argv, what its one-line error must say); each a test of its own: some 30 interpreters (torch,
+#: stable-baselines3 imported) were ~45 s in one test, past 120 s on a loaded 2-core machine
+BAD_ARGUMENTS = ((["evaluate", "--policies", "nope"], "not a heuristic"),
+                 (["compare", "--policies", "fixed:4096"], "--policies 'fixed:4096'"),
+                 (["train", "--set", "vm.vcpus"], "KEY=VALUE"),
+                 (["evaluate", "--set", "vm.vcpus=0"], "vm.vcpus"),
+                 (["evaluate", "--policies", "qemu", "fixed:4096:150"], "interval 150 ms"),
+                 (["evaluate", "--policies", "fixed:100000:7000"], "ENTRIES 100000"),
+                 (["train", "--hp", "nosuch=1", "--timesteps", "10"], "--hp nosuch=1"),
+                 (["train", "--hp", "n_steps"], "--hp 'n_steps': expected KEY=VALUE"),
+                 (["evaluate", "--env-id", "ringenv/Foo-v0", "--seeds", "1"], "--env-id 'ringenv/Foo-v0'"),
+                 (["compare", "--env-id", "CartPole-v1", "--seeds", "1"], "--env-id 'CartPole-v1'"),
+                 (["evaluate", "--workers", "0", "--policies", "qemu"], "--workers 0"),
+                 (["compare", "--workers", "257", "--policies", "qemu"],
+                  "--workers 257: expected an integer from 1 to 256"),
+                 (["evaluate", "--baseline", "nope", "--policies", "qemu"], "--baseline 'nope'"),
+                 (["compare", "--timeline-workload", "nope", "--policies", "qemu"],
+                  "--timeline-workload: unknown workload 'nope'"),
+                 (["evaluate", "--policies", "qemu", "--workloads", "oltp", "oltp"],
+                  "--workloads: 'oltp' given more than once"),
+                 (["evaluate", "--policies", "qemu", "qemu", "rate"],
+                  "--policies: 'qemu' given more than once"),
+                 (["train", "--algo", "dqn", "--hp", "train_freq=[1, episode]", "--n-envs", "2"],
+                  "train_freq [1, episode] trains on whole episodes"),
+                 (["train", "--hp", "learning_rate=inf"], "--hp learning_rate=inf: expected a number > 0"),
+                 (["train", "--hp", "gamma=-inf"], "--hp gamma=-inf: expected a finite number"),
+                 (["train", "--hp", "policy_kwargs={net_arch: [-3]}", "--timesteps", "10"],
+                  "net_arch [-3]; accepted: a list of layer sizes"),
+                 (["evaluate", "--policies", "qemu", "--set", "split=train"], "given by the command's --split"),
+                 (["evaluate", "--policies", "qemu", "--set", "foo=1"], "--set foo: unknown argument"),
+                 (["compare", "--policies", "qemu", "--set", "reward.downtyme=1"],
+                  "--set: invalid env:\n  reward.downtyme: unknown key"),
+                 (["evaluate", "--policies", "qemu", "--workloads", "web", "nope"],
+                  "--workloads: workloads[1]: unknown workload 'nope'"),
+                 (["train", "--set", "workloads=[web]"], "given by the command's --workloads"),
+                 (["train", "--device", "foo"], "--device 'foo'"),
+                 (["train", "--hp", "max_grad_norm=1" + "0" * 400], "expected a finite number"),
+                 (["train", "--hp", "n_steps=abc"], "--hp n_steps=abc: expected an integer from 1 to 10000000"),
+                 (["train", "--hp", "env_wrapper=gymnasium.wrappers.TimeLimit"],
+                  "cannot be called with the env and no keywords (missing a required argument: "
+                  "'max_episode_steps'); give its keywords as a mapping {gymnasium.wrappers.TimeLimit: "),
+                 (["compare", "--models", "runs/nope", "--seeds", "1"],
+                  "--models 'runs/nope': not a trained model (no such model runs/nope); expected a run "
+                  "directory or a .zip"))
+
+
+def _ringenv_env() -> dict:
     env = dict(os.environ)
     env["PYTHONPATH"] = str(ROOT) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
-    for args, words in ((["evaluate", "--policies", "nope"], "not a heuristic"),
-                        (["compare", "--policies", "fixed:4096"], "--policies 'fixed:4096'"),
-                        (["train", "--set", "vm.vcpus"], "KEY=VALUE"),
-                        (["evaluate", "--set", "vm.vcpus=0"], "vm.vcpus"),
-                        (["evaluate", "--policies", "qemu", "fixed:4096:150"], "interval 150 ms"),
-                        (["evaluate", "--policies", "fixed:100000:7000"], "ENTRIES 100000"),
-                        (["train", "--hp", "nosuch=1", "--timesteps", "10"], "--hp nosuch=1"),
-                        (["train", "--hp", "n_steps"], "--hp 'n_steps': expected KEY=VALUE"),
-                        (["evaluate", "--env-id", "ringenv/Foo-v0", "--seeds", "1"], "--env-id 'ringenv/Foo-v0'"),
-                        (["compare", "--env-id", "CartPole-v1", "--seeds", "1"], "--env-id 'CartPole-v1'"),
-                        (["evaluate", "--workers", "0", "--policies", "qemu"], "--workers 0"),
-                        (["compare", "--workers", "257", "--policies", "qemu"],
-                         "--workers 257: expected an integer from 1 to 256"),
-                        (["evaluate", "--baseline", "nope", "--policies", "qemu"], "--baseline 'nope'"),
-                        (["compare", "--timeline-workload", "nope", "--policies", "qemu"],
-                         "--timeline-workload: unknown workload 'nope'"),
-                        (["evaluate", "--policies", "qemu", "--workloads", "oltp", "oltp"],
-                         "--workloads: 'oltp' given more than once"),
-                        (["evaluate", "--policies", "qemu", "qemu", "rate"],
-                         "--policies: 'qemu' given more than once"),
-                        (["train", "--algo", "dqn", "--hp", "train_freq=[1, episode]", "--n-envs", "2"],
-                         "train_freq [1, episode] trains on whole episodes"),
-                        (["train", "--hp", "learning_rate=inf"], "--hp learning_rate=inf: expected a number > 0"),
-                        (["train", "--hp", "gamma=-inf"], "--hp gamma=-inf: expected a finite number"),
-                        (["train", "--hp", "policy_kwargs={net_arch: [-3]}", "--timesteps", "10"],
-                         "net_arch [-3]; accepted: a list of layer sizes"),
-                        (["evaluate", "--policies", "qemu", "--set", "split=train"], "given by the command's --split"),
-                        (["evaluate", "--policies", "qemu", "--set", "foo=1"], "--set foo: unknown argument"),
-                        (["compare", "--policies", "qemu", "--set", "reward.downtyme=1"],
-                         "--set: invalid env:\n  reward.downtyme: unknown key"),
-                        (["evaluate", "--policies", "qemu", "--workloads", "web", "nope"],
-                         "--workloads: workloads[1]: unknown workload 'nope'"),
-                        (["train", "--set", "workloads=[web]"], "given by the command's --workloads"),
-                        (["train", "--device", "foo"], "--device 'foo'"),
-                        (["train", "--hp", "max_grad_norm=1" + "0" * 400], "expected a finite number"),
-                        (["train", "--hp", "n_steps=abc"], "--hp n_steps=abc: expected an integer from 1 to 10000000"),
-                        (["train", "--hp", "env_wrapper=gymnasium.wrappers.TimeLimit"],
-                         "cannot be called with the env and no keywords (missing a required argument: "
-                         "'max_episode_steps'); give its keywords as a mapping {gymnasium.wrappers.TimeLimit: "),
-                        (["compare", "--models", "runs/nope", "--seeds", "1"],
-                         "--models 'runs/nope': not a trained model (no such model runs/nope); expected a run "
-                         "directory or a .zip")):
-        p = subprocess.run([sys.executable, "-m", "ringenv", *args], cwd=ROOT, env=env, capture_output=True, text=True,
-                           timeout=120)
-        assert p.returncode == 2 and words in p.stderr and "Traceback" not in p.stderr, (args, p.stderr)
-    # the same programs run as modules end the same way
+    return env
+
+
+@pytest.mark.parametrize("args, words", BAD_ARGUMENTS, ids=[" ".join(a)[:60] for a, _ in BAD_ARGUMENTS])
+def test_bad_arguments_end_with_a_message_not_a_traceback(args, words):
+    p = subprocess.run([sys.executable, "-m", "ringenv", *args], cwd=ROOT, env=_ringenv_env(), capture_output=True,
+                       text=True, timeout=120)
+    assert p.returncode == 2 and words in p.stderr and "Traceback" not in p.stderr, (args, p.stderr)
+
+
+def test_bad_arguments_to_the_agent_modules_end_with_a_message_not_a_traceback():
+    """The same programs run as modules end the same way."""
+    env = _ringenv_env()
     for module, args, words in (("agents.evaluate", ["--policies", "nope"], "not a heuristic"),
                                 ("agents.train", ["--hp", "foo=1", "--timesteps", "10"], "--hp foo=1"),
                                 ("agents.compare", ["--baseline", "nope"], "--baseline 'nope'")):

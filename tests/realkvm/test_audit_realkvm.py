@@ -2,7 +2,6 @@
 their fixes; they skip cleanly where /dev/kvm is missing."""
 
 import errno
-import time
 
 import pytest
 
@@ -90,34 +89,41 @@ def test_calibrate_out_into_a_missing_directory_is_a_bad_input(tmp_path, capsys)
     assert code == 2, (code, err)
 
 
-def _replay_with_vcpu1_failing(monkeypatch, passes: int, timeout: float) -> float:
+def _replay_with_vcpu1_failing(monkeypatch, passes: int, timeout: float) -> list[int]:
     """Replay a 2-vCPU trace whose vCPU 1 fails at once (an unexpected exit) while vCPU 0 writes
-    ``passes`` x 65536 pages; the GuestError must be what is raised. Returns the seconds it took."""
+    ``passes`` x 65536 pages; the GuestError must be what is raised. Returns the vCPUs that were
+    kicked out of KVM_RUN (stopped before their done exit), not a wall time: building the guest
+    of so long a trace takes seconds of its own on a loaded host."""
     real_run = Guest.run
+    kicked = []
 
     def run(self, index):
         if index == 1:
             raise GuestError("vCPU 1: unexpected exit_reason 8 detail []")
-        return real_run(self, index)
+        try:
+            return real_run(self, index)
+        except k.VcpuKicked:
+            kicked.append(index)
+            raise
 
     monkeypatch.setattr(Guest, "run", run)
     trace = {"slot_pages": 65536 + 16, "ring_entries": 256, "reap_scope": "self",
              "vcpus": [{"writes": list(range(65536)) * passes}, {"writes": [65536]}]}
-    t = time.monotonic()
     with pytest.raises(GuestError, match="vCPU 1: unexpected"):
         kreplay.kvm_replay_trace(trace, timeout=timeout)
-    return time.monotonic() - t
+    return kicked
 
 
 # 5. One vCPU's failure (an unexpected exit) does not stop the others, and when they outlast
 #    --timeout the error reported is a timeout of another vCPU ("guest never exited?"): the
 #    failure that was collected is dropped.
 def test_a_vcpu_failure_is_reported_not_masked_by_a_timeout(monkeypatch):
-    assert _replay_with_vcpu1_failing(monkeypatch, 16, timeout=0.5) < 10
+    assert _replay_with_vcpu1_failing(monkeypatch, 16, timeout=0.5) == [0]  # ~3 s of writes: stopped
 
 
 def test_a_vcpu_failure_ends_the_replay_at_once_not_when_the_other_vcpus_finish(monkeypatch):
     """kvm_replay_trace waits for all vCPU threads "but stops at a vCPU's failure": with vCPU 0
-    ~9 s of writes from its end and a 120 s timeout, the failure comes within a few seconds.
-    Mutant killed: the wait loop not stopping at an error."""
-    assert _replay_with_vcpu1_failing(monkeypatch, 48, timeout=120) < 4
+    ~9 s of writes from its end and no deadline in sight, vCPU 0 is kicked out, not waited for to
+    its done exit. Mutant killed: the wait loop not stopping at an error (vCPU 0 then finishes
+    and nothing is kicked)."""
+    assert _replay_with_vcpu1_failing(monkeypatch, 48, timeout=3600) == [0]

@@ -145,14 +145,31 @@ WARM_WRITES = 200_000  # each warm-up access is an MMIO exit (~60 us nested): ~1
 
 
 @needs_kvm
+def test_a_warm_up_vcpu_made_after_the_timeout_fired_is_stopped_too(monkeypatch):
+    """The warm-up's timer kicks the warm-up vCPUs that exist when it fires: one created after
+    that (here made slow to create, as on a loaded host) must not run its whole warm-up
+    (~12 s) before the timeout is noticed."""
+    real = k.RealVm.create_vcpu
+
+    def slow(self, vcpu_id):
+        time.sleep(0.5)  # longer than the timeout: the timer fires with no warm-up vCPU yet
+        return real(self, vcpu_id)
+
+    monkeypatch.setattr(k.RealVm, "create_vcpu", slow)
+    trace = dict(TRACE, vcpus=[{"writes": [i % 64 for i in range(WARM_WRITES)]}])
+    with pytest.raises(TimeoutError, match=r"warm-up \(vCPU 0 of 1\) did not finish within 0\.3 s"):
+        kreplay.kvm_replay_trace(trace, timeout=0.3, faults=True)
+
+
+@needs_kvm
 def test_timeout_bounds_the_faults_warm_up(tmp_path, capsys):
     trace = dict(TRACE, vcpus=[{"writes": [i % 64 for i in range(WARM_WRITES)]}])
     fds = open_fds()
-    t = time.monotonic()
     with pytest.raises(TimeoutError) as exc:
         kreplay.kvm_replay_trace(trace, timeout=0.3, faults=True)
-    assert time.monotonic() - t < 5, time.monotonic() - t
-    assert "warm-up" in str(exc.value) and "0.3 s" in str(exc.value), exc.value
+    # stopped by the timer part way (not a warm-up left to finish, then found to have taken too
+    # long): a wall-time bound would also count building the 200000-write guest on a loaded host
+    assert "warm-up (vCPU 0 of 1) did not finish within 0.3 s" in str(exc.value), exc.value
     assert open_fds() == fds  # every VM, vCPU and mapping released
     code, out, err = cli(capsys, "kvm-replay", write(tmp_path, trace), "--faults", "--timeout", "0.3")
     assert (code, out) == (1, "") and len(err) == 1 and "0.3 s" in err[0], (code, err)
