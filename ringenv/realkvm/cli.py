@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import json
 import sys
-from pathlib import Path
 
 from ringenv.cli import positive_float, positive_int  # as ``ringenv replay``'s options
 
@@ -51,35 +50,10 @@ def _guarded(command: str):
     return wrap
 
 
-def load_trace(path: str):
-    """The trace at ``path`` ('-': stdin) with the simulator's messages for a missing file or
-    bad JSON (``ringenv.replay.load_trace``), or the same wording without the simulator."""
-    try:
-        from ringenv.config import ConfigError
-        from ringenv.replay import load_trace as sim_load
-    except ImportError:
-        ConfigError, sim_load = ValueError, None
-    if sim_load is not None:
-        return sim_load(path)
-    if path != "-":
-        try:
-            text = Path(path).read_text()
-        except IsADirectoryError:
-            raise ConfigError(f"TRACE: {path!r} is a directory; expected a JSON trace file") from None
-        except OSError:
-            raise ConfigError(f"TRACE: no such file {path!r}") from None
-    else:
-        text, path = sys.stdin.read(), "<stdin>"
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError as e:
-        raise ConfigError(f"TRACE {path.rsplit('/', 1)[-1]}: not valid JSON: {e}") from None
-
-
 @_guarded("kvm-replay")
 def _cmd_kvm_replay(args) -> int:
     from ringenv.realkvm.replay import kvm_replay_trace
-    from ringenv.replay import timing_dependent, validate_trace
+    from ringenv.replay import load_trace, timing_dependent, validate_trace
 
     trace = validate_trace(load_trace(args.trace))
     why = timing_dependent(trace)
