@@ -514,6 +514,11 @@ def _check_earlier_run(run: Path) -> None:
                          "directory; nothing removed (choose another --name, or remove them)")
 
 
+def _write_record(run: Path, meta: dict) -> None:
+    """The run's record, ``RUN/args.json``, written whole (at the start, on failure, at the end)."""
+    write_atomically(run / "args.json", json.dumps(jsonable(meta), indent=1, default=str))
+
+
 def _clear_earlier_run(run: Path) -> None:
     """Remove what an earlier run wrote into ``run``: a new run into the same directory must not
     leave, e.g., the earlier best_model.zip next to its own args.json (``evaluate`` takes
@@ -684,7 +689,7 @@ def main(args: Args) -> Path:
             "hyperparams": {k: (given.get(k, repr(v)) if callable(v) else v) for k, v in hp.items()},
             "args": dataclasses.asdict(args), "versions": training_versions(),
             "finished": False}  # (True once the run's record is written)
-    write_atomically(run / "args.json", json.dumps(jsonable(meta), indent=1, default=str))
+    _write_record(run, meta)
     # every .zip of the run (best, snapshots, final) carries what running it needs, so that one
     # copied out of RUN still runs as trained (stable-baselines3 saves a model's JSON attributes)
     setattr(model, MODEL_RECORD, json.loads(json.dumps(jsonable({k: meta[k] for k in MODEL_RECORD_KEYS}),
@@ -721,7 +726,7 @@ def main(args: Args) -> Path:
         print("train: interrupted: saving the model so far", file=sys.stderr)
     except BaseException as e:  # the run failed: its record says so (evaluate warns about its models)
         meta.update(failed=f"{type(e).__name__}: {e}", wall_s=time.perf_counter() - t0)
-        write_atomically(run / "args.json", json.dumps(jsonable(meta), indent=1, default=str))
+        _write_record(run, meta)
         raise
     wall = time.perf_counter() - t0
 
@@ -747,7 +752,7 @@ def main(args: Args) -> Path:
         means = ev["results"].mean(axis=1)
         meta["evaluations"] = {"timesteps": ev["timesteps"].tolist(), "mean_reward": means.tolist()}
         meta["best_eval"] = {"timesteps": int(ev["timesteps"][means.argmax()]), "mean_reward": float(means.max())}
-    write_atomically(run / "args.json", json.dumps(jsonable(meta), indent=1, default=str))
+    _write_record(run, meta)
     if not (interrupted and workers is not None):  # (those were ended above)
         venv.close()
     steps = "" if env_steps is None else f" = {env_steps} env steps"
