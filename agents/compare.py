@@ -17,9 +17,9 @@ from dataclasses import dataclass, field
 from .common import EnvFacts, check_env_id, check_out_dir, module_main, parse_overrides
 from ringenv.config import load_workload, write_atomically
 
-from .evaluate import (NO_POLICIES, EvalSettings, check_baseline, check_same_task, check_spec, evaluate, find_model,
-                       load_policy, markdown_per_workload, markdown_table, per_workload, policy_env, run_episode,
-                       scenario_label, summarize, unsound, workloads_label, write_csv, write_results)
+from .evaluate import (NO_POLICIES, EvalSettings, actions_label, check_baseline, check_same_task, check_spec, evaluate,
+                       find_model, load_policy, markdown_per_workload, markdown_table, per_workload, policy_env,
+                       run_episode, scenario_label, summarize, unsound, workloads_label, write_csv, write_results)
 from .heuristics import DEFAULT_SET, is_heuristic
 
 
@@ -67,7 +67,7 @@ def main(args: Args) -> dict:
     if args.plots and args.timeline_workload:
         load_workload(args.timeline_workload, where="--timeline-workload")  # now, not after every episode
     records = evaluate(policies, args.env_id, args.scenario, args.split, args.workloads, args.seeds, args.seed0,
-                       overrides, args.workers, args.progress, desc="compare")
+                       overrides, args.workers, args.progress, desc="compare", stochastic=args.stochastic)
     rows = summarize(records, args.baseline)
     pngs = ("pareto.png", "timeline.png") if args.plots and rows else ()
     out = write_results(args.out, records, rows, {"args": dataclasses.asdict(args)},
@@ -79,7 +79,7 @@ def main(args: Args) -> dict:
               "seeds each "
               f"(seeds {args.seed0}..{args.seed0 + args.seeds - 1}): mean ± 95% interval per episode (a t-interval "
               "over all the policy's episodes as one sample; summary.csv's *_ci_within hold the workloads fixed); "
-              "reward higher is better; Δ is paired (same workload and seed).")
+              f"reward higher is better; Δ is paired (same workload and seed){actions_label(args.stochastic)}.")
     table = markdown_table(rows, args.baseline)
     per_wl = markdown_per_workload(records)
     write_atomically(out / "table.md", f"{header}\n\n{table}\n\nMean reward per workload:\n\n{per_wl}\n")
@@ -97,7 +97,8 @@ def main(args: Args) -> dict:
         eps = []
         for spec in chosen:
             env = policy_env(spec, args.env_id, args.scenario, args.split, args.workloads, overrides)
-            eps.append(run_episode(env, load_policy(spec, EnvFacts.from_env(env)), args.seed0, wl, trace=True))
+            policy = load_policy(spec, EnvFacts.from_env(env), args.stochastic)
+            eps.append(run_episode(env, policy, args.seed0, wl, trace=True))
             env.close()
         written.append(plots.timeline(eps, out / "timeline.png", f"one episode ({wl}, seed {args.seed0})"))
     print("wrote " + ", ".join(str(p) for p in written) + f" ({time.perf_counter() - t0:.0f} s)")

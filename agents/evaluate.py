@@ -16,7 +16,9 @@ the seeds drawn (:func:`stratified_ci`: per-workload variances, Welch-Satterthwa
 freedom). Neither extends to workloads not evaluated: with few of them, read the per-workload
 table. An episode that reaches
 the time cap is charged the downtime a switchover then would cause, at the downtime weight
-(:func:`scoring_overrides`; ``--set reward.truncation=W`` sets another weight).
+(:func:`scoring_overrides`; ``--set reward.truncation=W`` sets another weight). Trained models
+act deterministically unless ``--stochastic`` (:class:`ModelPolicy`: sampled from each episode's
+seed, reproducible).
 
     python -m agents.evaluate --policies qemu watermark runs/train/ppo-s0/best_model.zip
 """
@@ -68,6 +70,10 @@ class EvalSettings:
     """worker processes (episodes run in parallel), 1 to 256"""
     baseline: str = "qemu"
     """policy the paired reward difference is taken against (if evaluated)"""
+    stochastic: bool = False
+    """trained models sample their actions (PPO, A2C: from the policy's distribution; DQN: epsilon-greedy at its
+    final exploration rate) instead of taking the most likely one; drawn from each episode's seed, so reproducible;
+    the heuristics act as they always do"""
     progress: bool = True
     """show progress bars (on a terminal: none when stderr is a pipe or a file)"""
 
@@ -230,11 +236,24 @@ def check_model(spec: str) -> str | None:
     return "; ".join(said) or None
 
 
+#: mixed into an episode's seed for a stochastic model's draws (another stream than the random
+#: heuristic's, which takes the same episode seeds)
+_STOCHASTIC_STREAM = 0x5702
+
+
 class ModelPolicy(Policy):
     """A saved stable-baselines3 model with its VecNormalize statistics (observations normalised
-    as in training, deterministic actions)."""
+    as in training). Deterministic actions (the most likely; DQN: greedy) unless ``stochastic``:
+    then PPO and A2C sample each action from the policy's distribution, and DQN acts
+    epsilon-greedily at its final exploration rate (``exploration_rate`` saved in the model), as
+    stable-baselines3's ``predict(deterministic=False)`` does, but from generators of the
+    policy's own, seeded by :meth:`reset` from the episode's seed: an episode is the same in any
+    process and in any order (the global torch and numpy generators are left alone)."""
 
-    def __init__(self, path: str | Path, facts: EnvFacts | None = None):
+    stochastic = False
+    _rng = _torch_gen = None  # (a stochastic policy's generators: reset() seeds them)
+
+    def __init__(self, path: str | Path, facts: EnvFacts | None = None, stochastic: bool = False):
         import pickle
 
         import stable_baselines3 as sb3
@@ -257,6 +276,10 @@ class ModelPolicy(Policy):
         else:
             run = p.parent.name if p.stem in ("best_model", "final_model") else p.stem
             self.name = f"{self.algo} {run}" + ("" if p.stem == "best_model" else f" ({p.stem})")
+        self.stochastic = bool(stochastic)
+        if self.stochastic:
+            self.name += " stochastic"
+        self.reset()
         self.facts = facts
         self.action_repeat = int(meta.get("action_repeat", 1))
         self._held, self._age = None, 0
@@ -270,11 +293,25 @@ class ModelPolicy(Policy):
                                  f"grids ({len(facts.ring_sizes)} ring sizes x {len(facts.intervals_ms)} intervals)")
 
     def reset(self, seed=None):
+        """A new episode: no action held; a stochastic policy's generators seeded from ``seed``
+        (None: fresh entropy)."""
         self._held, self._age = None, 0
+        if self.stochastic:
+            self._seed(seed)
 
-    def predict(self, observation, state=None, episode_start=None, deterministic: bool = True):
+    def _seed(self, seed) -> None:
+        import torch
+
+        seq = np.random.SeedSequence(None if seed is None else [int(seed), _STOCHASTIC_STREAM])
+        self._rng = np.random.default_rng(seq)
+        self._torch_gen = torch.Generator().manual_seed(int(seq.generate_state(1, np.uint64)[0] >> np.uint64(1)))
+
+    def predict(self, observation, state=None, episode_start=None, deterministic: bool | None = None):
         """As the model's predict, on normalised observations; with ``action_repeat`` k (a model
-        trained holding its actions) a new action every k calls of a single environment."""
+        trained holding its actions) a new action every k calls of a single environment.
+        ``deterministic`` None: the policy's own mode (deterministic unless made ``stochastic``)."""
+        if deterministic is None:
+            deterministic = not self.stochastic
         obs = np.asarray(observation, dtype=np.float32)
         if episode_start is not None and np.any(episode_start):
             self._held, self._age = None, 0
@@ -283,19 +320,49 @@ class ModelPolicy(Policy):
             return self._held, state
         if self.vecnorm is not None:
             obs = self.vecnorm.normalize_obs(obs)
-        action, state = self.model.predict(obs, state=state, episode_start=episode_start, deterministic=deterministic)
+        if deterministic:
+            action, state = self.model.predict(obs, state=state, episode_start=episode_start, deterministic=True)
+        else:
+            action = self._sample(obs)
         if self.action_repeat > 1 and obs.ndim == 1:
             self._held, self._age = action, 1
         return action, state
+
+    def _sample(self, obs: np.ndarray) -> np.ndarray:
+        """A stochastic action for (normalised) ``obs``, one observation or a batch, shaped as the
+        model's predict returns it: DQN epsilon-greedy at ``exploration_rate`` (a uniformly drawn
+        action with that probability, else the greedy one); PPO and A2C a draw from each action
+        head's categorical distribution."""
+        import torch
+
+        if self._rng is None:  # (predict(deterministic=False) asked of a deterministic policy)
+            self._seed(None)
+        space = self.model.action_space
+        if self.algo == "dqn":
+            greedy, _ = self.model.predict(obs, deterministic=True)
+            eps = float(self.model.exploration_rate)
+            batch = np.atleast_1d(greedy).reshape(-1)
+            explore = self._rng.random(len(batch)) < eps
+            drawn = self._rng.integers(int(space.n), size=len(batch))
+            return np.where(explore, drawn, batch).astype(greedy.dtype).reshape(np.shape(greedy))
+        obs_t, vectorized = self.model.policy.obs_to_tensor(obs)
+        with torch.no_grad():
+            dist = self.model.policy.get_distribution(obs_t).distribution
+        heads = dist if isinstance(dist, list) else [dist]
+        cols = [torch.multinomial(h.probs, 1, generator=self._torch_gen)[:, 0] for h in heads]
+        action = torch.stack(cols, dim=1).numpy().reshape((-1, *space.shape))
+        return action if vectorized else action.squeeze(axis=0)
 
     def act(self, obs):
         return self.predict(obs)[0]
 
 
-def load_policy(spec: str, facts: EnvFacts) -> Policy:
+def load_policy(spec: str, facts: EnvFacts, stochastic: bool = False) -> Policy:
+    """The policy of ``spec``: a heuristic, or a trained model (``stochastic``: sampling its
+    actions, :class:`ModelPolicy`; a heuristic acts as it always does)."""
     if is_heuristic(spec):
         return make_heuristic(spec, facts)
-    return ModelPolicy(spec, facts)
+    return ModelPolicy(spec, facts, stochastic=stochastic)
 
 
 def policy_env_id(spec: str, default: str) -> str:
@@ -334,7 +401,7 @@ def run_episode(env, policy: Policy, seed: int, workload: str | None = None, tra
     prev_h, prev_x = 0, 0
     state, start = None, np.ones((1,), dtype=bool)
     while True:
-        action, state = policy.predict(obs, state=state, episode_start=start, deterministic=True)
+        action, state = policy.predict(obs, state=state, episode_start=start)  # (the policy's own mode)
         start = np.zeros((1,), dtype=bool)
         obs, r, term, trunc, info = env.step(action)
         total += r
@@ -527,20 +594,21 @@ def _model_digest(spec: str) -> str | None:
     return h.hexdigest()
 
 
-def _get(spec: str, env_id: str, scenario: str, split: str, workloads: tuple, overrides_json: str):
-    key = (spec, _model_digest(spec), env_id, scenario, split, workloads, overrides_json)
+def _get(spec: str, env_id: str, scenario: str, split: str, workloads: tuple, overrides_json: str,
+         stochastic: bool = False):
+    key = (spec, _model_digest(spec), env_id, scenario, split, workloads, overrides_json, stochastic)
     if key not in _POLICIES:
         for old in [k for k in _POLICIES if k[0] == spec and k[1] != key[1]]:  # an earlier model of that run
             _ENVS.pop(old).close()
             del _POLICIES[old]
         env = policy_env(spec, env_id, scenario, split, workloads, json.loads(overrides_json))
         _ENVS[key] = env
-        _POLICIES[key] = load_policy(spec, EnvFacts.from_env(env))
+        _POLICIES[key] = load_policy(spec, EnvFacts.from_env(env), stochastic)
     return _ENVS[key], _POLICIES[key]
 
 
-def _job(spec, env_id, scenario, split, workloads, overrides_json, workload, seed, trace=False):
-    env, policy = _get(spec, env_id, scenario, split, workloads, overrides_json)
+def _job(spec, env_id, scenario, split, workloads, overrides_json, stochastic, workload, seed, trace=False):
+    env, policy = _get(spec, env_id, scenario, split, workloads, overrides_json, stochastic)
     rec = run_episode(env, policy, seed, workload, trace=trace)
     rec["spec"] = spec
     return rec
@@ -622,6 +690,11 @@ def workloads_label(split: str, workloads) -> str:
     return "explicit workloads" if workloads else f"split {split}"
 
 
+def actions_label(stochastic: bool) -> str:
+    """How a report says that the trained models sampled their actions (nothing if they did not)."""
+    return "; trained models' actions sampled (--stochastic)" if stochastic else ""
+
+
 def scoring_overrides(env_id: str, scenario: str, overrides: dict) -> dict:
     """``overrides`` with a truncated episode charged the downtime a switchover then would cause,
     at the downtime weight in force (``reward.truncation``), unless they set that weight: the
@@ -656,8 +729,9 @@ MAX_WORKERS = 256
 
 def evaluate(policies: list[str], env_id: str = MIGRATION, scenario: str = "default", split: str = "test",
              workloads: list[str] | None = None, seeds: int = 5, seed0: int = 1000, overrides: dict | None = None,
-             workers: int = 2, progress: bool = True, desc: str = "episodes") -> list[dict]:
+             workers: int = 2, progress: bool = True, desc: str = "episodes", stochastic: bool = False) -> list[dict]:
     """Run every policy on every (workload, seed); the episode records, in a stable order.
+    ``stochastic``: trained models sample their actions (:class:`ModelPolicy`).
     Policies whose environment cannot provide them (the bitmap baseline on an env that forces
     the ring) are dropped with a note on stderr. A heuristic spec naming a ring size or interval
     off the environment's action grid is a ValueError before any episode runs."""
@@ -717,7 +791,10 @@ def evaluate(policies: list[str], env_id: str = MIGRATION, scenario: str = "defa
                          "nothing to evaluate: give one this environment can run")
     policies = available
     ov = json.dumps(overrides, sort_keys=True)
-    jobs = [(spec, env_id, scenario, split, tuple(workloads or ()), ov, w, seed0 + k)
+    if stochastic and all(is_heuristic(spec) for spec in policies):
+        print("note: --stochastic: no trained model among the policies; the heuristics act as they always do",
+              file=sys.stderr)
+    jobs = [(spec, env_id, scenario, split, tuple(workloads or ()), ov, bool(stochastic), w, seed0 + k)
             for spec in policies for w in wls for k in range(seeds)]
     records = []
     bar = _bar(len(jobs), desc, progress)
@@ -739,7 +816,7 @@ def evaluate(policies: list[str], env_id: str = MIGRATION, scenario: str = "defa
                     f.cancel()
                 raise
     bar.close()
-    order = {(j[0], j[6], j[7]): i for i, j in enumerate(jobs)}
+    order = {(j[0], j[7], j[8]): i for i, j in enumerate(jobs)}
     records.sort(key=lambda r: order[(r["spec"], r["workload"], r["seed"])])
     specs_of = {}
     for r in records:
@@ -990,14 +1067,14 @@ def main(args: Args) -> int:
         raise ValueError(NO_POLICIES)
     check_baseline(args.baseline, args.policies)
     records = evaluate(args.policies, args.env_id, args.scenario, args.split, args.workloads, args.seeds,
-                       args.seed0, overrides, args.workers, args.progress)
+                       args.seed0, overrides, args.workers, args.progress, stochastic=args.stochastic)
     rows = summarize(records, args.baseline)
     out = write_results(args.out, records, rows, {"args": dataclasses.asdict(args), "wall_s": time.perf_counter() - t0})
     wls = sorted({r["workload"] for r in records})
     print(f"\n{scenario_label(args.scenario, args.set)}, {workloads_label(args.split, args.workloads)} "
           f"({', '.join(wls)}), {args.seeds} seed(s) "
           "each; mean ± 95% "
-          f"interval; reward per episode (higher is better)\n")
+          f"interval; reward per episode (higher is better){actions_label(args.stochastic)}\n")
     print(markdown_table(rows, args.baseline))
     print("\nmean reward per workload:\n")
     print(markdown_per_workload(records))

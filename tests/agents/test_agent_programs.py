@@ -185,6 +185,108 @@ def test_evaluate_table_and_csv(ppo_run, tmp_path):
     assert models == {str(ppo_run): _model_digest(str(ppo_run))} and len(models[str(ppo_run)]) == 40, models
 
 
+def _draws(policy, obs, n):
+    return np.array([policy.predict(obs)[0] for _ in range(n)])
+
+
+def test_a_stochastic_model_samples_its_policys_distribution_from_the_episode_seed(ppo_run):
+    """ModelPolicy(stochastic=True): each action head's draws follow the policy's categorical
+    probabilities (4000 draws, within 5 standard errors of every probability); the same episode
+    seed gives the same draws, another seed others; the global torch and numpy generators are
+    left alone (an episode does not depend on what ran before it in the process); the name says
+    so. Deterministic by default: the model's most likely action."""
+    import gymnasium as gym
+    import torch
+
+    from agents.common import EnvFacts
+    from agents.evaluate import ModelPolicy, run_episode
+
+    env = gym.make("ringenv/Migration-v0", split="test", vm={"memory": "1GiB", "vcpus": 2})
+    obs, _ = env.reset(seed=1)
+    pol = ModelPolicy(ppo_run, EnvFacts.from_env(env), stochastic=True)
+    assert pol.name == "ppo ppo stochastic" and ModelPolicy(ppo_run).name == "ppo ppo"
+    pol.action_repeat = 1  # (a new decision every call: the draws, not the held action)
+    torch_state, np_state = torch.get_rng_state(), np.random.get_state()[1].copy()
+    pol.reset(5)
+    draws = _draws(pol, obs, 4000)
+    assert torch.equal(torch.get_rng_state(), torch_state) and np.array_equal(np.random.get_state()[1], np_state)
+    obs_t, _ = pol.model.policy.obs_to_tensor(pol.vecnorm.normalize_obs(obs.astype(np.float32)))
+    with torch.no_grad():
+        heads = pol.model.policy.get_distribution(obs_t).distribution
+    for i, head in enumerate(heads):
+        probs = head.probs[0].numpy()
+        freq = np.bincount(draws[:, i], minlength=len(probs)) / len(draws)
+        se = np.sqrt(probs * (1 - probs) / len(draws))
+        assert np.all(np.abs(freq - probs) < 5 * se + 1e-9), (i, probs, freq)
+    pol.reset(5)
+    assert np.array_equal(_draws(pol, obs, 50), draws[:50])
+    pol.reset(6)
+    assert not np.array_equal(_draws(pol, obs, 50), draws[:50])
+    greedy = ModelPolicy(ppo_run, EnvFacts.from_env(env))
+    greedy.action_repeat = 1
+    model_action, _ = pol.model.predict(pol.vecnorm.normalize_obs(obs), deterministic=True)
+    assert all(np.array_equal(a, model_action) for a in _draws(greedy, obs, 20))
+    pol = ModelPolicy(ppo_run, EnvFacts.from_env(env), stochastic=True)  # (its own action_repeat)
+    r1 = run_episode(env, pol, 7, "oltp")
+    torch.manual_seed(123)  # (what ran before in the process: no matter)
+    r2 = run_episode(env, pol, 7, "oltp")
+    assert r1["reward"] == r2["reward"] and r1["steps"] == r2["steps"] and r1["policy"] == "ppo ppo stochastic"
+    env.close()
+
+
+def test_a_stochastic_dqn_acts_epsilon_greedily_at_its_final_exploration_rate(dqn_run):
+    """DQN's stochastic actions are stable-baselines3's: with probability exploration_rate (the
+    rate the model was saved with: exploration_final_eps once trained) a uniformly drawn action,
+    else the greedy one; for one observation or a batch."""
+    import gymnasium as gym
+
+    from agents.evaluate import ModelPolicy
+
+    env = gym.make("ringenv/MigrationDiscrete-v0", split="test", vm={"memory": "1GiB", "vcpus": 2})
+    obs, _ = env.reset(seed=1)
+    pol = ModelPolicy(dqn_run, stochastic=True)
+    assert pol.model.exploration_rate == pytest.approx(0.05)
+    pol.action_repeat = 1
+    greedy, _ = pol.model.predict(pol.vecnorm.normalize_obs(obs), deterministic=True)
+    n = int(env.action_space.n)
+    pol.model.exploration_rate = 0.5
+    pol.reset(3)
+    draws = _draws(pol, obs, 4000)
+    assert draws.shape == (4000,) and set(np.unique(draws)) <= set(range(n))
+    off = float(np.mean(draws != greedy))
+    expected = 0.5 * (n - 1) / n  # (a uniform draw is the greedy action 1 time in n)
+    assert abs(off - expected) < 5 * np.sqrt(expected * (1 - expected) / len(draws)), (off, expected)
+    pol.model.exploration_rate = 0.0
+    assert np.all(_draws(pol, obs, 50) == greedy)
+    pol.model.exploration_rate = 1.0
+    batch, _ = pol.predict(np.stack([obs] * 3000))
+    assert batch.shape == (3000,) and len(np.unique(batch)) == n  # (3000 uniform draws over 81 actions)
+    env.close()
+
+
+def test_evaluate_stochastic_is_reproducible_across_workers_and_says_so(ppo_run, tmp_path):
+    """``evaluate --stochastic``: the model's episodes are the same with 1 or 2 worker processes
+    (its draws come from each episode's seed), differ from the deterministic ones, are labelled
+    so, and meta.json and the table header say so; the heuristics play as without the flag."""
+    common = ["--policies", "qemu", ppo_run, "--workloads", "oltp-heavy", "--seeds", 3, "--no-progress", *SMALL]
+    runs = {}
+    for name, extra in (("w1", ["--stochastic", "--workers", 1]), ("w2", ["--stochastic", "--workers", 2]),
+                        ("det", ["--workers", 2])):
+        p = ringenv("evaluate", *common, *extra, "--out", tmp_path / name)
+        rows = list(csv.DictReader((tmp_path / name / "episodes.csv").read_text().splitlines()))
+        runs[name] = [{k: v for k, v in r.items() if k != "wall_s"} for r in rows]
+        runs[name + "_out"] = p.stdout
+    assert runs["w1"] == runs["w2"]
+    assert {r["policy"] for r in runs["w1"]} == {"qemu default", "ppo ppo stochastic"}
+    assert "trained models' actions sampled (--stochastic)" in runs["w1_out"]
+    assert "sampled" not in runs["det_out"]
+    assert json.loads((tmp_path / "w1" / "meta.json").read_text())["args"]["stochastic"] is True
+    heur = [[r for r in runs[k] if r["spec"] == "qemu"] for k in ("w1", "det")]
+    assert heur[0] == heur[1]
+    model = [[(r["reward"], r["mean_interval_ms"]) for r in runs[k] if r["spec"] != "qemu"] for k in ("w1", "det")]
+    assert model[0] != model[1]
+
+
 def test_compare_writes_table_csv_and_plots(ppo_run, tmp_path):
     p = ringenv("compare", "--policies", "qemu", "fixed:16384:5000", "rate", "bitmap", "--models", ppo_run,
                 "--workloads", "oltp-heavy", "--seeds", 2, "--out", tmp_path, "--no-progress", *SMALL)
