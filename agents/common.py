@@ -18,7 +18,7 @@ from typing import Any
 import gymnasium as gym
 
 import ringenv  # noqa: F401  (registers the ringenv/ environments)
-from ringenv.config import CONFIG_DIR, parse_yaml, read_text
+from ringenv.config import CONFIG_DIR, parse_yaml, read_text, write_atomically
 from ringenv.env import nearest_choices
 
 MIGRATION = "ringenv/Migration-v0"
@@ -34,6 +34,30 @@ MODEL_RECORD = "ringenv_model"
 #: the keys of a run's args.json that MODEL_RECORD carries
 MODEL_RECORD_KEYS = ("algo", "env_id", "scenario", "split", "workloads", "env_kwargs", "env_wrapper", "action_repeat",
                      "control_interval_ms", "policy", "normalize", "action_grids")
+#: the attribute of a model saved by :func:`save_model` naming the VecNormalize statistics saved
+#: with it (the SHA-1 of their file), or None when it was saved without any
+STATS_DIGEST = "ringenv_vecnormalize_sha1"
+
+
+def save_model(model, path: str | Path, stats=None, stats_path: str | Path | None = None) -> None:
+    """Save ``model`` to ``path`` (a .zip) and ``stats`` (its VecNormalize, or None) to
+    ``stats_path``, each file whole or not at all: the statistics first, then the model, which
+    records their digest (STATS_DIGEST). A model and statistics of two different saves (a run
+    stopped between the two writes leaves the new statistics beside the old model) are then told
+    apart when the pair is loaded (``agents.evaluate.model_stats``), not run together."""
+    import hashlib
+    import io
+    import pickle
+
+    digest = None
+    if stats is not None and stats_path is not None:
+        blob = pickle.dumps(stats)  # (what VecNormalize.save writes)
+        digest = hashlib.sha1(blob).hexdigest()
+        write_atomically(stats_path, blob)
+    setattr(model, STATS_DIGEST, digest)
+    buf = io.BytesIO()
+    model.save(buf)
+    write_atomically(path, buf.getvalue())
 
 
 # ---------------------------------------------------------------------------------- environments

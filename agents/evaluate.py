@@ -44,8 +44,8 @@ import numpy as np
 from ringenv.config import ConfigError, write_atomically
 from ringenv.env import NOT_KEYWORDS
 
-from .common import (MIGRATION, MODEL_RECORD, EnvFacts, check_env_id, check_out_dir, flag_config_error, jsonable,
-                     make_env, module_main, parse_overrides, wrap_env)
+from .common import (MIGRATION, MODEL_RECORD, STATS_DIGEST, EnvFacts, check_env_id, check_out_dir, flag_config_error,
+                     jsonable, make_env, module_main, parse_overrides, wrap_env)
 from .heuristics import SPECS, Policy, heuristic_env_kwargs, is_heuristic, make_heuristic
 
 
@@ -210,6 +210,29 @@ def vecnormalize_candidates(model_path: Path) -> list[Path]:
     return cands
 
 
+def model_stats(model_path: Path) -> Path | None:
+    """The VecNormalize statistics file a model runs with: the first of
+    :func:`vecnormalize_candidates` that exists; None if there is none, or if the model was saved
+    recording that it had none (``STATS_DIGEST`` null: a file beside it is not its). A ValueError
+    when the model records the digest of the statistics saved with it (``agents.common.save_model``)
+    and the file holds other statistics: another save's (a training run stopped between the two
+    writes, or a file copied over), with which its observations would be normalised wrongly."""
+    data = _zip_data(model_path)
+    if STATS_DIGEST in data and data[STATS_DIGEST] is None:
+        return None
+    found = next((c for c in vecnormalize_candidates(model_path) if c.is_file()), None)
+    want = data.get(STATS_DIGEST)
+    if found is not None and want is not None:
+        got = hashlib.sha1(found.read_bytes()).hexdigest()
+        if got != want:
+            raise ValueError(f"model {model_path.name}: the VecNormalize statistics beside it, {found.name}, are not "
+                             f"the ones saved with it (SHA-1 {got[:12]}, the model records {str(want)[:12]}): another "
+                             "save's (a training run stopped between writing the two, or a file copied over), which "
+                             "would normalise its observations wrongly; use the run's other model (final_model.zip "
+                             "or a snapshot in checkpoints/) or copy the model's own statistics beside it")
+    return found
+
+
 def check_model(spec: str) -> str | None:
     """A clear error for a model that would not run as it was trained (its algorithm unknown,
     its observation statistics missing); returns a warning for a model without a training
@@ -221,13 +244,13 @@ def check_model(spec: str) -> str | None:
     algo = model_algo(model, meta)
     said = [f"model {spec}: {why}: left aside as another run's record, the model runs as it was trained"
             for why in aside]
-    if normalizes_observations(meta) and not any(c.is_file() for c in vecnormalize_candidates(model)):
+    stats = model_stats(model)
+    if normalizes_observations(meta) and stats is None:
         raise ValueError(f"--policies {spec!r}: the {algo.upper()} model {model.name} was trained on normalised "
                          f"observations (normalize: {meta['normalize']}), but its VecNormalize statistics are missing: "
                          f"none of {', '.join(c.name for c in vecnormalize_candidates(model))} is next to it (copy the "
                          "run's .pkl with the .zip, or pass the run directory)")
     if not meta:
-        stats = next((c for c in vecnormalize_candidates(model) if c.is_file()), None)
         obs = f"observations normalised by the VecNormalize statistics {stats.name} next to it" if stats else \
             "raw observations (no VecNormalize statistics next to it)"
         said.append(f"model {spec} has no training record (no args.json of its run next to it, none saved in the "
@@ -264,12 +287,11 @@ class ModelPolicy(Policy):
         self.env_id = meta.get("env_id")
         self.model = getattr(sb3, self.algo.upper()).load(self.path, device="cpu")
         self.vecnorm = None
-        for cand in vecnormalize_candidates(self.path):
-            if cand.is_file():
-                with open(cand, "rb") as f:
-                    self.vecnorm = pickle.load(f)
-                self.vecnorm.training = False
-                break
+        stats = model_stats(self.path)
+        if stats is not None:
+            with open(stats, "rb") as f:
+                self.vecnorm = pickle.load(f)
+            self.vecnorm.training = False
         p = self.path
         if p.parent.name == "checkpoints":  # a snapshot: its run, and which snapshot
             self.name = f"{self.algo} {p.parent.parent.name} ({p.stem})"

@@ -16,8 +16,8 @@ What it does:
    ``VecNormalize`` when the file has ``normalize``, with its keywords (the shipped files:
    rewards by the running return's spread; observations only in DQN's, ``norm_obs``).
 2. An evaluation environment on fixed (workload, seed) episodes of the train workloads, never
-   the test ones (those judge the final policy); ``EvalCallback`` keeps the best model with its
-   VecNormalize statistics, ``CheckpointCallback`` saves snapshots.
+   the test ones (those judge the final policy); ``EvalCallback`` finds the best model, saved
+   with its VecNormalize statistics; snapshots are saved under ``CheckpointCallback``'s names.
 3. ``model.learn(total_timesteps=--timesteps)`` with TensorBoard logs under ``RUN/tb``. A
    stable-baselines3 timestep is one decision of the agent: with ``action_repeat`` k (the file's,
    40 for PPO) each decision is held for k environment steps (control intervals). SB3 runs whole
@@ -33,7 +33,10 @@ What it does:
    A run into a directory that holds an earlier one first removes the earlier run's models,
    evaluations, snapshots and ``args.json`` (it says so), so that they are never mixed; a
    directory holding such names but no ``args.json`` is no run's and is refused, nothing removed.
-   ``args.json`` and the evaluations' files are written whole or not at all. Ctrl-C
+   ``args.json``, the evaluations' files, each model and its statistics are written whole or not
+   at all, and each model records the digest of the statistics saved with it
+   (:func:`agents.common.save_model`): a run stopped between the two writes leaves a pair that
+   ``evaluate`` refuses, never one it runs with the wrong normalisation. Ctrl-C
    ends training early: the model so far and its statistics are saved as the final ones, and
    ``args.json`` says ``interrupted`` (``evaluate`` warns about such a model); exit code 130 (with
    ``SubprocVecEnv`` its workers are not asked how many env steps they took: ``env_steps`` null). A
@@ -57,7 +60,8 @@ from ringenv.config import ConfigError, write_atomically
 
 from .common import (DEFAULT_ENV, MODEL_RECORD, MODEL_RECORD_KEYS, TRAIN_CONFIG_DIR, FixedEpisodes,
                      apply_overrides, check_env_id, check_out_dir, flag_config_error, import_named, jsonable,
-                     load_hyperparams, make_env, module_main, parse_overrides, sb3_logger, wrap_env, wrapper_specs)
+                     load_hyperparams, make_env, module_main, parse_overrides, save_model, sb3_logger, wrap_env,
+                     wrapper_specs)
 
 
 @dataclass
@@ -538,7 +542,7 @@ def main(args: Args) -> Path:
     import numpy as np
     import stable_baselines3 as sb3
     import torch
-    from stable_baselines3.common.callbacks import BaseCallback, CheckpointCallback, EvalCallback
+    from stable_baselines3.common.callbacks import BaseCallback, EvalCallback
     from stable_baselines3.common.vec_env import DummyVecEnv, SubprocVecEnv, VecNormalize
 
     # 0. arguments, algorithm, environment id, hyperparameters (file, then --hp overrides), all
@@ -634,12 +638,13 @@ def main(args: Args) -> Path:
             eval_env = VecNormalize(eval_env, training=False, norm_reward=False, gamma=hp.get("gamma", 0.99),
                                     **{k: v for k, v in norm_kw.items() if k != "norm_reward"})
 
-        class SaveStats(BaseCallback):
-            """On a new best model: save the VecNormalize statistics next to it."""
+        class SaveBest(BaseCallback):
+            """On a new best model: save it with its VecNormalize statistics (save_model: a pair
+            that is told apart from another save's)."""
 
             def _on_step(self) -> bool:
-                if isinstance(self.model.get_vec_normalize_env(), VecNormalize):
-                    self.model.get_vec_normalize_env().save(str(run / "best_model_vecnormalize.pkl"))
+                save_model(self.model, run / "best_model.zip", self.model.get_vec_normalize_env(),
+                           run / "best_model_vecnormalize.pkl")
                 return True
 
         class Rewind(BaseCallback):
@@ -650,12 +655,11 @@ def main(args: Args) -> Path:
                 return True
 
         evals = _planned(EvalCallback, _spread(rounded // n_envs, args.evals))
-        callbacks.append(evals(eval_env, callback_on_new_best=SaveStats(), callback_after_eval=Rewind(),
+        callbacks.append(evals(eval_env, callback_on_new_best=SaveBest(), callback_after_eval=Rewind(),
                                n_eval_episodes=len(episodes), eval_freq=1, log_path=str(run / "eval"),
-                               best_model_save_path=str(run), deterministic=True, verbose=args.verbose))
+                               deterministic=True, verbose=args.verbose))
     if args.checkpoints > 0:
-        snapshots = _planned(CheckpointCallback, _spread(rounded // n_envs, args.checkpoints))
-        callbacks.append(snapshots(1, str(run / "checkpoints"), save_vecnormalize=bool(normalize)))
+        callbacks.append(_snapshots(run / "checkpoints", _spread(rounded // n_envs, args.checkpoints)))
     if args.progress:
         callbacks.append(_decisions_bar(action_repeat))
 
@@ -731,9 +735,7 @@ def main(args: Args) -> Path:
     wall = time.perf_counter() - t0
 
     # 4. the final model and statistics, the run's record
-    model.save(run / "final_model")
-    if normalize:
-        venv.save(str(run / "final_model_vecnormalize.pkl"))
+    save_model(model, run / "final_model.zip", model.get_vec_normalize_env(), run / "final_model_vecnormalize.pkl")
     decisions = int(model.num_timesteps)  # a whole number of rollouts: can exceed --timesteps
     workers = venv.unwrapped if isinstance(venv.unwrapped, SubprocVecEnv) else None
     if interrupted and workers is not None:
@@ -772,10 +774,10 @@ def _spread(steps: int, n: int) -> frozenset[int]:
 
 
 def _planned(callback_cls, calls: frozenset[int]):
-    """``callback_cls`` (an EvalCallback or a CheckpointCallback made with a frequency of 1) that
-    acts only at the callback calls in ``calls``: --evals N evaluations and --checkpoints N
-    snapshots exactly, the last at the end of the budget (a frequency of budget // N ran one
-    more, and not at the end, whenever N did not divide the budget)."""
+    """``callback_cls`` (an EvalCallback made with a frequency of 1) that acts only at the
+    callback calls in ``calls``: --evals N evaluations exactly, the last at the end of the budget
+    (a frequency of budget // N ran one more, and not at the end, whenever N did not divide the
+    budget; :func:`_snapshots` takes the same plan)."""
 
     class Planned(callback_cls):
         def _on_step(self) -> bool:
@@ -783,6 +785,24 @@ def _planned(callback_cls, calls: frozenset[int]):
 
     Planned.__name__ = f"Planned{callback_cls.__name__}"
     return Planned
+
+
+def _snapshots(folder: Path, calls: frozenset[int]):
+    """A callback saving a snapshot at the callback calls in ``calls``, with its VecNormalize
+    statistics if any (:func:`save_model`), under stable-baselines3's CheckpointCallback names:
+    ``rl_model_N_steps.zip`` and ``rl_model_vecnormalize_N_steps.pkl``, N the decisions so far."""
+    from stable_baselines3.common.callbacks import BaseCallback
+
+    class Snapshots(BaseCallback):
+        def _on_step(self) -> bool:
+            if self.n_calls in calls:
+                folder.mkdir(parents=True, exist_ok=True)
+                n = self.num_timesteps
+                save_model(self.model, folder / f"rl_model_{n}_steps.zip", self.model.get_vec_normalize_env(),
+                           folder / f"rl_model_vecnormalize_{n}_steps.pkl")
+            return True
+
+    return Snapshots()
 
 
 def _end_workers(venv) -> None:

@@ -624,8 +624,8 @@ def read_text(path: Path, what: str = "") -> str:
                           f"{e.object[e.start:e.start + 1]!r}); accepted: a UTF-8 YAML or JSON file") from None
 
 
-def write_atomically(path: str | Path, text: str) -> None:
-    """Write ``text`` (UTF-8, line ends as given) to ``path`` whole or not at all: into a
+def write_atomically(path: str | Path, text: str | bytes) -> None:
+    """Write ``text`` (a str: UTF-8, line ends as given; or bytes) to ``path`` whole or not at all: into a
     temporary file in the same directory, then renamed over ``path`` (``os.replace``), so that a
     failure or an interrupt leaves an existing file as it was and no partial file, and a reader
     sees the old file or the new one. The file keeps an existing file's permission bits (a new
@@ -640,7 +640,8 @@ def write_atomically(path: str | Path, text: str) -> None:
     directory, name = os.path.split(target)
     fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{name}.", suffix=".tmp")
     try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="") as f:
+        binary = isinstance(text, (bytes, bytearray))
+        with os.fdopen(fd, "wb") if binary else os.fdopen(fd, "w", encoding="utf-8", newline="") as f:
             os.fchmod(fd, mode)
             f.write(text)
             f.flush()

@@ -1,6 +1,6 @@
 """ringenv.config.write_atomically, the one atomic file write (calibrate's profile, the agents'
-args.json, CSVs and meta.json): whole or not at all, an existing file's mode kept, a link's
-target written, nothing left behind on failure."""
+args.json, CSVs, meta.json, saved models and their statistics): whole or not at all, an existing
+file's mode kept, a link's target written, nothing left behind on failure."""
 
 from __future__ import annotations
 
@@ -16,6 +16,15 @@ def test_writes_the_text_exactly(tmp_path):
     write_atomically(f, "a,b\r\n1,é\r\n")  # line ends as given (csv writes \r\n), UTF-8
     assert f.read_bytes() == "a,b\r\n1,é\r\n".encode("utf-8")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out.csv"]
+
+
+def test_writes_bytes_exactly(tmp_path):
+    """Bytes (a saved model, pickled statistics) are written as they are."""
+    f = tmp_path / "model.zip"
+    blob = bytes(range(256)) * 3 + b"\r\n\n"
+    write_atomically(f, blob)
+    assert f.read_bytes() == blob
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.zip"]
 
 
 def test_a_new_file_gets_the_umask_s_mode_an_existing_one_keeps_its_own(tmp_path):

@@ -580,6 +580,74 @@ def dqn_run(tmp_path_factory):
     return out / "dqn"
 
 
+def test_each_saved_model_records_the_statistics_saved_with_it(dqn_run, ppo_run):
+    """Every .zip a run saves (best, final, snapshots) records the SHA-1 of the VecNormalize
+    statistics written with it (agents.common.save_model), and that is the file beside it."""
+    import hashlib
+
+    from agents.common import STATS_DIGEST
+    from agents.evaluate import _zip_data, model_stats
+
+    for run in (dqn_run, ppo_run):
+        zips = [run / "final_model.zip", *sorted((run / "checkpoints").glob("*.zip"))]
+        zips += [run / "best_model.zip"] if (run / "best_model.zip").is_file() else []
+        assert len(zips) == (1 if run == dqn_run else 4), zips  # (dqn_run: no evaluations, no snapshots)
+        for z in zips:
+            stats = model_stats(z)
+            assert stats is not None and stats.parent == z.parent, z
+            assert _zip_data(z)[STATS_DIGEST] == hashlib.sha1(stats.read_bytes()).hexdigest(), z
+
+
+def test_a_model_and_statistics_of_two_saves_are_refused_not_run(dqn_run, tmp_path, monkeypatch):
+    """A run stopped between writing the statistics and the model (save_model writes the
+    statistics first) leaves the new statistics beside the old model: evaluate refuses that
+    pair, naming both files, instead of running the model on wrongly normalised observations. A
+    model saved without statistics (its record: none) does not take a file that lies beside it."""
+    import pickle
+
+    import gymnasium as gym
+    from stable_baselines3 import DQN
+    from stable_baselines3.common.vec_env import DummyVecEnv
+
+    import agents.common as common
+    from agents.evaluate import ModelPolicy, check_spec, model_stats
+
+    run = tmp_path / "dqn"
+    shutil.copytree(dqn_run, run)
+    model = DQN.load(run / "final_model.zip", device="cpu")
+    with open(run / "final_model_vecnormalize.pkl", "rb") as f:
+        stats = pickle.load(f)
+    stats.set_venv(DummyVecEnv([lambda: gym.make("ringenv/MigrationDiscrete-v0", vm={"memory": "1GiB", "vcpus": 2})]))
+    stats.obs_rms.mean = stats.obs_rms.mean + 1.0  # (statistics of a later evaluation)
+    before = (run / "final_model.zip").read_bytes()
+    real, calls = common.write_atomically, []
+
+    def stopped_after_the_statistics(path, data):
+        calls.append(path)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        real(path, data)
+
+    monkeypatch.setattr(common, "write_atomically", stopped_after_the_statistics)
+    with pytest.raises(KeyboardInterrupt):
+        common.save_model(model, run / "final_model.zip", stats, run / "final_model_vecnormalize.pkl")
+    monkeypatch.undo()
+    assert [c.name for c in calls] == ["final_model_vecnormalize.pkl", "final_model.zip"]
+    assert (run / "final_model.zip").read_bytes() == before  # (the old model, whole)
+    with pytest.raises(ValueError, match=r"--policies '.*dqn': model final_model.zip: the VecNormalize statistics "
+                                         r"beside it, final_model_vecnormalize.pkl, are not the ones saved with it"):
+        check_spec(str(run), None)
+    with pytest.raises(ValueError, match="not the ones saved with it"):
+        ModelPolicy(run)
+    # a save completed: the pair agrees again
+    common.save_model(model, run / "final_model.zip", stats, run / "final_model_vecnormalize.pkl")
+    assert ModelPolicy(run).vecnorm.obs_rms.mean == pytest.approx(stats.obs_rms.mean)
+    # saved without statistics: a file beside it is not its
+    common.save_model(model, run / "bare.zip")
+    shutil.copy(run / "final_model_vecnormalize.pkl", run / "bare_vecnormalize.pkl")
+    assert model_stats(run / "bare.zip") is None
+
+
 def test_train_warns_when_dqn_would_never_learn_and_refuses_a_missing_gpu(tmp_path):
     """DQN's updates start after learning_starts decisions (2000 in configs/train/dqn.yaml): a
     smaller budget trains nothing, and the log says so. A CUDA device this torch cannot use is
