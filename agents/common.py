@@ -34,27 +34,34 @@ MODEL_RECORD = "ringenv_model"
 #: the keys of a run's args.json that MODEL_RECORD carries
 MODEL_RECORD_KEYS = ("algo", "env_id", "scenario", "split", "workloads", "env_kwargs", "env_wrapper", "action_repeat",
                      "control_interval_ms", "policy", "normalize", "action_grids")
-#: the attribute of a model saved by :func:`save_model` naming the VecNormalize statistics saved
-#: with it (the SHA-1 of their file), or None when it was saved without any
+#: the attributes of a model saved by :func:`save_model` naming the VecNormalize statistics and the
+#: replay buffer saved with it (the SHA-1 of their files), or None when it was saved without
 STATS_DIGEST = "ringenv_vecnormalize_sha1"
+BUFFER_DIGEST = "ringenv_replay_buffer_sha1"
 
 
-def save_model(model, path: str | Path, stats=None, stats_path: str | Path | None = None) -> None:
-    """Save ``model`` to ``path`` (a .zip) and ``stats`` (its VecNormalize, or None) to
-    ``stats_path``, each file whole or not at all: the statistics first, then the model, which
-    records their digest (STATS_DIGEST). A model and statistics of two different saves (a run
-    stopped between the two writes leaves the new statistics beside the old model) are then told
-    apart when the pair is loaded (``agents.evaluate.model_stats``), not run together."""
+def save_model(model, path: str | Path, stats=None, stats_path: str | Path | None = None,
+               buffer_path: str | Path | None = None) -> None:
+    """Save ``model`` to ``path`` (a .zip), ``stats`` (its VecNormalize, or None) to
+    ``stats_path`` and, with ``buffer_path``, its replay buffer there (an off-policy model's:
+    what resuming its training needs), each file whole or not at all: the others first, then the
+    model, which records their digests (STATS_DIGEST, BUFFER_DIGEST). A model and files of two
+    different saves (a run stopped between the writes leaves the new statistics beside the old
+    model) are then told apart when loaded (``agents.evaluate.model_stats``,
+    ``agents.train``'s ``--resume``), not used together."""
     import hashlib
     import io
     import pickle
 
-    digest = None
-    if stats is not None and stats_path is not None:
-        blob = pickle.dumps(stats)  # (what VecNormalize.save writes)
-        digest = hashlib.sha1(blob).hexdigest()
-        write_atomically(stats_path, blob)
-    setattr(model, STATS_DIGEST, digest)
+    buffer = getattr(model, "replay_buffer", None) if buffer_path is not None else None
+    for attr, obj, where in ((BUFFER_DIGEST, buffer, buffer_path),
+                             (STATS_DIGEST, stats if stats_path is not None else None, stats_path)):
+        digest = None
+        if obj is not None:
+            blob = pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)  # (as VecNormalize.save, save_to_pkl)
+            digest = hashlib.sha1(blob).hexdigest()
+            write_atomically(where, blob)
+        setattr(model, attr, digest)
     buf = io.BytesIO()
     model.save(buf)
     write_atomically(path, buf.getvalue())

@@ -42,6 +42,15 @@ What it does:
    ``SubprocVecEnv`` its workers are not asked how many env steps they took: ``env_steps`` null). A
    run that fails says ``failed`` (the error) and ``finished: false`` there, and ``evaluate`` warns
    about the models it left as well.
+5. ``--resume RUN`` continues a run that did not finish its budget, with the settings its
+   ``args.json`` records (recomputed, and refused if a file they come from changed since): from
+   its final model if it was interrupted, else from its latest snapshot, with the model's
+   optimiser state, its VecNormalize statistics and (DQN: saved with snapshots and with an
+   interrupted run's final model) its replay buffer. The evaluations and snapshots fall where the
+   run planned them; evaluations made after the snapshot it resumes from are discarded (kept in
+   ``args.json`` under ``resumed``, and counted for ``best_eval``: ``best_model.zip`` may be of
+   one). The environments start fresh episodes with a seed drawn from (seed, decisions done), so
+   a resumed run is not bit-identical to an uninterrupted one.
 """
 
 from __future__ import annotations
@@ -116,6 +125,12 @@ class Args:
     """torch device"""
     verbose: int = 0
     """stable-baselines3 verbosity (0, 1, 2)"""
+    resume: str = ""
+    """continue the training run in this directory (RUN) to the end of its budget, with the settings its args.json
+    records: from its final model if it was interrupted (Ctrl-C), else (killed, failed) from its latest snapshot; with
+    the VecNormalize statistics and (DQN) the replay buffer saved with that model. No other setting may be given but
+    --progress, --verbose and --vec-env. The environments start fresh episodes with a new seed, so the result is not
+    bit-identical to an uninterrupted run"""
 
 
 def _env_factory(env_id, scenario, split, workloads, overrides, episodes=None, action_repeat=1, wrapper=None):
@@ -467,8 +482,13 @@ def _check_normalize(v, where: str):
 
 
 #: what a run writes into RUN (TensorBoard logs under RUN/tb are kept: each run has its own there)
-RUN_OUTPUTS = ("args.json", "final_model.zip", "final_model_vecnormalize.pkl", "best_model.zip",
-               "best_model_vecnormalize.pkl", "eval", "checkpoints")
+RUN_OUTPUTS = ("args.json", "final_model.zip", "final_model_vecnormalize.pkl", "final_model_replay_buffer.pkl",
+               "best_model.zip", "best_model_vecnormalize.pkl", "eval", "checkpoints")
+#: the settings ``--resume`` takes besides the run's own (they do not change what is learnt)
+RESUME_FREE = ("resume", "progress", "verbose", "vec_env")
+#: the keys of args.json that the settings of a resumed run must give again as recorded
+RESUME_SAME = ("algo", "env_id", "scenario", "split", "workloads", "env_kwargs", "action_grids", "env_wrapper",
+               "action_repeat", "timesteps_rounded", "n_envs", "policy", "normalize", "hyperparams")
 
 
 def training_versions() -> dict:
@@ -538,6 +558,96 @@ def _clear_earlier_run(run: Path) -> None:
     print(f"train: {run} held an earlier run; its {', '.join(p.name for p in old)} removed", file=sys.stderr)
 
 
+def _resume_args(args: Args) -> tuple[Args, Path, dict]:
+    """``--resume RUN``: the run's recorded arguments (with the settings ``--resume`` takes, RESUME_FREE,
+    from ``args``), its directory and its args.json. A ValueError for a directory that is no
+    run's, a run that finished its budget, or another setting given with ``--resume``."""
+    run = Path(args.resume)
+    record = run / "args.json"
+    if not record.is_file():
+        raise ValueError(f"--resume {args.resume!r}: no args.json there: not the directory of a training run")
+    try:
+        meta = json.loads(record.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"--resume {args.resume!r}: its args.json is not valid JSON ({e})") from None
+    if not isinstance(meta, dict) or not isinstance(meta.get("args"), dict):
+        raise ValueError(f"--resume {args.resume!r}: its args.json records no arguments (args): not written by ringenv "
+                         "train")
+    defaults = Args()
+    given = [f.name for f in dataclasses.fields(Args)
+             if f.name not in RESUME_FREE and getattr(args, f.name) != getattr(defaults, f.name)]
+    if given:
+        flags = [("--no-" if getattr(args, n) is False else "--") + n.replace("_", "-") for n in given]
+        raise ValueError(f"--resume: {', '.join(flags)} given; a resumed run keeps "
+                         "the settings its args.json records; accepted with --resume: --progress, --verbose, --vec-env")
+    if meta.get("finished") and not meta.get("interrupted"):
+        raise ValueError(f"--resume {args.resume!r}: the run finished its budget of {meta.get('timesteps_rounded')} "
+                         "decisions: nothing to resume (train a new run for more)")
+    names = {f.name for f in dataclasses.fields(Args)}
+    recorded = Args(**{k: v for k, v in meta["args"].items() if k in names})
+    return dataclasses.replace(recorded, **{k: getattr(args, k) for k in RESUME_FREE}), run, meta
+
+
+def _resume_point(run: Path, meta: dict, algo: str, normalize) -> tuple[Path, Path | None, Path | None]:
+    """The model a resumed run continues from (the final one of an interrupted run, else the
+    latest snapshot), its VecNormalize statistics (None without normalisation) and, for DQN,
+    its replay buffer; each checked to be the one saved with the model."""
+    import hashlib
+    import re
+
+    from .common import BUFFER_DIGEST
+    from .evaluate import _zip_data, model_stats
+
+    if meta.get("interrupted"):
+        model = run / "final_model.zip"
+        buffer = run / "final_model_replay_buffer.pkl"
+    else:
+        snaps = [(int(m[1]), p) for p in (run / "checkpoints").glob("rl_model_*_steps.zip")
+                 if (m := re.fullmatch(r"rl_model_(\d+)_steps", p.stem))]
+        why = meta.get("failed") or "killed, or still running"
+        if not snaps:
+            raise ValueError(f"--resume {str(run)!r}: the run stopped ({why}) before its first snapshot (or was "
+                             "trained with --checkpoints 0): nothing to resume from; train it again")
+        steps, model = max(snaps)
+        buffer = model.with_name(f"rl_model_replay_buffer_{steps}_steps.pkl")
+    if not model.is_file():
+        raise ValueError(f"--resume {str(run)!r}: {model.name} is missing: nothing to resume from")
+    stats = model_stats(model)  # (a ValueError if beside it are another save's)
+    if normalize and stats is None:
+        raise ValueError(f"--resume {str(run)!r}: the VecNormalize statistics saved with {model.name} are missing")
+    if algo != "dqn":
+        return model, stats, None
+    want = _zip_data(model).get(BUFFER_DIGEST)
+    if want is None or not buffer.is_file():
+        raise ValueError(f"--resume {str(run)!r}: the DQN model {model.name} has no replay buffer saved with it "
+                         f"({buffer.name}): resuming would train on an empty buffer")
+    if hashlib.sha1(buffer.read_bytes()).hexdigest() != want:
+        raise ValueError(f"--resume {str(run)!r}: {buffer.name} is not the replay buffer saved with {model.name} "
+                         "(another save's)")
+    return model, stats, buffer
+
+
+def _resume_evaluations(run: Path, done: int) -> tuple[dict | None, dict]:
+    """The evaluations of a resumed run up to ``done`` decisions (those after it, of a stretch a
+    snapshot did not keep, are discarded and returned apart), and the best mean reward among all."""
+    import io
+
+    import numpy as np
+
+    path = run / "eval" / "evaluations.npz"
+    if not path.is_file():
+        return None, {}
+    ev = dict(np.load(path))
+    keep = ev["timesteps"] <= done
+    means = ev["results"].mean(axis=1)
+    discarded = {"timesteps": ev["timesteps"][~keep].tolist(), "mean_reward": means[~keep].tolist()}
+    kept = {k: v[keep] for k, v in ev.items()}
+    buf = io.BytesIO()
+    np.savez(buf, **kept)
+    write_atomically(path, buf.getvalue())
+    return {"kept": kept, "best": float(means.max()) if len(means) else -math.inf}, discarded
+
+
 def main(args: Args) -> Path:
     import numpy as np
     import stable_baselines3 as sb3
@@ -546,7 +656,10 @@ def main(args: Args) -> Path:
     from stable_baselines3.common.vec_env import DummyVecEnv, SubprocVecEnv, VecNormalize
 
     # 0. arguments, algorithm, environment id, hyperparameters (file, then --hp overrides), all
-    #    checked before anything is built or written
+    #    checked before anything is built or written (--resume: the run's recorded ones)
+    resuming, old = bool(args.resume), {}
+    if resuming:
+        args, resume_run, old = _resume_args(args)
     algo = args.algo.lower()
     if algo not in DEFAULT_ENV:
         raise ValueError(f"--algo {args.algo!r}: accepted: {', '.join(DEFAULT_ENV)}")
@@ -614,9 +727,17 @@ def main(args: Args) -> Path:
         if normalize and norm_kw.get("norm_obs", True):
             raise ValueError(f"{policy.__name__} reads the raw observation: set normalize: {{norm_obs: false}}")
     probe.close()
-    run = check_out_dir(args.out) / (args.name or f"{algo}-s{args.seed}")
-    check_out_dir(run, "--out/--name")
-    _check_earlier_run(run)
+    done, start, stats, buffer = 0, None, None, None
+    if resuming:
+        run = resume_run
+        start, stats, buffer = _resume_point(run, old, algo, normalize)
+        from .evaluate import _zip_data
+
+        done = int(_zip_data(start).get("num_timesteps", 0))
+    else:
+        run = check_out_dir(args.out) / (args.name or f"{algo}-s{args.seed}")
+        check_out_dir(run, "--out/--name")
+        _check_earlier_run(run)
     torch.set_num_threads(1)  # the environments need the cores more than the small MLP does
 
     # 1. training environments (train workloads), normalised
@@ -624,8 +745,9 @@ def main(args: Args) -> Path:
            for _ in range(n_envs)]
     use_subproc = args.vec_env == "subproc" or (args.vec_env == "auto" and n_envs > 1 and (os.cpu_count() or 1) > 1)
     venv = SubprocVecEnv(fns, start_method="forkserver") if use_subproc else _dummy_vec_env(fns)
-    if normalize:
-        venv = VecNormalize(venv, gamma=hp.get("gamma", 0.99), **norm_kw)
+    if normalize:  # (resumed: the statistics saved with the model, still learning)
+        venv = VecNormalize.load(str(stats), venv) if resuming else VecNormalize(venv, gamma=hp.get("gamma", 0.99),
+                                                                                  **norm_kw)
 
     # 2. evaluation on fixed episodes of the training workloads (never the test ones); snapshots;
     #    the progress bar (in decisions)
@@ -654,12 +776,13 @@ def main(args: Args) -> Path:
                 eval_env.env_method("rewind")
                 return True
 
-        evals = _planned(EvalCallback, _spread(rounded // n_envs, args.evals))
+        evals = _planned(EvalCallback, _after(_spread(rounded // n_envs, args.evals), done // n_envs))
         callbacks.append(evals(eval_env, callback_on_new_best=SaveBest(), callback_after_eval=Rewind(),
                                n_eval_episodes=len(episodes), eval_freq=1, log_path=str(run / "eval"),
                                deterministic=True, verbose=args.verbose))
     if args.checkpoints > 0:
-        callbacks.append(_snapshots(run / "checkpoints", _spread(rounded // n_envs, args.checkpoints)))
+        callbacks.append(_snapshots(run / "checkpoints", _after(_spread(rounded // n_envs, args.checkpoints),
+                                                                done // n_envs), buffers=algo == "dqn"))
     if args.progress:
         callbacks.append(_decisions_bar(action_repeat))
 
@@ -673,15 +796,27 @@ def main(args: Args) -> Path:
             tb = str(run / "tb")
         except ImportError:
             print("train: tensorboard is not installed; no TensorBoard logs", file=sys.stderr)
+    resume_seed = None
     try:
-        model = getattr(sb3, algo.upper())(policy, venv, seed=args.seed, device=args.device, verbose=args.verbose,
-                                           tensorboard_log=tb, **hp)
+        if resuming:  # the model as saved (its optimiser too), its replay buffer; fresh episodes, a new seed
+            model = getattr(sb3, algo.upper()).load(start, env=venv, device=args.device, tensorboard_log=tb)
+            model.verbose = args.verbose
+            if buffer is not None:
+                model.load_replay_buffer(buffer)
+            resume_seed = int(np.random.SeedSequence([args.seed, done]).generate_state(1)[0])
+            model.set_random_seed(resume_seed)
+        else:
+            model = getattr(sb3, algo.upper())(policy, venv, seed=args.seed, device=args.device, verbose=args.verbose,
+                                               tensorboard_log=tb, **hp)
     except (TypeError, ValueError, AssertionError, KeyError, RuntimeError) as e:  # (torch's: RuntimeError)
         venv.close()
+        if resuming:
+            raise ValueError(f"--resume {str(run)!r}: {start.name} does not load: {e}") from None
         raise ValueError(f"{algo.upper()} rejected the hyperparameters ({hp_file.name} and --hp): {e}") from None
     if tb is None:  # (else SB3 leaves an empty folder in the temporary directory per run)
         model.set_logger(sb3_logger(args.verbose))
-    _clear_earlier_run(run)
+    if not resuming:
+        _clear_earlier_run(run)
     run.mkdir(parents=True, exist_ok=True)
     meta = {"algo": algo, "env_id": env_id, "scenario": args.scenario, "split": args.split, "workloads": workloads,
             "env_kwargs": env_kwargs, "action_grids": grids, "env_wrapper": wrapper, "action_repeat": action_repeat,
@@ -693,6 +828,8 @@ def main(args: Args) -> Path:
             "hyperparams": {k: (given.get(k, repr(v)) if callable(v) else v) for k, v in hp.items()},
             "args": dataclasses.asdict(args), "versions": training_versions(),
             "finished": False}  # (True once the run's record is written)
+    if resuming:
+        _resumed(meta, old, run, start, done, resume_seed, venv, callbacks)
     _write_record(run, meta)
     # every .zip of the run (best, snapshots, final) carries what running it needs, so that one
     # copied out of RUN still runs as trained (stable-baselines3 saves a model's JSON attributes)
@@ -724,7 +861,9 @@ def main(args: Args) -> Path:
     t0 = time.perf_counter()
     interrupted = False
     try:
-        model.learn(total_timesteps=rounded, callback=callbacks, progress_bar=False, tb_log_name=algo)
+        if rounded > done:  # (resumed: the rest of the budget; its counters go on from the model's)
+            model.learn(total_timesteps=rounded - done, callback=callbacks, progress_bar=False, tb_log_name=algo,
+                        reset_num_timesteps=not resuming)
     except KeyboardInterrupt:  # keep what was learnt, marked as such (as rl-baselines3-zoo does)
         interrupted = True
         print("train: interrupted: saving the model so far", file=sys.stderr)
@@ -735,7 +874,13 @@ def main(args: Args) -> Path:
     wall = time.perf_counter() - t0
 
     # 4. the final model and statistics, the run's record
-    save_model(model, run / "final_model.zip", model.get_vec_normalize_env(), run / "final_model_vecnormalize.pkl")
+    # (an interrupted DQN run: its replay buffer too, for --resume; a finished run needs none)
+    kept_buffer = run / "final_model_replay_buffer.pkl"
+    save_model(model, run / "final_model.zip", model.get_vec_normalize_env(), run / "final_model_vecnormalize.pkl",
+               kept_buffer if interrupted and algo == "dqn" else None)
+    if not interrupted:  # a finished run is not resumed: no replay buffer kept (an earlier stop's, a snapshot's)
+        for old_buffer in [kept_buffer, *(run / "checkpoints").glob("rl_model_replay_buffer_*_steps.pkl")]:
+            old_buffer.unlink(missing_ok=True)
     decisions = int(model.num_timesteps)  # a whole number of rollouts: can exceed --timesteps
     workers = venv.unwrapped if isinstance(venv.unwrapped, SubprocVecEnv) else None
     if interrupted and workers is not None:
@@ -746,25 +891,80 @@ def main(args: Args) -> Path:
         _end_workers(workers)
     else:
         env_steps = sum(venv.get_attr("env_steps")) if action_repeat > 1 else decisions
-    meta.update(wall_s=wall, decisions=decisions, env_steps=env_steps, decisions_per_s=decisions / wall,
-                env_steps_per_s=None if env_steps is None else env_steps / wall, interrupted=interrupted,
-                finished=True)
+        if resuming and action_repeat > 1:  # (this session's; with those before, if they are known)
+            before = meta["resumed"][-1]["env_steps_before"]
+            env_steps = None if before is None else before + env_steps
+    # the rates are this session's (a resumed run: its decisions since the resumption)
+    meta.update(wall_s=wall, decisions=decisions, env_steps=env_steps, decisions_per_s=(decisions - done) / wall,
+                env_steps_per_s=None if env_steps is None or resuming else env_steps / wall,
+                interrupted=interrupted, finished=True)
     if args.evals > 0 and (run / "eval" / "evaluations.npz").is_file():
         ev = np.load(run / "eval" / "evaluations.npz")
         means = ev["results"].mean(axis=1)
         meta["evaluations"] = {"timesteps": ev["timesteps"].tolist(), "mean_reward": means.tolist()}
-        meta["best_eval"] = {"timesteps": int(ev["timesteps"][means.argmax()]), "mean_reward": float(means.max())}
+        # the best of every evaluation, those a resumption discarded too (best_model.zip may be of one)
+        seen = [(float(m), int(t)) for t, m in zip(ev["timesteps"], means)]
+        for entry in meta.get("resumed", []):
+            d = entry.get("evaluations_discarded") or {}
+            seen += [(float(m), int(t)) for t, m in zip(d.get("timesteps", []), d.get("mean_reward", []))]
+        if seen:
+            best = max(seen, key=lambda x: x[0])
+            meta["best_eval"] = {"timesteps": best[1], "mean_reward": best[0]}
     _write_record(run, meta)
     if not (interrupted and workers is not None):  # (those were ended above)
         venv.close()
     steps = "" if env_steps is None else f" = {env_steps} env steps"
     rates = "" if env_steps is None else f", {env_steps / wall:.0f} env steps/s"
+    if resuming:
+        steps, rates = (f" ({decisions - done} since the resumption)" + ("" if env_steps is None else
+                                                                        f" = {env_steps} env steps"), "")
     print(f"train: {'INTERRUPTED after' if interrupted else 'done in'} {wall:.0f} s: {decisions} decisions{steps} "
-          f"({decisions / wall:.0f} decisions/s{rates}); models in {run} (evaluate: ringenv evaluate --policies "
-          f"{run} qemu)", file=sys.stderr)
+          f"({(decisions - done) / wall:.0f} decisions/s{rates}); models in {run} (evaluate: ringenv evaluate "
+          f"--policies {run} qemu{'' if not interrupted else '; continue: ringenv train --resume ' + str(run)})",
+          file=sys.stderr)
     if interrupted:
         raise KeyboardInterrupt
     return run
+
+
+def _resumed(meta: dict, old: dict, run: Path, start: Path, done: int, seed: int, venv, callbacks) -> None:
+    """``--resume``: the settings recomputed from the run's recorded arguments must be those it
+    recorded (RESUME_SAME; a ValueError naming the ones that differ, before anything is written:
+    a hyperparameter file, scenario or workload set edited since); ``meta`` gains the earlier
+    resumptions and this one; the evaluation callback gets the evaluations so far."""
+    from stable_baselines3.common.callbacks import EvalCallback
+
+    def same(x):
+        return json.loads(json.dumps(jsonable(x), default=str))
+
+    differ = [k for k in RESUME_SAME if k in old and same(meta[k]) != same(old[k])]
+    if differ:
+        venv.close()
+        raise ValueError(f"--resume {str(run)!r}: its settings are not what they were when it ran: "
+                         f"{'; '.join(f'{k} {same(old[k])} then, {same(meta[k])} now' for k in differ)} (a "
+                         "hyperparameter file, scenario or workload set edited since?); the rest of the run would "
+                         "learn on others")
+    evals = next((c for c in callbacks if isinstance(c, EvalCallback)), None)
+    history, discarded = _resume_evaluations(run, done) if evals is not None else (None, {})
+    if history is not None:
+        kept = history["kept"]
+        evals.evaluations_timesteps = kept["timesteps"].tolist()
+        evals.evaluations_results = kept["results"].tolist()
+        evals.evaluations_length = kept["ep_lengths"].tolist()
+        evals.best_mean_reward = history["best"]
+    stopped = "interrupted" if old.get("interrupted") else old.get("failed") or "killed (no final record)"
+    entry = {"stopped": stopped, "from": start.relative_to(run).as_posix(), "decisions": done, "seed": seed,
+             "wall_s_before": old.get("wall_s"), "env_steps_before": old.get("env_steps") if old.get("interrupted")
+             else None}
+    if discarded.get("timesteps"):  # (evaluated after the snapshot resumed from: that stretch is run again)
+        entry["evaluations_discarded"] = discarded
+    if same(old.get("versions")) != same(meta["versions"]):
+        entry["versions_before"] = old.get("versions")
+        print(f"train: warning: resuming {run} with other versions than it ran with (before: {old.get('versions')}; "
+              f"now: {meta['versions']}): the rest of the run computes differently", file=sys.stderr)
+    meta["resumed"] = list(old.get("resumed") or []) + [entry]
+    print(f"train: resuming {run} from {entry['from']} at {done} of {meta['timesteps_rounded']} decisions "
+          f"(environments reseeded: {seed})", file=sys.stderr)
 
 
 def _spread(steps: int, n: int) -> frozenset[int]:
@@ -787,10 +987,19 @@ def _planned(callback_cls, calls: frozenset[int]):
     return Planned
 
 
-def _snapshots(folder: Path, calls: frozenset[int]):
+def _after(calls: frozenset[int], done: int) -> frozenset[int]:
+    """The planned callback calls still ahead after ``done`` calls, counted from there (a resumed
+    run's callbacks start counting again)."""
+    return frozenset(c - done for c in calls if c > done)
+
+
+def _snapshots(folder: Path, calls: frozenset[int], buffers: bool = False):
     """A callback saving a snapshot at the callback calls in ``calls``, with its VecNormalize
     statistics if any (:func:`save_model`), under stable-baselines3's CheckpointCallback names:
-    ``rl_model_N_steps.zip`` and ``rl_model_vecnormalize_N_steps.pkl``, N the decisions so far."""
+    ``rl_model_N_steps.zip`` and ``rl_model_vecnormalize_N_steps.pkl``, N the decisions so far;
+    with ``buffers`` (DQN) the replay buffer too, ``rl_model_replay_buffer_N_steps.pkl``, kept
+    for the latest snapshot only (what ``--resume`` continues from), as stable-baselines3 holds it
+    then: without the last decision's transitions, which it stores after the callbacks."""
     from stable_baselines3.common.callbacks import BaseCallback
 
     class Snapshots(BaseCallback):
@@ -798,8 +1007,12 @@ def _snapshots(folder: Path, calls: frozenset[int]):
             if self.n_calls in calls:
                 folder.mkdir(parents=True, exist_ok=True)
                 n = self.num_timesteps
+                kept = folder / f"rl_model_replay_buffer_{n}_steps.pkl"
                 save_model(self.model, folder / f"rl_model_{n}_steps.zip", self.model.get_vec_normalize_env(),
-                           folder / f"rl_model_vecnormalize_{n}_steps.pkl")
+                           folder / f"rl_model_vecnormalize_{n}_steps.pkl", kept if buffers else None)
+                for old in folder.glob("rl_model_replay_buffer_*_steps.pkl"):
+                    if old != kept:
+                        old.unlink()
             return True
 
     return Snapshots()

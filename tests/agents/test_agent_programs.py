@@ -1034,3 +1034,130 @@ def test_evaluate_charges_a_truncated_episode_at_the_downtime_weight(tmp_path):
         assert c["reward"] == pytest.approx(f["reward"] - 10.0 * c["truncation_downtime_s"])
     done = evaluate(["qemu"], overrides={"vm": {"memory": "1GiB", "vcpus": 2}}, **common)
     assert not any(r["truncated"] for r in done) and all(r["truncation_downtime_s"] == 0.0 for r in done)
+
+
+def _stopped_run(tmp_path, monkeypatch, algo, stop_at, error, hp):
+    """A run of 256 decisions (--evals 4, --checkpoints 2) stopped by ``error`` after ``stop_at``."""
+    import stable_baselines3 as sb3
+
+    from agents import train
+
+    cls = getattr(sb3, algo.upper())
+    learn = cls.learn
+
+    def stopped_learn(self, total_timesteps, **kw):
+        learn(self, total_timesteps=stop_at, **kw)
+        raise error
+
+    monkeypatch.setattr(cls, "learn", stopped_learn)
+    args = train.Args(algo=algo, timesteps=256, n_envs=1, vec_env="dummy", evals=4, checkpoints=2, out=str(tmp_path),
+                      name=algo, progress=False, tensorboard=False, set=["vm.memory=1GiB", "vm.vcpus=2"], hp=hp)
+    with pytest.raises(type(error)):
+        train.main(args)
+    monkeypatch.setattr(cls, "learn", learn)
+    return tmp_path / algo
+
+
+def test_resume_after_ctrl_c_runs_the_rest_of_the_budget_as_planned(tmp_path, monkeypatch):
+    """``train --resume RUN`` after Ctrl-C: from the final model (and its statistics) at 64 of
+    256 decisions to the end of the budget, the evaluations and snapshots where the run planned
+    them, args.json finished and saying where it resumed; the settings must be the recorded ones
+    (a changed one is named, nothing written); a finished run has nothing to resume."""
+    import stable_baselines3 as sb3
+    import torch
+
+    from agents import train
+
+    run = _stopped_run(tmp_path, monkeypatch, "ppo", 64, KeyboardInterrupt(),
+                       ["n_steps=32", "batch_size=32", "n_epochs=1", "action_repeat=2"])
+    before = json.loads((run / "args.json").read_text())
+    assert before["interrupted"] is True and before["decisions"] == 64
+    stopped_params = sb3.PPO.load(run / "final_model.zip", device="cpu").policy.state_dict()
+    with pytest.raises(ValueError, match=r"--resume: --timesteps, --seed, --no-tensorboard given; a resumed run keeps "
+                                         r"the settings its args.json records; accepted with --resume: --progress"):
+        train.main(train.Args(resume=str(run), timesteps=512, seed=3, tensorboard=False))
+    edited = {**before, "hyperparams": {**before["hyperparams"], "gamma": 0.5}}
+    (run / "args.json").write_text(json.dumps(edited))
+    with pytest.raises(ValueError, match=r"its settings are not what they were when it ran: hyperparams"):
+        train.main(train.Args(resume=str(run), progress=False))
+    assert json.loads((run / "args.json").read_text()) == edited  # (nothing written)
+    (run / "args.json").write_text(json.dumps(before))
+    p = ringenv("train", "--resume", run, "--no-progress")
+    assert f"resuming {run} from final_model.zip at 64 of 256 decisions" in p.stderr
+    meta = json.loads((run / "args.json").read_text())
+    assert meta["finished"] is True and meta["interrupted"] is False and meta["decisions"] == 256
+    (entry,) = meta["resumed"]
+    assert entry["stopped"] == "interrupted" and entry["from"] == "final_model.zip" and entry["decisions"] == 64
+    assert entry["env_steps_before"] == before["env_steps"] and meta["env_steps"] > before["env_steps"]
+    assert meta["evaluations"]["timesteps"] == [64, 128, 192, 256]  # (as an uninterrupted run's plan)
+    assert sorted(p.name for p in (run / "checkpoints").glob("*.zip")) == ["rl_model_128_steps.zip",
+                                                                           "rl_model_256_steps.zip"]
+    final = sb3.PPO.load(run / "final_model.zip", device="cpu")
+    assert final.num_timesteps == 256
+    assert any(not torch.equal(final.policy.state_dict()[k], v) for k, v in stopped_params.items())  # (it learnt on)
+    with pytest.raises(ValueError, match=r"the run finished its budget of 256 decisions: nothing to resume"):
+        train.main(train.Args(resume=str(run)))
+
+
+def test_resume_of_a_failed_dqn_run_continues_from_its_latest_snapshot_with_its_replay_buffer(tmp_path,
+                                                                                                monkeypatch):
+    """A DQN run that failed at 200 of 256 decisions resumes from its latest snapshot (128) with
+    the replay buffer saved with it (127 transitions, checked against the snapshot's record of
+    it); the evaluation made after that snapshot (192) is discarded and run again, recorded in
+    args.json, and the best of all evaluations is still best_eval; a finished run keeps no
+    replay buffer. A buffer of another save is refused."""
+    from stable_baselines3 import DQN
+
+    from agents import train
+
+    run = _stopped_run(tmp_path, monkeypatch, "dqn", 200, RuntimeError("simulated crash"),
+                       ["learning_starts=16", "buffer_size=1000", "action_repeat=2"])
+    assert "RuntimeError: simulated crash" in json.loads((run / "args.json").read_text())["failed"]
+    first = np.load(run / "eval" / "evaluations.npz")
+    first = dict(zip(first["timesteps"].tolist(), first["results"].mean(axis=1).tolist()))
+    assert sorted(first) == [64, 128, 192]
+    buffer = run / "checkpoints" / "rl_model_replay_buffer_128_steps.pkl"
+    saved = buffer.read_bytes()
+    buffer.write_bytes(saved + b"\0")
+    with pytest.raises(ValueError, match="rl_model_replay_buffer_128_steps.pkl is not the replay buffer saved with "
+                                         "rl_model_128_steps.zip"):
+        train.main(train.Args(resume=str(run), progress=False))
+    buffer.write_bytes(saved)
+    loaded = []
+    load_buffer = DQN.load_replay_buffer
+
+    def recording(self, path, *a, **kw):
+        load_buffer(self, path, *a, **kw)
+        loaded.append((Path(path).name, self.replay_buffer.pos))
+
+    monkeypatch.setattr(DQN, "load_replay_buffer", recording)
+    train.main(train.Args(resume=str(run), progress=False))
+    # (stable-baselines3 stores a step's transition after the callbacks of that step: a snapshot's
+    # buffer holds all but the last decision's, which the fresh episodes of the resumption cannot give)
+    assert loaded == [("rl_model_replay_buffer_128_steps.pkl", 127)]
+    meta = json.loads((run / "args.json").read_text())
+    assert meta["finished"] is True and meta["decisions"] == 256 and "failed" not in meta
+    (entry,) = meta["resumed"]
+    assert entry["from"] == "checkpoints/rl_model_128_steps.zip" and "simulated crash" in entry["stopped"]
+    assert entry["evaluations_discarded"] == {"timesteps": [192], "mean_reward": [first[192]]}
+    assert meta["evaluations"]["timesteps"] == [64, 128, 192, 256]
+    assert meta["evaluations"]["mean_reward"][:2] == [first[64], first[128]]
+    everything = meta["evaluations"]["mean_reward"] + [first[192]]
+    assert meta["best_eval"]["mean_reward"] == max(everything)
+    assert not list(run.rglob("*replay_buffer*"))
+
+
+def test_resume_refuses_what_it_cannot_continue(tmp_path):
+    """--resume of a directory that is no run, or of a run stopped before its first snapshot
+    (killed: no final record, no snapshot)."""
+    from agents import train
+
+    with pytest.raises(ValueError, match=r"--resume '.*nowhere': no args.json there"):
+        train.main(train.Args(resume=str(tmp_path / "nowhere")))
+    (tmp_path / "r").mkdir()
+    (tmp_path / "r" / "args.json").write_text(json.dumps({"algo": "ppo", "finished": False, "args": {"algo": "ppo"}}))
+    with pytest.raises(ValueError, match=r"the run stopped \(killed, or still running\) before its first snapshot"):
+        train.main(train.Args(resume=str(tmp_path / "r")))
+    (tmp_path / "r" / "args.json").write_text("[1]")
+    with pytest.raises(ValueError, match="records no arguments"):
+        train.main(train.Args(resume=str(tmp_path / "r")))
