@@ -44,7 +44,8 @@ What it does:
    about the models it left as well.
 5. ``--resume RUN`` continues a run that did not finish its budget, with the settings its
    ``args.json`` records (recomputed, and refused if a file they come from changed since): from
-   its final model if it was interrupted, else from its latest snapshot, with the model's
+   its final model if it was interrupted, else from its latest snapshot (PPO, A2C: at the end of
+   the last rollout that model learnt from; the rollout under way is run again), with the model's
    optimiser state, its VecNormalize statistics and (DQN: saved with snapshots and with an
    interrupted run's final model) its replay buffer. The evaluations and snapshots fall where the
    run planned them; evaluations made after the snapshot it resumes from are discarded (kept in
@@ -627,6 +628,45 @@ def _resume_point(run: Path, meta: dict, algo: str, normalize) -> tuple[Path, Pa
     return model, stats, buffer
 
 
+#: the attribute of a PPO or A2C model that ``train`` saves: the decisions of the rollouts it has
+#: been trained on (:func:`_learnt_mark`)
+LEARNT = "ringenv_learnt_decisions"
+
+
+def learnt_decisions(algo: str, data: dict, per_rollout: int | None) -> int:
+    """The decisions a saved model (its saved attributes ``data``) has learnt from: for PPO and A2C
+    those of the whole rollouts it was trained on (LEARNT: stable-baselines3 counts each decision
+    as it is taken and trains once its rollout is complete, after the callbacks of the rollout's
+    last step, so a snapshot, or Ctrl-C in the middle of a rollout or of its training, has not
+    learnt from the rollout under way); for a model saved without LEARNT, the rollouts completed
+    before the one under way at ``num_timesteps``. DQN stores every transition in its replay
+    buffer (saved with the model): ``num_timesteps``."""
+    saved = int(data.get("num_timesteps", 0))
+    if algo not in ("ppo", "a2c") or not per_rollout:
+        return saved
+    if isinstance(data.get(LEARNT), int):
+        return min(saved, data[LEARNT])
+    return per_rollout * max(0, (saved - 1) // per_rollout)
+
+
+def _learnt_mark():
+    """A callback keeping LEARNT up to date on a PPO or A2C model: at the start of each rollout
+    (every rollout before it is trained on by then) and at the end of training."""
+    from stable_baselines3.common.callbacks import BaseCallback
+
+    class LearntMark(BaseCallback):
+        def _on_rollout_start(self) -> None:
+            setattr(self.model, LEARNT, int(self.model.num_timesteps))
+
+        def _on_training_end(self) -> None:
+            setattr(self.model, LEARNT, int(self.model.num_timesteps))
+
+        def _on_step(self) -> bool:
+            return True
+
+    return LearntMark()
+
+
 def _resume_evaluations(run: Path, done: int) -> tuple[dict | None, dict]:
     """The evaluations of a resumed run up to ``done`` decisions (those after it, of a stretch a
     snapshot did not keep, are discarded and returned apart), and the best mean reward among all."""
@@ -727,13 +767,14 @@ def main(args: Args) -> Path:
         if normalize and norm_kw.get("norm_obs", True):
             raise ValueError(f"{policy.__name__} reads the raw observation: set normalize: {{norm_obs: false}}")
     probe.close()
-    done, start, stats, buffer = 0, None, None, None
+    done, saved, start, stats, buffer = 0, 0, None, None, None
     if resuming:
         run = resume_run
         start, stats, buffer = _resume_point(run, old, algo, normalize)
         from .evaluate import _zip_data
 
-        done = int(_zip_data(start).get("num_timesteps", 0))
+        data = _zip_data(start)
+        saved, done = int(data.get("num_timesteps", 0)), learnt_decisions(algo, data, per_rollout)
     else:
         run = check_out_dir(args.out) / (args.name or f"{algo}-s{args.seed}")
         check_out_dir(run, "--out/--name")
@@ -751,7 +792,7 @@ def main(args: Args) -> Path:
 
     # 2. evaluation on fixed episodes of the training workloads (never the test ones); snapshots;
     #    the progress bar (in decisions)
-    callbacks = []
+    callbacks = [_learnt_mark()] if algo in ("ppo", "a2c") else []  # (what --resume continues from)
     if args.evals > 0:
         episodes = [(w, 10_000 + k) for k in range(args.eval_seeds) for w in train_workloads]
         eval_env = DummyVecEnv([_env_factory(env_id, args.scenario, args.split, workloads, env_kwargs, episodes,
@@ -803,6 +844,7 @@ def main(args: Args) -> Path:
             model.verbose = args.verbose
             if buffer is not None:
                 model.load_replay_buffer(buffer)
+            model.num_timesteps = done  # (PPO, A2C: back to the end of the last rollout learnt from)
             resume_seed = int(np.random.SeedSequence([args.seed, done]).generate_state(1)[0])
             model.set_random_seed(resume_seed)
         else:
@@ -829,7 +871,7 @@ def main(args: Args) -> Path:
             "args": dataclasses.asdict(args), "versions": training_versions(),
             "finished": False}  # (True once the run's record is written)
     if resuming:
-        _resumed(meta, old, run, start, done, resume_seed, venv, callbacks)
+        _resumed(meta, old, run, start, done, saved, resume_seed, venv, callbacks)
     _write_record(run, meta)
     # every .zip of the run (best, snapshots, final) carries what running it needs, so that one
     # copied out of RUN still runs as trained (stable-baselines3 saves a model's JSON attributes)
@@ -927,7 +969,8 @@ def main(args: Args) -> Path:
     return run
 
 
-def _resumed(meta: dict, old: dict, run: Path, start: Path, done: int, seed: int, venv, callbacks) -> None:
+def _resumed(meta: dict, old: dict, run: Path, start: Path, done: int, saved: int, seed: int, venv,
+             callbacks) -> None:
     """``--resume``: the settings recomputed from the run's recorded arguments must be those it
     recorded (RESUME_SAME; a ValueError naming the ones that differ, before anything is written:
     a hyperparameter file, scenario or workload set edited since); ``meta`` gains the earlier
@@ -953,7 +996,8 @@ def _resumed(meta: dict, old: dict, run: Path, start: Path, done: int, seed: int
         evals.evaluations_length = kept["ep_lengths"].tolist()
         evals.best_mean_reward = history["best"]
     stopped = "interrupted" if old.get("interrupted") else old.get("failed") or "killed (no final record)"
-    entry = {"stopped": stopped, "from": start.relative_to(run).as_posix(), "decisions": done, "seed": seed,
+    entry = {"stopped": stopped, "from": start.relative_to(run).as_posix(), "decisions": done,
+             "decisions_saved": saved, "seed": seed,
              "wall_s_before": old.get("wall_s"), "env_steps_before": old.get("env_steps") if old.get("interrupted")
              else None}
     if discarded.get("timesteps"):  # (evaluated after the snapshot resumed from: that stretch is run again)
@@ -963,8 +1007,10 @@ def _resumed(meta: dict, old: dict, run: Path, start: Path, done: int, seed: int
         print(f"train: warning: resuming {run} with other versions than it ran with (before: {old.get('versions')}; "
               f"now: {meta['versions']}): the rest of the run computes differently", file=sys.stderr)
     meta["resumed"] = list(old.get("resumed") or []) + [entry]
+    rollout = "" if saved == done else (f"; saved at {saved}: the rollout under way then was not learnt from, "
+                                        "and is run again")
     print(f"train: resuming {run} from {entry['from']} at {done} of {meta['timesteps_rounded']} decisions "
-          f"(environments reseeded: {seed})", file=sys.stderr)
+          f"(environments reseeded: {seed}{rollout})", file=sys.stderr)
 
 
 def _spread(steps: int, n: int) -> frozenset[int]:

@@ -1161,3 +1161,37 @@ def test_resume_refuses_what_it_cannot_continue(tmp_path):
     (tmp_path / "r" / "args.json").write_text("[1]")
     with pytest.raises(ValueError, match="records no arguments"):
         train.main(train.Args(resume=str(tmp_path / "r")))
+
+
+def test_resume_of_ppo_stopped_in_the_middle_of_a_rollout_runs_that_rollout_again(tmp_path, monkeypatch):
+    """Ctrl-C at decision 48 of a rollout of 32 (the second, 32..64): the model saved then has
+    learnt from the first rollout only (stable-baselines3 trains once a rollout is complete), so
+    the run resumes at 32, not 48: the budget ends at 256 as planned, and the evaluation at 64
+    is made once."""
+    from stable_baselines3.common.callbacks import BaseCallback, CallbackList
+
+    from agents import train
+
+    mark = train._learnt_mark
+
+    class CtrlC(BaseCallback):
+        def _on_step(self) -> bool:
+            if self.num_timesteps == 48:
+                raise KeyboardInterrupt
+            return True
+
+    monkeypatch.setattr(train, "_learnt_mark", lambda: CallbackList([mark(), CtrlC()]))
+    args = train.Args(timesteps=256, n_envs=1, vec_env="dummy", evals=4, checkpoints=2, out=str(tmp_path), name="r",
+                      progress=False, tensorboard=False, set=["vm.memory=1GiB", "vm.vcpus=2"],
+                      hp=["n_steps=32", "batch_size=32", "n_epochs=1"])
+    with pytest.raises(KeyboardInterrupt):
+        train.main(args)
+    run = tmp_path / "r"
+    assert json.loads((run / "args.json").read_text())["decisions"] == 48
+    monkeypatch.setattr(train, "_learnt_mark", mark)
+    p = ringenv("train", "--resume", run, "--no-progress")
+    assert "at 32 of 256 decisions" in p.stderr and "saved at 48: the rollout under way then was not learnt" in p.stderr
+    meta = json.loads((run / "args.json").read_text())
+    assert meta["decisions"] == 256 and meta["resumed"][0]["decisions"] == 32
+    assert meta["resumed"][0]["decisions_saved"] == 48
+    assert meta["evaluations"]["timesteps"] == [64, 128, 192, 256]
