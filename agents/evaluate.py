@@ -210,13 +210,15 @@ def vecnormalize_candidates(model_path: Path) -> list[Path]:
     return cands
 
 
-def model_stats(model_path: Path) -> Path | None:
+def model_stats(model_path: Path, needed: bool = True) -> Path | None:
     """The VecNormalize statistics file a model runs with: the first of
     :func:`vecnormalize_candidates` that exists; None if there is none, or if the model was saved
     recording that it had none (``STATS_DIGEST`` null: a file beside it is not its). A ValueError
     when the model records the digest of the statistics saved with it (``agents.common.save_model``)
     and the file holds other statistics: another save's (a training run stopped between the two
-    writes, or a file copied over), with which its observations would be normalised wrongly."""
+    writes, or a file copied over), with which its observations would be normalised wrongly; for a
+    model that does not normalise its observations (not ``needed``: the statistics only scaled
+    its training rewards) such a file is left aside instead (None)."""
     data = _zip_data(model_path)
     if STATS_DIGEST in data and data[STATS_DIGEST] is None:
         return None
@@ -225,6 +227,8 @@ def model_stats(model_path: Path) -> Path | None:
     if found is not None and want is not None:
         got = hashlib.sha1(found.read_bytes()).hexdigest()
         if got != want:
+            if not needed:
+                return None
             raise ValueError(f"model {model_path.name}: the VecNormalize statistics beside it, {found.name}, are not "
                              f"the ones saved with it (SHA-1 {got[:12]}, the model records {str(want)[:12]}): another "
                              "save's (a training run stopped between writing the two, or a file copied over), which "
@@ -244,7 +248,7 @@ def check_model(spec: str) -> str | None:
     algo = model_algo(model, meta)
     said = [f"model {spec}: {why}: left aside as another run's record, the model runs as it was trained"
             for why in aside]
-    stats = model_stats(model)
+    stats = model_stats(model, needed=normalizes_observations(meta))
     if normalizes_observations(meta) and stats is None:
         raise ValueError(f"--policies {spec!r}: the {algo.upper()} model {model.name} was trained on normalised "
                          f"observations (normalize: {meta['normalize']}), but its VecNormalize statistics are missing: "
@@ -268,9 +272,10 @@ class ModelPolicy(Policy):
     """A saved stable-baselines3 model with its VecNormalize statistics (observations normalised
     as in training). Deterministic actions (the most likely; DQN: greedy) unless ``stochastic``:
     then PPO and A2C sample each action from the policy's distribution, and DQN acts
-    epsilon-greedily at its final exploration rate (``exploration_rate`` saved in the model), as
-    stable-baselines3's ``predict(deterministic=False)`` does, but from generators of the
-    policy's own, seeded by :meth:`reset` from the episode's seed: an episode is the same in any
+    epsilon-greedily at its final exploration rate (``exploration_final_eps``, whenever in training
+    the model was saved: a snapshot from early on would act mostly at random), as
+    stable-baselines3's ``predict(deterministic=False)`` does once exploration has ended; from
+    generators of the policy's own, seeded by :meth:`reset` from the episode's seed: an episode is the same in any
     process and in any order (the global torch and numpy generators are left alone)."""
 
     stochastic = False
@@ -287,7 +292,7 @@ class ModelPolicy(Policy):
         self.env_id = meta.get("env_id")
         self.model = getattr(sb3, self.algo.upper()).load(self.path, device="cpu")
         self.vecnorm = None
-        stats = model_stats(self.path)
+        stats = model_stats(self.path, needed=normalizes_observations(meta))
         if stats is not None:
             with open(stats, "rb") as f:
                 self.vecnorm = pickle.load(f)
@@ -352,7 +357,7 @@ class ModelPolicy(Policy):
 
     def _sample(self, obs: np.ndarray) -> np.ndarray:
         """A stochastic action for (normalised) ``obs``, one observation or a batch, shaped as the
-        model's predict returns it: DQN epsilon-greedy at ``exploration_rate`` (a uniformly drawn
+        model's predict returns it: DQN epsilon-greedy at ``exploration_final_eps`` (a uniformly drawn
         action with that probability, else the greedy one); PPO and A2C a draw from each action
         head's categorical distribution."""
         import torch
@@ -362,7 +367,7 @@ class ModelPolicy(Policy):
         space = self.model.action_space
         if self.algo == "dqn":
             greedy, _ = self.model.predict(obs, deterministic=True)
-            eps = float(self.model.exploration_rate)
+            eps = float(self.model.exploration_final_eps)
             batch = np.atleast_1d(greedy).reshape(-1)
             explore = self._rng.random(len(batch)) < eps
             drawn = self._rng.integers(int(space.n), size=len(batch))

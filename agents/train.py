@@ -51,7 +51,8 @@ What it does:
    run planned them; evaluations made after the snapshot it resumes from are discarded (kept in
    ``args.json`` under ``resumed``, and counted for ``best_eval``: ``best_model.zip`` may be of
    one). The environments start fresh episodes with a seed drawn from (seed, decisions done), so
-   a resumed run is not bit-identical to an uninterrupted one.
+   a resumed run is not bit-identical to an uninterrupted one. While a run trains, it holds
+   ``RUN/.train.lock``: another ``train`` or ``--resume`` into that directory is refused.
 """
 
 from __future__ import annotations
@@ -585,7 +586,14 @@ def _resume_args(args: Args) -> tuple[Args, Path, dict]:
         raise ValueError(f"--resume {args.resume!r}: the run finished its budget of {meta.get('timesteps_rounded')} "
                          "decisions: nothing to resume (train a new run for more)")
     names = {f.name for f in dataclasses.fields(Args)}
-    recorded = Args(**{k: v for k, v in meta["args"].items() if k in names})
+    given = {k: v for k, v in meta["args"].items() if k in names}
+    cwd = meta.get("cwd")
+    for k in ("hyperparams", "scenario"):  # files named relative to where the run was started
+        v = given.get(k)
+        if isinstance(v, str) and v and cwd and not Path(v).is_absolute() and not Path(v).is_file() \
+                and (Path(cwd) / v).is_file():
+            given[k] = str(Path(cwd) / v)
+    recorded = Args(**given)
     return dataclasses.replace(recorded, **{k: getattr(args, k) for k in RESUME_FREE}), run, meta
 
 
@@ -631,22 +639,28 @@ def _resume_point(run: Path, meta: dict, algo: str, normalize) -> tuple[Path, Pa
 #: the attribute of a PPO or A2C model that ``train`` saves: the decisions of the rollouts it has
 #: been trained on (:func:`_learnt_mark`)
 LEARNT = "ringenv_learnt_decisions"
+#: the attribute of best_model.zip: the evaluation that made it the best ({timesteps, mean_reward})
+BEST_EVAL = "ringenv_best_eval"
 
 
-def learnt_decisions(algo: str, data: dict, per_rollout: int | None) -> int:
-    """The decisions a saved model (its saved attributes ``data``) has learnt from: for PPO and A2C
-    those of the whole rollouts it was trained on (LEARNT: stable-baselines3 counts each decision
-    as it is taken and trains once its rollout is complete, after the callbacks of the rollout's
-    last step, so a snapshot, or Ctrl-C in the middle of a rollout or of its training, has not
-    learnt from the rollout under way); for a model saved without LEARNT, the rollouts completed
-    before the one under way at ``num_timesteps``. DQN stores every transition in its replay
-    buffer (saved with the model): ``num_timesteps``."""
+def learnt_decisions(algo: str, data: dict, per_rollout: int | None, snapshot: bool = False) -> int:
+    """Where a resumed run goes on from a saved model (its saved attributes ``data``), so that it
+    ends on its budget and runs every evaluation and snapshot it planned. PPO and A2C: the
+    decisions of the whole rollouts the model was trained on (LEARNT: stable-baselines3 counts
+    each decision as it is taken and trains once its rollout is complete, after the callbacks of
+    the rollout's last step, so a snapshot, or Ctrl-C in the middle of a rollout, of its training
+    or of an evaluation, has not learnt from the rollout under way: it is run again). Otherwise
+    (DQN, or a model saved without LEARNT) the last whole round of ``per_rollout`` decisions
+    (train_freq x n_envs for DQN) up to a ``snapshot`` (made after the evaluation planned at the
+    same decision), and before the ``num_timesteps`` of an interrupted run's final model (Ctrl-C
+    may have cut that round's evaluation or snapshot short); DQN's replay buffer keeps the
+    transitions of the decisions run again."""
     saved = int(data.get("num_timesteps", 0))
-    if algo not in ("ppo", "a2c") or not per_rollout:
-        return saved
     if isinstance(data.get(LEARNT), int):
         return min(saved, data[LEARNT])
-    return per_rollout * max(0, (saved - 1) // per_rollout)
+    if not per_rollout:  # (train_freq in episodes: no rounds of a fixed size)
+        return saved
+    return per_rollout * max(0, saved // per_rollout if snapshot else (saved - 1) // per_rollout)
 
 
 def _learnt_mark():
@@ -665,6 +679,24 @@ def _learnt_mark():
             return True
 
     return LearntMark()
+
+
+def _best_eval(run: Path, timesteps, means, resumed: list) -> dict | None:
+    """The evaluation best_model.zip comes from, as the model records it (BEST_EVAL); for a model
+    saved before it did, the best of every evaluation, those a resumption discarded too."""
+    from .evaluate import _zip_data
+
+    best = run / "best_model.zip"
+    if best.is_file() and isinstance(_zip_data(best).get(BEST_EVAL), dict):
+        return dict(_zip_data(best)[BEST_EVAL])
+    seen = [(float(m), int(t)) for t, m in zip(timesteps, means)]
+    for entry in resumed:
+        d = entry.get("evaluations_discarded") or {}
+        seen += [(float(m), int(t)) for t, m in zip(d.get("timesteps", []), d.get("mean_reward", []))]
+    if not seen:
+        return None
+    m, t = max(seen, key=lambda x: x[0])
+    return {"timesteps": t, "mean_reward": m}
 
 
 def _resume_evaluations(run: Path, done: int) -> tuple[dict | None, dict]:
@@ -688,7 +720,45 @@ def _resume_evaluations(run: Path, done: int) -> tuple[dict | None, dict]:
     return {"kept": kept, "best": float(means.max()) if len(means) else -math.inf}, discarded
 
 
+#: the lock files this process holds (:func:`_lock_run`), released when :func:`main` returns
+_HELD: list = []
+
+
+def _lock_run(run: Path, flag: str) -> None:
+    """Hold ``RUN/.train.lock`` (an exclusive flock) while this process trains into ``run``: a
+    second ``train`` or ``--resume`` into it meanwhile is refused (a ValueError naming ``flag``),
+    nothing of it touched. The lock goes with the process, so a killed run's directory can be
+    resumed at once."""
+    import fcntl
+
+    run.mkdir(parents=True, exist_ok=True)
+    f = open(run / ".train.lock", "a+", encoding="utf-8")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.seek(0)
+        who = f.read().strip() or "another process"
+        f.close()
+        raise ValueError(f"{flag} {str(run)!r}: a training run is writing into it now ({who}); wait for it to end or "
+                         "stop it, or choose another directory") from None
+    f.seek(0)
+    f.truncate()
+    f.write(f"pid {os.getpid()}\n")
+    f.flush()
+    _HELD.append(f)
+
+
 def main(args: Args) -> Path:
+    """Train (or, with ``--resume``, go on training) as the module docstring says; the run
+    directory."""
+    try:
+        return _main(args)
+    finally:
+        while _HELD:
+            _HELD.pop().close()  # (closing the file releases its flock)
+
+
+def _main(args: Args) -> Path:
     import numpy as np
     import stable_baselines3 as sb3
     import torch
@@ -774,7 +844,8 @@ def main(args: Args) -> Path:
         from .evaluate import _zip_data
 
         data = _zip_data(start)
-        saved, done = int(data.get("num_timesteps", 0)), learnt_decisions(algo, data, per_rollout)
+        saved = int(data.get("num_timesteps", 0))
+        done = learnt_decisions(algo, data, per_rollout, snapshot=not old.get("interrupted"))
     else:
         run = check_out_dir(args.out) / (args.name or f"{algo}-s{args.seed}")
         check_out_dir(run, "--out/--name")
@@ -806,8 +877,13 @@ def main(args: Args) -> Path:
             that is told apart from another save's)."""
 
             def _on_step(self) -> bool:
-                save_model(self.model, run / "best_model.zip", self.model.get_vec_normalize_env(),
-                           run / "best_model_vecnormalize.pkl")
+                setattr(self.model, BEST_EVAL, {"timesteps": int(self.model.num_timesteps),
+                                                "mean_reward": float(self.parent.best_mean_reward)})
+                try:
+                    save_model(self.model, run / "best_model.zip", self.model.get_vec_normalize_env(),
+                               run / "best_model_vecnormalize.pkl")
+                finally:
+                    delattr(self.model, BEST_EVAL)  # (the best model's alone)
                 return True
 
         class Rewind(BaseCallback):
@@ -848,8 +924,10 @@ def main(args: Args) -> Path:
             resume_seed = int(np.random.SeedSequence([args.seed, done]).generate_state(1)[0])
             model.set_random_seed(resume_seed)
         else:
+            # (a copy of policy_kwargs: A2C fills optimizer_class/optimizer_kwargs into the dict it is
+            # given, which would then differ from what --resume recomputes)
             model = getattr(sb3, algo.upper())(policy, venv, seed=args.seed, device=args.device, verbose=args.verbose,
-                                               tensorboard_log=tb, **hp)
+                                               tensorboard_log=tb, **{**hp, "policy_kwargs": dict(hp["policy_kwargs"])})
     except (TypeError, ValueError, AssertionError, KeyError, RuntimeError) as e:  # (torch's: RuntimeError)
         venv.close()
         if resuming:
@@ -857,9 +935,13 @@ def main(args: Args) -> Path:
         raise ValueError(f"{algo.upper()} rejected the hyperparameters ({hp_file.name} and --hp): {e}") from None
     if tb is None:  # (else SB3 leaves an empty folder in the temporary directory per run)
         model.set_logger(sb3_logger(args.verbose))
+    try:
+        _lock_run(run, "--resume" if resuming else "--out/--name")
+    except ValueError:
+        venv.close()
+        raise
     if not resuming:
         _clear_earlier_run(run)
-    run.mkdir(parents=True, exist_ok=True)
     meta = {"algo": algo, "env_id": env_id, "scenario": args.scenario, "split": args.split, "workloads": workloads,
             "env_kwargs": env_kwargs, "action_grids": grids, "env_wrapper": wrapper, "action_repeat": action_repeat,
             "timesteps": total,
@@ -868,7 +950,7 @@ def main(args: Args) -> Path:
             "vec_env": "SubprocVecEnv" if use_subproc else "DummyVecEnv", "policy": policy_name,
             "normalize": normalize,
             "hyperparams": {k: (given.get(k, repr(v)) if callable(v) else v) for k, v in hp.items()},
-            "args": dataclasses.asdict(args), "versions": training_versions(),
+            "args": dataclasses.asdict(args), "cwd": os.getcwd(), "versions": training_versions(),
             "finished": False}  # (True once the run's record is written)
     if resuming:
         _resumed(meta, old, run, start, done, saved, resume_seed, venv, callbacks)
@@ -937,21 +1019,16 @@ def main(args: Args) -> Path:
             before = meta["resumed"][-1]["env_steps_before"]
             env_steps = None if before is None else before + env_steps
     # the rates are this session's (a resumed run: its decisions since the resumption)
-    meta.update(wall_s=wall, decisions=decisions, env_steps=env_steps, decisions_per_s=(decisions - done) / wall,
+    before = [e.get("wall_s_before") for e in meta.get("resumed", [])][-1:]  # (the sessions before, if known)
+    meta.update(wall_s=wall, wall_s_total=wall + (before[0] or 0.0) if before else wall,
+                decisions=decisions, env_steps=env_steps, decisions_per_s=(decisions - done) / wall,
                 env_steps_per_s=None if env_steps is None or resuming else env_steps / wall,
                 interrupted=interrupted, finished=True)
     if args.evals > 0 and (run / "eval" / "evaluations.npz").is_file():
         ev = np.load(run / "eval" / "evaluations.npz")
         means = ev["results"].mean(axis=1)
         meta["evaluations"] = {"timesteps": ev["timesteps"].tolist(), "mean_reward": means.tolist()}
-        # the best of every evaluation, those a resumption discarded too (best_model.zip may be of one)
-        seen = [(float(m), int(t)) for t, m in zip(ev["timesteps"], means)]
-        for entry in meta.get("resumed", []):
-            d = entry.get("evaluations_discarded") or {}
-            seen += [(float(m), int(t)) for t, m in zip(d.get("timesteps", []), d.get("mean_reward", []))]
-        if seen:
-            best = max(seen, key=lambda x: x[0])
-            meta["best_eval"] = {"timesteps": best[1], "mean_reward": best[0]}
+        meta["best_eval"] = _best_eval(run, ev["timesteps"], means, meta.get("resumed", []))
     _write_record(run, meta)
     if not (interrupted and workers is not None):  # (those were ended above)
         venv.close()
@@ -967,6 +1044,29 @@ def main(args: Args) -> Path:
     if interrupted:
         raise KeyboardInterrupt
     return run
+
+
+def _resumed_best(run: Path, best_of_all: float, needs_stats: bool) -> float:
+    """The mean reward a resumed run's evaluations must beat to replace best_model.zip: the one
+    it records (BEST_EVAL; else the best of all evaluations so far). A best model that normalises
+    its observations (``needs_stats``) beside statistics of another save (Ctrl-C between its two
+    writes) is removed, saying so: evaluate would refuse it, and it would be kept for good."""
+    import math as _math
+
+    from .evaluate import _zip_data, model_stats
+
+    best = run / "best_model.zip"
+    if not best.is_file():
+        return -_math.inf
+    try:
+        model_stats(best, needed=needs_stats)
+    except ValueError as e:
+        best.unlink()
+        best.with_name("best_model_vecnormalize.pkl").unlink(missing_ok=True)
+        print(f"train: {e}; removed: the next evaluation saves the best model", file=sys.stderr)
+        return -_math.inf
+    recorded = _zip_data(best).get(BEST_EVAL)
+    return float(recorded["mean_reward"]) if isinstance(recorded, dict) else best_of_all
 
 
 def _resumed(meta: dict, old: dict, run: Path, start: Path, done: int, saved: int, seed: int, venv,
@@ -994,12 +1094,14 @@ def _resumed(meta: dict, old: dict, run: Path, start: Path, done: int, saved: in
         evals.evaluations_timesteps = kept["timesteps"].tolist()
         evals.evaluations_results = kept["results"].tolist()
         evals.evaluations_length = kept["ep_lengths"].tolist()
-        evals.best_mean_reward = history["best"]
+        from .evaluate import normalizes_observations
+
+        evals.best_mean_reward = _resumed_best(run, history["best"], normalizes_observations(meta))
     stopped = "interrupted" if old.get("interrupted") else old.get("failed") or "killed (no final record)"
     entry = {"stopped": stopped, "from": start.relative_to(run).as_posix(), "decisions": done,
              "decisions_saved": saved, "seed": seed,
-             "wall_s_before": old.get("wall_s"), "env_steps_before": old.get("env_steps") if old.get("interrupted")
-             else None}
+             "wall_s_before": old.get("wall_s_total", old.get("wall_s")),
+             "env_steps_before": old.get("env_steps") if old.get("interrupted") else None}
     if discarded.get("timesteps"):  # (evaluated after the snapshot resumed from: that stretch is run again)
         entry["evaluations_discarded"] = discarded
     if same(old.get("versions")) != same(meta["versions"]):
@@ -1007,8 +1109,10 @@ def _resumed(meta: dict, old: dict, run: Path, start: Path, done: int, saved: in
         print(f"train: warning: resuming {run} with other versions than it ran with (before: {old.get('versions')}; "
               f"now: {meta['versions']}): the rest of the run computes differently", file=sys.stderr)
     meta["resumed"] = list(old.get("resumed") or []) + [entry]
-    rollout = "" if saved == done else (f"; saved at {saved}: the rollout under way then was not learnt from, "
-                                        "and is run again")
+    rollout = "" if saved == done else (
+        f"; saved at {saved}: " + ("the rollout under way then was not learnt from, and is run again"
+                                   if meta["algo"] in ("ppo", "a2c") else
+                                   "the round under way then is run again, its evaluation or snapshot with it"))
     print(f"train: resuming {run} from {entry['from']} at {done} of {meta['timesteps_rounded']} decisions "
           f"(environments reseeded: {seed}{rollout})", file=sys.stderr)
 

@@ -235,9 +235,10 @@ def test_a_stochastic_model_samples_its_policys_distribution_from_the_episode_se
 
 
 def test_a_stochastic_dqn_acts_epsilon_greedily_at_its_final_exploration_rate(dqn_run):
-    """DQN's stochastic actions are stable-baselines3's: with probability exploration_rate (the
-    rate the model was saved with: exploration_final_eps once trained) a uniformly drawn action,
-    else the greedy one; for one observation or a batch."""
+    """DQN's stochastic actions are stable-baselines3's once exploration has ended: with
+    probability exploration_final_eps a uniformly drawn action, else the greedy one, whatever the
+    exploration rate when the model was saved (a snapshot's is higher); for one observation or a
+    batch."""
     import gymnasium as gym
 
     from agents.evaluate import ModelPolicy
@@ -245,20 +246,21 @@ def test_a_stochastic_dqn_acts_epsilon_greedily_at_its_final_exploration_rate(dq
     env = gym.make("ringenv/MigrationDiscrete-v0", split="test", vm={"memory": "1GiB", "vcpus": 2})
     obs, _ = env.reset(seed=1)
     pol = ModelPolicy(dqn_run, stochastic=True)
-    assert pol.model.exploration_rate == pytest.approx(0.05)
+    assert pol.model.exploration_final_eps == pytest.approx(0.05)
+    pol.model.exploration_rate = 1.0  # (a snapshot from early in training: not what is used)
     pol.action_repeat = 1
     greedy, _ = pol.model.predict(pol.vecnorm.normalize_obs(obs), deterministic=True)
     n = int(env.action_space.n)
-    pol.model.exploration_rate = 0.5
+    pol.model.exploration_final_eps = 0.5
     pol.reset(3)
     draws = _draws(pol, obs, 4000)
     assert draws.shape == (4000,) and set(np.unique(draws)) <= set(range(n))
     off = float(np.mean(draws != greedy))
     expected = 0.5 * (n - 1) / n  # (a uniform draw is the greedy action 1 time in n)
     assert abs(off - expected) < 5 * np.sqrt(expected * (1 - expected) / len(draws)), (off, expected)
-    pol.model.exploration_rate = 0.0
+    pol.model.exploration_final_eps = 0.0
     assert np.all(_draws(pol, obs, 50) == greedy)
-    pol.model.exploration_rate = 1.0
+    pol.model.exploration_final_eps = 1.0
     batch, _ = pol.predict(np.stack([obs] * 3000))
     assert batch.shape == (3000,) and len(np.unique(batch)) == n  # (3000 uniform draws over 81 actions)
     env.close()
@@ -1036,7 +1038,7 @@ def test_evaluate_charges_a_truncated_episode_at_the_downtime_weight(tmp_path):
     assert not any(r["truncated"] for r in done) and all(r["truncation_downtime_s"] == 0.0 for r in done)
 
 
-def _stopped_run(tmp_path, monkeypatch, algo, stop_at, error, hp):
+def _stopped_run(tmp_path, monkeypatch, algo, stop_at, error, hp, **more):
     """A run of 256 decisions (--evals 4, --checkpoints 2) stopped by ``error`` after ``stop_at``."""
     import stable_baselines3 as sb3
 
@@ -1051,7 +1053,7 @@ def _stopped_run(tmp_path, monkeypatch, algo, stop_at, error, hp):
 
     monkeypatch.setattr(cls, "learn", stopped_learn)
     args = train.Args(algo=algo, timesteps=256, n_envs=1, vec_env="dummy", evals=4, checkpoints=2, out=str(tmp_path),
-                      name=algo, progress=False, tensorboard=False, set=["vm.memory=1GiB", "vm.vcpus=2"], hp=hp)
+                      name=algo, progress=False, tensorboard=False, set=["vm.memory=1GiB", "vm.vcpus=2"], hp=hp, **more)
     with pytest.raises(type(error)):
         train.main(args)
     monkeypatch.setattr(cls, "learn", learn)
@@ -1195,3 +1197,74 @@ def test_resume_of_ppo_stopped_in_the_middle_of_a_rollout_runs_that_rollout_agai
     assert meta["decisions"] == 256 and meta["resumed"][0]["decisions"] == 32
     assert meta["resumed"][0]["decisions_saved"] == 48
     assert meta["evaluations"]["timesteps"] == [64, 128, 192, 256]
+
+
+def test_resume_of_a2c_with_its_hyperparameter_file_named_relative_to_where_it_started(tmp_path, monkeypatch):
+    """A2C fills optimizer_class/optimizer_kwargs into the policy_kwargs it is given: args.json
+    records the hyperparameters as given, so a resume recomputes the same ones. A --hyperparams
+    path relative to the directory the run started in still names the file when the resume is
+    started elsewhere."""
+    from agents import train
+
+    monkeypatch.chdir(ROOT)
+    run = _stopped_run(tmp_path, monkeypatch, "a2c", 64, KeyboardInterrupt(), ["n_steps=8", "action_repeat=2"],
+                       hyperparams="configs/train/a2c.yaml")
+    assert "optimizer_class" not in json.loads((run / "args.json").read_text())["hyperparams"]["policy_kwargs"]
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    train.main(train.Args(resume=str(run), progress=False))
+    meta = json.loads((run / "args.json").read_text())
+    assert meta["finished"] is True and meta["decisions"] == 256 and meta["resumed"][0]["decisions"] == 64
+    assert meta["evaluations"]["timesteps"] == [64, 128, 192, 256]
+    assert meta["wall_s_total"] == pytest.approx(meta["wall_s"] + meta["resumed"][0]["wall_s_before"])
+
+
+def test_a_run_directory_in_use_is_refused_and_a_broken_best_pair_is_replaced_on_resume(tmp_path, monkeypatch,
+                                                                                       capsys):
+    """While a training process holds RUN/.train.lock, ``--resume RUN`` and a new run into RUN
+    are refused, nothing removed. A resume finding best_model.zip beside statistics of another
+    save (Ctrl-C between its two writes) removes that pair, saying so, and its next evaluation
+    saves the best model again: a pair evaluate runs, whose record names its evaluation."""
+    import fcntl
+
+    from agents import train
+    from agents.evaluate import ModelPolicy, _zip_data
+
+    run = _stopped_run(tmp_path, monkeypatch, "dqn", 200, RuntimeError("simulated crash"),
+                       ["learning_starts=16", "buffer_size=1000", "action_repeat=2"])
+    files = sorted(p.name for p in run.iterdir())
+    with open(run / ".train.lock", "a+") as held:
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        held.truncate(0)
+        held.write("pid 4242\n")
+        held.flush()
+        with pytest.raises(ValueError, match=r"--resume '.*dqn': a training run is writing into it now \(pid 4242\)"):
+            train.main(train.Args(resume=str(run), progress=False))
+        with pytest.raises(ValueError, match=r"--out/--name '.*dqn': a training run is writing into it now"):
+            train.main(train.Args(algo="dqn", timesteps=64, n_envs=1, evals=0, checkpoints=0, out=str(tmp_path),
+                                  name="dqn", progress=False, tensorboard=False, set=["vm.memory=1GiB", "vm.vcpus=2"]))
+    assert sorted(p.name for p in run.iterdir()) == files
+    stats = run / "best_model_vecnormalize.pkl"
+    stats.write_bytes(stats.read_bytes() + b"\0")  # (another save's)
+    capsys.readouterr()
+    train.main(train.Args(resume=str(run), progress=False))
+    assert "best_model.zip: the VecNormalize statistics beside it" in capsys.readouterr().err
+    meta = json.loads((run / "args.json").read_text())
+    assert ModelPolicy(run).path.name == "best_model.zip"  # (the pair agrees again)
+    recorded = _zip_data(run / "best_model.zip")[train.BEST_EVAL]
+    assert meta["best_eval"] == recorded and recorded["timesteps"] > 128  # (saved after the resumption)
+    assert recorded["mean_reward"] in meta["evaluations"]["mean_reward"]
+
+
+def test_statistics_of_another_save_are_left_aside_for_a_model_they_do_not_normalise(ppo_run, tmp_path):
+    """The shipped PPO file normalises rewards only: a mismatched statistics file beside its
+    model is not needed to run it, and is left aside instead of refusing the model."""
+    from agents.evaluate import ModelPolicy, check_spec
+
+    run = tmp_path / "ppo"
+    shutil.copytree(ppo_run, run)
+    (run / "best_model_vecnormalize.pkl").write_bytes((run / "checkpoints" / "rl_model_vecnormalize_128_steps.pkl")
+                                                      .read_bytes() + b"\0")
+    assert check_spec(str(run), None) is None
+    assert ModelPolicy(run).vecnorm is None
