@@ -274,7 +274,9 @@ def test_the_walk_row_reports_the_events_the_walk_consumed_not_the_batch_length(
 
     walk.py_func = walk
     vm, vcpus, _, readers = host.build(4)
-    host.simulate(vm, vcpus, readers, 0.05)  # the run's kernels compiled with the real walk first
+    # every kernel the measured run (0.5 s) takes compiled with the real walk first: with a cold
+    # cache, one first typed after the patch finds a Python function as its walk and fails
+    host.simulate(vm, vcpus, readers, 0.5)
     monkeypatch.setattr(fault, "walk_writes", walk)  # (compiled kernels keep the walk they were typed with)
     ratio, events = host.compiled_vs_python(repeats=1)
     assert events == 7 and ratio > 0
