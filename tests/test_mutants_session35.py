@@ -1,17 +1,17 @@
 """Tests from a mutation run over session 35's changes (45 hand-written mutants: 32 killed as the
-suite stood; each test here kills one of the survivors, ids in the names' comments; G2, the
-timer's kick-then-set window, needs a hook inside the guest's thread start and is left): Ctrl-C
-and the pool's size in evaluate, the upper --workers bound, ring_entries 0 with the bitmap
-collector, what meta.json's model digest covers, the agents' results written atomically,
-calibrate's per-run bound, demo's significant digits, the MADV_NOHUGEPAGE advice of a slot
-without huge pages, and the guest released when the warm-up took the whole timeout."""
+suite stood; each test here kills one of the survivors, ids in the comments; G2, the timer's
+kick-then-set window, needs a hook inside the guest's thread start and is left; E2, E5 and E6,
+Ctrl-C, the upper --workers bound and the pool's size in evaluate, are cases of
+tests/agents/test_agent_units.py's cancel test): ring_entries 0 with the bitmap collector, what
+meta.json's model digest covers, the agents' results written atomically, calibrate's per-run
+bound, demo's significant digits, the MADV_NOHUGEPAGE advice of a slot without huge pages, and
+the guest released when the warm-up took the whole timeout."""
 
 from __future__ import annotations
 
 import os
 import time
 import types
-from concurrent.futures import Future
 
 import pytest
 
@@ -23,45 +23,6 @@ def _kvm_reason():
 
 
 needs_kvm = pytest.mark.skipif(_kvm_reason() is not None, reason=str(_kvm_reason()))
-
-
-def _fake_pool(ev, monkeypatch, exc, futures, sizes):
-    class Pool:  # (a process pool whose first episode fails at once; the others never start)
-        def __init__(self, **kw):
-            sizes.append(kw["max_workers"])
-
-        def __enter__(self):
-            return self
-
-        def __exit__(self, *a):
-            return False
-
-        def submit(self, fn, *args):
-            f = Future()
-            if not futures:
-                f.set_exception(exc)
-            futures.append(f)
-            return f
-
-    monkeypatch.setattr(ev, "ProcessPoolExecutor", Pool)
-
-
-def test_ctrl_c_cancels_the_queued_episodes(monkeypatch):  # E2
-    import agents.evaluate as ev
-    futures, sizes = [], []
-    _fake_pool(ev, monkeypatch, KeyboardInterrupt(), futures, sizes)
-    with pytest.raises(KeyboardInterrupt):
-        ev.evaluate(["qemu"], workloads=["idle"], seeds=3, workers=2, progress=False)
-    assert len(futures) == 3 and all(f.cancelled() for f in futures[1:])
-
-
-def test_256_workers_are_accepted(monkeypatch):  # E5
-    import agents.evaluate as ev
-    futures, sizes = [], []
-    _fake_pool(ev, monkeypatch, RuntimeError("ran"), futures, sizes)
-    with pytest.raises(RuntimeError, match="ran"):  # not the ValueError of a refused --workers
-        ev.evaluate(["qemu"], workloads=["idle"], seeds=1, workers=256, progress=False)
-    assert sizes == [1]
 
 
 def test_ring_entries_0_with_the_bitmap_collector_is_refused():  # C4
@@ -166,12 +127,3 @@ def test_a_warm_up_that_took_all_the_timeout_releases_the_guest(monkeypatch):  #
         kreplay.kvm_replay_trace(trace, timeout=1.0, faults=True)
     # e keeps the traceback (and a guest it did not close) alive: only a closed guest is released
     assert len(os.listdir("/proc/self/fd")) == fds, e.value
-
-
-def test_the_pool_is_no_larger_than_workers(monkeypatch):  # E6
-    import agents.evaluate as ev
-    futures, sizes = [], []
-    _fake_pool(ev, monkeypatch, RuntimeError("ran"), futures, sizes)
-    with pytest.raises(RuntimeError, match="ran"):
-        ev.evaluate(["qemu"], workloads=["idle"], seeds=5, workers=2, progress=False)
-    assert sizes == [2]

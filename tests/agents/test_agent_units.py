@@ -353,10 +353,15 @@ def test_pareto_labels_of_close_and_coinciding_points_do_not_overlap(tmp_path, m
     plt.close(fig)
 
 
-def test_a_failed_episode_cancels_the_episodes_not_started(monkeypatch):
-    """With workers, an episode's failure (or Ctrl-C, which arrives the same way in the loop)
+@pytest.mark.parametrize("error, seeds, workers, pool", [
+    (RuntimeError("episode failed"), 3, 200, 3),  # no more worker processes than episodes
+    (KeyboardInterrupt(), 3, 2, 2),  # Ctrl-C cancels the queue too; no more processes than --workers
+    (RuntimeError("episode failed"), 1, 256, 1),  # the largest --workers accepted
+    (RuntimeError("episode failed"), 5, 2, 2)])
+def test_a_failed_episode_cancels_the_episodes_not_started(monkeypatch, error, seeds, workers, pool):
+    """With workers, an episode's failure or Ctrl-C (which arrives the same way in the loop)
     cancels the queued episodes: before, every one of them ran before the error was shown. The
-    pool has no more processes than episodes."""
+    pool has no more processes than episodes, nor than --workers."""
     from concurrent.futures import Future
 
     import agents.evaluate as ev
@@ -377,12 +382,12 @@ def test_a_failed_episode_cancels_the_episodes_not_started(monkeypatch):
         def submit(self, fn, *args):
             f = Future()
             if not futures:
-                f.set_exception(RuntimeError("episode failed"))
+                f.set_exception(error)
             futures.append(f)
             return f
 
     monkeypatch.setattr(ev, "ProcessPoolExecutor", Pool)
-    with pytest.raises(RuntimeError, match="episode failed"):
-        ev.evaluate(["qemu"], workloads=["idle"], seeds=3, workers=200, progress=False)
-    assert len(futures) == 3 and all(f.cancelled() for f in futures[1:])
-    assert sizes == [3]  # no more worker processes than episodes
+    with pytest.raises(type(error)):
+        ev.evaluate(["qemu"], workloads=["idle"], seeds=seeds, workers=workers, progress=False)
+    assert len(futures) == seeds and all(f.cancelled() for f in futures[1:])
+    assert sizes == [pool]
