@@ -687,8 +687,9 @@ def _best_eval(run: Path, timesteps, means, resumed: list) -> dict | None:
     from .evaluate import _zip_data
 
     best = run / "best_model.zip"
-    if best.is_file() and isinstance(_zip_data(best).get(BEST_EVAL), dict):
-        return dict(_zip_data(best)[BEST_EVAL])
+    recorded = _zip_data(best).get(BEST_EVAL) if best.is_file() else None
+    if isinstance(recorded, dict):
+        return dict(recorded)
     seen = [(float(m), int(t)) for t, m in zip(timesteps, means)]
     for entry in resumed:
         d = entry.get("evaluations_discarded") or {}
@@ -1019,8 +1020,8 @@ def _main(args: Args) -> Path:
             before = meta["resumed"][-1]["env_steps_before"]
             env_steps = None if before is None else before + env_steps
     # the rates are this session's (a resumed run: its decisions since the resumption)
-    before = [e.get("wall_s_before") for e in meta.get("resumed", [])][-1:]  # (the sessions before, if known)
-    meta.update(wall_s=wall, wall_s_total=wall + (before[0] or 0.0) if before else wall,
+    earlier = [e.get("wall_s_before") for e in meta.get("resumed", [])][-1:]  # (the sessions before, if known)
+    meta.update(wall_s=wall, wall_s_total=wall + (earlier[0] or 0.0) if earlier else wall,
                 decisions=decisions, env_steps=env_steps, decisions_per_s=(decisions - done) / wall,
                 env_steps_per_s=None if env_steps is None or resuming else env_steps / wall,
                 interrupted=interrupted, finished=True)
@@ -1051,20 +1052,18 @@ def _resumed_best(run: Path, best_of_all: float, needs_stats: bool) -> float:
     it records (BEST_EVAL; else the best of all evaluations so far). A best model that normalises
     its observations (``needs_stats``) beside statistics of another save (Ctrl-C between its two
     writes) is removed, saying so: evaluate would refuse it, and it would be kept for good."""
-    import math as _math
-
     from .evaluate import _zip_data, model_stats
 
     best = run / "best_model.zip"
     if not best.is_file():
-        return -_math.inf
+        return -math.inf
     try:
         model_stats(best, needed=needs_stats)
     except ValueError as e:
         best.unlink()
         best.with_name("best_model_vecnormalize.pkl").unlink(missing_ok=True)
         print(f"train: {e}; removed: the next evaluation saves the best model", file=sys.stderr)
-        return -_math.inf
+        return -math.inf
     recorded = _zip_data(best).get(BEST_EVAL)
     return float(recorded["mean_reward"]) if isinstance(recorded, dict) else best_of_all
 
