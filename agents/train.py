@@ -16,8 +16,10 @@ What it does:
    ``VecNormalize`` when the file has ``normalize``, with its keywords (the shipped files:
    rewards by the running return's spread; observations only in DQN's, ``norm_obs``).
 2. An evaluation environment on fixed (workload, seed) episodes of the train workloads, never
-   the test ones (those judge the final policy); ``EvalCallback`` finds the best model, saved
-   with its VecNormalize statistics; snapshots are saved under ``CheckpointCallback``'s names.
+   the test ones (those judge the final policy), scored by the training reward (with
+   ``--eval-truncation`` as ``ringenv evaluate`` scores: a truncated episode charged the downtime
+   a switchover would then cause); ``EvalCallback`` finds the best model, saved with its
+   VecNormalize statistics; snapshots are saved under ``CheckpointCallback``'s names.
 3. ``model.learn(total_timesteps=--timesteps)`` with TensorBoard logs under ``RUN/tb``. A
    stable-baselines3 timestep is one decision of the agent: with ``action_repeat`` k (the file's,
    40 for PPO) each decision is held for k environment steps (control intervals). SB3 runs whole
@@ -115,6 +117,10 @@ class Args:
     kept (with train_freq in episodes the run goes on to the end of its episodes after the last one)"""
     eval_seeds: int = 1
     """evaluation episodes per training workload (fixed seeds, the same at every evaluation)"""
+    eval_truncation: bool = False
+    """the evaluations during training score as `ringenv evaluate` does: an episode that reaches the time cap is
+    charged the downtime a switchover would then cause, at the downtime weight (reward.truncation), so that the best
+    model is not one that runs into the cap; off: they score by the training reward (which charges nothing there)"""
     checkpoints: int = 4
     """snapshots saved during training, evenly spaced, the last at the end (0: none)"""
     vec_env: str = field(default="auto", metadata={"choices": ["auto", "subproc", "dummy"]})
@@ -867,7 +873,12 @@ def _main(args: Args) -> Path:
     callbacks = [_learnt_mark()] if algo in ("ppo", "a2c") else []  # (what --resume continues from)
     if args.evals > 0:
         episodes = [(w, 10_000 + k) for k in range(args.eval_seeds) for w in train_workloads]
-        eval_env = DummyVecEnv([_env_factory(env_id, args.scenario, args.split, workloads, env_kwargs, episodes,
+        eval_kwargs = env_kwargs
+        if args.eval_truncation:  # (the training environments keep the training reward)
+            from .evaluate import scoring_overrides
+
+            eval_kwargs = scoring_overrides(env_id, args.scenario, env_kwargs)
+        eval_env = DummyVecEnv([_env_factory(env_id, args.scenario, args.split, workloads, eval_kwargs, episodes,
                                              action_repeat, wrapper)])
         if normalize:
             eval_env = VecNormalize(eval_env, training=False, norm_reward=False, gamma=hp.get("gamma", 0.99),

@@ -1268,3 +1268,31 @@ def test_statistics_of_another_save_are_left_aside_for_a_model_they_do_not_norma
                                                       .read_bytes() + b"\0")
     assert check_spec(str(run), None) is None
     assert ModelPolicy(run).vecnorm is None
+
+
+@pytest.mark.parametrize("charged", [False, True])
+def test_eval_truncation_scores_the_training_evaluations_as_evaluate_does(tmp_path, monkeypatch, charged):
+    """--eval-truncation: the evaluation environment (only it) charges a truncated episode the
+    downtime a switchover would then cost, at the downtime weight, as ``ringenv evaluate`` does;
+    without it every environment has the training reward."""
+    import gymnasium as gym
+
+    from agents import train
+
+    made = []
+    factory = train._env_factory
+
+    def recording(env_id, scenario, split, workloads, overrides, episodes=None, *a, **kw):
+        made.append((episodes is not None, overrides))
+        return factory(env_id, scenario, split, workloads, overrides, episodes, *a, **kw)
+
+    monkeypatch.setattr(train, "_env_factory", recording)
+    train.main(train.Args(timesteps=32, n_envs=1, vec_env="dummy", evals=1, checkpoints=0, out=str(tmp_path),
+                          name="r", progress=False, tensorboard=False, eval_truncation=charged,
+                          set=["vm.memory=1GiB", "vm.vcpus=2"], hp=["n_steps=32", "batch_size=32", "n_epochs=1"]))
+    weight = gym.make("ringenv/Migration-v0").unwrapped.cfg.reward.downtime
+    for is_eval, overrides in made:
+        expected = weight if (is_eval and charged) else None
+        assert (overrides.get("reward") or {}).get("truncation") == expected, (is_eval, overrides)
+    assert any(is_eval for is_eval, _ in made) and any(not is_eval for is_eval, _ in made)
+    assert json.loads((tmp_path / "r" / "args.json").read_text())["args"]["eval_truncation"] is charged
