@@ -603,10 +603,11 @@ def _resume_args(args: Args) -> tuple[Args, Path, dict]:
     return dataclasses.replace(recorded, **{k: getattr(args, k) for k in RESUME_FREE}), run, meta
 
 
-def _resume_point(run: Path, meta: dict, algo: str, normalize) -> tuple[Path, Path | None, Path | None]:
+def _resume_point(run: Path, meta: dict, algo: str, normalize) -> tuple[Path, Path | None, Path | None, dict]:
     """The model a resumed run continues from (the final one of an interrupted run, else the
     latest snapshot), its VecNormalize statistics (None without normalisation) and, for DQN,
-    its replay buffer; each checked to be the one saved with the model."""
+    its replay buffer, each checked to be the one saved with the model; and the model's saved
+    attributes."""
     import hashlib
     import re
 
@@ -630,16 +631,17 @@ def _resume_point(run: Path, meta: dict, algo: str, normalize) -> tuple[Path, Pa
     stats = model_stats(model)  # (a ValueError if beside it are another save's)
     if normalize and stats is None:
         raise ValueError(f"--resume {str(run)!r}: the VecNormalize statistics saved with {model.name} are missing")
+    data = _zip_data(model)
     if algo != "dqn":
-        return model, stats, None
-    want = _zip_data(model).get(BUFFER_DIGEST)
+        return model, stats, None, data
+    want = data.get(BUFFER_DIGEST)
     if want is None or not buffer.is_file():
         raise ValueError(f"--resume {str(run)!r}: the DQN model {model.name} has no replay buffer saved with it "
                          f"({buffer.name}): resuming would train on an empty buffer")
     if hashlib.sha1(buffer.read_bytes()).hexdigest() != want:
         raise ValueError(f"--resume {str(run)!r}: {buffer.name} is not the replay buffer saved with {model.name} "
                          "(another save's)")
-    return model, stats, buffer
+    return model, stats, buffer, data
 
 
 #: the attribute of a PPO or A2C model that ``train`` saves: the decisions of the rollouts it has
@@ -847,10 +849,7 @@ def _main(args: Args) -> Path:
     done, saved, start, stats, buffer = 0, 0, None, None, None
     if resuming:
         run = resume_run
-        start, stats, buffer = _resume_point(run, old, algo, normalize)
-        from .evaluate import _zip_data
-
-        data = _zip_data(start)
+        start, stats, buffer, data = _resume_point(run, old, algo, normalize)
         saved = int(data.get("num_timesteps", 0))
         done = learnt_decisions(algo, data, per_rollout, snapshot=not old.get("interrupted"))
     else:
