@@ -1,6 +1,6 @@
 """Tests from a mutation run over session 35's changes (45 hand-written mutants: 32 killed as the
 suite stood; each test here kills one of the survivors, ids in the comments; G2, the timer's
-kick-then-set window, needs a hook inside the guest's thread start and is left; E2, E5 and E6,
+kick-then-set window, has a test of its own added later; E2, E5 and E6,
 Ctrl-C, the upper --workers bound and the pool's size in evaluate, are cases of
 tests/agents/test_agent_units.py's cancel test): ring_entries 0 with the bitmap collector, what
 meta.json's model digest covers, the agents' results written atomically, calibrate's per-run
@@ -108,6 +108,11 @@ def test_a_slot_without_huge_pages_is_madvised_nohugepage():  # K2
         assert flags is not None and "nh" in flags, flags
 
 
+#: a two-vCPU trace for the /dev/kvm replays
+KTRACE = {"slot_pages": 64, "ring_entries": 256, "reap_scope": "self",
+          "vcpus": [{"writes": [1, 2, 3], "syncs": [1]}, {"writes": [10, 11]}]}
+
+
 @needs_kvm
 def test_a_warm_up_that_took_all_the_timeout_releases_the_guest(monkeypatch):  # R3
     from ringenv.realkvm import replay as kreplay
@@ -120,10 +125,54 @@ def test_a_warm_up_that_took_all_the_timeout_releases_the_guest(monkeypatch):  #
         time.sleep(1.2)
 
     monkeypatch.setattr(Guest, "_warm_up", slow)
-    trace = {"slot_pages": 64, "ring_entries": 256, "reap_scope": "self",
-             "vcpus": [{"writes": [1, 2, 3], "syncs": [1]}, {"writes": [10, 11]}]}
     fds = len(os.listdir("/proc/self/fd"))
     with pytest.raises(TimeoutError, match="nothing left") as e:
-        kreplay.kvm_replay_trace(trace, timeout=1.0, faults=True)
+        kreplay.kvm_replay_trace(KTRACE, timeout=1.0, faults=True)
     # e keeps the traceback (and a guest it did not close) alive: only a closed guest is released
     assert len(os.listdir("/proc/self/fd")) == fds, e.value
+
+
+@needs_kvm
+def test_a_vcpu_made_while_the_warm_up_timer_fires_is_kicked(monkeypatch):  # G2
+    """The timer sets ``expired`` before it reads the warm-up vCPUs to kick: a vCPU added
+    between the two is either in the list it reads or sees ``expired`` set and kicks itself.
+    Here the timer fires before the first vCPU exists and its ``set`` is held until the
+    creating thread has checked ``expired``: with set-then-kick the timer's list then holds
+    vCPU 0 and the warm-up stops at vCPU 0; kick-then-set read an empty list, vCPU 0 ran
+    unkicked, and the timeout only caught vCPU 1."""
+    import threading
+    import types
+
+    from ringenv.realkvm import guest as guest_mod
+    from ringenv.realkvm import ioctl as k
+    from ringenv.realkvm import replay as kreplay
+    entered, checked = threading.Event(), threading.Event()
+
+    class Held(threading.Event):
+        def __init__(self):
+            super().__init__()
+            self.creator = threading.get_ident()
+
+        def set(self):
+            entered.set()
+            checked.wait(10)
+            super().set()
+
+        def is_set(self):
+            was = super().is_set()
+            if threading.get_ident() == self.creator:
+                checked.set()
+            return was
+
+    monkeypatch.setattr(guest_mod, "threading", types.SimpleNamespace(
+        Event=Held, Timer=threading.Timer, TIMEOUT_MAX=threading.TIMEOUT_MAX))
+    real = k.RealVm.create_vcpu
+
+    def create(self, vcpu_id):
+        assert entered.wait(10), "the warm-up timer did not fire"
+        return real(self, vcpu_id)
+
+    monkeypatch.setattr(k.RealVm, "create_vcpu", create)
+    with pytest.raises(TimeoutError, match=r"warm-up \(vCPU 0 of 2\) did not finish"):
+        kreplay.kvm_replay_trace(KTRACE, timeout=0.001, faults=True)
+    assert checked.is_set()
