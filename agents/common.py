@@ -279,8 +279,9 @@ def add_dataclass_arguments(parser: argparse.ArgumentParser, cls, *, skip: tuple
             typ = int if "int" in hint and "float" not in hint else float if "float" in hint else str
             choices = f.metadata.get("choices")
             parser.add_argument(*names, dest=f.name, type=typ, default=default, choices=choices,
-                                metavar=None if choices else f.name.upper().split("_")[-1] if typ is str
-                                else typ.__name__.upper(), help=help_)
+                                metavar=None if choices else f.metadata.get("metavar") or (
+                                    f.name.upper().split("_")[-1] if typ is str else typ.__name__.upper()),
+                                help=help_)
     return parser
 
 

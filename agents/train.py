@@ -55,6 +55,12 @@ What it does:
    one). The environments start fresh episodes with a seed drawn from (seed, decisions done), so
    a resumed run is not bit-identical to an uninterrupted one. While a run trains, it holds
    ``RUN/.train.lock``: another ``train`` or ``--resume`` into that directory is refused.
+6. ``--init-from MODEL`` starts a new run (fine-tuning: on another scenario, workload set or
+   budget) from a trained model's policy weights instead of a random initialisation, with the
+   VecNormalize statistics saved with it; the model must be of the same algorithm, spaces,
+   action grids and observation normalisation (else refused, named, before anything is
+   written). The new run's hyperparameters, optimiser and (DQN) replay buffer and exploration
+   schedule start fresh; ``args.json`` records the model (path, SHA-1, statistics).
 """
 
 from __future__ import annotations
@@ -133,6 +139,13 @@ class Args:
     """torch device"""
     verbose: int = 0
     """stable-baselines3 verbosity (0, 1, 2)"""
+    init_from: str = field(default="", metadata={"metavar": "MODEL"})
+    """start from a trained model's weights (fine-tuning) instead of a random initialisation: a .zip, or a run
+    directory (its best_model.zip, else final_model.zip, as evaluate takes it). Its algorithm, spaces and action grids
+    must be this run's, and it must normalise observations as this run does; the VecNormalize statistics saved with it
+    seed this run's. This run's hyperparameters apply (DQN's exploration starts again at exploration_initial_eps); the
+    optimiser state and a DQN's replay buffer start fresh. args.json records the model and its SHA-1. A run that
+    stopped is continued with --resume instead"""
     resume: str = ""
     """continue the training run in this directory (RUN) to the end of its budget, with the settings its args.json
     records: from its final model if it was interrupted (Ctrl-C), else (killed, failed) from its latest snapshot; with
@@ -590,7 +603,7 @@ def _resume_args(args: Args) -> tuple[Args, Path, dict]:
                          "the settings its args.json records; accepted with --resume: --progress, --verbose, --vec-env")
     if meta.get("finished") and not meta.get("interrupted"):
         raise ValueError(f"--resume {args.resume!r}: the run finished its budget of {meta.get('timesteps_rounded')} "
-                         "decisions: nothing to resume (train a new run for more)")
+                         f"decisions: nothing to resume (to train it for more: a new run, --init-from {args.resume})")
     names = {f.name for f in dataclasses.fields(Args)}
     given = {k: v for k, v in meta["args"].items() if k in names}
     cwd = meta.get("cwd")
@@ -642,6 +655,78 @@ def _resume_point(run: Path, meta: dict, algo: str, normalize) -> tuple[Path, Pa
         raise ValueError(f"--resume {str(run)!r}: {buffer.name} is not the replay buffer saved with {model.name} "
                          "(another save's)")
     return model, stats, buffer, data
+
+
+def _init_point(spec: str, algo: str, grids: dict, norm_obs: bool) -> tuple[Path, Path | None, dict]:
+    """``--init-from``: the model's .zip (the path, or a run directory's as ``evaluate`` takes it),
+    the VecNormalize statistics saved with it (None: none, or not needed and another save's), and
+    what ``args.json`` records of it (its path and SHA-1). A ValueError naming ``--init-from`` for
+    a model of another algorithm, with other action grids (its actions would mean other ring
+    sizes and intervals) or another normalisation of its observations, before anything is built."""
+    import hashlib
+
+    from .evaluate import find_model, model_algo, model_meta, model_stats, normalizes_observations
+
+    flag = f"--init-from {spec!r}"
+    try:
+        path = find_model(spec)
+        meta = model_meta(path)
+        theirs = model_algo(path, meta)
+        stats = model_stats(path, needed=norm_obs)
+    except FileNotFoundError as e:
+        raise ValueError(f"{flag}: {e}; expected a model's .zip or a training run's directory") from None
+    except ValueError as e:
+        raise ValueError(f"{flag}: {e}") from None
+    if theirs != algo:
+        raise ValueError(f"{flag}: a {theirs.upper()} model, and this run trains {algo.upper()} (--algo {algo}); "
+                         f"accepted: a {algo.upper()} model")
+    mine = json.loads(json.dumps(jsonable(grids)))
+    if meta.get("action_grids") is not None and meta["action_grids"] != mine:
+        raise ValueError(f"{flag}: trained on the action grids {meta['action_grids']}, this run's are {mine}: its "
+                         "actions would mean other ring sizes and intervals; give this run its grids with --set "
+                         "ring_sizes=[...] intervals_ms=[...]")
+    if meta and normalizes_observations(meta) != norm_obs:
+        said = ("normalised" if normalizes_observations(meta) else "raw", "normalises" if norm_obs else "does not")
+        raise ValueError(f"{flag}: trained on {said[0]} observations, and this run {said[1]} normalise them "
+                         "(normalize in the hyperparameter file or --hp); accepted: a model trained as this run trains")
+    if norm_obs and stats is None:
+        raise ValueError(f"{flag}: this run normalises observations, and no VecNormalize statistics were saved with "
+                         f"{path.name} (expected one of its names beside it: {path.stem}_vecnormalize.pkl)")
+    record = {"model": str(path.resolve()), "sha1": hashlib.sha1(path.read_bytes()).hexdigest(),
+              "statistics": None if stats is None else str(stats.resolve())}
+    return path, stats, record
+
+
+def _init_weights(model, path: Path, stats: Path | None, device: str) -> None:
+    """``--init-from``: the policy's weights of the model at ``path`` into ``model`` (its
+    optimiser stays fresh), and the VecNormalize statistics ``stats`` into the run's VecNormalize
+    (observations if it normalises them, returns if it scales rewards). A ValueError naming
+    ``--init-from`` when the spaces or the network differ."""
+    import pickle
+
+    from stable_baselines3.common.save_util import load_from_zip_file
+
+    flag = f"--init-from {str(path)!r}"
+    data, params, _ = load_from_zip_file(path, device=device, load_data=True)
+    for space in ("observation_space", "action_space"):
+        theirs, mine = data.get(space), getattr(model, space)
+        same = (theirs == mine) if space == "action_space" else (
+            theirs is not None and theirs.shape == mine.shape and theirs.dtype == mine.dtype)
+        if not same:
+            raise ValueError(f"{flag}: its {space.replace('_', ' ')} is {theirs}, this run's {mine}")
+    try:
+        model.policy.load_state_dict(params["policy"])
+    except (KeyError, RuntimeError) as e:
+        raise ValueError(f"{flag}: its network does not fit this run's policy (policy and policy_kwargs: net_arch, "
+                         f"...): {' '.join(str(e).split())[:400]}") from None
+    norm = model.get_vec_normalize_env()
+    if norm is not None and stats is not None:
+        with open(stats, "rb") as f:
+            saved = pickle.load(f)
+        if norm.norm_obs:
+            norm.obs_rms = saved.obs_rms
+        if norm.norm_reward:
+            norm.ret_rms = saved.ret_rms
 
 
 #: the attribute of a PPO or A2C model that ``train`` saves: the decisions of the rollouts it has
@@ -847,6 +932,9 @@ def _main(args: Args) -> Path:
             raise ValueError(f"{policy.__name__} reads the raw observation: set normalize: {{norm_obs: false}}")
     probe.close()
     done, saved, start, stats, buffer = 0, 0, None, None, None
+    init = None  # (--init-from: the model, its statistics, args.json's record of it)
+    if args.init_from and not resuming:  # (a resumed run goes on from its own model)
+        init = _init_point(args.init_from, algo, grids, bool(normalize) and norm_kw.get("norm_obs", True))
     if resuming:
         run = resume_run
         start, stats, buffer, data = _resume_point(run, old, algo, normalize)
@@ -944,6 +1032,12 @@ def _main(args: Args) -> Path:
         if resuming:
             raise ValueError(f"--resume {str(run)!r}: {start.name} does not load: {e}") from None
         raise ValueError(f"{algo.upper()} rejected the hyperparameters ({hp_file.name} and --hp): {e}") from None
+    if init is not None:
+        try:
+            _init_weights(model, init[0], init[1], args.device)
+        except ValueError:
+            venv.close()
+            raise
     if tb is None:  # (else SB3 leaves an empty folder in the temporary directory per run)
         model.set_logger(sb3_logger(args.verbose))
     try:
@@ -963,6 +1057,8 @@ def _main(args: Args) -> Path:
             "hyperparams": {k: (given.get(k, repr(v)) if callable(v) else v) for k, v in hp.items()},
             "args": dataclasses.asdict(args), "cwd": os.getcwd(), "versions": training_versions(),
             "finished": False}  # (True once the run's record is written)
+    if init is not None or old.get("init_from"):
+        meta["init_from"] = init[2] if init is not None else old["init_from"]
     if resuming:
         _resumed(meta, old, run, start, done, saved, resume_seed, venv, callbacks)
     _write_record(run, meta)

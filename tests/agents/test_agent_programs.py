@@ -1102,7 +1102,7 @@ def test_resume_after_ctrl_c_runs_the_rest_of_the_budget_as_planned(tmp_path, mo
 
 
 def test_resume_of_a_failed_dqn_run_continues_from_its_latest_snapshot_with_its_replay_buffer(tmp_path,
-                                                                                                monkeypatch):
+                                                                                                monkeypatch, dqn_run):
     """A DQN run that failed at 200 of 256 decisions resumes from its latest snapshot (128) with
     the replay buffer saved with it (127 transitions, checked against the snapshot's record of
     it); the evaluation made after that snapshot (192) is discarded and run again, recorded in
@@ -1113,8 +1113,10 @@ def test_resume_of_a_failed_dqn_run_continues_from_its_latest_snapshot_with_its_
     from agents import train
 
     run = _stopped_run(tmp_path, monkeypatch, "dqn", 200, RuntimeError("simulated crash"),
-                       ["learning_starts=16", "buffer_size=1000", "action_repeat=2"])
-    assert "RuntimeError: simulated crash" in json.loads((run / "args.json").read_text())["failed"]
+                       ["learning_starts=16", "buffer_size=1000", "action_repeat=2"], init_from=str(dqn_run))
+    failed = json.loads((run / "args.json").read_text())
+    assert "RuntimeError: simulated crash" in failed["failed"]
+    assert failed["init_from"]["model"] == str((dqn_run / "final_model.zip").resolve())
     first = np.load(run / "eval" / "evaluations.npz")
     first = dict(zip(first["timesteps"].tolist(), first["results"].mean(axis=1).tolist()))
     assert sorted(first) == [64, 128, 192]
@@ -1139,6 +1141,7 @@ def test_resume_of_a_failed_dqn_run_continues_from_its_latest_snapshot_with_its_
     assert loaded == [("rl_model_replay_buffer_128_steps.pkl", 127)]
     meta = json.loads((run / "args.json").read_text())
     assert meta["finished"] is True and meta["decisions"] == 256 and "failed" not in meta
+    assert meta["init_from"] == failed["init_from"]  # (the run's start, kept; the resumption is from its snapshot)
     (entry,) = meta["resumed"]
     assert entry["from"] == "checkpoints/rl_model_128_steps.zip" and "simulated crash" in entry["stopped"]
     assert entry["evaluations_discarded"] == {"timesteps": [192], "mean_reward": [first[192]]}
@@ -1296,3 +1299,98 @@ def test_eval_truncation_scores_the_training_evaluations_as_evaluate_does(tmp_pa
         assert (overrides.get("reward") or {}).get("truncation") == expected, (is_eval, overrides)
     assert any(is_eval for is_eval, _ in made) and any(not is_eval for is_eval, _ in made)
     assert json.loads((tmp_path / "r" / "args.json").read_text())["args"]["eval_truncation"] is charged
+
+
+def _tiny_args(tmp_path, name, algo="ppo", hp=(), **more):
+    """A small run's arguments (64 decisions, no evaluations, no snapshots) for ``train.main``."""
+    from agents import train
+
+    base = ["n_steps=32", "batch_size=32", "n_epochs=1"] if algo == "ppo" else ["buffer_size=1000"]
+    more = {"set": ["vm.memory=1GiB", "vm.vcpus=2"], **more}
+    return train.Args(algo=algo, timesteps=64, n_envs=1, vec_env="dummy", evals=0, checkpoints=0, out=str(tmp_path),
+                      name=name, progress=False, tensorboard=False, hp=base + list(hp), **more)
+
+
+def _largest_difference(a, b) -> float:
+    sa, sb = a.policy.state_dict(), b.policy.state_dict()
+    assert sa.keys() == sb.keys()
+    return max(float((sa[k] - sb[k]).abs().max()) for k in sa)
+
+
+def test_init_from_starts_a_new_run_from_a_trained_model_s_weights_and_statistics(ppo_run, tmp_path):
+    """--init-from RUN: the new run (another seed, a learning rate too small to move it) starts
+    from the weights of the run's best model, not its own initialisation, and its VecNormalize
+    return statistics go on from that model's; args.json records the model, its SHA-1 and its
+    statistics."""
+    import hashlib
+    import pickle
+
+    from stable_baselines3 import PPO
+
+    from agents import train
+
+    tuned = train.main(_tiny_args(tmp_path, "tuned", hp=["learning_rate=1e-12"], seed=1, init_from=str(ppo_run)))
+    fresh = train.main(_tiny_args(tmp_path, "fresh", hp=["learning_rate=1e-12"], seed=1))
+    source = ppo_run / "best_model.zip"
+    trained = PPO.load(source, device="cpu")
+    assert _largest_difference(trained, PPO.load(tuned / "final_model.zip", device="cpu")) < 1e-9
+    assert _largest_difference(trained, PPO.load(fresh / "final_model.zip", device="cpu")) > 1e-3
+
+    def returns_seen(path):
+        with open(path, "rb") as f:
+            return pickle.load(f).ret_rms.count
+
+    own = returns_seen(fresh / "final_model_vecnormalize.pkl")  # (1e-4 + the run's own steps)
+    before = returns_seen(ppo_run / "best_model_vecnormalize.pkl")
+    assert returns_seen(tuned / "final_model_vecnormalize.pkl") == pytest.approx(before + own - 1e-4)
+    assert json.loads((tuned / "args.json").read_text())["init_from"] == {
+        "model": str(source.resolve()), "sha1": hashlib.sha1(source.read_bytes()).hexdigest(),
+        "statistics": str((ppo_run / "best_model_vecnormalize.pkl").resolve())}
+    assert "init_from" not in json.loads((fresh / "args.json").read_text())
+
+
+def test_init_from_a_dqn_model_carries_its_observation_statistics(dqn_run, tmp_path):
+    """A DQN model trained on normalised observations: the new run starts from its Q-network
+    (learning_starts above the budget: never trained, so exactly it) and its observation
+    statistics, which go on counting; a run that would not normalise them is refused."""
+    import pickle
+
+    from stable_baselines3 import DQN
+
+    from agents import train
+
+    tuned = train.main(_tiny_args(tmp_path, "tuned", "dqn", hp=["learning_starts=1000"], seed=1,
+                                  init_from=str(dqn_run / "final_model.zip")))
+    assert _largest_difference(DQN.load(dqn_run / "final_model.zip", device="cpu"),
+                               DQN.load(tuned / "final_model.zip", device="cpu")) == 0.0
+    with open(dqn_run / "final_model_vecnormalize.pkl", "rb") as f:
+        before = pickle.load(f).obs_rms.count
+    with open(tuned / "final_model_vecnormalize.pkl", "rb") as f:
+        after = pickle.load(f).obs_rms.count
+    assert before + 64 <= after <= before + 64 + 64  # (its 64 decisions and the resets of its episodes)
+    with pytest.raises(ValueError, match=r"--init-from '.*dqn': trained on normalised observations, and this run does "
+                                         r"not normalise them"):
+        train.main(_tiny_args(tmp_path, "raw", "dqn", hp=["normalize={norm_obs: false}"], init_from=str(dqn_run)))
+    assert not (tmp_path / "raw").exists()
+
+
+def test_init_from_refuses_a_model_this_run_cannot_start_from(ppo_run, dqn_run, tmp_path):
+    """Another algorithm's model, no model, other action grids, a network of another shape, and
+    --init-from with --resume: each refused, named, before the run directory exists."""
+    from agents import train
+
+    cases = [
+        (_tiny_args(tmp_path, "x", "dqn", init_from=str(ppo_run)),
+         r"--init-from '.*ppo': a PPO model, and this run trains DQN \(--algo dqn\); accepted: a DQN model"),
+        (_tiny_args(tmp_path, "x", init_from=str(tmp_path / "none")),
+         r"--init-from '.*none': no such model .*none; expected a model's .zip or a training run's directory"),
+        (_tiny_args(tmp_path, "x", init_from=str(ppo_run), set=["vm.memory=1GiB", "vm.vcpus=2", "ring_sizes=[4096]"]),
+         r"trained on the action grids \{'ring_sizes': \[256, .*this run's are \{'ring_sizes': \[4096\]"),
+        (_tiny_args(tmp_path, "x", hp=["policy_kwargs={net_arch: [8]}"], init_from=str(ppo_run)),
+         r"--init-from '.*best_model.zip': its network does not fit this run's policy .*size mismatch"),
+        (train.Args(resume=str(ppo_run), init_from=str(ppo_run)), r"--resume: --init-from given"),
+    ]
+    for args, words in cases:
+        with pytest.raises(ValueError, match=words):
+            train.main(args)
+        assert not (tmp_path / "x").exists()
