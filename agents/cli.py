@@ -64,8 +64,8 @@ def add_parsers(sub) -> None:
     p.set_defaults(func=_cmd_train)
 
     p = sub.add_parser("evaluate", help="evaluate policies or trained models on the test workloads, several seeds",
-                       description=_summary(evaluate.__doc__) + " Writes episodes.csv and summary.csv "
-                       "under --out and prints the Markdown table.", formatter_class=fmt)
+                       description=_summary(evaluate.__doc__) + " Writes episodes.csv, summary.csv and "
+                       "meta.json (the settings) under --out and prints the Markdown table.", formatter_class=fmt)
     add_dataclass_arguments(p, evaluate.Args)
     p.set_defaults(func=_cmd_evaluate)
 

@@ -256,7 +256,8 @@ def _flag(name: str) -> str:
 
 def add_dataclass_arguments(parser: argparse.ArgumentParser, cls, *, skip: tuple = (), short: dict | None = None):
     """One flag per field of the dataclass ``cls``, typed from its default / annotation, the
-    field's docstring as help."""
+    field's docstring as help. A flag not given parses as None, which stands for the field's
+    default until :func:`dataclass_from_namespace` (so that it can tell the flags given)."""
     docs = field_docs(cls)
     hints = {f.name: f.type for f in dataclasses.fields(cls)}
     for f in dataclasses.fields(cls):
@@ -268,8 +269,8 @@ def add_dataclass_arguments(parser: argparse.ArgumentParser, cls, *, skip: tuple
         help_ = docs.get(f.name, "") + (f" (default: {default})" if default not in (None, [], "") else "")
         hint = str(hints[f.name])
         if isinstance(default, bool):
-            parser.add_argument(*names, dest=f.name, action=argparse.BooleanOptionalAction, default=default,
-                                help=docs.get(f.name, ""))
+            parser.add_argument(*names, dest=f.name, action=argparse.BooleanOptionalAction, default=None,
+                                help=docs.get(f.name, "") + f" (default: {default})")
         elif isinstance(default, list) or hint.startswith("list"):
             # a repeated flag adds to the values given before (not the default: None stands for
             # it until dataclass_from_namespace)
@@ -278,7 +279,7 @@ def add_dataclass_arguments(parser: argparse.ArgumentParser, cls, *, skip: tuple
         else:
             typ = int if "int" in hint and "float" not in hint else float if "float" in hint else str
             choices = f.metadata.get("choices")
-            parser.add_argument(*names, dest=f.name, type=typ, default=default, choices=choices,
+            parser.add_argument(*names, dest=f.name, type=typ, default=None, choices=choices,
                                 metavar=None if choices else f.metadata.get("metavar") or (
                                     f.name.upper().split("_")[-1] if typ is str else typ.__name__.upper()),
                                 help=help_)
@@ -286,9 +287,14 @@ def add_dataclass_arguments(parser: argparse.ArgumentParser, cls, *, skip: tuple
 
 
 def dataclass_from_namespace(cls, ns: argparse.Namespace):
-    """``cls`` from the parsed flags; a list flag not given (None) takes the field's default."""
+    """``cls`` from the parsed flags; a flag not given (None) takes the field's default. The
+    instance's ``given_flags`` (not a field) names the fields whose flags were given, whatever
+    their values (``train --resume`` refuses any other)."""
     names = {f.name for f in dataclasses.fields(cls)}
-    return cls(**{k: v for k, v in vars(ns).items() if k in names and v is not None})
+    given = {k: v for k, v in vars(ns).items() if k in names and v is not None}
+    obj = cls(**given)
+    obj.given_flags = frozenset(given)
+    return obj
 
 
 def parse_dataclass_args(cls, argv: list[str] | None = None, description: str | None = None):

@@ -84,7 +84,7 @@ def main(args: Args) -> dict:
     per_wl = markdown_per_workload(records)
     write_atomically(out / "table.md", f"{header}\n\n{table}\n\nMean reward per workload:\n\n{per_wl}\n")
     print(f"\n{header}\n\n{table}\n\nMean reward per workload:\n\n{per_wl}\n")
-    written = [out / "episodes.csv", out / "summary.csv", out / "per_workload.csv", out / "table.md"]
+    written = [out / "episodes.csv", out / "summary.csv", out / "per_workload.csv", out / "table.md", out / "meta.json"]
     if pngs:
         from . import plots
 

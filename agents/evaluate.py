@@ -1105,7 +1105,8 @@ def main(args: Args) -> int:
     print(markdown_table(rows, args.baseline))
     print("\nmean reward per workload:\n")
     print(markdown_per_workload(records))
-    print(f"\nwrote {out / 'episodes.csv'}, {out / 'summary.csv'} ({time.perf_counter() - t0:.0f} s)")
+    print(f"\nwrote {out / 'episodes.csv'}, {out / 'summary.csv'}, {out / 'meta.json'} "
+          f"({time.perf_counter() - t0:.0f} s)")
     return 1 if unsound(records) else 0
 
 

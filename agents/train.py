@@ -149,9 +149,10 @@ class Args:
     resume: str = ""
     """continue the training run in this directory (RUN) to the end of its budget, with the settings its args.json
     records: from its final model if it was interrupted (Ctrl-C), else (killed, failed) from its latest snapshot; with
-    the VecNormalize statistics and (DQN) the replay buffer saved with that model. No other setting may be given but
-    --progress, --verbose and --vec-env. The environments start fresh episodes with a new seed, so the result is not
-    bit-identical to an uninterrupted run"""
+    the VecNormalize statistics and (DQN) the replay buffer saved with that model. The settings are recomputed from the
+    files they came from, and refused if a hyperparameter file, scenario or workload set changed since. No other flag
+    may be given but --progress, --verbose and --vec-env. The environments start fresh episodes with a new seed, so
+    the result is not bit-identical to an uninterrupted run"""
 
 
 def _env_factory(env_id, scenario, split, workloads, overrides, episodes=None, action_repeat=1, wrapper=None):
@@ -594,9 +595,9 @@ def _resume_args(args: Args) -> tuple[Args, Path, dict]:
     if not isinstance(meta, dict) or not isinstance(meta.get("args"), dict):
         raise ValueError(f"--resume {args.resume!r}: its args.json records no arguments (args): not written by ringenv "
                          "train")
-    defaults = Args()
-    given = [f.name for f in dataclasses.fields(Args)
-             if f.name not in RESUME_FREE and getattr(args, f.name) != getattr(defaults, f.name)]
+    defaults, on_line = Args(), getattr(args, "given_flags", None)  # (the command line's; else: not the default)
+    given = [f.name for f in dataclasses.fields(Args) if f.name not in RESUME_FREE and (
+        f.name in on_line if on_line is not None else getattr(args, f.name) != getattr(defaults, f.name))]
     if given:
         flags = [("--no-" if getattr(args, n) is False else "--") + n.replace("_", "-") for n in given]
         raise ValueError(f"--resume: {', '.join(flags)} given; a resumed run keeps "
@@ -864,6 +865,7 @@ def _main(args: Args) -> Path:
     resuming, old = bool(args.resume), {}
     if resuming:
         args, resume_run, old = _resume_args(args)
+        _lock_run(resume_run, "--resume")  # (first: a run still training may have no snapshot yet)
     algo = args.algo.lower()
     if algo not in DEFAULT_ENV:
         raise ValueError(f"--algo {args.algo!r}: accepted: {', '.join(DEFAULT_ENV)}")
@@ -1040,11 +1042,12 @@ def _main(args: Args) -> Path:
             raise
     if tb is None:  # (else SB3 leaves an empty folder in the temporary directory per run)
         model.set_logger(sb3_logger(args.verbose))
-    try:
-        _lock_run(run, "--resume" if resuming else "--out/--name")
-    except ValueError:
-        venv.close()
-        raise
+    if not resuming:  # (a resumption holds its run's lock from the start)
+        try:
+            _lock_run(run, "--out/--name")
+        except ValueError:
+            venv.close()
+            raise
     if not resuming:
         _clear_earlier_run(run)
     meta = {"algo": algo, "env_id": env_id, "scenario": args.scenario, "split": args.split, "workloads": workloads,

@@ -609,7 +609,9 @@ class MigrationEnv(RingEnv):
     ## Episode End
     - terminated: the migration completed (the VM was switched over and verified), or it was
       cancelled at `link.give_up_s` (`link.give_up_action: cancel`) or at `link.cancel_at_s`
-      (info `cancelled`, charged at the `cancel` weight, Rewards)
+      (info `cancelled`, charged at the `cancel` weight, Rewards). A give-up acts only if
+      `link.give_up_s` is below `max_episode_s`: the shipped scenarios' (120 s and more) are not
+      below the default 120 s, so their episodes truncate first (at equal times too)
     - truncated: `max_episode_s` of simulated time passed without convergence; the downtime a
       switchover would cause then (remaining dirty bytes / measured bandwidth, or / the run's
       configured rate, min(link, max-bandwidth), before the bandwidth is measured; during the

@@ -1154,8 +1154,12 @@ def test_resume_of_a_failed_dqn_run_continues_from_its_latest_snapshot_with_its_
 
 def test_resume_refuses_what_it_cannot_continue(tmp_path):
     """--resume of a directory that is no run, or of a run stopped before its first snapshot
-    (killed: no final record, no snapshot)."""
+    (killed: no final record, no snapshot), with flags given, or of a run still training."""
+    import argparse
+    import fcntl
+
     from agents import train
+    from agents.common import add_dataclass_arguments, dataclass_from_namespace
 
     with pytest.raises(ValueError, match=r"--resume '.*nowhere': no args.json there"):
         train.main(train.Args(resume=str(tmp_path / "nowhere")))
@@ -1163,6 +1167,23 @@ def test_resume_refuses_what_it_cannot_continue(tmp_path):
     (tmp_path / "r" / "args.json").write_text(json.dumps({"algo": "ppo", "finished": False, "args": {"algo": "ppo"}}))
     with pytest.raises(ValueError, match=r"the run stopped \(killed, or still running\) before its first snapshot"):
         train.main(train.Args(resume=str(tmp_path / "r")))
+    # flags given on the command line are refused even at their defaults (--seed 0 on a run of
+    # another seed would be ignored silently)
+    parser = argparse.ArgumentParser()
+    add_dataclass_arguments(parser, train.Args)
+    for line, named in ((["--seed", "0"], "--seed"), (["--tensorboard"], "--tensorboard"),
+                        (["--no-progress", "--out", "runs/train"], "--out")):
+        args = dataclass_from_namespace(train.Args, parser.parse_args(["--resume", str(tmp_path / "r"), *line]))
+        with pytest.raises(ValueError, match=f"^--resume: {named} given; a resumed run keeps the settings"):
+            train.main(args)
+    # a run still training (its lock held) is named as such, snapshot or not
+    with open(tmp_path / "r" / ".train.lock", "a+") as held:
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        held.truncate(0)
+        held.write("pid 4242\n")
+        held.flush()
+        with pytest.raises(ValueError, match=r"a training run is writing into it now \(pid 4242\)"):
+            train.main(train.Args(resume=str(tmp_path / "r")))
     (tmp_path / "r" / "args.json").write_text("[1]")
     with pytest.raises(ValueError, match="records no arguments"):
         train.main(train.Args(resume=str(tmp_path / "r")))

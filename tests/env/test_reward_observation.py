@@ -312,3 +312,20 @@ def test_the_rgb_frame_s_bar_is_the_progress():
     assert full > 100
     mid = next(i for i, p in enumerate(progress) if 0.3 < p < 0.7)
     assert heights[mid] == pytest.approx(progress[mid] * full, abs=3)
+
+
+def test_a_give_up_acts_only_before_the_time_cap():
+    """link.give_up_s ends an episode (cancelled, with give_up_action cancel) only below
+    max_episode_s; at equal times, as the shipped scenarios' 120 s against the default cap, the
+    episode truncates first (the docstring's Episode End says so)."""
+    def end(give_up_s):
+        env = make(workloads=["memcached"], max_episode_s=1.0,  # (1 Gb/s: the 512 MiB take ~4 s)
+                   link={"gbps": 1, "give_up_action": "cancel", "give_up_s": give_up_s})
+        env.reset(seed=2)
+        while True:
+            _, _, te, tr, info = env.step(np.array([4, 6]))
+            if te or tr:
+                return te, tr, info["cancelled"], info["time_s"]
+
+    assert end(1.0) == (False, True, False, pytest.approx(1.0))
+    assert end(0.5) == (True, False, True, pytest.approx(0.5, abs=0.06))
